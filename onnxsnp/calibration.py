@@ -1,0 +1,195 @@
+"""Stage 4: calibration inputs and one onnxruntime pass that captures intermediate tensors."""
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+from .errors import SnpError
+from .graph import ModelGraph
+
+DEFAULT_SEQUENCE = 32  # tokens per synthetic sample where the sequence length is dynamic
+DEFAULT_BATCH = 8
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str | None, ...]
+
+
+class SyntheticDataWarning(UserWarning):
+    pass
+
+
+def input_specs(g: ModelGraph) -> list[InputSpec]:
+    specs = []
+    for info in g.model.graph.input:
+        if info.name in g.initializers:
+            continue
+        tensor_type = info.type.tensor_type
+        dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                      for d in tensor_type.shape.dim)
+        specs.append(InputSpec(info.name, np.dtype(dtype), shape))
+    return specs
+
+
+def load_calibration(path: str | os.PathLike, specs: list[InputSpec]) -> dict[str, np.ndarray]:
+    """Arrays keyed by model input name; the first axis indexes samples."""
+    path = Path(path)
+    if not path.is_file():
+        raise SnpError(f"calibration file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except Exception as exc:
+        raise SnpError(f"calibration file {path} is not a readable .npz ({type(exc).__name__})") from None
+    return validate_calibration(arrays, specs, f"calibration file {path}")
+
+
+def validate_calibration(arrays: dict[str, np.ndarray], specs: list[InputSpec], label: str) -> dict[str, np.ndarray]:
+    """Check arrays against the model inputs and cast them to the input types."""
+    arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    missing = [s.name for s in specs if s.name not in arrays]
+    if missing:
+        raise SnpError(f"{label} lacks model input(s) {', '.join(missing)} "
+                       f"(it has {', '.join(sorted(arrays)) or 'nothing'})")
+    samples = {arrays[s.name].shape[0] if arrays[s.name].ndim else -1 for s in specs}
+    if len(samples) != 1 or -1 in samples or 0 in samples:
+        raise SnpError(f"{label}: arrays must share a non-empty first (sample) axis")
+    feed = {}
+    for spec in specs:
+        array = arrays[spec.name]
+        if array.ndim != len(spec.shape):
+            raise SnpError(f"calibration input {spec.name!r} has {array.ndim} axes; the model expects "
+                           f"{len(spec.shape)} {_show(spec.shape)}")
+        for axis, (got, want) in enumerate(zip(array.shape, spec.shape)):
+            if isinstance(want, int) and want > 0 and axis > 0 and got != want:
+                raise SnpError(f"calibration input {spec.name!r} has shape {array.shape}; the model expects "
+                               f"{_show(spec.shape)}")
+        if array.dtype.kind != spec.dtype.kind:
+            if array.dtype.kind in "fiub" and spec.dtype.kind in "fiub":
+                array = array.astype(spec.dtype)
+            else:
+                raise SnpError(f"calibration input {spec.name!r} is {array.dtype}; the model expects {spec.dtype}")
+        array = array.astype(spec.dtype, copy=False)
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise SnpError(f"calibration input {spec.name!r} contains NaN or Inf")
+        feed[spec.name] = array
+    return feed
+
+
+def _show(shape: tuple) -> str:
+    return "(" + ", ".join(str(d) if d is not None else "?" for d in shape) + ")"
+
+
+def synthetic_inputs(g: ModelGraph, specs: list[InputSpec], samples: int, seed: int) -> dict[str, np.ndarray]:
+    """Inputs made from the input specs: floats N(0,1), token ids uniform over the vocabulary
+    read from the embedding table, masks ones, token types zeros."""
+    warnings.warn("no --calib data given: scoring on synthetic inputs; real data gives better results",
+                  SyntheticDataWarning, stacklevel=2)
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for spec in specs:
+        shape = [samples] + [d if isinstance(d, int) and d > 0 else DEFAULT_SEQUENCE for d in spec.shape[1:]]
+        lowered = spec.name.lower()
+        if spec.dtype.kind == "f":
+            feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        elif spec.dtype.kind == "b" or "mask" in lowered:
+            feed[spec.name] = np.ones(shape, dtype=spec.dtype)
+        elif "type" in lowered or "segment" in lowered:
+            feed[spec.name] = np.zeros(shape, dtype=spec.dtype)
+        elif spec.dtype.kind in "iu":
+            vocab = _vocabulary_size(g, spec.name)
+            if vocab is None:
+                raise SnpError(f"cannot make synthetic values for integer input {spec.name!r} "
+                               "(no embedding table reads it); pass --calib")
+            feed[spec.name] = rng.integers(0, vocab, size=shape).astype(spec.dtype)
+        else:
+            raise SnpError(f"cannot make synthetic values for input {spec.name!r} of type {spec.dtype}; pass --calib")
+    return feed
+
+
+def _vocabulary_size(g: ModelGraph, name: str) -> int | None:
+    frontier = [name]
+    for _ in range(4):  # ids may be cast or reshaped before the embedding Gather
+        next_frontier = []
+        for tensor in frontier:
+            for node in g.consumers_of(tensor):
+                if node.op_type == "Gather" and node.input[1] == tensor:
+                    table = g.constant(node.input[0])
+                    if table is not None and table.ndim == 2:
+                        return int(table.shape[0])
+                next_frontier += list(node.output)
+        frontier = next_frontier
+    return None
+
+
+def fixed_batch(specs: list[InputSpec]) -> int | None:
+    """The batch size baked into the model's inputs, if any."""
+    sizes = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def token_mask_input(specs: list[InputSpec]) -> str | None:
+    """A 2-D integer input named like an attention mask: its zeros mark padding."""
+    for spec in specs:
+        if "mask" in spec.name.lower() and len(spec.shape) == 2 and spec.dtype.kind in "iufb":
+            return spec.name
+    return None
+
+
+def session(model: onnx.ModelProto | bytes, threads: int = 0) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def capture(model: onnx.ModelProto, tensors: list[str], feed: dict[str, np.ndarray], batch: int,
+            progress: bool = False) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    """Run `model` over `feed` in batches and yield (inputs, captured tensors) per batch.
+
+    The tensors are added as graph outputs for one session, then removed again, so the model
+    is serialised once and not copied."""
+    existing = {o.name for o in model.graph.output}
+    added = [t for t in tensors if t not in existing]
+    model.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in added)
+    try:
+        data = model.SerializeToString()
+    finally:
+        del model.graph.output[len(model.graph.output) - len(added):]
+    try:
+        sess = session(data)
+    except Exception as exc:
+        raise SnpError(f"onnxruntime cannot run the input model: {_first_line(exc)}") from None
+    del data
+    total = next(iter(feed.values())).shape[0]
+    starts = range(0, total, batch)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc="calibrating", unit="batch", leave=False)
+    for start in starts:
+        inputs = {k: v[start:start + batch] for k, v in feed.items()}
+        try:
+            values = sess.run(tensors, inputs)
+        except Exception as exc:
+            raise SnpError(f"onnxruntime failed on the calibration inputs: {_first_line(exc)}") from None
+        yield inputs, dict(zip(tensors, values))
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__

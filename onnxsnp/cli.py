@@ -1,0 +1,185 @@
+"""Command line: `onnxsnp IN OUT [options]` prunes, `onnxsnp inspect IN` lists what was found."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnx
+
+from .errors import SnpError
+from .importance import CRITERIA
+from .matching import Matches
+from .pipeline import inspect_model, prune_model, resolve_ratios
+
+EXAMPLES = """examples:
+  onnxsnp models/digits_vit.onnx pruned.onnx --ratio 0.5
+  onnxsnp in.onnx out.onnx --qk-ratio 0.5 --v-ratio 0.25 --ffn-ratio 0.3 --calib calib.npz
+  onnxsnp in.onnx out.onnx --ratio 0.3 --criterion l2 --report report.json
+  onnxsnp inspect in.onnx
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints the usage too)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _prune_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="onnxsnp", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+                     description="Prune an ONNX transformer with SNP (structured neuron-level pruning). "
+                                 "Use `onnxsnp inspect IN` to list the blocks it finds.")
+    parser.add_argument("input", help="the ONNX model to prune (never modified)")
+    parser.add_argument("output", help="where to write the pruned model (written only after it verified)")
+    parser.add_argument("--ratio", type=float, default=0.5,
+                        help="fraction of neurons removed from each group: Q/K pairs, V, FFN (0 <= R < 1; default 0.5)")
+    parser.add_argument("--qk-ratio", type=float, help="override --ratio for query/key pairs")
+    parser.add_argument("--v-ratio", type=float, help="override --ratio for value neurons")
+    parser.add_argument("--ffn-ratio", type=float, help="override --ratio for FFN hidden neurons")
+    parser.add_argument("--criterion", choices=CRITERIA, default="snp",
+                        help="neuron scoring: snp (default), snp-paper, l2 or random")
+    parser.add_argument("--calib", metavar="FILE.npz",
+                        help="calibration arrays keyed by model input name, first axis = samples "
+                             "(default: synthetic inputs, with a warning)")
+    parser.add_argument("--calib-samples", type=int, default=64, help="calibration samples to use (default 64)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for synthetic data and --criterion random")
+    parser.add_argument("--report", metavar="FILE.json", help="write the report as JSON")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar, table or warnings")
+    return parser
+
+
+def _inspect_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="onnxsnp inspect", description="List the attention and FFN blocks onnxsnp finds in a "
+                     "model, and every candidate it skipped with the reason.",
+                     epilog="example:\n  onnxsnp inspect models/digits_vit.onnx",
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("input", help="the ONNX model")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        if argv and argv[0] == "inspect":
+            args = _inspect_parser().parse_args(argv[1:])
+            print(format_matches(inspect_model(args.input)))
+            return 0
+        return _run_prune(_prune_parser().parse_args(argv))
+    except SnpError as exc:
+        print(f"onnxsnp: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("onnxsnp: interrupted; nothing written", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("onnxsnp: error: out of memory", file=sys.stderr)
+        return 2
+    except Exception as exc:  # never a traceback for the user: one line, and a non-zero exit
+        detail = str(exc).strip().splitlines()
+        print(f"onnxsnp: error: unexpected {type(exc).__name__}: {detail[0][:300] if detail else ''} "
+              "(please report this with the model)", file=sys.stderr)
+        return 2
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _run_prune(args: argparse.Namespace) -> int:
+    source, target = Path(args.input), Path(args.output)
+    _check_paths(source, target, Path(args.report) if args.report else None)
+    ratios = resolve_ratios(args.ratio, args.qk_ratio, args.v_ratio, args.ffn_ratio)
+    with warnings.catch_warnings():
+        if args.quiet:
+            warnings.simplefilter("ignore")
+        else:
+            warnings.showwarning = _show_warning
+        result = prune_model(source, ratios, criterion=args.criterion, calib=args.calib,
+                             calib_samples=args.calib_samples, seed=args.seed, progress=not args.quiet)
+    write_model_atomically(result.model, target, result.external_data)
+    if args.report:
+        _write_text_atomically(Path(args.report), json.dumps(result.report.as_dict(), indent=2) + "\n")
+    if not args.quiet:
+        print(result.report.table())
+        print(f"wrote {target}")
+    return 0
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"onnxsnp: warning: {message}", file=sys.stderr)
+
+
+def _check_paths(source: Path, target: Path, report: Path | None) -> None:
+    """Fail before any work on outputs that cannot be written."""
+    if not source.exists():
+        raise SnpError(f"input file not found: {source}")
+    for path, what in ((target, "output"), (report, "report")):
+        if path is None:
+            continue
+        if path.exists() and path.is_dir():
+            raise SnpError(f"{what} path is a directory: {path}")
+        folder = path.parent if str(path.parent) else Path(".")
+        if not folder.is_dir():
+            raise SnpError(f"{what} folder does not exist: {folder}")
+        if not os.access(folder, os.W_OK):
+            raise SnpError(f"{what} folder is not writable: {folder}")
+        if path.exists() and os.path.samefile(path, source) or path.resolve() == source.resolve():
+            raise SnpError(f"{what} path is the input file; choose another so the input is kept")
+
+
+def write_model_atomically(model: onnx.ModelProto, target: Path, external_data: bool) -> None:
+    """Write into a temporary folder beside `target`, then move into place (the model file last).
+
+    External data is kept when the input used it or when the model is too big for one protobuf."""
+    folder = target.parent if str(target.parent) else Path(".")
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=folder))
+    try:
+        big = model.ByteSize() > 1_900_000_000 if not external_data else True
+        staged = staging / target.name
+        if big:
+            onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=f"{target.name}.data", size_threshold=1024)
+            os.replace(staging / f"{target.name}.data", folder / f"{target.name}.data")
+        else:
+            onnx.save_model(model, str(staged))
+        os.replace(staged, target)
+    except OSError as exc:
+        raise SnpError(f"cannot write {target}: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_text_atomically(target: Path, text: str) -> None:
+    folder = target.parent if str(target.parent) else Path(".")
+    handle = tempfile.NamedTemporaryFile("w", dir=folder, prefix=f".{target.name}.", delete=False)
+    try:
+        with handle:
+            handle.write(text)
+        os.replace(handle.name, target)
+    except OSError as exc:
+        raise SnpError(f"cannot write {target}: {exc.strerror or exc}") from None
+    finally:
+        if os.path.exists(handle.name):
+            os.unlink(handle.name)
+
+
+def format_matches(matches: Matches) -> str:
+    lines = [f"{len(matches.attention)} attention block(s):"]
+    for b in matches.attention:
+        lines.append(f"  {b.name:<44} {b.form:<10} heads {b.heads:<3} head dim {b.head_dim:<4} "
+                     f"q/k/v width {b.heads * b.head_dim}  out proj {b.out.node}")
+    lines.append(f"{len(matches.ffn)} FFN block(s):")
+    for f in matches.ffn:
+        lines.append(f"  {f.name:<44} {f.activation:<18} hidden {f.hidden}")
+    if matches.skipped:
+        lines.append(f"{len(matches.skipped)} skipped:")
+        for s in matches.skipped:
+            lines.append(f"  {s.kind:<9} at {s.where}: {s.reason}")
+    return "\n".join(lines)

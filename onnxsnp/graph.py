@@ -1,0 +1,168 @@
+"""Stage 2: an analysable view of the ONNX graph.
+
+`ModelGraph` wraps the ModelProto with a networkx DiGraph of its nodes (an edge per tensor that
+flows between two nodes), producer/consumer maps, constant resolution and static shapes. It
+never edits the model: rewriting builds a new one.
+"""
+from __future__ import annotations
+
+from functools import cached_property
+
+import networkx as nx
+import numpy as np
+import onnx
+from onnx import numpy_helper, shape_inference
+
+from .errors import SnpError
+
+# The legacy exporter de-duplicates identical initializers by routing one through Identity nodes.
+_PASS_THROUGH = {"Identity"}
+
+
+def name_nodes(model: onnx.ModelProto) -> None:
+    """Give every node a unique name (in place) so that nodes can be referred to by name."""
+    used: set[str] = set()
+    for index, node in enumerate(model.graph.node):
+        name = node.name or f"{node.op_type}_{index}"
+        while name in used:
+            name += "_"
+        used.add(name)
+        node.name = name
+
+
+class ModelGraph:
+    def __init__(self, model: onnx.ModelProto):
+        name_nodes(model)
+        self.model = model
+        graph = model.graph
+        self.nodes: dict[str, onnx.NodeProto] = {n.name: n for n in graph.node}
+        self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
+        self.graph_inputs = [i.name for i in graph.input if i.name not in self.initializers]
+        self.graph_outputs = [o.name for o in graph.output]
+        self.producer: dict[str, str] = {}
+        self.consumers: dict[str, list[str]] = {}
+        for node in graph.node:
+            for out in node.output:
+                if out:
+                    self.producer[out] = node.name
+            for inp in node.input:
+                if inp:
+                    self.consumers.setdefault(inp, []).append(node.name)
+        self.dag = nx.DiGraph()
+        self.dag.add_nodes_from(self.nodes)
+        for tensor, consumer_names in self.consumers.items():
+            src = self.producer.get(tensor)
+            if src is not None:
+                for dst in consumer_names:
+                    self.dag.add_edge(src, dst, tensor=tensor)
+        if not nx.is_directed_acyclic_graph(self.dag):
+            raise SnpError("the graph has a cycle; ONNX graphs must be acyclic")
+        self._constants: dict[str, np.ndarray | None] = {}
+
+    # --- structure -----------------------------------------------------------------------
+    def node(self, name: str) -> onnx.NodeProto:
+        return self.nodes[name]
+
+    def producer_of(self, tensor: str) -> onnx.NodeProto | None:
+        name = self.producer.get(tensor)
+        return self.nodes[name] if name is not None else None
+
+    def consumers_of(self, tensor: str) -> list[onnx.NodeProto]:
+        return [self.nodes[n] for n in self.consumers.get(tensor, [])]
+
+    def nodes_of_type(self, *op_types: str) -> list[onnx.NodeProto]:
+        return [n for n in self.model.graph.node if n.op_type in op_types]
+
+    def opset(self, domain: str = "") -> int:
+        for op in self.model.opset_import:
+            if op.domain in (domain, "ai.onnx" if domain == "" else domain):
+                return op.version
+        return 0
+
+    # --- constants -----------------------------------------------------------------------
+    def initializer_behind(self, tensor: str) -> str | None:
+        """Name of the initializer that `tensor` is (directly or through Identity nodes)."""
+        seen = set()
+        while tensor not in self.initializers:
+            node = self.producer_of(tensor)
+            if node is None or node.op_type not in _PASS_THROUGH or tensor in seen:
+                return None
+            seen.add(tensor)
+            tensor = node.input[0]
+        return tensor
+
+    def constant(self, tensor: str) -> np.ndarray | None:
+        """The value of `tensor` if it is fixed at export time: an initializer (maybe behind
+        Identity nodes) or a Constant node's output. None for anything computed at run time."""
+        if tensor in self._constants:
+            return self._constants[tensor]
+        value: np.ndarray | None = None
+        source = self.initializer_behind(tensor)
+        if source is not None:
+            value = numpy_helper.to_array(self.initializers[source])
+        else:
+            node = self.producer_of(tensor)
+            if node is not None and node.op_type == "Constant":
+                value = _constant_node_value(node)
+        self._constants[tensor] = value
+        return value
+
+    def is_constant(self, tensor: str) -> bool:
+        return self.constant(tensor) is not None
+
+    def uses_of_initializer(self, initializer: str) -> int:
+        """How many node inputs read `initializer`, counting reads through Identity nodes."""
+        count = 0
+        for consumer in self.consumers_of(initializer):
+            if consumer.op_type in _PASS_THROUGH:
+                count += sum(self.uses_of_initializer(o) for o in consumer.output)
+            else:
+                count += 1
+        return count
+
+    # --- shapes --------------------------------------------------------------------------
+    @cached_property
+    def shapes(self) -> dict[str, tuple[int | None, ...]]:
+        """Static shapes from ONNX shape inference; unknown dimensions are None."""
+        try:
+            inferred = shape_inference.infer_shapes(self.model, data_prop=True)
+        except Exception:  # inference is a help, not a requirement; fall back to declared shapes
+            inferred = self.model
+        shapes: dict[str, tuple[int | None, ...]] = {}
+        graph = inferred.graph
+        for info in list(graph.input) + list(graph.value_info) + list(graph.output):
+            tensor_type = info.type.tensor_type
+            if tensor_type.HasField("shape"):
+                shapes[info.name] = tuple(
+                    d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
+        for name, init in self.initializers.items():
+            shapes[name] = tuple(init.dims)
+        return shapes
+
+    def dim(self, tensor: str, axis: int) -> int | None:
+        shape = self.shapes.get(tensor)
+        if shape is None or not -len(shape) <= axis < len(shape):
+            return None
+        return shape[axis]
+
+
+def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
+    for attr in node.attribute:
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        if attr.name == "value_float":
+            return np.array(attr.f, dtype=np.float32)
+        if attr.name == "value_floats":
+            return np.array(list(attr.floats), dtype=np.float32)
+        if attr.name == "value_int":
+            return np.array(attr.i, dtype=np.int64)
+        if attr.name == "value_ints":
+            return np.array(list(attr.ints), dtype=np.int64)
+    return None
+
+
+def attribute(node: onnx.NodeProto, name: str, default=None):
+    for attr in node.attribute:
+        if attr.name == name:
+            return onnx.helper.get_attribute_value(attr)
+    return default

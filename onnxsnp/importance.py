@@ -1,0 +1,247 @@
+"""Stage 5: score neurons and decide which to keep.
+
+Criteria (see shared SNP spec; README "Criteria" says what each measured):
+- "snp" (default): Q/K pairs by the SVD attention-score criterion; V and FFN neurons by their
+  calibration activation norm times the norm of their outgoing weights (on real data this kept
+  far more of the output than the paper's weight redundancy, SNP.md §6).
+- "snp-paper": Q/K as above; V and FFN neurons by the paper's inter-neuron redundancy.
+- "l2": weight norms (Q/K pair: ‖w_q‖·‖w_k‖). "random": seeded uniform scores.
+Every criterion goes through the same mechanics: the same count is removed in every head of a
+layer, so only the choice of neurons differs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .graph import ModelGraph
+from .matching import AttentionBlock, FfnBlock, Linear, Matches
+
+CRITERIA = ("snp", "snp-paper", "l2", "random")
+DEFAULT_ENERGY = 0.9  # γ: the smallest number of singular components covering this share of Σσ²
+
+
+@dataclass(frozen=True)
+class Ratios:
+    """Fraction of neurons removed from each group, 0 <= r < 1."""
+
+    qk: float
+    v: float
+    ffn: float
+
+
+@dataclass
+class AttentionKeep:
+    block: AttentionBlock
+    qk: np.ndarray  # (heads, kept) neuron indices within each head, ascending
+    v: np.ndarray
+
+    def qk_columns(self) -> np.ndarray:
+        return _head_columns(self.qk, self.block.head_dim)
+
+    def v_columns(self) -> np.ndarray:
+        return _head_columns(self.v, self.block.head_dim)
+
+    def changes_something(self) -> bool:
+        return self.qk.shape[1] < self.block.head_dim or self.v.shape[1] < self.block.head_dim
+
+
+@dataclass
+class FfnKeep:
+    block: FfnBlock
+    hidden: np.ndarray  # kept hidden neurons, ascending
+
+    def changes_something(self) -> bool:
+        return len(self.hidden) < self.block.hidden
+
+
+@dataclass
+class PrunePlan:
+    attention: list[AttentionKeep]
+    ffn: list[FfnKeep]
+    scale_values: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _head_columns(kept: np.ndarray, head_dim: int) -> np.ndarray:
+    return (np.arange(kept.shape[0])[:, None] * head_dim + kept).reshape(-1)
+
+
+def kept_count(width: int, ratio: float) -> int:
+    """Neurons kept when `ratio` of `width` is removed (at least one)."""
+    return max(1, width - int(round(ratio * width)))
+
+
+# --- weights -------------------------------------------------------------------------------------
+def output_weights(g: ModelGraph, linear: Linear, offset: int = 0, width: int | None = None) -> np.ndarray:
+    """The [in, out] weight columns of `linear` from `offset` on (`width` of them)."""
+    weight = g.constant(linear.weight)
+    assert weight is not None
+    weight = weight.T if linear.transposed else weight
+    width = weight.shape[1] - offset if width is None else width
+    return weight[:, offset:offset + width].astype(np.float64)
+
+
+def input_weights(g: ModelGraph, linear: Linear) -> np.ndarray:
+    """The [in, out] weight of `linear`; row i holds what input feature i feeds forward."""
+    weight = g.constant(linear.weight)
+    assert weight is not None
+    return (weight.T if linear.transposed else weight).astype(np.float64)
+
+
+def redundancy(columns: np.ndarray) -> np.ndarray:
+    """SNP's redundancy score of each column: Σ_l (1 - |cos(w_i, w_l)|). Low = repeats others."""
+    unit = columns / (np.linalg.norm(columns, axis=0, keepdims=True) + 1e-12)
+    return (1.0 - np.abs(unit.T @ unit)).sum(axis=1)
+
+
+# --- the SVD attention-score criterion -------------------------------------------------------------
+def qk_pair_scores(q: np.ndarray, k: np.ndarray, energy: float = DEFAULT_ENERGY) -> np.ndarray:
+    """ω_n = Σ_{j≤γ} |cos(u_j v_jᵀ, q_n k_nᵀ)| for stacks q, k of shape (S, N, d); returns (S, d).
+
+    S = Q·Kᵀ has rank ≤ d, so its SVD comes from QR factors: Q = Qq·Rq, K = Qk·Rk,
+    S = Qq·(Rq·Rkᵀ)·Qkᵀ. With M = Rq·Rkᵀ = U Σ Vᵀ, u_j·q_n = (Uᵀ Rq)[j, n] and v_j·k_n =
+    (Vᵀ Rk)[j, n], and for rank-1 matrices cos(u vᵀ, q kᵀ) = (u·q)(v·k)/(‖q‖‖k‖). No N×N
+    matrix is ever formed.
+    """
+    _, rq = np.linalg.qr(q.astype(np.float64))
+    _, rk = np.linalg.qr(k.astype(np.float64))
+    u, sigma, vt = np.linalg.svd(rq @ np.swapaxes(rk, -1, -2))
+    along_q = np.swapaxes(u, -1, -2) @ rq  # (S, r, d)
+    along_k = vt @ rk
+    power = sigma**2
+    cumulative = np.cumsum(power, axis=-1) / np.maximum(power.sum(axis=-1, keepdims=True), 1e-30)
+    gamma = (cumulative < energy).sum(axis=-1, keepdims=True) + 1  # smallest γ reaching `energy`
+    used = np.arange(sigma.shape[-1])[None, :] < gamma
+    norms = np.linalg.norm(rq, axis=-2) * np.linalg.norm(rk, axis=-2) + 1e-12
+    return (np.abs(along_q) * np.abs(along_k) * used[..., None]).sum(axis=-2) / norms
+
+
+# --- accumulating scores over calibration batches ----------------------------------------------------
+class Scorer:
+    """Collects per-neuron statistics batch by batch, then turns them into a PrunePlan."""
+
+    def __init__(self, g: ModelGraph, matches: Matches, criterion: str, energy: float = DEFAULT_ENERGY):
+        if criterion not in CRITERIA:
+            raise ValueError(f"unknown criterion {criterion!r}")
+        self.g = g
+        self.matches = matches
+        self.criterion = criterion
+        self.energy = energy
+        self.qk_sum = {b.name: np.zeros((b.heads, b.head_dim)) for b in matches.attention}
+        self.qk_count = {b.name: 0 for b in matches.attention}
+        self.sq_sum: dict[str, np.ndarray] = {}
+        self.scale_values: dict[str, np.ndarray] = {}
+
+    def tensors(self) -> list[str]:
+        """Intermediate tensors that calibration must capture."""
+        wanted: list[str] = []
+        for block in self.matches.attention:
+            wanted += [s.tensor for s in block.frozen_scales]
+            if self.criterion in ("snp", "snp-paper"):
+                wanted += [block.q.output, block.k.output]
+            if self.criterion == "snp":
+                wanted.append(block.v_input)
+        if self.criterion == "snp":
+            wanted += [f.fc2.input for f in self.matches.ffn]
+        return list(dict.fromkeys(wanted))
+
+    def update(self, acts: dict[str, np.ndarray], token_mask: np.ndarray | None) -> None:
+        for block in self.matches.attention:
+            for scale in block.frozen_scales:
+                self.scale_values.setdefault(scale.tensor, acts[scale.tensor])
+            if self.criterion in ("snp", "snp-paper"):
+                self._update_qk(block, acts[block.q.output], acts[block.k.output], token_mask)
+            if self.criterion == "snp":
+                self._update_sq(block.v_input, acts[block.v_input], token_mask)
+        if self.criterion == "snp":
+            for ffn in self.matches.ffn:
+                self._update_sq(ffn.fc2.input, acts[ffn.fc2.input], token_mask)
+
+    def _update_qk(self, block: AttentionBlock, q_act: np.ndarray, k_act: np.ndarray,
+                   token_mask: np.ndarray | None) -> None:
+        heads, d = block.heads, block.head_dim
+        q_off, k_off, _ = block.column_offsets
+        q_all = _as_tokens(q_act)[..., q_off:q_off + heads * d]
+        k_all = _as_tokens(k_act)[..., k_off:k_off + heads * d]
+        samples = [slice(None)] if token_mask is None or token_mask.shape[:2] != q_all.shape[:2] else None
+        if samples is not None:
+            stacks = [(q_all, k_all)]
+        else:  # padded tokens are not part of any real attention map: score each sample on its own
+            stacks = [(q_all[b:b + 1, token_mask[b] > 0], k_all[b:b + 1, token_mask[b] > 0])
+                      for b in range(q_all.shape[0])]
+        for q_part, k_part in stacks:
+            if q_part.shape[1] == 0:
+                continue
+            n_samples, tokens = q_part.shape[:2]
+            q_heads = q_part.reshape(n_samples, tokens, heads, d).transpose(0, 2, 1, 3).reshape(-1, tokens, d)
+            k_heads = k_part.reshape(n_samples, tokens, heads, d).transpose(0, 2, 1, 3).reshape(-1, tokens, d)
+            scores = qk_pair_scores(q_heads, k_heads, self.energy).reshape(n_samples, heads, d)
+            self.qk_sum[block.name] += scores.sum(axis=0)
+            self.qk_count[block.name] += n_samples
+
+    def _update_sq(self, tensor: str, act: np.ndarray, token_mask: np.ndarray | None) -> None:
+        tokens = _as_tokens(act).astype(np.float64)
+        if token_mask is not None and token_mask.shape[:2] == tokens.shape[:2]:
+            tokens = tokens[token_mask > 0]
+        squares = (tokens.reshape(-1, tokens.shape[-1]) ** 2).sum(axis=0)
+        self.sq_sum[tensor] = self.sq_sum.get(tensor, 0) + squares
+
+    # --- decisions ----------------------------------------------------------------------------
+    def plan(self, ratios: Ratios, seed: int = 0) -> PrunePlan:
+        rng = np.random.default_rng(seed)
+        attention = []
+        for block in self.matches.attention:
+            qk_scores, v_scores = self._attention_scores(block, rng)
+            attention.append(AttentionKeep(block, _top_per_head(qk_scores, kept_count(block.head_dim, ratios.qk)),
+                                           _top_per_head(v_scores, kept_count(block.head_dim, ratios.v))))
+        ffn = []
+        for block in self.matches.ffn:
+            scores = self._ffn_scores(block, rng)
+            keep = np.sort(np.argsort(-scores, kind="stable")[:kept_count(block.hidden, ratios.ffn)])
+            ffn.append(FfnKeep(block, keep))
+        return PrunePlan(attention, ffn, dict(self.scale_values))
+
+    def _attention_scores(self, block: AttentionBlock, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        heads, d = block.heads, block.head_dim
+        q_off, k_off, v_off = block.column_offsets
+        shape = (heads, d)
+        if self.criterion == "random":
+            return rng.random(shape), rng.random(shape)
+        w_q = output_weights(self.g, block.q, q_off, heads * d)
+        w_k = output_weights(self.g, block.k, k_off, heads * d)
+        w_v = output_weights(self.g, block.v, v_off, heads * d)
+        if self.criterion == "l2":
+            qk = np.linalg.norm(w_q, axis=0) * np.linalg.norm(w_k, axis=0)
+            return qk.reshape(shape), np.linalg.norm(w_v, axis=0).reshape(shape)
+        qk = self.qk_sum[block.name] / max(self.qk_count[block.name], 1)
+        if self.criterion == "snp-paper":
+            return qk, redundancy(w_v).reshape(shape)
+        outgoing = np.linalg.norm(input_weights(self.g, block.out), axis=1)
+        return qk, (np.sqrt(self.sq_sum[block.v_input]) * outgoing).reshape(shape)
+
+    def _ffn_scores(self, block: FfnBlock, rng: np.random.Generator) -> np.ndarray:
+        if self.criterion == "random":
+            return rng.random(block.hidden)
+        w_in = output_weights(self.g, block.fc1)
+        if self.criterion == "l2":
+            return np.linalg.norm(w_in, axis=0)
+        if self.criterion == "snp-paper":
+            return redundancy(w_in)
+        outgoing = np.linalg.norm(input_weights(self.g, block.fc2), axis=1)
+        return np.sqrt(self.sq_sum[block.fc2.input]) * outgoing
+
+
+def _as_tokens(act: np.ndarray) -> np.ndarray:
+    """View an activation as (samples, tokens, features)."""
+    if act.ndim == 3:
+        return act
+    if act.ndim == 2:
+        return act[None]
+    return act.reshape(act.shape[0], -1, act.shape[-1])
+
+
+def _top_per_head(scores: np.ndarray, keep: int) -> np.ndarray:
+    """Indices of the `keep` highest scores in each row, ascending."""
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :keep]
+    return np.sort(order, axis=1)

@@ -1,0 +1,45 @@
+"""Stage 1: read an ONNX file (with its external data) into memory, with clear errors."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from .errors import SnpError
+
+
+@dataclass
+class LoadedModel:
+    model: onnx.ModelProto
+    path: Path
+    external_data: bool  # the file kept its weights in separate data files
+
+
+def load_model(path: str | os.PathLike) -> LoadedModel:
+    """Load `path` and its external data. Raises SnpError for anything that is not a usable model."""
+    path = Path(path)
+    if not path.exists():
+        raise SnpError(f"input file not found: {path}")
+    if not path.is_file():
+        raise SnpError(f"input is not a file: {path}")
+    if path.stat().st_size == 0:
+        raise SnpError(f"input file is empty: {path}")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError, UnicodeDecodeError) as exc:
+        raise SnpError(f"{path} is not an ONNX model or is truncated ({type(exc).__name__})") from None
+    except Exception as exc:  # protobuf raises a handful of internal types for garbage input
+        raise SnpError(f"{path} could not be parsed as ONNX ({type(exc).__name__}: {exc})") from None
+    if not model.HasField("graph") or len(model.graph.node) == 0:
+        raise SnpError(f"{path} is not an ONNX model (no graph nodes); is it truncated?")
+    if not model.opset_import:
+        raise SnpError(f"{path} declares no opset; it is not a valid ONNX model")
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    try:
+        onnx.load_external_data_for_model(model, str(path.parent))
+    except (OSError, ValueError) as exc:
+        raise SnpError(f"external data of {path} could not be read: {exc}") from None
+    return LoadedModel(model, path, external)

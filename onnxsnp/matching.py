@@ -1,0 +1,633 @@
+"""Stage 3: find the attention and FFN blocks that can be pruned.
+
+Attention is found from its Softmax: the scores are Q·Kᵀ (maybe scaled, maybe plus a mask) and
+the MatMul after the Softmax takes V. From there each operand is traced back through the
+reshaping/selecting ops exporters put in between to its projection, and attn·V is traced
+forward to the output projection. Every fact the rewriter needs ends up in a small dataclass;
+a Softmax that does not fit is reported as skipped, with the reason, and never pruned.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx
+
+from .graph import ModelGraph, attribute
+
+# Ops that only move, reshape or select data between a projection and the score MatMul.
+_LAYOUT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Split", "Gather", "Slice"}
+_SCALE_OPS = {"Mul", "Div"}
+# Ops allowed between Softmax and attn·V (dropout, the NaN guard of torch's SDPA export, casts).
+_PROBS_PASS = {"Where", "Cast", "Dropout", "Identity"}
+# Element-wise ops of an FFN activation (GELU as Erf chain or op, ReLU, SiLU, tanh-GELU).
+_ACTIVATION_OPS = {"Div", "Mul", "Add", "Sub", "Erf", "Gelu", "Relu", "Sigmoid", "Tanh", "Pow",
+                   "Cast", "FastGelu", "BiasGelu", "HardSigmoid", "Softplus", "Identity"}
+
+
+class NoMatch(Exception):
+    """A candidate that does not fit; the message says why (shown by `inspect`)."""
+
+
+@dataclass(frozen=True)
+class Linear:
+    """y = x·W (+ b): a MatMul with a constant weight plus an optional bias Add, or a Gemm."""
+
+    node: str  # the MatMul or Gemm
+    weight: str  # weight tensor as the node reads it (maybe an Identity output)
+    weight_index: int
+    transposed: bool  # weight stored as [out, in] (Gemm transB=1)
+    bias_node: str | None  # the Add (or the Gemm itself)
+    bias: str | None
+    bias_index: int
+    input: str
+    output: str  # after the bias
+    in_features: int
+    out_features: int
+
+
+@dataclass(frozen=True)
+class ShapeEdit:
+    """A Reshape whose last target entry encodes a pruned width and must follow it."""
+
+    reshape: str
+    width: str  # "qk" (per-head Q/K width), "v" (per-head V width) or "v_merged" (heads × V width)
+
+
+@dataclass(frozen=True)
+class FrozenScale:
+    """A scale computed at run time from q's shape: replaced by its original value when pruning."""
+
+    node: str
+    input_index: int
+    tensor: str
+
+
+@dataclass(frozen=True)
+class FusedQkv:
+    """One [D, 3D] projection reshaped to (…, 3, H, d), permuted and split into q, k, v."""
+
+    reshape: str  # the (…, 3, H, d) Reshape
+    transpose: str
+    parts: tuple[str, str, str]  # the tensors holding q, k, v per head, shape (B, H, N, d)
+    perm: tuple[int, ...]  # the 5-D permutation
+
+
+@dataclass
+class AttentionBlock:
+    name: str
+    form: str  # "separate" (q/k/v Linear each) or "fused-qkv"
+    heads: int
+    head_dim: int
+    q: Linear
+    k: Linear
+    v: Linear
+    out: Linear
+    softmax: str
+    qk_matmul: str
+    av_matmul: str
+    column_offsets: tuple[int, int, int] = (0, 0, 0)  # where q, k, v start in a fused weight
+    fused: FusedQkv | None = None
+    shape_edits: list[ShapeEdit] = field(default_factory=list)
+    frozen_scales: list[FrozenScale] = field(default_factory=list)
+
+    @property
+    def v_input(self) -> str:
+        """The out projection's input: attn·V with heads merged, column h·d + j = V neuron j of head h."""
+        return self.out.input
+
+    @property
+    def nodes(self) -> set[str]:
+        return {self.q.node, self.k.node, self.v.node, self.out.node, self.softmax}
+
+
+@dataclass
+class FfnBlock:
+    name: str
+    fc1: Linear
+    fc2: Linear
+    activation: str  # op types between fc1 and fc2, for display
+
+    @property
+    def hidden(self) -> int:
+        return self.fc1.out_features
+
+
+@dataclass
+class Skipped:
+    where: str
+    kind: str
+    reason: str
+
+
+@dataclass
+class Matches:
+    attention: list[AttentionBlock]
+    ffn: list[FfnBlock]
+    skipped: list[Skipped]
+
+
+# --------------------------------------------------------------------------------------------
+def find_blocks(g: ModelGraph) -> Matches:
+    attention: list[AttentionBlock] = []
+    skipped: list[Skipped] = []
+    for softmax in g.nodes_of_type("Softmax"):
+        try:
+            attention.append(_match_attention(g, softmax))
+        except NoMatch as why:
+            skipped.append(Skipped(softmax.name, "attention", str(why)))
+    _drop_overlapping(attention, skipped)
+    attention_linears = {n for block in attention for n in (block.q.node, block.k.node, block.v.node, block.out.node)}
+    ffn, ffn_skipped = _match_ffns(g, attention_linears)
+    return Matches(attention, ffn, skipped + ffn_skipped)
+
+
+def _drop_overlapping(blocks: list[AttentionBlock], skipped: list[Skipped]) -> None:
+    """Two Softmaxes reading the same projections cannot be pruned independently."""
+    owners: dict[str, int] = {}
+    for block in blocks:
+        for node in {block.q.node, block.k.node, block.v.node, block.out.node}:
+            owners[node] = owners.get(node, 0) + 1
+    for block in list(blocks):
+        if any(owners[n] > 1 for n in {block.q.node, block.k.node, block.v.node, block.out.node}):
+            blocks.remove(block)
+            skipped.append(Skipped(block.softmax, "attention", "its projections are shared with another attention"))
+
+
+# --- linear layers ----------------------------------------------------------------------------
+def linear_producing(g: ModelGraph, tensor: str) -> Linear | None:
+    """The Linear whose output is `tensor`, if `tensor` is produced by one."""
+    node = g.producer_of(tensor)
+    if node is None:
+        return None
+    if node.op_type == "Gemm":
+        return _gemm_linear(g, node)
+    if node.op_type == "Add":
+        for i in (0, 1):
+            bias, other = node.input[i], node.input[1 - i]
+            value = g.constant(bias)
+            matmul = g.producer_of(other)
+            if value is None or value.ndim != 1 or matmul is None or matmul.op_type != "MatMul":
+                continue
+            linear = _matmul_linear(g, matmul)
+            if linear is not None and value.shape[0] == linear.out_features and len(g.consumers.get(other, [])) == 1:
+                return Linear(linear.node, linear.weight, 1, False, node.name, bias, i, linear.input,
+                              node.output[0], linear.in_features, linear.out_features)
+        return None
+    if node.op_type == "MatMul":
+        return _matmul_linear(g, node)
+    return None
+
+
+def linear_reading(g: ModelGraph, tensor: str) -> Linear | None:
+    """The Linear that reads `tensor` as its activation input (the sole consumer)."""
+    consumers = g.consumers_of(tensor)
+    if len(consumers) != 1 or consumers[0].op_type not in ("MatMul", "Gemm") or consumers[0].input[0] != tensor:
+        return None
+    return linear_at(g, consumers[0])
+
+
+def linear_at(g: ModelGraph, node: onnx.NodeProto) -> Linear | None:
+    """The Linear computed by MatMul/Gemm `node`, with the bias Add that follows a MatMul."""
+    if node.op_type == "Gemm":
+        return _gemm_linear(g, node)
+    if node.op_type != "MatMul":
+        return None
+    after = g.consumers_of(node.output[0])
+    if len(after) == 1 and after[0].op_type == "Add":
+        with_bias = linear_producing(g, after[0].output[0])
+        if with_bias is not None and with_bias.node == node.name:
+            return with_bias
+    return _matmul_linear(g, node)
+
+
+def _matmul_linear(g: ModelGraph, node: onnx.NodeProto) -> Linear | None:
+    weight = g.constant(node.input[1])
+    if weight is None or weight.ndim != 2 or g.is_constant(node.input[0]):
+        return None
+    return Linear(node.name, node.input[1], 1, False, None, None, -1, node.input[0], node.output[0],
+                  int(weight.shape[0]), int(weight.shape[1]))
+
+
+def _gemm_linear(g: ModelGraph, node: onnx.NodeProto) -> Linear | None:
+    weight = g.constant(node.input[1])
+    if weight is None or weight.ndim != 2 or attribute(node, "transA", 0):
+        return None
+    transposed = bool(attribute(node, "transB", 0))
+    out_features = weight.shape[0] if transposed else weight.shape[1]
+    in_features = weight.shape[1] if transposed else weight.shape[0]
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if bias is not None:
+        value = g.constant(bias)
+        if value is None or value.size != out_features or value.ndim > 1:
+            return None  # a broadcast or run-time C cannot follow a sliced output
+    return Linear(node.name, node.input[1], 1, transposed, node.name if bias else None, bias, 2,
+                  node.input[0], node.output[0], int(in_features), int(out_features))
+
+
+# --- attention --------------------------------------------------------------------------------
+@dataclass
+class _Trace:
+    """What was passed on the way from a score operand back to its projection."""
+
+    linear: Linear
+    nodes: list[onnx.NodeProto]  # from the operand back to the projection (exclusive)
+    scales: list[FrozenScale]
+    part: int | None = None  # which of q/k/v a fused projection's selector took
+    part_tensor: str | None = None  # the selected tensor, shape (B, H, N, d)
+
+
+def _match_attention(g: ModelGraph, softmax: onnx.NodeProto) -> AttentionBlock:
+    if attribute(softmax, "axis", -1) not in (-1, 3):
+        raise NoMatch("softmax is not over the last axis")
+    frozen: list[FrozenScale] = []
+    qk = _score_matmul(g, softmax.input[0], frozen, depth=0)
+    if qk is None:
+        raise NoMatch("no Q·Kᵀ MatMul before the softmax")
+    av = _probs_consumer(g, softmax.output[0])
+    q_trace = _trace_to_linear(g, qk.input[0])
+    k_trace = _trace_to_linear(g, qk.input[1])
+    v_trace = _trace_to_linear(g, av.input[1])
+    out, merge_path = _forward_to_linear(g, av.output[0])
+    frozen += q_trace.scales + k_trace.scales
+    if v_trace.scales:
+        raise NoMatch("V is scaled by a run-time value")
+
+    name = _block_name(softmax.name)
+    if q_trace.linear.node == k_trace.linear.node == v_trace.linear.node:
+        block = _fused_block(g, name, softmax, qk, av, q_trace, k_trace, v_trace, out)
+    elif len({q_trace.linear.node, k_trace.linear.node, v_trace.linear.node}) == 3:
+        block = _separate_block(g, name, softmax, qk, av, q_trace, k_trace, v_trace, out)
+    else:
+        raise NoMatch("Q, K and V share some but not all projections")
+    if out.in_features != block.heads * block.head_dim:
+        raise NoMatch(f"output projection reads {out.in_features} features, attention gives "
+                      f"{block.heads}×{block.head_dim}")
+    region = _region_tensors(block, q_trace, k_trace, v_trace, merge_path, qk, av)
+    block.frozen_scales = frozen
+    if block.fused is None:
+        block.shape_edits += _shape_edits(g, q_trace.nodes + k_trace.nodes, "qk", block, region)
+        block.shape_edits += _shape_edits(g, v_trace.nodes, "v", block, region)
+    block.shape_edits += _shape_edits(g, merge_path, "v_after", block, region)
+    return block
+
+
+def _block_name(softmax_name: str) -> str:
+    parts = [p for p in softmax_name.split("/") if p]
+    return "/".join(parts[:-1]) if len(parts) > 1 else softmax_name
+
+
+def _common_scope(first: str, second: str) -> str:
+    """The shared leading path of two node names ("/blocks/blocks.0/mlp/fc1/MatMul", …)."""
+    a, b = [p for p in first.split("/") if p], [p for p in second.split("/") if p]
+    shared = []
+    for x, y in zip(a[:-1], b[:-1]):
+        if x != y:
+            break
+        shared.append(x)
+    return "/".join(shared) if shared else f"{first}→{second}"
+
+
+def _score_matmul(g: ModelGraph, tensor: str, frozen: list[FrozenScale], depth: int) -> onnx.NodeProto | None:
+    """Walk back from the softmax input through scale and mask ops to the Q·Kᵀ MatMul."""
+    node = g.producer_of(tensor)
+    if node is None or depth > 6:
+        return None
+    if node.op_type == "MatMul":
+        if g.is_constant(node.input[0]) or g.is_constant(node.input[1]):
+            return None
+        return node
+    if node.op_type in _SCALE_OPS:
+        scale = node.input[1]
+        if not _is_scalar(g, scale):
+            return None
+        found = _score_matmul(g, node.input[0], frozen, depth + 1)
+        if found is not None and not g.is_constant(scale):
+            frozen.append(FrozenScale(node.name, 1, scale))
+        return found
+    if node.op_type in ("Add", "Where", "Cast"):
+        # Add: scores + mask; Where: masked_fill. Follow whichever input leads to the MatMul.
+        candidates = node.input[1:] if node.op_type == "Where" else node.input
+        for inp in candidates:
+            before = len(frozen)
+            found = _score_matmul(g, inp, frozen, depth + 1)
+            if found is not None:
+                return found
+            del frozen[before:]
+    return None
+
+
+def _is_scalar(g: ModelGraph, tensor: str) -> bool:
+    value = g.constant(tensor)
+    if value is not None:
+        return value.size == 1
+    shape = g.shapes.get(tensor)
+    return shape is not None and all(d == 1 for d in shape)
+
+
+def _probs_consumer(g: ModelGraph, probs: str) -> onnx.NodeProto:
+    for _ in range(4):
+        consumers = [c for c in g.consumers_of(probs) if c.op_type != "IsNaN"]
+        if len(consumers) != 1:
+            raise NoMatch("the attention probabilities have several readers")
+        node = consumers[0]
+        if node.op_type == "MatMul" and node.input[0] == probs:
+            return node
+        if node.op_type not in _PROBS_PASS:
+            break
+        probs = node.output[0]
+    raise NoMatch("no attn·V MatMul after the softmax")
+
+
+def _trace_to_linear(g: ModelGraph, tensor: str) -> _Trace:
+    nodes: list[onnx.NodeProto] = []
+    scales: list[FrozenScale] = []
+    part: int | None = None
+    part_tensor: str | None = None
+    for _ in range(16):
+        linear = linear_producing(g, tensor)
+        if linear is not None:
+            return _Trace(linear, nodes, scales, part, part_tensor)
+        node = g.producer_of(tensor)
+        if node is None:
+            raise NoMatch(f"{tensor} does not come from a projection with constant weights")
+        if node.op_type in _SCALE_OPS:
+            data, scale = node.input[0], node.input[1]
+            if not _is_scalar(g, scale):
+                raise NoMatch(f"{node.name} scales by a non-scalar")
+            if not g.is_constant(scale):
+                scales.append(FrozenScale(node.name, 1, scale))
+            nodes.append(node)
+            tensor = data
+            continue
+        if node.op_type not in _LAYOUT_OPS:
+            raise NoMatch(f"{node.op_type} node {node.name} between a projection and the scores")
+        if node.op_type in ("Split", "Gather", "Slice"):
+            if part is not None:
+                raise NoMatch(f"two selections on the way to the projection ({node.name})")
+            part = _selected_part(g, node, tensor)
+            part_tensor = nodes[-1].output[0] if nodes and nodes[-1].op_type == "Squeeze" else tensor
+        nodes.append(node)
+        tensor = node.input[0]
+    raise NoMatch("projection not found within 16 ops")
+
+
+def _selected_part(g: ModelGraph, node: onnx.NodeProto, tensor: str) -> int:
+    """Which of the 3 q/k/v parts a Split/Gather/Slice on the fused tensor picks."""
+    if node.op_type == "Split":
+        if len(node.output) != 3:
+            raise NoMatch(f"{node.name} splits into {len(node.output)} parts, not q/k/v")
+        return list(node.output).index(tensor)
+    if node.op_type == "Gather":
+        index = g.constant(node.input[1])
+        if index is None or index.size != 1:
+            raise NoMatch(f"{node.name} gathers a run-time index")
+        return int(index.reshape(-1)[0]) % 3
+    starts, ends = g.constant(node.input[1]), g.constant(node.input[2])
+    if starts is None or ends is None or starts.size != 1 or int(ends.reshape(-1)[0]) - int(starts.reshape(-1)[0]) != 1:
+        raise NoMatch(f"{node.name} is not a single-part slice")
+    return int(starts.reshape(-1)[0]) % 3
+
+
+def _forward_to_linear(g: ModelGraph, tensor: str) -> tuple[Linear, list[onnx.NodeProto]]:
+    path: list[onnx.NodeProto] = []
+    for _ in range(8):
+        linear = linear_reading(g, tensor)
+        if linear is not None:
+            return linear, path
+        consumers = g.consumers_of(tensor)
+        consumers = [c for c in consumers if c.op_type != "Shape"]
+        if len(consumers) != 1 or consumers[0].op_type not in ("Transpose", "Reshape", "Identity"):
+            break
+        path.append(consumers[0])
+        tensor = consumers[0].output[0]
+    raise NoMatch("no output projection after attn·V")
+
+
+def _head_layout(g: ModelGraph, reshape: onnx.NodeProto, width: int) -> tuple[int, int]:
+    """(heads, head_dim) from a Reshape that splits `width` features into (…, H, d)."""
+    entries = _shape_entries(g, reshape.input[1])
+    out_shape = g.shapes.get(reshape.output[0])
+    heads = entries[-2] if entries and len(entries) >= 2 else None
+    dim = entries[-1] if entries else None
+    if (heads is None or heads <= 0) and out_shape and len(out_shape) >= 2:
+        heads = out_shape[-2]
+    if (dim is None or dim <= 0) and out_shape:
+        dim = out_shape[-1]
+    if dim and dim > 0 and not (heads and heads > 0):
+        heads = width // dim
+    if heads and heads > 0 and not (dim and dim > 0):
+        dim = width // heads
+    if not heads or not dim or heads * dim != width:
+        raise NoMatch(f"cannot read heads × head dim from {reshape.name}")
+    return int(heads), int(dim)
+
+
+def _separate_block(g: ModelGraph, name: str, softmax, qk, av, q: _Trace, k: _Trace, v: _Trace,
+                    out: Linear) -> AttentionBlock:
+    if q.part is not None or k.part is not None or v.part is not None:
+        raise NoMatch("a selection (Split/Gather/Slice) on a separate projection")
+    layouts = []
+    for trace in (q, k, v):
+        reshapes = [n for n in trace.nodes if n.op_type == "Reshape"]
+        if len(reshapes) != 1:
+            raise NoMatch(f"expected one head-splitting Reshape after {trace.linear.node}, found {len(reshapes)}")
+        layouts.append(_head_layout(g, reshapes[0], trace.linear.out_features))
+    if len(set(layouts)) != 1:
+        raise NoMatch(f"Q, K and V head layouts differ: {layouts}")
+    heads, dim = layouts[0]
+    return AttentionBlock(name, "separate", heads, dim, q.linear, k.linear, v.linear, out,
+                          softmax.name, qk.name, av.name)
+
+
+def _fused_block(g: ModelGraph, name: str, softmax, qk, av, q: _Trace, k: _Trace, v: _Trace,
+                 out: Linear) -> AttentionBlock:
+    if sorted(p for p in (q.part, k.part, v.part) if p is not None) != [0, 1, 2]:
+        raise NoMatch("fused projection: cannot tell which part is q, k and v")
+    # The shared prefix: Linear → Reshape(…, 3, H, d) → Transpose(3-axis first) → selector.
+    shared = q.nodes[-2:]
+    if [n.op_type for n in shared] != ["Transpose", "Reshape"] or [n.name for n in k.nodes[-2:]] != [n.name for n in shared] \
+            or [n.name for n in v.nodes[-2:]] != [n.name for n in shared]:
+        raise NoMatch("fused projection is not Reshape(…, 3, H, d) → Transpose → split")
+    transpose, reshape = shared
+    perm = tuple(attribute(transpose, "perm", []))
+    rank = len(perm)
+    if rank < 3 or perm[0] != rank - 3:
+        raise NoMatch("fused projection: the q/k/v axis is not moved first")
+    entries = _shape_entries(g, reshape.input[1])
+    if entries is None or len(entries) != rank or entries[-3] != 3:
+        raise NoMatch("fused projection is not reshaped to (…, 3, H, d)")
+    heads, dim = _head_layout(g, reshape, q.linear.out_features // 3)
+    for trace in (q, k, v):
+        if trace.part_tensor is None or len(trace.nodes) < 3:
+            raise NoMatch("fused projection: selected part not found")
+        # only the selector (and its Squeeze) may sit between the Transpose and the part
+        between = trace.nodes[:-2]
+        if any(n.op_type not in ("Split", "Gather", "Slice", "Squeeze", "Mul", "Div", "Transpose") for n in between):
+            raise NoMatch(f"unexpected op after the fused q/k/v split: {[n.op_type for n in between]}")
+    parts = {q.part: q.part_tensor, k.part: k.part_tensor, v.part: v.part_tensor}
+    width = heads * dim
+    fused = FusedQkv(reshape.name, transpose.name, (parts[q.part], parts[k.part], parts[v.part]), perm)
+    return AttentionBlock(name, "fused-qkv", heads, dim, q.linear, k.linear, v.linear, out, softmax.name,
+                          qk.name, av.name, (q.part * width, k.part * width, v.part * width), fused)
+
+
+def _region_tensors(block: AttentionBlock, q: _Trace, k: _Trace, v: _Trace, merge: list[onnx.NodeProto],
+                    qk, av) -> set[str]:
+    """Tensors whose width follows the pruned Q/K/V widths."""
+    tensors = {qk.input[0], qk.input[1], av.input[1], av.output[0]}
+    for trace in (q, k, v):
+        tensors.add(trace.linear.output)
+        for node in trace.nodes:
+            tensors.update(node.output)
+    for node in merge:
+        tensors.update(node.output)
+    return tensors
+
+
+def _shape_entries(g: ModelGraph, shape: str) -> list[int | None] | None:
+    """The entries of a shape tensor: constants where known, None where computed at run time."""
+    value = g.constant(shape)
+    if value is not None:
+        return [int(x) for x in value.reshape(-1)]
+    node = g.producer_of(shape)
+    if node is None or node.op_type != "Concat":
+        return None
+    entries: list[int | None] = []
+    for piece in node.input:
+        value = g.constant(piece)
+        if value is not None:
+            entries += [int(x) for x in value.reshape(-1)]
+        else:
+            size = g.shapes.get(piece)
+            if size is None or len(size) != 1 or size[0] is None:
+                return None
+            entries += [_runtime_dim(g, piece)] * size[0] if size[0] == 1 else [None] * size[0]
+    return entries
+
+
+def _runtime_dim(g: ModelGraph, tensor: str) -> int | None:
+    """The static value of Unsqueeze(Gather(Shape(T), i)) if T's dim i is known."""
+    source = _shape_source(g, tensor)
+    if source is None:
+        return None
+    return g.dim(*source)
+
+
+def _shape_source(g: ModelGraph, tensor: str) -> tuple[str, int] | None:
+    """(T, i) if `tensor` is dim i of T read through Shape → Gather (→ Unsqueeze/Cast)."""
+    node = g.producer_of(tensor)
+    while node is not None and node.op_type in ("Unsqueeze", "Cast", "Squeeze"):
+        node = g.producer_of(node.input[0])
+    if node is None:
+        return None
+    if node.op_type == "Gather":
+        index = g.constant(node.input[1])
+        shape = g.producer_of(node.input[0])
+        if index is None or index.size != 1 or shape is None or shape.op_type != "Shape" or len(shape.attribute):
+            return None
+        return shape.input[0], int(index.reshape(-1)[0])
+    if node.op_type == "Shape":  # Shape(T, start=i, end=i+1)
+        start, end = attribute(node, "start", None), attribute(node, "end", None)
+        if start is not None and end is not None and end - start == 1:
+            return node.input[0], int(start)
+    return None
+
+
+def _shape_edits(g: ModelGraph, nodes: list[onnx.NodeProto], side: str, block: AttentionBlock,
+                 region: set[str]) -> list[ShapeEdit]:
+    """Reshapes on a pruned path whose last target entry holds a width that pruning changes."""
+    edits = []
+    d, merged = block.head_dim, block.heads * block.head_dim
+    for node in nodes:
+        if node.op_type != "Reshape":
+            continue
+        source = _source_of_last_entry(g, node.input[1])
+        if source is not None and source[0] in region:
+            continue  # read at run time from a tensor that is itself pruned: it follows by itself
+        entries = _shape_entries(g, node.input[1])
+        last = entries[-1] if entries else None
+        if last == -1:
+            continue
+        if side == "v_after" and last == merged:
+            edits.append(ShapeEdit(node.name, "v_merged"))
+        elif last == d:
+            edits.append(ShapeEdit(node.name, "v" if side == "v_after" else side))
+        else:
+            raise NoMatch(f"cannot tell what the last entry of {node.name}'s target shape holds")
+    return edits
+
+
+def _source_of_last_entry(g: ModelGraph, shape: str) -> tuple[str, int] | None:
+    node = g.producer_of(shape)
+    if node is None or node.op_type != "Concat":
+        return None
+    return _shape_source(g, node.input[-1])
+
+
+# --- FFN ----------------------------------------------------------------------------------------
+def _match_ffns(g: ModelGraph, taken: set[str]) -> tuple[list[FfnBlock], list[Skipped]]:
+    blocks, skipped = [], []
+    for node in g.nodes_of_type("MatMul", "Gemm"):
+        fc2 = None if node.name in taken else linear_at(g, node)
+        if fc2 is None:
+            continue
+        try:
+            found = _ffn_before(g, fc2, taken)
+        except NoMatch as why:
+            if _looks_like_ffn(g, fc2):
+                skipped.append(Skipped(node.name, "ffn", str(why)))
+            continue
+        if found is not None:
+            blocks.append(found)
+    return blocks, skipped
+
+
+def _looks_like_ffn(g: ModelGraph, fc2: Linear) -> bool:
+    producer = g.producer_of(fc2.input)
+    return producer is not None and producer.op_type in _ACTIVATION_OPS
+
+
+def _ffn_before(g: ModelGraph, fc2: Linear, taken: set[str]) -> FfnBlock | None:
+    """fc1 → element-wise activation → fc2, where nothing else reads the hidden activations."""
+    activation_nodes: dict[str, onnx.NodeProto] = {}
+    frontier = [fc2.input]
+    fc1: Linear | None = None
+    while frontier:
+        tensor = frontier.pop()
+        linear = linear_producing(g, tensor)
+        if linear is not None:
+            if fc1 is not None and linear.node != fc1.node:
+                raise NoMatch("the activation mixes two projections")
+            fc1 = linear
+            continue
+        node = g.producer_of(tensor)
+        if node is None or node.op_type not in _ACTIVATION_OPS:
+            return None
+        if node.name in activation_nodes:
+            continue
+        activation_nodes[node.name] = node
+        for inp in node.input:
+            if not inp:
+                continue
+            value = g.constant(inp)
+            if value is not None:
+                if value.size != 1:
+                    raise NoMatch(f"{node.name} applies a per-channel constant")
+                continue
+            frontier.append(inp)
+    if fc1 is None or not activation_nodes or fc1.node in taken:
+        return None
+    if fc1.out_features != fc2.in_features:
+        raise NoMatch("fc1 and fc2 widths differ")
+    inside = {fc1.output} | {o for n in activation_nodes.values() for o in n.output}
+    for tensor in inside:
+        if tensor == fc2.input:
+            if len(g.consumers.get(tensor, [])) != 1:
+                raise NoMatch("the hidden activation has other readers")
+            continue
+        for consumer in g.consumers.get(tensor, []):
+            if consumer not in activation_nodes:
+                raise NoMatch("the hidden activation has readers outside the FFN")
+    ops = sorted({n.op_type for n in activation_nodes.values()})
+    name = _common_scope(fc1.node, fc2.node)
+    return FfnBlock(name, fc1, fc2, "+".join(ops))

@@ -1,0 +1,135 @@
+"""The whole flow: load → graph → match → calibrate → score → rewrite → verify."""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from . import calibration as calib_stage
+from .errors import SnpError
+from .graph import ModelGraph
+from .importance import CRITERIA, Ratios, Scorer
+from .loading import load_model
+from .matching import Matches, find_blocks
+from .report import Report, block_reports, stats_fields
+from .rewriting import rewrite
+from .stats import model_stats
+from .verification import check_structure, fidelity, run_outputs
+
+
+@dataclass
+class PruneResult:
+    model: onnx.ModelProto
+    report: Report
+    external_data: bool  # the input kept its weights in external data files
+
+
+def resolve_ratios(ratio: float, qk: float | None = None, v: float | None = None, ffn: float | None = None) -> Ratios:
+    values = {"ratio": ratio, "qk-ratio": qk, "v-ratio": v, "ffn-ratio": ffn}
+    for name, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not 0 <= value < 1:
+            raise SnpError(f"--{name} must be a number with 0 <= value < 1, got {value!r}")
+    return Ratios(ratio if qk is None else qk, ratio if v is None else v, ratio if ffn is None else ffn)
+
+
+def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float = 0.5, *, qk_ratio: float | None = None,
+          v_ratio: float | None = None, ffn_ratio: float | None = None, criterion: str = "snp",
+          calib: str | os.PathLike | dict[str, np.ndarray] | None = None, calib_samples: int = 64,
+          seed: int = 0, batch_size: int | None = None, progress: bool = False) -> tuple[onnx.ModelProto, Report]:
+    """Prune a transformer with SNP; returns the pruned model and a report. The input is not changed.
+
+    `ratio` is the fraction of neurons removed from each group (Q/K pairs, V, FFN hidden);
+    `qk_ratio`, `v_ratio`, `ffn_ratio` override it per group. `calib` is an .npz path or a dict
+    of arrays keyed by input name (first axis = samples); without it synthetic inputs are used.
+    """
+    result = prune_model(model_or_path, resolve_ratios(ratio, qk_ratio, v_ratio, ffn_ratio), criterion=criterion,
+                         calib=calib, calib_samples=calib_samples, seed=seed, batch_size=batch_size, progress=progress)
+    return result.model, result.report
+
+
+def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike, ratios: Ratios, *, criterion: str = "snp",
+                calib: str | os.PathLike | dict[str, np.ndarray] | None = None, calib_samples: int = 64,
+                seed: int = 0, batch_size: int | None = None, progress: bool = False) -> PruneResult:
+    started = time.perf_counter()
+    if criterion not in CRITERIA:
+        raise SnpError(f"--criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
+    if not isinstance(calib_samples, int) or calib_samples < 1:
+        raise SnpError(f"--calib-samples must be a positive integer, got {calib_samples!r}")
+    if isinstance(model_or_path, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(model_or_path)
+        external = False
+    else:
+        loaded = load_model(model_or_path)
+        model, external = loaded.model, loaded.external_data
+
+    g = ModelGraph(model)
+    matches = find_blocks(g)
+    if not matches.attention:
+        why = "; ".join(f"{s.where}: {s.reason}" for s in matches.skipped if s.kind == "attention")[:300]
+        raise SnpError("no prunable attention found" + (f" ({why})" if why else " (no Softmax over Q·Kᵀ)"))
+
+    specs = calib_stage.input_specs(g)
+    feed, source = _calibration_feed(g, specs, calib, calib_samples, seed)
+    fixed = calib_stage.fixed_batch(specs)
+    batch = fixed or batch_size or calib_stage.DEFAULT_BATCH
+    score_feed, holdout_feed = _split(feed, fixed)
+
+    scorer = Scorer(g, matches, criterion)
+    wanted = scorer.tensors()
+    mask_name = calib_stage.token_mask_input(specs)
+    if wanted:
+        for inputs, acts in calib_stage.capture(model, wanted, score_feed, batch, progress):
+            scorer.update(acts, inputs.get(mask_name) if mask_name else None)
+    plan = scorer.plan(ratios, seed)
+
+    pruned = rewrite(g, plan)
+    check_structure(pruned)
+    reference = run_outputs(model, holdout_feed, batch)
+    measured = fidelity(reference, run_outputs(pruned, holdout_feed, batch))
+
+    one_batch = {k: v[:fixed or 1] for k, v in holdout_feed.items()}
+    report = Report(criterion=criterion, ratios={"qk": ratios.qk, "v": ratios.v, "ffn": ratios.ffn},
+                    calibration=source, calibration_samples=_count(score_feed), holdout_samples=_count(holdout_feed),
+                    **stats_fields(model_stats(model, one_batch), model_stats(pruned, one_batch)),
+                    fidelity=measured, blocks=block_reports(plan), skipped=matches.skipped,
+                    seconds=round(time.perf_counter() - started, 2))
+    return PruneResult(pruned, report, external)
+
+
+def inspect_model(path: str | os.PathLike) -> Matches:
+    return find_blocks(ModelGraph(load_model(path).model))
+
+
+def _calibration_feed(g: ModelGraph, specs, calib, samples: int, seed: int) -> tuple[dict[str, np.ndarray], str]:
+    if calib is None:
+        return calib_stage.synthetic_inputs(g, specs, samples, seed), "synthetic"
+    if isinstance(calib, dict):
+        feed, source = calib_stage.validate_calibration(calib, specs, "calibration arrays"), "arrays"
+    else:
+        feed, source = calib_stage.load_calibration(calib, specs), str(calib)
+    return {k: v[:samples] for k, v in feed.items()}, source
+
+
+def _split(feed: dict[str, np.ndarray], fixed_batch: int | None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Hold back about an eighth of the samples (whole batches for fixed-batch models) for fidelity."""
+    step = fixed_batch or 1
+    usable = _count(feed) - _count(feed) % step
+    if usable < step:
+        raise SnpError(f"the model has a fixed batch of {step}; give at least {step} calibration samples")
+    if usable < 2 * step:
+        part = {k: v[:usable] for k, v in feed.items()}
+        return part, part
+    holdout = max(step, (usable // 8) // step * step)
+    return ({k: v[:usable - holdout] for k, v in feed.items()},
+            {k: v[usable - holdout:usable] for k, v in feed.items()})
+
+
+def _count(feed: dict[str, np.ndarray]) -> int:
+    return next(iter(feed.values())).shape[0]

@@ -1,0 +1,106 @@
+"""What a prune did, as a table for people and as JSON for pipelines."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .importance import PrunePlan
+from .matching import Skipped
+from .stats import ModelStats
+from .verification import Fidelity
+
+
+@dataclass
+class BlockReport:
+    name: str
+    kind: str  # "attention" or "ffn"
+    form: str
+    heads: int | None = None
+    qk_dim_before: int | None = None
+    qk_dim_after: int | None = None
+    v_dim_before: int | None = None
+    v_dim_after: int | None = None
+    ffn_dim_before: int | None = None
+    ffn_dim_after: int | None = None
+
+
+@dataclass
+class Report:
+    criterion: str
+    ratios: dict[str, float]
+    calibration: str  # "synthetic" or where the samples came from
+    calibration_samples: int
+    holdout_samples: int
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    fidelity: Fidelity
+    blocks: list[BlockReport]
+    skipped: list[Skipped] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def flops_before(self) -> int:
+        return 2 * self.macs_before
+
+    @property
+    def flops_after(self) -> int:
+        return 2 * self.macs_after
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data["fidelity"] = self.fidelity.as_dict()
+        data["flops_before"], data["flops_after"] = self.flops_before, self.flops_after
+        return data
+
+    def table(self) -> str:
+        attention = [b for b in self.blocks if b.kind == "attention"]
+        ffn = [b for b in self.blocks if b.kind == "ffn"]
+        lines = [f"blocks found: {len(attention)} attention, {len(ffn)} FFN"
+                 + (f"; {len(self.skipped)} skipped (run `onnxsnp inspect` for why)" if self.skipped else "")]
+        for b in attention:
+            lines.append(f"  {b.name:<40} {b.form:<10} heads {b.heads}  q/k {b.qk_dim_before}->{b.qk_dim_after}"
+                         f"  v {b.v_dim_before}->{b.v_dim_after}")
+        for b in ffn:
+            lines.append(f"  {b.name:<40} {'ffn':<10} hidden {b.ffn_dim_before}->{b.ffn_dim_after}")
+        f = self.fidelity
+        rows = [("", "before", "after", "change"),
+                ("params", _num(self.params_before), _num(self.params_after), _pct(self.params_before, self.params_after)),
+                ("FLOPs/sample", _num(self.flops_before), _num(self.flops_after), _pct(self.flops_before, self.flops_after))]
+        width = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines.append("")
+        lines += ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, width)))
+                  for r in rows]
+        top1 = f", top-1 agreement {f.top1_agreement:.1%}" if f.top1_agreement is not None else ""
+        lines.append(f"fidelity on {f.samples} held-back samples: output cosine {f.output_cosine:.4f}{top1}, "
+                     f"max abs diff {f.max_abs_diff:.3g}")
+        lines.append(f"criterion {self.criterion}, calibration: {self.calibration} ({self.calibration_samples} samples)")
+        return "\n".join(lines)
+
+
+def block_reports(plan: PrunePlan) -> list[BlockReport]:
+    rows = []
+    for keep in plan.attention:
+        b = keep.block
+        rows.append(BlockReport(b.name, "attention", b.form, b.heads, b.head_dim, int(keep.qk.shape[1]),
+                                b.head_dim, int(keep.v.shape[1])))
+    for keep in plan.ffn:
+        b = keep.block
+        rows.append(BlockReport(b.name, "ffn", b.activation, ffn_dim_before=b.hidden, ffn_dim_after=len(keep.hidden)))
+    return rows
+
+
+def stats_fields(before: ModelStats, after: ModelStats) -> dict[str, int]:
+    return {"params_before": before.params, "params_after": after.params,
+            "macs_before": before.macs, "macs_after": after.macs}
+
+
+def _num(value: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= size:
+            return f"{value / size:.2f}{unit}"
+    return str(value)
+
+
+def _pct(before: int, after: int) -> str:
+    return f"{(after - before) / before:+.1%}" if before else "n/a"

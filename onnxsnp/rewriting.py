@@ -1,0 +1,189 @@
+"""Stage 6: apply a prune plan to the model with onnx-graphsurgeon.
+
+Every changed weight becomes a new initializer (an initializer shared by several readers, as
+the legacy exporter's Identity routing makes them, is never sliced in place for one of them);
+every changed shape becomes a new constant or node. Dead nodes and initializers are dropped by
+graphsurgeon's cleanup at the end.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .graph import ModelGraph
+from .importance import AttentionKeep, PrunePlan
+from .matching import Linear
+
+
+class _Editor:
+    def __init__(self, g: ModelGraph, graph: gs.Graph):
+        self.g = g
+        self.graph = graph
+        self.nodes = {n.name: n for n in graph.nodes}
+        self.tensors = graph.tensors()
+        self._count = 0
+
+    def unique(self, base: str) -> str:
+        self._count += 1
+        name = f"{base}__snp{self._count}"
+        while name in self.tensors:
+            self._count += 1
+            name = f"{base}__snp{self._count}"
+        return name
+
+    def constant(self, base: str, values: np.ndarray) -> gs.Constant:
+        tensor = gs.Constant(self.unique(base), np.ascontiguousarray(values))
+        self.tensors[tensor.name] = tensor
+        return tensor
+
+    def variable(self, base: str, dtype=None) -> gs.Variable:
+        tensor = gs.Variable(self.unique(base), dtype=dtype)
+        self.tensors[tensor.name] = tensor
+        return tensor
+
+    def add_node(self, op: str, inputs: list, outputs: list, attrs: dict | None = None) -> gs.Node:
+        node = gs.Node(op, name=self.unique(op), attrs=attrs or {}, inputs=inputs, outputs=outputs)
+        self.graph.nodes.append(node)
+        return node
+
+    def value(self, tensor: str) -> np.ndarray:
+        value = self.g.constant(tensor)
+        if value is None:
+            raise ValueError(f"{tensor} is not a constant")
+        return value
+
+    # --- linear layers -------------------------------------------------------------------
+    def keep_outputs(self, linear: Linear, columns: np.ndarray) -> None:
+        """Keep only output features `columns` of `linear` (weight columns and bias entries)."""
+        node = self.nodes[linear.node]
+        weight = self.value(linear.weight)
+        weight = weight[columns, :] if linear.transposed else weight[:, columns]
+        node.inputs[linear.weight_index] = self.constant(linear.weight, weight)
+        if linear.bias is not None:
+            bias_node = self.nodes[linear.bias_node]
+            bias_node.inputs[linear.bias_index] = self.constant(linear.bias, self.value(linear.bias)[columns])
+
+    def keep_inputs(self, linear: Linear, rows: np.ndarray) -> None:
+        """Keep only input features `rows` of `linear` (weight rows)."""
+        node = self.nodes[linear.node]
+        weight = self.value(linear.weight)
+        weight = weight[:, rows] if linear.transposed else weight[rows, :]
+        node.inputs[linear.weight_index] = self.constant(linear.weight, weight)
+
+    # --- shapes ----------------------------------------------------------------------------
+    def shape_with_tail(self, shape: gs.Tensor, drop: int, tail: list[int]) -> gs.Tensor:
+        """A shape tensor equal to shape[:-drop] + tail, folded where `shape` is constant."""
+        tail_array = np.array(tail, dtype=np.int64)
+        constant = self.g.constant(shape.name)
+        if constant is not None:
+            return self.constant(shape.name, np.concatenate([constant[:-drop], tail_array]))
+        producer = shape.inputs[0] if shape.inputs else None
+        if producer is not None and producer.op == "Concat" and drop == 1:
+            last = self.g.shapes.get(producer.inputs[-1].name)
+            if last == (1,):
+                out = self.variable(shape.name, np.int64)
+                self.add_node("Concat", producer.inputs[:-1] + [self.constant(shape.name, tail_array)], [out],
+                              {"axis": 0})
+                return out
+        head = self.variable(shape.name, np.int64)
+        self.add_node("Slice", [shape, self.constant("starts", np.array([0])), self.constant("ends", np.array([-drop]))],
+                      [head])
+        out = self.variable(shape.name, np.int64)
+        self.add_node("Concat", [head, self.constant(shape.name, tail_array)], [out], {"axis": 0})
+        return out
+
+    def set_last_entry(self, reshape: str, value: int) -> None:
+        node = self.nodes[reshape]
+        node.inputs[1] = self.shape_with_tail(node.inputs[1], 1, [value])
+
+    def reroute(self, old: str, new: gs.Tensor) -> None:
+        """Make every reader of tensor `old` read `new` instead."""
+        tensor = self.tensors[old]
+        for consumer in list(tensor.outputs):
+            for index, current in enumerate(consumer.inputs):
+                if current is tensor:
+                    consumer.inputs[index] = new
+        self.graph.outputs = [new if t is tensor else t for t in self.graph.outputs]
+
+
+def rewrite(g: ModelGraph, plan: PrunePlan) -> onnx.ModelProto:
+    """Return a new model with the plan applied; `g.model` is left as it was."""
+    graph = gs.import_onnx(g.model)
+    editor = _Editor(g, graph)
+    for keep in plan.attention:
+        if keep.changes_something():
+            _prune_attention(editor, keep, plan.scale_values)
+    for ffn in plan.ffn:
+        if ffn.changes_something():
+            editor.keep_outputs(ffn.block.fc1, ffn.hidden)
+            editor.keep_inputs(ffn.block.fc2, ffn.hidden)
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    model = gs.export_onnx(graph, do_type_check=False)
+    _copy_metadata(g.model, model)
+    return model
+
+
+def _prune_attention(editor: _Editor, keep: AttentionKeep, scale_values: dict[str, np.ndarray]) -> None:
+    block = keep.block
+    qk_columns = keep.qk_columns()
+    v_columns = keep.v_columns()
+    dq, dv = keep.qk.shape[1], keep.v.shape[1]
+    for scale in block.frozen_scales:
+        editor.nodes[scale.node].inputs[scale.input_index] = editor.constant(scale.tensor, scale_values[scale.tensor])
+    if block.fused is None:
+        editor.keep_outputs(block.q, qk_columns)
+        editor.keep_outputs(block.k, qk_columns)
+        editor.keep_outputs(block.v, v_columns)
+    else:
+        _prune_fused(editor, keep, qk_columns, v_columns, dq, dv)
+    editor.keep_inputs(block.out, v_columns)
+    new_width = {"qk": dq, "v": dv, "v_merged": block.heads * dv}
+    for edit in block.shape_edits:
+        editor.set_last_entry(edit.reshape, new_width[edit.width])
+
+
+def _prune_fused(editor: _Editor, keep: AttentionKeep, qk_columns: np.ndarray, v_columns: np.ndarray,
+                 dq: int, dv: int) -> None:
+    """Slice the fused weight, then split it by width instead of by the (3, H, d) reshape, which
+    needs equal q/k/v widths; the old Reshape → Transpose → Split chain becomes dead."""
+    block = keep.block
+    fused = block.fused
+    assert fused is not None
+    q_off, k_off, v_off = block.column_offsets
+    roles = sorted([(q_off, qk_columns, dq, fused.parts[0]), (k_off, qk_columns, dq, fused.parts[1]),
+                    (v_off, v_columns, dv, fused.parts[2])], key=lambda r: r[0])
+    columns = np.concatenate([offset + cols for offset, cols, _, _ in roles])
+    editor.keep_outputs(block.q, columns)
+    linear_out = editor.tensors[block.q.output]
+    sizes = [len(cols) for _, cols, _, _ in roles]
+    pieces = [editor.variable(f"{block.name}/qkv_part{i}") for i in range(3)]
+    if editor.graph.opset >= 13:
+        editor.add_node("Split", [linear_out, editor.constant("split", np.array(sizes, dtype=np.int64))], pieces,
+                        {"axis": -1})
+    else:
+        editor.add_node("Split", [linear_out], pieces, {"axis": -1, "split": sizes})
+    reshape = editor.nodes[fused.reshape]
+    rank = len(fused.perm)
+    perm = [a if a < rank - 3 else a - 1 for a in fused.perm[1:]]
+    for piece, (_, _, width, part_tensor) in zip(pieces, roles):
+        shape = editor.shape_with_tail(reshape.inputs[1], 3, [block.heads, width])
+        heads_split = editor.variable(f"{block.name}/heads")
+        editor.add_node("Reshape", [piece, shape], [heads_split])
+        per_head = editor.variable(f"{block.name}/per_head")
+        editor.add_node("Transpose", [heads_split], [per_head], {"perm": perm})
+        editor.reroute(part_tensor, per_head)
+
+
+def _copy_metadata(source: onnx.ModelProto, target: onnx.ModelProto) -> None:
+    target.ir_version = source.ir_version
+    del target.opset_import[:]
+    target.opset_import.extend(source.opset_import)
+    target.producer_name = source.producer_name
+    target.producer_version = source.producer_version
+    target.domain = source.domain
+    target.model_version = source.model_version
+    target.doc_string = source.doc_string
+    del target.metadata_props[:]
+    target.metadata_props.extend(source.metadata_props)
+    target.metadata_props.add(key="onnxsnp", value="pruned with onnxsnp (structured neuron-level pruning)")

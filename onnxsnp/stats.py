@@ -1,0 +1,63 @@
+"""Size and compute of a model: parameters, and MACs of MatMul/Gemm/Conv."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from .calibration import capture
+from .graph import attribute
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    params: int
+    macs: int  # multiply-accumulates per sample; FLOPs = 2 × MACs
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.macs
+
+
+def count_params(model: onnx.ModelProto) -> int:
+    """Floating-point weights (initializers and Constant nodes); int shape constants excluded."""
+    total = 0
+    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+    for tensor in model.graph.initializer:
+        if tensor.data_type in float_types:
+            total += int(np.prod(tensor.dims, dtype=np.int64))
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            value = attribute(node, "value")
+            if value is not None and value.data_type in float_types:
+                total += int(np.prod(value.dims, dtype=np.int64))
+    return total
+
+
+def count_macs(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> int:
+    """MACs of MatMul, Gemm and Conv per sample of `feed`.
+
+    Shapes are read from one onnxruntime run rather than from ONNX shape inference, which
+    loses track of dynamic exports' Shape→Gather→Concat reshapes."""
+    nodes = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv")]
+    initializers = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    wanted = list(dict.fromkeys(t for n in nodes for t in (n.input[0], n.input[1], n.output[0])
+                                if t not in initializers))
+    samples = next(iter(feed.values())).shape[0]
+    shapes = dict(initializers)
+    for _, values in capture(model, wanted, feed, samples):
+        shapes.update({name: value.shape for name, value in values.items()})
+    total = 0
+    for node in nodes:
+        out, a, b = shapes[node.output[0]], shapes[node.input[0]], shapes[node.input[1]]
+        if node.op_type == "MatMul":
+            total += int(np.prod(out, dtype=np.int64)) * (a[-1] if a else 1)
+        elif node.op_type == "Gemm":
+            total += int(np.prod(out, dtype=np.int64)) * (a[0] if attribute(node, "transA", 0) else a[-1])
+        else:  # weight is (C_out, C_in / group, k…): each output element reads prod(weight[1:]) inputs
+            total += int(np.prod(out, dtype=np.int64)) * int(np.prod(b[1:], dtype=np.int64))
+    return total // max(samples, 1)
+
+
+def model_stats(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> ModelStats:
+    return ModelStats(count_params(model), count_macs(model, feed))

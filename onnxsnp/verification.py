@@ -1,0 +1,84 @@
+"""Stage 7: prove the pruned model is sound before it is written, and measure its fidelity."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import shape_inference
+
+from .calibration import session
+from .errors import SnpError
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """Pruned against original outputs on held-back calibration samples."""
+
+    samples: int
+    output_cosine: float  # mean over samples and outputs of the cosine of flattened outputs
+    max_abs_diff: float
+    top1_agreement: float | None  # for classifier-shaped outputs (samples, classes)
+
+    def as_dict(self) -> dict:
+        return {"samples": self.samples, "output_cosine": self.output_cosine,
+                "max_abs_diff": self.max_abs_diff, "top1_agreement": self.top1_agreement}
+
+
+def check_structure(model: onnx.ModelProto) -> None:
+    """onnx.checker plus strict-enough shape inference; raises SnpError on failure."""
+    try:
+        onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        raise SnpError(f"pruned model fails onnx.checker: {_line(exc)}") from None
+    try:
+        shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    except Exception as exc:
+        raise SnpError(f"pruned model fails shape inference: {_line(exc)}") from None
+
+
+def run_outputs(model: onnx.ModelProto, feed: dict[str, np.ndarray], batch: int) -> list[np.ndarray]:
+    try:
+        sess = session(model)
+    except Exception as exc:
+        raise SnpError(f"onnxruntime rejects the pruned model: {_line(exc)}") from None
+    names = [o.name for o in sess.get_outputs()]
+    total = next(iter(feed.values())).shape[0]
+    chunks: list[list[np.ndarray]] = [[] for _ in names]
+    for start in range(0, total, batch):
+        try:
+            values = sess.run(names, {k: v[start:start + batch] for k, v in feed.items()})
+        except Exception as exc:
+            raise SnpError(f"onnxruntime fails to run the pruned model: {_line(exc)}") from None
+        for chunk, value in zip(chunks, values):
+            chunk.append(value)
+    return [np.concatenate(c) if c[0].ndim else c[0] for c in chunks]
+
+
+def fidelity(original: list[np.ndarray], pruned: list[np.ndarray]) -> Fidelity:
+    if len(original) != len(pruned):
+        raise SnpError("pruned model has a different number of outputs")
+    cosines, max_diff, top1 = [], 0.0, None
+    for ref, got in zip(original, pruned):
+        if ref.shape != got.shape:
+            raise SnpError(f"pruned model output shape {got.shape} differs from the original {ref.shape}")
+        if ref.dtype.kind != "f":
+            continue
+        ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
+        if not np.isfinite(got64).all():
+            raise SnpError("pruned model produces NaN or Inf")
+        max_diff = max(max_diff, float(np.abs(ref64 - got64).max()) if ref.size else 0.0)
+        flat_ref = ref64.reshape(ref.shape[0], -1) if ref.ndim else ref64.reshape(1, 1)
+        flat_got = got64.reshape(flat_ref.shape)
+        norms = np.linalg.norm(flat_ref, axis=1) * np.linalg.norm(flat_got, axis=1)
+        cosines.append(np.where(norms > 0, (flat_ref * flat_got).sum(axis=1) / np.maximum(norms, 1e-300), 1.0))
+        if top1 is None and ref.ndim == 2 and ref.shape[1] > 1:
+            top1 = float((ref.argmax(axis=1) == got.argmax(axis=1)).mean())
+    cosine = float(np.mean(np.concatenate(cosines))) if cosines else 1.0
+    samples = original[0].shape[0] if original and original[0].ndim else 1
+    return Fidelity(int(samples), cosine, max_diff, top1)
+
+
+def _line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
