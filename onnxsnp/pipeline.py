@@ -12,7 +12,7 @@ import onnx
 from . import calibration as calib_stage
 from .errors import SnpError
 from .graph import ModelGraph
-from .importance import CRITERIA, Ratios, Scorer
+from .importance import CRITERIA, PrunePlan, Ratios, Scorer
 from .loading import load_model
 from .matching import Matches, find_blocks
 from .report import Report, block_reports, stats_fields
@@ -81,13 +81,7 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike, ratios: Rati
     batch = fixed or batch_size or calib_stage.DEFAULT_BATCH
     score_feed, holdout_feed = _split(feed, fixed)
 
-    scorer = Scorer(g, matches, criterion)
-    wanted = scorer.tensors()
-    mask_name = calib_stage.token_mask_input(specs)
-    if wanted:
-        for inputs, acts in calib_stage.capture(model, wanted, score_feed, batch, progress):
-            scorer.update(acts, inputs.get(mask_name) if mask_name else None)
-    plan = scorer.plan(ratios, seed)
+    plan = make_plan(g, matches, ratios, criterion, score_feed, batch, seed, progress)
 
     pruned = rewrite(g, plan)
     check_structure(pruned)
@@ -101,6 +95,18 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike, ratios: Rati
                     fidelity=measured, blocks=block_reports(plan), skipped=matches.skipped,
                     seconds=round(time.perf_counter() - started, 2))
     return PruneResult(pruned, report, external)
+
+
+def make_plan(g: ModelGraph, matches: Matches, ratios: Ratios, criterion: str, feed: dict[str, np.ndarray],
+              batch: int, seed: int = 0, progress: bool = False) -> PrunePlan:
+    """Score every matched block over one calibration pass and decide what to keep."""
+    scorer = Scorer(g, matches, criterion)
+    wanted = scorer.tensors()
+    mask_name = calib_stage.token_mask_input(calib_stage.input_specs(g))
+    if wanted:
+        for inputs, acts in calib_stage.capture(g.model, wanted, feed, batch, progress):
+            scorer.update(acts, inputs.get(mask_name) if mask_name else None)
+    return scorer.plan(ratios, seed)
 
 
 def inspect_model(path: str | os.PathLike) -> Matches:

@@ -1,0 +1,108 @@
+"""Removing neurons must equal zeroing them; shared weights and the softmax scale stay intact."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from conftest import BERT_FORMS, VIT_FORMS, feed_for, run
+from onnxsnp.graph import ModelGraph
+from onnxsnp.importance import Ratios
+from onnxsnp.matching import find_blocks
+from onnxsnp.pipeline import make_plan
+from onnxsnp.rewriting import rewrite
+
+
+def plan_for(path, ratios: Ratios, criterion: str = "random"):
+    g = ModelGraph(onnx.load(str(path)))
+    return g, make_plan(g, find_blocks(g), ratios, criterion, feed_for(path, batch=2), batch=2, seed=3)
+
+
+def zeroed_original(g: ModelGraph, plan) -> onnx.ModelProto:
+    """The original model with the removed neurons' weights and biases set to zero."""
+    model = onnx.ModelProto()
+    model.CopyFrom(g.model)
+    edits: dict[str, np.ndarray] = {}
+
+    def zero_outputs(linear, columns):
+        for tensor, axis in ((linear.weight, 0 if linear.transposed else 1), (linear.bias, 0)):
+            if tensor is None:
+                continue
+            name = g.initializer_behind(tensor)
+            value = edits.get(name, g.constant(tensor).copy())
+            index = [slice(None)] * value.ndim
+            index[axis if value.ndim > 1 else 0] = columns
+            value[tuple(index)] = 0
+            edits[name] = value
+
+    for keep in plan.attention:
+        b = keep.block
+        width = b.heads * b.head_dim
+        removed_qk = np.setdiff1d(np.arange(width), keep.qk_columns())
+        removed_v = np.setdiff1d(np.arange(width), keep.v_columns())
+        zero_outputs(b.q, b.column_offsets[0] + removed_qk)
+        zero_outputs(b.k, b.column_offsets[1] + removed_qk)
+        zero_outputs(b.v, b.column_offsets[2] + removed_v)
+    for keep in plan.ffn:
+        zero_outputs(keep.block.fc1, np.setdiff1d(np.arange(keep.block.hidden), keep.hidden))
+    for init in model.graph.initializer:
+        if init.name in edits:
+            init.CopyFrom(numpy_helper.from_array(edits[init.name], init.name))
+    return model
+
+
+def unshare(path, tmp_path):
+    """Copy of the model where every Identity-routed initializer is its own tensor (so zeroing
+    one reader's weights does not zero another's)."""
+    model = onnx.load(str(path))
+    g = ModelGraph(model)
+    for node in list(model.graph.node):
+        if node.op_type == "Identity" and g.initializer_behind(node.input[0]):
+            model.graph.initializer.append(numpy_helper.from_array(g.constant(node.input[0]), node.output[0]))
+            model.graph.node.remove(node)
+    out = tmp_path / "unshared.onnx"
+    onnx.save(model, str(out))
+    return out
+
+
+FORMS = [("vit", a, d) for a, d in VIT_FORMS] + [("bert", a, d) for a, d in BERT_FORMS]
+
+
+@pytest.mark.parametrize("family,attention,dynamic", FORMS)
+def test_pruned_model_equals_zeroed_original(exported, tmp_path, family, attention, dynamic):
+    path = unshare(exported(family, attention, dynamic), tmp_path)
+    g, plan = plan_for(path, Ratios(0.5, 0.25, 0.5))
+    pruned = rewrite(g, plan)
+    feed = feed_for(path, batch=2)
+    for want, got in zip(run(zeroed_original(g, plan), feed), run(pruned, feed)):
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_shared_initializer_is_not_sliced_in_place(exported):
+    path = exported("bert", "eager", False)
+    model = onnx.load(str(path))
+    shared = {n.input[0] for n in model.graph.node if n.op_type == "Identity"}
+    assert shared, "the legacy exporter should have routed shared weights through Identity"
+    g, plan = plan_for(path, Ratios(0.5, 0.5, 0.5))
+    pruned = rewrite(g, plan)
+    before = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    after = {t.name: tuple(t.dims) for t in pruned.graph.initializer}
+    for name in shared & after.keys():
+        assert after[name] == before[name]
+    assert model.SerializeToString() == onnx.load(str(path)).SerializeToString()  # g.model untouched
+
+
+def test_sdpa_scale_is_frozen_to_the_original(exported):
+    """torch's SDPA export computes the scale from q's width; after pruning Q/K it must stay
+    1/sqrt(original d), so the manual and SDPA exports of the same weights prune identically."""
+    outputs = []
+    for attention in ("manual", "sdpa"):
+        path = exported("vit", attention, True)
+        g, plan = plan_for(path, Ratios(0.5, 0.0, 0.0), criterion="l2")
+        pruned = rewrite(g, plan)
+        ops = {n.op_type for n in pruned.graph.node}
+        if attention == "sdpa":
+            assert "Sqrt" not in ops  # the Shape→…→Sqrt chain was replaced by its constant value
+        outputs.append(run(pruned, feed_for(path, batch=2))[0])
+    np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-4)
