@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     except SnpError as exc:
         print(f"onnxsnp: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like: not an error of ours
+        sys.stderr.close()
+        return 0
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else 2
     except KeyboardInterrupt:

@@ -148,13 +148,16 @@ def main() -> None:
         ref = wrapper(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     got = sess.run(["last_hidden_state"], {"input_ids": ids, "attention_mask": mask})[0]
-    diff = float(np.abs(ref - got).max())
+    err = np.abs(ref - got)
+    # Padded positions carry no meaning and drift more (~1e-4); real tokens are what pooling uses.
+    diff, diff_real = float(err.max()), float(err[mask.astype(bool)].max())
 
     print(f"sentences: {len(sentences)} (calib {len(calib['input_ids'])}, "
           f"eval {len(evalset['input_ids'])}), padded length {longest}")
     for p in (onnx_path, args.out_dir / "calib.npz", args.out_dir / "eval.npz"):
         print(f"wrote {p} ({p.stat().st_size / 1e6:.2f} MB)")
-    print(f"torch vs onnxruntime max abs diff on last_hidden_state {ids.shape}: {diff:.3e}")
+    print(f"torch vs onnxruntime max abs diff on last_hidden_state {ids.shape}: {diff:.3e} "
+          f"(real tokens only: {diff_real:.3e})")
     print(f"done in {time.perf_counter() - t0:.1f} s")
     if diff > 1e-3:
         raise SystemExit("ONNX export does not match torch")
