@@ -47,10 +47,11 @@ class Linear:
 
 @dataclass(frozen=True)
 class ShapeEdit:
-    """A Reshape whose last target entry encodes a pruned width and must follow it."""
+    """A Reshape target-shape entry that holds a pruned width and must follow it."""
 
     reshape: str
-    width: str  # "qk" (per-head Q/K width), "v" (per-head V width) or "v_merged" (heads × V width)
+    width: str  # "qk"/"v": per-head Q/K or V width; "qk_merged"/"v_merged": heads × that width
+    position: int = -1  # which entry, counted from the end
 
 
 @dataclass(frozen=True)
@@ -82,13 +83,13 @@ class AttentionBlock:
     k: Linear
     v: Linear
     out: Linear
-    softmax: str
-    qk_matmul: str
-    av_matmul: str
+    anchor: str  # the Softmax, or the Attention op that holds the whole core
     column_offsets: tuple[int, int, int] = (0, 0, 0)  # where q, k, v start in a fused weight
     fused: FusedQkv | None = None
     shape_edits: list[ShapeEdit] = field(default_factory=list)
     frozen_scales: list[FrozenScale] = field(default_factory=list)
+    attention_op: str | None = None  # an ONNX Attention node whose scale must be pinned
+    scale: float | None = None  # that op's original softmax scale
 
     @property
     def v_input(self) -> str:
@@ -97,7 +98,7 @@ class AttentionBlock:
 
     @property
     def nodes(self) -> set[str]:
-        return {self.q.node, self.k.node, self.v.node, self.out.node, self.softmax}
+        return {self.q.node, self.k.node, self.v.node, self.out.node, self.anchor}
 
 
 @dataclass
@@ -130,11 +131,14 @@ class Matches:
 def find_blocks(g: ModelGraph) -> Matches:
     attention: list[AttentionBlock] = []
     skipped: list[Skipped] = []
-    for softmax in g.nodes_of_type("Softmax"):
+    for anchor in g.nodes_of_type("Softmax", "Attention"):
+        if anchor.op_type == "Attention" and anchor.domain not in ("", "ai.onnx"):
+            continue
         try:
-            attention.append(_match_attention(g, softmax))
+            core = _softmax_core(g, anchor) if anchor.op_type == "Softmax" else _attention_op_core(g, anchor)
+            attention.append(_assemble(g, core))
         except NoMatch as why:
-            skipped.append(Skipped(softmax.name, "attention", str(why)))
+            skipped.append(Skipped(anchor.name, "attention", str(why)))
     _drop_overlapping(attention, skipped)
     attention_linears = {n for block in attention for n in (block.q.node, block.k.node, block.v.node, block.out.node)}
     ffn, ffn_skipped = _match_ffns(g, attention_linears)
@@ -150,7 +154,7 @@ def _drop_overlapping(blocks: list[AttentionBlock], skipped: list[Skipped]) -> N
     for block in list(blocks):
         if any(owners[n] > 1 for n in {block.q.node, block.k.node, block.v.node, block.out.node}):
             blocks.remove(block)
-            skipped.append(Skipped(block.softmax, "attention", "its projections are shared with another attention"))
+            skipped.append(Skipped(block.anchor, "attention", "its projections are shared with another attention"))
 
 
 # --- linear layers ----------------------------------------------------------------------------
@@ -236,7 +240,21 @@ class _Trace:
     part_tensor: str | None = None  # the selected tensor, shape (B, H, N, d)
 
 
-def _match_attention(g: ModelGraph, softmax: onnx.NodeProto) -> AttentionBlock:
+@dataclass
+class _Core:
+    """Where Q, K and V enter the attention core and where its output leaves."""
+
+    anchor: onnx.NodeProto
+    q: str
+    k: str  # K or Kᵀ: the path tracking follows whichever layout the graph uses
+    v: str
+    output: str  # attn·V, heads split (…, N, d) or, for a 3-D Attention op, merged
+    frozen: list[FrozenScale]
+    heads: int | None = None  # given by a 3-D Attention op
+    scale: float | None = None
+
+
+def _softmax_core(g: ModelGraph, softmax: onnx.NodeProto) -> _Core:
     if attribute(softmax, "axis", -1) not in (-1, 3):
         raise NoMatch("softmax is not over the last axis")
     frozen: list[FrozenScale] = []
@@ -244,36 +262,81 @@ def _match_attention(g: ModelGraph, softmax: onnx.NodeProto) -> AttentionBlock:
     if qk is None:
         raise NoMatch("no Q·Kᵀ MatMul before the softmax")
     av = _probs_consumer(g, softmax.output[0])
-    q_trace = _trace_to_linear(g, qk.input[0])
-    k_trace = _trace_to_linear(g, qk.input[1])
-    v_trace = _trace_to_linear(g, av.input[1])
-    out, merge_path = _forward_to_linear(g, av.output[0])
-    frozen += q_trace.scales + k_trace.scales
+    return _Core(softmax, qk.input[0], qk.input[1], av.input[1], av.output[0], frozen)
+
+
+def _attention_op_core(g: ModelGraph, node: onnx.NodeProto) -> _Core:
+    """ONNX Attention (opset 23+): 4-D (B, H, N, d) inputs, or 3-D with q_num_heads."""
+    if len(node.output) > 1 and any(node.output[1:]):
+        raise NoMatch("Attention with a KV cache or score outputs")
+    if len(node.input) > 4 and any(node.input[4:]):
+        raise NoMatch("Attention with past key/value inputs")
+    if attribute(node, "softcap", 0.0) or attribute(node, "qk_matmul_output_mode", 0):
+        raise NoMatch("Attention with softcap or a non-default qk_matmul_output_mode")
+    heads = attribute(node, "q_num_heads", None)
+    if heads is not None and attribute(node, "kv_num_heads", heads) != heads:
+        raise NoMatch("grouped-query Attention (kv_num_heads != q_num_heads)")
+    scale = attribute(node, "scale", None)
+    return _Core(node, node.input[0], node.input[1], node.input[2], node.output[0], [], heads,
+                 None if scale is None else float(scale))
+
+
+def _assemble(g: ModelGraph, core: _Core) -> AttentionBlock:
+    q_trace = _trace_to_linear(g, core.q)
+    k_trace = _trace_to_linear(g, core.k)
+    v_trace = _trace_to_linear(g, core.v)
+    out, merge_path = _forward_to_linear(g, core.output)
+    frozen = core.frozen + q_trace.scales + k_trace.scales
     if v_trace.scales:
         raise NoMatch("V is scaled by a run-time value")
 
-    name = _block_name(softmax.name)
+    name = _block_name(core.anchor.name, (q_trace.linear, out))
     if q_trace.linear.node == k_trace.linear.node == v_trace.linear.node:
-        block = _fused_block(g, name, softmax, qk, av, q_trace, k_trace, v_trace, out)
+        block = _fused_block(g, name, core.anchor, q_trace, k_trace, v_trace, out)
     elif len({q_trace.linear.node, k_trace.linear.node, v_trace.linear.node}) == 3:
-        block = _separate_block(g, name, softmax, qk, av, q_trace, k_trace, v_trace, out)
+        block = _separate_block(g, name, core, q_trace, k_trace, v_trace, out)
     else:
         raise NoMatch("Q, K and V share some but not all projections")
     if out.in_features != block.heads * block.head_dim:
         raise NoMatch(f"output projection reads {out.in_features} features, attention gives "
                       f"{block.heads}×{block.head_dim}")
-    region = _region_tensors(block, q_trace, k_trace, v_trace, merge_path, qk, av)
+    if core.anchor.op_type == "Attention":
+        block.attention_op = core.anchor.name
+        block.scale = core.scale if core.scale is not None else block.head_dim ** -0.5
+    region = _region_tensors(q_trace, k_trace, v_trace, merge_path, core)
     block.frozen_scales = frozen
-    if block.fused is None:
-        block.shape_edits += _shape_edits(g, q_trace.nodes + k_trace.nodes, "qk", block, region)
-        block.shape_edits += _shape_edits(g, v_trace.nodes, "v", block, region)
-    block.shape_edits += _shape_edits(g, merge_path, "v_after", block, region)
+    heads_split = core.heads is None  # a 3-D Attention op takes and gives merged heads
+    for trace, kind in ((q_trace, "qk"), (k_trace, "qk"), (v_trace, "v")):
+        forward = list(reversed(_after_part(trace) if block.fused else trace.nodes))
+        block.shape_edits += _path_shape_edits(g, forward, kind, block, region, split=block.fused is not None)
+    block.shape_edits += _path_shape_edits(g, merge_path, "v", block, region, split=heads_split)
     return block
 
 
-def _block_name(softmax_name: str) -> str:
-    parts = [p for p in softmax_name.split("/") if p]
-    return "/".join(parts[:-1]) if len(parts) > 1 else softmax_name
+def _after_part(trace: _Trace) -> list[onnx.NodeProto]:
+    """The nodes between a fused projection's selected part and the score/attn·V MatMul."""
+    for index, node in enumerate(trace.nodes):
+        if trace.part_tensor in node.output:
+            return trace.nodes[:index]
+    return trace.nodes
+
+
+def _block_name(node_name: str, linears: tuple[Linear, Linear]) -> str:
+    """The node's scope ("/blocks/blocks.0/attn/Softmax" → "blocks/blocks.0/attn"); for exporters
+    that name nodes flatly, the shared prefix of the two layers' parameter names."""
+    parts = [p for p in node_name.split("/") if p]
+    if len(parts) > 1:
+        return "/".join(parts[:-1])
+    first, second = ([t for t in (linear.bias, linear.weight) if t and "." in t] for linear in linears)
+    if first and second:
+        shared = []
+        for x, y in zip(first[0].split("."), second[0].split(".")):
+            if x != y:
+                break
+            shared.append(x)
+        if shared:
+            return ".".join(shared)
+    return node_name
 
 
 def _common_scope(first: str, second: str) -> str:
@@ -284,7 +347,7 @@ def _common_scope(first: str, second: str) -> str:
         if x != y:
             break
         shared.append(x)
-    return "/".join(shared) if shared else f"{first}→{second}"
+    return "/".join(shared)
 
 
 def _score_matmul(g: ModelGraph, tensor: str, frozen: list[FrozenScale], depth: int) -> onnx.NodeProto | None:
@@ -422,24 +485,29 @@ def _head_layout(g: ModelGraph, reshape: onnx.NodeProto, width: int) -> tuple[in
     return int(heads), int(dim)
 
 
-def _separate_block(g: ModelGraph, name: str, softmax, qk, av, q: _Trace, k: _Trace, v: _Trace,
+def _separate_block(g: ModelGraph, name: str, core: _Core, q: _Trace, k: _Trace, v: _Trace,
                     out: Linear) -> AttentionBlock:
     if q.part is not None or k.part is not None or v.part is not None:
         raise NoMatch("a selection (Split/Gather/Slice) on a separate projection")
-    layouts = []
-    for trace in (q, k, v):
-        reshapes = [n for n in trace.nodes if n.op_type == "Reshape"]
-        if len(reshapes) != 1:
-            raise NoMatch(f"expected one head-splitting Reshape after {trace.linear.node}, found {len(reshapes)}")
-        layouts.append(_head_layout(g, reshapes[0], trace.linear.out_features))
-    if len(set(layouts)) != 1:
-        raise NoMatch(f"Q, K and V head layouts differ: {layouts}")
-    heads, dim = layouts[0]
-    return AttentionBlock(name, "separate", heads, dim, q.linear, k.linear, v.linear, out,
-                          softmax.name, qk.name, av.name)
+    if core.heads is not None:  # 3-D Attention op: heads from its attribute
+        if q.linear.out_features % core.heads or len({q.linear.out_features, k.linear.out_features,
+                                                       v.linear.out_features}) != 1:
+            raise NoMatch("Attention projections do not split evenly into heads")
+        heads, dim = core.heads, q.linear.out_features // core.heads
+    else:
+        layouts = []
+        for trace in (q, k, v):
+            reshapes = [n for n in trace.nodes if n.op_type == "Reshape"]
+            if not reshapes:
+                raise NoMatch(f"no head-splitting Reshape after {trace.linear.node}")
+            layouts.append(_head_layout(g, reshapes[-1], trace.linear.out_features))  # the one next to the projection
+        if len(set(layouts)) != 1:
+            raise NoMatch(f"Q, K and V head layouts differ: {layouts}")
+        heads, dim = layouts[0]
+    return AttentionBlock(name, "separate", heads, dim, q.linear, k.linear, v.linear, out, core.anchor.name)
 
 
-def _fused_block(g: ModelGraph, name: str, softmax, qk, av, q: _Trace, k: _Trace, v: _Trace,
+def _fused_block(g: ModelGraph, name: str, anchor: onnx.NodeProto, q: _Trace, k: _Trace, v: _Trace,
                  out: Linear) -> AttentionBlock:
     if sorted(p for p in (q.part, k.part, v.part) if p is not None) != [0, 1, 2]:
         raise NoMatch("fused projection: cannot tell which part is q, k and v")
@@ -462,19 +530,19 @@ def _fused_block(g: ModelGraph, name: str, softmax, qk, av, q: _Trace, k: _Trace
             raise NoMatch("fused projection: selected part not found")
         # only the selector (and its Squeeze) may sit between the Transpose and the part
         between = trace.nodes[:-2]
-        if any(n.op_type not in ("Split", "Gather", "Slice", "Squeeze", "Mul", "Div", "Transpose") for n in between):
+        if any(n.op_type not in ("Split", "Gather", "Slice", "Squeeze", "Mul", "Div", "Transpose", "Reshape",
+                                 "Identity") for n in between):
             raise NoMatch(f"unexpected op after the fused q/k/v split: {[n.op_type for n in between]}")
     parts = {q.part: q.part_tensor, k.part: k.part_tensor, v.part: v.part_tensor}
     width = heads * dim
     fused = FusedQkv(reshape.name, transpose.name, (parts[q.part], parts[k.part], parts[v.part]), perm)
-    return AttentionBlock(name, "fused-qkv", heads, dim, q.linear, k.linear, v.linear, out, softmax.name,
-                          qk.name, av.name, (q.part * width, k.part * width, v.part * width), fused)
+    return AttentionBlock(name, "fused-qkv", heads, dim, q.linear, k.linear, v.linear, out, anchor.name,
+                          (q.part * width, k.part * width, v.part * width), fused)
 
 
-def _region_tensors(block: AttentionBlock, q: _Trace, k: _Trace, v: _Trace, merge: list[onnx.NodeProto],
-                    qk, av) -> set[str]:
+def _region_tensors(q: _Trace, k: _Trace, v: _Trace, merge: list[onnx.NodeProto], core: _Core) -> set[str]:
     """Tensors whose width follows the pruned Q/K/V widths."""
-    tensors = {qk.input[0], qk.input[1], av.input[1], av.output[0]}
+    tensors = {core.q, core.k, core.v, core.output}
     for trace in (q, k, v):
         tensors.add(trace.linear.output)
         for node in trace.nodes:
@@ -484,84 +552,128 @@ def _region_tensors(block: AttentionBlock, q: _Trace, k: _Trace, v: _Trace, merg
     return tensors
 
 
-def _shape_entries(g: ModelGraph, shape: str) -> list[int | None] | None:
-    """The entries of a shape tensor: constants where known, None where computed at run time."""
+@dataclass(frozen=True)
+class _Entry:
+    """One entry of a Reshape's target shape."""
+
+    value: int | None  # its value where known statically
+    follows: bool = False  # read at run time from a pruned tensor's shape: it adapts by itself
+
+
+def _entries(g: ModelGraph, shape: str, region: set[str] = frozenset()) -> list[_Entry] | None:
+    """The entries of a shape tensor: a constant, or a Concat of constants and pieces read from
+    other tensors' shapes (Shape→Gather→Unsqueeze, Shape(start, end), Slice(Shape))."""
     value = g.constant(shape)
     if value is not None:
-        return [int(x) for x in value.reshape(-1)]
+        return [_Entry(int(x)) for x in value.reshape(-1)]
     node = g.producer_of(shape)
-    if node is None or node.op_type != "Concat":
-        return None
-    entries: list[int | None] = []
-    for piece in node.input:
+    pieces = node.input if node is not None and node.op_type == "Concat" else [shape]
+    entries: list[_Entry] = []
+    for piece in pieces:
         value = g.constant(piece)
         if value is not None:
-            entries += [int(x) for x in value.reshape(-1)]
-        else:
-            size = g.shapes.get(piece)
-            if size is None or len(size) != 1 or size[0] is None:
-                return None
-            entries += [_runtime_dim(g, piece)] * size[0] if size[0] == 1 else [None] * size[0]
+            entries += [_Entry(int(x)) for x in value.reshape(-1)]
+            continue
+        source = _shape_source(g, piece)
+        if source is None:
+            return None
+        tensor, axes = source
+        entries += [_Entry(g.dim(tensor, axis), tensor in region) for axis in axes]
     return entries
 
 
-def _runtime_dim(g: ModelGraph, tensor: str) -> int | None:
-    """The static value of Unsqueeze(Gather(Shape(T), i)) if T's dim i is known."""
-    source = _shape_source(g, tensor)
-    if source is None:
-        return None
-    return g.dim(*source)
+def _shape_entries(g: ModelGraph, shape: str) -> list[int | None] | None:
+    entries = _entries(g, shape)
+    return None if entries is None else [e.value for e in entries]
 
 
-def _shape_source(g: ModelGraph, tensor: str) -> tuple[str, int] | None:
-    """(T, i) if `tensor` is dim i of T read through Shape → Gather (→ Unsqueeze/Cast)."""
+def _shape_source(g: ModelGraph, tensor: str) -> tuple[str, list[int]] | None:
+    """(T, axes) if `tensor` holds dims `axes` of T, read through Shape and Gather/Slice
+    (maybe with Unsqueeze/Squeeze/Cast around)."""
     node = g.producer_of(tensor)
     while node is not None and node.op_type in ("Unsqueeze", "Cast", "Squeeze"):
         node = g.producer_of(node.input[0])
     if node is None:
         return None
+    if node.op_type == "Shape":
+        rank = len(g.shapes.get(node.input[0]) or ())
+        start, end = attribute(node, "start", 0), attribute(node, "end", None)
+        axes = list(range(rank))[start:end] if rank else []
+        return (node.input[0], axes) if axes else None
+    shape = g.producer_of(node.input[0]) if node.input else None
+    if shape is None or shape.op_type != "Shape":
+        return None
+    inner = _shape_source(g, node.input[0])
+    if inner is None:
+        return None
+    tensor, axes = inner
     if node.op_type == "Gather":
         index = g.constant(node.input[1])
-        shape = g.producer_of(node.input[0])
-        if index is None or index.size != 1 or shape is None or shape.op_type != "Shape" or len(shape.attribute):
+        return (tensor, [axes[int(index.reshape(-1)[0])]]) if index is not None and index.size == 1 else None
+    if node.op_type == "Slice" and len(node.input) >= 3:
+        starts, ends = g.constant(node.input[1]), g.constant(node.input[2])
+        if starts is None or ends is None or starts.size != 1 or ends.size != 1:
             return None
-        return shape.input[0], int(index.reshape(-1)[0])
-    if node.op_type == "Shape":  # Shape(T, start=i, end=i+1)
-        start, end = attribute(node, "start", None), attribute(node, "end", None)
-        if start is not None and end is not None and end - start == 1:
-            return node.input[0], int(start)
+        picked = axes[int(starts.reshape(-1)[0]):int(ends.reshape(-1)[0])]
+        return (tensor, picked) if picked else None
     return None
 
 
-def _shape_edits(g: ModelGraph, nodes: list[onnx.NodeProto], side: str, block: AttentionBlock,
-                 region: set[str]) -> list[ShapeEdit]:
-    """Reshapes on a pruned path whose last target entry holds a width that pruning changes."""
-    edits = []
+def _path_shape_edits(g: ModelGraph, forward: list[onnx.NodeProto], kind: str, block: AttentionBlock,
+                      region: set[str], split: bool) -> list[ShapeEdit]:
+    """Follow the head-dim axis along a pruned path and list the Reshape entries that hold it.
+
+    `split` says whether the path starts with heads split (…, d) or merged (…, H·d); the axis
+    is tracked as a position from the end through Transpose and Reshape, so an entry is edited
+    because it holds the head dim, not because its value happens to equal d."""
     d, merged = block.head_dim, block.heads * block.head_dim
-    for node in nodes:
-        if node.op_type != "Reshape":
-            continue
-        source = _source_of_last_entry(g, node.input[1])
-        if source is not None and source[0] in region:
-            continue  # read at run time from a tensor that is itself pruned: it follows by itself
-        entries = _shape_entries(g, node.input[1])
-        last = entries[-1] if entries else None
-        if last == -1:
-            continue
-        if side == "v_after" and last == merged:
-            edits.append(ShapeEdit(node.name, "v_merged"))
-        elif last == d:
-            edits.append(ShapeEdit(node.name, "v" if side == "v_after" else side))
-        else:
-            raise NoMatch(f"cannot tell what the last entry of {node.name}'s target shape holds")
+    position = -1
+    edits = []
+    for node in forward:
+        if node.op_type == "Transpose":
+            perm = list(attribute(node, "perm", []))
+            if not perm:
+                raise NoMatch(f"{node.name} has no perm")
+            position = perm.index(len(perm) + position) - len(perm)
+        elif node.op_type in ("Squeeze", "Unsqueeze"):
+            out_rank = len(g.shapes.get(node.output[0]) or ())
+            in_rank = len(g.shapes.get(node.input[0]) or ())
+            if not out_rank or not in_rank:
+                raise NoMatch(f"rank unknown around {node.name}")
+            # only leading axes may come or go: the head-dim axis keeps its place from the end
+            if -position > min(out_rank, in_rank):
+                raise NoMatch(f"{node.name} squeezes an axis next to the head dim")
+        elif node.op_type == "Reshape":
+            entries = _entries(g, node.input[1], region)
+            if entries is None or len(entries) < -position:
+                raise NoMatch(f"cannot read the target shape of {node.name}")
+            entry = entries[position]
+            if not split:
+                if entry.value == merged or entry.follows:
+                    if entry.value == merged and not entry.follows:
+                        edits.append(ShapeEdit(node.name, kind + "_merged", position))
+                    continue
+                if position != -1 or len(entries) < 2:
+                    raise NoMatch(f"{node.name} reshapes the merged heads in an unknown way")
+                heads = entries[-2]
+                if entry.value not in (d, -1) or heads.value not in (block.heads, -1) and not heads.follows:
+                    raise NoMatch(f"{node.name} does not split into (…, {block.heads}, {d})")
+                split = True
+                if entry.value == d:
+                    edits.append(ShapeEdit(node.name, kind, -1))
+                continue
+            if entry.follows or entry.value == -1:
+                continue
+            if entry.value == d:
+                edits.append(ShapeEdit(node.name, kind, position))
+            elif entry.value == merged and position == -1:
+                split = False  # heads merged back (…, H·d)
+                edits.append(ShapeEdit(node.name, kind + "_merged", -1))
+            else:
+                raise NoMatch(f"cannot tell which entry of {node.name}'s target shape holds the head dim")
+        elif node.op_type not in ("Mul", "Div", "Identity", "Cast"):
+            raise NoMatch(f"{node.op_type} node {node.name} on a pruned path")
     return edits
-
-
-def _source_of_last_entry(g: ModelGraph, shape: str) -> tuple[str, int] | None:
-    node = g.producer_of(shape)
-    if node is None or node.op_type != "Concat":
-        return None
-    return _shape_source(g, node.input[-1])
 
 
 # --- FFN ----------------------------------------------------------------------------------------
@@ -629,5 +741,5 @@ def _ffn_before(g: ModelGraph, fc2: Linear, taken: set[str]) -> FfnBlock | None:
             if consumer not in activation_nodes:
                 raise NoMatch("the hidden activation has readers outside the FFN")
     ops = sorted({n.op_type for n in activation_nodes.values()})
-    name = _common_scope(fc1.node, fc2.node)
+    name = _common_scope(fc1.node, fc2.node) or _block_name(fc2.node, (fc1, fc2))
     return FfnBlock(name, fc1, fc2, "+".join(ops))

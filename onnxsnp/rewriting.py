@@ -78,24 +78,47 @@ class _Editor:
         constant = self.g.constant(shape.name)
         if constant is not None:
             return self.constant(shape.name, np.concatenate([constant[:-drop], tail_array]))
-        producer = shape.inputs[0] if shape.inputs else None
-        if producer is not None and producer.op == "Concat" and drop == 1:
-            last = self.g.shapes.get(producer.inputs[-1].name)
-            if last == (1,):
-                out = self.variable(shape.name, np.int64)
-                self.add_node("Concat", producer.inputs[:-1] + [self.constant(shape.name, tail_array)], [out],
-                              {"axis": 0})
-                return out
-        head = self.variable(shape.name, np.int64)
-        self.add_node("Slice", [shape, self.constant("starts", np.array([0])), self.constant("ends", np.array([-drop]))],
-                      [head])
         out = self.variable(shape.name, np.int64)
-        self.add_node("Concat", [head, self.constant(shape.name, tail_array)], [out], {"axis": 0})
+        self.add_node("Concat", [self.slice(shape, 0, -drop), self.constant(shape.name, tail_array)], [out], {"axis": 0})
         return out
 
-    def set_last_entry(self, reshape: str, value: int) -> None:
+    def set_entry(self, reshape: str, position: int, value: int) -> None:
+        """Set entry `position` (counted from the end) of a Reshape's target shape to `value`."""
         node = self.nodes[reshape]
-        node.inputs[1] = self.shape_with_tail(node.inputs[1], 1, [value])
+        shape = node.inputs[1]
+        constant = self.g.constant(shape.name)
+        if constant is not None:
+            changed = constant.copy()
+            changed[position] = value
+            node.inputs[1] = self.constant(shape.name, changed)
+            return
+        producer = shape.inputs[0] if shape.inputs else None
+        if producer is not None and producer.op == "Concat":
+            sizes = [self.g.shapes.get(piece.name) for piece in producer.inputs]
+            if all(s is not None and len(s) == 1 and s[0] is not None for s in sizes):
+                ends = np.cumsum([s[0] for s in sizes])
+                index = int(ends[-1]) + position
+                piece = int(np.searchsorted(ends, index, side="right"))
+                if sizes[piece] == (1,):  # replace just that piece: the rest of the Concat is kept as is
+                    out = self.variable(shape.name, np.int64)
+                    inputs = list(producer.inputs)
+                    inputs[piece] = self.constant(shape.name, np.array([value], dtype=np.int64))
+                    self.add_node("Concat", inputs, [out], {"axis": 0})
+                    node.inputs[1] = out
+                    return
+        # anything else: splice the entry in at run time
+        parts = [self.slice(shape, 0, position), self.constant(shape.name, np.array([value], dtype=np.int64))]
+        if position != -1:
+            parts.append(self.slice(shape, position + 1, np.iinfo(np.int64).max))
+        out = self.variable(shape.name, np.int64)
+        self.add_node("Concat", parts, [out], {"axis": 0})
+        node.inputs[1] = out
+
+    def slice(self, tensor: gs.Tensor, start: int, end: int) -> gs.Variable:
+        out = self.variable(tensor.name, np.int64)
+        self.add_node("Slice", [tensor, self.constant("starts", np.array([start])), self.constant("ends", np.array([end]))],
+                      [out])
+        return out
 
     def reroute(self, old: str, new: gs.Tensor) -> None:
         """Make every reader of tensor `old` read `new` instead."""
@@ -120,6 +143,7 @@ def rewrite(g: ModelGraph, plan: PrunePlan) -> onnx.ModelProto:
             editor.keep_inputs(ffn.block.fc2, ffn.hidden)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     model = gs.export_onnx(graph, do_type_check=False)
+    del model.graph.value_info[:]  # shapes recorded by the exporter are stale where widths changed
     _copy_metadata(g.model, model)
     return model
 
@@ -129,6 +153,9 @@ def _prune_attention(editor: _Editor, keep: AttentionKeep, scale_values: dict[st
     qk_columns = keep.qk_columns()
     v_columns = keep.v_columns()
     dq, dv = keep.qk.shape[1], keep.v.shape[1]
+    if block.attention_op is not None and dq != block.head_dim:
+        # the op's default scale is 1/sqrt(q's head size): pin the original value
+        editor.nodes[block.attention_op].attrs["scale"] = float(block.scale)
     for scale in block.frozen_scales:
         editor.nodes[scale.node].inputs[scale.input_index] = editor.constant(scale.tensor, scale_values[scale.tensor])
     if block.fused is None:
@@ -138,9 +165,9 @@ def _prune_attention(editor: _Editor, keep: AttentionKeep, scale_values: dict[st
     else:
         _prune_fused(editor, keep, qk_columns, v_columns, dq, dv)
     editor.keep_inputs(block.out, v_columns)
-    new_width = {"qk": dq, "v": dv, "v_merged": block.heads * dv}
+    new_width = {"qk": dq, "v": dv, "qk_merged": block.heads * dq, "v_merged": block.heads * dv}
     for edit in block.shape_edits:
-        editor.set_last_entry(edit.reshape, new_width[edit.width])
+        editor.set_entry(edit.reshape, edit.position, new_width[edit.width])
 
 
 def _prune_fused(editor: _Editor, keep: AttentionKeep, qk_columns: np.ndarray, v_columns: np.ndarray,

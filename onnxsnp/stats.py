@@ -1,4 +1,4 @@
-"""Size and compute of a model: parameters, and MACs of MatMul/Gemm/Conv."""
+"""Size and compute of a model: parameters, and MACs of MatMul/Gemm/Conv and ONNX Attention."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -39,9 +39,10 @@ def count_macs(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> int:
 
     Shapes are read from one onnxruntime run rather than from ONNX shape inference, which
     loses track of dynamic exports' Shape→Gather→Concat reshapes."""
-    nodes = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv")]
+    nodes = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv", "Attention")]
     initializers = {t.name: tuple(t.dims) for t in model.graph.initializer}
-    wanted = list(dict.fromkeys(t for n in nodes for t in (n.input[0], n.input[1], n.output[0])
+    wanted = list(dict.fromkeys(t for n in nodes for t in (n.input[:3] if n.op_type == "Attention" else
+                                                            (n.input[0], n.input[1], n.output[0]))
                                 if t not in initializers))
     samples = next(iter(feed.values())).shape[0]
     shapes = dict(initializers)
@@ -49,6 +50,10 @@ def count_macs(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> int:
         shapes.update({name: value.shape for name, value in values.items()})
     total = 0
     for node in nodes:
+        if node.op_type == "Attention":  # Q·Kᵀ and attn·V inside one op
+            q, k, v = (shapes[t] for t in node.input[:3])
+            total += int(np.prod(q[:-1], dtype=np.int64)) * k[-2] * (q[-1] + v[-1])
+            continue
         out, a, b = shapes[node.output[0]], shapes[node.input[0]], shapes[node.input[1]]
         if node.op_type == "MatMul":
             total += int(np.prod(out, dtype=np.int64)) * (a[-1] if a else 1)

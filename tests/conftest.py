@@ -14,21 +14,47 @@ torch = pytest.importorskip("torch")
 
 VIT_FORMS = [("manual", False), ("manual", True), ("sdpa", False), ("sdpa", True)]
 BERT_FORMS = [("eager", False), ("eager", True), ("sdpa", False), ("sdpa", True)]
+# (family, attention, dynamic shapes, exporter) for every graph form the tests cover
+FORMS = ([("vit", a, d, "legacy") for a, d in VIT_FORMS] + [("bert", a, d, "legacy") for a, d in BERT_FORMS]
+         + [("vit", a, d, "dynamo") for a, d in VIT_FORMS] + [("bert", a, True, "dynamo") for a in ("eager", "sdpa")]
+         + [("vit", "sdpa", True, "dynamo23"), ("bert", "sdpa", True, "dynamo23"), ("bert", "sdpa", False, "dynamo23")])
+FORM_IDS = [f"{f}-{a}-{'dynamic' if d else 'static'}-{e}" for f, a, d, e in FORMS]
 
 
-def export_vit(path: Path, attention: str, dynamic: bool, depth: int = 2, seed: int = 0) -> Path:
-    from torch_models import VisionTransformer, export_legacy
+def export(model, args: tuple, path: Path, inputs: list[str], outputs: list[str], axes: dict | None,
+           exporter: str) -> None:
+    """Legacy exporter (opset 17), or the dynamo exporter (its default opset; "dynamo23": opset 23,
+    where scaled_dot_product_attention becomes the ONNX Attention op). Dynamo writes .onnx.data."""
+    from torch_models import export_legacy
+
+    if exporter == "legacy":
+        export_legacy(model, args, str(path), inputs, outputs, axes)
+        return
+    model.eval()
+    shapes = None
+    if axes:
+        dims = {name: torch.export.Dim(name, max=64) if name == "seq" else torch.export.Dim(name)
+                for name in {n for spec in axes.values() for n in spec.values()}}
+        shapes = tuple({axis: dims[name] for axis, name in axes[i].items()} for i in inputs)
+    with torch.no_grad():
+        torch.onnx.export(model, args, str(path), dynamo=True, input_names=inputs, output_names=outputs,
+                          dynamic_shapes=shapes, opset_version=23 if exporter == "dynamo23" else None)
+
+
+def export_vit(path: Path, attention: str, dynamic: bool, exporter: str = "legacy", depth: int = 2,
+               seed: int = 0) -> Path:
+    from torch_models import VisionTransformer
 
     torch.manual_seed(seed)
     model = VisionTransformer(img_size=32, patch_size=8, in_chans=3, num_classes=10, embed_dim=32, depth=depth,
                               num_heads=4, fused_attn=attention == "sdpa")
     axes = {"pixel_values": {0: "batch"}, "logits": {0: "batch"}} if dynamic else None
-    export_legacy(model, (torch.randn(2, 3, 32, 32),), str(path), ["pixel_values"], ["logits"], axes)
+    export(model, (torch.randn(2, 3, 32, 32),), path, ["pixel_values"], ["logits"], axes, exporter)
     return path
 
 
-def export_bert(path: Path, attention: str, dynamic: bool, seed: int = 0) -> Path:
-    from torch_models import HFEncoder, export_legacy, tiny_bert
+def export_bert(path: Path, attention: str, dynamic: bool, exporter: str = "legacy", seed: int = 0) -> Path:
+    from torch_models import HFEncoder, tiny_bert
 
     model = HFEncoder(tiny_bert(attention, layers=2, seed=seed), ("last_hidden_state", "pooler_output"))
     # trained BERTs have non-zero biases; give the random one some so that slicing them is tested
@@ -42,8 +68,8 @@ def export_bert(path: Path, attention: str, dynamic: bool, seed: int = 0) -> Pat
     if dynamic:
         axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
                 "last_hidden_state": {0: "batch", 1: "seq"}, "pooler_output": {0: "batch"}}
-    export_legacy(model, (ids, mask), str(path), ["input_ids", "attention_mask"],
-                  ["last_hidden_state", "pooler_output"], axes)
+    export(model, (ids, mask), path, ["input_ids", "attention_mask"], ["last_hidden_state", "pooler_output"], axes,
+           exporter)
     return path
 
 
@@ -53,11 +79,11 @@ def exported(tmp_path_factory):
     folder = tmp_path_factory.mktemp("models")
     cache: dict[tuple, Path] = {}
 
-    def get(family: str, attention: str, dynamic: bool) -> Path:
-        key = (family, attention, dynamic)
+    def get(family: str, attention: str, dynamic: bool, exporter: str = "legacy") -> Path:
+        key = (family, attention, dynamic, exporter)
         if key not in cache:
-            path = folder / f"{family}_{attention}_{'dyn' if dynamic else 'static'}.onnx"
-            cache[key] = (export_vit if family == "vit" else export_bert)(path, attention, dynamic)
+            path = folder / f"{family}_{attention}_{'dyn' if dynamic else 'static'}_{exporter}.onnx"
+            cache[key] = (export_vit if family == "vit" else export_bert)(path, attention, dynamic, exporter)
         return cache[key]
 
     return get
@@ -83,6 +109,6 @@ def feed_for(path: Path, batch: int, seq: int = 8, seed: int = 1) -> dict[str, n
 def run(model, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
     import onnxruntime as ort
 
-    data = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)
+    data = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)  # a path keeps .data
     sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     return sess.run(None, feed)

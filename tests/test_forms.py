@@ -4,16 +4,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import BERT_FORMS, VIT_FORMS, feed_for, run
+from conftest import FORM_IDS, FORMS, feed_for, run
 from onnxsnp import prune
 
-FORMS = [("vit", a, d) for a, d in VIT_FORMS] + [("bert", a, d) for a, d in BERT_FORMS]
-IDS = [f"{f}-{a}-{'dynamic' if d else 'static'}" for f, a, d in FORMS]
 
-
-@pytest.mark.parametrize("family,attention,dynamic", FORMS, ids=IDS)
-def test_ratio_zero_is_identical(exported, family, attention, dynamic):
-    path = exported(family, attention, dynamic)
+@pytest.mark.parametrize("family,attention,dynamic,exporter", FORMS, ids=FORM_IDS)
+def test_ratio_zero_is_identical(exported, family, attention, dynamic, exporter):
+    path = exported(family, attention, dynamic, exporter)
     pruned, report = prune(str(path), ratio=0.0, calib_samples=8)
     feed = feed_for(path, batch=2)
     for want, got in zip(run(path, feed), run(pruned, feed)):
@@ -22,9 +19,9 @@ def test_ratio_zero_is_identical(exported, family, attention, dynamic):
     assert report.fidelity.max_abs_diff <= 1e-5
 
 
-@pytest.mark.parametrize("family,attention,dynamic", FORMS, ids=IDS)
-def test_half_ratio_halves_widths(exported, family, attention, dynamic):
-    path = exported(family, attention, dynamic)
+@pytest.mark.parametrize("family,attention,dynamic,exporter", FORMS, ids=FORM_IDS)
+def test_half_ratio_halves_widths(exported, family, attention, dynamic, exporter):
+    path = exported(family, attention, dynamic, exporter)
     pruned, report = prune(str(path), ratio=0.5, calib_samples=16)
     attention_rows = [b for b in report.blocks if b.kind == "attention"]
     ffn_rows = [b for b in report.blocks if b.kind == "ffn"]

@@ -6,7 +6,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from conftest import BERT_FORMS, VIT_FORMS, feed_for, run
+from conftest import FORM_IDS, FORMS, feed_for, run
 from onnxsnp.graph import ModelGraph
 from onnxsnp.importance import Ratios
 from onnxsnp.matching import find_blocks
@@ -66,12 +66,9 @@ def unshare(path, tmp_path):
     return out
 
 
-FORMS = [("vit", a, d) for a, d in VIT_FORMS] + [("bert", a, d) for a, d in BERT_FORMS]
-
-
-@pytest.mark.parametrize("family,attention,dynamic", FORMS)
-def test_pruned_model_equals_zeroed_original(exported, tmp_path, family, attention, dynamic):
-    path = unshare(exported(family, attention, dynamic), tmp_path)
+@pytest.mark.parametrize("family,attention,dynamic,exporter", FORMS, ids=FORM_IDS)
+def test_pruned_model_equals_zeroed_original(exported, tmp_path, family, attention, dynamic, exporter):
+    path = unshare(exported(family, attention, dynamic, exporter), tmp_path)
     g, plan = plan_for(path, Ratios(0.5, 0.25, 0.5))
     pruned = rewrite(g, plan)
     feed = feed_for(path, batch=2)
