@@ -16,6 +16,7 @@ import onnx
 from .errors import SnpError
 from .importance import CRITERIA
 from .matching import Matches
+from .loading import load_model
 from .pipeline import inspect_model, prune_model, resolve_ratios
 
 EXAMPLES = """examples:
@@ -99,14 +100,16 @@ def _interrupt(signum, frame) -> None:
 
 def _run_prune(args: argparse.Namespace) -> int:
     source, target = Path(args.input), Path(args.output)
-    _check_paths(source, target, Path(args.report) if args.report else None)
     ratios = resolve_ratios(args.ratio, args.qk_ratio, args.v_ratio, args.ffn_ratio)
+    _check_outputs(target, Path(args.report) if args.report else None)
+    loaded = load_model(source)
+    _check_not_inputs(loaded.files, target, Path(args.report) if args.report else None)
     with warnings.catch_warnings():
         if args.quiet:
             warnings.simplefilter("ignore")
         else:
             warnings.showwarning = _show_warning
-        result = prune_model(source, ratios, criterion=args.criterion, calib=args.calib,
+        result = prune_model(loaded, ratios, criterion=args.criterion, calib=args.calib,
                              calib_samples=args.calib_samples, seed=args.seed, progress=not args.quiet)
     write_model_atomically(result.model, target, result.external_data)
     if args.report:
@@ -121,22 +124,34 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"onnxsnp: warning: {message}", file=sys.stderr)
 
 
-def _check_paths(source: Path, target: Path, report: Path | None) -> None:
+def _check_outputs(target: Path, report: Path | None) -> None:
     """Fail before any work on outputs that cannot be written."""
-    if not source.exists():
-        raise SnpError(f"input file not found: {source}")
     for path, what in ((target, "output"), (report, "report")):
         if path is None:
             continue
-        if path.exists() and path.is_dir():
+        if path.is_dir():
             raise SnpError(f"{what} path is a directory: {path}")
         folder = path.parent if str(path.parent) else Path(".")
         if not folder.is_dir():
             raise SnpError(f"{what} folder does not exist: {folder}")
         if not os.access(folder, os.W_OK):
             raise SnpError(f"{what} folder is not writable: {folder}")
-        if path.exists() and os.path.samefile(path, source) or path.resolve() == source.resolve():
-            raise SnpError(f"{what} path is the input file; choose another so the input is kept")
+
+
+def _check_not_inputs(inputs: frozenset[Path], target: Path, report: Path | None) -> None:
+    """The model and its external data are never overwritten, and outputs do not collide."""
+    written = {target.resolve(): "output", _data_file(target).resolve(): "output's external data"}
+    if report is not None:
+        if report.resolve() in written:
+            raise SnpError(f"--report {report} would overwrite the {written[report.resolve()]}")
+        written[report.resolve()] = "report"
+    for path, what in written.items():
+        if path in inputs:
+            raise SnpError(f"the {what} path {path} is part of the input model; choose another so the input is kept")
+
+
+def _data_file(target: Path) -> Path:
+    return target.with_name(f"{target.name}.data")
 
 
 def write_model_atomically(model: onnx.ModelProto, target: Path, external_data: bool) -> None:
@@ -150,8 +165,8 @@ def write_model_atomically(model: onnx.ModelProto, target: Path, external_data: 
         staged = staging / target.name
         if big:
             onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=f"{target.name}.data", size_threshold=1024)
-            os.replace(staging / f"{target.name}.data", folder / f"{target.name}.data")
+                            location=_data_file(target).name, size_threshold=1024)
+            os.replace(staging / _data_file(target).name, _data_file(target))
         else:
             onnx.save_model(model, str(staged))
         os.replace(staged, target)

@@ -110,16 +110,6 @@ class ModelGraph:
     def is_constant(self, tensor: str) -> bool:
         return self.constant(tensor) is not None
 
-    def uses_of_initializer(self, initializer: str) -> int:
-        """How many node inputs read `initializer`, counting reads through Identity nodes."""
-        count = 0
-        for consumer in self.consumers_of(initializer):
-            if consumer.op_type in _PASS_THROUGH:
-                count += sum(self.uses_of_initializer(o) for o in consumer.output)
-            else:
-                count += 1
-        return count
-
     # --- shapes --------------------------------------------------------------------------
     @cached_property
     def shapes(self) -> dict[str, tuple[int | None, ...]]:

@@ -146,24 +146,25 @@ class Scorer:
             wanted += [f.fc2.input for f in self.matches.ffn]
         return list(dict.fromkeys(wanted))
 
-    def update(self, acts: dict[str, np.ndarray], token_mask: np.ndarray | None) -> None:
+    def update(self, acts: dict[str, np.ndarray], samples: int, token_mask: np.ndarray | None = None) -> None:
         for block in self.matches.attention:
             for scale in block.frozen_scales:
                 self.scale_values.setdefault(scale.tensor, acts[scale.tensor])
             if self.criterion in ("snp", "snp-paper"):
-                self._update_qk(block, acts[block.q.output], acts[block.k.output], token_mask)
+                self._update_qk(block, _as_tokens(acts[block.q.output], samples),
+                                _as_tokens(acts[block.k.output], samples), token_mask)
             if self.criterion == "snp":
-                self._update_sq(block.v_input, acts[block.v_input], token_mask)
+                self._update_sq(block.v_input, _as_tokens(acts[block.v_input], samples), token_mask)
         if self.criterion == "snp":
             for ffn in self.matches.ffn:
-                self._update_sq(ffn.fc2.input, acts[ffn.fc2.input], token_mask)
+                self._update_sq(ffn.fc2.input, _as_tokens(acts[ffn.fc2.input], samples), token_mask)
 
     def _update_qk(self, block: AttentionBlock, q_act: np.ndarray, k_act: np.ndarray,
                    token_mask: np.ndarray | None) -> None:
         heads, d = block.heads, block.head_dim
         q_off, k_off, _ = block.column_offsets
-        q_all = _as_tokens(q_act)[..., q_off:q_off + heads * d]
-        k_all = _as_tokens(k_act)[..., k_off:k_off + heads * d]
+        q_all = q_act[..., q_off:q_off + heads * d]
+        k_all = k_act[..., k_off:k_off + heads * d]
         samples = [slice(None)] if token_mask is None or token_mask.shape[:2] != q_all.shape[:2] else None
         if samples is not None:
             stacks = [(q_all, k_all)]
@@ -181,7 +182,7 @@ class Scorer:
             self.qk_count[block.name] += n_samples
 
     def _update_sq(self, tensor: str, act: np.ndarray, token_mask: np.ndarray | None) -> None:
-        tokens = _as_tokens(act).astype(np.float64)
+        tokens = act.astype(np.float64)
         if token_mask is not None and token_mask.shape[:2] == tokens.shape[:2]:
             tokens = tokens[token_mask > 0]
         squares = (tokens.reshape(-1, tokens.shape[-1]) ** 2).sum(axis=0)
@@ -232,12 +233,13 @@ class Scorer:
         return np.sqrt(self.sq_sum[block.fc2.input]) * outgoing
 
 
-def _as_tokens(act: np.ndarray) -> np.ndarray:
-    """View an activation as (samples, tokens, features)."""
-    if act.ndim == 3:
-        return act
-    if act.ndim == 2:
-        return act[None]
+def _as_tokens(act: np.ndarray, samples: int) -> np.ndarray:
+    """View an activation as (samples, tokens, features); exports that flatten tokens to
+    (samples·tokens, features) are split back per sample."""
+    if act.ndim == 2 and act.shape[0] % samples == 0:
+        return act.reshape(samples, -1, act.shape[-1])
+    if act.ndim < 2:
+        raise ValueError(f"activation of shape {act.shape} has no feature axis")
     return act.reshape(act.shape[0], -1, act.shape[-1])
 
 

@@ -16,6 +16,10 @@ class LoadedModel:
     model: onnx.ModelProto
     path: Path
     external_data: bool  # the file kept its weights in separate data files
+    files: frozenset[Path]  # the model file and its external data files, resolved
+
+# protobuf cannot serialise a message of 2 GiB or more, and onnxruntime is fed serialised models
+PROTOBUF_LIMIT = 2**31 - 1
 
 
 def load_model(path: str | os.PathLike) -> LoadedModel:
@@ -37,9 +41,18 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         raise SnpError(f"{path} is not an ONNX model (no graph nodes); is it truncated?")
     if not model.opset_import:
         raise SnpError(f"{path} declares no opset; it is not a valid ONNX model")
-    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    locations = {entry.value for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+                 for entry in t.external_data if entry.key == "location"}
+    files = frozenset({path.resolve()} | {(path.parent / location).resolve() for location in locations})
     try:
         onnx.load_external_data_for_model(model, str(path.parent))
     except (OSError, ValueError) as exc:
-        raise SnpError(f"external data of {path} could not be read: {exc}") from None
-    return LoadedModel(model, path, external)
+        raise SnpError(f"external data of {path} could not be read: {_line(exc)}") from None
+    if sum(len(t.raw_data) for t in model.graph.initializer) >= PROTOBUF_LIMIT:
+        raise SnpError(f"{path}: models with 2 GB of weights or more are not supported yet")
+    return LoadedModel(model, path, bool(locations), files)
+
+
+def _line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import networkx as nx
 import onnx
 
 from .graph import ModelGraph, attribute
@@ -68,7 +69,6 @@ class FusedQkv:
     """One [D, 3D] projection reshaped to (…, 3, H, d), permuted and split into q, k, v."""
 
     reshape: str  # the (…, 3, H, d) Reshape
-    transpose: str
     parts: tuple[str, str, str]  # the tensors holding q, k, v per head, shape (B, H, N, d)
     perm: tuple[int, ...]  # the 5-D permutation
 
@@ -95,10 +95,6 @@ class AttentionBlock:
     def v_input(self) -> str:
         """The out projection's input: attn·V with heads merged, column h·d + j = V neuron j of head h."""
         return self.out.input
-
-    @property
-    def nodes(self) -> set[str]:
-        return {self.q.node, self.k.node, self.v.node, self.out.node, self.anchor}
 
 
 @dataclass
@@ -250,19 +246,23 @@ class _Core:
     v: str
     output: str  # attn·V, heads split (…, N, d) or, for a 3-D Attention op, merged
     frozen: list[FrozenScale]
+    nodes: set[str] = field(default_factory=set)  # the core's own nodes (scores, softmax, attn·V)
     heads: int | None = None  # given by a 3-D Attention op
     scale: float | None = None
 
 
 def _softmax_core(g: ModelGraph, softmax: onnx.NodeProto) -> _Core:
-    if attribute(softmax, "axis", -1) not in (-1, 3):
+    default_axis = -1 if g.opset() >= 13 else 1  # before opset 13 Softmax flattened from axis 1
+    if attribute(softmax, "axis", default_axis) not in (-1, 3):
         raise NoMatch("softmax is not over the last axis")
     frozen: list[FrozenScale] = []
     qk = _score_matmul(g, softmax.input[0], frozen, depth=0)
     if qk is None:
         raise NoMatch("no Q·Kᵀ MatMul before the softmax")
     av = _probs_consumer(g, softmax.output[0])
-    return _Core(softmax, qk.input[0], qk.input[1], av.input[1], av.output[0], frozen)
+    # everything between Q·Kᵀ and attn·V: scale, mask, softmax, the NaN guard
+    between = (nx.descendants(g.dag, qk.name) & nx.ancestors(g.dag, av.name)) | {qk.name, av.name}
+    return _Core(softmax, qk.input[0], qk.input[1], av.input[1], av.output[0], frozen, between)
 
 
 def _attention_op_core(g: ModelGraph, node: onnx.NodeProto) -> _Core:
@@ -277,7 +277,7 @@ def _attention_op_core(g: ModelGraph, node: onnx.NodeProto) -> _Core:
     if heads is not None and attribute(node, "kv_num_heads", heads) != heads:
         raise NoMatch("grouped-query Attention (kv_num_heads != q_num_heads)")
     scale = attribute(node, "scale", None)
-    return _Core(node, node.input[0], node.input[1], node.input[2], node.output[0], [], heads,
+    return _Core(node, node.input[0], node.input[1], node.input[2], node.output[0], [], {node.name}, heads,
                  None if scale is None else float(scale))
 
 
@@ -304,6 +304,9 @@ def _assemble(g: ModelGraph, core: _Core) -> AttentionBlock:
         block.attention_op = core.anchor.name
         block.scale = core.scale if core.scale is not None else block.head_dim ** -0.5
     region = _region_tensors(q_trace, k_trace, v_trace, merge_path, core)
+    _check_private(g, region, core, (q_trace, k_trace, v_trace), merge_path, out)
+    for scale in frozen:
+        _check_frozen_scale(g, scale, region, block.head_dim)
     block.frozen_scales = frozen
     heads_split = core.heads is None  # a 3-D Attention op takes and gives merged heads
     for trace, kind in ((q_trace, "qk"), (k_trace, "qk"), (v_trace, "v")):
@@ -311,6 +314,42 @@ def _assemble(g: ModelGraph, core: _Core) -> AttentionBlock:
         block.shape_edits += _path_shape_edits(g, forward, kind, block, region, split=block.fused is not None)
     block.shape_edits += _path_shape_edits(g, merge_path, "v", block, region, split=heads_split)
     return block
+
+
+def _check_private(g: ModelGraph, region: set[str], core: _Core, traces: tuple[_Trace, ...],
+                   merge: list[onnx.NodeProto], out: Linear) -> None:
+    """Pruning changes every tensor of the region: nothing outside the block may read one."""
+    inside = set(core.nodes) | {n.name for t in traces for n in t.nodes} | {n.name for n in merge} | {out.node}
+    outputs = set(g.graph_outputs)
+    for tensor in region:
+        if tensor in outputs:
+            raise NoMatch(f"{tensor} is a graph output; pruning would change it")
+        for reader in g.consumers_of(tensor):
+            # Shape readers feed reshapes and scales, which are checked on their own
+            if reader.name not in inside and reader.op_type != "Shape":
+                raise NoMatch(f"{reader.op_type} node {reader.name} outside the attention reads {tensor}")
+
+
+def _check_frozen_scale(g: ModelGraph, scale: FrozenScale, region: set[str], head_dim: int) -> None:
+    """A run-time scale may be frozen only if it depends on nothing but q/k's head width
+    (torch's SDPA export: Shape(q)[-1] → Cast → Sqrt → Div → Sqrt)."""
+    frontier, seen = [scale.tensor], set()
+    while frontier:
+        tensor = frontier.pop()
+        if tensor in seen or g.is_constant(tensor):
+            continue
+        seen.add(tensor)
+        source = _shape_source(g, tensor)
+        if source is not None:
+            shaped, axes = source
+            rank = len(g.shapes.get(shaped) or ())
+            if shaped not in region or axes != [rank - 1] or g.dim(shaped, -1) not in (head_dim, None):
+                raise NoMatch(f"the scale at {scale.node} depends on run-time values other than the head width")
+            continue
+        node = g.producer_of(tensor)
+        if node is None or node.op_type not in ("Cast", "Sqrt", "Div", "Mul", "Pow", "Reciprocal", "Identity"):
+            raise NoMatch(f"the scale at {scale.node} depends on run-time values other than the head width")
+        frontier += [t for t in node.input if t]
 
 
 def _after_part(trace: _Trace) -> list[onnx.NodeProto]:
@@ -535,7 +574,7 @@ def _fused_block(g: ModelGraph, name: str, anchor: onnx.NodeProto, q: _Trace, k:
             raise NoMatch(f"unexpected op after the fused q/k/v split: {[n.op_type for n in between]}")
     parts = {q.part: q.part_tensor, k.part: k.part_tensor, v.part: v.part_tensor}
     width = heads * dim
-    fused = FusedQkv(reshape.name, transpose.name, (parts[q.part], parts[k.part], parts[v.part]), perm)
+    fused = FusedQkv(reshape.name, (parts[q.part], parts[k.part], parts[v.part]), perm)
     return AttentionBlock(name, "fused-qkv", heads, dim, q.linear, k.linear, v.linear, out, anchor.name,
                           (q.part * width, k.part * width, v.part * width), fused)
 
@@ -619,6 +658,19 @@ def _shape_source(g: ModelGraph, tensor: str) -> tuple[str, list[int]] | None:
     return None
 
 
+def _check_trailing(g: ModelGraph, reshape: onnx.NodeProto, entries: list[_Entry], position: int) -> None:
+    """The dims after the tracked axis must pass through a Reshape unchanged, else the axis moved."""
+    if position == -1:
+        return
+    before = (g.shapes.get(reshape.input[0]) or ())[len(g.shapes.get(reshape.input[0]) or ()) + position + 1:]
+    after = entries[position + 1:]
+    if len(before) != len(after):
+        raise NoMatch(f"{reshape.name} changes the dims after the head dim")
+    for dim, entry in zip(before, after):
+        if not entry.follows and (dim is None or entry.value != dim):
+            raise NoMatch(f"{reshape.name} may move the head dim")
+
+
 def _path_shape_edits(g: ModelGraph, forward: list[onnx.NodeProto], kind: str, block: AttentionBlock,
                       region: set[str], split: bool) -> list[ShapeEdit]:
     """Follow the head-dim axis along a pruned path and list the Reshape entries that hold it.
@@ -648,6 +700,7 @@ def _path_shape_edits(g: ModelGraph, forward: list[onnx.NodeProto], kind: str, b
             if entries is None or len(entries) < -position:
                 raise NoMatch(f"cannot read the target shape of {node.name}")
             entry = entries[position]
+            _check_trailing(g, node, entries, position)
             if not split:
                 if entry.value == merged or entry.follows:
                     if entry.value == merged and not entry.follows:
@@ -667,7 +720,10 @@ def _path_shape_edits(g: ModelGraph, forward: list[onnx.NodeProto], kind: str, b
             if entry.value == d:
                 edits.append(ShapeEdit(node.name, kind, position))
             elif entry.value == merged and position == -1:
-                split = False  # heads merged back (…, H·d)
+                shape = g.shapes.get(node.input[0]) or ()
+                if len(shape) < 2 or shape[-2] not in (block.heads, None):
+                    raise NoMatch(f"{node.name} merges something other than (…, {block.heads}, {d})")
+                split = False  # heads merged back (…, H·d) in h·d + j order
                 edits.append(ShapeEdit(node.name, kind + "_merged", -1))
             else:
                 raise NoMatch(f"cannot tell which entry of {node.name}'s target shape holds the head dim")
@@ -691,7 +747,15 @@ def _match_ffns(g: ModelGraph, taken: set[str]) -> tuple[list[FfnBlock], list[Sk
             continue
         if found is not None:
             blocks.append(found)
-    return blocks, skipped
+    # chained MLPs (A→act→B→act→C) match twice around B: prune neither rather than both
+    uses: dict[str, int] = {}
+    for block in blocks:
+        for node in (block.fc1.node, block.fc2.node):
+            uses[node] = uses.get(node, 0) + 1
+    kept = [b for b in blocks if uses[b.fc1.node] == 1 and uses[b.fc2.node] == 1]
+    skipped += [Skipped(b.fc2.node, "ffn", "shares a layer with another FFN (a chained MLP)")
+                for b in blocks if b not in kept]
+    return kept, skipped
 
 
 def _looks_like_ffn(g: ModelGraph, fc2: Linear) -> bool:

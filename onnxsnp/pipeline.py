@@ -13,7 +13,7 @@ from . import calibration as calib_stage
 from .errors import SnpError
 from .graph import ModelGraph
 from .importance import CRITERIA, PrunePlan, Ratios, Scorer
-from .loading import load_model
+from .loading import LoadedModel, load_model
 from .matching import Matches, find_blocks
 from .report import Report, block_reports, stats_fields
 from .rewriting import rewrite
@@ -53,7 +53,8 @@ def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float = 0.5
     return result.model, result.report
 
 
-def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike, ratios: Ratios, *, criterion: str = "snp",
+def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel, ratios: Ratios, *,
+                criterion: str = "snp",
                 calib: str | os.PathLike | dict[str, np.ndarray] | None = None, calib_samples: int = 64,
                 seed: int = 0, batch_size: int | None = None, progress: bool = False) -> PruneResult:
     started = time.perf_counter()
@@ -65,6 +66,8 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike, ratios: Rati
         model = onnx.ModelProto()
         model.CopyFrom(model_or_path)
         external = False
+    elif isinstance(model_or_path, LoadedModel):  # loaded by the caller; ours to annotate
+        model, external = model_or_path.model, model_or_path.external_data
     else:
         loaded = load_model(model_or_path)
         model, external = loaded.model, loaded.external_data
@@ -105,7 +108,7 @@ def make_plan(g: ModelGraph, matches: Matches, ratios: Ratios, criterion: str, f
     mask_name = calib_stage.token_mask_input(calib_stage.input_specs(g))
     if wanted:
         for inputs, acts in calib_stage.capture(g.model, wanted, feed, batch, progress):
-            scorer.update(acts, inputs.get(mask_name) if mask_name else None)
+            scorer.update(acts, _count(inputs), inputs.get(mask_name) if mask_name else None)
     return scorer.plan(ratios, seed)
 
 

@@ -156,7 +156,7 @@ def _prune_attention(editor: _Editor, keep: AttentionKeep, scale_values: dict[st
     if block.attention_op is not None and dq != block.head_dim:
         # the op's default scale is 1/sqrt(q's head size): pin the original value
         editor.nodes[block.attention_op].attrs["scale"] = float(block.scale)
-    for scale in block.frozen_scales:
+    for scale in block.frozen_scales if dq != block.head_dim else ():  # only Q/K width moves these
         editor.nodes[scale.node].inputs[scale.input_index] = editor.constant(scale.tensor, scale_values[scale.tensor])
     if block.fused is None:
         editor.keep_outputs(block.q, qk_columns)
