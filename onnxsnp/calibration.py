@@ -125,10 +125,13 @@ def _vocabulary_size(g: ModelGraph, name: str) -> int | None:
         next_frontier = []
         for tensor in frontier:
             for node in g.consumers_of(tensor):
+                table = None
                 if node.op_type == "Gather" and node.input[1] == tensor:
                     table = g.constant(node.input[0])
-                    if table is not None and table.ndim == 2:
-                        return int(table.shape[0])
+                elif node.op_type == "EmbedLayerNormalization" and node.input[0] == tensor:
+                    table = g.constant(node.input[2])  # com.microsoft: (ids, segment ids, word table, …)
+                if table is not None and table.ndim == 2:
+                    return int(table.shape[0])
                 next_frontier += list(node.output)
         frontier = next_frontier
     return None

@@ -139,7 +139,8 @@ class Scorer:
         for block in self.matches.attention:
             wanted += [s.tensor for s in block.frozen_scales]
             if self.criterion in ("snp", "snp-paper"):
-                wanted += [block.q.output, block.k.output]
+                # a projection inside a fused op has no output tensor: capture its input instead
+                wanted += [block.q.output or block.q.input, block.k.output or block.k.input]
             if self.criterion == "snp":
                 wanted.append(block.v_input)
         if self.criterion == "snp":
@@ -151,20 +152,30 @@ class Scorer:
             for scale in block.frozen_scales:
                 self.scale_values.setdefault(scale.tensor, acts[scale.tensor])
             if self.criterion in ("snp", "snp-paper"):
-                self._update_qk(block, _as_tokens(acts[block.q.output], samples),
-                                _as_tokens(acts[block.k.output], samples), token_mask)
+                width = block.heads * block.head_dim
+                q_off, k_off, _ = block.column_offsets
+                self._update_qk(block, self._projection(block.q, acts, samples, q_off, width),
+                                self._projection(block.k, acts, samples, k_off, width), token_mask)
             if self.criterion == "snp":
                 self._update_sq(block.v_input, _as_tokens(acts[block.v_input], samples), token_mask)
         if self.criterion == "snp":
             for ffn in self.matches.ffn:
                 self._update_sq(ffn.fc2.input, _as_tokens(acts[ffn.fc2.input], samples), token_mask)
 
-    def _update_qk(self, block: AttentionBlock, q_act: np.ndarray, k_act: np.ndarray,
+    def _projection(self, linear: Linear, acts: dict[str, np.ndarray], samples: int, offset: int,
+                    width: int) -> np.ndarray:
+        """Columns offset…offset+width of a projection's output, (samples, tokens, width)."""
+        if linear.output is not None:
+            return _as_tokens(acts[linear.output], samples)[..., offset:offset + width]
+        x = _as_tokens(acts[linear.input], samples).astype(np.float64)
+        result = x @ output_weights(self.g, linear, offset, width)
+        if linear.bias is not None:
+            result += self.g.constant(linear.bias).reshape(-1)[offset:offset + width]
+        return result
+
+    def _update_qk(self, block: AttentionBlock, q_all: np.ndarray, k_all: np.ndarray,
                    token_mask: np.ndarray | None) -> None:
         heads, d = block.heads, block.head_dim
-        q_off, k_off, _ = block.column_offsets
-        q_all = q_act[..., q_off:q_off + heads * d]
-        k_all = k_act[..., k_off:k_off + heads * d]
         samples = [slice(None)] if token_mask is None or token_mask.shape[:2] != q_all.shape[:2] else None
         if samples is not None:
             stacks = [(q_all, k_all)]

@@ -25,6 +25,12 @@ _ACTIVATION_OPS = {"Div", "Mul", "Add", "Sub", "Erf", "Gelu", "Relu", "Sigmoid",
                    "Cast", "FastGelu", "BiasGelu", "HardSigmoid", "Softplus", "Identity"}
 
 
+# onnxruntime contrib attention ops onnxsnp does not rewrite yet: listed as skipped, with the reason
+_UNSUPPORTED_CONTRIB = ("MultiHeadAttention", "PackedAttention", "PackedMultiHeadAttention", "GroupQueryAttention",
+                        "DecoderMaskedMultiHeadAttention", "DecoderMaskedSelfAttention", "LongformerAttention",
+                        "SparseAttention")
+
+
 class NoMatch(Exception):
     """A candidate that does not fit; the message says why (shown by `inspect`)."""
 
@@ -41,7 +47,7 @@ class Linear:
     bias: str | None
     bias_index: int
     input: str
-    output: str  # after the bias
+    output: str | None  # after the bias; None where the projection happens inside a fused op
     in_features: int
     out_features: int
 
@@ -76,7 +82,7 @@ class FusedQkv:
 @dataclass
 class AttentionBlock:
     name: str
-    form: str  # "separate" (q/k/v Linear each) or "fused-qkv"
+    form: str  # "separate" (q/k/v Linear each), "fused-qkv", or "ort-attention" (com.microsoft.Attention)
     heads: int
     head_dim: int
     q: Linear
@@ -127,12 +133,13 @@ class Matches:
 def find_blocks(g: ModelGraph) -> Matches:
     attention: list[AttentionBlock] = []
     skipped: list[Skipped] = []
-    for anchor in g.nodes_of_type("Softmax", "Attention"):
-        if anchor.op_type == "Attention" and anchor.domain not in ("", "ai.onnx"):
-            continue
+    for anchor in g.nodes_of_type("Softmax", "Attention", *_UNSUPPORTED_CONTRIB):
         try:
-            core = _softmax_core(g, anchor) if anchor.op_type == "Softmax" else _attention_op_core(g, anchor)
-            attention.append(_assemble(g, core))
+            if anchor.domain == "com.microsoft":
+                attention.append(_ort_attention_block(g, anchor))
+            else:
+                core = _softmax_core(g, anchor) if anchor.op_type == "Softmax" else _attention_op_core(g, anchor)
+                attention.append(_assemble(g, core))
         except NoMatch as why:
             skipped.append(Skipped(anchor.name, "attention", str(why)))
     _drop_overlapping(attention, skipped)
@@ -279,6 +286,42 @@ def _attention_op_core(g: ModelGraph, node: onnx.NodeProto) -> _Core:
     scale = attribute(node, "scale", None)
     return _Core(node, node.input[0], node.input[1], node.input[2], node.output[0], [], {node.name}, heads,
                  None if scale is None else float(scale))
+
+
+def _ort_attention_block(g: ModelGraph, node: onnx.NodeProto) -> AttentionBlock:
+    """onnxruntime's com.microsoft.Attention (the transformers optimizer's fused BERT attention):
+    one packed [D, Dq+Dk+Dv] weight and bias; qkv_hidden_sizes lets Q/K and V widths differ."""
+    if node.op_type != "Attention":
+        raise NoMatch(f"com.microsoft.{node.op_type} is not supported yet")
+    if len(node.input) > 4 and any(node.input[4:]) or len(node.output) > 1 and any(node.output[1:]):
+        raise NoMatch("Attention with past state, attention bias or present outputs")
+    if attribute(node, "do_rotary", 0):
+        raise NoMatch("Attention with rotary embeddings (pairs of head dims are tied)")
+    weight = g.constant(node.input[1])
+    bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    bias = g.constant(bias_name) if bias_name else None
+    if weight is None or weight.ndim != 2 or (bias_name and (bias is None or bias.ndim != 1)):
+        raise NoMatch("packed qkv weight or bias is not a constant")
+    heads = int(attribute(node, "num_heads", 0))
+    sizes = list(attribute(node, "qkv_hidden_sizes", []) or [weight.shape[1] // 3] * 3)
+    if heads <= 0 or len(set(sizes)) != 1 or sum(sizes) != weight.shape[1] or sizes[0] % heads:
+        raise NoMatch(f"qkv_hidden_sizes {sizes} are not equal widths split over {heads} heads")
+    width = sizes[0]
+    linear = Linear(node.name, node.input[1], 1, False, node.name if bias_name else None, bias_name, 2, node.input[0],
+                    None, int(weight.shape[0]), int(weight.shape[1]))
+    out, merge_path = _forward_to_linear(g, node.output[0])
+    if out.in_features != width:
+        raise NoMatch(f"output projection reads {out.in_features} features, attention gives {width}")
+    head_dim = width // heads
+    scale = attribute(node, "scale", None)
+    block = AttentionBlock(_block_name(node.name, (linear, out)), "ort-attention", heads, head_dim, linear, linear,
+                           linear, out, node.name, (0, width, 2 * width), attention_op=node.name,
+                           scale=float(scale) if scale else head_dim ** -0.5)
+    region = {node.output[0]} | {t for n in merge_path for t in n.output}
+    core = _Core(node, node.input[0], node.input[0], node.input[0], node.output[0], [], {node.name})
+    _check_private(g, region, core, (), merge_path, out)
+    block.shape_edits = _path_shape_edits(g, merge_path, "v", block, region, split=False)
+    return block
 
 
 def _assemble(g: ModelGraph, core: _Core) -> AttentionBlock:
@@ -758,6 +801,20 @@ def _match_ffns(g: ModelGraph, taken: set[str]) -> tuple[list[FfnBlock], list[Sk
     return kept, skipped
 
 
+def _bias_activation_fc1(g: ModelGraph, node: onnx.NodeProto) -> Linear | None:
+    if node.op_type not in ("BiasGelu", "FastGelu") or len(node.input) < 2 or not node.input[1]:
+        return None
+    matmul = g.producer_of(node.input[0])
+    bias = g.constant(node.input[1])
+    if matmul is None or matmul.op_type != "MatMul" or bias is None or bias.ndim != 1:
+        return None
+    linear = _matmul_linear(g, matmul)
+    if linear is None or bias.shape[0] != linear.out_features or len(g.consumers.get(node.input[0], [])) != 1:
+        return None
+    return Linear(linear.node, linear.weight, 1, False, node.name, node.input[1], 1, linear.input, linear.output,
+                  linear.in_features, linear.out_features)
+
+
 def _looks_like_ffn(g: ModelGraph, fc2: Linear) -> bool:
     producer = g.producer_of(fc2.input)
     return producer is not None and producer.op_type in _ACTIVATION_OPS
@@ -782,6 +839,12 @@ def _ffn_before(g: ModelGraph, fc2: Linear, taken: set[str]) -> FfnBlock | None:
         if node.name in activation_nodes:
             continue
         activation_nodes[node.name] = node
+        biased = _bias_activation_fc1(g, node)
+        if biased is not None:  # BiasGelu/FastGelu(x·W, b): fc1's bias lives in the activation
+            if fc1 is not None and biased.node != fc1.node:
+                raise NoMatch("the activation mixes two projections")
+            fc1 = biased
+            continue
         for inp in node.input:
             if not inp:
                 continue

@@ -158,7 +158,11 @@ def _prune_attention(editor: _Editor, keep: AttentionKeep, scale_values: dict[st
         editor.nodes[block.attention_op].attrs["scale"] = float(block.scale)
     for scale in block.frozen_scales if dq != block.head_dim else ():  # only Q/K width moves these
         editor.nodes[scale.node].inputs[scale.input_index] = editor.constant(scale.tensor, scale_values[scale.tensor])
-    if block.fused is None:
+    if block.form == "ort-attention":
+        width = block.heads * block.head_dim
+        editor.keep_outputs(block.q, np.concatenate([qk_columns, width + qk_columns, 2 * width + v_columns]))
+        editor.nodes[block.attention_op].attrs["qkv_hidden_sizes"] = [len(qk_columns), len(qk_columns), len(v_columns)]
+    elif block.fused is None:
         editor.keep_outputs(block.q, qk_columns)
         editor.keep_outputs(block.k, qk_columns)
         editor.keep_outputs(block.v, v_columns)

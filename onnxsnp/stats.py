@@ -50,6 +50,14 @@ def count_macs(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> int:
         shapes.update({name: value.shape for name, value in values.items()})
     total = 0
     for node in nodes:
+        if node.op_type == "Attention" and node.domain == "com.microsoft":  # packed projection + attention
+            x, weight = shapes[node.input[0]], shapes[node.input[1]]
+            heads = attribute(node, "num_heads", 1)
+            q_width, _, v_width = attribute(node, "qkv_hidden_sizes", None) or [weight[1] // 3] * 3
+            tokens = x[-2] if len(x) == 3 else 1
+            total += int(np.prod(x[:-1], dtype=np.int64)) * weight[0] * weight[1]
+            total += int(np.prod(x[:-1], dtype=np.int64)) * tokens * (q_width + v_width) // heads * heads
+            continue
         if node.op_type == "Attention":  # Q·Kᵀ and attn·V inside one op
             q, k, v = (shapes[t] for t in node.input[:3])
             total += int(np.prod(q[:-1], dtype=np.int64)) * k[-2] * (q[-1] + v[-1])

@@ -17,18 +17,26 @@ BERT_FORMS = [("eager", False), ("eager", True), ("sdpa", False), ("sdpa", True)
 # (family, attention, dynamic shapes, exporter) for every graph form the tests cover
 FORMS = ([("vit", a, d, "legacy") for a, d in VIT_FORMS] + [("bert", a, d, "legacy") for a, d in BERT_FORMS]
          + [("vit", a, d, "dynamo") for a, d in VIT_FORMS] + [("bert", a, True, "dynamo") for a in ("eager", "sdpa")]
-         + [("vit", "sdpa", True, "dynamo23"), ("bert", "sdpa", True, "dynamo23"), ("bert", "sdpa", False, "dynamo23")])
+         + [("vit", "sdpa", True, "dynamo23"), ("bert", "sdpa", True, "dynamo23"), ("bert", "sdpa", False, "dynamo23")]
+         + [("bert", "eager", True, "ort-optimizer"), ("bert", "eager", False, "ort-optimizer")])
 FORM_IDS = [f"{f}-{a}-{'dynamic' if d else 'static'}-{e}" for f, a, d, e in FORMS]
 
 
 def export(model, args: tuple, path: Path, inputs: list[str], outputs: list[str], axes: dict | None,
            exporter: str) -> None:
-    """Legacy exporter (opset 17), or the dynamo exporter (its default opset; "dynamo23": opset 23,
-    where scaled_dot_product_attention becomes the ONNX Attention op). Dynamo writes .onnx.data."""
+    """Legacy exporter (opset 17); "ort-optimizer": that, then onnxruntime's transformers optimizer
+    (com.microsoft Attention, SkipLayerNormalization, BiasGelu, EmbedLayerNormalization); the dynamo
+    exporter (its default opset; "dynamo23": opset 23, where scaled_dot_product_attention becomes
+    the ONNX Attention op). Dynamo writes .onnx.data."""
     from torch_models import export_legacy
 
-    if exporter == "legacy":
+    if exporter in ("legacy", "ort-optimizer"):
         export_legacy(model, args, str(path), inputs, outputs, axes)
+        if exporter == "ort-optimizer":
+            from onnxruntime.transformers.optimizer import optimize_model
+
+            optimize_model(str(path), model_type="bert", num_heads=4, hidden_size=32, opt_level=0).save_model_to_file(
+                str(path))
         return
     model.eval()
     shapes = None
