@@ -14,6 +14,7 @@ from onnx import helper
 
 from .errors import SnpError
 from .graph import ModelGraph
+from .loading import is_big, model_file
 
 DEFAULT_SEQUENCE = 32  # tokens per synthetic sample where the sequence length is dynamic
 DEFAULT_BATCH = 8
@@ -151,33 +152,33 @@ def token_mask_input(specs: list[InputSpec]) -> str | None:
     return None
 
 
-def session(model: onnx.ModelProto | bytes, threads: int = 0) -> ort.InferenceSession:
+def session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    data = model if isinstance(model, bytes) else model.SerializeToString()
-    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    providers = ["CPUExecutionProvider"]
+    if not is_big(model):
+        return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    with model_file(model) as path:  # onnxruntime reads the weights while building the session
+        return ort.InferenceSession(str(path), options, providers=providers)
 
 
 def capture(model: onnx.ModelProto, tensors: list[str], feed: dict[str, np.ndarray], batch: int,
             progress: bool = False) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
     """Run `model` over `feed` in batches and yield (inputs, captured tensors) per batch.
 
-    The tensors are added as graph outputs for one session, then removed again, so the model
-    is serialised once and not copied."""
+    The tensors are added as graph outputs for building one session, then removed again, so the
+    model is not copied."""
     existing = {o.name for o in model.graph.output}
     added = [t for t in tensors if t not in existing]
     model.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in added)
     try:
-        data = model.SerializeToString()
-    finally:
-        del model.graph.output[len(model.graph.output) - len(added):]
-    try:
-        sess = session(data)
+        sess = session(model)
     except Exception as exc:
         raise SnpError(f"onnxruntime cannot run the input model: {_first_line(exc)}") from None
-    del data
+    finally:
+        del model.graph.output[len(model.graph.output) - len(added):]
     total = next(iter(feed.values())).shape[0]
     starts = range(0, total, batch)
     if progress:

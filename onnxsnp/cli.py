@@ -16,7 +16,7 @@ import onnx
 from .errors import SnpError
 from .importance import CRITERIA
 from .matching import Matches
-from .loading import load_model
+from .loading import is_big, load_model
 from .pipeline import inspect_model, prune_model, resolve_ratios
 
 EXAMPLES = """examples:
@@ -161,9 +161,8 @@ def write_model_atomically(model: onnx.ModelProto, target: Path, external_data: 
     folder = target.parent if str(target.parent) else Path(".")
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=folder))
     try:
-        big = model.ByteSize() > 1_900_000_000 if not external_data else True
         staged = staging / target.name
-        if big:
+        if external_data or is_big(model):
             onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=_data_file(target).name, size_threshold=1024)
             os.replace(staging / _data_file(target).name, _data_file(target))

@@ -115,7 +115,7 @@ class ModelGraph:
     def shapes(self) -> dict[str, tuple[int | None, ...]]:
         """Static shapes from ONNX shape inference; unknown dimensions are None."""
         try:
-            inferred = shape_inference.infer_shapes(self.model, data_prop=True)
+            inferred = shape_inference.infer_shapes(_without_weights(self.model), data_prop=True)
         except Exception:  # inference is a help, not a requirement; fall back to declared shapes
             inferred = self.model
         shapes: dict[str, tuple[int | None, ...]] = {}
@@ -134,6 +134,27 @@ class ModelGraph:
         if shape is None or not -len(shape) <= axis < len(shape):
             return None
         return shape[axis]
+
+
+def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A light copy for shape inference: big initializers become typed graph inputs, so models of
+    any size are inferred without copying their weights; small (shape) constants stay."""
+    light = onnx.ModelProto()
+    light.ir_version, light.producer_name = model.ir_version, model.producer_name
+    light.opset_import.extend(model.opset_import)
+    graph = light.graph
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.output.extend(model.graph.output)
+    graph.value_info.extend(model.graph.value_info)
+    declared = {i.name for i in model.graph.input}
+    for tensor in model.graph.initializer:
+        if len(tensor.raw_data) <= 4096:
+            graph.initializer.append(tensor)
+        elif tensor.name not in declared:
+            graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    light.functions.extend(model.functions)
+    return light
 
 
 def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:

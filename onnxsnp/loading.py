@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +21,31 @@ class LoadedModel:
     external_data: bool  # the file kept its weights in separate data files
     files: frozenset[Path]  # the model file and its external data files, resolved
 
-# protobuf cannot serialise a message of 2 GiB or more, and onnxruntime is fed serialised models
-PROTOBUF_LIMIT = 2**31 - 1
+# protobuf cannot serialise a message of 2 GiB or more: bigger models go through files with
+# external data (a margin is kept for the graph itself)
+PROTOBUF_LIMIT = 2**31 - 2**26
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) for t in model.graph.initializer)
+
+
+def is_big(model: onnx.ModelProto) -> bool:
+    """Too big to serialise as one protobuf."""
+    return weight_bytes(model) >= PROTOBUF_LIMIT
+
+
+@contextmanager
+def model_file(model: onnx.ModelProto) -> Iterator[Path]:
+    """`model` saved in a temporary folder (weights as external data), for tools that need a path."""
+    with tempfile.TemporaryDirectory(prefix="onnxsnp-") as folder:
+        path = Path(folder) / "model.onnx"
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)  # saving with external data empties the tensors it writes out
+        onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="model.onnx.data", size_threshold=1024)
+        del copy
+        yield path
 
 
 def load_model(path: str | os.PathLike) -> LoadedModel:
@@ -48,8 +74,6 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
         onnx.load_external_data_for_model(model, str(path.parent))
     except (OSError, ValueError) as exc:
         raise SnpError(f"external data of {path} could not be read: {_line(exc)}") from None
-    if sum(len(t.raw_data) for t in model.graph.initializer) >= PROTOBUF_LIMIT:
-        raise SnpError(f"{path}: models with 2 GB of weights or more are not supported yet")
     return LoadedModel(model, path, bool(locations), files)
 
 

@@ -9,6 +9,7 @@ from onnx import shape_inference
 
 from .calibration import session
 from .errors import SnpError
+from .loading import is_big, model_file
 
 
 @dataclass(frozen=True)
@@ -27,12 +28,23 @@ class Fidelity:
 
 def check_structure(model: onnx.ModelProto) -> None:
     """onnx.checker plus strict-enough shape inference; raises SnpError on failure."""
+    if is_big(model):  # the checker and shape inference take big models by path
+        with model_file(model) as path:
+            _check(lambda: onnx.checker.check_model(str(path)),
+                   lambda: shape_inference.infer_shapes_path(str(path), str(path.with_name("inferred.onnx")),
+                                                             check_type=True, strict_mode=True, data_prop=True))
+    else:
+        _check(lambda: onnx.checker.check_model(model),
+               lambda: shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True))
+
+
+def _check(checker, inference) -> None:
     try:
-        onnx.checker.check_model(model)
+        checker()
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise SnpError(f"pruned model fails onnx.checker: {_line(exc)}") from None
     try:
-        shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+        inference()
     except Exception as exc:
         raise SnpError(f"pruned model fails shape inference: {_line(exc)}") from None
 

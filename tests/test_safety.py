@@ -122,3 +122,20 @@ def test_outputs_never_overwrite_inputs(exported, tmp_path, target, capsys):
     assert "onnxsnp: error" in capsys.readouterr().err
     assert (digest(source), digest(data)) == before
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_models_too_big_for_one_protobuf_go_through_external_data(exported, tmp_path, monkeypatch):
+    """Above 2 GB nothing may be serialised whole; the same path is forced here on a small model."""
+    import onnxsnp.loading
+
+    source = exported("bert", "sdpa", True)
+    normal = tmp_path / "normal.onnx"
+    assert main([str(source), str(normal), "--ratio", "0.5", "--calib-samples", "8", "-q"]) == 0
+    monkeypatch.setattr(onnxsnp.loading, "PROTOBUF_LIMIT", 1000)
+    big = tmp_path / "big.onnx"
+    assert main([str(source), str(big), "--ratio", "0.5", "--calib-samples", "8", "-q"]) == 0
+    assert (tmp_path / "big.onnx.data").stat().st_size > 1000
+    assert not (tmp_path / "normal.onnx.data").exists()
+    feed = feed_for(source, batch=2, seq=6)
+    for want, got in zip(run(onnx.load(str(normal)), feed), run(onnx.load(str(big)), feed)):
+        np.testing.assert_allclose(got, want, atol=1e-6)
