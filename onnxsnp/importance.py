@@ -154,8 +154,12 @@ class Scorer:
             if self.criterion in ("snp", "snp-paper"):
                 width = block.heads * block.head_dim
                 q_off, k_off, _ = block.column_offsets
-                self._update_qk(block, self._projection(block.q, acts, samples, q_off, width),
-                                self._projection(block.k, acts, samples, k_off, width), token_mask)
+                q_act = self._projection(block.q, acts, samples, q_off, width)
+                k_act = self._projection(block.k, acts, samples, k_off, width)
+                if block.packed_bias is not None:  # biases added inside MultiHeadAttention
+                    bias = self.g.constant(block.packed_bias).astype(np.float64)
+                    q_act, k_act = q_act + bias[:width], k_act + bias[width:2 * width]
+                self._update_qk(block, q_act, k_act, token_mask)
             if self.criterion == "snp":
                 self._update_sq(block.v_input, _as_tokens(acts[block.v_input], samples), token_mask)
         if self.criterion == "snp":

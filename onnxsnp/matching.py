@@ -96,6 +96,7 @@ class AttentionBlock:
     frozen_scales: list[FrozenScale] = field(default_factory=list)
     attention_op: str | None = None  # an ONNX Attention node whose scale must be pinned
     scale: float | None = None  # that op's original softmax scale
+    packed_bias: str | None = None  # com.microsoft.MultiHeadAttention's [q | k | v] bias input
 
     @property
     def v_input(self) -> str:
@@ -291,6 +292,8 @@ def _attention_op_core(g: ModelGraph, node: onnx.NodeProto) -> _Core:
 def _ort_attention_block(g: ModelGraph, node: onnx.NodeProto) -> AttentionBlock:
     """onnxruntime's com.microsoft.Attention (the transformers optimizer's fused BERT attention):
     one packed [D, Dq+Dk+Dv] weight and bias; qkv_hidden_sizes lets Q/K and V widths differ."""
+    if node.op_type == "MultiHeadAttention":
+        return _ort_mha_block(g, node)
     if node.op_type != "Attention":
         raise NoMatch(f"com.microsoft.{node.op_type} is not supported yet")
     if len(node.input) > 4 and any(node.input[4:]) or len(node.output) > 1 and any(node.output[1:]):
@@ -319,6 +322,45 @@ def _ort_attention_block(g: ModelGraph, node: onnx.NodeProto) -> AttentionBlock:
                            scale=float(scale) if scale else head_dim ** -0.5)
     region = {node.output[0]} | {t for n in merge_path for t in n.output}
     core = _Core(node, node.input[0], node.input[0], node.input[0], node.output[0], [], {node.name})
+    _check_private(g, region, core, (), merge_path, out)
+    block.shape_edits = _path_shape_edits(g, merge_path, "v", block, region, split=False)
+    return block
+
+
+def _ort_mha_block(g: ModelGraph, node: onnx.NodeProto) -> AttentionBlock:
+    """com.microsoft.MultiHeadAttention fed by three bias-free projections; their biases are packed
+    into the op's bias input (the transformers optimizer with use_multi_head_attention)."""
+    if len(node.input) > 6 and any(node.input[6:]) or len(node.output) > 1 and any(node.output[1:]):
+        raise NoMatch("MultiHeadAttention with past state or present outputs")
+    linears = []
+    for tensor in node.input[:3]:
+        producer = g.producer_of(tensor) if tensor else None
+        linear = _matmul_linear(g, producer) if producer is not None and producer.op_type == "MatMul" else None
+        if linear is None:
+            raise NoMatch("MultiHeadAttention query/key/value do not come from MatMuls with constant weights "
+                          "(packed or cross-attention inputs are not supported)")
+        linears.append(linear)
+    q, k, v = linears
+    if len({q.node, k.node, v.node}) != 3 or len({q.out_features, k.out_features, v.out_features}) != 1:
+        raise NoMatch("MultiHeadAttention projections are shared or of different widths")
+    heads, width = int(attribute(node, "num_heads", 0)), q.out_features
+    if heads <= 0 or width % heads:
+        raise NoMatch(f"{width} features do not split over {heads} heads")
+    packed = node.input[3] if len(node.input) > 3 and node.input[3] else None
+    if packed is not None:
+        bias = g.constant(packed)
+        if bias is None or bias.shape != (3 * width,):
+            raise NoMatch("MultiHeadAttention bias is not a constant [q | k | v] vector")
+    out, merge_path = _forward_to_linear(g, node.output[0])
+    if out.in_features != width:
+        raise NoMatch(f"output projection reads {out.in_features} features, attention gives {width}")
+    head_dim = width // heads
+    scale = attribute(node, "scale", None)
+    block = AttentionBlock(_block_name(node.name, (q, out)), "ort-mha", heads, head_dim, q, k, v, out, node.name,
+                           attention_op=node.name, scale=float(scale) if scale else head_dim ** -0.5,
+                           packed_bias=packed)
+    region = {node.output[0], q.output, k.output, v.output} | {t for n in merge_path for t in n.output}
+    core = _Core(node, q.output, k.output, v.output, node.output[0], [], {node.name})
     _check_private(g, region, core, (), merge_path, out)
     block.shape_edits = _path_shape_edits(g, merge_path, "v", block, region, split=False)
     return block

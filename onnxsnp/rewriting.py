@@ -166,6 +166,11 @@ def _prune_attention(editor: _Editor, keep: AttentionKeep, scale_values: dict[st
         editor.keep_outputs(block.q, qk_columns)
         editor.keep_outputs(block.k, qk_columns)
         editor.keep_outputs(block.v, v_columns)
+        if block.packed_bias is not None:  # MultiHeadAttention's [q | k | v] bias
+            width = block.heads * block.head_dim
+            bias = editor.value(block.packed_bias)
+            kept = bias[np.concatenate([qk_columns, width + qk_columns, 2 * width + v_columns])]
+            editor.nodes[block.attention_op].inputs[3] = editor.constant(block.packed_bias, kept)
     else:
         _prune_fused(editor, keep, qk_columns, v_columns, dq, dv)
     editor.keep_inputs(block.out, v_columns)

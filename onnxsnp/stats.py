@@ -39,9 +39,9 @@ def count_macs(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> int:
 
     Shapes are read from one onnxruntime run rather than from ONNX shape inference, which
     loses track of dynamic exports' Shape→Gather→Concat reshapes."""
-    nodes = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv", "Attention")]
+    nodes = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv", "Attention", "MultiHeadAttention")]
     initializers = {t.name: tuple(t.dims) for t in model.graph.initializer}
-    wanted = list(dict.fromkeys(t for n in nodes for t in (n.input[:3] if n.op_type == "Attention" else
+    wanted = list(dict.fromkeys(t for n in nodes for t in (n.input[:3] if "Attention" in n.op_type else
                                                             (n.input[0], n.input[1], n.output[0]))
                                 if t not in initializers))
     samples = next(iter(feed.values())).shape[0]
@@ -58,7 +58,7 @@ def count_macs(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> int:
             total += int(np.prod(x[:-1], dtype=np.int64)) * weight[0] * weight[1]
             total += int(np.prod(x[:-1], dtype=np.int64)) * tokens * (q_width + v_width) // heads * heads
             continue
-        if node.op_type == "Attention":  # Q·Kᵀ and attn·V inside one op
+        if node.op_type in ("Attention", "MultiHeadAttention"):  # Q·Kᵀ and attn·V inside one op
             q, k, v = (shapes[t] for t in node.input[:3])
             total += int(np.prod(q[:-1], dtype=np.int64)) * k[-2] * (q[-1] + v[-1])
             continue

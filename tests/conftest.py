@@ -18,7 +18,8 @@ BERT_FORMS = [("eager", False), ("eager", True), ("sdpa", False), ("sdpa", True)
 FORMS = ([("vit", a, d, "legacy") for a, d in VIT_FORMS] + [("bert", a, d, "legacy") for a, d in BERT_FORMS]
          + [("vit", a, d, "dynamo") for a, d in VIT_FORMS] + [("bert", a, True, "dynamo") for a in ("eager", "sdpa")]
          + [("vit", "sdpa", True, "dynamo23"), ("bert", "sdpa", True, "dynamo23"), ("bert", "sdpa", False, "dynamo23")]
-         + [("bert", "eager", True, "ort-optimizer"), ("bert", "eager", False, "ort-optimizer")]
+         + [("bert", "eager", True, "ort-optimizer"), ("bert", "eager", False, "ort-optimizer"),
+            ("bert", "eager", True, "ort-mha")]
          + [("vit", "sdpa", True, "legacy-fp16"), ("bert", "eager", True, "legacy-fp16")])
 FORM_IDS = [f"{f}-{a}-{'dynamic' if d else 'static'}-{e}" for f, a, d, e in FORMS]
 
@@ -26,23 +27,27 @@ FORM_IDS = [f"{f}-{a}-{'dynamic' if d else 'static'}-{e}" for f, a, d, e in FORM
 def export(model, args: tuple, path: Path, inputs: list[str], outputs: list[str], axes: dict | None,
            exporter: str) -> None:
     """Legacy exporter (opset 17); "legacy-fp16": that with fp16 weights; "ort-optimizer": that, then onnxruntime's transformers optimizer
-    (com.microsoft Attention, SkipLayerNormalization, BiasGelu, EmbedLayerNormalization); the dynamo
+    (com.microsoft Attention, SkipLayerNormalization, BiasGelu, EmbedLayerNormalization; "ort-mha":
+    MultiHeadAttention instead of Attention); the dynamo
     exporter (its default opset; "dynamo23": opset 23, where scaled_dot_product_attention becomes
     the ONNX Attention op). Dynamo writes .onnx.data."""
     from torch_models import export_legacy
 
-    if exporter in ("legacy", "ort-optimizer", "legacy-fp16"):
+    if exporter in ("legacy", "ort-optimizer", "ort-mha", "legacy-fp16"):
         export_legacy(model, args, str(path), inputs, outputs, axes)
         if exporter == "legacy-fp16":  # fp16 weights, fp32 inputs and outputs
             import onnx
             from onnxruntime.transformers.float16 import convert_float_to_float16
 
             onnx.save(convert_float_to_float16(onnx.load(str(path)), keep_io_types=True), str(path))
-        if exporter == "ort-optimizer":
+        if exporter.startswith("ort-"):
+            from onnxruntime.transformers.fusion_options import FusionOptions
             from onnxruntime.transformers.optimizer import optimize_model
 
-            optimize_model(str(path), model_type="bert", num_heads=4, hidden_size=32, opt_level=0).save_model_to_file(
-                str(path))
+            options = FusionOptions("bert")
+            options.use_multi_head_attention = exporter == "ort-mha"
+            optimize_model(str(path), model_type="bert", num_heads=4, hidden_size=32, opt_level=0,
+                           optimization_options=options).save_model_to_file(str(path))
         return
     model.eval()
     shapes = None

@@ -44,6 +44,11 @@ def zeroed_original(g: ModelGraph, plan) -> onnx.ModelProto:
         zero_outputs(b.q, b.column_offsets[0] + removed_qk)
         zero_outputs(b.k, b.column_offsets[1] + removed_qk)
         zero_outputs(b.v, b.column_offsets[2] + removed_v)
+        if b.packed_bias is not None:  # MultiHeadAttention keeps the q/k/v biases in one input
+            name = g.initializer_behind(b.packed_bias)
+            value = edits.get(name, g.constant(b.packed_bias).copy())
+            value[np.concatenate([removed_qk, width + removed_qk, 2 * width + removed_v])] = 0
+            edits[name] = value
     for keep in plan.ffn:
         zero_outputs(keep.block.fc1, np.setdiff1d(np.arange(keep.block.hidden), keep.hidden))
     for init in model.graph.initializer:
