@@ -23,6 +23,7 @@ EXAMPLES = """examples:
   onnxsnp models/digits_vit.onnx pruned.onnx --ratio 0.5
   onnxsnp in.onnx out.onnx --qk-ratio 0.5 --v-ratio 0.25 --ffn-ratio 0.3 --calib calib.npz
   onnxsnp in.onnx out.onnx --ratio 0.3 --criterion l2 --report report.json
+  onnxsnp in.onnx out.onnx --ratio 0.3 --heads 0.25
   onnxsnp inspect in.onnx
 """
 
@@ -43,6 +44,9 @@ def _prune_parser() -> argparse.ArgumentParser:
     parser.add_argument("--qk-ratio", type=float, help="override --ratio for query/key pairs")
     parser.add_argument("--v-ratio", type=float, help="override --ratio for value neurons")
     parser.add_argument("--ffn-ratio", type=float, help="override --ratio for FFN hidden neurons")
+    parser.add_argument("--heads", type=float, default=0.0,
+                        help="fraction of whole heads removed in every attention block, by their output on "
+                             "calibration data (0 <= R < 1; default 0); combines with the neuron ratios")
     parser.add_argument("--criterion", choices=CRITERIA, default="snp",
                         help="neuron scoring: snp (default), snp-paper, l2 or random")
     parser.add_argument("--calib", metavar="FILE.npz",
@@ -100,7 +104,7 @@ def _interrupt(signum, frame) -> None:
 
 def _run_prune(args: argparse.Namespace) -> int:
     source, target = Path(args.input), Path(args.output)
-    ratios = resolve_ratios(args.ratio, args.qk_ratio, args.v_ratio, args.ffn_ratio)
+    ratios = resolve_ratios(args.ratio, args.qk_ratio, args.v_ratio, args.ffn_ratio, args.heads)
     _check_outputs(target, Path(args.report) if args.report else None)
     loaded = load_model(source)
     _check_not_inputs(loaded.files, target, Path(args.report) if args.report else None)

@@ -24,27 +24,31 @@ DEFAULT_ENERGY = 0.9  # γ: the smallest number of singular components covering 
 
 @dataclass(frozen=True)
 class Ratios:
-    """Fraction of neurons removed from each group, 0 <= r < 1."""
+    """Fraction removed from each group, 0 <= r < 1: Q/K pairs, V and FFN neurons per layer,
+    and whole heads per attention block."""
 
     qk: float
     v: float
     ffn: float
+    heads: float = 0.0
 
 
 @dataclass
 class AttentionKeep:
     block: AttentionBlock
-    qk: np.ndarray  # (heads, kept) neuron indices within each head, ascending
+    qk: np.ndarray  # (kept heads, kept) neuron indices within each kept head, ascending
     v: np.ndarray
+    heads: np.ndarray  # kept head indices, ascending
 
     def qk_columns(self) -> np.ndarray:
-        return _head_columns(self.qk, self.block.head_dim)
+        return _head_columns(self.heads, self.qk, self.block.head_dim)
 
     def v_columns(self) -> np.ndarray:
-        return _head_columns(self.v, self.block.head_dim)
+        return _head_columns(self.heads, self.v, self.block.head_dim)
 
     def changes_something(self) -> bool:
-        return self.qk.shape[1] < self.block.head_dim or self.v.shape[1] < self.block.head_dim
+        d = self.block.head_dim
+        return self.qk.shape[1] < d or self.v.shape[1] < d or len(self.heads) < self.block.heads
 
 
 @dataclass
@@ -63,8 +67,8 @@ class PrunePlan:
     scale_values: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def _head_columns(kept: np.ndarray, head_dim: int) -> np.ndarray:
-    return (np.arange(kept.shape[0])[:, None] * head_dim + kept).reshape(-1)
+def _head_columns(heads: np.ndarray, kept: np.ndarray, head_dim: int) -> np.ndarray:
+    return (heads[:, None] * head_dim + kept).reshape(-1)
 
 
 def kept_count(width: int, ratio: float) -> int:
@@ -141,8 +145,8 @@ class Scorer:
             if self.criterion in ("snp", "snp-paper"):
                 # a projection inside a fused op has no output tensor: capture its input instead
                 wanted += [block.q.output or block.q.input, block.k.output or block.k.input]
-            if self.criterion == "snp":
-                wanted.append(block.v_input)
+            if self.criterion in ("snp", "snp-paper"):
+                wanted.append(block.v_input)  # V neurons (snp) and whole heads are scored by their output
         if self.criterion == "snp":
             wanted += [f.fc2.input for f in self.matches.ffn]
         return list(dict.fromkeys(wanted))
@@ -160,7 +164,7 @@ class Scorer:
                     bias = self.g.constant(block.packed_bias).astype(np.float64)
                     q_act, k_act = q_act + bias[:width], k_act + bias[width:2 * width]
                 self._update_qk(block, q_act, k_act, token_mask)
-            if self.criterion == "snp":
+            if self.criterion in ("snp", "snp-paper"):
                 self._update_sq(block.v_input, _as_tokens(acts[block.v_input], samples), token_mask)
         if self.criterion == "snp":
             for ffn in self.matches.ffn:
@@ -209,8 +213,13 @@ class Scorer:
         attention = []
         for block in self.matches.attention:
             qk_scores, v_scores = self._attention_scores(block, rng)
-            attention.append(AttentionKeep(block, _top_per_head(qk_scores, kept_count(block.head_dim, ratios.qk)),
-                                           _top_per_head(v_scores, kept_count(block.head_dim, ratios.v))))
+            heads = np.arange(block.heads)
+            if ratios.heads > 0 and block.heads_fixed is None:
+                keep = kept_count(block.heads, ratios.heads)
+                heads = np.sort(np.argsort(-self._head_scores(block, rng), kind="stable")[:keep])
+            attention.append(AttentionKeep(block, _top_per_head(qk_scores[heads], kept_count(block.head_dim, ratios.qk)),
+                                           _top_per_head(v_scores[heads], kept_count(block.head_dim, ratios.v)),
+                                           heads))
         ffn = []
         for block in self.matches.ffn:
             scores = self._ffn_scores(block, rng)
@@ -235,6 +244,20 @@ class Scorer:
             return qk, redundancy(w_v).reshape(shape)
         outgoing = np.linalg.norm(input_weights(self.g, block.out), axis=1)
         return qk, (np.sqrt(self.sq_sum[block.v_input]) * outgoing).reshape(shape)
+
+    def _head_scores(self, block: AttentionBlock, rng: np.random.Generator) -> np.ndarray:
+        """A head's importance: the size of what it adds to the output, ‖attn·V output‖ × ‖W_out rows‖
+        summed over its neurons on calibration data (weights only for l2)."""
+        if self.criterion == "random":
+            return rng.random(block.heads)
+        outgoing = np.linalg.norm(input_weights(self.g, block.out), axis=1)
+        if self.criterion == "l2":
+            _, _, v_off = block.column_offsets
+            w_v = output_weights(self.g, block.v, v_off, block.heads * block.head_dim)
+            contribution = np.linalg.norm(w_v, axis=0) * outgoing
+        else:
+            contribution = np.sqrt(self.sq_sum[block.v_input]) * outgoing
+        return contribution.reshape(block.heads, block.head_dim).sum(axis=1)
 
     def _ffn_scores(self, block: FfnBlock, rng: np.random.Generator) -> np.ndarray:
         if self.criterion == "random":

@@ -57,7 +57,7 @@ class ShapeEdit:
     """A Reshape target-shape entry that holds a pruned width and must follow it."""
 
     reshape: str
-    width: str  # "qk"/"v": per-head Q/K or V width; "qk_merged"/"v_merged": heads × that width
+    width: str  # "qk"/"v": per-head Q/K or V width; "qk_merged"/"v_merged": heads × that width; "heads"
     position: int = -1  # which entry, counted from the end
 
 
@@ -97,6 +97,7 @@ class AttentionBlock:
     attention_op: str | None = None  # an ONNX Attention node whose scale must be pinned
     scale: float | None = None  # that op's original softmax scale
     packed_bias: str | None = None  # com.microsoft.MultiHeadAttention's [q | k | v] bias input
+    heads_fixed: str | None = None  # why whole heads cannot be removed here, if they cannot
 
     @property
     def v_input(self) -> str:
@@ -758,13 +759,16 @@ def _check_trailing(g: ModelGraph, reshape: onnx.NodeProto, entries: list[_Entry
 
 def _path_shape_edits(g: ModelGraph, forward: list[onnx.NodeProto], kind: str, block: AttentionBlock,
                       region: set[str], split: bool) -> list[ShapeEdit]:
-    """Follow the head-dim axis along a pruned path and list the Reshape entries that hold it.
+    """Follow the head-dim axis (and the heads axis) along a pruned path and list the Reshape
+    entries that hold them.
 
-    `split` says whether the path starts with heads split (…, d) or merged (…, H·d); the axis
-    is tracked as a position from the end through Transpose and Reshape, so an entry is edited
-    because it holds the head dim, not because its value happens to equal d."""
+    `split` says whether the path starts with heads split (…, H, N, d) or merged (…, H·d); axes
+    are tracked as positions from the end through Transpose and Reshape, so an entry is edited
+    because it holds the head dim, not because its value happens to equal d. Where the heads
+    axis cannot be followed, whole-head pruning is marked impossible for the block."""
     d, merged = block.head_dim, block.heads * block.head_dim
     position = -1
+    heads_at: int | None = -3 if split else None
     edits = []
     for node in forward:
         if node.op_type == "Transpose":
@@ -772,13 +776,15 @@ def _path_shape_edits(g: ModelGraph, forward: list[onnx.NodeProto], kind: str, b
             if not perm:
                 raise NoMatch(f"{node.name} has no perm")
             position = perm.index(len(perm) + position) - len(perm)
+            if heads_at is not None and len(perm) >= -heads_at:
+                heads_at = perm.index(len(perm) + heads_at) - len(perm)
         elif node.op_type in ("Squeeze", "Unsqueeze"):
             out_rank = len(g.shapes.get(node.output[0]) or ())
             in_rank = len(g.shapes.get(node.input[0]) or ())
             if not out_rank or not in_rank:
                 raise NoMatch(f"rank unknown around {node.name}")
-            # only leading axes may come or go: the head-dim axis keeps its place from the end
-            if -position > min(out_rank, in_rank):
+            # only leading axes may come or go: the tracked axes keep their place from the end
+            if max(-position, -(heads_at or -1)) > min(out_rank, in_rank):
                 raise NoMatch(f"{node.name} squeezes an axis next to the head dim")
         elif node.op_type == "Reshape":
             entries = _entries(g, node.input[1], region)
@@ -796,25 +802,55 @@ def _path_shape_edits(g: ModelGraph, forward: list[onnx.NodeProto], kind: str, b
                 heads = entries[-2]
                 if entry.value not in (d, -1) or heads.value not in (block.heads, -1) and not heads.follows:
                     raise NoMatch(f"{node.name} does not split into (…, {block.heads}, {d})")
-                split = True
+                split, heads_at = True, -2
                 if entry.value == d:
                     edits.append(ShapeEdit(node.name, kind, -1))
+                if heads.value == block.heads and not heads.follows:
+                    edits.append(ShapeEdit(node.name, "heads", -2))
                 continue
+            in_rank = len(g.shapes.get(node.input[0]) or ())
+            if position == -1 and heads_at == -2 and in_rank == len(entries) + 1 and \
+                    (entry.follows or entry.value in (merged, -1)):
+                split, heads_at = False, None  # (…, H, d) merged back into (…, H·d), h·d + j order
+                if entry.value == merged and not entry.follows:
+                    edits.append(ShapeEdit(node.name, kind + "_merged", -1))
+                continue
+            edits += _heads_entry(node, entries, heads_at, block)
+            heads_at = _heads_after(node, entries, heads_at, position, block)
             if entry.follows or entry.value == -1:
                 continue
             if entry.value == d:
                 edits.append(ShapeEdit(node.name, kind, position))
-            elif entry.value == merged and position == -1:
-                shape = g.shapes.get(node.input[0]) or ()
-                if len(shape) < 2 or shape[-2] not in (block.heads, None):
-                    raise NoMatch(f"{node.name} merges something other than (…, {block.heads}, {d})")
-                split = False  # heads merged back (…, H·d) in h·d + j order
-                edits.append(ShapeEdit(node.name, kind + "_merged", -1))
             else:
                 raise NoMatch(f"cannot tell which entry of {node.name}'s target shape holds the head dim")
         elif node.op_type not in ("Mul", "Div", "Identity", "Cast"):
             raise NoMatch(f"{node.op_type} node {node.name} on a pruned path")
     return edits
+
+
+def _heads_entry(node: onnx.NodeProto, entries: list[_Entry], heads_at: int | None,
+                 block: AttentionBlock) -> list[ShapeEdit]:
+    """The edit for the heads entry of a Reshape that keeps heads split, if it is a literal H."""
+    if heads_at is None or len(entries) < -heads_at:
+        return []
+    entry = entries[heads_at]
+    if not entry.follows and entry.value == block.heads:
+        return [ShapeEdit(node.name, "heads", heads_at)]
+    return []
+
+
+def _heads_after(node: onnx.NodeProto, entries: list[_Entry], heads_at: int | None,
+                 position: int, block: AttentionBlock) -> int | None:
+    """Where the heads axis is after a Reshape that keeps the head dim; None once it is lost
+    (merged with another axis), which rules out removing whole heads in this block."""
+    if heads_at is not None and len(entries) >= -heads_at:
+        entry = entries[heads_at]
+        if entry.follows or entry.value in (block.heads, -1):
+            return heads_at
+    literal = [e for i, e in enumerate(entries) if i - len(entries) != position and not e.follows and e.value not in (-1, 0)]
+    if any(e.value == block.heads for e in literal) or heads_at is not None:
+        block.heads_fixed = block.heads_fixed or f"{node.name} reshapes the heads axis in a way onnxsnp cannot follow"
+    return None
 
 
 # --- FFN ----------------------------------------------------------------------------------------

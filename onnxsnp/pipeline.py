@@ -28,27 +28,29 @@ class PruneResult:
     external_data: bool  # the input kept its weights in external data files
 
 
-def resolve_ratios(ratio: float, qk: float | None = None, v: float | None = None, ffn: float | None = None) -> Ratios:
-    values = {"ratio": ratio, "qk-ratio": qk, "v-ratio": v, "ffn-ratio": ffn}
+def resolve_ratios(ratio: float, qk: float | None = None, v: float | None = None, ffn: float | None = None,
+                   heads: float = 0.0) -> Ratios:
+    values = {"ratio": ratio, "qk-ratio": qk, "v-ratio": v, "ffn-ratio": ffn, "heads": heads}
     for name, value in values.items():
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not 0 <= value < 1:
             raise SnpError(f"--{name} must be a number with 0 <= value < 1, got {value!r}")
-    return Ratios(ratio if qk is None else qk, ratio if v is None else v, ratio if ffn is None else ffn)
+    return Ratios(ratio if qk is None else qk, ratio if v is None else v, ratio if ffn is None else ffn, heads)
 
 
 def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float = 0.5, *, qk_ratio: float | None = None,
-          v_ratio: float | None = None, ffn_ratio: float | None = None, criterion: str = "snp",
+          v_ratio: float | None = None, ffn_ratio: float | None = None, heads: float = 0.0, criterion: str = "snp",
           calib: str | os.PathLike | dict[str, np.ndarray] | None = None, calib_samples: int = 64,
           seed: int = 0, batch_size: int | None = None, progress: bool = False) -> tuple[onnx.ModelProto, Report]:
     """Prune a transformer with SNP; returns the pruned model and a report. The input is not changed.
 
     `ratio` is the fraction of neurons removed from each group (Q/K pairs, V, FFN hidden);
-    `qk_ratio`, `v_ratio`, `ffn_ratio` override it per group. `calib` is an .npz path or a dict
+    `qk_ratio`, `v_ratio`, `ffn_ratio` override it per group; `heads` removes that fraction of
+    whole heads in every attention block (combinable with the neuron ratios). `calib` is an .npz path or a dict
     of arrays keyed by input name (first axis = samples); without it synthetic inputs are used.
     """
-    result = prune_model(model_or_path, resolve_ratios(ratio, qk_ratio, v_ratio, ffn_ratio), criterion=criterion,
+    result = prune_model(model_or_path, resolve_ratios(ratio, qk_ratio, v_ratio, ffn_ratio, heads), criterion=criterion,
                          calib=calib, calib_samples=calib_samples, seed=seed, batch_size=batch_size, progress=progress)
     return result.model, result.report
 
@@ -92,7 +94,8 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
     measured = fidelity(reference, run_outputs(pruned, holdout_feed, batch))
 
     one_batch = {k: v[:fixed or 1] for k, v in holdout_feed.items()}
-    report = Report(criterion=criterion, ratios={"qk": ratios.qk, "v": ratios.v, "ffn": ratios.ffn},
+    report = Report(criterion=criterion, ratios={"qk": ratios.qk, "v": ratios.v, "ffn": ratios.ffn,
+                                                 "heads": ratios.heads},
                     calibration=source, calibration_samples=_count(score_feed), holdout_samples=_count(holdout_feed),
                     **stats_fields(model_stats(model, one_batch), model_stats(pruned, one_batch)),
                     fidelity=measured, blocks=block_reports(plan), skipped=matches.skipped,

@@ -14,7 +14,8 @@ class BlockReport:
     name: str
     kind: str  # "attention" or "ffn"
     form: str
-    heads: int | None = None
+    heads: int | None = None  # before pruning
+    heads_after: int | None = None
     qk_dim_before: int | None = None
     qk_dim_after: int | None = None
     v_dim_before: int | None = None
@@ -59,7 +60,8 @@ class Report:
         lines = [f"blocks found: {len(attention)} attention, {len(ffn)} FFN"
                  + (f"; {len(self.skipped)} skipped (run `onnxsnp inspect` for why)" if self.skipped else "")]
         for b in attention:
-            lines.append(f"  {b.name:<40} {b.form:<10} heads {b.heads}  q/k {b.qk_dim_before}->{b.qk_dim_after}"
+            heads = f"{b.heads}" if b.heads == b.heads_after else f"{b.heads}->{b.heads_after}"
+            lines.append(f"  {b.name:<40} {b.form:<10} heads {heads}  q/k {b.qk_dim_before}->{b.qk_dim_after}"
                          f"  v {b.v_dim_before}->{b.v_dim_after}")
         for b in ffn:
             lines.append(f"  {b.name:<40} {'ffn':<10} hidden {b.ffn_dim_before}->{b.ffn_dim_after}")
@@ -82,8 +84,8 @@ def block_reports(plan: PrunePlan) -> list[BlockReport]:
     rows = []
     for keep in plan.attention:
         b = keep.block
-        rows.append(BlockReport(b.name, "attention", b.form, b.heads, b.head_dim, int(keep.qk.shape[1]),
-                                b.head_dim, int(keep.v.shape[1])))
+        rows.append(BlockReport(b.name, "attention", b.form, b.heads, len(keep.heads), b.head_dim,
+                                int(keep.qk.shape[1]), b.head_dim, int(keep.v.shape[1])))
     for keep in plan.ffn:
         b = keep.block
         rows.append(BlockReport(b.name, "ffn", b.activation, ffn_dim_before=b.hidden, ffn_dim_after=len(keep.hidden)))

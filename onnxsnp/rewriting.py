@@ -152,7 +152,7 @@ def _prune_attention(editor: _Editor, keep: AttentionKeep, scale_values: dict[st
     block = keep.block
     qk_columns = keep.qk_columns()
     v_columns = keep.v_columns()
-    dq, dv = keep.qk.shape[1], keep.v.shape[1]
+    dq, dv, heads = keep.qk.shape[1], keep.v.shape[1], len(keep.heads)
     if block.attention_op is not None and dq != block.head_dim:
         # the op's default scale is 1/sqrt(q's head size): pin the original value
         editor.nodes[block.attention_op].attrs["scale"] = float(block.scale)
@@ -174,7 +174,12 @@ def _prune_attention(editor: _Editor, keep: AttentionKeep, scale_values: dict[st
     else:
         _prune_fused(editor, keep, qk_columns, v_columns, dq, dv)
     editor.keep_inputs(block.out, v_columns)
-    new_width = {"qk": dq, "v": dv, "qk_merged": block.heads * dq, "v_merged": block.heads * dv}
+    if block.attention_op is not None:  # ops that carry the head count as an attribute
+        attrs = editor.nodes[block.attention_op].attrs
+        for name in ("num_heads", "q_num_heads", "kv_num_heads"):
+            if name in attrs:
+                attrs[name] = heads
+    new_width = {"qk": dq, "v": dv, "qk_merged": heads * dq, "v_merged": heads * dv, "heads": heads}
     for edit in block.shape_edits:
         editor.set_entry(edit.reshape, edit.position, new_width[edit.width])
 
@@ -203,7 +208,7 @@ def _prune_fused(editor: _Editor, keep: AttentionKeep, qk_columns: np.ndarray, v
     rank = len(fused.perm)
     perm = [a if a < rank - 3 else a - 1 for a in fused.perm[1:]]
     for piece, (_, _, width, part_tensor) in zip(pieces, roles):
-        shape = editor.shape_with_tail(reshape.inputs[1], 3, [block.heads, width])
+        shape = editor.shape_with_tail(reshape.inputs[1], 3, [len(keep.heads), width])
         heads_split = editor.variable(f"{block.name}/heads")
         editor.add_node("Reshape", [piece, shape], [heads_split])
         per_head = editor.variable(f"{block.name}/per_head")

@@ -140,3 +140,13 @@ def test_module_entry_point_exit_code(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "not found" in result.stderr
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_heads_combine_with_neuron_ratios(exported, tmp_path):
+    report = tmp_path / "r.json"
+    assert main([str(exported("vit", "manual", True)), str(tmp_path / "o.onnx"), "--ratio", "0.25", "--heads", "0.5",
+                 "--calib-samples", "8", "--report", str(report), "-q"]) == 0
+    data = json.loads(report.read_text())
+    attention = [b for b in data["blocks"] if b["kind"] == "attention"]
+    assert {(b["heads"], b["heads_after"], b["qk_dim_after"], b["v_dim_after"]) for b in attention} == {(4, 2, 6, 6)}
+    assert data["ratios"]["heads"] == 0.5

@@ -111,3 +111,16 @@ def test_sdpa_scale_is_frozen_to_the_original(exported):
             assert "Sqrt" not in ops  # the Shape→…→Sqrt chain was replaced by its constant value
         outputs.append(run(pruned, feed_for(path, batch=2))[0])
     np.testing.assert_allclose(outputs[0], outputs[1], atol=1e-4)
+
+
+@pytest.mark.parametrize("family,attention,dynamic,exporter", FORMS, ids=FORM_IDS)
+def test_head_pruning_equals_zeroed_heads(exported, tmp_path, family, attention, dynamic, exporter):
+    """Removing whole heads (with neurons of the kept ones) equals zeroing their q, k and v."""
+    path = unshare(exported(family, attention, dynamic, exporter), tmp_path)
+    g, plan = plan_for(path, Ratios(0.25, 0.5, 0.0, heads=0.5))
+    assert [len(k.heads) for k in plan.attention] == [2, 2], [k.block.heads_fixed for k in plan.attention]
+    pruned = rewrite(g, plan)
+    feed = feed_for(path, batch=3 if dynamic else 2, seq=5 if dynamic else 8)
+    tolerance = 2e-2 if exporter.endswith("fp16") else 2e-5
+    for want, got in zip(run(zeroed_original(g, plan), feed), run(pruned, feed)):
+        np.testing.assert_allclose(got, want, atol=tolerance, rtol=100 * tolerance)
