@@ -23,7 +23,7 @@ EXAMPLES = """examples:
   onnxsnp models/digits_vit.onnx pruned.onnx --ratio 0.5
   onnxsnp in.onnx out.onnx --qk-ratio 0.5 --v-ratio 0.25 --ffn-ratio 0.3 --calib calib.npz
   onnxsnp in.onnx out.onnx --ratio 0.3 --criterion l2 --report report.json
-  onnxsnp in.onnx out.onnx --ratio 0.3 --heads 0.25
+  onnxsnp in.onnx out.onnx --ratio 0.3 --heads 0.25 --blocks 1
   onnxsnp inspect in.onnx
 """
 
@@ -47,6 +47,9 @@ def _prune_parser() -> argparse.ArgumentParser:
     parser.add_argument("--heads", type=float, default=0.0,
                         help="fraction of whole heads removed in every attention block, by their output on "
                              "calibration data (0 <= R < 1; default 0); combines with the neuron ratios")
+    parser.add_argument("--blocks", default="0", metavar="N|I,J",
+                        help="remove N whole transformer blocks, those that change the residual stream least on "
+                             "calibration data; or the blocks with indices I,J (0-based; '5,' for one)")
     parser.add_argument("--criterion", choices=CRITERIA, default="snp",
                         help="neuron scoring: snp (default), snp-paper, l2 or random")
     parser.add_argument("--calib", metavar="FILE.npz",
@@ -104,7 +107,7 @@ def _interrupt(signum, frame) -> None:
 
 def _run_prune(args: argparse.Namespace) -> int:
     source, target = Path(args.input), Path(args.output)
-    ratios = resolve_ratios(args.ratio, args.qk_ratio, args.v_ratio, args.ffn_ratio, args.heads)
+    ratios = resolve_ratios(args.ratio, args.qk_ratio, args.v_ratio, args.ffn_ratio, args.heads, args.blocks)
     _check_outputs(target, Path(args.report) if args.report else None)
     loaded = load_model(source)
     _check_not_inputs(loaded.files, target, Path(args.report) if args.report else None)
@@ -198,9 +201,14 @@ def format_matches(matches: Matches) -> str:
     for b in matches.attention:
         lines.append(f"  {b.name:<44} {b.form:<10} heads {b.heads:<3} head dim {b.head_dim:<4} "
                      f"q/k/v width {b.heads * b.head_dim}  out proj {b.out.node}")
+        if b.heads_fixed:
+            lines.append(f"    (whole heads cannot be removed: {b.heads_fixed})")
     lines.append(f"{len(matches.ffn)} FFN block(s):")
     for f in matches.ffn:
         lines.append(f"  {f.name:<44} {f.activation:<18} hidden {f.hidden}")
+    lines.append(f"{len(matches.layers)} whole transformer block(s) removable with --blocks:")
+    for index, layer in enumerate(matches.layers):
+        lines.append(f"  {index}: {layer.name} ({layer.norm}-norm)")
     if matches.skipped:
         lines.append(f"{len(matches.skipped)} skipped:")
         for s in matches.skipped:

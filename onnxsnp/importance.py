@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .graph import ModelGraph
-from .matching import AttentionBlock, FfnBlock, Linear, Matches
+from .matching import AttentionBlock, FfnBlock, Layer, Linear, Matches
 
 CRITERIA = ("snp", "snp-paper", "l2", "random")
 DEFAULT_ENERGY = 0.9  # γ: the smallest number of singular components covering this share of Σσ²
@@ -31,6 +31,8 @@ class Ratios:
     v: float
     ffn: float
     heads: float = 0.0
+    blocks: int = 0  # whole transformer blocks removed, those that change the stream least
+    block_indices: tuple[int, ...] = ()  # or exactly these blocks (0-based, in graph order)
 
 
 @dataclass
@@ -65,6 +67,7 @@ class PrunePlan:
     attention: list[AttentionKeep]
     ffn: list[FfnKeep]
     scale_values: dict[str, np.ndarray] = field(default_factory=dict)
+    removed_layers: list[Layer] = field(default_factory=list)
 
 
 def _head_columns(heads: np.ndarray, kept: np.ndarray, head_dim: int) -> np.ndarray:
@@ -125,7 +128,8 @@ def qk_pair_scores(q: np.ndarray, k: np.ndarray, energy: float = DEFAULT_ENERGY)
 class Scorer:
     """Collects per-neuron statistics batch by batch, then turns them into a PrunePlan."""
 
-    def __init__(self, g: ModelGraph, matches: Matches, criterion: str, energy: float = DEFAULT_ENERGY):
+    def __init__(self, g: ModelGraph, matches: Matches, criterion: str, energy: float = DEFAULT_ENERGY,
+                 score_layers: bool = False):
         if criterion not in CRITERIA:
             raise ValueError(f"unknown criterion {criterion!r}")
         self.g = g
@@ -136,6 +140,9 @@ class Scorer:
         self.qk_count = {b.name: 0 for b in matches.attention}
         self.sq_sum: dict[str, np.ndarray] = {}
         self.scale_values: dict[str, np.ndarray] = {}
+        self.layer_change = np.zeros(len(matches.layers))  # Σ‖out − in‖² per transformer block
+        self.layer_input = np.zeros(len(matches.layers))  # Σ‖in‖²
+        self.score_layers = score_layers  # capture each transformer block's input and output
 
     def tensors(self) -> list[str]:
         """Intermediate tensors that calibration must capture."""
@@ -149,6 +156,8 @@ class Scorer:
                 wanted.append(block.v_input)  # V neurons (snp) and whole heads are scored by their output
         if self.criterion == "snp":
             wanted += [f.fc2.input for f in self.matches.ffn]
+        if self.score_layers:
+            wanted += [t for layer in self.matches.layers for t in (layer.input, layer.output)]
         return list(dict.fromkeys(wanted))
 
     def update(self, acts: dict[str, np.ndarray], samples: int, token_mask: np.ndarray | None = None) -> None:
@@ -169,6 +178,14 @@ class Scorer:
         if self.criterion == "snp":
             for ffn in self.matches.ffn:
                 self._update_sq(ffn.fc2.input, _as_tokens(acts[ffn.fc2.input], samples), token_mask)
+        if self.score_layers:
+            for index, layer in enumerate(self.matches.layers):
+                before = _as_tokens(acts[layer.input], samples).astype(np.float64)
+                after = _as_tokens(acts[layer.output], samples).astype(np.float64)
+                if token_mask is not None and token_mask.shape[:2] == before.shape[:2]:
+                    before, after = before[token_mask > 0], after[token_mask > 0]
+                self.layer_change[index] += ((after - before) ** 2).sum()
+                self.layer_input[index] += (before ** 2).sum()
 
     def _projection(self, linear: Linear, acts: dict[str, np.ndarray], samples: int, offset: int,
                     width: int) -> np.ndarray:
@@ -208,10 +225,25 @@ class Scorer:
         self.sq_sum[tensor] = self.sq_sum.get(tensor, 0) + squares
 
     # --- decisions ----------------------------------------------------------------------------
+    def removed_layers(self, ratios: Ratios) -> list[Layer]:
+        """The transformer blocks to drop: those given, or the ones whose output differs least
+        (relative to their input) from their input on calibration data."""
+        layers = self.matches.layers
+        if ratios.block_indices:
+            return [layers[i] for i in sorted(set(ratios.block_indices))]
+        if not ratios.blocks:
+            return []
+        change = np.sqrt(self.layer_change / np.maximum(self.layer_input, 1e-30))
+        return [layers[i] for i in sorted(np.argsort(change, kind="stable")[:ratios.blocks])]
+
     def plan(self, ratios: Ratios, seed: int = 0) -> PrunePlan:
         rng = np.random.default_rng(seed)
+        removed = self.removed_layers(ratios)
+        gone = {id(layer.attention) for layer in removed} | {id(layer.ffn) for layer in removed}
         attention = []
         for block in self.matches.attention:
+            if id(block) in gone:
+                continue
             qk_scores, v_scores = self._attention_scores(block, rng)
             heads = np.arange(block.heads)
             if ratios.heads > 0 and block.heads_fixed is None:
@@ -222,10 +254,12 @@ class Scorer:
                                            heads))
         ffn = []
         for block in self.matches.ffn:
+            if id(block) in gone:
+                continue
             scores = self._ffn_scores(block, rng)
             keep = np.sort(np.argsort(-scores, kind="stable")[:kept_count(block.hidden, ratios.ffn)])
             ffn.append(FfnKeep(block, keep))
-        return PrunePlan(attention, ffn, dict(self.scale_values))
+        return PrunePlan(attention, ffn, dict(self.scale_values), removed)
 
     def _attention_scores(self, block: AttentionBlock, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         heads, d = block.heads, block.head_dim

@@ -29,28 +29,50 @@ class PruneResult:
 
 
 def resolve_ratios(ratio: float, qk: float | None = None, v: float | None = None, ffn: float | None = None,
-                   heads: float = 0.0) -> Ratios:
+                   heads: float = 0.0, blocks: int | str | tuple[int, ...] = 0) -> Ratios:
     values = {"ratio": ratio, "qk-ratio": qk, "v-ratio": v, "ffn-ratio": ffn, "heads": heads}
     for name, value in values.items():
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not 0 <= value < 1:
             raise SnpError(f"--{name} must be a number with 0 <= value < 1, got {value!r}")
-    return Ratios(ratio if qk is None else qk, ratio if v is None else v, ratio if ffn is None else ffn, heads)
+    count, indices = parse_blocks(blocks)
+    return Ratios(ratio if qk is None else qk, ratio if v is None else v, ratio if ffn is None else ffn, heads,
+                  count, indices)
+
+
+def parse_blocks(blocks: int | str | tuple[int, ...] | list[int]) -> tuple[int, tuple[int, ...]]:
+    """`--blocks`: a count ("2"), or block indices ("3,7"; "5," for one index)."""
+    try:
+        if isinstance(blocks, str) and "," in blocks:
+            indices = tuple(int(part) for part in blocks.split(",") if part.strip())
+            if indices and min(indices) >= 0:
+                return 0, indices
+        elif isinstance(blocks, (tuple, list)) and all(isinstance(b, int) and b >= 0 for b in blocks):
+            return 0, tuple(blocks)
+        elif not isinstance(blocks, bool) and int(blocks) >= 0 and float(blocks) == int(blocks):
+            return int(blocks), ()
+    except (TypeError, ValueError):
+        pass
+    raise SnpError(f"--blocks must be a count (e.g. 2) or block indices (e.g. 3,7 or 5,), got {blocks!r}")
 
 
 def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float = 0.5, *, qk_ratio: float | None = None,
-          v_ratio: float | None = None, ffn_ratio: float | None = None, heads: float = 0.0, criterion: str = "snp",
+          v_ratio: float | None = None, ffn_ratio: float | None = None, heads: float = 0.0,
+          blocks: int | str | tuple[int, ...] = 0, criterion: str = "snp",
           calib: str | os.PathLike | dict[str, np.ndarray] | None = None, calib_samples: int = 64,
           seed: int = 0, batch_size: int | None = None, progress: bool = False) -> tuple[onnx.ModelProto, Report]:
     """Prune a transformer with SNP; returns the pruned model and a report. The input is not changed.
 
     `ratio` is the fraction of neurons removed from each group (Q/K pairs, V, FFN hidden);
     `qk_ratio`, `v_ratio`, `ffn_ratio` override it per group; `heads` removes that fraction of
-    whole heads in every attention block (combinable with the neuron ratios). `calib` is an .npz path or a dict
+    whole heads in every attention block (combinable with the neuron ratios); `blocks` removes that
+    many whole transformer blocks (the ones that change the residual stream least), or the blocks
+    with the given indices. `calib` is an .npz path or a dict
     of arrays keyed by input name (first axis = samples); without it synthetic inputs are used.
     """
-    result = prune_model(model_or_path, resolve_ratios(ratio, qk_ratio, v_ratio, ffn_ratio, heads), criterion=criterion,
+    result = prune_model(model_or_path, resolve_ratios(ratio, qk_ratio, v_ratio, ffn_ratio, heads, blocks),
+                         criterion=criterion,
                          calib=calib, calib_samples=calib_samples, seed=seed, batch_size=batch_size, progress=progress)
     return result.model, result.report
 
@@ -86,6 +108,7 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
     batch = fixed or batch_size or calib_stage.DEFAULT_BATCH
     score_feed, holdout_feed = _split(feed, fixed)
 
+    _check_blocks(matches, ratios)
     plan = make_plan(g, matches, ratios, criterion, score_feed, batch, seed, progress)
 
     pruned = rewrite(g, plan)
@@ -99,14 +122,26 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
                     calibration=source, calibration_samples=_count(score_feed), holdout_samples=_count(holdout_feed),
                     **stats_fields(model_stats(model, one_batch), model_stats(pruned, one_batch)),
                     fidelity=measured, blocks=block_reports(plan), skipped=matches.skipped,
+                    removed_blocks=[layer.name for layer in plan.removed_layers],
                     seconds=round(time.perf_counter() - started, 2))
     return PruneResult(pruned, report, external)
+
+
+def _check_blocks(matches: Matches, ratios: Ratios) -> None:
+    available = len(matches.layers)
+    if (ratios.blocks or ratios.block_indices) and not available:
+        raise SnpError("--blocks: no whole transformer block (attention + FFN on a residual stream) was found")
+    if ratios.blocks >= max(available, 1) or any(i >= available for i in ratios.block_indices):
+        raise SnpError(f"--blocks: the model has {available} removable transformer blocks (0…{available - 1}); "
+                       "at least one must stay")
+    if len(set(ratios.block_indices)) >= available and ratios.block_indices:
+        raise SnpError("--blocks: at least one transformer block must stay")
 
 
 def make_plan(g: ModelGraph, matches: Matches, ratios: Ratios, criterion: str, feed: dict[str, np.ndarray],
               batch: int, seed: int = 0, progress: bool = False) -> PrunePlan:
     """Score every matched block over one calibration pass and decide what to keep."""
-    scorer = Scorer(g, matches, criterion)
+    scorer = Scorer(g, matches, criterion, score_layers=ratios.blocks > 0)
     wanted = scorer.tensors()
     mask_name = calib_stage.token_mask_input(calib_stage.input_specs(g))
     if wanted:

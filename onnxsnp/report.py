@@ -38,6 +38,7 @@ class Report:
     fidelity: Fidelity
     blocks: list[BlockReport]
     skipped: list[Skipped] = field(default_factory=list)
+    removed_blocks: list[str] = field(default_factory=list)  # whole transformer blocks dropped
     seconds: float = 0.0
 
     @property
@@ -59,6 +60,8 @@ class Report:
         ffn = [b for b in self.blocks if b.kind == "ffn"]
         lines = [f"blocks found: {len(attention)} attention, {len(ffn)} FFN"
                  + (f"; {len(self.skipped)} skipped (run `onnxsnp inspect` for why)" if self.skipped else "")]
+        if self.removed_blocks:
+            lines.append(f"  removed whole blocks: {', '.join(self.removed_blocks)}")
         for b in attention:
             heads = f"{b.heads}" if b.heads == b.heads_after else f"{b.heads}->{b.heads_after}"
             lines.append(f"  {b.name:<40} {b.form:<10} heads {heads}  q/k {b.qk_dim_before}->{b.qk_dim_after}"

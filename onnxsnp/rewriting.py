@@ -120,6 +120,18 @@ class _Editor:
                       [out])
         return out
 
+    def bypass(self, source: str, target: str) -> None:
+        """Drop everything between two tensors: readers of `target` read `source` instead. A graph
+        output keeps its name, through an Identity."""
+        new = self.tensors[source]
+        target_tensor = self.tensors[target]
+        if any(t is target_tensor for t in self.graph.outputs):
+            for producer in list(target_tensor.inputs):
+                producer.outputs = [self.variable(target) if t is target_tensor else t for t in producer.outputs]
+            self.add_node("Identity", [new], [target_tensor])
+            return
+        self.reroute(target, new)
+
     def reroute(self, old: str, new: gs.Tensor) -> None:
         """Make every reader of tensor `old` read `new` instead."""
         tensor = self.tensors[old]
@@ -141,6 +153,9 @@ def rewrite(g: ModelGraph, plan: PrunePlan) -> onnx.ModelProto:
         if ffn.changes_something():
             editor.keep_outputs(ffn.block.fc1, ffn.hidden)
             editor.keep_inputs(ffn.block.fc2, ffn.hidden)
+    # last block first, so that a removed block's input is never a tensor already cut away
+    for layer in reversed(plan.removed_layers):
+        editor.bypass(layer.input, layer.output)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     model = gs.export_onnx(graph, do_type_check=False)
     del model.graph.value_info[:]  # shapes recorded by the exporter are stale where widths changed
