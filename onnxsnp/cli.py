@@ -17,13 +17,14 @@ from .errors import SnpError
 from .importance import CRITERIA
 from .matching import Matches
 from .loading import is_big, load_model
-from .pipeline import inspect_model, prune_model, resolve_ratios
+from .pipeline import inspect_model, prune_model, resolve_ratios, resolve_target
 
 EXAMPLES = """examples:
   onnxsnp models/digits_vit.onnx pruned.onnx --ratio 0.5
   onnxsnp in.onnx out.onnx --qk-ratio 0.5 --v-ratio 0.25 --ffn-ratio 0.3 --calib calib.npz
   onnxsnp in.onnx out.onnx --ratio 0.3 --criterion l2 --report report.json
   onnxsnp in.onnx out.onnx --ratio 0.3 --heads 0.25 --blocks 1
+  onnxsnp in.onnx out.onnx --target-flops 0.5 --align 8 --calib calib.npz
   onnxsnp inspect in.onnx
 """
 
@@ -50,6 +51,12 @@ def _prune_parser() -> argparse.ArgumentParser:
     parser.add_argument("--blocks", default="0", metavar="N|I,J",
                         help="remove N whole transformer blocks, those that change the residual stream least on "
                              "calibration data; or the blocks with indices I,J (0-based; '5,' for one)")
+    parser.add_argument("--target-flops", metavar="F",
+                        help="instead of ratios: reach F FLOPs (a fraction of the original like 0.5, or an absolute "
+                             "count), choosing how the cut is shared between Q/K, V and FFN by measured fidelity")
+    parser.add_argument("--target-params", metavar="P", help="like --target-flops, for the parameter count")
+    parser.add_argument("--align", type=int, default=1,
+                        help="round kept widths up to a multiple of this (e.g. 8 for fast kernels)")
     parser.add_argument("--criterion", choices=CRITERIA, default="snp",
                         help="neuron scoring: snp (default), snp-paper, l2 or random")
     parser.add_argument("--calib", metavar="FILE.npz",
@@ -107,7 +114,9 @@ def _interrupt(signum, frame) -> None:
 
 def _run_prune(args: argparse.Namespace) -> int:
     source, target = Path(args.input), Path(args.output)
-    ratios = resolve_ratios(args.ratio, args.qk_ratio, args.v_ratio, args.ffn_ratio, args.heads, args.blocks)
+    ratios = resolve_ratios(args.ratio, args.qk_ratio, args.v_ratio, args.ffn_ratio, args.heads, args.blocks,
+                            args.align)
+    goal = resolve_target(args.target_flops, args.target_params)
     _check_outputs(target, Path(args.report) if args.report else None)
     loaded = load_model(source)
     _check_not_inputs(loaded.files, target, Path(args.report) if args.report else None)
@@ -116,7 +125,7 @@ def _run_prune(args: argparse.Namespace) -> int:
             warnings.simplefilter("ignore")
         else:
             warnings.showwarning = _show_warning
-        result = prune_model(loaded, ratios, criterion=args.criterion, calib=args.calib,
+        result = prune_model(loaded, ratios, criterion=args.criterion, calib=args.calib, target=goal,
                              calib_samples=args.calib_samples, seed=args.seed, progress=not args.quiet)
     write_model_atomically(result.model, target, result.external_data)
     if args.report:

@@ -33,6 +33,7 @@ class Ratios:
     heads: float = 0.0
     blocks: int = 0  # whole transformer blocks removed, those that change the stream least
     block_indices: tuple[int, ...] = ()  # or exactly these blocks (0-based, in graph order)
+    align: int = 1  # kept widths rounded up to a multiple of this, for fast kernels
 
 
 @dataclass
@@ -74,9 +75,13 @@ def _head_columns(heads: np.ndarray, kept: np.ndarray, head_dim: int) -> np.ndar
     return (heads[:, None] * head_dim + kept).reshape(-1)
 
 
-def kept_count(width: int, ratio: float) -> int:
-    """Neurons kept when `ratio` of `width` is removed (at least one)."""
-    return max(1, width - int(round(ratio * width)))
+def kept_count(width: int, ratio: float, align: int = 1) -> int:
+    """Neurons kept when `ratio` of `width` is removed (at least one), rounded up to a multiple
+    of `align` where the width allows."""
+    kept = max(1, width - int(round(ratio * width)))
+    if align > 1:
+        kept = min(width, -(-kept // align) * align)
+    return kept
 
 
 # --- weights -------------------------------------------------------------------------------------
@@ -249,15 +254,16 @@ class Scorer:
             if ratios.heads > 0 and block.heads_fixed is None:
                 keep = kept_count(block.heads, ratios.heads)
                 heads = np.sort(np.argsort(-self._head_scores(block, rng), kind="stable")[:keep])
-            attention.append(AttentionKeep(block, _top_per_head(qk_scores[heads], kept_count(block.head_dim, ratios.qk)),
-                                           _top_per_head(v_scores[heads], kept_count(block.head_dim, ratios.v)),
+            d = block.head_dim
+            attention.append(AttentionKeep(block, _top_per_head(qk_scores[heads], kept_count(d, ratios.qk, ratios.align)),
+                                           _top_per_head(v_scores[heads], kept_count(d, ratios.v, ratios.align)),
                                            heads))
         ffn = []
         for block in self.matches.ffn:
             if id(block) in gone:
                 continue
             scores = self._ffn_scores(block, rng)
-            keep = np.sort(np.argsort(-scores, kind="stable")[:kept_count(block.hidden, ratios.ffn)])
+            keep = np.sort(np.argsort(-scores, kind="stable")[:kept_count(block.hidden, ratios.ffn, ratios.align)])
             ffn.append(FfnKeep(block, keep))
         return PrunePlan(attention, ffn, dict(self.scale_values), removed)
 

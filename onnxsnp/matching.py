@@ -98,6 +98,7 @@ class AttentionBlock:
     scale: float | None = None  # that op's original softmax scale
     packed_bias: str | None = None  # com.microsoft.MultiHeadAttention's [q | k | v] bias input
     heads_fixed: str | None = None  # why whole heads cannot be removed here, if they cannot
+    core_nodes: tuple[str, str] = ("", "")  # the nodes computing Q·Kᵀ and attn·V (an attention op: twice)
 
     @property
     def v_input(self) -> str:
@@ -194,7 +195,8 @@ def _match_layers(g: ModelGraph, attention: list[AttentionBlock], ffn: list[FfnB
         second = _residual_join(g, mlp.fc2.output) if mlp is not None else None
         if second is None or second[0] != after_attention or _joined(g, second, norm) is None:
             continue
-        layers.append(Layer(block.name, block, mlp, stream_in, _joined(g, second, norm), norm))
+        name = _common_scope(block.name + "/x", mlp.name + "/x") or block.name
+        layers.append(Layer(name, block, mlp, stream_in, _joined(g, second, norm), norm))
     return layers
 
 
@@ -333,6 +335,7 @@ class _Core:
     output: str  # attn·V, heads split (…, N, d) or, for a 3-D Attention op, merged
     frozen: list[FrozenScale]
     nodes: set[str] = field(default_factory=set)  # the core's own nodes (scores, softmax, attn·V)
+    products: tuple[str, str] = ("", "")  # the Q·Kᵀ and attn·V nodes
     heads: int | None = None  # given by a 3-D Attention op
     scale: float | None = None
 
@@ -348,7 +351,8 @@ def _softmax_core(g: ModelGraph, softmax: onnx.NodeProto) -> _Core:
     av = _probs_consumer(g, softmax.output[0])
     # everything between Q·Kᵀ and attn·V: scale, mask, softmax, the NaN guard
     between = (nx.descendants(g.dag, qk.name) & nx.ancestors(g.dag, av.name)) | {qk.name, av.name}
-    return _Core(softmax, qk.input[0], qk.input[1], av.input[1], av.output[0], frozen, between)
+    return _Core(softmax, qk.input[0], qk.input[1], av.input[1], av.output[0], frozen, between,
+                 (qk.name, av.name))
 
 
 def _attention_op_core(g: ModelGraph, node: onnx.NodeProto) -> _Core:
@@ -363,8 +367,8 @@ def _attention_op_core(g: ModelGraph, node: onnx.NodeProto) -> _Core:
     if heads is not None and attribute(node, "kv_num_heads", heads) != heads:
         raise NoMatch("grouped-query Attention (kv_num_heads != q_num_heads)")
     scale = attribute(node, "scale", None)
-    return _Core(node, node.input[0], node.input[1], node.input[2], node.output[0], [], {node.name}, heads,
-                 None if scale is None else float(scale))
+    return _Core(node, node.input[0], node.input[1], node.input[2], node.output[0], [], {node.name},
+                 (node.name, node.name), heads, None if scale is None else float(scale))
 
 
 def _ort_attention_block(g: ModelGraph, node: onnx.NodeProto) -> AttentionBlock:
@@ -397,7 +401,7 @@ def _ort_attention_block(g: ModelGraph, node: onnx.NodeProto) -> AttentionBlock:
     scale = attribute(node, "scale", None)
     block = AttentionBlock(_block_name(node.name, (linear, out)), "ort-attention", heads, head_dim, linear, linear,
                            linear, out, node.name, (0, width, 2 * width), attention_op=node.name,
-                           scale=float(scale) if scale else head_dim ** -0.5)
+                           scale=float(scale) if scale else head_dim ** -0.5, core_nodes=(node.name, node.name))
     region = {node.output[0]} | {t for n in merge_path for t in n.output}
     core = _Core(node, node.input[0], node.input[0], node.input[0], node.output[0], [], {node.name})
     _check_private(g, region, core, (), merge_path, out)
@@ -436,7 +440,7 @@ def _ort_mha_block(g: ModelGraph, node: onnx.NodeProto) -> AttentionBlock:
     scale = attribute(node, "scale", None)
     block = AttentionBlock(_block_name(node.name, (q, out)), "ort-mha", heads, head_dim, q, k, v, out, node.name,
                            attention_op=node.name, scale=float(scale) if scale else head_dim ** -0.5,
-                           packed_bias=packed)
+                           packed_bias=packed, core_nodes=(node.name, node.name))
     region = {node.output[0], q.output, k.output, v.output} | {t for n in merge_path for t in n.output}
     core = _Core(node, q.output, k.output, v.output, node.output[0], [], {node.name})
     _check_private(g, region, core, (), merge_path, out)
@@ -466,6 +470,7 @@ def _assemble(g: ModelGraph, core: _Core) -> AttentionBlock:
     if core.anchor.op_type == "Attention":
         block.attention_op = core.anchor.name
         block.scale = core.scale if core.scale is not None else block.head_dim ** -0.5
+    block.core_nodes = core.products
     region = _region_tensors(q_trace, k_trace, v_trace, merge_path, core)
     _check_private(g, region, core, (q_trace, k_trace, v_trace), merge_path, out)
     for scale in frozen:

@@ -12,12 +12,13 @@ import onnx
 from . import calibration as calib_stage
 from .errors import SnpError
 from .graph import ModelGraph
+from .allocation import CostModel, Target, parse_target, search
 from .importance import CRITERIA, PrunePlan, Ratios, Scorer
 from .loading import LoadedModel, load_model
 from .matching import Matches, find_blocks
 from .report import Report, block_reports, stats_fields
 from .rewriting import rewrite
-from .stats import model_stats
+from .stats import count_params, model_stats, node_macs
 from .verification import check_structure, fidelity, run_outputs
 
 
@@ -28,8 +29,18 @@ class PruneResult:
     external_data: bool  # the input kept its weights in external data files
 
 
+def resolve_target(flops: float | str | None, params: float | str | None) -> Target | None:
+    if flops is not None and params is not None:
+        raise SnpError("give either --target-flops or --target-params, not both")
+    if flops is not None:
+        return parse_target(flops, "flops")
+    return parse_target(params, "params") if params is not None else None
+
+
 def resolve_ratios(ratio: float, qk: float | None = None, v: float | None = None, ffn: float | None = None,
-                   heads: float = 0.0, blocks: int | str | tuple[int, ...] = 0) -> Ratios:
+                   heads: float = 0.0, blocks: int | str | tuple[int, ...] = 0, align: int = 1) -> Ratios:
+    if isinstance(align, bool) or not isinstance(align, int) or align < 1:
+        raise SnpError(f"--align must be a positive integer, got {align!r}")
     values = {"ratio": ratio, "qk-ratio": qk, "v-ratio": v, "ffn-ratio": ffn, "heads": heads}
     for name, value in values.items():
         if value is None:
@@ -38,7 +49,7 @@ def resolve_ratios(ratio: float, qk: float | None = None, v: float | None = None
             raise SnpError(f"--{name} must be a number with 0 <= value < 1, got {value!r}")
     count, indices = parse_blocks(blocks)
     return Ratios(ratio if qk is None else qk, ratio if v is None else v, ratio if ffn is None else ffn, heads,
-                  count, indices)
+                  count, indices, align)
 
 
 def parse_blocks(blocks: int | str | tuple[int, ...] | list[int]) -> tuple[int, tuple[int, ...]]:
@@ -59,19 +70,22 @@ def parse_blocks(blocks: int | str | tuple[int, ...] | list[int]) -> tuple[int, 
 
 def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float = 0.5, *, qk_ratio: float | None = None,
           v_ratio: float | None = None, ffn_ratio: float | None = None, heads: float = 0.0,
-          blocks: int | str | tuple[int, ...] = 0, criterion: str = "snp",
+          blocks: int | str | tuple[int, ...] = 0, target_flops: float | None = None,
+          target_params: float | None = None, align: int = 1, criterion: str = "snp",
           calib: str | os.PathLike | dict[str, np.ndarray] | None = None, calib_samples: int = 64,
           seed: int = 0, batch_size: int | None = None, progress: bool = False) -> tuple[onnx.ModelProto, Report]:
     """Prune a transformer with SNP; returns the pruned model and a report. The input is not changed.
 
     `ratio` is the fraction of neurons removed from each group (Q/K pairs, V, FFN hidden);
-    `qk_ratio`, `v_ratio`, `ffn_ratio` override it per group; `heads` removes that fraction of
+    `qk_ratio`, `v_ratio`, `ffn_ratio` override it per group; `target_flops` / `target_params`
+    (a fraction of the original, or an absolute count) choose the group ratios instead; `heads` removes that fraction of
     whole heads in every attention block (combinable with the neuron ratios); `blocks` removes that
     many whole transformer blocks (the ones that change the residual stream least), or the blocks
     with the given indices. `calib` is an .npz path or a dict
     of arrays keyed by input name (first axis = samples); without it synthetic inputs are used.
     """
-    result = prune_model(model_or_path, resolve_ratios(ratio, qk_ratio, v_ratio, ffn_ratio, heads, blocks),
+    ratios = resolve_ratios(ratio, qk_ratio, v_ratio, ffn_ratio, heads, blocks, align)
+    result = prune_model(model_or_path, ratios, target=resolve_target(target_flops, target_params),
                          criterion=criterion,
                          calib=calib, calib_samples=calib_samples, seed=seed, batch_size=batch_size, progress=progress)
     return result.model, result.report
@@ -80,7 +94,8 @@ def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float = 0.5
 def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel, ratios: Ratios, *,
                 criterion: str = "snp",
                 calib: str | os.PathLike | dict[str, np.ndarray] | None = None, calib_samples: int = 64,
-                seed: int = 0, batch_size: int | None = None, progress: bool = False) -> PruneResult:
+                seed: int = 0, batch_size: int | None = None, progress: bool = False,
+                target: Target | None = None) -> PruneResult:
     started = time.perf_counter()
     if criterion not in CRITERIA:
         raise SnpError(f"--criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
@@ -109,20 +124,31 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
     score_feed, holdout_feed = _split(feed, fixed)
 
     _check_blocks(matches, ratios)
-    plan = make_plan(g, matches, ratios, criterion, score_feed, batch, seed, progress)
+    scorer = score(g, matches, ratios, criterion, score_feed, batch, progress)
+    reference = run_outputs(model, holdout_feed, batch)
+    one_batch = {k: v[:fixed or 1] for k, v in holdout_feed.items()}
+    searched: list[dict] = []
+    if target is None:
+        plan = scorer.plan(ratios, seed)
+    else:
+        costs = CostModel(g, matches, node_macs(model, one_batch), count_params(model))
+
+        def measure(candidate: PrunePlan) -> float:
+            return fidelity(reference, run_outputs(rewrite(g, candidate), holdout_feed, batch)).output_cosine
+
+        plan, ratios, searched = search(scorer, ratios, target, costs, measure, seed)
 
     pruned = rewrite(g, plan)
     check_structure(pruned)
-    reference = run_outputs(model, holdout_feed, batch)
     measured = fidelity(reference, run_outputs(pruned, holdout_feed, batch))
 
-    one_batch = {k: v[:fixed or 1] for k, v in holdout_feed.items()}
-    report = Report(criterion=criterion, ratios={"qk": ratios.qk, "v": ratios.v, "ffn": ratios.ffn,
-                                                 "heads": ratios.heads},
+    report = Report(criterion=criterion, ratios={"qk": round(ratios.qk, 4), "v": round(ratios.v, 4),
+                                                 "ffn": round(ratios.ffn, 4), "heads": ratios.heads},
                     calibration=source, calibration_samples=_count(score_feed), holdout_samples=_count(holdout_feed),
                     **stats_fields(model_stats(model, one_batch), model_stats(pruned, one_batch)),
                     fidelity=measured, blocks=block_reports(plan), skipped=matches.skipped,
                     removed_blocks=[layer.name for layer in plan.removed_layers],
+                    target=None if target is None else {"kind": target.kind, "value": target.value, "tried": searched},
                     seconds=round(time.perf_counter() - started, 2))
     return PruneResult(pruned, report, external)
 
@@ -138,16 +164,22 @@ def _check_blocks(matches: Matches, ratios: Ratios) -> None:
         raise SnpError("--blocks: at least one transformer block must stay")
 
 
-def make_plan(g: ModelGraph, matches: Matches, ratios: Ratios, criterion: str, feed: dict[str, np.ndarray],
-              batch: int, seed: int = 0, progress: bool = False) -> PrunePlan:
-    """Score every matched block over one calibration pass and decide what to keep."""
+def score(g: ModelGraph, matches: Matches, ratios: Ratios, criterion: str, feed: dict[str, np.ndarray],
+          batch: int, progress: bool = False) -> Scorer:
+    """Score every matched block over one calibration pass."""
     scorer = Scorer(g, matches, criterion, score_layers=ratios.blocks > 0)
     wanted = scorer.tensors()
     mask_name = calib_stage.token_mask_input(calib_stage.input_specs(g))
     if wanted:
         for inputs, acts in calib_stage.capture(g.model, wanted, feed, batch, progress):
             scorer.update(acts, _count(inputs), inputs.get(mask_name) if mask_name else None)
-    return scorer.plan(ratios, seed)
+    return scorer
+
+
+def make_plan(g: ModelGraph, matches: Matches, ratios: Ratios, criterion: str, feed: dict[str, np.ndarray],
+              batch: int, seed: int = 0, progress: bool = False) -> PrunePlan:
+    """Score every matched block over one calibration pass and decide what to keep."""
+    return score(g, matches, ratios, criterion, feed, batch, progress).plan(ratios, seed)
 
 
 def inspect_model(path: str | os.PathLike) -> Matches:

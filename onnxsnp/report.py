@@ -39,6 +39,7 @@ class Report:
     blocks: list[BlockReport]
     skipped: list[Skipped] = field(default_factory=list)
     removed_blocks: list[str] = field(default_factory=list)  # whole transformer blocks dropped
+    target: dict | None = None  # --target-*: the goal and the allocations tried
     seconds: float = 0.0
 
     @property
@@ -80,6 +81,11 @@ class Report:
         lines.append(f"fidelity on {f.samples} held-back samples: output cosine {f.output_cosine:.4f}{top1}, "
                      f"max abs diff {f.max_abs_diff:.3g}")
         lines.append(f"criterion {self.criterion}, calibration: {self.calibration} ({self.calibration_samples} samples)")
+        if self.target:
+            r = self.ratios
+            lines.append(f"target {self.target['kind']} {self.target['value']:g}: chose ratios q/k {r['qk']:.3f}, "
+                         f"v {r['v']:.3f}, ffn {r['ffn']:.3f} (best measured cosine of "
+                         f"{sum('cosine' in t for t in self.target['tried'])} allocations)")
         return "\n".join(lines)
 
 

@@ -35,7 +35,12 @@ def count_params(model: onnx.ModelProto) -> int:
 
 
 def count_macs(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> int:
-    """MACs of MatMul, Gemm and Conv per sample of `feed`.
+    """MACs of MatMul, Gemm, Conv and attention ops per sample of `feed`."""
+    return sum(node_macs(model, feed).values())
+
+
+def node_macs(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, int]:
+    """MACs per sample of `feed` of each MatMul, Gemm, Conv and attention node, by node name.
 
     Shapes are read from one onnxruntime run rather than from ONNX shape inference, which
     loses track of dynamic exports' Shape→Gather→Concat reshapes."""
@@ -48,8 +53,9 @@ def count_macs(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> int:
     shapes = dict(initializers)
     for _, values in capture(model, wanted, feed, samples):
         shapes.update({name: value.shape for name, value in values.items()})
-    total = 0
+    per_node: dict[str, int] = {}
     for node in nodes:
+        total = 0
         if node.op_type == "Attention" and node.domain == "com.microsoft":  # packed projection + attention
             x, weight = shapes[node.input[0]], shapes[node.input[1]]
             heads = attribute(node, "num_heads", 1)
@@ -57,19 +63,24 @@ def count_macs(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> int:
             tokens = x[-2] if len(x) == 3 else 1
             total += int(np.prod(x[:-1], dtype=np.int64)) * weight[0] * weight[1]
             total += int(np.prod(x[:-1], dtype=np.int64)) * tokens * (q_width + v_width) // heads * heads
-            continue
-        if node.op_type in ("Attention", "MultiHeadAttention"):  # Q·Kᵀ and attn·V inside one op
+        elif node.op_type in ("Attention", "MultiHeadAttention"):  # Q·Kᵀ and attn·V inside one op
             q, k, v = (shapes[t] for t in node.input[:3])
             total += int(np.prod(q[:-1], dtype=np.int64)) * k[-2] * (q[-1] + v[-1])
-            continue
-        out, a, b = shapes[node.output[0]], shapes[node.input[0]], shapes[node.input[1]]
-        if node.op_type == "MatMul":
-            total += int(np.prod(out, dtype=np.int64)) * (a[-1] if a else 1)
-        elif node.op_type == "Gemm":
-            total += int(np.prod(out, dtype=np.int64)) * (a[0] if attribute(node, "transA", 0) else a[-1])
-        else:  # weight is (C_out, C_in / group, k…): each output element reads prod(weight[1:]) inputs
-            total += int(np.prod(out, dtype=np.int64)) * int(np.prod(b[1:], dtype=np.int64))
-    return total // max(samples, 1)
+        else:
+            total += _linear_macs(node, shapes)
+        per_node[node.name] = total // max(samples, 1)
+    return per_node
+
+
+def _linear_macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> int:
+    out, a, b = shapes[node.output[0]], shapes[node.input[0]], shapes[node.input[1]]
+    outputs = int(np.prod(out, dtype=np.int64))
+    if node.op_type == "MatMul":
+        return outputs * (a[-1] if a else 1)
+    if node.op_type == "Gemm":
+        return outputs * (a[0] if attribute(node, "transA", 0) else a[-1])
+    # Conv: weight is (C_out, C_in / group, k…): each output element reads prod(weight[1:]) inputs
+    return outputs * int(np.prod(b[1:], dtype=np.int64))
 
 
 def model_stats(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> ModelStats:

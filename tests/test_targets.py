@@ -1,0 +1,55 @@
+"""FLOPs/parameter targets: the cost model predicts what is measured, and targets are met."""
+from __future__ import annotations
+
+import onnx
+import pytest
+
+from conftest import FORM_IDS, FORMS, feed_for
+from onnxsnp import SnpError, prune
+from onnxsnp.allocation import CostModel
+from onnxsnp.graph import ModelGraph
+from onnxsnp.importance import Ratios
+from onnxsnp.matching import find_blocks
+from onnxsnp.pipeline import make_plan
+from onnxsnp.rewriting import rewrite
+from onnxsnp.stats import count_macs, count_params, node_macs
+
+
+@pytest.mark.parametrize("family,attention,dynamic,exporter", FORMS, ids=FORM_IDS)
+def test_cost_model_predicts_measured_flops_and_params(exported, family, attention, dynamic, exporter):
+    path = exported(family, attention, dynamic, exporter)
+    g = ModelGraph(onnx.load(str(path)))
+    matches = find_blocks(g)
+    feed = feed_for(path, batch=2)
+    one = {k: v[:1] if dynamic else v for k, v in feed.items()}
+    costs = CostModel(g, matches, node_macs(g.model, one), count_params(g.model))
+    for ratios in (Ratios(0.5, 0.25, 0.5), Ratios(0.25, 0.5, 0.75, heads=0.5), Ratios(0.5, 0.5, 0.5, blocks=1)):
+        plan = make_plan(g, matches, ratios, "l2", feed, batch=2)
+        pruned = rewrite(g, plan)
+        assert costs.flops(plan) == pytest.approx(2 * count_macs(pruned, one), rel=0.02)
+        assert costs.params(plan) == pytest.approx(count_params(pruned), rel=0.02)
+
+
+@pytest.mark.parametrize("kind,value", [("flops", 0.5), ("params", 0.6)])
+def test_targets_are_met(exported, kind, value):
+    path = exported("vit", "manual", True)
+    _, report = prune(str(path), calib_samples=16, **{f"target_{kind}": value})
+    before, after = (report.flops_before, report.flops_after) if kind == "flops" else \
+        (report.params_before, report.params_after)
+    assert after <= value * before * 1.01
+    assert after >= value * before * 0.85  # not wildly over-pruned either
+    assert report.target["kind"] == kind and any("cosine" in t for t in report.target["tried"])
+
+
+def test_align_rounds_kept_widths_up(exported):
+    _, report = prune(str(exported("bert", "eager", True)), ratio=0.6, align=4, calib_samples=8)
+    for block in report.blocks:
+        for width in (block.qk_dim_after, block.v_dim_after, block.ffn_dim_after):
+            assert width is None or width % 4 == 0
+
+
+@pytest.mark.parametrize("kwargs", [{"target_flops": 0.001}, {"target_flops": -1}, {"target_flops": "x"},
+                                    {"target_flops": 0.5, "target_params": 0.5}, {"align": 0}])
+def test_bad_targets_fail_cleanly(exported, kwargs):
+    with pytest.raises(SnpError):
+        prune(str(exported("vit", "manual", True)), calib_samples=8, **kwargs)
