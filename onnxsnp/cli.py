@@ -48,6 +48,12 @@ def _prune_parser() -> argparse.ArgumentParser:
     parser.add_argument("--heads", type=float, default=0.0,
                         help="fraction of whole heads removed in every attention block, by their output on "
                              "calibration data (0 <= R < 1; default 0); combines with the neuron ratios")
+    parser.add_argument("--residual", type=float, default=0.0,
+                        help="fraction of residual-stream channels removed everywhere in the stream (patch/cls/"
+                             "position embeddings, LayerNorms, every projection reading or writing it); 0 <= R < 1")
+    parser.add_argument("--residual-criterion", choices=("weights", "activation"), default="weights",
+                        help="how residual channels are scored: norms of the weights reading/writing them "
+                             "(default, measured better) or their RMS on calibration data")
     parser.add_argument("--blocks", default="0", metavar="N|I,J",
                         help="remove N whole transformer blocks, those that change the residual stream least on "
                              "calibration data; or the blocks with indices I,J (0-based; '5,' for one)")
@@ -115,7 +121,7 @@ def _interrupt(signum, frame) -> None:
 def _run_prune(args: argparse.Namespace) -> int:
     source, target = Path(args.input), Path(args.output)
     ratios = resolve_ratios(args.ratio, args.qk_ratio, args.v_ratio, args.ffn_ratio, args.heads, args.blocks,
-                            args.align)
+                            args.align, args.residual)
     goal = resolve_target(args.target_flops, args.target_params)
     _check_outputs(target, Path(args.report) if args.report else None)
     loaded = load_model(source)
@@ -126,6 +132,7 @@ def _run_prune(args: argparse.Namespace) -> int:
         else:
             warnings.showwarning = _show_warning
         result = prune_model(loaded, ratios, criterion=args.criterion, calib=args.calib, target=goal,
+                             residual_criterion=args.residual_criterion,
                              calib_samples=args.calib_samples, seed=args.seed, progress=not args.quiet)
     write_model_atomically(result.model, target, result.external_data)
     if args.report:

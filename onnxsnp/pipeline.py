@@ -12,10 +12,12 @@ import onnx
 from . import calibration as calib_stage
 from .errors import SnpError
 from .graph import ModelGraph
+from .compensation import norm_corrections
 from .allocation import CostModel, Target, parse_target, search
 from .importance import CRITERIA, PrunePlan, Ratios, Scorer
 from .loading import LoadedModel, load_model
-from .matching import Matches, find_blocks
+from .matching import Matches, NoMatch, find_blocks
+from .residual import find_stream
 from .report import Report, block_reports, stats_fields
 from .rewriting import rewrite
 from .stats import count_params, model_stats, node_macs
@@ -38,10 +40,11 @@ def resolve_target(flops: float | str | None, params: float | str | None) -> Tar
 
 
 def resolve_ratios(ratio: float, qk: float | None = None, v: float | None = None, ffn: float | None = None,
-                   heads: float = 0.0, blocks: int | str | tuple[int, ...] = 0, align: int = 1) -> Ratios:
+                   heads: float = 0.0, blocks: int | str | tuple[int, ...] = 0, align: int = 1,
+                   residual: float = 0.0) -> Ratios:
     if isinstance(align, bool) or not isinstance(align, int) or align < 1:
         raise SnpError(f"--align must be a positive integer, got {align!r}")
-    values = {"ratio": ratio, "qk-ratio": qk, "v-ratio": v, "ffn-ratio": ffn, "heads": heads}
+    values = {"ratio": ratio, "qk-ratio": qk, "v-ratio": v, "ffn-ratio": ffn, "heads": heads, "residual": residual}
     for name, value in values.items():
         if value is None:
             continue
@@ -49,7 +52,7 @@ def resolve_ratios(ratio: float, qk: float | None = None, v: float | None = None
             raise SnpError(f"--{name} must be a number with 0 <= value < 1, got {value!r}")
     count, indices = parse_blocks(blocks)
     return Ratios(ratio if qk is None else qk, ratio if v is None else v, ratio if ffn is None else ffn, heads,
-                  count, indices, align)
+                  count, indices, align, residual)
 
 
 def parse_blocks(blocks: int | str | tuple[int, ...] | list[int]) -> tuple[int, tuple[int, ...]]:
@@ -71,7 +74,8 @@ def parse_blocks(blocks: int | str | tuple[int, ...] | list[int]) -> tuple[int, 
 def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float = 0.5, *, qk_ratio: float | None = None,
           v_ratio: float | None = None, ffn_ratio: float | None = None, heads: float = 0.0,
           blocks: int | str | tuple[int, ...] = 0, target_flops: float | None = None,
-          target_params: float | None = None, align: int = 1, criterion: str = "snp",
+          target_params: float | None = None, align: int = 1, residual: float = 0.0,
+          residual_criterion: str = "weights", criterion: str = "snp",
           calib: str | os.PathLike | dict[str, np.ndarray] | None = None, calib_samples: int = 64,
           seed: int = 0, batch_size: int | None = None, progress: bool = False) -> tuple[onnx.ModelProto, Report]:
     """Prune a transformer with SNP; returns the pruned model and a report. The input is not changed.
@@ -84,8 +88,9 @@ def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float = 0.5
     with the given indices. `calib` is an .npz path or a dict
     of arrays keyed by input name (first axis = samples); without it synthetic inputs are used.
     """
-    ratios = resolve_ratios(ratio, qk_ratio, v_ratio, ffn_ratio, heads, blocks, align)
+    ratios = resolve_ratios(ratio, qk_ratio, v_ratio, ffn_ratio, heads, blocks, align, residual)
     result = prune_model(model_or_path, ratios, target=resolve_target(target_flops, target_params),
+                         residual_criterion=residual_criterion,
                          criterion=criterion,
                          calib=calib, calib_samples=calib_samples, seed=seed, batch_size=batch_size, progress=progress)
     return result.model, result.report
@@ -95,7 +100,8 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
                 criterion: str = "snp",
                 calib: str | os.PathLike | dict[str, np.ndarray] | None = None, calib_samples: int = 64,
                 seed: int = 0, batch_size: int | None = None, progress: bool = False,
-                target: Target | None = None) -> PruneResult:
+                target: Target | None = None, compensate: bool = True,
+                residual_criterion: str = "weights") -> PruneResult:
     started = time.perf_counter()
     if criterion not in CRITERIA:
         raise SnpError(f"--criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
@@ -124,12 +130,18 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
     score_feed, holdout_feed = _split(feed, fixed)
 
     _check_blocks(matches, ratios)
-    scorer = score(g, matches, ratios, criterion, score_feed, batch, progress)
+    if residual_criterion not in ("weights", "activation"):
+        raise SnpError(f"--residual-criterion must be weights or activation, got {residual_criterion!r}")
+    scorer = score(g, matches, ratios, criterion, score_feed, batch, progress, residual_criterion)
     reference = run_outputs(model, holdout_feed, batch)
     one_batch = {k: v[:fixed or 1] for k, v in holdout_feed.items()}
     searched: list[dict] = []
     if target is None:
         plan = scorer.plan(ratios, seed)
+        if plan.stream is not None and compensate:
+            plan.norm_corrections = norm_corrections(g, plan, score_feed, batch)
+    elif ratios.residual:
+        raise SnpError("--residual cannot be combined with --target-flops/--target-params yet")
     else:
         costs = CostModel(g, matches, node_macs(model, one_batch), count_params(model))
 
@@ -143,11 +155,13 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
     measured = fidelity(reference, run_outputs(pruned, holdout_feed, batch))
 
     report = Report(criterion=criterion, ratios={"qk": round(ratios.qk, 4), "v": round(ratios.v, 4),
-                                                 "ffn": round(ratios.ffn, 4), "heads": ratios.heads},
+                                                 "ffn": round(ratios.ffn, 4), "heads": ratios.heads,
+                                                 "residual": ratios.residual},
                     calibration=source, calibration_samples=_count(score_feed), holdout_samples=_count(holdout_feed),
                     **stats_fields(model_stats(model, one_batch), model_stats(pruned, one_batch)),
                     fidelity=measured, blocks=block_reports(plan), skipped=matches.skipped,
                     removed_blocks=[layer.name for layer in plan.removed_layers],
+                    residual_width=None if plan.stream is None else [plan.stream.width, len(plan.stream_keep)],
                     target=None if target is None else {"kind": target.kind, "value": target.value, "tried": searched},
                     seconds=round(time.perf_counter() - started, 2))
     return PruneResult(pruned, report, external)
@@ -165,9 +179,16 @@ def _check_blocks(matches: Matches, ratios: Ratios) -> None:
 
 
 def score(g: ModelGraph, matches: Matches, ratios: Ratios, criterion: str, feed: dict[str, np.ndarray],
-          batch: int, progress: bool = False) -> Scorer:
+          batch: int, progress: bool = False, residual_criterion: str = "weights") -> Scorer:
     """Score every matched block over one calibration pass."""
-    scorer = Scorer(g, matches, criterion, score_layers=ratios.blocks > 0)
+    stream = None
+    if ratios.residual > 0:
+        try:
+            stream = find_stream(g, matches)
+        except NoMatch as why:
+            raise SnpError(f"--residual: the residual stream cannot be pruned: {why}") from None
+    scorer = Scorer(g, matches, criterion, score_layers=ratios.blocks > 0, stream=stream,
+                    residual_criterion=residual_criterion)
     wanted = scorer.tensors()
     mask_name = calib_stage.token_mask_input(calib_stage.input_specs(g))
     if wanted:

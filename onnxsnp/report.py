@@ -40,6 +40,7 @@ class Report:
     skipped: list[Skipped] = field(default_factory=list)
     removed_blocks: list[str] = field(default_factory=list)  # whole transformer blocks dropped
     target: dict | None = None  # --target-*: the goal and the allocations tried
+    residual_width: list[int] | None = None  # [before, after] when residual channels were removed
     seconds: float = 0.0
 
     @property
@@ -61,6 +62,8 @@ class Report:
         ffn = [b for b in self.blocks if b.kind == "ffn"]
         lines = [f"blocks found: {len(attention)} attention, {len(ffn)} FFN"
                  + (f"; {len(self.skipped)} skipped (run `onnxsnp inspect` for why)" if self.skipped else "")]
+        if self.residual_width:
+            lines.append(f"  residual stream width {self.residual_width[0]}->{self.residual_width[1]}")
         if self.removed_blocks:
             lines.append(f"  removed whole blocks: {', '.join(self.removed_blocks)}")
         for b in attention:

@@ -14,6 +14,7 @@ import onnx_graphsurgeon as gs
 from .graph import ModelGraph
 from .importance import AttentionKeep, PrunePlan
 from .matching import Linear
+from .residual import ResidualStream
 
 
 class _Editor:
@@ -53,23 +54,34 @@ class _Editor:
             raise ValueError(f"{tensor} is not a constant")
         return value
 
+    def current(self, node: gs.Node, index: int) -> np.ndarray:
+        """The value a node input holds now: edits made earlier in this rewrite included."""
+        tensor = node.inputs[index]
+        return tensor.values if isinstance(tensor, gs.Constant) else self.value(tensor.name)
+
+    def replace_input(self, node: gs.Node, index: int, values: np.ndarray) -> None:
+        node.inputs[index] = self.constant(node.inputs[index].name, values)
+
     # --- linear layers -------------------------------------------------------------------
     def keep_outputs(self, linear: Linear, columns: np.ndarray) -> None:
         """Keep only output features `columns` of `linear` (weight columns and bias entries)."""
         node = self.nodes[linear.node]
-        weight = self.value(linear.weight)
-        weight = weight[columns, :] if linear.transposed else weight[:, columns]
-        node.inputs[linear.weight_index] = self.constant(linear.weight, weight)
+        weight = self.current(node, linear.weight_index)
+        self.replace_input(node, linear.weight_index, weight[columns, :] if linear.transposed else weight[:, columns])
         if linear.bias is not None:
             bias_node = self.nodes[linear.bias_node]
-            bias_node.inputs[linear.bias_index] = self.constant(linear.bias, self.value(linear.bias)[columns])
+            self.replace_input(bias_node, linear.bias_index, self.current(bias_node, linear.bias_index)[columns])
 
     def keep_inputs(self, linear: Linear, rows: np.ndarray) -> None:
         """Keep only input features `rows` of `linear` (weight rows)."""
         node = self.nodes[linear.node]
-        weight = self.value(linear.weight)
-        weight = weight[:, rows] if linear.transposed else weight[rows, :]
-        node.inputs[linear.weight_index] = self.constant(linear.weight, weight)
+        weight = self.current(node, linear.weight_index)
+        self.replace_input(node, linear.weight_index, weight[:, rows] if linear.transposed else weight[rows, :])
+
+    def keep_last_axis(self, node_name: str, index: int, keep: np.ndarray) -> None:
+        """Slice the last axis of a constant node input (LayerNorm scale, position embedding, …)."""
+        node = self.nodes[node_name]
+        self.replace_input(node, index, np.take(self.current(node, index), keep, axis=-1))
 
     # --- shapes ----------------------------------------------------------------------------
     def shape_with_tail(self, shape: gs.Tensor, drop: int, tail: list[int]) -> gs.Tensor:
@@ -149,10 +161,16 @@ def rewrite(g: ModelGraph, plan: PrunePlan) -> onnx.ModelProto:
     for keep in plan.attention:
         if keep.changes_something():
             _prune_attention(editor, keep, plan.scale_values)
+        elif plan.stream is not None:  # merge reshapes that read the stream width now need a constant
+            _pin_merge_widths(editor, keep)
     for ffn in plan.ffn:
         if ffn.changes_something():
             editor.keep_outputs(ffn.block.fc1, ffn.hidden)
             editor.keep_inputs(ffn.block.fc2, ffn.hidden)
+    if plan.stream is not None:
+        _prune_stream(editor, plan.stream, plan.stream_keep)
+        for name, (scale, shift) in plan.norm_corrections.items():
+            _correct_norm(editor, name, scale, shift)
     # last block first, so that a removed block's input is never a tensor already cut away
     for layer in reversed(plan.removed_layers):
         editor.bypass(layer.input, layer.output)
@@ -197,6 +215,43 @@ def _prune_attention(editor: _Editor, keep: AttentionKeep, scale_values: dict[st
     new_width = {"qk": dq, "v": dv, "qk_merged": heads * dq, "v_merged": heads * dv, "heads": heads}
     for edit in block.shape_edits:
         editor.set_entry(edit.reshape, edit.position, new_width[edit.width])
+
+
+def _pin_merge_widths(editor: _Editor, keep: AttentionKeep) -> None:
+    block = keep.block
+    for edit in block.shape_edits:
+        if edit.width == "v_merged":
+            editor.set_entry(edit.reshape, edit.position, block.heads * block.head_dim)
+
+
+def _prune_stream(editor: _Editor, stream: ResidualStream, keep: np.ndarray) -> None:
+    """The same residual channels removed from every reader and writer of the stream."""
+    for linear in stream.readers.values():
+        editor.keep_inputs(linear, keep)
+    for linear in stream.writers.values():
+        editor.keep_outputs(linear, keep)
+    for node, index in stream.sliced_inputs:
+        editor.keep_last_axis(node, index, keep)
+    for name in stream.convs:
+        conv = editor.nodes[name]
+        editor.replace_input(conv, 1, editor.current(conv, 1)[keep])
+        if len(conv.inputs) > 2 and conv.inputs[2] is not None and conv.inputs[2].name:
+            editor.replace_input(conv, 2, editor.current(conv, 2)[keep])
+    for reshape in stream.channel_entries:
+        editor.set_entry(reshape, -2, len(keep))
+
+
+def _correct_norm(editor: _Editor, name: str, scale: float, shift: float) -> None:
+    """γ' = γ·scale, β' = β + γ·shift (see compensation.py)."""
+    node = editor.nodes[name]
+    gamma = editor.current(node, 1)
+    beta = editor.current(node, 2) if len(node.inputs) > 2 and node.inputs[2].name else np.zeros_like(gamma)
+    editor.replace_input(node, 1, (gamma * scale).astype(gamma.dtype))
+    new_beta = (beta + gamma * shift).astype(gamma.dtype)
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        editor.replace_input(node, 2, new_beta)
+    else:
+        node.inputs.append(editor.constant(f"{name}/bias", new_beta))
 
 
 def _prune_fused(editor: _Editor, keep: AttentionKeep, qk_columns: np.ndarray, v_columns: np.ndarray,
