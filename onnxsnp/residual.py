@@ -4,7 +4,7 @@ reads or writes it, so that the same channels can be removed everywhere at once.
 The stream is found by spreading from the transformer blocks' inputs and outputs: producers
 and consumers of a stream tensor must be understood (residual Adds, LayerNormalization, the
 projections that read it or write it, token selection, the class-token Concat, the position
-embedding Add, the patch-embedding Conv). Anything else that touches the stream stops residual
+embedding Add, the patch-embedding Conv, embedding-table lookups). Anything else that touches the stream stops residual
 pruning with the reason — a half-pruned stream is never written.
 """
 from __future__ import annotations
@@ -84,6 +84,12 @@ def _producer(g: ModelGraph, tensor: str, stream: ResidualStream) -> list[str]:
             else:
                 found.append(part)
         return found
+    if node.op_type == "Gather" and g.is_constant(node.input[0]) and attribute(node, "axis", 0) == 0:
+        table = g.constant(node.input[0])
+        if table.ndim != 2 or table.shape[1] != stream.width:
+            raise NoMatch(f"{node.name} looks up a table that is not {stream.width} wide")
+        stream.sliced_inputs.add((node.name, 0))  # token / position / segment embedding table
+        return []
     if node.op_type in _TOKEN_OPS:
         return [node.input[0]]
     if node.op_type == "Transpose" and list(attribute(node, "perm", [])) == [0, 2, 1]:

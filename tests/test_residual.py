@@ -59,3 +59,25 @@ def test_unknown_reader_of_the_stream_stops_residual_pruning(exported, tmp_path)
     model.graph.output.append(onnx.helper.make_tensor_value_info("peak", onnx.TensorProto.FLOAT, None))
     with pytest.raises(SnpError, match="ReduceMax"):
         prune(model, ratio=0.0, residual=0.25, calib_samples=8)
+
+
+@pytest.mark.parametrize("attention,dynamic", [("eager", True), ("sdpa", False)])
+def test_bert_classifier_stream_is_pruned(tmp_path, attention, dynamic):
+    """A BERT whose output is the pooled embedding: embedding tables, post-norm LayerNorms and the
+    pooler are all part of the stream."""
+    from conftest import torch
+    from torch_models import HFEncoder, export_legacy, tiny_bert
+
+    model = HFEncoder(tiny_bert(attention, layers=2), ("pooler_output",))
+    path = tmp_path / "bert_pooled.onnx"
+    axes = {"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}, "pooler_output": {0: "b"}}
+    export_legacy(model, (torch.randint(0, 100, (2, 8)), torch.ones(2, 8, dtype=torch.long)), str(path),
+                  ["input_ids", "attention_mask"], ["pooler_output"], axes if dynamic else None)
+    pruned, report = prune(str(path), ratio=0.25, residual=0.25, calib_samples=16)
+    assert report.residual_width == [32, 24]
+    g = ModelGraph(pruned)
+    assert find_stream(g, find_blocks(g)).width == 24
+    tables = [g.constant(n.input[0]) for n in pruned.graph.node if n.op_type == "Gather" and g.is_constant(n.input[0])]
+    assert tables and all(t.shape[-1] == 24 for t in tables if t.ndim == 2)
+    outputs = run(pruned, feed_for(path, batch=3 if dynamic else 2, seq=5 if dynamic else 8))
+    assert outputs[0].shape[-1] == 32  # the pooler writes its own 32 features, not the stream
