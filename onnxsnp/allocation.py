@@ -68,58 +68,82 @@ class CostModel:
 
     def flops(self, plan: PrunePlan) -> float:
         scale = {name: 1.0 for name in self.node_macs}
-        for keep in plan.attention:
-            for name, factor in self._attention_factors(keep).items():
-                scale[name] = factor
-        for keep in plan.ffn:
-            factor = len(keep.hidden) / keep.block.hidden
-            scale[keep.block.fc1.node] = scale[keep.block.fc2.node] = factor
-        for layer in plan.removed_layers:
-            for name in self.layer_nodes[id(layer)]:
-                scale[name] = 0.0
+        for keep in plan.attention:  # the attention products
+            f_qk, f_v = _fractions(keep)
+            scores, context = keep.block.core_nodes
+            if scores == context:  # one op computes both products
+                scale[scores] = (f_qk + f_v) / 2
+            else:
+                scale[scores], scale[context] = f_qk, f_v
+        for name, (inputs, outputs, _) in self._linear_fractions(plan).items():
+            scale[name] = inputs * outputs
+        if plan.stream is not None:
+            for name in plan.stream.convs:
+                scale[name] = len(plan.stream_keep) / plan.stream.width
+        for name in self._removed(plan):
+            scale[name] = 0.0
         return sum(self.node_macs[name] * factor for name, factor in scale.items() if name in self.node_macs) * 2
 
     def params(self, plan: PrunePlan) -> float:
+        removed = self._removed(plan)
         saved = 0.0
+        for name, (inputs, outputs, linear) in self._linear_fractions(plan).items():
+            if name in removed:
+                continue
+            weight = int(np.prod(self.g.constant(linear.weight).shape))
+            saved += weight * (1 - inputs * outputs)
+            if linear.bias is not None:
+                saved += self.g.constant(linear.bias).size * (1 - outputs)
         for keep in plan.attention:
-            b = keep.block
-            f_qk, f_v = _fractions(keep)
-            if b.q.node == b.k.node:  # one packed or fused weight
-                saved += self._size(b.q) * (1 - (2 * f_qk + f_v) / 3)
-            else:
-                saved += (self._size(b.q) + self._size(b.k)) * (1 - f_qk) + self._size(b.v) * (1 - f_v)
-            saved += self._size(b.out, bias=False) * (1 - f_v)
-            if b.packed_bias is not None:  # MultiHeadAttention's [q | k | v] bias
-                saved += self.g.constant(b.packed_bias).size * (1 - (2 * f_qk + f_v) / 3)
-        for keep in plan.ffn:
-            factor = 1 - len(keep.hidden) / keep.block.hidden
-            saved += (self._size(keep.block.fc1) + self._size(keep.block.fc2, bias=False)) * factor
-        removed = set().union(*(self.layer_nodes[id(layer)] for layer in plan.removed_layers))
+            if keep.block.packed_bias is not None:  # MultiHeadAttention's [q | k | v] bias
+                f_qk, f_v = _fractions(keep)
+                saved += self.g.constant(keep.block.packed_bias).size * (1 - (2 * f_qk + f_v) / 3)
+        if plan.stream is not None:
+            cut = 1 - len(plan.stream_keep) / plan.stream.width
+            constants = {self.g.initializer_behind(self.g.node(n).input[i]) for n, i in plan.stream.sliced_inputs}
+            constants |= {self.g.initializer_behind(t) for n in plan.stream.convs for t in self.g.node(n).input[1:3] if t}
+            saved += sum(int(np.prod(self.g.initializers[c].dims)) * cut for c in constants - {None}
+                         if not self.readers.get(c, set()) <= removed)
         for name, readers in self.readers.items():  # weights only removed blocks read go with them
             if readers <= removed:
                 saved += int(np.prod(self.g.initializers[name].dims))
         return self.params_total - saved
 
-    def _attention_factors(self, keep: AttentionKeep) -> dict[str, float]:
-        b = keep.block
-        f_qk, f_v = _fractions(keep)
-        factors = {b.out.node: f_v}
-        if b.q.node == b.k.node == b.v.node:
-            factors[b.q.node] = (2 * f_qk + f_v) / 3
-        else:
-            factors.update({b.q.node: f_qk, b.k.node: f_qk, b.v.node: f_v})
-        scores, context = b.core_nodes
-        if scores == context:  # one op computes both products
-            factors[scores] = (f_qk + f_v) / 2 if scores not in factors else (2 * f_qk + f_v) / 3
-        else:
-            factors[scores], factors[context] = f_qk, f_v
-        return factors
+    def _linear_fractions(self, plan: PrunePlan) -> dict[str, list]:
+        """Per projection node: [kept fraction of inputs, kept fraction of outputs, the Linear]."""
+        fractions: dict[str, list] = {}
 
-    def _size(self, linear: Linear, bias: bool = True) -> int:
-        total = int(np.prod(self.g.constant(linear.weight).shape))
-        if bias and linear.bias is not None:
-            total += int(self.g.constant(linear.bias).size)
-        return total
+        def scale(linear: Linear, inputs: float = 1.0, outputs: float = 1.0) -> None:
+            entry = fractions.setdefault(linear.node, [1.0, 1.0, linear])
+            entry[0] *= inputs
+            entry[1] *= outputs
+
+        for keep in plan.attention:
+            b = keep.block
+            f_qk, f_v = _fractions(keep)
+            if b.q.node == b.k.node:  # one fused or packed weight for q, k (and v)
+                scale(b.q, outputs=(2 * f_qk + f_v) / 3 if b.v.node == b.q.node else f_qk)
+                if b.v.node != b.q.node:
+                    scale(b.v, outputs=f_v)
+            else:
+                scale(b.q, outputs=f_qk)
+                scale(b.k, outputs=f_qk)
+                scale(b.v, outputs=f_v)
+            scale(b.out, inputs=f_v)
+        for keep in plan.ffn:
+            factor = len(keep.hidden) / keep.block.hidden
+            scale(keep.block.fc1, outputs=factor)
+            scale(keep.block.fc2, inputs=factor)
+        if plan.stream is not None:
+            factor = len(plan.stream_keep) / plan.stream.width
+            for linear in plan.stream.readers.values():
+                scale(linear, inputs=factor)
+            for linear in plan.stream.writers.values():
+                scale(linear, outputs=factor)
+        return fractions
+
+    def _removed(self, plan: PrunePlan) -> set[str]:
+        return set().union(*(self.layer_nodes[id(layer)] for layer in plan.removed_layers))
 
     def _nodes_of(self, layer: Layer) -> set[str]:
         start, end = self.g.producer.get(layer.input), self.g.producer.get(layer.output)

@@ -138,10 +138,6 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
     searched: list[dict] = []
     if target is None:
         plan = scorer.plan(ratios, seed)
-        if plan.stream is not None and compensate:
-            plan.norm_corrections = norm_corrections(g, plan, score_feed, batch)
-    elif ratios.residual:
-        raise SnpError("--residual cannot be combined with --target-flops/--target-params yet")
     else:
         costs = CostModel(g, matches, node_macs(model, one_batch), count_params(model))
 
@@ -149,6 +145,8 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
             return fidelity(reference, run_outputs(rewrite(g, candidate), holdout_feed, batch)).output_cosine
 
         plan, ratios, searched = search(scorer, ratios, target, costs, measure, seed)
+    if plan.stream is not None and compensate:
+        plan.norm_corrections = norm_corrections(g, plan, score_feed, batch)
 
     pruned = rewrite(g, plan)
     check_structure(pruned)
