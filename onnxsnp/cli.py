@@ -14,6 +14,7 @@ from pathlib import Path
 import onnx
 
 from .errors import SnpError
+from .compensation import COMPENSATION
 from .importance import CRITERIA
 from .matching import Matches
 from .loading import is_big, load_model
@@ -63,6 +64,12 @@ def _prune_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target-params", metavar="P", help="like --target-flops, for the parameter count")
     parser.add_argument("--align", type=int, default=1,
                         help="round kept widths up to a multiple of this (e.g. 8 for fast kernels)")
+    parser.add_argument("--compensate", choices=COMPENSATION, default="lstsq",
+                        help="restore the layer after each pruned group from calibration data: lstsq (default: "
+                             "ridge least-squares refit of the output projection / fc2 and its bias), bias (the "
+                             "removed neurons' mean contribution folded into the bias) or none")
+    parser.add_argument("--no-compensate", dest="compensate", action="store_const", const="none",
+                        help="same as --compensate none (also skips the LayerNorm correction)")
     parser.add_argument("--criterion", choices=CRITERIA, default="snp",
                         help="neuron scoring: snp (default), snp-paper, l2 or random")
     parser.add_argument("--calib", metavar="FILE.npz",
@@ -132,7 +139,7 @@ def _run_prune(args: argparse.Namespace) -> int:
         else:
             warnings.showwarning = _show_warning
         result = prune_model(loaded, ratios, criterion=args.criterion, calib=args.calib, target=goal,
-                             residual_criterion=args.residual_criterion,
+                             residual_criterion=args.residual_criterion, compensate=args.compensate,
                              calib_samples=args.calib_samples, seed=args.seed, progress=not args.quiet)
     write_model_atomically(result.model, target, result.external_data)
     if args.report:

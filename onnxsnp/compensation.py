@@ -1,5 +1,7 @@
 """Restoring what pruning changes, from calibration data alone (between scoring and rewriting).
 
+Layers after a pruned group: see `refits`.
+
 LayerNorm after residual-channel pruning: a LayerNorm over the kept channels K normalises with
 their own mean and deviation. Exactly, per token,
     (x_K − μ)/σ = (x_K − μ_K)/σ_K · (σ_K/σ) + (μ_K − μ)/σ,
@@ -8,6 +10,8 @@ Those two are per-token values; their calibration means give the closed-form cor
 γ' = γ·E[σ_K/σ], β' = β + γ·E[(μ_K − μ)/σ] — exact where they vary little between tokens.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -37,3 +41,61 @@ def norm_corrections(g: ModelGraph, plan: PrunePlan, feed: dict[str, np.ndarray]
             totals[1] += float(((mean_k - mean) / deviation).sum())
             totals[2] += x.shape[0]
     return {name: (s / max(n, 1), m / max(n, 1)) for name, (s, m, n) in ratio.items()}
+
+
+@dataclass
+class Refit:
+    """New weights for a layer whose inputs were pruned, in [kept inputs, outputs] layout."""
+
+    weight: np.ndarray
+    bias: np.ndarray | None
+
+
+COMPENSATION = ("lstsq", "bias", "none")
+RIDGE = 1e-2  # relative to the mean diagonal of the kept inputs' Gram matrix
+
+
+def refits(g: ModelGraph, plan: PrunePlan, feed: dict[str, np.ndarray], batch: int, mode: str,
+           mask_input: str | None = None) -> dict[str, Refit]:
+    """Refit the layer after each pruned group (output projection after V/heads, fc2 after FFN)
+    to reproduce its original output on calibration activations.
+
+    "bias": the removed inputs' mean contribution is folded into the bias (FLAP).
+    "lstsq": W', b' = argmin ‖X_K W' + b' − (X W + b)‖² + ridge, in closed form from the Gram
+    matrix of [X, 1] accumulated batch by batch (memory: one (inputs+1)² matrix per layer)."""
+    if mode == "none":
+        return {}
+    layers = [(keep.block.out, keep.v_columns()) for keep in plan.attention if keep.changes_something()]
+    layers += [(keep.block.fc2, keep.hidden) for keep in plan.ffn if keep.changes_something()]
+    if not layers:
+        return {}
+    grams = {linear.node: np.zeros((linear.in_features + 1,) * 2) for linear, _ in layers}
+    wanted = sorted({linear.input for linear, _ in layers})
+    for inputs, acts in capture(g.model, wanted, feed, batch):
+        mask = inputs.get(mask_input) if mask_input else None
+        for linear, _ in layers:
+            x = acts[linear.input].astype(np.float64)
+            if mask is not None and x.ndim == 3 and mask.shape == x.shape[:2]:
+                x = x[mask > 0]
+            x = x.reshape(-1, x.shape[-1])
+            augmented = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
+            grams[linear.node] += augmented.T @ augmented
+    return {linear.node: _solve(g, linear, keep, grams[linear.node], mode) for linear, keep in layers}
+
+
+def _solve(g: ModelGraph, linear, keep: np.ndarray, gram: np.ndarray, mode: str) -> Refit:
+    weight = g.constant(linear.weight).astype(np.float64)
+    weight = weight.T if linear.transposed else weight  # [in, out]
+    bias = g.constant(linear.bias).astype(np.float64).reshape(-1) if linear.bias is not None else None
+    count = gram[-1, -1]
+    if mode == "bias" or count == 0:
+        removed = np.setdiff1d(np.arange(weight.shape[0]), keep)
+        shift = (gram[-1, removed] / max(count, 1)) @ weight[removed] if mode == "bias" and count else 0.0
+        return Refit(weight[keep], None if bias is None else bias + shift)
+    full = np.concatenate([weight, (bias if bias is not None else np.zeros(weight.shape[1]))[None]], axis=0)
+    rows = np.append(keep, weight.shape[0]) if bias is not None else keep
+    a = gram[np.ix_(rows, rows)]
+    ridge = RIDGE * float(np.mean(np.diag(a)[:len(keep)]))
+    a = a + ridge * np.diag(np.r_[np.ones(len(keep)), np.zeros(len(rows) - len(keep))])
+    solution = np.linalg.solve(a, gram[rows] @ full)
+    return Refit(solution[:len(keep)], solution[len(keep)] if bias is not None else None)

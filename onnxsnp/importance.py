@@ -74,6 +74,7 @@ class PrunePlan:
     stream: ResidualStream | None = None  # set when residual channels are removed
     stream_keep: np.ndarray | None = None  # the kept channels, ascending
     norm_corrections: dict[str, tuple[float, float]] = field(default_factory=dict)  # LayerNorm: (γ scale, β shift/γ)
+    refits: dict = field(default_factory=dict)  # projection node → compensation.Refit (weights after pruning)
 
 
 def _head_columns(heads: np.ndarray, kept: np.ndarray, head_dim: int) -> np.ndarray:

@@ -12,7 +12,7 @@ import onnx
 from . import calibration as calib_stage
 from .errors import SnpError
 from .graph import ModelGraph
-from .compensation import norm_corrections
+from .compensation import COMPENSATION, norm_corrections, refits
 from .allocation import CostModel, Target, parse_target, search
 from .importance import CRITERIA, PrunePlan, Ratios, Scorer
 from .loading import LoadedModel, load_model
@@ -75,7 +75,7 @@ def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float = 0.5
           v_ratio: float | None = None, ffn_ratio: float | None = None, heads: float = 0.0,
           blocks: int | str | tuple[int, ...] = 0, target_flops: float | None = None,
           target_params: float | None = None, align: int = 1, residual: float = 0.0,
-          residual_criterion: str = "weights", criterion: str = "snp",
+          residual_criterion: str = "weights", compensate: str = "lstsq", criterion: str = "snp",
           calib: str | os.PathLike | dict[str, np.ndarray] | None = None, calib_samples: int = 64,
           seed: int = 0, batch_size: int | None = None, progress: bool = False) -> tuple[onnx.ModelProto, Report]:
     """Prune a transformer with SNP; returns the pruned model and a report. The input is not changed.
@@ -90,7 +90,7 @@ def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float = 0.5
     """
     ratios = resolve_ratios(ratio, qk_ratio, v_ratio, ffn_ratio, heads, blocks, align, residual)
     result = prune_model(model_or_path, ratios, target=resolve_target(target_flops, target_params),
-                         residual_criterion=residual_criterion,
+                         residual_criterion=residual_criterion, compensate=compensate,
                          criterion=criterion,
                          calib=calib, calib_samples=calib_samples, seed=seed, batch_size=batch_size, progress=progress)
     return result.model, result.report
@@ -100,7 +100,7 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
                 criterion: str = "snp",
                 calib: str | os.PathLike | dict[str, np.ndarray] | None = None, calib_samples: int = 64,
                 seed: int = 0, batch_size: int | None = None, progress: bool = False,
-                target: Target | None = None, compensate: bool = True,
+                target: Target | None = None, compensate: str | bool = "lstsq",
                 residual_criterion: str = "weights") -> PruneResult:
     started = time.perf_counter()
     if criterion not in CRITERIA:
@@ -130,6 +130,9 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
     score_feed, holdout_feed = _split(feed, fixed)
 
     _check_blocks(matches, ratios)
+    compensate = {True: "lstsq", False: "none"}.get(compensate, compensate) if isinstance(compensate, bool) else compensate
+    if compensate not in COMPENSATION:
+        raise SnpError(f"--compensate must be one of {', '.join(COMPENSATION)}, got {compensate!r}")
     if residual_criterion not in ("weights", "activation"):
         raise SnpError(f"--residual-criterion must be weights or activation, got {residual_criterion!r}")
     scorer = score(g, matches, ratios, criterion, score_feed, batch, progress, residual_criterion)
@@ -145,14 +148,15 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
             return fidelity(reference, run_outputs(rewrite(g, candidate), holdout_feed, batch)).output_cosine
 
         plan, ratios, searched = search(scorer, ratios, target, costs, measure, seed)
-    if plan.stream is not None and compensate:
+    if plan.stream is not None and compensate != "none":
         plan.norm_corrections = norm_corrections(g, plan, score_feed, batch)
+    plan.refits = refits(g, plan, score_feed, batch, compensate, calib_stage.token_mask_input(specs))
 
     pruned = rewrite(g, plan)
     check_structure(pruned)
     measured = fidelity(reference, run_outputs(pruned, holdout_feed, batch))
 
-    report = Report(criterion=criterion, ratios={"qk": round(ratios.qk, 4), "v": round(ratios.v, 4),
+    report = Report(criterion=criterion, compensation=compensate, ratios={"qk": round(ratios.qk, 4), "v": round(ratios.v, 4),
                                                  "ffn": round(ratios.ffn, 4), "heads": ratios.heads,
                                                  "residual": ratios.residual},
                     calibration=source, calibration_samples=_count(score_feed), holdout_samples=_count(holdout_feed),

@@ -27,6 +27,7 @@ class BlockReport:
 @dataclass
 class Report:
     criterion: str
+    compensation: str  # "lstsq", "bias" or "none"
     ratios: dict[str, float]
     calibration: str  # "synthetic" or where the samples came from
     calibration_samples: int
@@ -83,7 +84,8 @@ class Report:
         top1 = f", top-1 agreement {f.top1_agreement:.1%}" if f.top1_agreement is not None else ""
         lines.append(f"fidelity on {f.samples} held-back samples: output cosine {f.output_cosine:.4f}{top1}, "
                      f"max abs diff {f.max_abs_diff:.3g}")
-        lines.append(f"criterion {self.criterion}, calibration: {self.calibration} ({self.calibration_samples} samples)")
+        lines.append(f"criterion {self.criterion}, compensation {self.compensation}, calibration: {self.calibration} "
+                     f"({self.calibration_samples} samples)")
         if self.target:
             r = self.ratios
             lines.append(f"target {self.target['kind']} {self.target['value']:g}: chose ratios q/k {r['qk']:.3f}, "

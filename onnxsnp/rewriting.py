@@ -72,8 +72,21 @@ class _Editor:
             bias_node = self.nodes[linear.bias_node]
             self.replace_input(bias_node, linear.bias_index, self.current(bias_node, linear.bias_index)[columns])
 
-    def keep_inputs(self, linear: Linear, rows: np.ndarray) -> None:
-        """Keep only input features `rows` of `linear` (weight rows)."""
+    def set_weights(self, linear: Linear, weight: np.ndarray, bias: np.ndarray | None) -> None:
+        """Replace a projection's weight (given [in, out]) and bias, keeping their dtypes."""
+        node = self.nodes[linear.node]
+        dtype = self.current(node, linear.weight_index).dtype
+        self.replace_input(node, linear.weight_index, (weight.T if linear.transposed else weight).astype(dtype))
+        if bias is not None and linear.bias is not None:
+            bias_node = self.nodes[linear.bias_node]
+            current = self.current(bias_node, linear.bias_index)
+            self.replace_input(bias_node, linear.bias_index, bias.reshape(current.shape).astype(current.dtype))
+
+    def keep_inputs(self, linear: Linear, rows: np.ndarray, refit=None) -> None:
+        """Keep only input features `rows` of `linear` (weight rows), or put in refitted weights."""
+        if refit is not None:
+            self.set_weights(linear, refit.weight, refit.bias)
+            return
         node = self.nodes[linear.node]
         weight = self.current(node, linear.weight_index)
         self.replace_input(node, linear.weight_index, weight[:, rows] if linear.transposed else weight[rows, :])
@@ -160,13 +173,13 @@ def rewrite(g: ModelGraph, plan: PrunePlan) -> onnx.ModelProto:
     editor = _Editor(g, graph)
     for keep in plan.attention:
         if keep.changes_something():
-            _prune_attention(editor, keep, plan.scale_values)
+            _prune_attention(editor, keep, plan.scale_values, plan.refits)
         elif plan.stream is not None:  # merge reshapes that read the stream width now need a constant
             _pin_merge_widths(editor, keep)
     for ffn in plan.ffn:
         if ffn.changes_something():
             editor.keep_outputs(ffn.block.fc1, ffn.hidden)
-            editor.keep_inputs(ffn.block.fc2, ffn.hidden)
+            editor.keep_inputs(ffn.block.fc2, ffn.hidden, plan.refits.get(ffn.block.fc2.node))
     if plan.stream is not None:
         _prune_stream(editor, plan.stream, plan.stream_keep)
         for name, (scale, shift) in plan.norm_corrections.items():
@@ -181,7 +194,8 @@ def rewrite(g: ModelGraph, plan: PrunePlan) -> onnx.ModelProto:
     return model
 
 
-def _prune_attention(editor: _Editor, keep: AttentionKeep, scale_values: dict[str, np.ndarray]) -> None:
+def _prune_attention(editor: _Editor, keep: AttentionKeep, scale_values: dict[str, np.ndarray],
+                     refits: dict) -> None:
     block = keep.block
     qk_columns = keep.qk_columns()
     v_columns = keep.v_columns()
@@ -206,7 +220,7 @@ def _prune_attention(editor: _Editor, keep: AttentionKeep, scale_values: dict[st
             editor.nodes[block.attention_op].inputs[3] = editor.constant(block.packed_bias, kept)
     else:
         _prune_fused(editor, keep, qk_columns, v_columns, dq, dv)
-    editor.keep_inputs(block.out, v_columns)
+    editor.keep_inputs(block.out, v_columns, refits.get(block.out.node))
     if block.attention_op is not None:  # ops that carry the head count as an attribute
         attrs = editor.nodes[block.attention_op].attrs
         for name in ("num_heads", "q_num_heads", "kv_num_heads"):

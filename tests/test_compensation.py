@@ -1,0 +1,75 @@
+"""Compensation: refits that restore a pruned layer's output from calibration statistics."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from onnxsnp import prune
+from onnxsnp.cli import main
+from onnxsnp.compensation import _solve
+from onnxsnp.matching import Linear
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Constants:
+    """Stands in for ModelGraph where only constants are read."""
+
+    def __init__(self, **values):
+        self.values = values
+
+    def constant(self, name):
+        return self.values[name]
+
+
+def layer(inputs: int, outputs: int, transposed: bool = False) -> Linear:
+    return Linear("fc2", "W", 1, transposed, "add", "b", 0, "x", "y", inputs, outputs)
+
+
+def gram_of(x: np.ndarray) -> np.ndarray:
+    augmented = np.concatenate([x, np.ones((len(x), 1))], axis=1)
+    return augmented.T @ augmented
+
+
+def test_least_squares_recovers_removed_inputs_that_kept_ones_explain():
+    rng = np.random.default_rng(0)
+    kept_inputs = rng.standard_normal((500, 6))
+    mixing = rng.standard_normal((6, 2))
+    x = np.concatenate([kept_inputs, kept_inputs @ mixing + 0.5], axis=1)  # inputs 6, 7 are redundant
+    weight, bias = rng.standard_normal((8, 3)), rng.standard_normal(3)
+    keep = np.arange(6)
+    import onnxsnp.compensation as compensation
+
+    ridge, compensation.RIDGE = compensation.RIDGE, 1e-9
+    try:
+        refit = _solve(Constants(W=weight, b=bias), layer(8, 3), keep, gram_of(x), "lstsq")
+    finally:
+        compensation.RIDGE = ridge
+    np.testing.assert_allclose(kept_inputs @ refit.weight + refit.bias, x @ weight + bias, atol=1e-6)
+
+
+def test_bias_mode_folds_the_mean_contribution():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((300, 5))
+    x[:, 4] = 2.0  # a removed input that is constant: its contribution is exactly its mean
+    weight, bias = rng.standard_normal((5, 2)), np.zeros(2)
+    refit = _solve(Constants(W=weight.T, b=bias), layer(5, 2, transposed=True), np.arange(4), gram_of(x), "bias")
+    np.testing.assert_allclose(x[:, :4] @ refit.weight + refit.bias, x @ weight + bias, atol=1e-9)
+
+
+def test_compensation_improves_the_shipped_model():
+    model, calib = ROOT / "models" / "digits_vit.onnx", ROOT / "models" / "digits_vit_calib.npz"
+    cosines = {mode: prune(str(model), ratio=0.5, calib=str(calib), compensate=mode)[1].fidelity.output_cosine
+               for mode in ("none", "bias", "lstsq")}
+    assert cosines["lstsq"] > cosines["none"] and cosines["bias"] > cosines["none"]
+
+
+@pytest.mark.parametrize("flags,mode", [(["--no-compensate"], "none"), (["--compensate", "bias"], "bias"), ([], "lstsq")])
+def test_cli_compensation_flags(tmp_path, flags, mode):
+    report = tmp_path / "r.json"
+    assert main([str(ROOT / "models" / "digits_vit.onnx"), str(tmp_path / "o.onnx"), "--ratio", "0.3",
+                 "--calib-samples", "16", "--report", str(report), "-q", *flags]) == 0
+    assert json.loads(report.read_text())["compensation"] == mode
