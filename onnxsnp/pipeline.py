@@ -103,20 +103,8 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
                 target: Target | None = None, compensate: str | bool = "lstsq",
                 residual_criterion: str = "weights") -> PruneResult:
     started = time.perf_counter()
-    if criterion not in CRITERIA:
-        raise SnpError(f"--criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
-    if not isinstance(calib_samples, int) or calib_samples < 1:
-        raise SnpError(f"--calib-samples must be a positive integer, got {calib_samples!r}")
-    if isinstance(model_or_path, onnx.ModelProto):
-        model = onnx.ModelProto()
-        model.CopyFrom(model_or_path)
-        external = False
-    elif isinstance(model_or_path, LoadedModel):  # loaded by the caller; ours to annotate
-        model, external = model_or_path.model, model_or_path.external_data
-    else:
-        loaded = load_model(model_or_path)
-        model, external = loaded.model, loaded.external_data
-
+    compensate = _check_options(criterion, calib_samples, compensate, residual_criterion)
+    model, external = _load(model_or_path)
     g = ModelGraph(model)
     matches = find_blocks(g)
     if not matches.attention:
@@ -130,11 +118,6 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
     score_feed, holdout_feed = _split(feed, fixed)
 
     _check_blocks(matches, ratios)
-    compensate = {True: "lstsq", False: "none"}.get(compensate, compensate) if isinstance(compensate, bool) else compensate
-    if compensate not in COMPENSATION:
-        raise SnpError(f"--compensate must be one of {', '.join(COMPENSATION)}, got {compensate!r}")
-    if residual_criterion not in ("weights", "activation"):
-        raise SnpError(f"--residual-criterion must be weights or activation, got {residual_criterion!r}")
     scorer = score(g, matches, ratios, criterion, score_feed, batch, progress, residual_criterion)
     reference = run_outputs(model, holdout_feed, batch)
     one_batch = {k: v[:fixed or 1] for k, v in holdout_feed.items()}
@@ -167,6 +150,33 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
                     target=None if target is None else {"kind": target.kind, "value": target.value, "tried": searched},
                     seconds=round(time.perf_counter() - started, 2))
     return PruneResult(pruned, report, external)
+
+
+def _check_options(criterion: str, calib_samples: int, compensate: str | bool, residual_criterion: str) -> str:
+    """Fail on bad options before any work; returns the compensation mode."""
+    if criterion not in CRITERIA:
+        raise SnpError(f"--criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
+    if isinstance(calib_samples, bool) or not isinstance(calib_samples, int) or calib_samples < 1:
+        raise SnpError(f"--calib-samples must be a positive integer, got {calib_samples!r}")
+    if isinstance(compensate, bool):
+        compensate = "lstsq" if compensate else "none"
+    if compensate not in COMPENSATION:
+        raise SnpError(f"--compensate must be one of {', '.join(COMPENSATION)}, got {compensate!r}")
+    if residual_criterion not in ("weights", "activation"):
+        raise SnpError(f"--residual-criterion must be weights or activation, got {residual_criterion!r}")
+    return compensate
+
+
+def _load(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel) -> tuple[onnx.ModelProto, bool]:
+    """The model to work on (never the caller's own proto) and whether it used external data."""
+    if isinstance(model_or_path, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(model_or_path)
+        return model, False
+    if isinstance(model_or_path, LoadedModel):  # loaded by the caller for us to annotate
+        return model_or_path.model, model_or_path.external_data
+    loaded = load_model(model_or_path)
+    return loaded.model, loaded.external_data
 
 
 def _check_blocks(matches: Matches, ratios: Ratios) -> None:
