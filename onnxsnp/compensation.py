@@ -65,7 +65,8 @@ def refits(g: ModelGraph, plan: PrunePlan, feed: dict[str, np.ndarray], batch: i
     matrix of [X, 1] accumulated batch by batch (memory: one (inputs+1)² matrix per layer)."""
     if mode == "none":
         return {}
-    layers = [(keep.block.out, keep.v_columns()) for keep in plan.attention if keep.changes_something()]
+    layers = [(keep.block.out, keep.v_columns()) for keep in plan.attention
+              if len(keep.v_columns()) < keep.block.heads * keep.block.head_dim]  # its inputs lost something
     layers += [(keep.block.fc2, keep.hidden) for keep in plan.ffn if keep.changes_something()]
     if not layers:
         return {}
@@ -99,3 +100,23 @@ def _solve(g: ModelGraph, linear, keep: np.ndarray, gram: np.ndarray, mode: str)
     a = a + ridge * np.diag(np.r_[np.ones(len(keep)), np.zeros(len(rows) - len(keep))])
     solution = np.linalg.solve(a, gram[rows] @ full)
     return Refit(solution[:len(keep)], solution[len(keep)] if bias is not None else None)
+
+
+def qk_rescales(plan: PrunePlan) -> dict[str, np.ndarray]:
+    """Per block, a factor for every kept Q/K pair so that the kept pairs reproduce the original
+    scores S = Σ_n q_n k_nᵀ in least squares over calibration tokens:
+    min_α ‖Σ_{n∈K} α_n q_n k_nᵀ − S‖², i.e. A_KK α = A_K· 1 with A = (QᵀQ) ∘ (KᵀK) per head.
+    The factor goes into the q columns, so the softmax scale stays the original one."""
+    scales = {}
+    for keep in plan.attention:
+        gram = plan.qk_grams.get(keep.block.name)
+        if gram is None or keep.qk.shape[1] == keep.block.head_dim:
+            continue
+        rows = []
+        for head, kept in zip(keep.heads, keep.qk):
+            a = gram[head]
+            system = a[np.ix_(kept, kept)]
+            system = system + RIDGE * float(np.mean(np.diag(system))) * np.eye(len(kept))
+            rows.append(np.linalg.solve(system, a[kept].sum(axis=1)))
+        scales[keep.block.name] = np.array(rows)
+    return scales

@@ -75,6 +75,8 @@ class PrunePlan:
     stream_keep: np.ndarray | None = None  # the kept channels, ascending
     norm_corrections: dict[str, tuple[float, float]] = field(default_factory=dict)  # LayerNorm: (γ scale, β shift/γ)
     refits: dict = field(default_factory=dict)  # projection node → compensation.Refit (weights after pruning)
+    qk_grams: dict[str, np.ndarray] = field(default_factory=dict)  # block → per-head Σ (QᵀQ)∘(KᵀK), when measured
+    qk_scales: dict[str, np.ndarray] = field(default_factory=dict)  # block → (kept heads, kept pairs) q rescale
 
 
 def _head_columns(heads: np.ndarray, kept: np.ndarray, head_dim: int) -> np.ndarray:
@@ -150,6 +152,8 @@ class Scorer:
         self.energy = energy
         self.qk_sum = {b.name: np.zeros((b.heads, b.head_dim)) for b in matches.attention}
         self.qk_count = {b.name: 0 for b in matches.attention}
+        # Σ (QᵀQ) ∘ (KᵀK) per head: the least-squares system for rescaling kept Q/K pairs
+        self.qk_gram = {b.name: np.zeros((b.heads, b.head_dim, b.head_dim)) for b in matches.attention}
         self.sq_sum: dict[str, np.ndarray] = {}
         self.scale_values: dict[str, np.ndarray] = {}
         self.layer_change = np.zeros(len(matches.layers))  # Σ‖out − in‖² per transformer block
@@ -240,6 +244,8 @@ class Scorer:
             k_heads = k_part.reshape(n_samples, tokens, heads, d).transpose(0, 2, 1, 3).reshape(-1, tokens, d)
             scores = qk_pair_scores(q_heads, k_heads, self.energy).reshape(n_samples, heads, d)
             self.qk_sum[block.name] += scores.sum(axis=0)
+            products = np.einsum("snd,sne->sde", q_heads, q_heads) * np.einsum("snd,sne->sde", k_heads, k_heads)
+            self.qk_gram[block.name] += products.reshape(n_samples, heads, d, d).sum(axis=0)
             self.qk_count[block.name] += n_samples
 
     def _update_sq(self, tensor: str, act: np.ndarray, token_mask: np.ndarray | None) -> None:
@@ -291,7 +297,9 @@ class Scorer:
             stream_keep = np.sort(np.argsort(-scores, kind="stable")[:kept_count(self.stream.width, ratios.residual,
                                                                                    ratios.align)])
         return PrunePlan(attention, ffn, dict(self.scale_values), removed,
-                         self.stream if stream_keep is not None else None, stream_keep)
+                         self.stream if stream_keep is not None else None, stream_keep,
+                         qk_grams={k.block.name: self.qk_gram[k.block.name] for k in attention
+                                   if self.qk_count[k.block.name]})
 
     def _channel_scores(self, rng: np.random.Generator) -> np.ndarray:
         """Residual channels (criterion random: random): "weights" (default) sums the norms of the

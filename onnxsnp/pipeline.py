@@ -12,7 +12,7 @@ import onnx
 from . import calibration as calib_stage
 from .errors import SnpError
 from .graph import ModelGraph
-from .compensation import COMPENSATION, norm_corrections, refits
+from .compensation import COMPENSATION, norm_corrections, qk_rescales, refits
 from .allocation import CostModel, Target, parse_target, search
 from .importance import CRITERIA, PrunePlan, Ratios, Scorer
 from .loading import LoadedModel, load_model
@@ -101,7 +101,7 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
                 calib: str | os.PathLike | dict[str, np.ndarray] | None = None, calib_samples: int = 64,
                 seed: int = 0, batch_size: int | None = None, progress: bool = False,
                 target: Target | None = None, compensate: str | bool = "lstsq",
-                residual_criterion: str = "weights") -> PruneResult:
+                residual_criterion: str = "weights", rescale_qk: bool = True) -> PruneResult:
     started = time.perf_counter()
     compensate = _check_options(criterion, calib_samples, compensate, residual_criterion)
     model, external = _load(model_or_path)
@@ -134,6 +134,8 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
     if plan.stream is not None and compensate != "none":
         plan.norm_corrections = norm_corrections(g, plan, score_feed, batch)
     plan.refits = refits(g, plan, score_feed, batch, compensate, calib_stage.token_mask_input(specs))
+    if compensate == "lstsq" and rescale_qk:
+        plan.qk_scales = qk_rescales(plan)
 
     pruned = rewrite(g, plan)
     check_structure(pruned)

@@ -173,7 +173,7 @@ def rewrite(g: ModelGraph, plan: PrunePlan) -> onnx.ModelProto:
     editor = _Editor(g, graph)
     for keep in plan.attention:
         if keep.changes_something():
-            _prune_attention(editor, keep, plan.scale_values, plan.refits)
+            _prune_attention(editor, keep, plan.scale_values, plan.refits, plan.qk_scales)
         elif plan.stream is not None:  # merge reshapes that read the stream width now need a constant
             _pin_merge_widths(editor, keep)
     for ffn in plan.ffn:
@@ -195,7 +195,7 @@ def rewrite(g: ModelGraph, plan: PrunePlan) -> onnx.ModelProto:
 
 
 def _prune_attention(editor: _Editor, keep: AttentionKeep, scale_values: dict[str, np.ndarray],
-                     refits: dict) -> None:
+                     refits: dict, qk_scales: dict[str, np.ndarray]) -> None:
     block = keep.block
     qk_columns = keep.qk_columns()
     v_columns = keep.v_columns()
@@ -221,6 +221,8 @@ def _prune_attention(editor: _Editor, keep: AttentionKeep, scale_values: dict[st
     else:
         _prune_fused(editor, keep, qk_columns, v_columns, dq, dv)
     editor.keep_inputs(block.out, v_columns, refits.get(block.out.node))
+    if block.name in qk_scales:
+        _scale_q(editor, keep, qk_scales[block.name])
     if block.attention_op is not None:  # ops that carry the head count as an attribute
         attrs = editor.nodes[block.attention_op].attrs
         for name in ("num_heads", "q_num_heads", "kv_num_heads"):
@@ -229,6 +231,33 @@ def _prune_attention(editor: _Editor, keep: AttentionKeep, scale_values: dict[st
     new_width = {"qk": dq, "v": dv, "qk_merged": heads * dq, "v_merged": heads * dv, "heads": heads}
     for edit in block.shape_edits:
         editor.set_entry(edit.reshape, edit.position, new_width[edit.width])
+
+
+def _scale_q(editor: _Editor, keep: AttentionKeep, scales: np.ndarray) -> None:
+    """Multiply the kept q columns (weight and bias) by their least-squares factors."""
+    block = keep.block
+    factors = scales.reshape(-1)
+    offset = 0  # where q's columns start in the (already sliced) weight
+    if block.q.node == block.k.node:  # fused or packed: parts in their original order
+        q_off = block.column_offsets[0]
+        offset = sum(len(factors) if off == block.column_offsets[1] else len(keep.v_columns())
+                     for off in block.column_offsets[1:] if off < q_off)
+    columns = np.arange(offset, offset + len(factors))
+    node = editor.nodes[block.q.node]
+    weight = editor.current(node, block.q.weight_index).copy()
+    if block.q.transposed:
+        weight[columns] *= factors[:, None].astype(weight.dtype)
+    else:
+        weight[:, columns] *= factors.astype(weight.dtype)
+    editor.replace_input(node, block.q.weight_index, weight)
+    biases = [(block.q.bias_node, block.q.bias_index)] if block.q.bias is not None else []
+    if block.packed_bias is not None:  # MultiHeadAttention: q is the first part of its bias input
+        biases.append((block.attention_op, 3))
+    for name, index in biases:
+        bias_node = editor.nodes[name]
+        bias = editor.current(bias_node, index).copy()
+        bias[columns] *= factors.astype(bias.dtype)
+        editor.replace_input(bias_node, index, bias)
 
 
 def _pin_merge_widths(editor: _Editor, keep: AttentionKeep) -> None:

@@ -73,3 +73,26 @@ def test_cli_compensation_flags(tmp_path, flags, mode):
     assert main([str(ROOT / "models" / "digits_vit.onnx"), str(tmp_path / "o.onnx"), "--ratio", "0.3",
                  "--calib-samples", "16", "--report", str(report), "-q", *flags]) == 0
     assert json.loads(report.read_text())["compensation"] == mode
+
+
+def test_rescaling_kept_qk_pairs_restores_scores():
+    """Least-squares factors on the kept Q/K pairs bring the pruned model closer to the original."""
+    from onnxsnp.pipeline import prune_model, resolve_ratios
+
+    model, calib = ROOT / "models" / "digits_vit.onnx", ROOT / "models" / "digits_vit_calib.npz"
+    cosines = [prune_model(str(model), resolve_ratios(0.0, qk=0.75), calib=str(calib),
+                           rescale_qk=flag).report.fidelity.output_cosine for flag in (False, True)]
+    assert cosines[1] > cosines[0]
+
+
+def test_unpruned_output_projection_is_left_alone():
+    """Only Q/K pruned: V is whole, so the output projection keeps its exact weights."""
+    from onnxsnp.graph import ModelGraph
+
+    model = ROOT / "models" / "digits_vit.onnx"
+    pruned, _ = prune(str(model), ratio=0.0, qk_ratio=0.5, calib=str(ROOT / "models" / "digits_vit_calib.npz"))
+    original = ModelGraph(__import__("onnx").load(str(model)))
+    after = ModelGraph(pruned)
+    proj = [n for n in pruned.graph.node if n.name.endswith("attn/proj/MatMul")]
+    assert proj and all(np.array_equal(after.constant(n.input[1]), original.constant(
+        original.node(n.name).input[1])) for n in proj)

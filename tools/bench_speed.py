@@ -46,6 +46,7 @@ CALIB_SAMPLES = 16
 TARGET = 0.95  # speedup ÷ FLOPs cut below this is reported as "below target"
 PROFILE_RUNS = 10
 TOP_OPS = 8
+LAYOUT_OPS = ("Reshape", "Transpose", "Split", "Squeeze", "Slice", "Concat")
 
 
 def export(name: str, folder: Path) -> Path:
@@ -113,8 +114,11 @@ def print_profile(label: str, before: dict[str, float], after: dict[str, float])
     """The union of both models' top op types, side by side: ms per run and share of the total."""
     top = sorted(before, key=before.get, reverse=True)[:TOP_OPS]
     top += [op for op in sorted(after, key=after.get, reverse=True)[:TOP_OPS] if op not in top]
+    # layout ops always shown: pruning rewrites their shapes, so they are the first suspects when
+    # the speedup falls short of the FLOPs cut
+    top += [op for op in LAYOUT_OPS if op not in top and (op in before or op in after)]
     total_b, total_a = sum(before.values()) or 1.0, sum(after.values()) or 1.0
-    print(f"\nprofile {label} ({PROFILE_RUNS} runs, ms/run by op type; top {TOP_OPS} of each)")
+    print(f"\nprofile {label} ({PROFILE_RUNS} runs, ms/run by op type; top {TOP_OPS} of each, and layout ops)")
     print(f"  {'op type':<22}{'original':>18}{'pruned':>18}{'after/before':>14}")
     for op in top:
         b, a = before.get(op, 0.0), after.get(op, 0.0)
