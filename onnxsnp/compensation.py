@@ -96,9 +96,13 @@ def _solve(g: ModelGraph, linear, keep: np.ndarray, gram: np.ndarray, mode: str)
     full = np.concatenate([weight, (bias if bias is not None else np.zeros(weight.shape[1]))[None]], axis=0)
     rows = np.append(keep, weight.shape[0]) if bias is not None else keep
     a = gram[np.ix_(rows, rows)]
-    ridge = RIDGE * float(np.mean(np.diag(a)[:len(keep)]))
-    a = a + ridge * np.diag(np.r_[np.ones(len(keep)), np.zeros(len(rows) - len(keep))])
-    solution = np.linalg.solve(a, gram[rows] @ full)
+    # the ridge pulls towards the original kept weights (not towards zero), so little data or a
+    # small cut leaves the layer as it was
+    penalty = RIDGE * float(np.mean(np.diag(a)[:len(keep)])) * np.r_[np.ones(len(keep)), np.zeros(len(rows) - len(keep))]
+    try:
+        solution = np.linalg.solve(a + np.diag(penalty), gram[rows] @ full + penalty[:, None] * full[rows])
+    except np.linalg.LinAlgError:  # e.g. inputs that were always zero: keep the plain slice
+        return Refit(weight[keep], bias)
     return Refit(solution[:len(keep)], solution[len(keep)] if bias is not None else None)
 
 
@@ -116,7 +120,10 @@ def qk_rescales(plan: PrunePlan) -> dict[str, np.ndarray]:
         for head, kept in zip(keep.heads, keep.qk):
             a = gram[head]
             system = a[np.ix_(kept, kept)]
-            system = system + RIDGE * float(np.mean(np.diag(system))) * np.eye(len(kept))
-            rows.append(np.linalg.solve(system, a[kept].sum(axis=1)))
+            ridge = RIDGE * float(np.mean(np.diag(system)))
+            try:  # the ridge pulls the factors towards 1 (the pairs as they are), not towards 0
+                rows.append(np.linalg.solve(system + ridge * np.eye(len(kept)), a[kept].sum(axis=1) + ridge))
+            except np.linalg.LinAlgError:
+                rows.append(np.ones(len(kept)))
         scales[keep.block.name] = np.array(rows)
     return scales

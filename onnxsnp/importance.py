@@ -239,6 +239,7 @@ class Scorer:
         for q_part, k_part in stacks:
             if q_part.shape[1] == 0:
                 continue
+            q_part, k_part = q_part.astype(np.float64), k_part.astype(np.float64)  # fp16 Grams overflow
             n_samples, tokens = q_part.shape[:2]
             q_heads = q_part.reshape(n_samples, tokens, heads, d).transpose(0, 2, 1, 3).reshape(-1, tokens, d)
             k_heads = k_part.reshape(n_samples, tokens, heads, d).transpose(0, 2, 1, 3).reshape(-1, tokens, d)

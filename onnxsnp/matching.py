@@ -300,6 +300,8 @@ def _gemm_linear(g: ModelGraph, node: onnx.NodeProto) -> Linear | None:
     weight = g.constant(node.input[1])
     if weight is None or weight.ndim != 2 or attribute(node, "transA", 0):
         return None
+    if attribute(node, "alpha", 1.0) != 1.0 or attribute(node, "beta", 1.0) != 1.0:
+        return None  # scaled Gemm: not the plain x·W + b that slicing and refits assume
     transposed = bool(attribute(node, "transB", 0))
     out_features = weight.shape[0] if transposed else weight.shape[1]
     in_features = weight.shape[1] if transposed else weight.shape[0]

@@ -131,17 +131,22 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
             return fidelity(reference, run_outputs(rewrite(g, candidate), holdout_feed, batch)).output_cosine
 
         plan, ratios, searched = search(scorer, ratios, target, costs, measure, seed)
-    if plan.stream is not None and compensate != "none":
-        plan.norm_corrections = norm_corrections(g, plan, score_feed, batch)
-    plan.refits = refits(g, plan, score_feed, batch, compensate, calib_stage.token_mask_input(specs))
-    if compensate == "lstsq" and rescale_qk:
-        plan.qk_scales = qk_rescales(plan)
+    kept_pieces: list[str] = []
+    if compensate != "none":
+        # fitted on one part of the scoring samples, chosen on the rest, reported on the held-back ones
+        fit_feed, select_feed = _split_off(score_feed, _count(holdout_feed), fixed)
+        mask = calib_stage.token_mask_input(specs)
+        pieces = {"layernorm": lambda: norm_corrections(g, plan, fit_feed, batch) if plan.stream else {},
+                  "refit": lambda: refits(g, plan, fit_feed, batch, compensate, mask),
+                  "qk-rescale": lambda: qk_rescales(plan) if compensate == "lstsq" and rescale_qk else {}}
+        select_reference = run_outputs(model, select_feed, batch)
+        kept_pieces = _keep_what_helps(g, plan, pieces, select_reference, select_feed, batch)
 
     pruned = rewrite(g, plan)
     check_structure(pruned)
     measured = fidelity(reference, run_outputs(pruned, holdout_feed, batch))
 
-    report = Report(criterion=criterion, compensation=compensate, ratios={"qk": round(ratios.qk, 4), "v": round(ratios.v, 4),
+    report = Report(criterion=criterion, compensation=compensate, compensation_kept=kept_pieces, ratios={"qk": round(ratios.qk, 4), "v": round(ratios.v, 4),
                                                  "ffn": round(ratios.ffn, 4), "heads": ratios.heads,
                                                  "residual": ratios.residual},
                     calibration=source, calibration_samples=_count(score_feed), holdout_samples=_count(holdout_feed),
@@ -152,6 +157,44 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
                     target=None if target is None else {"kind": target.kind, "value": target.value, "tried": searched},
                     seconds=round(time.perf_counter() - started, 2))
     return PruneResult(pruned, report, external)
+
+
+_PIECE_FIELDS = {"layernorm": "norm_corrections", "refit": "refits", "qk-rescale": "qk_scales"}
+
+
+def _split_off(feed: dict[str, np.ndarray], size: int, fixed_batch: int | None
+               ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The last `size` samples apart from the rest; with too few samples, both are everything."""
+    total = _count(feed)
+    if total < 3 * size or (fixed_batch and (total - size) % fixed_batch):
+        return feed, feed
+    return {k: v[:total - size] for k, v in feed.items()}, {k: v[total - size:] for k, v in feed.items()}
+
+
+def _keep_what_helps(g: ModelGraph, plan: PrunePlan, pieces: dict, reference: list[np.ndarray],
+                     holdout: dict[str, np.ndarray], batch: int) -> list[str]:
+    """Add each compensation piece to the plan only if it raises the output cosine on samples
+    it was not fitted on (one-shot refits can hurt where little was pruned)."""
+    def cosine() -> float:
+        try:
+            return fidelity(reference, run_outputs(rewrite(g, plan), holdout, batch)).output_cosine
+        except SnpError:  # e.g. a piece that produced NaN: it does not help
+            return -np.inf
+
+    best, kept = None, []
+    for name, compute in pieces.items():
+        value = compute()
+        if not value:
+            continue
+        if best is None:
+            best = cosine()
+        setattr(plan, _PIECE_FIELDS[name], value)
+        trial = cosine()
+        if trial > best:
+            best, kept = trial, kept + [name]
+        else:
+            setattr(plan, _PIECE_FIELDS[name], {})
+    return kept
 
 
 def _check_options(criterion: str, calib_samples: int, compensate: str | bool, residual_criterion: str) -> str:

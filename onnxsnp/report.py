@@ -28,6 +28,7 @@ class BlockReport:
 class Report:
     criterion: str
     compensation: str  # "lstsq", "bias" or "none"
+    compensation_kept: list[str]  # the pieces that improved held-back fidelity and were applied
     ratios: dict[str, float]
     calibration: str  # "synthetic" or where the samples came from
     calibration_samples: int
@@ -84,7 +85,9 @@ class Report:
         top1 = f", top-1 agreement {f.top1_agreement:.1%}" if f.top1_agreement is not None else ""
         lines.append(f"fidelity on {f.samples} held-back samples: output cosine {f.output_cosine:.4f}{top1}, "
                      f"max abs diff {f.max_abs_diff:.3g}")
-        lines.append(f"criterion {self.criterion}, compensation {self.compensation}, calibration: {self.calibration} "
+        applied = ", ".join(self.compensation_kept) or "nothing helped"
+        compensation = f"{self.compensation} ({applied})" if self.compensation != "none" else "none"
+        lines.append(f"criterion {self.criterion}, compensation {compensation}, calibration: {self.calibration} "
                      f"({self.calibration_samples} samples)")
         if self.target:
             r = self.ratios
