@@ -61,8 +61,9 @@ def refits(g: ModelGraph, plan: PrunePlan, feed: dict[str, np.ndarray], batch: i
     to reproduce its original output on calibration activations.
 
     "bias": the removed inputs' mean contribution is folded into the bias (FLAP).
-    "lstsq": W', b' = argmin ‖X_K W' + b' − (X W + b)‖² + ridge, in closed form from the Gram
-    matrix of [X, 1] accumulated batch by batch (memory: one (inputs+1)² matrix per layer)."""
+    "lstsq": W', b' = argmin ‖X_K W' + b' − (X W + b)‖² + ridge, in closed form. Only the
+    kept inputs' products are accumulated, batch by batch: X̃_Kᵀ X̃_K and X̃_Kᵀ Y with
+    X̃ = [X, 1] and Y the original output, so the cost is |K|·(|K| + outputs) per token."""
     if mode == "none":
         return {}
     layers = [(keep.block.out, keep.v_columns()) for keep in plan.attention
@@ -70,40 +71,66 @@ def refits(g: ModelGraph, plan: PrunePlan, feed: dict[str, np.ndarray], batch: i
     layers += [(keep.block.fc2, keep.hidden) for keep in plan.ffn if keep.changes_something()]
     if not layers:
         return {}
-    grams = {linear.node: np.zeros((linear.in_features + 1,) * 2) for linear, _ in layers}
-    wanted = sorted({linear.input for linear, _ in layers})
-    for inputs, acts in capture(g.model, wanted, feed, batch):
+    stats = {linear.node: Statistics.empty(g, linear, keep) for linear, keep in layers}
+    for inputs, acts in capture(g.model, sorted({linear.input for linear, _ in layers}), feed, batch):
         mask = inputs.get(mask_input) if mask_input else None
         for linear, _ in layers:
-            x = acts[linear.input].astype(np.float64)
+            x = acts[linear.input]
             if mask is not None and x.ndim == 3 and mask.shape == x.shape[:2]:
                 x = x[mask > 0]
-            x = x.reshape(-1, x.shape[-1])
-            augmented = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
-            grams[linear.node] += augmented.T @ augmented
-    return {linear.node: _solve(g, linear, keep, grams[linear.node], mode) for linear, keep in layers}
+            stats[linear.node].add(x.reshape(-1, x.shape[-1]))
+    return {node: s.solve(mode) for node, s in stats.items()}
 
 
-def _solve(g: ModelGraph, linear, keep: np.ndarray, gram: np.ndarray, mode: str) -> Refit:
-    weight = g.constant(linear.weight).astype(np.float64)
-    weight = weight.T if linear.transposed else weight  # [in, out]
-    bias = g.constant(linear.bias).astype(np.float64).reshape(-1) if linear.bias is not None else None
-    count = gram[-1, -1]
-    if mode == "bias" or count == 0:
-        removed = np.setdiff1d(np.arange(weight.shape[0]), keep)
-        shift = (gram[-1, removed] / max(count, 1)) @ weight[removed] if mode == "bias" and count else 0.0
-        return Refit(weight[keep], None if bias is None else bias + shift)
-    full = np.concatenate([weight, (bias if bias is not None else np.zeros(weight.shape[1]))[None]], axis=0)
-    rows = np.append(keep, weight.shape[0]) if bias is not None else keep
-    a = gram[np.ix_(rows, rows)]
-    # the ridge pulls towards the original kept weights (not towards zero), so little data or a
-    # small cut leaves the layer as it was
-    penalty = RIDGE * float(np.mean(np.diag(a)[:len(keep)])) * np.r_[np.ones(len(keep)), np.zeros(len(rows) - len(keep))]
-    try:
-        solution = np.linalg.solve(a + np.diag(penalty), gram[rows] @ full + penalty[:, None] * full[rows])
-    except np.linalg.LinAlgError:  # e.g. inputs that were always zero: keep the plain slice
-        return Refit(weight[keep], bias)
-    return Refit(solution[:len(keep)], solution[len(keep)] if bias is not None else None)
+@dataclass
+class Statistics:
+    """What a refit needs from the calibration inputs X of one layer."""
+
+    weight: np.ndarray  # [in, out], float64
+    bias: np.ndarray | None
+    keep: np.ndarray
+    products: np.ndarray  # X̃_Kᵀ X̃_K (X̃_K = kept inputs, plus a ones column when there is a bias)
+    targets: np.ndarray  # X̃_Kᵀ (X W + b)
+    sums: np.ndarray  # Σ x per input, for the bias-only mode
+    count: int = 0
+
+    @classmethod
+    def empty(cls, g: ModelGraph, linear, keep: np.ndarray) -> "Statistics":
+        weight = g.constant(linear.weight).astype(np.float64)
+        weight = weight.T if linear.transposed else weight
+        bias = g.constant(linear.bias).astype(np.float64).reshape(-1) if linear.bias is not None else None
+        width = len(keep) + (bias is not None)
+        return cls(weight, bias, keep, np.zeros((width, width)), np.zeros((width, weight.shape[1])),
+                   np.zeros(weight.shape[0]))
+
+    def add(self, x: np.ndarray) -> None:
+        # one batch's products in float32 (BLAS speed), summed into float64 accumulators
+        x = x.astype(np.float32)
+        outputs = x @ self.weight.astype(np.float32) + (self.bias.astype(np.float32) if self.bias is not None else 0)
+        kept = x[:, self.keep]
+        if self.bias is not None:
+            kept = np.concatenate([kept, np.ones((len(x), 1), dtype=np.float32)], axis=1)
+        self.products += kept.T @ kept
+        self.targets += kept.T @ outputs
+        self.sums += x.sum(axis=0, dtype=np.float64)
+        self.count += len(x)
+
+    def solve(self, mode: str) -> Refit:
+        weight, bias, keep = self.weight, self.bias, self.keep
+        if mode == "bias" or self.count == 0:
+            removed = np.setdiff1d(np.arange(weight.shape[0]), keep)
+            shift = (self.sums[removed] / max(self.count, 1)) @ weight[removed] if self.count else 0.0
+            return Refit(weight[keep], None if bias is None else bias + shift)
+        prior = weight[keep] if bias is None else np.concatenate([weight[keep], bias[None]], axis=0)
+        # the ridge pulls towards the original kept weights (not towards zero), so little data or a
+        # small cut leaves the layer as it was; the bias row is not penalised
+        penalty = RIDGE * float(np.mean(np.diag(self.products)[:len(keep)]))
+        penalty = penalty * np.r_[np.ones(len(keep)), np.zeros(len(prior) - len(keep))]
+        try:
+            solution = np.linalg.solve(self.products + np.diag(penalty), self.targets + penalty[:, None] * prior)
+        except np.linalg.LinAlgError:  # e.g. inputs that were always zero: keep the plain slice
+            return Refit(weight[keep], bias)
+        return Refit(solution[:len(keep)], solution[len(keep)] if bias is not None else None)
 
 
 def qk_rescales(plan: PrunePlan) -> dict[str, np.ndarray]:

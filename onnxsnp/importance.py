@@ -117,24 +117,45 @@ def redundancy(columns: np.ndarray) -> np.ndarray:
 
 # --- the SVD attention-score criterion -------------------------------------------------------------
 def qk_pair_scores(q: np.ndarray, k: np.ndarray, energy: float = DEFAULT_ENERGY) -> np.ndarray:
-    """ω_n = Σ_{j≤γ} |cos(u_j v_jᵀ, q_n k_nᵀ)| for stacks q, k of shape (S, N, d); returns (S, d).
+    """ω_n = Σ_{j≤γ} |cos(u_j v_jᵀ, q_n k_nᵀ)| for stacks q, k of shape (S, N, d); returns (S, d)."""
+    q, k = q.astype(np.float64), k.astype(np.float64)
+    return pair_scores_from_grams(np.swapaxes(q, -1, -2) @ q, np.swapaxes(k, -1, -2) @ k, energy, (q, k))
 
-    S = Q·Kᵀ has rank ≤ d, so its SVD comes from QR factors: Q = Qq·Rq, K = Qk·Rk,
-    S = Qq·(Rq·Rkᵀ)·Qkᵀ. With M = Rq·Rkᵀ = U Σ Vᵀ, u_j·q_n = (Uᵀ Rq)[j, n] and v_j·k_n =
-    (Vᵀ Rk)[j, n], and for rank-1 matrices cos(u vᵀ, q kᵀ) = (u·q)(v·k)/(‖q‖‖k‖). No N×N
-    matrix is ever formed.
-    """
-    _, rq = np.linalg.qr(q.astype(np.float64))
-    _, rk = np.linalg.qr(k.astype(np.float64))
+
+def pair_scores_from_grams(gram_q: np.ndarray, gram_k: np.ndarray, energy: float = DEFAULT_ENERGY,
+                           tokens: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """The SNP pair scores from the d×d Gram matrices QᵀQ and KᵀK of each head.
+
+    S = Q·Kᵀ has rank ≤ d. With any R such that RᵀR = QᵀQ (Q = Qq·R, Qq orthonormal), and
+    likewise for K, S = Qq·(Rq·Rkᵀ)·Qkᵀ; with M = Rq·Rkᵀ = U Σ Vᵀ, u_j·q_n = (Uᵀ Rq)[j, n] and
+    v_j·k_n = (Vᵀ Rk)[j, n], and for rank-1 matrices cos(u vᵀ, q kᵀ) = (u·q)(v·k)/(‖q‖‖k‖).
+    R comes from a Cholesky factor of the Gram (matrix products, cheaper than a QR of the
+    N×d tokens; the choice of R does not change the result). No N×N matrix is ever formed."""
+    rq, rk = _gram_roots(gram_q, gram_k, tokens)
     u, sigma, vt = np.linalg.svd(rq @ np.swapaxes(rk, -1, -2))
-    along_q = np.swapaxes(u, -1, -2) @ rq  # (S, r, d)
+    along_q = np.swapaxes(u, -1, -2) @ rq  # (S, d, d)
     along_k = vt @ rk
     power = sigma**2
     cumulative = np.cumsum(power, axis=-1) / np.maximum(power.sum(axis=-1, keepdims=True), 1e-30)
     gamma = (cumulative < energy).sum(axis=-1, keepdims=True) + 1  # smallest γ reaching `energy`
     used = np.arange(sigma.shape[-1])[None, :] < gamma
-    norms = np.linalg.norm(rq, axis=-2) * np.linalg.norm(rk, axis=-2) + 1e-12
+    norms = np.sqrt(np.diagonal(gram_q, axis1=-2, axis2=-1) * np.diagonal(gram_k, axis1=-2, axis2=-1)) + 1e-12
     return (np.abs(along_q) * np.abs(along_k) * used[..., None]).sum(axis=-2) / norms
+
+
+def _gram_roots(gram_q: np.ndarray, gram_k: np.ndarray,
+                tokens: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Upper-triangular R with RᵀR = Gram, for Q and K alike; QR factors of the tokens where a
+    Gram is singular (fewer tokens than head dims, or dead neurons)."""
+    try:
+        return (np.swapaxes(np.linalg.cholesky(gram_q), -1, -2), np.swapaxes(np.linalg.cholesky(gram_k), -1, -2))
+    except np.linalg.LinAlgError:
+        if tokens is not None:
+            return np.linalg.qr(tokens[0])[1], np.linalg.qr(tokens[1])[1]
+        eye = np.eye(gram_q.shape[-1])
+        return tuple(np.swapaxes(np.linalg.cholesky(g + 1e-9 * np.trace(g, axis1=-2, axis2=-1)[..., None, None]
+                                                    / g.shape[-1] * eye + 1e-300 * eye), -1, -2)
+                     for g in (gram_q, gram_k))
 
 
 # --- accumulating scores over calibration batches ----------------------------------------------------
@@ -243,10 +264,11 @@ class Scorer:
             n_samples, tokens = q_part.shape[:2]
             q_heads = q_part.reshape(n_samples, tokens, heads, d).transpose(0, 2, 1, 3).reshape(-1, tokens, d)
             k_heads = k_part.reshape(n_samples, tokens, heads, d).transpose(0, 2, 1, 3).reshape(-1, tokens, d)
-            scores = qk_pair_scores(q_heads, k_heads, self.energy).reshape(n_samples, heads, d)
-            self.qk_sum[block.name] += scores.sum(axis=0)
-            products = np.einsum("snd,sne->sde", q_heads, q_heads) * np.einsum("snd,sne->sde", k_heads, k_heads)
-            self.qk_gram[block.name] += products.reshape(n_samples, heads, d, d).sum(axis=0)
+            gram_q = np.swapaxes(q_heads, -1, -2) @ q_heads
+            gram_k = np.swapaxes(k_heads, -1, -2) @ k_heads
+            scores = pair_scores_from_grams(gram_q, gram_k, self.energy, (q_heads, k_heads))
+            self.qk_sum[block.name] += scores.reshape(n_samples, heads, d).sum(axis=0)
+            self.qk_gram[block.name] += (gram_q * gram_k).reshape(n_samples, heads, d, d).sum(axis=0)
             self.qk_count[block.name] += n_samples
 
     def _update_sq(self, tensor: str, act: np.ndarray, token_mask: np.ndarray | None) -> None:
