@@ -50,6 +50,10 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from latency import cpu_name  # noqa: E402
+
 PRESETS = ("deit_tiny", "deit_small", "deit_base")
 BATCH = 8  # onnxsnp's calibration batch (calibration.DEFAULT_BATCH)
 RATIO = 0.5
@@ -111,8 +115,6 @@ def ort_pass(model: str, calib: str, batch: int) -> None:
 def export(preset: str, folder: Path) -> Path:
     """A DeiT-shaped ViT with random weights (seed 0), legacy exporter, dynamic batch."""
     import torch
-
-    sys.path.insert(0, str(HERE))
     from torch_models import DEIT_CONFIGS, VisionTransformer, export_legacy
 
     path = folder / f"{preset}.onnx"
@@ -179,16 +181,6 @@ def profile_stages(model: Path, out: Path, calib: Path, samples: int) -> None:
     for (filename, line, name), seconds in sorted(callees, key=lambda c: c[1], reverse=True)[:TOP_FUNCTIONS]:
         where = f"{Path(filename).parent.name}/{Path(filename).name}:{line}" if line else "built-in"
         print(f"  {seconds:8.2f} s {seconds / total:6.1%}  {name:<28} {where}")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "CPU"
 
 
 def main() -> None:

@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from latency import interleaved  # noqa: E402
+from latency import cpu_name, interleaved  # noqa: E402
 
 from onnxsnp import prune  # noqa: E402
 
@@ -187,7 +187,7 @@ def main() -> None:
         f"`onnxsnp.prune(ratio=r, align={args.align}, calib_samples={CALIB_SAMPLES})` on synthetic calibration. "
         f"onnxruntime {ort.__version__} CPUExecutionProvider, one intra-op thread, batch 1 "
         f"(ViTs 224×224, BERT sequence {SEQUENCE}); {args.runs} runs per model after 3 warm-up runs, original and "
-        f"pruned interleaved round by round; {platform.machine()} {_cpu_name()}.",
+        f"pruned interleaved round by round; {platform.machine()} {cpu_name()}.",
         "",
         f"FLOPs cut = MACs before / MACs after; speedup = median before / median after; "
         f"\"below target\" where speedup ÷ FLOPs cut < {TARGET}.",
@@ -199,16 +199,6 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(header + rows) + "\n")
     print(f"wrote {args.out}")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "CPU"
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ machine hits all of them alike. Median and minimum per model; speedups are ratio
 """
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from pathlib import Path
@@ -36,3 +37,14 @@ def interleaved(paths: list[str | Path], feed: dict[str, np.ndarray], runs: int 
             sess.run(None, feed)
             bucket.append((time.perf_counter() - start) * 1000)
     return [{"median_ms": statistics.median(t), "min_ms": min(t)} for t in times]
+
+
+def cpu_name() -> str:
+    """The processor's model name, for the header of a benchmark table."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "CPU"
