@@ -16,6 +16,9 @@ from .errors import SnpError
 from .graph import ModelGraph
 from .loading import is_big, model_file
 
+# onnxruntime logs run-time failures straight to stderr; onnxsnp reports them itself, in one line
+ort.set_default_logger_severity(4)
+
 DEFAULT_SEQUENCE = 32  # tokens per synthetic sample where the sequence length is dynamic
 DEFAULT_BATCH = 8
 
@@ -154,7 +157,7 @@ def token_mask_input(specs: list[InputSpec]) -> str | None:
 
 def session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # failures are reported by onnxsnp, in one line
     if threads:
         options.intra_op_num_threads = threads
     providers = ["CPUExecutionProvider"]

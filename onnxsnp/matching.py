@@ -818,7 +818,9 @@ def _shape_source(g: ModelGraph, tensor: str) -> tuple[str, list[int]] | None:
     tensor, axes = inner
     if node.op_type == "Gather":
         index = g.constant(node.input[1])
-        return (tensor, [axes[int(index.reshape(-1)[0])]]) if index is not None and index.size == 1 else None
+        if index is None or index.size != 1 or not -len(axes) <= int(index.reshape(-1)[0]) < len(axes):
+            return None
+        return tensor, [axes[int(index.reshape(-1)[0])]]
     if node.op_type == "Slice" and len(node.input) >= 3:
         starts, ends = g.constant(node.input[1]), g.constant(node.input[2])
         if starts is None or ends is None or starts.size != 1 or ends.size != 1:
