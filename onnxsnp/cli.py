@@ -79,6 +79,9 @@ def _prune_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed for synthetic data and --criterion random")
     parser.add_argument("--report", metavar="FILE.json", help="write the report as JSON")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar, table or warnings")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="log each stage with its time (-v), and skipped candidates and tracebacks of "
+                             "unexpected errors (-vv)")
     return parser
 
 
@@ -94,6 +97,9 @@ def _inspect_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     signal.signal(signal.SIGTERM, _interrupt)
+    verbosity = sum(arg.count("v") for arg in argv if arg.startswith("-v") and set(arg[1:]) == {"v"}) + \
+        argv.count("--verbose")
+    _configure_logging(verbosity)
     try:
         if argv and argv[0] == "inspect":
             args = _inspect_parser().parse_args(argv[1:])
@@ -114,11 +120,28 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         print("onnxsnp: error: out of memory", file=sys.stderr)
         return 2
-    except Exception as exc:  # never a traceback for the user: one line, and a non-zero exit
+    except Exception as exc:  # never a traceback for the user (unless asked for with -vv): one line, exit 2
+        if verbosity >= 2:
+            import traceback
+
+            traceback.print_exc()
         detail = str(exc).strip().splitlines()
         print(f"onnxsnp: error: unexpected {type(exc).__name__}: {detail[0][:300] if detail else ''} "
               "(please report this with the model)", file=sys.stderr)
         return 2
+
+
+def _configure_logging(verbosity: int) -> None:
+    import logging
+
+    logger = logging.getLogger("onnxsnp")
+    logger.handlers[:] = []
+    if verbosity:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("onnxsnp: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG if verbosity > 1 else logging.INFO)
+        logger.propagate = False
 
 
 def _interrupt(signum, frame) -> None:

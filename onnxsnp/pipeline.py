@@ -1,6 +1,7 @@
 """The whole flow: load → graph → match → calibrate → score → rewrite → verify."""
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -15,13 +16,16 @@ from .graph import ModelGraph
 from .compensation import COMPENSATION, norm_corrections, qk_rescales, refits
 from .allocation import CostModel, Target, parse_target, search
 from .importance import CRITERIA, PrunePlan, Ratios, Scorer
-from .loading import LoadedModel, load_model
+from .loading import LoadedModel, load_model, weight_bytes
 from .matching import Matches, NoMatch, find_blocks
 from .residual import find_stream
 from .report import Report, block_reports, stats_fields
 from .rewriting import rewrite
 from .stats import count_params, model_stats, node_macs
-from .verification import check_structure, fidelity, run_outputs
+from .verification import check_structure, fidelity, latency, run_outputs
+
+
+log = logging.getLogger("onnxsnp")
 
 
 @dataclass
@@ -101,12 +105,18 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
                 calib: str | os.PathLike | dict[str, np.ndarray] | None = None, calib_samples: int = 64,
                 seed: int = 0, batch_size: int | None = None, progress: bool = False,
                 target: Target | None = None, compensate: str | bool = "lstsq",
-                residual_criterion: str = "weights", rescale_qk: bool = True) -> PruneResult:
+                residual_criterion: str = "weights", rescale_qk: bool = True,
+                measure_latency: bool = True) -> PruneResult:
     started = time.perf_counter()
     compensate = _check_options(criterion, calib_samples, compensate, residual_criterion)
     model, external = _load(model_or_path)
     g = ModelGraph(model)
     matches = find_blocks(g)
+    log.info("loaded and matched: %d attention, %d FFN, %d transformer blocks, %d skipped (%.1f s)",
+             len(matches.attention), len(matches.ffn), len(matches.layers), len(matches.skipped),
+             time.perf_counter() - started)
+    for skipped in matches.skipped:
+        log.debug("skipped %s at %s: %s", skipped.kind, skipped.where, skipped.reason)
     if not matches.attention:
         why = "; ".join(f"{s.where}: {s.reason}" for s in matches.skipped if s.kind == "attention")[:300]
         raise SnpError("no prunable attention found" + (f" ({why})" if why else " (no Softmax over Q·Kᵀ)"))
@@ -119,6 +129,7 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
 
     _check_blocks(matches, ratios)
     scorer = score(g, matches, ratios, criterion, score_feed, batch, progress, residual_criterion)
+    log.info("scored on %d calibration samples (%.1f s)", _count(score_feed), time.perf_counter() - started)
     reference = run_outputs(model, holdout_feed, batch)
     one_batch = {k: v[:fixed or 1] for k, v in holdout_feed.items()}
     searched: list[dict] = []
@@ -141,10 +152,13 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
                   "qk-rescale": lambda: qk_rescales(plan) if compensate == "lstsq" and rescale_qk else {}}
         select_reference = run_outputs(model, select_feed, batch)
         kept_pieces = _keep_what_helps(g, plan, pieces, select_reference, select_feed, batch)
+        log.info("compensation kept: %s (%.1f s)", ", ".join(kept_pieces) or "nothing", time.perf_counter() - started)
 
     pruned = rewrite(g, plan)
     check_structure(pruned)
     measured = fidelity(reference, run_outputs(pruned, holdout_feed, batch))
+    log.info("rewritten and verified (%.1f s)", time.perf_counter() - started)
+    speed = latency(model, pruned, one_batch) if measure_latency else (None, None)
 
     report = Report(criterion=criterion, compensation=compensate, compensation_kept=kept_pieces, ratios={"qk": round(ratios.qk, 4), "v": round(ratios.v, 4),
                                                  "ffn": round(ratios.ffn, 4), "heads": ratios.heads,
@@ -155,6 +169,8 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
                     removed_blocks=[layer.name for layer in plan.removed_layers],
                     residual_width=None if plan.stream is None else [plan.stream.width, len(plan.stream_keep)],
                     target=None if target is None else {"kind": target.kind, "value": target.value, "tried": searched},
+                    weight_bytes_before=weight_bytes(model), weight_bytes_after=weight_bytes(pruned),
+                    latency_ms_before=speed[0], latency_ms_after=speed[1],
                     seconds=round(time.perf_counter() - started, 2))
     return PruneResult(pruned, report, external)
 

@@ -43,6 +43,10 @@ class Report:
     removed_blocks: list[str] = field(default_factory=list)  # whole transformer blocks dropped
     target: dict | None = None  # --target-*: the goal and the allocations tried
     residual_width: list[int] | None = None  # [before, after] when residual channels were removed
+    weight_bytes_before: int = 0
+    weight_bytes_after: int = 0
+    latency_ms_before: float | None = None  # onnxruntime, one thread, one sample, interleaved
+    latency_ms_after: float | None = None
     seconds: float = 0.0
 
     @property
@@ -77,7 +81,12 @@ class Report:
         f = self.fidelity
         rows = [("", "before", "after", "change"),
                 ("params", _num(self.params_before), _num(self.params_after), _pct(self.params_before, self.params_after)),
-                ("FLOPs/sample", _num(self.flops_before), _num(self.flops_after), _pct(self.flops_before, self.flops_after))]
+                ("FLOPs/sample", _num(self.flops_before), _num(self.flops_after), _pct(self.flops_before, self.flops_after)),
+                ("weights", _size(self.weight_bytes_before), _size(self.weight_bytes_after),
+                 _pct(self.weight_bytes_before, self.weight_bytes_after))]
+        if self.latency_ms_before is not None and self.latency_ms_after is not None:
+            rows.append(("latency, 1 thread", f"{self.latency_ms_before:.2f} ms", f"{self.latency_ms_after:.2f} ms",
+                         f"{self.latency_ms_before / max(self.latency_ms_after, 1e-9):.2f}x faster"))
         width = [max(len(r[i]) for r in rows) for i in range(4)]
         lines.append("")
         lines += ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, width)))
@@ -119,6 +128,10 @@ def _num(value: int) -> str:
         if value >= size:
             return f"{value / size:.2f}{unit}"
     return str(value)
+
+
+def _size(count: int) -> str:
+    return f"{count / 1e6:.2f} MB" if count >= 1e5 else f"{count / 1e3:.1f} kB"
 
 
 def _pct(before: int, after: int) -> str:

@@ -1,6 +1,8 @@
 """Stage 7: prove the pruned model is sound before it is written, and measure its fidelity."""
 from __future__ import annotations
 
+import statistics
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,3 +96,19 @@ def fidelity(original: list[np.ndarray], pruned: list[np.ndarray]) -> Fidelity:
 def _line(exc: Exception) -> str:
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:300]
+
+
+def latency(original: onnx.ModelProto, pruned: onnx.ModelProto, feed: dict[str, np.ndarray],
+            rounds: int = 10) -> tuple[float, float]:
+    """Median milliseconds per run of both models on `feed`, one intra-op thread, interleaved
+    round by round after a warm-up so that the machine's slow phases hit both alike."""
+    sessions = [session(original, threads=1), session(pruned, threads=1)]
+    for sess in sessions:
+        sess.run(None, feed)
+    times: list[list[float]] = [[], []]
+    for _ in range(rounds):
+        for sess, bucket in zip(sessions, times):
+            start = time.perf_counter()
+            sess.run(None, feed)
+            bucket.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times[0]), statistics.median(times[1])

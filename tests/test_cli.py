@@ -150,3 +150,15 @@ def test_heads_combine_with_neuron_ratios(exported, tmp_path):
     attention = [b for b in data["blocks"] if b["kind"] == "attention"]
     assert {(b["heads"], b["heads_after"], b["qk_dim_after"], b["v_dim_after"]) for b in attention} == {(4, 2, 6, 6)}
     assert data["ratios"]["heads"] == 0.5
+
+
+def test_verbose_logs_stages_and_report_has_size_and_latency(tmp_path, capsys):
+    report = tmp_path / "r.json"
+    assert main([str(ROOT / "models" / "digits_vit.onnx"), str(tmp_path / "o.onnx"), "--ratio", "0.5",
+                 "--calib-samples", "16", "--report", str(report), "-v"]) == 0
+    captured = capsys.readouterr()
+    assert "onnxsnp: loaded and matched" in captured.err and "rewritten and verified" in captured.err
+    assert "latency, 1 thread" in captured.out and "weights" in captured.out
+    data = json.loads(report.read_text())
+    assert data["weight_bytes_after"] < data["weight_bytes_before"]
+    assert data["latency_ms_before"] > 0 and data["latency_ms_after"] > 0
