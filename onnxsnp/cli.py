@@ -17,13 +17,14 @@ from .errors import SnpError
 from .compensation import COMPENSATION
 from .importance import CRITERIA
 from .matching import Matches
+from .html import render as render_html
 from .loading import is_big, load_model
 from .pipeline import inspect_model, prune_model, resolve_ratios, resolve_target
 
 EXAMPLES = """examples:
   onnxsnp models/digits_vit.onnx pruned.onnx --ratio 0.5
   onnxsnp in.onnx out.onnx --qk-ratio 0.5 --v-ratio 0.25 --ffn-ratio 0.3 --calib calib.npz
-  onnxsnp in.onnx out.onnx --ratio 0.3 --criterion l2 --report report.json
+  onnxsnp in.onnx out.onnx --ratio 0.3 --criterion l2 --report report.json --html report.html
   onnxsnp in.onnx out.onnx --ratio 0.3 --heads 0.25 --blocks 1
   onnxsnp in.onnx out.onnx --target-flops 0.5 --align 8 --calib calib.npz
   onnxsnp inspect in.onnx
@@ -78,6 +79,8 @@ def _prune_parser() -> argparse.ArgumentParser:
     parser.add_argument("--calib-samples", type=int, default=64, help="calibration samples to use (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="seed for synthetic data and --criterion random")
     parser.add_argument("--report", metavar="FILE.json", help="write the report as JSON")
+    parser.add_argument("--html", metavar="FILE.html",
+                        help="write the report as a self-contained HTML page with per-block charts")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar, table or warnings")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="log each stage with its time (-v), and skipped candidates and tracebacks of "
@@ -153,9 +156,12 @@ def _run_prune(args: argparse.Namespace) -> int:
     ratios = resolve_ratios(args.ratio, args.qk_ratio, args.v_ratio, args.ffn_ratio, args.heads, args.blocks,
                             args.align, args.residual)
     goal = resolve_target(args.target_flops, args.target_params)
-    _check_outputs(target, Path(args.report) if args.report else None)
+    reports = [Path(p) for p in (args.report, args.html) if p]
+    for report in reports:
+        _check_outputs(target, report)
+    _check_outputs(target, None)
     loaded = load_model(source)
-    _check_not_inputs(loaded.files, target, Path(args.report) if args.report else None)
+    _check_not_inputs(loaded.files, target, reports)
     with warnings.catch_warnings():
         if args.quiet:
             warnings.simplefilter("ignore")
@@ -167,6 +173,8 @@ def _run_prune(args: argparse.Namespace) -> int:
     write_model_atomically(result.model, target, result.external_data)
     if args.report:
         _write_text_atomically(Path(args.report), json.dumps(result.report.as_dict(), indent=2) + "\n")
+    if args.html:
+        _write_text_atomically(Path(args.html), render_html(result.report, f"onnxsnp: {source.name}"))
     if not args.quiet:
         print(result.report.table())
         print(f"wrote {target}")
@@ -191,12 +199,12 @@ def _check_outputs(target: Path, report: Path | None) -> None:
             raise SnpError(f"{what} folder is not writable: {folder}")
 
 
-def _check_not_inputs(inputs: frozenset[Path], target: Path, report: Path | None) -> None:
+def _check_not_inputs(inputs: frozenset[Path], target: Path, reports: list[Path]) -> None:
     """The model and its external data are never overwritten, and outputs do not collide."""
     written = {target.resolve(): "output", _data_file(target).resolve(): "output's external data"}
-    if report is not None:
+    for report in reports:
         if report.resolve() in written:
-            raise SnpError(f"--report {report} would overwrite the {written[report.resolve()]}")
+            raise SnpError(f"report path {report} would overwrite the {written[report.resolve()]}")
         written[report.resolve()] = "report"
     for path, what in written.items():
         if path in inputs:

@@ -22,7 +22,7 @@ from .residual import find_stream
 from .report import Report, block_reports, stats_fields
 from .rewriting import rewrite
 from .stats import count_params, model_stats, node_macs
-from .verification import check_structure, fidelity, latency, run_outputs
+from .verification import attention_error, check_structure, fidelity, latency, run_outputs
 
 
 log = logging.getLogger("onnxsnp")
@@ -159,6 +159,10 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
     measured = fidelity(reference, run_outputs(pruned, holdout_feed, batch))
     log.info("rewritten and verified (%.1f s)", time.perf_counter() - started)
     speed = latency(model, pruned, one_batch) if measure_latency else (None, None)
+    softmax_blocks = {keep.block.name: (g.node(keep.block.anchor).output[0], keep.heads) for keep in plan.attention
+                      if g.node(keep.block.anchor).op_type == "Softmax"}
+    attention_kl = attention_error(model, pruned, softmax_blocks, holdout_feed, batch,
+                                   calib_stage.token_mask_input(specs))
 
     report = Report(criterion=criterion, compensation=compensate, compensation_kept=kept_pieces, ratios={"qk": round(ratios.qk, 4), "v": round(ratios.v, 4),
                                                  "ffn": round(ratios.ffn, 4), "heads": ratios.heads,
@@ -171,6 +175,7 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
                     target=None if target is None else {"kind": target.kind, "value": target.value, "tried": searched},
                     weight_bytes_before=weight_bytes(model), weight_bytes_after=weight_bytes(pruned),
                     latency_ms_before=speed[0], latency_ms_after=speed[1],
+                    attention_kl={keep.block.name: attention_kl.get(keep.block.name) for keep in plan.attention},
                     seconds=round(time.perf_counter() - started, 2))
     return PruneResult(pruned, report, external)
 

@@ -47,6 +47,7 @@ class Report:
     weight_bytes_after: int = 0
     latency_ms_before: float | None = None  # onnxruntime, one thread, one sample, interleaved
     latency_ms_after: float | None = None
+    attention_kl: dict[str, float | None] = field(default_factory=dict)  # per attention block, held-back samples
     seconds: float = 0.0
 
     @property

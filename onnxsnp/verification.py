@@ -112,3 +112,30 @@ def latency(original: onnx.ModelProto, pruned: onnx.ModelProto, feed: dict[str, 
             sess.run(None, feed)
             bucket.append((time.perf_counter() - start) * 1000)
     return statistics.median(times[0]), statistics.median(times[1])
+
+
+def attention_error(original: onnx.ModelProto, pruned: onnx.ModelProto, probs: dict[str, tuple[str, np.ndarray]],
+                    feed: dict[str, np.ndarray], batch: int, mask_input: str | None = None) -> dict[str, float]:
+    """Per block: mean KL(P_original ‖ P_pruned) of its attention probabilities over the kept
+    heads and the query rows (padded rows left out). `probs` maps block names to their softmax
+    output and kept heads."""
+    from .calibration import capture
+
+    tensors = sorted({tensor for tensor, _ in probs.values()})
+    totals = {name: 0.0 for name in probs}
+    rows = {name: 0.0 for name in probs}
+    if not tensors:
+        return {}
+    for (inputs, want), (_, got) in zip(capture(original, tensors, feed, batch), capture(pruned, tensors, feed, batch)):
+        token_mask = inputs.get(mask_input) if mask_input else None
+        for name, (tensor, heads) in probs.items():
+            p, q = want[tensor].astype(np.float64), got[tensor].astype(np.float64)
+            if p.ndim == 4 and p.shape[1] != q.shape[1]:  # whole heads removed: compare the kept ones
+                p = p[:, heads]
+            terms = (p * (np.log(p + 1e-12) - np.log(q + 1e-12))).sum(axis=-1)  # (B, H, N)
+            weights = np.ones_like(terms)
+            if token_mask is not None and terms.ndim == 3 and token_mask.shape == (terms.shape[0], terms.shape[2]):
+                weights = np.broadcast_to(token_mask[:, None, :] > 0, terms.shape).astype(np.float64)
+            totals[name] += float((terms * weights).sum())
+            rows[name] += float(weights.sum())
+    return {name: totals[name] / max(rows[name], 1.0) for name in probs}
