@@ -157,9 +157,7 @@ def _run_prune(args: argparse.Namespace) -> int:
                             args.align, args.residual)
     goal = resolve_target(args.target_flops, args.target_params)
     reports = [Path(p) for p in (args.report, args.html) if p]
-    for report in reports:
-        _check_outputs(target, report)
-    _check_outputs(target, None)
+    _check_outputs([(target, "output")] + [(report, "report") for report in reports])
     loaded = load_model(source)
     _check_not_inputs(loaded.files, target, reports)
     with warnings.catch_warnings():
@@ -185,11 +183,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"onnxsnp: warning: {message}", file=sys.stderr)
 
 
-def _check_outputs(target: Path, report: Path | None) -> None:
+def _check_outputs(paths: list[tuple[Path, str]]) -> None:
     """Fail before any work on outputs that cannot be written."""
-    for path, what in ((target, "output"), (report, "report")):
-        if path is None:
-            continue
+    for path, what in paths:
         if path.is_dir():
             raise SnpError(f"{what} path is a directory: {path}")
         folder = path.parent if str(path.parent) else Path(".")

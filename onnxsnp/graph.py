@@ -37,7 +37,6 @@ class ModelGraph:
         graph = model.graph
         self.nodes: dict[str, onnx.NodeProto] = {n.name: n for n in graph.node}
         self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
-        self.graph_inputs = [i.name for i in graph.input if i.name not in self.initializers]
         self.graph_outputs = [o.name for o in graph.output]
         self.producer: dict[str, str] = {}
         self.consumers: dict[str, list[str]] = {}

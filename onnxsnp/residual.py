@@ -28,11 +28,6 @@ class ResidualStream:
     sliced_inputs: set[tuple[str, int]] = field(default_factory=set)  # (node, input): constants cut on the last axis
     convs: set[str] = field(default_factory=set)  # patch-embedding Conv nodes: output channels
     channel_entries: set[str] = field(default_factory=set)  # Reshapes whose entry -2 is the channel count
-    merge_reshapes: set[str] = field(default_factory=set)  # reshapes that read the stream width via Shape
-
-    @property
-    def score_tensors(self) -> list[str]:
-        return sorted(self.tensors)
 
 
 def find_stream(g: ModelGraph, matches: Matches) -> ResidualStream:
@@ -117,7 +112,7 @@ def _consumer(g: ModelGraph, node: onnx.NodeProto, tensor: str, stream: Residual
     if node.op_type == "Concat" and attribute(node, "axis") in (1, -2):
         return [node.output[0]]
     if node.op_type == "Shape":
-        _shape_reads_ok(g, node, tensor, stream, edited)
+        _shape_reads_ok(g, node, tensor, edited)
         return []
     raise NoMatch(f"{node.op_type} node {node.name} reads the residual stream")
 
@@ -166,8 +161,7 @@ def _token_axis_only(g: ModelGraph, node: onnx.NodeProto, tensor: str) -> None:
     raise NoMatch(f"{node.op_type} node {node.name} may change the residual channels")
 
 
-def _shape_reads_ok(g: ModelGraph, node: onnx.NodeProto, tensor: str, stream: ResidualStream,
-                    edited: set[str]) -> None:
+def _shape_reads_ok(g: ModelGraph, node: onnx.NodeProto, tensor: str, edited: set[str]) -> None:
     """Shape(stream) is fine for batch and token dims; the channel dim may only feed attention
     merge reshapes, whose entry onnxsnp rewrites to a constant anyway."""
     rank = len(g.shapes.get(tensor) or ())
@@ -176,8 +170,7 @@ def _shape_reads_ok(g: ModelGraph, node: onnx.NodeProto, tensor: str, stream: Re
         if index is not None and index.size == 1 and int(index.reshape(-1)[0]) % max(rank, 1) != rank - 1:
             continue
         if index is not None and _feeds_only(g, reader.output[0], edited):
-            stream.merge_reshapes |= edited
-            continue
+            continue  # rewriting pins every attention merge width to a constant when the stream is cut
         if reader.op_type == "Slice":  # Shape → Slice(0, k): leading dims only
             ends = g.constant(reader.input[2]) if len(reader.input) > 2 else None
             if ends is not None and ends.size == 1 and 0 < int(ends.reshape(-1)[0]) < rank:
