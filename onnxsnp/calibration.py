@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,34 +167,68 @@ def session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
         return ort.InferenceSession(str(path), options, providers=providers)
 
 
+class Runner:
+    """One onnxruntime session over `model` that hands back chosen intermediate tensors as well
+    as the model's outputs.
+
+    Building a session serialises and optimises every weight; for a large model that costs as
+    much as several batches, so each model gets one Runner that every stage shares. The tensors
+    are added as graph outputs only while the session is built, so the model is not copied."""
+
+    def __init__(self, model: onnx.ModelProto, tensors: Iterable[str] = (), threads: int = 0,
+                 role: str = "input model"):
+        self.role = role
+        self.output_names = [o.name for o in model.graph.output]
+        existing = set(self.output_names)
+        added = [t for t in dict.fromkeys(tensors) if t not in existing]
+        model.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in added)
+        try:
+            self.session = session(model, threads)
+        except Exception as exc:
+            verb = "cannot run" if role == "input model" else "rejects"
+            raise SnpError(f"onnxruntime {verb} the {role}: {_first_line(exc)}") from None
+        finally:
+            del model.graph.output[len(model.graph.output) - len(added):]
+        self.available = set(self.output_names) | set(added)
+
+    def batches(self, feed: dict[str, np.ndarray], tensors: list[str], batch: int, progress: bool = False
+                ) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+        """Run over `feed` in batches, yielding (inputs, {tensor: value}) for the given tensors."""
+        missing = [t for t in tensors if t not in self.available]
+        if missing:
+            raise ValueError(f"the runner was not built to capture {missing[:3]}")
+        total = next(iter(feed.values())).shape[0]
+        starts = range(0, total, batch)
+        if progress:
+            from tqdm import tqdm
+
+            starts = tqdm(starts, desc="calibrating", unit="batch", leave=False)
+        for start in starts:
+            inputs = {k: v[start:start + batch] for k, v in feed.items()}
+            try:
+                values = self.session.run(tensors, inputs)
+            except Exception as exc:
+                what = "the calibration inputs" if self.role == "input model" else f"the {self.role}"
+                raise SnpError(f"onnxruntime failed on {what}: {_first_line(exc)}") from None
+            yield inputs, dict(zip(tensors, values))
+
+    def outputs(self, feed: dict[str, np.ndarray], batch: int) -> list[np.ndarray]:
+        """The model's outputs over all of `feed`, batches concatenated."""
+        return join_outputs([[acts[n] for n in self.output_names]
+                             for _, acts in self.batches(feed, self.output_names, batch)])
+
+
+def join_outputs(per_batch: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """Per-batch output lists → one array per output (scalar outputs: the first batch's)."""
+    if not per_batch:
+        return []
+    return [np.concatenate(chunk) if chunk[0].ndim else chunk[0] for chunk in zip(*per_batch)]
+
+
 def capture(model: onnx.ModelProto, tensors: list[str], feed: dict[str, np.ndarray], batch: int,
             progress: bool = False) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
-    """Run `model` over `feed` in batches and yield (inputs, captured tensors) per batch.
-
-    The tensors are added as graph outputs for building one session, then removed again, so the
-    model is not copied."""
-    existing = {o.name for o in model.graph.output}
-    added = [t for t in tensors if t not in existing]
-    model.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in added)
-    try:
-        sess = session(model)
-    except Exception as exc:
-        raise SnpError(f"onnxruntime cannot run the input model: {_first_line(exc)}") from None
-    finally:
-        del model.graph.output[len(model.graph.output) - len(added):]
-    total = next(iter(feed.values())).shape[0]
-    starts = range(0, total, batch)
-    if progress:
-        from tqdm import tqdm
-
-        starts = tqdm(starts, desc="calibrating", unit="batch", leave=False)
-    for start in starts:
-        inputs = {k: v[start:start + batch] for k, v in feed.items()}
-        try:
-            values = sess.run(tensors, inputs)
-        except Exception as exc:
-            raise SnpError(f"onnxruntime failed on the calibration inputs: {_first_line(exc)}") from None
-        yield inputs, dict(zip(tensors, values))
+    """Run `model` over `feed` in batches and yield (inputs, captured tensors) per batch."""
+    yield from Runner(model, tensors).batches(feed, tensors, batch, progress)
 
 
 def _first_line(exc: Exception) -> str:

@@ -1,6 +1,6 @@
 """Restoring what pruning changes, from calibration data alone (between scoring and rewriting).
 
-Layers after a pruned group: see `refits`.
+Layers after a pruned group: see `Collector` and `Statistics`.
 
 LayerNorm after residual-channel pruning: a LayerNorm over the kept channels K normalises with
 their own mean and deviation. Exactly, per token,
@@ -15,32 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .calibration import capture
 from .graph import ModelGraph, attribute
 from .importance import PrunePlan
-
-
-def norm_corrections(g: ModelGraph, plan: PrunePlan, feed: dict[str, np.ndarray], batch: int) -> dict[str, tuple[float, float]]:
-    """(scale of γ, shift of β in units of γ) for every LayerNorm that reads the pruned stream."""
-    if plan.stream is None or plan.stream_keep is None:
-        return {}
-    norms = sorted({node for node, index in plan.stream.sliced_inputs
-                    if g.node(node).op_type == "LayerNormalization"})
-    inputs = {name: g.node(name).input[0] for name in norms}
-    keep = plan.stream_keep
-    ratio = {name: [0.0, 0.0, 0] for name in norms}  # Σ σ_K/σ, Σ (μ_K − μ)/σ, tokens
-    for _, acts in capture(g.model, sorted(set(inputs.values())), feed, batch):
-        for name in norms:
-            x = acts[inputs[name]].astype(np.float64).reshape(-1, acts[inputs[name]].shape[-1])
-            epsilon = attribute(g.node(name), "epsilon", 1e-5)
-            mean, deviation = x.mean(axis=1), np.sqrt(x.var(axis=1) + epsilon)
-            kept = x[:, keep]
-            mean_k, deviation_k = kept.mean(axis=1), np.sqrt(kept.var(axis=1) + epsilon)
-            totals = ratio[name]
-            totals[0] += float((deviation_k / deviation).sum())
-            totals[1] += float(((mean_k - mean) / deviation).sum())
-            totals[2] += x.shape[0]
-    return {name: (s / max(n, 1), m / max(n, 1)) for name, (s, m, n) in ratio.items()}
+from .matching import Matches
+from .residual import ResidualStream
 
 
 @dataclass
@@ -55,31 +33,73 @@ COMPENSATION = ("lstsq", "bias", "none")
 RIDGE = 1e-2  # relative to the mean diagonal of the kept inputs' Gram matrix
 
 
-def refits(g: ModelGraph, plan: PrunePlan, feed: dict[str, np.ndarray], batch: int, mode: str,
-           mask_input: str | None = None) -> dict[str, Refit]:
-    """Refit the layer after each pruned group (output projection after V/heads, fc2 after FFN)
-    to reproduce its original output on calibration activations.
+def compensation_tensors(matches: Matches, stream: ResidualStream | None, g: ModelGraph) -> list[str]:
+    """Every tensor `Collector` may read, whatever the plan: for building the runner before it."""
+    tensors: list[str] = []
+    for linear in [block.out for block in matches.attention] + [ffn.fc2 for ffn in matches.ffn]:
+        tensors += [linear.input] + ([linear.output] if linear.output else [])
+    if stream is not None:
+        tensors += [g.node(node).input[0] for node, _ in stream.sliced_inputs
+                    if g.node(node).op_type == "LayerNormalization"]
+    return list(dict.fromkeys(tensors))
 
-    "bias": the removed inputs' mean contribution is folded into the bias (FLAP).
-    "lstsq": W', b' = argmin ‖X_K W' + b' − (X W + b)‖² + ridge, in closed form. Only the
-    kept inputs' products are accumulated, batch by batch: X̃_Kᵀ X̃_K and X̃_Kᵀ Y with
-    X̃ = [X, 1] and Y the original output, so the cost is |K|·(|K| + outputs) per token."""
-    if mode == "none":
-        return {}
-    layers = [(keep.block.out, keep.v_columns()) for keep in plan.attention
-              if len(keep.v_columns()) < keep.block.heads * keep.block.head_dim]  # its inputs lost something
-    layers += [(keep.block.fc2, keep.hidden) for keep in plan.ffn if keep.changes_something()]
-    if not layers:
-        return {}
-    stats = {linear.node: Statistics.empty(g, linear, keep) for linear, keep in layers}
-    for inputs, acts in capture(g.model, sorted({linear.input for linear, _ in layers}), feed, batch):
-        mask = inputs.get(mask_input) if mask_input else None
-        for linear, _ in layers:
+
+class Collector:
+    """What the compensation pieces need from the calibration inputs, for one plan, gathered
+    in a single pass (`tensors` to capture, `update` per batch):
+
+    - refits: the layer after each pruned group (output projection after V/heads, fc2 after
+      FFN) is refitted to reproduce its original output (see `Statistics`);
+    - LayerNorm corrections for the pruned residual stream (see the module docstring)."""
+
+    def __init__(self, g: ModelGraph, plan: PrunePlan, mode: str, mask_input: str | None = None):
+        self.mask_input = mask_input
+        layers = []
+        if mode != "none":
+            layers = [(keep.block.out, keep.v_columns()) for keep in plan.attention
+                      if len(keep.v_columns()) < keep.block.heads * keep.block.head_dim]  # its inputs lost something
+            layers += [(keep.block.fc2, keep.hidden) for keep in plan.ffn if keep.changes_something()]
+        self.mode = mode
+        self.layers = [linear for linear, _ in layers]
+        self.statistics = {linear.node: Statistics.empty(g, linear, keep) for linear, keep in layers}
+        self.stream_keep = plan.stream_keep if plan.stream is not None else None
+        norms = [] if self.stream_keep is None else sorted({node for node, _ in plan.stream.sliced_inputs
+                                                            if g.node(node).op_type == "LayerNormalization"})
+        self.norms = {name: (g.node(name).input[0], attribute(g.node(name), "epsilon", 1e-5)) for name in norms}
+        self.norm_totals = {name: [0.0, 0.0, 0] for name in norms}  # Σ σ_K/σ, Σ (μ_K − μ)/σ, tokens
+
+    def tensors(self) -> list[str]:
+        wanted = [linear.input for linear in self.layers]
+        wanted += [linear.output for linear in self.layers if linear.output]
+        wanted += [tensor for tensor, _ in self.norms.values()]
+        return list(dict.fromkeys(wanted))
+
+    def update(self, inputs: dict[str, np.ndarray], acts: dict[str, np.ndarray]) -> None:
+        mask = inputs.get(self.mask_input) if self.mask_input else None
+        for linear in self.layers:
             x = acts[linear.input]
+            y = acts[linear.output] if linear.output else None
             if mask is not None and x.ndim == 3 and mask.shape == x.shape[:2]:
-                x = x[mask > 0]
-            stats[linear.node].add(x.reshape(-1, x.shape[-1]))
-    return {node: s.solve(mode) for node, s in stats.items()}
+                x, y = x[mask > 0], (y[mask > 0] if y is not None else None)
+            self.statistics[linear.node].add(x.reshape(-1, x.shape[-1]), None if y is None else y.reshape(-1, y.shape[-1]))
+        for name, (tensor, epsilon) in self.norms.items():
+            x = acts[tensor].astype(np.float64).reshape(-1, acts[tensor].shape[-1])
+            mean, deviation = x.mean(axis=1), np.sqrt(x.var(axis=1) + epsilon)
+            kept = x[:, self.stream_keep]
+            mean_k, deviation_k = kept.mean(axis=1), np.sqrt(kept.var(axis=1) + epsilon)
+            totals = self.norm_totals[name]
+            totals[0] += float((deviation_k / deviation).sum())
+            totals[1] += float(((mean_k - mean) / deviation).sum())
+            totals[2] += x.shape[0]
+
+    def norm_corrections(self) -> dict[str, tuple[float, float]]:
+        """(scale of γ, shift of β in units of γ) for every LayerNorm that reads the pruned stream."""
+        return {name: (s / max(n, 1), m / max(n, 1)) for name, (s, m, n) in self.norm_totals.items()}
+
+    def refits(self) -> dict[str, Refit]:
+        """New weights for each refitted layer. "bias": the removed inputs' mean contribution
+        folded into the bias (FLAP); "lstsq": W', b' = argmin ‖X_K W' + b' − (X W + b)‖² + ridge."""
+        return {node: s.solve(self.mode) for node, s in self.statistics.items()}
 
 
 @dataclass
@@ -103,10 +123,15 @@ class Statistics:
         return cls(weight, bias, keep, np.zeros((width, width)), np.zeros((width, weight.shape[1])),
                    np.zeros(weight.shape[0]))
 
-    def add(self, x: np.ndarray) -> None:
+    def add(self, x: np.ndarray, outputs: np.ndarray | None = None) -> None:
+        """One batch of inputs (tokens × in) and, where the graph has them, the layer's outputs
+        (otherwise they are recomputed). Only the kept inputs' products are accumulated,
+        X̃_Kᵀ X̃_K and X̃_Kᵀ Y with X̃ = [X, 1]: |K|·(|K| + outputs) per token."""
         # one batch's products in float32 (BLAS speed), summed into float64 accumulators
         x = x.astype(np.float32)
-        outputs = x @ self.weight.astype(np.float32) + (self.bias.astype(np.float32) if self.bias is not None else 0)
+        if outputs is None:
+            outputs = x @ self.weight.astype(np.float32) + (self.bias.astype(np.float32) if self.bias is not None else 0)
+        outputs = outputs.astype(np.float32)
         kept = x[:, self.keep]
         if self.bias is not None:
             kept = np.concatenate([kept, np.ones((len(x), 1), dtype=np.float32)], axis=1)

@@ -13,7 +13,8 @@ import onnx
 from . import calibration as calib_stage
 from .errors import SnpError
 from .graph import ModelGraph
-from .compensation import COMPENSATION, norm_corrections, qk_rescales, refits
+from .calibration import Runner
+from .compensation import COMPENSATION, Collector, compensation_tensors, qk_rescales
 from .allocation import CostModel, Target, parse_target, search
 from .importance import CRITERIA, PrunePlan, Ratios, Scorer
 from .loading import LoadedModel, load_model, weight_bytes
@@ -21,8 +22,8 @@ from .matching import Matches, NoMatch, find_blocks
 from .residual import find_stream
 from .report import Report, block_reports, stats_fields
 from .rewriting import rewrite
-from .stats import count_params, model_stats, node_macs
-from .verification import attention_error, check_structure, fidelity, latency, run_outputs
+from .stats import count_params, macs_from_shapes, shape_tensors, stats_from_shapes
+from .verification import Fidelity, attention_error, check_structure, fidelity, latency, run_outputs
 
 
 log = logging.getLogger("onnxsnp")
@@ -126,17 +127,28 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
     fixed = calib_stage.fixed_batch(specs)
     batch = fixed or batch_size or calib_stage.DEFAULT_BATCH
     score_feed, holdout_feed = _split(feed, fixed)
+    mask = calib_stage.token_mask_input(specs)
+    one_batch = {k: v[:fixed or 1] for k, v in holdout_feed.items()}
 
     _check_blocks(matches, ratios)
-    scorer = score(g, matches, ratios, criterion, score_feed, batch, progress, residual_criterion)
+    scorer = _scorer(g, matches, ratios, criterion, residual_criterion)
+    probes = {block.name: g.node(block.anchor).output[0] for block in matches.attention
+              if g.node(block.anchor).op_type == "Softmax"}  # attention probabilities, for the report
+    # one session over the input model serves scoring, compensation statistics, shapes and the reference
+    extra = compensation_tensors(matches, scorer.stream, g) if compensate != "none" else []
+    original = Runner(model, scorer.tensors() + extra + list(probes.values()) + shape_tensors(model))
+    original_shapes = _shapes(original, shape_tensors(model), one_batch, fixed)
+    # fitted on one part of the scoring samples, chosen on the rest, reported on the held-back ones
+    fit_feed, select_feed = _split_off(score_feed, _count(holdout_feed), fixed)
+    score_outputs = _score_pass(scorer, original, score_feed, batch, progress, mask)
     log.info("scored on %d calibration samples (%.1f s)", _count(score_feed), time.perf_counter() - started)
-    reference = run_outputs(model, holdout_feed, batch)
-    one_batch = {k: v[:fixed or 1] for k, v in holdout_feed.items()}
+
     searched: list[dict] = []
     if target is None:
         plan = scorer.plan(ratios, seed)
     else:
-        costs = CostModel(g, matches, node_macs(model, one_batch), count_params(model))
+        costs = CostModel(g, matches, macs_from_shapes(model, original_shapes, _count(one_batch)), count_params(model))
+        reference = original.outputs(holdout_feed, batch)
 
         def measure(candidate: PrunePlan) -> float:
             return fidelity(reference, run_outputs(rewrite(g, candidate), holdout_feed, batch)).output_cosine
@@ -144,31 +156,34 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
         plan, ratios, searched = search(scorer, ratios, target, costs, measure, seed)
     kept_pieces: list[str] = []
     if compensate != "none":
-        # fitted on one part of the scoring samples, chosen on the rest, reported on the held-back ones
-        fit_feed, select_feed = _split_off(score_feed, _count(holdout_feed), fixed)
-        mask = calib_stage.token_mask_input(specs)
-        pieces = {"layernorm": lambda: norm_corrections(g, plan, fit_feed, batch) if plan.stream else {},
-                  "refit": lambda: refits(g, plan, fit_feed, batch, compensate, mask),
-                  "qk-rescale": lambda: qk_rescales(plan) if compensate == "lstsq" and rescale_qk else {}}
-        select_reference = run_outputs(model, select_feed, batch)
+        collector = Collector(g, plan, compensate, mask)
+        if collector.tensors():
+            for inputs, acts in original.batches(fit_feed, collector.tensors(), batch):
+                collector.update(inputs, acts)
+        pieces = {"layernorm": collector.norm_corrections(), "refit": collector.refits(),
+                  "qk-rescale": qk_rescales(plan) if compensate == "lstsq" and rescale_qk else {}}
+        select_reference = _tail(score_outputs, _count(select_feed)) or original.outputs(select_feed, batch)
         kept_pieces = _keep_what_helps(g, plan, pieces, select_reference, select_feed, batch)
         log.info("compensation kept: %s (%.1f s)", ", ".join(kept_pieces) or "nothing", time.perf_counter() - started)
 
     pruned = rewrite(g, plan)
     check_structure(pruned)
-    measured = fidelity(reference, run_outputs(pruned, holdout_feed, batch))
+    softmax_blocks = {keep.block.name: (probes[keep.block.name], keep.heads) for keep in plan.attention
+                      if keep.block.name in probes}
+    pruned_runner = Runner(pruned, [t for t, _ in softmax_blocks.values()] + shape_tensors(pruned), role="pruned model")
+    measured, attention_kl = _verify(original, pruned_runner, softmax_blocks, holdout_feed, batch, mask)
     log.info("rewritten and verified (%.1f s)", time.perf_counter() - started)
+    pruned_shapes = _shapes(pruned_runner, shape_tensors(pruned), one_batch, fixed)
+    del original, pruned_runner  # their sessions hold a copy of every weight
     speed = latency(model, pruned, one_batch) if measure_latency else (None, None)
-    softmax_blocks = {keep.block.name: (g.node(keep.block.anchor).output[0], keep.heads) for keep in plan.attention
-                      if g.node(keep.block.anchor).op_type == "Softmax"}
-    attention_kl = attention_error(model, pruned, softmax_blocks, holdout_feed, batch,
-                                   calib_stage.token_mask_input(specs))
+    samples_per_run = _count(one_batch)
 
     report = Report(criterion=criterion, compensation=compensate, compensation_kept=kept_pieces, ratios={"qk": round(ratios.qk, 4), "v": round(ratios.v, 4),
                                                  "ffn": round(ratios.ffn, 4), "heads": ratios.heads,
                                                  "residual": ratios.residual},
                     calibration=source, calibration_samples=_count(score_feed), holdout_samples=_count(holdout_feed),
-                    **stats_fields(model_stats(model, one_batch), model_stats(pruned, one_batch)),
+                    **stats_fields(stats_from_shapes(model, original_shapes, samples_per_run),
+                                    stats_from_shapes(pruned, pruned_shapes, samples_per_run)),
                     fidelity=measured, blocks=block_reports(plan), skipped=matches.skipped,
                     removed_blocks=[layer.name for layer in plan.removed_layers],
                     residual_width=None if plan.stream is None else [plan.stream.width, len(plan.stream_keep)],
@@ -203,8 +218,7 @@ def _keep_what_helps(g: ModelGraph, plan: PrunePlan, pieces: dict, reference: li
             return -np.inf
 
     best, kept = None, []
-    for name, compute in pieces.items():
-        value = compute()
+    for name, value in pieces.items():
         if not value:
             continue
         if best is None:
@@ -256,22 +270,74 @@ def _check_blocks(matches: Matches, ratios: Ratios) -> None:
         raise SnpError("--blocks: at least one transformer block must stay")
 
 
-def score(g: ModelGraph, matches: Matches, ratios: Ratios, criterion: str, feed: dict[str, np.ndarray],
-          batch: int, progress: bool = False, residual_criterion: str = "weights") -> Scorer:
-    """Score every matched block over one calibration pass."""
+def _scorer(g: ModelGraph, matches: Matches, ratios: Ratios, criterion: str, residual_criterion: str) -> Scorer:
     stream = None
     if ratios.residual > 0:
         try:
             stream = find_stream(g, matches)
         except NoMatch as why:
             raise SnpError(f"--residual: the residual stream cannot be pruned: {why}") from None
-    scorer = Scorer(g, matches, criterion, score_layers=ratios.blocks > 0, stream=stream,
-                    residual_criterion=residual_criterion)
+    return Scorer(g, matches, criterion, score_layers=ratios.blocks > 0, stream=stream,
+                  residual_criterion=residual_criterion)
+
+
+def _score_pass(scorer: Scorer, runner: Runner, feed: dict[str, np.ndarray], batch: int, progress: bool,
+                mask_name: str | None) -> list[list[np.ndarray]]:
+    """Feed every calibration batch to the scorer; returns the model's outputs per batch (which
+    the pass computes anyway), or nothing where the criterion needs no activations."""
     wanted = scorer.tensors()
-    mask_name = calib_stage.token_mask_input(calib_stage.input_specs(g))
-    if wanted:
-        for inputs, acts in calib_stage.capture(g.model, wanted, feed, batch, progress):
-            scorer.update(acts, _count(inputs), inputs.get(mask_name) if mask_name else None)
+    outputs: list[list[np.ndarray]] = []
+    if not wanted:
+        return outputs
+    by_sample = True
+    for inputs, acts in runner.batches(feed, list(dict.fromkeys(wanted + runner.output_names)), batch, progress):
+        scorer.update(acts, _count(inputs), inputs.get(mask_name) if mask_name else None)
+        chunk = [acts[name] for name in runner.output_names]
+        # outputs not laid out by sample cannot be split by sample later: then none are kept
+        by_sample = by_sample and all(not o.ndim or o.shape[0] == _count(inputs) for o in chunk)
+        outputs.append(chunk)
+    return outputs if by_sample else []
+
+
+def _tail(per_batch: list[list[np.ndarray]], size: int) -> list[np.ndarray] | None:
+    """The last `size` samples of per-batch outputs, or None where there are none."""
+    if not per_batch:
+        return None
+    return [o[len(o) - size:] if o.ndim else o for o in calib_stage.join_outputs(per_batch)]
+
+
+def _shapes(runner: Runner, tensors: list[str], feed: dict[str, np.ndarray], fixed: int | None) -> dict[str, tuple]:
+    """Run-time shapes of `tensors` on `feed` (one batch)."""
+    (_, values), = runner.batches(feed, tensors, fixed or _count(feed))
+    return {name: value.shape for name, value in values.items()}
+
+
+def _verify(original: Runner, pruned: Runner, softmax_blocks: dict[str, tuple[str, np.ndarray]],
+            feed: dict[str, np.ndarray], batch: int, mask_name: str | None) -> tuple[Fidelity, dict[str, float]]:
+    """Output fidelity and per-block attention-map error of the pruned model on held-back samples."""
+    probes = list(dict.fromkeys(tensor for tensor, _ in softmax_blocks.values()))
+    want, got = [], []
+
+    def pairs():
+        for (inputs, a), (_, b) in zip(original.batches(feed, original.output_names + probes, batch),
+                                       pruned.batches(feed, pruned.output_names + probes, batch)):
+            want.append([a[name] for name in original.output_names])
+            got.append([b[name] for name in pruned.output_names])
+            yield inputs, a, b
+
+    attention_kl = attention_error(pairs(), softmax_blocks, mask_name)
+    if not want:  # nothing to compare maps of: still run the outputs
+        list(pairs())
+    return fidelity(calib_stage.join_outputs(want), calib_stage.join_outputs(got)), attention_kl
+
+
+def score(g: ModelGraph, matches: Matches, ratios: Ratios, criterion: str, feed: dict[str, np.ndarray],
+          batch: int, progress: bool = False, residual_criterion: str = "weights") -> Scorer:
+    """Score every matched block over one calibration pass."""
+    scorer = _scorer(g, matches, ratios, criterion, residual_criterion)
+    if scorer.tensors():
+        runner = Runner(g.model, scorer.tensors())
+        _score_pass(scorer, runner, feed, batch, progress, calib_stage.token_mask_input(calib_stage.input_specs(g)))
     return scorer
 
 

@@ -39,22 +39,32 @@ def count_macs(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> int:
     return sum(node_macs(model, feed).values())
 
 
+def shape_tensors(model: onnx.ModelProto) -> list[str]:
+    """The run-time tensors whose shapes `macs_from_shapes` needs."""
+    initializers = {t.name for t in model.graph.initializer}
+    return list(dict.fromkeys(t for n in _counted(model) for t in (n.input[:3] if "Attention" in n.op_type else
+                                                                    (n.input[0], n.input[1], n.output[0]))
+                              if t not in initializers))
+
+
 def node_macs(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, int]:
     """MACs per sample of `feed` of each MatMul, Gemm, Conv and attention node, by node name.
 
     Shapes are read from one onnxruntime run rather than from ONNX shape inference, which
     loses track of dynamic exports' Shape→Gather→Concat reshapes."""
-    nodes = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv", "Attention", "MultiHeadAttention")]
-    initializers = {t.name: tuple(t.dims) for t in model.graph.initializer}
-    wanted = list(dict.fromkeys(t for n in nodes for t in (n.input[:3] if "Attention" in n.op_type else
-                                                            (n.input[0], n.input[1], n.output[0]))
-                                if t not in initializers))
+    wanted = shape_tensors(model)
     samples = next(iter(feed.values())).shape[0]
-    shapes = dict(initializers)
+    shapes = {}
     for _, values in capture(model, wanted, feed, samples):
         shapes.update({name: value.shape for name, value in values.items()})
+    return macs_from_shapes(model, shapes, samples)
+
+
+def macs_from_shapes(model: onnx.ModelProto, run_shapes: dict[str, tuple[int, ...]], samples: int) -> dict[str, int]:
+    """`node_macs` from the shapes of `shape_tensors` seen in a run over `samples` samples."""
+    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer} | dict(run_shapes)
     per_node: dict[str, int] = {}
-    for node in nodes:
+    for node in _counted(model):
         total = 0
         if node.op_type == "Attention" and node.domain == "com.microsoft":  # packed projection + attention
             x, weight = shapes[node.input[0]], shapes[node.input[1]]
@@ -72,6 +82,10 @@ def node_macs(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, 
     return per_node
 
 
+def _counted(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv", "Attention", "MultiHeadAttention")]
+
+
 def _linear_macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> int:
     out, a, b = shapes[node.output[0]], shapes[node.input[0]], shapes[node.input[1]]
     outputs = int(np.prod(out, dtype=np.int64))
@@ -85,3 +99,7 @@ def _linear_macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> in
 
 def model_stats(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> ModelStats:
     return ModelStats(count_params(model), count_macs(model, feed))
+
+
+def stats_from_shapes(model: onnx.ModelProto, run_shapes: dict[str, tuple[int, ...]], samples: int) -> ModelStats:
+    return ModelStats(count_params(model), sum(macs_from_shapes(model, run_shapes, samples).values()))

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import shape_inference
 
-from .calibration import session
+from .calibration import Runner, session
 from .errors import SnpError
 from .loading import is_big, model_file
 
@@ -52,21 +53,8 @@ def _check(checker, inference) -> None:
 
 
 def run_outputs(model: onnx.ModelProto, feed: dict[str, np.ndarray], batch: int) -> list[np.ndarray]:
-    try:
-        sess = session(model)
-    except Exception as exc:
-        raise SnpError(f"onnxruntime rejects the pruned model: {_line(exc)}") from None
-    names = [o.name for o in sess.get_outputs()]
-    total = next(iter(feed.values())).shape[0]
-    chunks: list[list[np.ndarray]] = [[] for _ in names]
-    for start in range(0, total, batch):
-        try:
-            values = sess.run(names, {k: v[start:start + batch] for k, v in feed.items()})
-        except Exception as exc:
-            raise SnpError(f"onnxruntime fails to run the pruned model: {_line(exc)}") from None
-        for chunk, value in zip(chunks, values):
-            chunk.append(value)
-    return [np.concatenate(c) if c[0].ndim else c[0] for c in chunks]
+    """The pruned model's outputs over `feed` (one session, built here)."""
+    return Runner(model, role="pruned model").outputs(feed, batch)
 
 
 def fidelity(original: list[np.ndarray], pruned: list[np.ndarray]) -> Fidelity:
@@ -99,14 +87,19 @@ def _line(exc: Exception) -> str:
 
 
 def latency(original: onnx.ModelProto, pruned: onnx.ModelProto, feed: dict[str, np.ndarray],
-            rounds: int = 10) -> tuple[float, float]:
+            rounds: int = 10, budget_s: float = 2.0) -> tuple[float, float]:
     """Median milliseconds per run of both models on `feed`, one intra-op thread, interleaved
-    round by round after a warm-up so that the machine's slow phases hit both alike."""
+    round by round after a warm-up so that the machine's slow phases hit both alike. Stops
+    after `rounds`, or after 5 rounds once `budget_s` is spent (a report figure; tools/bench_speed.py
+    is the careful measurement)."""
     sessions = [session(original, threads=1), session(pruned, threads=1)]
     for sess in sessions:
         sess.run(None, feed)
     times: list[list[float]] = [[], []]
-    for _ in range(rounds):
+    started = time.perf_counter()
+    for done in range(rounds):
+        if done >= 5 and time.perf_counter() - started > budget_s:
+            break
         for sess, bucket in zip(sessions, times):
             start = time.perf_counter()
             sess.run(None, feed)
@@ -114,19 +107,16 @@ def latency(original: onnx.ModelProto, pruned: onnx.ModelProto, feed: dict[str, 
     return statistics.median(times[0]), statistics.median(times[1])
 
 
-def attention_error(original: onnx.ModelProto, pruned: onnx.ModelProto, probs: dict[str, tuple[str, np.ndarray]],
-                    feed: dict[str, np.ndarray], batch: int, mask_input: str | None = None) -> dict[str, float]:
+def attention_error(batches: Iterable[tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]],
+                    probs: dict[str, tuple[str, np.ndarray]], mask_input: str | None = None) -> dict[str, float]:
     """Per block: mean KL(P_original ‖ P_pruned) of its attention probabilities over the kept
-    heads and the query rows (padded rows left out). `probs` maps block names to their softmax
-    output and kept heads."""
-    from .calibration import capture
-
-    tensors = sorted({tensor for tensor, _ in probs.values()})
+    heads and the query rows (padded rows left out). `batches` yields (inputs, original tensors,
+    pruned tensors); `probs` maps block names to their softmax output and kept heads."""
     totals = {name: 0.0 for name in probs}
     rows = {name: 0.0 for name in probs}
-    if not tensors:
+    if not probs:
         return {}
-    for (inputs, want), (_, got) in zip(capture(original, tensors, feed, batch), capture(pruned, tensors, feed, batch)):
+    for inputs, want, got in batches:
         token_mask = inputs.get(mask_input) if mask_input else None
         for name, (tensor, heads) in probs.items():
             p, q = want[tensor].astype(np.float64), got[tensor].astype(np.float64)
