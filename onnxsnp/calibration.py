@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from .errors import SnpError
 from .graph import ModelGraph
-from .loading import is_big, model_file
 
 # onnxruntime logs run-time failures straight to stderr; onnxsnp reports them itself, in one line
 ort.set_default_logger_severity(4)
@@ -155,40 +154,86 @@ def token_mask_input(specs: list[InputSpec]) -> str | None:
     return None
 
 
-def session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
+# weights handed to onnxruntime in memory rather than inside the serialised model
+_IN_MEMORY_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                    onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
+_IN_MEMORY_MIN_BYTES = 1024
+
+
+def session(model: onnx.ModelProto, threads: int = 0, extra_outputs: Iterable[str] = ()) -> ort.InferenceSession:
+    """An onnxruntime session over `model`, with `extra_outputs` added as graph outputs.
+
+    The model is not serialised with its weights: onnxruntime gets a weight-free copy of the
+    graph and the weights as in-memory external initializers. That skips serialising and
+    re-parsing every weight for each session, leaves `model` untouched, and works the same for
+    models above protobuf's 2 GB limit."""
     options = ort.SessionOptions()
     options.log_severity_level = 4  # failures are reported by onnxsnp, in one line
     if threads:
         options.intra_op_num_threads = threads
-    providers = ["CPUExecutionProvider"]
-    if not is_big(model):
-        return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
-    with model_file(model) as path:  # onnxruntime reads the weights while building the session
-        return ort.InferenceSession(str(path), options, providers=providers)
+    graph_only, names, values = _without_weights(model)
+    existing = {o.name for o in graph_only.graph.output}
+    graph_only.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in dict.fromkeys(extra_outputs)
+                                   if t not in existing)
+    if names:
+        options.add_external_initializers(names, values)
+    sess = ort.InferenceSession(graph_only.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    sess._onnxsnp_weights = values  # onnxruntime reads these buffers for as long as the session lives
+    return sess
+
+
+def _without_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str], list[ort.OrtValue]]:
+    """A copy of `model` whose larger initializers are marked external, plus those initializers
+    as OrtValues (the proto's bytes are copied once, into numpy)."""
+    light = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            _copy_field(light, field, value)
+    for field, value in model.graph.ListFields():
+        if field.name != "initializer":
+            _copy_field(light.graph, field, value)
+    names, values = [], []
+    for tensor in model.graph.initializer:
+        if (tensor.data_type in _IN_MEMORY_TYPES and len(tensor.raw_data) >= _IN_MEMORY_MIN_BYTES
+                and tensor.data_location != onnx.TensorProto.EXTERNAL):
+            stub = light.graph.initializer.add()
+            stub.name, stub.data_type = tensor.name, tensor.data_type
+            stub.dims.extend(tensor.dims)
+            stub.data_location = onnx.TensorProto.EXTERNAL
+            stub.external_data.add(key="location", value="onnxsnp-in-memory")
+            names.append(tensor.name)
+            values.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(numpy_helper.to_array(tensor))))
+        else:
+            light.graph.initializer.add().CopyFrom(tensor)
+    return light, names, values
+
+
+def _copy_field(target, field, value) -> None:
+    if hasattr(value, "extend"):  # a repeated field
+        getattr(target, field.name).extend(value)
+    elif hasattr(value, "CopyFrom"):
+        getattr(target, field.name).CopyFrom(value)
+    else:
+        setattr(target, field.name, value)
 
 
 class Runner:
     """One onnxruntime session over `model` that hands back chosen intermediate tensors as well
     as the model's outputs.
 
-    Building a session serialises and optimises every weight; for a large model that costs as
-    much as several batches, so each model gets one Runner that every stage shares. The tensors
-    are added as graph outputs only while the session is built, so the model is not copied."""
+    Building a session optimises and pre-packs every weight; for a large model that costs as
+    much as a few batches, so each model gets one Runner that every stage shares."""
 
     def __init__(self, model: onnx.ModelProto, tensors: Iterable[str] = (), threads: int = 0,
                  role: str = "input model"):
         self.role = role
         self.output_names = [o.name for o in model.graph.output]
-        existing = set(self.output_names)
-        added = [t for t in dict.fromkeys(tensors) if t not in existing]
-        model.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in added)
+        added = [t for t in dict.fromkeys(tensors) if t not in set(self.output_names)]
         try:
-            self.session = session(model, threads)
+            self.session = session(model, threads, added)
         except Exception as exc:
             verb = "cannot run" if role == "input model" else "rejects"
             raise SnpError(f"onnxruntime {verb} the {role}: {_first_line(exc)}") from None
-        finally:
-            del model.graph.output[len(model.graph.output) - len(added):]
         self.available = set(self.output_names) | set(added)
 
     def batches(self, feed: dict[str, np.ndarray], tensors: list[str], batch: int, progress: bool = False

@@ -151,7 +151,7 @@ def _gram_roots(gram_q: np.ndarray, gram_k: np.ndarray,
         return (np.swapaxes(np.linalg.cholesky(gram_q), -1, -2), np.swapaxes(np.linalg.cholesky(gram_k), -1, -2))
     except np.linalg.LinAlgError:
         if tokens is not None:
-            return np.linalg.qr(tokens[0])[1], np.linalg.qr(tokens[1])[1]
+            return (np.linalg.qr(tokens[0].astype(np.float64))[1], np.linalg.qr(tokens[1].astype(np.float64))[1])
         eye = np.eye(gram_q.shape[-1])
         return tuple(np.swapaxes(np.linalg.cholesky(g + 1e-9 * np.trace(g, axis1=-2, axis2=-1)[..., None, None]
                                                     / g.shape[-1] * eye + 1e-300 * eye), -1, -2)
@@ -260,22 +260,23 @@ class Scorer:
         for q_part, k_part in stacks:
             if q_part.shape[1] == 0:
                 continue
-            q_part, k_part = q_part.astype(np.float64), k_part.astype(np.float64)  # fp16 Grams overflow
+            # Grams in float32 (fp16 ones overflow; float64 products cost 7× more), factored in float64
+            q_part, k_part = q_part.astype(np.float32), k_part.astype(np.float32)
             n_samples, tokens = q_part.shape[:2]
             q_heads = q_part.reshape(n_samples, tokens, heads, d).transpose(0, 2, 1, 3).reshape(-1, tokens, d)
             k_heads = k_part.reshape(n_samples, tokens, heads, d).transpose(0, 2, 1, 3).reshape(-1, tokens, d)
-            gram_q = np.swapaxes(q_heads, -1, -2) @ q_heads
-            gram_k = np.swapaxes(k_heads, -1, -2) @ k_heads
+            gram_q = (np.swapaxes(q_heads, -1, -2) @ q_heads).astype(np.float64)
+            gram_k = (np.swapaxes(k_heads, -1, -2) @ k_heads).astype(np.float64)
             scores = pair_scores_from_grams(gram_q, gram_k, self.energy, (q_heads, k_heads))
             self.qk_sum[block.name] += scores.reshape(n_samples, heads, d).sum(axis=0)
             self.qk_gram[block.name] += (gram_q * gram_k).reshape(n_samples, heads, d, d).sum(axis=0)
             self.qk_count[block.name] += n_samples
 
     def _update_sq(self, tensor: str, act: np.ndarray, token_mask: np.ndarray | None) -> None:
-        tokens = act.astype(np.float64)
+        tokens = act.astype(np.float32, copy=False)  # squares in float32, summed in float64
         if token_mask is not None and token_mask.shape[:2] == tokens.shape[:2]:
             tokens = tokens[token_mask > 0]
-        squares = (tokens.reshape(-1, tokens.shape[-1]) ** 2).sum(axis=0)
+        squares = np.square(tokens.reshape(-1, tokens.shape[-1])).sum(axis=0, dtype=np.float64)
         self.sq_sum[tensor] = self.sq_sum.get(tensor, 0) + squares
 
     # --- decisions ----------------------------------------------------------------------------

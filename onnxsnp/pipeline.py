@@ -1,9 +1,12 @@
 """The whole flow: load → graph → match → calibrate → score → rewrite → verify."""
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 import math
 import os
+import resource
 import time
 from dataclasses import dataclass
 
@@ -113,9 +116,8 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
     model, external = _load(model_or_path)
     g = ModelGraph(model)
     matches = find_blocks(g)
-    log.info("loaded and matched: %d attention, %d FFN, %d transformer blocks, %d skipped (%.1f s)",
-             len(matches.attention), len(matches.ffn), len(matches.layers), len(matches.skipped),
-             time.perf_counter() - started)
+    log.info("loaded and matched: %d attention, %d FFN, %d transformer blocks, %d skipped (%s)",
+             len(matches.attention), len(matches.ffn), len(matches.layers), len(matches.skipped), _since(started))
     for skipped in matches.skipped:
         log.debug("skipped %s at %s: %s", skipped.kind, skipped.where, skipped.reason)
     if not matches.attention:
@@ -134,24 +136,29 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
     scorer = _scorer(g, matches, ratios, criterion, residual_criterion)
     probes = {block.name: g.node(block.anchor).output[0] for block in matches.attention
               if g.node(block.anchor).op_type == "Softmax"}  # attention probabilities, for the report
-    # one session over the input model serves scoring, compensation statistics, shapes and the reference
+    # what the input model does on the held-back samples (outputs, attention maps, shapes), from a
+    # session of its own that runs small batches: tensors added as outputs cost memory per sample
+    observed = _observe(model, sorted(set(probes.values())), holdout_feed, batch, fixed)
+    _release_memory()
+    log.info("observed the input model on %d held-back samples (%s)", _count(holdout_feed), _since(started))
+    # one session over the input model serves scoring, the compensation statistics and the selection
     extra = compensation_tensors(matches, scorer.stream, g) if compensate != "none" else []
-    original = Runner(model, scorer.tensors() + extra + list(probes.values()) + shape_tensors(model))
-    original_shapes = _shapes(original, shape_tensors(model), one_batch, fixed)
+    original = Runner(model, scorer.tensors() + extra)
     # fitted on one part of the scoring samples, chosen on the rest, reported on the held-back ones
     fit_feed, select_feed = _split_off(score_feed, _count(holdout_feed), fixed)
     score_outputs = _score_pass(scorer, original, score_feed, batch, progress, mask)
-    log.info("scored on %d calibration samples (%.1f s)", _count(score_feed), time.perf_counter() - started)
+    _release_memory()
+    log.info("scored on %d calibration samples (%s)", _count(score_feed), _since(started))
 
     searched: list[dict] = []
     if target is None:
         plan = scorer.plan(ratios, seed)
     else:
-        costs = CostModel(g, matches, macs_from_shapes(model, original_shapes, _count(one_batch)), count_params(model))
-        reference = original.outputs(holdout_feed, batch)
+        costs = CostModel(g, matches, macs_from_shapes(model, observed.shapes, observed.shape_samples),
+                          count_params(model))
 
         def measure(candidate: PrunePlan) -> float:
-            return fidelity(reference, run_outputs(rewrite(g, candidate), holdout_feed, batch)).output_cosine
+            return fidelity(observed.outputs, run_outputs(rewrite(g, candidate), holdout_feed, batch)).output_cosine
 
         plan, ratios, searched = search(scorer, ratios, target, costs, measure, seed)
     kept_pieces: list[str] = []
@@ -163,27 +170,29 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
         pieces = {"layernorm": collector.norm_corrections(), "refit": collector.refits(),
                   "qk-rescale": qk_rescales(plan) if compensate == "lstsq" and rescale_qk else {}}
         select_reference = _tail(score_outputs, _count(select_feed)) or original.outputs(select_feed, batch)
+        del original, collector  # the session holds a copy of every weight
+        _release_memory()
         kept_pieces = _keep_what_helps(g, plan, pieces, select_reference, select_feed, batch)
-        log.info("compensation kept: %s (%.1f s)", ", ".join(kept_pieces) or "nothing", time.perf_counter() - started)
+        log.info("compensation kept: %s (%s)", ", ".join(kept_pieces) or "nothing", _since(started))
+    else:
+        del original
+    _release_memory()
 
     pruned = rewrite(g, plan)
     check_structure(pruned)
     softmax_blocks = {keep.block.name: (probes[keep.block.name], keep.heads) for keep in plan.attention
                       if keep.block.name in probes}
-    pruned_runner = Runner(pruned, [t for t, _ in softmax_blocks.values()] + shape_tensors(pruned), role="pruned model")
-    measured, attention_kl = _verify(original, pruned_runner, softmax_blocks, holdout_feed, batch, mask)
-    log.info("rewritten and verified (%.1f s)", time.perf_counter() - started)
-    pruned_shapes = _shapes(pruned_runner, shape_tensors(pruned), one_batch, fixed)
-    del original, pruned_runner  # their sessions hold a copy of every weight
+    measured, attention_kl, pruned_shapes = _verify(observed, pruned, softmax_blocks, holdout_feed, batch, fixed, mask)
+    _release_memory()
+    log.info("rewritten and verified (%s)", _since(started))
     speed = latency(model, pruned, one_batch) if measure_latency else (None, None)
-    samples_per_run = _count(one_batch)
 
     report = Report(criterion=criterion, compensation=compensate, compensation_kept=kept_pieces, ratios={"qk": round(ratios.qk, 4), "v": round(ratios.v, 4),
                                                  "ffn": round(ratios.ffn, 4), "heads": ratios.heads,
                                                  "residual": ratios.residual},
                     calibration=source, calibration_samples=_count(score_feed), holdout_samples=_count(holdout_feed),
-                    **stats_fields(stats_from_shapes(model, original_shapes, samples_per_run),
-                                    stats_from_shapes(pruned, pruned_shapes, samples_per_run)),
+                    **stats_fields(stats_from_shapes(model, observed.shapes, observed.shape_samples),
+                                    stats_from_shapes(pruned, pruned_shapes, observed.shape_samples)),
                     fidelity=measured, blocks=block_reports(plan), skipped=matches.skipped,
                     removed_blocks=[layer.name for layer in plan.removed_layers],
                     residual_width=None if plan.stream is None else [plan.stream.width, len(plan.stream_keep)],
@@ -216,6 +225,8 @@ def _keep_what_helps(g: ModelGraph, plan: PrunePlan, pieces: dict, reference: li
             return fidelity(reference, run_outputs(rewrite(g, plan), holdout, batch)).output_cosine
         except SnpError:  # e.g. a piece that produced NaN: it does not help
             return -np.inf
+        finally:
+            _release_memory()
 
     best, kept = None, []
     for name, value in pieces.items():
@@ -306,29 +317,59 @@ def _tail(per_batch: list[list[np.ndarray]], size: int) -> list[np.ndarray] | No
     return [o[len(o) - size:] if o.ndim else o for o in calib_stage.join_outputs(per_batch)]
 
 
-def _shapes(runner: Runner, tensors: list[str], feed: dict[str, np.ndarray], fixed: int | None) -> dict[str, tuple]:
-    """Run-time shapes of `tensors` on `feed` (one batch)."""
-    (_, values), = runner.batches(feed, tensors, fixed or _count(feed))
-    return {name: value.shape for name, value in values.items()}
+MAP_SAMPLES = 16  # held-back samples whose attention maps are compared (they are kept in memory)
 
 
-def _verify(original: Runner, pruned: Runner, softmax_blocks: dict[str, tuple[str, np.ndarray]],
-            feed: dict[str, np.ndarray], batch: int, mask_name: str | None) -> tuple[Fidelity, dict[str, float]]:
-    """Output fidelity and per-block attention-map error of the pruned model on held-back samples."""
-    probes = list(dict.fromkeys(tensor for tensor, _ in softmax_blocks.values()))
-    want, got = [], []
+@dataclass
+class Observed:
+    """The input model on the held-back samples."""
 
-    def pairs():
-        for (inputs, a), (_, b) in zip(original.batches(feed, original.output_names + probes, batch),
-                                       pruned.batches(feed, pruned.output_names + probes, batch)):
-            want.append([a[name] for name in original.output_names])
-            got.append([b[name] for name in pruned.output_names])
-            yield inputs, a, b
+    outputs: list[np.ndarray]
+    maps: dict[str, np.ndarray]  # softmax outputs of the first MAP_SAMPLES samples
+    shapes: dict[str, tuple[int, ...]]  # of stats.shape_tensors, on `shape_samples` samples
+    shape_samples: int
 
-    attention_kl = attention_error(pairs(), softmax_blocks, mask_name)
-    if not want:  # nothing to compare maps of: still run the outputs
-        list(pairs())
-    return fidelity(calib_stage.join_outputs(want), calib_stage.join_outputs(got)), attention_kl
+
+def _observe(model: onnx.ModelProto, probes: list[str], feed: dict[str, np.ndarray], batch: int,
+             fixed: int | None) -> Observed:
+    runner = Runner(model, probes + shape_tensors(model))
+    maps, outputs, shapes = _probe_run(runner, probes, shape_tensors(model), feed, batch, fixed)
+    return Observed(outputs, maps, shapes, fixed or 1)
+
+
+def _probe_run(runner: Runner, probes: list[str], shape_names: list[str], feed: dict[str, np.ndarray],
+               batch: int, fixed: int | None) -> tuple[dict[str, np.ndarray], list[np.ndarray], dict[str, tuple[int, ...]]]:
+    """Outputs over `feed`, the probes over its first MAP_SAMPLES samples and the shapes of
+    `shape_names` on its first sample(s), batch by batch at the smallest batch the model runs."""
+    step = fixed or 1
+    mapped = {k: v[:max(step, MAP_SAMPLES // step * step)] for k, v in feed.items()}
+    rest = {k: v[_count(mapped):] for k, v in feed.items()}
+    names = runner.output_names
+    per_batch, maps, shapes = [], {name: [] for name in probes}, {}
+    for inputs, values in runner.batches(mapped, list(dict.fromkeys(names + probes + shape_names)), step):
+        per_batch.append([values[name] for name in names])
+        for name in probes:
+            maps[name].append(values[name])
+        if not shapes:
+            shapes = {name: values[name].shape for name in shape_names}
+    if _count(rest):
+        per_batch += [[values[name] for name in names] for _, values in runner.batches(rest, names, batch)]
+    return ({name: np.concatenate(chunks) for name, chunks in maps.items()}, calib_stage.join_outputs(per_batch),
+            shapes)
+
+
+def _verify(observed: Observed, pruned: onnx.ModelProto, softmax_blocks: dict[str, tuple[str, np.ndarray]],
+            feed: dict[str, np.ndarray], batch: int, fixed: int | None, mask_name: str | None
+            ) -> tuple[Fidelity, dict[str, float], dict[str, tuple[int, ...]]]:
+    """Output fidelity, per-block attention-map error and run-time shapes of the pruned model on
+    the held-back samples."""
+    probes = sorted({tensor for tensor, _ in softmax_blocks.values()})
+    runner = Runner(pruned, probes + shape_tensors(pruned), role="pruned model")
+    maps, outputs, shapes = _probe_run(runner, probes, shape_tensors(pruned), feed, batch, fixed)
+    measured = fidelity(observed.outputs, outputs)
+    inputs = {k: v[:len(next(iter(maps.values())))] for k, v in feed.items()} if maps else {}
+    kl = attention_error([(inputs, observed.maps, maps)], softmax_blocks, mask_name) if maps else {}
+    return measured, kl, shapes
 
 
 def score(g: ModelGraph, matches: Matches, ratios: Ratios, criterion: str, feed: dict[str, np.ndarray],
@@ -373,6 +414,23 @@ def _split(feed: dict[str, np.ndarray], fixed_batch: int | None) -> tuple[dict[s
     holdout = max(step, (usable // 8) // step * step)
     return ({k: v[:usable - holdout] for k, v in feed.items()},
             {k: v[usable - holdout:usable] for k, v in feed.items()})
+
+
+def _release_memory() -> None:
+    """Hand freed heap back to the system between stages. glibc keeps large freed blocks of
+    numpy and onnxruntime buffers in its heap, so resident memory would otherwise only grow
+    from stage to stage; peak memory is what a deployment machine has to provide."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+def _since(started: float) -> str:
+    """Elapsed time and the process's peak memory so far, for the -v stage log."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return f"{time.perf_counter() - started:.1f} s, peak RSS {peak:.0f} MiB"
 
 
 def _count(feed: dict[str, np.ndarray]) -> int:

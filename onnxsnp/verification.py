@@ -87,7 +87,7 @@ def _line(exc: Exception) -> str:
 
 
 def latency(original: onnx.ModelProto, pruned: onnx.ModelProto, feed: dict[str, np.ndarray],
-            rounds: int = 10, budget_s: float = 2.0) -> tuple[float, float]:
+            rounds: int = 10, budget_s: float = 1.0) -> tuple[float, float]:
     """Median milliseconds per run of both models on `feed`, one intra-op thread, interleaved
     round by round after a warm-up so that the machine's slow phases hit both alike. Stops
     after `rounds`, or after 5 rounds once `budget_s` is spent (a report figure; tools/bench_speed.py
