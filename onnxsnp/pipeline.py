@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import ctypes
-import gc
 import logging
 import math
 import os
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,6 +114,7 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
     started = time.perf_counter()
     compensate = _check_options(criterion, calib_samples, compensate, residual_criterion)
     model, external = _load(model_or_path)
+    release_memory = _memory_releaser(weight_bytes(model))
     g = ModelGraph(model)
     matches = find_blocks(g)
     log.info("loaded and matched: %d attention, %d FFN, %d transformer blocks, %d skipped (%s)",
@@ -139,7 +140,7 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
     # what the input model does on the held-back samples (outputs, attention maps, shapes), from a
     # session of its own that runs small batches: tensors added as outputs cost memory per sample
     observed = _observe(model, sorted(set(probes.values())), holdout_feed, batch, fixed)
-    _release_memory()
+    release_memory()
     log.info("observed the input model on %d held-back samples (%s)", _count(holdout_feed), _since(started))
     # one session over the input model serves scoring, the compensation statistics and the selection
     extra = compensation_tensors(matches, scorer.stream, g) if compensate != "none" else []
@@ -147,7 +148,7 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
     # fitted on one part of the scoring samples, chosen on the rest, reported on the held-back ones
     fit_feed, select_feed = _split_off(score_feed, _count(holdout_feed), fixed)
     score_outputs = _score_pass(scorer, original, score_feed, batch, progress, mask)
-    _release_memory()
+    release_memory()
     log.info("scored on %d calibration samples (%s)", _count(score_feed), _since(started))
 
     searched: list[dict] = []
@@ -171,19 +172,19 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
                   "qk-rescale": qk_rescales(plan) if compensate == "lstsq" and rescale_qk else {}}
         select_reference = _tail(score_outputs, _count(select_feed)) or original.outputs(select_feed, batch)
         del original, collector  # the session holds a copy of every weight
-        _release_memory()
-        kept_pieces = _keep_what_helps(g, plan, pieces, select_reference, select_feed, batch)
+        release_memory()
+        kept_pieces = _keep_what_helps(g, plan, pieces, select_reference, select_feed, batch, release_memory)
         log.info("compensation kept: %s (%s)", ", ".join(kept_pieces) or "nothing", _since(started))
     else:
         del original
-    _release_memory()
+    release_memory()
 
     pruned = rewrite(g, plan)
     check_structure(pruned)
     softmax_blocks = {keep.block.name: (probes[keep.block.name], keep.heads) for keep in plan.attention
                       if keep.block.name in probes}
     measured, attention_kl, pruned_shapes = _verify(observed, pruned, softmax_blocks, holdout_feed, batch, fixed, mask)
-    _release_memory()
+    release_memory()
     log.info("rewritten and verified (%s)", _since(started))
     speed = latency(model, pruned, one_batch) if measure_latency else (None, None)
 
@@ -217,7 +218,8 @@ def _split_off(feed: dict[str, np.ndarray], size: int, fixed_batch: int | None
 
 
 def _keep_what_helps(g: ModelGraph, plan: PrunePlan, pieces: dict, reference: list[np.ndarray],
-                     holdout: dict[str, np.ndarray], batch: int) -> list[str]:
+                     holdout: dict[str, np.ndarray], batch: int,
+                     release_memory: Callable[[], None] = lambda: None) -> list[str]:
     """Add each compensation piece to the plan only if it raises the output cosine on samples
     it was not fitted on (one-shot refits can hurt where little was pruned)."""
     def cosine() -> float:
@@ -226,7 +228,7 @@ def _keep_what_helps(g: ModelGraph, plan: PrunePlan, pieces: dict, reference: li
         except SnpError:  # e.g. a piece that produced NaN: it does not help
             return -np.inf
         finally:
-            _release_memory()
+            release_memory()
 
     best, kept = None, []
     for name, value in pieces.items():
@@ -416,15 +418,22 @@ def _split(feed: dict[str, np.ndarray], fixed_batch: int | None) -> tuple[dict[s
             {k: v[usable - holdout:usable] for k, v in feed.items()})
 
 
-def _release_memory() -> None:
-    """Hand freed heap back to the system between stages. glibc keeps large freed blocks of
-    numpy and onnxruntime buffers in its heap, so resident memory would otherwise only grow
-    from stage to stage; peak memory is what a deployment machine has to provide."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
+TRIM_ABOVE_BYTES = 32 * 2**20  # smaller models leave little to hand back; trimming costs a heap walk
+
+
+def _memory_releaser(model_bytes: int) -> Callable[[], None]:
+    """A call that hands freed heap back to the system between stages (for models above
+    TRIM_ABOVE_BYTES). glibc keeps large freed blocks of numpy and onnxruntime buffers in its
+    heap, so resident memory would otherwise only grow from stage to stage, and reusing that
+    fragmented heap is slower than fresh pages; peak memory is what a deployment machine has to
+    provide."""
+    def release() -> None:
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc: nothing to do
+            pass
+
+    return release if model_bytes > TRIM_ABOVE_BYTES else (lambda: None)
 
 
 def _since(started: float) -> str:
