@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import math
 import os
@@ -180,6 +181,7 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
     release_memory()
 
     pruned = rewrite(g, plan)
+    release_memory()
     check_structure(pruned)
     softmax_blocks = {keep.block.name: (probes[keep.block.name], keep.heads) for keep in plan.attention
                       if keep.block.name in probes}
@@ -428,6 +430,7 @@ def _memory_releaser(model_bytes: int) -> Callable[[], None]:
     fragmented heap is slower than fresh pages; peak memory is what a deployment machine has to
     provide."""
     def release() -> None:
+        gc.collect()  # onnx-graphsurgeon graphs are reference cycles: they hold sliced weights until collected
         try:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except (OSError, AttributeError):  # not glibc: nothing to do
