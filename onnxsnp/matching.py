@@ -63,11 +63,14 @@ class ShapeEdit:
 
 @dataclass(frozen=True)
 class FrozenScale:
-    """A scale computed at run time from q's shape: replaced by its original value when pruning."""
+    """A scalar Mul/Div between a projection and the softmax. A run-time one (computed from q's
+    shape) is frozen to its original value when Q/K widths change; a `constant` one is fixed at
+    export. Either may carry the factor that puts the scale in standard form (rewriting)."""
 
     node: str
     input_index: int
     tensor: str
+    constant: bool = False
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,7 @@ class AttentionBlock:
     fused: FusedQkv | None = None
     shape_edits: list[ShapeEdit] = field(default_factory=list)
     frozen_scales: list[FrozenScale] = field(default_factory=list)
+    constant_scales: list[FrozenScale] = field(default_factory=list)  # fixed ones on the Q·Kᵀ path
     attention_op: str | None = None  # an ONNX Attention node whose scale must be pinned
     scale: float | None = None  # that op's original softmax scale
     packed_bias: str | None = None  # com.microsoft.MultiHeadAttention's [q | k | v] bias input
@@ -455,8 +459,9 @@ def _assemble(g: ModelGraph, core: _Core) -> AttentionBlock:
     k_trace = _trace_to_linear(g, core.k)
     v_trace = _trace_to_linear(g, core.v)
     out, merge_path = _forward_to_linear(g, core.output)
-    frozen = core.frozen + q_trace.scales + k_trace.scales
-    if v_trace.scales:
+    scales = core.frozen + q_trace.scales + k_trace.scales
+    frozen = [scale for scale in scales if not scale.constant]
+    if any(not scale.constant for scale in v_trace.scales):
         raise NoMatch("V is scaled by a run-time value")
 
     name = _block_name(core.anchor.name, (q_trace.linear, out))
@@ -478,6 +483,7 @@ def _assemble(g: ModelGraph, core: _Core) -> AttentionBlock:
     for scale in frozen:
         _check_frozen_scale(g, scale, region, block.head_dim)
     block.frozen_scales = frozen
+    block.constant_scales = [scale for scale in scales if scale.constant]
     heads_split = core.heads is None  # a 3-D Attention op takes and gives merged heads
     for trace, kind in ((q_trace, "qk"), (k_trace, "qk"), (v_trace, "v")):
         forward = list(reversed(_after_part(trace) if block.fused else trace.nodes))
@@ -573,8 +579,8 @@ def _score_matmul(g: ModelGraph, tensor: str, frozen: list[FrozenScale], depth: 
         if not _is_scalar(g, scale):
             return None
         found = _score_matmul(g, node.input[0], frozen, depth + 1)
-        if found is not None and not g.is_constant(scale):
-            frozen.append(FrozenScale(node.name, 1, scale))
+        if found is not None:
+            frozen.append(FrozenScale(node.name, 1, scale, constant=g.is_constant(scale)))
         return found
     if node.op_type in ("Add", "Where", "Cast"):
         # Add: scores + mask; Where: masked_fill. Follow whichever input leads to the MatMul.
@@ -626,8 +632,7 @@ def _trace_to_linear(g: ModelGraph, tensor: str) -> _Trace:
             data, scale = node.input[0], node.input[1]
             if not _is_scalar(g, scale):
                 raise NoMatch(f"{node.name} scales by a non-scalar")
-            if not g.is_constant(scale):
-                scales.append(FrozenScale(node.name, 1, scale))
+            scales.append(FrozenScale(node.name, 1, scale, constant=g.is_constant(scale)))
             nodes.append(node)
             tensor = data
             continue

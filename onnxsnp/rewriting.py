@@ -7,6 +7,8 @@ graphsurgeon's cleanup at the end.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -205,6 +207,9 @@ def _prune_attention(editor: _Editor, keep: AttentionKeep, scale_values: dict[st
         editor.nodes[block.attention_op].attrs["scale"] = float(block.scale)
     for scale in block.frozen_scales if dq != block.head_dim else ():  # only Q/K width moves these
         editor.nodes[scale.node].inputs[scale.input_index] = editor.constant(scale.tensor, scale_values[scale.tensor])
+    q_factor = 1.0
+    if dq != block.head_dim and block.attention_op is None:
+        q_factor = _standard_scale(editor, block, dq, scale_values)
     if block.form == "ort-attention":
         width = block.heads * block.head_dim
         editor.keep_outputs(block.q, np.concatenate([qk_columns, width + qk_columns, 2 * width + v_columns]))
@@ -221,8 +226,9 @@ def _prune_attention(editor: _Editor, keep: AttentionKeep, scale_values: dict[st
     else:
         _prune_fused(editor, keep, qk_columns, v_columns, dq, dv)
     editor.keep_inputs(block.out, v_columns, refits.get(block.out.node))
-    if block.name in qk_scales:
-        _scale_q(editor, keep, qk_scales[block.name])
+    if block.name in qk_scales or q_factor != 1.0:
+        factors = qk_scales.get(block.name, np.ones((heads, dq)))
+        _scale_q(editor, keep, np.asarray(factors, dtype=np.float64) * q_factor)
     if block.attention_op is not None:  # ops that carry the head count as an attribute
         attrs = editor.nodes[block.attention_op].attrs
         for name in ("num_heads", "q_num_heads", "kv_num_heads"):
@@ -231,6 +237,26 @@ def _prune_attention(editor: _Editor, keep: AttentionKeep, scale_values: dict[st
     new_width = {"qk": dq, "v": dv, "qk_merged": heads * dq, "v_merged": heads * dv, "heads": heads}
     for edit in block.shape_edits:
         editor.set_entry(edit.reshape, edit.position, new_width[edit.width])
+
+
+def _standard_scale(editor: _Editor, block, dq: int, scale_values: dict[str, np.ndarray]) -> float:
+    """Keep the scores, but in the standard form for the new head width: the scales on the
+    Q·Kᵀ path get a factor sqrt(d/d') (they multiplied to 1/sqrt(d), now 1/sqrt(d')) and q
+    gets sqrt(d'/d), so q·k times the scale is what it was. A graph written this way stays
+    right under tools that assume scale = 1/sqrt(head width) when they fuse attention (the
+    onnxruntime transformers optimizer does, and would silently change the scores otherwise).
+    Returns the factor for q (1 where no scale is there to carry it)."""
+    scales = block.frozen_scales + block.constant_scales
+    if not scales:
+        return 1.0
+    carrier = scales[0]
+    node = editor.nodes[carrier.node]
+    current = node.inputs[carrier.input_index]
+    value = current.values if isinstance(current, gs.Constant) else editor.value(carrier.tensor)
+    factor = math.sqrt(block.head_dim / dq)
+    moved = value * factor if node.op == "Mul" else value / factor
+    node.inputs[carrier.input_index] = editor.constant(carrier.tensor, np.asarray(moved, dtype=value.dtype))
+    return 1.0 / factor
 
 
 def _scale_q(editor: _Editor, keep: AttentionKeep, scales: np.ndarray) -> None:
