@@ -57,6 +57,7 @@ from latency import cpu_name  # noqa: E402
 PRESETS = ("deit_tiny", "deit_small", "deit_base")
 BATCH = 8  # onnxsnp's calibration batch (calibration.DEFAULT_BATCH)
 RATIO = 0.5
+VARIANTS = {"default": [], "no-compensate": ["--no-compensate"]}  # extra onnxsnp arguments per row
 TIME_TARGET = 1.5  # onnxsnp s ÷ ORT pass s
 RSS_TARGET = 3.0  # onnxsnp peak RSS ÷ model file size
 TOP_FUNCTIONS = 15
@@ -225,15 +226,19 @@ def main() -> None:
         print(f"onnxruntime pass: {ort['seconds']:.2f} s (process {ort_run.seconds:.2f} s), "
               f"CPU {ort_run.cpu_s:.2f} s, peak RSS {ort_run.peak_mb:.0f} MB", flush=True)
         pruned = scratch / "pruned.onnx"
-        snp = run_measured([sys.executable, "-m", "onnxsnp", *onnxsnp_args(model, pruned, calib, args.samples)])
-        print(f"onnxsnp: {snp.seconds:.2f} s, CPU {snp.cpu_s:.2f} s, peak RSS {snp.peak_mb:.0f} MB", flush=True)
-        for leftover in scratch.glob("pruned.onnx*"):
-            leftover.unlink()
-
-        time_ratio, rss_ratio = snp.seconds / ort["seconds"], snp.peak_mb / file_mb
-        row = (f"| {label} | {file_mb:.1f} | {ort['seconds']:.2f} | {snp.seconds:.2f} | "
-               f"{time_ratio:.2f}{'' if time_ratio <= TIME_TARGET else ' (over target)'} | {ort_run.peak_mb:.0f} | "
-               f"{snp.peak_mb:.0f} | {rss_ratio:.2f}{'' if rss_ratio <= RSS_TARGET else ' (over target)'} |")
+        rows = []
+        for variant, extra in VARIANTS.items():
+            snp = run_measured([sys.executable, "-m", "onnxsnp", *onnxsnp_args(model, pruned, calib, args.samples),
+                                *extra])
+            print(f"onnxsnp ({variant}): {snp.seconds:.2f} s, CPU {snp.cpu_s:.2f} s, peak RSS {snp.peak_mb:.0f} MB",
+                  flush=True)
+            for leftover in scratch.glob("pruned.onnx*"):
+                leftover.unlink()
+            time_ratio, rss_ratio = snp.seconds / ort["seconds"], snp.peak_mb / file_mb
+            rows.append(f"| {label} | {variant} | {file_mb:.1f} | {ort['seconds']:.2f} | {snp.seconds:.2f} | "
+                        f"{time_ratio:.2f}{'' if time_ratio <= TIME_TARGET else ' (over target)'} | "
+                        f"{ort_run.peak_mb:.0f} | {snp.peak_mb:.0f} | {snp.peak_mb / ort_run.peak_mb:.2f} | "
+                        f"{rss_ratio:.2f}{'' if rss_ratio <= RSS_TARGET else ' (over target)'} |")
 
         command = "python tools/bench_prune.py " + shlex.join(sys.argv[1:])
         import onnxruntime
@@ -246,14 +251,15 @@ def main() -> None:
             f"{args.samples} standard-normal calibration samples (seed 0). ORT pass = session creation plus all "
             f"samples in batches of {batch}, in a fresh process; onnxsnp = the whole `python -m onnxsnp MODEL OUT "
             f"--ratio {RATIO} --calib CALIB --calib-samples {args.samples} -q` process. Peak RSS = each process's "
-            f"ru_maxrss; MB = 10^6 bytes. Targets: time ratio ≤ {TIME_TARGET}, RSS ÷ file ≤ {RSS_TARGET}.",
+            f"ru_maxrss; MB = 10^6 bytes. Targets: time ratio ≤ {TIME_TARGET}, RSS ÷ file ≤ {RSS_TARGET}. "
+            "Variants: the default (`--compensate lstsq`) and `--no-compensate` (SNP scoring and slicing alone).",
             "",
-            "| model | file MB | ORT pass s | onnxsnp s | onnxsnp ÷ ORT | ORT peak RSS MB | onnxsnp peak RSS MB "
-            "| onnxsnp RSS ÷ file |",
-            "|---|---|---|---|---|---|---|---|",
-            row,
+            "| model | variant | file MB | ORT pass s | onnxsnp s | onnxsnp ÷ ORT | ORT peak RSS MB | "
+            "onnxsnp peak RSS MB | onnxsnp RSS ÷ ORT RSS | onnxsnp RSS ÷ file |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+            *rows,
         ]
-        print("\n" + "\n".join(lines[-3:]))
+        print("\n" + "\n".join(lines[-2 - len(rows):]))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("\n".join(lines) + "\n")
         print(f"wrote {args.out}")
