@@ -41,6 +41,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
+from collect_results import collect  # noqa: E402
 from latency import cpu_name, interleaved  # noqa: E402
 
 from onnxsnp import prune  # noqa: E402
@@ -234,6 +235,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(header + rows) + "\n")
     print(f"wrote {args.out}")
+    if args.out.resolve().parent == (HERE.parent / "docs").resolve():
+        collect()  # docs/RESULTS.md carries a copy of every table
 
 
 if __name__ == "__main__":
