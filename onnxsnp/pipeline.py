@@ -178,7 +178,7 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
         log.info("compensation kept: %s (%s)", ", ".join(kept_pieces) or "nothing", _since(started))
     else:
         del original
-    release_memory()
+        release_memory()
 
     pruned = rewrite(g, plan)
     release_memory()
@@ -336,28 +336,31 @@ class Observed:
 
 def _observe(model: onnx.ModelProto, probes: list[str], feed: dict[str, np.ndarray], batch: int,
              fixed: int | None) -> Observed:
-    runner = Runner(model, probes + shape_tensors(model))
-    maps, outputs, shapes = _probe_run(runner, probes, shape_tensors(model), feed, batch, fixed)
+    maps, outputs, shapes = _probe_run(model, "input model", probes, feed, batch, fixed)
     return Observed(outputs, maps, shapes, fixed or 1)
 
 
-def _probe_run(runner: Runner, probes: list[str], shape_names: list[str], feed: dict[str, np.ndarray],
-               batch: int, fixed: int | None) -> tuple[dict[str, np.ndarray], list[np.ndarray], dict[str, tuple[int, ...]]]:
-    """Outputs over `feed`, the probes over its first MAP_SAMPLES samples and the shapes of
-    `shape_names` on its first sample(s), batch by batch at the smallest batch the model runs."""
+def _probe_run(model: onnx.ModelProto, role: str, probes: list[str], feed: dict[str, np.ndarray], batch: int,
+               fixed: int | None) -> tuple[dict[str, np.ndarray], list[np.ndarray], dict[str, tuple[int, ...]]]:
+    """One session over `model`: its outputs over `feed`, the `probes` over the first MAP_SAMPLES
+    samples and the shapes of stats.shape_tensors on the first sample(s). Probed samples run at the
+    smallest batch the model takes (every tensor added as an output costs memory per sample)."""
+    shape_names = shape_tensors(model)
+    runner = Runner(model, probes + shape_names, role=role)
     step = fixed or 1
-    mapped = {k: v[:max(step, MAP_SAMPLES // step * step)] for k, v in feed.items()}
-    rest = {k: v[_count(mapped):] for k, v in feed.items()}
-    names = runner.output_names
+    parts = [({k: v[:step] for k, v in feed.items()}, step, probes + shape_names),  # also the shapes
+             ({k: v[step:max(step, MAP_SAMPLES // step * step)] for k, v in feed.items()}, step, probes),
+             ({k: v[max(step, MAP_SAMPLES // step * step):] for k, v in feed.items()}, batch, [])]
     per_batch, maps, shapes = [], {name: [] for name in probes}, {}
-    for inputs, values in runner.batches(mapped, list(dict.fromkeys(names + probes + shape_names)), step):
-        per_batch.append([values[name] for name in names])
-        for name in probes:
-            maps[name].append(values[name])
-        if not shapes:
-            shapes = {name: values[name].shape for name in shape_names}
-    if _count(rest):
-        per_batch += [[values[name] for name in names] for _, values in runner.batches(rest, names, batch)]
+    for part, size, extra in parts:
+        if not _count(part):
+            continue
+        names = list(dict.fromkeys(runner.output_names + extra))
+        for _, values in runner.batches(part, names, size):
+            per_batch.append([values[name] for name in runner.output_names])
+            for name in probes if extra else ():
+                maps[name].append(values[name])
+            shapes = shapes or {name: values[name].shape for name in shape_names}
     return ({name: np.concatenate(chunks) for name, chunks in maps.items()}, calib_stage.join_outputs(per_batch),
             shapes)
 
@@ -368,12 +371,12 @@ def _verify(observed: Observed, pruned: onnx.ModelProto, softmax_blocks: dict[st
     """Output fidelity, per-block attention-map error and run-time shapes of the pruned model on
     the held-back samples."""
     probes = sorted({tensor for tensor, _ in softmax_blocks.values()})
-    runner = Runner(pruned, probes + shape_tensors(pruned), role="pruned model")
-    maps, outputs, shapes = _probe_run(runner, probes, shape_tensors(pruned), feed, batch, fixed)
+    maps, outputs, shapes = _probe_run(pruned, "pruned model", probes, feed, batch, fixed)
     measured = fidelity(observed.outputs, outputs)
-    inputs = {k: v[:len(next(iter(maps.values())))] for k, v in feed.items()} if maps else {}
-    kl = attention_error([(inputs, observed.maps, maps)], softmax_blocks, mask_name) if maps else {}
-    return measured, kl, shapes
+    if not maps:
+        return measured, {}, shapes
+    inputs = {k: v[:len(next(iter(maps.values())))] for k, v in feed.items()}
+    return measured, attention_error([(inputs, observed.maps, maps)], softmax_blocks, mask_name), shapes
 
 
 def score(g: ModelGraph, matches: Matches, ratios: Ratios, criterion: str, feed: dict[str, np.ndarray],
