@@ -164,6 +164,7 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
 
         plan, ratios, searched = search(scorer, ratios, target, costs, measure, seed)
     kept_pieces: list[str] = []
+    pruned = None  # the rewritten model, where choosing compensation already made it
     if compensate != "none":
         collector = Collector(g, plan, compensate, mask)
         if collector.tensors():
@@ -174,14 +175,15 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
         select_reference = _tail(score_outputs, _count(select_feed)) or original.outputs(select_feed, batch)
         del original, collector  # the session holds a copy of every weight
         release_memory()
-        kept_pieces = _keep_what_helps(g, plan, pieces, select_reference, select_feed, batch, release_memory)
+        kept_pieces, pruned = _keep_what_helps(g, plan, pieces, select_reference, select_feed, batch, release_memory)
         log.info("compensation kept: %s (%s)", ", ".join(kept_pieces) or "nothing", _since(started))
     else:
         del original
         release_memory()
 
-    pruned = rewrite(g, plan)
-    release_memory()
+    if pruned is None:
+        pruned = rewrite(g, plan)
+        release_memory()
     check_structure(pruned)
     softmax_blocks = {keep.block.name: (probes[keep.block.name], keep.heads) for keep in plan.attention
                       if keep.block.name in probes}
@@ -220,31 +222,33 @@ def _split_off(feed: dict[str, np.ndarray], size: int, fixed_batch: int | None
 
 
 def _keep_what_helps(g: ModelGraph, plan: PrunePlan, pieces: dict, reference: list[np.ndarray],
-                     holdout: dict[str, np.ndarray], batch: int,
-                     release_memory: Callable[[], None] = lambda: None) -> list[str]:
+                     holdout: dict[str, np.ndarray], batch: int, release_memory: Callable[[], None] = lambda: None
+                     ) -> tuple[list[str], onnx.ModelProto | None]:
     """Add each compensation piece to the plan only if it raises the output cosine on samples
-    it was not fitted on (one-shot refits can hurt where little was pruned)."""
-    def cosine() -> float:
+    it was not fitted on (one-shot refits can hurt where little was pruned). Returns the kept
+    pieces and the model rewritten from the final plan (None if no trial could be run)."""
+    def trial() -> tuple[float, onnx.ModelProto | None]:
         try:
-            return fidelity(reference, run_outputs(rewrite(g, plan), holdout, batch)).output_cosine
+            candidate = rewrite(g, plan)
+            return fidelity(reference, run_outputs(candidate, holdout, batch)).output_cosine, candidate
         except SnpError:  # e.g. a piece that produced NaN: it does not help
-            return -np.inf
+            return -np.inf, None
         finally:
             release_memory()
 
-    best, kept = None, []
+    best, best_model, kept = None, None, []
     for name, value in pieces.items():
         if not value:
             continue
         if best is None:
-            best = cosine()
+            best, best_model = trial()
         setattr(plan, _PIECE_FIELDS[name], value)
-        trial = cosine()
-        if trial > best:
-            best, kept = trial, kept + [name]
+        cosine, model = trial()
+        if cosine > best:
+            best, best_model, kept = cosine, model, kept + [name]
         else:
             setattr(plan, _PIECE_FIELDS[name], {})
-    return kept
+    return kept, best_model
 
 
 def _check_options(criterion: str, calib_samples: int, compensate: str | bool, residual_criterion: str) -> str:
