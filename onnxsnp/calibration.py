@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,18 +160,23 @@ _IN_MEMORY_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.Tenso
 _IN_MEMORY_MIN_BYTES = 1024
 
 
-def session(model: onnx.ModelProto, threads: int = 0, extra_outputs: Iterable[str] = ()) -> ort.InferenceSession:
+Weights = Callable[[str], "np.ndarray | None"]  # an initializer's decoded value, by name
+
+
+def session(model: onnx.ModelProto, threads: int = 0, extra_outputs: Iterable[str] = (),
+            weights: Weights | None = None) -> ort.InferenceSession:
     """An onnxruntime session over `model`, with `extra_outputs` added as graph outputs.
 
     The model is not serialised with its weights: onnxruntime gets a weight-free copy of the
     graph and the weights as in-memory external initializers. That skips serialising and
     re-parsing every weight for each session, leaves `model` untouched, and works the same for
-    models above protobuf's 2 GB limit."""
+    models above protobuf's 2 GB limit. `weights` may supply already decoded arrays (ModelGraph
+    keeps them), which the session then shares instead of decoding its own copy."""
     options = ort.SessionOptions()
     options.log_severity_level = 4  # failures are reported by onnxsnp, in one line
     if threads:
         options.intra_op_num_threads = threads
-    graph_only, names, values = _without_weights(model)
+    graph_only, names, values = _without_weights(model, weights)
     existing = {o.name for o in graph_only.graph.output}
     graph_only.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in dict.fromkeys(extra_outputs)
                                    if t not in existing)
@@ -182,7 +187,8 @@ def session(model: onnx.ModelProto, threads: int = 0, extra_outputs: Iterable[st
     return sess
 
 
-def _without_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str], list[ort.OrtValue]]:
+def _without_weights(model: onnx.ModelProto, weights: Weights | None = None
+                     ) -> tuple[onnx.ModelProto, list[str], list[ort.OrtValue]]:
     """A copy of `model` whose larger initializers are marked external, plus those initializers
     as OrtValues (the proto's bytes are copied once, into numpy)."""
     light = onnx.ModelProto()
@@ -202,7 +208,10 @@ def _without_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]
             stub.data_location = onnx.TensorProto.EXTERNAL
             stub.external_data.add(key="location", value="onnxsnp-in-memory")
             names.append(tensor.name)
-            values.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(numpy_helper.to_array(tensor))))
+            value = weights(tensor.name) if weights is not None else None
+            if value is None:
+                value = numpy_helper.to_array(tensor)
+            values.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)))
         else:
             light.graph.initializer.add().CopyFrom(tensor)
     return light, names, values
@@ -225,12 +234,12 @@ class Runner:
     much as a few batches, so each model gets one Runner that every stage shares."""
 
     def __init__(self, model: onnx.ModelProto, tensors: Iterable[str] = (), threads: int = 0,
-                 role: str = "input model"):
+                 role: str = "input model", weights: Weights | None = None):
         self.role = role
         self.output_names = [o.name for o in model.graph.output]
         added = [t for t in dict.fromkeys(tensors) if t not in set(self.output_names)]
         try:
-            self.session = session(model, threads, added)
+            self.session = session(model, threads, added, weights)
         except Exception as exc:
             verb = "cannot run" if role == "input model" else "rejects"
             raise SnpError(f"onnxruntime {verb} the {role}: {_first_line(exc)}") from None

@@ -140,12 +140,12 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
               if g.node(block.anchor).op_type == "Softmax"}  # attention probabilities, for the report
     # what the input model does on the held-back samples (outputs, attention maps, shapes), from a
     # session of its own that runs small batches: tensors added as outputs cost memory per sample
-    observed = _observe(model, sorted(set(probes.values())), holdout_feed, batch, fixed)
+    observed = _observe(model, sorted(set(probes.values())), holdout_feed, batch, fixed, g.constant)
     release_memory()
     log.info("observed the input model on %d held-back samples (%s)", _count(holdout_feed), _since(started))
     # one session over the input model serves scoring, the compensation statistics and the selection
     extra = compensation_tensors(matches, scorer.stream, g) if compensate != "none" else []
-    original = Runner(model, scorer.tensors() + extra)
+    original = Runner(model, scorer.tensors() + extra, weights=g.constant)  # shares g's decoded weights
     # fitted on one part of the scoring samples, chosen on the rest, reported on the held-back ones
     fit_feed, select_feed = _split_off(score_feed, _count(holdout_feed), fixed)
     score_outputs = _score_pass(scorer, original, score_feed, batch, progress, mask)
@@ -190,7 +190,7 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
     measured, attention_kl, pruned_shapes = _verify(observed, pruned, softmax_blocks, holdout_feed, batch, fixed, mask)
     release_memory()
     log.info("rewritten and verified (%s)", _since(started))
-    speed = latency(model, pruned, one_batch) if measure_latency else (None, None)
+    speed = latency(model, pruned, one_batch, original_weights=g.constant) if measure_latency else (None, None)
 
     report = Report(criterion=criterion, compensation=compensate, compensation_kept=kept_pieces, ratios={"qk": round(ratios.qk, 4), "v": round(ratios.v, 4),
                                                  "ffn": round(ratios.ffn, 4), "heads": ratios.heads,
@@ -339,18 +339,18 @@ class Observed:
 
 
 def _observe(model: onnx.ModelProto, probes: list[str], feed: dict[str, np.ndarray], batch: int,
-             fixed: int | None) -> Observed:
-    maps, outputs, shapes = _probe_run(model, "input model", probes, feed, batch, fixed)
+             fixed: int | None, weights: calib_stage.Weights) -> Observed:
+    maps, outputs, shapes = _probe_run(model, "input model", probes, feed, batch, fixed, weights)
     return Observed(outputs, maps, shapes, fixed or 1)
 
 
 def _probe_run(model: onnx.ModelProto, role: str, probes: list[str], feed: dict[str, np.ndarray], batch: int,
-               fixed: int | None) -> tuple[dict[str, np.ndarray], list[np.ndarray], dict[str, tuple[int, ...]]]:
+               fixed: int | None, weights: calib_stage.Weights | None = None) -> tuple[dict[str, np.ndarray], list[np.ndarray], dict[str, tuple[int, ...]]]:
     """One session over `model`: its outputs over `feed`, the `probes` over the first MAP_SAMPLES
     samples and the shapes of stats.shape_tensors on the first sample(s). Probed samples run at the
     smallest batch the model takes (every tensor added as an output costs memory per sample)."""
     shape_names = shape_tensors(model)
-    runner = Runner(model, probes + shape_names, role=role)
+    runner = Runner(model, probes + shape_names, role=role, weights=weights)
     step = fixed or 1
     parts = [({k: v[:step] for k, v in feed.items()}, step, probes + shape_names),  # also the shapes
              ({k: v[step:max(step, MAP_SAMPLES // step * step)] for k, v in feed.items()}, step, probes),

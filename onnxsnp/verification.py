@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import shape_inference
 
-from .calibration import Runner, session
+from .calibration import Runner, Weights, session
 from .errors import SnpError
 from .loading import is_big, model_file
 
@@ -87,12 +87,12 @@ def _line(exc: Exception) -> str:
 
 
 def latency(original: onnx.ModelProto, pruned: onnx.ModelProto, feed: dict[str, np.ndarray],
-            rounds: int = 10, budget_s: float = 1.0) -> tuple[float, float]:
+            rounds: int = 10, budget_s: float = 1.0, original_weights: Weights | None = None) -> tuple[float, float]:
     """Median milliseconds per run of both models on `feed`, one intra-op thread, interleaved
     round by round after a warm-up so that the machine's slow phases hit both alike. Stops
     after `rounds`, or after 5 rounds once `budget_s` is spent (a report figure; tools/bench_speed.py
     is the careful measurement)."""
-    sessions = [session(original, threads=1), session(pruned, threads=1)]
+    sessions = [session(original, threads=1, weights=original_weights), session(pruned, threads=1)]
     for sess in sessions:
         sess.run(None, feed)
     times: list[list[float]] = [[], []]
