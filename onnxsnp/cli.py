@@ -167,7 +167,9 @@ def _run_prune(args: argparse.Namespace) -> int:
             warnings.showwarning = _show_warning
         result = prune_model(loaded, ratios, criterion=args.criterion, calib=args.calib, target=goal,
                              residual_criterion=args.residual_criterion, compensate=args.compensate,
-                             calib_samples=args.calib_samples, seed=args.seed, progress=not args.quiet)
+                             calib_samples=args.calib_samples, seed=args.seed, progress=not args.quiet,
+                             # latency is a report figure: not measured when no report is shown or written
+                             measure_latency=bool(reports) or not args.quiet)
     write_model_atomically(result.model, target, result.external_data)
     if args.report:
         _write_text_atomically(Path(args.report), json.dumps(result.report.as_dict(), indent=2) + "\n")
