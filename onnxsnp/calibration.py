@@ -190,7 +190,7 @@ def session(model: onnx.ModelProto, threads: int = 0, extra_outputs: Iterable[st
 def _without_weights(model: onnx.ModelProto, weights: Weights | None = None
                      ) -> tuple[onnx.ModelProto, list[str], list[ort.OrtValue]]:
     """A copy of `model` whose larger initializers are marked external, plus those initializers
-    as OrtValues (the proto's bytes are copied once, into numpy)."""
+    as OrtValues: `weights`' arrays where it has them, else decoded from the proto here."""
     light = onnx.ModelProto()
     for field, value in model.ListFields():
         if field.name != "graph":
