@@ -247,7 +247,10 @@ class Runner:
 
     def batches(self, feed: dict[str, np.ndarray], tensors: list[str], batch: int, progress: bool = False
                 ) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
-        """Run over `feed` in batches, yielding (inputs, {tensor: value}) for the given tensors."""
+        """Run over `feed` in batches, yielding (inputs, {tensor: value}) for the given tensors.
+
+        The values are views of onnxruntime's buffers: keeping any of them, however small, keeps
+        the session's whole memory arena alive after the session is gone. Copy what you keep."""
         missing = [t for t in tensors if t not in self.available]
         if missing:
             raise ValueError(f"the runner was not built to capture {missing[:3]}")
@@ -276,7 +279,7 @@ def join_outputs(per_batch: list[list[np.ndarray]]) -> list[np.ndarray]:
     """Per-batch output lists → one array per output (scalar outputs: the first batch's)."""
     if not per_batch:
         return []
-    return [np.concatenate(chunk) if chunk[0].ndim else chunk[0] for chunk in zip(*per_batch)]
+    return [np.concatenate(chunk) if chunk[0].ndim else np.array(chunk[0]) for chunk in zip(*per_batch)]
 
 
 def capture(model: onnx.ModelProto, tensors: list[str], feed: dict[str, np.ndarray], batch: int,

@@ -106,7 +106,7 @@ class Collector:
 class Statistics:
     """What a refit needs from the calibration inputs X of one layer."""
 
-    weight: np.ndarray  # [in, out], float64
+    weight: np.ndarray  # [in, out], the graph's own array (a view; float64 only while solving)
     bias: np.ndarray | None
     keep: np.ndarray
     products: np.ndarray  # X̃_Kᵀ X̃_K (X̃_K = kept inputs, plus a ones column when there is a bias)
@@ -116,7 +116,7 @@ class Statistics:
 
     @classmethod
     def empty(cls, g: ModelGraph, linear, keep: np.ndarray) -> "Statistics":
-        weight = g.constant(linear.weight).astype(np.float64)
+        weight = g.constant(linear.weight)
         weight = weight.T if linear.transposed else weight
         bias = g.constant(linear.bias).astype(np.float64).reshape(-1) if linear.bias is not None else None
         width = len(keep) + (bias is not None)
@@ -146,7 +146,7 @@ class Statistics:
         self.count += len(x)
 
     def solve(self, mode: str) -> Refit:
-        weight, bias, keep = self.weight, self.bias, self.keep
+        weight, bias, keep = self.weight.astype(np.float64), self.bias, self.keep
         if mode == "bias" or self.count == 0:
             removed = np.setdiff1d(np.arange(weight.shape[0]), keep)
             shift = (self.sums[removed] / max(self.count, 1)) @ weight[removed] if self.count else 0.0

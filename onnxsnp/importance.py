@@ -211,7 +211,7 @@ class Scorer:
     def update(self, acts: dict[str, np.ndarray], samples: int, token_mask: np.ndarray | None = None) -> None:
         for block in self.matches.attention:
             for scale in block.frozen_scales:
-                self.scale_values.setdefault(scale.tensor, acts[scale.tensor])
+                self.scale_values.setdefault(scale.tensor, np.array(acts[scale.tensor]))  # a copy: see Runner.batches
             if self.criterion in ("snp", "snp-paper"):
                 width = block.heads * block.head_dim
                 q_off, k_off, _ = block.column_offsets

@@ -167,9 +167,7 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
     pruned = None  # the rewritten model, where choosing compensation already made it
     if compensate != "none":
         collector = Collector(g, plan, compensate, mask)
-        if collector.tensors():
-            for inputs, acts in original.batches(fit_feed, collector.tensors(), batch):
-                collector.update(inputs, acts)
+        _collect(collector, original, fit_feed, batch)
         pieces = {"layernorm": collector.norm_corrections(), "refit": collector.refits(),
                   "qk-rescale": qk_rescales(plan) if compensate == "lstsq" and rescale_qk else {}}
         select_reference = _tail(score_outputs, _count(select_feed)) or original.outputs(select_feed, batch)
@@ -311,11 +309,19 @@ def _score_pass(scorer: Scorer, runner: Runner, feed: dict[str, np.ndarray], bat
     by_sample = True
     for inputs, acts in runner.batches(feed, list(dict.fromkeys(wanted + runner.output_names)), batch, progress):
         scorer.update(acts, _count(inputs), inputs.get(mask_name) if mask_name else None)
-        chunk = [acts[name] for name in runner.output_names]
+        chunk = [np.array(acts[name]) for name in runner.output_names]  # copies: see Runner.batches
         # outputs not laid out by sample cannot be split by sample later: then none are kept
         by_sample = by_sample and all(not o.ndim or o.shape[0] == _count(inputs) for o in chunk)
         outputs.append(chunk)
     return outputs if by_sample else []
+
+
+def _collect(collector: Collector, runner: Runner, feed: dict[str, np.ndarray], batch: int) -> None:
+    """The compensation statistics pass (a function of its own, so that no batch of captured
+    tensors outlives it)."""
+    if collector.tensors():
+        for inputs, acts in runner.batches(feed, collector.tensors(), batch):
+            collector.update(inputs, acts)
 
 
 def _tail(per_batch: list[list[np.ndarray]], size: int) -> list[np.ndarray] | None:
