@@ -168,11 +168,12 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
     if compensate != "none":
         collector = Collector(g, plan, compensate, mask)
         _collect(collector, original, fit_feed, batch)
+        select_reference = _tail(score_outputs, _count(select_feed)) or original.outputs(select_feed, batch)
+        del original  # its session and arena are the largest thing held; the solves below need neither
+        release_memory()
         pieces = {"layernorm": collector.norm_corrections(), "refit": collector.refits(),
                   "qk-rescale": qk_rescales(plan) if compensate == "lstsq" and rescale_qk else {}}
-        select_reference = _tail(score_outputs, _count(select_feed)) or original.outputs(select_feed, batch)
-        del original, collector  # the session holds a copy of every weight
-        release_memory()
+        del collector
         kept_pieces, pruned = _keep_what_helps(g, plan, pieces, select_reference, select_feed, batch, release_memory)
         log.info("compensation kept: %s (%s)", ", ".join(kept_pieces) or "nothing", _since(started))
     else:
