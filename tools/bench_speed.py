@@ -199,10 +199,10 @@ def main() -> None:
                 rows.append(f"| {name} | {ratio} | {report.macs_before / 1e9:.3f} → {report.macs_after / 1e9:.3f} | "
                             f"{cut:.2f}× | {before['median_ms']:.2f} ({before['min_ms']:.2f}) | "
                             f"{after['median_ms']:.2f} ({after['min_ms']:.2f}) | {speedup:.2f}× | "
-                            f"{speedup / cut:.2f}{mark} |{fused}")
+                            f"{speedup / cut:.3f}{mark} |{fused}")
                 print(f"{name} r={ratio}: pruned in {pruned_s:.0f} s; GMACs {report.macs_before / 1e9:.3f} → "
                       f"{report.macs_after / 1e9:.3f} (cut {cut:.2f}×); median {before['median_ms']:.2f} → "
-                      f"{after['median_ms']:.2f} ms (speedup {speedup:.2f}×); ratio {speedup / cut:.2f}{mark}",
+                      f"{after['median_ms']:.2f} ms (speedup {speedup:.2f}×); ratio {speedup / cut:.3f}{mark}",
                       flush=True)
                 if args.profile:
                     print_profile(f"{name} r={ratio}", base_profile, profile(target, feed, scratch))
