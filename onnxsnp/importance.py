@@ -143,7 +143,8 @@ def pair_scores_from_grams(gram_q: np.ndarray, gram_k: np.ndarray, energy: float
     along_q = u_t @ rq  # (S, d, d)
     along_k = (u_t @ m @ rk) / np.where(sigma > 1e-12 * sigma[..., :1], sigma, np.inf)[..., None]
     cumulative = np.cumsum(power, axis=-1) / np.maximum(power.sum(axis=-1, keepdims=True), 1e-30)
-    gamma = (cumulative < energy).sum(axis=-1, keepdims=True) + 1  # smallest γ reaching `energy`
+    # smallest γ reaching `energy` (a tolerance: rounding leaves the cumulative share a hair under 1)
+    gamma = (cumulative < energy - 1e-12).sum(axis=-1, keepdims=True) + 1
     used = np.arange(sigma.shape[-1])[None, :] < gamma
     norms = np.sqrt(np.diagonal(gram_q, axis1=-2, axis2=-1) * np.diagonal(gram_k, axis1=-2, axis2=-1)) + 1e-12
     return (np.abs(along_q) * np.abs(along_k) * used[..., None]).sum(axis=-2) / norms
