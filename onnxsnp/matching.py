@@ -140,6 +140,7 @@ class Layer:
     input: str
     output: str
     norm: str  # "pre" (x + f(LN(x))) or "post" (LN(x + f(x)))
+    middle: str = ""  # the stream between the attention and the FFN (after the attention's join)
 
 
 @dataclass
@@ -200,7 +201,7 @@ def _match_layers(g: ModelGraph, attention: list[AttentionBlock], ffn: list[FfnB
         if second is None or second[0] != after_attention or _joined(g, second, norm) is None:
             continue
         name = _common_scope(block.name + "/x", mlp.name + "/x") or block.name
-        layers.append(Layer(name, block, mlp, stream_in, _joined(g, second, norm), norm))
+        layers.append(Layer(name, block, mlp, stream_in, _joined(g, second, norm), norm, after_attention))
     return layers
 
 
