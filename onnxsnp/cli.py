@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import signal
@@ -20,6 +21,9 @@ from .matching import Matches
 from .html import render as render_html
 from .loading import is_big, load_model
 from .pipeline import inspect_model, prune_model, resolve_ratios, resolve_target
+from .calib_data import ImageCalibration, RawCalibration, TextCalibration, load_raw_calibration
+from .calib_images import RESAMPLING, parse_floats, parse_size
+from .graph import ModelGraph
 
 EXAMPLES = """examples:
   onnxsnp models/digits_vit.onnx pruned.onnx --ratio 0.5
@@ -27,6 +31,8 @@ EXAMPLES = """examples:
   onnxsnp in.onnx out.onnx --ratio 0.3 --criterion l2 --report report.json --html report.html
   onnxsnp in.onnx out.onnx --ratio 0.3 --heads 0.25 --blocks 1
   onnxsnp in.onnx out.onnx --target-flops 0.5 --align 8 --calib calib.npz
+  onnxsnp bert/model.onnx out.onnx --calib-text sentences.txt          (tokenizer.json beside the model)
+  onnxsnp vit/model.onnx out.onnx --calib-images photos/                (preprocessor_config.json beside it)
   onnxsnp inspect in.onnx
 """
 
@@ -77,6 +83,7 @@ def _prune_parser() -> argparse.ArgumentParser:
                         help="calibration arrays keyed by model input name, first axis = samples "
                              "(default: synthetic inputs, with a warning)")
     parser.add_argument("--calib-samples", type=int, default=64, help="calibration samples to use (default 64)")
+    _add_raw_calibration_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed for synthetic data and --criterion random")
     parser.add_argument("--report", metavar="FILE.json", help="write the report as JSON")
     parser.add_argument("--html", metavar="FILE.html",
@@ -165,11 +172,15 @@ def _run_prune(args: argparse.Namespace) -> int:
             warnings.simplefilter("ignore")
         else:
             warnings.showwarning = _show_warning
-        result = prune_model(loaded, ratios, criterion=args.criterion, calib=args.calib, target=goal,
+        raw = _raw_calibration(args, source, loaded.model)
+        result = prune_model(loaded, ratios, criterion=args.criterion, calib=raw.arrays if raw else args.calib,
+                             target=goal,
                              residual_criterion=args.residual_criterion, compensate=args.compensate,
                              calib_samples=args.calib_samples, seed=args.seed, progress=not args.quiet,
                              # latency is a report figure: not measured when no report is shown or written
                              measure_latency=bool(reports) or not args.quiet)
+    if raw:
+        result.report.calibration = raw.label
     write_model_atomically(result.model, target, result.external_data)
     if args.report:
         _write_text_atomically(Path(args.report), json.dumps(result.report.as_dict(), indent=2) + "\n")
@@ -180,6 +191,82 @@ def _run_prune(args: argparse.Namespace) -> int:
         print(f"wrote {target}")
     return 0
 
+
+# --- calibration from raw data: --calib-text, --calib-images (onnxsnp/calib_data.py) ----------------
+
+def _add_raw_calibration_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "calibration from raw data", "instead of --calib: texts through the model's tokenizer, or images through its "
+        "preprocessing (up to --calib-samples of them, a random choice by --seed where there are more)")
+    group.add_argument("--calib-text", metavar="FILE",
+                       help="one text per line, or JSONL records (.jsonl, or lines that are JSON objects)")
+    group.add_argument("--text-field", default="text", metavar="NAME",
+                       help="the JSONL field holding the text (default: text)")
+    group.add_argument("--tokenizer", metavar="PATH",
+                       help="a tokenizers tokenizer.json or its folder (default: tokenizer.json beside IN)")
+    group.add_argument("--max-length", type=int, default=128, metavar="N",
+                       help="truncate texts to this many tokens where the model's sequence length is dynamic "
+                            "(default 128; padding goes to the longest text kept); a static length is always used")
+    group.add_argument("--calib-images", metavar="DIR",
+                       help="a folder of JPEG/PNG images (sub-folders too), preprocessed as preprocessor_config.json "
+                            "beside IN says, or as the flags below")
+    group.add_argument("--image-size", metavar="N|HxW",
+                       help="resize: N = shortest edge to N keeping the aspect, HxW = exactly (default: the config's, "
+                            "else the model's input size)")
+    group.add_argument("--image-crop", metavar="N|HxW",
+                       help="center crop after resizing (default: the config's, else none)")
+    group.add_argument("--image-scale", type=float, metavar="F",
+                       help="multiply pixel values 0..255 by F (default: the config's rescale_factor, else 1/255)")
+    group.add_argument("--image-mean", metavar="M[,M,M]",
+                       help="subtract per channel (default: the config's, else ImageNet's)")
+    group.add_argument("--image-std", metavar="S[,S,S]",
+                       help="then divide per channel (default: the config's, else ImageNet's)")
+    group.add_argument("--image-resample", choices=tuple(RESAMPLING),
+                       help="resize filter (default: the config's, else bilinear)")
+
+
+def _raw_calibration(args: argparse.Namespace, source: Path, model: onnx.ModelProto) -> RawCalibration | None:
+    given = [flag for flag, value in (("--calib", args.calib), ("--calib-text", args.calib_text),
+                                      ("--calib-images", args.calib_images)) if value]
+    if len(given) > 1:
+        raise SnpError(f"give one of {' / '.join(given)}, not several")
+    if args.max_length < 1:
+        raise SnpError(f"--max-length must be a positive integer, got {args.max_length}")
+    if args.image_scale is not None and not (math.isfinite(args.image_scale) and args.image_scale > 0):
+        raise SnpError(f"--image-scale must be a positive number, got {args.image_scale}")
+    for needs, flags in (("--calib-text", ("text_field", "tokenizer")),
+                         ("--calib-images", ("image_size", "image_crop", "image_scale", "image_mean", "image_std",
+                                             "image_resample"))):
+        stray = [f"--{f.replace('_', '-')}" for f in flags
+                 if getattr(args, f) not in (None, "text") and not getattr(args, needs[2:].replace("-", "_"))]
+        if stray:
+            raise SnpError(f"{', '.join(stray)} {'apply' if len(stray) > 1 else 'applies'} only with {needs}")
+    if args.calib_text:
+        request = TextCalibration(Path(args.calib_text), args.text_field,
+                                  Path(args.tokenizer) if args.tokenizer else None, args.max_length)
+    elif args.calib_images:
+        request = ImageCalibration(
+            Path(args.calib_images),
+            resize=parse_size(args.image_size, "--image-size") if args.image_size else None,
+            crop=_crop(args.image_crop), scale=args.image_scale,
+            mean=parse_floats(args.image_mean, "--image-mean") if args.image_mean else None,
+            std=parse_floats(args.image_std, "--image-std") if args.image_std else None,
+            resample=args.image_resample)
+    else:
+        return None
+    if isinstance(args.calib_samples, int) and args.calib_samples < 1:
+        raise SnpError(f"--calib-samples must be a positive integer, got {args.calib_samples!r}")
+    return load_raw_calibration(source, ModelGraph(model), request, args.calib_samples, args.seed)
+
+
+def _crop(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    size = parse_size(text, "--image-crop", exact_only=True)
+    return size.height, size.width
+
+
+# ------------------------------------------------------------------------------------------------
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"onnxsnp: warning: {message}", file=sys.stderr)
