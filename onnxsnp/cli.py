@@ -14,6 +14,7 @@ from pathlib import Path
 
 import onnx
 
+from . import __version__
 from .errors import SnpError
 from .compensation import COMPENSATION
 from .importance import CRITERIA
@@ -46,6 +47,7 @@ def _prune_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="onnxsnp", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
                      description="Prune an ONNX transformer with SNP (structured neuron-level pruning). "
                                  "Use `onnxsnp inspect IN` to list the blocks it finds.")
+    parser.add_argument("--version", action="version", version=f"onnxsnp {__version__}")
     parser.add_argument("input", help="the ONNX model to prune (never modified)")
     parser.add_argument("output", help="where to write the pruned model (written only after it verified)")
     parser.add_argument("--ratio", type=float, default=0.5,
