@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import signal
@@ -22,8 +21,8 @@ from .matching import Matches
 from .html import render as render_html
 from .loading import is_big, load_model
 from .pipeline import inspect_model, prune_model, resolve_ratios, resolve_target
-from .calib_data import ImageCalibration, RawCalibration, TextCalibration, load_raw_calibration
-from .calib_images import RESAMPLING, parse_floats, parse_size
+from .calib_data import RawCalibration, load_raw_calibration, raw_request
+from .calib_images import RESAMPLING
 from .graph import ModelGraph
 
 EXAMPLES = """examples:
@@ -228,44 +227,12 @@ def _add_raw_calibration_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _raw_calibration(args: argparse.Namespace, source: Path, model: onnx.ModelProto) -> RawCalibration | None:
-    given = [flag for flag, value in (("--calib", args.calib), ("--calib-text", args.calib_text),
-                                      ("--calib-images", args.calib_images)) if value]
-    if len(given) > 1:
-        raise SnpError(f"give one of {' / '.join(given)}, not several")
-    if args.max_length < 1:
-        raise SnpError(f"--max-length must be a positive integer, got {args.max_length}")
-    if args.image_scale is not None and not (math.isfinite(args.image_scale) and args.image_scale > 0):
-        raise SnpError(f"--image-scale must be a positive number, got {args.image_scale}")
-    for needs, flags in (("--calib-text", ("text_field", "tokenizer")),
-                         ("--calib-images", ("image_size", "image_crop", "image_scale", "image_mean", "image_std",
-                                             "image_resample"))):
-        stray = [f"--{f.replace('_', '-')}" for f in flags
-                 if getattr(args, f) not in (None, "text") and not getattr(args, needs[2:].replace("-", "_"))]
-        if stray:
-            raise SnpError(f"{', '.join(stray)} {'apply' if len(stray) > 1 else 'applies'} only with {needs}")
-    if args.calib_text:
-        request = TextCalibration(Path(args.calib_text), args.text_field,
-                                  Path(args.tokenizer) if args.tokenizer else None, args.max_length)
-    elif args.calib_images:
-        request = ImageCalibration(
-            Path(args.calib_images),
-            resize=parse_size(args.image_size, "--image-size") if args.image_size else None,
-            crop=_crop(args.image_crop), scale=args.image_scale,
-            mean=parse_floats(args.image_mean, "--image-mean") if args.image_mean else None,
-            std=parse_floats(args.image_std, "--image-std") if args.image_std else None,
-            resample=args.image_resample)
-    else:
+    request = raw_request(args, lambda name: f"--{name.replace('_', '-')}")
+    if request is None:
         return None
     if isinstance(args.calib_samples, int) and args.calib_samples < 1:
         raise SnpError(f"--calib-samples must be a positive integer, got {args.calib_samples!r}")
     return load_raw_calibration(source, ModelGraph(model), request, args.calib_samples, args.seed)
-
-
-def _crop(text: str | None) -> tuple[int, int] | None:
-    if not text:
-        return None
-    size = parse_size(text, "--image-crop", exact_only=True)
-    return size.height, size.width
 
 
 # ------------------------------------------------------------------------------------------------

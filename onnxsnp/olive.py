@@ -27,8 +27,7 @@ from olive.passes import Pass
 from olive.passes.onnx.common import get_external_data_config, model_proto_to_olive_model
 from olive.passes.pass_config import BasePassConfig, PassConfigParam
 
-from .calib_data import ImageCalibration, TextCalibration, load_raw_calibration
-from .calib_images import parse_floats, parse_size
+from .calib_data import load_raw_calibration, raw_request
 from .errors import SnpError
 from .graph import ModelGraph
 from .loading import load_model
@@ -67,6 +66,8 @@ class SnpPruning(Pass):
             "image_crop": _param(Optional[str], None, "center crop: N or HxW"),
             "image_mean": _param(Optional[str], None, "per-channel mean, comma-separated"),
             "image_std": _param(Optional[str], None, "per-channel std, comma-separated"),
+            "image_scale": _param(Optional[float], None, "multiply pixel values 0..255 by this"),
+            "image_resample": _param(Optional[str], None, "resize filter: nearest, bilinear, bicubic, …"),
             "calib_samples": _param(int, 64, "calibration samples used"),
             "seed": _param(int, 0, "seed for synthetic data, sample choice and the random criterion"),
             **get_external_data_config(),
@@ -89,21 +90,8 @@ class SnpPruning(Pass):
 
 def _calibration(config, model_path: Path):
     """The .npz path, the arrays made from raw data, or None (synthetic inputs)."""
-    sources = [s for s in (config.calib, config.calib_text, config.calib_images) if s]
-    if len(sources) > 1:
-        raise SnpError("give one of calib / calib_text / calib_images, not several")
-    if config.calib_text:
-        request = TextCalibration(Path(config.calib_text), config.text_field,
-                                  Path(config.tokenizer) if config.tokenizer else None, config.max_length)
-    elif config.calib_images:
-        crop = parse_size(config.image_crop, "image_crop", exact_only=True) if config.image_crop else None
-        request = ImageCalibration(
-            Path(config.calib_images),
-            resize=parse_size(config.image_size, "image_size") if config.image_size else None,
-            crop=(crop.height, crop.width) if crop else None,
-            mean=parse_floats(config.image_mean, "image_mean") if config.image_mean else None,
-            std=parse_floats(config.image_std, "image_std") if config.image_std else None)
-    else:
+    request = raw_request(config)
+    if request is None:
         return config.calib
     graph = ModelGraph(load_model(model_path).model)
     return load_raw_calibration(model_path, graph, request, config.calib_samples, config.seed).arrays

@@ -133,3 +133,29 @@ def test_conversion_then_snp_then_quantization(tmp_path, monkeypatch):
     assert [s for s in int8_weights(final) if s != (width, 10)] == sorted(per_block * 2)  # (32, 10): the head
     pixels = rng.standard_normal((3, 3, 32, 32)).astype(np.float32)
     assert run(str(final), {"pixel_values": pixels})[0].shape == (3, 10)
+
+
+@pytest.mark.parametrize("model, snp, message", [
+    ("flat", {}, "onnxsnp: no prunable attention found"),
+    ("bert", {"calib": "c.npz", "calib_text": "t.txt"}, "onnxsnp: give one of calib / calib_text"),
+    ("bert", {"image_size": "32"}, "onnxsnp: image_size applies only with calib_images"),
+])
+def test_a_model_or_option_onnxsnp_refuses_fails_the_workflow(exported, tmp_path, monkeypatch, model, snp, message):
+    from onnx import TensorProto, helper
+
+    from onnxsnp.olive import run as run_workflow
+
+    if model == "flat":  # no attention at all
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 4])
+        source = tmp_path / "flat.onnx"
+        onnx.save(helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])),
+                  str(source))
+    else:
+        source = exported("bert", "eager", True)
+    monkeypatch.setenv("OLIVE_DISABLE_TELEMETRY", "1")
+    config = workflow(source, snp, tmp_path)
+    del config["passes"]["quantize"]
+    with pytest.raises(ValueError, match=message):
+        run_workflow(config)
+    assert not list((tmp_path / "output").rglob("*.onnx"))

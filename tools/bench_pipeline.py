@@ -219,7 +219,7 @@ def run_bench(bench: Bench, folder: Path, runs: int) -> list[str]:
     versus = timings[Variant.QUANTIZE]["median_ms"] / timings[Variant.PRUNE_QUANTIZE]["median_ms"]
     versus_opt = (timings[Variant.OPTIMIZE_QUANTIZE]["median_ms"]
                   / timings[Variant.PRUNE_OPTIMIZE_QUANTIZE]["median_ms"])
-    header = ["", f"### {bench.name}", "",
+    header = ["", f"#### {bench.name}", "",
               f"Attention ops fused by the optimizer: {fused['before']} before pruning, {fused['after']} after. "
               f"Prune → quantize is {versus:.2f}× as fast as quantize alone; prune → optimize → quantize "
               f"{versus_opt:.2f}× as fast as optimize → quantize.", "",
