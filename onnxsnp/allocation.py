@@ -18,7 +18,8 @@ import numpy as np
 
 from .errors import SnpError
 from .graph import ModelGraph
-from .importance import AttentionKeep, PrunePlan, Ratios, Scorer
+from .importance import Scorer
+from .plan import AttentionKeep, PrunePlan, Ratios
 from .matching import Layer, Linear, Matches
 
 MAX_RATIO = 0.95

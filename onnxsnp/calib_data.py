@@ -33,7 +33,7 @@ class RawCalibration:
 
 
 def load_raw_calibration(model_path: str | Path, g: ModelGraph, request: TextCalibration | ImageCalibration,
-                         samples: int, seed: int) -> RawCalibration:
+                         samples: int | None, seed: int) -> RawCalibration:
     """Up to `samples` texts or images (a seeded random choice, in file order, where there are
     more), made into model inputs. Raises SnpError, with one line, for anything that does not fit."""
     specs = input_specs(g)
@@ -88,9 +88,9 @@ def raw_request(options, flag: Callable[[str], str] = str) -> TextCalibration | 
         resample=resample)
 
 
-def choose(items: list, samples: int, seed: int) -> list:
+def choose(items: list, samples: int | None, seed: int) -> list:
     """All items, or `samples` of them drawn at random (seeded), kept in their order."""
-    if len(items) <= samples:
+    if samples is None or len(items) <= samples:
         return items
     keep = np.sort(np.random.default_rng(seed).choice(len(items), size=samples, replace=False))
     return [items[i] for i in keep]

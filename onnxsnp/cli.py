@@ -15,12 +15,13 @@ import onnx
 
 from . import __version__
 from .errors import SnpError
-from .compensation import COMPENSATION
 from .importance import CRITERIA
+from .options import Compensation, make_options
+from .reconstruction import Propagation, Reduction, Selection
 from .matching import Matches
 from .html import render as render_html
 from .loading import is_big, load_model
-from .pipeline import inspect_model, prune_model, resolve_ratios, resolve_target
+from .pipeline import inspect_model, prune_model
 from .calib_data import RawCalibration, load_raw_calibration, raw_request
 from .calib_images import RESAMPLING
 from .graph import ModelGraph
@@ -72,10 +73,20 @@ def _prune_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target-params", metavar="P", help="like --target-flops, for the parameter count")
     parser.add_argument("--align", type=int, default=1,
                         help="round kept widths up to a multiple of this (e.g. 8 for fast kernels)")
-    parser.add_argument("--compensate", choices=COMPENSATION, default="lstsq",
-                        help="restore the layer after each pruned group from calibration data: lstsq (default: "
-                             "ridge least-squares refit of the output projection / fc2 and its bias), bias (the "
-                             "removed neurons' mean contribution folded into the bias) or none")
+    parser.add_argument("--compensate", choices=[c.value for c in Compensation], default="lstsq",
+                        help="restore what pruning changes from calibration data: lstsq (default: block by block, "
+                             "the output projection and fc2 refitted so that the residual stream follows the "
+                             "original's), bias (the removed neurons' mean contribution folded into the bias) or none")
+    parser.add_argument("--reconstruct", choices=[p.value for p in Propagation], default="sequential",
+                        help="sequential (default): each block is refitted on the pruned model's own activations; "
+                             "one-shot: on the original model's")
+    parser.add_argument("--selection", choices=[s.value for s in Selection], default="obs",
+                        help="how V neurons, heads and FFN neurons are chosen with --compensate lstsq: obs (default: "
+                             "by the error the refit is left with) or criterion (by --criterion's scores)")
+    parser.add_argument("--reduction", choices=[r.value for r in Reduction], default="project",
+                        help="project (default): a head's kept Q/K pairs and V neurons become its best directions "
+                             "for the attention scores and the value path; select: a choice of its neurons "
+                             "(the paper's SNP; Q/K pairs rescaled)")
     parser.add_argument("--no-compensate", dest="compensate", action="store_const", const="none",
                         help="same as --compensate none (also skips the LayerNorm correction)")
     parser.add_argument("--criterion", choices=CRITERIA, default="snp",
@@ -83,7 +94,8 @@ def _prune_parser() -> argparse.ArgumentParser:
     parser.add_argument("--calib", metavar="FILE.npz",
                         help="calibration arrays keyed by model input name, first axis = samples "
                              "(default: synthetic inputs, with a warning)")
-    parser.add_argument("--calib-samples", type=int, default=64, help="calibration samples to use (default 64)")
+    parser.add_argument("--calib-samples", type=int, default=None,
+                        help="calibration samples to use (default: all given; 64 synthetic ones without data)")
     _add_raw_calibration_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed for synthetic data and --criterion random")
     parser.add_argument("--report", metavar="FILE.json", help="write the report as JSON")
@@ -161,9 +173,14 @@ def _interrupt(signum, frame) -> None:
 
 def _run_prune(args: argparse.Namespace) -> int:
     source, target = Path(args.input), Path(args.output)
-    ratios = resolve_ratios(args.ratio, args.qk_ratio, args.v_ratio, args.ffn_ratio, args.heads, args.blocks,
-                            args.align, args.residual)
-    goal = resolve_target(args.target_flops, args.target_params)
+    options = make_options(args.ratio, qk_ratio=args.qk_ratio, v_ratio=args.v_ratio, ffn_ratio=args.ffn_ratio,
+                           heads=args.heads, blocks=args.blocks, align=args.align, residual=args.residual,
+                           target_flops=args.target_flops, target_params=args.target_params, criterion=args.criterion,
+                           compensate=args.compensate, reconstruct=args.reconstruct, selection=args.selection,
+                           reduction=args.reduction, residual_criterion=args.residual_criterion,
+                           calib_samples=args.calib_samples, seed=args.seed, progress=not args.quiet,
+                           # latency is a report figure: not measured when no report is shown or written
+                           measure_latency=bool(args.report or args.html) or not args.quiet)
     reports = [Path(p) for p in (args.report, args.html) if p]
     _check_outputs([(target, "output")] + [(report, "report") for report in reports])
     loaded = load_model(source)
@@ -174,14 +191,8 @@ def _run_prune(args: argparse.Namespace) -> int:
         else:
             warnings.showwarning = _show_warning
         raw = _raw_calibration(args, source, loaded.model)
-        result = prune_model(loaded, ratios, criterion=args.criterion, calib=raw.arrays if raw else args.calib,
-                             target=goal,
-                             residual_criterion=args.residual_criterion, compensate=args.compensate,
-                             calib_samples=args.calib_samples, seed=args.seed, progress=not args.quiet,
-                             # latency is a report figure: not measured when no report is shown or written
-                             measure_latency=bool(reports) or not args.quiet)
-    if raw:
-        result.report.calibration = raw.label
+        result = prune_model(loaded, options, calib=raw.arrays if raw else args.calib,
+                             calib_label=raw.label if raw else None)
     write_model_atomically(result.model, target, result.external_data)
     if args.report:
         _write_text_atomically(Path(args.report), json.dumps(result.report.as_dict(), indent=2) + "\n")

@@ -11,23 +11,15 @@ Those two are per-token values; their calibration means give the closed-form cor
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from .graph import ModelGraph, attribute
-from .importance import PrunePlan
+from .importance import PairStatistics
 from .matching import Matches
+from .plan import PrunePlan, Refit, selection_map
 from .residual import ResidualStream
-
-
-@dataclass
-class Refit:
-    """New weights for a layer whose inputs were pruned, in [kept inputs, outputs] layout."""
-
-    weight: np.ndarray
-    bias: np.ndarray | None
-
 
 COMPENSATION = ("lstsq", "bias", "none")
 RIDGE = 1e-2  # relative to the mean diagonal of the kept inputs' Gram matrix
@@ -163,24 +155,16 @@ class Statistics:
         return Refit(solution[:len(keep)], solution[len(keep)] if bias is not None else None)
 
 
-def qk_rescales(plan: PrunePlan) -> dict[str, np.ndarray]:
-    """Per block, a factor for every kept Q/K pair so that the kept pairs reproduce the original
-    scores S = Σ_n q_n k_nᵀ in least squares over calibration tokens:
-    min_α ‖Σ_{n∈K} α_n q_n k_nᵀ − S‖², i.e. A_KK α = A_K· 1 with A = (QᵀQ) ∘ (KᵀK) per head.
-    The factor goes into the q columns, so the softmax scale stays the original one."""
-    scales = {}
+def qk_rescaled(plan: PrunePlan, pairs: dict[str, PairStatistics]) -> PrunePlan:
+    """The plan with a factor for every kept Q/K pair (in q's map), so that the kept pairs
+    reproduce the original scores in least squares over the calibration tokens (see
+    PairStatistics.rescales); the softmax scale stays the original one."""
+    keeps = []
     for keep in plan.attention:
-        gram = plan.qk_grams.get(keep.block.name)
-        if gram is None or keep.qk.shape[1] == keep.block.head_dim:
+        statistics = pairs.get(keep.block.name)
+        if statistics is None or not statistics.count or keep.qk.shape[1] == keep.block.head_dim:
+            keeps.append(keep)
             continue
-        rows = []
-        for head, kept in zip(keep.heads, keep.qk):
-            a = gram[head]
-            system = a[np.ix_(kept, kept)]
-            ridge = RIDGE * float(np.mean(np.diag(system)))
-            try:  # the ridge pulls the factors towards 1 (the pairs as they are), not towards 0
-                rows.append(np.linalg.solve(system + ridge * np.eye(len(kept)), a[kept].sum(axis=1) + ridge))
-            except np.linalg.LinAlgError:
-                rows.append(np.ones(len(kept)))
-        scales[keep.block.name] = np.array(rows)
-    return scales
+        factors = statistics.rescales(keep, RIDGE)
+        keeps.append(replace(keep, q_map=selection_map(keep.qk, keep.block.head_dim, factors)))
+    return replace(plan, attention=tuple(keeps))

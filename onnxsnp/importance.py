@@ -11,85 +11,17 @@ layer, so only the choice of neurons differs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from .graph import ModelGraph
 from .matching import AttentionBlock, FfnBlock, Layer, Linear, Matches
+from .plan import AttentionKeep, FfnKeep, PrunePlan, Ratios, head_columns, kept_count  # noqa: F401 (re-exported)
 from .residual import ResidualStream
 
 CRITERIA = ("snp", "snp-paper", "l2", "random")
 DEFAULT_ENERGY = 0.9  # γ: the smallest number of singular components covering this share of Σσ²
-
-
-@dataclass(frozen=True)
-class Ratios:
-    """Fraction removed from each group, 0 <= r < 1: Q/K pairs, V and FFN neurons per layer,
-    and whole heads per attention block."""
-
-    qk: float
-    v: float
-    ffn: float
-    heads: float = 0.0
-    blocks: int = 0  # whole transformer blocks removed, those that change the stream least
-    block_indices: tuple[int, ...] = ()  # or exactly these blocks (0-based, in graph order)
-    align: int = 1  # kept widths rounded up to a multiple of this, for fast kernels
-    residual: float = 0.0  # residual-stream channels removed (everywhere in the stream at once)
-
-
-@dataclass
-class AttentionKeep:
-    block: AttentionBlock
-    qk: np.ndarray  # (kept heads, kept) neuron indices within each kept head, ascending
-    v: np.ndarray
-    heads: np.ndarray  # kept head indices, ascending
-
-    def qk_columns(self) -> np.ndarray:
-        return _head_columns(self.heads, self.qk, self.block.head_dim)
-
-    def v_columns(self) -> np.ndarray:
-        return _head_columns(self.heads, self.v, self.block.head_dim)
-
-    def changes_something(self) -> bool:
-        d = self.block.head_dim
-        return self.qk.shape[1] < d or self.v.shape[1] < d or len(self.heads) < self.block.heads
-
-
-@dataclass
-class FfnKeep:
-    block: FfnBlock
-    hidden: np.ndarray  # kept hidden neurons, ascending
-
-    def changes_something(self) -> bool:
-        return len(self.hidden) < self.block.hidden
-
-
-@dataclass
-class PrunePlan:
-    attention: list[AttentionKeep]
-    ffn: list[FfnKeep]
-    scale_values: dict[str, np.ndarray] = field(default_factory=dict)
-    removed_layers: list[Layer] = field(default_factory=list)
-    stream: ResidualStream | None = None  # set when residual channels are removed
-    stream_keep: np.ndarray | None = None  # the kept channels, ascending
-    norm_corrections: dict[str, tuple[float, float]] = field(default_factory=dict)  # LayerNorm: (γ scale, β shift/γ)
-    refits: dict = field(default_factory=dict)  # projection node → compensation.Refit (weights after pruning)
-    qk_grams: dict[str, np.ndarray] = field(default_factory=dict)  # block → per-head Σ (QᵀQ)∘(KᵀK), when measured
-    qk_scales: dict[str, np.ndarray] = field(default_factory=dict)  # block → (kept heads, kept pairs) q rescale
-
-
-def _head_columns(heads: np.ndarray, kept: np.ndarray, head_dim: int) -> np.ndarray:
-    return (heads[:, None] * head_dim + kept).reshape(-1)
-
-
-def kept_count(width: int, ratio: float, align: int = 1) -> int:
-    """Neurons kept when `ratio` of `width` is removed (at least one), rounded up to a multiple
-    of `align` where the width allows."""
-    kept = max(1, width - int(round(ratio * width)))
-    if align > 1:
-        kept = min(width, -(-kept // align) * align)
-    return kept
 
 
 # --- weights -------------------------------------------------------------------------------------
@@ -178,10 +110,13 @@ class PairStatistics:
     cross: np.ndarray  # (heads, d)
     count: int
     energy: float = DEFAULT_ENERGY
+    gram_q: np.ndarray | None = None  # (heads, d, d): Σ Q̂ᵀQ̂ over all samples' tokens
+    gram_k: np.ndarray | None = None
 
     @classmethod
     def empty(cls, heads: int, d: int, energy: float = DEFAULT_ENERGY) -> "PairStatistics":
-        return cls(np.zeros((heads, d)), np.zeros((heads, d, d)), np.zeros((heads, d)), 0, energy)
+        return cls(np.zeros((heads, d)), np.zeros((heads, d, d)), np.zeros((heads, d)), 0, energy,
+                   np.zeros((heads, d, d)), np.zeros((heads, d, d)))
 
     def add(self, q: np.ndarray, k: np.ndarray, token_mask: np.ndarray | None = None,
             q_original: np.ndarray | None = None, k_original: np.ndarray | None = None) -> None:
@@ -201,6 +136,8 @@ class PairStatistics:
         scores = pair_scores_from_grams(gram_q, gram_k, self.energy, (stacks[0], stacks[1]))
         self.scores += scores.reshape(samples, heads, d).sum(axis=0)
         self.gram += (gram_q * gram_k).reshape(samples, heads, d, d).sum(axis=0)
+        self.gram_q += gram_q.reshape(samples, heads, d, d).sum(axis=0)
+        self.gram_k += gram_k.reshape(samples, heads, d, d).sum(axis=0)
         if q_original is None:
             cross = (gram_q * gram_k).sum(axis=-1)
         else:
@@ -215,7 +152,8 @@ class PairStatistics:
 
     def rescales(self, keep: AttentionKeep, ridge: float) -> np.ndarray:
         """A factor per kept pair, (kept heads, kept pairs): min_α ‖Σ_K α_n q̂_n k̂_nᵀ − Σ_all q_m k_mᵀ‖²
-        plus ridge·‖α − 1‖² (the ridge pulls towards the pairs as they are)."""
+        plus ridge·‖α − 1‖² (the ridge pulls towards the pairs as they are). As a map of q
+        (`plan.selection_map(keep.qk, d, factors)`), the softmax scale stays the original one."""
         rows = []
         for head, kept in zip(keep.heads, keep.qk):
             system = self.gram[head][np.ix_(kept, kept)]
@@ -254,6 +192,9 @@ class Scorer:
         self.stream = stream
         self.residual_criterion = residual_criterion  # "weights" or "activation"
         self.channel_sum = np.zeros(stream.width) if stream is not None else None  # Σ_t rms_c(t) / rms(t)
+
+    def pairs_measured(self) -> bool:
+        return any(p.count for p in self.pairs.values())
 
     def tensors(self) -> list[str]:
         """Intermediate tensors that calibration must capture."""
@@ -352,10 +293,8 @@ class Scorer:
             scores = self._channel_scores(rng)
             stream_keep = np.sort(np.argsort(-scores, kind="stable")[:kept_count(self.stream.width, ratios.residual,
                                                                                    ratios.align)])
-        return PrunePlan(attention, ffn, dict(self.scale_values), removed,
-                         self.stream if stream_keep is not None else None, stream_keep,
-                         qk_grams={k.block.name: self.pairs[k.block.name].gram for k in attention
-                                   if self.pairs[k.block.name].count})
+        return PrunePlan(tuple(attention), tuple(ffn), dict(self.scale_values), tuple(removed),
+                         self.stream if stream_keep is not None else None, stream_keep)
 
     def _channel_scores(self, rng: np.random.Generator) -> np.ndarray:
         """Residual channels (criterion random: random): "weights" (default) sums the norms of the

@@ -61,6 +61,10 @@ class NormalEquations:
     def merge(self, other: "NormalEquations") -> "NormalEquations":
         return NormalEquations(self.xx + other.xx, self.xy + other.xy, self.yy + other.yy)
 
+    def transformed(self, transform: np.ndarray) -> "NormalEquations":
+        """The sums for inputs x̃·T (T maps [x, 1] to new inputs, its last row and column keeping the 1)."""
+        return NormalEquations(transform.T @ self.xx @ transform, transform.T @ self.xy, self.yy.copy())
+
     def total(self, leave_out: int | None = None) -> tuple[np.ndarray, np.ndarray, float]:
         folds = [f for f in range(self.xx.shape[0]) if f != leave_out]
         return self.xx[folds].sum(axis=0), self.xy[folds].sum(axis=0), float(self.yy[folds].sum())
@@ -79,6 +83,11 @@ def _centred(xx: np.ndarray, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray, np
     count = max(xx[n, n], 1.0)
     mean_x, mean_y = xx[:n, n] / count, xy[n] / count
     return xx[:n, :n] - count * np.outer(mean_x, mean_x), xy[:n] - count * np.outer(mean_x, mean_y), mean_x, mean_y
+
+
+def centred_gram(equations: NormalEquations) -> np.ndarray:
+    """Σ (x − x̄)(x − x̄)ᵀ over all tokens."""
+    return _centred(*equations.total()[:2])[0]
 
 
 def _penalty(gram: np.ndarray, ridge: float) -> float:

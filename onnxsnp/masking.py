@@ -15,17 +15,56 @@ exports route identical biases through Identity) and only one reader may change.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .compensation import Refit
 from .graph import ModelGraph
-from .importance import AttentionKeep, FfnKeep, PrunePlan
 from .matching import AttentionBlock, FfnBlock, Linear
+from .plan import AttentionKeep, FfnKeep, PrunePlan, Refit, head_columns
 
 Slot = tuple[str, int]  # (node name, input index)
+
+
+@dataclass(frozen=True)
+class ColumnWrite:
+    """New values for some output features of a weight (or entries of a bias) given by slot."""
+
+    slot: Slot
+    axis: int  # the axis of the slot's array that indexes output features
+    positions: np.ndarray
+    values: np.ndarray  # laid out along `axis`
+
+
+def mapped_columns(g: ModelGraph, keep: AttentionKeep) -> list[ColumnWrite]:
+    """What the kept Q, K and V positions hold where the keep maps them (plan.AttentionKeep)."""
+    block = keep.block
+    d, width = block.head_dim, block.heads * block.head_dim
+    writes = []
+    for part, (linear, offset, mapping, kept) in enumerate(
+            ((block.q, block.column_offsets[0], keep.q_map, keep.qk), (block.k, block.column_offsets[1], keep.k_map, keep.qk),
+             (block.v, block.column_offsets[2], keep.v_map, keep.v))):
+        if mapping is None:
+            continue
+        positions = head_columns(keep.heads, kept, d)
+        sources = [np.arange(h * d, (h + 1) * d) for h in keep.heads]
+        weight = g.constant(linear.weight)
+        weight = (weight.T if linear.transposed else weight)[:, offset:offset + width].astype(np.float64)
+        values = np.concatenate([weight[:, rows] @ m for rows, m in zip(sources, mapping)], axis=1)
+        writes.append(ColumnWrite((linear.node, linear.weight_index), 0 if linear.transposed else 1,
+                                  offset + positions, values.T if linear.transposed else values))
+        biases = []
+        if linear.bias is not None:
+            biases.append(((linear.bias_node, linear.bias_index), offset, g.constant(linear.bias).reshape(-1)[offset:]))
+        if block.packed_bias is not None:  # MultiHeadAttention's [q | k | v] bias
+            biases.append(((block.attention_op, 3), part * width, g.constant(block.packed_bias)[part * width:]))
+        for slot, start, bias in biases:
+            bias = bias[:width].astype(np.float64)
+            writes.append(ColumnWrite(slot, 0, start + positions,
+                                      np.concatenate([bias[rows] @ m for rows, m in zip(sources, mapping)])))
+    return writes
 
 
 def _linear_slots(linear: Linear) -> list[Slot]:
@@ -80,17 +119,6 @@ class Weights:
         if linear.bias is not None:
             self.editable((linear.bias_node, linear.bias_index)).reshape(-1)[columns] = 0
 
-    def scale_outputs(self, linear: Linear, columns: np.ndarray, factors: np.ndarray) -> None:
-        weight = self.editable((linear.node, linear.weight_index))
-        factors = factors.astype(weight.dtype)
-        if linear.transposed:
-            weight[columns, :] *= factors[:, None]
-        else:
-            weight[:, columns] *= factors
-        if linear.bias is not None:
-            bias = self.editable((linear.bias_node, linear.bias_index)).reshape(-1)
-            bias[columns] *= factors.astype(bias.dtype)
-
     def set_inputs(self, linear: Linear, rows: np.ndarray, refit: Refit | None) -> None:
         """Only input features `rows` of `linear` stay (the rest read zero weights); with a refit,
         its weights go into those rows and its bias replaces the bias."""
@@ -107,24 +135,26 @@ class Weights:
             bias = self.editable((linear.bias_node, linear.bias_index))
             bias[...] = refit.bias.reshape(bias.shape).astype(bias.dtype)
 
-    def apply_attention(self, keep: AttentionKeep, refit: Refit | None = None,
-                        q_scales: np.ndarray | None = None) -> None:
+    def write(self, column: ColumnWrite) -> None:
+        array = self.editable(column.slot)
+        index = [slice(None)] * array.ndim
+        index[column.axis if array.ndim > 1 else 0] = column.positions
+        array[tuple(index)] = column.values.astype(array.dtype)
+
+    def apply_attention(self, keep: AttentionKeep, refit: Refit | None = None) -> None:
+        """Mapped columns written, removed Q/K pairs zeroed, removed V neurons and heads cut
+        from the output projection (or its refit put in)."""
         block = keep.block
+        for column in mapped_columns(self.g, keep):
+            self.write(column)
         width = block.heads * block.head_dim
-        qk_kept = keep.qk_columns()
-        removed_qk = np.setdiff1d(np.arange(width), qk_kept)
+        removed_qk = np.setdiff1d(np.arange(width), keep.qk_columns())
         q_off, k_off, _ = block.column_offsets
         self.zero_outputs(block.q, q_off + removed_qk)
         self.zero_outputs(block.k, k_off + removed_qk)
         if block.packed_bias is not None:  # MultiHeadAttention's [q | k | v] bias
             packed = self.editable((block.attention_op, 3))
             packed[np.concatenate([removed_qk, width + removed_qk])] = 0
-        if q_scales is not None:
-            factors = np.asarray(q_scales, dtype=np.float64).reshape(-1)
-            self.scale_outputs(block.q, q_off + qk_kept, factors)
-            if block.packed_bias is not None:
-                packed = self.editable((block.attention_op, 3))
-                packed[qk_kept] *= factors.astype(packed.dtype)
         self.set_inputs(block.out, keep.v_columns(), refit)
 
     def apply_ffn(self, keep: FfnKeep, refit: Refit | None = None) -> None:
@@ -136,7 +166,7 @@ def plan_weights(g: ModelGraph, plan: PrunePlan) -> Weights:
     rescales included)."""
     weights = Weights(g)
     for keep in plan.attention:
-        weights.apply_attention(keep, plan.refits.get(keep.block.out.node), plan.qk_scales.get(keep.block.name))
+        weights.apply_attention(keep, plan.refits.get(keep.block.out.node))
     for keep in plan.ffn:
         weights.apply_ffn(keep, plan.refits.get(keep.block.fc2.node))
     return weights
@@ -151,4 +181,8 @@ def with_weights(model: onnx.ModelProto, weights: Weights) -> onnx.ModelProto:
         name = f"{nodes[node_name].input[index]}__zeroed{number}"
         copy.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
         nodes[node_name].input[index] = name
+    read = {t for node in copy.graph.node for t in node.input} | {o.name for o in copy.graph.output}
+    kept = [t for t in copy.graph.initializer if t.name in read]
+    del copy.graph.initializer[:]
+    copy.graph.initializer.extend(kept)
     return copy

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from .importance import PrunePlan
+from .plan import PrunePlan
 from .matching import Skipped
 from .stats import ModelStats
 from .verification import Fidelity
@@ -48,6 +48,7 @@ class Report:
     latency_ms_before: float | None = None  # onnxruntime, one thread, one sample, interleaved
     latency_ms_after: float | None = None
     attention_kl: dict[str, float | None] = field(default_factory=dict)  # per attention block, held-back samples
+    reconstruction: dict | None = None  # the block-by-block refit: settings, samples, tokens, error per half-block
     seconds: float = 0.0
 
     @property
@@ -93,12 +94,20 @@ class Report:
         lines += ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, width)))
                   for r in rows]
         top1 = f", top-1 agreement {f.top1_agreement:.1%}" if f.top1_agreement is not None else ""
-        lines.append(f"fidelity on {f.samples} held-back samples: output cosine {f.output_cosine:.4f}{top1}, "
+        held = (f"{f.samples} synthetic held-back samples (no --calib: this cannot judge the model on real data)"
+                if self.calibration == "synthetic" else f"{f.samples} held-back samples")
+        lines.append(f"fidelity on {held}: output cosine {f.output_cosine:.4f}, centred cosine "
+                     f"{f.centred_cosine:.4f}, relative error {f.relative_error:.4f}{top1}, "
                      f"max abs diff {f.max_abs_diff:.3g}")
-        applied = ", ".join(self.compensation_kept) or "nothing helped"
-        compensation = f"{self.compensation} ({applied})" if self.compensation != "none" else "none"
+        if self.reconstruction is not None:
+            r = self.reconstruction
+            compensation = (f"{self.compensation} (block by block, {r['propagation']}, {r['reduction']} Q/K and V, "
+                            f"{r['selection']} selection; {r['samples']} samples, {r['tokens']} tokens)")
+        else:
+            applied = ", ".join(self.compensation_kept) or "nothing helped"
+            compensation = f"{self.compensation} ({applied})" if self.compensation != "none" else "none"
         lines.append(f"criterion {self.criterion}, compensation {compensation}, calibration: {self.calibration} "
-                     f"({self.calibration_samples} samples)")
+                     f"({self.calibration_samples} samples fitted, {self.holdout_samples} held back)")
         if self.target:
             r = self.ratios
             lines.append(f"target {self.target['kind']} {self.target['value']:g}: chose ratios q/k {r['qk']:.3f}, "

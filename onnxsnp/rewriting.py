@@ -14,8 +14,9 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .graph import ModelGraph
-from .importance import AttentionKeep, PrunePlan
+from .masking import ColumnWrite, mapped_columns
 from .matching import Linear
+from .plan import AttentionKeep, PrunePlan
 from .residual import ResidualStream
 
 
@@ -63,6 +64,15 @@ class _Editor:
 
     def replace_input(self, node: gs.Node, index: int, values: np.ndarray) -> None:
         node.inputs[index] = self.constant(node.inputs[index].name, values)
+
+    def write(self, column: ColumnWrite) -> None:
+        """Put new values into some output features of a node input (see masking.ColumnWrite)."""
+        node = self.nodes[column.slot[0]]
+        array = self.current(node, column.slot[1]).copy()
+        index = [slice(None)] * array.ndim
+        index[column.axis if array.ndim > 1 else 0] = column.positions
+        array[tuple(index)] = column.values.astype(array.dtype)
+        self.replace_input(node, column.slot[1], array)
 
     # --- linear layers -------------------------------------------------------------------
     def keep_outputs(self, linear: Linear, columns: np.ndarray) -> None:
@@ -175,7 +185,7 @@ def rewrite(g: ModelGraph, plan: PrunePlan) -> onnx.ModelProto:
     editor = _Editor(g, graph)
     for keep in plan.attention:
         if keep.changes_something():
-            _prune_attention(editor, keep, plan.scale_values, plan.refits, plan.qk_scales)
+            _prune_attention(editor, keep, plan.scale_values, plan.refits)
         elif plan.stream is not None:  # merge reshapes that read the stream width now need a constant
             _pin_merge_widths(editor, keep)
     for ffn in plan.ffn:
@@ -197,8 +207,10 @@ def rewrite(g: ModelGraph, plan: PrunePlan) -> onnx.ModelProto:
 
 
 def _prune_attention(editor: _Editor, keep: AttentionKeep, scale_values: dict[str, np.ndarray],
-                     refits: dict, qk_scales: dict[str, np.ndarray]) -> None:
+                     refits: dict) -> None:
     block = keep.block
+    for column in mapped_columns(editor.g, keep):  # mapped positions first, then everything is sliced
+        editor.write(column)
     qk_columns = keep.qk_columns()
     v_columns = keep.v_columns()
     dq, dv, heads = keep.qk.shape[1], keep.v.shape[1], len(keep.heads)
@@ -220,15 +232,15 @@ def _prune_attention(editor: _Editor, keep: AttentionKeep, scale_values: dict[st
         editor.keep_outputs(block.v, v_columns)
         if block.packed_bias is not None:  # MultiHeadAttention's [q | k | v] bias
             width = block.heads * block.head_dim
-            bias = editor.value(block.packed_bias)
+            attention = editor.nodes[block.attention_op]
+            bias = editor.current(attention, 3)
             kept = bias[np.concatenate([qk_columns, width + qk_columns, 2 * width + v_columns])]
-            editor.nodes[block.attention_op].inputs[3] = editor.constant(block.packed_bias, kept)
+            attention.inputs[3] = editor.constant(block.packed_bias, kept)
     else:
         _prune_fused(editor, keep, qk_columns, v_columns, dq, dv)
     editor.keep_inputs(block.out, v_columns, refits.get(block.out.node))
-    if block.name in qk_scales or q_factor != 1.0:
-        factors = qk_scales.get(block.name, np.ones((heads, dq)))
-        _scale_q(editor, keep, np.asarray(factors, dtype=np.float64) * q_factor)
+    if q_factor != 1.0:
+        _scale_q(editor, keep, np.full(heads * dq, q_factor))
     if block.attention_op is not None:  # ops that carry the head count as an attribute
         attrs = editor.nodes[block.attention_op].attrs
         for name in ("num_heads", "q_num_heads", "kv_num_heads"):
@@ -260,7 +272,7 @@ def _standard_scale(editor: _Editor, block, dq: int, scale_values: dict[str, np.
 
 
 def _scale_q(editor: _Editor, keep: AttentionKeep, scales: np.ndarray) -> None:
-    """Multiply the kept q columns (weight and bias) by their least-squares factors."""
+    """Multiply the kept q columns (weight and bias, after slicing) by `scales`."""
     block = keep.block
     factors = scales.reshape(-1)
     offset = 0  # where q's columns start in the (already sliced) weight

@@ -33,7 +33,9 @@ class Segment:
     inputs: tuple[str, ...]  # stream tensors, fed from the caches
     outputs: tuple[str, ...]
     nodes: tuple[str, ...]  # in graph order
-    side: tuple[str, ...]  # Shape outputs of other cuts' tensors, captured from the full model
+    # computed elsewhere: Shape outputs of other cuts' tensors (from the cached shapes), and tensors
+    # made by a node that also makes a cut tensor (e.g. EmbedLayerNormalization's mask index)
+    side: tuple[str, ...]
     model_inputs: tuple[str, ...]  # graph inputs read directly (e.g. the attention mask)
     slots: tuple[Slot, ...]  # weights fed at run time
 
@@ -69,6 +71,9 @@ def cut(g: ModelGraph, name: str, inputs: Iterable[str], outputs: Iterable[str],
         if producer is None:
             raise NoMatch(f"{name}: nothing produces {tensor}")
         if producer.op_type == "Shape" and producer.input[0] in foreign:
+            side.add(tensor)
+            continue
+        if any(out in foreign or out in inputs for out in producer.output):
             side.add(tensor)
             continue
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in producer.attribute):

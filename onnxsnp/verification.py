@@ -23,9 +23,14 @@ class Fidelity:
     output_cosine: float  # mean over samples and outputs of the cosine of flattened outputs
     max_abs_diff: float
     top1_agreement: float | None  # for classifier-shaped outputs (samples, classes)
+    # the cosine after removing the original's mean over samples from both: outputs that share a
+    # large common part (a class token, a bias) score near 1 on plain cosine whatever the rest does
+    centred_cosine: float = 1.0
+    relative_error: float = 0.0  # mean over samples of ‖pruned − original‖ / ‖original‖
 
     def as_dict(self) -> dict:
         return {"samples": self.samples, "output_cosine": self.output_cosine,
+                "centred_cosine": self.centred_cosine, "relative_error": self.relative_error,
                 "max_abs_diff": self.max_abs_diff, "top1_agreement": self.top1_agreement}
 
 
@@ -60,7 +65,7 @@ def run_outputs(model: onnx.ModelProto, feed: dict[str, np.ndarray], batch: int)
 def fidelity(original: list[np.ndarray], pruned: list[np.ndarray]) -> Fidelity:
     if len(original) != len(pruned):
         raise SnpError("pruned model has a different number of outputs")
-    cosines, max_diff, top1 = [], 0.0, None
+    cosines, centred, errors, max_diff, top1 = [], [], [], 0.0, None
     for ref, got in zip(original, pruned):
         if ref.shape != got.shape:
             raise SnpError(f"pruned model output shape {got.shape} differs from the original {ref.shape}")
@@ -72,13 +77,24 @@ def fidelity(original: list[np.ndarray], pruned: list[np.ndarray]) -> Fidelity:
         max_diff = max(max_diff, float(np.abs(ref64 - got64).max()) if ref.size else 0.0)
         flat_ref = ref64.reshape(ref.shape[0], -1) if ref.ndim else ref64.reshape(1, 1)
         flat_got = got64.reshape(flat_ref.shape)
-        norms = np.linalg.norm(flat_ref, axis=1) * np.linalg.norm(flat_got, axis=1)
-        cosines.append(np.where(norms > 0, (flat_ref * flat_got).sum(axis=1) / np.maximum(norms, 1e-300), 1.0))
+        cosines.append(_cosines(flat_ref, flat_got))
+        mean = flat_ref.mean(axis=0) if len(flat_ref) > 1 else 0.0
+        centred.append(_cosines(flat_ref - mean, flat_got - mean))
+        reference_norm = np.linalg.norm(flat_ref, axis=1)
+        errors.append(np.linalg.norm(flat_got - flat_ref, axis=1) / np.maximum(reference_norm, 1e-300))
         if top1 is None and ref.ndim == 2 and ref.shape[1] > 1:
             top1 = float((ref.argmax(axis=1) == got.argmax(axis=1)).mean())
     cosine = float(np.mean(np.concatenate(cosines))) if cosines else 1.0
     samples = original[0].shape[0] if original and original[0].ndim else 1
-    return Fidelity(int(samples), cosine, max_diff, top1)
+    return Fidelity(int(samples), cosine, max_diff, top1,
+                    float(np.mean(np.concatenate(centred))) if centred else 1.0,
+                    float(np.mean(np.concatenate(errors))) if errors else 0.0)
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine (1 where both rows are zero)."""
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return np.where(norms > 0, (a * b).sum(axis=1) / np.maximum(norms, 1e-300), 1.0)
 
 
 def _line(exc: Exception) -> str:

@@ -39,11 +39,11 @@ def test_residual_combines_with_everything(exported):
 
 def test_layernorm_correction_helps(exported):
     """The closed-form LayerNorm correction brings the pruned outputs closer to the original."""
-    from onnxsnp.pipeline import prune_model, resolve_ratios
+    from onnxsnp import prune
 
     path = exported("vit", "manual", True, "legacy")
-    cosines = [prune_model(str(path), resolve_ratios(0.0, residual=0.25), calib_samples=32, compensate=flag,
-                           residual_criterion="activation").report.fidelity.output_cosine for flag in (False, True)]
+    cosines = [prune(str(path), 0.0, residual=0.25, calib_samples=32, compensate=flag,
+                     residual_criterion="activation")[1].fidelity.output_cosine for flag in (False, True)]
     assert cosines[1] > cosines[0]
 
 

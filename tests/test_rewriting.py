@@ -6,11 +6,14 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from dataclasses import replace
+
 from conftest import FORM_IDS, FORMS, feed_for, run
 from onnxsnp.graph import ModelGraph
-from onnxsnp.importance import Ratios
+from onnxsnp.masking import plan_weights, with_weights
 from onnxsnp.matching import find_blocks
 from onnxsnp.pipeline import make_plan
+from onnxsnp.plan import Ratios, Refit
 from onnxsnp.rewriting import rewrite
 
 
@@ -55,6 +58,41 @@ def zeroed_original(g: ModelGraph, plan) -> onnx.ModelProto:
         if init.name in edits:
             init.CopyFrom(numpy_helper.from_array(edits[init.name], init.name))
     return model
+
+
+def with_maps_and_refits(plan, seed: int = 0):
+    """The plan with random maps for every kept Q, K and V position and random refits of every
+    output projection and fc2: what the projection compensation and the refits produce."""
+    rng = np.random.default_rng(seed)
+    keeps = []
+    refits = {}
+    for keep in plan.attention:
+        d, heads = keep.block.head_dim, len(keep.heads)
+        maps = {name: rng.standard_normal((heads, d, kept.shape[1])) / np.sqrt(d)
+                for name, kept in (("q_map", keep.qk), ("k_map", keep.qk), ("v_map", keep.v))}
+        keeps.append(replace(keep, **maps))
+        out = keep.block.out
+        refits[out.node] = Refit(rng.standard_normal((len(keep.v_columns()), out.out_features)) * 0.1,
+                                 rng.standard_normal(out.out_features) * 0.1 if out.bias is not None else None)
+    for keep in plan.ffn:
+        fc2 = keep.block.fc2
+        refits[fc2.node] = Refit(rng.standard_normal((len(keep.hidden), fc2.out_features)) * 0.05,
+                                 rng.standard_normal(fc2.out_features) * 0.1 if fc2.bias is not None else None)
+    return replace(plan, attention=tuple(keeps), refits=refits)
+
+
+@pytest.mark.parametrize("family,attention,dynamic,exporter", FORMS, ids=FORM_IDS)
+def test_mapped_and_refitted_plan_rewrites_equal_to_its_masked_weights(exported, family, attention, dynamic,
+                                                                       exporter):
+    """Every form: mapped Q/K/V positions, removed heads and refitted layers, once by slicing
+    (rewriting) and once as full-width weights with the removed units zeroed (masking)."""
+    path = exported(family, attention, dynamic, exporter)
+    g, plan = plan_for(path, Ratios(0.5, 0.25, 0.5, heads=0.5))
+    plan = with_maps_and_refits(plan)
+    feed = feed_for(path, batch=2)
+    tolerance = 2e-2 if exporter.endswith("fp16") else 2e-5
+    for want, got in zip(run(with_weights(g.model, plan_weights(g, plan)), feed), run(rewrite(g, plan), feed)):
+        np.testing.assert_allclose(got, want, atol=tolerance, rtol=100 * tolerance)
 
 
 def unshare(path, tmp_path):

@@ -54,7 +54,7 @@ def digits_rows(ratios: list[float], criteria: list[str], scratch: Path) -> list
 def residual_rows(ratios: list[float], scratch: Path) -> list[str]:
     """Residual channels only (no neuron pruning), per channel criterion, with and without the
     closed-form LayerNorm correction."""
-    from onnxsnp.pipeline import prune_model, resolve_ratios
+    from onnxsnp import prune
 
     model = REPO_ROOT / "models" / "digits_vit.onnx"
     heldout = np.load(REPO_ROOT / "models" / "digits_vit_heldout.npz")
@@ -64,14 +64,13 @@ def residual_rows(ratios: list[float], scratch: Path) -> list[str]:
         for criterion, channel in (("snp", "weights"), ("snp", "activation"), ("random", "weights")):
             cells = []
             for compensate in (False, True):
-                result = prune_model(str(model), resolve_ratios(0.0, residual=ratio), criterion=criterion,
-                                     calib=str(calib), calib_samples=128, compensate=compensate,
-                                     residual_criterion=channel)
+                pruned, report = prune(str(model), 0.0, residual=ratio, criterion=criterion, calib=str(calib),
+                                       calib_samples=128, compensate=compensate, residual_criterion=channel)
                 path = scratch / "residual.onnx"
-                onnx.save(result.model, str(path))
+                onnx.save(pruned, str(path))
                 cells.append(f"{top1_accuracy(path, heldout['pixel_values'], heldout['labels']):.2%}")
             name = "random" if criterion == "random" else channel
-            rows.append(f"| {name} | {ratio} | {result.report.residual_width[0]} → {result.report.residual_width[1]} | "
+            rows.append(f"| {name} | {ratio} | {report.residual_width[0]} → {report.residual_width[1]} | "
                         f"{cells[0]} | {cells[1]} |")
     return rows
 

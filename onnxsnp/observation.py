@@ -1,0 +1,76 @@
+"""What the input model does on the held-back samples, and the same for the pruned model:
+outputs, attention maps and run-time shapes (for the FLOPs count), each from one session that
+runs small batches where tensors are added as outputs (they cost memory per sample)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from . import calibration as calib_stage
+from .calibration import Runner
+from .stats import shape_tensors
+from .verification import Fidelity, attention_error, fidelity
+
+
+def _count(feed: dict[str, np.ndarray]) -> int:
+    return next(iter(feed.values())).shape[0]
+
+
+MAP_SAMPLES = 16  # held-back samples whose attention maps are compared (they are kept in memory)
+
+
+@dataclass
+class Observed:
+    """The input model on the held-back samples."""
+
+    outputs: list[np.ndarray]
+    maps: dict[str, np.ndarray]  # softmax outputs of the first MAP_SAMPLES samples
+    shapes: dict[str, tuple[int, ...]]  # of stats.shape_tensors, on `shape_samples` samples
+    shape_samples: int
+
+
+def observe(model: onnx.ModelProto, probes: list[str], feed: dict[str, np.ndarray], batch: int,
+             fixed: int | None, weights: calib_stage.Weights) -> Observed:
+    maps, outputs, shapes = _probe_run(model, "input model", probes, feed, batch, fixed, weights)
+    return Observed(outputs, maps, shapes, fixed or 1)
+
+
+def _probe_run(model: onnx.ModelProto, role: str, probes: list[str], feed: dict[str, np.ndarray], batch: int,
+               fixed: int | None, weights: calib_stage.Weights | None = None) -> tuple[dict[str, np.ndarray], list[np.ndarray], dict[str, tuple[int, ...]]]:
+    """One session over `model`: its outputs over `feed`, the `probes` over the first MAP_SAMPLES
+    samples and the shapes of stats.shape_tensors on the first sample(s). Probed samples run at the
+    smallest batch the model takes (every tensor added as an output costs memory per sample)."""
+    shape_names = shape_tensors(model)
+    runner = Runner(model, probes + shape_names, role=role, weights=weights)
+    step = fixed or 1
+    parts = [({k: v[:step] for k, v in feed.items()}, step, probes + shape_names),  # also the shapes
+             ({k: v[step:max(step, MAP_SAMPLES // step * step)] for k, v in feed.items()}, step, probes),
+             ({k: v[max(step, MAP_SAMPLES // step * step):] for k, v in feed.items()}, batch, [])]
+    per_batch, maps, shapes = [], {name: [] for name in probes}, {}
+    for part, size, extra in parts:
+        if not _count(part):
+            continue
+        names = list(dict.fromkeys(runner.output_names + extra))
+        for _, values in runner.batches(part, names, size):
+            per_batch.append([values[name] for name in runner.output_names])
+            for name in probes if extra else ():
+                maps[name].append(values[name])
+            shapes = shapes or {name: values[name].shape for name in shape_names}
+    return ({name: np.concatenate(chunks) for name, chunks in maps.items()}, calib_stage.join_outputs(per_batch),
+            shapes)
+
+
+def verify(observed: Observed, pruned: onnx.ModelProto, softmax_blocks: dict[str, tuple[str, np.ndarray]],
+            feed: dict[str, np.ndarray], batch: int, fixed: int | None, mask_name: str | None
+            ) -> tuple[Fidelity, dict[str, float], dict[str, tuple[int, ...]]]:
+    """Output fidelity, per-block attention-map error and run-time shapes of the pruned model on
+    the held-back samples."""
+    probes = sorted({tensor for tensor, _ in softmax_blocks.values()})
+    maps, outputs, shapes = _probe_run(pruned, "pruned model", probes, feed, batch, fixed)
+    measured = fidelity(observed.outputs, outputs)
+    if not maps:
+        return measured, {}, shapes
+    inputs = {k: v[:len(next(iter(maps.values())))] for k, v in feed.items()}
+    return measured, attention_error([(inputs, observed.maps, maps)], softmax_blocks, mask_name), shapes

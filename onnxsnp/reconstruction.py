@@ -1,0 +1,532 @@
+"""Block-by-block reconstruction: prune each transformer block in order and refit it so that the
+pruned model's residual stream follows the original's (K-prune, ICLR 2024, arXiv 2308.03449).
+
+For every block, two half-blocks — attention, then FFN — each run as their own onnxruntime
+segment on cached stream values (see segments.py):
+
+1. the original half on the original stream gives the target: the original pre-norm sum
+   (sublayer output + residual input) at the half's residual join;
+2. the pruned model's own stream goes through the half with the weights pruned so far; its
+   Q/K pairs are chosen by SNP's attention-score criterion on the pruned model's q and k, and
+   rescaled to reproduce the original scores;
+3. the layer after the pruned group (output projection, fc2) is refitted, whole matrix, ridge
+   pulled towards the original weights, so that sublayer output + pruned residual input matches
+   the original sum: target = original sum − pruned residual input, which also cancels the
+   drift of the blocks before. Which V neurons, heads and FFN neurons go is chosen by what the
+   refit can do without (structured OBS, least_squares.Obs) or by the criterion's scores;
+4. the pruned half runs once more with its final weights, giving the next pruned stream.
+
+`Propagation.ONE_SHOT` feeds the original stream instead of the pruned one (the targets are then
+the original sublayer outputs), for comparison. Every statistic is a sum over tokens.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+
+from .graph import ModelGraph, attribute
+from .importance import PairStatistics, _as_tokens, input_weights, output_weights, query_key, query_key_tensors, redundancy
+from .least_squares import DEFAULT_RIDGE, FOLDS, NormalEquations, Obs, centred_gram, choose_ridge, loss, solve
+from .masking import Weights, attention_slots, ffn_slots
+from .matching import Layer, Matches, NoMatch
+from .plan import AttentionKeep, FfnKeep, Refit, selection_map
+from .segments import Segment, SegmentRunner, cut
+
+log = logging.getLogger("onnxsnp")
+
+QK_RIDGE = 1e-2  # for the Q/K rescale, relative to the mean diagonal of its system
+CACHE_BYTES = 2 * 2**30  # a refitted layer's inputs are kept for the next stream up to this size
+
+
+class Selection(Enum):
+    OBS = "obs"  # V neurons, heads and FFN neurons by the loss the refit is left with
+    CRITERION = "criterion"  # by the criterion's scores before the refit
+
+
+class Reduction(Enum):
+    PROJECT = "project"  # a head's kept Q/K pairs and V neurons hold its best few directions
+    SELECT = "select"  # they are a choice of its original neurons (SNP's Q/K pairs rescaled)
+
+
+class Propagation(Enum):
+    SEQUENTIAL = "sequential"  # each block sees the pruned model's own stream
+    ONE_SHOT = "one-shot"  # each block sees the original stream
+
+
+@dataclass(frozen=True)
+class AttentionWidth:
+    heads: int  # heads kept
+    qk: int  # Q/K pairs kept per head
+    v: int  # V neurons kept per head
+
+
+@dataclass(frozen=True)
+class Widths:
+    """What each block keeps: by attention block name, by FFN block name; removed layers."""
+
+    attention: dict[str, AttentionWidth]
+    ffn: dict[str, int]
+    removed_layers: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class HalfReport:
+    """What one half-block's refit achieved, relative to the energy of its target."""
+
+    name: str
+    tokens: int
+    ridge: float
+    error_before: float  # ‖pruned − target‖² / ‖target‖² with the weights as sliced
+    error_after: float  # with the refit
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    attention: tuple[AttentionKeep, ...]
+    ffn: tuple[FfnKeep, ...]
+    refits: dict[str, Refit]
+    scale_values: dict[str, np.ndarray]
+    halves: tuple[HalfReport, ...]
+    samples: int
+    tokens: int
+
+
+@dataclass
+class _Half:
+    segment: Segment
+    runner: SegmentRunner
+    join: SegmentRunner  # (branch, residual input) → the stream after the join
+    branch: str  # the sublayer's output, added to the stream at the join
+    residual: str  # the join's other input: the stream the sublayer read
+    projection_inputs: SegmentRunner | None = None  # stream → the inputs of q and k (attention)
+
+
+@dataclass
+class _Batch:
+    inputs: dict[str, np.ndarray]  # model inputs of this batch, and side tensors captured with the first stream
+    samples: int
+    mask: np.ndarray | None
+    original: np.ndarray | None = None  # the original stream at the current cut
+    pruned: np.ndarray | None = None  # the pruned model's stream there
+    target: np.ndarray | None = None  # the original pre-norm sum of the current half
+
+
+def plan_segments(g: ModelGraph, matches: Matches) -> list[tuple[_Half, _Half]]:
+    """Attention and FFN halves of every transformer block, or NoMatch where the model cannot be
+    cut into consecutive blocks (then the one-pass compensation is used)."""
+    layers = matches.layers
+    if not layers:
+        raise NoMatch("no transformer block (attention + FFN on a residual stream) was found")
+    in_layers = {id(layer.attention) for layer in layers} | {id(layer.ffn) for layer in layers}
+    loose = [b.name for b in list(matches.attention) + list(matches.ffn) if id(b) not in in_layers]
+    if loose:
+        raise NoMatch(f"{loose[0]} is not part of a transformer block")
+    for before, after in zip(layers, layers[1:]):
+        if before.output != after.input:
+            raise NoMatch(f"something runs between {before.name} and {after.name}")
+    cuts = [layer.input for layer in layers] + [layer.middle for layer in layers] + [layers[-1].output]
+    halves = []
+    for layer in layers:
+        slots = attention_slots(layer.attention) + ffn_slots(layer.ffn)
+        pair = []
+        block = layer.attention
+        attention_capture = ([block.out.output, block.out.input] + query_key_tensors(block)
+                             + [s.tensor for s in block.frozen_scales])
+        for part, start, end, capture in (("attention", layer.input, layer.middle, attention_capture),
+                                          ("ffn", layer.middle, layer.output, [layer.ffn.fc2.output, layer.ffn.fc2.input])):
+            name = f"{layer.name} ({part})"
+            segment = cut(g, name, [start], [end], cuts, slots)
+            branch = capture[0]
+            join = cut(g, f"{name} join", [branch, start], [end], cuts)
+            if len(join.nodes) > 3 or join.slots:
+                raise NoMatch(f"{name}: the residual join is more than an Add and a normalisation")
+            pair.append(_Half(segment, SegmentRunner(g, segment, capture), SegmentRunner(g, join), branch, start))
+        inputs = list(dict.fromkeys([block.q.input, block.k.input]))
+        norm = cut(g, f"{layer.name} (q, k inputs)", [layer.input], inputs, cuts)
+        if norm.slots or len(norm.nodes) > 12:
+            raise NoMatch(f"{layer.name}: more than a normalisation between the stream and q, k")
+        pair[0].projection_inputs = SegmentRunner(g, norm) if norm.nodes else None
+        halves.append(tuple(pair))
+    return halves
+
+
+def _shape_value(node, shape: tuple[int, ...]) -> np.ndarray:
+    start, end = attribute(node, "start", 0), attribute(node, "end", None)
+    return np.array(shape[start:end] if end is not None else shape[start:], dtype=np.int64)
+
+
+class Reconstructor:
+    """Runs the reconstruction over calibration batches (see the module docstring)."""
+
+    def __init__(self, g: ModelGraph, matches: Matches, widths: Widths, criterion: str = "snp",
+                 selection: Selection = Selection.OBS, propagation: Propagation = Propagation.SEQUENTIAL,
+                 ridge: float | None = None, rescale_qk: bool = True, seed: int = 0,
+                 reduction: Reduction = Reduction.PROJECT):
+        self.reduction = reduction
+        self.g, self.matches, self.widths = g, matches, widths
+        self.criterion, self.selection, self.propagation = criterion, selection, propagation
+        self.ridge, self.rescale_qk = ridge, rescale_qk
+        self.rng = np.random.default_rng(seed)
+        self.halves = plan_segments(g, matches)
+        self.weights = Weights(g, [s for a, f in self.halves for s in a.segment.slots + f.segment.slots])
+        self.original = {slot: self.weights.original(slot) for slot in self.weights.values}
+        self.shapes: dict[tuple[str, int], tuple[int, ...]] = {}  # cut tensor, batch → shape (for side tensors)
+        self.keeps_attention: list[AttentionKeep] = []
+        self.keeps_ffn: list[FfnKeep] = []
+        self.refits: dict[str, Refit] = {}
+        self.scale_values: dict[str, np.ndarray] = {}
+        self.reports: list[HalfReport] = []
+
+    # --- running segments ----------------------------------------------------------------------
+    def _run(self, runner: SegmentRunner, item: _Batch, index: int, values: dict[str, np.ndarray], weights: dict,
+             tensors: list[str]) -> dict[str, np.ndarray]:
+        """`runner` on one batch: its model inputs, `values` (stream tensors), side tensors."""
+        feed = dict(item.inputs)
+        feed.update(values)
+        for tensor in runner.segment.side:
+            node = self.g.producer_of(tensor)
+            if node.op_type == "Shape" and (node.input[0], index) in self.shapes:
+                feed[tensor] = _shape_value(node, self.shapes[(node.input[0], index)])
+        return runner.run(feed, weights, tensors)
+
+    def _half(self, half: _Half, item: _Batch, index: int, stream: np.ndarray, weights: dict, tensors: list[str]
+              ) -> dict[str, np.ndarray]:
+        return self._run(half.runner, item, index, {half.residual: stream}, weights, tensors)
+
+    # --- the whole job -------------------------------------------------------------------------
+    def run(self, feed: dict[str, np.ndarray], batch: int, mask_name: str | None,
+            progress: Callable[[str], None] = lambda _: None) -> Reconstruction:
+        first = self.halves[0][0]
+        streams = [h.residual for pair in self.halves for h in pair]
+        # side tensors made before the first block (with the first stream) are captured once
+        early = sorted({t for pair in self.halves for h in pair for r in (h.runner, h.join, h.projection_inputs)
+                        if r is not None for t in r.segment.side if self.g.producer_of(t).op_type != "Shape"})
+        prefix = cut(self.g, "embeddings", [], [first.residual] + early, streams)
+        prefix_runner = SegmentRunner(self.g, prefix) if prefix.nodes else None
+        total = next(iter(feed.values())).shape[0]
+        batches = []
+        for start in range(0, total, batch):
+            inputs = {k: v[start:start + batch] for k, v in feed.items()}
+            samples = next(iter(inputs.values())).shape[0]
+            item = _Batch(inputs, samples, inputs.get(mask_name) if mask_name else None)
+            if prefix_runner is not None:
+                values = prefix_runner.run(inputs, {})
+                inputs.update({t: values[t] for t in early})
+                item.original = values[first.residual]
+            else:
+                item.original = inputs[first.residual]
+            item.pruned = item.original
+            self.shapes[(first.residual, len(batches))] = item.original.shape
+            batches.append(item)
+        removed = set(self.widths.removed_layers)
+        for index, (layer, (attention, ffn)) in enumerate(zip(self.matches.layers, self.halves)):
+            progress(layer.name)
+            if index in removed:  # the pruned model skips the block; the blocks after make up for it
+                for half in (attention, ffn):
+                    self._advance_original(half, batches)
+                continue
+            self._attention_half(layer, attention, batches)
+            progress(layer.name)
+            self._ffn_half(layer, ffn, batches)
+        tokens = sum(len(_tokens(b.original, b.samples, b.mask)) for b in batches)
+        return Reconstruction(tuple(self.keeps_attention), tuple(self.keeps_ffn), dict(self.refits),
+                              dict(self.scale_values), tuple(self.reports), total, tokens)
+
+    def _advance_original(self, half: _Half, batches: list[_Batch]) -> None:
+        end = half.segment.outputs[0]
+        for index, item in enumerate(batches):
+            item.original = self._half(half, item, index, item.original, self.original, [end])[end]
+            self.shapes[(end, index)] = item.original.shape
+            if self.propagation is Propagation.ONE_SHOT:
+                item.pruned = item.original
+
+    def _targets(self, half: _Half, batches: list[_Batch], capture: list[str],
+                 each: Callable[[int, _Batch, dict[str, np.ndarray]], None] = lambda *_: None) -> None:
+        """Original half on the original stream: the target sum and the next original stream;
+        `each` gets the `capture`d tensors of every batch (nothing else keeps them)."""
+        end = half.segment.outputs[0]
+        for index, item in enumerate(batches):
+            values = self._half(half, item, index, item.original, self.original,
+                                list(dict.fromkeys([half.branch, end] + capture)))
+            item.target = values[half.branch].astype(np.float32) + item.original
+            item.original = values[end]
+            self.shapes[(end, index)] = item.original.shape
+            each(index, item, values)
+
+    def _finish(self, half: _Half, batches: list[_Batch], linear, inputs: list[np.ndarray] | None) -> None:
+        """The next pruned stream: the refitted layer's output from its cached `inputs` (or the
+        pruned half run again where they were not cached), through the residual join."""
+        end = half.segment.outputs[0]
+        weight = self.weights.values[(linear.node, linear.weight_index)]
+        weight = (weight.T if linear.transposed else weight).astype(np.float32)
+        bias = (self.weights.values[(linear.bias_node, linear.bias_index)].reshape(-1).astype(np.float32)
+                if linear.bias is not None else 0.0)
+        for index, item in enumerate(batches):
+            if self.propagation is Propagation.ONE_SHOT:
+                item.pruned = item.original
+            elif inputs is None:
+                item.pruned = self._half(half, item, index, item.pruned, self.weights.values, [end])[end]
+            else:
+                x = inputs[index]
+                branch = (x.astype(np.float32, copy=False) @ weight + bias).astype(x.dtype)
+                values = {half.branch: branch, half.residual: item.pruned}
+                item.pruned = self._run(half.join, item, index, values, {}, [end])[end]
+            item.target = None
+
+    # --- attention ---------------------------------------------------------------------------------
+    def _attention_half(self, layer: Layer, half: _Half, batches: list[_Batch]) -> None:
+        block = layer.attention
+        width = self.widths.attention[block.name]
+        qk_tensors = query_key_tensors(block)
+        scales = [s.tensor for s in block.frozen_scales]
+        pairs = PairStatistics.empty(block.heads, block.head_dim)
+
+        def score(index: int, item: _Batch, values: dict[str, np.ndarray]) -> None:
+            for tensor in scales:
+                self.scale_values.setdefault(tensor, np.array(values[tensor]))
+            q, k = query_key(self.g, block, values, item.samples)
+            if self.propagation is Propagation.SEQUENTIAL:  # the pruned model's q and k, the original scores
+                pruned = {half.residual: item.pruned}
+                if half.projection_inputs is not None:
+                    pruned = self._run(half.projection_inputs, item, index, pruned, {},
+                                       list(half.projection_inputs.segment.outputs))
+                q_hat, k_hat = query_key(self.g, block, pruned, item.samples, from_inputs=True)
+                pairs.add(q_hat, k_hat, item.mask, q, k)
+            else:
+                pairs.add(q, k, item.mask)
+
+        self._targets(half, batches, qk_tensors + scales, score)
+        d, every = block.head_dim, np.arange(block.heads)
+        qk, q_map, k_map = self._reduce_pairs(block, pairs, width.qk)
+        self.weights.apply_attention(AttentionKeep(block, qk, np.tile(np.arange(d), (block.heads, 1)), every,
+                                                   q_map, k_map))  # V and the output projection come next
+        equations, cached = self._equations(half, batches, block.out.input, block.out.in_features,
+                                            block.out.out_features)
+        prior = input_weights(self.g, block.out)
+        heads, v = self._choose_values(block, equations, prior, width)
+        v_map = None
+        if self.reduction is Reduction.PROJECT and width.v < d:
+            v, v_map, transform, prior = _project_values(block, equations, prior, heads, width.v)
+            equations = equations.transformed(transform)
+            if cached is not None:
+                cached = [x @ transform[:-1, :-1].astype(x.dtype) for x in cached]
+        keep = AttentionKeep(block, qk[heads], v, heads, None if q_map is None else q_map[heads],
+                             None if k_map is None else k_map[heads], v_map)
+        refit = self._refit(f"{layer.name} (attention)", equations, keep.v_columns(), prior, block.out)
+        self.weights.apply_attention(keep, refit)
+        self.keeps_attention.append(keep)
+        self.refits[block.out.node] = refit
+        self._finish(half, batches, block.out, cached)
+
+    def _reduce_pairs(self, block, pairs: PairStatistics, kept: int
+                      ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Kept Q/K positions per head (heads, kept) and the q and k maps (see plan.AttentionKeep):
+        projected directions, SNP's choice with its rescale, or a plain choice."""
+        d = block.head_dim
+        if kept == d:
+            return np.tile(np.arange(d), (block.heads, 1)), None, None
+        if self.reduction is Reduction.PROJECT and self.criterion in ("snp", "snp-paper"):
+            q_map, k_map = _project_pairs(pairs, kept)
+            return np.tile(np.arange(kept), (block.heads, 1)), q_map, k_map
+        qk = self._choose_pairs(block, pairs, kept)
+        if self.rescale_qk and pairs.count:
+            every = np.arange(block.heads)
+            factors = pairs.rescales(AttentionKeep(block, qk, qk, every), QK_RIDGE)
+            return qk, selection_map(qk, d, factors), None
+        return qk, None, None
+
+    def _choose_pairs(self, block, pairs: PairStatistics, kept: int) -> np.ndarray:
+        """Kept Q/K pairs per head, (heads, kept), ascending."""
+        if self.criterion == "random":
+            scores = self.rng.random((block.heads, block.head_dim))
+        elif self.criterion == "l2":
+            q_off, k_off, _ = block.column_offsets
+            width = block.heads * block.head_dim
+            scores = (np.linalg.norm(output_weights(self.g, block.q, q_off, width), axis=0)
+                      * np.linalg.norm(output_weights(self.g, block.k, k_off, width), axis=0)
+                      ).reshape(block.heads, block.head_dim)
+        else:
+            scores = pairs.mean_scores()
+        return np.sort(np.argsort(-scores, axis=1, kind="stable")[:, :kept], axis=1)
+
+    def _choose_values(self, block, equations: NormalEquations, prior: np.ndarray, width: AttentionWidth
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """Kept heads (ascending) and kept V neurons per kept head, (kept heads, width.v)."""
+        d = block.head_dim
+        if self.selection is Selection.OBS and self.criterion in ("snp", "snp-paper"):
+            obs = Obs(equations, prior, self.ridge or DEFAULT_RIDGE)
+            alive = list(range(block.heads))
+            while len(alive) > width.heads:
+                costs = obs.costs([np.arange(h * d, (h + 1) * d) for h in alive])
+                obs.remove(np.arange(alive[int(np.argmin(costs))] * d, (alive[int(np.argmin(costs))] + 1) * d))
+                alive.pop(int(np.argmin(costs)))
+            for _ in range(d - width.v):  # one neuron from every kept head per round: equal widths
+                single = obs.single_costs()
+                obs.remove(np.array([h * d + int(np.argmin(single[h * d:(h + 1) * d])) for h in alive]))
+            heads = np.array(alive)
+            v = np.stack([np.flatnonzero(obs.alive[h * d:(h + 1) * d]) for h in heads])
+            return heads, v
+        scores = self._value_scores(block, equations, prior).reshape(block.heads, d)
+        heads = np.arange(block.heads)
+        if width.heads < block.heads:
+            heads = np.sort(np.argsort(-scores.sum(axis=1), kind="stable")[:width.heads])
+        v = np.sort(np.argsort(-scores[heads], axis=1, kind="stable")[:, :width.v], axis=1)
+        return heads, v
+
+    def _value_scores(self, block, equations: NormalEquations, prior: np.ndarray) -> np.ndarray:
+        """V neurons by the criterion: activation norm × outgoing weight norm (snp), redundancy of
+        the V columns (snp-paper), weight norm (l2) or random."""
+        width = block.heads * block.head_dim
+        if self.criterion == "random":
+            return self.rng.random(width)
+        w_v = output_weights(self.g, block.v, block.column_offsets[2], width)
+        if self.criterion == "l2":
+            return np.linalg.norm(w_v, axis=0)
+        if self.criterion == "snp-paper":
+            return redundancy(w_v)
+        return _activation_norms(equations) * np.linalg.norm(prior, axis=1)
+
+    # --- FFN ---------------------------------------------------------------------------------------
+    def _ffn_half(self, layer: Layer, half: _Half, batches: list[_Batch]) -> None:
+        block = layer.ffn
+        kept = self.widths.ffn[block.name]
+        self._targets(half, batches, [])
+        equations, cached = self._equations(half, batches, block.fc2.input, block.fc2.in_features,
+                                            block.fc2.out_features)
+        prior = input_weights(self.g, block.fc2)
+        if self.selection is Selection.OBS and self.criterion in ("snp", "snp-paper"):
+            obs = Obs(equations, prior, self.ridge or DEFAULT_RIDGE)
+            step = max(1, -(-(block.hidden - kept) // 32))  # at most 32 removal rounds
+            while obs.alive.sum() > kept:
+                count = min(step, int(obs.alive.sum()) - kept)
+                obs.remove(np.argsort(obs.single_costs(), kind="stable")[:count])
+            hidden = np.flatnonzero(obs.alive)
+        else:
+            scores = self._ffn_scores(block, equations, prior)
+            hidden = np.sort(np.argsort(-scores, kind="stable")[:kept])
+        refit = self._refit(f"{layer.name} (ffn)", equations, hidden, prior, block.fc2)
+        keep = FfnKeep(block, hidden)
+        self.weights.apply_ffn(keep, refit)
+        self.keeps_ffn.append(keep)
+        self.refits[block.fc2.node] = refit
+        self._finish(half, batches, block.fc2, cached)
+
+    def _ffn_scores(self, block, equations: NormalEquations, prior: np.ndarray) -> np.ndarray:
+        if self.criterion == "random":
+            return self.rng.random(block.hidden)
+        w_in = output_weights(self.g, block.fc1)
+        if self.criterion == "l2":
+            return np.linalg.norm(w_in, axis=0)
+        if self.criterion == "snp-paper":
+            return redundancy(w_in)
+        return _activation_norms(equations) * np.linalg.norm(prior, axis=1)
+
+    # --- refits ------------------------------------------------------------------------------------
+    def _equations(self, half: _Half, batches: list[_Batch], tensor: str, inputs: int, outputs: int
+                   ) -> tuple[NormalEquations, list[np.ndarray] | None]:
+        """Sums for refitting the layer reading `tensor`: its inputs in the pruned model against
+        target − pruned residual input. Also those inputs, batch by batch, where they fit in
+        CACHE_BYTES (the next stream is then computed from them, without running the half again)."""
+        equations = NormalEquations.empty(inputs, outputs, FOLDS)
+        cache: list[np.ndarray] | None = []
+        size = 0
+        for index, item in enumerate(batches):
+            x = self._half(half, item, index, item.pruned, self.weights.values, [tensor])[tensor]
+            y = item.target - item.pruned
+            equations.add(_tokens(x, item.samples, item.mask), _tokens(y, item.samples, item.mask), index)
+            size += x.nbytes
+            cache = cache + [x] if cache is not None and size <= CACHE_BYTES else None
+        return equations, cache
+
+    def _ridge_for(self, equations: NormalEquations, keep: np.ndarray, prior: np.ndarray) -> float:
+        return self.ridge if self.ridge is not None else choose_ridge(equations, keep, prior[keep])
+
+    def _refit(self, name: str, equations: NormalEquations, keep: np.ndarray, prior: np.ndarray, linear) -> Refit:
+        ridge = self._ridge_for(equations, keep, prior)
+        fit = solve(equations, keep, prior[keep], ridge)
+        xx, xy, yy = equations.total()
+        bias = self.g.constant(linear.bias).astype(np.float64).reshape(-1) if linear.bias is not None else None
+        sliced = loss(xx, xy, yy, keep, prior[keep], bias if bias is not None else np.zeros(xy.shape[1]))
+        energy = max(yy, 1e-30)
+        self.reports.append(HalfReport(name, int(equations.count), ridge, sliced / energy, fit.loss / energy))
+        if linear.bias is None:  # no bias to put the fitted intercept into: refit without one
+            fit = _solve_without_bias(equations, keep, prior[keep], ridge)
+        return Refit(fit.weight, fit.bias if linear.bias is not None else None)
+
+
+def _project_pairs(pairs: PairStatistics, kept: int) -> tuple[np.ndarray, np.ndarray]:
+    """Maps putting into each head's first `kept` Q/K positions the best rank-`kept`
+    approximation of its scores Q·Kᵀ: with upper-triangular Rq, Rk (RᵀR = the pooled Grams of
+    Q and K) and Rq·Rkᵀ = U Σ Vᵀ, q' = Q·Rq⁻¹·U_k·Σ_k^½ and k' = K·Rk⁻¹·V_k·Σ_k^½, so that
+    q'·k'ᵀ keeps the top `kept` singular directions of the scores on the calibration tokens."""
+    heads, d, _ = pairs.gram_q.shape
+    q_map, k_map = np.zeros((heads, d, kept)), np.zeros((heads, d, kept))
+    for h in range(heads):
+        roots = [_cholesky(gram).T for gram in (pairs.gram_q[h], pairs.gram_k[h])]
+        u, sigma, vt = np.linalg.svd(roots[0] @ roots[1].T)
+        root = np.sqrt(sigma[:kept])
+        q_map[h] = np.linalg.solve(roots[0], u[:, :kept] * root)
+        k_map[h] = np.linalg.solve(roots[1], vt[:kept].T * root)
+    return q_map, k_map
+
+
+def _project_values(block, equations: NormalEquations, prior: np.ndarray, heads: np.ndarray, kept: int
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each kept head's value path compressed to `kept` directions instead of `kept` of its
+    neurons: the best rank-`kept` approximation of context·W_out in the metric of the context's
+    Gram (L·Lᵀ): with Lᵀ·W_out = P Σ Qᵀ, the map is L⁻ᵀ·P_k and the output projection's rows
+    for it P_kᵀ·Lᵀ·W_out. Returns the kept positions, the maps, the transform of the output
+    projection's inputs [context, 1] into the new basis and its weights there (the refit's prior)."""
+    d = block.head_dim
+    n = block.heads * d
+    gram = centred_gram(equations)
+    transform = np.zeros((n + 1, n + 1))
+    transform[n, n] = 1.0
+    maps = np.zeros((len(heads), d, kept))
+    projected = np.zeros_like(prior)
+    for index, h in enumerate(heads):
+        rows = np.arange(h * d, (h + 1) * d)
+        lower = _cholesky(gram[np.ix_(rows, rows)])
+        left = np.linalg.svd(lower.T @ prior[rows], full_matrices=False)[0][:, :kept]
+        maps[index] = np.linalg.solve(lower.T, left)
+        transform[np.ix_(rows, rows[:kept])] = maps[index]
+        projected[rows[:kept]] = left.T @ lower.T @ prior[rows]
+    return np.tile(np.arange(kept), (len(heads), 1)), maps, transform, projected
+
+
+def _cholesky(gram: np.ndarray) -> np.ndarray:
+    """Lower L with L·Lᵀ = Gram, made positive definite by a little jitter where it is not (dead
+    neurons, fewer tokens than dimensions, rounding of float32 sums)."""
+    d = len(gram)
+    scale = max(float(np.trace(gram)) / d, 1e-30)
+    for jitter in (1e-6, 1e-4, 1e-2, 1.0):
+        try:
+            return np.linalg.cholesky(gram + jitter * scale * np.eye(d))
+        except np.linalg.LinAlgError:
+            continue
+    return np.sqrt(scale) * np.eye(d)
+
+
+def _solve_without_bias(equations: NormalEquations, keep: np.ndarray, prior: np.ndarray, ridge: float):
+    xx, xy, _ = equations.total()
+    gram, cross = xx[np.ix_(keep, keep)], xy[keep]
+    penalty = ridge * max(float(np.mean(np.diag(gram))), 1e-30)
+    weight = np.linalg.solve(gram + penalty * np.eye(len(keep)), cross + penalty * prior)
+    return Refit(weight, None)
+
+
+def _activation_norms(equations: NormalEquations) -> np.ndarray:
+    xx = equations.total()[0]
+    return np.sqrt(np.maximum(np.diag(xx)[:-1], 0.0))
+
+
+def _tokens(x: np.ndarray, samples: int, mask: np.ndarray | None) -> np.ndarray:
+    """(real tokens, features): padded positions left out."""
+    stacked = _as_tokens(x, samples)
+    if mask is not None and mask.shape == stacked.shape[:2]:
+        return stacked[mask > 0]
+    return stacked.reshape(-1, stacked.shape[-1])
