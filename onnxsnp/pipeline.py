@@ -96,10 +96,10 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
     if route is None:
         removed = _removed_layers(g, matches, ratios, fit_feed, batch, mask, options)
         widths = uniform_widths(matches, ratios, removed)
-        reconstructor = Reconstructor(g, matches, widths, options.criterion, options.selection, options.propagation,
+        reconstructor = Reconstructor(g, matches, options.criterion, options.selection, options.propagation,
                                       rescale_qk=options.rescale_qk, seed=options.seed, reduction=options.reduction)
-        reconstruction = reconstructor.run(fit_feed, fixed or RECONSTRUCTION_BATCH, mask,
-                                           _progress(2 * len(matches.layers), options.progress))
+        batches = reconstructor.prepare(fit_feed, fixed or RECONSTRUCTION_BATCH, mask)
+        reconstruction = reconstructor.run(batches, widths, _progress(2 * len(matches.layers), options.progress))
         del reconstructor
         plan = PrunePlan(reconstruction.attention, reconstruction.ffn, reconstruction.scale_values,
                          tuple(matches.layers[i] for i in widths.removed_layers), refits=reconstruction.refits)

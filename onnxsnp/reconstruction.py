@@ -162,12 +162,12 @@ def _shape_value(node, shape: tuple[int, ...]) -> np.ndarray:
 class Reconstructor:
     """Runs the reconstruction over calibration batches (see the module docstring)."""
 
-    def __init__(self, g: ModelGraph, matches: Matches, widths: Widths, criterion: str = "snp",
+    def __init__(self, g: ModelGraph, matches: Matches, criterion: str = "snp",
                  selection: Selection = Selection.OBS, propagation: Propagation = Propagation.SEQUENTIAL,
                  ridge: float | None = None, rescale_qk: bool = True, seed: int = 0,
                  reduction: Reduction = Reduction.PROJECT):
         self.reduction = reduction
-        self.g, self.matches, self.widths = g, matches, widths
+        self.g, self.matches = g, matches
         self.criterion, self.selection, self.propagation = criterion, selection, propagation
         self.ridge, self.rescale_qk = ridge, rescale_qk
         self.rng = np.random.default_rng(seed)
@@ -198,8 +198,8 @@ class Reconstructor:
         return self._run(half.runner, item, index, {half.residual: stream}, weights, tensors)
 
     # --- the whole job -------------------------------------------------------------------------
-    def run(self, feed: dict[str, np.ndarray], batch: int, mask_name: str | None,
-            progress: Callable[[str], None] = lambda _: None) -> Reconstruction:
+    def prepare(self, feed: dict[str, np.ndarray], batch: int, mask_name: str | None) -> list[_Batch]:
+        """The calibration batches with the first block's input (the embeddings run once)."""
         first = self.halves[0][0]
         streams = [h.residual for pair in self.halves for h in pair]
         # side tensors made before the first block (with the first stream) are captured once
@@ -222,7 +222,13 @@ class Reconstructor:
             item.pruned = item.original
             self.shapes[(first.residual, len(batches))] = item.original.shape
             batches.append(item)
-        removed = set(self.widths.removed_layers)
+        return batches
+
+    def run(self, batches: list[_Batch], widths: Widths, progress: Callable[[str], None] = lambda _: None
+            ) -> Reconstruction:
+        """Prune and refit block by block to `widths` (the batches' streams move on as it goes)."""
+        self.widths = widths
+        removed = set(widths.removed_layers)
         for index, (layer, (attention, ffn)) in enumerate(zip(self.matches.layers, self.halves)):
             progress(layer.name)
             if index in removed:  # the pruned model skips the block; the blocks after make up for it
@@ -234,7 +240,7 @@ class Reconstructor:
             self._ffn_half(layer, ffn, batches)
         tokens = sum(len(_tokens(b.original, b.samples, b.mask)) for b in batches)
         return Reconstruction(tuple(self.keeps_attention), tuple(self.keeps_ffn), dict(self.refits),
-                              dict(self.scale_values), tuple(self.reports), total, tokens)
+                              dict(self.scale_values), tuple(self.reports), sum(b.samples for b in batches), tokens)
 
     def _advance_original(self, half: _Half, batches: list[_Batch]) -> None:
         end = half.segment.outputs[0]

@@ -1,0 +1,189 @@
+"""How much each block loses per unit removed: the measured curves a global allocation reads.
+
+One pass of the original model over (a subset of) the calibration samples, half-block by
+half-block as in the reconstruction, gives for every block the loss left after its refit as a
+function of what it keeps — all in one unit, the squared error added to the residual stream
+relative to the stream's energy there (post-norm blocks: that block's pre-norm sum, which the
+norm divides by; pre-norm blocks: the last block's output, which the final norm divides by,
+because an error added to a pre-norm stream stays in it):
+
+- Q/K pairs per head: the scores' singular values give the error of keeping k projected
+  directions exactly in score units; one measured run at half width converts them into the
+  refitted sublayer's output error;
+- V neurons per head: the refit's loss after projecting every head onto k directions;
+- heads: the refit's loss after removing heads greedily (structured OBS on groups);
+- FFN neurons: the refit's loss along the OBS removal path;
+- the whole block: the energy of what it adds to the stream.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .importance import PairStatistics, input_weights, query_key, query_key_tensors
+from .least_squares import DEFAULT_RIDGE, NormalEquations, Obs, solve
+from .plan import AttentionKeep
+from .reconstruction import Reconstructor, _Batch, _cholesky, _project_pairs, _project_values, _tokens
+
+CURVE_STEPS = 16  # points measured along each curve (between them the loss is interpolated)
+
+
+@dataclass(frozen=True)
+class Curve:
+    """Relative loss by units kept: `loss[i]` when `kept[i]` remain (kept ascending, last = all)."""
+
+    kept: np.ndarray
+    loss: np.ndarray
+
+    def at(self, kept: float) -> float:
+        return float(np.interp(kept, self.kept, self.loss))
+
+
+@dataclass(frozen=True)
+class LayerSensitivity:
+    name: str
+    qk: Curve  # by Q/K pairs kept per head
+    v: Curve  # by V neurons kept per head
+    heads: Curve  # by heads kept
+    ffn: Curve  # by FFN neurons kept
+    block: float  # removing the whole block
+
+
+def survey(reconstructor: Reconstructor, batches: list[_Batch], samples: int) -> list[LayerSensitivity]:
+    """The curves of every transformer block, on the first `samples` samples of `batches`."""
+    chosen, count = [], 0
+    for item in batches:
+        if count >= samples:
+            break
+        chosen.append(_Batch(item.inputs, item.samples, item.mask, original=item.original, pruned=item.original))
+        count += item.samples
+    layers = reconstructor.matches.layers
+    results, energies = [], []
+    for layer, (attention, ffn) in zip(layers, reconstructor.halves):
+        attention_part = _attention(reconstructor, layer, attention, chosen)
+        start = [item.original for item in chosen]
+        ffn_part = _ffn(reconstructor, layer, ffn, chosen)
+        block = sum(float(np.square(_tokens(item.original - before, item.samples, item.mask),
+                                    dtype=np.float64).sum()) for item, before in zip(chosen, start))
+        # the attention half's own change is part of the block's too
+        block += attention_part[-1]
+        energies.append((attention_part[-2], ffn_part[-1]))
+        results.append((layer, attention_part, ffn_part, block))
+    final = energies[-1][1]
+    curves = []
+    for (layer, (qk, v, heads, energy_attention, _), (ffn_curve, energy_ffn), block) in results:
+        scale_attention = 1.0 / max(energy_attention if layer.norm == "post" else final, 1e-30)
+        scale_ffn = 1.0 / max(energy_ffn if layer.norm == "post" else final, 1e-30)
+        curves.append(LayerSensitivity(layer.name, _scaled(qk, scale_attention), _scaled(v, scale_attention),
+                                       _scaled(heads, scale_attention), _scaled(ffn_curve, scale_ffn),
+                                       block * scale_ffn))
+    return curves
+
+
+def _scaled(curve: Curve, factor: float) -> Curve:
+    return Curve(curve.kept, curve.loss * factor)
+
+
+def _attention(r: Reconstructor, layer, half, batches: list[_Batch]):
+    block = layer.attention
+    d, heads = block.head_dim, block.heads
+    pairs = PairStatistics.empty(heads, d)
+    equations = NormalEquations.empty(block.out.in_features, block.out.out_features)
+    branches: list[np.ndarray] = []
+    energy = [0.0]
+    starts = [item.original for item in batches]
+
+    def collect(index: int, item: _Batch, values: dict[str, np.ndarray]) -> None:
+        q, k = query_key(r.g, block, values, item.samples)
+        pairs.add(q, k, item.mask)
+        branch = values[half.branch]
+        equations.add(_tokens(values[block.out.input], item.samples, item.mask),
+                      _tokens(branch, item.samples, item.mask), index)
+        energy[0] += float(np.square(_tokens(item.target, item.samples, item.mask), dtype=np.float64).sum())
+        branches.append(branch)
+
+    r._targets(half, batches, query_key_tensors(block) + [block.out.input], collect)
+    prior = input_weights(r.g, block.out)
+    every = np.arange(heads)
+
+    # Q/K: exact score error of k projected directions, converted by one measured run at half width
+    score_error = np.zeros(d + 1)
+    for h in range(heads):
+        roots = [_cholesky(g).T for g in (pairs.gram_q[h], pairs.gram_k[h])]
+        sigma2 = np.linalg.svd(roots[0] @ roots[1].T, compute_uv=False) ** 2
+        score_error += np.r_[np.cumsum(sigma2[::-1])[::-1], 0.0]
+    half_width = max(1, d // 2)
+    q_map, k_map = _project_pairs(pairs, half_width)
+    trial = AttentionKeep(block, np.tile(np.arange(half_width), (heads, 1)), np.tile(np.arange(d), (heads, 1)),
+                          every, q_map, k_map)
+    saved = dict(r.weights.values)
+    r.weights.apply_attention(trial)
+    measured = NormalEquations.empty(block.out.in_features, block.out.out_features)
+    for index, (item, start, branch) in enumerate(zip(batches, starts, branches)):
+        values = r._half(half, item, index, start, r.weights.values, [block.out.input])
+        measured.add(_tokens(values[block.out.input], item.samples, item.mask),
+                     _tokens(branch, item.samples, item.mask), index)
+    r.weights.values = saved
+    refit_loss = solve(measured, np.arange(block.out.in_features), prior, DEFAULT_RIDGE).loss
+    factor = refit_loss / max(score_error[half_width], 1e-30)
+    qk = Curve(np.arange(d + 1, dtype=float), score_error * factor)
+
+    # V: the refit's loss after projecting each head onto k directions
+    points = _points(d)
+    v_loss = []
+    for kept in points:
+        if kept == d:
+            v_loss.append(0.0)
+            continue
+        rows, _, transform, projected = _project_values(block, equations, prior, every, kept)
+        v_loss.append(solve(equations.transformed(transform), (rows + np.arange(heads)[:, None] * d).reshape(-1),
+                            projected[(rows + np.arange(heads)[:, None] * d).reshape(-1)], DEFAULT_RIDGE).loss)
+    v = Curve(points.astype(float), np.maximum(np.array(v_loss) - 0.0, 0.0))
+
+    # heads: group OBS
+    obs = Obs(equations, prior, DEFAULT_RIDGE)
+    alive, head_loss = list(range(heads)), [0.0]
+    while len(alive) > 1:
+        costs = obs.costs([np.arange(h * d, (h + 1) * d) for h in alive])
+        best = int(np.argmin(costs))
+        obs.remove(np.arange(alive[best] * d, (alive[best] + 1) * d))
+        alive.pop(best)
+        head_loss.append(obs.removed_loss)
+    head_curve = Curve(np.arange(1, heads + 1, dtype=float), np.array(head_loss[::-1]))
+    return qk, v, head_curve, energy[0], _half_change(batches, starts)
+
+
+def _ffn(r: Reconstructor, layer, half, batches: list[_Batch]):
+    block = layer.ffn
+    equations = NormalEquations.empty(block.fc2.in_features, block.fc2.out_features)
+    energy = [0.0]
+
+    def collect(index: int, item: _Batch, values: dict[str, np.ndarray]) -> None:
+        equations.add(_tokens(values[block.fc2.input], item.samples, item.mask),
+                      _tokens(values[half.branch], item.samples, item.mask), index)
+        energy[0] += float(np.square(_tokens(item.target, item.samples, item.mask), dtype=np.float64).sum())
+
+    r._targets(half, batches, [block.fc2.input], collect)
+    obs = Obs(equations, input_weights(r.g, block.fc2), DEFAULT_RIDGE)
+    hidden = block.hidden
+    kept, losses = [hidden], [0.0]
+    step = max(1, hidden // (2 * CURVE_STEPS))
+    while obs.alive.sum() > step:
+        obs.remove(np.argsort(obs.single_costs(), kind="stable")[:step])
+        kept.append(int(obs.alive.sum()))
+        losses.append(obs.removed_loss)
+    return Curve(np.array(kept[::-1], dtype=float), np.array(losses[::-1])), energy[0]
+
+
+def _points(width: int) -> np.ndarray:
+    """Kept counts where a curve is measured: every count for narrow groups, CURVE_STEPS otherwise."""
+    if width <= CURVE_STEPS:
+        return np.arange(1, width + 1)
+    return np.unique(np.linspace(1, width, CURVE_STEPS).round().astype(int))
+
+
+def _half_change(batches: list[_Batch], starts: list[np.ndarray]) -> float:
+    """Σ‖stream after − stream before‖² of a half-block (on the tokens that count)."""
+    return sum(float(np.square(_tokens(item.original - start, item.samples, item.mask), dtype=np.float64).sum())
+               for item, start in zip(batches, starts))
