@@ -1,0 +1,166 @@
+"""The match stage's vocabulary: what a match holds and what a failed match says.
+
+Every fact later stages need about a block ends up in one of these dataclasses; a candidate
+that does not fit raises `NoMatch` with a reason that names the node (shown by `inspect`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class NoMatch(Exception):
+    """A candidate that does not fit; the message says why (shown by `inspect`)."""
+
+
+@dataclass(frozen=True)
+class Linear:
+    """y = x·W (+ b): a MatMul with a constant weight plus an optional bias Add, or a Gemm."""
+
+    node: str  # the MatMul or Gemm
+    weight: str  # weight tensor as the node reads it (maybe an Identity output)
+    weight_index: int
+    transposed: bool  # weight stored as [out, in] (Gemm transB=1)
+    bias_node: str | None  # the Add (or the Gemm itself)
+    bias: str | None
+    bias_index: int
+    input: str
+    output: str | None  # after the bias; None where the projection happens inside a fused op
+    in_features: int
+    out_features: int
+
+
+@dataclass(frozen=True)
+class ShapeEdit:
+    """A Reshape target-shape entry that holds a pruned width and must follow it."""
+
+    reshape: str
+    width: str  # "qk"/"v": per-head Q/K or V width; "qk_merged"/"v_merged": heads × that width; "heads"
+    position: int = -1  # which entry, counted from the end
+
+
+@dataclass(frozen=True)
+class FrozenScale:
+    """A scalar Mul/Div between a projection and the softmax. A run-time one (computed from q's
+    shape) is frozen to its original value when Q/K widths change; a `constant` one is fixed at
+    export. Either may carry the factor that puts the scale in standard form (rewriting)."""
+
+    node: str
+    input_index: int
+    tensor: str
+    constant: bool = False
+
+
+@dataclass(frozen=True)
+class FusedQkv:
+    """One [D, 3D] projection reshaped to (…, 3, H, d), permuted and split into q, k, v."""
+
+    reshape: str  # the (…, 3, H, d) Reshape
+    parts: tuple[str, str, str]  # the tensors holding q, k, v per head, shape (B, H, N, d)
+    perm: tuple[int, ...]  # the 5-D permutation
+
+
+@dataclass
+class AttentionBlock:
+    name: str
+    form: str  # "separate" (q/k/v Linear each), "fused-qkv", or "ort-attention" (com.microsoft.Attention)
+    heads: int
+    head_dim: int
+    q: Linear
+    k: Linear
+    v: Linear
+    out: Linear
+    anchor: str  # the Softmax, or the Attention op that holds the whole core
+    column_offsets: tuple[int, int, int] = (0, 0, 0)  # where q, k, v start in a fused weight
+    fused: FusedQkv | None = None
+    shape_edits: list[ShapeEdit] = field(default_factory=list)
+    frozen_scales: list[FrozenScale] = field(default_factory=list)
+    constant_scales: list[FrozenScale] = field(default_factory=list)  # fixed ones on the Q·Kᵀ path
+    attention_op: str | None = None  # an ONNX Attention node whose scale must be pinned
+    scale: float | None = None  # that op's original softmax scale
+    packed_bias: str | None = None  # com.microsoft.MultiHeadAttention's [q | k | v] bias input
+    heads_fixed: str | None = None  # why whole heads cannot be removed here, if they cannot
+    core_nodes: tuple[str, str] = ("", "")  # the nodes computing Q·Kᵀ and attn·V (an attention op: twice)
+
+    @property
+    def v_input(self) -> str:
+        """The out projection's input: attn·V with heads merged, column h·d + j = V neuron j of head h."""
+        return self.out.input
+
+
+@dataclass
+class FfnBlock:
+    name: str
+    fc1: Linear
+    fc2: Linear
+    activation: str  # op types between fc1 and fc2, for display
+
+    @property
+    def hidden(self) -> int:
+        return self.fc1.out_features
+
+
+@dataclass
+class Skipped:
+    where: str
+    kind: str
+    reason: str
+
+
+@dataclass
+class Layer:
+    """A whole transformer block: attention and FFN joined to the residual stream, from the stream
+    tensor it reads to the one it writes. Removing it makes the output the input."""
+
+    name: str
+    attention: AttentionBlock
+    ffn: FfnBlock
+    input: str
+    output: str
+    norm: str  # "pre" (x + f(LN(x))) or "post" (LN(x + f(x)))
+
+
+@dataclass
+class Matches:
+    attention: list[AttentionBlock]
+    ffn: list[FfnBlock]
+    skipped: list[Skipped]
+    layers: list[Layer] = field(default_factory=list)
+
+
+def unique_names(blocks: list) -> None:
+    """Flat-named exports can give two blocks the same name; number the repeats."""
+    seen: dict[str, int] = {}
+    for block in blocks:
+        count = seen.get(block.name, 0)
+        seen[block.name] = count + 1
+        if count:
+            block.name = f"{block.name}#{count}"
+
+
+def block_name(node_name: str, linears: tuple[Linear, Linear]) -> str:
+    """The node's scope ("/blocks/blocks.0/attn/Softmax" → "blocks/blocks.0/attn"); for exporters
+    that name nodes flatly, the shared prefix of the two layers' parameter names."""
+    parts = [p for p in node_name.split("/") if p]
+    if len(parts) > 1:
+        return "/".join(parts[:-1])
+    first, second = ([t for t in (linear.bias, linear.weight) if t and "." in t] for linear in linears)
+    if first and second:
+        shared = []
+        for x, y in zip(first[0].split("."), second[0].split(".")):
+            if x != y:
+                break
+            shared.append(x)
+        if shared:
+            return ".".join(shared)
+    return node_name
+
+
+def common_scope(first: str, second: str) -> str:
+    """The shared leading path of two node names ("/blocks/blocks.0/mlp/fc1/MatMul", …)."""
+    a, b = [p for p in first.split("/") if p], [p for p in second.split("/") if p]
+    shared = []
+    for x, y in zip(a[:-1], b[:-1]):
+        if x != y:
+            break
+        shared.append(x)
+    return "/".join(shared)
