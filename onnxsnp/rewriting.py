@@ -73,6 +73,8 @@ class _Editor:
         if linear.bias is not None:
             bias_node = self.nodes[linear.bias_node]
             self.replace_input(bias_node, linear.bias_index, self.current(bias_node, linear.bias_index)[columns])
+        if linear.out_reshape is not None:
+            self.set_entry(linear.out_reshape, -1, len(columns))
 
     def set_weights(self, linear: Linear, weight: np.ndarray, bias: np.ndarray | None) -> None:
         """Replace a projection's weight (given [in, out]) and bias, keeping their dtypes."""
@@ -86,6 +88,8 @@ class _Editor:
 
     def keep_inputs(self, linear: Linear, rows: np.ndarray, refit=None) -> None:
         """Keep only input features `rows` of `linear` (weight rows), or put in refitted weights."""
+        if linear.in_reshape is not None:
+            self.set_entry(linear.in_reshape, -1, len(rows))
         if refit is not None:
             self.set_weights(linear, refit.weight, refit.bias)
             return
@@ -113,7 +117,7 @@ class _Editor:
         """Set entry `position` (counted from the end) of a Reshape's target shape to `value`."""
         node = self.nodes[reshape]
         shape = node.inputs[1]
-        constant = self.g.constant(shape.name)
+        constant = shape.values if isinstance(shape, gs.Constant) else self.g.constant(shape.name)
         if constant is not None:
             changed = constant.copy()
             changed[position] = value
@@ -140,6 +144,14 @@ class _Editor:
         out = self.variable(shape.name, np.int64)
         self.add_node("Concat", parts, [out], {"axis": 0})
         node.inputs[1] = out
+
+    def squeeze(self, tensor: gs.Tensor, axis: int) -> gs.Variable:
+        out = self.variable(tensor.name)
+        if self.graph.opset >= 13:
+            self.add_node("Squeeze", [tensor, self.constant("axes", np.array([axis], dtype=np.int64))], [out])
+        else:
+            self.add_node("Squeeze", [tensor], [out], {"axes": [axis]})
+        return out
 
     def slice(self, tensor: gs.Tensor, start: int, end: int) -> gs.Variable:
         out = self.variable(tensor.name, np.int64)
@@ -192,6 +204,7 @@ def rewrite(g: ModelGraph, plan: PrunePlan) -> onnx.ModelProto:
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     model = gs.export_onnx(graph, do_type_check=False)
     del model.graph.value_info[:]  # shapes recorded by the exporter are stale where widths changed
+    _keep_initializer_order(g.model, model)
     _copy_metadata(g.model, model)
     return model
 
@@ -251,9 +264,12 @@ def _standard_scale(editor: _Editor, block, dq: int, scale_values: dict[str, np.
         return 1.0
     carrier = scales[0]
     node = editor.nodes[carrier.node]
+    factor = math.sqrt(block.head_dim / dq)
+    if carrier.attribute is not None:  # a scale attribute multiplies (FusedMatMul's alpha)
+        node.attrs[carrier.attribute] = float(node.attrs[carrier.attribute]) * factor
+        return 1.0 / factor
     current = node.inputs[carrier.input_index]
     value = current.values if isinstance(current, gs.Constant) else editor.value(carrier.tensor)
-    factor = math.sqrt(block.head_dim / dq)
     moved = value * factor if node.op == "Mul" else value / factor
     node.inputs[carrier.input_index] = editor.constant(carrier.tensor, np.asarray(moved, dtype=value.dtype))
     return 1.0 / factor
@@ -325,14 +341,15 @@ def _correct_norm(editor: _Editor, name: str, scale: float, shift: float) -> Non
 
 def _prune_fused(editor: _Editor, keep: AttentionKeep, qk_columns: np.ndarray, v_columns: np.ndarray,
                  dq: int, dv: int) -> None:
-    """Slice the fused weight, then split it by width instead of by the (3, H, d) reshape, which
-    needs equal q/k/v widths; the old Reshape → Transpose → Split chain becomes dead."""
+    """Slice the fused weight, then split it by width instead of by the (…, 3, H, d) reshape, which
+    needs equal q/k/v widths: each piece is reshaped to (…, 1, H′, width), goes through the
+    Transposes that followed the reshape, loses the 3-axis where the selector dropped it, and
+    replaces the part the selector took. The old reshape and selectors become dead."""
     block = keep.block
     fused = block.fused
     assert fused is not None
     q_off, k_off, v_off = block.column_offsets
-    roles = sorted([(q_off, qk_columns, dq, fused.parts[0]), (k_off, qk_columns, dq, fused.parts[1]),
-                    (v_off, v_columns, dv, fused.parts[2])], key=lambda r: r[0])
+    roles = sorted([(q_off, qk_columns, dq, 0), (k_off, qk_columns, dq, 1), (v_off, v_columns, dv, 2)])
     columns = np.concatenate([offset + cols for offset, cols, _, _ in roles])
     editor.keep_outputs(block.q, columns)
     linear_out = editor.tensors[block.q.output]
@@ -344,15 +361,33 @@ def _prune_fused(editor: _Editor, keep: AttentionKeep, qk_columns: np.ndarray, v
     else:
         editor.add_node("Split", [linear_out], pieces, {"axis": -1, "split": sizes})
     reshape = editor.nodes[fused.reshape]
-    rank = len(fused.perm)
-    perm = [a if a < rank - 3 else a - 1 for a in fused.perm[1:]]
-    for piece, (_, _, width, part_tensor) in zip(pieces, roles):
-        shape = editor.shape_with_tail(reshape.inputs[1], 3, [len(keep.heads), width])
-        heads_split = editor.variable(f"{block.name}/heads")
-        editor.add_node("Reshape", [piece, shape], [heads_split])
-        per_head = editor.variable(f"{block.name}/per_head")
-        editor.add_node("Transpose", [heads_split], [per_head], {"perm": perm})
-        editor.reroute(part_tensor, per_head)
+    for piece, (_, _, width, part) in zip(pieces, roles):
+        shape = editor.shape_with_tail(reshape.inputs[1], 3, [1, len(keep.heads), width])
+        current = editor.variable(f"{block.name}/heads")
+        editor.add_node("Reshape", [piece, shape], [current])
+        for name in fused.replay:
+            node = editor.nodes[name]
+            moved = editor.variable(f"{block.name}/per_head")
+            editor.add_node(node.op, [current] + list(node.inputs[1:]), [moved], dict(node.attrs))
+            current = moved
+        if fused.dropped[part]:
+            current = editor.squeeze(current, fused.part_axis)
+        editor.reroute(fused.parts[part], current)
+
+
+def _keep_initializer_order(source: onnx.ModelProto, target: onnx.ModelProto) -> None:
+    """Initializers in their original order, new ones after: onnxruntime's extended optimizer
+    (1.32) fails to load some graphs it saved itself once their initializers are reordered
+    ("Attempt to replace the existing tensor"), as graphsurgeon's export does."""
+    order = {t.name: index for index, t in enumerate(source.graph.initializer)}
+    ranked = sorted(range(len(target.graph.initializer)),
+                    key=lambda i: (order.get(target.graph.initializer[i].name, len(order)), i))
+    if ranked != list(range(len(ranked))):
+        initializers = [target.graph.initializer[i] for i in ranked]
+        kept = onnx.GraphProto()
+        kept.initializer.extend(initializers)
+        del target.graph.initializer[:]
+        target.graph.initializer.extend(kept.initializer)
 
 
 def _copy_metadata(source: onnx.ModelProto, target: onnx.ModelProto) -> None:

@@ -21,7 +21,17 @@ FORMS = ([("vit", a, d, "legacy") for a, d in VIT_FORMS] + [("bert", a, d, "lega
          + [("bert", "eager", True, "ort-optimizer"), ("bert", "eager", False, "ort-optimizer"),
             ("bert", "eager", True, "ort-mha")]
          + [("vit", "sdpa", True, "legacy-fp16"), ("bert", "eager", True, "legacy-fp16")])
-FORM_IDS = [f"{f}-{a}-{'dynamic' if d else 'static'}-{e}" for f, a, d, e in FORMS]
+# graphs saved by onnxruntime's own session optimizer (SessionOptions.optimized_model_filepath)
+SESSION_FORMS = [(f, a, d, f"ort-session-{level}") for level in ("basic", "extended", "all")
+                 for f, a, d in (("vit", "sdpa", False), ("vit", "manual", True), ("bert", "sdpa", False),
+                                 ("bert", "eager", True))]
+
+
+def form_ids(forms: list[tuple]) -> list[str]:
+    return [f"{f}-{a}-{'dynamic' if d else 'static'}-{e}" for f, a, d, e in forms]
+
+
+FORM_IDS = form_ids(FORMS)
 
 
 def export(model, args: tuple, path: Path, inputs: list[str], outputs: list[str], axes: dict | None,
@@ -33,6 +43,10 @@ def export(model, args: tuple, path: Path, inputs: list[str], outputs: list[str]
     the ONNX Attention op). Dynamo writes .onnx.data."""
     from torch_models import export_legacy
 
+    if exporter.startswith("ort-session-"):  # legacy export, then onnxruntime's session optimizer
+        export_legacy(model, args, str(path), inputs, outputs, axes)
+        session_optimize(path, exporter.rsplit("-", 1)[1])
+        return
     if exporter in ("legacy", "ort-optimizer", "ort-mha", "legacy-fp16"):
         export_legacy(model, args, str(path), inputs, outputs, axes)
         if exporter == "legacy-fp16":  # fp16 weights, fp32 inputs and outputs
@@ -58,6 +72,22 @@ def export(model, args: tuple, path: Path, inputs: list[str], outputs: list[str]
     with torch.no_grad():
         torch.onnx.export(model, args, str(path), dynamo=True, input_names=inputs, output_names=outputs,
                           dynamic_shapes=shapes, opset_version=23 if exporter == "dynamo23" else None)
+
+
+def session_optimize(path: Path, level: str) -> None:
+    """Replace the model at `path` by the graph onnxruntime's session optimizer saves at `level`
+    (basic, extended or all; "all" adds layout ops for this machine's CPU)."""
+    import onnxruntime as ort
+
+    levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    options = ort.SessionOptions()
+    options.graph_optimization_level = levels[level]
+    options.log_severity_level = 3  # "all" warns that its layout is specific to this machine
+    saved = path.with_name(path.stem + f"_{level}.onnx")
+    options.optimized_model_filepath = str(saved)
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    saved.replace(path)
 
 
 def export_vit(path: Path, attention: str, dynamic: bool, exporter: str = "legacy", depth: int = 2,
@@ -125,9 +155,14 @@ def feed_for(path: Path, batch: int, seq: int = 8, seed: int = 1) -> dict[str, n
     return feed
 
 
-def run(model, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+def run(model, feed: dict[str, np.ndarray], optimize: bool = True) -> list[np.ndarray]:
+    """The model's outputs on `feed`; `optimize=False` runs the graph as written (onnxruntime's
+    extended optimizer fails on some test-made copies of its own output: see oracle.unshare)."""
     import onnxruntime as ort
 
     data = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)  # a path keeps .data
-    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     return sess.run(None, feed)

@@ -73,6 +73,45 @@ def softmax_attention(scores_op: str = "MatMul") -> onnx.ModelProto:
     return b.model(b.linear(context, WIDTH, WIDTH))
 
 
+def fused_qkv(selector: str = "Split", split_first: bool = False) -> onnx.ModelProto:
+    """One [D, 3D] projection reshaped to (B, N, 3, H, d); q, k, v taken by `selector` (Split,
+    Slice or a scalar Gather) after the (3, B, H, N, d) transpose, or — `split_first`, as
+    onnxruntime's transpose optimizer leaves it — taken along axis 2 first and transposed after."""
+    b = Builder(opset=18)
+    qkv = b.linear("x", WIDTH, 3 * WIDTH)
+    heads = b.op("Reshape", [qkv, b.const(np.array([0, 0, 3, HEADS, HEAD_DIM], dtype=np.int64))])
+    perm = [2, 0, 3, 1, 4]
+    if split_first:
+        parts = b.op("Split", [heads, b.const(np.array([1, 1, 1], dtype=np.int64))], outputs=3, axis=2)
+        parts = [b.op("Squeeze", [b.op("Transpose", [p], perm=perm), b.const(np.array([0], dtype=np.int64))])
+                 for p in parts]
+    else:
+        moved = b.op("Transpose", [heads], perm=perm)
+        if selector == "Split":
+            parts = b.op("Split", [moved, b.const(np.array([1, 1, 1], dtype=np.int64))], outputs=3, axis=0)
+        elif selector == "Slice":
+            parts = [b.op("Slice", [moved, b.const(np.array([i], dtype=np.int64)), b.const(np.array([i + 1], dtype=np.int64)),
+                                    b.const(np.array([0], dtype=np.int64))]) for i in range(3)]
+        if selector != "Gather":
+            parts = [b.op("Squeeze", [p, b.const(np.array([0], dtype=np.int64))]) for p in parts]
+        else:
+            parts = [b.op("Gather", [moved, b.const(np.array(i, dtype=np.int64))], axis=0) for i in range(3)]
+    q, k, v = parts
+    scores = b.op("MatMul", [q, b.op("Transpose", [k], perm=[0, 1, 3, 2])])
+    probs = b.op("Softmax", [b.op("Mul", [scores, b.const(np.array(HEAD_DIM ** -0.5, dtype=np.float32))])], axis=-1)
+    context = b.merge_heads(b.op("MatMul", [probs, v]))
+    return b.model(b.linear(context, WIDTH, WIDTH))
+
+
+def fused_matmul_scores() -> onnx.ModelProto:
+    """Separate projections; the scores as com.microsoft.FusedMatMul(q, k, transB=1, alpha=1/√d)."""
+    b = Builder()
+    q, k, v = (b.split_heads(b.linear("x", WIDTH, WIDTH)) for _ in range(3))
+    scores = b.op("FusedMatMul", [q, k], domain="com.microsoft", transB=1, alpha=HEAD_DIM ** -0.5)
+    context = b.merge_heads(b.op("MatMul", [b.op("Softmax", [scores], axis=-1), v]))
+    return b.model(b.linear(context, WIDTH, WIDTH), ("com.microsoft",))
+
+
 def onnx_attention() -> onnx.ModelProto:
     """The ONNX Attention op (opset 23) on 4-D (B, H, N, d) inputs."""
     b = Builder(opset=23)

@@ -4,71 +4,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
 
 from conftest import FORM_IDS, FORMS, feed_for, run
-from onnxsnp.graph import ModelGraph
 from onnxsnp.importance import Ratios
-from onnxsnp.matching import find_blocks
-from onnxsnp.pipeline import make_plan
 from onnxsnp.rewriting import rewrite
-
-
-def plan_for(path, ratios: Ratios, criterion: str = "random"):
-    g = ModelGraph(onnx.load(str(path)))
-    return g, make_plan(g, find_blocks(g), ratios, criterion, feed_for(path, batch=2), batch=2, seed=3)
-
-
-def zeroed_original(g: ModelGraph, plan) -> onnx.ModelProto:
-    """The original model with the removed neurons' weights and biases set to zero."""
-    model = onnx.ModelProto()
-    model.CopyFrom(g.model)
-    edits: dict[str, np.ndarray] = {}
-
-    def zero_outputs(linear, columns):
-        for tensor, axis in ((linear.weight, 0 if linear.transposed else 1), (linear.bias, 0)):
-            if tensor is None:
-                continue
-            name = g.initializer_behind(tensor)
-            value = edits.get(name, g.constant(tensor).copy())
-            index = [slice(None)] * value.ndim
-            index[axis if value.ndim > 1 else 0] = columns
-            value[tuple(index)] = 0
-            edits[name] = value
-
-    for keep in plan.attention:
-        b = keep.block
-        width = b.heads * b.head_dim
-        removed_qk = np.setdiff1d(np.arange(width), keep.qk_columns())
-        removed_v = np.setdiff1d(np.arange(width), keep.v_columns())
-        zero_outputs(b.q, b.column_offsets[0] + removed_qk)
-        zero_outputs(b.k, b.column_offsets[1] + removed_qk)
-        zero_outputs(b.v, b.column_offsets[2] + removed_v)
-        if b.packed_bias is not None:  # MultiHeadAttention keeps the q/k/v biases in one input
-            name = g.initializer_behind(b.packed_bias)
-            value = edits.get(name, g.constant(b.packed_bias).copy())
-            value[np.concatenate([removed_qk, width + removed_qk, 2 * width + removed_v])] = 0
-            edits[name] = value
-    for keep in plan.ffn:
-        zero_outputs(keep.block.fc1, np.setdiff1d(np.arange(keep.block.hidden), keep.hidden))
-    for init in model.graph.initializer:
-        if init.name in edits:
-            init.CopyFrom(numpy_helper.from_array(edits[init.name], init.name))
-    return model
-
-
-def unshare(path, tmp_path):
-    """Copy of the model where every Identity-routed initializer is its own tensor (so zeroing
-    one reader's weights does not zero another's)."""
-    model = onnx.load(str(path))
-    g = ModelGraph(model)
-    for node in list(model.graph.node):
-        if node.op_type == "Identity" and g.initializer_behind(node.input[0]):
-            model.graph.initializer.append(numpy_helper.from_array(g.constant(node.input[0]), node.output[0]))
-            model.graph.node.remove(node)
-    out = tmp_path / "unshared.onnx"
-    onnx.save(model, str(out))
-    return out
+from oracle import plan_for, unshare, zeroed_original
 
 
 @pytest.mark.parametrize("family,attention,dynamic,exporter", FORMS, ids=FORM_IDS)

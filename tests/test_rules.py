@@ -6,11 +6,18 @@ import pytest
 
 import graphs
 from onnxsnp.graph import ModelGraph
+from onnxsnp.importance import Ratios
 from onnxsnp.matching import find_blocks
 from onnxsnp.matching.rules import ATTENTION_RULES
+from onnxsnp.pipeline import make_plan
+from onnxsnp.rewriting import rewrite
+from oracle import zeroed_original
 
 FORMS = {"softmax": (graphs.softmax_attention, "separate"), "onnx-attention": (graphs.onnx_attention, "separate"),
-         "ort-attention": (graphs.ort_attention, "ort-attention"), "ort-mha": (graphs.ort_multi_head_attention, "ort-mha")}
+         "ort-attention": (graphs.ort_attention, "ort-attention"), "ort-mha": (graphs.ort_multi_head_attention, "ort-mha"),
+         "fused-matmul": (graphs.fused_matmul_scores, "separate"),
+         **{f"fused-{s.lower()}": (lambda s=s: graphs.fused_qkv(s), "fused-qkv") for s in ("Split", "Slice", "Gather")},
+         "fused-split-first": (lambda: graphs.fused_qkv(split_first=True), "fused-qkv")}
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -44,3 +51,31 @@ def test_a_failed_match_says_why():
     softmax.input[0] = "x"  # the softmax no longer reads Q·Kᵀ
     matches = find_blocks(ModelGraph(model))
     assert [(s.where, s.reason) for s in matches.skipped] == [(softmax.name, "no Q·Kᵀ MatMul before the softmax")]
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_each_form_prunes_like_zeroing(form):
+    """Q/K and V of different widths, and half of the heads gone: equal to zeroing them."""
+    model = FORMS[form][0]()
+    g = ModelGraph(model)
+    x = np.random.default_rng(0).standard_normal((4, graphs.TOKENS, graphs.WIDTH)).astype(np.float32)
+    plan = make_plan(g, find_blocks(g), Ratios(0.5, 0.25, 0.0, heads=0.5), "random", {"x": x}, batch=1, seed=3)
+    (keep,) = plan.attention
+    assert (len(keep.heads), keep.qk.shape[1], keep.v.shape[1]) == (1, 2, 3)
+    pruned = rewrite(g, plan)
+    for sample in x:
+        np.testing.assert_allclose(graphs.run(pruned, sample[None]), graphs.run(zeroed_original(g, plan), sample[None]),
+                                   atol=1e-5)
+
+
+def test_fused_matmul_scale_is_put_in_standard_form():
+    """FusedMatMul's alpha carries the scale: after Q/K pruning it holds 1/√d′ and q the rest."""
+    g = ModelGraph(graphs.fused_matmul_scores())
+    (block,) = find_blocks(g).attention
+    assert [(s.attribute, s.constant) for s in block.constant_scales] == [("alpha", True)]
+    x = np.random.default_rng(0).standard_normal((2, graphs.TOKENS, graphs.WIDTH)).astype(np.float32)
+    plan = make_plan(g, find_blocks(g), Ratios(0.5, 0.0, 0.0), "random", {"x": x}, batch=1, seed=3)
+    pruned = rewrite(g, plan)
+    (fused,) = [n for n in pruned.graph.node if n.op_type == "FusedMatMul"]
+    alpha = next(a.f for a in fused.attribute if a.name == "alpha")
+    assert alpha == pytest.approx((graphs.HEAD_DIM // 2) ** -0.5)

@@ -9,8 +9,9 @@ import onnx
 
 from ..graph import ModelGraph, attribute
 from .blocks import AttentionBlock, FrozenScale, FusedQkv, Linear, NoMatch, Skipped, block_name
-from .layout import head_layout, path_shape_edits, shape_entries, shape_source
+from .layout import FUSED, MERGED, SPLIT, path_shape_edits
 from .linear import linear_producing, linear_reading
+from .shapes import head_layout, shape_entries, shape_source
 
 # Ops that only move, reshape or select data between a projection and the score MatMul.
 _LAYOUT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Split", "Gather", "Slice"}
@@ -27,7 +28,8 @@ class _Trace:
     nodes: list[onnx.NodeProto]  # from the operand back to the projection (exclusive)
     scales: list[FrozenScale]
     part: int | None = None  # which of q/k/v a fused projection's selector took
-    part_tensor: str | None = None  # the selected tensor, shape (B, H, N, d)
+    part_tensor: str | None = None  # the selector's output on this path
+    selector: int | None = None  # the selector's index in `nodes`
 
 
 @dataclass
@@ -90,11 +92,14 @@ def assemble(g: ModelGraph, core: AttentionCore) -> AttentionBlock:
     block.constant_scales = [scale for scale in scales if scale.constant]
     for scale in block.frozen_scales:
         _check_frozen_scale(g, scale, region, block.head_dim)
-    heads_split = core.heads is None
     for trace, kind in zip(traces, ("qk", "qk", "v")):
-        forward = list(reversed(_after_part(trace) if block.fused else trace.nodes))
-        block.shape_edits += path_shape_edits(g, forward, kind, block, region, split=block.fused is not None)
-    block.shape_edits += path_shape_edits(g, merge_path, "v", block, region, split=heads_split)
+        if block.fused is not None:  # from the (…, 3, H, d) reshape on: it is replaced, so not edited
+            reshape = next(i for i, n in enumerate(trace.nodes) if n.name == block.fused.reshape)
+            forward, start = list(reversed(trace.nodes[:reshape])), FUSED
+        else:
+            forward, start = list(reversed(trace.nodes)), MERGED
+        block.shape_edits += path_shape_edits(g, forward, kind, block, region, start)
+    block.shape_edits += path_shape_edits(g, merge_path, "v", block, region, SPLIT if core.heads is None else MERGED)
     return block
 
 
@@ -112,6 +117,7 @@ def _check_private(g: ModelGraph, region: set[str], core: AttentionCore, traces:
                    merge: list[onnx.NodeProto], out: Linear) -> None:
     """Pruning changes every tensor of the region: nothing outside the block may read one."""
     inside = set(core.nodes) | {n.name for t in traces for n in t.nodes} | {n.name for n in merge} | {out.node}
+    inside |= {n.name for n in g.consumers_of(out.input) if n.op_type == "Reshape"}  # flattening its tokens
     outputs = set(g.graph_outputs)
     for tensor in region:
         if tensor in outputs:
@@ -144,14 +150,6 @@ def _check_frozen_scale(g: ModelGraph, scale: FrozenScale, region: set[str], hea
         frontier += [t for t in node.input if t]
 
 
-def _after_part(trace: _Trace) -> list[onnx.NodeProto]:
-    """The nodes between a fused projection's selected part and the score/attn·V MatMul."""
-    for index, node in enumerate(trace.nodes):
-        if trace.part_tensor in node.output:
-            return trace.nodes[:index]
-    return trace.nodes
-
-
 def is_scalar(g: ModelGraph, tensor: str) -> bool:
     value = g.constant(tensor)
     if value is not None:
@@ -165,10 +163,11 @@ def _trace_to_linear(g: ModelGraph, tensor: str) -> _Trace:
     scales: list[FrozenScale] = []
     part: int | None = None
     part_tensor: str | None = None
+    selector: int | None = None
     for _ in range(16):
         linear = linear_producing(g, tensor)
         if linear is not None:
-            return _Trace(linear, nodes, scales, part, part_tensor)
+            return _Trace(linear, nodes, scales, part, part_tensor, selector)
         node = g.producer_of(tensor)
         if node is None:
             raise NoMatch(f"{tensor} does not come from a projection with constant weights")
@@ -185,8 +184,7 @@ def _trace_to_linear(g: ModelGraph, tensor: str) -> _Trace:
         if node.op_type in ("Split", "Gather", "Slice"):
             if part is not None:
                 raise NoMatch(f"two selections on the way to the projection ({node.name})")
-            part = _selected_part(g, node, tensor)
-            part_tensor = nodes[-1].output[0] if nodes and nodes[-1].op_type == "Squeeze" else tensor
+            part, part_tensor, selector = _selected_part(g, node, tensor), tensor, len(nodes)
         nodes.append(node)
         tensor = node.input[0]
     raise NoMatch("projection not found within 16 ops")
@@ -248,33 +246,32 @@ def _separate_block(g: ModelGraph, name: str, core: AttentionCore, q: _Trace, k:
 
 def _fused_block(g: ModelGraph, name: str, anchor: onnx.NodeProto, q: _Trace, k: _Trace, v: _Trace,
                  out: Linear) -> AttentionBlock:
+    """One projection for q, k and v: reshaped to (…, 3, H, d) (maybe permuted after), then one
+    part taken by a Split, Slice or Gather along the 3-axis for each of q, k and v."""
     if sorted(p for p in (q.part, k.part, v.part) if p is not None) != [0, 1, 2]:
         raise NoMatch("fused projection: cannot tell which part is q, k and v")
-    # The shared prefix: Linear → Reshape(…, 3, H, d) → Transpose(3-axis first) → selector.
-    shared = q.nodes[-2:]
-    if [n.op_type for n in shared] != ["Transpose", "Reshape"] or [n.name for n in k.nodes[-2:]] != [n.name for n in shared] \
-            or [n.name for n in v.nodes[-2:]] != [n.name for n in shared]:
-        raise NoMatch("fused projection is not Reshape(…, 3, H, d) → Transpose → split")
-    transpose, reshape = shared
-    perm = tuple(attribute(transpose, "perm", []))
-    rank = len(perm)
-    if rank < 3 or perm[0] != rank - 3:
-        raise NoMatch("fused projection: the q/k/v axis is not moved first")
+    shared = [[n.name for n in t.nodes[t.selector + 1:]] for t in (q, k, v)]
+    if shared[0] != shared[1] or shared[0] != shared[2]:
+        raise NoMatch("q, k and v are not taken from one reshaped fused projection")
+    before = list(reversed(q.nodes[q.selector + 1:]))  # from the projection to the selectors
+    if not before or before[0].op_type != "Reshape":
+        raise NoMatch("fused projection is not reshaped to (…, 3, H, d) before q, k and v are taken apart")
+    reshape, replay = before[0], before[1:]
+    if any(n.op_type not in ("Transpose", "Identity") for n in replay):
+        raise NoMatch(f"fused projection: {[n.op_type for n in replay]} between its reshape and the split")
     entries = shape_entries(g, reshape.input[1])
-    if entries is None or len(entries) != rank or entries[-3] != 3:
+    if entries is None or len(entries) < 3 or entries[-3] != 3:
         raise NoMatch("fused projection is not reshaped to (…, 3, H, d)")
     heads, dim = head_layout(g, reshape, q.linear.out_features // 3)
-    for trace in (q, k, v):
-        if trace.part_tensor is None or len(trace.nodes) < 3:
-            raise NoMatch("fused projection: selected part not found")
-        # only the selector (and its Squeeze) may sit between the Transpose and the part
-        between = trace.nodes[:-2]
-        if any(n.op_type not in ("Split", "Gather", "Slice", "Squeeze", "Mul", "Div", "Transpose", "Reshape",
-                                 "Identity") for n in between):
-            raise NoMatch(f"unexpected op after the fused q/k/v split: {[n.op_type for n in between]}")
-    parts = {q.part: q.part_tensor, k.part: k.part_tensor, v.part: v.part_tensor}
+    axis = len(entries) - 3  # the 3-axis, followed through the Transposes to the selectors
+    for node in replay:
+        if node.op_type == "Transpose":
+            axis = list(attribute(node, "perm", [])).index(axis)
+    parts = {t.part: t for t in (q, k, v)}
     width = heads * dim
-    fused = FusedQkv(reshape.name, (parts[q.part], parts[k.part], parts[v.part]), perm)
+    fused = FusedQkv(reshape.name, tuple(parts[i].part_tensor for i in range(3)), tuple(n.name for n in replay), axis,
+                     tuple(parts[i].nodes[parts[i].selector].op_type == "Gather" and
+                           g.constant(parts[i].nodes[parts[i].selector].input[1]).ndim == 0 for i in range(3)))
     return AttentionBlock(name, "fused-qkv", heads, dim, q.linear, k.linear, v.linear, out, anchor.name,
                           (q.part * width, k.part * width, v.part * width), fused)
 

@@ -16,7 +16,7 @@ class NoMatch(Exception):
 class Linear:
     """y = x·W (+ b): a MatMul with a constant weight plus an optional bias Add, or a Gemm."""
 
-    node: str  # the MatMul or Gemm
+    node: str  # the MatMul, Gemm or FusedMatMul
     weight: str  # weight tensor as the node reads it (maybe an Identity output)
     weight_index: int
     transposed: bool  # weight stored as [out, in] (Gemm transB=1)
@@ -27,6 +27,8 @@ class Linear:
     output: str | None  # after the bias; None where the projection happens inside a fused op
     in_features: int
     out_features: int
+    in_reshape: str | None = None  # a Reshape flattening the tokens before a 2-D product: last entry = in_features
+    out_reshape: str | None = None  # one restoring them after it: last entry = out_features
 
 
 @dataclass(frozen=True)
@@ -48,15 +50,21 @@ class FrozenScale:
     input_index: int
     tensor: str
     constant: bool = False
+    attribute: str | None = None  # the scale is this attribute of `node` (FusedMatMul's alpha), not an input
 
 
 @dataclass(frozen=True)
 class FusedQkv:
-    """One [D, 3D] projection reshaped to (…, 3, H, d), permuted and split into q, k, v."""
+    """One [D, 3D] projection reshaped to (…, 3, H, d), maybe permuted, and q, k, v each taken by a
+    Split, Slice or Gather along the 3-axis. The rewrite splits the sliced projection by width,
+    reshapes each piece to (…, 1, H′, d′) and replays the permutation, so that it replaces the
+    selected part (Q/K and V widths may then differ)."""
 
     reshape: str  # the (…, 3, H, d) Reshape
-    parts: tuple[str, str, str]  # the tensors holding q, k, v per head, shape (B, H, N, d)
-    perm: tuple[int, ...]  # the 5-D permutation
+    parts: tuple[str, str, str]  # the tensors the selectors give for q, k, v
+    replay: tuple[str, ...] = ()  # the nodes (Transposes) between the reshape and the selectors
+    part_axis: int = 0  # the 3-axis at the selectors' input
+    dropped: tuple[bool, bool, bool] = (False, False, False)  # the selector (a scalar Gather) drops that axis
 
 
 @dataclass

@@ -177,9 +177,14 @@ def _score_matmul(g: ModelGraph, tensor: str, frozen: list[FrozenScale], depth: 
     node = g.producer_of(tensor)
     if node is None or depth > 6:
         return None
-    if node.op_type == "MatMul":
+    if node.op_type in ("MatMul", "FusedMatMul"):
         if g.is_constant(node.input[0]) or g.is_constant(node.input[1]):
             return None
+        if node.op_type == "FusedMatMul":  # onnxruntime's MatMul with kᵀ (transB) and the scale (alpha) inside
+            if any(attribute(node, a, 0) for a in ("transA", "transBatchA", "transBatchB")):
+                return None
+            if attribute(node, "alpha", 1.0) != 1.0:
+                frozen.append(FrozenScale(node.name, -1, node.output[0], constant=True, attribute="alpha"))
         return node
     if node.op_type in SCALE_OPS:
         scale = node.input[1]

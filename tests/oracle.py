@@ -1,0 +1,84 @@
+"""The test oracle: a pruned model must equal the original with the removed neurons zeroed."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from conftest import feed_for
+from onnxsnp.graph import ModelGraph
+from onnxsnp.importance import Ratios
+from onnxsnp.matching import find_blocks
+from onnxsnp.pipeline import make_plan
+
+
+def plan_for(path, ratios: Ratios, criterion: str = "random"):
+    g = ModelGraph(onnx.load(str(path)))
+    return g, make_plan(g, find_blocks(g), ratios, criterion, feed_for(path, batch=2), batch=2, seed=3)
+
+
+def zeroed_original(g: ModelGraph, plan) -> onnx.ModelProto:
+    """The original model with the removed neurons' weights and biases set to zero."""
+    model = onnx.ModelProto()
+    model.CopyFrom(g.model)
+    edits: dict[str, np.ndarray] = {}
+
+    def zero_outputs(linear, columns):
+        for tensor, axis in ((linear.weight, 0 if linear.transposed else 1), (linear.bias, 0)):
+            if tensor is None:
+                continue
+            name = g.initializer_behind(tensor)
+            value = edits.get(name, g.constant(tensor).copy())
+            index = [slice(None)] * value.ndim
+            index[axis if value.ndim > 1 else 0] = columns
+            value[tuple(index)] = 0
+            edits[name] = value
+
+    for keep in plan.attention:
+        b = keep.block
+        width = b.heads * b.head_dim
+        removed_qk = np.setdiff1d(np.arange(width), keep.qk_columns())
+        removed_v = np.setdiff1d(np.arange(width), keep.v_columns())
+        zero_outputs(b.q, b.column_offsets[0] + removed_qk)
+        zero_outputs(b.k, b.column_offsets[1] + removed_qk)
+        zero_outputs(b.v, b.column_offsets[2] + removed_v)
+        if b.packed_bias is not None:  # MultiHeadAttention keeps the q/k/v biases in one input
+            name = g.initializer_behind(b.packed_bias)
+            value = edits.get(name, g.constant(b.packed_bias).copy())
+            value[np.concatenate([removed_qk, width + removed_qk, 2 * width + removed_v])] = 0
+            edits[name] = value
+    for keep in plan.ffn:
+        zero_outputs(keep.block.fc1, np.setdiff1d(np.arange(keep.block.hidden), keep.hidden))
+    for init in model.graph.initializer:
+        if init.name in edits:
+            init.CopyFrom(numpy_helper.from_array(edits[init.name], init.name))
+    return model
+
+
+def unshare(path, tmp_path):
+    """Copy of the model where every float initializer has one reader: Identity-routed ones become
+    their own tensors, and one that several nodes read (optimizers de-duplicate equal tensors) is
+    copied per reader, so that zeroing one reader's weights does not zero another's. (onnxruntime's
+    extended optimizer refuses some such copies of its own output — "Attempt to replace the existing
+    tensor" — so the session-optimized forms run the oracle unoptimized.)"""
+    model = onnx.load(str(path))
+    g = ModelGraph(model)
+    for node in list(model.graph.node):
+        if node.op_type == "Identity" and g.initializer_behind(node.input[0]):
+            model.graph.initializer.append(numpy_helper.from_array(g.constant(node.input[0]), node.output[0]))
+            model.graph.node.remove(node)
+    initializers = {t.name: t for t in model.graph.initializer}
+    read = set()
+    for node in model.graph.node:
+        for index, name in enumerate(node.input):
+            tensor = initializers.get(name)
+            if name in read and tensor is not None and tensor.data_type in (1, 10) and np.prod(tensor.dims) > 1:
+                copy = onnx.TensorProto()
+                copy.CopyFrom(tensor)
+                copy.name = f"{name}__{node.name}_{index}"
+                model.graph.initializer.append(copy)
+                node.input[index] = copy.name
+            read.add(name)
+    out = tmp_path / "unshared.onnx"
+    onnx.save(model, str(out))
+    return out
