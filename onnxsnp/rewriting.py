@@ -8,6 +8,7 @@ graphsurgeon's cleanup at the end.
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import onnx
@@ -16,6 +17,7 @@ import onnx_graphsurgeon as gs
 from .graph import ModelGraph
 from .importance import AttentionKeep, PrunePlan
 from .matching import Linear
+from .quantized import chain_behind, requantized, rescaled, sliced
 from .residual import ResidualStream
 
 
@@ -25,6 +27,7 @@ class _Editor:
         self.graph = graph
         self.nodes = {n.name: n for n in graph.nodes}
         self.tensors = graph.tensors()
+        self.known: dict[str, np.ndarray] = {}  # values of the dequantizing chains this rewrite wrote
         self._count = 0
 
     def unique(self, base: str) -> str:
@@ -36,7 +39,8 @@ class _Editor:
         return name
 
     def constant(self, base: str, values: np.ndarray) -> gs.Constant:
-        tensor = gs.Constant(self.unique(base), np.ascontiguousarray(values))
+        values = np.asarray(values)  # (np.ascontiguousarray would turn a scalar into shape (1,))
+        tensor = gs.Constant(self.unique(base), values if values.flags.c_contiguous else values.copy())
         self.tensors[tensor.name] = tensor
         return tensor
 
@@ -59,20 +63,60 @@ class _Editor:
     def current(self, node: gs.Node, index: int) -> np.ndarray:
         """The value a node input holds now: edits made earlier in this rewrite included."""
         tensor = node.inputs[index]
+        if tensor.name in self.known:
+            return self.known[tensor.name]
         return tensor.values if isinstance(tensor, gs.Constant) else self.value(tensor.name)
 
     def replace_input(self, node: gs.Node, index: int, values: np.ndarray) -> None:
         node.inputs[index] = self.constant(node.inputs[index].name, values)
 
+    def take(self, node: gs.Node, index: int, keep: np.ndarray, axis: int) -> None:
+        """Keep only indices `keep` along `axis` of a constant input; a quantized weight is sliced
+        in its integer form, with its per-channel scale and zero point (quantized.py)."""
+        chain = None if isinstance(node.inputs[index], gs.Constant) else chain_behind(node.inputs[index])
+        if chain is None:
+            self.replace_input(node, index, np.take(self.current(node, index), keep, axis))
+            return
+        kept = np.take(self.current(node, index), keep, axis)
+        node.inputs[index] = sliced(chain, axis, keep, self)
+        self.known[node.inputs[index].name] = kept
+
+    def scale_along(self, node: gs.Node, index: int, columns: np.ndarray, factors: np.ndarray, axis: int,
+                    exact_only: bool = False) -> bool:
+        """Multiply indices `columns` along `axis` of a constant input by `factors`. A quantized
+        weight takes them on its scale where that is exact, else (unless `exact_only`) is
+        quantized again. Returns whether it was done."""
+        values = self.current(node, index).copy()
+        view = np.moveaxis(values, axis, 0)
+        view[columns] *= factors.reshape((-1,) + (1,) * (view.ndim - 1)).astype(values.dtype)
+        chain = None if isinstance(node.inputs[index], gs.Constant) else chain_behind(node.inputs[index])
+        if chain is None:
+            self.replace_input(node, index, values)
+            return True
+        exact = rescaled(chain, axis, columns, factors, self)
+        if exact is None and exact_only:
+            return False
+        if exact is None:
+            self.write(node, index, values)
+        else:
+            node.inputs[index], self.known[exact.name] = exact, values
+        return True
+
+    def write(self, node: gs.Node, index: int, values: np.ndarray) -> None:
+        """Give a constant input new values; a quantized weight is quantized again with its scheme."""
+        chain = None if isinstance(node.inputs[index], gs.Constant) else chain_behind(node.inputs[index])
+        written = None if chain is None else requantized(chain, values, self)
+        if written is None:
+            self.replace_input(node, index, values)
+            return
+        node.inputs[index], self.known[written[0].name] = written
+
     # --- linear layers -------------------------------------------------------------------
     def keep_outputs(self, linear: Linear, columns: np.ndarray) -> None:
         """Keep only output features `columns` of `linear` (weight columns and bias entries)."""
-        node = self.nodes[linear.node]
-        weight = self.current(node, linear.weight_index)
-        self.replace_input(node, linear.weight_index, weight[columns, :] if linear.transposed else weight[:, columns])
+        self.take(self.nodes[linear.node], linear.weight_index, columns, 0 if linear.transposed else 1)
         if linear.bias is not None:
-            bias_node = self.nodes[linear.bias_node]
-            self.replace_input(bias_node, linear.bias_index, self.current(bias_node, linear.bias_index)[columns])
+            self.take(self.nodes[linear.bias_node], linear.bias_index, columns, -1)
         if linear.out_reshape is not None:
             self.set_entry(linear.out_reshape, -1, len(columns))
 
@@ -80,11 +124,11 @@ class _Editor:
         """Replace a projection's weight (given [in, out]) and bias, keeping their dtypes."""
         node = self.nodes[linear.node]
         dtype = self.current(node, linear.weight_index).dtype
-        self.replace_input(node, linear.weight_index, (weight.T if linear.transposed else weight).astype(dtype))
+        self.write(node, linear.weight_index, (weight.T if linear.transposed else weight).astype(dtype))
         if bias is not None and linear.bias is not None:
             bias_node = self.nodes[linear.bias_node]
             current = self.current(bias_node, linear.bias_index)
-            self.replace_input(bias_node, linear.bias_index, bias.reshape(current.shape).astype(current.dtype))
+            self.write(bias_node, linear.bias_index, bias.reshape(current.shape).astype(current.dtype))
 
     def keep_inputs(self, linear: Linear, rows: np.ndarray, refit=None) -> None:
         """Keep only input features `rows` of `linear` (weight rows), or put in refitted weights."""
@@ -93,14 +137,11 @@ class _Editor:
         if refit is not None:
             self.set_weights(linear, refit.weight, refit.bias)
             return
-        node = self.nodes[linear.node]
-        weight = self.current(node, linear.weight_index)
-        self.replace_input(node, linear.weight_index, weight[:, rows] if linear.transposed else weight[rows, :])
+        self.take(self.nodes[linear.node], linear.weight_index, rows, 1 if linear.transposed else 0)
 
     def keep_last_axis(self, node_name: str, index: int, keep: np.ndarray) -> None:
         """Slice the last axis of a constant node input (LayerNorm scale, position embedding, …)."""
-        node = self.nodes[node_name]
-        self.replace_input(node, index, np.take(self.current(node, index), keep, axis=-1))
+        self.take(self.nodes[node_name], index, keep, -1)
 
     # --- shapes ----------------------------------------------------------------------------
     def shape_with_tail(self, shape: gs.Tensor, drop: int, tail: list[int]) -> gs.Tensor:
@@ -205,6 +246,7 @@ def rewrite(g: ModelGraph, plan: PrunePlan) -> onnx.ModelProto:
     model = gs.export_onnx(graph, do_type_check=False)
     del model.graph.value_info[:]  # shapes recorded by the exporter are stale where widths changed
     _keep_initializer_order(g.model, model)
+    _rename_generated_initializers(model)
     _copy_metadata(g.model, model)
     return model
 
@@ -220,9 +262,6 @@ def _prune_attention(editor: _Editor, keep: AttentionKeep, scale_values: dict[st
         editor.nodes[block.attention_op].attrs["scale"] = float(block.scale)
     for scale in block.frozen_scales if dq != block.head_dim else ():  # only Q/K width moves these
         editor.nodes[scale.node].inputs[scale.input_index] = editor.constant(scale.tensor, scale_values[scale.tensor])
-    q_factor = 1.0
-    if dq != block.head_dim and block.attention_op is None:
-        q_factor = _standard_scale(editor, block, dq, scale_values)
     if block.form == "ort-attention":
         width = block.heads * block.head_dim
         editor.keep_outputs(block.q, np.concatenate([qk_columns, width + qk_columns, 2 * width + v_columns]))
@@ -239,9 +278,17 @@ def _prune_attention(editor: _Editor, keep: AttentionKeep, scale_values: dict[st
     else:
         _prune_fused(editor, keep, qk_columns, v_columns, dq, dv)
     editor.keep_inputs(block.out, v_columns, refits.get(block.out.node))
-    if block.name in qk_scales or q_factor != 1.0:
-        factors = qk_scales.get(block.name, np.ones((heads, dq)))
-        _scale_q(editor, keep, np.asarray(factors, dtype=np.float64) * q_factor)
+    factors = np.asarray(qk_scales.get(block.name, np.ones((heads, dq))), dtype=np.float64)
+    scales = block.frozen_scales + block.constant_scales
+    if block.q_fixed is not None:
+        qk_scales = {}
+    elif dq != block.head_dim and block.attention_op is None and scales:
+        # standard form where q can take sqrt(d'/d) exactly (a quantized q may not)
+        if _scale_q(editor, keep, factors * math.sqrt(dq / block.head_dim), exact_only=True):
+            _standard_scale(editor, scales[0], math.sqrt(block.head_dim / dq))
+            qk_scales = {}
+    if block.name in qk_scales:
+        _scale_q(editor, keep, factors)
     if block.attention_op is not None:  # ops that carry the head count as an attribute
         attrs = editor.nodes[block.attention_op].attrs
         for name in ("num_heads", "q_num_heads", "kv_num_heads"):
@@ -252,31 +299,25 @@ def _prune_attention(editor: _Editor, keep: AttentionKeep, scale_values: dict[st
         editor.set_entry(edit.reshape, edit.position, new_width[edit.width])
 
 
-def _standard_scale(editor: _Editor, block, dq: int, scale_values: dict[str, np.ndarray]) -> float:
-    """Keep the scores, but in the standard form for the new head width: the scales on the
-    Q·Kᵀ path get a factor sqrt(d/d') (they multiplied to 1/sqrt(d), now 1/sqrt(d')) and q
-    gets sqrt(d'/d), so q·k times the scale is what it was. A graph written this way stays
-    right under tools that assume scale = 1/sqrt(head width) when they fuse attention (the
-    onnxruntime transformers optimizer does, and would silently change the scores otherwise).
-    Returns the factor for q (1 where no scale is there to carry it)."""
-    scales = block.frozen_scales + block.constant_scales
-    if not scales:
-        return 1.0
-    carrier = scales[0]
+def _standard_scale(editor: _Editor, carrier, factor: float) -> None:
+    """Keep the scores, but in the standard form for the new head width: the scale on the Q·Kᵀ
+    path gets a factor sqrt(d/d') (the scales multiplied to 1/sqrt(d), now 1/sqrt(d')) while q
+    gets sqrt(d'/d) (the caller), so q·k times the scale is what it was. A graph written this way
+    stays right under tools that assume scale = 1/sqrt(head width) when they fuse attention (the
+    onnxruntime transformers optimizer does, and would silently change the scores otherwise)."""
     node = editor.nodes[carrier.node]
-    factor = math.sqrt(block.head_dim / dq)
     if carrier.attribute is not None:  # a scale attribute multiplies (FusedMatMul's alpha)
         node.attrs[carrier.attribute] = float(node.attrs[carrier.attribute]) * factor
-        return 1.0 / factor
+        return
     current = node.inputs[carrier.input_index]
     value = current.values if isinstance(current, gs.Constant) else editor.value(carrier.tensor)
     moved = value * factor if node.op == "Mul" else value / factor
     node.inputs[carrier.input_index] = editor.constant(carrier.tensor, np.asarray(moved, dtype=value.dtype))
-    return 1.0 / factor
 
 
-def _scale_q(editor: _Editor, keep: AttentionKeep, scales: np.ndarray) -> None:
-    """Multiply the kept q columns (weight and bias) by their least-squares factors."""
+def _scale_q(editor: _Editor, keep: AttentionKeep, scales: np.ndarray, exact_only: bool = False) -> bool:
+    """Multiply the kept q columns (weight and bias) by their factors; with `exact_only`, only
+    where a quantized weight can take them exactly (else nothing is changed and False returned)."""
     block = keep.block
     factors = scales.reshape(-1)
     offset = 0  # where q's columns start in the (already sliced) weight
@@ -286,20 +327,14 @@ def _scale_q(editor: _Editor, keep: AttentionKeep, scales: np.ndarray) -> None:
                      for off in block.column_offsets[1:] if off < q_off)
     columns = np.arange(offset, offset + len(factors))
     node = editor.nodes[block.q.node]
-    weight = editor.current(node, block.q.weight_index).copy()
-    if block.q.transposed:
-        weight[columns] *= factors[:, None].astype(weight.dtype)
-    else:
-        weight[:, columns] *= factors.astype(weight.dtype)
-    editor.replace_input(node, block.q.weight_index, weight)
+    if not editor.scale_along(node, block.q.weight_index, columns, factors, 0 if block.q.transposed else 1, exact_only):
+        return False
     biases = [(block.q.bias_node, block.q.bias_index)] if block.q.bias is not None else []
     if block.packed_bias is not None:  # MultiHeadAttention: q is the first part of its bias input
         biases.append((block.attention_op, 3))
     for name, index in biases:
-        bias_node = editor.nodes[name]
-        bias = editor.current(bias_node, index).copy()
-        bias[columns] *= factors.astype(bias.dtype)
-        editor.replace_input(bias_node, index, bias)
+        editor.scale_along(editor.nodes[name], index, columns, factors, -1)
+    return True
 
 
 def _pin_merge_widths(editor: _Editor, keep: AttentionKeep) -> None:
@@ -319,9 +354,9 @@ def _prune_stream(editor: _Editor, stream: ResidualStream, keep: np.ndarray) -> 
         editor.keep_last_axis(node, index, keep)
     for name in stream.convs:
         conv = editor.nodes[name]
-        editor.replace_input(conv, 1, editor.current(conv, 1)[keep])
+        editor.take(conv, 1, keep, 0)
         if len(conv.inputs) > 2 and conv.inputs[2] is not None and conv.inputs[2].name:
-            editor.replace_input(conv, 2, editor.current(conv, 2)[keep])
+            editor.take(conv, 2, keep, 0)
     for reshape in stream.channel_entries:
         editor.set_entry(reshape, -2, len(keep))
 
@@ -331,10 +366,10 @@ def _correct_norm(editor: _Editor, name: str, scale: float, shift: float) -> Non
     node = editor.nodes[name]
     gamma = editor.current(node, 1)
     beta = editor.current(node, 2) if len(node.inputs) > 2 and node.inputs[2].name else np.zeros_like(gamma)
-    editor.replace_input(node, 1, (gamma * scale).astype(gamma.dtype))
+    editor.write(node, 1, (gamma * scale).astype(gamma.dtype))
     new_beta = (beta + gamma * shift).astype(gamma.dtype)
     if len(node.inputs) > 2 and node.inputs[2].name:
-        editor.replace_input(node, 2, new_beta)
+        editor.write(node, 2, new_beta)
     else:
         node.inputs.append(editor.constant(f"{name}/bias", new_beta))
 
@@ -388,6 +423,25 @@ def _keep_initializer_order(source: onnx.ModelProto, target: onnx.ModelProto) ->
         kept.initializer.extend(initializers)
         del target.graph.initializer[:]
         target.graph.initializer.extend(kept.initializer)
+
+
+# Names onnxruntime's optimizer generates (Graph::GenerateNodeArgName: base, base_token_N): it
+# checks them against the graph's node args only, so when an earlier pass orphans an initializer
+# of such a name, MatMulAddFusion can generate it again and fails to load the model ("Attempt to
+# replace the existing tensor"). Pruning opens new passes on graphs onnxruntime saved itself.
+_GENERATED = re.compile(r"(_token_\d+|^gemm_(input|output)_shape)$")
+
+
+def _rename_generated_initializers(model: onnx.ModelProto) -> None:
+    renamed = {t.name: f"{t.name}__snp" for t in model.graph.initializer if _GENERATED.search(t.name)}
+    if not renamed:
+        return
+    for tensor in model.graph.initializer:
+        tensor.name = renamed.get(tensor.name, tensor.name)
+    for node in model.graph.node:
+        for index, name in enumerate(node.input):
+            if name in renamed:
+                node.input[index] = renamed[name]
 
 
 def _copy_metadata(source: onnx.ModelProto, target: onnx.ModelProto) -> None:

@@ -19,7 +19,9 @@ _SKIP_NORMS = {"SkipLayerNormalization", "SkipSimplifiedLayerNormalization"}
 def stand_ins(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> list[onnx.NodeProto] | None:
     """Standard nodes with the output shapes of contrib `node`; None to keep `node` as it is.
     `shapes` holds the dims of the initializers (the weights of fused ops)."""
-    if node.domain not in ("com.microsoft", "com.microsoft.nchwc"):
+    if node.domain in ("", "ai.onnx") and node.op_type in ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"):
+        pass  # onnxruntime registers these in the ONNX domain, where ONNX itself has no schema for them
+    elif node.domain not in ("com.microsoft", "com.microsoft.nchwc"):
         return None
     op, inputs, out = node.op_type, list(node.input), list(node.output)
     if op in _UNARY:  # element-wise, or a norm: the first input's shape (plus a broadcast bias)

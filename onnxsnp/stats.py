@@ -21,11 +21,14 @@ class ModelStats:
 
 
 def count_params(model: onnx.ModelProto) -> int:
-    """Floating-point weights (initializers and Constant nodes); int shape constants excluded."""
+    """Floating-point weights (initializers and Constant nodes) and quantized ones (integer
+    initializers read by DequantizeLinear or a Cast); int shape constants excluded."""
     total = 0
     float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+    dequantized = {n.input[0] for n in model.graph.node if n.op_type in ("DequantizeLinear", "Cast") and n.input}
     for tensor in model.graph.initializer:
-        if tensor.data_type in float_types:
+        if tensor.data_type in float_types or tensor.name in dequantized and tensor.data_type in (
+                onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
             total += int(np.prod(tensor.dims, dtype=np.int64))
     for node in model.graph.node:
         if node.op_type == "Constant":

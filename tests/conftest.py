@@ -26,6 +26,13 @@ SESSION_FORMS = [(f, a, d, f"ort-session-{level}") for level in ("basic", "exten
                  for f, a, d in (("vit", "sdpa", False), ("vit", "manual", True), ("bert", "sdpa", False),
                                  ("bert", "eager", True))]
 
+# weight-only int8 models: DequantizeLinear or Cast → Mul, per tensor or per output channel
+INT8_FORMS = [(f, a, True, f"int8-{style}") for f, a in (("vit", "sdpa"), ("bert", "eager"))
+              for style in ("dq-tensor", "dq-channel", "cast-tensor", "cast-channel")]
+
+# DINOv2-shaped: written-out LayerNorm and LayerScale (tools/torch_models.py)
+NORM_FORMS = [("dinov2", "manual", True, "legacy"), ("dinov2", "sdpa", False, "legacy"), ("dinov2", "sdpa", True, "dynamo")]
+
 
 def form_ids(forms: list[tuple]) -> list[str]:
     return [f"{f}-{a}-{'dynamic' if d else 'static'}-{e}" for f, a, d, e in forms]
@@ -43,6 +50,13 @@ def export(model, args: tuple, path: Path, inputs: list[str], outputs: list[str]
     the ONNX Attention op). Dynamo writes .onnx.data."""
     from torch_models import export_legacy
 
+    if exporter.startswith("int8-"):  # legacy export, then its weights quantized (tests/quantize.py)
+        import onnx
+        from quantize import quantize_weights
+
+        export_legacy(model, args, str(path), inputs, outputs, axes)
+        onnx.save(quantize_weights(onnx.load(str(path)), exporter[len("int8-"):]), str(path))
+        return
     if exporter.startswith("ort-session-"):  # legacy export, then onnxruntime's session optimizer
         export_legacy(model, args, str(path), inputs, outputs, axes)
         session_optimize(path, exporter.rsplit("-", 1)[1])
@@ -102,6 +116,18 @@ def export_vit(path: Path, attention: str, dynamic: bool, exporter: str = "legac
     return path
 
 
+def export_dinov2(path: Path, attention: str, dynamic: bool, exporter: str = "legacy", depth: int = 2) -> Path:
+    """A DINOv2-shaped ViT: LayerNorms written out as arithmetic and LayerScale after each sub-block."""
+    from torch_models import DinoVisionTransformer
+
+    torch.manual_seed(0)
+    model = DinoVisionTransformer(img_size=32, patch_size=8, in_chans=3, num_classes=10, embed_dim=32, depth=depth,
+                                  num_heads=4, fused_attn=attention == "sdpa")
+    axes = {"pixel_values": {0: "batch"}, "logits": {0: "batch"}} if dynamic else None
+    export(model, (torch.randn(2, 3, 32, 32),), path, ["pixel_values"], ["logits"], axes, exporter)
+    return path
+
+
 def export_bert(path: Path, attention: str, dynamic: bool, exporter: str = "legacy", seed: int = 0) -> Path:
     from torch_models import HFEncoder, tiny_bert
 
@@ -132,7 +158,8 @@ def exported(tmp_path_factory):
         key = (family, attention, dynamic, exporter)
         if key not in cache:
             path = folder / f"{family}_{attention}_{'dyn' if dynamic else 'static'}_{exporter}.onnx"
-            cache[key] = (export_vit if family == "vit" else export_bert)(path, attention, dynamic, exporter)
+            make = {"vit": export_vit, "bert": export_bert, "dinov2": export_dinov2}[family]
+            cache[key] = make(path, attention, dynamic, exporter)
         return cache[key]
 
     return get

@@ -60,10 +60,15 @@ class Builder:
         return helper.make_model(graph, opset_imports=opsets)
 
 
-def softmax_attention(scores_op: str = "MatMul") -> onnx.ModelProto:
-    """Separate q/k/v projections, Softmax(q·kᵀ/√d)·v written out op by op."""
-    b = Builder()
+def softmax_attention(qdq: str | None = None) -> onnx.ModelProto:
+    """Separate q/k/v projections, Softmax(q·kᵀ/√d)·v written out op by op; `qdq` "tensor" or
+    "channel": q's activation quantized and dequantized on its way (uint8, per tensor or channel)."""
+    b = Builder(opset=13)
     q, k, v = (b.linear("x", WIDTH, WIDTH) for _ in range(3))
+    if qdq is not None:
+        shape = () if qdq == "tensor" else (WIDTH,)
+        scale, zero = b.const(np.full(shape, 0.02, np.float32)), b.const(np.full(shape, 128, np.uint8))
+        q = b.op("DequantizeLinear", [b.op("QuantizeLinear", [q, scale, zero], axis=-1), scale, zero], axis=-1)
     q, v = b.split_heads(q), b.split_heads(v)
     k = b.split_heads(k, perm=(0, 2, 3, 1))  # kᵀ
     scores = b.op("MatMul", [q, k])

@@ -18,7 +18,8 @@ def plan_for(path, ratios: Ratios, criterion: str = "random"):
 
 
 def zeroed_original(g: ModelGraph, plan) -> onnx.ModelProto:
-    """The original model with the removed neurons' weights and biases set to zero."""
+    """The original model with the removed neurons' weights and biases set to zero. A weight
+    computed from constants (a quantized one) is replaced by its float value, zeroed."""
     model = onnx.ModelProto()
     model.CopyFrom(g.model)
     edits: dict[str, np.ndarray] = {}
@@ -27,7 +28,7 @@ def zeroed_original(g: ModelGraph, plan) -> onnx.ModelProto:
         for tensor, axis in ((linear.weight, 0 if linear.transposed else 1), (linear.bias, 0)):
             if tensor is None:
                 continue
-            name = g.initializer_behind(tensor)
+            name = g.initializer_behind(tensor) or tensor
             value = edits.get(name, g.constant(tensor).copy())
             index = [slice(None)] * value.ndim
             index[axis if value.ndim > 1 else 0] = columns
@@ -51,7 +52,11 @@ def zeroed_original(g: ModelGraph, plan) -> onnx.ModelProto:
         zero_outputs(keep.block.fc1, np.setdiff1d(np.arange(keep.block.hidden), keep.hidden))
     for init in model.graph.initializer:
         if init.name in edits:
-            init.CopyFrom(numpy_helper.from_array(edits[init.name], init.name))
+            init.CopyFrom(numpy_helper.from_array(edits.pop(init.name), init.name))
+    for name, value in edits.items():  # computed weights: their producer gives way to the zeroed value
+        producer = next(n for n in model.graph.node if name in n.output)
+        model.graph.node.remove(producer)
+        model.graph.initializer.append(numpy_helper.from_array(value, name))
     return model
 
 

@@ -17,7 +17,8 @@ FORMS = {"softmax": (graphs.softmax_attention, "separate"), "onnx-attention": (g
          "ort-attention": (graphs.ort_attention, "ort-attention"), "ort-mha": (graphs.ort_multi_head_attention, "ort-mha"),
          "fused-matmul": (graphs.fused_matmul_scores, "separate"),
          **{f"fused-{s.lower()}": (lambda s=s: graphs.fused_qkv(s), "fused-qkv") for s in ("Split", "Slice", "Gather")},
-         "fused-split-first": (lambda: graphs.fused_qkv(split_first=True), "fused-qkv")}
+         "fused-split-first": (lambda: graphs.fused_qkv(split_first=True), "fused-qkv"),
+         "activation-qdq": (lambda: graphs.softmax_attention(qdq="tensor"), "separate")}
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -26,7 +27,7 @@ def test_each_rule_finds_its_form(form):
     model = make()
     graphs.run(model, np.zeros((1, graphs.TOKENS, graphs.WIDTH), np.float32))  # a valid graph
     matches = find_blocks(ModelGraph(model))
-    assert not matches.skipped
+    assert not [s for s in matches.skipped if s.kind != "block"]  # a lone attention is no whole block
     (block,) = matches.attention
     assert (block.form, block.heads, block.head_dim) == (kind, graphs.HEADS, graphs.HEAD_DIM)
     assert block.out.in_features == graphs.WIDTH
@@ -50,7 +51,7 @@ def test_a_failed_match_says_why():
     softmax = next(n for n in model.graph.node if n.op_type == "Softmax")
     softmax.input[0] = "x"  # the softmax no longer reads Q·Kᵀ
     matches = find_blocks(ModelGraph(model))
-    assert [(s.where, s.reason) for s in matches.skipped] == [(softmax.name, "no Q·Kᵀ MatMul before the softmax")]
+    assert [(s.where, s.reason) for s in matches.skipped if s.kind != "block"] == [(softmax.name, "no Q·Kᵀ MatMul before the softmax")]
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -79,3 +80,11 @@ def test_fused_matmul_scale_is_put_in_standard_form():
     (fused,) = [n for n in pruned.graph.node if n.op_type == "FusedMatMul"]
     alpha = next(a.f for a in fused.attribute if a.name == "alpha")
     assert alpha == pytest.approx((graphs.HEAD_DIM // 2) ** -0.5)
+
+
+def test_per_channel_activation_quantization_is_refused_by_name():
+    model = graphs.softmax_attention(qdq="channel")
+    matches = find_blocks(ModelGraph(model))
+    (skipped,) = [s for s in matches.skipped if s.kind != "block"]
+    dequantize = next(n.name for n in model.graph.node if n.op_type == "DequantizeLinear")
+    assert not matches.attention and skipped.reason == f"DequantizeLinear node {dequantize} quantizes activations per channel"

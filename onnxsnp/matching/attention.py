@@ -18,6 +18,17 @@ _LAYOUT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Spli
 
 
 SCALE_OPS = {"Mul", "Div"}
+_QDQ = ("QuantizeLinear", "DequantizeLinear")
+
+
+def activation_qdq(g: ModelGraph, node: onnx.NodeProto) -> bool:
+    """Is `node` a per-tensor QuantizeLinear/DequantizeLinear of an activation? Such a pair is
+    element-wise with one scale, so it passes like Identity; a per-channel one is refused by name."""
+    if node.op_type not in _QDQ or g.is_constant(node.input[0]):
+        return False  # a weight's DequantizeLinear is part of the (constant) weight
+    if any(g.constant(t) is None or g.constant(t).size != 1 for t in node.input[1:3] if t):
+        raise NoMatch(f"{node.op_type} node {node.name} quantizes activations per channel")
+    return True
 
 # --- attention --------------------------------------------------------------------------------
 @dataclass
@@ -92,6 +103,9 @@ def assemble(g: ModelGraph, core: AttentionCore) -> AttentionBlock:
     block.constant_scales = [scale for scale in scales if scale.constant]
     for scale in block.frozen_scales:
         _check_frozen_scale(g, scale, region, block.head_dim)
+    quantized = [n.name for n in (traces[0].nodes if traces else []) if n.op_type == "QuantizeLinear"]
+    if quantized:
+        block.q_fixed = f"q is quantized at {quantized[0]}: rescaling its columns would change the rounding"
     for trace, kind in zip(traces, ("qk", "qk", "v")):
         if block.fused is not None:  # from the (…, 3, H, d) reshape on: it is replaced, so not edited
             reshape = next(i for i, n in enumerate(trace.nodes) if n.name == block.fused.reshape)
@@ -179,7 +193,7 @@ def _trace_to_linear(g: ModelGraph, tensor: str) -> _Trace:
             nodes.append(node)
             tensor = data
             continue
-        if node.op_type not in _LAYOUT_OPS:
+        if node.op_type not in _LAYOUT_OPS and not activation_qdq(g, node):
             raise NoMatch(f"{node.op_type} node {node.name} between a projection and the scores")
         if node.op_type in ("Split", "Gather", "Slice"):
             if part is not None:
@@ -215,7 +229,8 @@ def _forward_to_linear(g: ModelGraph, tensor: str) -> tuple[Linear, list[onnx.No
             return linear, path
         consumers = g.consumers_of(tensor)
         consumers = [c for c in consumers if c.op_type != "Shape"]
-        if len(consumers) != 1 or consumers[0].op_type not in ("Transpose", "Reshape", "Identity"):
+        if len(consumers) != 1 or consumers[0].op_type not in ("Transpose", "Reshape", "Identity") and \
+                not activation_qdq(g, consumers[0]):
             break
         path.append(consumers[0])
         tensor = consumers[0].output[0]

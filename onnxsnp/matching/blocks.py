@@ -87,6 +87,7 @@ class AttentionBlock:
     scale: float | None = None  # that op's original softmax scale
     packed_bias: str | None = None  # com.microsoft.MultiHeadAttention's [q | k | v] bias input
     heads_fixed: str | None = None  # why whole heads cannot be removed here, if they cannot
+    q_fixed: str | None = None  # why q's columns cannot be rescaled exactly (no standard form, no Q/K rescale)
     core_nodes: tuple[str, str] = ("", "")  # the nodes computing Q·Kᵀ and attn·V (an attention op: twice)
 
     @property

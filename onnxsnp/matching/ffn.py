@@ -6,10 +6,12 @@ import onnx
 from ..graph import ModelGraph
 from .blocks import FfnBlock, Linear, NoMatch, Skipped, block_name, common_scope
 from .linear import bias_activation_fc1, linear_at, linear_producing
+from .norms import norm_writing
 
 # Element-wise ops of an FFN activation (GELU as Erf chain or op, ReLU, SiLU, tanh-GELU).
 _ACTIVATION_OPS = {"Div", "Mul", "Add", "Sub", "Erf", "Gelu", "Relu", "Sigmoid", "Tanh", "Pow",
-                   "Cast", "FastGelu", "BiasGelu", "HardSigmoid", "Softplus", "Identity"}
+                   "Cast", "FastGelu", "BiasGelu", "HardSigmoid", "Softplus", "Identity",
+                   "QuantizeLinear", "DequantizeLinear"}  # activation QDQ: per tensor (a per-channel one is refused)
 
 
 def match_ffns(g: ModelGraph, taken: set[str]) -> tuple[list[FfnBlock], list[Skipped]]:
@@ -38,8 +40,9 @@ def match_ffns(g: ModelGraph, taken: set[str]) -> tuple[list[FfnBlock], list[Ski
 
 
 def _looks_like_ffn(g: ModelGraph, fc2: Linear) -> bool:
+    """Worth listing as a skipped FFN: an element-wise op (not a written-out norm) before it."""
     producer = g.producer_of(fc2.input)
-    return producer is not None and producer.op_type in _ACTIVATION_OPS
+    return producer is not None and producer.op_type in _ACTIVATION_OPS and norm_writing(g, fc2.input) is None
 
 
 def _ffn_before(g: ModelGraph, fc2: Linear, taken: set[str]) -> FfnBlock | None:

@@ -17,7 +17,8 @@ from ..graph import ModelGraph, attribute
 from .blocks import AttentionBlock, NoMatch, ShapeEdit
 from .shapes import Entry, read_entries
 
-_PASS = ("Mul", "Div", "Identity", "Cast")  # element-wise: every axis stays where it is
+# element-wise: every axis stays where it is (activation QDQ is checked per tensor when traced)
+_PASS = ("Mul", "Div", "Identity", "Cast", "QuantizeLinear", "DequantizeLinear")
 _SELECTORS = ("Split", "Slice", "Gather")
 
 

@@ -11,7 +11,7 @@ import networkx as nx
 import onnx
 
 from ..graph import ModelGraph, attribute
-from .attention import SCALE_OPS, AttentionCore, assemble, drop_overlapping, is_scalar
+from .attention import SCALE_OPS, AttentionCore, activation_qdq, assemble, drop_overlapping, is_scalar
 from .blocks import AttentionBlock, FrozenScale, Linear, NoMatch, Skipped
 from .linear import matmul_linear
 
@@ -194,6 +194,8 @@ def _score_matmul(g: ModelGraph, tensor: str, frozen: list[FrozenScale], depth: 
         if found is not None:
             frozen.append(FrozenScale(node.name, 1, scale, constant=g.is_constant(scale)))
         return found
+    if activation_qdq(g, node):
+        return _score_matmul(g, node.input[0], frozen, depth + 1)
     if node.op_type in ("Add", "Where", "Cast"):
         # Add: scores + mask; Where: masked_fill. Follow whichever input leads to the MatMul.
         candidates = node.input[1:] if node.op_type == "Where" else node.input
@@ -214,7 +216,7 @@ def _probs_consumer(g: ModelGraph, probs: str) -> onnx.NodeProto:
         node = consumers[0]
         if node.op_type == "MatMul" and node.input[0] == probs:
             return node
-        if node.op_type not in _PROBS_PASS:
+        if node.op_type not in _PROBS_PASS and not activation_qdq(g, node):
             break
         probs = node.output[0]
     raise NoMatch("no attn·V MatMul after the softmax")
