@@ -172,17 +172,23 @@ def session(model: onnx.ModelProto, threads: int = 0, extra_outputs: Iterable[st
     re-parsing every weight for each session, leaves `model` untouched, and works the same for
     models above protobuf's 2 GB limit. `weights` may supply already decoded arrays (ModelGraph
     keeps them), which the session then shares instead of decoding its own copy."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 4  # failures are reported by onnxsnp, in one line
-    if threads:
-        options.intra_op_num_threads = threads
     graph_only, names, values = _without_weights(model, weights)
     existing = {o.name for o in graph_only.graph.output}
     graph_only.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in dict.fromkeys(extra_outputs)
                                    if t not in existing)
+    return light_session(graph_only, names, values, threads)
+
+
+def light_session(light: onnx.ModelProto, names: list[str], values: list[ort.OrtValue], threads: int = 0
+                  ) -> ort.InferenceSession:
+    """A session over a model whose larger weights are given apart (see `add_initializers`)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # failures are reported by onnxsnp, in one line
+    if threads:
+        options.intra_op_num_threads = threads
     if names:
         options.add_external_initializers(names, values)
-    sess = ort.InferenceSession(graph_only.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(light.SerializeToString(), options, providers=["CPUExecutionProvider"])
     sess._onnxsnp_weights = values  # onnxruntime reads these buffers for as long as the session lives
     return sess
 
@@ -198,11 +204,19 @@ def _without_weights(model: onnx.ModelProto, weights: Weights | None = None
     for field, value in model.graph.ListFields():
         if field.name != "initializer":
             _copy_field(light.graph, field, value)
+    names, values = add_initializers(light.graph, model.graph.initializer, weights)
+    return light, names, values
+
+
+def add_initializers(graph: onnx.GraphProto, tensors: Iterable[onnx.TensorProto], weights: Weights | None = None
+                     ) -> tuple[list[str], list[ort.OrtValue]]:
+    """Add `tensors` to `graph`: small ones copied, larger ones as stubs marked external whose
+    values are returned as OrtValues for `SessionOptions.add_external_initializers`."""
     names, values = [], []
-    for tensor in model.graph.initializer:
+    for tensor in tensors:
         if (tensor.data_type in _IN_MEMORY_TYPES and len(tensor.raw_data) >= _IN_MEMORY_MIN_BYTES
                 and tensor.data_location != onnx.TensorProto.EXTERNAL):
-            stub = light.graph.initializer.add()
+            stub = graph.initializer.add()
             stub.name, stub.data_type = tensor.name, tensor.data_type
             stub.dims.extend(tensor.dims)
             stub.data_location = onnx.TensorProto.EXTERNAL
@@ -213,8 +227,8 @@ def _without_weights(model: onnx.ModelProto, weights: Weights | None = None
                 value = numpy_helper.to_array(tensor)
             values.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)))
         else:
-            light.graph.initializer.add().CopyFrom(tensor)
-    return light, names, values
+            graph.initializer.add().CopyFrom(tensor)
+    return names, values
 
 
 def _copy_field(target, field, value) -> None:

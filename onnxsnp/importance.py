@@ -166,6 +166,73 @@ def _gram_roots(gram_q: np.ndarray, gram_k: np.ndarray,
 
 
 # --- accumulating scores over calibration batches ----------------------------------------------------
+@dataclass
+class PairStatistics:
+    """Per head, summed over calibration samples: SNP's pair scores, and the least-squares system
+    for rescaling kept pairs — gram = Σ (Q̂ᵀQ̂)∘(K̂ᵀK̂), cross = Σ_m [(Q̂ᵀQ)∘(K̂ᵀK)]_{·m} — where Q̂, K̂
+    are the pairs as the pruned model computes them and Q, K the original ones (the same, in a
+    one-shot pass). Each sample's scores are its own Q·Kᵀ, so the products are per sample."""
+
+    scores: np.ndarray  # (heads, d)
+    gram: np.ndarray  # (heads, d, d)
+    cross: np.ndarray  # (heads, d)
+    count: int
+    energy: float = DEFAULT_ENERGY
+
+    @classmethod
+    def empty(cls, heads: int, d: int, energy: float = DEFAULT_ENERGY) -> "PairStatistics":
+        return cls(np.zeros((heads, d)), np.zeros((heads, d, d)), np.zeros((heads, d)), 0, energy)
+
+    def add(self, q: np.ndarray, k: np.ndarray, token_mask: np.ndarray | None = None,
+            q_original: np.ndarray | None = None, k_original: np.ndarray | None = None) -> None:
+        """q, k: (samples, tokens, heads × d), as the pruned model computes them; the original
+        ones where they differ (the scores to reproduce)."""
+        heads, d = self.scores.shape
+        tensors = [q, k] + ([q_original, k_original] if q_original is not None else [])
+        if token_mask is not None and token_mask.shape[:2] == q.shape[:2]:
+            # padded tokens are not part of any real attention map; zero rows add nothing to a Gram
+            weights = (token_mask > 0)[..., None].astype(np.float32)
+            tensors = [t * weights for t in tensors]
+        # Grams in float32 (fp16 ones overflow; float64 products cost 7× more), factored in float64
+        stacks = [_per_head(t.astype(np.float32, copy=False), heads, d) for t in tensors]
+        gram_q = (np.swapaxes(stacks[0], -1, -2) @ stacks[0]).astype(np.float64)
+        gram_k = (np.swapaxes(stacks[1], -1, -2) @ stacks[1]).astype(np.float64)
+        samples = q.shape[0]
+        scores = pair_scores_from_grams(gram_q, gram_k, self.energy, (stacks[0], stacks[1]))
+        self.scores += scores.reshape(samples, heads, d).sum(axis=0)
+        self.gram += (gram_q * gram_k).reshape(samples, heads, d, d).sum(axis=0)
+        if q_original is None:
+            cross = (gram_q * gram_k).sum(axis=-1)
+        else:
+            cross_q = (np.swapaxes(stacks[0], -1, -2) @ stacks[2]).astype(np.float64)
+            cross_k = (np.swapaxes(stacks[1], -1, -2) @ stacks[3]).astype(np.float64)
+            cross = (cross_q * cross_k).sum(axis=-1)
+        self.cross += cross.reshape(samples, heads, d).sum(axis=0)
+        self.count += samples
+
+    def mean_scores(self) -> np.ndarray:
+        return self.scores / max(self.count, 1)
+
+    def rescales(self, keep: AttentionKeep, ridge: float) -> np.ndarray:
+        """A factor per kept pair, (kept heads, kept pairs): min_α ‖Σ_K α_n q̂_n k̂_nᵀ − Σ_all q_m k_mᵀ‖²
+        plus ridge·‖α − 1‖² (the ridge pulls towards the pairs as they are)."""
+        rows = []
+        for head, kept in zip(keep.heads, keep.qk):
+            system = self.gram[head][np.ix_(kept, kept)]
+            penalty = ridge * float(np.mean(np.diag(system)))
+            try:
+                rows.append(np.linalg.solve(system + penalty * np.eye(len(kept)), self.cross[head][kept] + penalty))
+            except np.linalg.LinAlgError:
+                rows.append(np.ones(len(kept)))
+        return np.array(rows)
+
+
+def _per_head(x: np.ndarray, heads: int, d: int) -> np.ndarray:
+    """(samples, tokens, heads·d) → (samples·heads, tokens, d)."""
+    samples, tokens = x.shape[:2]
+    return x.reshape(samples, tokens, heads, d).transpose(0, 2, 1, 3).reshape(-1, tokens, d)
+
+
 class Scorer:
     """Collects per-neuron statistics batch by batch, then turns them into a PrunePlan."""
 
@@ -178,10 +245,7 @@ class Scorer:
         self.matches = matches
         self.criterion = criterion
         self.energy = energy
-        self.qk_sum = {b.name: np.zeros((b.heads, b.head_dim)) for b in matches.attention}
-        self.qk_count = {b.name: 0 for b in matches.attention}
-        # Σ (QᵀQ) ∘ (KᵀK) per head: the least-squares system for rescaling kept Q/K pairs
-        self.qk_gram = {b.name: np.zeros((b.heads, b.head_dim, b.head_dim)) for b in matches.attention}
+        self.pairs = {b.name: PairStatistics.empty(b.heads, b.head_dim, energy) for b in matches.attention}
         self.sq_sum: dict[str, np.ndarray] = {}
         self.scale_values: dict[str, np.ndarray] = {}
         self.layer_change = np.zeros(len(matches.layers))  # Σ‖out − in‖² per transformer block
@@ -197,8 +261,7 @@ class Scorer:
         for block in self.matches.attention:
             wanted += [s.tensor for s in block.frozen_scales]
             if self.criterion in ("snp", "snp-paper"):
-                # a projection inside a fused op has no output tensor: capture its input instead
-                wanted += [block.q.output or block.q.input, block.k.output or block.k.input]
+                wanted += query_key_tensors(block)
             if self.criterion in ("snp", "snp-paper"):
                 wanted.append(block.v_input)  # V neurons (snp) and whole heads are scored by their output
         if self.criterion == "snp":
@@ -214,14 +277,7 @@ class Scorer:
             for scale in block.frozen_scales:
                 self.scale_values.setdefault(scale.tensor, np.array(acts[scale.tensor]))  # a copy: see Runner.batches
             if self.criterion in ("snp", "snp-paper"):
-                width = block.heads * block.head_dim
-                q_off, k_off, _ = block.column_offsets
-                q_act = self._projection(block.q, acts, samples, q_off, width)
-                k_act = self._projection(block.k, acts, samples, k_off, width)
-                if block.packed_bias is not None:  # biases added inside MultiHeadAttention
-                    bias = self.g.constant(block.packed_bias).astype(np.float64)
-                    q_act, k_act = q_act + bias[:width], k_act + bias[width:2 * width]
-                self._update_qk(block, q_act, k_act, token_mask)
+                self._update_qk(block, *query_key(self.g, block, acts, samples), token_mask)
             if self.criterion in ("snp", "snp-paper"):
                 self._update_sq(block.v_input, _as_tokens(acts[block.v_input], samples), token_mask)
         if self.criterion == "snp":
@@ -244,40 +300,9 @@ class Scorer:
                 self.layer_change[index] += ((after - before) ** 2).sum()
                 self.layer_input[index] += (before ** 2).sum()
 
-    def _projection(self, linear: Linear, acts: dict[str, np.ndarray], samples: int, offset: int,
-                    width: int) -> np.ndarray:
-        """Columns offset…offset+width of a projection's output, (samples, tokens, width)."""
-        if linear.output is not None:
-            return _as_tokens(acts[linear.output], samples)[..., offset:offset + width]
-        x = _as_tokens(acts[linear.input], samples).astype(np.float64)
-        result = x @ output_weights(self.g, linear, offset, width)
-        if linear.bias is not None:
-            result += self.g.constant(linear.bias).reshape(-1)[offset:offset + width]
-        return result
-
     def _update_qk(self, block: AttentionBlock, q_all: np.ndarray, k_all: np.ndarray,
                    token_mask: np.ndarray | None) -> None:
-        heads, d = block.heads, block.head_dim
-        samples = [slice(None)] if token_mask is None or token_mask.shape[:2] != q_all.shape[:2] else None
-        if samples is not None:
-            stacks = [(q_all, k_all)]
-        else:  # padded tokens are not part of any real attention map: score each sample on its own
-            stacks = [(q_all[b:b + 1, token_mask[b] > 0], k_all[b:b + 1, token_mask[b] > 0])
-                      for b in range(q_all.shape[0])]
-        for q_part, k_part in stacks:
-            if q_part.shape[1] == 0:
-                continue
-            # Grams in float32 (fp16 ones overflow; float64 products cost 7× more), factored in float64
-            q_part, k_part = q_part.astype(np.float32), k_part.astype(np.float32)
-            n_samples, tokens = q_part.shape[:2]
-            q_heads = q_part.reshape(n_samples, tokens, heads, d).transpose(0, 2, 1, 3).reshape(-1, tokens, d)
-            k_heads = k_part.reshape(n_samples, tokens, heads, d).transpose(0, 2, 1, 3).reshape(-1, tokens, d)
-            gram_q = (np.swapaxes(q_heads, -1, -2) @ q_heads).astype(np.float64)
-            gram_k = (np.swapaxes(k_heads, -1, -2) @ k_heads).astype(np.float64)
-            scores = pair_scores_from_grams(gram_q, gram_k, self.energy, (q_heads, k_heads))
-            self.qk_sum[block.name] += scores.reshape(n_samples, heads, d).sum(axis=0)
-            self.qk_gram[block.name] += (gram_q * gram_k).reshape(n_samples, heads, d, d).sum(axis=0)
-            self.qk_count[block.name] += n_samples
+        self.pairs[block.name].add(q_all, k_all, token_mask)
 
     def _update_sq(self, tensor: str, act: np.ndarray, token_mask: np.ndarray | None) -> None:
         tokens = act.astype(np.float32, copy=False)  # squares in float32, summed in float64
@@ -329,8 +354,8 @@ class Scorer:
                                                                                    ratios.align)])
         return PrunePlan(attention, ffn, dict(self.scale_values), removed,
                          self.stream if stream_keep is not None else None, stream_keep,
-                         qk_grams={k.block.name: self.qk_gram[k.block.name] for k in attention
-                                   if self.qk_count[k.block.name]})
+                         qk_grams={k.block.name: self.pairs[k.block.name].gram for k in attention
+                                   if self.pairs[k.block.name].count})
 
     def _channel_scores(self, rng: np.random.Generator) -> np.ndarray:
         """Residual channels (criterion random: random): "weights" (default) sums the norms of the
@@ -364,7 +389,7 @@ class Scorer:
         if self.criterion == "l2":
             qk = np.linalg.norm(w_q, axis=0) * np.linalg.norm(w_k, axis=0)
             return qk.reshape(shape), np.linalg.norm(w_v, axis=0).reshape(shape)
-        qk = self.qk_sum[block.name] / max(self.qk_count[block.name], 1)
+        qk = self.pairs[block.name].mean_scores()
         if self.criterion == "snp-paper":
             return qk, redundancy(w_v).reshape(shape)
         outgoing = np.linalg.norm(input_weights(self.g, block.out), axis=1)
@@ -394,6 +419,38 @@ class Scorer:
             return redundancy(w_in)
         outgoing = np.linalg.norm(input_weights(self.g, block.fc2), axis=1)
         return np.sqrt(self.sq_sum[block.fc2.input]) * outgoing
+
+
+def query_key_tensors(block: AttentionBlock) -> list[str]:
+    """What to capture for a block's q and k: the projections' outputs, or (inside a fused op,
+    where they have none) their input."""
+    return list(dict.fromkeys([block.q.output or block.q.input, block.k.output or block.k.input]))
+
+
+def query_key(g: ModelGraph, block: AttentionBlock, acts: dict[str, np.ndarray], samples: int,
+              from_inputs: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """q and k of every head, (samples, tokens, heads × head_dim), from the captured tensors
+    (`from_inputs`: computed from the projections' inputs even where their outputs exist)."""
+    width = block.heads * block.head_dim
+    q_off, k_off, _ = block.column_offsets
+    q = projection_values(g, block.q, acts, samples, q_off, width, from_inputs)
+    k = projection_values(g, block.k, acts, samples, k_off, width, from_inputs)
+    if block.packed_bias is not None:  # biases added inside MultiHeadAttention
+        bias = g.constant(block.packed_bias).astype(np.float64)
+        q, k = q + bias[:width], k + bias[width:2 * width]
+    return q, k
+
+
+def projection_values(g: ModelGraph, linear: Linear, acts: dict[str, np.ndarray], samples: int, offset: int,
+                      width: int, from_input: bool = False) -> np.ndarray:
+    """Columns offset…offset+width of a projection's output, (samples, tokens, width)."""
+    if linear.output is not None and not from_input:
+        return _as_tokens(acts[linear.output], samples)[..., offset:offset + width]
+    x = _as_tokens(acts[linear.input], samples).astype(np.float64)
+    result = x @ output_weights(g, linear, offset, width)
+    if linear.bias is not None:
+        result += g.constant(linear.bias).reshape(-1)[offset:offset + width]
+    return result
 
 
 def _as_tokens(act: np.ndarray, samples: int) -> np.ndarray:

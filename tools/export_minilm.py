@@ -7,9 +7,14 @@ so that the pruner sees a plain encoder.
 
 The text corpus is the first sentence of docstrings from a fixed list of standard-library
 modules, so it is real English, needs no download and is the same on every run of a given
-Python version.
+Python version: 128 sentences for calibration (``calib.npz``), 472 for evaluation
+(``eval.npz``). A larger calibration set, ``calib2000.npz``, tokenizes the 2,000 sentences of
+``tools/data/docstring_sentences.txt``: first sentences of docstrings of third-party packages
+(numpy, sympy, networkx, matplotlib, scikit-learn, …), none of them in the evaluation set.
+``--rebuild-corpus`` regenerates that file from the packages installed here (the committed copy
+is the reference: package versions change the sentences).
 
-Usage: python tools/export_minilm.py [--out-dir build/minilm]
+Usage: python tools/export_minilm.py [--out-dir build/minilm] [--rebuild-corpus]
 """
 from __future__ import annotations
 
@@ -53,6 +58,13 @@ STDLIB_MODULES = (
 )
 N_CALIB = 128
 N_TOTAL = 600
+CORPUS = Path(__file__).resolve().parent / "data" / "docstring_sentences.txt"
+CORPUS_SIZE = 2000
+# Third-party packages whose docstrings make the large calibration corpus (walked recursively).
+CORPUS_PACKAGES = ("numpy", "scipy", "sklearn", "matplotlib", "networkx", "sympy", "jinja2", "PIL", "pygments",
+                   "hypothesis", "dateutil", "yaml", "click", "rich", "pydantic", "anyio", "packaging", "pyparsing",
+                   "mpmath", "fsspec", "joblib", "markdown_it", "onnx", "tqdm", "filelock", "sortedcontainers",
+                   "typer")
 MAX_TOKENS = 64
 MIN_WORDS, MAX_WORDS = 5, 40
 # Docstring first lines that are code, signatures or markup rather than prose.
@@ -105,6 +117,46 @@ def stdlib_sentences(limit: int) -> list[str]:
     return out[:limit]
 
 
+def third_party_sentences(exclude: set[str]) -> list[str]:
+    """First sentences of docstrings of CORPUS_PACKAGES (every public module, class and function),
+    deduplicated, none in `exclude` (lower-cased), shuffled with a fixed seed, CORPUS_SIZE of them."""
+    import pkgutil
+    import random
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    seen, out = set(exclude), []
+    for top in CORPUS_PACKAGES:
+        package = importlib.import_module(top)
+        names = [top]
+        if hasattr(package, "__path__"):
+            try:
+                names += [m.name for m in pkgutil.walk_packages(package.__path__, top + ".", onerror=lambda _: None)]
+            except Exception:  # a subpackage that fails on import (e.g. test data not installed)
+                names += [m.name for m in pkgutil.iter_modules(package.__path__, top + ".")]
+        for name in sorted(n for n in names if ".test" not in n and "._" not in n):
+            try:
+                module = importlib.import_module(name)
+            except BaseException:  # optional backends, GUI toolkits, …
+                continue
+            for obj in [module] + [getattr(module, a, None) for a in sorted(vars(module)) if not a.startswith("_")]:
+                if obj is None or (obj is not module and (inspect.ismodule(obj)
+                                                          or getattr(obj, "__module__", name) != name)):
+                    continue
+                try:
+                    doc = inspect.getdoc(obj)
+                except Exception:
+                    continue
+                sentence = first_sentence(doc) if doc else None
+                if sentence and sentence.lower() not in seen:
+                    seen.add(sentence.lower())
+                    out.append(sentence)
+    random.Random(0).shuffle(out)
+    if len(out) < CORPUS_SIZE:
+        raise RuntimeError(f"only {len(out)} third-party sentences found, need {CORPUS_SIZE}")
+    return out[:CORPUS_SIZE]
+
+
 def tokenize(tokenizer, sentences: list[str], max_len: int) -> dict[str, np.ndarray]:
     enc = tokenizer(sentences, padding="max_length", truncation=True, max_length=max_len,
                     return_tensors="np")
@@ -114,6 +166,8 @@ def tokenize(tokenizer, sentences: list[str], max_len: int) -> dict[str, np.ndar
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--out-dir", type=Path, default=REPO / "build" / "minilm")
+    ap.add_argument("--rebuild-corpus", action="store_true",
+                    help=f"regenerate {CORPUS.relative_to(REPO)} from the installed packages")
     args = ap.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -126,12 +180,20 @@ def main() -> None:
     wrapper = HFEncoder(model).eval()
 
     sentences = stdlib_sentences(N_TOTAL)
+    if args.rebuild_corpus:
+        CORPUS.write_text("\n".join(third_party_sentences({t.lower() for t in sentences})) + "\n")
+    corpus = CORPUS.read_text().splitlines()
+    overlap = {t.lower() for t in corpus} & {t.lower() for t in sentences[N_CALIB:]}
+    if overlap:
+        raise SystemExit(f"{len(overlap)} calibration corpus sentences are in the evaluation set")
     # One common length for both sets: the longest sentence in the corpus, capped at MAX_TOKENS.
     longest = max(len(ids) for ids in tokenizer(sentences, truncation=True,
                                                    max_length=MAX_TOKENS)["input_ids"])
     calib = tokenize(tokenizer, sentences[:N_CALIB], longest)
     evalset = tokenize(tokenizer, sentences[N_CALIB:], longest)
     np.savez(args.out_dir / "calib.npz", **calib)
+    corpus_length = max(len(ids) for ids in tokenizer(corpus, truncation=True, max_length=MAX_TOKENS)["input_ids"])
+    np.savez(args.out_dir / "calib2000.npz", **tokenize(tokenizer, corpus, corpus_length))
     np.savez(args.out_dir / "eval.npz", **evalset)
 
     onnx_path = args.out_dir / "minilm.onnx"
@@ -154,7 +216,8 @@ def main() -> None:
 
     print(f"sentences: {len(sentences)} (calib {len(calib['input_ids'])}, "
           f"eval {len(evalset['input_ids'])}), padded length {longest}")
-    for p in (onnx_path, args.out_dir / "calib.npz", args.out_dir / "eval.npz"):
+    print(f"calibration corpus: {len(corpus)} sentences, padded length {corpus_length}")
+    for p in (onnx_path, args.out_dir / "calib.npz", args.out_dir / "calib2000.npz", args.out_dir / "eval.npz"):
         print(f"wrote {p} ({p.stat().st_size / 1e6:.2f} MB)")
     print(f"torch vs onnxruntime max abs diff on last_hidden_state {ids.shape}: {diff:.3e} "
           f"(real tokens only: {diff_real:.3e})")

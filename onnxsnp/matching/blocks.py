@@ -126,6 +126,7 @@ class Layer:
     input: str
     output: str
     norm: str  # "pre" (x + f(LN(x))) or "post" (LN(x + f(x)))
+    middle: str = ""  # the stream between the attention and the FFN (after the attention's join)
 
 
 @dataclass

@@ -39,7 +39,7 @@ def _layer(g: ModelGraph, block: AttentionBlock, by_input: dict[str, FfnBlock]) 
     if into != after_attention:
         raise NoMatch(f"{mlp.name} is added to {into}, not to the stream after the attention")
     name = common_scope(block.name + "/x", mlp.name + "/x") or block.name
-    return Layer(name, block, mlp, stream_in, _joined(g, second, norm), norm)
+    return Layer(name, block, mlp, stream_in, _joined(g, second, norm), norm, after_attention)
 
 
 def _residual_join(g: ModelGraph, branch: str | None, writer: str) -> tuple[str, onnx.NodeProto]:

@@ -1,0 +1,188 @@
+"""Least-squares refits of a layer whose inputs were pruned, and choosing which inputs to prune.
+
+Everything is computed from sums over calibration tokens — X̃ᵀX̃, X̃ᵀY and ΣY² with X̃ = [X, 1],
+kept per fold — so batches, folds and (later) workers merge by adding. The bias is never
+penalised: solving with it free is ridge regression on centred data.
+
+- `solve`: W' = argmin ‖X_K W + b − Y‖² + λ‖W − W₀‖², the ridge pulling towards the original
+  weights (little data or a small cut leaves the layer as it was).
+- `choose_ridge`: λ by K-fold cross-validation on the folds' own sums.
+- `Obs`: structured optimal brain surgeon. With H = X_cᵀX_c + λI and the refit W*, removing
+  input rows R and refitting the rest raises the loss by tr(W*_Rᵀ (H⁻¹_RR)⁻¹ W*_R); greedily
+  removing what raises it least chooses the inputs that the refit can best do without.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # λ relative to the mean diagonal of the kept inputs' Gram
+DEFAULT_RIDGE = 1e-2
+FOLDS = 4
+
+
+@dataclass
+class NormalEquations:
+    """Sums over tokens, per fold: xx = Σ x̃x̃ᵀ, xy = Σ x̃yᵀ (x̃ = [x, 1]), yy = Σ‖y‖²."""
+
+    xx: np.ndarray  # (folds, n + 1, n + 1)
+    xy: np.ndarray  # (folds, n + 1, m)
+    yy: np.ndarray  # (folds,)
+
+    @classmethod
+    def empty(cls, inputs: int, outputs: int, folds: int = FOLDS) -> "NormalEquations":
+        return cls(np.zeros((folds, inputs + 1, inputs + 1)), np.zeros((folds, inputs + 1, outputs)),
+                   np.zeros(folds))
+
+    @property
+    def inputs(self) -> int:
+        return self.xx.shape[1] - 1
+
+    @property
+    def count(self) -> float:
+        return float(self.xx[:, -1, -1].sum())
+
+    def add(self, x: np.ndarray, y: np.ndarray, fold: int) -> None:
+        """x: (tokens, n), y: (tokens, m). Products in float32 (BLAS speed), sums in float64."""
+        x = x.astype(np.float32, copy=False)
+        y = y.astype(np.float32, copy=False)
+        n = x.shape[1]
+        fold %= self.xx.shape[0]
+        self.xx[fold, :n, :n] += x.T @ x
+        column = x.sum(axis=0, dtype=np.float64)
+        self.xx[fold, :n, n] += column
+        self.xx[fold, n, :n] += column
+        self.xx[fold, n, n] += len(x)
+        self.xy[fold, :n] += x.T @ y
+        self.xy[fold, n] += y.sum(axis=0, dtype=np.float64)
+        self.yy[fold] += float(np.square(y, dtype=np.float64).sum())
+
+    def merge(self, other: "NormalEquations") -> "NormalEquations":
+        return NormalEquations(self.xx + other.xx, self.xy + other.xy, self.yy + other.yy)
+
+    def total(self, leave_out: int | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+        folds = [f for f in range(self.xx.shape[0]) if f != leave_out]
+        return self.xx[folds].sum(axis=0), self.xy[folds].sum(axis=0), float(self.yy[folds].sum())
+
+
+@dataclass(frozen=True)
+class Fit:
+    weight: np.ndarray  # [kept inputs, outputs]
+    bias: np.ndarray  # [outputs]
+    ridge: float  # relative λ used
+    loss: float  # Σ‖X_K W + b − Y‖² on the data it was fitted on
+
+
+def _centred(xx: np.ndarray, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    n = xx.shape[0] - 1
+    count = max(xx[n, n], 1.0)
+    mean_x, mean_y = xx[:n, n] / count, xy[n] / count
+    return xx[:n, :n] - count * np.outer(mean_x, mean_x), xy[:n] - count * np.outer(mean_x, mean_y), mean_x, mean_y
+
+
+def _penalty(gram: np.ndarray, ridge: float) -> float:
+    return ridge * max(float(np.mean(np.diag(gram))), 1e-30)
+
+
+def loss(xx: np.ndarray, xy: np.ndarray, yy: float, keep: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> float:
+    """Σ‖X_K W + b − Y‖² from the sums."""
+    rows = np.r_[keep, xx.shape[0] - 1]
+    full = np.vstack([weight, bias[None]])
+    return float(np.sum(full * (xx[np.ix_(rows, rows)] @ full)) - 2 * np.sum(full * xy[rows]) + yy)
+
+
+def solve(equations: NormalEquations, keep: np.ndarray, prior: np.ndarray, ridge: float = DEFAULT_RIDGE,
+          leave_out: int | None = None) -> Fit:
+    """The refit of the kept inputs `keep`; `prior`: the original weights of those rows."""
+    xx, xy, yy = equations.total(leave_out)
+    gram, cross, mean_x, mean_y = _centred(xx, xy)
+    gram, cross = gram[np.ix_(keep, keep)], cross[keep]
+    penalty = _penalty(gram, ridge)
+    try:
+        weight = np.linalg.solve(gram + penalty * np.eye(len(keep)), cross + penalty * prior)
+    except np.linalg.LinAlgError:
+        weight = prior.astype(np.float64)
+    bias = mean_y - mean_x[keep] @ weight
+    return Fit(weight, bias, ridge, loss(xx, xy, yy, keep, weight, bias))
+
+
+def choose_ridge(equations: NormalEquations, keep: np.ndarray, prior: np.ndarray,
+                 grid: tuple[float, ...] = RIDGE_GRID) -> float:
+    """The λ of `grid` with the least cross-validated loss (each fold predicted from the others)."""
+    folds = equations.xx.shape[0]
+    if folds < 2 or min(equations.xx[:, -1, -1]) == 0:
+        return DEFAULT_RIDGE
+    errors = np.zeros(len(grid))
+    for fold in range(folds):
+        gram, cross, mean_x, mean_y = _centred(*equations.total(fold)[:2])
+        gram, cross = gram[np.ix_(keep, keep)], cross[keep]
+        scale = max(float(np.mean(np.diag(gram))), 1e-30)
+        held = (equations.xx[fold], equations.xy[fold], float(equations.yy[fold]))
+        for index, ridge in enumerate(grid):
+            penalty = ridge * scale
+            try:
+                weight = np.linalg.solve(gram + penalty * np.eye(len(keep)), cross + penalty * prior)
+            except np.linalg.LinAlgError:
+                errors[index] = np.inf
+                continue
+            errors[index] += loss(*held, keep, weight, mean_y - mean_x[keep] @ weight)
+    return grid[int(np.argmin(errors))]
+
+
+class Obs:
+    """Greedy structured OBS over the input rows of one layer (see the module docstring).
+
+    Rows are removed in `units` (arrays of row indices: one V neuron, a whole head, one FFN
+    neuron); `removed_loss` accumulates the loss each removal adds, in the units of the sums."""
+
+    def __init__(self, equations: NormalEquations, prior: np.ndarray, ridge: float = DEFAULT_RIDGE):
+        xx, xy, yy = equations.total()
+        gram, cross, _, _ = _centred(xx, xy)
+        penalty = _penalty(gram, ridge)
+        hessian = gram + penalty * np.eye(len(gram))
+        try:
+            self.inverse = np.linalg.inv(hessian)
+        except np.linalg.LinAlgError:
+            self.inverse = np.linalg.pinv(hessian)
+        self.weight = self.inverse @ (cross + penalty * prior)
+        self.alive = np.ones(len(gram), dtype=bool)
+        self.removed_loss = 0.0
+
+    def costs(self, units: list[np.ndarray]) -> np.ndarray:
+        """The loss each unit's removal would add now (with the rest refitted)."""
+        result = np.empty(len(units))
+        for index, rows in enumerate(units):
+            if len(rows) == 1:
+                row = rows[0]
+                result[index] = float(self.weight[row] @ self.weight[row]) / max(self.inverse[row, row], 1e-300)
+            else:
+                block = self.inverse[np.ix_(rows, rows)]
+                result[index] = float(np.sum(self.weight[rows] * np.linalg.solve(block, self.weight[rows])))
+        return result
+
+    def single_costs(self) -> np.ndarray:
+        """Per row, the loss of removing it alone (inf for rows already removed)."""
+        diagonal = np.maximum(np.diag(self.inverse), 1e-300)
+        cost = np.einsum("ij,ij->i", self.weight, self.weight) / diagonal
+        return np.where(self.alive, cost, np.inf)
+
+    def remove(self, rows: np.ndarray) -> float:
+        """Remove rows together, refitting the rest; returns the loss added."""
+        rows = np.asarray(rows)
+        block = self.inverse[np.ix_(rows, rows)]
+        try:
+            solved_weight = np.linalg.solve(block, self.weight[rows])
+            solved_inverse = np.linalg.solve(block, self.inverse[rows])
+        except np.linalg.LinAlgError:
+            solved_weight = np.linalg.lstsq(block, self.weight[rows], rcond=None)[0]
+            solved_inverse = np.linalg.lstsq(block, self.inverse[rows], rcond=None)[0]
+        added = float(np.sum(self.weight[rows] * solved_weight))
+        self.weight -= self.inverse[:, rows] @ solved_weight
+        self.inverse -= self.inverse[:, rows] @ solved_inverse
+        self.weight[rows] = 0
+        self.inverse[rows] = 0
+        self.inverse[:, rows] = 0
+        self.alive[rows] = False
+        self.removed_loss += added
+        return added

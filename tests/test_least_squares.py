@@ -1,0 +1,102 @@
+"""Refits and OBS from sums over tokens: equal to direct solves on the data."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnxsnp.least_squares import FOLDS, NormalEquations, Obs, choose_ridge, loss, solve
+
+INPUTS, OUTPUTS, TOKENS = 12, 5, 400
+
+
+def problem(seed: int = 0, noise: float = 0.1):
+    rng = np.random.default_rng(seed)
+    mixing = rng.standard_normal((INPUTS, INPUTS)) / np.sqrt(INPUTS)
+    x = rng.standard_normal((TOKENS, INPUTS)) @ mixing + rng.standard_normal(INPUTS)  # correlated, not centred
+    weight = rng.standard_normal((INPUTS, OUTPUTS))
+    bias = rng.standard_normal(OUTPUTS)
+    y = x @ weight + bias + noise * rng.standard_normal((TOKENS, OUTPUTS))
+    equations = NormalEquations.empty(INPUTS, OUTPUTS)
+    for fold, rows in enumerate(np.array_split(np.arange(TOKENS), 8)):  # 8 batches over FOLDS folds
+        equations.add(x[rows], y[rows], fold)
+    return x, y, weight, equations
+
+
+def direct(x, y, keep, prior, penalty):
+    """Ridge towards `prior` with a free intercept, by an augmented lstsq on the data."""
+    design = np.hstack([x[:, keep], np.ones((len(x), 1))])
+    rows = np.sqrt(penalty) * np.hstack([np.eye(len(keep)), np.zeros((len(keep), 1))])
+    solution = np.linalg.lstsq(np.vstack([design, rows]), np.vstack([y, np.sqrt(penalty) * prior]), rcond=None)[0]
+    return solution[:-1], solution[-1]
+
+
+def test_sums_merge_and_count():
+    x, y, _, equations = problem()
+    assert equations.count == TOKENS
+    half = NormalEquations.empty(INPUTS, OUTPUTS)
+    half.add(x, y, 0)
+    merged = half.merge(NormalEquations.empty(INPUTS, OUTPUTS))
+    np.testing.assert_allclose(merged.total()[0], equations.total()[0], rtol=1e-5)
+
+
+def test_solve_equals_direct_ridge_with_free_bias():
+    x, y, weight, equations = problem()
+    keep = np.array([0, 2, 3, 7, 9, 11])
+    fit = solve(equations, keep, weight[keep], ridge=0.1)
+    xc = x[:, keep] - x[:, keep].mean(axis=0)
+    penalty = 0.1 * np.mean(np.diag(xc.T @ xc))
+    want_w, want_b = direct(x, y, keep, weight[keep], penalty)
+    np.testing.assert_allclose(fit.weight, want_w, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(fit.bias, want_b, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(fit.loss, np.sum((x[:, keep] @ fit.weight + fit.bias - y) ** 2), rtol=1e-4)
+
+
+def test_loss_from_sums_matches_data():
+    x, y, weight, equations = problem()
+    keep = np.arange(INPUTS)
+    xx, xy, yy = equations.total()
+    np.testing.assert_allclose(loss(xx, xy, yy, keep, weight, np.zeros(OUTPUTS)),
+                               np.sum((x @ weight - y) ** 2), rtol=1e-4)
+
+
+def test_ridge_choice_prefers_little_ridge_on_clean_data_and_more_on_few_tokens():
+    _, _, weight, clean = problem(noise=0.01)
+    keep = np.arange(INPUTS)
+    far = weight + np.random.default_rng(5).standard_normal(weight.shape)  # a prior the data contradicts
+    assert choose_ridge(clean, keep, far) <= 1e-2
+    rng = np.random.default_rng(3)
+    few = NormalEquations.empty(INPUTS, OUTPUTS)
+    for fold in range(FOLDS):  # 4 tokens a fold, 12 unknowns per output: a free fit overfits
+        x = rng.standard_normal((4, INPUTS))
+        few.add(x, x @ weight + 3 * rng.standard_normal((4, OUTPUTS)), fold)
+    assert choose_ridge(few, keep, weight) >= 1e-1  # the prior is right, the few tokens are noisy
+
+
+@pytest.mark.parametrize("unit", [1, 3])
+def test_obs_removal_equals_refit_of_the_rest(unit):
+    x, y, weight, equations = problem(seed=1)
+    obs = Obs(equations, weight, ridge=1e-9)
+    start = solve(equations, np.arange(INPUTS), weight, ridge=1e-9)
+    removed = []
+    for _ in range(2):
+        units = [np.arange(i, i + unit) for i in range(0, INPUTS, unit) if i not in removed]
+        costs = obs.costs(units)
+        best = units[int(np.argmin(costs))]
+        added = obs.remove(best)
+        assert added == pytest.approx(costs.min(), rel=1e-6)
+        removed.append(int(best[0]))
+    keep = np.flatnonzero(obs.alive)
+    refit = solve(equations, keep, weight[keep], ridge=1e-9)
+    np.testing.assert_allclose(obs.weight[keep], refit.weight, rtol=1e-5, atol=1e-8)
+    assert refit.loss - start.loss == pytest.approx(obs.removed_loss, rel=1e-4)
+
+
+def test_obs_removes_the_redundant_input_first():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((TOKENS, INPUTS))
+    x[:, 5] = x[:, 2] + 1e-3 * rng.standard_normal(TOKENS)  # input 5 repeats input 2
+    weight = rng.standard_normal((INPUTS, OUTPUTS))
+    equations = NormalEquations.empty(INPUTS, OUTPUTS)
+    equations.add(x, x @ weight, 0)
+    costs = Obs(equations, weight, ridge=1e-6).single_costs()
+    assert set(np.argsort(costs)[:2]) == {2, 5}
