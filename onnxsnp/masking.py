@@ -24,27 +24,22 @@ from .compensation import Refit
 from .graph import ModelGraph
 from .importance import AttentionKeep, FfnKeep, PrunePlan
 from .matching import AttentionBlock, FfnBlock, Linear
+from .matching.groups import Group, attention_groups, ffn_group
 
 Slot = tuple[str, int]  # (node name, input index)
 
 
-def _linear_slots(linear: Linear) -> list[Slot]:
-    slots = [(linear.node, linear.weight_index)]
-    if linear.bias is not None:
-        slots.append((linear.bias_node, linear.bias_index))
-    return slots
+def _slots(*groups: Group) -> list[Slot]:
+    return list(dict.fromkeys((w.node, w.index) for group in groups for w in group.weights))
 
 
 def attention_slots(block: AttentionBlock) -> list[Slot]:
-    """Every weight a plan for this attention block may change."""
-    slots = [s for linear in (block.q, block.k, block.v, block.out) for s in _linear_slots(linear)]
-    if block.packed_bias is not None:
-        slots.append((block.attention_op, 3))
-    return list(dict.fromkeys(slots))
+    """Every weight a plan for this attention block may change: those of its dependency groups."""
+    return _slots(*attention_groups(None, block))
 
 
 def ffn_slots(block: FfnBlock) -> list[Slot]:
-    return list(dict.fromkeys(_linear_slots(block.fc1) + _linear_slots(block.fc2)))
+    return _slots(ffn_group(block))
 
 
 class Weights:
@@ -70,6 +65,16 @@ class Weights:
         return value
 
     # --- edits --------------------------------------------------------------------------------
+    def zero_units(self, group: Group, removed: np.ndarray) -> None:
+        """Every weight that writes the `removed` units of `group` set to zero there (output
+        columns, bias entries, a packed bias's parts: whatever the group lists)."""
+        for weight in group.weights:
+            if not weight.reads:
+                value = self.editable((weight.node, weight.index))
+                index = [slice(None)] * value.ndim
+                index[weight.axis] = weight.offset + removed
+                value[tuple(index)] = 0
+
     def zero_outputs(self, linear: Linear, columns: np.ndarray) -> None:
         """Output features `columns` of `linear` (weight columns, bias entries) set to zero."""
         weight = self.editable((linear.node, linear.weight_index))
@@ -110,15 +115,10 @@ class Weights:
     def apply_attention(self, keep: AttentionKeep, refit: Refit | None = None,
                         q_scales: np.ndarray | None = None) -> None:
         block = keep.block
-        width = block.heads * block.head_dim
         qk_kept = keep.qk_columns()
-        removed_qk = np.setdiff1d(np.arange(width), qk_kept)
-        q_off, k_off, _ = block.column_offsets
-        self.zero_outputs(block.q, q_off + removed_qk)
-        self.zero_outputs(block.k, k_off + removed_qk)
-        if block.packed_bias is not None:  # MultiHeadAttention's [q | k | v] bias
-            packed = self.editable((block.attention_op, 3))
-            packed[np.concatenate([removed_qk, width + removed_qk])] = 0
+        qk, _ = attention_groups(None, block)
+        self.zero_units(qk, np.setdiff1d(np.arange(qk.size), qk_kept))
+        q_off = block.column_offsets[0]
         if q_scales is not None:
             factors = np.asarray(q_scales, dtype=np.float64).reshape(-1)
             self.scale_outputs(block.q, q_off + qk_kept, factors)

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import onnx
 
 from .graph import ModelGraph, attribute
-from .matching import Linear, Matches, NoMatch, linear_at, linear_producing
+from .matching import Linear, Matches, NoMatch, ShapeEdit, Width, linear_at, linear_producing
+from .matching.groups import Group, WeightAxis, group, reads, writes
 from .matching.norms import Norm, norm_reading, norm_writing
 
 _SKIP_NORMS = ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
@@ -31,6 +32,22 @@ class ResidualStream:
     sliced_inputs: set[tuple[str, int]] = field(default_factory=set)  # (node, input): constants cut on the last axis
     convs: set[str] = field(default_factory=set)  # patch-embedding Conv nodes: output channels
     channel_entries: set[str] = field(default_factory=set)  # Reshapes whose entry -2 is the channel count
+
+
+def stream_group(g: ModelGraph, stream: ResidualStream) -> Group:
+    """The residual channels as a dependency group: every reader's input rows, every writer's
+    output columns, the constants cut on their last axis, the patch Conv's filters and the
+    Reshape entries that hold the width."""
+    parts: list = [WeightAxis(node, index, -1) for node, index in sorted(stream.sliced_inputs)]
+    for linear in stream.readers.values():
+        parts += reads(linear, Width.CHANNELS)
+    for linear in stream.writers.values():
+        parts += writes(linear, 0, Width.CHANNELS)
+    for name in sorted(stream.convs):
+        conv = g.node(name)
+        parts += [WeightAxis(name, index, 0) for index in (1, 2) if len(conv.input) > index and conv.input[index]]
+    parts += [ShapeEdit(name, Width.CHANNELS, -2) for name in sorted(stream.channel_entries)]
+    return group("residual", stream.width, parts)
 
 
 def find_stream(g: ModelGraph, matches: Matches) -> ResidualStream:

@@ -1,9 +1,11 @@
-"""Stage 6: apply a prune plan to the model with onnx-graphsurgeon.
+"""Stage 6: apply a prune plan to the model.
 
-Every changed weight becomes a new initializer (an initializer shared by several readers, as
-the legacy exporter's Identity routing makes them, is never sliced in place for one of them);
-every changed shape becomes a new constant or node. Dead nodes and initializers are dropped by
-graphsurgeon's cleanup at the end.
+The plan becomes cuts of dependency groups (matching/groups.py) — Q/K pairs and V neurons of
+each attention, FFN hidden neurons, residual channels — which `Editor.cut` slices in one
+generic pass; refitted layers get their new weights first. What is not a cut follows: the
+attention scales (frozen, pinned, put in standard form), a fused projection split by width,
+the Q/K rescale, the LayerNorm correction, removed blocks bypassed. Dead nodes and
+initializers are dropped by graphsurgeon's cleanup at the end.
 """
 from __future__ import annotations
 
@@ -14,231 +16,26 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from .editor import Editor
 from .graph import ModelGraph
 from .importance import AttentionKeep, PrunePlan
-from .matching import Linear
-from .quantized import chain_behind, requantized, rescaled, sliced
-from .residual import ResidualStream
-
-
-class _Editor:
-    def __init__(self, g: ModelGraph, graph: gs.Graph):
-        self.g = g
-        self.graph = graph
-        self.nodes = {n.name: n for n in graph.nodes}
-        self.tensors = graph.tensors()
-        self.known: dict[str, np.ndarray] = {}  # values of the dequantizing chains this rewrite wrote
-        self._count = 0
-
-    def unique(self, base: str) -> str:
-        self._count += 1
-        name = f"{base}__snp{self._count}"
-        while name in self.tensors:
-            self._count += 1
-            name = f"{base}__snp{self._count}"
-        return name
-
-    def constant(self, base: str, values: np.ndarray) -> gs.Constant:
-        values = np.asarray(values)  # (np.ascontiguousarray would turn a scalar into shape (1,))
-        tensor = gs.Constant(self.unique(base), values if values.flags.c_contiguous else values.copy())
-        self.tensors[tensor.name] = tensor
-        return tensor
-
-    def variable(self, base: str, dtype=None) -> gs.Variable:
-        tensor = gs.Variable(self.unique(base), dtype=dtype)
-        self.tensors[tensor.name] = tensor
-        return tensor
-
-    def add_node(self, op: str, inputs: list, outputs: list, attrs: dict | None = None) -> gs.Node:
-        node = gs.Node(op, name=self.unique(op), attrs=attrs or {}, inputs=inputs, outputs=outputs)
-        self.graph.nodes.append(node)
-        return node
-
-    def value(self, tensor: str) -> np.ndarray:
-        value = self.g.constant(tensor)
-        if value is None:
-            raise ValueError(f"{tensor} is not a constant")
-        return value
-
-    def current(self, node: gs.Node, index: int) -> np.ndarray:
-        """The value a node input holds now: edits made earlier in this rewrite included."""
-        tensor = node.inputs[index]
-        if tensor.name in self.known:
-            return self.known[tensor.name]
-        return tensor.values if isinstance(tensor, gs.Constant) else self.value(tensor.name)
-
-    def replace_input(self, node: gs.Node, index: int, values: np.ndarray) -> None:
-        node.inputs[index] = self.constant(node.inputs[index].name, values)
-
-    def take(self, node: gs.Node, index: int, keep: np.ndarray, axis: int) -> None:
-        """Keep only indices `keep` along `axis` of a constant input; a quantized weight is sliced
-        in its integer form, with its per-channel scale and zero point (quantized.py)."""
-        chain = None if isinstance(node.inputs[index], gs.Constant) else chain_behind(node.inputs[index])
-        if chain is None:
-            self.replace_input(node, index, np.take(self.current(node, index), keep, axis))
-            return
-        kept = np.take(self.current(node, index), keep, axis)
-        node.inputs[index] = sliced(chain, axis, keep, self)
-        self.known[node.inputs[index].name] = kept
-
-    def scale_along(self, node: gs.Node, index: int, columns: np.ndarray, factors: np.ndarray, axis: int,
-                    exact_only: bool = False) -> bool:
-        """Multiply indices `columns` along `axis` of a constant input by `factors`. A quantized
-        weight takes them on its scale where that is exact, else (unless `exact_only`) is
-        quantized again. Returns whether it was done."""
-        values = self.current(node, index).copy()
-        view = np.moveaxis(values, axis, 0)
-        view[columns] *= factors.reshape((-1,) + (1,) * (view.ndim - 1)).astype(values.dtype)
-        chain = None if isinstance(node.inputs[index], gs.Constant) else chain_behind(node.inputs[index])
-        if chain is None:
-            self.replace_input(node, index, values)
-            return True
-        exact = rescaled(chain, axis, columns, factors, self)
-        if exact is None and exact_only:
-            return False
-        if exact is None:
-            self.write(node, index, values)
-        else:
-            node.inputs[index], self.known[exact.name] = exact, values
-        return True
-
-    def write(self, node: gs.Node, index: int, values: np.ndarray) -> None:
-        """Give a constant input new values; a quantized weight is quantized again with its scheme."""
-        chain = None if isinstance(node.inputs[index], gs.Constant) else chain_behind(node.inputs[index])
-        written = None if chain is None else requantized(chain, values, self)
-        if written is None:
-            self.replace_input(node, index, values)
-            return
-        node.inputs[index], self.known[written[0].name] = written
-
-    # --- linear layers -------------------------------------------------------------------
-    def keep_outputs(self, linear: Linear, columns: np.ndarray) -> None:
-        """Keep only output features `columns` of `linear` (weight columns and bias entries)."""
-        self.take(self.nodes[linear.node], linear.weight_index, columns, 0 if linear.transposed else 1)
-        if linear.bias is not None:
-            self.take(self.nodes[linear.bias_node], linear.bias_index, columns, -1)
-        if linear.out_reshape is not None:
-            self.set_entry(linear.out_reshape, -1, len(columns))
-
-    def set_weights(self, linear: Linear, weight: np.ndarray, bias: np.ndarray | None) -> None:
-        """Replace a projection's weight (given [in, out]) and bias, keeping their dtypes."""
-        node = self.nodes[linear.node]
-        dtype = self.current(node, linear.weight_index).dtype
-        self.write(node, linear.weight_index, (weight.T if linear.transposed else weight).astype(dtype))
-        if bias is not None and linear.bias is not None:
-            bias_node = self.nodes[linear.bias_node]
-            current = self.current(bias_node, linear.bias_index)
-            self.write(bias_node, linear.bias_index, bias.reshape(current.shape).astype(current.dtype))
-
-    def keep_inputs(self, linear: Linear, rows: np.ndarray, refit=None) -> None:
-        """Keep only input features `rows` of `linear` (weight rows), or put in refitted weights."""
-        if linear.in_reshape is not None:
-            self.set_entry(linear.in_reshape, -1, len(rows))
-        if refit is not None:
-            self.set_weights(linear, refit.weight, refit.bias)
-            return
-        self.take(self.nodes[linear.node], linear.weight_index, rows, 1 if linear.transposed else 0)
-
-    def keep_last_axis(self, node_name: str, index: int, keep: np.ndarray) -> None:
-        """Slice the last axis of a constant node input (LayerNorm scale, position embedding, …)."""
-        self.take(self.nodes[node_name], index, keep, -1)
-
-    # --- shapes ----------------------------------------------------------------------------
-    def shape_with_tail(self, shape: gs.Tensor, drop: int, tail: list[int]) -> gs.Tensor:
-        """A shape tensor equal to shape[:-drop] + tail, folded where `shape` is constant."""
-        tail_array = np.array(tail, dtype=np.int64)
-        constant = self.g.constant(shape.name)
-        if constant is not None:
-            return self.constant(shape.name, np.concatenate([constant[:-drop], tail_array]))
-        out = self.variable(shape.name, np.int64)
-        self.add_node("Concat", [self.slice(shape, 0, -drop), self.constant(shape.name, tail_array)], [out], {"axis": 0})
-        return out
-
-    def set_entry(self, reshape: str, position: int, value: int) -> None:
-        """Set entry `position` (counted from the end) of a Reshape's target shape to `value`."""
-        node = self.nodes[reshape]
-        shape = node.inputs[1]
-        constant = shape.values if isinstance(shape, gs.Constant) else self.g.constant(shape.name)
-        if constant is not None:
-            changed = constant.copy()
-            changed[position] = value
-            node.inputs[1] = self.constant(shape.name, changed)
-            return
-        producer = shape.inputs[0] if shape.inputs else None
-        if producer is not None and producer.op == "Concat":
-            sizes = [self.g.shapes.get(piece.name) for piece in producer.inputs]
-            if all(s is not None and len(s) == 1 and s[0] is not None for s in sizes):
-                ends = np.cumsum([s[0] for s in sizes])
-                index = int(ends[-1]) + position
-                piece = int(np.searchsorted(ends, index, side="right"))
-                if sizes[piece] == (1,):  # replace just that piece: the rest of the Concat is kept as is
-                    out = self.variable(shape.name, np.int64)
-                    inputs = list(producer.inputs)
-                    inputs[piece] = self.constant(shape.name, np.array([value], dtype=np.int64))
-                    self.add_node("Concat", inputs, [out], {"axis": 0})
-                    node.inputs[1] = out
-                    return
-        # anything else: splice the entry in at run time
-        parts = [self.slice(shape, 0, position), self.constant(shape.name, np.array([value], dtype=np.int64))]
-        if position != -1:
-            parts.append(self.slice(shape, position + 1, np.iinfo(np.int64).max))
-        out = self.variable(shape.name, np.int64)
-        self.add_node("Concat", parts, [out], {"axis": 0})
-        node.inputs[1] = out
-
-    def squeeze(self, tensor: gs.Tensor, axis: int) -> gs.Variable:
-        out = self.variable(tensor.name)
-        if self.graph.opset >= 13:
-            self.add_node("Squeeze", [tensor, self.constant("axes", np.array([axis], dtype=np.int64))], [out])
-        else:
-            self.add_node("Squeeze", [tensor], [out], {"axes": [axis]})
-        return out
-
-    def slice(self, tensor: gs.Tensor, start: int, end: int) -> gs.Variable:
-        out = self.variable(tensor.name, np.int64)
-        self.add_node("Slice", [tensor, self.constant("starts", np.array([start])), self.constant("ends", np.array([end]))],
-                      [out])
-        return out
-
-    def bypass(self, source: str, target: str) -> None:
-        """Drop everything between two tensors: readers of `target` read `source` instead. A graph
-        output keeps its name, through an Identity."""
-        new = self.tensors[source]
-        target_tensor = self.tensors[target]
-        if any(t is target_tensor for t in self.graph.outputs):
-            for producer in list(target_tensor.inputs):
-                producer.outputs = [self.variable(target) if t is target_tensor else t for t in producer.outputs]
-            self.add_node("Identity", [new], [target_tensor])
-            return
-        self.reroute(target, new)
-
-    def reroute(self, old: str, new: gs.Tensor) -> None:
-        """Make every reader of tensor `old` read `new` instead."""
-        tensor = self.tensors[old]
-        for consumer in list(tensor.outputs):
-            for index, current in enumerate(consumer.inputs):
-                if current is tensor:
-                    consumer.inputs[index] = new
-        self.graph.outputs = [new if t is tensor else t for t in self.graph.outputs]
+from .matching import Width
+from .matching.groups import Cut, attention_groups, ffn_group
+from .residual import stream_group
 
 
 def rewrite(g: ModelGraph, plan: PrunePlan) -> onnx.ModelProto:
     """Return a new model with the plan applied; `g.model` is left as it was."""
     graph = gs.import_onnx(g.model)
-    editor = _Editor(g, graph)
-    for keep in plan.attention:
-        if keep.changes_something():
-            _prune_attention(editor, keep, plan.scale_values, plan.refits, plan.qk_scales)
-        elif plan.stream is not None:  # merge reshapes that read the stream width now need a constant
-            _pin_merge_widths(editor, keep)
-    for ffn in plan.ffn:
-        if ffn.changes_something():
-            editor.keep_outputs(ffn.block.fc1, ffn.hidden)
-            editor.keep_inputs(ffn.block.fc2, ffn.hidden, plan.refits.get(ffn.block.fc2.node))
-    if plan.stream is not None:
-        _prune_stream(editor, plan.stream, plan.stream_keep)
-        for name, (scale, shift) in plan.norm_corrections.items():
-            _correct_norm(editor, name, scale, shift)
+    editor = Editor(g, graph)
+    changed = [keep for keep in plan.attention if keep.changes_something()]
+    for keep in changed:
+        _freeze_scales(editor, keep, plan.scale_values)
+    editor.cut(plan_cuts(g, plan), _refit(editor, plan))
+    for keep in changed:
+        _finish_attention(editor, keep, plan.qk_scales)
+    for name, (scale, shift) in plan.norm_corrections.items():
+        _correct_norm(editor, name, scale, shift)
     # last block first, so that a removed block's input is never a tensor already cut away
     for layer in reversed(plan.removed_layers):
         editor.bypass(layer.input, layer.output)
@@ -251,33 +48,57 @@ def rewrite(g: ModelGraph, plan: PrunePlan) -> onnx.ModelProto:
     return model
 
 
-def _prune_attention(editor: _Editor, keep: AttentionKeep, scale_values: dict[str, np.ndarray],
-                     refits: dict, qk_scales: dict[str, np.ndarray]) -> None:
+def plan_cuts(g: ModelGraph, plan: PrunePlan) -> list[Cut]:
+    """The plan as cuts of dependency groups. An unchanged attention is cut too (keeping every
+    unit) when the residual stream is: its merge reshapes may read the stream width at run
+    time, and must keep the attention's own."""
+    cuts = []
+    for keep in plan.attention:
+        if keep.changes_something() or plan.stream is not None:
+            dq, dv, heads = keep.qk.shape[1], keep.v.shape[1], len(keep.heads)
+            sizes = {Width.QK: dq, Width.V: dv, Width.QK_MERGED: heads * dq, Width.V_MERGED: heads * dv,
+                     Width.HEADS: heads, Width.FUSED: heads * (2 * dq + dv)}
+            qk, v = attention_groups(g, keep.block)
+            cuts += [Cut(qk, keep.qk_columns(), sizes), Cut(v, keep.v_columns(), sizes)]
+    cuts += [Cut(ffn_group(keep.block), keep.hidden, {Width.FFN: len(keep.hidden)})
+             for keep in plan.ffn if keep.changes_something()]
+    if plan.stream is not None:
+        cuts.append(Cut(stream_group(g, plan.stream), plan.stream_keep, {Width.CHANNELS: len(plan.stream_keep)}))
+    return cuts
+
+
+def _refit(editor: Editor, plan: PrunePlan) -> frozenset[tuple[str, int, int]]:
+    """New weights for the refitted layers (compensation.py); returns their input axes, written."""
+    linears = [keep.block.out for keep in plan.attention if keep.changes_something()]
+    linears += [keep.block.fc2 for keep in plan.ffn if keep.changes_something()]
+    done = set()
+    for linear in linears:
+        refit = plan.refits.get(linear.node)
+        if refit is not None:
+            editor.set_weights(linear, refit.weight, refit.bias)
+            done.add((linear.node, linear.weight_index, 1 if linear.transposed else 0))
+    return frozenset(done)
+
+
+def _freeze_scales(editor: Editor, keep: AttentionKeep, scale_values: dict[str, np.ndarray]) -> None:
+    """Only the Q/K width moves the scores' scale: a run-time one is frozen to its value, and an
+    op whose default scale is 1/sqrt(q's head size) gets the original pinned."""
     block = keep.block
-    qk_columns = keep.qk_columns()
-    v_columns = keep.v_columns()
-    dq, dv, heads = keep.qk.shape[1], keep.v.shape[1], len(keep.heads)
-    if block.attention_op is not None and dq != block.head_dim:
-        # the op's default scale is 1/sqrt(q's head size): pin the original value
+    if keep.qk.shape[1] == block.head_dim:
+        return
+    if block.attention_op is not None:
         editor.nodes[block.attention_op].attrs["scale"] = float(block.scale)
-    for scale in block.frozen_scales if dq != block.head_dim else ():  # only Q/K width moves these
+    for scale in block.frozen_scales:
         editor.nodes[scale.node].inputs[scale.input_index] = editor.constant(scale.tensor, scale_values[scale.tensor])
-    if block.form == "ort-attention":
-        width = block.heads * block.head_dim
-        editor.keep_outputs(block.q, np.concatenate([qk_columns, width + qk_columns, 2 * width + v_columns]))
-        editor.nodes[block.attention_op].attrs["qkv_hidden_sizes"] = [len(qk_columns), len(qk_columns), len(v_columns)]
-    elif block.fused is None:
-        editor.keep_outputs(block.q, qk_columns)
-        editor.keep_outputs(block.k, qk_columns)
-        editor.keep_outputs(block.v, v_columns)
-        if block.packed_bias is not None:  # MultiHeadAttention's [q | k | v] bias
-            width = block.heads * block.head_dim
-            bias = editor.value(block.packed_bias)
-            kept = bias[np.concatenate([qk_columns, width + qk_columns, 2 * width + v_columns])]
-            editor.nodes[block.attention_op].inputs[3] = editor.constant(block.packed_bias, kept)
-    else:
-        _prune_fused(editor, keep, qk_columns, v_columns, dq, dv)
-    editor.keep_inputs(block.out, v_columns, refits.get(block.out.node))
+
+
+def _finish_attention(editor: Editor, keep: AttentionKeep, qk_scales: dict[str, np.ndarray]) -> None:
+    """After the cut: a fused projection split by width; the scale in standard form for the new
+    head width; the Q/K rescale of compensation."""
+    block = keep.block
+    dq, dv, heads = keep.qk.shape[1], keep.v.shape[1], len(keep.heads)
+    if block.fused is not None:
+        _split_fused(editor, keep, dq, dv)
     factors = np.asarray(qk_scales.get(block.name, np.ones((heads, dq))), dtype=np.float64)
     scales = block.frozen_scales + block.constant_scales
     if block.q_fixed is not None:
@@ -289,17 +110,9 @@ def _prune_attention(editor: _Editor, keep: AttentionKeep, scale_values: dict[st
             qk_scales = {}
     if block.name in qk_scales:
         _scale_q(editor, keep, factors)
-    if block.attention_op is not None:  # ops that carry the head count as an attribute
-        attrs = editor.nodes[block.attention_op].attrs
-        for name in ("num_heads", "q_num_heads", "kv_num_heads"):
-            if name in attrs:
-                attrs[name] = heads
-    new_width = {"qk": dq, "v": dv, "qk_merged": heads * dq, "v_merged": heads * dv, "heads": heads}
-    for edit in block.shape_edits:
-        editor.set_entry(edit.reshape, edit.position, new_width[edit.width])
 
 
-def _standard_scale(editor: _Editor, carrier, factor: float) -> None:
+def _standard_scale(editor: Editor, carrier, factor: float) -> None:
     """Keep the scores, but in the standard form for the new head width: the scale on the Q·Kᵀ
     path gets a factor sqrt(d/d') (the scales multiplied to 1/sqrt(d), now 1/sqrt(d')) while q
     gets sqrt(d'/d) (the caller), so q·k times the scale is what it was. A graph written this way
@@ -315,7 +128,7 @@ def _standard_scale(editor: _Editor, carrier, factor: float) -> None:
     node.inputs[carrier.input_index] = editor.constant(carrier.tensor, np.asarray(moved, dtype=value.dtype))
 
 
-def _scale_q(editor: _Editor, keep: AttentionKeep, scales: np.ndarray, exact_only: bool = False) -> bool:
+def _scale_q(editor: Editor, keep: AttentionKeep, scales: np.ndarray, exact_only: bool = False) -> bool:
     """Multiply the kept q columns (weight and bias) by their factors; with `exact_only`, only
     where a quantized weight can take them exactly (else nothing is changed and False returned)."""
     block = keep.block
@@ -337,31 +150,7 @@ def _scale_q(editor: _Editor, keep: AttentionKeep, scales: np.ndarray, exact_onl
     return True
 
 
-def _pin_merge_widths(editor: _Editor, keep: AttentionKeep) -> None:
-    block = keep.block
-    for edit in block.shape_edits:
-        if edit.width == "v_merged":
-            editor.set_entry(edit.reshape, edit.position, block.heads * block.head_dim)
-
-
-def _prune_stream(editor: _Editor, stream: ResidualStream, keep: np.ndarray) -> None:
-    """The same residual channels removed from every reader and writer of the stream."""
-    for linear in stream.readers.values():
-        editor.keep_inputs(linear, keep)
-    for linear in stream.writers.values():
-        editor.keep_outputs(linear, keep)
-    for node, index in stream.sliced_inputs:
-        editor.keep_last_axis(node, index, keep)
-    for name in stream.convs:
-        conv = editor.nodes[name]
-        editor.take(conv, 1, keep, 0)
-        if len(conv.inputs) > 2 and conv.inputs[2] is not None and conv.inputs[2].name:
-            editor.take(conv, 2, keep, 0)
-    for reshape in stream.channel_entries:
-        editor.set_entry(reshape, -2, len(keep))
-
-
-def _correct_norm(editor: _Editor, name: str, scale: float, shift: float) -> None:
+def _correct_norm(editor: Editor, name: str, scale: float, shift: float) -> None:
     """γ' = γ·scale, β' = β + γ·shift (see compensation.py)."""
     node = editor.nodes[name]
     gamma = editor.current(node, 1)
@@ -374,21 +163,19 @@ def _correct_norm(editor: _Editor, name: str, scale: float, shift: float) -> Non
         node.inputs.append(editor.constant(f"{name}/bias", new_beta))
 
 
-def _prune_fused(editor: _Editor, keep: AttentionKeep, qk_columns: np.ndarray, v_columns: np.ndarray,
-                 dq: int, dv: int) -> None:
-    """Slice the fused weight, then split it by width instead of by the (…, 3, H, d) reshape, which
-    needs equal q/k/v widths: each piece is reshaped to (…, 1, H′, width), goes through the
+def _split_fused(editor: Editor, keep: AttentionKeep, dq: int, dv: int) -> None:
+    """Split the (already cut) fused projection by width instead of by the (…, 3, H, d) reshape,
+    which needs equal q/k/v widths: each piece is reshaped to (…, 1, H′, width), goes through the
     Transposes that followed the reshape, loses the 3-axis where the selector dropped it, and
     replaces the part the selector took. The old reshape and selectors become dead."""
     block = keep.block
     fused = block.fused
     assert fused is not None
     q_off, k_off, v_off = block.column_offsets
-    roles = sorted([(q_off, qk_columns, dq, 0), (k_off, qk_columns, dq, 1), (v_off, v_columns, dv, 2)])
-    columns = np.concatenate([offset + cols for offset, cols, _, _ in roles])
-    editor.keep_outputs(block.q, columns)
+    roles = sorted([(q_off, len(keep.qk_columns()), dq, 0), (k_off, len(keep.qk_columns()), dq, 1),
+                    (v_off, len(keep.v_columns()), dv, 2)])
     linear_out = editor.tensors[block.q.output]
-    sizes = [len(cols) for _, cols, _, _ in roles]
+    sizes = [count for _, count, _, _ in roles]
     pieces = [editor.variable(f"{block.name}/qkv_part{i}") for i in range(3)]
     if editor.graph.opset >= 13:
         editor.add_node("Split", [linear_out, editor.constant("split", np.array(sizes, dtype=np.int64))], pieces,

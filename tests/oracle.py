@@ -10,6 +10,7 @@ from onnxsnp.graph import ModelGraph
 from onnxsnp.importance import Ratios
 from onnxsnp.matching import find_blocks
 from onnxsnp.pipeline import make_plan
+from onnxsnp.rewriting import plan_cuts
 
 
 def plan_for(path, ratios: Ratios, criterion: str = "random"):
@@ -18,38 +19,24 @@ def plan_for(path, ratios: Ratios, criterion: str = "random"):
 
 
 def zeroed_original(g: ModelGraph, plan) -> onnx.ModelProto:
-    """The original model with the removed neurons' weights and biases set to zero. A weight
-    computed from constants (a quantized one) is replaced by its float value, zeroed."""
+    """The original model with the removed units' weights set to zero: every weight the plan's
+    dependency groups say writes a removed unit (the groups the rewrite cuts). A weight computed
+    from constants (a quantized one) is replaced by its float value, zeroed."""
     model = onnx.ModelProto()
     model.CopyFrom(g.model)
     edits: dict[str, np.ndarray] = {}
-
-    def zero_outputs(linear, columns):
-        for tensor, axis in ((linear.weight, 0 if linear.transposed else 1), (linear.bias, 0)):
-            if tensor is None:
+    for cut in plan_cuts(g, plan):
+        removed = cut.removed()
+        for weight in cut.group.weights:
+            if weight.reads:
                 continue
+            tensor = g.node(weight.node).input[weight.index]
             name = g.initializer_behind(tensor) or tensor
             value = edits.get(name, g.constant(tensor).copy())
             index = [slice(None)] * value.ndim
-            index[axis if value.ndim > 1 else 0] = columns
+            index[weight.axis] = weight.offset + removed
             value[tuple(index)] = 0
             edits[name] = value
-
-    for keep in plan.attention:
-        b = keep.block
-        width = b.heads * b.head_dim
-        removed_qk = np.setdiff1d(np.arange(width), keep.qk_columns())
-        removed_v = np.setdiff1d(np.arange(width), keep.v_columns())
-        zero_outputs(b.q, b.column_offsets[0] + removed_qk)
-        zero_outputs(b.k, b.column_offsets[1] + removed_qk)
-        zero_outputs(b.v, b.column_offsets[2] + removed_v)
-        if b.packed_bias is not None:  # MultiHeadAttention keeps the q/k/v biases in one input
-            name = g.initializer_behind(b.packed_bias)
-            value = edits.get(name, g.constant(b.packed_bias).copy())
-            value[np.concatenate([removed_qk, width + removed_qk, 2 * width + removed_v])] = 0
-            edits[name] = value
-    for keep in plan.ffn:
-        zero_outputs(keep.block.fc1, np.setdiff1d(np.arange(keep.block.hidden), keep.hidden))
     for init in model.graph.initializer:
         if init.name in edits:
             init.CopyFrom(numpy_helper.from_array(edits.pop(init.name), init.name))

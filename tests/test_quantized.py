@@ -24,13 +24,13 @@ def test_new_values_are_quantized_again_with_the_same_scheme(style):
     import onnx_graphsurgeon as gs
 
     import graphs
-    from onnxsnp.rewriting import _Editor
+    from onnxsnp.editor import Editor
     from quantize import quantize_weights
 
     model = quantize_weights(graphs.softmax_attention(), style)
     g = ModelGraph(model)
     graph = gs.import_onnx(model)
-    editor = _Editor(g, graph)
+    editor = Editor(g, graph)
     matmul = next(n for n in graph.nodes if n.op == "MatMul" and g.is_constant(n.inputs[1].name))
 
     def chain():  # (integers, scale and zero point values) behind the weight

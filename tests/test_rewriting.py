@@ -64,3 +64,17 @@ def test_head_pruning_equals_zeroed_heads(exported, tmp_path, family, attention,
     tolerance = 2e-2 if exporter.endswith("fp16") else 2e-5
     for want, got in zip(run(zeroed_original(g, plan), feed), run(pruned, feed)):
         np.testing.assert_allclose(got, want, atol=tolerance, rtol=100 * tolerance)
+
+
+@pytest.mark.parametrize("family,attention,dynamic,exporter", FORMS, ids=FORM_IDS)
+def test_masked_weights_compute_what_the_rewrite_does(exported, family, attention, dynamic, exporter):
+    """masking.py (full-width weights, removed units zeroed through the same dependency groups)
+    and the rewrite agree."""
+    from onnxsnp.masking import plan_weights, with_weights
+
+    path = exported(family, attention, dynamic, exporter)
+    g, plan = plan_for(path, Ratios(0.5, 0.25, 0.5, heads=0.5))
+    feed = feed_for(path, batch=2)
+    tolerance = 2e-2 if exporter.endswith("fp16") else 2e-5
+    for want, got in zip(run(with_weights(g.model, plan_weights(g, plan)), feed), run(rewrite(g, plan), feed)):
+        np.testing.assert_allclose(got, want, atol=tolerance, rtol=100 * tolerance)

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from ..graph import ModelGraph
 from .blocks import (AttentionBlock, FfnBlock, FrozenScale, FusedQkv, Layer, Linear, Matches, NoMatch, ShapeEdit,
-                     Skipped, unique_names)
+                     Skipped, Width, unique_names)
 from .ffn import match_ffns
 from .layers import match_layers
 from .linear import linear_at, linear_producing, linear_reading
 from .rules import ATTENTION_RULES, AttentionRule, RuleSet
 
 __all__ = ["AttentionBlock", "AttentionRule", "FfnBlock", "FrozenScale", "FusedQkv", "Layer", "Linear", "Matches",
-           "NoMatch", "RuleSet", "ShapeEdit", "Skipped", "find_blocks", "linear_at", "linear_producing",
+           "NoMatch", "RuleSet", "ShapeEdit", "Skipped", "Width", "find_blocks", "linear_at", "linear_producing",
            "linear_reading"]
 
 

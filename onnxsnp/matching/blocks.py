@@ -6,6 +6,7 @@ that does not fit raises `NoMatch` with a reason that names the node (shown by `
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 
 
 class NoMatch(Exception):
@@ -31,12 +32,25 @@ class Linear:
     out_reshape: str | None = None  # one restoring them after it: last entry = out_features
 
 
+class Width(str, Enum):
+    """A size a cut changes, which a shape entry or attribute holds."""
+
+    QK = "qk"  # per-head Q/K width
+    V = "v"  # per-head V width
+    QK_MERGED = "qk_merged"  # heads × per-head Q/K width
+    V_MERGED = "v_merged"
+    HEADS = "heads"
+    FUSED = "qkv_merged"  # a fused projection's output: q, k and v merged
+    FFN = "ffn"  # FFN hidden neurons
+    CHANNELS = "channels"  # residual-stream channels
+
+
 @dataclass(frozen=True)
 class ShapeEdit:
     """A Reshape target-shape entry that holds a pruned width and must follow it."""
 
     reshape: str
-    width: str  # "qk"/"v": per-head Q/K or V width; "qk_merged"/"v_merged": heads × that width; "heads"
+    width: Width
     position: int = -1  # which entry, counted from the end
 
 

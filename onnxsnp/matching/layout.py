@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import onnx
 
 from ..graph import ModelGraph, attribute
-from .blocks import AttentionBlock, NoMatch, ShapeEdit
+from .blocks import AttentionBlock, NoMatch, ShapeEdit, Width
 from .shapes import Entry, read_entries
 
 # element-wise: every axis stays where it is (activation QDQ is checked per tensor when traced)
@@ -142,7 +142,7 @@ def _reshaped(g: ModelGraph, node: onnx.NodeProto, axes: Axes, kind: str, block:
     if axes.merged:
         if entry.value == merged or entry.follows:
             if entry.value == merged and not entry.follows:
-                edits.append(ShapeEdit(node.name, kind + "_merged", position))
+                edits.append(ShapeEdit(node.name, Width(kind + "_merged"), position))
             return axes
         if position != -1 or len(entries) < 2:
             raise NoMatch(f"{node.name} reshapes the merged heads in an unknown way")
@@ -150,18 +150,18 @@ def _reshaped(g: ModelGraph, node: onnx.NodeProto, axes: Axes, kind: str, block:
         if entry.value not in (d, -1) or heads.value not in (block.heads, -1) and not heads.follows:
             raise NoMatch(f"{node.name} does not split into (…, {block.heads}, {d})")
         if entry.value == d:
-            edits.append(ShapeEdit(node.name, kind, -1))
+            edits.append(ShapeEdit(node.name, Width(kind), -1))
         if heads.value == block.heads and not heads.follows:
-            edits.append(ShapeEdit(node.name, "heads", -2))
+            edits.append(ShapeEdit(node.name, Width.HEADS, -2))
         return Axes(False, -1, -2)
     if _merges_heads(g, node, entries, axes, merged):  # (…, H, d) back into (…, H·d), h·d + j order
         if entry.value == merged and not entry.follows:
-            edits.append(ShapeEdit(node.name, kind + "_merged", -1))
+            edits.append(ShapeEdit(node.name, Width(kind + "_merged"), -1))
         return MERGED
     edits += _heads_entry(node, entries, axes.heads, block)
     heads_at = _heads_after(node, entries, axes.heads, position, block)
     if entry.value == d and not entry.follows:
-        edits.append(ShapeEdit(node.name, kind, position))
+        edits.append(ShapeEdit(node.name, Width(kind), position))
     elif not entry.follows and entry.value != -1:
         raise NoMatch(f"cannot tell which entry of {node.name}'s target shape holds the head dim")
     return replace(axes, heads=heads_at)
@@ -196,7 +196,7 @@ def _heads_entry(node: onnx.NodeProto, entries: list[Entry], heads_at: int | Non
         return []
     entry = entries[heads_at]
     if not entry.follows and entry.value == block.heads:
-        return [ShapeEdit(node.name, "heads", heads_at)]
+        return [ShapeEdit(node.name, Width.HEADS, heads_at)]
     return []
 
 
