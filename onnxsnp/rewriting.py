@@ -39,10 +39,13 @@ def rewrite(g: ModelGraph, plan: PrunePlan) -> onnx.ModelProto:
     # last block first, so that a removed block's input is never a tensor already cut away
     for layer in reversed(plan.removed_layers):
         editor.bypass(layer.input, layer.output)
+        if layer.renorm:
+            _renormalize(editor, layer.renorm, layer.input)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     model = gs.export_onnx(graph, do_type_check=False)
     del model.graph.value_info[:]  # shapes recorded by the exporter are stale where widths changed
     _keep_initializer_order(g.model, model)
+    _keep_io_types(g.model, model)
     _rename_generated_initializers(model)
     _copy_metadata(g.model, model)
     return model
@@ -110,6 +113,19 @@ def _finish_attention(editor: Editor, keep: AttentionKeep, qk_scales: dict[str, 
             qk_scales = {}
     if block.name in qk_scales:
         _scale_q(editor, keep, factors)
+
+
+def _renormalize(editor: Editor, skip_norm: str, stream: str) -> None:
+    """A removed pre-norm block's last join also normalised the stream for the next block: that
+    norm now reads the block's input (a LayerNormalization with the join's γ, β and ε)."""
+    node = editor.nodes[skip_norm]
+    simplified = node.op == "SkipSimplifiedLayerNormalization"
+    inputs = [editor.tensors[stream], node.inputs[2]] + ([] if simplified else [node.inputs[3]])
+    normalized = editor.variable(f"{skip_norm}/renormalized", node.outputs[0].dtype)
+    attrs = {"axis": -1, "epsilon": float(node.attrs.get("epsilon", 1e-5))}
+    op = "SimplifiedLayerNormalization" if simplified else "LayerNormalization"
+    editor.add_node(op, inputs, [normalized], attrs)
+    editor.reroute(node.outputs[0].name, normalized)
 
 
 def _standard_scale(editor: Editor, carrier, factor: float) -> None:
@@ -195,6 +211,15 @@ def _split_fused(editor: Editor, keep: AttentionKeep, dq: int, dv: int) -> None:
         if fused.dropped[part]:
             current = editor.squeeze(current, fused.part_axis)
         editor.reroute(fused.parts[part], current)
+
+
+def _keep_io_types(source: onnx.ModelProto, target: onnx.ModelProto) -> None:
+    """Graph inputs and outputs keep their declared types and shapes (pruning never changes them;
+    graphsurgeon drops the shape of an output that a Cast writes, as fp16 graphs end)."""
+    declared = {info.name: info.type for info in list(source.graph.input) + list(source.graph.output)}
+    for info in list(target.graph.input) + list(target.graph.output):
+        if info.name in declared:
+            info.type.CopyFrom(declared[info.name])
 
 
 def _keep_initializer_order(source: onnx.ModelProto, target: onnx.ModelProto) -> None:

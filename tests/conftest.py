@@ -33,6 +33,46 @@ INT8_FORMS = [(f, a, True, f"int8-{style}") for f, a in (("vit", "sdpa"), ("bert
 # DINOv2-shaped: written-out LayerNorm and LayerScale (tools/torch_models.py)
 NORM_FORMS = [("dinov2", "manual", True, "legacy"), ("dinov2", "sdpa", False, "legacy"), ("dinov2", "sdpa", True, "dynamo")]
 
+# optimum-onnx exports from a local folder (their own venv: tests/optimum_export.py), and
+# `optimum-cli onnxruntime optimize` at -O1 … -O4
+OPTIMUM_FORMS = ([(family, "random", True, "optimum") for family in ("bert", "roberta", "distilbert", "vit", "clip")]
+                 + [(family, "random", True, f"optimum-O{level}") for family in ("bert", "vit") for level in range(1, 5)])
+OPTIMUM_VENV = ROOT / "build" / "optimum-venv"
+# optimum-onnx 0.1 pins transformers < 4.58, older than the test venv's: it gets a venv of its own
+OPTIMUM_REQUIREMENTS = ["torch==2.13.0", "optimum-onnx[onnxruntime]==0.1.0", "transformers<4.58"]
+
+
+def optimum_python() -> Path:
+    """The optimum venv's python, made once (cached under build/); skips the test, with the
+    reason, where the package registry cannot be reached."""
+    import subprocess
+
+    python = OPTIMUM_VENV / "bin" / "python"
+    ready = OPTIMUM_VENV / ".ready"
+    if ready.exists() and ready.read_text() == " ".join(OPTIMUM_REQUIREMENTS):
+        return python
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(OPTIMUM_VENV)], check=True)
+    install = subprocess.run([str(python), "-m", "pip", "install", "-q", *OPTIMUM_REQUIREMENTS],
+                             capture_output=True, text=True)
+    if install.returncode:
+        reason = install.stderr.strip().splitlines()[-1] if install.stderr.strip() else "pip failed"
+        if any(word in install.stderr for word in ("connection", "Connection", "resolve", "Network", "No matching")):
+            pytest.skip(f"optimum-onnx cannot be installed (package registry unreachable?): {reason}")
+        raise RuntimeError(f"installing {OPTIMUM_REQUIREMENTS} failed: {reason}")
+    ready.write_text(" ".join(OPTIMUM_REQUIREMENTS))
+    return python
+
+
+def export_optimum(folder: Path, family: str, exporter: str) -> Path:
+    import subprocess
+
+    level = exporter.split("-")[1] if "-" in exporter else None
+    command = [str(optimum_python()), str(ROOT / "tests" / "optimum_export.py"), family, str(folder)]
+    done = subprocess.run(command + ([level] if level else []), capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"optimum export of {family} failed: {done.stderr.strip()[-2000:]}")
+    return Path(done.stdout.strip().splitlines()[-1])
+
 
 def form_ids(forms: list[tuple]) -> list[str]:
     return [f"{f}-{a}-{'dynamic' if d else 'static'}-{e}" for f, a, d, e in forms]
@@ -156,6 +196,8 @@ def exported(tmp_path_factory):
 
     def get(family: str, attention: str, dynamic: bool, exporter: str = "legacy") -> Path:
         key = (family, attention, dynamic, exporter)
+        if key not in cache and exporter.startswith("optimum"):
+            cache[key] = export_optimum(folder / f"{family}_{exporter}", family, exporter)
         if key not in cache:
             path = folder / f"{family}_{attention}_{'dyn' if dynamic else 'static'}_{exporter}.onnx"
             make = {"vit": export_vit, "bert": export_bert, "dinov2": export_dinov2}[family]
@@ -173,8 +215,9 @@ def feed_for(path: Path, batch: int, seq: int = 8, seed: int = 1) -> dict[str, n
     feed = {}
     for info in model.graph.input:
         dims = [d.dim_value if d.HasField("dim_value") else None for d in info.type.tensor_type.shape.dim]
-        if info.name == "pixel_values":
-            feed[info.name] = rng.standard_normal((batch, *dims[1:])).astype(np.float32)
+        if info.name == "pixel_values":  # optimum exports leave channels and size dynamic: 3 × 32 × 32
+            shape = [d or default for d, default in zip(dims[1:], (3, 32, 32))]
+            feed[info.name] = rng.standard_normal((batch, *shape)).astype(np.float32)
         elif info.name == "input_ids":
             feed[info.name] = rng.integers(0, 100, (batch, dims[1] or seq)).astype(np.int64)
         else:

@@ -9,7 +9,7 @@ import onnx
 
 from ..graph import ModelGraph, attribute
 from .blocks import AttentionBlock, FrozenScale, FusedQkv, Linear, NoMatch, Skipped, block_name
-from .layout import FUSED, MERGED, SPLIT, path_shape_edits
+from .layout import FUSED, MERGED, SPLIT, Axes, path_shape_edits
 from .linear import linear_producing, linear_reading
 from .shapes import head_layout, shape_entries, shape_source
 
@@ -97,7 +97,8 @@ def assemble(g: ModelGraph, core: AttentionCore) -> AttentionBlock:
     block.packed_bias = core.packed_bias
     block.core_nodes = core.products
     region |= {t for node in merge_path for t in node.output}
-    _check_private(g, region, core, traces, merge_path, out)
+    seen = _shape_edits(g, block, traces, merge_path, region, core)
+    _check_private(g, region, core, traces, merge_path, out, seen)
     scales = core.frozen + [scale for trace in traces[:2] for scale in trace.scales]
     block.frozen_scales = [scale for scale in scales if not scale.constant]
     block.constant_scales = [scale for scale in scales if scale.constant]
@@ -106,15 +107,25 @@ def assemble(g: ModelGraph, core: AttentionCore) -> AttentionBlock:
     quantized = [n.name for n in (traces[0].nodes if traces else []) if n.op_type == "QuantizeLinear"]
     if quantized:
         block.q_fixed = f"q is quantized at {quantized[0]}: rescaling its columns would change the rounding"
+    return block
+
+
+def _shape_edits(g: ModelGraph, block: AttentionBlock, traces: tuple[_Trace, ...], merge_path: list[onnx.NodeProto],
+                 region: set[str], core: AttentionCore) -> dict[str, Axes]:
+    """Every Reshape entry on the block's paths that holds a pruned width (into the block); returns
+    where the tracked axes are in each tensor on the way."""
+    seen: dict[str, Axes] = {}
     for trace, kind in zip(traces, ("qk", "qk", "v")):
         if block.fused is not None:  # from the (…, 3, H, d) reshape on: it is replaced, so not edited
             reshape = next(i for i, n in enumerate(trace.nodes) if n.name == block.fused.reshape)
             forward, start = list(reversed(trace.nodes[:reshape])), FUSED
         else:
             forward, start = list(reversed(trace.nodes)), MERGED
-        block.shape_edits += path_shape_edits(g, forward, kind, block, region, start)
-    block.shape_edits += path_shape_edits(g, merge_path, "v", block, region, SPLIT if core.heads is None else MERGED)
-    return block
+        block.shape_edits += path_shape_edits(g, forward, kind, block, region, start, seen)
+    start = SPLIT if core.heads is None else MERGED
+    seen[core.output] = start
+    block.shape_edits += path_shape_edits(g, merge_path, "v", block, region, start, seen)
+    return seen
 
 
 def _packed_block(core: AttentionCore, out: Linear) -> AttentionBlock:
@@ -128,8 +139,9 @@ def _packed_block(core: AttentionCore, out: Linear) -> AttentionBlock:
 
 
 def _check_private(g: ModelGraph, region: set[str], core: AttentionCore, traces: tuple[_Trace, ...],
-                   merge: list[onnx.NodeProto], out: Linear) -> None:
-    """Pruning changes every tensor of the region: nothing outside the block may read one."""
+                   merge: list[onnx.NodeProto], out: Linear, seen: dict[str, Axes]) -> None:
+    """Pruning changes every tensor of the region: nothing outside the block may read one, but for
+    reads of the sizes of axes the cut leaves alone."""
     inside = set(core.nodes) | {n.name for t in traces for n in t.nodes} | {n.name for n in merge} | {out.node}
     inside |= {n.name for n in g.consumers_of(out.input) if n.op_type == "Reshape"}  # flattening its tokens
     outputs = set(g.graph_outputs)
@@ -138,8 +150,26 @@ def _check_private(g: ModelGraph, region: set[str], core: AttentionCore, traces:
             raise NoMatch(f"{tensor} is a graph output; pruning would change it")
         for reader in g.consumers_of(tensor):
             # Shape readers feed reshapes and scales, which are checked on their own
-            if reader.name not in inside and reader.op_type != "Shape":
+            if reader.name not in inside and reader.op_type != "Shape" and not _reads_sizes(g, reader, tensor, seen):
                 raise NoMatch(f"{reader.op_type} node {reader.name} outside the attention reads {tensor}")
+
+
+def _reads_sizes(g: ModelGraph, reader: onnx.NodeProto, tensor: str, seen: dict[str, Axes]) -> bool:
+    """Is `reader` a Transpose of a region tensor whose copy only feeds Shape → Gather reads of
+    axes the cut leaves alone (CLIP's text attention reads the key length so)?"""
+    axes, rank = seen.get(tensor), len(g.shapes.get(tensor) or ())
+    if reader.op_type != "Transpose" or axes is None or axes.merged or not rank:
+        return False
+    perm = list(attribute(reader, "perm", [])) or list(range(rank))[::-1]
+    tracked = {p for p in (axes.dim, axes.heads, axes.part) if p is not None}
+    for shape in g.consumers_of(reader.output[0]):
+        if shape.op_type != "Shape" or attribute(shape, "start", 0) or attribute(shape, "end", None) is not None:
+            return False
+        for gather in g.consumers_of(shape.output[0]):
+            index = g.constant(gather.input[1]) if gather.op_type == "Gather" else None
+            if index is None or index.size != 1 or perm[int(index.reshape(-1)[0]) % rank] - rank in tracked:
+                return False
+    return True
 
 
 def _check_frozen_scale(g: ModelGraph, scale: FrozenScale, region: set[str], head_dim: int) -> None:

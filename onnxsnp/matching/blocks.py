@@ -141,6 +141,8 @@ class Layer:
     output: str
     norm: str  # "pre" (x + f(LN(x))) or "post" (LN(x + f(x)))
     middle: str = ""  # the stream between the attention and the FFN (after the attention's join)
+    renorm: str = ""  # a pre-norm SkipLayerNormalization joining the FFN: its normalised output must be
+    #                   recomputed from `input` when the block goes (the next block's norm lives in it)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from .norms import norm_writing
 
 # Element-wise ops of an FFN activation (GELU as Erf chain or op, ReLU, SiLU, tanh-GELU).
 _ACTIVATION_OPS = {"Div", "Mul", "Add", "Sub", "Erf", "Gelu", "Relu", "Sigmoid", "Tanh", "Pow",
-                   "Cast", "FastGelu", "BiasGelu", "HardSigmoid", "Softplus", "Identity",
+                   "Cast", "FastGelu", "BiasGelu", "QuickGelu", "HardSigmoid", "Softplus", "Identity",
                    "QuantizeLinear", "DequantizeLinear"}  # activation QDQ: per tensor (a per-channel one is refused)
 
 

@@ -39,7 +39,8 @@ def _layer(g: ModelGraph, block: AttentionBlock, by_input: dict[str, FfnBlock]) 
     if into != after_attention:
         raise NoMatch(f"{mlp.name} is added to {into}, not to the stream after the attention")
     name = common_scope(block.name + "/x", mlp.name + "/x") or block.name
-    return Layer(name, block, mlp, stream_in, _joined(g, second, norm), norm, after_attention)
+    renorm = second.name if second.op_type in _SKIP_NORMS and norm == "pre" else ""
+    return Layer(name, block, mlp, stream_in, _joined(g, second, norm), norm, after_attention, renorm)
 
 
 def _residual_join(g: ModelGraph, branch: str | None, writer: str) -> tuple[str, onnx.NodeProto]:
@@ -63,8 +64,10 @@ def _joined(g: ModelGraph, join: onnx.NodeProto, norm: str) -> str:
     if join.op_type in _SKIP_NORMS:
         if norm == "post":
             return join.output[0]
-        raise NoMatch(f"{join.name} adds to the stream and normalises in one op: without the block, the norm "
-                      "would have to be split from the sum")
+        if len(join.output) > 3 and join.output[3]:  # pre-norm: the sum is its output 3
+            return join.output[3]
+        raise NoMatch(f"{join.name} adds to the stream and normalises in one op without writing the sum, "
+                      "so the stream after the block is no tensor")
     if norm == "pre":
         return join.output[0]
     after = normalized(g, join.output[0])

@@ -38,10 +38,10 @@ FUSED = Axes(False, -1, -2, -3)  # (…, 3, H, d): a fused projection after its 
 
 
 def path_shape_edits(g: ModelGraph, forward: list[onnx.NodeProto], kind: str, block: AttentionBlock,
-                     region: set[str], start: Axes) -> list[ShapeEdit]:
+                     region: set[str], start: Axes, seen: dict[str, Axes] | None = None) -> list[ShapeEdit]:
     """Follow the tracked axes from `start` along `forward` and list the Reshape entries that hold
-    a pruned width. Where the heads axis cannot be followed, whole-head pruning is marked
-    impossible for the block (`block.heads_fixed`)."""
+    a pruned width; `seen` gets the axes of every tensor on the way. Where the heads axis cannot
+    be followed, whole-head pruning is marked impossible for the block (`block.heads_fixed`)."""
     axes, edits = start, []
     for node in forward:
         if node.op_type == "Transpose":
@@ -56,6 +56,8 @@ def path_shape_edits(g: ModelGraph, forward: list[onnx.NodeProto], kind: str, bl
             axes = _reshaped(g, node, axes, kind, block, region, edits)
         elif node.op_type not in _PASS:
             raise NoMatch(f"{node.op_type} node {node.name} on a pruned path")
+        if seen is not None:
+            seen.update((t, axes) for t in node.output)
     return edits
 
 
