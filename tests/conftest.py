@@ -36,7 +36,8 @@ NORM_FORMS = [("dinov2", "manual", True, "legacy"), ("dinov2", "sdpa", False, "l
 # optimum-onnx exports from a local folder (their own venv: tests/optimum_export.py), and
 # `optimum-cli onnxruntime optimize` at -O1 … -O4
 OPTIMUM_FORMS = ([(family, "random", True, "optimum") for family in ("bert", "roberta", "distilbert", "vit", "clip")]
-                 + [(family, "random", True, f"optimum-O{level}") for family in ("bert", "vit") for level in range(1, 5)])
+                 + [(family, "random", True, f"optimum-O{level}") for family in ("bert", "vit") for level in range(1, 5)]
+                 + [("clip", "random", True, "optimum-O2")])
 OPTIMUM_VENV = ROOT / "build" / "optimum-venv"
 # optimum-onnx 0.1 pins transformers < 4.58, older than the test venv's: it gets a venv of its own
 OPTIMUM_REQUIREMENTS = ["torch==2.13.0", "optimum-onnx[onnxruntime]==0.1.0", "transformers<4.58"]

@@ -74,3 +74,26 @@ def unshare(path, tmp_path):
     out = tmp_path / "unshared.onnx"
     onnx.save(model, str(out))
     return out
+
+
+def zeroed_blocks(g: ModelGraph, layers) -> onnx.ModelProto:
+    """The original model with what the given pre-norm blocks add to the stream set to zero — the
+    output projection's and fc2's weights and biases, and a bias their join adds (onnxruntime's
+    SkipLayerNormalization with the bias moved in): then each block passes its input on."""
+    model = onnx.ModelProto()
+    model.CopyFrom(g.model)
+    slots = set()
+    for layer in layers:
+        for linear in (layer.attention.out, layer.ffn.fc2):
+            slots |= {(linear.node, linear.weight_index)} | ({(linear.bias_node, linear.bias_index)} if linear.bias else set())
+        for branch in (layer.attention.out.output, layer.ffn.fc2.output):
+            for join in g.consumers_of(branch):
+                if join.op_type.startswith("Skip") and len(join.input) > 4 and join.input[4]:
+                    slots.add((join.name, 4))
+    nodes = {n.name: n for n in model.graph.node}
+    for number, (node, index) in enumerate(sorted(slots)):
+        value = np.zeros_like(g.constant(nodes[node].input[index]))
+        name = f"zeroed_block_{number}"
+        model.graph.initializer.append(numpy_helper.from_array(value, name))
+        nodes[node].input[index] = name
+    return model

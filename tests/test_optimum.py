@@ -14,7 +14,7 @@ from onnxsnp.graph import ModelGraph
 from onnxsnp.importance import Ratios
 from onnxsnp.matching import find_blocks
 from onnxsnp.rewriting import rewrite
-from oracle import plan_for, unshare, zeroed_original
+from oracle import plan_for, unshare, zeroed_blocks, zeroed_original
 
 pytestmark = pytest.mark.slow
 TOWERS = {"clip": 2}  # attention blocks: 2 layers per tower
@@ -71,3 +71,23 @@ def test_half_ratio_blocks_and_residual(exported, family, attention, dynamic, ex
     elif family == "vit":
         pruned, report = prune_with_feed(path, ratio=0.0, residual=0.25)
         assert report.residual_width == [32, 24] and np.isfinite(run(pruned, feed)[0]).all()
+
+
+PRE_NORM = [form for form in OPTIMUM_FORMS if form[0] in ("vit", "clip")]
+
+
+@pytest.mark.parametrize("family,attention,dynamic,exporter", PRE_NORM, ids=form_ids(PRE_NORM))
+def test_removing_a_block_equals_zeroing_what_it_adds(exported, family, attention, dynamic, exporter):
+    """Every removable pre-norm block, one at a time: the rewrite (a bypass, and where the block's
+    last join is a SkipLayerNormalization, the next norm recomputed from its input) equals the
+    original with the block's contributions zeroed."""
+    path = exported(family, attention, dynamic, exporter)
+    layers = find_blocks(ModelGraph(onnx.load(str(path)))).layers
+    feed = feed_for(path, batch=2)
+    for index in range(len(layers) if len(layers) > 1 else 0):
+        g, plan = plan_for(path, Ratios(0.0, 0.0, 0.0, block_indices=(index,)))
+        assert [layer.name for layer in plan.removed_layers] == [layers[index].name]
+        tolerance = 2e-2 if exporter.endswith("O4") else 2e-5
+        for want, got in zip(run(zeroed_blocks(g, plan.removed_layers), feed, optimize=False),
+                             run(rewrite(g, plan), feed, optimize=False)):
+            np.testing.assert_allclose(got, want, atol=tolerance, rtol=100 * tolerance)
