@@ -14,9 +14,9 @@ signal.signal(signal.SIGTERM, _interrupt)
 signal.signal(signal.SIGINT, _interrupt)
 try:
     from .cli import main
-except (KeyboardInterrupt, ImportError):
+except (KeyboardInterrupt, ImportError) as stopped:
     # an interrupt inside a C extension's initialisation surfaces as ImportError
-    if not _received:
+    if isinstance(stopped, ImportError) and not _received:
         raise
     print("onnxsnp: interrupted; nothing written", file=sys.stderr)
     sys.exit(130)
