@@ -5,6 +5,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +62,7 @@ def load_calibration(path: str | os.PathLike, specs: list[InputSpec]) -> dict[st
 
 def validate_calibration(arrays: dict[str, np.ndarray], specs: list[InputSpec], label: str) -> dict[str, np.ndarray]:
     """Check arrays against the model inputs and cast them to the input types."""
-    arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    arrays = fill_absent_inputs({k: np.asarray(v) for k, v in arrays.items()}, specs)
     missing = [s.name for s in specs if s.name not in arrays]
     if missing:
         raise SnpError(f"{label} lacks model input(s) {', '.join(missing)} "
@@ -89,6 +90,55 @@ def validate_calibration(arrays: dict[str, np.ndarray], specs: list[InputSpec], 
             raise SnpError(f"calibration input {spec.name!r} contains NaN or Inf")
         feed[spec.name] = array
     return feed
+
+
+class FilledInputWarning(UserWarning):
+    pass
+
+
+class ObviousInput(Enum):
+    """Token inputs whose calibration value goes without saying; the value names what is filled in."""
+    MASK = "ones"
+    POSITION = "0..L-1"
+    TOKEN_TYPE = "zeros"
+
+    @classmethod
+    def of(cls, spec: InputSpec) -> ObviousInput | None:
+        if len(spec.shape) != 2 or spec.dtype.kind not in "iub":
+            return None
+        lowered = spec.name.lower()
+        if "mask" in lowered:
+            return cls.MASK
+        if "position" in lowered:
+            return cls.POSITION
+        if "type" in lowered or "segment" in lowered:
+            return cls.TOKEN_TYPE
+        return None
+
+
+def fill_absent_inputs(arrays: dict[str, np.ndarray], specs: list[InputSpec]) -> dict[str, np.ndarray]:
+    """Obvious token inputs, made (with a warning) where the calibration data lacks them:
+    attention masks ones, position ids 0..L-1, token type ids zeros, each shaped like the token
+    ids given (the first 2-D array among the model's inputs)."""
+    given = [arrays[s.name] for s in specs if s.name in arrays and arrays[s.name].ndim == 2]
+    if not given:
+        return arrays
+    samples, length = given[0].shape
+    filled, notes = dict(arrays), []
+    for spec in specs:
+        kind = ObviousInput.of(spec)
+        if spec.name in arrays or kind is None:
+            continue
+        if kind is ObviousInput.POSITION:
+            value = np.broadcast_to(np.arange(length), (samples, length))
+        else:
+            value = np.full((samples, length), 1 if kind is ObviousInput.MASK else 0)
+        filled[spec.name] = value.astype(spec.dtype)
+        notes.append(f"{spec.name} = {kind.value}")
+    if notes:
+        warnings.warn(f"calibration data lacks {', '.join(notes)}; using those values", FilledInputWarning,
+                      stacklevel=3)
+    return filled
 
 
 def _show(shape: tuple) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import onnx
 
+from . import __version__
 from .errors import SnpError
 from .compensation import COMPENSATION
 from .importance import CRITERIA
@@ -20,6 +21,9 @@ from .matching import Matches
 from .html import render as render_html
 from .loading import is_big, load_model
 from .pipeline import inspect_model, prune_model, resolve_ratios, resolve_target
+from .calib_data import RawCalibration, load_raw_calibration, raw_request
+from .calib_images import RESAMPLING
+from .graph import ModelGraph
 
 EXAMPLES = """examples:
   onnxsnp models/digits_vit.onnx pruned.onnx --ratio 0.5
@@ -27,6 +31,8 @@ EXAMPLES = """examples:
   onnxsnp in.onnx out.onnx --ratio 0.3 --criterion l2 --report report.json --html report.html
   onnxsnp in.onnx out.onnx --ratio 0.3 --heads 0.25 --blocks 1
   onnxsnp in.onnx out.onnx --target-flops 0.5 --align 8 --calib calib.npz
+  onnxsnp bert/model.onnx out.onnx --calib-text sentences.txt          (tokenizer.json beside the model)
+  onnxsnp vit/model.onnx out.onnx --calib-images photos/                (preprocessor_config.json beside it)
   onnxsnp inspect in.onnx
 """
 
@@ -40,6 +46,7 @@ def _prune_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="onnxsnp", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
                      description="Prune an ONNX transformer with SNP (structured neuron-level pruning). "
                                  "Use `onnxsnp inspect IN` to list the blocks it finds.")
+    parser.add_argument("--version", action="version", version=f"onnxsnp {__version__}")
     parser.add_argument("input", help="the ONNX model to prune (never modified)")
     parser.add_argument("output", help="where to write the pruned model (written only after it verified)")
     parser.add_argument("--ratio", type=float, default=0.5,
@@ -77,6 +84,7 @@ def _prune_parser() -> argparse.ArgumentParser:
                         help="calibration arrays keyed by model input name, first axis = samples "
                              "(default: synthetic inputs, with a warning)")
     parser.add_argument("--calib-samples", type=int, default=64, help="calibration samples to use (default 64)")
+    _add_raw_calibration_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed for synthetic data and --criterion random")
     parser.add_argument("--report", metavar="FILE.json", help="write the report as JSON")
     parser.add_argument("--html", metavar="FILE.html",
@@ -165,11 +173,15 @@ def _run_prune(args: argparse.Namespace) -> int:
             warnings.simplefilter("ignore")
         else:
             warnings.showwarning = _show_warning
-        result = prune_model(loaded, ratios, criterion=args.criterion, calib=args.calib, target=goal,
+        raw = _raw_calibration(args, source, loaded.model)
+        result = prune_model(loaded, ratios, criterion=args.criterion, calib=raw.arrays if raw else args.calib,
+                             target=goal,
                              residual_criterion=args.residual_criterion, compensate=args.compensate,
                              calib_samples=args.calib_samples, seed=args.seed, progress=not args.quiet,
                              # latency is a report figure: not measured when no report is shown or written
                              measure_latency=bool(reports) or not args.quiet)
+    if raw:
+        result.report.calibration = raw.label
     write_model_atomically(result.model, target, result.external_data)
     if args.report:
         _write_text_atomically(Path(args.report), json.dumps(result.report.as_dict(), indent=2) + "\n")
@@ -180,6 +192,50 @@ def _run_prune(args: argparse.Namespace) -> int:
         print(f"wrote {target}")
     return 0
 
+
+# --- calibration from raw data: --calib-text, --calib-images (onnxsnp/calib_data.py) ----------------
+
+def _add_raw_calibration_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "calibration from raw data", "instead of --calib: texts through the model's tokenizer, or images through its "
+        "preprocessing (up to --calib-samples of them, a random choice by --seed where there are more)")
+    group.add_argument("--calib-text", metavar="FILE",
+                       help="one text per line, or JSONL records (.jsonl, or lines that are JSON objects)")
+    group.add_argument("--text-field", default="text", metavar="NAME",
+                       help="the JSONL field holding the text (default: text)")
+    group.add_argument("--tokenizer", metavar="PATH",
+                       help="a tokenizers tokenizer.json or its folder (default: tokenizer.json beside IN)")
+    group.add_argument("--max-length", type=int, default=128, metavar="N",
+                       help="truncate texts to this many tokens where the model's sequence length is dynamic "
+                            "(default 128; padding goes to the longest text kept); a static length is always used")
+    group.add_argument("--calib-images", metavar="DIR",
+                       help="a folder of JPEG/PNG images (sub-folders too), preprocessed as preprocessor_config.json "
+                            "beside IN says, or as the flags below")
+    group.add_argument("--image-size", metavar="N|HxW",
+                       help="resize: N = shortest edge to N keeping the aspect, HxW = exactly (default: the config's, "
+                            "else the model's input size)")
+    group.add_argument("--image-crop", metavar="N|HxW",
+                       help="center crop after resizing (default: the config's, else none)")
+    group.add_argument("--image-scale", type=float, metavar="F",
+                       help="multiply pixel values 0..255 by F (default: the config's rescale_factor, else 1/255)")
+    group.add_argument("--image-mean", metavar="M[,M,M]",
+                       help="subtract per channel (default: the config's, else ImageNet's)")
+    group.add_argument("--image-std", metavar="S[,S,S]",
+                       help="then divide per channel (default: the config's, else ImageNet's)")
+    group.add_argument("--image-resample", choices=tuple(RESAMPLING),
+                       help="resize filter (default: the config's, else bilinear)")
+
+
+def _raw_calibration(args: argparse.Namespace, source: Path, model: onnx.ModelProto) -> RawCalibration | None:
+    request = raw_request(args, lambda name: f"--{name.replace('_', '-')}")
+    if request is None:
+        return None
+    if isinstance(args.calib_samples, int) and args.calib_samples < 1:
+        raise SnpError(f"--calib-samples must be a positive integer, got {args.calib_samples!r}")
+    return load_raw_calibration(source, ModelGraph(model), request, args.calib_samples, args.seed)
+
+
+# ------------------------------------------------------------------------------------------------
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"onnxsnp: warning: {message}", file=sys.stderr)
