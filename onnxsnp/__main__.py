@@ -1,26 +1,22 @@
 import signal
 import sys
 
+_received: list[int] = []
+
 
 def _interrupt(signum, frame) -> None:
+    _received.append(signum)
     raise KeyboardInterrupt
 
 
 # before the heavy imports, so that an early SIGTERM is an orderly interruption too
 signal.signal(signal.SIGTERM, _interrupt)
-def _interrupted(exc: BaseException | None) -> bool:
-    """A KeyboardInterrupt, or an error it caused (an extension module's import wraps it)."""
-    while exc is not None:
-        if isinstance(exc, KeyboardInterrupt):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
+signal.signal(signal.SIGINT, _interrupt)
 try:
     from .cli import main
-except BaseException as exc:
-    if not _interrupted(exc):
+except (KeyboardInterrupt, ImportError) as stopped:
+    # an interrupt inside a C extension's initialisation surfaces as ImportError
+    if isinstance(stopped, ImportError) and not _received:
         raise
     print("onnxsnp: interrupted; nothing written", file=sys.stderr)
     sys.exit(130)

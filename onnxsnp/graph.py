@@ -14,6 +14,7 @@ import onnx
 from onnx import numpy_helper, shape_inference
 
 from .errors import SnpError
+from .standins import replace_contrib_ops
 
 # The legacy exporter de-duplicates identical initializers by routing one through Identity nodes.
 _PASS_THROUGH = {"Identity"}
@@ -103,6 +104,10 @@ class ModelGraph:
             node = self.producer_of(tensor)
             if node is not None and node.op_type == "Constant":
                 value = _constant_node_value(node)
+            elif node is not None and node.op_type in _FOLDABLE and len(node.output) == 1:
+                inputs = [self.constant(t) if t else None for t in node.input]
+                if all(v is not None for v, t in zip(inputs, node.input) if t):
+                    value = _fold(node, inputs)
         self._constants[tensor] = value
         return value
 
@@ -137,7 +142,8 @@ class ModelGraph:
 
 def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     """A light copy for shape inference: big initializers become typed graph inputs, so models of
-    any size are inferred without copying their weights; small (shape) constants stay."""
+    any size are inferred without copying their weights; small (shape) constants stay; contrib
+    ops are replaced by standard stand-ins of the same output shapes (`standins.py`)."""
     light = onnx.ModelProto()
     light.ir_version, light.producer_name = model.ir_version, model.producer_name
     light.opset_import.extend(model.opset_import)
@@ -153,6 +159,7 @@ def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
         elif tensor.name not in declared:
             graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
     light.functions.extend(model.functions)
+    replace_contrib_ops(graph, {t.name: list(t.dims) for t in model.graph.initializer})
     return light
 
 
@@ -169,6 +176,42 @@ def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
         if attr.name == "value_ints":
             return np.array(list(attr.ints), dtype=np.int64)
     return None
+
+
+# Ops whose output is itself a constant when all their inputs are (what an optimizer may have
+# left unfolded: a scale computed from constants, a weight dequantized at run time).
+_FOLDABLE = {"Cast", "Sqrt", "Reciprocal", "Neg", "Mul", "Div", "Add", "Sub", "Pow", "Transpose", "DequantizeLinear"}
+
+
+def _fold(node: onnx.NodeProto, inputs: list[np.ndarray | None]) -> np.ndarray | None:
+    """The value of `node` applied to constant inputs; None for what is not folded here."""
+    op, first = node.op_type, inputs[0]
+    if op == "Cast":
+        return first.astype(onnx.helper.tensor_dtype_to_np_dtype(attribute(node, "to")))
+    if op in ("Sqrt", "Reciprocal", "Neg"):
+        return {"Sqrt": np.sqrt, "Reciprocal": np.reciprocal, "Neg": np.negative}[op](first)
+    if op == "Transpose":
+        return np.transpose(first, attribute(node, "perm", None))
+    if op == "DequantizeLinear":
+        return _dequantize(node, inputs)
+    if op == "Div" and not np.issubdtype(first.dtype, np.floating):
+        return None  # integer division truncates in ONNX, floors in numpy
+    if op == "Pow":
+        return np.power(first, inputs[1]).astype(first.dtype)
+    return {"Mul": np.multiply, "Div": np.divide, "Add": np.add, "Sub": np.subtract}[op](first, inputs[1])
+
+
+def _dequantize(node: onnx.NodeProto, inputs: list[np.ndarray | None]) -> np.ndarray | None:
+    """(x − zero point) · scale, per tensor or per channel along `axis` (blocked scales are not folded)."""
+    x, scale = inputs[0], inputs[1]
+    zero = inputs[2] if len(inputs) > 2 and inputs[2] is not None else np.zeros((), x.dtype)
+    if attribute(node, "block_size", 0) or scale.ndim > 1:
+        return None
+    if scale.size > 1:
+        shape = [1] * x.ndim
+        shape[attribute(node, "axis", 1)] = scale.size
+        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    return ((x.astype(np.int64) - zero.astype(np.int64)) * scale).astype(scale.dtype)
 
 
 def attribute(node: onnx.NodeProto, name: str, default=None):

@@ -23,6 +23,7 @@ from onnx import numpy_helper
 
 from .graph import ModelGraph
 from .matching import AttentionBlock, FfnBlock, Linear
+from .matching.groups import Group, attention_groups, ffn_group
 from .plan import AttentionKeep, FfnKeep, PrunePlan, Refit, head_columns
 
 Slot = tuple[str, int]  # (node name, input index)
@@ -39,51 +40,60 @@ class ColumnWrite:
 
 
 def mapped_columns(g: ModelGraph, keep: AttentionKeep) -> list[ColumnWrite]:
-    """What the kept Q, K and V positions hold where the keep maps them (plan.AttentionKeep)."""
+    """What the kept Q, K and V positions hold where the keep maps them (plan.AttentionKeep):
+    for every weight axis that writes the group's units (output columns, biases, a packed
+    bias's part), the mapped combination of each kept head's original entries."""
     block = keep.block
-    d, width = block.head_dim, block.heads * block.head_dim
+    d = block.head_dim
+    qk_group, v_group = attention_groups(None, block)
     writes = []
-    for part, (linear, offset, mapping, kept) in enumerate(
-            ((block.q, block.column_offsets[0], keep.q_map, keep.qk), (block.k, block.column_offsets[1], keep.k_map, keep.qk),
-             (block.v, block.column_offsets[2], keep.v_map, keep.v))):
+    for group, mapping, kept, part in ((qk_group, keep.q_map, keep.qk, 0), (qk_group, keep.k_map, keep.qk, 1),
+                                       (v_group, keep.v_map, keep.v, 2)):
         if mapping is None:
             continue
         positions = head_columns(keep.heads, kept, d)
         sources = [np.arange(h * d, (h + 1) * d) for h in keep.heads]
-        weight = g.constant(linear.weight)
-        weight = (weight.T if linear.transposed else weight)[:, offset:offset + width].astype(np.float64)
-        values = np.concatenate([weight[:, rows] @ m for rows, m in zip(sources, mapping)], axis=1)
-        writes.append(ColumnWrite((linear.node, linear.weight_index), 0 if linear.transposed else 1,
-                                  offset + positions, values.T if linear.transposed else values))
-        biases = []
-        if linear.bias is not None:
-            biases.append(((linear.bias_node, linear.bias_index), offset, g.constant(linear.bias).reshape(-1)[offset:]))
-        if block.packed_bias is not None:  # MultiHeadAttention's [q | k | v] bias
-            biases.append(((block.attention_op, 3), part * width, g.constant(block.packed_bias)[part * width:]))
-        for slot, start, bias in biases:
-            bias = bias[:width].astype(np.float64)
-            writes.append(ColumnWrite(slot, 0, start + positions,
-                                      np.concatenate([bias[rows] @ m for rows, m in zip(sources, mapping)])))
+        for weight in _part_axes(group, block, part):
+            value = g.constant(g.node(weight.node).input[weight.index]).astype(np.float64)
+            along = np.moveaxis(value, weight.axis, -1)[..., weight.offset:weight.offset + group.size]
+            mapped = np.concatenate([along[..., rows] @ m for rows, m in zip(sources, mapping)], axis=-1)
+            writes.append(ColumnWrite((weight.node, weight.index), weight.axis % value.ndim,
+                                      weight.offset + positions, np.moveaxis(mapped, -1, weight.axis % value.ndim)))
     return writes
 
 
-def _linear_slots(linear: Linear) -> list[Slot]:
-    slots = [(linear.node, linear.weight_index)]
-    if linear.bias is not None:
-        slots.append((linear.bias_node, linear.bias_index))
-    return slots
+def _part_axes(group: Group, block: AttentionBlock, part: int) -> list:
+    """The weight axes of `group` that write q (part 0), k (1) or v (2): by their offset in a
+    fused or packed weight, else by the projection that owns them."""
+    owners = {0: (block.q.node, block.q.bias_node), 1: (block.k.node, block.k.bias_node),
+              2: (block.v.node, block.v.bias_node)}[part]
+    width = block.heads * block.head_dim
+    found = []
+    for weight in group.weights:
+        if weight.reads:
+            continue
+        if block.packed_bias is not None and (weight.node, weight.index) == (block.attention_op, 3):
+            if weight.offset == part * width:
+                found.append(weight)
+        elif block.q.node == block.k.node:  # fused or packed projection: the part by its offset
+            if weight.offset == block.column_offsets[part]:
+                found.append(weight)
+        elif weight.node in owners:
+            found.append(weight)
+    return found
+
+
+def _slots(*groups: Group) -> list[Slot]:
+    return list(dict.fromkeys((w.node, w.index) for group in groups for w in group.weights))
 
 
 def attention_slots(block: AttentionBlock) -> list[Slot]:
-    """Every weight a plan for this attention block may change."""
-    slots = [s for linear in (block.q, block.k, block.v, block.out) for s in _linear_slots(linear)]
-    if block.packed_bias is not None:
-        slots.append((block.attention_op, 3))
-    return list(dict.fromkeys(slots))
+    """Every weight a plan for this attention block may change: those of its dependency groups."""
+    return _slots(*attention_groups(None, block))
 
 
 def ffn_slots(block: FfnBlock) -> list[Slot]:
-    return list(dict.fromkeys(_linear_slots(block.fc1) + _linear_slots(block.fc2)))
+    return _slots(ffn_group(block))
 
 
 class Weights:
@@ -109,6 +119,16 @@ class Weights:
         return value
 
     # --- edits --------------------------------------------------------------------------------
+    def zero_units(self, group: Group, removed: np.ndarray) -> None:
+        """Every weight that writes the `removed` units of `group` set to zero there (output
+        columns, bias entries, a packed bias's parts: whatever the group lists)."""
+        for weight in group.weights:
+            if not weight.reads:
+                value = self.editable((weight.node, weight.index))
+                index = [slice(None)] * value.ndim
+                index[weight.axis] = weight.offset + removed
+                value[tuple(index)] = 0
+
     def zero_outputs(self, linear: Linear, columns: np.ndarray) -> None:
         """Output features `columns` of `linear` (weight columns, bias entries) set to zero."""
         weight = self.editable((linear.node, linear.weight_index))
@@ -118,6 +138,12 @@ class Weights:
             weight[:, columns] = 0
         if linear.bias is not None:
             self.editable((linear.bias_node, linear.bias_index)).reshape(-1)[columns] = 0
+
+    def write(self, column: ColumnWrite) -> None:
+        array = self.editable(column.slot)
+        index = [slice(None)] * array.ndim
+        index[column.axis] = column.positions
+        array[tuple(index)] = column.values.astype(array.dtype)
 
     def set_inputs(self, linear: Linear, rows: np.ndarray, refit: Refit | None) -> None:
         """Only input features `rows` of `linear` stay (the rest read zero weights); with a refit,
@@ -135,26 +161,14 @@ class Weights:
             bias = self.editable((linear.bias_node, linear.bias_index))
             bias[...] = refit.bias.reshape(bias.shape).astype(bias.dtype)
 
-    def write(self, column: ColumnWrite) -> None:
-        array = self.editable(column.slot)
-        index = [slice(None)] * array.ndim
-        index[column.axis if array.ndim > 1 else 0] = column.positions
-        array[tuple(index)] = column.values.astype(array.dtype)
-
     def apply_attention(self, keep: AttentionKeep, refit: Refit | None = None) -> None:
         """Mapped columns written, removed Q/K pairs zeroed, removed V neurons and heads cut
         from the output projection (or its refit put in)."""
         block = keep.block
         for column in mapped_columns(self.g, keep):
             self.write(column)
-        width = block.heads * block.head_dim
-        removed_qk = np.setdiff1d(np.arange(width), keep.qk_columns())
-        q_off, k_off, _ = block.column_offsets
-        self.zero_outputs(block.q, q_off + removed_qk)
-        self.zero_outputs(block.k, k_off + removed_qk)
-        if block.packed_bias is not None:  # MultiHeadAttention's [q | k | v] bias
-            packed = self.editable((block.attention_op, 3))
-            packed[np.concatenate([removed_qk, width + removed_qk])] = 0
+        qk, _ = attention_groups(None, block)
+        self.zero_units(qk, np.setdiff1d(np.arange(qk.size), keep.qk_columns()))
         self.set_inputs(block.out, keep.v_columns(), refit)
 
     def apply_ffn(self, keep: FfnKeep, refit: Refit | None = None) -> None:

@@ -14,7 +14,11 @@ from dataclasses import dataclass, field
 import onnx
 
 from .graph import ModelGraph, attribute
-from .matching import Linear, Matches, NoMatch, linear_at, linear_producing
+from .matching import Linear, Matches, NoMatch, ShapeEdit, Width, linear_at, linear_producing
+from .matching.groups import Group, WeightAxis, group, reads, writes
+from .matching.norms import Norm, norm_reading, norm_writing
+
+_SKIP_NORMS = ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
 
 _TOKEN_OPS = {"Gather", "Slice", "ReduceMean", "Identity", "Squeeze", "Unsqueeze"}
 
@@ -28,6 +32,22 @@ class ResidualStream:
     sliced_inputs: set[tuple[str, int]] = field(default_factory=set)  # (node, input): constants cut on the last axis
     convs: set[str] = field(default_factory=set)  # patch-embedding Conv nodes: output channels
     channel_entries: set[str] = field(default_factory=set)  # Reshapes whose entry -2 is the channel count
+
+
+def stream_group(g: ModelGraph, stream: ResidualStream) -> Group:
+    """The residual channels as a dependency group: every reader's input rows, every writer's
+    output columns, the constants cut on their last axis, the patch Conv's filters and the
+    Reshape entries that hold the width."""
+    parts: list = [WeightAxis(node, index, -1) for node, index in sorted(stream.sliced_inputs)]
+    for linear in stream.readers.values():
+        parts += reads(linear, Width.CHANNELS)
+    for linear in stream.writers.values():
+        parts += writes(linear, 0, Width.CHANNELS)
+    for name in sorted(stream.convs):
+        conv = g.node(name)
+        parts += [WeightAxis(name, index, 0) for index in (1, 2) if len(conv.input) > index and conv.input[index]]
+    parts += [ShapeEdit(name, Width.CHANNELS, -2) for name in sorted(stream.channel_entries)]
+    return group("residual", stream.width, parts)
 
 
 def find_stream(g: ModelGraph, matches: Matches) -> ResidualStream:
@@ -60,14 +80,17 @@ def _producer(g: ModelGraph, tensor: str, stream: ResidualStream) -> list[str]:
             raise NoMatch(f"{linear.node} writes {linear.out_features} features into a {stream.width}-wide stream")
         stream.writers[linear.node] = linear
         return []
+    norm = norm_writing(g, tensor)
+    if norm is not None:
+        _norm(norm, stream)
+        return [norm.input]
     node = g.producer_of(tensor)
     if node is None:
         raise NoMatch(f"the residual stream comes straight from the model input {tensor}")
-    if node.op_type == "Add":
+    if node.op_type in ("Add", "Mul"):  # residual joins, position embedding, LayerScale
         return _elementwise_inputs(g, node, stream)
-    if node.op_type == "LayerNormalization":
-        _norm(g, node, stream)
-        return [node.input[0]]
+    if node.op_type in _SKIP_NORMS:
+        return _skip_norm(g, node, stream)
     if node.op_type == "Concat" and attribute(node, "axis") in (1, -2):
         found = []
         for index, part in enumerate(node.input):
@@ -95,17 +118,27 @@ def _producer(g: ModelGraph, tensor: str, stream: ResidualStream) -> list[str]:
 def _consumer(g: ModelGraph, node: onnx.NodeProto, tensor: str, stream: ResidualStream,
               edited: set[str]) -> list[str]:
     """Classify a reader of a stream tensor; return further stream tensors to visit."""
-    if node.op_type in ("MatMul", "Gemm") and node.input[0] == tensor:
+    if node.op_type in ("MatMul", "Gemm", "FusedMatMul") and node.input[0] == tensor:
         linear = linear_at(g, node)
         if linear is None or linear.in_features != stream.width:
             raise NoMatch(f"{node.name} reads the residual stream but is not a projection with constant weights")
         stream.readers[linear.node] = linear
         return []
-    if node.op_type == "Add":
+    if node.op_type == "Reshape":  # tokens flattened for 2-D products: every reader must be one
+        readers = [linear_at(g, c) if c.op_type in ("MatMul", "Gemm", "FusedMatMul") else None
+                   for c in g.consumers_of(node.output[0])]
+        if not readers or any(r is None or r.input != tensor or r.in_features != stream.width for r in readers):
+            raise NoMatch(f"Reshape node {node.name} reads the residual stream")
+        stream.readers.update({r.node: r for r in readers})
+        return []
+    norm = norm_reading(g, tensor, node)
+    if norm is not None:
+        _norm(norm, stream)
+        return [norm.output]
+    if node.op_type in ("Add", "Mul"):
         return [node.output[0]] + _elementwise_inputs(g, node, stream)
-    if node.op_type == "LayerNormalization" and node.input[0] == tensor:
-        _norm(g, node, stream)
-        return [node.output[0]]
+    if node.op_type in _SKIP_NORMS:
+        return [t for t in node.output if t] + _skip_norm(g, node, stream)
     if node.op_type in _TOKEN_OPS and node.input[0] == tensor:
         _token_axis_only(g, node, tensor)
         return [node.output[0]]
@@ -130,14 +163,21 @@ def _elementwise_inputs(g: ModelGraph, node: onnx.NodeProto, stream: ResidualStr
     return found
 
 
-def _norm(g: ModelGraph, node: onnx.NodeProto, stream: ResidualStream) -> None:
-    if attribute(node, "axis", -1) not in (-1, len(g.shapes.get(node.input[0]) or ()) - 1):
-        raise NoMatch(f"{node.name} normalises over something other than the channels")
-    for index in (1, 2):
-        if len(node.input) > index and node.input[index]:
+def _norm(norm: Norm, stream: ResidualStream) -> None:
+    stream.sliced_inputs.update(norm.channel_inputs)  # γ and β: one entry per channel
+
+
+def _skip_norm(g: ModelGraph, node: onnx.NodeProto, stream: ResidualStream) -> list[str]:
+    """SkipLayerNormalization(x, skip, γ, β, bias): adds and normalises; both outputs it writes
+    (0: normalised, 3: the sum) carry the stream."""
+    for index in range(2, len(node.input)):
+        if node.input[index]:
             if not g.is_constant(node.input[index]):
                 raise NoMatch(f"{node.name} has a run-time scale or bias")
             stream.sliced_inputs.add((node.name, index))
+    if any(node.output[1:3]):
+        raise NoMatch(f"{node.name} writes the mean or variance of the residual stream")
+    return [t for t in node.input[:2]]
 
 
 def _token_axis_only(g: ModelGraph, node: onnx.NodeProto, tensor: str) -> None:

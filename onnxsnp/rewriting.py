@@ -1,278 +1,154 @@
-"""Stage 6: apply a prune plan to the model with onnx-graphsurgeon.
+"""Stage 6: apply a prune plan to the model.
 
-Every changed weight becomes a new initializer (an initializer shared by several readers, as
-the legacy exporter's Identity routing makes them, is never sliced in place for one of them);
-every changed shape becomes a new constant or node. Dead nodes and initializers are dropped by
-graphsurgeon's cleanup at the end.
+The plan becomes cuts of dependency groups (matching/groups.py) — Q/K pairs and V neurons of
+each attention, FFN hidden neurons, residual channels — which `Editor.cut` slices in one
+generic pass; refitted layers get their new weights first. What is not a cut follows: the
+attention scales (frozen, pinned, put in standard form), a fused projection split by width,
+the Q/K rescale, the LayerNorm correction, removed blocks bypassed. Dead nodes and
+initializers are dropped by graphsurgeon's cleanup at the end.
 """
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from .editor import Editor
 from .graph import ModelGraph
-from .masking import ColumnWrite, mapped_columns
-from .matching import Linear
+from .masking import mapped_columns
 from .plan import AttentionKeep, PrunePlan
-from .residual import ResidualStream
-
-
-class _Editor:
-    def __init__(self, g: ModelGraph, graph: gs.Graph):
-        self.g = g
-        self.graph = graph
-        self.nodes = {n.name: n for n in graph.nodes}
-        self.tensors = graph.tensors()
-        self._count = 0
-
-    def unique(self, base: str) -> str:
-        self._count += 1
-        name = f"{base}__snp{self._count}"
-        while name in self.tensors:
-            self._count += 1
-            name = f"{base}__snp{self._count}"
-        return name
-
-    def constant(self, base: str, values: np.ndarray) -> gs.Constant:
-        tensor = gs.Constant(self.unique(base), np.ascontiguousarray(values))
-        self.tensors[tensor.name] = tensor
-        return tensor
-
-    def variable(self, base: str, dtype=None) -> gs.Variable:
-        tensor = gs.Variable(self.unique(base), dtype=dtype)
-        self.tensors[tensor.name] = tensor
-        return tensor
-
-    def add_node(self, op: str, inputs: list, outputs: list, attrs: dict | None = None) -> gs.Node:
-        node = gs.Node(op, name=self.unique(op), attrs=attrs or {}, inputs=inputs, outputs=outputs)
-        self.graph.nodes.append(node)
-        return node
-
-    def value(self, tensor: str) -> np.ndarray:
-        value = self.g.constant(tensor)
-        if value is None:
-            raise ValueError(f"{tensor} is not a constant")
-        return value
-
-    def current(self, node: gs.Node, index: int) -> np.ndarray:
-        """The value a node input holds now: edits made earlier in this rewrite included."""
-        tensor = node.inputs[index]
-        return tensor.values if isinstance(tensor, gs.Constant) else self.value(tensor.name)
-
-    def replace_input(self, node: gs.Node, index: int, values: np.ndarray) -> None:
-        node.inputs[index] = self.constant(node.inputs[index].name, values)
-
-    def write(self, column: ColumnWrite) -> None:
-        """Put new values into some output features of a node input (see masking.ColumnWrite)."""
-        node = self.nodes[column.slot[0]]
-        array = self.current(node, column.slot[1]).copy()
-        index = [slice(None)] * array.ndim
-        index[column.axis if array.ndim > 1 else 0] = column.positions
-        array[tuple(index)] = column.values.astype(array.dtype)
-        self.replace_input(node, column.slot[1], array)
-
-    # --- linear layers -------------------------------------------------------------------
-    def keep_outputs(self, linear: Linear, columns: np.ndarray) -> None:
-        """Keep only output features `columns` of `linear` (weight columns and bias entries)."""
-        node = self.nodes[linear.node]
-        weight = self.current(node, linear.weight_index)
-        self.replace_input(node, linear.weight_index, weight[columns, :] if linear.transposed else weight[:, columns])
-        if linear.bias is not None:
-            bias_node = self.nodes[linear.bias_node]
-            self.replace_input(bias_node, linear.bias_index, self.current(bias_node, linear.bias_index)[columns])
-
-    def set_weights(self, linear: Linear, weight: np.ndarray, bias: np.ndarray | None) -> None:
-        """Replace a projection's weight (given [in, out]) and bias, keeping their dtypes."""
-        node = self.nodes[linear.node]
-        dtype = self.current(node, linear.weight_index).dtype
-        self.replace_input(node, linear.weight_index, (weight.T if linear.transposed else weight).astype(dtype))
-        if bias is not None and linear.bias is not None:
-            bias_node = self.nodes[linear.bias_node]
-            current = self.current(bias_node, linear.bias_index)
-            self.replace_input(bias_node, linear.bias_index, bias.reshape(current.shape).astype(current.dtype))
-
-    def keep_inputs(self, linear: Linear, rows: np.ndarray, refit=None) -> None:
-        """Keep only input features `rows` of `linear` (weight rows), or put in refitted weights."""
-        if refit is not None:
-            self.set_weights(linear, refit.weight, refit.bias)
-            return
-        node = self.nodes[linear.node]
-        weight = self.current(node, linear.weight_index)
-        self.replace_input(node, linear.weight_index, weight[:, rows] if linear.transposed else weight[rows, :])
-
-    def keep_last_axis(self, node_name: str, index: int, keep: np.ndarray) -> None:
-        """Slice the last axis of a constant node input (LayerNorm scale, position embedding, …)."""
-        node = self.nodes[node_name]
-        self.replace_input(node, index, np.take(self.current(node, index), keep, axis=-1))
-
-    # --- shapes ----------------------------------------------------------------------------
-    def shape_with_tail(self, shape: gs.Tensor, drop: int, tail: list[int]) -> gs.Tensor:
-        """A shape tensor equal to shape[:-drop] + tail, folded where `shape` is constant."""
-        tail_array = np.array(tail, dtype=np.int64)
-        constant = self.g.constant(shape.name)
-        if constant is not None:
-            return self.constant(shape.name, np.concatenate([constant[:-drop], tail_array]))
-        out = self.variable(shape.name, np.int64)
-        self.add_node("Concat", [self.slice(shape, 0, -drop), self.constant(shape.name, tail_array)], [out], {"axis": 0})
-        return out
-
-    def set_entry(self, reshape: str, position: int, value: int) -> None:
-        """Set entry `position` (counted from the end) of a Reshape's target shape to `value`."""
-        node = self.nodes[reshape]
-        shape = node.inputs[1]
-        constant = self.g.constant(shape.name)
-        if constant is not None:
-            changed = constant.copy()
-            changed[position] = value
-            node.inputs[1] = self.constant(shape.name, changed)
-            return
-        producer = shape.inputs[0] if shape.inputs else None
-        if producer is not None and producer.op == "Concat":
-            sizes = [self.g.shapes.get(piece.name) for piece in producer.inputs]
-            if all(s is not None and len(s) == 1 and s[0] is not None for s in sizes):
-                ends = np.cumsum([s[0] for s in sizes])
-                index = int(ends[-1]) + position
-                piece = int(np.searchsorted(ends, index, side="right"))
-                if sizes[piece] == (1,):  # replace just that piece: the rest of the Concat is kept as is
-                    out = self.variable(shape.name, np.int64)
-                    inputs = list(producer.inputs)
-                    inputs[piece] = self.constant(shape.name, np.array([value], dtype=np.int64))
-                    self.add_node("Concat", inputs, [out], {"axis": 0})
-                    node.inputs[1] = out
-                    return
-        # anything else: splice the entry in at run time
-        parts = [self.slice(shape, 0, position), self.constant(shape.name, np.array([value], dtype=np.int64))]
-        if position != -1:
-            parts.append(self.slice(shape, position + 1, np.iinfo(np.int64).max))
-        out = self.variable(shape.name, np.int64)
-        self.add_node("Concat", parts, [out], {"axis": 0})
-        node.inputs[1] = out
-
-    def slice(self, tensor: gs.Tensor, start: int, end: int) -> gs.Variable:
-        out = self.variable(tensor.name, np.int64)
-        self.add_node("Slice", [tensor, self.constant("starts", np.array([start])), self.constant("ends", np.array([end]))],
-                      [out])
-        return out
-
-    def bypass(self, source: str, target: str) -> None:
-        """Drop everything between two tensors: readers of `target` read `source` instead. A graph
-        output keeps its name, through an Identity."""
-        new = self.tensors[source]
-        target_tensor = self.tensors[target]
-        if any(t is target_tensor for t in self.graph.outputs):
-            for producer in list(target_tensor.inputs):
-                producer.outputs = [self.variable(target) if t is target_tensor else t for t in producer.outputs]
-            self.add_node("Identity", [new], [target_tensor])
-            return
-        self.reroute(target, new)
-
-    def reroute(self, old: str, new: gs.Tensor) -> None:
-        """Make every reader of tensor `old` read `new` instead."""
-        tensor = self.tensors[old]
-        for consumer in list(tensor.outputs):
-            for index, current in enumerate(consumer.inputs):
-                if current is tensor:
-                    consumer.inputs[index] = new
-        self.graph.outputs = [new if t is tensor else t for t in self.graph.outputs]
+from .matching import Width
+from .matching.groups import Cut, attention_groups, ffn_group
+from .residual import stream_group
 
 
 def rewrite(g: ModelGraph, plan: PrunePlan) -> onnx.ModelProto:
     """Return a new model with the plan applied; `g.model` is left as it was."""
     graph = gs.import_onnx(g.model)
-    editor = _Editor(g, graph)
-    for keep in plan.attention:
-        if keep.changes_something():
-            _prune_attention(editor, keep, plan.scale_values, plan.refits)
-        elif plan.stream is not None:  # merge reshapes that read the stream width now need a constant
-            _pin_merge_widths(editor, keep)
-    for ffn in plan.ffn:
-        if ffn.changes_something():
-            editor.keep_outputs(ffn.block.fc1, ffn.hidden)
-            editor.keep_inputs(ffn.block.fc2, ffn.hidden, plan.refits.get(ffn.block.fc2.node))
-    if plan.stream is not None:
-        _prune_stream(editor, plan.stream, plan.stream_keep)
-        for name, (scale, shift) in plan.norm_corrections.items():
-            _correct_norm(editor, name, scale, shift)
+    editor = Editor(g, graph)
+    changed = [keep for keep in plan.attention if keep.changes_something()]
+    for keep in changed:
+        _freeze_scales(editor, keep, plan.scale_values)
+        for column in mapped_columns(g, keep):  # mapped positions first, then everything is sliced
+            node = editor.nodes[column.slot[0]]
+            values = editor.current(node, column.slot[1]).copy()
+            index = [slice(None)] * values.ndim
+            index[column.axis] = column.positions
+            values[tuple(index)] = column.values.astype(values.dtype)
+            editor.write(node, column.slot[1], values)
+    editor.cut(plan_cuts(g, plan), _refit(editor, plan))
+    for keep in changed:
+        _finish_attention(editor, keep)
+    for name, (scale, shift) in plan.norm_corrections.items():
+        _correct_norm(editor, name, scale, shift)
     # last block first, so that a removed block's input is never a tensor already cut away
     for layer in reversed(plan.removed_layers):
         editor.bypass(layer.input, layer.output)
+        if layer.renorm:
+            _renormalize(editor, layer.renorm, layer.input)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     model = gs.export_onnx(graph, do_type_check=False)
     del model.graph.value_info[:]  # shapes recorded by the exporter are stale where widths changed
+    _keep_initializer_order(g.model, model)
+    _keep_io_types(g.model, model)
+    _rename_generated_initializers(model)
     _copy_metadata(g.model, model)
     return model
 
 
-def _prune_attention(editor: _Editor, keep: AttentionKeep, scale_values: dict[str, np.ndarray],
-                     refits: dict) -> None:
+def plan_cuts(g: ModelGraph, plan: PrunePlan) -> list[Cut]:
+    """The plan as cuts of dependency groups. An unchanged attention is cut too (keeping every
+    unit) when the residual stream is: its merge reshapes may read the stream width at run
+    time, and must keep the attention's own."""
+    cuts = []
+    for keep in plan.attention:
+        if keep.changes_something() or plan.stream is not None:
+            dq, dv, heads = keep.qk.shape[1], keep.v.shape[1], len(keep.heads)
+            sizes = {Width.QK: dq, Width.V: dv, Width.QK_MERGED: heads * dq, Width.V_MERGED: heads * dv,
+                     Width.HEADS: heads, Width.FUSED: heads * (2 * dq + dv)}
+            qk, v = attention_groups(g, keep.block)
+            cuts += [Cut(qk, keep.qk_columns(), sizes), Cut(v, keep.v_columns(), sizes)]
+    cuts += [Cut(ffn_group(keep.block), keep.hidden, {Width.FFN: len(keep.hidden)})
+             for keep in plan.ffn if keep.changes_something()]
+    if plan.stream is not None:
+        cuts.append(Cut(stream_group(g, plan.stream), plan.stream_keep, {Width.CHANNELS: len(plan.stream_keep)}))
+    return cuts
+
+
+def _refit(editor: Editor, plan: PrunePlan) -> frozenset[tuple[str, int, int]]:
+    """New weights for the refitted layers (compensation.py); returns their input axes, written."""
+    linears = [keep.block.out for keep in plan.attention if keep.changes_something()]
+    linears += [keep.block.fc2 for keep in plan.ffn if keep.changes_something()]
+    done = set()
+    for linear in linears:
+        refit = plan.refits.get(linear.node)
+        if refit is not None:
+            editor.set_weights(linear, refit.weight, refit.bias)
+            done.add((linear.node, linear.weight_index, 1 if linear.transposed else 0))
+    return frozenset(done)
+
+
+def _freeze_scales(editor: Editor, keep: AttentionKeep, scale_values: dict[str, np.ndarray]) -> None:
+    """Only the Q/K width moves the scores' scale: a run-time one is frozen to its value, and an
+    op whose default scale is 1/sqrt(q's head size) gets the original pinned."""
     block = keep.block
-    for column in mapped_columns(editor.g, keep):  # mapped positions first, then everything is sliced
-        editor.write(column)
-    qk_columns = keep.qk_columns()
-    v_columns = keep.v_columns()
-    dq, dv, heads = keep.qk.shape[1], keep.v.shape[1], len(keep.heads)
-    if block.attention_op is not None and dq != block.head_dim:
-        # the op's default scale is 1/sqrt(q's head size): pin the original value
+    if keep.qk.shape[1] == block.head_dim:
+        return
+    if block.attention_op is not None:
         editor.nodes[block.attention_op].attrs["scale"] = float(block.scale)
-    for scale in block.frozen_scales if dq != block.head_dim else ():  # only Q/K width moves these
+    for scale in block.frozen_scales:
         editor.nodes[scale.node].inputs[scale.input_index] = editor.constant(scale.tensor, scale_values[scale.tensor])
-    q_factor = 1.0
-    if dq != block.head_dim and block.attention_op is None:
-        q_factor = _standard_scale(editor, block, dq, scale_values)
-    if block.form == "ort-attention":
-        width = block.heads * block.head_dim
-        editor.keep_outputs(block.q, np.concatenate([qk_columns, width + qk_columns, 2 * width + v_columns]))
-        editor.nodes[block.attention_op].attrs["qkv_hidden_sizes"] = [len(qk_columns), len(qk_columns), len(v_columns)]
-    elif block.fused is None:
-        editor.keep_outputs(block.q, qk_columns)
-        editor.keep_outputs(block.k, qk_columns)
-        editor.keep_outputs(block.v, v_columns)
-        if block.packed_bias is not None:  # MultiHeadAttention's [q | k | v] bias
-            width = block.heads * block.head_dim
-            attention = editor.nodes[block.attention_op]
-            bias = editor.current(attention, 3)
-            kept = bias[np.concatenate([qk_columns, width + qk_columns, 2 * width + v_columns])]
-            attention.inputs[3] = editor.constant(block.packed_bias, kept)
-    else:
-        _prune_fused(editor, keep, qk_columns, v_columns, dq, dv)
-    editor.keep_inputs(block.out, v_columns, refits.get(block.out.node))
-    if q_factor != 1.0:
-        _scale_q(editor, keep, np.full(heads * dq, q_factor))
-    if block.attention_op is not None:  # ops that carry the head count as an attribute
-        attrs = editor.nodes[block.attention_op].attrs
-        for name in ("num_heads", "q_num_heads", "kv_num_heads"):
-            if name in attrs:
-                attrs[name] = heads
-    new_width = {"qk": dq, "v": dv, "qk_merged": heads * dq, "v_merged": heads * dv, "heads": heads}
-    for edit in block.shape_edits:
-        editor.set_entry(edit.reshape, edit.position, new_width[edit.width])
 
 
-def _standard_scale(editor: _Editor, block, dq: int, scale_values: dict[str, np.ndarray]) -> float:
-    """Keep the scores, but in the standard form for the new head width: the scales on the
-    Q·Kᵀ path get a factor sqrt(d/d') (they multiplied to 1/sqrt(d), now 1/sqrt(d')) and q
-    gets sqrt(d'/d), so q·k times the scale is what it was. A graph written this way stays
-    right under tools that assume scale = 1/sqrt(head width) when they fuse attention (the
-    onnxruntime transformers optimizer does, and would silently change the scores otherwise).
-    Returns the factor for q (1 where no scale is there to carry it)."""
+def _finish_attention(editor: Editor, keep: AttentionKeep) -> None:
+    """After the cut: a fused projection split by width; the scale in standard form for the new
+    head width (where q can take the factor exactly)."""
+    block = keep.block
+    dq, dv, heads = keep.qk.shape[1], keep.v.shape[1], len(keep.heads)
+    if block.fused is not None:
+        _split_fused(editor, keep, dq, dv)
     scales = block.frozen_scales + block.constant_scales
-    if not scales:
-        return 1.0
-    carrier = scales[0]
+    if block.q_fixed is None and dq != block.head_dim and block.attention_op is None and scales:
+        # standard form where q can take sqrt(d'/d) exactly (a quantized q may not)
+        if _scale_q(editor, keep, np.full((heads, dq), math.sqrt(dq / block.head_dim)), exact_only=True):
+            _standard_scale(editor, scales[0], math.sqrt(block.head_dim / dq))
+
+
+def _renormalize(editor: Editor, skip_norm: str, stream: str) -> None:
+    """A removed pre-norm block's last join also normalised the stream for the next block: that
+    norm now reads the block's input (a LayerNormalization with the join's γ, β and ε)."""
+    node = editor.nodes[skip_norm]
+    simplified = node.op == "SkipSimplifiedLayerNormalization"
+    inputs = [editor.tensors[stream], node.inputs[2]] + ([] if simplified else [node.inputs[3]])
+    normalized = editor.variable(f"{skip_norm}/renormalized", node.outputs[0].dtype)
+    attrs = {"axis": -1, "epsilon": float(node.attrs.get("epsilon", 1e-5))}
+    op = "SimplifiedLayerNormalization" if simplified else "LayerNormalization"
+    editor.add_node(op, inputs, [normalized], attrs)
+    editor.reroute(node.outputs[0].name, normalized)
+
+
+def _standard_scale(editor: Editor, carrier, factor: float) -> None:
+    """Keep the scores, but in the standard form for the new head width: the scale on the Q·Kᵀ
+    path gets a factor sqrt(d/d') (the scales multiplied to 1/sqrt(d), now 1/sqrt(d')) while q
+    gets sqrt(d'/d) (the caller), so q·k times the scale is what it was. A graph written this way
+    stays right under tools that assume scale = 1/sqrt(head width) when they fuse attention (the
+    onnxruntime transformers optimizer does, and would silently change the scores otherwise)."""
     node = editor.nodes[carrier.node]
+    if carrier.attribute is not None:  # a scale attribute multiplies (FusedMatMul's alpha)
+        node.attrs[carrier.attribute] = float(node.attrs[carrier.attribute]) * factor
+        return
     current = node.inputs[carrier.input_index]
     value = current.values if isinstance(current, gs.Constant) else editor.value(carrier.tensor)
-    factor = math.sqrt(block.head_dim / dq)
     moved = value * factor if node.op == "Mul" else value / factor
     node.inputs[carrier.input_index] = editor.constant(carrier.tensor, np.asarray(moved, dtype=value.dtype))
-    return 1.0 / factor
 
 
-def _scale_q(editor: _Editor, keep: AttentionKeep, scales: np.ndarray) -> None:
-    """Multiply the kept q columns (weight and bias, after slicing) by `scales`."""
+def _scale_q(editor: Editor, keep: AttentionKeep, scales: np.ndarray, exact_only: bool = False) -> bool:
+    """Multiply the kept q columns (weight and bias) by their factors; with `exact_only`, only
+    where a quantized weight can take them exactly (else nothing is changed and False returned)."""
     block = keep.block
     factors = scales.reshape(-1)
     offset = 0  # where q's columns start in the (already sliced) weight
@@ -282,73 +158,42 @@ def _scale_q(editor: _Editor, keep: AttentionKeep, scales: np.ndarray) -> None:
                      for off in block.column_offsets[1:] if off < q_off)
     columns = np.arange(offset, offset + len(factors))
     node = editor.nodes[block.q.node]
-    weight = editor.current(node, block.q.weight_index).copy()
-    if block.q.transposed:
-        weight[columns] *= factors[:, None].astype(weight.dtype)
-    else:
-        weight[:, columns] *= factors.astype(weight.dtype)
-    editor.replace_input(node, block.q.weight_index, weight)
+    if not editor.scale_along(node, block.q.weight_index, columns, factors, 0 if block.q.transposed else 1, exact_only):
+        return False
     biases = [(block.q.bias_node, block.q.bias_index)] if block.q.bias is not None else []
     if block.packed_bias is not None:  # MultiHeadAttention: q is the first part of its bias input
         biases.append((block.attention_op, 3))
     for name, index in biases:
-        bias_node = editor.nodes[name]
-        bias = editor.current(bias_node, index).copy()
-        bias[columns] *= factors.astype(bias.dtype)
-        editor.replace_input(bias_node, index, bias)
+        editor.scale_along(editor.nodes[name], index, columns, factors, -1)
+    return True
 
 
-def _pin_merge_widths(editor: _Editor, keep: AttentionKeep) -> None:
-    block = keep.block
-    for edit in block.shape_edits:
-        if edit.width == "v_merged":
-            editor.set_entry(edit.reshape, edit.position, block.heads * block.head_dim)
-
-
-def _prune_stream(editor: _Editor, stream: ResidualStream, keep: np.ndarray) -> None:
-    """The same residual channels removed from every reader and writer of the stream."""
-    for linear in stream.readers.values():
-        editor.keep_inputs(linear, keep)
-    for linear in stream.writers.values():
-        editor.keep_outputs(linear, keep)
-    for node, index in stream.sliced_inputs:
-        editor.keep_last_axis(node, index, keep)
-    for name in stream.convs:
-        conv = editor.nodes[name]
-        editor.replace_input(conv, 1, editor.current(conv, 1)[keep])
-        if len(conv.inputs) > 2 and conv.inputs[2] is not None and conv.inputs[2].name:
-            editor.replace_input(conv, 2, editor.current(conv, 2)[keep])
-    for reshape in stream.channel_entries:
-        editor.set_entry(reshape, -2, len(keep))
-
-
-def _correct_norm(editor: _Editor, name: str, scale: float, shift: float) -> None:
+def _correct_norm(editor: Editor, name: str, scale: float, shift: float) -> None:
     """γ' = γ·scale, β' = β + γ·shift (see compensation.py)."""
     node = editor.nodes[name]
     gamma = editor.current(node, 1)
     beta = editor.current(node, 2) if len(node.inputs) > 2 and node.inputs[2].name else np.zeros_like(gamma)
-    editor.replace_input(node, 1, (gamma * scale).astype(gamma.dtype))
+    editor.write(node, 1, (gamma * scale).astype(gamma.dtype))
     new_beta = (beta + gamma * shift).astype(gamma.dtype)
     if len(node.inputs) > 2 and node.inputs[2].name:
-        editor.replace_input(node, 2, new_beta)
+        editor.write(node, 2, new_beta)
     else:
         node.inputs.append(editor.constant(f"{name}/bias", new_beta))
 
 
-def _prune_fused(editor: _Editor, keep: AttentionKeep, qk_columns: np.ndarray, v_columns: np.ndarray,
-                 dq: int, dv: int) -> None:
-    """Slice the fused weight, then split it by width instead of by the (3, H, d) reshape, which
-    needs equal q/k/v widths; the old Reshape → Transpose → Split chain becomes dead."""
+def _split_fused(editor: Editor, keep: AttentionKeep, dq: int, dv: int) -> None:
+    """Split the (already cut) fused projection by width instead of by the (…, 3, H, d) reshape,
+    which needs equal q/k/v widths: each piece is reshaped to (…, 1, H′, width), goes through the
+    Transposes that followed the reshape, loses the 3-axis where the selector dropped it, and
+    replaces the part the selector took. The old reshape and selectors become dead."""
     block = keep.block
     fused = block.fused
     assert fused is not None
     q_off, k_off, v_off = block.column_offsets
-    roles = sorted([(q_off, qk_columns, dq, fused.parts[0]), (k_off, qk_columns, dq, fused.parts[1]),
-                    (v_off, v_columns, dv, fused.parts[2])], key=lambda r: r[0])
-    columns = np.concatenate([offset + cols for offset, cols, _, _ in roles])
-    editor.keep_outputs(block.q, columns)
+    roles = sorted([(q_off, len(keep.qk_columns()), dq, 0), (k_off, len(keep.qk_columns()), dq, 1),
+                    (v_off, len(keep.v_columns()), dv, 2)])
     linear_out = editor.tensors[block.q.output]
-    sizes = [len(cols) for _, cols, _, _ in roles]
+    sizes = [count for _, count, _, _ in roles]
     pieces = [editor.variable(f"{block.name}/qkv_part{i}") for i in range(3)]
     if editor.graph.opset >= 13:
         editor.add_node("Split", [linear_out, editor.constant("split", np.array(sizes, dtype=np.int64))], pieces,
@@ -356,15 +201,61 @@ def _prune_fused(editor: _Editor, keep: AttentionKeep, qk_columns: np.ndarray, v
     else:
         editor.add_node("Split", [linear_out], pieces, {"axis": -1, "split": sizes})
     reshape = editor.nodes[fused.reshape]
-    rank = len(fused.perm)
-    perm = [a if a < rank - 3 else a - 1 for a in fused.perm[1:]]
-    for piece, (_, _, width, part_tensor) in zip(pieces, roles):
-        shape = editor.shape_with_tail(reshape.inputs[1], 3, [len(keep.heads), width])
-        heads_split = editor.variable(f"{block.name}/heads")
-        editor.add_node("Reshape", [piece, shape], [heads_split])
-        per_head = editor.variable(f"{block.name}/per_head")
-        editor.add_node("Transpose", [heads_split], [per_head], {"perm": perm})
-        editor.reroute(part_tensor, per_head)
+    for piece, (_, _, width, part) in zip(pieces, roles):
+        shape = editor.shape_with_tail(reshape.inputs[1], 3, [1, len(keep.heads), width])
+        current = editor.variable(f"{block.name}/heads")
+        editor.add_node("Reshape", [piece, shape], [current])
+        for name in fused.replay:
+            node = editor.nodes[name]
+            moved = editor.variable(f"{block.name}/per_head")
+            editor.add_node(node.op, [current] + list(node.inputs[1:]), [moved], dict(node.attrs))
+            current = moved
+        if fused.dropped[part]:
+            current = editor.squeeze(current, fused.part_axis)
+        editor.reroute(fused.parts[part], current)
+
+
+def _keep_io_types(source: onnx.ModelProto, target: onnx.ModelProto) -> None:
+    """Graph inputs and outputs keep their declared types and shapes (pruning never changes them;
+    graphsurgeon drops the shape of an output that a Cast writes, as fp16 graphs end)."""
+    declared = {info.name: info.type for info in list(source.graph.input) + list(source.graph.output)}
+    for info in list(target.graph.input) + list(target.graph.output):
+        if info.name in declared:
+            info.type.CopyFrom(declared[info.name])
+
+
+def _keep_initializer_order(source: onnx.ModelProto, target: onnx.ModelProto) -> None:
+    """Initializers in their original order, new ones after: onnxruntime's extended optimizer
+    (1.32) fails to load some graphs it saved itself once their initializers are reordered
+    ("Attempt to replace the existing tensor"), as graphsurgeon's export does."""
+    order = {t.name: index for index, t in enumerate(source.graph.initializer)}
+    ranked = sorted(range(len(target.graph.initializer)),
+                    key=lambda i: (order.get(target.graph.initializer[i].name, len(order)), i))
+    if ranked != list(range(len(ranked))):
+        initializers = [target.graph.initializer[i] for i in ranked]
+        kept = onnx.GraphProto()
+        kept.initializer.extend(initializers)
+        del target.graph.initializer[:]
+        target.graph.initializer.extend(kept.initializer)
+
+
+# Names onnxruntime's optimizer generates (Graph::GenerateNodeArgName: base, base_token_N): it
+# checks them against the graph's node args only, so when an earlier pass orphans an initializer
+# of such a name, MatMulAddFusion can generate it again and fails to load the model ("Attempt to
+# replace the existing tensor"). Pruning opens new passes on graphs onnxruntime saved itself.
+_GENERATED = re.compile(r"(_token_\d+|^gemm_(input|output)_shape)$")
+
+
+def _rename_generated_initializers(model: onnx.ModelProto) -> None:
+    renamed = {t.name: f"{t.name}__snp" for t in model.graph.initializer if _GENERATED.search(t.name)}
+    if not renamed:
+        return
+    for tensor in model.graph.initializer:
+        tensor.name = renamed.get(tensor.name, tensor.name)
+    for node in model.graph.node:
+        for index, name in enumerate(node.input):
+            if name in renamed:
+                node.input[index] = renamed[name]
 
 
 def _copy_metadata(source: onnx.ModelProto, target: onnx.ModelProto) -> None:

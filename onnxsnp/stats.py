@@ -1,4 +1,5 @@
-"""Size and compute of a model: parameters, and MACs of MatMul/Gemm/Conv and ONNX Attention."""
+"""Size and compute of a model: parameters, and MACs of MatMul/Gemm/Conv (and onnxruntime's fused
+forms of them) and attention ops."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,11 +21,14 @@ class ModelStats:
 
 
 def count_params(model: onnx.ModelProto) -> int:
-    """Floating-point weights (initializers and Constant nodes); int shape constants excluded."""
+    """Floating-point weights (initializers and Constant nodes) and quantized ones (integer
+    initializers read by DequantizeLinear or a Cast); int shape constants excluded."""
     total = 0
     float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+    dequantized = {n.input[0] for n in model.graph.node if n.op_type in ("DequantizeLinear", "Cast") and n.input}
     for tensor in model.graph.initializer:
-        if tensor.data_type in float_types:
+        if tensor.data_type in float_types or tensor.name in dequantized and tensor.data_type in (
+                onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
             total += int(np.prod(tensor.dims, dtype=np.int64))
     for node in model.graph.node:
         if node.op_type == "Constant":
@@ -83,15 +87,16 @@ def macs_from_shapes(model: onnx.ModelProto, run_shapes: dict[str, tuple[int, ..
 
 
 def _counted(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    return [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv", "Attention", "MultiHeadAttention")]
+    return [n for n in model.graph.node
+            if n.op_type in ("MatMul", "Gemm", "Conv", "Attention", "MultiHeadAttention", "FusedMatMul", "FusedGemm")]
 
 
 def _linear_macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> int:
     out, a, b = shapes[node.output[0]], shapes[node.input[0]], shapes[node.input[1]]
     outputs = int(np.prod(out, dtype=np.int64))
-    if node.op_type == "MatMul":
-        return outputs * (a[-1] if a else 1)
-    if node.op_type == "Gemm":
+    if node.op_type in ("MatMul", "FusedMatMul"):  # FusedMatMul: onnxruntime's, with transposes inside
+        return outputs * ((a[-2] if attribute(node, "transA", 0) else a[-1]) if a else 1)
+    if node.op_type in ("Gemm", "FusedGemm"):
         return outputs * (a[0] if attribute(node, "transA", 0) else a[-1])
     # Conv: weight is (C_out, C_in / group, k…): each output element reads prod(weight[1:]) inputs
     return outputs * int(np.prod(b[1:], dtype=np.int64))

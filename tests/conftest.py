@@ -21,7 +21,65 @@ FORMS = ([("vit", a, d, "legacy") for a, d in VIT_FORMS] + [("bert", a, d, "lega
          + [("bert", "eager", True, "ort-optimizer"), ("bert", "eager", False, "ort-optimizer"),
             ("bert", "eager", True, "ort-mha")]
          + [("vit", "sdpa", True, "legacy-fp16"), ("bert", "eager", True, "legacy-fp16")])
-FORM_IDS = [f"{f}-{a}-{'dynamic' if d else 'static'}-{e}" for f, a, d, e in FORMS]
+# graphs saved by onnxruntime's own session optimizer (SessionOptions.optimized_model_filepath)
+SESSION_FORMS = [(f, a, d, f"ort-session-{level}") for level in ("basic", "extended", "all")
+                 for f, a, d in (("vit", "sdpa", False), ("vit", "manual", True), ("bert", "sdpa", False),
+                                 ("bert", "eager", True))]
+
+# weight-only int8 models: DequantizeLinear or Cast → Mul, per tensor or per output channel
+INT8_FORMS = [(f, a, True, f"int8-{style}") for f, a in (("vit", "sdpa"), ("bert", "eager"))
+              for style in ("dq-tensor", "dq-channel", "cast-tensor", "cast-channel")]
+
+# DINOv2-shaped: written-out LayerNorm and LayerScale (tools/torch_models.py)
+NORM_FORMS = [("dinov2", "manual", True, "legacy"), ("dinov2", "sdpa", False, "legacy"), ("dinov2", "sdpa", True, "dynamo")]
+
+# optimum-onnx exports from a local folder (their own venv: tests/optimum_export.py), and
+# `optimum-cli onnxruntime optimize` at -O1 … -O4
+OPTIMUM_FORMS = ([(family, "random", True, "optimum") for family in ("bert", "roberta", "distilbert", "vit", "clip")]
+                 + [(family, "random", True, f"optimum-O{level}") for family in ("bert", "vit") for level in range(1, 5)]
+                 + [("clip", "random", True, "optimum-O2")])
+OPTIMUM_VENV = ROOT / "build" / "optimum-venv"
+# optimum-onnx 0.1 pins transformers < 4.58, older than the test venv's: it gets a venv of its own
+OPTIMUM_REQUIREMENTS = ["torch==2.13.0", "optimum-onnx[onnxruntime]==0.1.0", "transformers<4.58"]
+
+
+def optimum_python() -> Path:
+    """The optimum venv's python, made once (cached under build/); skips the test, with the
+    reason, where the package registry cannot be reached."""
+    import subprocess
+
+    python = OPTIMUM_VENV / "bin" / "python"
+    ready = OPTIMUM_VENV / ".ready"
+    if ready.exists() and ready.read_text() == " ".join(OPTIMUM_REQUIREMENTS):
+        return python
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(OPTIMUM_VENV)], check=True)
+    install = subprocess.run([str(python), "-m", "pip", "install", "-q", *OPTIMUM_REQUIREMENTS],
+                             capture_output=True, text=True)
+    if install.returncode:
+        reason = install.stderr.strip().splitlines()[-1] if install.stderr.strip() else "pip failed"
+        if any(word in install.stderr for word in ("connection", "Connection", "resolve", "Network", "No matching")):
+            pytest.skip(f"optimum-onnx cannot be installed (package registry unreachable?): {reason}")
+        raise RuntimeError(f"installing {OPTIMUM_REQUIREMENTS} failed: {reason}")
+    ready.write_text(" ".join(OPTIMUM_REQUIREMENTS))
+    return python
+
+
+def export_optimum(folder: Path, family: str, exporter: str) -> Path:
+    import subprocess
+
+    level = exporter.split("-")[1] if "-" in exporter else None
+    command = [str(optimum_python()), str(ROOT / "tests" / "optimum_export.py"), family, str(folder)]
+    done = subprocess.run(command + ([level] if level else []), capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"optimum export of {family} failed: {done.stderr.strip()[-2000:]}")
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+def form_ids(forms: list[tuple]) -> list[str]:
+    return [f"{f}-{a}-{'dynamic' if d else 'static'}-{e}" for f, a, d, e in forms]
+
+
+FORM_IDS = form_ids(FORMS)
 
 
 def export(model, args: tuple, path: Path, inputs: list[str], outputs: list[str], axes: dict | None,
@@ -33,6 +91,17 @@ def export(model, args: tuple, path: Path, inputs: list[str], outputs: list[str]
     the ONNX Attention op). Dynamo writes .onnx.data."""
     from torch_models import export_legacy
 
+    if exporter.startswith("int8-"):  # legacy export, then its weights quantized (tests/quantize.py)
+        import onnx
+        from quantize import quantize_weights
+
+        export_legacy(model, args, str(path), inputs, outputs, axes)
+        onnx.save(quantize_weights(onnx.load(str(path)), exporter[len("int8-"):]), str(path))
+        return
+    if exporter.startswith("ort-session-"):  # legacy export, then onnxruntime's session optimizer
+        export_legacy(model, args, str(path), inputs, outputs, axes)
+        session_optimize(path, exporter.rsplit("-", 1)[1])
+        return
     if exporter in ("legacy", "ort-optimizer", "ort-mha", "legacy-fp16"):
         export_legacy(model, args, str(path), inputs, outputs, axes)
         if exporter == "legacy-fp16":  # fp16 weights, fp32 inputs and outputs
@@ -60,6 +129,22 @@ def export(model, args: tuple, path: Path, inputs: list[str], outputs: list[str]
                           dynamic_shapes=shapes, opset_version=23 if exporter == "dynamo23" else None)
 
 
+def session_optimize(path: Path, level: str) -> None:
+    """Replace the model at `path` by the graph onnxruntime's session optimizer saves at `level`
+    (basic, extended or all; "all" adds layout ops for this machine's CPU)."""
+    import onnxruntime as ort
+
+    levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    options = ort.SessionOptions()
+    options.graph_optimization_level = levels[level]
+    options.log_severity_level = 3  # "all" warns that its layout is specific to this machine
+    saved = path.with_name(path.stem + f"_{level}.onnx")
+    options.optimized_model_filepath = str(saved)
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    saved.replace(path)
+
+
 def export_vit(path: Path, attention: str, dynamic: bool, exporter: str = "legacy", depth: int = 2,
                seed: int = 0) -> Path:
     from torch_models import VisionTransformer
@@ -67,6 +152,18 @@ def export_vit(path: Path, attention: str, dynamic: bool, exporter: str = "legac
     torch.manual_seed(seed)
     model = VisionTransformer(img_size=32, patch_size=8, in_chans=3, num_classes=10, embed_dim=32, depth=depth,
                               num_heads=4, fused_attn=attention == "sdpa")
+    axes = {"pixel_values": {0: "batch"}, "logits": {0: "batch"}} if dynamic else None
+    export(model, (torch.randn(2, 3, 32, 32),), path, ["pixel_values"], ["logits"], axes, exporter)
+    return path
+
+
+def export_dinov2(path: Path, attention: str, dynamic: bool, exporter: str = "legacy", depth: int = 2) -> Path:
+    """A DINOv2-shaped ViT: LayerNorms written out as arithmetic and LayerScale after each sub-block."""
+    from torch_models import DinoVisionTransformer
+
+    torch.manual_seed(0)
+    model = DinoVisionTransformer(img_size=32, patch_size=8, in_chans=3, num_classes=10, embed_dim=32, depth=depth,
+                                  num_heads=4, fused_attn=attention == "sdpa")
     axes = {"pixel_values": {0: "batch"}, "logits": {0: "batch"}} if dynamic else None
     export(model, (torch.randn(2, 3, 32, 32),), path, ["pixel_values"], ["logits"], axes, exporter)
     return path
@@ -100,9 +197,12 @@ def exported(tmp_path_factory):
 
     def get(family: str, attention: str, dynamic: bool, exporter: str = "legacy") -> Path:
         key = (family, attention, dynamic, exporter)
+        if key not in cache and exporter.startswith("optimum"):
+            cache[key] = export_optimum(folder / f"{family}_{exporter}", family, exporter)
         if key not in cache:
             path = folder / f"{family}_{attention}_{'dyn' if dynamic else 'static'}_{exporter}.onnx"
-            cache[key] = (export_vit if family == "vit" else export_bert)(path, attention, dynamic, exporter)
+            make = {"vit": export_vit, "bert": export_bert, "dinov2": export_dinov2}[family]
+            cache[key] = make(path, attention, dynamic, exporter)
         return cache[key]
 
     return get
@@ -116,8 +216,9 @@ def feed_for(path: Path, batch: int, seq: int = 8, seed: int = 1) -> dict[str, n
     feed = {}
     for info in model.graph.input:
         dims = [d.dim_value if d.HasField("dim_value") else None for d in info.type.tensor_type.shape.dim]
-        if info.name == "pixel_values":
-            feed[info.name] = rng.standard_normal((batch, *dims[1:])).astype(np.float32)
+        if info.name == "pixel_values":  # optimum exports leave channels and size dynamic: 3 × 32 × 32
+            shape = [d or default for d, default in zip(dims[1:], (3, 32, 32))]
+            feed[info.name] = rng.standard_normal((batch, *shape)).astype(np.float32)
         elif info.name == "input_ids":
             feed[info.name] = rng.integers(0, 100, (batch, dims[1] or seq)).astype(np.int64)
         else:
@@ -125,9 +226,14 @@ def feed_for(path: Path, batch: int, seq: int = 8, seed: int = 1) -> dict[str, n
     return feed
 
 
-def run(model, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+def run(model, feed: dict[str, np.ndarray], optimize: bool = True) -> list[np.ndarray]:
+    """The model's outputs on `feed`; `optimize=False` runs the graph as written (onnxruntime's
+    extended optimizer fails on some test-made copies of its own output: see oracle.unshare)."""
     import onnxruntime as ort
 
     data = model.SerializeToString() if hasattr(model, "SerializeToString") else str(model)  # a path keeps .data
-    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     return sess.run(None, feed)

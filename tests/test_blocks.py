@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import FORM_IDS, FORMS, export_bert, export_vit, feed_for, run, torch
+from conftest import FORM_IDS, FORMS, export_bert, export_dinov2, export_vit, feed_for, run, torch
 from onnxsnp import SnpError, prune
 from onnxsnp.graph import ModelGraph
 from onnxsnp.matching import find_blocks
@@ -18,16 +18,17 @@ def test_every_form_exposes_its_transformer_blocks(exported, family, attention, 
     assert {layer.norm for layer in matches.layers} == {"pre" if family == "vit" else "post"}
 
 
+@pytest.mark.parametrize("family", ["vit", "dinov2"])  # dinov2: written-out LayerNorms, LayerScale
 @pytest.mark.parametrize("removed", [0, 1])
-def test_removing_a_vit_block_equals_torch_without_it(tmp_path, removed):
-    from torch_models import VisionTransformer
+def test_removing_a_vit_block_equals_torch_without_it(tmp_path, family, removed):
+    from torch_models import DinoVisionTransformer, VisionTransformer
 
-    path = export_vit(tmp_path / "vit.onnx", "manual", True)
+    path = (export_vit if family == "vit" else export_dinov2)(tmp_path / "vit.onnx", "manual", True)
     pruned, report = prune(str(path), ratio=0.0, blocks=f"{removed},", calib_samples=8)
     assert len(report.removed_blocks) == 1
-    torch.manual_seed(0)  # the same weights export_vit made
-    model = VisionTransformer(img_size=32, patch_size=8, in_chans=3, num_classes=10, embed_dim=32, depth=2,
-                              num_heads=4).eval()
+    torch.manual_seed(0)  # the same weights the export made
+    model = (VisionTransformer if family == "vit" else DinoVisionTransformer)(
+        img_size=32, patch_size=8, in_chans=3, num_classes=10, embed_dim=32, depth=2, num_heads=4).eval()
     model.blocks[removed] = torch.nn.Identity()
     feed = feed_for(path, batch=3)
     with torch.no_grad():

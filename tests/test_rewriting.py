@@ -4,109 +4,14 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
 
 from dataclasses import replace
 
 from conftest import FORM_IDS, FORMS, feed_for, run
-from onnxsnp.graph import ModelGraph
 from onnxsnp.masking import plan_weights, with_weights
-from onnxsnp.matching import find_blocks
-from onnxsnp.pipeline import make_plan
 from onnxsnp.plan import Ratios, Refit
 from onnxsnp.rewriting import rewrite
-
-
-def plan_for(path, ratios: Ratios, criterion: str = "random"):
-    g = ModelGraph(onnx.load(str(path)))
-    return g, make_plan(g, find_blocks(g), ratios, criterion, feed_for(path, batch=2), batch=2, seed=3)
-
-
-def zeroed_original(g: ModelGraph, plan) -> onnx.ModelProto:
-    """The original model with the removed neurons' weights and biases set to zero."""
-    model = onnx.ModelProto()
-    model.CopyFrom(g.model)
-    edits: dict[str, np.ndarray] = {}
-
-    def zero_outputs(linear, columns):
-        for tensor, axis in ((linear.weight, 0 if linear.transposed else 1), (linear.bias, 0)):
-            if tensor is None:
-                continue
-            name = g.initializer_behind(tensor)
-            value = edits.get(name, g.constant(tensor).copy())
-            index = [slice(None)] * value.ndim
-            index[axis if value.ndim > 1 else 0] = columns
-            value[tuple(index)] = 0
-            edits[name] = value
-
-    for keep in plan.attention:
-        b = keep.block
-        width = b.heads * b.head_dim
-        removed_qk = np.setdiff1d(np.arange(width), keep.qk_columns())
-        removed_v = np.setdiff1d(np.arange(width), keep.v_columns())
-        zero_outputs(b.q, b.column_offsets[0] + removed_qk)
-        zero_outputs(b.k, b.column_offsets[1] + removed_qk)
-        zero_outputs(b.v, b.column_offsets[2] + removed_v)
-        if b.packed_bias is not None:  # MultiHeadAttention keeps the q/k/v biases in one input
-            name = g.initializer_behind(b.packed_bias)
-            value = edits.get(name, g.constant(b.packed_bias).copy())
-            value[np.concatenate([removed_qk, width + removed_qk, 2 * width + removed_v])] = 0
-            edits[name] = value
-    for keep in plan.ffn:
-        zero_outputs(keep.block.fc1, np.setdiff1d(np.arange(keep.block.hidden), keep.hidden))
-    for init in model.graph.initializer:
-        if init.name in edits:
-            init.CopyFrom(numpy_helper.from_array(edits[init.name], init.name))
-    return model
-
-
-def with_maps_and_refits(plan, seed: int = 0):
-    """The plan with random maps for every kept Q, K and V position and random refits of every
-    output projection and fc2: what the projection compensation and the refits produce."""
-    rng = np.random.default_rng(seed)
-    keeps = []
-    refits = {}
-    for keep in plan.attention:
-        d, heads = keep.block.head_dim, len(keep.heads)
-        maps = {name: rng.standard_normal((heads, d, kept.shape[1])) / np.sqrt(d)
-                for name, kept in (("q_map", keep.qk), ("k_map", keep.qk), ("v_map", keep.v))}
-        keeps.append(replace(keep, **maps))
-        out = keep.block.out
-        refits[out.node] = Refit(rng.standard_normal((len(keep.v_columns()), out.out_features)) * 0.1,
-                                 rng.standard_normal(out.out_features) * 0.1 if out.bias is not None else None)
-    for keep in plan.ffn:
-        fc2 = keep.block.fc2
-        refits[fc2.node] = Refit(rng.standard_normal((len(keep.hidden), fc2.out_features)) * 0.05,
-                                 rng.standard_normal(fc2.out_features) * 0.1 if fc2.bias is not None else None)
-    return replace(plan, attention=tuple(keeps), refits=refits)
-
-
-@pytest.mark.parametrize("family,attention,dynamic,exporter", FORMS, ids=FORM_IDS)
-def test_mapped_and_refitted_plan_rewrites_equal_to_its_masked_weights(exported, family, attention, dynamic,
-                                                                       exporter):
-    """Every form: mapped Q/K/V positions, removed heads and refitted layers, once by slicing
-    (rewriting) and once as full-width weights with the removed units zeroed (masking)."""
-    path = exported(family, attention, dynamic, exporter)
-    g, plan = plan_for(path, Ratios(0.5, 0.25, 0.5, heads=0.5))
-    plan = with_maps_and_refits(plan)
-    feed = feed_for(path, batch=2)
-    tolerance = 2e-2 if exporter.endswith("fp16") else 2e-5
-    for want, got in zip(run(with_weights(g.model, plan_weights(g, plan)), feed), run(rewrite(g, plan), feed)):
-        np.testing.assert_allclose(got, want, atol=tolerance, rtol=100 * tolerance)
-
-
-def unshare(path, tmp_path):
-    """Copy of the model where every Identity-routed initializer is its own tensor (so zeroing
-    one reader's weights does not zero another's)."""
-    model = onnx.load(str(path))
-    g = ModelGraph(model)
-    for node in list(model.graph.node):
-        if node.op_type == "Identity" and g.initializer_behind(node.input[0]):
-            model.graph.initializer.append(numpy_helper.from_array(g.constant(node.input[0]), node.output[0]))
-            model.graph.node.remove(node)
-    out = tmp_path / "unshared.onnx"
-    onnx.save(model, str(out))
-    return out
+from oracle import plan_for, unshare, zeroed_original
 
 
 @pytest.mark.parametrize("family,attention,dynamic,exporter", FORMS, ids=FORM_IDS)
@@ -161,4 +66,53 @@ def test_head_pruning_equals_zeroed_heads(exported, tmp_path, family, attention,
     feed = feed_for(path, batch=3 if dynamic else 2, seq=5 if dynamic else 8)
     tolerance = 2e-2 if exporter.endswith("fp16") else 2e-5
     for want, got in zip(run(zeroed_original(g, plan), feed), run(pruned, feed)):
+        np.testing.assert_allclose(got, want, atol=tolerance, rtol=100 * tolerance)
+
+
+@pytest.mark.parametrize("family,attention,dynamic,exporter", FORMS, ids=FORM_IDS)
+def test_masked_weights_compute_what_the_rewrite_does(exported, family, attention, dynamic, exporter):
+    """masking.py (full-width weights, removed units zeroed through the same dependency groups)
+    and the rewrite agree."""
+    from onnxsnp.masking import plan_weights, with_weights
+
+    path = exported(family, attention, dynamic, exporter)
+    g, plan = plan_for(path, Ratios(0.5, 0.25, 0.5, heads=0.5))
+    feed = feed_for(path, batch=2)
+    tolerance = 2e-2 if exporter.endswith("fp16") else 2e-5
+    for want, got in zip(run(with_weights(g.model, plan_weights(g, plan)), feed), run(rewrite(g, plan), feed)):
+        np.testing.assert_allclose(got, want, atol=tolerance, rtol=100 * tolerance)
+
+
+def with_maps_and_refits(plan, seed: int = 0):
+    """The plan with random maps for every kept Q, K and V position and random refits of every
+    output projection and fc2: what the projection compensation and the refits produce."""
+    rng = np.random.default_rng(seed)
+    keeps = []
+    refits = {}
+    for keep in plan.attention:
+        d, heads = keep.block.head_dim, len(keep.heads)
+        maps = {name: rng.standard_normal((heads, d, kept.shape[1])) / np.sqrt(d)
+                for name, kept in (("q_map", keep.qk), ("k_map", keep.qk), ("v_map", keep.v))}
+        keeps.append(replace(keep, **maps))
+        out = keep.block.out
+        refits[out.node] = Refit(rng.standard_normal((len(keep.v_columns()), out.out_features)) * 0.1,
+                                 rng.standard_normal(out.out_features) * 0.1 if out.bias is not None else None)
+    for keep in plan.ffn:
+        fc2 = keep.block.fc2
+        refits[fc2.node] = Refit(rng.standard_normal((len(keep.hidden), fc2.out_features)) * 0.05,
+                                 rng.standard_normal(fc2.out_features) * 0.1 if fc2.bias is not None else None)
+    return replace(plan, attention=tuple(keeps), refits=refits)
+
+
+@pytest.mark.parametrize("family,attention,dynamic,exporter", FORMS, ids=FORM_IDS)
+def test_mapped_and_refitted_plan_rewrites_equal_to_its_masked_weights(exported, family, attention, dynamic,
+                                                                       exporter):
+    """Every form: mapped Q/K/V positions, removed heads and refitted layers, once by slicing
+    (rewriting) and once as full-width weights with the removed units zeroed (masking)."""
+    path = exported(family, attention, dynamic, exporter)
+    g, plan = plan_for(path, Ratios(0.5, 0.25, 0.5, heads=0.5))
+    plan = with_maps_and_refits(plan)
+    feed = feed_for(path, batch=2)
+    tolerance = 2e-2 if exporter.endswith("fp16") else 2e-5
+    for want, got in zip(run(with_weights(g.model, plan_weights(g, plan)), feed), run(rewrite(g, plan), feed)):
         np.testing.assert_allclose(got, want, atol=tolerance, rtol=100 * tolerance)

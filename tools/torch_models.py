@@ -93,6 +93,57 @@ class VisionTransformer(nn.Module):
         return self.head(self.norm(x)[:, 0])
 
 
+class WrittenOutLayerNorm(nn.Module):
+    """LayerNorm as arithmetic (the exporter writes ReduceMean, Sub, Pow, Add, Sqrt, Div, Mul, Add),
+    as DINOv2-style code that normalises by hand exports."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(1 + 0.1 * torch.randn(dim))
+        self.bias = nn.Parameter(0.1 * torch.randn(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centred = x - x.mean(-1, keepdim=True)
+        x = centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x * self.weight + self.bias
+
+
+class LayerScale(nn.Module):
+    """DINOv2's learned per-channel scale of a sub-block's output."""
+
+    def __init__(self, dim: int, init: float = 0.5):
+        super().__init__()
+        self.gamma = nn.Parameter(init * (1 + 0.2 * torch.randn(dim)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class DinoBlock(Block):
+    """A DINOv2-shaped block: written-out LayerNorms and LayerScale after attention and MLP."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, fused_attn: bool = False):
+        super().__init__(dim, num_heads, mlp_ratio, fused_attn)
+        self.norm1, self.norm2 = WrittenOutLayerNorm(dim), WrittenOutLayerNorm(dim)
+        self.ls1, self.ls2 = LayerScale(dim), LayerScale(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class DinoVisionTransformer(VisionTransformer):
+    """VisionTransformer with DinoBlocks and a written-out final norm (DINOv2's layout, small)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        dim, heads = self.pos_embed.shape[-1], self.blocks[0].attn.num_heads
+        fused = self.blocks[0].attn.fused_attn
+        self.blocks = nn.Sequential(*[DinoBlock(dim, heads, fused_attn=fused) for _ in range(len(self.blocks))])
+        self.norm = WrittenOutLayerNorm(dim)
+
+
 DEIT_CONFIGS = {
     "deit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
     "deit_small": dict(embed_dim=384, depth=12, num_heads=6),

@@ -1,0 +1,192 @@
+"""The match stage's vocabulary: what a match holds and what a failed match says.
+
+Every fact later stages need about a block ends up in one of these dataclasses; a candidate
+that does not fit raises `NoMatch` with a reason that names the node (shown by `inspect`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class NoMatch(Exception):
+    """A candidate that does not fit; the message says why (shown by `inspect`)."""
+
+
+@dataclass(frozen=True)
+class Linear:
+    """y = x·W (+ b): a MatMul with a constant weight plus an optional bias Add, or a Gemm."""
+
+    node: str  # the MatMul, Gemm or FusedMatMul
+    weight: str  # weight tensor as the node reads it (maybe an Identity output)
+    weight_index: int
+    transposed: bool  # weight stored as [out, in] (Gemm transB=1)
+    bias_node: str | None  # the Add (or the Gemm itself)
+    bias: str | None
+    bias_index: int
+    input: str
+    output: str | None  # after the bias; None where the projection happens inside a fused op
+    in_features: int
+    out_features: int
+    in_reshape: str | None = None  # a Reshape flattening the tokens before a 2-D product: last entry = in_features
+    out_reshape: str | None = None  # one restoring them after it: last entry = out_features
+
+
+class Width(str, Enum):
+    """A size a cut changes, which a shape entry or attribute holds."""
+
+    QK = "qk"  # per-head Q/K width
+    V = "v"  # per-head V width
+    QK_MERGED = "qk_merged"  # heads × per-head Q/K width
+    V_MERGED = "v_merged"
+    HEADS = "heads"
+    FUSED = "qkv_merged"  # a fused projection's output: q, k and v merged
+    FFN = "ffn"  # FFN hidden neurons
+    CHANNELS = "channels"  # residual-stream channels
+
+
+@dataclass(frozen=True)
+class ShapeEdit:
+    """A Reshape target-shape entry that holds a pruned width and must follow it."""
+
+    reshape: str
+    width: Width
+    position: int = -1  # which entry, counted from the end
+
+
+@dataclass(frozen=True)
+class FrozenScale:
+    """A scalar Mul/Div between a projection and the softmax. A run-time one (computed from q's
+    shape) is frozen to its original value when Q/K widths change; a `constant` one is fixed at
+    export. Either may carry the factor that puts the scale in standard form (rewriting)."""
+
+    node: str
+    input_index: int
+    tensor: str
+    constant: bool = False
+    attribute: str | None = None  # the scale is this attribute of `node` (FusedMatMul's alpha), not an input
+
+
+@dataclass(frozen=True)
+class FusedQkv:
+    """One [D, 3D] projection reshaped to (…, 3, H, d), maybe permuted, and q, k, v each taken by a
+    Split, Slice or Gather along the 3-axis. The rewrite splits the sliced projection by width,
+    reshapes each piece to (…, 1, H′, d′) and replays the permutation, so that it replaces the
+    selected part (Q/K and V widths may then differ)."""
+
+    reshape: str  # the (…, 3, H, d) Reshape
+    parts: tuple[str, str, str]  # the tensors the selectors give for q, k, v
+    replay: tuple[str, ...] = ()  # the nodes (Transposes) between the reshape and the selectors
+    part_axis: int = 0  # the 3-axis at the selectors' input
+    dropped: tuple[bool, bool, bool] = (False, False, False)  # the selector (a scalar Gather) drops that axis
+
+
+@dataclass
+class AttentionBlock:
+    name: str
+    form: str  # "separate" (q/k/v Linear each), "fused-qkv", or "ort-attention" (com.microsoft.Attention)
+    heads: int
+    head_dim: int
+    q: Linear
+    k: Linear
+    v: Linear
+    out: Linear
+    anchor: str  # the Softmax, or the Attention op that holds the whole core
+    column_offsets: tuple[int, int, int] = (0, 0, 0)  # where q, k, v start in a fused weight
+    fused: FusedQkv | None = None
+    shape_edits: list[ShapeEdit] = field(default_factory=list)
+    frozen_scales: list[FrozenScale] = field(default_factory=list)
+    constant_scales: list[FrozenScale] = field(default_factory=list)  # fixed ones on the Q·Kᵀ path
+    attention_op: str | None = None  # an ONNX Attention node whose scale must be pinned
+    scale: float | None = None  # that op's original softmax scale
+    packed_bias: str | None = None  # com.microsoft.MultiHeadAttention's [q | k | v] bias input
+    heads_fixed: str | None = None  # why whole heads cannot be removed here, if they cannot
+    q_fixed: str | None = None  # why q's columns cannot be rescaled exactly (no standard form, no Q/K rescale)
+    core_nodes: tuple[str, str] = ("", "")  # the nodes computing Q·Kᵀ and attn·V (an attention op: twice)
+
+    @property
+    def v_input(self) -> str:
+        """The out projection's input: attn·V with heads merged, column h·d + j = V neuron j of head h."""
+        return self.out.input
+
+
+@dataclass
+class FfnBlock:
+    name: str
+    fc1: Linear
+    fc2: Linear
+    activation: str  # op types between fc1 and fc2, for display
+
+    @property
+    def hidden(self) -> int:
+        return self.fc1.out_features
+
+
+@dataclass
+class Skipped:
+    where: str
+    kind: str
+    reason: str
+
+
+@dataclass
+class Layer:
+    """A whole transformer block: attention and FFN joined to the residual stream, from the stream
+    tensor it reads to the one it writes. Removing it makes the output the input."""
+
+    name: str
+    attention: AttentionBlock
+    ffn: FfnBlock
+    input: str
+    output: str
+    norm: str  # "pre" (x + f(LN(x))) or "post" (LN(x + f(x)))
+    middle: str = ""  # the stream between the attention and the FFN (after the attention's join)
+    renorm: str = ""  # a pre-norm SkipLayerNormalization joining the FFN: its normalised output must be
+    #                   recomputed from `input` when the block goes (the next block's norm lives in it)
+
+
+@dataclass
+class Matches:
+    attention: list[AttentionBlock]
+    ffn: list[FfnBlock]
+    skipped: list[Skipped]
+    layers: list[Layer] = field(default_factory=list)
+
+
+def unique_names(blocks: list) -> None:
+    """Flat-named exports can give two blocks the same name; number the repeats."""
+    seen: dict[str, int] = {}
+    for block in blocks:
+        count = seen.get(block.name, 0)
+        seen[block.name] = count + 1
+        if count:
+            block.name = f"{block.name}#{count}"
+
+
+def block_name(node_name: str, linears: tuple[Linear, Linear]) -> str:
+    """The node's scope ("/blocks/blocks.0/attn/Softmax" → "blocks/blocks.0/attn"); for exporters
+    that name nodes flatly, the shared prefix of the two layers' parameter names."""
+    parts = [p for p in node_name.split("/") if p]
+    if len(parts) > 1:
+        return "/".join(parts[:-1])
+    first, second = ([t for t in (linear.bias, linear.weight) if t and "." in t] for linear in linears)
+    if first and second:
+        shared = []
+        for x, y in zip(first[0].split("."), second[0].split(".")):
+            if x != y:
+                break
+            shared.append(x)
+        if shared:
+            return ".".join(shared)
+    return node_name
+
+
+def common_scope(first: str, second: str) -> str:
+    """The shared leading path of two node names ("/blocks/blocks.0/mlp/fc1/MatMul", …)."""
+    a, b = [p for p in first.split("/") if p], [p for p in second.split("/") if p]
+    shared = []
+    for x, y in zip(a[:-1], b[:-1]):
+        if x != y:
+            break
+        shared.append(x)
+    return "/".join(shared)

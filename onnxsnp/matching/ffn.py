@@ -1,0 +1,97 @@
+"""FFN blocks: fc1 → element-wise activation → fc2, nothing else reading the hidden units."""
+from __future__ import annotations
+
+import onnx
+
+from ..graph import ModelGraph
+from .blocks import FfnBlock, Linear, NoMatch, Skipped, block_name, common_scope
+from .linear import bias_activation_fc1, linear_at, linear_producing
+from .norms import norm_writing
+
+# Element-wise ops of an FFN activation (GELU as Erf chain or op, ReLU, SiLU, tanh-GELU).
+_ACTIVATION_OPS = {"Div", "Mul", "Add", "Sub", "Erf", "Gelu", "Relu", "Sigmoid", "Tanh", "Pow",
+                   "Cast", "FastGelu", "BiasGelu", "QuickGelu", "HardSigmoid", "Softplus", "Identity",
+                   "QuantizeLinear", "DequantizeLinear"}  # activation QDQ: per tensor (a per-channel one is refused)
+
+
+def match_ffns(g: ModelGraph, taken: set[str]) -> tuple[list[FfnBlock], list[Skipped]]:
+    blocks, skipped = [], []
+    for node in g.nodes_of_type("MatMul", "Gemm"):
+        fc2 = None if node.name in taken else linear_at(g, node)
+        if fc2 is None:
+            continue
+        try:
+            found = _ffn_before(g, fc2, taken)
+        except NoMatch as why:
+            if _looks_like_ffn(g, fc2):
+                skipped.append(Skipped(node.name, "ffn", str(why)))
+            continue
+        if found is not None:
+            blocks.append(found)
+    # chained MLPs (A→act→B→act→C) match twice around B: prune neither rather than both
+    uses: dict[str, int] = {}
+    for block in blocks:
+        for node in (block.fc1.node, block.fc2.node):
+            uses[node] = uses.get(node, 0) + 1
+    kept = [b for b in blocks if uses[b.fc1.node] == 1 and uses[b.fc2.node] == 1]
+    skipped += [Skipped(b.fc2.node, "ffn", "shares a layer with another FFN (a chained MLP)")
+                for b in blocks if b not in kept]
+    return kept, skipped
+
+
+def _looks_like_ffn(g: ModelGraph, fc2: Linear) -> bool:
+    """Worth listing as a skipped FFN: an element-wise op (not a written-out norm) before it."""
+    producer = g.producer_of(fc2.input)
+    return producer is not None and producer.op_type in _ACTIVATION_OPS and norm_writing(g, fc2.input) is None
+
+
+def _ffn_before(g: ModelGraph, fc2: Linear, taken: set[str]) -> FfnBlock | None:
+    """fc1 → element-wise activation → fc2, where nothing else reads the hidden activations."""
+    activation_nodes: dict[str, onnx.NodeProto] = {}
+    frontier = [fc2.input]
+    fc1: Linear | None = None
+    while frontier:
+        tensor = frontier.pop()
+        linear = linear_producing(g, tensor)
+        if linear is not None:
+            if fc1 is not None and linear.node != fc1.node:
+                raise NoMatch("the activation mixes two projections")
+            fc1 = linear
+            continue
+        node = g.producer_of(tensor)
+        if node is None or node.op_type not in _ACTIVATION_OPS:
+            return None
+        if node.name in activation_nodes:
+            continue
+        activation_nodes[node.name] = node
+        biased = bias_activation_fc1(g, node)
+        if biased is not None:  # BiasGelu/FastGelu(x·W, b): fc1's bias lives in the activation
+            if fc1 is not None and biased.node != fc1.node:
+                raise NoMatch("the activation mixes two projections")
+            fc1 = biased
+            continue
+        for inp in node.input:
+            if not inp:
+                continue
+            value = g.constant(inp)
+            if value is not None:
+                if value.size != 1:
+                    raise NoMatch(f"{node.name} applies a per-channel constant")
+                continue
+            frontier.append(inp)
+    if fc1 is None or not activation_nodes or fc1.node in taken:
+        return None
+    if fc1.out_features != fc2.in_features:
+        raise NoMatch("fc1 and fc2 widths differ")
+    inside = {fc1.output} | {o for n in activation_nodes.values() for o in n.output}
+    for tensor in inside:
+        if tensor == fc2.input:
+            if len(g.consumers.get(tensor, [])) != 1:
+                raise NoMatch("the hidden activation has other readers")
+            continue
+        for consumer in g.consumers.get(tensor, []):
+            if consumer not in activation_nodes:
+                raise NoMatch("the hidden activation has readers outside the FFN")
+    ops = sorted({n.op_type for n in activation_nodes.values()})
+    name = common_scope(fc1.node, fc2.node) or block_name(fc2.node, (fc1, fc2))
+    return FfnBlock(name, fc1, fc2, "+".join(ops))

@@ -1,0 +1,56 @@
+"""Run inside the optimum venv (see conftest.optimum_python): save a tiny random-weight
+transformers model with save_pretrained, export it with `optimum-cli export onnx` from that
+local folder, and optionally optimize it with `optimum-cli onnxruntime optimize -O<level>`.
+
+usage: python optimum_export.py FAMILY FOLDER [LEVEL]  → prints the path of the .onnx file
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import transformers as T
+
+SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+TASKS = {"bert": "feature-extraction", "roberta": "feature-extraction", "distilbert": "feature-extraction",
+         "vit": "image-classification", "clip": "zero-shot-image-classification"}
+
+
+def tiny(family: str):
+    torch.manual_seed(0)
+    if family == "bert":
+        model = T.BertModel(T.BertConfig(vocab_size=100, max_position_embeddings=64, **SMALL))
+    elif family == "roberta":
+        model = T.RobertaModel(T.RobertaConfig(vocab_size=100, max_position_embeddings=64, **SMALL))
+    elif family == "distilbert":
+        model = T.DistilBertModel(T.DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                                     max_position_embeddings=64))
+    elif family == "vit":
+        model = T.ViTForImageClassification(T.ViTConfig(image_size=32, patch_size=8, num_labels=10, **SMALL))
+    else:
+        model = T.CLIPModel(T.CLIPConfig(text_config=dict(vocab_size=100, max_position_embeddings=16, **SMALL),
+                                         vision_config=dict(image_size=32, patch_size=8, **SMALL), projection_dim=16))
+    with torch.no_grad():  # trained models have non-zero biases: slicing them is then tested
+        for name, parameter in model.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(0, 0.1)
+    return model
+
+
+def main(family: str, folder: Path, level: str | None) -> None:
+    cli = Path(sys.executable).with_name("optimum-cli")
+    tiny(family).save_pretrained(folder / "source")
+    subprocess.run([str(cli), "export", "onnx", "-m", str(folder / "source"), "--task", TASKS[family],
+                    str(folder / "onnx")], check=True, capture_output=True)
+    model = folder / "onnx" / "model.onnx"
+    if level:
+        subprocess.run([str(cli), "onnxruntime", "optimize", "--onnx_model", str(folder / "onnx"), f"-{level}",
+                        "-o", str(folder / level)], check=True, capture_output=True)
+        model = folder / level / "model_optimized.onnx"
+    print(model)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None)

@@ -1,0 +1,95 @@
+"""Weight-only int8 models (DequantizeLinear or Cast → Mul, per tensor or per channel): scored on
+their dequantized values, cut in their integer form, and written still quantized."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from conftest import INT8_FORMS, feed_for, form_ids, run
+from onnxsnp import prune
+from onnxsnp.graph import ModelGraph
+from onnxsnp.importance import Ratios
+from onnxsnp.matching import find_blocks
+from onnxsnp.rewriting import rewrite
+from oracle import plan_for, zeroed_original
+
+
+
+@pytest.mark.parametrize("style", ["dq-tensor", "dq-channel", "cast-tensor", "cast-channel"])
+def test_new_values_are_quantized_again_with_the_same_scheme(style):
+    """A refit's weights go back into the integer tensor with the same type, granularity and kind
+    of zero point; what the graph then computes is within half a quantization step of them."""
+    import onnx_graphsurgeon as gs
+
+    import graphs
+    from onnxsnp.editor import Editor
+    from quantize import quantize_weights
+
+    model = quantize_weights(graphs.softmax_attention(), style)
+    g = ModelGraph(model)
+    graph = gs.import_onnx(model)
+    editor = Editor(g, graph)
+    matmul = next(n for n in graph.nodes if n.op == "MatMul" and g.is_constant(n.inputs[1].name))
+
+    def chain():  # (integers, scale and zero point values) behind the weight
+        nodes = [matmul.inputs[1].inputs[0]]
+        while not isinstance(nodes[-1].inputs[0], gs.Constant):
+            nodes.append(nodes[-1].inputs[0].inputs[0])
+        return nodes[-1].inputs[0].values, [t.values for n in nodes for t in n.inputs[1:] if isinstance(t, gs.Constant)]
+
+    old_integers, old_parameters = chain()
+    target = np.random.default_rng(0).standard_normal(editor.current(matmul, 1).shape).astype(np.float32)
+    editor.write(matmul, 1, target)
+    integers, parameters = chain()
+    assert integers.dtype == old_integers.dtype and integers.dtype in (np.int8, np.uint8)
+    assert [(p.shape, p.dtype) for p in parameters] == [(p.shape, p.dtype) for p in old_parameters]
+    assert [bool(np.any(p)) for p in parameters if p.dtype != np.float32] == \
+        [bool(np.any(p)) for p in old_parameters if p.dtype != np.float32]  # a zero point only where there was one
+    step = max(p.max() for p in parameters if p.dtype == np.float32)
+    assert np.abs(editor.current(matmul, 1) - target).max() <= step / 2 + 1e-6
+
+
+def integer_bytes(model: onnx.ModelProto) -> int:
+    return sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer if t.data_type in (2, 3))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,attention,dynamic,exporter", INT8_FORMS, ids=form_ids(INT8_FORMS))
+def test_quantized_weights_are_found(exported, family, attention, dynamic, exporter):
+    matches = find_blocks(ModelGraph(onnx.load(str(exported(family, attention, dynamic, exporter)))))
+    assert (len(matches.attention), len(matches.ffn), len(matches.layers)) == (2, 2, 2)
+    assert not matches.skipped
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,attention,dynamic,exporter", INT8_FORMS, ids=form_ids(INT8_FORMS))
+def test_ratio_zero_is_identical_and_half_stays_quantized(exported, family, attention, dynamic, exporter):
+    path = exported(family, attention, dynamic, exporter)
+    original = onnx.load(str(path))
+    unchanged, _ = prune(str(path), ratio=0.0, calib_samples=8)
+    feed = feed_for(path, batch=2)
+    for want, got in zip(run(path, feed), run(unchanged, feed)):
+        assert np.abs(want - got).max() <= 1e-5
+    pruned, report = prune(str(path), ratio=0.5, calib_samples=16)
+    assert [b.qk_dim_after for b in report.blocks if b.kind == "attention"] == [4, 4]
+    assert report.params_after < 0.75 * report.params_before
+    # the projections are still read from integers: the integer bytes shrink, no float weight appears
+    assert 0.3 * integer_bytes(original) < integer_bytes(pruned) < 0.75 * integer_bytes(original)
+    assert len(pruned.SerializeToString()) < len(original.SerializeToString())
+    g = ModelGraph(pruned)
+    weights = [n.input[1] for n in pruned.graph.node if n.op_type in ("MatMul", "Gemm") and g.is_constant(n.input[1])]
+    assert weights and all(g.initializer_behind(w) is None for w in weights)  # each computed from integers
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,attention,dynamic,exporter", INT8_FORMS, ids=form_ids(INT8_FORMS))
+def test_pruned_equals_zeroed_original(exported, family, attention, dynamic, exporter):
+    path = exported(family, attention, dynamic, exporter)
+    g, plan = plan_for(path, Ratios(0.5, 0.25, 0.5, heads=0.5))
+    pruned = rewrite(g, plan)
+    feed = feed_for(path, batch=3, seq=5)
+    # unoptimized: onnxruntime turns DequantizeLinear → MatMul into MatMulNBits, which rounds the activations
+    for want, got in zip(run(zeroed_original(g, plan), feed, optimize=False), run(pruned, feed, optimize=False)):
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-3)

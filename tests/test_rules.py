@@ -1,0 +1,90 @@
+"""The attention rules one by one, on small hand-built graphs (fast)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import graphs
+from onnxsnp.graph import ModelGraph
+from onnxsnp.importance import Ratios
+from onnxsnp.matching import find_blocks
+from onnxsnp.matching.rules import ATTENTION_RULES
+from onnxsnp.pipeline import make_plan
+from onnxsnp.rewriting import rewrite
+from oracle import zeroed_original
+
+FORMS = {"softmax": (graphs.softmax_attention, "separate"), "onnx-attention": (graphs.onnx_attention, "separate"),
+         "ort-attention": (graphs.ort_attention, "ort-attention"), "ort-mha": (graphs.ort_multi_head_attention, "ort-mha"),
+         "fused-matmul": (graphs.fused_matmul_scores, "separate"),
+         **{f"fused-{s.lower()}": (lambda s=s: graphs.fused_qkv(s), "fused-qkv") for s in ("Split", "Slice", "Gather")},
+         "fused-split-first": (lambda: graphs.fused_qkv(split_first=True), "fused-qkv"),
+         "activation-qdq": (lambda: graphs.softmax_attention(qdq="tensor"), "separate")}
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_each_rule_finds_its_form(form):
+    make, kind = FORMS[form]
+    model = make()
+    graphs.run(model, np.zeros((1, graphs.TOKENS, graphs.WIDTH), np.float32))  # a valid graph
+    matches = find_blocks(ModelGraph(model))
+    assert not [s for s in matches.skipped if s.kind != "block"]  # a lone attention is no whole block
+    (block,) = matches.attention
+    assert (block.form, block.heads, block.head_dim) == (kind, graphs.HEADS, graphs.HEAD_DIM)
+    assert block.out.in_features == graphs.WIDTH
+
+
+def test_every_rule_is_registered_by_its_anchor():
+    kinds = {(domain, op) for domain, op in ATTENTION_RULES.rules}
+    assert {("", "Softmax"), ("", "Attention"), ("com.microsoft", "Attention"),
+            ("com.microsoft", "MultiHeadAttention")} <= kinds
+
+
+def test_unsupported_op_is_refused_by_name():
+    matches = find_blocks(ModelGraph(graphs.group_query_attention()))
+    assert not matches.attention
+    (skipped,) = [s for s in matches.skipped if s.kind == "attention"]
+    assert "GroupQueryAttention" in skipped.reason and skipped.where.startswith("GroupQueryAttention")
+
+
+def test_a_failed_match_says_why():
+    model = graphs.softmax_attention()
+    softmax = next(n for n in model.graph.node if n.op_type == "Softmax")
+    softmax.input[0] = "x"  # the softmax no longer reads Q·Kᵀ
+    matches = find_blocks(ModelGraph(model))
+    assert [(s.where, s.reason) for s in matches.skipped if s.kind != "block"] == [(softmax.name, "no Q·Kᵀ MatMul before the softmax")]
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_each_form_prunes_like_zeroing(form):
+    """Q/K and V of different widths, and half of the heads gone: equal to zeroing them."""
+    model = FORMS[form][0]()
+    g = ModelGraph(model)
+    x = np.random.default_rng(0).standard_normal((4, graphs.TOKENS, graphs.WIDTH)).astype(np.float32)
+    plan = make_plan(g, find_blocks(g), Ratios(0.5, 0.25, 0.0, heads=0.5), "random", {"x": x}, batch=1, seed=3)
+    (keep,) = plan.attention
+    assert (len(keep.heads), keep.qk.shape[1], keep.v.shape[1]) == (1, 2, 3)
+    pruned = rewrite(g, plan)
+    for sample in x:
+        np.testing.assert_allclose(graphs.run(pruned, sample[None]), graphs.run(zeroed_original(g, plan), sample[None]),
+                                   atol=1e-5)
+
+
+def test_fused_matmul_scale_is_put_in_standard_form():
+    """FusedMatMul's alpha carries the scale: after Q/K pruning it holds 1/√d′ and q the rest."""
+    g = ModelGraph(graphs.fused_matmul_scores())
+    (block,) = find_blocks(g).attention
+    assert [(s.attribute, s.constant) for s in block.constant_scales] == [("alpha", True)]
+    x = np.random.default_rng(0).standard_normal((2, graphs.TOKENS, graphs.WIDTH)).astype(np.float32)
+    plan = make_plan(g, find_blocks(g), Ratios(0.5, 0.0, 0.0), "random", {"x": x}, batch=1, seed=3)
+    pruned = rewrite(g, plan)
+    (fused,) = [n for n in pruned.graph.node if n.op_type == "FusedMatMul"]
+    alpha = next(a.f for a in fused.attribute if a.name == "alpha")
+    assert alpha == pytest.approx((graphs.HEAD_DIM // 2) ** -0.5)
+
+
+def test_per_channel_activation_quantization_is_refused_by_name():
+    model = graphs.softmax_attention(qdq="channel")
+    matches = find_blocks(ModelGraph(model))
+    (skipped,) = [s for s in matches.skipped if s.kind != "block"]
+    dequantize = next(n.name for n in model.graph.node if n.op_type == "DequantizeLinear")
+    assert not matches.attention and skipped.reason == f"DequantizeLinear node {dequantize} quantizes activations per channel"
