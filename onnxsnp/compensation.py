@@ -48,8 +48,8 @@ class Collector:
         self.mask_input = mask_input
         layers = []
         if mode != "none":
-            layers = [(keep.block.out, keep.v_columns()) for keep in plan.attention
-                      if len(keep.v_columns()) < keep.block.heads * keep.block.head_dim]  # its inputs lost something
+            layers = [(keep.block.out, keep.out_rows()) for keep in plan.attention
+                      if len(keep.out_rows()) < keep.block.heads * keep.block.head_dim]  # its inputs lost something
             layers += [(keep.block.fc2, keep.hidden) for keep in plan.ffn if keep.changes_something()]
         self.mode = mode
         self.layers = [linear for linear, _ in layers]

@@ -127,19 +127,19 @@ class Editor:
         spans: dict[tuple[str, int, int], list] = {}
         for cut in cuts:
             for weight in cut.group.weights:
-                spans.setdefault((weight.node, weight.index, weight.axis), []).append((weight.offset, cut))
+                spans.setdefault((weight.node, weight.index, weight.axis), []).append((weight, cut))
         for (node, index, axis), parts in spans.items():
             if (node, index, axis) in done:
                 continue
             kept = np.ones(self.current(self.nodes[node], index).shape[axis], dtype=bool)
-            for offset, cut in parts:
-                kept[offset:offset + cut.group.size] = False
-                kept[offset + cut.keep] = True
+            for weight, cut in parts:
+                kept[weight.indices(np.arange(cut.group.size)).reshape(-1)] = False
+                kept[weight.indices(cut.keep).reshape(-1)] = True
             if not kept.all():
                 self.take(self.nodes[node], index, np.flatnonzero(kept), axis)
         for cut in cuts:
             for edit in cut.group.shapes:
-                self.set_entry(edit.reshape, edit.position, cut.sizes[edit.width])
+                self.set_entry(edit.reshape, edit.position, cut.sizes[edit.width], edit.input)
             for edit in cut.group.attributes:
                 values = [cut.sizes[width] for width in edit.widths]
                 self.nodes[edit.node].attrs[edit.name] = values[0] if len(values) == 1 else values
@@ -155,16 +155,19 @@ class Editor:
         self.add_node("Concat", [self.slice(shape, 0, -drop), self.constant(shape.name, tail_array)], [out], {"axis": 0})
         return out
 
-    def set_entry(self, reshape: str, position: int, value: int) -> None:
-        """Set entry `position` (counted from the end) of a Reshape's target shape to `value`."""
+    def set_entry(self, reshape: str, position: int, value: int, input_index: int = 1) -> None:
+        """Set entry `position` (counted from the end) of a Reshape's target shape to `value` (or of
+        another input holding sizes: Split's, Slice's bounds)."""
         node = self.nodes[reshape]
-        shape = node.inputs[1]
+        shape = node.inputs[input_index]
         constant = shape.values if isinstance(shape, gs.Constant) else self.g.constant(shape.name)
         if constant is not None:
             changed = constant.copy()
-            changed[position] = value
-            node.inputs[1] = self.constant(shape.name, changed)
+            changed.reshape(-1)[position] = value
+            node.inputs[input_index] = self.constant(shape.name, changed)
             return
+        if input_index != 1:
+            raise ValueError(f"input {input_index} of {reshape} is not a constant")
         producer = shape.inputs[0] if shape.inputs else None
         if producer is not None and producer.op == "Concat":
             sizes = [self.g.shapes.get(piece.name) for piece in producer.inputs]

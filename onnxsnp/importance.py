@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import units
 from .graph import ModelGraph
 from .matching import AttentionBlock, FfnBlock, Layer, Linear, Matches
 from .plan import AttentionKeep, FfnKeep, PrunePlan, Ratios, head_columns, kept_count  # noqa: F401 (re-exported)
@@ -273,14 +274,14 @@ class Scorer:
             if id(block) in gone:
                 continue
             qk_scores, v_scores = self._attention_scores(block, rng)
-            heads = np.arange(block.heads)
+            heads = np.arange(block.groups)  # key/value heads, each with its query heads
             if ratios.heads > 0 and block.heads_fixed is None:
-                keep = kept_count(block.heads, ratios.heads)
+                keep = kept_count(block.groups, ratios.heads)
                 heads = np.sort(np.argsort(-self._head_scores(block, rng), kind="stable")[:keep])
             d = block.head_dim
-            attention.append(AttentionKeep(block, _top_per_head(qk_scores[heads], kept_count(d, ratios.qk, ratios.align)),
-                                           _top_per_head(v_scores[heads], kept_count(d, ratios.v, ratios.align)),
-                                           heads))
+            qk = units.keep_qk(block, qk_scores, kept_count(d, ratios.qk, ratios.align))[heads]
+            v_kept = qk.shape[1] if block.equal_widths else kept_count(d, ratios.v, ratios.align)
+            attention.append(AttentionKeep(block, qk, _top_per_head(v_scores[heads], v_kept), heads))
         ffn = []
         for block in self.matches.ffn:
             if id(block) in gone:
@@ -317,36 +318,39 @@ class Scorer:
         return total
 
     def _attention_scores(self, block: AttentionBlock, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        heads, d = block.heads, block.head_dim
+        """Q/K dim scores per query head (heads, d) and V neuron scores per key/value head (groups, d)."""
+        heads, groups, d = block.heads, block.groups, block.head_dim
         q_off, k_off, v_off = block.column_offsets
-        shape = (heads, d)
         if self.criterion == "random":
-            return rng.random(shape), rng.random(shape)
+            return rng.random((heads, d)), rng.random((groups, d))
         w_q = output_weights(self.g, block.q, q_off, heads * d)
-        w_k = output_weights(self.g, block.k, k_off, heads * d)
-        w_v = output_weights(self.g, block.v, v_off, heads * d)
+        w_k = output_weights(self.g, block.k, k_off, groups * d)
+        w_v = output_weights(self.g, block.v, v_off, groups * d)
         if self.criterion == "l2":
-            qk = np.linalg.norm(w_q, axis=0) * np.linalg.norm(w_k, axis=0)
-            return qk.reshape(shape), np.linalg.norm(w_v, axis=0).reshape(shape)
+            k_norms = np.repeat(np.linalg.norm(w_k, axis=0).reshape(groups, d), block.group_size, axis=0)
+            qk = np.linalg.norm(w_q, axis=0).reshape(heads, d) * k_norms
+            return qk, np.linalg.norm(w_v, axis=0).reshape(groups, d)
         qk = self.pairs[block.name].mean_scores()
         if self.criterion == "snp-paper":
-            return qk, redundancy(w_v).reshape(shape)
+            return qk, redundancy(w_v).reshape(groups, d)
         outgoing = np.linalg.norm(input_weights(self.g, block.out), axis=1)
-        return qk, (np.sqrt(self.sq_sum[block.v_input]) * outgoing).reshape(shape)
+        return qk, units.per_group(block, (np.sqrt(self.sq_sum[block.v_input]) * outgoing).reshape(heads, d))
 
     def _head_scores(self, block: AttentionBlock, rng: np.random.Generator) -> np.ndarray:
-        """A head's importance: the size of what it adds to the output, ‖attn·V output‖ × ‖W_out rows‖
-        summed over its neurons on calibration data (weights only for l2)."""
+        """A head's importance (a key/value head's: with its query heads): the size of what it adds
+        to the output, ‖attn·V output‖ × ‖W_out rows‖ summed over its neurons on calibration data
+        (weights only for l2)."""
         if self.criterion == "random":
-            return rng.random(block.heads)
+            return rng.random(block.groups)
         outgoing = np.linalg.norm(input_weights(self.g, block.out), axis=1)
         if self.criterion == "l2":
             _, _, v_off = block.column_offsets
-            w_v = output_weights(self.g, block.v, v_off, block.heads * block.head_dim)
-            contribution = np.linalg.norm(w_v, axis=0) * outgoing
+            w_v = output_weights(self.g, block.v, v_off, block.groups * block.head_dim)
+            contribution = np.repeat(np.linalg.norm(w_v, axis=0).reshape(block.groups, -1), block.group_size,
+                                     axis=0).reshape(-1) * outgoing
         else:
             contribution = np.sqrt(self.sq_sum[block.v_input]) * outgoing
-        return contribution.reshape(block.heads, block.head_dim).sum(axis=1)
+        return units.per_group(block, contribution.reshape(block.heads, block.head_dim)).sum(axis=1)
 
     def _ffn_scores(self, block: FfnBlock, rng: np.random.Generator) -> np.ndarray:
         if self.criterion == "random":
@@ -361,23 +365,74 @@ class Scorer:
 
 
 def query_key_tensors(block: AttentionBlock) -> list[str]:
-    """What to capture for a block's q and k: the projections' outputs, or (inside a fused op,
-    where they have none) their input."""
+    """What to capture for a block's q and k: the rotated q and k where a rotary embedding is
+    written out, else the projections' outputs, or (inside a fused op, where they have none)
+    their input."""
+    if block.qk_tensors is not None:
+        return list(block.qk_tensors)
     return list(dict.fromkeys([block.q.output or block.q.input, block.k.output or block.k.input]))
 
 
 def query_key(g: ModelGraph, block: AttentionBlock, acts: dict[str, np.ndarray], samples: int,
               from_inputs: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """q and k of every head, (samples, tokens, heads × head_dim), from the captured tensors
-    (`from_inputs`: computed from the projections' inputs even where their outputs exist)."""
-    width = block.heads * block.head_dim
-    q_off, k_off, _ = block.column_offsets
-    q = projection_values(g, block.q, acts, samples, q_off, width, from_inputs)
-    k = projection_values(g, block.k, acts, samples, k_off, width, from_inputs)
-    if block.packed_bias is not None:  # biases added inside MultiHeadAttention
-        bias = g.constant(block.packed_bias).astype(np.float64)
-        q, k = q + bias[:width], k + bias[width:2 * width]
+    """q and k of every query head, (samples, tokens, heads × head_dim), from the captured tensors
+    (`from_inputs`: computed from the projections' inputs even where their outputs exist); rotated
+    where a rotary embedding rotates them, and k repeated for every query head of its group."""
+    if block.qk_tensors is not None and not from_inputs:
+        q, k = (_merged_heads(acts[t], rotary.heads_axis, samples) for t, rotary in zip(block.qk_tensors, block.rotary))
+    else:
+        width, kv_width = block.heads * block.head_dim, block.groups * block.head_dim
+        q_off, k_off, _ = block.column_offsets
+        q = projection_values(g, block.q, acts, samples, q_off, width, from_inputs)
+        k = projection_values(g, block.k, acts, samples, k_off, kv_width, from_inputs)
+        if block.packed_bias is not None:  # biases added inside MultiHeadAttention
+            bias = g.constant(block.packed_bias).astype(np.float64)
+            q, k = q + bias[:width], k + bias[width:2 * width]
+        if block.rotary:
+            q, k = (rotate(g, block, x, rotary, acts) for x, rotary in zip((q, k), block.rotary))
+    if block.group_size > 1:
+        d = block.head_dim
+        k = np.repeat(k.reshape(*k.shape[:-1], block.groups, d), block.group_size, axis=-2).reshape(*k.shape[:-1], -1)
     return q, k
+
+
+def _merged_heads(x: np.ndarray, heads_axis: int, samples: int) -> np.ndarray:
+    """A per-head tensor (…, H, …, N, d) as (samples, tokens, H·d)."""
+    moved = np.moveaxis(x, heads_axis, -2)
+    return _as_tokens(moved.reshape(*moved.shape[:-2], -1), samples)
+
+
+def rotary_tables(g: ModelGraph, block: AttentionBlock) -> list[str]:
+    """The cos and sin tables of a block's written-out rotary embeddings (computed at run time from
+    the positions: captured where q and k are computed from the projections' inputs)."""
+    return [g.node(node).input[index] for rotary in block.rotary if not rotary.shared for node, index in rotary.tables]
+
+
+def rotate(g: ModelGraph, block: AttentionBlock, x: np.ndarray, rotary, acts: dict[str, np.ndarray]) -> np.ndarray:
+    """(samples, tokens, heads·d) rotated as `rotary` does: x·cos + rotate(x)·sin. The tables are
+    an attention op's caches (positions × d/2, read at positions 0…tokens−1: prefill) or a
+    written-out embedding's captured ones."""
+    from .matching.blocks import RotaryStyle
+
+    samples, tokens, d = x.shape[0], x.shape[1], block.head_dim
+    interleaved = rotary.style is RotaryStyle.INTERLEAVED
+    tables = []
+    for node, index in rotary.tables:
+        tensor = g.node(node).input[index]
+        if rotary.shared:  # one column per pair, the same for every head
+            half = g.constant(tensor).astype(np.float64)[:tokens]
+            tables.append((np.repeat(half, 2, axis=-1) if interleaved else np.concatenate([half, half], -1))[None, :, None])
+        else:  # (…, 1, N, d) broadcast over the heads axis
+            value = np.moveaxis(acts[tensor].astype(np.float64), rotary.heads_axis, -2)
+            tables.append(value.reshape(-1, *value.shape[-3:]) if value.ndim > 3 else value[None])
+    per_head = x.reshape(samples, tokens, -1, d).astype(np.float64)
+    turned = np.empty_like(per_head)  # rotate(x): (−x₂, x₁) per pair
+    if interleaved:
+        turned[..., 0::2], turned[..., 1::2] = -per_head[..., 1::2], per_head[..., 0::2]
+    else:
+        turned[..., :d // 2], turned[..., d // 2:] = -per_head[..., d // 2:], per_head[..., :d // 2]
+    cos, sin = tables
+    return (per_head * cos + turned * sin).reshape(x.shape)
 
 
 def projection_values(g: ModelGraph, linear: Linear, acts: dict[str, np.ndarray], samples: int, offset: int,

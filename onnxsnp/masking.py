@@ -51,14 +51,19 @@ def mapped_columns(g: ModelGraph, keep: AttentionKeep) -> list[ColumnWrite]:
                                        (v_group, keep.v_map, keep.v, 2)):
         if mapping is None:
             continue
-        positions = head_columns(keep.heads, kept, d)
-        sources = [np.arange(h * d, (h + 1) * d) for h in keep.heads]
         for weight in _part_axes(group, block, part):
             value = g.constant(g.node(weight.node).input[weight.index]).astype(np.float64)
-            along = np.moveaxis(value, weight.axis, -1)[..., weight.offset:weight.offset + group.size]
-            mapped = np.concatenate([along[..., rows] @ m for rows, m in zip(sources, mapping)], axis=-1)
-            writes.append(ColumnWrite((weight.node, weight.index), weight.axis % value.ndim,
-                                      weight.offset + positions, np.moveaxis(mapped, -1, weight.axis % value.ndim)))
+            along = np.moveaxis(value, weight.axis, -1)
+            positions, mapped = [], []
+            for head, rows, m in zip(keep.heads, kept, mapping):
+                sources = weight.indices(np.arange(head * d, (head + 1) * d))  # (d, copies)
+                targets = weight.indices(head * d + rows)
+                for copy in range(sources.shape[1]):  # every query head of a key/value group alike
+                    positions.append(targets[:, copy])
+                    mapped.append(along[..., sources[:, copy]] @ m)
+            axis = weight.axis % value.ndim
+            writes.append(ColumnWrite((weight.node, weight.index), axis, np.concatenate(positions),
+                                      np.moveaxis(np.concatenate(mapped, axis=-1), -1, axis)))
     return writes
 
 
@@ -126,7 +131,7 @@ class Weights:
             if not weight.reads:
                 value = self.editable((weight.node, weight.index))
                 index = [slice(None)] * value.ndim
-                index[weight.axis] = weight.offset + removed
+                index[weight.axis] = weight.indices(removed).reshape(-1)
                 value[tuple(index)] = 0
 
     def zero_outputs(self, linear: Linear, columns: np.ndarray) -> None:
@@ -169,7 +174,7 @@ class Weights:
             self.write(column)
         qk, _ = attention_groups(None, block)
         self.zero_units(qk, np.setdiff1d(np.arange(qk.size), keep.qk_columns()))
-        self.set_inputs(block.out, keep.v_columns(), refit)
+        self.set_inputs(block.out, keep.out_rows(), refit)
 
     def apply_ffn(self, keep: FfnKeep, refit: Refit | None = None) -> None:
         self.set_inputs(keep.block.fc2, keep.hidden, refit)

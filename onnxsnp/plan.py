@@ -34,6 +34,9 @@ class Ratios:
 
 @dataclass(frozen=True)
 class AttentionKeep:
+    """With grouped-query attention, "heads" are key/value heads (each with its group of query
+    heads): the Q/K positions of a kept group hold for its key head and all its query heads."""
+
     block: AttentionBlock
     qk: np.ndarray  # (kept heads, kept) positions within each kept head, ascending
     v: np.ndarray
@@ -48,10 +51,19 @@ class AttentionKeep:
     def v_columns(self) -> np.ndarray:
         return head_columns(self.heads, self.v, self.block.head_dim)
 
+    def query_heads(self) -> np.ndarray:
+        """The kept query heads (the kept heads themselves, without grouped-query attention)."""
+        r = self.block.group_size
+        return (self.heads[:, None] * r + np.arange(r)[None, :]).reshape(-1)
+
+    def out_rows(self) -> np.ndarray:
+        """The output projection's kept input rows: the kept V neurons of every kept query head."""
+        return head_columns(self.query_heads(), np.repeat(self.v, self.block.group_size, axis=0), self.block.head_dim)
+
     def changes_something(self) -> bool:
         d = self.block.head_dim
         mapped = any(m is not None for m in (self.q_map, self.k_map, self.v_map))
-        return mapped or self.qk.shape[1] < d or self.v.shape[1] < d or len(self.heads) < self.block.heads
+        return mapped or self.qk.shape[1] < d or self.v.shape[1] < d or len(self.heads) < self.block.groups
 
 
 @dataclass(frozen=True)

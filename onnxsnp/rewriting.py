@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from .decoding import kv_cache_shapes, set_kv_cache_shapes, slice_rotary_tables
 from .editor import Editor
 from .graph import ModelGraph
 from .masking import mapped_columns
@@ -44,6 +45,7 @@ def rewrite(g: ModelGraph, plan: PrunePlan) -> onnx.ModelProto:
         _finish_attention(editor, keep)
     for name, (scale, shift) in plan.norm_corrections.items():
         _correct_norm(editor, name, scale, shift)
+    kv_shapes = kv_cache_shapes(plan)
     # last block first, so that a removed block's input is never a tensor already cut away
     for layer in reversed(plan.removed_layers):
         editor.bypass(layer.input, layer.output)
@@ -54,6 +56,7 @@ def rewrite(g: ModelGraph, plan: PrunePlan) -> onnx.ModelProto:
     del model.graph.value_info[:]  # shapes recorded by the exporter are stale where widths changed
     _keep_initializer_order(g.model, model)
     _keep_io_types(g.model, model)
+    set_kv_cache_shapes(model, kv_shapes)
     _rename_generated_initializers(model)
     _copy_metadata(g.model, model)
     return model
@@ -66,9 +69,11 @@ def plan_cuts(g: ModelGraph, plan: PrunePlan) -> list[Cut]:
     cuts = []
     for keep in plan.attention:
         if keep.changes_something() or plan.stream is not None:
-            dq, dv, heads = keep.qk.shape[1], keep.v.shape[1], len(keep.heads)
+            dq, dv, groups = keep.qk.shape[1], keep.v.shape[1], len(keep.heads)
+            heads = groups * keep.block.group_size
             sizes = {Width.QK: dq, Width.V: dv, Width.QK_MERGED: heads * dq, Width.V_MERGED: heads * dv,
-                     Width.HEADS: heads, Width.FUSED: heads * (2 * dq + dv)}
+                     Width.HEADS: heads, Width.FUSED: heads * dq + groups * (dq + dv), Width.KV_HEADS: groups,
+                     Width.KV_QK_MERGED: groups * dq, Width.KV_V_MERGED: groups * dv, Width.QK_HALF: dq // 2}
             qk, v = attention_groups(g, keep.block)
             cuts += [Cut(qk, keep.qk_columns(), sizes), Cut(v, keep.v_columns(), sizes)]
     cuts += [Cut(ffn_group(keep.block), keep.hidden, {Width.FFN: len(keep.hidden)})
@@ -107,9 +112,11 @@ def _finish_attention(editor: Editor, keep: AttentionKeep) -> None:
     """After the cut: a fused projection split by width; the scale in standard form for the new
     head width (where q can take the factor exactly)."""
     block = keep.block
-    dq, dv, heads = keep.qk.shape[1], keep.v.shape[1], len(keep.heads)
+    dq, dv, heads = keep.qk.shape[1], keep.v.shape[1], len(keep.query_heads())
     if block.fused is not None:
         _split_fused(editor, keep, dq, dv)
+    for rotary in block.rotary:
+        slice_rotary_tables(editor, keep, rotary)
     scales = block.frozen_scales + block.constant_scales
     if block.q_fixed is None and dq != block.head_dim and block.attention_op is None and scales:
         # standard form where q can take sqrt(d'/d) exactly (a quantized q may not)
@@ -154,7 +161,7 @@ def _scale_q(editor: Editor, keep: AttentionKeep, scales: np.ndarray, exact_only
     offset = 0  # where q's columns start in the (already sliced) weight
     if block.q.node == block.k.node:  # fused or packed: parts in their original order
         q_off = block.column_offsets[0]
-        offset = sum(len(factors) if off == block.column_offsets[1] else len(keep.v_columns())
+        offset = sum(len(keep.qk_columns()) if off == block.column_offsets[1] else len(keep.v_columns())
                      for off in block.column_offsets[1:] if off < q_off)
     columns = np.arange(offset, offset + len(factors))
     node = editor.nodes[block.q.node]

@@ -34,7 +34,7 @@ def zeroed_original(g: ModelGraph, plan) -> onnx.ModelProto:
             name = g.initializer_behind(tensor) or tensor
             value = edits.get(name, g.constant(tensor).copy())
             index = [slice(None)] * value.ndim
-            index[weight.axis] = weight.offset + removed
+            index[weight.axis] = weight.indices(removed).reshape(-1)
             value[tuple(index)] = 0
             edits[name] = value
     for init in model.graph.initializer:

@@ -3,18 +3,21 @@ their projections, attn·V forward to the output projection, the head layout rea
 tensor whose width changes checked to be private to the block."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import onnx
 
 from ..graph import ModelGraph, attribute
-from .blocks import AttentionBlock, FrozenScale, FusedQkv, Linear, NoMatch, Skipped, block_name
-from .layout import FUSED, MERGED, SPLIT, Axes, path_shape_edits
+from .blocks import (AttentionBlock, FrozenScale, FusedQkv, KvCache, Linear, NoMatch, Rotary, ShapeEdit, Skipped,
+                     Width, block_name)
+from .decoder import check_kv_axis, kv_cache_join, rotary_producing
+from .layout import FUSED, MERGED, SPLIT, Axes, Path, path_shape_edits
 from .linear import linear_producing, linear_reading
 from .shapes import head_layout, shape_entries, shape_source
 
-# Ops that only move, reshape or select data between a projection and the score MatMul.
-_LAYOUT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Split", "Gather", "Slice"}
+# Ops that only move, reshape or select data between a projection and the score MatMul (Expand:
+# grouped-query attention repeating key/value heads).
+_LAYOUT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Split", "Gather", "Slice", "Expand"}
 
 
 SCALE_OPS = {"Mul", "Div"}
@@ -41,6 +44,10 @@ class _Trace:
     part: int | None = None  # which of q/k/v a fused projection's selector took
     part_tensor: str | None = None  # the selector's output on this path
     selector: int | None = None  # the selector's index in `nodes`
+    rotary: Rotary | None = None  # a rotary embedding on the way (its Add is in `nodes`)
+    rotary_edits: list[ShapeEdit] = field(default_factory=list)
+    half: int | None = None  # the rotary's split point, where it is a literal
+    kv: KvCache | None = None  # a KV cache joined on the way (its Concat is in `nodes`)
 
 
 @dataclass
@@ -63,17 +70,22 @@ class AttentionCore:
     packed: Linear | None = None  # a [D, 3·H·d] q|k|v projection held inside the op
     packed_bias: str | None = None  # a [q | k | v] bias input of the op
     form: str | None = None  # the block's form where it is the op's own
+    kv_heads: int | None = None  # an op with grouped-query attention: its key/value heads
+    kv_caches: tuple[KvCache, ...] = ()  # an op's own past inputs and present outputs
+    rotary: Rotary | None = None  # an op's own rotary embedding
+    region: tuple[str, ...] = ()  # more tensors whose width the cut changes (a packed projection's output)
 
 
 def assemble(g: ModelGraph, core: AttentionCore) -> AttentionBlock:
     """The block around a core; NoMatch where any part of it cannot be pruned safely."""
     traces: tuple[_Trace, ...] = ()
     if core.packed is None:
-        traces = tuple(_trace_to_linear(g, t) for t in (core.q, core.k, core.v))
+        traces = tuple(_trace_to_linear(g, t, part) for t, part in zip((core.q, core.k, core.v),
+                                                                       ("query", "key", "value")))
     out, merge_path = _forward_to_linear(g, core.output)
     if core.packed is not None:
         block = _packed_block(core, out)
-        region = {core.output}
+        region = {core.output, *core.region}
     else:
         q_trace, k_trace, v_trace = traces
         if any(not scale.constant for scale in v_trace.scales):
@@ -98,7 +110,8 @@ def assemble(g: ModelGraph, core: AttentionCore) -> AttentionBlock:
     block.core_nodes = core.products
     region |= {t for node in merge_path for t in node.output}
     seen = _shape_edits(g, block, traces, merge_path, region, core)
-    _check_private(g, region, core, traces, merge_path, out, seen)
+    _decoder_parts(g, block, traces, seen, core)
+    _check_private(g, region, core, traces, merge_path, out, seen, block)
     scales = core.frozen + [scale for trace in traces[:2] for scale in trace.scales]
     block.frozen_scales = [scale for scale in scales if not scale.constant]
     block.constant_scales = [scale for scale in scales if scale.constant]
@@ -115,36 +128,75 @@ def _shape_edits(g: ModelGraph, block: AttentionBlock, traces: tuple[_Trace, ...
     """Every Reshape entry on the block's paths that holds a pruned width (into the block); returns
     where the tracked axes are in each tensor on the way."""
     seen: dict[str, Axes] = {}
-    for trace, kind in zip(traces, ("qk", "qk", "v")):
+    for trace, kind in zip(traces, ("q", "k", "v")):
         if block.fused is not None:  # from the (…, 3, H, d) reshape on: it is replaced, so not edited
             reshape = next(i for i, n in enumerate(trace.nodes) if n.name == block.fused.reshape)
             forward, start = list(reversed(trace.nodes[:reshape])), FUSED
+        elif block.form == "fused-split":  # from the Split on: each part holds merged heads
+            forward, start = list(reversed(trace.nodes[:trace.selector])), MERGED
         else:
             forward, start = list(reversed(trace.nodes)), MERGED
-        block.shape_edits += path_shape_edits(g, forward, kind, block, region, start, seen)
+        passes = frozenset(n.name for n in trace.nodes if n.op_type in ("Add", "Concat"))  # rotary, KV cache
+        block.shape_edits += path_shape_edits(g, forward, Path.of(kind, block), block, region, start, seen, passes)
     start = SPLIT if core.heads is None else MERGED
     seen[core.output] = start
-    block.shape_edits += path_shape_edits(g, merge_path, "v", block, region, start, seen)
+    block.shape_edits += path_shape_edits(g, merge_path, Path.of("out", block), block, region, start, seen)
     return seen
 
 
+def _decoder_parts(g: ModelGraph, block: AttentionBlock, traces: tuple[_Trace, ...], seen: dict[str, Axes],
+                   core: AttentionCore) -> None:
+    """The rotary embeddings and KV caches found on the way, with where their head axes are."""
+    caches, rotary = list(core.kv_caches), [core.rotary] if core.rotary is not None else []
+    for trace, kind in zip(traces, ("q", "k", "v")):
+        count = Path.of(kind, block).count
+        for node in trace.nodes:
+            axes = seen.get(node.name)
+            if trace.kv is not None and node.op_type == "Concat":
+                rank = len(g.shapes.get(node.output[0]) or ())
+                if axes is None or axes.merged or axes.heads is None or not rank:
+                    raise NoMatch(f"{node.name}: cannot tell the head axes of the KV cache")
+                check_kv_axis(node, rank, (axes.dim, axes.heads))
+                caches.append(replace(trace.kv, heads_axis=axes.heads, dim_axis=axes.dim))
+            if trace.rotary is not None and node.name == trace.rotary.node:
+                if kind == "v":
+                    raise NoMatch(f"a rotary embedding on V ({node.name})")
+                if axes is None or axes.merged or axes.heads is None or axes.dim != -1:
+                    raise NoMatch(f"{node.name}: the rotary embedding is not applied per head")
+                if trace.half is not None and 2 * trace.half != block.head_dim:
+                    raise NoMatch(f"{node.name} rotates {2 * trace.half} of {block.head_dim} head dims "
+                                  "(partial rotary embeddings are not supported)")
+                rotary.append(replace(trace.rotary, heads=count, heads_axis=axes.heads))
+                block.shape_edits += trace.rotary_edits
+    if traces and (traces[0].rotary is None) != (traces[1].rotary is None):
+        raise NoMatch("a rotary embedding on only one of q and k")
+    block.rotary, block.kv_caches = tuple(rotary), tuple(caches)
+    if len(rotary) == 2 and not any(r.shared for r in rotary):
+        block.qk_tensors = (rotary[0].output, rotary[1].output)
+
+
 def _packed_block(core: AttentionCore, out: Linear) -> AttentionBlock:
-    """An op that projects q, k and v itself from one packed weight (equal widths, in order)."""
+    """An op that reads q, k and v from one packed projection (equal head widths, q|k|v in order;
+    with grouped-query attention K and V have fewer heads)."""
     linear = core.packed
     assert linear is not None and core.heads is not None
-    width = linear.out_features // 3
+    kv_heads = core.kv_heads or core.heads
+    dim = linear.out_features // (core.heads + 2 * kv_heads)
     name = block_name(core.anchor.name, (linear, out))
-    return AttentionBlock(name, core.form or "packed", core.heads, width // core.heads, linear, linear, linear, out,
-                          core.anchor.name, (0, width, 2 * width))
+    q_width, kv_width = core.heads * dim, kv_heads * dim
+    return AttentionBlock(name, core.form or "packed", core.heads, dim, linear, linear, linear, out,
+                          core.anchor.name, (0, q_width, q_width + kv_width), kv_heads=core.kv_heads)
 
 
 def _check_private(g: ModelGraph, region: set[str], core: AttentionCore, traces: tuple[_Trace, ...],
-                   merge: list[onnx.NodeProto], out: Linear, seen: dict[str, Axes]) -> None:
+                   merge: list[onnx.NodeProto], out: Linear, seen: dict[str, Axes], block: AttentionBlock) -> None:
     """Pruning changes every tensor of the region: nothing outside the block may read one, but for
-    reads of the sizes of axes the cut leaves alone."""
+    reads of the sizes of axes the cut leaves alone; no graph output but a KV cache's present one."""
     inside = set(core.nodes) | {n.name for t in traces for n in t.nodes} | {n.name for n in merge} | {out.node}
     inside |= {n.name for n in g.consumers_of(out.input) if n.op_type == "Reshape"}  # flattening its tokens
-    outputs = set(g.graph_outputs)
+    inside |= {name for rotary in block.rotary for name in rotary.nodes}
+    region |= {t for rotary in block.rotary for name in rotary.nodes if name in g.nodes for t in g.node(name).output}
+    outputs = set(g.graph_outputs) - {cache.present for cache in block.kv_caches}
     for tensor in region:
         if tensor in outputs:
             raise NoMatch(f"{tensor} is a graph output; pruning would change it")
@@ -202,19 +254,36 @@ def is_scalar(g: ModelGraph, tensor: str) -> bool:
     return shape is not None and all(d == 1 for d in shape)
 
 
-def _trace_to_linear(g: ModelGraph, tensor: str) -> _Trace:
+def _trace_to_linear(g: ModelGraph, tensor: str, part_name: str = "key") -> _Trace:
     nodes: list[onnx.NodeProto] = []
     scales: list[FrozenScale] = []
     part: int | None = None
     part_tensor: str | None = None
     selector: int | None = None
-    for _ in range(16):
+    trace = _Trace(None, nodes, scales)  # type: ignore[arg-type]  (the projection comes last)
+    for _ in range(24):
         linear = linear_producing(g, tensor)
         if linear is not None:
-            return _Trace(linear, nodes, scales, part, part_tensor, selector)
+            trace.linear, trace.part, trace.part_tensor, trace.selector = linear, part, part_tensor, selector
+            return trace
         node = g.producer_of(tensor)
         if node is None:
             raise NoMatch(f"{tensor} does not come from a projection with constant weights")
+        rotary = rotary_producing(g, tensor) if node.op_type == "Add" else None
+        if rotary is not None:
+            if trace.rotary is not None:
+                raise NoMatch(f"two rotary embeddings on the way to the projection ({node.name})")
+            trace.rotary, trace.rotary_edits, trace.half = rotary
+            nodes.append(node)
+            tensor = trace.rotary.input
+            continue
+        joined = kv_cache_join(g, node, tensor, part_name) if node.op_type == "Concat" else None
+        if joined is not None:
+            if trace.kv is not None:
+                raise NoMatch(f"two KV caches on the way to the projection ({node.name})")
+            trace.kv, tensor = joined
+            nodes.append(node)
+            continue
         if node.op_type in SCALE_OPS:
             data, scale = node.input[0], node.input[1]
             if not is_scalar(g, scale):
@@ -231,7 +300,7 @@ def _trace_to_linear(g: ModelGraph, tensor: str) -> _Trace:
             part, part_tensor, selector = _selected_part(g, node, tensor), tensor, len(nodes)
         nodes.append(node)
         tensor = node.input[0]
-    raise NoMatch("projection not found within 16 ops")
+    raise NoMatch("projection not found within 24 ops")
 
 
 def _selected_part(g: ModelGraph, node: onnx.NodeProto, tensor: str) -> int:
@@ -283,9 +352,13 @@ def _separate_block(g: ModelGraph, name: str, core: AttentionCore, q: _Trace, k:
             if not reshapes:
                 raise NoMatch(f"no head-splitting Reshape after {trace.linear.node}")
             layouts.append(head_layout(g, reshapes[-1], trace.linear.out_features))  # the one next to the projection
-        if len(set(layouts)) != 1:
+        (heads, dim), (kv_heads, kv_dim), _ = layouts
+        grouped = layouts[1] == layouts[2] and kv_dim == dim and kv_heads < heads and heads % kv_heads == 0
+        if len(set(layouts)) != 1 and not grouped:
             raise NoMatch(f"Q, K and V head layouts differ: {layouts}")
-        heads, dim = layouts[0]
+        if grouped:  # grouped-query attention: each key/value head serves heads / kv_heads query heads
+            return AttentionBlock(name, "separate", heads, dim, q.linear, k.linear, v.linear, out, core.anchor.name,
+                                  kv_heads=kv_heads)
     return AttentionBlock(name, "separate", heads, dim, q.linear, k.linear, v.linear, out, core.anchor.name)
 
 
@@ -299,6 +372,8 @@ def _fused_block(g: ModelGraph, name: str, anchor: onnx.NodeProto, q: _Trace, k:
     if shared[0] != shared[1] or shared[0] != shared[2]:
         raise NoMatch("q, k and v are not taken from one reshaped fused projection")
     before = list(reversed(q.nodes[q.selector + 1:]))  # from the projection to the selectors
+    if not before and q.nodes[q.selector].op_type == "Split":
+        return _split_block(g, name, anchor, q, k, v, out)
     if not before or before[0].op_type != "Reshape":
         raise NoMatch("fused projection is not reshaped to (…, 3, H, d) before q, k and v are taken apart")
     reshape, replay = before[0], before[1:]
@@ -319,6 +394,28 @@ def _fused_block(g: ModelGraph, name: str, anchor: onnx.NodeProto, q: _Trace, k:
                            g.constant(parts[i].nodes[parts[i].selector].input[1]).ndim == 0 for i in range(3)))
     return AttentionBlock(name, "fused-qkv", heads, dim, q.linear, k.linear, v.linear, out, anchor.name,
                           (q.part * width, k.part * width, v.part * width), fused)
+
+
+def _split_block(g: ModelGraph, name: str, anchor: onnx.NodeProto, q: _Trace, k: _Trace, v: _Trace,
+                 out: Linear) -> AttentionBlock:
+    """One projection for q, k and v split along its features into three equal parts (GPT-2's
+    c_attn): each part is then split into heads on its own, and the Split's sizes follow the cut."""
+    split = q.nodes[q.selector]
+    width = q.linear.out_features // 3
+    rank = len(g.shapes.get(split.input[0]) or ())
+    sizes = g.constant(split.input[1]) if len(split.input) > 1 and split.input[1] else None
+    if sizes is None or sizes.reshape(-1).tolist() != [width] * 3 or not rank or \
+            attribute(split, "axis", 0) not in (-1, rank - 1):
+        raise NoMatch(f"{split.name} does not split the fused projection into three equal parts of its features")
+    reshapes = [n for n in q.nodes[:q.selector] if n.op_type == "Reshape"]
+    if not reshapes:
+        raise NoMatch(f"no head-splitting Reshape after {split.name}")
+    heads, dim = head_layout(g, reshapes[-1], width)
+    block = AttentionBlock(name, "fused-split", heads, dim, q.linear, k.linear, v.linear, out, anchor.name,
+                           (q.part * width, k.part * width, v.part * width))
+    widths = {q.part: Width.QK_MERGED, k.part: Width.KV_QK_MERGED, v.part: Width.KV_V_MERGED}
+    block.shape_edits += [ShapeEdit(split.name, widths[part], part - 3) for part in range(3)]
+    return block
 
 
 def _region_tensors(q: _Trace, k: _Trace, v: _Trace, core: AttentionCore) -> set[str]:

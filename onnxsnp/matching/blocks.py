@@ -43,15 +43,22 @@ class Width(str, Enum):
     FUSED = "qkv_merged"  # a fused projection's output: q, k and v merged
     FFN = "ffn"  # FFN hidden neurons
     CHANNELS = "channels"  # residual-stream channels
+    # grouped-query attention: K and V have fewer heads than Q (equal to the above without it)
+    KV_HEADS = "kv_heads"
+    KV_QK_MERGED = "kv_qk_merged"  # key heads × per-head Q/K width
+    KV_V_MERGED = "kv_v_merged"  # value heads × per-head V width (before the heads are repeated)
+    QK_HALF = "qk_half"  # half the per-head Q/K width: where a half-split rotary embedding splits q, k
 
 
 @dataclass(frozen=True)
 class ShapeEdit:
-    """A Reshape target-shape entry that holds a pruned width and must follow it."""
+    """A Reshape target-shape entry that holds a pruned width and must follow it (or an entry of
+    another constant input holding one: Split sizes, Slice bounds)."""
 
     reshape: str
     width: Width
     position: int = -1  # which entry, counted from the end
+    input: int = 1  # which input of the node holds the entries
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,43 @@ class FusedQkv:
     dropped: tuple[bool, bool, bool] = (False, False, False)  # the selector (a scalar Gather) drops that axis
 
 
+class RotaryStyle(str, Enum):
+    """Which head dims a rotary position embedding rotates together (they are kept or removed
+    together, so that every kept pair still rotates by its own frequency)."""
+
+    HALF = "half"  # (i, i + d/2): rotate_half, as Llama, GPT-NeoX and the onnxruntime ops by default write it
+    INTERLEAVED = "interleaved"  # (2i, 2i + 1): GPT-J style
+
+
+@dataclass(frozen=True)
+class Rotary:
+    """A rotary position embedding on q or k: x·cos + rotate(x)·sin, written out op by op (the
+    cos and sin tables read by `tables` are sliced to the kept dims of every head) or inside an
+    attention op (`shared`: its caches hold one column per pair, for all heads alike)."""
+
+    style: RotaryStyle
+    node: str  # the Add joining the two products, or the attention op
+    input: str  # x
+    output: str  # x rotated
+    tables: tuple[tuple[str, int], ...]  # (node, input index) of the cos and sin tables
+    nodes: tuple[str, ...] = ()  # every node of the written-out rotation
+    heads: int = 0  # heads of x
+    heads_axis: int = -3  # where x's heads axis is, counted from the end (the tables broadcast along it)
+    shared: bool = False
+
+
+@dataclass(frozen=True)
+class KvCache:
+    """A KV cache: the past keys or values (a graph input) joined with this step's, and the joined
+    tensor as a graph output. Both take the pruned width; their head and head-dim axes are these."""
+
+    past: str
+    present: str
+    part: str  # "key" or "value"
+    heads_axis: int = -3
+    dim_axis: int = -1
+
+
 @dataclass
 class AttentionBlock:
     name: str
@@ -103,6 +147,23 @@ class AttentionBlock:
     heads_fixed: str | None = None  # why whole heads cannot be removed here, if they cannot
     q_fixed: str | None = None  # why q's columns cannot be rescaled exactly (no standard form, no Q/K rescale)
     core_nodes: tuple[str, str] = ("", "")  # the nodes computing Q·Kᵀ and attn·V (an attention op: twice)
+    # decoders: grouped-query attention (query head h reads key/value head h // (heads / kv_heads)),
+    # rotary embeddings on q and k, KV caches
+    kv_heads: int | None = None
+    rotary: tuple[Rotary, ...] = ()
+    kv_caches: tuple[KvCache, ...] = ()
+    qk_tensors: tuple[str, str] | None = None  # rotated q and k as the scores read them, captured for scoring
+    pairs_shared: str | None = None  # why every head must keep the same Q/K pairs
+    equal_widths: str | None = None  # why Q/K and V must keep the same per-head width
+
+    @property
+    def groups(self) -> int:
+        """Key/value heads: the head-level unit (a whole group of query heads goes with its KV head)."""
+        return self.kv_heads or self.heads
+
+    @property
+    def group_size(self) -> int:
+        return self.heads // self.groups
 
     @property
     def v_input(self) -> str:
@@ -116,6 +177,7 @@ class FfnBlock:
     fc1: Linear
     fc2: Linear
     activation: str  # op types between fc1 and fc2, for display
+    gate: Linear | None = None  # a gated FFN (SwiGLU, GeGLU): act(x·W_gate) ∘ (x·W_fc1), then fc2
 
     @property
     def hidden(self) -> int:

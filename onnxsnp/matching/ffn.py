@@ -49,14 +49,12 @@ def _ffn_before(g: ModelGraph, fc2: Linear, taken: set[str]) -> FfnBlock | None:
     """fc1 → element-wise activation → fc2, where nothing else reads the hidden activations."""
     activation_nodes: dict[str, onnx.NodeProto] = {}
     frontier = [fc2.input]
-    fc1: Linear | None = None
+    linears: dict[str, Linear] = {}
     while frontier:
         tensor = frontier.pop()
         linear = linear_producing(g, tensor)
         if linear is not None:
-            if fc1 is not None and linear.node != fc1.node:
-                raise NoMatch("the activation mixes two projections")
-            fc1 = linear
+            linears[linear.node] = linear
             continue
         node = g.producer_of(tensor)
         if node is None or node.op_type not in _ACTIVATION_OPS:
@@ -66,9 +64,7 @@ def _ffn_before(g: ModelGraph, fc2: Linear, taken: set[str]) -> FfnBlock | None:
         activation_nodes[node.name] = node
         biased = bias_activation_fc1(g, node)
         if biased is not None:  # BiasGelu/FastGelu(x·W, b): fc1's bias lives in the activation
-            if fc1 is not None and biased.node != fc1.node:
-                raise NoMatch("the activation mixes two projections")
-            fc1 = biased
+            linears[biased.node] = biased
             continue
         for inp in node.input:
             if not inp:
@@ -79,14 +75,17 @@ def _ffn_before(g: ModelGraph, fc2: Linear, taken: set[str]) -> FfnBlock | None:
                     raise NoMatch(f"{node.name} applies a per-channel constant")
                 continue
             frontier.append(inp)
-    if fc1 is None or not activation_nodes or fc1.node in taken:
+    fc1, gate = _gated(g, list(linears.values()), activation_nodes)
+    if fc1 is None or not activation_nodes or fc1.node in taken or gate is not None and gate.node in taken:
         return None
-    if fc1.out_features != fc2.in_features:
+    if fc1.out_features != fc2.in_features or gate is not None and gate.out_features != fc1.out_features:
         raise NoMatch("fc1 and fc2 widths differ")
     inside = {fc1.output} | {o for n in activation_nodes.values() for o in n.output}
+    if gate is not None:
+        inside.add(gate.output)
     for tensor in inside:
-        if tensor == fc2.input:
-            if len(g.consumers.get(tensor, [])) != 1:
+        if tensor == fc2.input:  # besides fc2 only Shape reads may see it (a flattening reshape's width)
+            if len([c for c in g.consumers_of(tensor) if c.op_type != "Shape"]) != 1:
                 raise NoMatch("the hidden activation has other readers")
             continue
         for consumer in g.consumers.get(tensor, []):
@@ -94,4 +93,27 @@ def _ffn_before(g: ModelGraph, fc2: Linear, taken: set[str]) -> FfnBlock | None:
                 raise NoMatch("the hidden activation has readers outside the FFN")
     ops = sorted({n.op_type for n in activation_nodes.values()})
     name = common_scope(fc1.node, fc2.node) or block_name(fc2.node, (fc1, fc2))
-    return FfnBlock(name, fc1, fc2, "+".join(ops))
+    return FfnBlock(name, fc1, fc2, "+".join(ops), gate)
+
+
+_NONLINEAR = {"Sigmoid", "Erf", "Gelu", "Tanh", "Relu", "FastGelu", "BiasGelu", "QuickGelu", "HardSigmoid", "Softplus",
+              "Pow", "Div"}
+
+
+def _gated(g: ModelGraph, linears: list[Linear], activation: dict[str, onnx.NodeProto]
+           ) -> tuple[Linear | None, Linear | None]:
+    """(fc1, gate): one projection, or two joined by a product where only the gate's output goes
+    through a non-linearity first (SwiGLU: silu(x·W_gate) ∘ x·W_up)."""
+    if len(linears) <= 1:
+        return (linears[0] if linears else None), None
+    if len(linears) > 2:
+        raise NoMatch("the activation mixes more than two projections")
+    nonlinear = [any(c.op_type in _NONLINEAR and c.name in activation for c in g.consumers_of(linear.output))
+                 for linear in linears]
+    if sum(nonlinear) != 1:
+        raise NoMatch("the activation mixes two projections")
+    gate, fc1 = (linears[0], linears[1]) if nonlinear[0] else (linears[1], linears[0])
+    readers = g.consumers_of(fc1.output)
+    if len(readers) != 1 or readers[0].op_type != "Mul":
+        raise NoMatch("the activation mixes two projections")
+    return fc1, gate

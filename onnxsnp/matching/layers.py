@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import onnx
 
-from ..graph import ModelGraph
+from ..graph import ModelGraph, attribute
 from .blocks import AttentionBlock, FfnBlock, Layer, NoMatch, Skipped, common_scope
 from .norms import channel_scale, normalized
 
@@ -69,11 +69,24 @@ def _joined(g: ModelGraph, join: onnx.NodeProto, norm: str) -> str:
         raise NoMatch(f"{join.name} adds to the stream and normalises in one op without writing the sum, "
                       "so the stream after the block is no tensor")
     if norm == "pre":
-        return join.output[0]
+        return past_cast(g, join.output[0])
     after = normalized(g, join.output[0])
     if after is None:
         raise NoMatch(f"the sum {join.output[0]} of a post-norm block is not normalised")
     return after
+
+
+_FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+
+
+def past_cast(g: ModelGraph, stream: str) -> str:
+    """The stream as the next block reads it: through a Cast to a float type that is its only
+    reader (optimum's Llama exports cast the stream before every norm, and add the cast)."""
+    readers = g.consumers_of(stream)
+    if len(readers) == 1 and readers[0].op_type == "Cast" and attribute(readers[0], "to") in _FLOATS \
+            and stream not in g.graph_outputs:
+        return readers[0].output[0]
+    return stream
 
 
 def _normalized(g: ModelGraph, stream: str) -> str | None:

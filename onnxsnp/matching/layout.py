@@ -30,6 +30,32 @@ class Axes:
     dim: int = -1  # the head dim (or the merged axis)
     heads: int | None = None  # the heads axis; None where it is merged or lost
     part: int | None = None  # a fused projection's q/k/v axis, until a selector takes one part
+    repeat: int | None = None  # grouped-query attention: the axis repeating each key/value head, until merged
+
+
+@dataclass(frozen=True)
+class Path:
+    """Which widths the entries along a path hold: q's, k's and v's (key/value heads: fewer with
+    grouped-query attention, until they are repeated for the query heads) or the merged output's."""
+
+    dim: Width  # the per-head width
+    merged: Width  # heads × per-head width
+    heads: Width  # the heads count
+    count: int  # heads along the path
+
+    @classmethod
+    def of(cls, kind: str, block: AttentionBlock) -> "Path":
+        """"q", "k" and "v" from the projections, "out" from attn·V to the output projection."""
+        groups = block.groups
+        return {"q": cls(Width.QK, Width.QK_MERGED, Width.HEADS, block.heads),
+                "k": cls(Width.QK, Width.KV_QK_MERGED, Width.KV_HEADS, groups),
+                "v": cls(Width.V, Width.KV_V_MERGED, Width.KV_HEADS, groups),
+                "out": cls(Width.V, Width.V_MERGED, Width.HEADS, block.heads)}[kind]
+
+    def repeated(self, block: AttentionBlock) -> "Path":
+        """After the key/value heads are repeated for the query heads."""
+        merged = Width.QK_MERGED if self.dim is Width.QK else Width.V_MERGED
+        return Path(self.dim, merged, Width.HEADS, block.heads)
 
 
 MERGED = Axes(True)  # (…, H·d): a projection's output
@@ -37,28 +63,88 @@ SPLIT = Axes(False, -1, -3)  # (…, H, N, d): an attention op's 4-D input
 FUSED = Axes(False, -1, -2, -3)  # (…, 3, H, d): a fused projection after its head split
 
 
-def path_shape_edits(g: ModelGraph, forward: list[onnx.NodeProto], kind: str, block: AttentionBlock,
-                     region: set[str], start: Axes, seen: dict[str, Axes] | None = None) -> list[ShapeEdit]:
+def path_shape_edits(g: ModelGraph, forward: list[onnx.NodeProto], kind: Path, block: AttentionBlock,
+                     region: set[str], start: Axes, seen: dict[str, Axes] | None = None,
+                     passes: frozenset[str] = frozenset()) -> list[ShapeEdit]:
     """Follow the tracked axes from `start` along `forward` and list the Reshape entries that hold
-    a pruned width; `seen` gets the axes of every tensor on the way. Where the heads axis cannot
-    be followed, whole-head pruning is marked impossible for the block (`block.heads_fixed`)."""
+    a pruned width; `seen` gets the axes of every tensor on the way (and of each node's first
+    input, as `seen[node name]`). `passes`: nodes known to keep every axis where it is (a rotary
+    embedding's Add, a KV cache's Concat). Where the heads axis cannot be followed, whole-head
+    pruning is marked impossible for the block (`block.heads_fixed`)."""
     axes, edits = start, []
     for node in forward:
-        if node.op_type == "Transpose":
+        if seen is not None:
+            seen[node.name] = axes
+        if node.name in passes:
+            pass
+        elif node.op_type == "Transpose":
             axes = _transposed(node, axes)
         elif node.op_type in ("Squeeze", "Unsqueeze"):
             axes = _squeezed(g, node, axes)
         elif node.op_type in _SELECTORS:
             axes = _selected(g, node, axes)
+        elif node.op_type == "Expand":
+            axes = _expanded(g, node, axes, kind, region, edits)
         elif node.op_type == "Reshape":
             if axes.part is not None:
                 raise NoMatch(f"{node.name} reshapes the fused projection before q, k and v are taken apart")
-            axes = _reshaped(g, node, axes, kind, block, region, edits)
+            if axes.repeat is not None:
+                axes, kind = _repeat_merged(g, node, axes, kind, block, region, edits)
+            else:
+                axes = _reshaped(g, node, axes, kind, block, region, edits)
         elif node.op_type not in _PASS:
             raise NoMatch(f"{node.op_type} node {node.name} on a pruned path")
         if seen is not None:
             seen.update((t, axes) for t in node.output)
     return edits
+
+
+def _expanded(g: ModelGraph, node: onnx.NodeProto, axes: Axes, kind: Path, region: set[str],
+              edits: list[ShapeEdit]) -> Axes:
+    """Expand may only broadcast axes the cut leaves alone — in grouped-query attention, the size-1
+    axis after the key/value heads, to the number of query heads per group (marked as `repeat`)."""
+    entries = read_entries(g, node.input[1], region)
+    rank = len(g.shapes.get(node.input[0]) or ())
+    if entries is None or not rank or len(entries) != rank or axes.merged or axes.heads is None:
+        raise NoMatch(f"cannot read how {node.name} expands a pruned tensor")
+    dim, heads = entries[axes.dim], entries[axes.heads]
+    for entry, width, count in ((dim, kind.dim, None), (heads, kind.heads, kind.count)):
+        if entry.follows or entry.value == 1:
+            continue
+        if count is not None and entry.value == count:
+            edits.append(ShapeEdit(node.name, width, axes.heads))
+        elif count is None and entry.value == g.dim(node.input[0], axes.dim):
+            edits.append(ShapeEdit(node.name, width, axes.dim))
+        else:
+            raise NoMatch(f"{node.name} expands the head dim or the heads axis")
+    after = axes.heads + 1
+    if after < 0 and after != axes.dim and g.dim(node.input[0], after) == 1 and not entries[after].follows \
+            and (entries[after].value or 1) > 1:
+        return replace(axes, repeat=after)
+    return axes
+
+
+def _repeat_merged(g: ModelGraph, node: onnx.NodeProto, axes: Axes, kind: Path, block: AttentionBlock,
+                   region: set[str], edits: list[ShapeEdit]) -> tuple[Axes, Path]:
+    """The Reshape merging key/value heads with their repeats into query heads (…, H, N, d)."""
+    entries = read_entries(g, node.input[1], region)
+    if entries is None or axes.repeat != axes.heads + 1 or axes.dim != -1:
+        raise NoMatch(f"{node.name} does not merge the repeated key/value heads")
+    rank_in = len(g.shapes.get(node.input[0]) or ())
+    if len(entries) != rank_in - 1:
+        raise NoMatch(f"{node.name} does not merge the repeated key/value heads")
+    after = kind.repeated(block)
+    heads_at = axes.heads + 1  # the repeat axis goes: the axes after it keep their places from the end
+    heads, dim = entries[heads_at], entries[-1]
+    if not heads.follows and heads.value not in (-1, 0):
+        if heads.value != block.heads:
+            raise NoMatch(f"{node.name} merges into {heads.value} heads, not {block.heads}")
+        edits.append(ShapeEdit(node.name, after.heads, heads_at))
+    if not dim.follows and dim.value not in (-1, 0):
+        if dim.value != g.dim(node.input[0], -1):
+            raise NoMatch(f"cannot tell which entry of {node.name}'s target shape holds the head dim")
+        edits.append(ShapeEdit(node.name, after.dim, -1))
+    return Axes(False, -1, heads_at), after
 
 
 def _moved(axes: Axes, where) -> Axes:
@@ -132,9 +218,9 @@ def _selected(g: ModelGraph, node: onnx.NodeProto, axes: Axes) -> Axes:
     return replace(_moved(axes, lambda p: p + 1 if p < part else p), part=None)
 
 
-def _reshaped(g: ModelGraph, node: onnx.NodeProto, axes: Axes, kind: str, block: AttentionBlock,
+def _reshaped(g: ModelGraph, node: onnx.NodeProto, axes: Axes, kind: Path, block: AttentionBlock,
               region: set[str], edits: list[ShapeEdit]) -> Axes:
-    d, merged = block.head_dim, block.heads * block.head_dim
+    d, merged = block.head_dim, kind.count * block.head_dim
     position = axes.dim
     entries = read_entries(g, node.input[1], region)
     if entries is None or len(entries) < -position:
@@ -142,28 +228,29 @@ def _reshaped(g: ModelGraph, node: onnx.NodeProto, axes: Axes, kind: str, block:
     entry = entries[position]
     _check_trailing(g, node, entries, position)
     if axes.merged:
-        if entry.value == merged or entry.follows:
+        single = kind.count == 1 and len(entries) > len(g.shapes.get(node.input[0]) or ())  # (…, d) → (…, 1, d)
+        if (entry.value == merged or entry.follows) and not single:
             if entry.value == merged and not entry.follows:
-                edits.append(ShapeEdit(node.name, Width(kind + "_merged"), position))
+                edits.append(ShapeEdit(node.name, kind.merged, position))
             return axes
         if position != -1 or len(entries) < 2:
             raise NoMatch(f"{node.name} reshapes the merged heads in an unknown way")
         heads = entries[-2]
-        if entry.value not in (d, -1) or heads.value not in (block.heads, -1) and not heads.follows:
-            raise NoMatch(f"{node.name} does not split into (…, {block.heads}, {d})")
+        if entry.value not in (d, -1) or heads.value not in (kind.count, -1) and not heads.follows:
+            raise NoMatch(f"{node.name} does not split into (…, {kind.count}, {d})")
         if entry.value == d:
-            edits.append(ShapeEdit(node.name, Width(kind), -1))
-        if heads.value == block.heads and not heads.follows:
-            edits.append(ShapeEdit(node.name, Width.HEADS, -2))
+            edits.append(ShapeEdit(node.name, kind.dim, -1))
+        if heads.value == kind.count and not heads.follows:
+            edits.append(ShapeEdit(node.name, kind.heads, -2))
         return Axes(False, -1, -2)
     if _merges_heads(g, node, entries, axes, merged):  # (…, H, d) back into (…, H·d), h·d + j order
         if entry.value == merged and not entry.follows:
-            edits.append(ShapeEdit(node.name, Width(kind + "_merged"), -1))
+            edits.append(ShapeEdit(node.name, kind.merged, -1))
         return MERGED
-    edits += _heads_entry(node, entries, axes.heads, block)
-    heads_at = _heads_after(node, entries, axes.heads, position, block)
+    edits += _heads_entry(node, entries, axes.heads, kind)
+    heads_at = _heads_after(node, entries, axes.heads, position, block, kind)
     if entry.value == d and not entry.follows:
-        edits.append(ShapeEdit(node.name, Width(kind), position))
+        edits.append(ShapeEdit(node.name, kind.dim, position))
     elif not entry.follows and entry.value != -1:
         raise NoMatch(f"cannot tell which entry of {node.name}'s target shape holds the head dim")
     return replace(axes, heads=heads_at)
@@ -191,26 +278,25 @@ def _check_trailing(g: ModelGraph, reshape: onnx.NodeProto, entries: list[Entry]
             raise NoMatch(f"{reshape.name} may move the head dim")
 
 
-def _heads_entry(node: onnx.NodeProto, entries: list[Entry], heads_at: int | None,
-                 block: AttentionBlock) -> list[ShapeEdit]:
+def _heads_entry(node: onnx.NodeProto, entries: list[Entry], heads_at: int | None, kind: Path) -> list[ShapeEdit]:
     """The edit for the heads entry of a Reshape that keeps heads split, if it is a literal H."""
     if heads_at is None or len(entries) < -heads_at:
         return []
     entry = entries[heads_at]
-    if not entry.follows and entry.value == block.heads:
-        return [ShapeEdit(node.name, Width.HEADS, heads_at)]
+    if not entry.follows and entry.value == kind.count:
+        return [ShapeEdit(node.name, kind.heads, heads_at)]
     return []
 
 
 def _heads_after(node: onnx.NodeProto, entries: list[Entry], heads_at: int | None,
-                 position: int, block: AttentionBlock) -> int | None:
+                 position: int, block: AttentionBlock, kind: Path) -> int | None:
     """Where the heads axis is after a Reshape that keeps the head dim; None once it is lost
     (merged with another axis), which rules out removing whole heads in this block."""
     if heads_at is not None and len(entries) >= -heads_at:
         entry = entries[heads_at]
-        if entry.follows or entry.value in (block.heads, -1):
+        if entry.follows or entry.value in (kind.count, -1):
             return heads_at
     literal = [e for i, e in enumerate(entries) if i - len(entries) != position and not e.follows and e.value not in (-1, 0)]
-    if any(e.value == block.heads for e in literal) or heads_at is not None:
+    if any(e.value == kind.count for e in literal) or heads_at is not None:
         block.heads_fixed = block.heads_fixed or f"{node.name} reshapes the heads axis in a way onnxsnp cannot follow"
     return None

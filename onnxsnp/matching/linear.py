@@ -12,6 +12,7 @@ import onnx
 
 from ..graph import ModelGraph, attribute
 from .blocks import Linear
+from .shapes import read_entries
 
 _PRODUCTS = ("MatMul", "Gemm", "FusedMatMul")
 
@@ -122,8 +123,16 @@ def _keeps_last_axis(g: ModelGraph, reshape: onnx.NodeProto, width: int) -> str 
     """'edit' if `reshape` only regroups the leading axes of a tensor whose last axis is `width`
     and writes that width as a literal; 'free' if it infers it (-1); None if it is something else."""
     before, after = g.shapes.get(reshape.input[0]), g.shapes.get(reshape.output[0])
+    if not before or not after or before[-1] != width or after[-1] != width:
+        return None
     shape = g.constant(reshape.input[1])
-    if not before or not after or before[-1] != width or after[-1] != width or shape is None or shape.ndim != 1:
+    if shape is None:  # built at run time (GPT-2's Conv1D: x.shape[:-1] + (width,)): the last entry may be literal
+        read = read_entries(g, reshape.input[1], {reshape.input[0]})
+        last = read[-1] if read else None
+        if last is None or last.value != width:
+            return None
+        return "free" if last.follows else "edit"  # read from the input's own width, or a literal
+    if shape.ndim != 1:
         return None
     entries = [int(x) for x in shape]
     if entries[-1] == width:

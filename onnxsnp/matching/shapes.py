@@ -24,6 +24,7 @@ def read_entries(g: ModelGraph, shape: str, region: set[str] = frozenset()) -> l
     value = g.constant(shape)
     if value is not None:
         return [Entry(int(x)) for x in value.reshape(-1)]
+    shape = _unwrapped(g, shape)
     node = g.producer_of(shape)
     pieces = node.input if node is not None and node.op_type == "Concat" else [shape]
     entries: list[Entry] = []
@@ -32,12 +33,54 @@ def read_entries(g: ModelGraph, shape: str, region: set[str] = frozenset()) -> l
         if value is not None:
             entries += [Entry(int(x)) for x in value.reshape(-1)]
             continue
-        source = shape_source(g, piece)
+        source, factor = shape_source(g, piece), 1
         if source is None:
-            return None
+            source, factor = _scaled_source(g, piece)
+        if source is None:  # computed some other way (a sequence length summed): unknown, but not a width
+            length = g.shapes.get(piece)
+            if node is None or node.op_type != "Concat" or length is None or len(length) != 1 or length[0] is None:
+                return None
+            entries += [Entry(None)] * length[0]
+            continue
         tensor, axes = source
-        entries += [Entry(g.dim(tensor, axis), tensor in region) for axis in axes]
+        entries += [Entry(None if g.dim(tensor, axis) is None else g.dim(tensor, axis) * factor, tensor in region)
+                    for axis in axes]
     return entries
+
+
+def _unwrapped(g: ModelGraph, shape: str) -> str:
+    """The shape tensor inside what the legacy exporter wraps around an Expand's target shape:
+    Reshape(s, [-1]) and Where(s == -1, 1, s)."""
+    for _ in range(4):
+        node = g.producer_of(shape)
+        if node is None:
+            break
+        flat = g.constant(node.input[1]) if node.op_type == "Reshape" else None
+        if flat is not None and flat.reshape(-1).tolist() == [-1]:
+            shape = node.input[0]
+            continue
+        test = g.producer_of(node.input[0]) if node.op_type == "Where" else None
+        if test is not None and test.op_type == "Equal" and node.input[2] in test.input:
+            shape = node.input[2]
+            continue
+        break
+    return shape
+
+
+def _scaled_source(g: ModelGraph, tensor: str) -> tuple[tuple[str, list[int]] | None, int]:
+    """(T, axes) and the factor if `tensor` is a dim of T times a constant integer (grouped-query
+    attention's key/value heads × repeats)."""
+    node = g.producer_of(tensor)
+    while node is not None and node.op_type in ("Unsqueeze", "Cast", "Squeeze"):
+        node = g.producer_of(node.input[0])
+    if node is None or node.op_type != "Mul":
+        return None, 1
+    for index in (0, 1):
+        factor = g.constant(node.input[1 - index])
+        source = shape_source(g, node.input[index])
+        if factor is not None and factor.size == 1 and source is not None:
+            return source, int(factor.reshape(-1)[0])
+    return None, 1
 
 
 def shape_entries(g: ModelGraph, shape: str) -> list[int | None] | None:

@@ -1,0 +1,82 @@
+"""What the rewrite does beyond the cut for decoders: the rotary embeddings' cos/sin tables
+sliced to the dims every head keeps, and the KV cache inputs and outputs declared with the new
+head widths (the cut itself already made the present tensors narrower)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .editor import Editor
+from .matching.blocks import Rotary, RotaryStyle
+from .plan import AttentionKeep, PrunePlan
+
+
+def slice_rotary_tables(editor: Editor, keep: AttentionKeep, rotary: Rotary) -> None:
+    """Every kept Q/K dim keeps its own angle: an op's caches (one column per pair, the same pairs
+    in every head) lose the removed pairs' columns; a written-out embedding's tables (one column
+    per dim, broadcast over the heads) are gathered per head, to (…, kept heads, …, kept dims)."""
+    block = keep.block
+    positions = keep.qk if rotary.heads == block.groups else np.repeat(keep.qk, block.group_size, axis=0)
+    if rotary.shared:
+        row = positions[0]
+        pairs = row[0::2] // 2 if rotary.style is RotaryStyle.INTERLEAVED else row[row < block.head_dim // 2]
+        for name, index in rotary.tables:
+            node = editor.nodes[name]
+            editor.replace_input(node, index, np.take(editor.current(node, index), pairs, axis=-1))
+        return
+    for name, index in rotary.tables:
+        node = editor.nodes[name]
+        node.inputs[index] = _per_head(editor, node.inputs[index], positions, rotary.heads_axis)
+
+
+def _per_head(editor: Editor, table: gs.Tensor, positions: np.ndarray, heads_axis: int) -> gs.Tensor:
+    """The table's last axis gathered to `positions` (kept heads, kept dims): one Gather where every
+    head keeps the same dims, else a Gather to (…, 1, …, heads, dims) whose heads axis is moved
+    into the size-1 axis the table broadcast over."""
+    if (positions == positions[:1]).all():
+        return _node(editor, "Gather", [table, editor.constant("rotary_dims", positions[0].astype(np.int64))],
+                     {"axis": -1}, table)
+    rank = len(editor.g.shapes.get(table.name) or ())
+    if rank < -heads_axis:  # no axis to broadcast over yet: add the missing leading ones
+        axes = np.arange(-heads_axis - rank, dtype=np.int64)
+        table = _node(editor, "Unsqueeze", [table, editor.constant("axes", axes)], {}, table)
+        rank = -heads_axis
+    gathered = _node(editor, "Gather", [table, editor.constant("rotary_dims", positions.astype(np.int64))],
+                     {"axis": -1}, table)
+    perm = list(range(rank + 1))
+    ones, heads = rank + heads_axis, rank - 1  # the broadcast axis and the new heads axis, counted from the start
+    perm[ones], perm[heads] = perm[heads], perm[ones]
+    moved = _node(editor, "Transpose", [gathered], {"perm": perm}, table)
+    return _node(editor, "Squeeze", [moved, editor.constant("axes", np.array([heads], dtype=np.int64))], {}, table)
+
+
+def _node(editor: Editor, op: str, inputs: list, attrs: dict, like: gs.Tensor) -> gs.Variable:
+    out = editor.variable(like.name, like.dtype)
+    editor.add_node(op, inputs, [out], attrs)
+    return out
+
+
+def kv_cache_shapes(plan: PrunePlan) -> dict[str, dict[int, int]]:
+    """The new sizes of the KV cache inputs' and outputs' head and head-dim axes (from the end)."""
+    shapes: dict[str, dict[int, int]] = {}
+    for keep in plan.attention:
+        if not keep.changes_something():
+            continue
+        for cache in keep.block.kv_caches:
+            width = keep.qk.shape[1] if cache.part == "key" else keep.v.shape[1]
+            sizes = {cache.heads_axis: len(keep.heads), cache.dim_axis: width}
+            for name in (cache.past, cache.present):
+                if name:
+                    shapes[name] = sizes
+    return shapes
+
+
+def set_kv_cache_shapes(model: onnx.ModelProto, shapes: dict[str, dict[int, int]]) -> None:
+    for info in list(model.graph.input) + list(model.graph.output):
+        sizes = shapes.get(info.name)
+        if sizes is None or not info.type.tensor_type.HasField("shape"):
+            continue
+        dims = info.type.tensor_type.shape.dim
+        for axis, size in sizes.items():
+            dims[len(dims) + axis].dim_value = size  # clears a symbolic name

@@ -1,0 +1,105 @@
+"""Small hand-built decoder attentions for fast unit tests of the decoder rules: grouped-query
+attention (key/value heads repeated by Unsqueeze → Expand → Reshape), rotary embeddings written
+out (rotate_half or interleaved), KV caches (past keys/values in, present ones out).
+
+x (B, N, D) → attention → output projection → y; cos and sin (1, 1, N, d) are graph inputs, so
+that a decode step can give the angles of its own positions."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from graphs import Builder
+
+HEADS, HEAD_DIM = 4, 4
+WIDTH = HEADS * HEAD_DIM
+
+
+def _rotate(b: Builder, x: str, style: str) -> str:
+    """x·cos + rotate(x)·sin."""
+    i64 = lambda *v: b.const(np.array(v, dtype=np.int64))  # noqa: E731
+    half = HEAD_DIM // 2
+    if style == "half":
+        low = b.op("Slice", [x, i64(0), i64(half), i64(-1)])
+        high = b.op("Slice", [x, i64(half), i64(2 ** 62), i64(-1)])
+        turned = b.op("Concat", [b.op("Neg", [high]), low], axis=-1)
+    else:
+        even = b.op("Slice", [x, i64(0), i64(2 ** 62), i64(-1), i64(2)])
+        odd = b.op("Slice", [x, i64(1), i64(2 ** 62), i64(-1), i64(2)])
+        pair = b.op("Concat", [b.op("Unsqueeze", [b.op("Neg", [odd]), i64(-1)]), b.op("Unsqueeze", [even, i64(-1)])],
+                    axis=-1)
+        turned = b.op("Reshape", [pair, i64(0, 0, 0, -1)])
+    return b.op("Add", [b.op("Mul", [x, "cos"]), b.op("Mul", [turned, "sin"])])
+
+
+def _heads(b: Builder, t: str, heads: int) -> str:
+    shaped = b.op("Reshape", [t, b.const(np.array([0, 0, heads, HEAD_DIM], dtype=np.int64))])
+    return b.op("Transpose", [shaped], perm=[0, 2, 1, 3])
+
+
+def _repeat(b: Builder, t: str, kv_heads: int) -> str:
+    """(B, Hkv, T, d) → (B, H, T, d), as transformers' repeat_kv exports."""
+    if kv_heads == HEADS:
+        return t
+    shape = b.op("Shape", [t])
+    i64 = lambda *v: b.const(np.array(v, dtype=np.int64))  # noqa: E731
+    front, back = b.op("Slice", [shape, i64(0), i64(2)]), b.op("Slice", [shape, i64(2), i64(4)])
+    target = b.op("Concat", [front, i64(HEADS // kv_heads), back], axis=0)
+    expanded = b.op("Expand", [b.op("Unsqueeze", [t, i64(2)]), target])
+    return b.op("Reshape", [expanded, i64(0, HEADS, -1, HEAD_DIM)])
+
+
+def decoder_attention(kv_heads: int = 2, rotary: str | None = "half", seed: int = 0) -> onnx.ModelProto:
+    """Separate q, k, v projections; rotary on q and k; k and v joined with the KV cache, then
+    repeated for the query heads (unless kv_heads == 1: the score MatMul broadcasts)."""
+    b = Builder(seed, opset=18)
+    q = _heads(b, b.linear("x", WIDTH, WIDTH), HEADS)
+    k = _heads(b, b.linear("x", WIDTH, kv_heads * HEAD_DIM), kv_heads)
+    v = _heads(b, b.linear("x", WIDTH, kv_heads * HEAD_DIM), kv_heads)
+    if rotary is not None:
+        q, k = _rotate(b, q, rotary), _rotate(b, k, rotary)
+    b.nodes.append(helper.make_node("Concat", ["past_key", k], ["present_key"], name="cache_key", axis=2))
+    b.nodes.append(helper.make_node("Concat", ["past_value", v], ["present_value"], name="cache_value", axis=2))
+    if kv_heads > 1:
+        k, v = _repeat(b, "present_key", kv_heads), _repeat(b, "present_value", kv_heads)
+    else:
+        k, v = "present_key", "present_value"
+    scores = b.op("MatMul", [q, b.op("Transpose", [k], perm=[0, 1, 3, 2])])
+    scaled = b.op("Mul", [scores, b.const(np.array(HEAD_DIM ** -0.5, dtype=np.float32))])
+    probs = b.op("Softmax", [scaled], axis=-1)  # no causal mask: the rules do not care
+    context = b.op("Reshape", [b.op("Transpose", [b.op("MatMul", [probs, v])], perm=[0, 2, 1, 3]),
+                               b.const(np.array([0, 0, WIDTH], dtype=np.int64))])
+    b.nodes.append(helper.make_node("Identity", [b.linear(context, WIDTH, WIDTH)], ["y"], name="output"))
+    cache = [1, kv_heads, None, HEAD_DIM]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, WIDTH]),
+              helper.make_tensor_value_info("cos", TensorProto.FLOAT, [1, 1, None, HEAD_DIM]),
+              helper.make_tensor_value_info("sin", TensorProto.FLOAT, [1, 1, None, HEAD_DIM]),
+              helper.make_tensor_value_info("past_key", TensorProto.FLOAT, cache),
+              helper.make_tensor_value_info("past_value", TensorProto.FLOAT, cache)]
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("y", "present_key", "present_value")]
+    graph = helper.make_graph(b.nodes, "decoder", inputs if rotary else inputs[:1] + inputs[3:], outputs, b.inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def angles(positions: np.ndarray, style: str | None) -> dict[str, np.ndarray]:
+    """cos and sin (1, 1, N, d) of a rotary embedding at `positions` (base 10000)."""
+    if style is None:
+        return {}
+    pairs = 10000.0 ** (-np.arange(HEAD_DIM // 2) * 2 / HEAD_DIM)
+    freqs = positions[:, None] * pairs[None, :]
+    per_dim = np.repeat(freqs, 2, axis=-1) if style == "interleaved" else np.concatenate([freqs, freqs], -1)
+    return {"cos": np.cos(per_dim)[None, None].astype(np.float32), "sin": np.sin(per_dim)[None, None].astype(np.float32)}
+
+
+def feed(model: onnx.ModelProto, tokens: int, past: dict[str, np.ndarray] | None = None, style: str | None = "half",
+         seed: int = 1) -> dict[str, np.ndarray]:
+    """x for `tokens` new positions after the cached ones (empty caches, shaped as the model declares)."""
+    rng = np.random.default_rng(seed)
+    declared = {i.name: [d.dim_value or None for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    if past is None:
+        past = {name: np.zeros((1, dims[1], 0, dims[3]), np.float32) for name, dims in declared.items()
+                if name.startswith("past")}
+    start = next(iter(past.values())).shape[2]
+    return {"x": rng.standard_normal((1, tokens, WIDTH)).astype(np.float32), **past,
+            **angles(np.arange(start, start + tokens, dtype=np.float64), style)}

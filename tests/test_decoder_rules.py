@@ -1,0 +1,70 @@
+"""Decoder attention on small hand-built graphs (fast): grouped-query attention, rotary embeddings
+(rotate_half and interleaved), KV caches. The pruned model must equal the original with the
+removed units zeroed — in prefill and in a decode step through the cache."""
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import decoder_graphs as dg
+from onnxsnp.graph import ModelGraph
+from onnxsnp.matching import find_blocks
+from onnxsnp.matching.blocks import RotaryStyle
+from onnxsnp.pipeline import make_plan
+from onnxsnp.plan import Ratios
+from onnxsnp.rewriting import rewrite
+from onnxsnp.units import unit_of_dim
+from oracle import zeroed_original
+
+VARIANTS = [(2, "half"), (1, "half"), (4, "half"), (2, "interleaved"), (2, None)]
+
+
+def run(model, feed):
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(None, feed)))
+
+
+@pytest.mark.parametrize("kv_heads,rotary", VARIANTS)
+def test_decoder_attention_is_found(kv_heads, rotary):
+    g = ModelGraph(dg.decoder_attention(kv_heads, rotary))
+    (block,) = find_blocks(g).attention
+    assert (block.heads, block.groups, block.head_dim) == (dg.HEADS, kv_heads, dg.HEAD_DIM)
+    assert [c.part for c in block.kv_caches] == ["key", "value"]
+    assert {c.present for c in block.kv_caches} == {"present_key", "present_value"}
+    assert [r.style for r in block.rotary] == ([RotaryStyle(rotary)] * 2 if rotary else [])
+    assert [r.heads for r in block.rotary] == ([dg.HEADS, kv_heads] if rotary else [])
+
+
+@pytest.mark.parametrize("kv_heads,rotary", VARIANTS)
+@pytest.mark.parametrize("heads", [0.0, 0.5])
+def test_pruned_decoder_equals_zeroed_original_in_prefill_and_decode(kv_heads, rotary, heads):
+    g = ModelGraph(dg.decoder_attention(kv_heads, rotary))
+    calib = {k: np.repeat(v, 4, axis=0) if k == "x" else v for k, v in dg.feed(g.model, 6, style=rotary).items()}
+    plan = make_plan(g, find_blocks(g), Ratios(0.5, 0.25, 0.0, heads=heads), "random", calib, batch=4, seed=3)
+    (keep,) = plan.attention
+    if rotary is not None:  # both dims of every rotary pair kept or removed together
+        units = unit_of_dim(keep.block)
+        for row in keep.qk:
+            assert all((units[row] == u).sum() == 2 for u in units[row])
+    assert len(keep.heads) == (max(1, kv_heads // 2) if heads else kv_heads)
+    pruned, zeroed = rewrite(g, plan), zeroed_original(g, plan)
+    want, got = run(zeroed, dg.feed(zeroed, 5, style=rotary)), run(pruned, dg.feed(pruned, 5, style=rotary))
+    np.testing.assert_allclose(got["y"], want["y"], atol=1e-5)
+    assert got["present_key"].shape == (1, len(keep.heads), 5, keep.qk.shape[1])
+    assert got["present_value"].shape == (1, len(keep.heads), 5, keep.v.shape[1])
+    # one decode step, each model reading its own cache
+    step = lambda model, out: dg.feed(model, 1, {"past_key": out["present_key"], "past_value": out["present_value"]},  # noqa: E731
+                                      style=rotary, seed=2)
+    np.testing.assert_allclose(run(pruned, step(pruned, got))["y"], run(zeroed, step(zeroed, want))["y"], atol=1e-5)
+    declared = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in pruned.graph.input}
+    assert declared["past_key"][1::2] == [len(keep.heads), keep.qk.shape[1]]
+
+
+def test_ratio_zero_leaves_a_decoder_identical():
+    g = ModelGraph(dg.decoder_attention())
+    plan = make_plan(g, find_blocks(g), Ratios(0.0, 0.0, 0.0), "random", dg.feed(g.model, 6), batch=1)
+    feed = dg.feed(g.model, 5)
+    for name, value in run(g.model, feed).items():
+        np.testing.assert_array_equal(run(rewrite(g, plan), feed)[name], value)
