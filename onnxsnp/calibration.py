@@ -116,16 +116,33 @@ class ObviousInput(Enum):
         return None
 
 
+def is_past_cache(spec: InputSpec) -> bool:
+    """A decoder's KV cache input (past_key_values.*, past_key.*, …): float, 4-D or more, with a
+    dynamic past-length axis. Calibration is prefill: it gets past length 0."""
+    lowered = spec.name.lower()
+    return "past" in lowered and spec.dtype.kind == "f" and len(spec.shape) >= 4 and \
+        any(not (isinstance(d, int) and d > 0) for d in spec.shape[1:])
+
+
+def empty_cache(spec: InputSpec, samples: int) -> np.ndarray:
+    """An empty KV cache for `samples` prefill samples: every dynamic axis after the batch is 0."""
+    return np.zeros([samples] + [d if isinstance(d, int) and d > 0 else 0 for d in spec.shape[1:]], dtype=spec.dtype)
+
+
 def fill_absent_inputs(arrays: dict[str, np.ndarray], specs: list[InputSpec]) -> dict[str, np.ndarray]:
     """Obvious token inputs, made (with a warning) where the calibration data lacks them:
     attention masks ones, position ids 0..L-1, token type ids zeros, each shaped like the token
-    ids given (the first 2-D array among the model's inputs)."""
+    ids given (the first 2-D array among the model's inputs); a decoder's KV caches empty (prefill,
+    without a warning: calibration is prefill)."""
     given = [arrays[s.name] for s in specs if s.name in arrays and arrays[s.name].ndim == 2]
     if not given:
         return arrays
     samples, length = given[0].shape
     filled, notes = dict(arrays), []
     for spec in specs:
+        if spec.name not in arrays and is_past_cache(spec):
+            filled[spec.name] = empty_cache(spec, samples)
+            continue
         kind = ObviousInput.of(spec)
         if spec.name in arrays or kind is None:
             continue
@@ -155,7 +172,11 @@ def synthetic_inputs(g: ModelGraph, specs: list[InputSpec], samples: int, seed: 
     for spec in specs:
         shape = [samples] + [d if isinstance(d, int) and d > 0 else DEFAULT_SEQUENCE for d in spec.shape[1:]]
         lowered = spec.name.lower()
-        if spec.dtype.kind == "f":
+        if is_past_cache(spec):
+            feed[spec.name] = empty_cache(spec, samples)
+        elif ObviousInput.of(spec) is ObviousInput.POSITION:
+            feed[spec.name] = np.broadcast_to(np.arange(shape[1]), shape).astype(spec.dtype)
+        elif spec.dtype.kind == "f":
             feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         elif spec.dtype.kind == "b" or "mask" in lowered:
             feed[spec.name] = np.ones(shape, dtype=spec.dtype)
@@ -300,7 +321,8 @@ class Runner:
     def __init__(self, model: onnx.ModelProto, tensors: Iterable[str] = (), threads: int = 0,
                  role: str = "input model", weights: Weights | None = None):
         self.role = role
-        self.output_names = [o.name for o in model.graph.output]
+        state = cache_outputs(model)  # a decoder's present keys/values: its state, not its result
+        self.output_names = [o.name for o in model.graph.output if o.name not in state]
         added = [t for t in dict.fromkeys(tensors) if t not in set(self.output_names)]
         try:
             self.session = session(model, threads, added, weights)
@@ -327,7 +349,7 @@ class Runner:
         for start in starts:
             inputs = {k: v[start:start + batch] for k, v in feed.items()}
             try:
-                values = self.session.run(tensors, inputs)
+                values = self.session.run(tensors, fitted(self.session, inputs))
             except Exception as exc:
                 what = "the calibration inputs" if self.role == "input model" else f"the {self.role}"
                 raise SnpError(f"onnxruntime failed on {what}: {_first_line(exc)}") from None
@@ -337,6 +359,31 @@ class Runner:
         """The model's outputs over all of `feed`, batches concatenated."""
         return join_outputs([[acts[n] for n in self.output_names]
                              for _, acts in self.batches(feed, self.output_names, batch)])
+
+
+def cache_outputs(model: onnx.ModelProto) -> set[str]:
+    """The graph outputs that are a decoder's KV cache: a Concat of a graph input (the past) with
+    this step's keys or values, or the present outputs of an attention op."""
+    graph_inputs = {i.name for i in model.graph.input}
+    found = set()
+    for node in model.graph.node:
+        if node.op_type == "Concat" and any(t in graph_inputs for t in node.input):
+            found.add(node.output[0])
+        elif node.op_type in ("GroupQueryAttention", "MultiHeadAttention", "Attention"):
+            found.update(node.output[1:])
+    return found & {o.name for o in model.graph.output}
+
+
+def fitted(sess: ort.InferenceSession, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`feed` with every empty input (a KV cache at past length 0) in the shape this session
+    declares: a pruned decoder's caches are narrower than the original's."""
+    declared = {i.name: i.shape for i in sess.get_inputs()}
+    result = dict(feed)
+    for name, value in feed.items():
+        shape = declared.get(name)
+        if value.size == 0 and shape is not None and len(shape) == value.ndim:
+            result[name] = np.zeros([d if isinstance(d, int) else n for d, n in zip(shape, value.shape)], value.dtype)
+    return result
 
 
 def join_outputs(per_batch: list[list[np.ndarray]]) -> list[np.ndarray]:

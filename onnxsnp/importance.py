@@ -155,12 +155,18 @@ class PairStatistics:
         """A factor per kept pair, (kept heads, kept pairs): min_α ‖Σ_K α_n q̂_n k̂_nᵀ − Σ_all q_m k_mᵀ‖²
         plus ridge·‖α − 1‖² (the ridge pulls towards the pairs as they are). As a map of q
         (`plan.selection_map(keep.qk, d, factors)`), the softmax scale stays the original one."""
-        rows = []
+        # one factor per unit: shared by the query heads of a key/value group and by both dims of a
+        # rotary pair (α = P·β), so the least squares are summed over the group's heads
+        block, rows = keep.block, []
+        r = block.group_size
         for head, kept in zip(keep.heads, keep.qk):
-            system = self.gram[head][np.ix_(kept, kept)]
+            members = np.arange(head * r, (head + 1) * r)
+            to_units = units.unit_matrix(block, kept)
+            system = to_units.T @ self.gram[members][:, kept][:, :, kept].sum(axis=0) @ to_units
+            cross = to_units.T @ self.cross[members][:, kept].sum(axis=0)
             penalty = ridge * float(np.mean(np.diag(system)))
             try:
-                rows.append(np.linalg.solve(system + penalty * np.eye(len(kept)), self.cross[head][kept] + penalty))
+                rows.append(to_units @ np.linalg.solve(system + penalty * np.eye(len(system)), cross + penalty))
             except np.linalg.LinAlgError:
                 rows.append(np.ones(len(kept)))
         return np.array(rows)

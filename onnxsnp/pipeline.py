@@ -165,9 +165,9 @@ def uniform_widths(matches: Matches, ratios: Ratios, removed: tuple[int, ...] = 
     """The same fractions kept in every block: `ratios` as widths."""
     attention = {}
     for block in matches.attention:
-        heads = block.heads
+        heads = block.groups  # with grouped-query attention: key/value heads, each with its query heads
         if ratios.heads > 0 and block.heads_fixed is None:
-            heads = kept_count(block.heads, ratios.heads)
+            heads = kept_count(block.groups, ratios.heads)
         attention[block.name] = AttentionWidth(heads, kept_count(block.head_dim, ratios.qk, ratios.align),
                                                kept_count(block.head_dim, ratios.v, ratios.align))
     ffn = {block.name: kept_count(block.hidden, ratios.ffn, ratios.align) for block in matches.ffn}

@@ -29,7 +29,9 @@ from enum import Enum
 import numpy as np
 
 from .graph import ModelGraph, attribute
-from .importance import PairStatistics, _as_tokens, input_weights, output_weights, query_key, query_key_tensors, redundancy
+from . import units
+from .importance import (PairStatistics, _as_tokens, input_weights, output_weights, query_key, query_key_tensors,
+                         redundancy, rotary_tables)
 from .least_squares import DEFAULT_RIDGE, FOLDS, NormalEquations, Obs, centred_gram, choose_ridge, loss, solve
 from .masking import Weights, attention_slots, ffn_slots
 from .matching import Layer, Matches, NoMatch
@@ -135,7 +137,7 @@ def plan_segments(g: ModelGraph, matches: Matches) -> list[tuple[_Half, _Half]]:
         pair = []
         block = layer.attention
         attention_capture = ([block.out.output, block.out.input] + query_key_tensors(block)
-                             + [s.tensor for s in block.frozen_scales])
+                             + [s.tensor for s in block.frozen_scales] + rotary_tables(g, block))
         for part, start, end, capture in (("attention", layer.input, layer.middle, attention_capture),
                                           ("ffn", layer.middle, layer.output, [layer.ffn.fc2.output, layer.ffn.fc2.input])):
             name = f"{layer.name} ({part})"
@@ -147,7 +149,7 @@ def plan_segments(g: ModelGraph, matches: Matches) -> list[tuple[_Half, _Half]]:
             pair.append(_Half(segment, SegmentRunner(g, segment, capture), SegmentRunner(g, join), branch, start))
         inputs = list(dict.fromkeys([block.q.input, block.k.input]))
         norm = cut(g, f"{layer.name} (q, k inputs)", [layer.input], inputs, cuts)
-        if norm.slots or len(norm.nodes) > 12:
+        if norm.slots or len([n for n in norm.nodes if g.node(n).op_type != "Constant"]) > 12:
             raise NoMatch(f"{layer.name}: more than a normalisation between the stream and q, k")
         pair[0].projection_inputs = SegmentRunner(g, norm) if norm.nodes else None
         halves.append(tuple(pair))
@@ -279,6 +281,8 @@ class Reconstructor:
             else:
                 x = inputs[index]
                 branch = (x.astype(np.float32, copy=False) @ weight + bias).astype(x.dtype)
+                if branch.shape != item.pruned.shape and branch.size == item.pruned.size:
+                    branch = branch.reshape(item.pruned.shape)  # a 2-D product's tokens, restored as its graph does
                 values = {half.branch: branch, half.residual: item.pruned}
                 item.pruned = self._run(half.join, item, index, values, {}, [end])[end]
             item.target = None
@@ -289,6 +293,7 @@ class Reconstructor:
         width = self.widths.attention[block.name]
         qk_tensors = query_key_tensors(block)
         scales = [s.tensor for s in block.frozen_scales]
+        tables = rotary_tables(self.g, block)  # a written-out rotary embedding's cos/sin, to rotate q̂, k̂ alike
         pairs = PairStatistics.empty(block.heads, block.head_dim)
 
         def score(index: int, item: _Batch, values: dict[str, np.ndarray]) -> None:
@@ -300,29 +305,32 @@ class Reconstructor:
                 if half.projection_inputs is not None:
                     pruned = self._run(half.projection_inputs, item, index, pruned, {},
                                        list(half.projection_inputs.segment.outputs))
+                pruned.update({t: values[t] for t in tables})
                 q_hat, k_hat = query_key(self.g, block, pruned, item.samples, from_inputs=True)
                 pairs.add(q_hat, k_hat, item.mask, q, k)
             else:
                 pairs.add(q, k, item.mask)
 
-        self._targets(half, batches, qk_tensors + scales, score)
-        d, every = block.head_dim, np.arange(block.heads)
+        self._targets(half, batches, qk_tensors + scales + tables, score)
+        d, every = block.head_dim, np.arange(block.groups)
         qk, q_map, k_map = self._reduce_pairs(block, pairs, width.qk)
-        self.weights.apply_attention(AttentionKeep(block, qk, np.tile(np.arange(d), (block.heads, 1)), every,
+        if block.equal_widths:  # one head size for Q/K and V (an attention op's)
+            width = AttentionWidth(width.heads, qk.shape[1], qk.shape[1])
+        self.weights.apply_attention(AttentionKeep(block, qk, np.tile(np.arange(d), (block.groups, 1)), every,
                                                    q_map, k_map))  # V and the output projection come next
         equations, cached = self._equations(half, batches, block.out.input, block.out.in_features,
                                             block.out.out_features)
         prior = input_weights(self.g, block.out)
         heads, v = self._choose_values(block, equations, prior, width)
         v_map = None
-        if self.reduction is Reduction.PROJECT and width.v < d:
+        if self.reduction is Reduction.PROJECT and width.v < d and block.group_size == 1:
             v, v_map, transform, prior = _project_values(block, equations, prior, heads, width.v)
             equations = equations.transformed(transform)
             if cached is not None:
                 cached = [x @ transform[:-1, :-1].astype(x.dtype) for x in cached]
         keep = AttentionKeep(block, qk[heads], v, heads, None if q_map is None else q_map[heads],
                              None if k_map is None else k_map[heads], v_map)
-        refit = self._refit(f"{layer.name} (attention)", equations, keep.v_columns(), prior, block.out)
+        refit = self._refit(f"{layer.name} (attention)", equations, keep.out_rows(), prior, block.out)
         self.weights.apply_attention(keep, refit)
         self.keeps_attention.append(keep)
         self.refits[block.out.node] = refit
@@ -334,13 +342,14 @@ class Reconstructor:
         projected directions, SNP's choice with its rescale, or a plain choice."""
         d = block.head_dim
         if kept == d:
-            return np.tile(np.arange(d), (block.heads, 1)), None, None
-        if self.reduction is Reduction.PROJECT and self.criterion in ("snp", "snp-paper"):
+            return np.tile(np.arange(d), (block.groups, 1)), None, None
+        if self.reduction is Reduction.PROJECT and self.criterion in ("snp", "snp-paper") and not block.rotary \
+                and block.group_size == 1:  # a rotation of q/k directions would break a rotary embedding
             q_map, k_map = _project_pairs(pairs, kept)
             return np.tile(np.arange(kept), (block.heads, 1)), q_map, k_map
         qk = self._choose_pairs(block, pairs, kept)
         if self.rescale_qk and pairs.count:
-            every = np.arange(block.heads)
+            every = np.arange(block.groups)
             factors = pairs.rescales(AttentionKeep(block, qk, qk, every), QK_RIDGE)
             return qk, selection_map(qk, d, factors), None
         return qk, None, None
@@ -351,50 +360,63 @@ class Reconstructor:
             scores = self.rng.random((block.heads, block.head_dim))
         elif self.criterion == "l2":
             q_off, k_off, _ = block.column_offsets
-            width = block.heads * block.head_dim
-            scores = (np.linalg.norm(output_weights(self.g, block.q, q_off, width), axis=0)
-                      * np.linalg.norm(output_weights(self.g, block.k, k_off, width), axis=0)
-                      ).reshape(block.heads, block.head_dim)
+            d = block.head_dim
+            k_norms = np.linalg.norm(output_weights(self.g, block.k, k_off, block.groups * d), axis=0)
+            scores = (np.linalg.norm(output_weights(self.g, block.q, q_off, block.heads * d), axis=0).reshape(-1, d)
+                      * np.repeat(k_norms.reshape(-1, d), block.group_size, axis=0))
         else:
             scores = pairs.mean_scores()
-        return np.sort(np.argsort(-scores, axis=1, kind="stable")[:, :kept], axis=1)
+        return units.keep_qk(block, scores, kept)  # per key/value group, rotary pairs whole
 
     def _choose_values(self, block, equations: NormalEquations, prior: np.ndarray, width: AttentionWidth
                        ) -> tuple[np.ndarray, np.ndarray]:
-        """Kept heads (ascending) and kept V neurons per kept head, (kept heads, width.v)."""
-        d = block.head_dim
+        """Kept heads (ascending) and kept V neurons per kept head, (kept heads, width.v); with
+        grouped-query attention a head is a key/value head, and a V neuron feeds the output
+        projection once per query head of its group (those rows go together)."""
+        d, r = block.head_dim, block.group_size
+
+        def rows(group: int, neurons) -> np.ndarray:  # the output projection's input rows of V neurons
+            return ((group * r + np.arange(r))[:, None] * d + np.asarray(neurons)[None, :]).reshape(-1)
+
         if self.selection is Selection.OBS and self.criterion in ("snp", "snp-paper"):
             obs = Obs(equations, prior, self.ridge or DEFAULT_RIDGE)
-            alive = list(range(block.heads))
+            alive = list(range(block.groups))
             while len(alive) > width.heads:
-                costs = obs.costs([np.arange(h * d, (h + 1) * d) for h in alive])
-                obs.remove(np.arange(alive[int(np.argmin(costs))] * d, (alive[int(np.argmin(costs))] + 1) * d))
-                alive.pop(int(np.argmin(costs)))
+                gone = int(np.argmin(obs.costs([rows(h, np.arange(d)) for h in alive])))
+                obs.remove(rows(alive.pop(gone), np.arange(d)))
             for _ in range(d - width.v):  # one neuron from every kept head per round: equal widths
-                single = obs.single_costs()
-                obs.remove(np.array([h * d + int(np.argmin(single[h * d:(h + 1) * d])) for h in alive]))
+                if r == 1:
+                    single = obs.single_costs()
+                    obs.remove(np.array([h * d + int(np.argmin(single[h * d:(h + 1) * d])) for h in alive]))
+                    continue
+                removed = []
+                for h in alive:
+                    left = np.flatnonzero(obs.alive[h * r * d:h * r * d + d])
+                    removed.append(rows(h, [left[int(np.argmin(obs.costs([rows(h, [n]) for n in left])))]]))
+                obs.remove(np.concatenate(removed))
             heads = np.array(alive)
-            v = np.stack([np.flatnonzero(obs.alive[h * d:(h + 1) * d]) for h in heads])
+            v = np.stack([np.flatnonzero(obs.alive[h * r * d:h * r * d + d]) for h in heads])
             return heads, v
-        scores = self._value_scores(block, equations, prior).reshape(block.heads, d)
-        heads = np.arange(block.heads)
-        if width.heads < block.heads:
+        scores = self._value_scores(block, equations, prior)
+        heads = np.arange(block.groups)
+        if width.heads < block.groups:
             heads = np.sort(np.argsort(-scores.sum(axis=1), kind="stable")[:width.heads])
         v = np.sort(np.argsort(-scores[heads], axis=1, kind="stable")[:, :width.v], axis=1)
         return heads, v
 
     def _value_scores(self, block, equations: NormalEquations, prior: np.ndarray) -> np.ndarray:
-        """V neurons by the criterion: activation norm × outgoing weight norm (snp), redundancy of
-        the V columns (snp-paper), weight norm (l2) or random."""
-        width = block.heads * block.head_dim
+        """V neurons by the criterion, (key/value heads, d): activation norm × outgoing weight norm
+        (snp), redundancy of the V columns (snp-paper), weight norm (l2) or random."""
+        width = block.groups * block.head_dim
         if self.criterion == "random":
-            return self.rng.random(width)
+            return self.rng.random(width).reshape(block.groups, -1)
         w_v = output_weights(self.g, block.v, block.column_offsets[2], width)
         if self.criterion == "l2":
-            return np.linalg.norm(w_v, axis=0)
+            return np.linalg.norm(w_v, axis=0).reshape(block.groups, -1)
         if self.criterion == "snp-paper":
-            return redundancy(w_v)
-        return _activation_norms(equations) * np.linalg.norm(prior, axis=1)
+            return redundancy(w_v).reshape(block.groups, -1)
+        activation = _activation_norms(equations) * np.linalg.norm(prior, axis=1)
+        return units.per_group(block, activation.reshape(block.heads, -1))
 
     # --- FFN ---------------------------------------------------------------------------------------
     def _ffn_half(self, layer: Layer, half: _Half, batches: list[_Batch]) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import shape_inference
 
-from .calibration import Runner, Weights, session
+from .calibration import Runner, Weights, fitted, session
 from .errors import SnpError
 from .loading import is_big, model_file
 
@@ -109,16 +109,17 @@ def latency(original: onnx.ModelProto, pruned: onnx.ModelProto, feed: dict[str, 
     after `rounds`, or after 5 rounds once `budget_s` is spent (a report figure; tools/bench_speed.py
     is the careful measurement)."""
     sessions = [session(original, threads=1, weights=original_weights), session(pruned, threads=1)]
-    for sess in sessions:
-        sess.run(None, feed)
+    feeds = [fitted(sess, feed) for sess in sessions]
+    for sess, own in zip(sessions, feeds):
+        sess.run(None, own)
     times: list[list[float]] = [[], []]
     started = time.perf_counter()
     for done in range(rounds):
         if done >= 5 and time.perf_counter() - started > budget_s:
             break
-        for sess, bucket in zip(sessions, times):
+        for sess, own, bucket in zip(sessions, feeds, times):
             start = time.perf_counter()
-            sess.run(None, feed)
+            sess.run(None, own)
             bucket.append((time.perf_counter() - start) * 1000)
     return statistics.median(times[0]), statistics.median(times[1])
 

@@ -15,7 +15,8 @@ import transformers as T
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 TASKS = {"bert": "feature-extraction", "roberta": "feature-extraction", "distilbert": "feature-extraction",
-         "vit": "image-classification", "clip": "zero-shot-image-classification"}
+         "vit": "image-classification", "clip": "zero-shot-image-classification",
+         "llama": "text-generation-with-past", "gpt2": "text-generation-with-past"}
 
 
 def tiny(family: str):
@@ -27,6 +28,11 @@ def tiny(family: str):
     elif family == "distilbert":
         model = T.DistilBertModel(T.DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
                                                      max_position_embeddings=64))
+    elif family == "llama":  # grouped-query attention (2 key/value heads for 4), rotary, SwiGLU, RMSNorm
+        model = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=100, max_position_embeddings=64, num_key_value_heads=2,
+                                                 **SMALL))
+    elif family == "gpt2":  # fused c_attn (Conv1D), learned positions
+        model = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64))
     elif family == "vit":
         model = T.ViTForImageClassification(T.ViTConfig(image_size=32, patch_size=8, num_labels=10, **SMALL))
     else:

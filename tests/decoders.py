@@ -1,0 +1,43 @@
+"""Feeds and runs for decoder language models with a KV cache: prefill (an empty cache, shaped as
+each model declares it) and decode steps that read the previous step's present outputs."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+
+def cache_inputs(model: onnx.ModelProto) -> dict[str, list]:
+    return {i.name: [d.dim_value or None for d in i.type.tensor_type.shape.dim] for i in model.graph.input
+            if i.name.startswith("past")}
+
+
+def step_feed(model: onnx.ModelProto, ids: np.ndarray, past: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """input_ids `ids` after the cached positions (none: prefill); mask and positions to match."""
+    names = {i.name for i in model.graph.input}
+    batch, seq = ids.shape
+    if past is None:
+        past = {name: np.zeros((batch, dims[1], 0, dims[3]), np.float32) for name, dims in cache_inputs(model).items()}
+    start = next(iter(past.values())).shape[2] if past else 0
+    feed = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((batch, start + seq), np.int64), **past}
+    if "position_ids" in names:
+        feed["position_ids"] = np.tile(np.arange(start, start + seq), (batch, 1)).astype(np.int64)
+    return {k: v for k, v in feed.items() if k in names}
+
+
+def run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+
+
+def prefill_and_step(model: onnx.ModelProto, ids: np.ndarray, next_ids: np.ndarray) -> tuple[dict, dict]:
+    """The outputs of a prefill on `ids`, then of one decode step on `next_ids` through the cache."""
+    first = run(model, step_feed(model, ids))
+    past = {name.replace("present", "past_key_values"): value for name, value in first.items()
+            if name.startswith("present")}
+    return first, run(model, step_feed(model, next_ids, past))
+
+
+def calibration(vocab: int, samples: int = 24, tokens: int = 12, seed: int = 5) -> dict[str, np.ndarray]:
+    ids = np.random.default_rng(seed).integers(3, vocab, (samples, tokens)).astype(np.int64)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}

@@ -1,0 +1,101 @@
+"""Decoder language models as ONNX, made from local folders (nothing from a model hub):
+
+- `tiny_llama`: a Llama-architecture causal LM (grouped-query attention, rotary, SwiGLU, RMSNorm)
+  with random weights, and `save_folder` writes it with a byte-level BPE tokenizer trained on the
+  given texts, as transformers' save_pretrained does (what optimum and onnxruntime-genai read);
+- `export_dynamo`: torch's dynamo exporter with a KV cache (past_key_values.* in, present.* out);
+- `export_genai`: onnxruntime-genai's model builder (fp32 or int4) on such a folder.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+
+def tiny_llama(vocab: int = 100, hidden: int = 32, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+               intermediate: int = 64, positions: int = 128, seed: int = 0):
+    import transformers as T
+
+    torch.manual_seed(seed)
+    config = T.LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                           num_key_value_heads=kv_heads, intermediate_size=intermediate,
+                           max_position_embeddings=positions, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    return T.LlamaForCausalLM(config).eval()
+
+
+def train_tokenizer(texts: list[str], vocab: int):
+    """A byte-level BPE tokenizer (GPT-2 style) with <s>, </s>, <pad> as ids 0, 1, 2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def save_folder(model, folder: Path, texts: list[str] | None = None) -> Path:
+    """The model and a tokenizer (trained on `texts`, or on a few lines of this file) in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    sample = texts or Path(__file__).read_text().splitlines()
+    train_tokenizer(sample, model.config.vocab_size).save_pretrained(folder)
+    return folder
+
+
+class _WithCache(torch.nn.Module):
+    """forward(input_ids, attention_mask, position_ids, *past) → (logits, *present), the cache flat."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for layer in range(len(past) // 2):
+            cache.update(past[2 * layer], past[2 * layer + 1], layer)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, use_cache=True)
+        present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+        return (out.logits, *present)
+
+
+def export_dynamo(model, path: Path) -> Path:
+    """torch.onnx.export(dynamo=True) with a KV cache: inputs input_ids, attention_mask,
+    position_ids, past_key_values.{i}.key/value; outputs logits, present.{i}.key/value."""
+    config = model.config
+    layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
+    head_dim = config.hidden_size // config.num_attention_heads
+    batch, seq, past = 2, 5, 3
+    ids = torch.randint(0, config.vocab_size, (batch, seq))
+    mask = torch.ones(batch, past + seq, dtype=torch.long)
+    positions = torch.arange(past, past + seq)[None].expand(batch, seq)
+    cache = tuple(torch.randn(batch, kv_heads, past, head_dim) for _ in range(2 * layers))
+    dims = {name: torch.export.Dim(name) for name in ("batch", "seq", "past", "total")}
+    shapes = ({0: dims["batch"], 1: dims["seq"]}, {0: dims["batch"], 1: dims["total"]},
+              {0: dims["batch"], 1: dims["seq"]}, tuple({0: dims["batch"], 2: dims["past"]} for _ in cache))
+    names = [f"past_key_values.{i}.{part}" for i in range(layers) for part in ("key", "value")]
+    outputs = ["logits"] + [name.replace("past_key_values", "present") for name in names]
+    with torch.no_grad():
+        torch.onnx.export(_WithCache(model.eval()), (ids, mask, positions, cache), str(path), dynamo=True,
+                          input_names=["input_ids", "attention_mask", "position_ids", *names], output_names=outputs,
+                          dynamic_shapes=shapes)
+    return path
+
+
+def export_genai(folder: Path, out: Path, precision: str = "fp32") -> Path:
+    """onnxruntime-genai's model builder on a local folder: out/model.onnx and out/genai_config.json."""
+    done = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder), "-o", str(out),
+                           "-p", precision, "-e", "cpu", "-c", str(out.parent / f"{out.name}-cache")],
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"onnxruntime-genai's builder failed: {done.stderr.strip()[-2000:]}")
+    return out
