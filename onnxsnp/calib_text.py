@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .calibration import InputSpec, ObviousInput
+from .calibration import InputSpec, ObviousInput, is_past_cache
 from .errors import SnpError
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -46,7 +46,7 @@ class TokenInputs:
             found = "none" if not candidates else ", ".join(s.name for s in candidates)
             raise SnpError(f"--calib-text needs exactly one 2-D integer token-id input; the model has {found} "
                            f"(inputs: {', '.join(s.name for s in specs)})")
-        others = [s for s in specs if s is not candidates[0] and kinds[s.name] is None]
+        others = [s for s in specs if s is not candidates[0] and kinds[s.name] is None and not is_past_cache(s)]
         if others:
             raise SnpError(f"--calib-text cannot fill model input(s) {', '.join(s.name for s in others)}; "
                            "use --calib FILE.npz")

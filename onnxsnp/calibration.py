@@ -14,7 +14,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from .errors import SnpError
-from .graph import ModelGraph
+from .graph import ModelGraph, attribute
 
 # onnxruntime logs run-time failures straight to stderr; onnxsnp reports them itself, in one line
 ort.set_default_logger_severity(4)
@@ -36,6 +36,7 @@ class SyntheticDataWarning(UserWarning):
 
 def input_specs(g: ModelGraph) -> list[InputSpec]:
     specs = []
+    caches = _op_cache_shapes(g)
     for info in g.model.graph.input:
         if info.name in g.initializers:
             continue
@@ -43,8 +44,27 @@ def input_specs(g: ModelGraph) -> list[InputSpec]:
         dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
         shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
                       for d in tensor_type.shape.dim)
+        if info.name in caches and len(shape) == 4:  # heads and head size an attention op implies
+            shape = tuple(known if known is not None else dim for dim, known in zip(shape, caches[info.name]))
         specs.append(InputSpec(info.name, np.dtype(dtype), shape))
     return specs
+
+
+def _op_cache_shapes(g: ModelGraph) -> dict[str, tuple[int | None, ...]]:
+    """(batch, kv heads, past, head size) of the past inputs of GroupQueryAttention ops, whose
+    declared head size onnxruntime-genai leaves symbolic."""
+    shapes = {}
+    for node in g.nodes_of_type("GroupQueryAttention"):
+        heads, kv_heads = attribute(node, "num_heads", 0), attribute(node, "kv_num_heads", 0)
+        packed = g.dim(node.input[0], -1)
+        if not heads or not kv_heads or not packed or len(node.input) < 5:
+            continue
+        separate = len(node.input) > 2 and node.input[1]
+        size = packed // heads if separate else packed // (heads + 2 * kv_heads)
+        for past in node.input[3:5]:
+            if past:
+                shapes[past] = (None, kv_heads, None, size)
+    return shapes
 
 
 def load_calibration(path: str | os.PathLike, specs: list[InputSpec]) -> dict[str, np.ndarray]:

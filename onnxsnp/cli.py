@@ -24,6 +24,7 @@ from .loading import is_big, load_model
 from .pipeline import inspect_model, prune_model
 from .calib_data import RawCalibration, load_raw_calibration, raw_request
 from .calib_images import RESAMPLING
+from .genai import GenaiFolder, genai_folder, pruned_config, write_folder
 from .graph import ModelGraph
 
 EXAMPLES = """examples:
@@ -34,6 +35,7 @@ EXAMPLES = """examples:
   onnxsnp in.onnx out.onnx --target-flops 0.5 --align 8 --calib calib.npz
   onnxsnp bert/model.onnx out.onnx --calib-text sentences.txt          (tokenizer.json beside the model)
   onnxsnp vit/model.onnx out.onnx --calib-images photos/                (preprocessor_config.json beside it)
+  onnxsnp genai-folder/ pruned-folder/ --ratio 0.3 --calib-text texts.txt   (onnxruntime-genai: folder in, folder out)
   onnxsnp inspect in.onnx
 """
 
@@ -48,8 +50,9 @@ def _prune_parser() -> argparse.ArgumentParser:
                      description="Prune an ONNX transformer with SNP (structured neuron-level pruning). "
                                  "Use `onnxsnp inspect IN` to list the blocks it finds.")
     parser.add_argument("--version", action="version", version=f"onnxsnp {__version__}")
-    parser.add_argument("input", help="the ONNX model to prune (never modified)")
-    parser.add_argument("output", help="where to write the pruned model (written only after it verified)")
+    parser.add_argument("input", help="the ONNX model to prune, or an onnxruntime-genai folder (never modified)")
+    parser.add_argument("output", help="where to write the pruned model, or the pruned folder (written only after "
+                                       "it verified)")
     parser.add_argument("--ratio", type=float, default=0.5,
                         help="fraction of neurons removed from each group: Q/K pairs, V, FFN (0 <= R < 1; default 0.5)")
     parser.add_argument("--qk-ratio", type=float, help="override --ratio for query/key pairs")
@@ -173,6 +176,9 @@ def _interrupt(signum, frame) -> None:
 
 def _run_prune(args: argparse.Namespace) -> int:
     source, target = Path(args.input), Path(args.output)
+    folder = genai_folder(source)  # an onnxruntime-genai folder in gives a folder out
+    if folder is not None:
+        source = folder.model_file
     options = make_options(args.ratio, qk_ratio=args.qk_ratio, v_ratio=args.v_ratio, ffn_ratio=args.ffn_ratio,
                            heads=args.heads, blocks=args.blocks, align=args.align, residual=args.residual,
                            target_flops=args.target_flops, target_params=args.target_params, criterion=args.criterion,
@@ -180,9 +186,12 @@ def _run_prune(args: argparse.Namespace) -> int:
                            reduction=args.reduction, residual_criterion=args.residual_criterion,
                            calib_samples=args.calib_samples, seed=args.seed, progress=not args.quiet,
                            # latency is a report figure: not measured when no report is shown or written
-                           measure_latency=bool(args.report or args.html) or not args.quiet)
+                           measure_latency=bool(args.report or args.html) or not args.quiet,
+                           one_head_size=folder is not None)
     reports = [Path(p) for p in (args.report, args.html) if p]
-    _check_outputs([(target, "output")] + [(report, "report") for report in reports])
+    _check_outputs(([] if folder is not None else [(target, "output")]) + [(report, "report") for report in reports])
+    if folder is not None:
+        _check_output_folder(target, folder)
     loaded = load_model(source)
     _check_not_inputs(loaded.files, target, reports)
     with warnings.catch_warnings():
@@ -193,7 +202,10 @@ def _run_prune(args: argparse.Namespace) -> int:
         raw = _raw_calibration(args, source, loaded.model)
         result = prune_model(loaded, options, calib=raw.arrays if raw else args.calib,
                              calib_label=raw.label if raw else None)
-    write_model_atomically(result.model, target, result.external_data)
+    if folder is not None:
+        write_folder(folder, target, result.model, pruned_config(folder, result.model), result.external_data)
+    else:
+        write_model_atomically(result.model, target, result.external_data)
     if args.report:
         _write_text_atomically(Path(args.report), json.dumps(result.report.as_dict(), indent=2) + "\n")
     if args.html:
@@ -262,6 +274,15 @@ def _check_outputs(paths: list[tuple[Path, str]]) -> None:
             raise SnpError(f"{what} folder does not exist: {folder}")
         if not os.access(folder, os.W_OK):
             raise SnpError(f"{what} folder is not writable: {folder}")
+
+
+def _check_output_folder(target: Path, source: GenaiFolder) -> None:
+    """A genai folder's output: a new (or empty) folder, not the input's."""
+    if target.resolve() == source.folder.resolve():
+        raise SnpError("the output folder is the input folder; choose another so the input is kept")
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise SnpError(f"output folder {target} exists and is not empty")
+    _check_outputs([(target / "x", "output")]) if target.is_dir() else _check_outputs([(target, "output")])
 
 
 def _check_not_inputs(inputs: frozenset[Path], target: Path, reports: list[Path]) -> None:

@@ -60,9 +60,7 @@ def _node(editor: Editor, op: str, inputs: list, attrs: dict, like: gs.Tensor) -
 def kv_cache_shapes(plan: PrunePlan) -> dict[str, dict[int, int]]:
     """The new sizes of the KV cache inputs' and outputs' head and head-dim axes (from the end)."""
     shapes: dict[str, dict[int, int]] = {}
-    for keep in plan.attention:
-        if not keep.changes_something():
-            continue
+    for keep in plan.attention:  # unchanged ones too: a symbolic head size (onnxruntime-genai's) is resolved
         for cache in keep.block.kv_caches:
             width = keep.qk.shape[1] if cache.part == "key" else keep.v.shape[1]
             sizes = {cache.heads_axis: len(keep.heads), cache.dim_axis: width}
@@ -80,3 +78,16 @@ def set_kv_cache_shapes(model: onnx.ModelProto, shapes: dict[str, dict[int, int]
         dims = info.type.tensor_type.shape.dim
         for axis, size in sizes.items():
             dims[len(dims) + axis].dim_value = size  # clears a symbolic name
+
+
+def expose_stream_sums(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` (in place) with every SkipSimplifiedLayerNormalization writing the sum it
+    normalises (its optional output 3): a decoder's final norm joins the last block's FFN without
+    writing it, and without that tensor the last block cannot be cut out for the block-by-block
+    reconstruction. The extra output costs nothing and stays unread."""
+    for node in model.graph.node:
+        if node.op_type == "SkipSimplifiedLayerNormalization" and (len(node.output) < 4 or not node.output[3]):
+            while len(node.output) < 4:
+                node.output.append("")
+            node.output[3] = f"{node.name or node.output[0]}/input_skip_bias_sum"
+    return model

@@ -159,7 +159,9 @@ def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
         elif tensor.name not in declared:
             graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
     light.functions.extend(model.functions)
-    replace_contrib_ops(graph, {t.name: list(t.dims) for t in model.graph.initializer})
+    known = {i.name: [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim]
+             for i in model.graph.input}  # declared input shapes (an op's KV cache tells its head size)
+    replace_contrib_ops(graph, known | {t.name: list(t.dims) for t in model.graph.initializer})
     return light
 
 

@@ -394,8 +394,9 @@ def query_key(g: ModelGraph, block: AttentionBlock, acts: dict[str, np.ndarray],
         if block.packed_bias is not None:  # biases added inside MultiHeadAttention
             bias = g.constant(block.packed_bias).astype(np.float64)
             q, k = q + bias[:width], k + bias[width:2 * width]
-        if block.rotary:
-            q, k = (rotate(g, block, x, rotary, acts) for x, rotary in zip((q, k), block.rotary))
+        if block.rotary:  # an op's own embedding serves q and k alike
+            rotaries = block.rotary if len(block.rotary) == 2 else block.rotary * 2
+            q, k = (rotate(g, block, x, rotary, acts) for x, rotary in zip((q, k), rotaries))
     if block.group_size > 1:
         d = block.head_dim
         k = np.repeat(k.reshape(*k.shape[:-1], block.groups, d), block.group_size, axis=-2).reshape(*k.shape[:-1], -1)

@@ -42,6 +42,7 @@ class PruneOptions:
     rescale_qk: bool = True
     progress: bool = False
     measure_latency: bool = True
+    one_head_size: bool = False  # every attention keeps the same heads and per-head width, Q/K = V (genai.py)
 
 
 def make_options(ratio: float = 0.5, *, qk_ratio: float | None = None, v_ratio: float | None = None,
@@ -52,7 +53,7 @@ def make_options(ratio: float = 0.5, *, qk_ratio: float | None = None, v_ratio: 
                  selection: str | Selection = "obs", reduction: str | Reduction = "project",
                  residual_criterion: str | ResidualCriterion = "weights", calib_samples: int | None = None,
                  seed: int = 0, batch_size: int | None = None, rescale_qk: bool = True, progress: bool = False,
-                 measure_latency: bool = True) -> PruneOptions:
+                 measure_latency: bool = True, one_head_size: bool = False) -> PruneOptions:
     """PruneOptions from plain values, or SnpError (one line) naming the bad one."""
     if criterion not in CRITERIA:
         raise SnpError(f"--criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
@@ -72,7 +73,7 @@ def make_options(ratio: float = 0.5, *, qk_ratio: float | None = None, v_ratio: 
         reduction=_member(Reduction, reduction, "--reduction"),
         residual_criterion=_member(ResidualCriterion, residual_criterion, "--residual-criterion"),
         calib_samples=calib_samples, seed=seed, batch_size=batch_size, rescale_qk=rescale_qk, progress=progress,
-        measure_latency=measure_latency)
+        measure_latency=measure_latency, one_head_size=bool(one_head_size))
 
 
 def _member(kind: type[Enum], value, flag: str):

@@ -18,6 +18,9 @@ from .errors import SnpError
 from .graph import ModelGraph
 from .importance import Scorer
 from .loading import LoadedModel, load_model, weight_bytes
+from .decoding import expose_stream_sums
+from .genai import NOTE as GENAI_NOTE, genai_folder, one_head_size
+from .nbits import float_view
 from .matching import Matches, NoMatch, find_blocks
 from .observation import observe, verify
 from .onepass import make_plan, one_pass, score  # noqa: F401 (make_plan, score: the API's plan without compensation)
@@ -66,7 +69,8 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
     started = time.perf_counter()
     model, external = _load(model_or_path)
     release_memory = _memory_releaser(weight_bytes(model))
-    g = ModelGraph(model)
+    view = float_view(model)  # MatMulNBits weights read as float MatMuls, quantized again at the end (nbits.py)
+    g = ModelGraph(expose_stream_sums(view.model if view is not None else model))
     matches = find_blocks(g)
     log.info("loaded and matched: %d attention, %d FFN, %d transformer blocks, %d skipped (%s)",
              len(matches.attention), len(matches.ffn), len(matches.layers), len(matches.skipped), _since(started))
@@ -96,6 +100,8 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
     if route is None:
         removed = _removed_layers(g, matches, ratios, fit_feed, batch, mask, options)
         widths = uniform_widths(matches, ratios, removed)
+        if options.one_head_size:
+            widths = one_head_size(widths)
         reconstructor = Reconstructor(g, matches, options.criterion, options.selection, options.propagation,
                                       rescale_qk=options.rescale_qk, seed=options.seed, reduction=options.reduction)
         batches = reconstructor.prepare(fit_feed, fixed or RECONSTRUCTION_BATCH, mask)
@@ -117,6 +123,8 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
     if pruned is None:
         pruned = rewrite(g, plan)
         release_memory()
+    if view is not None:
+        pruned = view.requantize(pruned)
     check_structure(pruned)
     softmax_blocks = {keep.block.name: (probes[keep.block.name], keep.heads) for keep in plan.attention
                       if keep.block.name in probes}
@@ -142,7 +150,9 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
                     latency_ms_before=speed[0], latency_ms_after=speed[1],
                     attention_kl={keep.block.name: attention_kl.get(keep.block.name) for keep in plan.attention},
                     reconstruction=_reconstruction_report(reconstruction, options),
-                    seconds=round(time.perf_counter() - started, 2))
+                    seconds=round(time.perf_counter() - started, 2),
+                    requantized={k: round(v, 6) for k, v in view.errors.items()} if view is not None else None,
+                    notes=[GENAI_NOTE] if options.one_head_size else [])
     return PruneResult(pruned, report, external)
 
 
@@ -273,7 +283,11 @@ def _check_blocks(matches: Matches, ratios: Ratios) -> None:
 
 
 def inspect_model(path: str | os.PathLike) -> Matches:
-    return find_blocks(ModelGraph(load_model(path).model))
+    """What `prune` finds in the model at `path` (or in an onnxruntime-genai folder's decoder)."""
+    folder = genai_folder(path)
+    model = load_model(folder.model_file if folder is not None else path).model
+    view = float_view(model)
+    return find_blocks(ModelGraph(expose_stream_sums(view.model if view is not None else model)))
 
 
 TRIM_ABOVE_BYTES = 32 * 2**20  # smaller models leave little to hand back; trimming costs a heap walk

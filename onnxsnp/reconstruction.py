@@ -151,7 +151,7 @@ def plan_segments(g: ModelGraph, matches: Matches) -> list[tuple[_Half, _Half]]:
         norm = cut(g, f"{layer.name} (q, k inputs)", [layer.input], inputs, cuts)
         if norm.slots or len([n for n in norm.nodes if g.node(n).op_type != "Constant"]) > 12:
             raise NoMatch(f"{layer.name}: more than a normalisation between the stream and q, k")
-        pair[0].projection_inputs = SegmentRunner(g, norm) if norm.nodes else None
+        pair[0].projection_inputs = SegmentRunner(g, norm) if norm.nodes or norm.renorms else None
         halves.append(tuple(pair))
     return halves
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 from .plan import PrunePlan
 from .matching import Skipped
 from .stats import ModelStats
@@ -50,6 +52,8 @@ class Report:
     attention_kl: dict[str, float | None] = field(default_factory=dict)  # per attention block, held-back samples
     reconstruction: dict | None = None  # the block-by-block refit: settings, samples, tokens, error per half-block
     seconds: float = 0.0
+    requantized: dict[str, float] | None = None  # MatMulNBits weights quantized again: node → relative weight error
+    notes: list[str] = field(default_factory=list)  # constraints the model's form put on the widths
 
     @property
     def flops_before(self) -> int:
@@ -108,6 +112,11 @@ class Report:
             compensation = f"{self.compensation} ({applied})" if self.compensation != "none" else "none"
         lines.append(f"criterion {self.criterion}, compensation {compensation}, calibration: {self.calibration} "
                      f"({self.calibration_samples} samples fitted, {self.holdout_samples} held back)")
+        if self.requantized:
+            errors = list(self.requantized.values())
+            lines.append(f"requantized {len(errors)} MatMulNBits weights with their bits and block size: relative "
+                         f"weight error mean {np.mean(errors):.4f}, max {max(errors):.4f}")
+        lines += [f"note: {note}" for note in self.notes]
         if self.target:
             r = self.ratios
             lines.append(f"target {self.target['kind']} {self.target['value']:g}: chose ratios q/k {r['qk']:.3f}, "

@@ -38,6 +38,9 @@ class Segment:
     side: tuple[str, ...]
     model_inputs: tuple[str, ...]  # graph inputs read directly (e.g. the attention mask)
     slots: tuple[Slot, ...]  # weights fed at run time
+    # Skip(Simplified)LayerNormalization joins whose sum (output 3) is an input: their normalised
+    # output is recomputed from the sum (the join itself belongs to the segment before)
+    renorms: tuple[str, ...] = ()
 
 
 def slot_name(slot: Slot) -> str:
@@ -54,6 +57,7 @@ def cut(g: ModelGraph, name: str, inputs: Iterable[str], outputs: Iterable[str],
     nodes: set[str] = set()
     side: set[str] = set()
     model_inputs: set[str] = set()
+    renorms: set[str] = set()
     frontier, seen = list(outputs), set(inputs)
     while frontier:
         tensor = frontier.pop()
@@ -73,6 +77,11 @@ def cut(g: ModelGraph, name: str, inputs: Iterable[str], outputs: Iterable[str],
         if producer.op_type == "Shape" and producer.input[0] in foreign:
             side.add(tensor)
             continue
+        if producer.op_type in _SKIP_NORMS and tensor == producer.output[0] and len(producer.output) > 3 \
+                and producer.output[3] in inputs:
+            renorms.add(producer.name)
+            frontier.extend(producer.input[2:_SKIP_NORMS[producer.op_type]])  # γ (and β)
+            continue
         if any(out in foreign or out in inputs for out in producer.output):
             side.add(tensor)
             continue
@@ -83,7 +92,19 @@ def cut(g: ModelGraph, name: str, inputs: Iterable[str], outputs: Iterable[str],
     ordered = tuple(n.name for n in g.model.graph.node if n.name in nodes)
     used = {slot for slot in slots if slot[0] in nodes}
     return Segment(name, inputs, outputs, ordered, tuple(sorted(side)), tuple(sorted(model_inputs)),
-                   tuple(sorted(used)))
+                   tuple(sorted(used)), tuple(sorted(renorms)))
+
+
+_SKIP_NORMS = {"SkipLayerNormalization": 4, "SkipSimplifiedLayerNormalization": 3}  # → end of its γ, β inputs
+
+
+def renormalized(node: onnx.NodeProto) -> onnx.NodeProto:
+    """A Skip…Normalization's normalised output, computed from its sum (output 3) alone."""
+    simplified = node.op_type == "SkipSimplifiedLayerNormalization"
+    epsilon = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+    return helper.make_node("SimplifiedLayerNormalization" if simplified else "LayerNormalization",
+                            [node.output[3], *node.input[2:_SKIP_NORMS[node.op_type]]], [node.output[0]],
+                            name=f"{node.name}/renormalized", axis=-1, epsilon=epsilon)
 
 
 class SegmentRunner:
@@ -123,6 +144,10 @@ class SegmentRunner:
         graph.name = segment.name
         slot_inputs = {slot: slot_name(slot) for slot in segment.slots}
         read: list[str] = []
+        for node_name in segment.renorms:
+            node = graph.node.add()
+            node.CopyFrom(renormalized(g.node(node_name)))
+            read += [t for t in node.input if t]
         for node_name in segment.nodes:
             node = graph.node.add()
             node.CopyFrom(g.node(node_name))

@@ -41,6 +41,17 @@ def stand_ins(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> list[onnx.N
                                  transB=attribute(node, "transB", 0))]
     if op == "MultiHeadAttention":  # (B, N, D) query: the output has its shape
         return [helper.make_node("Identity", inputs[:1], out[:1])]
+    if op == "GroupQueryAttention":  # the query's first heads × head size features (packed q|k|v or q alone)
+        if len(inputs) > 1 and inputs[1]:
+            return [helper.make_node("Identity", inputs[:1], out[:1])]
+        size = (shapes.get(inputs[3]) or [None])[-1] if len(inputs) > 3 else None  # the past keys' head size
+        if not isinstance(size, int) or size <= 0:
+            return None
+        width = attribute(node, "num_heads", 0) * size
+        return [helper.make_node("Slice", [inputs[0], f"{out[0]}/zero", f"{out[0]}/end", f"{out[0]}/last"], out[:1]),
+                helper.make_node("Constant", [], [f"{out[0]}/zero"], value_ints=[0]),
+                helper.make_node("Constant", [], [f"{out[0]}/end"], value_ints=[width]),
+                helper.make_node("Constant", [], [f"{out[0]}/last"], value_ints=[-1])]
     if op == "Attention" and inputs[1] in shapes:  # x · W[:, :D_v]
         sizes = attribute(node, "qkv_hidden_sizes", None) or [shapes[inputs[1]][1] // 3] * 3
         return [helper.make_node("Slice", [f"{out[0]}/qkv", f"{out[0]}/zero", f"{out[0]}/end", f"{out[0]}/last"], out[:1]),

@@ -26,6 +26,9 @@ def count_params(model: onnx.ModelProto) -> int:
     total = 0
     float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
     dequantized = {n.input[0] for n in model.graph.node if n.op_type in ("DequantizeLinear", "Cast") and n.input}
+    for node in model.graph.node:  # block-quantized weights: K × N of them, however they are packed
+        if node.op_type == "MatMulNBits":
+            total += int(attribute(node, "K", 0)) * int(attribute(node, "N", 0))
     for tensor in model.graph.initializer:
         if tensor.data_type in float_types or tensor.name in dequantized and tensor.data_type in (
                 onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
@@ -46,7 +49,8 @@ def count_macs(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> int:
 def shape_tensors(model: onnx.ModelProto) -> list[str]:
     """The run-time tensors whose shapes `macs_from_shapes` needs."""
     initializers = {t.name for t in model.graph.initializer}
-    return list(dict.fromkeys(t for n in _counted(model) for t in (n.input[:3] if "Attention" in n.op_type else
+    return list(dict.fromkeys(t for n in _counted(model) for t in (n.input[:1] if n.op_type == "GroupQueryAttention" else
+                                                                    n.input[:3] if "Attention" in n.op_type else
                                                                     (n.input[0], n.input[1], n.output[0]))
                               if t not in initializers))
 
@@ -77,6 +81,11 @@ def macs_from_shapes(model: onnx.ModelProto, run_shapes: dict[str, tuple[int, ..
             tokens = x[-2] if len(x) == 3 else 1
             total += int(np.prod(x[:-1], dtype=np.int64)) * weight[0] * weight[1]
             total += int(np.prod(x[:-1], dtype=np.int64)) * tokens * (q_width + v_width) // heads * heads
+        elif node.op_type == "GroupQueryAttention":  # Q·Kᵀ and attn·V over the new tokens (prefill, no past)
+            q, heads, kv_heads = shapes[node.input[0]], attribute(node, "num_heads", 1), attribute(node, "kv_num_heads", 1)
+            separate = len(node.input) > 1 and node.input[1]
+            size = q[-1] // heads if separate else q[-1] // (heads + 2 * kv_heads)
+            total += int(np.prod(q[:-1], dtype=np.int64)) * (q[-2] if len(q) == 3 else 1) * heads * 2 * size
         elif node.op_type in ("Attention", "MultiHeadAttention"):  # Q·Kᵀ and attn·V inside one op
             q, k, v = (shapes[t] for t in node.input[:3])
             total += int(np.prod(q[:-1], dtype=np.int64)) * k[-2] * (q[-1] + v[-1])
@@ -87,13 +96,16 @@ def macs_from_shapes(model: onnx.ModelProto, run_shapes: dict[str, tuple[int, ..
 
 
 def _counted(model: onnx.ModelProto) -> list[onnx.NodeProto]:
-    return [n for n in model.graph.node
-            if n.op_type in ("MatMul", "Gemm", "Conv", "Attention", "MultiHeadAttention", "FusedMatMul", "FusedGemm")]
+    return [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv", "Attention", "MultiHeadAttention",
+                                                          "FusedMatMul", "FusedGemm", "MatMulNBits",
+                                                          "GroupQueryAttention")]
 
 
 def _linear_macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> int:
     out, a, b = shapes[node.output[0]], shapes[node.input[0]], shapes[node.input[1]]
     outputs = int(np.prod(out, dtype=np.int64))
+    if node.op_type == "MatMulNBits":
+        return outputs * int(attribute(node, "K", 0))
     if node.op_type in ("MatMul", "FusedMatMul"):  # FusedMatMul: onnxruntime's, with transposes inside
         return outputs * ((a[-2] if attribute(node, "transA", 0) else a[-1]) if a else 1)
     if node.op_type in ("Gemm", "FusedGemm"):

@@ -11,6 +11,8 @@
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .matching import AttentionBlock
@@ -33,8 +35,8 @@ def unit_size(block: AttentionBlock) -> int:
 
 
 def rounded(block: AttentionBlock, kept: int) -> int:
-    """Kept Q/K dims per head, rounded up to whole units."""
-    size = unit_size(block)
+    """Kept Q/K dims per head, rounded up to whole units (and to the multiple an op requires)."""
+    size = math.lcm(unit_size(block), block.width_multiple)
     return min(block.head_dim, -(-kept // size) * size)
 
 

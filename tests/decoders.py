@@ -6,10 +6,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from onnxsnp.calibration import input_specs
+from onnxsnp.graph import ModelGraph
 
-def cache_inputs(model: onnx.ModelProto) -> dict[str, list]:
-    return {i.name: [d.dim_value or None for d in i.type.tensor_type.shape.dim] for i in model.graph.input
-            if i.name.startswith("past")}
+
+def cache_inputs(model: onnx.ModelProto) -> dict[str, tuple]:
+    """The past inputs' shapes, with the head size onnxsnp reads from the graph where it is symbolic."""
+    return {spec.name: spec.shape for spec in input_specs(ModelGraph(model)) if spec.name.startswith("past")}
 
 
 def step_feed(model: onnx.ModelProto, ids: np.ndarray, past: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
@@ -41,3 +44,32 @@ def prefill_and_step(model: onnx.ModelProto, ids: np.ndarray, next_ids: np.ndarr
 def calibration(vocab: int, samples: int = 24, tokens: int = 12, seed: int = 5) -> dict[str, np.ndarray]:
     ids = np.random.default_rng(seed).integers(3, vocab, (samples, tokens)).astype(np.int64)
     return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
+def greedy(model: onnx.ModelProto, prompt: list[int], steps: int) -> list[int]:
+    """Greedy generation through the KV cache with onnxruntime: the prompt and `steps` new tokens."""
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    tokens, past = list(prompt), None
+    ids = np.array([prompt])
+    for _ in range(steps):
+        out = dict(zip(names, session.run(None, step_feed(model, ids, past))))
+        past = {name.replace("present", "past_key_values"): value for name, value in out.items()
+                if name.startswith("present")}
+        tokens.append(int(out["logits"][0, -1].argmax()))
+        ids = np.array([[tokens[-1]]])
+    return tokens
+
+
+def genai_generate(folder, prompt: list[int], length: int) -> list[int]:
+    """Greedy generation with onnxruntime-genai from a model folder, up to `length` tokens in all."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=length, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.array([prompt], dtype=np.int32))
+    while not generator.is_done():
+        generator.generate_next_token()
+    return [int(t) for t in generator.get_sequence(0)]

@@ -6,24 +6,30 @@ the pruned cache equal the original with the removed units zeroed; the default f
 block reconstruction) prunes them."""
 from __future__ import annotations
 
+import inspect
+import json
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
 
 from conftest import export_optimum
-from decoders import calibration, prefill_and_step, step_feed
+from decoders import calibration, genai_generate, greedy, prefill_and_step, step_feed
 from onnxsnp import prune
+from onnxsnp.cli import main
 from onnxsnp.calibration import input_specs, validate_calibration
 from onnxsnp.graph import ModelGraph
 from onnxsnp.matching import find_blocks
-from onnxsnp.pipeline import make_plan
+from onnxsnp.nbits import float_view
+from onnxsnp.pipeline import inspect_model, make_plan
 from onnxsnp.plan import Ratios
 from onnxsnp.rewriting import rewrite
 from oracle import unshare, zeroed_original
 
 pytestmark = pytest.mark.slow
-FORMS = ["llama-optimum", "gpt2-optimum", "llama-dynamo"]
-GROUPS = {"llama-optimum": 2, "gpt2-optimum": 4, "llama-dynamo": 2}  # key/value heads per layer
+FORMS = ["llama-optimum", "gpt2-optimum", "llama-dynamo", "llama-genai-fp32", "llama-genai-int4"]
+GROUPS = {"gpt2-optimum": 4}  # key/value heads per layer (2 in the Llama models)
 
 
 @pytest.fixture(scope="session")
@@ -33,13 +39,18 @@ def decoder(tmp_path_factory):
 
     def get(form: str):
         if form not in cache:
-            family, exporter = form.split("-")
+            family, exporter = form.split("-", 1)
+            from decoder_export import export_dynamo, export_genai, save_folder, tiny_llama
+
             if exporter == "optimum":
                 cache[form] = export_optimum(folder / form, family, "optimum")
-            else:
-                from decoder_export import export_dynamo, tiny_llama
-
+            elif exporter == "dynamo":
                 cache[form] = export_dynamo(tiny_llama(), folder / f"{form}.onnx")
+            else:  # onnxruntime-genai's builder: head size 32, so that 16 (its kernels' multiple) can be kept
+                source = folder / "genai-source"
+                if not source.exists():
+                    save_folder(tiny_llama(vocab=300, hidden=128), source)
+                cache[form] = export_genai(source, folder / form, exporter.split("-")[1]) / "model.onnx"
         return cache[form]
 
     return get
@@ -47,11 +58,11 @@ def decoder(tmp_path_factory):
 
 @pytest.mark.parametrize("form", FORMS)
 def test_decoder_blocks_are_found(decoder, form):
-    matches = find_blocks(ModelGraph(onnx.load(str(decoder(form)))))
+    matches = inspect_model(decoder(form))  # MatMulNBits read as float, a final norm's sum exposed
     assert (len(matches.attention), len(matches.ffn), len(matches.layers)) == (2, 2, 2), matches.skipped
     for block in matches.attention:
-        assert block.groups == GROUPS[form] and len(block.kv_caches) == 2
-        assert len(block.rotary) == (0 if form.startswith("gpt2") else 2)
+        assert block.groups == GROUPS.get(form, 2) and len(block.kv_caches) == 2
+        assert len(block.rotary) == (0 if form.startswith("gpt2") else 1 if "genai" in form else 2)
     assert all((ffn.gate is not None) == form.startswith("llama") for ffn in matches.ffn)
 
 
@@ -59,7 +70,8 @@ def test_decoder_blocks_are_found(decoder, form):
 @pytest.mark.parametrize("heads", [0.0, 0.5])
 def test_pruned_decoder_equals_zeroed_original_through_the_cache(decoder, tmp_path, form, heads):
     path = unshare(decoder(form), tmp_path)
-    g = ModelGraph(onnx.load(str(path)))
+    view = float_view(onnx.load(str(path)))  # int4: the oracle compares float models
+    g = ModelGraph(view.model if view is not None else onnx.load(str(path)))
     feed = validate_calibration(calibration(100, 4), input_specs(g), "calibration")  # caches empty, positions 0…
     plan = make_plan(g, find_blocks(g), Ratios(0.5, 0.25, 0.5, heads=heads), "random", feed, batch=2, seed=3)
     pruned, zeroed = rewrite(g, plan), zeroed_original(g, plan)
@@ -69,6 +81,8 @@ def test_pruned_decoder_equals_zeroed_original_through_the_cache(decoder, tmp_pa
     np.testing.assert_allclose(got["logits"], want["logits"], atol=2e-5, rtol=1e-3)
     np.testing.assert_allclose(got_step["logits"], want_step["logits"], atol=2e-5, rtol=1e-3)
     keep = plan.attention[0]
+    if keep.block.equal_widths:  # GroupQueryAttention: one head size, a multiple of 16 with rotary
+        assert keep.qk.shape[1] == keep.v.shape[1] == 16
     assert got["present.0.key"].shape == (2, len(keep.heads), 6, keep.qk.shape[1])
     assert got["present.0.value"].shape == (2, len(keep.heads), 6, keep.v.shape[1])
 
@@ -88,3 +102,26 @@ def test_ratio_zero_is_identical_and_half_prunes(decoder, form):
     assert report.fidelity.output_cosine > 0.5
     prefill_and_step(pruned, ids, ids[:, :1])  # runs with its own, narrower cache
     assert step_feed(pruned, ids)["past_key_values.0.key"].shape[3] < step_feed(original, ids)["past_key_values.0.key"].shape[3]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_genai_folder_in_gives_a_folder_out_that_onnxruntime_genai_generates_from(decoder, tmp_path, precision):
+    pytest.importorskip("onnxruntime_genai")
+    folder = decoder(f"llama-genai-{precision}").parent
+    texts = tmp_path / "texts.txt"  # tokenized with the folder's own tokenizer.json
+    texts.write_text("\n".join(line for line in Path(inspect.__file__).read_text().splitlines() if len(line) > 20))
+    same, pruned, report = tmp_path / "same", tmp_path / "pruned", tmp_path / "report.json"
+    assert main([str(folder), str(same), "--ratio", "0", "--calib-text", str(texts), "--calib-samples", "24", "-q"]) == 0
+    assert main([str(folder), str(pruned), "--ratio", "0.5", "--heads", "0.5", "--calib-text", str(texts),
+                 "--calib-samples", "24", "-q", "--report", str(report)]) == 0
+    config = json.loads((pruned / "genai_config.json").read_text())["model"]["decoder"]
+    assert (config["head_size"], config["num_attention_heads"], config["num_key_value_heads"]) == (16, 2, 1)
+    assert sorted(p.name for p in pruned.iterdir()) == sorted(p.name for p in folder.iterdir())
+    data = json.loads(report.read_text())
+    assert data["notes"] and "one head size" in data["notes"][0]
+    assert bool(data["requantized"]) == (precision == "int4")
+    prompt = [5, 17, 42, 7]
+    assert genai_generate(same, prompt, 16) == genai_generate(folder, prompt, 16)  # ratio 0: the same tokens
+    tokens = genai_generate(pruned, prompt, 16)
+    assert len(tokens) == 16
+    assert tokens == greedy(onnx.load(str(pruned / "model.onnx")), prompt, 12)  # what the pruned file computes

@@ -103,6 +103,11 @@ def assemble(g: ModelGraph, core: AttentionCore) -> AttentionBlock:
                       f"{block.heads}×{block.head_dim}")
     if core.form is not None:
         block.form = core.form
+    if core.form == "ort-gqa":  # one head size for Q, K and V; the rotary cache shared by all heads
+        block.equal_widths = "GroupQueryAttention takes one head size for Q, K and V"
+        if core.rotary is not None:
+            block.pairs_shared = "GroupQueryAttention's rotary cache holds one column per pair for every head"
+            block.width_multiple = 16  # onnxruntime's kernels: "head_size shall be a multiple of 16" with rotary
     if core.op is not None:
         block.attention_op = core.op
         block.scale = core.scale if core.scale is not None else block.head_dim ** -0.5
@@ -341,10 +346,14 @@ def _separate_block(g: ModelGraph, name: str, core: AttentionCore, q: _Trace, k:
     if q.part is not None or k.part is not None or v.part is not None:
         raise NoMatch("a selection (Split/Gather/Slice) on a separate projection")
     if core.heads is not None:  # an op with merged heads: the count is its attribute
-        if q.linear.out_features % core.heads or len({q.linear.out_features, k.linear.out_features,
-                                                       v.linear.out_features}) != 1:
+        kv_heads = core.kv_heads or core.heads
+        dim = q.linear.out_features // core.heads
+        if q.linear.out_features % core.heads or {k.linear.out_features, v.linear.out_features} != {kv_heads * dim}:
             raise NoMatch(f"{core.anchor.name}: the projections do not split evenly into {core.heads} heads")
-        heads, dim = core.heads, q.linear.out_features // core.heads
+        heads = core.heads
+        if core.kv_heads is not None and core.kv_heads != heads:
+            return AttentionBlock(name, "separate", heads, dim, q.linear, k.linear, v.linear, out, core.anchor.name,
+                                  kv_heads=kv_heads)
     else:
         layouts = []
         for trace in (q, k, v):

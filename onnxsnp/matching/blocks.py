@@ -155,6 +155,7 @@ class AttentionBlock:
     qk_tensors: tuple[str, str] | None = None  # rotated q and k as the scores read them, captured for scoring
     pairs_shared: str | None = None  # why every head must keep the same Q/K pairs
     equal_widths: str | None = None  # why Q/K and V must keep the same per-head width
+    width_multiple: int = 1  # kept per-head widths must be a multiple of this (an op's kernel requires it)
 
     @property
     def groups(self) -> int:

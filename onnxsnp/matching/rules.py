@@ -12,8 +12,8 @@ import onnx
 
 from ..graph import ModelGraph, attribute
 from .attention import SCALE_OPS, AttentionCore, activation_qdq, assemble, drop_overlapping, is_scalar
-from .blocks import AttentionBlock, FrozenScale, Linear, NoMatch, Skipped
-from .linear import matmul_linear
+from .blocks import AttentionBlock, FrozenScale, KvCache, Linear, NoMatch, Rotary, RotaryStyle, Skipped
+from .linear import linear_producing, matmul_linear
 
 # Ops allowed between Softmax and attn·V (dropout, the NaN guard of torch's SDPA export, casts).
 _PROBS_PASS = {"Where", "Cast", "Dropout", "Identity"}
@@ -130,6 +130,50 @@ class OrtMultiHeadAttention(AttentionRule):
                              scale=attribute(anchor, "scale", None) or None, packed_bias=packed_bias, form="ort-mha")
 
 
+class OrtGroupQueryAttention(AttentionRule):
+    """com.microsoft.GroupQueryAttention (onnxruntime-genai's model builder): q|k|v packed in one
+    projection (or three), fewer key/value heads, its own KV cache (past inputs 3, 4 → present
+    outputs 1, 2) and, with do_rotary, its own rotary embedding whose cos/sin caches hold one column
+    per pair for every head. One head size serves Q, K and V."""
+
+    domain, op_type = "com.microsoft", "GroupQueryAttention"
+
+    def core(self, g: ModelGraph, anchor: onnx.NodeProto) -> AttentionCore:
+        inputs = list(anchor.input) + [""] * (12 - len(anchor.input))
+        if any(inputs[10:]):
+            raise NoMatch("GroupQueryAttention with an attention bias or head sinks (per-head inputs)")
+        heads, kv_heads = int(attribute(anchor, "num_heads", 0)), int(attribute(anchor, "kv_num_heads", 0))
+        if heads <= 0 or kv_heads <= 0 or heads % kv_heads:
+            raise NoMatch(f"{heads} query heads do not group over {kv_heads} key/value heads")
+        caches = []
+        for part, past, present in (("key", inputs[3], anchor.output[1] if len(anchor.output) > 1 else ""),
+                                    ("value", inputs[4], anchor.output[2] if len(anchor.output) > 2 else "")):
+            if past and (past in g.initializers or g.producer_of(past) is not None):
+                raise NoMatch(f"GroupQueryAttention's past {part} {past} is not a graph input")
+            if past or present:
+                caches.append(KvCache(past, present if present in g.graph_outputs else "", part))
+        if any(g.consumers_of(c.present) for c in caches if c.present):
+            raise NoMatch("GroupQueryAttention's present keys or values are read inside the graph")
+        rotary = None
+        if attribute(anchor, "do_rotary", 0):
+            if any(g.constant(t) is None for t in inputs[7:9]):
+                raise NoMatch("GroupQueryAttention's cos/sin caches are not constants")
+            style = RotaryStyle.INTERLEAVED if attribute(anchor, "rotary_interleaved", 0) else RotaryStyle.HALF
+            rotary = Rotary(style, anchor.name, "", "", ((anchor.name, 7), (anchor.name, 8)), shared=True)
+        common = dict(nodes={anchor.name}, products=(anchor.name, anchor.name), heads=heads, op=anchor.name,
+                      scale=attribute(anchor, "scale", None) or None, form="ort-gqa", kv_heads=kv_heads,
+                      kv_caches=tuple(caches), rotary=rotary)
+        if inputs[1] or inputs[2]:  # separate q, k, v
+            return AttentionCore(anchor, inputs[0], inputs[1], inputs[2], anchor.output[0], **common)
+        packed = linear_producing(g, inputs[0])
+        if packed is None or len(g.consumers_of(inputs[0])) != 1:
+            raise NoMatch("GroupQueryAttention's packed q|k|v does not come from a projection of its own")
+        if packed.out_features % (heads + 2 * kv_heads):
+            raise NoMatch(f"{packed.out_features} packed features do not split into {heads} + 2×{kv_heads} heads")
+        return AttentionCore(anchor, inputs[0], inputs[0], inputs[0], anchor.output[0], packed=packed,
+                             region=(inputs[0],), **common)
+
+
 class NotSupportedYet(AttentionRule):
     """An attention op onnxsnp knows but does not rewrite: listed as skipped, by name."""
 
@@ -165,9 +209,9 @@ class RuleSet:
 
 
 ATTENTION_RULES = RuleSet([
-    SoftmaxOverScores(), OnnxAttention(), OrtAttention(), OrtMultiHeadAttention(),
+    SoftmaxOverScores(), OnnxAttention(), OrtAttention(), OrtMultiHeadAttention(), OrtGroupQueryAttention(),
     *(NotSupportedYet("com.microsoft", op) for op in (
-        "PackedAttention", "PackedMultiHeadAttention", "GroupQueryAttention", "DecoderMaskedMultiHeadAttention",
+        "PackedAttention", "PackedMultiHeadAttention", "DecoderMaskedMultiHeadAttention",
         "DecoderMaskedSelfAttention", "LongformerAttention", "SparseAttention")),
 ])
 
