@@ -279,6 +279,8 @@ class Reconstructor:
             else:
                 x = inputs[index]
                 branch = (x.astype(np.float32, copy=False) @ weight + bias).astype(x.dtype)
+                if branch.shape != item.pruned.shape and branch.size == item.pruned.size:
+                    branch = branch.reshape(item.pruned.shape)  # a Gemm between flattening reshapes
                 values = {half.branch: branch, half.residual: item.pruned}
                 item.pruned = self._run(half.join, item, index, values, {}, [end])[end]
             item.target = None

@@ -49,6 +49,7 @@ class Report:
     latency_ms_after: float | None = None
     attention_kl: dict[str, float | None] = field(default_factory=dict)  # per attention block, held-back samples
     reconstruction: dict | None = None  # the block-by-block refit: settings, samples, tokens, error per half-block
+    allocation: dict | None = None  # --target-* with reconstruction: the goal and the measured loss per block
     seconds: float = 0.0
 
     @property
@@ -108,7 +109,12 @@ class Report:
             compensation = f"{self.compensation} ({applied})" if self.compensation != "none" else "none"
         lines.append(f"criterion {self.criterion}, compensation {compensation}, calibration: {self.calibration} "
                      f"({self.calibration_samples} samples fitted, {self.holdout_samples} held back)")
-        if self.target:
+        if self.target and self.allocation:
+            r = self.ratios
+            lines.append(f"target {self.target['kind']} {self.target['value']:g}: widths allocated block by block by "
+                         f"measured sensitivity ({self.allocation['samples']} samples); on average removed q/k "
+                         f"{r['qk']:.3f}, v {r['v']:.3f}, ffn {r['ffn']:.3f}, heads {r['heads']:.3f}")
+        elif self.target:
             r = self.ratios
             lines.append(f"target {self.target['kind']} {self.target['value']:g}: chose ratios q/k {r['qk']:.3f}, "
                          f"v {r['v']:.3f}, ffn {r['ffn']:.3f} (best measured cosine of "

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import FORM_IDS, FORMS, feed_for
 from onnxsnp import SnpError, prune
-from onnxsnp.allocation import CostModel
+from onnxsnp.costs import CostModel
 from onnxsnp.graph import ModelGraph
 from onnxsnp.importance import Ratios
 from onnxsnp.matching import find_blocks
