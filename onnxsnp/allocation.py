@@ -13,14 +13,13 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-import networkx as nx
 import numpy as np
 
+from .costs import CostModel
 from .errors import SnpError
-from .graph import ModelGraph
 from .importance import Scorer
-from .plan import AttentionKeep, PrunePlan, Ratios
-from .matching import Layer, Linear, Matches
+from .matching import Layer, Matches
+from .plan import PrunePlan, Ratios
 
 MAX_RATIO = 0.95
 # (Q/K, V, FFN) shares of the cut tried for a target. SNP's Q/K criterion keeps attention
@@ -46,118 +45,6 @@ def parse_target(text: str | float, kind: str) -> Target:
         raise SnpError(f"--target-{kind} must be a fraction of the original (0 < F < 1) or an absolute count, "
                        f"got {text!r}")
     return Target(kind, value)
-
-
-class CostModel:
-    """Predicted MACs per sample and parameters of a plan."""
-
-    def __init__(self, g: ModelGraph, matches: Matches, macs: dict[str, int], params: int):
-        self.g, self.matches, self.node_macs, self.params_total = g, matches, macs, params
-        self.macs_total = sum(macs.values())
-        self.layer_nodes = {id(layer): self._nodes_of(layer) for layer in matches.layers}
-        self.readers: dict[str, set[str]] = {}  # float initializer → nodes reading it (through Identity)
-        for node in g.model.graph.node:
-            if node.op_type == "Identity":
-                continue
-            for tensor in node.input:
-                source = g.initializer_behind(tensor) if tensor else None
-                if source is not None and g.initializers[source].data_type in (1, 10, 11, 16):
-                    self.readers.setdefault(source, set()).add(node.name)
-
-    def cost(self, plan: PrunePlan, kind: str) -> float:
-        return self.flops(plan) if kind == "flops" else self.params(plan)
-
-    def flops(self, plan: PrunePlan) -> float:
-        scale = {name: 1.0 for name in self.node_macs}
-        for keep in plan.attention:  # the attention products
-            f_qk, f_v = _fractions(keep)
-            scores, context = keep.block.core_nodes
-            if scores == context:  # one op computes both products
-                scale[scores] = (f_qk + f_v) / 2
-            else:
-                scale[scores], scale[context] = f_qk, f_v
-        for name, (inputs, outputs, _) in self._linear_fractions(plan).items():
-            scale[name] = inputs * outputs
-        if plan.stream is not None:
-            for name in plan.stream.convs:
-                scale[name] = len(plan.stream_keep) / plan.stream.width
-        for name in self._removed(plan):
-            scale[name] = 0.0
-        return sum(self.node_macs[name] * factor for name, factor in scale.items() if name in self.node_macs) * 2
-
-    def params(self, plan: PrunePlan) -> float:
-        removed = self._removed(plan)
-        saved = 0.0
-        for name, (inputs, outputs, linear) in self._linear_fractions(plan).items():
-            if name in removed:
-                continue
-            weight = int(np.prod(self.g.constant(linear.weight).shape))
-            saved += weight * (1 - inputs * outputs)
-            if linear.bias is not None:
-                saved += self.g.constant(linear.bias).size * (1 - outputs)
-        for keep in plan.attention:
-            if keep.block.packed_bias is not None:  # MultiHeadAttention's [q | k | v] bias
-                f_qk, f_v = _fractions(keep)
-                saved += self.g.constant(keep.block.packed_bias).size * (1 - (2 * f_qk + f_v) / 3)
-        if plan.stream is not None:
-            cut = 1 - len(plan.stream_keep) / plan.stream.width
-            constants = {self.g.initializer_behind(self.g.node(n).input[i]) for n, i in plan.stream.sliced_inputs}
-            constants |= {self.g.initializer_behind(t) for n in plan.stream.convs for t in self.g.node(n).input[1:3] if t}
-            saved += sum(int(np.prod(self.g.initializers[c].dims)) * cut for c in constants - {None}
-                         if not self.readers.get(c, set()) <= removed)
-        for name, readers in self.readers.items():  # weights only removed blocks read go with them
-            if readers <= removed:
-                saved += int(np.prod(self.g.initializers[name].dims))
-        return self.params_total - saved
-
-    def _linear_fractions(self, plan: PrunePlan) -> dict[str, list]:
-        """Per projection node: [kept fraction of inputs, kept fraction of outputs, the Linear]."""
-        fractions: dict[str, list] = {}
-
-        def scale(linear: Linear, inputs: float = 1.0, outputs: float = 1.0) -> None:
-            entry = fractions.setdefault(linear.node, [1.0, 1.0, linear])
-            entry[0] *= inputs
-            entry[1] *= outputs
-
-        for keep in plan.attention:
-            b = keep.block
-            f_qk, f_v = _fractions(keep)
-            if b.q.node == b.k.node:  # one fused or packed weight for q, k (and v)
-                scale(b.q, outputs=(2 * f_qk + f_v) / 3 if b.v.node == b.q.node else f_qk)
-                if b.v.node != b.q.node:
-                    scale(b.v, outputs=f_v)
-            else:
-                scale(b.q, outputs=f_qk)
-                scale(b.k, outputs=f_qk)
-                scale(b.v, outputs=f_v)
-            scale(b.out, inputs=f_v)
-        for keep in plan.ffn:
-            factor = len(keep.hidden) / keep.block.hidden
-            scale(keep.block.fc1, outputs=factor)
-            scale(keep.block.fc2, inputs=factor)
-        if plan.stream is not None:
-            factor = len(plan.stream_keep) / plan.stream.width
-            for linear in plan.stream.readers.values():
-                scale(linear, inputs=factor)
-            for linear in plan.stream.writers.values():
-                scale(linear, outputs=factor)
-        return fractions
-
-    def _removed(self, plan: PrunePlan) -> set[str]:
-        return set().union(*(self.layer_nodes[id(layer)] for layer in plan.removed_layers))
-
-    def _nodes_of(self, layer: Layer) -> set[str]:
-        start, end = self.g.producer.get(layer.input), self.g.producer.get(layer.output)
-        inside = nx.ancestors(self.g.dag, end) | {end}
-        if start is not None:
-            inside &= nx.descendants(self.g.dag, start)
-        return inside
-
-
-def _fractions(keep: AttentionKeep) -> tuple[float, float]:
-    b = keep.block
-    whole = b.heads * b.head_dim
-    return len(keep.heads) * keep.qk.shape[1] / whole, len(keep.heads) * keep.v.shape[1] / whole
 
 
 def search(scorer: Scorer, base: Ratios, target: Target, costs: CostModel,
@@ -193,3 +80,131 @@ def search(scorer: Scorer, base: Ratios, target: Target, costs: CostModel,
         raise SnpError(f"--target-{target.kind} {target.value:g} cannot be met by neuron pruning alone (at most "
                        f"{MAX_RATIO:.0%} of a group is removed); add --heads or --blocks, or aim higher")
     return best[1], best[2], tried
+
+
+# --- global allocation over measured curves -----------------------------------------------------
+LOOKAHEAD = 4  # steps a move may take at once (a curve can be flat before it falls)
+MIN_KEPT = 0.05  # every group keeps at least this share of its units
+
+
+@dataclass(frozen=True)
+class UnitCosts:
+    """What one unit of each group costs in one block (FLOPs or parameters): a Q/K pair or a V
+    neuron in one head, an FFN neuron; the rest of the block's cost does not scale with them."""
+
+    qk: float
+    v: float
+    ffn: float
+
+
+def unit_costs(costs: CostModel, matches: Matches, kind: str) -> list[UnitCosts]:
+    """Per transformer block, from the cost model (linear in the kept widths, so one unit's cost
+    is the difference it makes to the whole)."""
+    full = _full_plan(matches)
+    base = costs.cost(full, kind)
+    result = []
+    for layer in matches.layers:
+        block, ffn = layer.attention, layer.ffn
+        d = block.head_dim
+        fewer = []
+        for part in ("qk", "v"):
+            keep = next(k for k in full.attention if k.block is block)
+            positions = np.tile(np.arange(d - 1), (block.heads, 1))
+            changed = replace(keep, **{part: positions})
+            plan = replace(full, attention=tuple(changed if k is keep else k for k in full.attention))
+            fewer.append((base - costs.cost(plan, kind)) / block.heads)
+        keep = next(k for k in full.ffn if k.block is ffn)
+        plan = replace(full, ffn=tuple(replace(k, hidden=np.arange(ffn.hidden - 1)) if k is keep else k
+                                       for k in full.ffn))
+        result.append(UnitCosts(fewer[0], fewer[1], base - costs.cost(plan, kind)))
+    return result
+
+
+def _full_plan(matches: Matches) -> PrunePlan:
+    from .plan import AttentionKeep, FfnKeep
+
+    attention = tuple(AttentionKeep(b, np.tile(np.arange(b.head_dim), (b.heads, 1)),
+                                    np.tile(np.arange(b.head_dim), (b.heads, 1)), np.arange(b.heads))
+                      for b in matches.attention)
+    return PrunePlan(attention, tuple(FfnKeep(b, np.arange(b.hidden)) for b in matches.ffn))
+
+
+@dataclass
+class _State:
+    heads: int
+    qk: int
+    v: int
+    ffn: int
+    removed: bool = False
+
+
+def allocate(curves: list, matches: Matches, units: list[UnitCosts], total: float, goal: float,
+             align: int = 1, allow_heads: bool = True, max_blocks: int = 0):
+    """Widths meeting `goal` (total cost after pruning) with the least predicted loss: starting
+    from the full model, repeatedly take the move — fewer Q/K pairs, V neurons or FFN neurons in
+    one block, one head fewer, or a whole block removed — that adds the least measured loss per
+    unit of cost saved (curves: sensitivity.LayerSensitivity per block, in one unit). A head
+    costs its kept pairs and neurons; a block's Q/K and V losses scale with the heads it keeps.
+    Returns (reconstruction.Widths, predicted loss per block)."""
+    from .reconstruction import AttentionWidth, Widths
+
+    layers = matches.layers
+    states = [_State(l.attention.heads, l.attention.head_dim, l.attention.head_dim, l.ffn.hidden) for l in layers]
+
+    def layer_cost(i: int, s: _State) -> float:
+        return 0.0 if s.removed else s.heads * (s.qk * units[i].qk + s.v * units[i].v) + s.ffn * units[i].ffn
+
+    def layer_loss(i: int, s: _State) -> float:
+        c, block = curves[i], layers[i].attention
+        if s.removed:
+            return c.block
+        share = s.heads / block.heads
+        return c.heads.at(s.heads) + share * (c.qk.at(s.qk) + c.v.at(s.v)) + c.ffn.at(s.ffn)
+
+    fixed = total - sum(layer_cost(i, s) for i, s in enumerate(states))
+    current = total
+    while current > goal:
+        best = None
+        for i, s in enumerate(states):
+            if s.removed:
+                continue
+            for candidate in _moves(layers[i], s, align, allow_heads, max_blocks - sum(x.removed for x in states)):
+                saved = layer_cost(i, s) - layer_cost(i, candidate)
+                if saved <= 0:
+                    continue
+                added = max(layer_loss(i, candidate) - layer_loss(i, s), 0.0)
+                score = added / saved
+                if best is None or score < best[0]:
+                    best = (score, i, candidate, saved)
+        if best is None:
+            raise SnpError(f"the budget cannot be met: at most {1 - MIN_KEPT:.0%} of each group is removed "
+                           f"({current / total:.0%} of the cost remains); aim higher or allow --blocks")
+        _, i, candidate, saved = best
+        states[i] = candidate
+        current -= saved
+    widths = Widths({l.attention.name: AttentionWidth(s.heads if not s.removed else l.attention.heads, s.qk, s.v)
+                     for l, s in zip(layers, states)},
+                    {l.ffn.name: s.ffn for l, s in zip(layers, states)},
+                    tuple(i for i, s in enumerate(states) if s.removed))
+    assert abs(fixed + sum(layer_cost(i, s) for i, s in enumerate(states)) - current) < 1e-6 * max(total, 1)
+    return widths, [layer_loss(i, s) for i, s in enumerate(states)]
+
+
+def _moves(layer: Layer, s: _State, align: int, allow_heads: bool, blocks_left: int) -> list[_State]:
+    """Every state one move (of up to LOOKAHEAD steps) away."""
+    block, ffn = layer.attention, layer.ffn
+    d = block.head_dim
+    found = []
+    for field_name, width, step in (("qk", d, max(align, d // 16)), ("v", d, max(align, d // 16)),
+                                    ("ffn", ffn.hidden, max(align, ffn.hidden // 64))):
+        floor = max(1, int(np.ceil(MIN_KEPT * width)))
+        for steps in range(1, LOOKAHEAD + 1):
+            value = getattr(s, field_name) - steps * step
+            if value < floor:
+                break
+            found.append(replace(s, **{field_name: value}))
+    if allow_heads and block.heads_fixed is None and s.heads > 1:
+        found.append(replace(s, heads=s.heads - 1))
+    if blocks_left > 0:
+        found.append(replace(s, removed=True))
+    return found

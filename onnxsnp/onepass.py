@@ -17,7 +17,8 @@ import numpy as np
 import onnx
 
 from . import calibration as calib_stage
-from .allocation import CostModel, Target, search
+from .allocation import Target, search
+from .costs import CostModel
 from .calibration import Runner
 from .compensation import Collector, compensation_tensors, qk_rescaled
 from .errors import SnpError

@@ -8,7 +8,7 @@ import os
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import onnx
@@ -16,6 +16,8 @@ import onnx
 from . import calibration as calib_stage
 from .errors import SnpError
 from .graph import ModelGraph
+from .allocation import allocate, unit_costs
+from .costs import CostModel
 from .importance import Scorer
 from .loading import LoadedModel, load_model, weight_bytes
 from .decoding import expose_stream_sums
@@ -27,16 +29,18 @@ from .onepass import make_plan, one_pass, score  # noqa: F401 (make_plan, score:
 from .options import (SYNTHETIC_SAMPLES, Compensation, PruneOptions, make_options, resolve_ratios,  # noqa: F401
                       resolve_target)
 from .plan import PrunePlan, Ratios, kept_count
-from .reconstruction import AttentionWidth, Reconstruction, Reconstructor, Widths, plan_segments
+from .reconstruction import AttentionWidth, Propagation, Reconstruction, Reconstructor, Widths, plan_segments
 from .report import Report, block_reports, stats_fields
 from .rewriting import rewrite
-from .stats import stats_from_shapes
+from .sensitivity import survey
+from .stats import count_params, macs_from_shapes, stats_from_shapes
 from .verification import check_structure, latency
 
 log = logging.getLogger("onnxsnp")
 
 HOLDOUT_MAX = 64  # held-back samples for the report's fidelity: an eighth of the data, at most this many
 RECONSTRUCTION_BATCH = 32  # samples per segment run (each runs half a block, so a larger batch is cheap)
+SURVEY_SAMPLES = 256  # calibration samples the sensitivity curves of a --target-* allocation are measured on
 
 
 @dataclass(frozen=True)
@@ -96,15 +100,19 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
     log.info("observed the input model on %d held-back samples (%s)", _count(holdout_feed), _since(started))
 
     route = _reconstruction_route(g, matches, options)
-    reconstruction, searched, kept_pieces, pruned = None, (), (), None
+    reconstruction, searched, kept_pieces, pruned, allocation = None, (), (), None, None
     if route is None:
-        removed = _removed_layers(g, matches, ratios, fit_feed, batch, mask, options)
-        widths = uniform_widths(matches, ratios, removed)
-        if options.one_head_size:
-            widths = one_head_size(widths)
         reconstructor = Reconstructor(g, matches, options.criterion, options.selection, options.propagation,
                                       rescale_qk=options.rescale_qk, seed=options.seed, reduction=options.reduction)
         batches = reconstructor.prepare(fit_feed, fixed or RECONSTRUCTION_BATCH, mask)
+        if options.target is None:
+            widths = uniform_widths(matches, ratios, _removed_layers(g, matches, ratios, fit_feed, batch, mask))
+        else:
+            widths, allocation = _allocate(g, matches, reconstructor, batches, observed, options)
+            ratios = _mean_ratios(matches, widths, ratios)
+            log.info("allocated by measured sensitivity on %d samples (%s)", allocation["samples"], _since(started))
+        if options.one_head_size:  # onnxruntime-genai's KV buffers (genai.py)
+            widths = one_head_size(widths)
         reconstruction = reconstructor.run(batches, widths, _progress(2 * len(matches.layers), options.progress))
         del reconstructor
         plan = PrunePlan(reconstruction.attention, reconstruction.ffn, reconstruction.scale_values,
@@ -149,19 +157,50 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
                     weight_bytes_before=weight_bytes(model), weight_bytes_after=weight_bytes(pruned),
                     latency_ms_before=speed[0], latency_ms_after=speed[1],
                     attention_kl={keep.block.name: attention_kl.get(keep.block.name) for keep in plan.attention},
-                    reconstruction=_reconstruction_report(reconstruction, options),
+                    reconstruction=_reconstruction_report(reconstruction, options), allocation=allocation,
                     seconds=round(time.perf_counter() - started, 2),
                     requantized={k: round(v, 6) for k, v in view.errors.items()} if view is not None else None,
                     notes=[GENAI_NOTE] if options.one_head_size else [])
     return PruneResult(pruned, report, external)
 
 
+def _allocate(g: ModelGraph, matches: Matches, reconstructor: Reconstructor, batches: list, observed,
+              options: PruneOptions) -> tuple[Widths, dict]:
+    """Widths meeting the target with the least measured loss (sensitivity.py, allocation.py)."""
+    target, ratios = options.target, options.ratios
+    costs = CostModel(g, matches, macs_from_shapes(g.model, observed.shapes, observed.shape_samples),
+                      count_params(g.model))
+    total = costs.macs_total * 2 if target.kind == "flops" else costs.params_total
+    curves = survey(reconstructor, batches, SURVEY_SAMPLES)
+    widths, predicted = allocate(curves, matches, unit_costs(costs, matches, target.kind), total,
+                                 target.absolute(total), ratios.align, max_blocks=ratios.blocks)
+    return widths, {"kind": target.kind, "goal": target.absolute(total), "original": total,
+                    "samples": min(SURVEY_SAMPLES, sum(b.samples for b in batches)),
+                    "layers": [{"name": layer.name, "predicted_loss": round(loss, 6), "block_loss": round(c.block, 6),
+                                "qk_loss_half": round(c.qk.at(layer.attention.head_dim / 2), 6),
+                                "v_loss_half": round(c.v.at(layer.attention.head_dim / 2), 6),
+                                "ffn_loss_half": round(c.ffn.at(layer.ffn.hidden / 2), 6)}
+                               for layer, c, loss in zip(matches.layers, curves, predicted)]}
+
+
+def _mean_ratios(matches: Matches, widths: Widths, ratios: Ratios) -> Ratios:
+    """The average fraction removed per group (the report's one-line summary of an allocation)."""
+    def removed(kept: list[int], whole: list[int]) -> float:
+        return round(1 - sum(kept) / max(sum(whole), 1), 4)
+
+    attention = [widths.attention[b.name] for b in matches.attention]
+    return replace(ratios, qk=removed([w.qk for w in attention], [b.head_dim for b in matches.attention]),
+                   v=removed([w.v for w in attention], [b.head_dim for b in matches.attention]),
+                   ffn=removed([widths.ffn[b.name] for b in matches.ffn], [b.hidden for b in matches.ffn]),
+                   heads=removed([w.heads for w in attention], [b.heads for b in matches.attention]))
+
+
 def _reconstruction_route(g: ModelGraph, matches: Matches, options: PruneOptions) -> str | None:
     """None where the block-by-block reconstruction runs, else why the one-pass flow does."""
     if options.compensation is not Compensation.LSTSQ:
         return f"--compensate {options.compensation.value}"
-    if options.target is not None:
-        return "--target-* chooses among uniform allocations"
+    if options.propagation is Propagation.OFF:
+        return "--reconstruct off"
     if options.ratios.residual > 0:
         return "--residual"
     try:
@@ -185,7 +224,7 @@ def uniform_widths(matches: Matches, ratios: Ratios, removed: tuple[int, ...] = 
 
 
 def _removed_layers(g: ModelGraph, matches: Matches, ratios: Ratios, feed: dict[str, np.ndarray], batch: int,
-                    mask: str | None, options: PruneOptions) -> tuple[int, ...]:
+                    mask: str | None) -> tuple[int, ...]:
     """Indices of the whole blocks `--blocks` removes: those given, or the ones whose output
     differs least from their input on calibration data (one pass capturing the block ends)."""
     if ratios.block_indices:

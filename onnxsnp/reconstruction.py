@@ -57,6 +57,7 @@ class Reduction(Enum):
 class Propagation(Enum):
     SEQUENTIAL = "sequential"  # each block sees the pruned model's own stream
     ONE_SHOT = "one-shot"  # each block sees the original stream
+    OFF = "off"  # no reconstruction: the one-pass compensation (onepass.py) instead
 
 
 @dataclass(frozen=True)
@@ -282,7 +283,7 @@ class Reconstructor:
                 x = inputs[index]
                 branch = (x.astype(np.float32, copy=False) @ weight + bias).astype(x.dtype)
                 if branch.shape != item.pruned.shape and branch.size == item.pruned.size:
-                    branch = branch.reshape(item.pruned.shape)  # a 2-D product's tokens, restored as its graph does
+                    branch = branch.reshape(item.pruned.shape)  # a Gemm between flattening reshapes
                 values = {half.branch: branch, half.residual: item.pruned}
                 item.pruned = self._run(half.join, item, index, values, {}, [end])[end]
             item.target = None

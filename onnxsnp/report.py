@@ -51,6 +51,7 @@ class Report:
     latency_ms_after: float | None = None
     attention_kl: dict[str, float | None] = field(default_factory=dict)  # per attention block, held-back samples
     reconstruction: dict | None = None  # the block-by-block refit: settings, samples, tokens, error per half-block
+    allocation: dict | None = None  # --target-* with reconstruction: the goal and the measured loss per block
     seconds: float = 0.0
     requantized: dict[str, float] | None = None  # MatMulNBits weights quantized again: node → relative weight error
     notes: list[str] = field(default_factory=list)  # constraints the model's form put on the widths
@@ -117,7 +118,12 @@ class Report:
             lines.append(f"requantized {len(errors)} MatMulNBits weights with their bits and block size: relative "
                          f"weight error mean {np.mean(errors):.4f}, max {max(errors):.4f}")
         lines += [f"note: {note}" for note in self.notes]
-        if self.target:
+        if self.target and self.allocation:
+            r = self.ratios
+            lines.append(f"target {self.target['kind']} {self.target['value']:g}: widths allocated block by block by "
+                         f"measured sensitivity ({self.allocation['samples']} samples); on average removed q/k "
+                         f"{r['qk']:.3f}, v {r['v']:.3f}, ffn {r['ffn']:.3f}, heads {r['heads']:.3f}")
+        elif self.target:
             r = self.ratios
             lines.append(f"target {self.target['kind']} {self.target['value']:g}: chose ratios q/k {r['qk']:.3f}, "
                          f"v {r['v']:.3f}, ffn {r['ffn']:.3f} (best measured cosine of "

@@ -132,7 +132,9 @@ class SegmentRunner:
             result = self.session.run(wanted, values)
         except Exception as exc:
             raise SnpError(f"onnxruntime failed on {segment.name}: {str(exc).strip().splitlines()[0][:300]}") from None
-        return dict(zip(wanted, result))
+        # copies: onnxruntime's outputs are views that pin its memory arena, and the reconstruction
+        # keeps streams of every batch (views would grow the arena by a run's worth per batch)
+        return {name: np.array(value) for name, value in zip(wanted, result)}
 
     def _build(self, values: dict[str, np.ndarray]):
         g, segment = self.g, self.segment

@@ -1,0 +1,122 @@
+"""Block-by-block reconstruction: segments, the pruned stream, projections and what they keep."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import ROOT, feed_for, run
+from onnxsnp import prune
+from onnxsnp.calibration import Runner
+from onnxsnp.graph import ModelGraph
+from onnxsnp.importance import PairStatistics
+from onnxsnp.matching import find_blocks
+from onnxsnp.plan import PrunePlan
+from onnxsnp.reconstruction import (AttentionWidth, Propagation, Reconstructor, Widths, _project_pairs,
+                                    plan_segments)
+from onnxsnp.rewriting import rewrite
+
+DIGITS = ROOT / "models" / "digits_vit.onnx"
+DIGITS_CALIB = ROOT / "models" / "digits_vit_calib.npz"
+SEGMENTED = [("vit", "manual", True, "legacy"), ("vit", "sdpa", True, "dynamo"), ("bert", "eager", True, "legacy"),
+             ("bert", "eager", True, "ort-optimizer")]
+
+
+@pytest.mark.parametrize("form", SEGMENTED, ids=["-".join(map(str, f)) for f in SEGMENTED])
+def test_segments_chained_give_the_model_stream(exported, form):
+    """Embeddings, then every half-block on its own: the last block's output as the model computes it."""
+    g = ModelGraph(onnx.load(str(exported(*form))))
+    matches = find_blocks(g)
+    reconstructor = Reconstructor(g, matches)
+    feed = feed_for(exported(*form), batch=3)
+    batches = reconstructor.prepare(feed, 3, "attention_mask" if "attention_mask" in feed else None)
+    for pair in reconstructor.halves:
+        for half in pair:
+            reconstructor._advance_original(half, batches)
+    last = matches.layers[-1].output
+    (_, values), = list(Runner(g.model, [last]).batches(feed, [last], 3))
+    np.testing.assert_allclose(batches[0].original, values[last], atol=1e-4)
+
+
+def test_reconstructed_stream_is_the_rewritten_models():
+    """The pruned stream the reconstruction carries from block to block (refitted layers applied
+    from cached inputs through the residual join) equals the rewritten model's."""
+    g = ModelGraph(onnx.load(str(DIGITS)))
+    matches = find_blocks(g)
+    feed = dict(np.load(DIGITS_CALIB))
+    feed = {k: v[:40] for k, v in feed.items()}
+    widths = Widths({b.name: AttentionWidth(3, 6, 10) for b in matches.attention},
+                    {b.name: 100 for b in matches.ffn})
+    reconstructor = Reconstructor(g, matches)
+    batches = reconstructor.prepare(feed, 20, None)
+    result = reconstructor.run(batches, widths)
+    plan = PrunePlan(result.attention, result.ffn, result.scale_values, refits=result.refits)
+    last = matches.layers[-1].output
+    (_, values), = list(Runner(rewrite(g, plan), [last]).batches(feed, [last], 40))
+    carried = np.concatenate([b.pruned for b in batches])
+    np.testing.assert_allclose(carried, values[last], atol=1e-4, rtol=1e-4)
+    assert [k.heads.size for k in result.attention] == [3] * len(matches.attention)
+    assert all(h.error_after <= h.error_before + 1e-9 for h in result.halves)  # a refit never fits worse
+
+
+def test_nothing_removed_is_nothing_changed(exported):
+    path = exported("bert", "eager", True)
+    pruned, report = prune(str(path), ratio=0.0, calib=feed_for(path, batch=16))
+    feed = feed_for(path, batch=2, seq=5)
+    for want, got in zip(run(onnx.load(str(path)), feed), run(pruned, feed)):
+        np.testing.assert_allclose(got, want, atol=1e-4)
+    assert report.compensation_kept == ["reconstruction"]
+
+
+@pytest.mark.parametrize("reconstruct", ["sequential", "one-shot"])
+def test_reconstruction_keeps_more_than_slicing(reconstruct):
+    cosines = {mode: prune(str(DIGITS), ratio=0.5, calib=str(DIGITS_CALIB), compensate=mode,
+                           reconstruct=reconstruct)[1].fidelity.output_cosine for mode in ("none", "lstsq")}
+    assert cosines["lstsq"] > cosines["none"]
+
+
+def test_projected_pairs_approximate_scores_better_than_any_choice_of_pairs():
+    """Keeping k projected directions of a head is the best rank-k approximation of its scores
+    (in the metric of the pooled Grams): no choice of k original pairs, rescaled or not, does better."""
+    rng = np.random.default_rng(0)
+    d, k, tokens = 6, 2, 40
+    mixing = rng.standard_normal((d, d)) * np.array([3, 2, 1.5, 1, 0.5, 0.2])
+    q = rng.standard_normal((1, tokens, d)) @ mixing
+    key = rng.standard_normal((1, tokens, d)) @ mixing
+    pairs = PairStatistics.empty(1, d)
+    pairs.add(q, key)
+    q_map, k_map = _project_pairs(pairs, k)
+    scores = q[0] @ key[0].T
+    projected = np.linalg.norm((q[0] @ q_map[0]) @ (key[0] @ k_map[0]).T - scores)
+    from itertools import combinations
+
+    for chosen in combinations(range(d), k):
+        columns = list(chosen)
+        partial = q[0][:, columns] @ key[0][:, columns].T
+        best_scale = np.sum(partial * scores) / max(np.sum(partial * partial), 1e-30)  # even rescaled
+        assert projected <= np.linalg.norm(best_scale * partial - scores) + 1e-9
+
+
+def test_models_that_cannot_be_cut_into_blocks_say_why(exported):
+    """The one-pass flow takes over, with a reason (here: residual pruning; no blocks found raises)."""
+    g = ModelGraph(onnx.load(str(exported("vit", "manual", True))))
+    assert len(plan_segments(g, find_blocks(g))) == 2
+    _, report = prune(str(exported("vit", "manual", True)), ratio=0.3, residual=0.25, calib_samples=16)
+    assert report.reconstruction is None and report.residual_width is not None
+
+
+def test_one_shot_fits_on_the_original_stream():
+    """One-shot: every block sees the original model's stream; its refits differ from sequential ones."""
+    g = ModelGraph(onnx.load(str(DIGITS)))
+    matches = find_blocks(g)
+    feed = {k: v[:32] for k, v in np.load(DIGITS_CALIB).items()}
+    widths = Widths({b.name: AttentionWidth(4, 8, 8) for b in matches.attention}, {b.name: 128 for b in matches.ffn})
+    refits = []
+    for propagation in (Propagation.ONE_SHOT, Propagation.SEQUENTIAL):
+        reconstructor = Reconstructor(g, matches, propagation=propagation)
+        batches = reconstructor.prepare(feed, 16, None)
+        result = reconstructor.run(batches, widths)
+        if propagation is Propagation.ONE_SHOT:
+            assert all(np.array_equal(b.pruned, b.original) for b in batches)
+        refits.append(result.refits[matches.ffn[-1].fc2.node].weight)
+    assert not np.allclose(refits[0], refits[1])
