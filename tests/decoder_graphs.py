@@ -103,3 +103,48 @@ def feed(model: onnx.ModelProto, tokens: int, past: dict[str, np.ndarray] | None
     start = next(iter(past.values())).shape[2]
     return {"x": rng.standard_normal((1, tokens, WIDTH)).astype(np.float32), **past,
             **angles(np.arange(start, start + tokens, dtype=np.float64), style)}
+
+
+GQA_DIM = 32  # onnxruntime's GroupQueryAttention with rotary takes head sizes in multiples of 16
+
+
+def group_query_attention(separate: bool = False, seed: int = 0) -> onnx.ModelProto:
+    """com.microsoft.GroupQueryAttention (4 query heads over 2 key/value heads of 32 dims) with its
+    own rotary caches and KV cache, on a packed q|k|v projection (or three), as onnxruntime-genai's
+    builder writes it; seqlens_k and total_sequence_length are graph inputs."""
+    b = Builder(seed, opset=18)
+    width, kv = HEADS * GQA_DIM, 2 * GQA_DIM
+    if separate:
+        qkv = [b.linear("x", width, width, bias=False), b.linear("x", width, kv, bias=False),
+               b.linear("x", width, kv, bias=False)]
+    else:
+        qkv = [b.linear("x", width, width + 2 * kv, bias=False), "", ""]
+    pairs = 10000.0 ** (-np.arange(GQA_DIM // 2) * 2 / GQA_DIM)
+    angles = np.arange(64)[:, None] * pairs[None, :]
+    cos, sin = b.const(np.cos(angles).astype(np.float32)), b.const(np.sin(angles).astype(np.float32))
+    b.nodes.append(helper.make_node(
+        "GroupQueryAttention", qkv + ["past_key", "past_value", "seqlens_k", "total_sequence_length", cos, sin],
+        ["context", "present_key", "present_value"], name="gqa", domain="com.microsoft", num_heads=HEADS,
+        kv_num_heads=2, do_rotary=1))
+    b.nodes.append(helper.make_node("Identity", [b.linear("context", width, width)], ["y"], name="output"))
+    cache = [1, 2, None, GQA_DIM]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, width]),
+              helper.make_tensor_value_info("past_key", TensorProto.FLOAT, cache),
+              helper.make_tensor_value_info("past_value", TensorProto.FLOAT, cache),
+              helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
+              helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("y", "present_key", "present_value")]
+    graph = helper.make_graph(b.nodes, "gqa", inputs, outputs, b.inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+
+
+def gqa_feed(model: onnx.ModelProto, tokens: int, past: dict[str, np.ndarray] | None = None, seed: int = 1
+             ) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    declared = {i.name: [d.dim_value or None for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    if past is None:
+        past = {name: np.zeros((1, declared[name][1], 0, declared[name][3]), np.float32)
+                for name in ("past_key", "past_value")}
+    total = next(iter(past.values())).shape[2] + tokens
+    return {"x": rng.standard_normal((1, tokens, declared["x"][2])).astype(np.float32), **past,
+            "seqlens_k": np.array([total - 1], np.int32), "total_sequence_length": np.array(total, np.int32)}

@@ -68,3 +68,28 @@ def test_ratio_zero_leaves_a_decoder_identical():
     feed = dg.feed(g.model, 5)
     for name, value in run(g.model, feed).items():
         np.testing.assert_array_equal(run(rewrite(g, plan), feed)[name], value)
+
+
+@pytest.mark.parametrize("separate", [False, True])
+@pytest.mark.parametrize("heads", [0.0, 0.5])
+def test_group_query_attention_op(separate, heads):
+    """onnxruntime's GroupQueryAttention: one head size for Q/K and V, a multiple of 16, the same
+    rotary pairs in every head (its cos/sin caches are shared); prefill and decode equal the zeroed original."""
+    g = ModelGraph(dg.group_query_attention(separate))
+    (block,) = find_blocks(g).attention
+    assert (block.form, block.heads, block.groups, block.head_dim) == ("ort-gqa", dg.HEADS, 2, dg.GQA_DIM)
+    assert block.equal_widths and block.pairs_shared and block.width_multiple == 16
+    calib = {k: np.repeat(v, 4, axis=0) if k == "x" else v for k, v in dg.gqa_feed(g.model, 6).items()}
+    calib["seqlens_k"] = np.repeat(calib["seqlens_k"], 4)
+    plan = make_plan(g, find_blocks(g), Ratios(0.6, 0.2, 0.0, heads=heads), "random", calib, batch=1, seed=3)
+    (keep,) = plan.attention
+    assert keep.qk.shape[1] == keep.v.shape[1] == 16  # 13 of 32 kept, rounded up to a multiple of 16; V alike
+    assert (keep.qk == keep.qk[:1]).all()  # the same pairs in every head
+    pruned, zeroed = rewrite(g, plan), zeroed_original(g, plan)
+    want, got = run(zeroed, dg.gqa_feed(zeroed, 5)), run(pruned, dg.gqa_feed(pruned, 5))
+    np.testing.assert_allclose(got["y"], want["y"], atol=1e-5)
+    step = lambda model, out: dg.gqa_feed(model, 1, {"past_key": out["present_key"],  # noqa: E731
+                                                     "past_value": out["present_value"]}, seed=2)
+    np.testing.assert_allclose(run(pruned, step(pruned, got))["y"], run(zeroed, step(zeroed, want))["y"], atol=1e-5)
+    attributes = {a.name: a.i for n in pruned.graph.node if n.op_type == "GroupQueryAttention" for a in n.attribute}
+    assert (attributes["num_heads"], attributes["kv_num_heads"]) == (2 * len(keep.heads), len(keep.heads))
