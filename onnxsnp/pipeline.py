@@ -163,7 +163,7 @@ def _allocate(g: ModelGraph, matches: Matches, reconstructor: Reconstructor, bat
     total = costs.macs_total * 2 if target.kind == "flops" else costs.params_total
     curves = survey(reconstructor, batches, SURVEY_SAMPLES)
     widths, predicted = allocate(curves, matches, unit_costs(costs, matches, target.kind), total,
-                                 target.absolute(total), ratios.align, max_blocks=ratios.blocks)
+                                 target.absolute(total), ratios.align, ratios.heads, ratios.blocks)
     return widths, {"kind": target.kind, "goal": target.absolute(total), "original": total,
                     "samples": min(SURVEY_SAMPLES, sum(b.samples for b in batches)),
                     "layers": [{"name": layer.name, "predicted_loss": round(loss, 6), "block_loss": round(c.block, 6),
