@@ -319,9 +319,10 @@ class Reconstructor:
         equations, cached = self._equations(half, batches, block.out.input, block.out.in_features,
                                             block.out.out_features)
         prior = input_weights(self.g, block.out)
-        heads, v = self._choose_values(block, equations, prior, width)
+        projecting = self.reduction is Reduction.PROJECT and width.v < d
+        heads, v = self._choose_values(block, equations, prior, width, projecting)
         v_map = None
-        if self.reduction is Reduction.PROJECT and width.v < d:
+        if projecting:
             v, v_map, transform, prior = project_values(block, equations, prior, heads, width.v)
             equations = equations.transformed(transform)
             if cached is not None:
@@ -365,18 +366,22 @@ class Reconstructor:
             scores = pairs.mean_scores()
         return np.sort(np.argsort(-scores, axis=1, kind="stable")[:, :kept], axis=1)
 
-    def _choose_values(self, block, equations: NormalEquations, prior: np.ndarray, width: AttentionWidth
-                       ) -> tuple[np.ndarray, np.ndarray]:
-        """Kept heads (ascending) and kept V neurons per kept head, (kept heads, width.v)."""
+    def _choose_values(self, block, equations: NormalEquations, prior: np.ndarray, width: AttentionWidth,
+                       projecting: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Kept heads (ascending) and kept V neurons per kept head, (kept heads, width.v) (with
+        `projecting`, the heads only: the projection replaces the neurons)."""
         d = block.head_dim
         if self.selection is Selection.OBS and self.criterion in ("snp", "snp-paper"):
+            if projecting and width.heads == block.heads:
+                return np.arange(block.heads), np.tile(np.arange(width.v), (block.heads, 1))
             obs = Obs(equations, prior, self.ridge or DEFAULT_RIDGE)
             alive = list(range(block.heads))
             while len(alive) > width.heads:
                 costs = obs.costs([np.arange(h * d, (h + 1) * d) for h in alive])
-                obs.remove(np.arange(alive[int(np.argmin(costs))] * d, (alive[int(np.argmin(costs))] + 1) * d))
-                alive.pop(int(np.argmin(costs)))
-            for _ in range(d - width.v):  # one neuron from every kept head per round: equal widths
+                best = int(np.argmin(costs))
+                obs.remove(np.arange(alive[best] * d, (alive[best] + 1) * d))
+                alive.pop(best)
+            for _ in range(0 if projecting else d - width.v):  # one neuron from every kept head a round
                 single = obs.single_costs()
                 obs.remove(np.array([h * d + int(np.argmin(single[h * d:(h + 1) * d])) for h in alive]))
             heads = np.array(alive)
