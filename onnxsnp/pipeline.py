@@ -311,8 +311,23 @@ def _check_blocks(matches: Matches, ratios: Ratios) -> None:
         raise SnpError("--blocks: at least one transformer block must stay")
 
 
-def inspect_model(path: str | os.PathLike) -> Matches:
-    return find_blocks(ModelGraph(load_model(path).model))
+@dataclass(frozen=True)
+class Inspection:
+    matches: Matches
+    reconstruction: str | None  # why the block-by-block reconstruction cannot run (None: it can)
+
+
+def inspect_model(path: str | os.PathLike) -> Inspection:
+    """What `onnxsnp inspect` shows: the blocks found and whether the model can be reconstructed
+    block by block."""
+    g = ModelGraph(load_model(path).model)
+    matches = find_blocks(g)
+    try:
+        plan_segments(g, matches)
+        why = None
+    except NoMatch as reason:
+        why = str(reason)
+    return Inspection(matches, why)
 
 
 TRIM_ABOVE_BYTES = 32 * 2**20  # smaller models leave little to hand back; trimming costs a heap walk
