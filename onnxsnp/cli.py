@@ -79,7 +79,8 @@ def _prune_parser() -> argparse.ArgumentParser:
                              "original's), bias (the removed neurons' mean contribution folded into the bias) or none")
     parser.add_argument("--reconstruct", choices=[p.value for p in Propagation], default="sequential",
                         help="sequential (default): each block is refitted on the pruned model's own activations; "
-                             "one-shot: on the original model's")
+                             "one-shot: on the original model's; off: no block-by-block reconstruction, the faster "
+                             "one-pass refit of earlier versions")
     parser.add_argument("--selection", choices=[s.value for s in Selection], default="obs",
                         help="how V neurons, heads and FFN neurons are chosen with --compensate lstsq: obs (default: "
                              "by the error the refit is left with) or criterion (by --criterion's scores)")

@@ -26,7 +26,7 @@ from .onepass import make_plan, one_pass, score  # noqa: F401 (make_plan, score:
 from .options import (SYNTHETIC_SAMPLES, Compensation, PruneOptions, make_options, resolve_ratios,  # noqa: F401
                       resolve_target)
 from .plan import PrunePlan, Ratios, kept_count
-from .reconstruction import AttentionWidth, Reconstruction, Reconstructor, Widths, plan_segments
+from .reconstruction import AttentionWidth, Propagation, Reconstruction, Reconstructor, Widths, plan_segments
 from .report import Report, block_reports, sensitivity_points, stats_fields
 from .rewriting import rewrite
 from .sensitivity import survey
@@ -192,6 +192,8 @@ def _reconstruction_route(g: ModelGraph, matches: Matches, options: PruneOptions
     """None where the block-by-block reconstruction runs, else why the one-pass flow does."""
     if options.compensation is not Compensation.LSTSQ:
         return f"--compensate {options.compensation.value}"
+    if options.propagation is Propagation.OFF:
+        return "--reconstruct off"
     if options.ratios.residual > 0:
         return "--residual"
     try:

@@ -55,6 +55,7 @@ class Reduction(Enum):
 class Propagation(Enum):
     SEQUENTIAL = "sequential"  # each block sees the pruned model's own stream
     ONE_SHOT = "one-shot"  # each block sees the original stream
+    OFF = "off"  # no reconstruction: the one-pass compensation (onepass.py) instead
 
 
 @dataclass(frozen=True)

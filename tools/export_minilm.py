@@ -117,16 +117,35 @@ def stdlib_sentences(limit: int) -> list[str]:
     return out[:limit]
 
 
-def third_party_sentences(exclude: set[str]) -> list[str]:
-    """First sentences of docstrings of CORPUS_PACKAGES (every public module, class and function),
-    deduplicated, none in `exclude` (lower-cased), shuffled with a fixed seed, CORPUS_SIZE of them."""
-    import pkgutil
-    import random
+def package_sentences(packages: tuple[str, ...], exclude: set[str]) -> list[tuple[str, str]]:
+    """(package, first sentence) of the docstrings of every public module, class and function of
+    `packages` (walked recursively), deduplicated, none in `exclude` (lower-cased), in a fixed order."""
+    import contextlib
+    import io
     import warnings
 
     warnings.filterwarnings("ignore")
     seen, out = set(exclude), []
-    for top in CORPUS_PACKAGES:
+    with contextlib.redirect_stdout(io.StringIO()):  # some packages print banners on import
+        walked = _walk(packages)
+    for top, obj, _ in walked:
+        try:
+            doc = inspect.getdoc(obj)
+        except Exception:
+            continue
+        sentence = first_sentence(doc) if doc else None
+        if sentence and sentence.lower() not in seen:
+            seen.add(sentence.lower())
+            out.append((top, sentence))
+    return out
+
+
+def _walk(packages: tuple[str, ...]) -> list[tuple[str, object, str]]:
+    """(package, object, module name) of every public module, class and function, in a fixed order."""
+    import pkgutil
+
+    found = []
+    for top in packages:
         package = importlib.import_module(top)
         names = [top]
         if hasattr(package, "__path__"):
@@ -143,14 +162,15 @@ def third_party_sentences(exclude: set[str]) -> list[str]:
                 if obj is None or (obj is not module and (inspect.ismodule(obj)
                                                           or getattr(obj, "__module__", name) != name)):
                     continue
-                try:
-                    doc = inspect.getdoc(obj)
-                except Exception:
-                    continue
-                sentence = first_sentence(doc) if doc else None
-                if sentence and sentence.lower() not in seen:
-                    seen.add(sentence.lower())
-                    out.append(sentence)
+                found.append((top, obj, name))
+    return found
+
+
+def third_party_sentences(exclude: set[str]) -> list[str]:
+    """CORPUS_SIZE first sentences of CORPUS_PACKAGES' docstrings, shuffled with a fixed seed."""
+    import random
+
+    out = [sentence for _, sentence in package_sentences(CORPUS_PACKAGES, exclude)]
     random.Random(0).shuffle(out)
     if len(out) < CORPUS_SIZE:
         raise RuntimeError(f"only {len(out)} third-party sentences found, need {CORPUS_SIZE}")
