@@ -27,7 +27,7 @@ from .options import (SYNTHETIC_SAMPLES, Compensation, PruneOptions, make_option
                       resolve_target)
 from .plan import PrunePlan, Ratios, kept_count
 from .reconstruction import AttentionWidth, Propagation, Reconstruction, Reconstructor, Widths, plan_segments
-from .report import Report, block_reports, stats_fields
+from .report import Report, block_reports, sensitivity_points, stats_fields
 from .rewriting import rewrite
 from .sensitivity import survey
 from .stats import count_params, macs_from_shapes, stats_from_shapes
@@ -128,7 +128,8 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
     check_structure(pruned)
     softmax_blocks = {keep.block.name: (probes[keep.block.name], keep.heads) for keep in plan.attention
                       if keep.block.name in probes}
-    measured, attention_kl, pruned_shapes = verify(observed, pruned, softmax_blocks, holdout_feed, batch, fixed, mask)
+    measured, attention_kl, pruned_shapes, attention_maps = verify(observed, pruned, softmax_blocks, holdout_feed,
+                                                                   batch, fixed, mask)
     release_memory()
     log.info("rewritten and verified (%s)", _since(started))
     one_batch = {k: v[:fixed or 1] for k, v in holdout_feed.items()}
@@ -149,6 +150,7 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
                     weight_bytes_before=weight_bytes(model), weight_bytes_after=weight_bytes(pruned),
                     latency_ms_before=speed[0], latency_ms_after=speed[1],
                     attention_kl={keep.block.name: attention_kl.get(keep.block.name) for keep in plan.attention},
+                    attention_maps=attention_maps,
                     reconstruction=_reconstruction_report(reconstruction, options), allocation=allocation,
                     seconds=round(time.perf_counter() - started, 2))
     return PruneResult(pruned, report, external)
@@ -169,7 +171,8 @@ def _allocate(g: ModelGraph, matches: Matches, reconstructor: Reconstructor, bat
                     "layers": [{"name": layer.name, "predicted_loss": round(loss, 6), "block_loss": round(c.block, 6),
                                 "qk_loss_half": round(c.qk.at(layer.attention.head_dim / 2), 6),
                                 "v_loss_half": round(c.v.at(layer.attention.head_dim / 2), 6),
-                                "ffn_loss_half": round(c.ffn.at(layer.ffn.hidden / 2), 6)}
+                                "ffn_loss_half": round(c.ffn.at(layer.ffn.hidden / 2), 6),
+                                **sensitivity_points(layer, c)}
                                for layer, c, loss in zip(matches.layers, curves, predicted)]}
 
 
