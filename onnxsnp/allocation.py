@@ -139,17 +139,24 @@ class _State:
 
 
 def allocate(curves: list, matches: Matches, units: list[UnitCosts], total: float, goal: float,
-             align: int = 1, allow_heads: bool = True, max_blocks: int = 0):
+             align: int = 1, heads_ratio: float | None = None, max_blocks: int = 0):
     """Widths meeting `goal` (total cost after pruning) with the least predicted loss: starting
     from the full model, repeatedly take the move — fewer Q/K pairs, V neurons or FFN neurons in
     one block, one head fewer, or a whole block removed — that adds the least measured loss per
     unit of cost saved (curves: sensitivity.LayerSensitivity per block, in one unit). A head
     costs its kept pairs and neurons; a block's Q/K and V losses scale with the heads it keeps.
+    `heads_ratio` (--heads): that share of every block's heads removed first, and no more.
     Returns (reconstruction.Widths, predicted loss per block)."""
+    from .plan import kept_count
     from .reconstruction import AttentionWidth, Widths
 
     layers = matches.layers
-    states = [_State(l.attention.heads, l.attention.head_dim, l.attention.head_dim, l.ffn.hidden) for l in layers]
+    allow_heads = not heads_ratio
+    states = [_State(kept_count(l.attention.heads, heads_ratio) if heads_ratio and l.attention.heads_fixed is None
+                     else l.attention.heads, l.attention.head_dim, l.attention.head_dim, l.ffn.hidden) for l in layers]
+    total = total - sum(units[i].qk * l.attention.head_dim * (l.attention.heads - s.heads)
+                        + units[i].v * l.attention.head_dim * (l.attention.heads - s.heads)
+                        for i, (l, s) in enumerate(zip(layers, states)))
 
     def layer_cost(i: int, s: _State) -> float:
         return 0.0 if s.removed else s.heads * (s.qk * units[i].qk + s.v * units[i].v) + s.ffn * units[i].ffn

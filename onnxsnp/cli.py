@@ -130,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] == "inspect":
             args = _inspect_parser().parse_args(argv[1:])
-            print(format_matches(inspect_model(args.input)))
+            inspection = inspect_model(args.input)
+            print(format_matches(inspection.matches))
+            print("block-by-block reconstruction (--compensate lstsq): "
+                  + ("yes" if inspection.reconstruction is None else f"no, the one-pass refit runs instead: "
+                                                                      f"{inspection.reconstruction}"))
             return 0
         return _run_prune(_prune_parser().parse_args(argv))
     except SnpError as exc:

@@ -195,3 +195,18 @@ class Obs:
         self.alive[rows] = False
         self.removed_loss += added
         return added
+
+
+def solve_without_bias(equations: NormalEquations, keep: np.ndarray, prior: np.ndarray, ridge: float
+                        ) -> np.ndarray:
+    """The refit's weights where the layer has no bias to take an intercept."""
+    xx, xy, _ = equations.total()
+    gram, cross = xx[np.ix_(keep, keep)], xy[keep]
+    penalty = _penalty(gram, ridge)
+    return np.linalg.solve(gram + penalty * np.eye(len(keep)), cross + penalty * prior)
+
+
+def activation_norms(equations: NormalEquations) -> np.ndarray:
+    """‖x_i‖ over all tokens, per input."""
+    xx = equations.total()[0]
+    return np.sqrt(np.maximum(np.diag(xx)[:-1], 0.0))

@@ -10,6 +10,7 @@ import onnx
 
 from . import calibration as calib_stage
 from .calibration import Runner
+from .attention_maps import AttentionSample, sample_maps
 from .stats import shape_tensors
 from .verification import Fidelity, attention_error, fidelity
 
@@ -64,13 +65,14 @@ def _probe_run(model: onnx.ModelProto, role: str, probes: list[str], feed: dict[
 
 def verify(observed: Observed, pruned: onnx.ModelProto, softmax_blocks: dict[str, tuple[str, np.ndarray]],
             feed: dict[str, np.ndarray], batch: int, fixed: int | None, mask_name: str | None
-            ) -> tuple[Fidelity, dict[str, float], dict[str, tuple[int, ...]]]:
-    """Output fidelity, per-block attention-map error and run-time shapes of the pruned model on
-    the held-back samples."""
+            ) -> tuple[Fidelity, dict[str, float], dict[str, tuple[int, ...]], list[AttentionSample]]:
+    """Output fidelity, per-block attention-map error, run-time shapes and a few maps of the
+    pruned model beside the original's (the heads that changed most) on the held-back samples."""
     probes = sorted({tensor for tensor, _ in softmax_blocks.values()})
     maps, outputs, shapes = _probe_run(pruned, "pruned model", probes, feed, batch, fixed)
     measured = fidelity(observed.outputs, outputs)
     if not maps:
-        return measured, {}, shapes
+        return measured, {}, shapes, []
     inputs = {k: v[:len(next(iter(maps.values())))] for k, v in feed.items()}
-    return measured, attention_error([(inputs, observed.maps, maps)], softmax_blocks, mask_name), shapes
+    return (measured, attention_error([(inputs, observed.maps, maps)], softmax_blocks, mask_name), shapes,
+            sample_maps(inputs, observed.maps, maps, softmax_blocks, mask_name))

@@ -30,7 +30,7 @@ from .options import (SYNTHETIC_SAMPLES, Compensation, PruneOptions, make_option
                       resolve_target)
 from .plan import PrunePlan, Ratios, kept_count
 from .reconstruction import AttentionWidth, Propagation, Reconstruction, Reconstructor, Widths, plan_segments
-from .report import Report, block_reports, stats_fields
+from .report import Report, block_reports, sensitivity_points, stats_fields
 from .rewriting import rewrite
 from .sensitivity import survey
 from .stats import count_params, macs_from_shapes, stats_from_shapes
@@ -136,7 +136,8 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
     check_structure(pruned)
     softmax_blocks = {keep.block.name: (probes[keep.block.name], keep.heads) for keep in plan.attention
                       if keep.block.name in probes}
-    measured, attention_kl, pruned_shapes = verify(observed, pruned, softmax_blocks, holdout_feed, batch, fixed, mask)
+    measured, attention_kl, pruned_shapes, attention_maps = verify(observed, pruned, softmax_blocks, holdout_feed,
+                                                                   batch, fixed, mask)
     release_memory()
     log.info("rewritten and verified (%s)", _since(started))
     one_batch = {k: v[:fixed or 1] for k, v in holdout_feed.items()}
@@ -157,6 +158,7 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
                     weight_bytes_before=weight_bytes(model), weight_bytes_after=weight_bytes(pruned),
                     latency_ms_before=speed[0], latency_ms_after=speed[1],
                     attention_kl={keep.block.name: attention_kl.get(keep.block.name) for keep in plan.attention},
+                    attention_maps=attention_maps,
                     reconstruction=_reconstruction_report(reconstruction, options), allocation=allocation,
                     seconds=round(time.perf_counter() - started, 2),
                     requantized={k: round(v, 6) for k, v in view.errors.items()} if view is not None else None,
@@ -173,13 +175,14 @@ def _allocate(g: ModelGraph, matches: Matches, reconstructor: Reconstructor, bat
     total = costs.macs_total * 2 if target.kind == "flops" else costs.params_total
     curves = survey(reconstructor, batches, SURVEY_SAMPLES)
     widths, predicted = allocate(curves, matches, unit_costs(costs, matches, target.kind), total,
-                                 target.absolute(total), ratios.align, max_blocks=ratios.blocks)
+                                 target.absolute(total), ratios.align, ratios.heads, ratios.blocks)
     return widths, {"kind": target.kind, "goal": target.absolute(total), "original": total,
                     "samples": min(SURVEY_SAMPLES, sum(b.samples for b in batches)),
                     "layers": [{"name": layer.name, "predicted_loss": round(loss, 6), "block_loss": round(c.block, 6),
                                 "qk_loss_half": round(c.qk.at(layer.attention.head_dim / 2), 6),
                                 "v_loss_half": round(c.v.at(layer.attention.head_dim / 2), 6),
-                                "ffn_loss_half": round(c.ffn.at(layer.ffn.hidden / 2), 6)}
+                                "ffn_loss_half": round(c.ffn.at(layer.ffn.hidden / 2), 6),
+                                **sensitivity_points(layer, c)}
                                for layer, c, loss in zip(matches.layers, curves, predicted)]}
 
 
@@ -325,12 +328,26 @@ def _check_blocks(matches: Matches, ratios: Ratios) -> None:
         raise SnpError("--blocks: at least one transformer block must stay")
 
 
-def inspect_model(path: str | os.PathLike) -> Matches:
-    """What `prune` finds in the model at `path` (or in an onnxruntime-genai folder's decoder)."""
+@dataclass(frozen=True)
+class Inspection:
+    matches: Matches
+    reconstruction: str | None  # why the block-by-block reconstruction cannot run (None: it can)
+
+
+def inspect_model(path: str | os.PathLike) -> Inspection:
+    """What `onnxsnp inspect` shows: the blocks found (in a model, or in an onnxruntime-genai
+    folder's decoder) and whether the model can be reconstructed block by block."""
     folder = genai_folder(path)
     model = load_model(folder.model_file if folder is not None else path).model
     view = float_view(model)
-    return find_blocks(ModelGraph(expose_stream_sums(view.model if view is not None else model)))
+    g = ModelGraph(expose_stream_sums(view.model if view is not None else model))
+    matches = find_blocks(g)
+    try:
+        plan_segments(g, matches)
+        why = None
+    except NoMatch as reason:
+        why = str(reason)
+    return Inspection(matches, why)
 
 
 TRIM_ABOVE_BYTES = 32 * 2**20  # smaller models leave little to hand back; trimming costs a heap walk

@@ -32,10 +32,12 @@ from .graph import ModelGraph, attribute
 from . import units
 from .importance import (PairStatistics, _as_tokens, input_weights, output_weights, query_key, query_key_tensors,
                          redundancy, rotary_tables)
-from .least_squares import DEFAULT_RIDGE, FOLDS, NormalEquations, Obs, centred_gram, choose_ridge, loss, solve
+from .least_squares import (DEFAULT_RIDGE, FOLDS, NormalEquations, Obs, activation_norms, choose_ridge, loss, solve,
+                            solve_without_bias)
 from .masking import Weights, attention_slots, ffn_slots
 from .matching import Layer, Matches, NoMatch
 from .plan import AttentionKeep, FfnKeep, Refit, selection_map
+from .projection import project_pairs, project_values
 from .segments import Segment, SegmentRunner, cut
 
 log = logging.getLogger("onnxsnp")
@@ -322,10 +324,11 @@ class Reconstructor:
         equations, cached = self._equations(half, batches, block.out.input, block.out.in_features,
                                             block.out.out_features)
         prior = input_weights(self.g, block.out)
-        heads, v = self._choose_values(block, equations, prior, width)
+        projecting = self.reduction is Reduction.PROJECT and width.v < d and block.group_size == 1
+        heads, v = self._choose_values(block, equations, prior, width, projecting)
         v_map = None
-        if self.reduction is Reduction.PROJECT and width.v < d and block.group_size == 1:
-            v, v_map, transform, prior = _project_values(block, equations, prior, heads, width.v)
+        if projecting:
+            v, v_map, transform, prior = project_values(block, equations, prior, heads, width.v)
             equations = equations.transformed(transform)
             if cached is not None:
                 cached = [x @ transform[:-1, :-1].astype(x.dtype) for x in cached]
@@ -346,7 +349,7 @@ class Reconstructor:
             return np.tile(np.arange(d), (block.groups, 1)), None, None
         if self.reduction is Reduction.PROJECT and self.criterion in ("snp", "snp-paper") and not block.rotary \
                 and block.group_size == 1:  # a rotation of q/k directions would break a rotary embedding
-            q_map, k_map = _project_pairs(pairs, kept)
+            q_map, k_map = project_pairs(pairs, kept)
             return np.tile(np.arange(kept), (block.heads, 1)), q_map, k_map
         qk = self._choose_pairs(block, pairs, kept)
         if self.rescale_qk and pairs.count:
@@ -369,23 +372,26 @@ class Reconstructor:
             scores = pairs.mean_scores()
         return units.keep_qk(block, scores, kept)  # per key/value group, rotary pairs whole
 
-    def _choose_values(self, block, equations: NormalEquations, prior: np.ndarray, width: AttentionWidth
-                       ) -> tuple[np.ndarray, np.ndarray]:
-        """Kept heads (ascending) and kept V neurons per kept head, (kept heads, width.v); with
-        grouped-query attention a head is a key/value head, and a V neuron feeds the output
-        projection once per query head of its group (those rows go together)."""
+    def _choose_values(self, block, equations: NormalEquations, prior: np.ndarray, width: AttentionWidth,
+                       projecting: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Kept heads (ascending) and kept V neurons per kept head, (kept heads, width.v) (with
+        `projecting`, the heads only: the projection replaces the neurons); with grouped-query
+        attention a head is a key/value head, and a V neuron feeds the output projection once per
+        query head of its group (those rows go together)."""
         d, r = block.head_dim, block.group_size
 
         def rows(group: int, neurons) -> np.ndarray:  # the output projection's input rows of V neurons
             return ((group * r + np.arange(r))[:, None] * d + np.asarray(neurons)[None, :]).reshape(-1)
 
         if self.selection is Selection.OBS and self.criterion in ("snp", "snp-paper"):
+            if projecting and width.heads == block.groups:
+                return np.arange(block.groups), np.tile(np.arange(width.v), (block.groups, 1))
             obs = Obs(equations, prior, self.ridge or DEFAULT_RIDGE)
             alive = list(range(block.groups))
             while len(alive) > width.heads:
                 gone = int(np.argmin(obs.costs([rows(h, np.arange(d)) for h in alive])))
                 obs.remove(rows(alive.pop(gone), np.arange(d)))
-            for _ in range(d - width.v):  # one neuron from every kept head per round: equal widths
+            for _ in range(0 if projecting else d - width.v):  # one neuron from every kept head a round
                 if r == 1:
                     single = obs.single_costs()
                     obs.remove(np.array([h * d + int(np.argmin(single[h * d:(h + 1) * d])) for h in alive]))
@@ -416,7 +422,7 @@ class Reconstructor:
             return np.linalg.norm(w_v, axis=0).reshape(block.groups, -1)
         if self.criterion == "snp-paper":
             return redundancy(w_v).reshape(block.groups, -1)
-        activation = _activation_norms(equations) * np.linalg.norm(prior, axis=1)
+        activation = activation_norms(equations) * np.linalg.norm(prior, axis=1)
         return units.per_group(block, activation.reshape(block.heads, -1))
 
     # --- FFN ---------------------------------------------------------------------------------------
@@ -452,7 +458,7 @@ class Reconstructor:
             return np.linalg.norm(w_in, axis=0)
         if self.criterion == "snp-paper":
             return redundancy(w_in)
-        return _activation_norms(equations) * np.linalg.norm(prior, axis=1)
+        return activation_norms(equations) * np.linalg.norm(prior, axis=1)
 
     # --- refits ------------------------------------------------------------------------------------
     def _equations(self, half: _Half, batches: list[_Batch], tensor: str, inputs: int, outputs: int
@@ -483,74 +489,8 @@ class Reconstructor:
         energy = max(yy, 1e-30)
         self.reports.append(HalfReport(name, int(equations.count), ridge, sliced / energy, fit.loss / energy))
         if linear.bias is None:  # no bias to put the fitted intercept into: refit without one
-            fit = _solve_without_bias(equations, keep, prior[keep], ridge)
-        return Refit(fit.weight, fit.bias if linear.bias is not None else None)
-
-
-def _project_pairs(pairs: PairStatistics, kept: int) -> tuple[np.ndarray, np.ndarray]:
-    """Maps putting into each head's first `kept` Q/K positions the best rank-`kept`
-    approximation of its scores Q·Kᵀ: with upper-triangular Rq, Rk (RᵀR = the pooled Grams of
-    Q and K) and Rq·Rkᵀ = U Σ Vᵀ, q' = Q·Rq⁻¹·U_k·Σ_k^½ and k' = K·Rk⁻¹·V_k·Σ_k^½, so that
-    q'·k'ᵀ keeps the top `kept` singular directions of the scores on the calibration tokens."""
-    heads, d, _ = pairs.gram_q.shape
-    q_map, k_map = np.zeros((heads, d, kept)), np.zeros((heads, d, kept))
-    for h in range(heads):
-        roots = [_cholesky(gram).T for gram in (pairs.gram_q[h], pairs.gram_k[h])]
-        u, sigma, vt = np.linalg.svd(roots[0] @ roots[1].T)
-        root = np.sqrt(sigma[:kept])
-        q_map[h] = np.linalg.solve(roots[0], u[:, :kept] * root)
-        k_map[h] = np.linalg.solve(roots[1], vt[:kept].T * root)
-    return q_map, k_map
-
-
-def _project_values(block, equations: NormalEquations, prior: np.ndarray, heads: np.ndarray, kept: int
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Each kept head's value path compressed to `kept` directions instead of `kept` of its
-    neurons: the best rank-`kept` approximation of context·W_out in the metric of the context's
-    Gram (L·Lᵀ): with Lᵀ·W_out = P Σ Qᵀ, the map is L⁻ᵀ·P_k and the output projection's rows
-    for it P_kᵀ·Lᵀ·W_out. Returns the kept positions, the maps, the transform of the output
-    projection's inputs [context, 1] into the new basis and its weights there (the refit's prior)."""
-    d = block.head_dim
-    n = block.heads * d
-    gram = centred_gram(equations)
-    transform = np.zeros((n + 1, n + 1))
-    transform[n, n] = 1.0
-    maps = np.zeros((len(heads), d, kept))
-    projected = np.zeros_like(prior)
-    for index, h in enumerate(heads):
-        rows = np.arange(h * d, (h + 1) * d)
-        lower = _cholesky(gram[np.ix_(rows, rows)])
-        left = np.linalg.svd(lower.T @ prior[rows], full_matrices=False)[0][:, :kept]
-        maps[index] = np.linalg.solve(lower.T, left)
-        transform[np.ix_(rows, rows[:kept])] = maps[index]
-        projected[rows[:kept]] = left.T @ lower.T @ prior[rows]
-    return np.tile(np.arange(kept), (len(heads), 1)), maps, transform, projected
-
-
-def _cholesky(gram: np.ndarray) -> np.ndarray:
-    """Lower L with L·Lᵀ = Gram, made positive definite by a little jitter where it is not (dead
-    neurons, fewer tokens than dimensions, rounding of float32 sums)."""
-    d = len(gram)
-    scale = max(float(np.trace(gram)) / d, 1e-30)
-    for jitter in (1e-6, 1e-4, 1e-2, 1.0):
-        try:
-            return np.linalg.cholesky(gram + jitter * scale * np.eye(d))
-        except np.linalg.LinAlgError:
-            continue
-    return np.sqrt(scale) * np.eye(d)
-
-
-def _solve_without_bias(equations: NormalEquations, keep: np.ndarray, prior: np.ndarray, ridge: float):
-    xx, xy, _ = equations.total()
-    gram, cross = xx[np.ix_(keep, keep)], xy[keep]
-    penalty = ridge * max(float(np.mean(np.diag(gram))), 1e-30)
-    weight = np.linalg.solve(gram + penalty * np.eye(len(keep)), cross + penalty * prior)
-    return Refit(weight, None)
-
-
-def _activation_norms(equations: NormalEquations) -> np.ndarray:
-    xx = equations.total()[0]
-    return np.sqrt(np.maximum(np.diag(xx)[:-1], 0.0))
+            return Refit(solve_without_bias(equations, keep, prior[keep], ridge), None)
+        return Refit(fit.weight, fit.bias)
 
 
 def _tokens(x: np.ndarray, samples: int, mask: np.ndarray | None) -> np.ndarray:

@@ -5,8 +5,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .attention_maps import AttentionSample
 from .plan import PrunePlan
-from .matching import Skipped
+from .matching import Layer, Skipped
 from .stats import ModelStats
 from .verification import Fidelity
 
@@ -50,6 +51,7 @@ class Report:
     latency_ms_before: float | None = None  # onnxruntime, one thread, one sample, interleaved
     latency_ms_after: float | None = None
     attention_kl: dict[str, float | None] = field(default_factory=dict)  # per attention block, held-back samples
+    attention_maps: list[AttentionSample] = field(default_factory=list)  # the heads that changed most, one sample
     reconstruction: dict | None = None  # the block-by-block refit: settings, samples, tokens, error per half-block
     allocation: dict | None = None  # --target-* with reconstruction: the goal and the measured loss per block
     seconds: float = 0.0
@@ -69,6 +71,14 @@ class Report:
         data["fidelity"] = self.fidelity.as_dict()
         data["flops_before"], data["flops_after"] = self.flops_before, self.flops_after
         return data
+
+    def compensation_summary(self) -> str:
+        if self.reconstruction is not None:
+            r = self.reconstruction
+            return (f"{self.compensation} (block by block, {r['propagation']}, {r['reduction']} Q/K and V, "
+                    f"{r['selection']} selection; {r['samples']} samples, {r['tokens']} tokens)")
+        applied = ", ".join(self.compensation_kept) or "nothing helped"
+        return f"{self.compensation} ({applied})" if self.compensation != "none" else "none"
 
     def table(self) -> str:
         attention = [b for b in self.blocks if b.kind == "attention"]
@@ -104,14 +114,8 @@ class Report:
         lines.append(f"fidelity on {held}: output cosine {f.output_cosine:.4f}, centred cosine "
                      f"{f.centred_cosine:.4f}, relative error {f.relative_error:.4f}{top1}, "
                      f"max abs diff {f.max_abs_diff:.3g}")
-        if self.reconstruction is not None:
-            r = self.reconstruction
-            compensation = (f"{self.compensation} (block by block, {r['propagation']}, {r['reduction']} Q/K and V, "
-                            f"{r['selection']} selection; {r['samples']} samples, {r['tokens']} tokens)")
-        else:
-            applied = ", ".join(self.compensation_kept) or "nothing helped"
-            compensation = f"{self.compensation} ({applied})" if self.compensation != "none" else "none"
-        lines.append(f"criterion {self.criterion}, compensation {compensation}, calibration: {self.calibration} "
+        lines.append(f"criterion {self.criterion}, compensation {self.compensation_summary()}, "
+                     f"calibration: {self.calibration} "
                      f"({self.calibration_samples} samples fitted, {self.holdout_samples} held back)")
         if self.requantized:
             errors = list(self.requantized.values())
@@ -141,6 +145,26 @@ def block_reports(plan: PrunePlan) -> list[BlockReport]:
         b = keep.block
         rows.append(BlockReport(b.name, "ffn", b.activation, ffn_dim_before=b.hidden, ffn_dim_after=len(keep.hidden)))
     return rows
+
+
+CURVE_FRACTIONS = (0.125, 0.25, 0.5, 0.75)  # kept shares at which the report samples sensitivity curves
+
+
+def sensitivity_points(layer: Layer, curves) -> dict:
+    """A few points of one transformer block's sensitivity curves (sensitivity.LayerSensitivity):
+    the loss of each group at CURVE_FRACTIONS of its width kept, interpolated as the allocation
+    reads them (None below the fewest units measured, e.g. under one head), with the names of
+    its two blocks."""
+    block, ffn = layer.attention, layer.ffn
+    widths = {"qk": block.head_dim, "v": block.head_dim, "heads": block.heads, "ffn": ffn.hidden}
+
+    def point(curve, kept: float) -> float | None:
+        return float(f"{curve.at(kept):.3g}") if kept >= curve.kept[0] else None
+
+    return {"attention_block": block.name, "ffn_block": ffn.name,
+            "curves": {"kept": list(CURVE_FRACTIONS),
+                       **{group: [point(getattr(curves, group), share * width) for share in CURVE_FRACTIONS]
+                          for group, width in widths.items()}}}
 
 
 def stats_fields(before: ModelStats, after: ModelStats) -> dict[str, int]:

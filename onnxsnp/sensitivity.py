@@ -24,7 +24,8 @@ import numpy as np
 from .importance import PairStatistics, input_weights, query_key, query_key_tensors
 from .least_squares import DEFAULT_RIDGE, NormalEquations, Obs, solve
 from .plan import AttentionKeep
-from .reconstruction import Reconstructor, _Batch, _cholesky, _project_pairs, _project_values, _tokens
+from .projection import cholesky, project_pairs, project_values
+from .reconstruction import Reconstructor, _Batch, _tokens
 
 CURVE_STEPS = 16  # points measured along each curve (between them the loss is interpolated)
 
@@ -110,11 +111,11 @@ def _attention(r: Reconstructor, layer, half, batches: list[_Batch]):
     # Q/K: exact score error of k projected directions, converted by one measured run at half width
     score_error = np.zeros(d + 1)
     for h in range(heads):
-        roots = [_cholesky(g).T for g in (pairs.gram_q[h], pairs.gram_k[h])]
+        roots = [cholesky(g).T for g in (pairs.gram_q[h], pairs.gram_k[h])]
         sigma2 = np.linalg.svd(roots[0] @ roots[1].T, compute_uv=False) ** 2
         score_error += np.r_[np.cumsum(sigma2[::-1])[::-1], 0.0]
     half_width = max(1, d // 2)
-    q_map, k_map = _project_pairs(pairs, half_width)
+    q_map, k_map = project_pairs(pairs, half_width)
     trial = AttentionKeep(block, np.tile(np.arange(half_width), (heads, 1)), np.tile(np.arange(d), (heads, 1)),
                           every, q_map, k_map)
     saved = dict(r.weights.values)
@@ -136,7 +137,7 @@ def _attention(r: Reconstructor, layer, half, batches: list[_Batch]):
         if kept == d:
             v_loss.append(0.0)
             continue
-        rows, _, transform, projected = _project_values(block, equations, prior, every, kept)
+        rows, _, transform, projected = project_values(block, equations, prior, every, kept)
         v_loss.append(solve(equations.transformed(transform), (rows + np.arange(heads)[:, None] * d).reshape(-1),
                             projected[(rows + np.arange(heads)[:, None] * d).reshape(-1)], DEFAULT_RIDGE).loss)
     v = Curve(points.astype(float), np.maximum(np.array(v_loss) - 0.0, 0.0))

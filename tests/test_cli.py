@@ -12,6 +12,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+import graphs
 from conftest import ROOT
 from onnxsnp.cli import main
 
@@ -68,6 +69,17 @@ def test_inspect_lists_blocks(exported, capsys):
     assert main(["inspect", str(exported("vit", "sdpa", False))]) == 0
     printed = capsys.readouterr().out
     assert "2 attention block(s)" in printed and "fused-qkv" in printed and "2 FFN block(s)" in printed
+    assert "block-by-block reconstruction (--compensate lstsq): yes" in printed
+
+
+def test_inspect_says_when_reconstruction_cannot_run(tmp_path, capsys):
+    """A lone attention without a residual stream: no half-block segments, so inspect says the
+    one-pass refit runs instead, and why."""
+    path = tmp_path / "lone.onnx"
+    onnx.save(graphs.softmax_attention(), path)
+    assert main(["inspect", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "block-by-block reconstruction (--compensate lstsq): no, the one-pass refit runs instead: " in printed
 
 
 def mlp_model(path):

@@ -58,7 +58,7 @@ def decoder(tmp_path_factory):
 
 @pytest.mark.parametrize("form", FORMS)
 def test_decoder_blocks_are_found(decoder, form):
-    matches = inspect_model(decoder(form))  # MatMulNBits read as float, a final norm's sum exposed
+    matches = inspect_model(decoder(form)).matches  # MatMulNBits read as float, a final norm's sum exposed
     assert (len(matches.attention), len(matches.ffn), len(matches.layers)) == (2, 2, 2), matches.skipped
     for block in matches.attention:
         assert block.groups == GROUPS.get(form, 2) and len(block.kv_caches) == 2

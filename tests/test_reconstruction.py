@@ -12,7 +12,8 @@ from onnxsnp.graph import ModelGraph
 from onnxsnp.importance import PairStatistics
 from onnxsnp.matching import find_blocks
 from onnxsnp.plan import PrunePlan
-from onnxsnp.reconstruction import (AttentionWidth, Propagation, Reconstructor, Widths, _project_pairs,
+from onnxsnp.projection import project_pairs
+from onnxsnp.reconstruction import (AttentionWidth, Propagation, Reconstructor, Widths,
                                     plan_segments)
 from onnxsnp.rewriting import rewrite
 
@@ -85,7 +86,7 @@ def test_projected_pairs_approximate_scores_better_than_any_choice_of_pairs():
     key = rng.standard_normal((1, tokens, d)) @ mixing
     pairs = PairStatistics.empty(1, d)
     pairs.add(q, key)
-    q_map, k_map = _project_pairs(pairs, k)
+    q_map, k_map = project_pairs(pairs, k)
     scores = q[0] @ key[0].T
     projected = np.linalg.norm((q[0] @ q_map[0]) @ (key[0] @ k_map[0]).T - scores)
     from itertools import combinations

@@ -14,10 +14,19 @@ uniform rows), the default configuration and one row per lever changed from it:
 
 Writes docs/RESULTS.md (then the speed and cost tables are appended by tools/collect_results.py)
 and one plot per model beside it; regenerates everything from scratch.
+
+The whole ablation takes hours on a 2-core machine. `--rows FILE` keeps every measurement in a
+JSON-lines file as it is taken (with the commit it was measured on) and reuses it on the next
+invocation, so the table can be built in parts; `--from-rows` only renders what the file holds:
+
+    python tools/bench_fidelity.py --rows build/fidelity_rows.jsonl --models minilm --configs default
+    python tools/bench_fidelity.py --rows build/fidelity_rows.jsonl --from-rows
 """
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -172,6 +181,39 @@ class Classifier(MiniLM):
                 "agreement": float((predicted == self.predicted).mean())}
 
 
+class Rows:
+    """Measurements kept in a JSON-lines file, one per (model, kind, key): appended as soon as they
+    are taken, reused by later invocations (without a file: nothing kept, everything measured)."""
+
+    def __init__(self, path: Path | None, measure: bool = True):
+        self.path, self.measure, self.kept = path, measure, {}
+        self.commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                     text=True).stdout.strip() or "unknown"
+        if path is not None and path.exists():
+            for line in path.read_text().splitlines():
+                entry = json.loads(line)
+                self.kept[(entry["model"], entry["kind"], entry["key"])] = entry
+
+    def get(self, task: "Task", kind: str, key: str, compute: Callable[[], object]):
+        """The kept value, or the measured one (None where only kept values may be used)."""
+        entry = self.kept.get((task.name, kind, key))
+        if entry is not None:
+            return entry["value"]
+        if not self.measure:
+            return None
+        value = compute()
+        entry = {"model": task.name, "kind": kind, "key": key, "commit": self.commit, "value": value}
+        self.kept[(task.name, kind, key)] = entry
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as out:
+                out.write(json.dumps(entry) + "\n")
+        return value
+
+    def commits(self) -> list[str]:
+        return sorted({e["commit"] for e in self.kept.values()})
+
+
 def run_config(task: Task, config: Config, cut: float, scratch: Path, cap: int | None = None) -> dict:
     started = time.perf_counter()
     samples = min(filter(None, (config.samples, cap)), default=None)
@@ -305,7 +347,12 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", help="only these configurations (names as in the table)")
     parser.add_argument("--quick", action="store_true", help="digits only, a few configurations (a smoke run)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "RESULTS.md")
+    parser.add_argument("--rows", type=Path, help="keep and reuse measurements in this JSON-lines file")
+    parser.add_argument("--from-rows", action="store_true", help="measure nothing: render what --rows holds")
     args = parser.parse_args()
+    if args.from_rows and args.rows is None:
+        parser.error("--from-rows needs --rows")
+    store = Rows(args.rows, measure=not args.from_rows)
     started = time.perf_counter()
     chosen = [c for c in CONFIGS if (not args.configs or c.name in args.configs) and (not args.quick or c.name in QUICK)]
     factories = {"digits": Digits, "minilm": MiniLM, "classifier": Classifier}
@@ -322,33 +369,41 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         for task in tasks:
             budgets = [0.5] if args.quick else args.budgets
-            rows = [run_config(task, config, cut, Path(scratch), 256 if args.quick else None)
-                    for config in chosen for cut in budgets]
+            measured = [store.get(task, "row", f"{config.name}@{cut}{' quick' if args.quick else ''}",
+                                  lambda: run_config(task, config, cut, Path(scratch), 256 if args.quick else None))
+                        for config in chosen for cut in budgets]
+            rows = [r for r in measured if r is not None]
+            shown = [c for c in chosen if any(r["config"] == c.name for r in rows)]
+            if not rows:
+                continue
             picture = out.parent / f"fidelity_{task.name.split()[0].lower().replace('-', '_')}.png"
-            plot(task, rows, chosen, picture)
+            plot(task, rows, shown, picture)
             goals += goal_lines(task, rows, budgets)
             original = (f"{task.original:.2%}" if hasattr(task, "original") else "1.000 (itself)")
             sections += [f"## {task.name}", "", f"Original: {task.metrics[0]} {original}. Each cell: "
                          f"{task.metrics[0]} (change), FLOPs removed as measured on the written model, "
                          "the pruner's time (on this shared 2-core machine).", "", f"![{task.name}]({picture.name})", ""]
-            sections += ablation_table(task, rows, budgets, chosen) + [""]
+            sections += ablation_table(task, rows, budgets, shown) + [""]
             if args.quick:
                 continue
-            crit = criteria(task, [0.3, 0.5], Path(scratch))
+            crit = store.get(task, "criteria", "0.3,0.5", lambda: criteria(task, [0.3, 0.5], Path(scratch)))
+            kl = store.get(task, "attention-kl", "0.5", lambda: attention_kl(task, 0.5))
+            if crit is None or kl is None:
+                continue
             sections += [f"### {task.name}: criteria alone (no compensation, uniform ratio)", "",
                          "| criterion | ratio | " + " | ".join(task.metrics) + " |", "|---|---|" + "---|" * len(task.metrics)]
             sections += [f"| {r['criterion']} | {r['ratio']} | " + " | ".join(_format(m, r[m]) for m in task.metrics)
                          + " |" for r in crit] + [""]
-            kl = attention_kl(task, 0.5)
             sections += [f"### {task.name}: attention-map error, half of the Q/K pairs removed (nothing else)", "",
                          "Mean KL(original ‖ pruned) of the attention probabilities per block (lower is better).", "",
                          "| Q/K pairs | " + " | ".join(f"block {i}" for i in range(len(kl["snp"]))) + " | mean |",
                          "|---|" + "---|" * (len(kl["snp"]) + 1)]
             sections += [f"| {c} | " + " | ".join(f"{v:.4f}" for v in values) + f" | {np.mean(values):.4f} |"
                          for c, values in kl.items()] + [""]
+    how = (f"one run, from scratch; {time.perf_counter() - started:.0f} s in all" if args.rows is None else
+           f"rows measured in parts and kept in `{args.rows.name}`, on commit(s) {', '.join(store.commits())}")
     lines = ["# Fidelity without retraining", "",
-             f"Generated by `python tools/bench_fidelity.py{' --quick' if args.quick else ''}` (one run, from scratch; "
-             f"{time.perf_counter() - started:.0f} s in all). No retraining anywhere; every score is on data that "
+             f"Generated by `python tools/bench_fidelity.py{' --quick' if args.quick else ''}` ({how}). No retraining anywhere; every score is on data that "
              "neither calibration nor the pruner saw. The default: every calibration sample given, block-by-block "
              "reconstruction on the pruned model's own activations, widths allocated globally by measured sensitivity "
              "(`--target-flops`), V/FFN neurons and heads chosen by structured OBS, Q/K and V projected onto each "
