@@ -142,11 +142,11 @@ def ort_multi_head_attention() -> onnx.ModelProto:
     return b.model(b.linear(context, WIDTH, WIDTH), ("com.microsoft",))
 
 
-def group_query_attention() -> onnx.ModelProto:
-    """com.microsoft.GroupQueryAttention, which onnxsnp refuses by name."""
+def contrib_attention(op_type: str) -> onnx.ModelProto:
+    """A com.microsoft attention op on separate q, k, v projections (for ops onnxsnp refuses by name)."""
     b = Builder()
     q, k, v = (b.linear("x", WIDTH, WIDTH) for _ in range(3))
-    context = b.op("GroupQueryAttention", [q, k, v], domain="com.microsoft", num_heads=HEADS, kv_num_heads=HEADS)
+    context = b.op(op_type, [q, k, v], domain="com.microsoft", num_heads=HEADS)
     return b.model(b.linear(context, WIDTH, WIDTH), ("com.microsoft",))
 
 

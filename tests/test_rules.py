@@ -39,11 +39,12 @@ def test_every_rule_is_registered_by_its_anchor():
             ("com.microsoft", "MultiHeadAttention")} <= kinds
 
 
-def test_unsupported_op_is_refused_by_name():
-    matches = find_blocks(ModelGraph(graphs.group_query_attention()))
+@pytest.mark.parametrize("op_type", ["PackedMultiHeadAttention", "DecoderMaskedMultiHeadAttention"])
+def test_unsupported_op_is_refused_by_name(op_type):
+    matches = find_blocks(ModelGraph(graphs.contrib_attention(op_type)))
     assert not matches.attention
     (skipped,) = [s for s in matches.skipped if s.kind == "attention"]
-    assert "GroupQueryAttention" in skipped.reason and skipped.where.startswith("GroupQueryAttention")
+    assert op_type in skipped.reason and skipped.where.startswith(op_type)
 
 
 def test_a_failed_match_says_why():

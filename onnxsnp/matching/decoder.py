@@ -42,18 +42,27 @@ def rotary_producing(g: ModelGraph, tensor: str) -> tuple[Rotary, list[ShapeEdit
     return None
 
 
+def _negated_and_plain(g: ModelGraph, negated: str, plain: str) -> tuple | None:
+    """(Neg, the Slice it negates, the other Slice) where `negated` is −Slice(x) and `plain` Slice(x)."""
+    neg, second = g.producer_of(negated), g.producer_of(plain)
+    if neg is None or second is None or neg.op_type != "Neg" or second.op_type != "Slice":
+        return None
+    first = g.producer_of(neg.input[0])
+    if first is None or first.op_type != "Slice" or first.input[0] != second.input[0]:
+        return None
+    return neg, first, second
+
+
 def _rotated(g: ModelGraph, tensor: str) -> tuple[str, RotaryStyle, list[str], list[ShapeEdit], int | None] | None:
     """(x, style, nodes, edits, split point) if `tensor` is rotate_half(x) or its interleaved form."""
     node = g.producer_of(tensor)
     if node is None:
         return None
     if node.op_type == "Concat" and len(node.input) == 2:  # rotate_half: [−x[d/2:], x[:d/2]]
-        negated, second = (g.producer_of(t) for t in node.input)
-        if negated is None or second is None or negated.op_type != "Neg" or second.op_type != "Slice":
+        halves = _negated_and_plain(g, *node.input)
+        if halves is None:
             return None
-        first = g.producer_of(negated.input[0])
-        if first is None or first.op_type != "Slice" or first.input[0] != second.input[0]:
-            return None
+        negated, first, second = halves
         x = first.input[0]
         rank = len(g.shapes.get(x) or ())
         if not rank or attribute(node, "axis") not in (-1, rank - 1):
@@ -74,12 +83,10 @@ def _rotated(g: ModelGraph, tensor: str) -> tuple[str, RotaryStyle, list[str], l
         pieces = [g.producer_of(t) for t in concat.input]
         if any(p is None or p.op_type != "Unsqueeze" for p in pieces):
             return None
-        negated, second = (g.producer_of(p.input[0]) for p in pieces)
-        if negated is None or second is None or negated.op_type != "Neg" or second.op_type != "Slice":
+        halves = _negated_and_plain(g, *(p.input[0] for p in pieces))
+        if halves is None:
             return None
-        first = g.producer_of(negated.input[0])
-        if first is None or first.op_type != "Slice" or first.input[0] != second.input[0]:
-            return None
+        negated, first, second = halves
         x = first.input[0]
         rank = len(g.shapes.get(x) or ())
         odd, even = _bounds(g, first, rank, step=2), _bounds(g, second, rank, step=2)
