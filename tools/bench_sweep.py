@@ -14,8 +14,12 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
+
+from collect_results import collect  # noqa: E402
 
 from onnxsnp.cli import main as cli  # noqa: E402
 
@@ -60,6 +64,8 @@ def main() -> None:
              "[sweep_example.html](sweep_example.html)):", "", table]
     args.out.write_text("\n".join(lines))
     (args.out.parent / "sweep_example.html").write_text(page)
+    if args.out.resolve() == (ROOT / "docs" / "SWEEP.md").resolve():
+        collect()  # docs/RESULTS.md holds every table
     print("\n".join(lines))
 
 
