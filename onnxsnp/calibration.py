@@ -270,13 +270,21 @@ def session(model: onnx.ModelProto, threads: int = 0, extra_outputs: Iterable[st
     return light_session(graph_only, names, values, threads)
 
 
-def light_session(light: onnx.ModelProto, names: list[str], values: list[ort.OrtValue], threads: int = 0
-                  ) -> ort.InferenceSession:
-    """A session over a model whose larger weights are given apart (see `add_initializers`)."""
+def light_session(light: onnx.ModelProto, names: list[str], values: list[ort.OrtValue], threads: int = 0,
+                  segment: bool = False) -> ort.InferenceSession:
+    """A session over a model whose larger weights are given apart (see `add_initializers`).
+
+    `segment`: one of many sessions alive at once (segments.py). Their memory arenas would each
+    keep a run's worth of memory for as long as they live, so allocations go straight to the
+    heap instead; and their threads do not spin after a run, where numpy work follows at once
+    on the same cores."""
     options = ort.SessionOptions()
     options.log_severity_level = 4  # failures are reported by onnxsnp, in one line
     if threads:
         options.intra_op_num_threads = threads
+    if segment:
+        options.enable_cpu_mem_arena = False
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if names:
         options.add_external_initializers(names, values)
     sess = ort.InferenceSession(light.SerializeToString(), options, providers=["CPUExecutionProvider"])

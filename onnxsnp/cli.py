@@ -16,7 +16,8 @@ import onnx
 from . import __version__
 from .errors import SnpError
 from .importance import CRITERIA
-from .options import Compensation, make_options
+from .options import Compensation, PruneOptions, make_options
+from .sweep import csv as sweep_csv, markdown as sweep_markdown, page as sweep_page, parse_goals, sweep as run_sweep
 from .reconstruction import Propagation, Reduction, Selection
 from .matching import Matches
 from .html import render as render_html
@@ -37,6 +38,11 @@ EXAMPLES = """examples:
   onnxsnp vit/model.onnx out.onnx --calib-images photos/                (preprocessor_config.json beside it)
   onnxsnp genai-folder/ pruned-folder/ --ratio 0.3 --calib-text texts.txt   (onnxruntime-genai: folder in, folder out)
   onnxsnp inspect in.onnx
+  onnxsnp sweep in.onnx --targets 0.9,0.7,0.5 --out sweep/ --calib calib.npz
+"""
+SWEEP_EXAMPLES = """examples:
+  onnxsnp sweep models/digits_vit.onnx --targets 0.9,0.8,0.7,0.6,0.5,0.4 --out sweep/ --calib models/digits_vit_calib.npz
+  onnxsnp sweep bert/model.onnx --targets 0.8,0.6 --kind params --out sweep/ --calib-text sentences.txt
 """
 
 
@@ -45,19 +51,38 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _prune_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="onnxsnp", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
-                     description="Prune an ONNX transformer with SNP (structured neuron-level pruning). "
-                                 "Use `onnxsnp inspect IN` to list the blocks it finds.")
-    parser.add_argument("--version", action="version", version=f"onnxsnp {__version__}")
-    parser.add_argument("input", help="the ONNX model to prune, or an onnxruntime-genai folder (never modified)")
-    parser.add_argument("output", help="where to write the pruned model, or the pruned folder (written only after "
-                                       "it verified)")
-    parser.add_argument("--ratio", type=float, default=0.5,
-                        help="fraction of neurons removed from each group: Q/K pairs, V, FFN (0 <= R < 1; default 0.5)")
-    parser.add_argument("--qk-ratio", type=float, help="override --ratio for query/key pairs")
-    parser.add_argument("--v-ratio", type=float, help="override --ratio for value neurons")
-    parser.add_argument("--ffn-ratio", type=float, help="override --ratio for FFN hidden neurons")
+def _prune_parser(sweep: bool = False) -> argparse.ArgumentParser:
+    """The options of `onnxsnp IN OUT`; with `sweep`, those of `onnxsnp sweep IN --targets … --out DIR`
+    (the same, but budgets instead of one output, ratios and target)."""
+    if sweep:
+        parser = _Parser(prog="onnxsnp sweep", formatter_class=argparse.RawDescriptionHelpFormatter,
+                         epilog=SWEEP_EXAMPLES,
+                         description="Prune one model at several budgets, sharing the calibration and the "
+                                     "sensitivity survey, and write each model with a table and a chart of FLOPs, "
+                                     "parameters, measured latency and fidelity per budget.")
+        parser.add_argument("input", help="the ONNX model to prune (never modified)")
+        parser.add_argument("--targets", required=True, metavar="F,F,…",
+                            help="budgets as fractions of the original, e.g. 0.9,0.8,0.7,0.6,0.5,0.4")
+        parser.add_argument("--kind", choices=("flops", "params"), default="flops",
+                            help="what the budgets count (default flops)")
+        parser.add_argument("--out", required=True, metavar="DIR",
+                            help="folder for the models (target_0.7.onnx, …), sweep.md, sweep.csv and sweep.html "
+                                 "(created if missing; files of an earlier sweep are replaced)")
+    else:
+        parser = _Parser(prog="onnxsnp", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+                         description="Prune an ONNX transformer with SNP (structured neuron-level pruning). "
+                                     "Use `onnxsnp inspect IN` to list the blocks it finds, `onnxsnp sweep` to "
+                                     "prune at several budgets.")
+        parser.add_argument("--version", action="version", version=f"onnxsnp {__version__}")
+        parser.add_argument("input", help="the ONNX model to prune, or an onnxruntime-genai folder (never modified)")
+        parser.add_argument("output", help="where to write the pruned model, or the pruned folder (written only "
+                                           "after it verified)")
+        parser.add_argument("--ratio", type=float, default=0.5,
+                            help="fraction of neurons removed from each group: Q/K pairs, V, FFN "
+                                 "(0 <= R < 1; default 0.5)")
+        parser.add_argument("--qk-ratio", type=float, help="override --ratio for query/key pairs")
+        parser.add_argument("--v-ratio", type=float, help="override --ratio for value neurons")
+        parser.add_argument("--ffn-ratio", type=float, help="override --ratio for FFN hidden neurons")
     parser.add_argument("--heads", type=float, default=0.0,
                         help="fraction of whole heads removed in every attention block, by their output on "
                              "calibration data (0 <= R < 1; default 0); combines with the neuron ratios")
@@ -70,10 +95,12 @@ def _prune_parser() -> argparse.ArgumentParser:
     parser.add_argument("--blocks", default="0", metavar="N|I,J",
                         help="remove N whole transformer blocks, those that change the residual stream least on "
                              "calibration data; or the blocks with indices I,J (0-based; '5,' for one)")
-    parser.add_argument("--target-flops", metavar="F",
-                        help="instead of ratios: reach F FLOPs (a fraction of the original like 0.5, or an absolute "
-                             "count), choosing how the cut is shared between Q/K, V and FFN by measured fidelity")
-    parser.add_argument("--target-params", metavar="P", help="like --target-flops, for the parameter count")
+    if not sweep:
+        parser.add_argument("--target-flops", metavar="F",
+                            help="instead of ratios: reach F FLOPs (a fraction of the original like 0.5, or an "
+                                 "absolute count), choosing how the cut is shared between Q/K, V and FFN by measured "
+                                 "fidelity")
+        parser.add_argument("--target-params", metavar="P", help="like --target-flops, for the parameter count")
     parser.add_argument("--align", type=int, default=1,
                         help="round kept widths up to a multiple of this (e.g. 8 for fast kernels)")
     parser.add_argument("--compensate", choices=[c.value for c in Compensation], default="lstsq",
@@ -102,9 +129,10 @@ def _prune_parser() -> argparse.ArgumentParser:
                         help="calibration samples to use (default: all given; 64 synthetic ones without data)")
     _add_raw_calibration_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed for synthetic data and --criterion random")
-    parser.add_argument("--report", metavar="FILE.json", help="write the report as JSON")
-    parser.add_argument("--html", metavar="FILE.html",
-                        help="write the report as a self-contained HTML page with per-block charts")
+    if not sweep:
+        parser.add_argument("--report", metavar="FILE.json", help="write the report as JSON")
+        parser.add_argument("--html", metavar="FILE.html",
+                            help="write the report as a self-contained HTML page with per-block charts")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar, table or warnings")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="log each stage with its time (-v), and skipped candidates and tracebacks of "
@@ -136,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
                   + ("yes" if inspection.reconstruction is None else f"no, the one-pass refit runs instead: "
                                                                       f"{inspection.reconstruction}"))
             return 0
+        if argv and argv[0] == "sweep":
+            return _run_sweep(_prune_parser(sweep=True).parse_args(argv[1:]))
         return _run_prune(_prune_parser().parse_args(argv))
     except SnpError as exc:
         print(f"onnxsnp: error: {exc}", file=sys.stderr)
@@ -179,20 +209,63 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _options(args: argparse.Namespace, **chosen) -> PruneOptions:
+    """The options of a prune or of one budget of a sweep (`chosen`: what differs)."""
+    values = dict(ratio=0.5, qk_ratio=None, v_ratio=None, ffn_ratio=None, target_flops=None, target_params=None)
+    values.update({k: getattr(args, k) for k in values if hasattr(args, k)}, **chosen)
+    return make_options(values.pop("ratio"), **values, heads=args.heads, blocks=args.blocks, align=args.align,
+                        residual=args.residual, criterion=args.criterion, compensate=args.compensate,
+                        reconstruct=args.reconstruct, selection=args.selection, reduction=args.reduction,
+                        residual_criterion=args.residual_criterion, calib_samples=args.calib_samples, seed=args.seed,
+                        progress=not args.quiet,
+                        # latency is a report figure: not measured when no report is shown or written
+                        measure_latency=bool(getattr(args, "report", None) or getattr(args, "html", None)
+                                             or getattr(args, "out", None)) or not args.quiet)
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    source, folder = Path(args.input), Path(args.out)
+    goals = parse_goals(args.targets)
+    options_for = {goal: _options(args, **{f"target_{args.kind}": goal}) for goal in goals}  # all checked first
+    if folder.exists() and not folder.is_dir():
+        raise SnpError(f"--out is not a folder: {folder}")
+    folder.mkdir(parents=True, exist_ok=True)
+    names = {goal: folder / f"target_{goal:g}.onnx" for goal in goals}
+    _check_outputs([(path, "output") for path in names.values()])
+    loaded = load_model(source)
+    for path in names.values():
+        _check_not_inputs(loaded.files, path, [])
+
+    def write(goal: float, result) -> str:
+        write_model_atomically(result.model, names[goal], result.external_data)
+        if not args.quiet:
+            print(f"target {goal:g} × {args.kind}: wrote {names[goal]}")
+        return names[goal].name
+
+    with warnings.catch_warnings():
+        if args.quiet:
+            warnings.simplefilter("ignore")
+        else:
+            warnings.showwarning = _show_warning
+        raw = _raw_calibration(args, source, loaded.model)
+        result = run_sweep(loaded, goals, options_for.__getitem__, write, calib=raw.arrays if raw else args.calib,
+                           calib_label=raw.label if raw else None)
+    _write_text_atomically(folder / "sweep.md", sweep_markdown(result))
+    _write_text_atomically(folder / "sweep.csv", sweep_csv(result))
+    _write_text_atomically(folder / "sweep.html", sweep_page(result, f"onnxsnp sweep: {source.name}"))
+    if not args.quiet:
+        print(sweep_markdown(result))
+        print(f"shared work {result.shared_seconds:.1f} s, then {sum(r.seconds for r in result.rows):.1f} s for "
+              f"{len(result.rows)} budgets; wrote {folder / 'sweep.html'}")
+    return 0
+
+
 def _run_prune(args: argparse.Namespace) -> int:
     source, target = Path(args.input), Path(args.output)
     folder = genai_folder(source)  # an onnxruntime-genai folder in gives a folder out
     if folder is not None:
         source = folder.model_file
-    options = make_options(args.ratio, qk_ratio=args.qk_ratio, v_ratio=args.v_ratio, ffn_ratio=args.ffn_ratio,
-                           heads=args.heads, blocks=args.blocks, align=args.align, residual=args.residual,
-                           target_flops=args.target_flops, target_params=args.target_params, criterion=args.criterion,
-                           compensate=args.compensate, reconstruct=args.reconstruct, selection=args.selection,
-                           reduction=args.reduction, residual_criterion=args.residual_criterion,
-                           calib_samples=args.calib_samples, seed=args.seed, progress=not args.quiet,
-                           # latency is a report figure: not measured when no report is shown or written
-                           measure_latency=bool(args.report or args.html) or not args.quiet,
-                           one_head_size=folder is not None)
+    options = _options(args, one_head_size=folder is not None)
     reports = [Path(p) for p in (args.report, args.html) if p]
     _check_outputs(([] if folder is not None else [(target, "output")]) + [(report, "report") for report in reports])
     if folder is not None:

@@ -41,31 +41,39 @@ def bars(title: str, groups: list[tuple[str, dict[str, float]]], colours: dict[s
     return _svg(title, label_width + width + 120, y + 10, "".join(rows))
 
 
-def lines(title: str, x_label: str, series: list[tuple[str, list[float], list[float]]], colours: list[str]) -> str:
-    """A line chart with a logarithmic y axis: (name, xs, ys) per line; values that are None or
-    not above zero are left out."""
+def lines(title: str, x_label: str, series: list[tuple[str, list[float], list[float]]], colours: list[str],
+          log_y: bool = True) -> str:
+    """A line chart, its y axis logarithmic (`log_y`) or linear: (name, xs, ys) per line; values
+    that are None (or, on a logarithmic axis, not above zero) are left out."""
     left, top, width, height = 50, 28, 170, 130
-    kept = [(name, [(x, y) for x, y in zip(xs, ys) if y is not None and y > 0]) for name, xs, ys in series]
-    positive = [y for _, points in kept for _, y in points]
-    if not positive:
+    kept = [(name, [(x, y) for x, y in zip(xs, ys) if y is not None and (y > 0 or not log_y)]) for name, xs, ys in series]
+    values = [y for _, points in kept for _, y in points]
+    if not values:
         return _svg(title, left + width + 20, top + 40, f'<text x="0" y="{top + 16}" font-size="11">'
-                    'no loss measured above zero</text>')
-    low, high = math.floor(math.log10(min(positive))), math.ceil(math.log10(max(positive)))
-    high = max(high, low + 1)
+                    'no value measured' + (' above zero' if log_y else '') + '</text>')
+    if log_y:
+        low, high = math.floor(math.log10(min(values))), math.ceil(math.log10(max(values)))
+        high = max(high, low + 1)
+        axis, ticks = math.log10, [(10.0 ** p, f"1e{p}") for p in range(low, high + 1)]
+    else:
+        low, high = min(values), max(values)
+        low, high = (low - 0.05, high + 0.05) if high - low < 1e-9 else (low, high)
+        axis, ticks = (lambda v: v), [(v, f"{v:.3g}") for v in np.linspace(low, high, 5)]
+    y_low, y_high = axis(ticks[0][0]) if log_y else low, axis(ticks[-1][0]) if log_y else high
     xs_all = [x for _, points in kept for x, _ in points]
     x_low, x_high = min(xs_all + [0.0]), max(xs_all + [1.0])
 
     def at(x: float, y: float) -> tuple[float, float]:
         return (left + (x - x_low) / (x_high - x_low) * width,
-                top + height - (math.log10(y) - low) / (high - low) * height)
+                top + height - (axis(y) - y_low) / (y_high - y_low) * height)
 
     parts = [f'<rect x="{left}" y="{top}" width="{width}" height="{height}" fill="none" stroke="#999"/>']
-    for power in range(low, high + 1):
-        _, y = at(x_low, 10.0 ** power)
+    for value, label in ticks:
+        _, y = at(x_low, value)
         parts.append(f'<line x1="{left}" x2="{left + width}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eee"/>'
-                     f'<text x="{left - 4}" y="{y + 3:.1f}" font-size="9" text-anchor="end">1e{power}</text>')
+                     f'<text x="{left - 4}" y="{y + 3:.1f}" font-size="9" text-anchor="end">{label}</text>')
     for tick in np.linspace(x_low, x_high, 5):
-        x, _ = at(tick, 10.0 ** low)
+        x, _ = at(tick, ticks[0][0])
         parts.append(f'<text x="{x:.1f}" y="{top + height + 12}" font-size="9" text-anchor="middle">{tick:g}</text>')
     parts.append(f'<text x="{left + width / 2}" y="{top + height + 26}" font-size="10" text-anchor="middle">'
                  f'{html.escape(x_label)}</text>')

@@ -17,6 +17,7 @@ import numpy as np
 
 from . import units
 from .graph import ModelGraph
+from .threads import small_linear_algebra
 from .matching import AttentionBlock, FfnBlock, Layer, Linear, Matches
 from .plan import AttentionKeep, FfnKeep, PrunePlan, Ratios, head_columns, kept_count  # noqa: F401 (re-exported)
 from .residual import ResidualStream
@@ -119,6 +120,7 @@ class PairStatistics:
         return cls(np.zeros((heads, d)), np.zeros((heads, d, d)), np.zeros((heads, d)), 0, energy,
                    np.zeros((heads, d, d)), np.zeros((heads, d, d)))
 
+    @small_linear_algebra
     def add(self, q: np.ndarray, k: np.ndarray, token_mask: np.ndarray | None = None,
             q_original: np.ndarray | None = None, k_original: np.ndarray | None = None) -> None:
         """q, k: (samples, tokens, heads × d), as the pruned model computes them; the original
@@ -448,7 +450,8 @@ def projection_values(g: ModelGraph, linear: Linear, acts: dict[str, np.ndarray]
     if linear.output is not None and not from_input:
         return _as_tokens(acts[linear.output], samples)[..., offset:offset + width]
     x = _as_tokens(acts[linear.input], samples).astype(np.float64)
-    result = x @ output_weights(g, linear, offset, width)
+    # one 2-D product, not a stack of per-sample ones (each of which BLAS would thread on its own)
+    result = (x.reshape(-1, x.shape[-1]) @ output_weights(g, linear, offset, width)).reshape(*x.shape[:-1], width)
     if linear.bias is not None:
         result += g.constant(linear.bias).reshape(-1)[offset:offset + width]
     return result

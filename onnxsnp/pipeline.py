@@ -22,7 +22,7 @@ from .importance import Scorer
 from .loading import LoadedModel, load_model, weight_bytes
 from .decoding import expose_stream_sums
 from .genai import NOTE as GENAI_NOTE, genai_folder, one_head_size
-from .nbits import float_view
+from .nbits import FloatView, float_view
 from .matching import Matches, NoMatch, find_blocks
 from .observation import observe, verify
 from .onepass import make_plan, one_pass, score  # noqa: F401 (make_plan, score: the API's plan without compensation)
@@ -70,6 +70,33 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
                 calib: str | os.PathLike | dict[str, np.ndarray] | None = None, calib_label: str | None = None
                 ) -> PruneResult:
     """`calib_label`: how the report names calibration arrays made from raw data."""
+    return finish(prepare(model_or_path, options, calib=calib, calib_label=calib_label), options)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What pruning at any budget starts from: the model, what matched, the calibration split and
+    the original model observed on the held-back samples (`onnxsnp sweep` shares it across budgets)."""
+    model: onnx.ModelProto
+    external: bool
+    g: ModelGraph
+    matches: Matches
+    source: str  # how the report names the calibration data
+    fit_feed: dict[str, np.ndarray]
+    holdout_feed: dict[str, np.ndarray]
+    batch: int
+    fixed: int | None  # the model's fixed batch size, if it has one
+    mask: str | None
+    probes: dict[str, str]  # attention block → its probabilities tensor
+    observed: object  # observation.Observation of the original on holdout_feed
+    release_memory: Callable[[], None]
+    started: float
+    view: FloatView | None  # MatMulNBits read as float MatMuls: quantized again after the rewrite
+
+
+def prepare(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel, options: PruneOptions, *,
+            calib: str | os.PathLike | dict[str, np.ndarray] | None = None, calib_label: str | None = None
+            ) -> Prepared:
     started = time.perf_counter()
     model, external = _load(model_or_path)
     release_memory = _memory_releaser(weight_bytes(model))
@@ -83,71 +110,79 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
     if not matches.attention:
         why = "; ".join(f"{s.where}: {s.reason}" for s in matches.skipped if s.kind == "attention")[:300]
         raise SnpError("no prunable attention found" + (f" ({why})" if why else " (no Softmax over Q·Kᵀ)"))
-    ratios = options.ratios
-    _check_blocks(matches, ratios)
+    _check_blocks(matches, options.ratios)
 
     specs = calib_stage.input_specs(g)
     feed, source = _calibration_feed(g, specs, calib, options.calib_samples, options.seed)
-    source = calib_label or source
     fixed = calib_stage.fixed_batch(specs)
     batch = fixed or options.batch_size or calib_stage.DEFAULT_BATCH
     fit_feed, holdout_feed = _split(feed, fixed)
-    mask = calib_stage.token_mask_input(specs)
     probes = {block.name: g.node(block.anchor).output[0] for block in matches.attention
               if g.node(block.anchor).op_type == "Softmax"}  # attention probabilities, for the report
     observed = observe(model, sorted(set(probes.values())), holdout_feed, batch, fixed, g.constant)
     release_memory()
     log.info("observed the input model on %d held-back samples (%s)", _count(holdout_feed), _since(started))
+    return Prepared(model, external, g, matches, calib_label or source, fit_feed, holdout_feed, batch, fixed,
+                    calib_stage.token_mask_input(specs), probes, observed, release_memory, started, view)
 
+
+def finish(prepared: Prepared, options: PruneOptions, work: ReconstructionWork | None = None) -> PruneResult:
+    """Prune `prepared` as `options` say (`work`: a reconstruction already started on the same
+    calibration batches, reused from an earlier budget)."""
+    p, ratios = prepared, options.ratios
+    g, matches, model, started, release_memory = p.g, p.matches, p.model, p.started, p.release_memory
     route = _reconstruction_route(g, matches, options)
     reconstruction, searched, kept_pieces, pruned, allocation = None, (), (), None, None
     if route is None:
-        reconstructor = Reconstructor(g, matches, options.criterion, options.selection, options.propagation,
-                                      rescale_qk=options.rescale_qk, seed=options.seed, reduction=options.reduction)
-        batches = reconstructor.prepare(fit_feed, fixed or RECONSTRUCTION_BATCH, mask)
+        own = work is None  # made here: freed before the rewrite (its batches hold every calibration activation)
+        work = work or ReconstructionWork(prepared, options)
+        reconstructor, batches = work.reconstructor, work.restart()
         if options.target is None:
-            widths = uniform_widths(matches, ratios, _removed_layers(g, matches, ratios, fit_feed, batch, mask))
+            widths = uniform_widths(matches, ratios, _removed_layers(g, matches, ratios, p.fit_feed, p.batch, p.mask))
         else:
-            widths, allocation = _allocate(g, matches, reconstructor, batches, observed, options)
+            widths, allocation = _allocate(g, matches, work, p.observed, options)
             ratios = _mean_ratios(matches, widths, ratios)
             log.info("allocated by measured sensitivity on %d samples (%s)", allocation["samples"], _since(started))
         if options.one_head_size:  # onnxruntime-genai's KV buffers (genai.py)
             widths = one_head_size(widths)
         reconstruction = reconstructor.run(batches, widths, _progress(2 * len(matches.layers), options.progress))
-        del reconstructor
         plan = PrunePlan(reconstruction.attention, reconstruction.ffn, reconstruction.scale_values,
                          tuple(matches.layers[i] for i in widths.removed_layers), refits=reconstruction.refits)
         kept_pieces = ("reconstruction",)
+        if own:
+            del work, reconstructor, batches
         log.info("reconstructed block by block on %d samples, %d tokens (%s)", reconstruction.samples,
                  reconstruction.tokens, _since(started))
     else:
         log.info("one-pass compensation: %s", route)
         chosen = one_pass(g, matches, ratios, options.criterion, options.compensation.value,
-                          options.residual_criterion.value, options.target, observed, fit_feed, holdout_feed, batch,
-                          fixed, mask, options.seed, options.rescale_qk, options.progress, release_memory)
+                          options.residual_criterion.value, options.target, p.observed, p.fit_feed, p.holdout_feed,
+                          p.batch, p.fixed, p.mask, options.seed, options.rescale_qk, options.progress, release_memory)
         plan, pruned, kept_pieces, ratios, searched = (chosen.plan, chosen.model, chosen.kept_pieces, chosen.ratios,
                                                        chosen.searched)
     release_memory()
     if pruned is None:
         pruned = rewrite(g, plan)
         release_memory()
-    if view is not None:
-        pruned = view.requantize(pruned)
+    if p.view is not None:
+        pruned = p.view.requantize(pruned)
     check_structure(pruned)
-    softmax_blocks = {keep.block.name: (probes[keep.block.name], keep.heads) for keep in plan.attention
-                      if keep.block.name in probes}
-    measured, attention_kl, pruned_shapes, attention_maps = verify(observed, pruned, softmax_blocks, holdout_feed,
-                                                                   batch, fixed, mask)
+    softmax_blocks = {keep.block.name: (p.probes[keep.block.name], keep.heads) for keep in plan.attention
+                      if keep.block.name in p.probes}
+    measured, attention_kl, pruned_shapes, attention_maps = verify(p.observed, pruned, softmax_blocks,
+                                                                   p.holdout_feed, p.batch, p.fixed, p.mask)
     release_memory()
     log.info("rewritten and verified (%s)", _since(started))
-    one_batch = {k: v[:fixed or 1] for k, v in holdout_feed.items()}
+    one_batch = {k: v[:p.fixed or 1] for k, v in p.holdout_feed.items()}
     speed = latency(model, pruned, one_batch, original_weights=g.constant) if options.measure_latency else (None, None)
     target = options.target
+    observed = p.observed
     report = Report(criterion=options.criterion, compensation=options.compensation.value,
                     compensation_kept=list(kept_pieces),
                     ratios={"qk": round(ratios.qk, 4), "v": round(ratios.v, 4), "ffn": round(ratios.ffn, 4),
                             "heads": ratios.heads, "residual": ratios.residual},
-                    calibration=source, calibration_samples=_count(fit_feed), holdout_samples=_count(holdout_feed),
+                    calibration=p.source, calibration_samples=_count(p.fit_feed),
+                    holdout_samples=_count(p.holdout_feed),
                     **stats_fields(stats_from_shapes(model, observed.shapes, observed.shape_samples),
                                    stats_from_shapes(pruned, pruned_shapes, observed.shape_samples)),
                     fidelity=measured, blocks=block_reports(plan), skipped=matches.skipped,
@@ -161,23 +196,54 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
                     attention_maps=attention_maps,
                     reconstruction=_reconstruction_report(reconstruction, options), allocation=allocation,
                     seconds=round(time.perf_counter() - started, 2),
-                    requantized={k: round(v, 6) for k, v in view.errors.items()} if view is not None else None,
+                    requantized={k: round(v, 6) for k, v in p.view.errors.items()} if p.view is not None else None,
                     notes=[GENAI_NOTE] if options.one_head_size else [])
-    return PruneResult(pruned, report, external)
+    return PruneResult(pruned, report, p.external)
 
 
-def _allocate(g: ModelGraph, matches: Matches, reconstructor: Reconstructor, batches: list, observed,
-              options: PruneOptions) -> tuple[Widths, dict]:
+class ReconstructionWork:
+    """The block-by-block reconstruction's calibration batches (the first block's input, computed
+    once) and the sensitivity survey of a --target-* allocation (measured once), for any number of
+    runs at different widths."""
+
+    def __init__(self, prepared: Prepared, options: PruneOptions):
+        p = prepared
+        self.reconstructor = Reconstructor(p.g, p.matches, options.criterion, options.selection, options.propagation,
+                                           rescale_qk=options.rescale_qk, seed=options.seed,
+                                           reduction=options.reduction)
+        self.batches = self.reconstructor.prepare(p.fit_feed, p.fixed or RECONSTRUCTION_BATCH, p.mask)
+        self._first = [item.original for item in self.batches]
+        self._curves = None
+        self.runs = 0
+
+    def restart(self) -> list:
+        """The batches at the first block again, and the reconstructor without an earlier run's state."""
+        if self.runs:
+            self.reconstructor.restart()
+            for item, first in zip(self.batches, self._first):
+                item.original = item.pruned = first
+                item.target = None
+        self.runs += 1
+        return self.batches
+
+    def curves(self) -> list:
+        if self._curves is None:
+            self._curves = survey(self.reconstructor, self.batches, SURVEY_SAMPLES)
+        return self._curves
+
+
+def _allocate(g: ModelGraph, matches: Matches, work: ReconstructionWork, observed, options: PruneOptions
+              ) -> tuple[Widths, dict]:
     """Widths meeting the target with the least measured loss (sensitivity.py, allocation.py)."""
     target, ratios = options.target, options.ratios
     costs = CostModel(g, matches, macs_from_shapes(g.model, observed.shapes, observed.shape_samples),
                       count_params(g.model))
     total = costs.macs_total * 2 if target.kind == "flops" else costs.params_total
-    curves = survey(reconstructor, batches, SURVEY_SAMPLES)
+    curves = work.curves()
     widths, predicted = allocate(curves, matches, unit_costs(costs, matches, target.kind), total,
                                  target.absolute(total), ratios.align, ratios.heads, ratios.blocks)
     return widths, {"kind": target.kind, "goal": target.absolute(total), "original": total,
-                    "samples": min(SURVEY_SAMPLES, sum(b.samples for b in batches)),
+                    "samples": min(SURVEY_SAMPLES, sum(b.samples for b in work.batches)),
                     "layers": [{"name": layer.name, "predicted_loss": round(loss, 6), "block_loss": round(c.block, 6),
                                 "qk_loss_half": round(c.qk.at(layer.attention.head_dim / 2), 6),
                                 "v_loss_half": round(c.v.at(layer.attention.head_dim / 2), 6),

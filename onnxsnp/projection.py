@@ -14,8 +14,10 @@ import numpy as np
 
 from .importance import PairStatistics
 from .least_squares import NormalEquations, centred_gram
+from .threads import small_linear_algebra
 
 
+@small_linear_algebra
 def project_pairs(pairs: PairStatistics, kept: int) -> tuple[np.ndarray, np.ndarray]:
     """Maps putting into each head's first `kept` Q/K positions the best rank-`kept`
     approximation of its scores Q·Kᵀ: with upper-triangular Rq, Rk (RᵀR = the pooled Grams of
@@ -32,6 +34,7 @@ def project_pairs(pairs: PairStatistics, kept: int) -> tuple[np.ndarray, np.ndar
     return q_map, k_map
 
 
+@small_linear_algebra
 def project_values(block, equations: NormalEquations, prior: np.ndarray, heads: np.ndarray, kept: int
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Each kept head's value path compressed to `kept` directions instead of `kept` of its

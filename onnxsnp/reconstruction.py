@@ -39,6 +39,7 @@ from .matching import Layer, Matches, NoMatch
 from .plan import AttentionKeep, FfnKeep, Refit, selection_map
 from .projection import project_pairs, project_values
 from .segments import Segment, SegmentRunner, cut
+from .threads import small_linear_algebra, threads_for
 
 log = logging.getLogger("onnxsnp")
 
@@ -175,6 +176,7 @@ class Reconstructor:
         self.g, self.matches = g, matches
         self.criterion, self.selection, self.propagation = criterion, selection, propagation
         self.ridge, self.rescale_qk = ridge, rescale_qk
+        self.seed = seed
         self.rng = np.random.default_rng(seed)
         self.halves = plan_segments(g, matches)
         self.weights = Weights(g, [s for a, f in self.halves for s in a.segment.slots + f.segment.slots])
@@ -185,6 +187,14 @@ class Reconstructor:
         self.refits: dict[str, Refit] = {}
         self.scale_values: dict[str, np.ndarray] = {}
         self.reports: list[HalfReport] = []
+
+    def restart(self) -> None:
+        """Forget a run (kept widths, refits, edited weights), so that another can start from the
+        batches' first stream as `prepare` left it."""
+        self.weights = Weights(self.g, list(self.weights.values))
+        self.rng = np.random.default_rng(self.seed)
+        self.keeps_attention, self.keeps_ffn, self.reports = [], [], []
+        self.refits, self.scale_values = {}, {}
 
     # --- running segments ----------------------------------------------------------------------
     def _run(self, runner: SegmentRunner, item: _Batch, index: int, values: dict[str, np.ndarray], weights: dict,
@@ -240,9 +250,11 @@ class Reconstructor:
                 for half in (attention, ffn):
                     self._advance_original(half, batches)
                 continue
-            self._attention_half(layer, attention, batches)
+            with threads_for(layer.attention.out.in_features):
+                self._attention_half(layer, attention, batches)
             progress(layer.name)
-            self._ffn_half(layer, ffn, batches)
+            with threads_for(layer.ffn.fc2.in_features):
+                self._ffn_half(layer, ffn, batches)
         tokens = sum(len(_tokens(b.original, b.samples, b.mask)) for b in batches)
         return Reconstruction(tuple(self.keeps_attention), tuple(self.keeps_ffn), dict(self.refits),
                               dict(self.scale_values), tuple(self.reports), sum(b.samples for b in batches), tokens)
@@ -283,7 +295,8 @@ class Reconstructor:
                 item.pruned = self._half(half, item, index, item.pruned, self.weights.values, [end])[end]
             else:
                 x = inputs[index]
-                branch = (x.astype(np.float32, copy=False) @ weight + bias).astype(x.dtype)
+                flat = x.reshape(-1, x.shape[-1]).astype(np.float32, copy=False)  # one 2-D product
+                branch = (flat @ weight + bias).astype(x.dtype).reshape(*x.shape[:-1], weight.shape[1])
                 if branch.shape != item.pruned.shape and branch.size == item.pruned.size:
                     branch = branch.reshape(item.pruned.shape)  # a Gemm between flattening reshapes
                 values = {half.branch: branch, half.residual: item.pruned}
@@ -331,7 +344,8 @@ class Reconstructor:
             v, v_map, transform, prior = project_values(block, equations, prior, heads, width.v)
             equations = equations.transformed(transform)
             if cached is not None:
-                cached = [x @ transform[:-1, :-1].astype(x.dtype) for x in cached]
+                inner = transform[:-1, :-1].astype(cached[0].dtype)
+                cached = [(x.reshape(-1, x.shape[-1]) @ inner).reshape(x.shape) for x in cached]
         keep = AttentionKeep(block, qk[heads], v, heads, None if q_map is None else q_map[heads],
                              None if k_map is None else k_map[heads], v_map)
         refit = self._refit(f"{layer.name} (attention)", equations, keep.out_rows(), prior, block.out)
@@ -340,6 +354,7 @@ class Reconstructor:
         self.refits[block.out.node] = refit
         self._finish(half, batches, block.out, cached)
 
+    @small_linear_algebra
     def _reduce_pairs(self, block, pairs: PairStatistics, kept: int
                       ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """Kept Q/K positions per head (heads, kept) and the q and k maps (see plan.AttentionKeep):
@@ -372,6 +387,7 @@ class Reconstructor:
             scores = pairs.mean_scores()
         return units.keep_qk(block, scores, kept)  # per key/value group, rotary pairs whole
 
+    @small_linear_algebra
     def _choose_values(self, block, equations: NormalEquations, prior: np.ndarray, width: AttentionWidth,
                        projecting: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Kept heads (ascending) and kept V neurons per kept head, (kept heads, width.v) (with

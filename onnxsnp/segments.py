@@ -164,7 +164,7 @@ class SegmentRunner:
         names, ort_values = add_initializers(graph, initializers, lambda t: self.constants(t))
         graph.output.extend(helper.make_empty_tensor_value_info(t) for t in self.capture)
         try:
-            return light_session(model, names, ort_values)
+            return light_session(model, names, ort_values, segment=True)
         except Exception as exc:
             raise SnpError(f"onnxruntime cannot run {segment.name} on its own: "
                            f"{str(exc).strip().splitlines()[0][:300]}") from None

@@ -1,6 +1,6 @@
 """Copy the speed and pruning-cost tables into docs/RESULTS.md, so that one file holds every
 result: the section after SECTION is rewritten from docs/SPEED.md, docs/SPEED_OPTIMIZED.md,
-docs/PRUNE_COST.md, docs/PAPER.md and docs/PIPELINE.md (each written by its own benchmark), the rest is kept.
+docs/PRUNE_COST.md, docs/PAPER.md, docs/PIPELINE.md and docs/SWEEP.md (each written by its own benchmark), the rest is kept.
 
     python tools/collect_results.py     (the benchmarks call it after writing their default files)
 """
@@ -10,7 +10,7 @@ from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 SECTION = "## Speed and pruning cost"
-SOURCES = ("SPEED.md", "SPEED_OPTIMIZED.md", "PRUNE_COST.md", "PAPER.md", "PIPELINE.md")
+SOURCES = ("SPEED.md", "SPEED_OPTIMIZED.md", "PRUNE_COST.md", "PAPER.md", "PIPELINE.md", "SWEEP.md")
 
 
 def collect(results: Path = DOCS / "RESULTS.md") -> None:
