@@ -394,32 +394,11 @@ class Reconstructor:
         `projecting`, the heads only: the projection replaces the neurons); with grouped-query
         attention a head is a key/value head, and a V neuron feeds the output projection once per
         query head of its group (those rows go together)."""
-        d, r = block.head_dim, block.group_size
-
-        def rows(group: int, neurons) -> np.ndarray:  # the output projection's input rows of V neurons
-            return ((group * r + np.arange(r))[:, None] * d + np.asarray(neurons)[None, :]).reshape(-1)
-
         if self.selection is Selection.OBS and self.criterion in ("snp", "snp-paper"):
             if projecting and width.heads == block.groups:
                 return np.arange(block.groups), np.tile(np.arange(width.v), (block.groups, 1))
             obs = Obs(equations, prior, self.ridge or DEFAULT_RIDGE)
-            alive = list(range(block.groups))
-            while len(alive) > width.heads:
-                gone = int(np.argmin(obs.costs([rows(h, np.arange(d)) for h in alive])))
-                obs.remove(rows(alive.pop(gone), np.arange(d)))
-            for _ in range(0 if projecting else d - width.v):  # one neuron from every kept head a round
-                if r == 1:
-                    single = obs.single_costs()
-                    obs.remove(np.array([h * d + int(np.argmin(single[h * d:(h + 1) * d])) for h in alive]))
-                    continue
-                removed = []
-                for h in alive:
-                    left = np.flatnonzero(obs.alive[h * r * d:h * r * d + d])
-                    removed.append(rows(h, [left[int(np.argmin(obs.costs([rows(h, [n]) for n in left])))]]))
-                obs.remove(np.concatenate(removed))
-            heads = np.array(alive)
-            v = np.stack([np.flatnonzero(obs.alive[h * r * d:h * r * d + d]) for h in heads])
-            return heads, v
+            return units.obs_values(block, obs, width.heads, block.head_dim if projecting else width.v)
         scores = self._value_scores(block, equations, prior)
         heads = np.arange(block.groups)
         if width.heads < block.groups:

@@ -78,3 +78,32 @@ def unit_matrix(block: AttentionBlock, dims: np.ndarray) -> np.ndarray:
     of = unit_of_dim(block)[dims]
     kept = np.unique(of)
     return (of[:, None] == kept[None, :]).astype(np.float64)
+
+
+def obs_values(block: AttentionBlock, obs, heads: int, v: int) -> tuple[np.ndarray, np.ndarray]:
+    """Kept key/value heads (ascending) and `v` kept V neurons in each, (heads, v), removed one by
+    one where optimal brain surgeon (`obs`, over the output projection's input rows) says the refit
+    loses least: whole heads first, then one neuron from every kept head a round (equal widths).
+    With grouped-query attention a V neuron feeds the output projection once per query head of
+    its group: those rows go together."""
+    d, r = block.head_dim, block.group_size
+
+    def rows(group: int, neurons) -> np.ndarray:  # the output projection's input rows of V neurons
+        return ((group * r + np.arange(r))[:, None] * d + np.asarray(neurons)[None, :]).reshape(-1)
+
+    alive = list(range(block.groups))
+    while len(alive) > heads:
+        gone = int(np.argmin(obs.costs([rows(h, np.arange(d)) for h in alive])))
+        obs.remove(rows(alive.pop(gone), np.arange(d)))
+    for _ in range(d - v):
+        if r == 1:
+            single = obs.single_costs()
+            obs.remove(np.array([h * d + int(np.argmin(single[h * d:(h + 1) * d])) for h in alive]))
+            continue
+        removed = []
+        for h in alive:
+            left = np.flatnonzero(obs.alive[h * r * d:h * r * d + d])
+            removed.append(rows(h, [left[int(np.argmin(obs.costs([rows(h, [n]) for n in left])))]]))
+        obs.remove(np.concatenate(removed))
+    kept = np.array(alive)
+    return kept, np.stack([np.flatnonzero(obs.alive[h * r * d:h * r * d + d]) for h in kept])
