@@ -214,7 +214,8 @@ Weights = Callable[[str], "np.ndarray | None"]  # an initializer's decoded value
 
 
 def session(model: onnx.ModelProto, threads: int = 0, extra_outputs: Iterable[str] = (),
-            weights: Weights | None = None) -> ort.InferenceSession:
+            weights: Weights | None = None, configure: Callable[[ort.SessionOptions], None] | None = None
+            ) -> ort.InferenceSession:
     """An onnxruntime session over `model`, with `extra_outputs` added as graph outputs.
 
     The model is not serialised with its weights: onnxruntime gets a weight-free copy of the
@@ -226,11 +227,11 @@ def session(model: onnx.ModelProto, threads: int = 0, extra_outputs: Iterable[st
     existing = {o.name for o in graph_only.graph.output}
     graph_only.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in dict.fromkeys(extra_outputs)
                                    if t not in existing)
-    return light_session(graph_only, names, values, threads)
+    return light_session(graph_only, names, values, threads, configure)
 
 
-def light_session(light: onnx.ModelProto, names: list[str], values: list[ort.OrtValue], threads: int = 0
-                  ) -> ort.InferenceSession:
+def light_session(light: onnx.ModelProto, names: list[str], values: list[ort.OrtValue], threads: int = 0,
+                  configure: Callable[[ort.SessionOptions], None] | None = None) -> ort.InferenceSession:
     """A session over a model whose larger weights are given apart (see `add_initializers`)."""
     options = ort.SessionOptions()
     options.log_severity_level = 4  # failures are reported by onnxsnp, in one line
@@ -238,6 +239,8 @@ def light_session(light: onnx.ModelProto, names: list[str], values: list[ort.Ort
         options.intra_op_num_threads = threads
     if names:
         options.add_external_initializers(names, values)
+    if configure is not None:
+        configure(options)
     sess = ort.InferenceSession(light.SerializeToString(), options, providers=["CPUExecutionProvider"])
     sess._onnxsnp_weights = values  # onnxruntime reads these buffers for as long as the session lives
     return sess

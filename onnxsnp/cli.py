@@ -32,6 +32,7 @@ EXAMPLES = """examples:
   onnxsnp in.onnx out.onnx --ratio 0.3 --criterion l2 --report report.json --html report.html
   onnxsnp in.onnx out.onnx --ratio 0.3 --heads 0.25 --blocks 1
   onnxsnp in.onnx out.onnx --target-flops 0.5 --align 8 --calib calib.npz
+  onnxsnp in.onnx out.onnx --target-speedup 2 --calib calib.npz
   onnxsnp bert/model.onnx out.onnx --calib-text sentences.txt          (tokenizer.json beside the model)
   onnxsnp vit/model.onnx out.onnx --calib-images photos/                (preprocessor_config.json beside it)
   onnxsnp inspect in.onnx
@@ -71,6 +72,11 @@ def _prune_parser() -> argparse.ArgumentParser:
                         help="instead of ratios: reach F FLOPs (a fraction of the original like 0.5, or an absolute "
                              "count), choosing how the cut is shared between Q/K, V and FFN by measured fidelity")
     parser.add_argument("--target-params", metavar="P", help="like --target-flops, for the parameter count")
+    parser.add_argument("--target-speedup", metavar="S",
+                        help="instead of ratios: run S times faster (S > 1) than the original, as predicted from "
+                             "each node's time measured with onnxruntime on this machine (one thread)")
+    parser.add_argument("--target-latency", metavar="MS",
+                        help="like --target-speedup, for MS milliseconds per run of one sample (MS > 0)")
     parser.add_argument("--align", type=int, default=1,
                         help="round kept widths up to a multiple of this (e.g. 8 for fast kernels)")
     parser.add_argument("--compensate", choices=[c.value for c in Compensation], default="lstsq",
@@ -180,7 +186,9 @@ def _run_prune(args: argparse.Namespace) -> int:
     source, target = Path(args.input), Path(args.output)
     options = make_options(args.ratio, qk_ratio=args.qk_ratio, v_ratio=args.v_ratio, ffn_ratio=args.ffn_ratio,
                            heads=args.heads, blocks=args.blocks, align=args.align, residual=args.residual,
-                           target_flops=args.target_flops, target_params=args.target_params, criterion=args.criterion,
+                           target_flops=args.target_flops, target_params=args.target_params,
+                           target_speedup=args.target_speedup, target_latency=args.target_latency,
+                           criterion=args.criterion,
                            compensate=args.compensate, reconstruct=args.reconstruct, selection=args.selection,
                            reduction=args.reduction, residual_criterion=args.residual_criterion,
                            calib_samples=args.calib_samples, seed=args.seed, progress=not args.quiet,

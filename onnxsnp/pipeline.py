@@ -17,15 +17,16 @@ from . import calibration as calib_stage
 from .errors import SnpError
 from .graph import ModelGraph
 from .allocation import allocate, unit_costs
-from .costs import CostModel
+from .costs import CostKind, CostModel
 from .importance import Scorer
 from .loading import LoadedModel, load_model, weight_bytes
 from .matching import Matches, NoMatch, find_blocks
-from .observation import observe, verify
+from .observation import Observed, observe, verify
 from .onepass import make_plan, one_pass, score  # noqa: F401 (make_plan, score: the API's plan without compensation)
 from .options import (SYNTHETIC_SAMPLES, Compensation, PruneOptions, make_options, resolve_ratios,  # noqa: F401
                       resolve_target)
 from .plan import PrunePlan, Ratios, kept_count
+from .profiling import profile_nodes
 from .reconstruction import AttentionWidth, Propagation, Reconstruction, Reconstructor, Widths, plan_segments
 from .report import Report, block_reports, sensitivity_points, stats_fields
 from .rewriting import rewrite
@@ -95,6 +96,8 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
     release_memory()
     log.info("observed the input model on %d held-back samples (%s)", _count(holdout_feed), _since(started))
 
+    one_batch = {k: v[:fixed or 1] for k, v in holdout_feed.items()}
+    costs = None if options.target is None else _cost_model(g, matches, observed, options.target.kind, one_batch)
     route = _reconstruction_route(g, matches, options)
     reconstruction, searched, kept_pieces, pruned, allocation = None, (), (), None, None
     if route is None:
@@ -104,7 +107,7 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
         if options.target is None:
             widths = uniform_widths(matches, ratios, _removed_layers(g, matches, ratios, fit_feed, batch, mask))
         else:
-            widths, allocation = _allocate(g, matches, reconstructor, batches, observed, options)
+            widths, allocation = _allocate(matches, reconstructor, batches, costs, options)
             ratios = _mean_ratios(matches, widths, ratios)
             log.info("allocated by measured sensitivity on %d samples (%s)", allocation["samples"], _since(started))
         reconstruction = reconstructor.run(batches, widths, _progress(2 * len(matches.layers), options.progress))
@@ -118,7 +121,7 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
         log.info("one-pass compensation: %s", route)
         chosen = one_pass(g, matches, ratios, options.criterion, options.compensation.value,
                           options.residual_criterion.value, options.target, observed, fit_feed, holdout_feed, batch,
-                          fixed, mask, options.seed, options.rescale_qk, options.progress, release_memory)
+                          fixed, mask, options.seed, options.rescale_qk, options.progress, release_memory, costs)
         plan, pruned, kept_pieces, ratios, searched = (chosen.plan, chosen.model, chosen.kept_pieces, chosen.ratios,
                                                        chosen.searched)
     release_memory()
@@ -132,7 +135,6 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
                                                                    batch, fixed, mask)
     release_memory()
     log.info("rewritten and verified (%s)", _since(started))
-    one_batch = {k: v[:fixed or 1] for k, v in holdout_feed.items()}
     speed = latency(model, pruned, one_batch, original_weights=g.constant) if options.measure_latency else (None, None)
     target = options.target
     report = Report(criterion=options.criterion, compensation=options.compensation.value,
@@ -145,8 +147,7 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
                     fidelity=measured, blocks=block_reports(plan), skipped=matches.skipped,
                     removed_blocks=[layer.name for layer in plan.removed_layers],
                     residual_width=None if plan.stream is None else [plan.stream.width, len(plan.stream_keep)],
-                    target=None if target is None else {"kind": target.kind, "value": target.value,
-                                                        "tried": list(searched)},
+                    target=None if target is None else _target_report(target, costs, plan, speed, searched),
                     weight_bytes_before=weight_bytes(model), weight_bytes_after=weight_bytes(pruned),
                     latency_ms_before=speed[0], latency_ms_after=speed[1],
                     attention_kl={keep.block.name: attention_kl.get(keep.block.name) for keep in plan.attention},
@@ -156,17 +157,40 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
     return PruneResult(pruned, report, external)
 
 
-def _allocate(g: ModelGraph, matches: Matches, reconstructor: Reconstructor, batches: list, observed,
+def _cost_model(g: ModelGraph, matches: Matches, observed: Observed, kind: CostKind,
+                one_batch: dict[str, np.ndarray]) -> CostModel:
+    """The cost model a --target-* budget is spent with; a latency budget profiles the original
+    model once on one sample (profiling.py)."""
+    macs = macs_from_shapes(g.model, observed.shapes, observed.shape_samples)
+    times = profile_nodes(g, one_batch, macs, weights=g.constant) if kind is CostKind.LATENCY else None
+    if times is not None:
+        log.info("profiled the input model: %.2f ms per run, %.2f ms of it outside the nodes traced (%d runs)",
+                 times.total_ms, times.overhead_ms, times.runs)
+    return CostModel(g, matches, macs, count_params(g.model), times)
+
+
+def _target_report(target, costs: CostModel, plan: PrunePlan, speed: tuple, searched) -> dict:
+    """The goal, what was tried, and for a latency budget the predicted and measured speedups."""
+    report = {"kind": target.kind.value, "flag": target.flag, "value": target.value, "tried": list(searched)}
+    if target.kind is CostKind.LATENCY:
+        before, after = costs.original(target.kind), costs.cost(plan, target.kind)
+        report |= {"goal_ms": round(target.absolute(before), 4), "predicted_ms_before": round(before, 4),
+                   "predicted_ms_after": round(after, 4), "predicted_speedup": round(before / max(after, 1e-12), 4),
+                   "profile_runs": costs.times.runs, "threads": costs.times.threads}
+        if speed[0] is not None:
+            report["measured_speedup"] = round(speed[0] / max(speed[1], 1e-12), 4)
+    return report
+
+
+def _allocate(matches: Matches, reconstructor: Reconstructor, batches: list, costs: CostModel,
               options: PruneOptions) -> tuple[Widths, dict]:
     """Widths meeting the target with the least measured loss (sensitivity.py, allocation.py)."""
     target, ratios = options.target, options.ratios
-    costs = CostModel(g, matches, macs_from_shapes(g.model, observed.shapes, observed.shape_samples),
-                      count_params(g.model))
-    total = costs.macs_total * 2 if target.kind == "flops" else costs.params_total
+    total = costs.original(target.kind)
     curves = survey(reconstructor, batches, SURVEY_SAMPLES)
     widths, predicted = allocate(curves, matches, unit_costs(costs, matches, target.kind), total,
                                  target.absolute(total), ratios.align, ratios.heads, ratios.blocks)
-    return widths, {"kind": target.kind, "goal": target.absolute(total), "original": total,
+    return widths, {"kind": target.kind.value, "goal": target.absolute(total), "original": total,
                     "samples": min(SURVEY_SAMPLES, sum(b.samples for b in batches)),
                     "layers": [{"name": layer.name, "predicted_loss": round(loss, 6), "block_loss": round(c.block, 6),
                                 "qk_loss_half": round(c.qk.at(layer.attention.head_dim / 2), 6),
