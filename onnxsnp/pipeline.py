@@ -54,7 +54,9 @@ def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float = 0.5
 
     `ratio` is the fraction of neurons removed from each group (Q/K pairs, V, FFN hidden);
     `qk_ratio`, `v_ratio`, `ffn_ratio` override it per group; `target_flops` / `target_params`
-    (a fraction of the original, or an absolute count) choose the group ratios instead; `heads` removes that
+    (a fraction of the original, or an absolute count) choose the group ratios instead, as do
+    `target_speedup` (S > 1) / `target_latency` (ms per run of one sample), measured with
+    onnxruntime on this machine (costs.py, profiling.py); `heads` removes that
     fraction of whole heads in every attention block; `blocks` removes that many whole transformer
     blocks (the ones that change the residual stream least), or the blocks with the given indices.
     `calib` is an .npz path or a dict of arrays keyed by input name (first axis = samples); without

@@ -14,7 +14,7 @@ import pytest
 import graphs
 from conftest import ROOT
 from onnxsnp import SnpError
-from onnxsnp.allocation import Target, allocate, unit_costs
+from onnxsnp.allocation import Target, _full_plan as _full, allocate, unit_costs
 from onnxsnp.calibration import Runner
 from onnxsnp.costs import CostKind, CostModel
 from onnxsnp.graph import ModelGraph
@@ -47,13 +47,6 @@ def _hand_timed(g: ModelGraph, matches, macs) -> CostModel:
     """Every node takes NODE_MS (DISPATCH_MS of it fixed), plus OVERHEAD_MS per run."""
     times = NodeTimes({name: NODE_MS for name in g.nodes}, OVERHEAD_MS, 1, 1, DISPATCH_MS)
     return CostModel(g, matches, macs, count_params(g.model), times)
-
-
-def _full(matches) -> PrunePlan:
-    return PrunePlan(tuple(AttentionKeep(b, np.tile(np.arange(b.head_dim), (b.heads, 1)),
-                                         np.tile(np.arange(b.head_dim), (b.heads, 1)), np.arange(b.heads))
-                           for b in matches.attention),
-                     tuple(FfnKeep(b, np.arange(b.hidden)) for b in matches.ffn))
 
 
 def test_profiled_times_predict_the_unpruned_model(digits):
