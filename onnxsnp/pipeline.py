@@ -16,7 +16,7 @@ import onnx
 from . import calibration as calib_stage
 from .errors import SnpError
 from .graph import ModelGraph
-from .allocation import allocate, unit_costs
+from .allocation import Target, allocate, unit_costs
 from .costs import CostKind, CostModel
 from .importance import Scorer
 from .loading import LoadedModel, load_model, weight_bytes
@@ -171,7 +171,7 @@ def _cost_model(g: ModelGraph, matches: Matches, observed: Observed, kind: CostK
     return CostModel(g, matches, macs, count_params(g.model), times)
 
 
-def _target_report(target, costs: CostModel, plan: PrunePlan, speed: tuple, searched) -> dict:
+def _target_report(target: Target, costs: CostModel, plan: PrunePlan, speed: tuple, searched) -> dict:
     """The goal, what was tried, and for a latency budget the predicted and measured speedups."""
     report = {"kind": target.kind.value, "flag": target.flag, "value": target.value, "tried": list(searched)}
     if target.kind is CostKind.LATENCY:

@@ -68,6 +68,11 @@ def profile_nodes(g: ModelGraph, feed: dict[str, np.ndarray], macs: dict[str, in
             options.enable_profiling = True
             options.profile_file_prefix = str(Path(folder) / "profile")
             options.optimized_model_filepath = str(optimized)
+            # the optimized graph's weights go to a file beside it, never read back (and no 2 GB limit)
+            options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                             "optimized.data")
+            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                             "1024")
             options.inter_op_num_threads = 1
 
         sess = session(g.model, threads=threads, weights=weights, configure=configure)
