@@ -114,15 +114,15 @@ class Report:
                      f"calibration: {self.calibration} "
                      f"({self.calibration_samples} samples fitted, {self.holdout_samples} held back)")
         if self.target:
-            lines += _latency_lines(self.target)
+            lines += latency_lines(self.target)
         if self.target and self.allocation:
             r = self.ratios
-            lines.append(f"target {_target_name(self.target)}: widths allocated block by block by "
+            lines.append(f"target {target_name(self.target)}: widths allocated block by block by "
                          f"measured sensitivity ({self.allocation['samples']} samples); on average removed q/k "
                          f"{r['qk']:.3f}, v {r['v']:.3f}, ffn {r['ffn']:.3f}, heads {r['heads']:.3f}")
         elif self.target:
             r = self.ratios
-            lines.append(f"target {_target_name(self.target)}: chose ratios q/k {r['qk']:.3f}, "
+            lines.append(f"target {target_name(self.target)}: chose ratios q/k {r['qk']:.3f}, "
                          f"v {r['v']:.3f}, ffn {r['ffn']:.3f} (best measured cosine of "
                          f"{sum('cosine' in t for t in self.target['tried'])} allocations)")
         return "\n".join(lines)
@@ -131,11 +131,11 @@ class Report:
 SPEEDUP_TOLERANCE = 0.05  # a measured speedup this far below a --target-speedup goal is called a miss
 
 
-def _target_name(target: dict) -> str:
+def target_name(target: dict) -> str:
     return f"{target.get('flag', '--target-' + target['kind'])} {target['value']:g}"
 
 
-def _latency_lines(target: dict) -> list[str]:
+def latency_lines(target: dict) -> list[str]:
     """A latency budget: the speedup the latency model predicted beside the one measured."""
     if "predicted_speedup" not in target:
         return []
