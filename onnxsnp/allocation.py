@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .costs import CostModel
+from .costs import CostKind, CostModel
 from .errors import SnpError
 from .importance import Scorer
 from .matching import Layer, Matches
@@ -29,11 +29,21 @@ ALLOCATIONS = ((1.0, 1.0, 1.0), (1.5, 1.0, 0.8), (2.0, 1.0, 1.0), (1.5, 0.5, 1.0
 
 @dataclass(frozen=True)
 class Target:
-    kind: str  # "flops" or "params"
-    value: float  # a fraction of the original (0 < value < 1) or an absolute count (>= 1)
+    kind: CostKind
+    value: float  # flops/params: a fraction of the original (0 < value < 1) or an absolute count (>= 1);
+    #               latency: milliseconds per run of one sample, or with `speedup` that factor
+    speedup: bool = False  # --target-speedup: the goal is the original's latency / value
 
     def absolute(self, original: float) -> float:
+        if self.kind is CostKind.LATENCY:
+            return original / self.value if self.speedup else self.value
         return self.value * original if self.value < 1 else self.value
+
+    @property
+    def flag(self) -> str:
+        if self.kind is CostKind.LATENCY:
+            return "--target-speedup" if self.speedup else "--target-latency"
+        return f"--target-{self.kind.value}"
 
 
 def parse_target(text: str | float, kind: str) -> Target:
@@ -44,7 +54,21 @@ def parse_target(text: str | float, kind: str) -> Target:
     if not math.isfinite(value) or value <= 0:
         raise SnpError(f"--target-{kind} must be a fraction of the original (0 < F < 1) or an absolute count, "
                        f"got {text!r}")
-    return Target(kind, value)
+    return Target(CostKind(kind), value)
+
+
+def parse_latency_target(speedup: str | float | None, milliseconds: str | float | None) -> Target:
+    """--target-speedup S (S > 1) or --target-latency MS (MS > 0), one of them."""
+    flag, text = ("--target-speedup", speedup) if speedup is not None else ("--target-latency", milliseconds)
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = math.nan
+    if speedup is not None and not (math.isfinite(value) and value > 1):
+        raise SnpError(f"--target-speedup must be a factor above 1 (e.g. 2 for twice as fast), got {text!r}")
+    if speedup is None and not (math.isfinite(value) and value > 0):
+        raise SnpError(f"--target-latency must be milliseconds per sample above 0, got {text!r}")
+    return Target(CostKind.LATENCY, value, speedup=flag == "--target-speedup")
 
 
 def search(scorer: Scorer, base: Ratios, target: Target, costs: CostModel,
@@ -53,8 +77,7 @@ def search(scorer: Scorer, base: Ratios, target: Target, costs: CostModel,
 
     Heads, blocks and alignment from `base` are kept; each allocation's overall scale is found by
     bisection on the predicted cost. Returns the plan, its ratios and what was tried."""
-    original = costs.macs_total * 2 if target.kind == "flops" else costs.params_total
-    goal = target.absolute(original)
+    goal = target.absolute(costs.original(target.kind))
     tried, best = [], None
     for shares in ALLOCATIONS:
         ratios_for = lambda s, m=shares: replace(base, qk=min(MAX_RATIO, m[0] * s), v=min(MAX_RATIO, m[1] * s),  # noqa: E731
@@ -77,7 +100,7 @@ def search(scorer: Scorer, base: Ratios, target: Target, costs: CostModel,
         if best is None or cosine > best[0]:
             best = (cosine, plan, ratios)
     if best is None:
-        raise SnpError(f"--target-{target.kind} {target.value:g} cannot be met by neuron pruning alone (at most "
+        raise SnpError(f"{target.flag} {target.value:g} cannot be met by neuron pruning alone (at most "
                        f"{MAX_RATIO:.0%} of a group is removed); add --heads or --blocks, or aim higher")
     return best[1], best[2], tried
 
@@ -89,34 +112,49 @@ MIN_KEPT = 0.05  # every group keeps at least this share of its units
 
 @dataclass(frozen=True)
 class UnitCosts:
-    """What one unit of each group costs in one block (FLOPs or parameters): a Q/K pair or a V
-    neuron in one head, an FFN neuron; the rest of the block's cost does not scale with them."""
+    """What one unit of each group costs in one block (FLOPs, parameters or milliseconds): a Q/K
+    pair or a V neuron in one head, an FFN neuron; `head`: what a head costs beyond its pairs and
+    neurons (its Softmax and mask: time, no FLOPs); `rest`: what the block costs besides (its
+    norms and residual Adds), saved only when the whole block goes."""
 
     qk: float
     v: float
     ffn: float
+    head: float = 0.0
+    rest: float = 0.0
 
 
-def unit_costs(costs: CostModel, matches: Matches, kind: str) -> list[UnitCosts]:
+def unit_costs(costs: CostModel, matches: Matches, kind: CostKind | str) -> list[UnitCosts]:
     """Per transformer block, from the cost model (linear in the kept widths, so one unit's cost
     is the difference it makes to the whole)."""
     full = _full_plan(matches)
     base = costs.cost(full, kind)
+
+    def without(plan: PrunePlan) -> float:
+        return base - costs.cost(plan, kind)
+
     result = []
     for layer in matches.layers:
         block, ffn = layer.attention, layer.ffn
-        d = block.head_dim
-        fewer = []
-        for part in ("qk", "v"):
-            keep = next(k for k in full.attention if k.block is block)
-            positions = np.tile(np.arange(d - 1), (block.heads, 1))
-            changed = replace(keep, **{part: positions})
-            plan = replace(full, attention=tuple(changed if k is keep else k for k in full.attention))
-            fewer.append((base - costs.cost(plan, kind)) / block.heads)
-        keep = next(k for k in full.ffn if k.block is ffn)
-        plan = replace(full, ffn=tuple(replace(k, hidden=np.arange(ffn.hidden - 1)) if k is keep else k
+        d, heads = block.head_dim, block.heads
+        keep = next(k for k in full.attention if k.block is block)
+
+        def attention_plan(**changes) -> PrunePlan:
+            changed = replace(keep, **changes)
+            return replace(full, attention=tuple(changed if k is keep else k for k in full.attention))
+
+        qk, v = (without(attention_plan(**{part: np.tile(np.arange(d - 1), (heads, 1))})) / heads
+                 for part in ("qk", "v"))
+        head = 0.0
+        if heads > 1:
+            fewer = np.tile(np.arange(d), (heads - 1, 1))
+            head = without(attention_plan(qk=fewer, v=fewer, heads=np.arange(heads - 1))) - d * (qk + v)
+        plan = replace(full, ffn=tuple(replace(k, hidden=np.arange(ffn.hidden - 1)) if k.block is ffn else k
                                        for k in full.ffn))
-        result.append(UnitCosts(fewer[0], fewer[1], base - costs.cost(plan, kind)))
+        unit_ffn = without(plan)
+        whole = without(replace(full, removed_layers=(layer,)))
+        rest = whole - heads * (d * (qk + v) + head) - ffn.hidden * unit_ffn
+        result.append(UnitCosts(qk, v, unit_ffn, head, rest))
     return result
 
 
@@ -154,12 +192,12 @@ def allocate(curves: list, matches: Matches, units: list[UnitCosts], total: floa
     allow_heads = not heads_ratio
     states = [_State(kept_count(l.attention.heads, heads_ratio) if heads_ratio and l.attention.heads_fixed is None
                      else l.attention.heads, l.attention.head_dim, l.attention.head_dim, l.ffn.hidden) for l in layers]
-    total = total - sum(units[i].qk * l.attention.head_dim * (l.attention.heads - s.heads)
-                        + units[i].v * l.attention.head_dim * (l.attention.heads - s.heads)
-                        for i, (l, s) in enumerate(zip(layers, states)))
+    total = total - sum((units[i].qk * l.attention.head_dim + units[i].v * l.attention.head_dim + units[i].head)
+                        * (l.attention.heads - s.heads) for i, (l, s) in enumerate(zip(layers, states)))
 
     def layer_cost(i: int, s: _State) -> float:
-        return 0.0 if s.removed else s.heads * (s.qk * units[i].qk + s.v * units[i].v) + s.ffn * units[i].ffn
+        u = units[i]
+        return 0.0 if s.removed else s.heads * (s.qk * u.qk + s.v * u.v + u.head) + s.ffn * u.ffn + u.rest
 
     def layer_loss(i: int, s: _State) -> float:
         c, block = curves[i], layers[i].attention

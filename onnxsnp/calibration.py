@@ -255,7 +255,8 @@ Weights = Callable[[str], "np.ndarray | None"]  # an initializer's decoded value
 
 
 def session(model: onnx.ModelProto, threads: int = 0, extra_outputs: Iterable[str] = (),
-            weights: Weights | None = None) -> ort.InferenceSession:
+            weights: Weights | None = None, configure: Callable[[ort.SessionOptions], None] | None = None
+            ) -> ort.InferenceSession:
     """An onnxruntime session over `model`, with `extra_outputs` added as graph outputs.
 
     The model is not serialised with its weights: onnxruntime gets a weight-free copy of the
@@ -267,11 +268,12 @@ def session(model: onnx.ModelProto, threads: int = 0, extra_outputs: Iterable[st
     existing = {o.name for o in graph_only.graph.output}
     graph_only.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in dict.fromkeys(extra_outputs)
                                    if t not in existing)
-    return light_session(graph_only, names, values, threads)
+    return light_session(graph_only, names, values, threads, configure=configure)
 
 
 def light_session(light: onnx.ModelProto, names: list[str], values: list[ort.OrtValue], threads: int = 0,
-                  segment: bool = False) -> ort.InferenceSession:
+                  segment: bool = False, configure: Callable[[ort.SessionOptions], None] | None = None
+                  ) -> ort.InferenceSession:
     """A session over a model whose larger weights are given apart (see `add_initializers`).
 
     `segment`: one of many sessions alive at once (segments.py). Their memory arenas would each
@@ -287,6 +289,8 @@ def light_session(light: onnx.ModelProto, names: list[str], values: list[ort.Ort
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if names:
         options.add_external_initializers(names, values)
+    if configure is not None:
+        configure(options)
     sess = ort.InferenceSession(light.SerializeToString(), options, providers=["CPUExecutionProvider"])
     sess._onnxsnp_weights = values  # onnxruntime reads these buffers for as long as the session lives
     return sess

@@ -34,6 +34,7 @@ EXAMPLES = """examples:
   onnxsnp in.onnx out.onnx --ratio 0.3 --criterion l2 --report report.json --html report.html
   onnxsnp in.onnx out.onnx --ratio 0.3 --heads 0.25 --blocks 1
   onnxsnp in.onnx out.onnx --target-flops 0.5 --align 8 --calib calib.npz
+  onnxsnp in.onnx out.onnx --target-speedup 2 --calib calib.npz
   onnxsnp bert/model.onnx out.onnx --calib-text sentences.txt          (tokenizer.json beside the model)
   onnxsnp vit/model.onnx out.onnx --calib-images photos/                (preprocessor_config.json beside it)
   onnxsnp genai-folder/ pruned-folder/ --ratio 0.3 --calib-text texts.txt   (onnxruntime-genai: folder in, folder out)
@@ -101,6 +102,11 @@ def _prune_parser(sweep: bool = False) -> argparse.ArgumentParser:
                                  "absolute count), choosing how the cut is shared between Q/K, V and FFN by measured "
                                  "fidelity")
         parser.add_argument("--target-params", metavar="P", help="like --target-flops, for the parameter count")
+        parser.add_argument("--target-speedup", metavar="S",
+                            help="instead of ratios: run S times faster (S > 1) than the original, as predicted from "
+                                 "each node's time measured with onnxruntime on this machine (one thread)")
+        parser.add_argument("--target-latency", metavar="MS",
+                            help="like --target-speedup, for MS milliseconds per run of one sample (MS > 0)")
     parser.add_argument("--align", type=int, default=1,
                         help="round kept widths up to a multiple of this (e.g. 8 for fast kernels)")
     parser.add_argument("--compensate", choices=[c.value for c in Compensation], default="lstsq",
@@ -211,7 +217,8 @@ def _interrupt(signum, frame) -> None:
 
 def _options(args: argparse.Namespace, **chosen) -> PruneOptions:
     """The options of a prune or of one budget of a sweep (`chosen`: what differs)."""
-    values = dict(ratio=0.5, qk_ratio=None, v_ratio=None, ffn_ratio=None, target_flops=None, target_params=None)
+    values = dict(ratio=0.5, qk_ratio=None, v_ratio=None, ffn_ratio=None, target_flops=None, target_params=None,
+                  target_speedup=None, target_latency=None)
     values.update({k: getattr(args, k) for k in values if hasattr(args, k)}, **chosen)
     return make_options(values.pop("ratio"), **values, heads=args.heads, blocks=args.blocks, align=args.align,
                         residual=args.residual, criterion=args.criterion, compensate=args.compensate,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import html
 
 from .html_charts import bars, colour_bar, heatmap, legend, lines, series_colours, tint
-from .report import Report
+from .report import Report, latency_lines, target_name
 
 _COLOURS = {"q/k": "#1f77b4", "v": "#ff7f0e", "heads": "#2ca02c", "ffn": "#d62728"}
 _REFIT_COLOURS = {"sliced": "#7f7f7f", "refitted": "#17becf"}
@@ -51,7 +51,8 @@ def _overview(report: Report) -> str:
                  if report.calibration == "synthetic" else "")
     target = ""
     if report.target:
-        target = f"; target {html.escape(str(report.target['kind']))} {report.target['value']:g}"
+        parts = [f"target {target_name(report.target)}"] + latency_lines(report.target)
+        target = "; " + html.escape("; ".join(parts))
     return f"""<p>criterion {html.escape(report.criterion)}, compensation {html.escape(report.compensation_summary())};
 calibration {html.escape(report.calibration)} ({report.calibration_samples} samples fitted,
 {report.holdout_samples} held back){target}</p>

@@ -47,7 +47,9 @@ class OnePass:
 def one_pass(g: ModelGraph, matches: Matches, ratios: Ratios, criterion: str, compensate: str,
              residual_criterion: str, target: Target | None, observed: Observed, score_feed: dict[str, np.ndarray],
              holdout_feed: dict[str, np.ndarray], batch: int, fixed: int | None, mask: str | None, seed: int,
-             rescale_qk: bool, progress: bool, release_memory: Callable[[], None]) -> OnePass:
+             rescale_qk: bool, progress: bool, release_memory: Callable[[], None],
+             costs: CostModel | None = None) -> OnePass:
+    """`costs`: the cost model a target is met with (pipeline builds it: a latency one profiles)."""
     scorer = _scorer(g, matches, ratios, criterion, residual_criterion)
     # one session over the input model serves scoring, the compensation statistics and the selection
     extra = compensation_tensors(matches, scorer.stream, g) if compensate != "none" else []
@@ -60,8 +62,8 @@ def one_pass(g: ModelGraph, matches: Matches, ratios: Ratios, criterion: str, co
     if target is None:
         plan = scorer.plan(ratios, seed)
     else:
-        costs = CostModel(g, matches, macs_from_shapes(g.model, observed.shapes, observed.shape_samples),
-                          count_params(g.model))
+        costs = costs or CostModel(g, matches, macs_from_shapes(g.model, observed.shapes, observed.shape_samples),
+                                   count_params(g.model))
 
         def measure(candidate: PrunePlan) -> float:
             return fidelity(observed.outputs, run_outputs(rewrite(g, candidate), holdout_feed, batch)).output_cosine

@@ -5,7 +5,7 @@ import math
 from dataclasses import dataclass
 from enum import Enum
 
-from .allocation import Target, parse_target
+from .allocation import Target, parse_latency_target, parse_target
 from .errors import SnpError
 from .importance import CRITERIA
 from .plan import Ratios
@@ -48,7 +48,8 @@ class PruneOptions:
 def make_options(ratio: float = 0.5, *, qk_ratio: float | None = None, v_ratio: float | None = None,
                  ffn_ratio: float | None = None, heads: float = 0.0, blocks: int | str | tuple[int, ...] = 0,
                  align: int = 1, residual: float = 0.0, target_flops: float | str | None = None,
-                 target_params: float | str | None = None, criterion: str = "snp",
+                 target_params: float | str | None = None, target_speedup: float | str | None = None,
+                 target_latency: float | str | None = None, criterion: str = "snp",
                  compensate: str | bool | Compensation = "lstsq", reconstruct: str | Propagation = "sequential",
                  selection: str | Selection = "obs", reduction: str | Reduction = "project",
                  residual_criterion: str | ResidualCriterion = "weights", calib_samples: int | None = None,
@@ -66,7 +67,7 @@ def make_options(ratio: float = 0.5, *, qk_ratio: float | None = None, v_ratio: 
         compensate = "lstsq" if compensate else "none"
     return PruneOptions(
         ratios=resolve_ratios(ratio, qk_ratio, v_ratio, ffn_ratio, heads, blocks, align, residual),
-        target=resolve_target(target_flops, target_params), criterion=criterion,
+        target=resolve_target(target_flops, target_params, target_speedup, target_latency), criterion=criterion,
         compensation=_member(Compensation, compensate, "--compensate"),
         propagation=_member(Propagation, reconstruct, "--reconstruct"),
         selection=_member(Selection, selection, "--selection"),
@@ -85,12 +86,18 @@ def _member(kind: type[Enum], value, flag: str):
         raise SnpError(f"{flag} must be one of {', '.join(m.value for m in kind)}, got {value!r}") from None
 
 
-def resolve_target(flops: float | str | None, params: float | str | None) -> Target | None:
-    if flops is not None and params is not None:
-        raise SnpError("give either --target-flops or --target-params, not both")
+def resolve_target(flops: float | str | None, params: float | str | None, speedup: float | str | None = None,
+                   latency: float | str | None = None) -> Target | None:
+    given = [flag for flag, value in (("--target-flops", flops), ("--target-params", params),
+                                      ("--target-speedup", speedup), ("--target-latency", latency))
+             if value is not None]
+    if len(given) > 1:
+        raise SnpError(f"give one budget, not {' and '.join(given)}")
     if flops is not None:
         return parse_target(flops, "flops")
-    return parse_target(params, "params") if params is not None else None
+    if params is not None:
+        return parse_target(params, "params")
+    return parse_latency_target(speedup, latency) if given else None
 
 
 def resolve_ratios(ratio: float, qk: float | None = None, v: float | None = None, ffn: float | None = None,

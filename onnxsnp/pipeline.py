@@ -16,19 +16,20 @@ import onnx
 from . import calibration as calib_stage
 from .errors import SnpError
 from .graph import ModelGraph
-from .allocation import allocate, unit_costs
-from .costs import CostModel
+from .allocation import Target, allocate, unit_costs
+from .costs import CostKind, CostModel
 from .importance import Scorer
 from .loading import LoadedModel, load_model, weight_bytes
 from .decoding import expose_stream_sums
 from .genai import NOTE as GENAI_NOTE, genai_folder, one_head_size
 from .nbits import FloatView, float_view
 from .matching import Matches, NoMatch, find_blocks
-from .observation import observe, verify
+from .observation import Observed, observe, verify
 from .onepass import make_plan, one_pass, score  # noqa: F401 (make_plan, score: the API's plan without compensation)
 from .options import (SYNTHETIC_SAMPLES, Compensation, PruneOptions, make_options, resolve_ratios,  # noqa: F401
                       resolve_target)
 from .plan import PrunePlan, Ratios, kept_count
+from .profiling import profile_nodes
 from .reconstruction import AttentionWidth, Propagation, Reconstruction, Reconstructor, Widths, plan_segments
 from .report import Report, block_reports, sensitivity_points, stats_fields
 from .rewriting import rewrite
@@ -56,7 +57,9 @@ def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float = 0.5
 
     `ratio` is the fraction of neurons removed from each group (Q/K pairs, V, FFN hidden);
     `qk_ratio`, `v_ratio`, `ffn_ratio` override it per group; `target_flops` / `target_params`
-    (a fraction of the original, or an absolute count) choose the group ratios instead; `heads` removes that
+    (a fraction of the original, or an absolute count) choose the group ratios instead, as do
+    `target_speedup` (S > 1) / `target_latency` (ms per run of one sample), measured with
+    onnxruntime on this machine (costs.py, profiling.py); `heads` removes that
     fraction of whole heads in every attention block; `blocks` removes that many whole transformer
     blocks (the ones that change the residual stream least), or the blocks with the given indices.
     `calib` is an .npz path or a dict of arrays keyed by input name (first axis = samples); without
@@ -131,6 +134,8 @@ def finish(prepared: Prepared, options: PruneOptions, work: ReconstructionWork |
     calibration batches, reused from an earlier budget)."""
     p, ratios = prepared, options.ratios
     g, matches, model, started, release_memory = p.g, p.matches, p.model, p.started, p.release_memory
+    one_batch = {k: v[:p.fixed or 1] for k, v in p.holdout_feed.items()}
+    costs = None if options.target is None else _cost_model(g, matches, p.observed, options.target.kind, one_batch)
     route = _reconstruction_route(g, matches, options)
     reconstruction, searched, kept_pieces, pruned, allocation = None, (), (), None, None
     if route is None:
@@ -140,7 +145,7 @@ def finish(prepared: Prepared, options: PruneOptions, work: ReconstructionWork |
         if options.target is None:
             widths = uniform_widths(matches, ratios, _removed_layers(g, matches, ratios, p.fit_feed, p.batch, p.mask))
         else:
-            widths, allocation = _allocate(g, matches, work, p.observed, options)
+            widths, allocation = _allocate(matches, work, costs, options)
             ratios = _mean_ratios(matches, widths, ratios)
             log.info("allocated by measured sensitivity on %d samples (%s)", allocation["samples"], _since(started))
         if options.one_head_size:  # onnxruntime-genai's KV buffers (genai.py)
@@ -157,7 +162,7 @@ def finish(prepared: Prepared, options: PruneOptions, work: ReconstructionWork |
         log.info("one-pass compensation: %s", route)
         chosen = one_pass(g, matches, ratios, options.criterion, options.compensation.value,
                           options.residual_criterion.value, options.target, p.observed, p.fit_feed, p.holdout_feed,
-                          p.batch, p.fixed, p.mask, options.seed, options.rescale_qk, options.progress, release_memory)
+                          p.batch, p.fixed, p.mask, options.seed, options.rescale_qk, options.progress, release_memory, costs)
         plan, pruned, kept_pieces, ratios, searched = (chosen.plan, chosen.model, chosen.kept_pieces, chosen.ratios,
                                                        chosen.searched)
     release_memory()
@@ -173,7 +178,6 @@ def finish(prepared: Prepared, options: PruneOptions, work: ReconstructionWork |
                                                                    p.holdout_feed, p.batch, p.fixed, p.mask)
     release_memory()
     log.info("rewritten and verified (%s)", _since(started))
-    one_batch = {k: v[:p.fixed or 1] for k, v in p.holdout_feed.items()}
     speed = latency(model, pruned, one_batch, original_weights=g.constant) if options.measure_latency else (None, None)
     target = options.target
     observed = p.observed
@@ -188,8 +192,7 @@ def finish(prepared: Prepared, options: PruneOptions, work: ReconstructionWork |
                     fidelity=measured, blocks=block_reports(plan), skipped=matches.skipped,
                     removed_blocks=[layer.name for layer in plan.removed_layers],
                     residual_width=None if plan.stream is None else [plan.stream.width, len(plan.stream_keep)],
-                    target=None if target is None else {"kind": target.kind, "value": target.value,
-                                                        "tried": list(searched)},
+                    target=None if target is None else _target_report(target, costs, plan, speed, searched),
                     weight_bytes_before=weight_bytes(model), weight_bytes_after=weight_bytes(pruned),
                     latency_ms_before=speed[0], latency_ms_after=speed[1],
                     attention_kl={keep.block.name: attention_kl.get(keep.block.name) for keep in plan.attention},
@@ -232,17 +235,40 @@ class ReconstructionWork:
         return self._curves
 
 
-def _allocate(g: ModelGraph, matches: Matches, work: ReconstructionWork, observed, options: PruneOptions
+def _cost_model(g: ModelGraph, matches: Matches, observed: Observed, kind: CostKind,
+                one_batch: dict[str, np.ndarray]) -> CostModel:
+    """The cost model a --target-* budget is spent with; a latency budget profiles the original
+    model once on one sample (profiling.py)."""
+    macs = macs_from_shapes(g.model, observed.shapes, observed.shape_samples)
+    times = profile_nodes(g, one_batch, macs, weights=g.constant) if kind is CostKind.LATENCY else None
+    if times is not None:
+        log.info("profiled the input model: %.2f ms per run, %.2f ms of it outside the nodes traced (%d runs)",
+                 times.total_ms, times.overhead_ms, times.runs)
+    return CostModel(g, matches, macs, count_params(g.model), times)
+
+
+def _target_report(target: Target, costs: CostModel, plan: PrunePlan, speed: tuple, searched) -> dict:
+    """The goal, what was tried, and for a latency budget the predicted and measured speedups."""
+    report = {"kind": target.kind.value, "flag": target.flag, "value": target.value, "tried": list(searched)}
+    if target.kind is CostKind.LATENCY:
+        before, after = costs.original(target.kind), costs.cost(plan, target.kind)
+        report |= {"goal_ms": round(target.absolute(before), 4), "predicted_ms_before": round(before, 4),
+                   "predicted_ms_after": round(after, 4), "predicted_speedup": round(before / max(after, 1e-12), 4),
+                   "profile_runs": costs.times.runs, "threads": costs.times.threads}
+        if speed[0] is not None:
+            report["measured_speedup"] = round(speed[0] / max(speed[1], 1e-12), 4)
+    return report
+
+
+def _allocate(matches: Matches, work: ReconstructionWork, costs: CostModel, options: PruneOptions
               ) -> tuple[Widths, dict]:
     """Widths meeting the target with the least measured loss (sensitivity.py, allocation.py)."""
     target, ratios = options.target, options.ratios
-    costs = CostModel(g, matches, macs_from_shapes(g.model, observed.shapes, observed.shape_samples),
-                      count_params(g.model))
-    total = costs.macs_total * 2 if target.kind == "flops" else costs.params_total
+    total = costs.original(target.kind)
     curves = work.curves()
     widths, predicted = allocate(curves, matches, unit_costs(costs, matches, target.kind), total,
                                  target.absolute(total), ratios.align, ratios.heads, ratios.blocks)
-    return widths, {"kind": target.kind, "goal": target.absolute(total), "original": total,
+    return widths, {"kind": target.kind.value, "goal": target.absolute(total), "original": total,
                     "samples": min(SURVEY_SAMPLES, sum(b.samples for b in work.batches)),
                     "layers": [{"name": layer.name, "predicted_loss": round(loss, 6), "block_loss": round(c.block, 6),
                                 "qk_loss_half": round(c.qk.at(layer.attention.head_dim / 2), 6),

@@ -122,17 +122,43 @@ class Report:
             lines.append(f"requantized {len(errors)} MatMulNBits weights with their bits and block size: relative "
                          f"weight error mean {np.mean(errors):.4f}, max {max(errors):.4f}")
         lines += [f"note: {note}" for note in self.notes]
+        if self.target:
+            lines += latency_lines(self.target)
         if self.target and self.allocation:
             r = self.ratios
-            lines.append(f"target {self.target['kind']} {self.target['value']:g}: widths allocated block by block by "
+            lines.append(f"target {target_name(self.target)}: widths allocated block by block by "
                          f"measured sensitivity ({self.allocation['samples']} samples); on average removed q/k "
                          f"{r['qk']:.3f}, v {r['v']:.3f}, ffn {r['ffn']:.3f}, heads {r['heads']:.3f}")
         elif self.target:
             r = self.ratios
-            lines.append(f"target {self.target['kind']} {self.target['value']:g}: chose ratios q/k {r['qk']:.3f}, "
+            lines.append(f"target {target_name(self.target)}: chose ratios q/k {r['qk']:.3f}, "
                          f"v {r['v']:.3f}, ffn {r['ffn']:.3f} (best measured cosine of "
                          f"{sum('cosine' in t for t in self.target['tried'])} allocations)")
         return "\n".join(lines)
+
+
+SPEEDUP_TOLERANCE = 0.05  # a measured speedup this far below a --target-speedup goal is called a miss
+
+
+def target_name(target: dict) -> str:
+    return f"{target.get('flag', '--target-' + target['kind'])} {target['value']:g}"
+
+
+def latency_lines(target: dict) -> list[str]:
+    """A latency budget: the speedup the latency model predicted beside the one measured."""
+    if "predicted_speedup" not in target:
+        return []
+    line = (f"latency model: predicted {target['predicted_ms_before']:.2f} -> {target['predicted_ms_after']:.2f} ms, "
+            f"{target['predicted_speedup']:.2f}x faster")
+    measured = target.get("measured_speedup")
+    if measured is None:
+        return [line + " (not measured: -q without --report)"]
+    goal = target["predicted_ms_before"] / target["goal_ms"]
+    line += f"; measured {measured:.2f}x (goal {goal:.2f}x)"
+    if measured < goal * (1 - SPEEDUP_TOLERANCE):
+        line += (f": the measured speedup misses the goal by {1 - measured / goal:.1%} (no second allocation is "
+                 "run: it would repeat the reconstruction; aim higher by measured/predicted)")
+    return [line]
 
 
 def block_reports(plan: PrunePlan) -> list[BlockReport]:

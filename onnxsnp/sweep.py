@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import onnx
 
+from .costs import CostKind
 from .errors import SnpError
 from .html_charts import lines, series_colours, legend
 from .loading import LoadedModel
@@ -91,7 +92,7 @@ def sweep(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel, goal
                              report.params_after, report.latency_ms_before, report.latency_ms_after,
                              fidelity.output_cosine, fidelity.centred_cosine, fidelity.top1_agreement,
                              round(time.perf_counter() - begun, 2)))
-    return SweepResult(first.target.kind, tuple(rows), round(shared, 2))
+    return SweepResult(CostKind(first.target.kind).value, tuple(rows), round(shared, 2))
 
 
 def markdown(result: SweepResult) -> str:

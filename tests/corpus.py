@@ -143,9 +143,13 @@ def cases(mutations: int = 90) -> Iterator[Case]:
                         ("--blocks", "x"), ("--blocks", "9,"), ("--target-flops", "0"), ("--target-flops", "abc"),
                         ("--target-flops", "1e-9"), ("--target-params", "-5"), ("--align", "0"),
                         ("--calib-samples", "0"), ("--calib-samples", "-3"), ("--criterion", "best"),
-                        ("--compensate", "magic"), ("--qk-ratio", "1"), ("--v-ratio", "nan"), ("--ffn-ratio", "-1")):
+                        ("--compensate", "magic"), ("--qk-ratio", "1"), ("--v-ratio", "nan"), ("--ffn-ratio", "-1"),
+                        ("--target-speedup", "1"), ("--target-speedup", "0.5"), ("--target-speedup", "x"),
+                        ("--target-latency", "0"), ("--target-latency", "-2"), ("--target-latency", "nan")):
         yield Case(f"option{flag}-{value}", shipped, [flag, value])
     yield Case("target-flops-and-params", shipped, ["--target-flops", "0.5", "--target-params", "0.5"])
+    yield Case("target-flops-and-speedup", shipped, ["--target-flops", "0.5", "--target-speedup", "2"])
+    yield Case("target-speedup-and-latency", shipped, ["--target-speedup", "2", "--target-latency", "1"])
     calib_cases = {
         "missing-key": _calib(wrong=pixels),
         "wrong-rank": _calib(pixel_values=pixels[:, 0]),
