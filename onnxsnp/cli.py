@@ -249,14 +249,8 @@ def _run_sweep(args: argparse.Namespace) -> int:
             print(f"target {goal:g} × {args.kind}: wrote {names[goal]}")
         return names[goal].name
 
-    with warnings.catch_warnings():
-        if args.quiet:
-            warnings.simplefilter("ignore")
-        else:
-            warnings.showwarning = _show_warning
-        raw = _raw_calibration(args, source, loaded.model)
-        result = run_sweep(loaded, goals, options_for.__getitem__, write, calib=raw.arrays if raw else args.calib,
-                           calib_label=raw.label if raw else None)
+    result = _with_calibration(args, source, loaded.model, lambda calib, label: run_sweep(
+        loaded, goals, options_for.__getitem__, write, calib=calib, calib_label=label))
     _write_text_atomically(folder / "sweep.md", sweep_markdown(result))
     _write_text_atomically(folder / "sweep.csv", sweep_csv(result))
     _write_text_atomically(folder / "sweep.html", sweep_page(result, f"onnxsnp sweep: {source.name}"))
@@ -265,6 +259,18 @@ def _run_sweep(args: argparse.Namespace) -> int:
         print(f"shared work {result.shared_seconds:.1f} s, then {sum(r.seconds for r in result.rows):.1f} s for "
               f"{len(result.rows)} budgets; wrote {folder / 'sweep.html'}")
     return 0
+
+
+def _with_calibration(args: argparse.Namespace, source: Path, model: onnx.ModelProto, job):
+    """`job(calib, calib_label)` with the calibration the arguments name (arrays made from raw
+    data, or the --calib path), warnings shown in one line each or, with -q, not at all."""
+    with warnings.catch_warnings():
+        if args.quiet:
+            warnings.simplefilter("ignore")
+        else:
+            warnings.showwarning = _show_warning
+        raw = _raw_calibration(args, source, model)
+        return job(raw.arrays if raw else args.calib, raw.label if raw else None)
 
 
 def _run_prune(args: argparse.Namespace) -> int:
@@ -279,14 +285,8 @@ def _run_prune(args: argparse.Namespace) -> int:
         _check_output_folder(target, folder)
     loaded = load_model(source)
     _check_not_inputs(loaded.files, target, reports)
-    with warnings.catch_warnings():
-        if args.quiet:
-            warnings.simplefilter("ignore")
-        else:
-            warnings.showwarning = _show_warning
-        raw = _raw_calibration(args, source, loaded.model)
-        result = prune_model(loaded, options, calib=raw.arrays if raw else args.calib,
-                             calib_label=raw.label if raw else None)
+    result = _with_calibration(args, source, loaded.model, lambda calib, label: prune_model(
+        loaded, options, calib=calib, calib_label=label))
     if folder is not None:
         write_folder(folder, target, result.model, pruned_config(folder, result.model), result.external_data)
     else:
