@@ -4,10 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from .loading import is_big, load_model
 from .pipeline import inspect_model, prune_model
 from .calib_data import RawCalibration, load_raw_calibration, raw_request
 from .calib_images import RESAMPLING
+from .writing import data_file, write_model_atomically, write_text_atomically
 from .genai import GenaiFolder, genai_folder, pruned_config, write_folder
 from .graph import ModelGraph
 
@@ -161,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     verbosity = sum(arg.count("v") for arg in argv if arg.startswith("-v") and set(arg[1:]) == {"v"}) + \
         argv.count("--verbose")
     _configure_logging(verbosity)
+    written: list[Path] = []  # complete outputs in place, named if an interrupt stops the rest
     try:
         if argv and argv[0] == "inspect":
             args = _inspect_parser().parse_args(argv[1:])
@@ -171,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                       f"{inspection.reconstruction}"))
             return 0
         if argv and argv[0] == "sweep":
-            return _run_sweep(_prune_parser(sweep=True).parse_args(argv[1:]))
-        return _run_prune(_prune_parser().parse_args(argv))
+            return _run_sweep(_prune_parser(sweep=True).parse_args(argv[1:]), written)
+        return _run_prune(_prune_parser().parse_args(argv), written)
     except SnpError as exc:
         print(f"onnxsnp: error: {exc}", file=sys.stderr)
         return 2
@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else 2
     except KeyboardInterrupt:
-        print("onnxsnp: interrupted; nothing written", file=sys.stderr)
+        print("onnxsnp: interrupted; " + (f"only {', '.join(map(str, written))} written" if written
+                                          else "nothing written"), file=sys.stderr)
         return 130
     except MemoryError:
         print("onnxsnp: error: out of memory", file=sys.stderr)
@@ -230,7 +231,7 @@ def _options(args: argparse.Namespace, **chosen) -> PruneOptions:
                                              or getattr(args, "out", None)) or not args.quiet)
 
 
-def _run_sweep(args: argparse.Namespace) -> int:
+def _run_sweep(args: argparse.Namespace, written: list[Path]) -> int:
     source, folder = Path(args.input), Path(args.out)
     goals = parse_goals(args.targets)
     options_for = {goal: _options(args, **{f"target_{args.kind}": goal}) for goal in goals}  # all checked first
@@ -244,16 +245,16 @@ def _run_sweep(args: argparse.Namespace) -> int:
         _check_not_inputs(loaded.files, path, [])
 
     def write(goal: float, result) -> str:
-        write_model_atomically(result.model, names[goal], result.external_data)
+        write_model_atomically(result.model, names[goal], result.external_data, written)
         if not args.quiet:
             print(f"target {goal:g} × {args.kind}: wrote {names[goal]}")
         return names[goal].name
 
     result = _with_calibration(args, source, loaded.model, lambda calib, label: run_sweep(
         loaded, goals, options_for.__getitem__, write, calib=calib, calib_label=label))
-    _write_text_atomically(folder / "sweep.md", sweep_markdown(result))
-    _write_text_atomically(folder / "sweep.csv", sweep_csv(result))
-    _write_text_atomically(folder / "sweep.html", sweep_page(result, f"onnxsnp sweep: {source.name}"))
+    for name, text in (("sweep.md", sweep_markdown(result)), ("sweep.csv", sweep_csv(result)),
+                       ("sweep.html", sweep_page(result, f"onnxsnp sweep: {source.name}"))):
+        write_text_atomically(folder / name, text, written)
     if not args.quiet:
         print(sweep_markdown(result))
         print(f"shared work {result.shared_seconds:.1f} s, then {sum(r.seconds for r in result.rows):.1f} s for "
@@ -273,7 +274,7 @@ def _with_calibration(args: argparse.Namespace, source: Path, model: onnx.ModelP
         return job(raw.arrays if raw else args.calib, raw.label if raw else None)
 
 
-def _run_prune(args: argparse.Namespace) -> int:
+def _run_prune(args: argparse.Namespace, written: list[Path]) -> int:
     source, target = Path(args.input), Path(args.output)
     folder = genai_folder(source)  # an onnxruntime-genai folder in gives a folder out
     if folder is not None:
@@ -288,13 +289,14 @@ def _run_prune(args: argparse.Namespace) -> int:
     result = _with_calibration(args, source, loaded.model, lambda calib, label: prune_model(
         loaded, options, calib=calib, calib_label=label))
     if folder is not None:
-        write_folder(folder, target, result.model, pruned_config(folder, result.model), result.external_data)
+        write_folder(folder, target, result.model, pruned_config(folder, result.model), result.external_data,
+                     written)
     else:
-        write_model_atomically(result.model, target, result.external_data)
+        write_model_atomically(result.model, target, result.external_data, written)
     if args.report:
-        _write_text_atomically(Path(args.report), json.dumps(result.report.as_dict(), indent=2) + "\n")
+        write_text_atomically(Path(args.report), json.dumps(result.report.as_dict(), indent=2) + "\n", written)
     if args.html:
-        _write_text_atomically(Path(args.html), render_html(result.report, f"onnxsnp: {source.name}"))
+        write_text_atomically(Path(args.html), render_html(result.report, f"onnxsnp: {source.name}"), written)
     if not args.quiet:
         print(result.report.table())
         print(f"wrote {target}")
@@ -372,7 +374,7 @@ def _check_output_folder(target: Path, source: GenaiFolder) -> None:
 
 def _check_not_inputs(inputs: frozenset[Path], target: Path, reports: list[Path]) -> None:
     """The model and its external data are never overwritten, and outputs do not collide."""
-    written = {target.resolve(): "output", _data_file(target).resolve(): "output's external data"}
+    written = {target.resolve(): "output", data_file(target).resolve(): "output's external data"}
     for report in reports:
         if report.resolve() in written:
             raise SnpError(f"report path {report} would overwrite the {written[report.resolve()]}")
@@ -380,45 +382,6 @@ def _check_not_inputs(inputs: frozenset[Path], target: Path, reports: list[Path]
     for path, what in written.items():
         if path in inputs:
             raise SnpError(f"the {what} path {path} is part of the input model; choose another so the input is kept")
-
-
-def _data_file(target: Path) -> Path:
-    return target.with_name(f"{target.name}.data")
-
-
-def write_model_atomically(model: onnx.ModelProto, target: Path, external_data: bool) -> None:
-    """Write into a temporary folder beside `target`, then move into place (the model file last).
-
-    External data is kept when the input used it or when the model is too big for one protobuf."""
-    folder = target.parent if str(target.parent) else Path(".")
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=folder))
-    try:
-        staged = staging / target.name
-        if external_data or is_big(model):
-            onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=_data_file(target).name, size_threshold=1024)
-            os.replace(staging / _data_file(target).name, _data_file(target))
-        else:
-            onnx.save_model(model, str(staged))
-        os.replace(staged, target)
-    except OSError as exc:
-        raise SnpError(f"cannot write {target}: {exc.strerror or exc}") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _write_text_atomically(target: Path, text: str) -> None:
-    folder = target.parent if str(target.parent) else Path(".")
-    handle = tempfile.NamedTemporaryFile("w", dir=folder, prefix=f".{target.name}.", delete=False)
-    try:
-        with handle:
-            handle.write(text)
-        os.replace(handle.name, target)
-    except OSError as exc:
-        raise SnpError(f"cannot write {target}: {exc.strerror or exc}") from None
-    finally:
-        if os.path.exists(handle.name):
-            os.unlink(handle.name)
 
 
 def format_matches(matches: Matches) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import onnx
 from .errors import SnpError
 from .graph import attribute
 from .reconstruction import AttentionWidth, Widths
+from .writing import Moves, publish, write_model_atomically
 
 CONFIG = "genai_config.json"
 NOTE = ("onnxruntime-genai folder: its KV buffers take one head size for keys and values in every layer, so every "
@@ -81,31 +81,31 @@ def pruned_config(source: GenaiFolder, model: onnx.ModelProto) -> dict:
     return config
 
 
-def write_folder(source: GenaiFolder, target: Path, model: onnx.ModelProto, config: dict, external_data: bool) -> None:
+def write_folder(source: GenaiFolder, target: Path, model: onnx.ModelProto, config: dict, external_data: bool,
+                 written: list[Path] | None = None) -> None:
     """The pruned folder at `target` (which must not exist, or be an empty folder), written beside
     it first and moved into place only when complete."""
-    from .cli import write_model_atomically  # the model file is written the same way as a single model
-
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise SnpError(f"output folder {target} exists and is not empty")
-    parent = target.parent if str(target.parent) else Path(".")
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=parent))
-    try:
-        decoder = source.decoder["filename"]
-        data = {t.external_data[0].value for t in _external(source.model_file)}  # the source's own weight files
-        for item in source.folder.iterdir():
-            if item.name in ({decoder, CONFIG} | data) or item.name.startswith("."):
-                continue
-            (shutil.copytree if item.is_dir() else shutil.copy2)(item, staging / item.name)
-        write_model_atomically(model, staging / decoder, external_data)
-        (staging / CONFIG).write_text(json.dumps(config, indent=4) + "\n")
-        if target.exists():
-            target.rmdir()
-        os.replace(staging, target)
-    except OSError as exc:
-        raise SnpError(f"cannot write {target}: {exc.strerror or exc}") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    def stage(staging: Path) -> Moves:
+        folder = staging / target.name
+        folder.mkdir()
+        _fill(folder, source, model, config, external_data)
+        return [(folder, target)]  # a rename replaces an empty folder at `target`
+
+    publish(target, stage, written)
+
+
+def _fill(staging: Path, source: GenaiFolder, model: onnx.ModelProto, config: dict, external_data: bool) -> None:
+    decoder = source.decoder["filename"]
+    data = {t.external_data[0].value for t in _external(source.model_file)}  # the source's own weight files
+    for item in source.folder.iterdir():
+        if item.name in ({decoder, CONFIG} | data) or item.name.startswith("."):
+            continue
+        (shutil.copytree if item.is_dir() else shutil.copy2)(item, staging / item.name)
+    write_model_atomically(model, staging / decoder, external_data)
+    (staging / CONFIG).write_text(json.dumps(config, indent=4) + "\n")
 
 
 def _external(path: Path) -> list[onnx.TensorProto]:

@@ -1,4 +1,5 @@
-"""An interrupted run (SIGINT, SIGTERM) exits 130 and leaves nothing at OUT, no staging folder."""
+"""An interrupted run (SIGINT, SIGTERM) exits 130 and leaves nothing at OUT, no staging folder;
+a signal that comes after OUT is in place neither removes it nor goes unmentioned."""
 from __future__ import annotations
 
 import signal
@@ -6,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import onnx
 import pytest
 
 from conftest import ROOT
@@ -28,6 +30,10 @@ def test_interrupted_run_leaves_nothing(tmp_path, sig):
         interrupted += 1
         assert process.returncode == 130, err
         assert "interrupted" in err and "Traceback" not in err
-        assert not out.exists()
+        if out.exists():  # the signal came after the model was moved into place: the message says so
+            assert f"only {out} written" in err
+            onnx.checker.check_model(str(out))
+        else:
+            assert "nothing written" in err
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
     assert interrupted, "every run finished before the signal; nothing was tested"
