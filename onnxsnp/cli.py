@@ -19,7 +19,7 @@ from .sweep import csv as sweep_csv, markdown as sweep_markdown, page as sweep_p
 from .reconstruction import Propagation, Reduction, Selection
 from .matching import Matches
 from .html import render as render_html
-from .loading import is_big, load_model
+from .loading import load_model
 from .pipeline import inspect_model, prune_model
 from .calib_data import RawCalibration, load_raw_calibration, raw_request
 from .calib_images import RESAMPLING
@@ -134,6 +134,13 @@ def _prune_parser(sweep: bool = False) -> argparse.ArgumentParser:
                         help="calibration samples to use (default: all given; 64 synthetic ones without data)")
     _add_raw_calibration_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed for synthetic data and --criterion random")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="hold the calibration batches of the block-by-block reconstruction on N Ray worker "
+                             "processes (1-4; needs pip install 'onnxsnp[ray]'); the result is the same as with one "
+                             "process. Default 1: this process, no Ray")
+    parser.add_argument("--ray-address", metavar="ADDR",
+                        help="run the --workers on this existing Ray cluster (e.g. auto, or ray://head:10001) "
+                             "instead of a Ray instance started for the run")
     if not sweep:
         parser.add_argument("--report", metavar="FILE.json", help="write the report as JSON")
         parser.add_argument("--html", metavar="FILE.html",
@@ -225,7 +232,7 @@ def _options(args: argparse.Namespace, **chosen) -> PruneOptions:
                         residual=args.residual, criterion=args.criterion, compensate=args.compensate,
                         reconstruct=args.reconstruct, selection=args.selection, reduction=args.reduction,
                         residual_criterion=args.residual_criterion, calib_samples=args.calib_samples, seed=args.seed,
-                        progress=not args.quiet,
+                        workers=args.workers, ray_address=args.ray_address, progress=not args.quiet,
                         # latency is a report figure: not measured when no report is shown or written
                         measure_latency=bool(getattr(args, "report", None) or getattr(args, "html", None)
                                              or getattr(args, "out", None)) or not args.quiet)

@@ -150,6 +150,15 @@ class PairStatistics:
         self.cross += cross.reshape(samples, heads, d).sum(axis=0)
         self.count += samples
 
+    def merge(self, other: "PairStatistics") -> None:
+        """Add `other`'s sums (another batch's, or another shard's) to these."""
+        self.scores += other.scores
+        self.gram += other.gram
+        self.cross += other.cross
+        self.gram_q += other.gram_q
+        self.gram_k += other.gram_k
+        self.count += other.count
+
     def mean_scores(self) -> np.ndarray:
         return self.scores / max(self.count, 1)
 

@@ -5,6 +5,8 @@ import math
 from dataclasses import dataclass
 from enum import Enum
 
+from .batches import Workers
+from .least_squares import FOLDS
 from .allocation import Target, parse_latency_target, parse_target
 from .errors import SnpError
 from .importance import CRITERIA
@@ -43,6 +45,7 @@ class PruneOptions:
     progress: bool = False
     measure_latency: bool = True
     one_head_size: bool = False  # every attention keeps the same heads and per-head width, Q/K = V (genai.py)
+    workers: Workers = Workers()  # where the reconstruction's calibration batches are held (distributed.py)
 
 
 def make_options(ratio: float = 0.5, *, qk_ratio: float | None = None, v_ratio: float | None = None,
@@ -54,7 +57,8 @@ def make_options(ratio: float = 0.5, *, qk_ratio: float | None = None, v_ratio: 
                  selection: str | Selection = "obs", reduction: str | Reduction = "project",
                  residual_criterion: str | ResidualCriterion = "weights", calib_samples: int | None = None,
                  seed: int = 0, batch_size: int | None = None, rescale_qk: bool = True, progress: bool = False,
-                 measure_latency: bool = True, one_head_size: bool = False) -> PruneOptions:
+                 measure_latency: bool = True, one_head_size: bool = False, workers: int = 1,
+                 ray_address: str | None = None) -> PruneOptions:
     """PruneOptions from plain values, or SnpError (one line) naming the bad one."""
     if criterion not in CRITERIA:
         raise SnpError(f"--criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
@@ -63,6 +67,12 @@ def make_options(ratio: float = 0.5, *, qk_ratio: float | None = None, v_ratio: 
         raise SnpError(f"--calib-samples must be a positive integer, got {calib_samples!r}")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise SnpError(f"batch size must be a positive integer, got {batch_size!r}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= FOLDS:
+        raise SnpError(f"--workers must be an integer from 1 to {FOLDS} (one per cross-validation fold of the "
+                       f"refits, so that the result is the one-process result), got {workers!r}")
+    if ray_address is not None and (not isinstance(ray_address, str) or not ray_address.strip()):
+        raise SnpError(f"--ray-address must be a Ray cluster address such as auto or ray://head:10001, "
+                       f"got {ray_address!r}")
     if isinstance(compensate, bool):
         compensate = "lstsq" if compensate else "none"
     return PruneOptions(
@@ -74,7 +84,7 @@ def make_options(ratio: float = 0.5, *, qk_ratio: float | None = None, v_ratio: 
         reduction=_member(Reduction, reduction, "--reduction"),
         residual_criterion=_member(ResidualCriterion, residual_criterion, "--residual-criterion"),
         calib_samples=calib_samples, seed=seed, batch_size=batch_size, rescale_qk=rescale_qk, progress=progress,
-        measure_latency=measure_latency, one_head_size=bool(one_head_size))
+        measure_latency=measure_latency, one_head_size=bool(one_head_size), workers=Workers(workers, ray_address))
 
 
 def _member(kind: type[Enum], value, flag: str):

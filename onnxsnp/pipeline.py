@@ -30,10 +30,11 @@ from .options import (SYNTHETIC_SAMPLES, Compensation, PruneOptions, make_option
                       resolve_target)
 from .plan import PrunePlan, Ratios, kept_count
 from .profiling import profile_nodes
+from .batches import Shards
 from .reconstruction import AttentionWidth, Propagation, Reconstruction, Reconstructor, Widths, plan_segments
 from .report import Report, block_reports, sensitivity_points, stats_fields
 from .rewriting import rewrite
-from .sensitivity import survey
+from .sensitivity import survey, survey_shard
 from .stats import count_params, macs_from_shapes, stats_from_shapes
 from .verification import check_structure, latency
 
@@ -141,7 +142,7 @@ def finish(prepared: Prepared, options: PruneOptions, work: ReconstructionWork |
     if route is None:
         own = work is None  # made here: freed before the rewrite (its batches hold every calibration activation)
         work = work or ReconstructionWork(prepared, options)
-        reconstructor, batches = work.reconstructor, work.restart()
+        reconstructor, shards = work.reconstructor, work.restart()
         if options.target is None:
             widths = uniform_widths(matches, ratios, _removed_layers(g, matches, ratios, p.fit_feed, p.batch, p.mask))
         else:
@@ -150,12 +151,16 @@ def finish(prepared: Prepared, options: PruneOptions, work: ReconstructionWork |
             log.info("allocated by measured sensitivity on %d samples (%s)", allocation["samples"], _since(started))
         if options.one_head_size:  # onnxruntime-genai's KV buffers (genai.py)
             widths = one_head_size(widths)
-        reconstruction = reconstructor.run(batches, widths, _progress(2 * len(matches.layers), options.progress))
+        try:
+            reconstruction = reconstructor.run(shards, widths, _progress(2 * len(matches.layers), options.progress))
+        finally:
+            if own:
+                work.close()
         plan = PrunePlan(reconstruction.attention, reconstruction.ffn, reconstruction.scale_values,
                          tuple(matches.layers[i] for i in widths.removed_layers), refits=reconstruction.refits)
         kept_pieces = ("reconstruction",)
         if own:
-            del work, reconstructor, batches
+            del work, reconstructor, shards
         log.info("reconstructed block by block on %d samples, %d tokens (%s)", reconstruction.samples,
                  reconstruction.tokens, _since(started))
     else:
@@ -206,33 +211,38 @@ def finish(prepared: Prepared, options: PruneOptions, work: ReconstructionWork |
 
 class ReconstructionWork:
     """The block-by-block reconstruction's calibration batches (the first block's input, computed
-    once) and the sensitivity survey of a --target-* allocation (measured once), for any number of
-    runs at different widths."""
+    once, held here or by --workers) and the sensitivity survey of a --target-* allocation
+    (measured once, in this process), for any number of runs at different widths."""
 
     def __init__(self, prepared: Prepared, options: PruneOptions):
         p = prepared
+        self.prepared = p
         self.reconstructor = Reconstructor(p.g, p.matches, options.criterion, options.selection, options.propagation,
                                            rescale_qk=options.rescale_qk, seed=options.seed,
                                            reduction=options.reduction)
-        self.batches = self.reconstructor.prepare(p.fit_feed, p.fixed or RECONSTRUCTION_BATCH, p.mask)
-        self._first = [item.original for item in self.batches]
+        self.batch = p.fixed or RECONSTRUCTION_BATCH
+        self.shards = self.reconstructor.prepare(p.fit_feed, self.batch, p.mask, options.workers)
         self._curves = None
         self.runs = 0
 
-    def restart(self) -> list:
+    def restart(self) -> Shards:
         """The batches at the first block again, and the reconstructor without an earlier run's state."""
         if self.runs:
             self.reconstructor.restart()
-            for item, first in zip(self.batches, self._first):
-                item.original = item.pruned = first
-                item.target = None
+            self.shards.restart()
         self.runs += 1
-        return self.batches
+        return self.shards
 
     def curves(self) -> list:
         if self._curves is None:
-            self._curves = survey(self.reconstructor, self.batches, SURVEY_SAMPLES)
+            p = self.prepared
+            self._curves = survey(self.reconstructor, survey_shard(self.reconstructor, p.fit_feed, self.batch, p.mask,
+                                                                   SURVEY_SAMPLES))
         return self._curves
+
+    def close(self) -> None:
+        """Stop the workers, if any (their batches go with them)."""
+        self.shards.close()
 
 
 def _cost_model(g: ModelGraph, matches: Matches, observed: Observed, kind: CostKind,
@@ -269,7 +279,7 @@ def _allocate(matches: Matches, work: ReconstructionWork, costs: CostModel, opti
     widths, predicted = allocate(curves, matches, unit_costs(costs, matches, target.kind), total,
                                  target.absolute(total), ratios.align, ratios.heads, ratios.blocks)
     return widths, {"kind": target.kind.value, "goal": target.absolute(total), "original": total,
-                    "samples": min(SURVEY_SAMPLES, sum(b.samples for b in work.batches)),
+                    "samples": min(SURVEY_SAMPLES, _count(work.prepared.fit_feed)),
                     "layers": [{"name": layer.name, "predicted_loss": round(loss, 6), "block_loss": round(c.block, 6),
                                 "qk_loss_half": round(c.qk.at(layer.attention.head_dim / 2), 6),
                                 "v_loss_half": round(c.v.at(layer.attention.head_dim / 2), 6),

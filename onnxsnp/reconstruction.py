@@ -28,11 +28,12 @@ from enum import Enum
 
 import numpy as np
 
-from .graph import ModelGraph, attribute
+from .graph import ModelGraph
 from . import units
-from .importance import (PairStatistics, _as_tokens, input_weights, output_weights, query_key, query_key_tensors,
-                         redundancy, rotary_tables)
-from .least_squares import (DEFAULT_RIDGE, FOLDS, NormalEquations, Obs, activation_norms, choose_ridge, loss, solve,
+from .importance import (PairStatistics, input_weights, output_weights, query_key_tensors, redundancy,
+                         rotary_tables)
+from .batches import LocalShards, Shard, Shards, Slot, Workers, merged_equations, merged_pairs, split_batches
+from .least_squares import (DEFAULT_RIDGE, NormalEquations, Obs, activation_norms, choose_ridge, loss, solve,
                             solve_without_bias)
 from .masking import Weights, attention_slots, ffn_slots
 from .matching import Layer, Matches, NoMatch
@@ -44,7 +45,6 @@ from .threads import small_linear_algebra, threads_for
 log = logging.getLogger("onnxsnp")
 
 QK_RIDGE = 1e-2  # for the Q/K rescale, relative to the mean diagonal of its system
-CACHE_BYTES = 2 * 2**30  # a refitted layer's inputs are kept for the next stream up to this size
 
 
 class Selection(Enum):
@@ -111,16 +111,6 @@ class _Half:
     projection_inputs: SegmentRunner | None = None  # stream → the inputs of q and k (attention)
 
 
-@dataclass
-class _Batch:
-    inputs: dict[str, np.ndarray]  # model inputs of this batch, and side tensors captured with the first stream
-    samples: int
-    mask: np.ndarray | None
-    original: np.ndarray | None = None  # the original stream at the current cut
-    pruned: np.ndarray | None = None  # the pruned model's stream there
-    target: np.ndarray | None = None  # the original pre-norm sum of the current half
-
-
 def plan_segments(g: ModelGraph, matches: Matches) -> list[tuple[_Half, _Half]]:
     """Attention and FFN halves of every transformer block, or NoMatch where the model cannot be
     cut into consecutive blocks (then the one-pass compensation is used)."""
@@ -160,9 +150,10 @@ def plan_segments(g: ModelGraph, matches: Matches) -> list[tuple[_Half, _Half]]:
     return halves
 
 
-def _shape_value(node, shape: tuple[int, ...]) -> np.ndarray:
-    start, end = attribute(node, "start", 0), attribute(node, "end", None)
-    return np.array(shape[start:end] if end is not None else shape[start:], dtype=np.int64)
+def original_weights(g: ModelGraph, halves: list[tuple[_Half, _Half]]) -> dict[Slot, np.ndarray]:
+    """The original value of every slot the half-blocks' segments read."""
+    weights = Weights(g, [s for a, f in halves for s in a.segment.slots + f.segment.slots])
+    return {slot: weights.original(slot) for slot in weights.values}
 
 
 class Reconstructor:
@@ -179,9 +170,8 @@ class Reconstructor:
         self.seed = seed
         self.rng = np.random.default_rng(seed)
         self.halves = plan_segments(g, matches)
-        self.weights = Weights(g, [s for a, f in self.halves for s in a.segment.slots + f.segment.slots])
-        self.original = {slot: self.weights.original(slot) for slot in self.weights.values}
-        self.shapes: dict[tuple[str, int], tuple[int, ...]] = {}  # cut tensor, batch → shape (for side tensors)
+        self.original = original_weights(g, self.halves)
+        self.weights = Weights(g, list(self.original))
         self.keeps_attention: list[AttentionKeep] = []
         self.keeps_ffn: list[FfnKeep] = []
         self.refits: dict[str, Refit] = {}
@@ -190,152 +180,72 @@ class Reconstructor:
 
     def restart(self) -> None:
         """Forget a run (kept widths, refits, edited weights), so that another can start from the
-        batches' first stream as `prepare` left it."""
+        batches' first stream as `prepare` left it (Shards.restart)."""
         self.weights = Weights(self.g, list(self.weights.values))
         self.rng = np.random.default_rng(self.seed)
         self.keeps_attention, self.keeps_ffn, self.reports = [], [], []
         self.refits, self.scale_values = {}, {}
 
-    # --- running segments ----------------------------------------------------------------------
-    def _run(self, runner: SegmentRunner, item: _Batch, index: int, values: dict[str, np.ndarray], weights: dict,
-             tensors: list[str]) -> dict[str, np.ndarray]:
-        """`runner` on one batch: its model inputs, `values` (stream tensors), side tensors."""
-        feed = dict(item.inputs)
-        feed.update(values)
-        for tensor in runner.segment.side:
-            node = self.g.producer_of(tensor)
-            if node.op_type == "Shape" and (node.input[0], index) in self.shapes:
-                feed[tensor] = _shape_value(node, self.shapes[(node.input[0], index)])
-        return runner.run(feed, weights, tensors)
-
-    def _half(self, half: _Half, item: _Batch, index: int, stream: np.ndarray, weights: dict, tensors: list[str]
-              ) -> dict[str, np.ndarray]:
-        return self._run(half.runner, item, index, {half.residual: stream}, weights, tensors)
-
     # --- the whole job -------------------------------------------------------------------------
-    def prepare(self, feed: dict[str, np.ndarray], batch: int, mask_name: str | None) -> list[_Batch]:
-        """The calibration batches with the first block's input (the embeddings run once)."""
-        first = self.halves[0][0]
-        streams = [h.residual for pair in self.halves for h in pair]
-        # side tensors made before the first block (with the first stream) are captured once
-        early = sorted({t for pair in self.halves for h in pair for r in (h.runner, h.join, h.projection_inputs)
-                        if r is not None for t in r.segment.side if self.g.producer_of(t).op_type != "Shape"})
-        prefix = cut(self.g, "embeddings", [], [first.residual] + early, streams)
-        prefix_runner = SegmentRunner(self.g, prefix) if prefix.nodes else None
-        total = next(iter(feed.values())).shape[0]
-        batches = []
-        for start in range(0, total, batch):
-            inputs = {k: v[start:start + batch] for k, v in feed.items()}
-            samples = next(iter(inputs.values())).shape[0]
-            item = _Batch(inputs, samples, inputs.get(mask_name) if mask_name else None)
-            if prefix_runner is not None:
-                values = prefix_runner.run(inputs, {})
-                inputs.update({t: values[t] for t in early})
-                item.original = values[first.residual]
-            else:
-                item.original = inputs[first.residual]
-            item.pruned = item.original
-            self.shapes[(first.residual, len(batches))] = item.original.shape
-            batches.append(item)
-        return batches
+    def prepare(self, feed: dict[str, np.ndarray], batch: int, mask_name: str | None,
+                workers: Workers | None = None) -> Shards:
+        """The calibration batches, with the first block's input, held in this process or, with
+        `workers`, spread over them (distributed.py)."""
+        parts = split_batches(feed, batch)
+        sequential = self.propagation is Propagation.SEQUENTIAL
+        if workers is None or workers.count <= 1 and workers.address is None:
+            shards: Shards = LocalShards(Shard(self.g, self.matches, self.halves, self.original, sequential))
+        else:
+            from .distributed import RayShards
 
-    def run(self, batches: list[_Batch], widths: Widths, progress: Callable[[str], None] = lambda _: None
+            shards = RayShards(self.g.model, sequential, workers)
+        try:
+            shards.prepare(parts, mask_name)
+        except BaseException:
+            shards.close()
+            raise
+        return shards
+
+    def run(self, shards: Shards, widths: Widths, progress: Callable[[str], None] = lambda _: None
             ) -> Reconstruction:
         """Prune and refit block by block to `widths` (the batches' streams move on as it goes)."""
         self.widths = widths
         removed = set(widths.removed_layers)
-        for index, (layer, (attention, ffn)) in enumerate(zip(self.matches.layers, self.halves)):
+        for index, layer in enumerate(self.matches.layers):
             progress(layer.name)
             if index in removed:  # the pruned model skips the block; the blocks after make up for it
-                for half in (attention, ffn):
-                    self._advance_original(half, batches)
+                shards.advance_original(2 * index)
+                shards.advance_original(2 * index + 1)
                 continue
             with threads_for(layer.attention.out.in_features):
-                self._attention_half(layer, attention, batches)
+                self._attention_half(layer, 2 * index, shards)
             progress(layer.name)
             with threads_for(layer.ffn.fc2.in_features):
-                self._ffn_half(layer, ffn, batches)
-        tokens = sum(len(_tokens(b.original, b.samples, b.mask)) for b in batches)
+                self._ffn_half(layer, 2 * index + 1, shards)
+        samples, tokens = shards.counts()
         return Reconstruction(tuple(self.keeps_attention), tuple(self.keeps_ffn), dict(self.refits),
-                              dict(self.scale_values), tuple(self.reports), sum(b.samples for b in batches), tokens)
+                              dict(self.scale_values), tuple(self.reports), samples, tokens)
 
-    def _advance_original(self, half: _Half, batches: list[_Batch]) -> None:
-        end = half.segment.outputs[0]
-        for index, item in enumerate(batches):
-            item.original = self._half(half, item, index, item.original, self.original, [end])[end]
-            self.shapes[(end, index)] = item.original.shape
-            if self.propagation is Propagation.ONE_SHOT:
-                item.pruned = item.original
-
-    def _targets(self, half: _Half, batches: list[_Batch], capture: list[str],
-                 each: Callable[[int, _Batch, dict[str, np.ndarray]], None] = lambda *_: None) -> None:
-        """Original half on the original stream: the target sum and the next original stream;
-        `each` gets the `capture`d tensors of every batch (nothing else keeps them)."""
-        end = half.segment.outputs[0]
-        for index, item in enumerate(batches):
-            values = self._half(half, item, index, item.original, self.original,
-                                list(dict.fromkeys([half.branch, end] + capture)))
-            item.target = values[half.branch].astype(np.float32) + item.original
-            item.original = values[end]
-            self.shapes[(end, index)] = item.original.shape
-            each(index, item, values)
-
-    def _finish(self, half: _Half, batches: list[_Batch], linear, inputs: list[np.ndarray] | None) -> None:
-        """The next pruned stream: the refitted layer's output from its cached `inputs` (or the
-        pruned half run again where they were not cached), through the residual join."""
-        end = half.segment.outputs[0]
-        weight = self.weights.values[(linear.node, linear.weight_index)]
-        weight = (weight.T if linear.transposed else weight).astype(np.float32)
-        bias = (self.weights.values[(linear.bias_node, linear.bias_index)].reshape(-1).astype(np.float32)
-                if linear.bias is not None else 0.0)
-        for index, item in enumerate(batches):
-            if self.propagation is Propagation.ONE_SHOT:
-                item.pruned = item.original
-            elif inputs is None:
-                item.pruned = self._half(half, item, index, item.pruned, self.weights.values, [end])[end]
-            else:
-                x = inputs[index]
-                flat = x.reshape(-1, x.shape[-1]).astype(np.float32, copy=False)  # one 2-D product
-                branch = (flat @ weight + bias).astype(x.dtype).reshape(*x.shape[:-1], weight.shape[1])
-                if branch.shape != item.pruned.shape and branch.size == item.pruned.size:
-                    branch = branch.reshape(item.pruned.shape)  # a Gemm between flattening reshapes
-                values = {half.branch: branch, half.residual: item.pruned}
-                item.pruned = self._run(half.join, item, index, values, {}, [end])[end]
-            item.target = None
+    def _weights_for(self, number: int, linear) -> dict[Slot, np.ndarray]:
+        """The current weights a half-block's passes read (what a worker is sent)."""
+        half = self.halves[number // 2][number % 2]
+        wanted = dict.fromkeys(list(half.segment.slots) + [(linear.node, linear.weight_index)]
+                               + ([(linear.bias_node, linear.bias_index)] if linear.bias is not None else []))
+        return {slot: self.weights.values[slot] for slot in wanted if slot in self.weights.values}
 
     # --- attention ---------------------------------------------------------------------------------
-    def _attention_half(self, layer: Layer, half: _Half, batches: list[_Batch]) -> None:
+    def _attention_half(self, layer: Layer, number: int, shards: Shards) -> None:
         block = layer.attention
         width = self.widths.attention[block.name]
-        qk_tensors = query_key_tensors(block)
-        scales = [s.tensor for s in block.frozen_scales]
-        tables = rotary_tables(self.g, block)  # a written-out rotary embedding's cos/sin, to rotate q̂, k̂ alike
-        pairs = PairStatistics.empty(block.heads, block.head_dim)
-
-        def score(index: int, item: _Batch, values: dict[str, np.ndarray]) -> None:
-            for tensor in scales:
-                self.scale_values.setdefault(tensor, np.array(values[tensor]))
-            q, k = query_key(self.g, block, values, item.samples)
-            if self.propagation is Propagation.SEQUENTIAL:  # the pruned model's q and k, the original scores
-                pruned = {half.residual: item.pruned}
-                if half.projection_inputs is not None:
-                    pruned = self._run(half.projection_inputs, item, index, pruned, {},
-                                       list(half.projection_inputs.segment.outputs))
-                pruned.update({t: values[t] for t in tables})
-                q_hat, k_hat = query_key(self.g, block, pruned, item.samples, from_inputs=True)
-                pairs.add(q_hat, k_hat, item.mask, q, k)
-            else:
-                pairs.add(q, k, item.mask)
-
-        self._targets(half, batches, qk_tensors + scales + tables, score)
+        pairs, scale_values = merged_pairs(shards.attention_targets(number), block.heads, block.head_dim)
+        self.scale_values.update(scale_values)
         d, every = block.head_dim, np.arange(block.groups)
         qk, q_map, k_map = self._reduce_pairs(block, pairs, width.qk)
         if block.equal_widths:  # one head size for Q/K and V (an attention op's)
             width = AttentionWidth(width.heads, qk.shape[1], qk.shape[1])
         self.weights.apply_attention(AttentionKeep(block, qk, np.tile(np.arange(d), (block.groups, 1)), every,
                                                    q_map, k_map))  # V and the output projection come next
-        equations, cached = self._equations(half, batches, block.out.input, block.out.in_features,
-                                            block.out.out_features)
+        equations = merged_equations(shards.equations(number, self._weights_for(number, block.out)))
         prior = input_weights(self.g, block.out)
         projecting = self.reduction is Reduction.PROJECT and width.v < d and block.group_size == 1
         heads, v = self._choose_values(block, equations, prior, width, projecting)
@@ -343,16 +253,14 @@ class Reconstructor:
         if projecting:
             v, v_map, transform, prior = project_values(block, equations, prior, heads, width.v)
             equations = equations.transformed(transform)
-            if cached is not None:
-                inner = transform[:-1, :-1].astype(cached[0].dtype)
-                cached = [(x.reshape(-1, x.shape[-1]) @ inner).reshape(x.shape) for x in cached]
+            shards.transform_cache(transform[:-1, :-1])
         keep = AttentionKeep(block, qk[heads], v, heads, None if q_map is None else q_map[heads],
                              None if k_map is None else k_map[heads], v_map)
         refit = self._refit(f"{layer.name} (attention)", equations, keep.out_rows(), prior, block.out)
         self.weights.apply_attention(keep, refit)
         self.keeps_attention.append(keep)
         self.refits[block.out.node] = refit
-        self._finish(half, batches, block.out, cached)
+        shards.finish(number, self._weights_for(number, block.out))
 
     @small_linear_algebra
     def _reduce_pairs(self, block, pairs: PairStatistics, kept: int
@@ -421,12 +329,11 @@ class Reconstructor:
         return units.per_group(block, activation.reshape(block.heads, -1))
 
     # --- FFN ---------------------------------------------------------------------------------------
-    def _ffn_half(self, layer: Layer, half: _Half, batches: list[_Batch]) -> None:
+    def _ffn_half(self, layer: Layer, number: int, shards: Shards) -> None:
         block = layer.ffn
         kept = self.widths.ffn[block.name]
-        self._targets(half, batches, [])
-        equations, cached = self._equations(half, batches, block.fc2.input, block.fc2.in_features,
-                                            block.fc2.out_features)
+        shards.ffn_targets(number)
+        equations = merged_equations(shards.equations(number, self._weights_for(number, block.fc2)))
         prior = input_weights(self.g, block.fc2)
         if self.selection is Selection.OBS and self.criterion in ("snp", "snp-paper"):
             obs = Obs(equations, prior, self.ridge or DEFAULT_RIDGE)
@@ -443,7 +350,7 @@ class Reconstructor:
         self.weights.apply_ffn(keep, refit)
         self.keeps_ffn.append(keep)
         self.refits[block.fc2.node] = refit
-        self._finish(half, batches, block.fc2, cached)
+        shards.finish(number, self._weights_for(number, block.fc2))
 
     def _ffn_scores(self, block, equations: NormalEquations, prior: np.ndarray) -> np.ndarray:
         if self.criterion == "random":
@@ -456,22 +363,6 @@ class Reconstructor:
         return activation_norms(equations) * np.linalg.norm(prior, axis=1)
 
     # --- refits ------------------------------------------------------------------------------------
-    def _equations(self, half: _Half, batches: list[_Batch], tensor: str, inputs: int, outputs: int
-                   ) -> tuple[NormalEquations, list[np.ndarray] | None]:
-        """Sums for refitting the layer reading `tensor`: its inputs in the pruned model against
-        target − pruned residual input. Also those inputs, batch by batch, where they fit in
-        CACHE_BYTES (the next stream is then computed from them, without running the half again)."""
-        equations = NormalEquations.empty(inputs, outputs, FOLDS)
-        cache: list[np.ndarray] | None = []
-        size = 0
-        for index, item in enumerate(batches):
-            x = self._half(half, item, index, item.pruned, self.weights.values, [tensor])[tensor]
-            y = item.target - item.pruned
-            equations.add(_tokens(x, item.samples, item.mask), _tokens(y, item.samples, item.mask), index)
-            size += x.nbytes
-            cache = cache + [x] if cache is not None and size <= CACHE_BYTES else None
-        return equations, cache
-
     def _ridge_for(self, equations: NormalEquations, keep: np.ndarray, prior: np.ndarray) -> float:
         return self.ridge if self.ridge is not None else choose_ridge(equations, keep, prior[keep])
 
@@ -487,10 +378,3 @@ class Reconstructor:
             return Refit(solve_without_bias(equations, keep, prior[keep], ridge), None)
         return Refit(fit.weight, fit.bias)
 
-
-def _tokens(x: np.ndarray, samples: int, mask: np.ndarray | None) -> np.ndarray:
-    """(real tokens, features): padded positions left out."""
-    stacked = _as_tokens(x, samples)
-    if mask is not None and mask.shape == stacked.shape[:2]:
-        return stacked[mask > 0]
-    return stacked.reshape(-1, stacked.shape[-1])

@@ -25,7 +25,8 @@ from .importance import PairStatistics, input_weights, query_key, query_key_tens
 from .least_squares import DEFAULT_RIDGE, NormalEquations, Obs, solve
 from .plan import AttentionKeep
 from .projection import cholesky, project_pairs, project_values
-from .reconstruction import Reconstructor, _Batch, _tokens
+from .batches import Batch, Shard, split_batches, tokens as _tokens
+from .reconstruction import Reconstructor
 
 CURVE_STEPS = 16  # points measured along each curve (between them the loss is interpolated)
 
@@ -51,20 +52,29 @@ class LayerSensitivity:
     block: float  # removing the whole block
 
 
-def survey(reconstructor: Reconstructor, batches: list[_Batch], samples: int) -> list[LayerSensitivity]:
-    """The curves of every transformer block, on the first `samples` samples of `batches`."""
-    chosen, count = [], 0
-    for item in batches:
+def survey_shard(reconstructor: Reconstructor, feed: dict[str, np.ndarray], batch: int, mask_name: str | None,
+                 samples: int) -> Shard:
+    """The whole calibration batches that hold the first `samples` samples of `feed`, in this process."""
+    parts, count = [], 0
+    for part in split_batches(feed, batch):
         if count >= samples:
             break
-        chosen.append(_Batch(item.inputs, item.samples, item.mask, original=item.original, pruned=item.original))
-        count += item.samples
+        parts.append(part)
+        count += next(iter(part.values())).shape[0]
+    shard = Shard(reconstructor.g, reconstructor.matches, reconstructor.halves, reconstructor.original)
+    shard.prepare(parts, mask_name)
+    return shard
+
+
+def survey(reconstructor: Reconstructor, shard: Shard) -> list[LayerSensitivity]:
+    """The curves of every transformer block, on the batches of `shard` (survey_shard)."""
+    chosen = shard.batches
     layers = reconstructor.matches.layers
     results, energies = [], []
     for layer, (attention, ffn) in zip(layers, reconstructor.halves):
-        attention_part = _attention(reconstructor, layer, attention, chosen)
+        attention_part = _attention(reconstructor, shard, layer, attention)
         start = [item.original for item in chosen]
-        ffn_part = _ffn(reconstructor, layer, ffn, chosen)
+        ffn_part = _ffn(reconstructor, shard, layer, ffn)
         block = sum(float(np.square(_tokens(item.original - before, item.samples, item.mask),
                                     dtype=np.float64).sum()) for item, before in zip(chosen, start))
         # the attention half's own change is part of the block's too
@@ -86,8 +96,9 @@ def _scaled(curve: Curve, factor: float) -> Curve:
     return Curve(curve.kept, curve.loss * factor)
 
 
-def _attention(r: Reconstructor, layer, half, batches: list[_Batch]):
+def _attention(r: Reconstructor, shard: Shard, layer, half):
     block = layer.attention
+    batches = shard.batches
     d, heads = block.head_dim, block.heads
     pairs = PairStatistics.empty(heads, d)
     equations = NormalEquations.empty(block.out.in_features, block.out.out_features)
@@ -95,16 +106,16 @@ def _attention(r: Reconstructor, layer, half, batches: list[_Batch]):
     energy = [0.0]
     starts = [item.original for item in batches]
 
-    def collect(index: int, item: _Batch, values: dict[str, np.ndarray]) -> None:
+    def collect(item: Batch, values: dict[str, np.ndarray]) -> None:
         q, k = query_key(r.g, block, values, item.samples)
         pairs.add(q, k, item.mask)
         branch = values[half.branch]
         equations.add(_tokens(values[block.out.input], item.samples, item.mask),
-                      _tokens(branch, item.samples, item.mask), index)
+                      _tokens(branch, item.samples, item.mask), item.index)
         energy[0] += float(np.square(_tokens(item.target, item.samples, item.mask), dtype=np.float64).sum())
         branches.append(branch)
 
-    r._targets(half, batches, query_key_tensors(block) + [block.out.input], collect)
+    shard.targets(half, query_key_tensors(block) + [block.out.input], collect)
     prior = input_weights(r.g, block.out)
     every = np.arange(heads)
 
@@ -121,10 +132,10 @@ def _attention(r: Reconstructor, layer, half, batches: list[_Batch]):
     saved = dict(r.weights.values)
     r.weights.apply_attention(trial)
     measured = NormalEquations.empty(block.out.in_features, block.out.out_features)
-    for index, (item, start, branch) in enumerate(zip(batches, starts, branches)):
-        values = r._half(half, item, index, start, r.weights.values, [block.out.input])
+    for item, start, branch in zip(batches, starts, branches):
+        values = shard.run_half(half, item, start, r.weights.values, [block.out.input])
         measured.add(_tokens(values[block.out.input], item.samples, item.mask),
-                     _tokens(branch, item.samples, item.mask), index)
+                     _tokens(branch, item.samples, item.mask), item.index)
     r.weights.values = saved
     refit_loss = solve(measured, np.arange(block.out.in_features), prior, DEFAULT_RIDGE).loss
     factor = refit_loss / max(score_error[half_width], 1e-30)
@@ -155,17 +166,17 @@ def _attention(r: Reconstructor, layer, half, batches: list[_Batch]):
     return qk, v, head_curve, energy[0], _half_change(batches, starts)
 
 
-def _ffn(r: Reconstructor, layer, half, batches: list[_Batch]):
+def _ffn(r: Reconstructor, shard: Shard, layer, half):
     block = layer.ffn
     equations = NormalEquations.empty(block.fc2.in_features, block.fc2.out_features)
     energy = [0.0]
 
-    def collect(index: int, item: _Batch, values: dict[str, np.ndarray]) -> None:
+    def collect(item: Batch, values: dict[str, np.ndarray]) -> None:
         equations.add(_tokens(values[block.fc2.input], item.samples, item.mask),
-                      _tokens(values[half.branch], item.samples, item.mask), index)
+                      _tokens(values[half.branch], item.samples, item.mask), item.index)
         energy[0] += float(np.square(_tokens(item.target, item.samples, item.mask), dtype=np.float64).sum())
 
-    r._targets(half, batches, [block.fc2.input], collect)
+    shard.targets(half, [block.fc2.input], collect)
     obs = Obs(equations, input_weights(r.g, block.fc2), DEFAULT_RIDGE)
     hidden = block.hidden
     kept, losses = [hidden], [0.0]
@@ -184,7 +195,7 @@ def _points(width: int) -> np.ndarray:
     return np.unique(np.linspace(1, width, CURVE_STEPS).round().astype(int))
 
 
-def _half_change(batches: list[_Batch], starts: list[np.ndarray]) -> float:
+def _half_change(batches: list[Batch], starts: list[np.ndarray]) -> float:
     """Σ‖stream after − stream before‖² of a half-block (on the tokens that count)."""
     return sum(float(np.square(_tokens(item.original - start, item.samples, item.mask), dtype=np.float64).sum())
                for item, start in zip(batches, starts))

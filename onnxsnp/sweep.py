@@ -78,20 +78,24 @@ def sweep(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel, goal
         raise SnpError("a sweep needs targets (--targets)")
     prepared = prepare(model_or_path, first, calib=calib, calib_label=calib_label)
     work = None
-    if _reconstruction_route(prepared.g, prepared.matches, first) is None:
-        work = ReconstructionWork(prepared, first)
-        work.curves()  # the survey every allocation reads
-    shared = time.perf_counter() - started
-    rows = []
-    for goal in goals:
-        begun = time.perf_counter()
-        result = finish(prepared, options_for(goal), work)
-        name = write(goal, result)
-        report, fidelity = result.report, result.report.fidelity
-        rows.append(SweepRow(goal, name, report.flops_before, report.flops_after, report.params_before,
-                             report.params_after, report.latency_ms_before, report.latency_ms_after,
-                             fidelity.output_cosine, fidelity.centred_cosine, fidelity.top1_agreement,
-                             round(time.perf_counter() - begun, 2)))
+    try:
+        if _reconstruction_route(prepared.g, prepared.matches, first) is None:
+            work = ReconstructionWork(prepared, first)
+            work.curves()  # the survey every allocation reads
+        shared = time.perf_counter() - started
+        rows = []
+        for goal in goals:
+            begun = time.perf_counter()
+            result = finish(prepared, options_for(goal), work)
+            name = write(goal, result)
+            report, fidelity = result.report, result.report.fidelity
+            rows.append(SweepRow(goal, name, report.flops_before, report.flops_after, report.params_before,
+                                 report.params_after, report.latency_ms_before, report.latency_ms_after,
+                                 fidelity.output_cosine, fidelity.centred_cosine, fidelity.top1_agreement,
+                                 round(time.perf_counter() - begun, 2)))
+    finally:
+        if work is not None:
+            work.close()
     return SweepResult(CostKind(first.target.kind).value, tuple(rows), round(shared, 2))
 
 

@@ -30,13 +30,12 @@ def test_segments_chained_give_the_model_stream(exported, form):
     matches = find_blocks(g)
     reconstructor = Reconstructor(g, matches)
     feed = feed_for(exported(*form), batch=3)
-    batches = reconstructor.prepare(feed, 3, "attention_mask" if "attention_mask" in feed else None)
-    for pair in reconstructor.halves:
-        for half in pair:
-            reconstructor._advance_original(half, batches)
+    shards = reconstructor.prepare(feed, 3, "attention_mask" if "attention_mask" in feed else None)
+    for number in range(2 * len(reconstructor.halves)):
+        shards.advance_original(number)
     last = matches.layers[-1].output
     (_, values), = list(Runner(g.model, [last]).batches(feed, [last], 3))
-    np.testing.assert_allclose(batches[0].original, values[last], atol=1e-4)
+    np.testing.assert_allclose(shards.shard.batches[0].original, values[last], atol=1e-4)
 
 
 def test_reconstructed_stream_is_the_rewritten_models():
@@ -49,12 +48,12 @@ def test_reconstructed_stream_is_the_rewritten_models():
     widths = Widths({b.name: AttentionWidth(3, 6, 10) for b in matches.attention},
                     {b.name: 100 for b in matches.ffn})
     reconstructor = Reconstructor(g, matches)
-    batches = reconstructor.prepare(feed, 20, None)
-    result = reconstructor.run(batches, widths)
+    shards = reconstructor.prepare(feed, 20, None)
+    result = reconstructor.run(shards, widths)
     plan = PrunePlan(result.attention, result.ffn, result.scale_values, refits=result.refits)
     last = matches.layers[-1].output
     (_, values), = list(Runner(rewrite(g, plan), [last]).batches(feed, [last], 40))
-    carried = np.concatenate([b.pruned for b in batches])
+    carried = np.concatenate([b.pruned for b in shards.shard.batches])
     np.testing.assert_allclose(carried, values[last], atol=1e-4, rtol=1e-4)
     assert [k.heads.size for k in result.attention] == [3] * len(matches.attention)
     assert all(h.error_after <= h.error_before + 1e-9 for h in result.halves)  # a refit never fits worse
@@ -115,9 +114,9 @@ def test_one_shot_fits_on_the_original_stream():
     refits = []
     for propagation in (Propagation.ONE_SHOT, Propagation.SEQUENTIAL):
         reconstructor = Reconstructor(g, matches, propagation=propagation)
-        batches = reconstructor.prepare(feed, 16, None)
-        result = reconstructor.run(batches, widths)
+        shards = reconstructor.prepare(feed, 16, None)
+        result = reconstructor.run(shards, widths)
         if propagation is Propagation.ONE_SHOT:
-            assert all(np.array_equal(b.pruned, b.original) for b in batches)
+            assert all(np.array_equal(b.pruned, b.original) for b in shards.shard.batches)
         refits.append(result.refits[matches.ffn[-1].fc2.node].weight)
     assert not np.allclose(refits[0], refits[1])

@@ -1,0 +1,145 @@
+"""`--workers N`: the reconstruction's calibration batches held by N Ray worker processes.
+
+What is sent where (docs/SCALING.md has the whole picture):
+- the model with its weights once per worker, through Ray's object store;
+- each worker its own calibration batches (whole folds, batches.owner), once; the activations they
+  produce — the original and pruned streams, the refitted layers' inputs — never leave it;
+- per half-block, the driver sends the half's current weights and gets back sums: normal
+  equations per fold and Q/K pair statistics per batch (batches.py explains why merging them is
+  exact, so the pruned model is the one a single process writes).
+
+The refit is sequential — block i + 1 is measured on the pruned model's stream after block i's
+refit — so the workers go through the blocks in lock step, one pass at a time, and the driver
+chooses and refits between passes. The parallelism is over calibration batches, not blocks.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+
+from .batches import AttentionSums, Shard, Slot, Workers, owner
+from .errors import SnpError
+from .least_squares import NormalEquations
+from .loading import is_big
+from .threads import threads_for
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise SnpError("--workers and --ray-address need Ray: pip install 'onnxsnp[ray]'") from None
+    return ray
+
+
+class ShardWorker:
+    """One worker: a Shard over the model as the driver reads it (a Ray actor, see RayShards)."""
+
+    def __init__(self, model_bytes: bytes, sequential: bool, rank: int, count: int):
+        from .graph import ModelGraph
+        from .matching import find_blocks
+        from .reconstruction import original_weights, plan_segments
+
+        g = ModelGraph(onnx.load_from_string(model_bytes))
+        matches = find_blocks(g)  # deterministic: the driver's blocks, in the driver's order
+        halves = plan_segments(g, matches)
+        self.shard = Shard(g, matches, halves, original_weights(g, halves), sequential, rank, count)
+
+    def _threads(self, number: int):
+        return threads_for(self.shard._linear(number).in_features)  # as the driver's run limits them
+
+    def prepare(self, parts, mask_name):
+        self.shard.prepare(parts, mask_name)
+
+    def restart(self):
+        self.shard.restart()
+
+    def counts(self):
+        return self.shard.counts()
+
+    def advance_original(self, number):
+        self.shard.advance_original(number)
+
+    def ffn_targets(self, number):
+        with self._threads(number):
+            self.shard.ffn_targets(number)
+
+    def attention_targets(self, number):
+        with self._threads(number):
+            return self.shard.attention_targets(number)
+
+    def equations(self, number, weights):
+        with self._threads(number):
+            return self.shard.equations(number, weights)
+
+    def transform_cache(self, inner):
+        self.shard.transform_cache(inner)
+
+    def finish(self, number, weights):
+        with self._threads(number):
+            self.shard.finish(number, weights)
+
+
+class RayShards:
+    """The Shards interface (batches.Shards) over Ray actors, one ShardWorker each."""
+
+    def __init__(self, model: onnx.ModelProto, sequential: bool, workers: Workers):
+        ray = _ray()
+        if is_big(model):
+            raise SnpError("--workers needs a model under 2 GB for now (it is sent to the workers as one protobuf)")
+        self.ray, self.count, self.started = ray, workers.count, False
+        if not ray.is_initialized():
+            try:
+                ray.init(address=workers.address, num_cpus=None if workers.address else workers.count,
+                         include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+            except (ConnectionError, ValueError, RuntimeError) as exc:
+                where = workers.address or "a local Ray instance"
+                raise SnpError(f"cannot start Ray workers on {where}: {str(exc).splitlines()[0][:200]}") from None
+            self.started = True
+        remote = ray.remote(num_cpus=1)(ShardWorker)
+        model_ref = ray.put(model.SerializeToString())  # one copy per machine, in the object store
+        self.actors = [remote.remote(model_ref, sequential, rank, workers.count) for rank in range(workers.count)]
+
+    def _all(self, method: str, *args) -> list:
+        refs = [self.ray.put(a) if isinstance(a, dict) else a for a in args]  # weights: put once, read by all
+        return self.ray.get([getattr(actor, method).remote(*refs) for actor in self.actors])
+
+    def prepare(self, parts: list[dict[str, np.ndarray]], mask_name: str | None) -> None:
+        # each worker is sent only its own batches
+        self.ray.get([actor.prepare.remote([p if owner(i, self.count) == rank else None for i, p in enumerate(parts)],
+                                           mask_name) for rank, actor in enumerate(self.actors)])
+
+    def restart(self) -> None:
+        self._all("restart")
+
+    def counts(self) -> tuple[int, int]:
+        counts = self._all("counts")
+        return sum(c[0] for c in counts), sum(c[1] for c in counts)
+
+    def advance_original(self, number: int) -> None:
+        self._all("advance_original", number)
+
+    def ffn_targets(self, number: int) -> None:
+        self._all("ffn_targets", number)
+
+    def attention_targets(self, number: int) -> list[AttentionSums]:
+        return self._all("attention_targets", number)
+
+    def equations(self, number: int, weights: dict[Slot, np.ndarray]) -> list[NormalEquations]:
+        return self._all("equations", number, weights)
+
+    def transform_cache(self, inner: np.ndarray) -> None:
+        self._all("transform_cache", inner)
+
+    def finish(self, number: int, weights: dict[Slot, np.ndarray]) -> None:
+        self._all("finish", number, weights)
+
+    def close(self) -> None:
+        for actor in getattr(self, "actors", []):
+            self.ray.kill(actor)
+        self.actors = []
+        if self.started:
+            self.ray.shutdown()
+            self.started = False
