@@ -303,10 +303,10 @@ def _without_weights(model: onnx.ModelProto, weights: Weights | None = None
     light = onnx.ModelProto()
     for field, value in model.ListFields():
         if field.name != "graph":
-            _copy_field(light, field, value)
+            copy_field(light, field, value)
     for field, value in model.graph.ListFields():
         if field.name != "initializer":
-            _copy_field(light.graph, field, value)
+            copy_field(light.graph, field, value)
     names, values = add_initializers(light.graph, model.graph.initializer, weights)
     return light, names, values
 
@@ -334,7 +334,7 @@ def add_initializers(graph: onnx.GraphProto, tensors: Iterable[onnx.TensorProto]
     return names, values
 
 
-def _copy_field(target, field, value) -> None:
+def copy_field(target, field, value) -> None:
     if hasattr(value, "extend"):  # a repeated field
         getattr(target, field.name).extend(value)
     elif hasattr(value, "CopyFrom"):

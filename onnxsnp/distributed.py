@@ -18,11 +18,12 @@ import logging
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
+from .calibration import copy_field
 from .batches import AttentionSums, Shard, Slot, Workers, owner
 from .errors import SnpError
-from .least_squares import NormalEquations
-from .loading import is_big
+from .least_squares import FOLDS, NormalEquations
 from .threads import threads_for
 
 
@@ -34,15 +35,48 @@ def _ray():
     return ray
 
 
+PORTABLE_MIN_BYTES = 2**20  # initializers at least this big travel as arrays, not inside the protobuf
+
+
+def portable(model: onnx.ModelProto) -> tuple[bytes, dict[str, np.ndarray]]:
+    """`model` as a protobuf without its large weights, and those weights as arrays: no 2 GB
+    protobuf limit, and Ray's object store shares the arrays between the workers of a machine."""
+    light = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            copy_field(light, field, value)
+    for field, value in model.graph.ListFields():
+        if field.name != "initializer":
+            copy_field(light.graph, field, value)
+    weights = {}
+    for tensor in model.graph.initializer:
+        if len(tensor.raw_data) >= PORTABLE_MIN_BYTES:
+            weights[tensor.name] = numpy_helper.to_array(tensor)
+            stub = light.graph.initializer.add()  # keeps the initializers' order
+            stub.name, stub.data_type = tensor.name, tensor.data_type
+            stub.dims.extend(tensor.dims)
+        else:
+            light.graph.initializer.add().CopyFrom(tensor)
+    return light.SerializeToString(), weights
+
+
+def restored(light: bytes, weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+    model = onnx.load_from_string(light)
+    for tensor in model.graph.initializer:
+        if tensor.name in weights:
+            tensor.CopyFrom(numpy_helper.from_array(np.asarray(weights[tensor.name]), tensor.name))
+    return model
+
+
 class ShardWorker:
     """One worker: a Shard over the model as the driver reads it (a Ray actor, see RayShards)."""
 
-    def __init__(self, model_bytes: bytes, sequential: bool, rank: int, count: int):
+    def __init__(self, light: bytes, weights: dict[str, np.ndarray], sequential: bool, rank: int, count: int):
         from .graph import ModelGraph
         from .matching import find_blocks
         from .reconstruction import original_weights, plan_segments
 
-        g = ModelGraph(onnx.load_from_string(model_bytes))
+        g = ModelGraph(restored(light, weights))
         matches = find_blocks(g)  # deterministic: the driver's blocks, in the driver's order
         halves = plan_segments(g, matches)
         self.shard = Shard(g, matches, halves, original_weights(g, halves), sequential, rank, count)
@@ -71,8 +105,11 @@ class ShardWorker:
             return self.shard.attention_targets(number)
 
     def equations(self, number, weights):
+        """Only the folds this worker summed (the others are zeros): less to send back."""
         with self._threads(number):
-            return self.shard.equations(number, weights)
+            equations = self.shard.equations(number, weights)
+        folds = [fold for fold in range(FOLDS) if owner(fold, self.shard.count) == self.shard.rank]
+        return folds, equations.xx[folds], equations.xy[folds], equations.yy[folds]
 
     def transform_cache(self, inner):
         self.shard.transform_cache(inner)
@@ -87,8 +124,6 @@ class RayShards:
 
     def __init__(self, model: onnx.ModelProto, sequential: bool, workers: Workers):
         ray = _ray()
-        if is_big(model):
-            raise SnpError("--workers needs a model under 2 GB for now (it is sent to the workers as one protobuf)")
         self.ray, self.count, self.started = ray, workers.count, False
         if not ray.is_initialized():
             try:
@@ -99,8 +134,10 @@ class RayShards:
                 raise SnpError(f"cannot start Ray workers on {where}: {str(exc).splitlines()[0][:200]}") from None
             self.started = True
         remote = ray.remote(num_cpus=1)(ShardWorker)
-        model_ref = ray.put(model.SerializeToString())  # one copy per machine, in the object store
-        self.actors = [remote.remote(model_ref, sequential, rank, workers.count) for rank in range(workers.count)]
+        light, weights = portable(model)
+        light_ref, weights_ref = ray.put(light), ray.put(weights)  # one copy per machine, in the object store
+        self.actors = [remote.remote(light_ref, weights_ref, sequential, rank, workers.count)
+                       for rank in range(workers.count)]
 
     def _all(self, method: str, *args) -> list:
         refs = [self.ray.put(a) if isinstance(a, dict) else a for a in args]  # weights: put once, read by all
@@ -128,7 +165,12 @@ class RayShards:
         return self._all("attention_targets", number)
 
     def equations(self, number: int, weights: dict[Slot, np.ndarray]) -> list[NormalEquations]:
-        return self._all("equations", number, weights)
+        parts = self._all("equations", number, weights)
+        _, xx, xy, _ = parts[0]
+        total = NormalEquations(np.zeros((FOLDS,) + xx.shape[1:]), np.zeros((FOLDS,) + xy.shape[1:]), np.zeros(FOLDS))
+        for folds, xx, xy, yy in parts:  # each fold comes from one worker: placed, not added
+            total.xx[folds], total.xy[folds], total.yy[folds] = xx, xy, yy
+        return [total]
 
     def transform_cache(self, inner: np.ndarray) -> None:
         self._all("transform_cache", inner)

@@ -101,3 +101,18 @@ def test_without_ray_the_cli_says_how_to_get_it(tmp_path):
     assert done.stderr.strip().splitlines() == ["onnxsnp: error: --workers and --ray-address need Ray: "
                                                 "pip install 'onnxsnp[ray]'"]
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_large_weights_travel_beside_the_protobuf(monkeypatch):
+    """Weights over PORTABLE_MIN_BYTES go to the workers as arrays (no 2 GB protobuf limit)."""
+    pytest.importorskip("ray")
+    from onnxsnp import distributed
+
+    monkeypatch.setattr(distributed, "PORTABLE_MIN_BYTES", 4096)  # the shipped model's matrices count as large
+    model = onnx.load(str(DIGITS))
+    light, weights = distributed.portable(model)
+    assert weights and all(w.nbytes >= 4096 for w in weights.values())
+    assert distributed.restored(light, weights).SerializeToString() == model.SerializeToString()
+    alone, _ = prune(str(DIGITS), ratio=0.5, calib=str(DIGITS_CALIB))
+    spread, _ = prune(str(DIGITS), ratio=0.5, calib=str(DIGITS_CALIB), workers=2)
+    _assert_identical(alone, spread)
