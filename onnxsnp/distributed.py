@@ -133,7 +133,8 @@ class RayShards:
                 where = workers.address or "a local Ray instance"
                 raise SnpError(f"cannot start Ray workers on {where}: {str(exc).splitlines()[0][:200]}") from None
             self.started = True
-        remote = ray.remote(num_cpus=1)(ShardWorker)
+        # SPREAD: on a cluster, one worker per machine before any machine gets two
+        remote = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(ShardWorker)
         light, weights = portable(model)
         light_ref, weights_ref = ray.put(light), ray.put(weights)  # one copy per machine, in the object store
         self.actors = [remote.remote(light_ref, weights_ref, sequential, rank, workers.count)
