@@ -15,6 +15,7 @@ bit: that is what lets `--workers` (distributed.py) spread the batches over proc
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -22,6 +23,7 @@ from typing import Protocol
 import numpy as np
 
 from .graph import ModelGraph, attribute
+from .heap import release_heap
 from .importance import PairStatistics, _as_tokens, query_key, query_key_tensors, rotary_tables
 from .least_squares import FOLDS, NormalEquations
 from .matching import Matches
@@ -78,6 +80,19 @@ def tokens(x: np.ndarray, samples: int, mask: np.ndarray | None) -> np.ndarray:
     return stacked.reshape(-1, stacked.shape[-1])
 
 
+def _pass(method):
+    """A pass over the batches: the heap it churned through goes back to the system after it
+    (heap.py; without this the reconstruction's memory grows with every block)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            release_heap()
+
+    return wrapper
+
+
 def _shape_value(node, shape: tuple[int, ...]) -> np.ndarray:
     start, end = attribute(node, "start", 0), attribute(node, "end", None)
     return np.array(shape[start:end] if end is not None else shape[start:], dtype=np.int64)
@@ -118,6 +133,7 @@ class Shard:
         return self.run(half.runner, item, {half.residual: stream}, weights, tensors)
 
     # --- the batches ---------------------------------------------------------------------------
+    @_pass
     def prepare(self, parts: list[dict[str, np.ndarray]], mask_name: str | None) -> None:
         """This shard's batches of `parts` (all the calibration batches, in order), with the
         first block's input (the embeddings run once)."""
@@ -145,6 +161,7 @@ class Shard:
             self.batches.append(item)
         self._first = [item.original for item in self.batches]
 
+    @_pass
     def restart(self) -> None:
         """The batches at the first block again, for another run at other widths."""
         for item, first in zip(self.batches, self._first):
@@ -158,6 +175,7 @@ class Shard:
                 sum(len(tokens(b.original, b.samples, b.mask)) for b in self.batches))
 
     # --- passes ----------------------------------------------------------------------------------
+    @_pass
     def advance_original(self, number: int) -> None:
         """A removed block's half: only the original stream moves on."""
         half = self.half(number)
@@ -181,9 +199,11 @@ class Shard:
             self.shapes[(end, item.index)] = item.original.shape
             each(item, values)
 
+    @_pass
     def ffn_targets(self, number: int) -> None:
         self.targets(self.half(number), [])
 
+    @_pass
     def attention_targets(self, number: int) -> AttentionSums:
         """The targets of attention half `number`, with every batch's Q/K pair statistics: SNP's
         scores on the pruned model's q and k (sequential) against the original scores."""
@@ -213,6 +233,7 @@ class Shard:
         self.targets(half, query_key_tensors(block) + scales + tables, score)
         return AttentionSums(tuple(pairs), tuple(scale_values))
 
+    @_pass
     def equations(self, number: int, weights: dict[Slot, np.ndarray]) -> NormalEquations:
         """Sums for refitting the layer after half `number`'s pruned group (output projection, fc2):
         its inputs in the pruned model against target − pruned residual input. Those inputs are
@@ -230,12 +251,14 @@ class Shard:
         self._cache = cache
         return equations
 
+    @_pass
     def transform_cache(self, inner: np.ndarray) -> None:
         """The kept inputs mapped by `inner` (the V projection: new inputs = x · inner)."""
         if self._cache is not None:
             inner = inner.astype(self._cache[0].dtype) if self._cache else inner
             self._cache = [(x.reshape(-1, x.shape[-1]) @ inner).reshape(x.shape) for x in self._cache]
 
+    @_pass
     def finish(self, number: int, weights: dict[Slot, np.ndarray]) -> None:
         """The next pruned stream: the refitted layer's output from the cached inputs (or the
         pruned half run again where they were not cached), through the residual join."""

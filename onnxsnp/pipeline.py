@@ -1,7 +1,6 @@
 """The whole flow: load → graph → match → calibrate → score/allocate → compensate → rewrite → verify → report."""
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 import os
@@ -31,6 +30,7 @@ from .options import (SYNTHETIC_SAMPLES, Compensation, PruneOptions, make_option
 from .plan import PrunePlan, Ratios, kept_count
 from .profiling import profile_nodes
 from .batches import Shards
+from .heap import release_heap
 from .reconstruction import AttentionWidth, Propagation, Reconstruction, Reconstructor, Widths, plan_segments
 from .report import Report, block_reports, sensitivity_points, stats_fields
 from .rewriting import rewrite
@@ -463,10 +463,7 @@ def _memory_releaser(model_bytes: int) -> Callable[[], None]:
     provide."""
     def release() -> None:
         gc.collect()  # onnx-graphsurgeon graphs are reference cycles: they hold sliced weights until collected
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc: nothing to do
-            pass
+        release_heap()
 
     return release if model_bytes > TRIM_ABOVE_BYTES else (lambda: None)
 
