@@ -300,6 +300,13 @@ def _without_weights(model: onnx.ModelProto, weights: Weights | None = None
                      ) -> tuple[onnx.ModelProto, list[str], list[ort.OrtValue]]:
     """A copy of `model` whose larger initializers are marked external, plus those initializers
     as OrtValues: `weights`' arrays where it has them, else decoded from the proto here."""
+    light = without_initializers(model)
+    names, values = add_initializers(light.graph, model.graph.initializer, weights)
+    return light, names, values
+
+
+def without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` with every field but the graph's initializers."""
     light = onnx.ModelProto()
     for field, value in model.ListFields():
         if field.name != "graph":
@@ -307,8 +314,7 @@ def _without_weights(model: onnx.ModelProto, weights: Weights | None = None
     for field, value in model.graph.ListFields():
         if field.name != "initializer":
             copy_field(light.graph, field, value)
-    names, values = add_initializers(light.graph, model.graph.initializer, weights)
-    return light, names, values
+    return light
 
 
 def add_initializers(graph: onnx.GraphProto, tensors: Iterable[onnx.TensorProto], weights: Weights | None = None

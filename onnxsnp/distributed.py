@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .calibration import copy_field
+from .calibration import without_initializers
 from .batches import AttentionSums, Shard, Slot, Workers, owner
 from .errors import SnpError
 from .least_squares import FOLDS, NormalEquations
@@ -41,13 +41,7 @@ PORTABLE_MIN_BYTES = 2**20  # initializers at least this big travel as arrays, n
 def portable(model: onnx.ModelProto) -> tuple[bytes, dict[str, np.ndarray]]:
     """`model` as a protobuf without its large weights, and those weights as arrays: no 2 GB
     protobuf limit, and Ray's object store shares the arrays between the workers of a machine."""
-    light = onnx.ModelProto()
-    for field, value in model.ListFields():
-        if field.name != "graph":
-            copy_field(light, field, value)
-    for field, value in model.graph.ListFields():
-        if field.name != "initializer":
-            copy_field(light.graph, field, value)
+    light = without_initializers(model)
     weights = {}
     for tensor in model.graph.initializer:
         if len(tensor.raw_data) >= PORTABLE_MIN_BYTES:
