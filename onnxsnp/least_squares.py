@@ -139,6 +139,9 @@ def choose_ridge(equations: NormalEquations, keep: np.ndarray, prior: np.ndarray
     return grid[int(np.argmin(errors))]
 
 
+_HUGE = np.finfo(np.float64).max
+
+
 class Obs:
     """Greedy structured OBS over the input rows of one layer (see the module docstring).
 
@@ -171,10 +174,12 @@ class Obs:
         return result
 
     def single_costs(self) -> np.ndarray:
-        """Per row, the loss of removing it alone (inf for rows already removed)."""
+        """Per row, the loss of removing it alone (inf for rows already removed; a row still
+        alive always costs less, even where its cost is not finite, so that the cheapest rows
+        are always alive ones and every removal loop ends)."""
         diagonal = np.maximum(np.diag(self.inverse), 1e-300)
         cost = np.einsum("ij,ij->i", self.weight, self.weight) / diagonal
-        return np.where(self.alive, cost, np.inf)
+        return np.where(self.alive, np.nan_to_num(cost, nan=_HUGE, posinf=_HUGE), np.inf)
 
     def remove(self, rows: np.ndarray) -> float:
         """Remove rows together, refitting the rest; returns the loss added."""

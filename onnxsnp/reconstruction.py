@@ -28,6 +28,7 @@ from enum import Enum
 
 import numpy as np
 
+from .errors import SnpError
 from .graph import ModelGraph
 from . import units
 from .importance import (PairStatistics, input_weights, output_weights, query_key_tensors, redundancy,
@@ -245,7 +246,7 @@ class Reconstructor:
             width = AttentionWidth(width.heads, qk.shape[1], qk.shape[1])
         self.weights.apply_attention(AttentionKeep(block, qk, np.tile(np.arange(d), (block.groups, 1)), every,
                                                    q_map, k_map))  # V and the output projection come next
-        equations = merged_equations(shards.equations(number, self._weights_for(number, block.out)))
+        equations = self._equations(number, shards, block.out)
         prior = input_weights(self.g, block.out)
         projecting = self.reduction is Reduction.PROJECT and width.v < d and block.group_size == 1
         heads, v = self._choose_values(block, equations, prior, width, projecting)
@@ -333,7 +334,7 @@ class Reconstructor:
         block = layer.ffn
         kept = self.widths.ffn[block.name]
         shards.ffn_targets(number)
-        equations = merged_equations(shards.equations(number, self._weights_for(number, block.fc2)))
+        equations = self._equations(number, shards, block.fc2)
         prior = input_weights(self.g, block.fc2)
         if self.selection is Selection.OBS and self.criterion in ("snp", "snp-paper"):
             obs = Obs(equations, prior, self.ridge or DEFAULT_RIDGE)
@@ -363,6 +364,13 @@ class Reconstructor:
         return activation_norms(equations) * np.linalg.norm(prior, axis=1)
 
     # --- refits ------------------------------------------------------------------------------------
+    def _equations(self, number: int, shards: Shards, linear) -> NormalEquations:
+        equations = merged_equations(shards.equations(number, self._weights_for(number, linear)))
+        if not (np.isfinite(equations.xx).all() and np.isfinite(equations.xy).all()):
+            raise SnpError(f"the inputs of {linear.node} or the residual stream are not finite (inf or NaN) on the "
+                           "calibration data: the model overflows there and cannot be refitted")
+        return equations
+
     def _ridge_for(self, equations: NormalEquations, keep: np.ndarray, prior: np.ndarray) -> float:
         return self.ridge if self.ridge is not None else choose_ridge(equations, keep, prior[keep])
 

@@ -120,3 +120,46 @@ def test_one_shot_fits_on_the_original_stream():
             assert all(np.array_equal(b.pruned, b.original) for b in shards.shard.batches)
         refits.append(result.refits[matches.ffn[-1].fc2.node].weight)
     assert not np.allclose(refits[0], refits[1])
+
+
+def test_a_model_that_overflows_on_its_calibration_data_is_refused_not_looped_on(tmp_path):
+    """An FFN whose activations are inf on the calibration data (a weight row at 3e38): one line,
+    exit 2, no output (the OBS removal loop once spun forever on the NaN costs)."""
+    import subprocess
+    import sys
+
+    from onnx import numpy_helper
+
+    model = onnx.load(str(DIGITS))
+    g = ModelGraph(model)
+    fc1 = find_blocks(g).ffn[-1].fc1
+    name = g.node(fc1.node).input[fc1.weight_index]
+    tensor = next(t for t in model.graph.initializer if t.name == name)
+    weight = numpy_helper.to_array(tensor).copy()
+    weight[0, :] = 3e38
+    tensor.CopyFrom(numpy_helper.from_array(weight, name))
+    source, out = tmp_path / "overflow.onnx", tmp_path / "out.onnx"
+    onnx.save(model, str(source))
+    done = subprocess.run([sys.executable, "-m", "onnxsnp", str(source), str(out), "--calib", str(DIGITS_CALIB), "-q"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not finite" in lines[0], done.stderr
+    assert not out.exists()
+
+
+def test_obs_removal_ends_when_costs_are_not_finite():
+    from onnxsnp.least_squares import NormalEquations, Obs
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 6))
+    equations = NormalEquations.empty(6, 3)
+    equations.add(x, x[:, :3], 0)
+    obs = Obs(equations, np.zeros((6, 3)))
+    obs.weight[2:] = np.nan  # what non-finite statistics leave behind
+    removals = 0
+    while obs.alive.sum() > 2:
+        obs.remove(np.argsort(obs.single_costs(), kind="stable")[:1])
+        removals += 1
+        assert removals <= 4, "a removal picked a row already removed"
+    assert obs.alive.sum() == 2
