@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import tempfile
 from pathlib import Path
 
@@ -26,7 +27,28 @@ VALID = SHIPPED.read_bytes()
 MODEL = onnx.load(str(SHIPPED))
 
 
+HANG_SECONDS = 120  # one example takes seconds; a loop that never ends must fail the test, not stall CI
+
+
+class Hang(BaseException):
+    """Raised by the alarm; a BaseException so that the CLI's own error handling cannot swallow it."""
+
+
+def _hang(signum, frame):
+    raise Hang(f"one example ran for more than {HANG_SECONDS} s")
+
+
 def check_contract(data: bytes, extra: list[str]) -> None:
+    previous = signal.signal(signal.SIGALRM, _hang)
+    signal.alarm(HANG_SECONDS)
+    try:
+        _check_contract(data, extra)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _check_contract(data: bytes, extra: list[str]) -> None:
     with tempfile.TemporaryDirectory() as folder:
         source, out = Path(folder) / "in.onnx", Path(folder) / "out.onnx"
         source.write_bytes(data)
