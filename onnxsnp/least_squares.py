@@ -67,7 +67,13 @@ class NormalEquations:
 
     def total(self, leave_out: int | None = None) -> tuple[np.ndarray, np.ndarray, float]:
         folds = [f for f in range(self.xx.shape[0]) if f != leave_out]
-        return self.xx[folds].sum(axis=0), self.xy[folds].sum(axis=0), float(self.yy[folds].sum())
+        # fold by fold, in order: the sums numpy's reduction over a fancy-indexed copy gives, bit
+        # for bit, without copying every fold first (that copy was 6 % of a DeiT-S prune)
+        xx, xy = self.xx[folds[0]].copy(), self.xy[folds[0]].copy()
+        for fold in folds[1:]:
+            xx += self.xx[fold]
+            xy += self.xy[fold]
+        return xx, xy, float(self.yy[folds].sum())
 
 
 @dataclass(frozen=True)
