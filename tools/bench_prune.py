@@ -26,7 +26,7 @@ Calibration: standard-normal float32 samples (seed 0) written to an .npz.
                                 [--samples 64] [--out docs/PRUNE_COST.md] [--stages] [--smoke]
 
 --stages: afterwards, run onnxsnp in-process under cProfile and print the 15 most expensive
-functions by cumulative time, plus the time of each stage prune_model calls (cProfile slows
+functions by cumulative time and by own time, plus the time of each stage prune_model calls (cProfile slows
 pure-Python code more than numpy/onnxruntime calls: read shares, not absolute seconds).
 --smoke: deit_tiny, 16 samples, table written to a temporary file unless --out is given (CI).
 """
@@ -171,6 +171,9 @@ def profile_stages(model: Path, out: Path, calib: Path, samples: int) -> None:
     stats = pstats.Stats(profiler)
     print(f"\nonnxsnp under cProfile: top {TOP_FUNCTIONS} functions by cumulative time")
     stats.sort_stats("cumulative").print_stats(TOP_FUNCTIONS)
+    # by own time: where the seconds are spent (onnxruntime's runs, Gram products, solves)
+    print(f"\nonnxsnp under cProfile: top {TOP_FUNCTIONS} functions by own time")
+    stats.sort_stats("tottime").print_stats(TOP_FUNCTIONS)
     # the stages: what cli._run_prune (load, write) and pipeline.prune_model (the rest) call, with
     # the cumulative time of those calls (the top list above is mostly these wrappers)
     keys = {(f.__code__.co_filename, f.__code__.co_firstlineno, f.__code__.co_name)
