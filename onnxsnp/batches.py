@@ -238,7 +238,7 @@ class Shard:
         """Sums for refitting the layer after half `number`'s pruned group (output projection, fc2):
         its inputs in the pruned model against target − pruned residual input. Those inputs are
         also kept, where they fit in CACHE_BYTES (the next stream is then computed from them)."""
-        half, linear = self.half(number), self._linear(number)
+        half, linear = self.half(number), self.linear(number)
         equations = NormalEquations.empty(linear.in_features, linear.out_features, FOLDS)
         cache: list[np.ndarray] | None = []
         size = 0
@@ -262,7 +262,7 @@ class Shard:
     def finish(self, number: int, weights: dict[Slot, np.ndarray]) -> None:
         """The next pruned stream: the refitted layer's output from the cached inputs (or the
         pruned half run again where they were not cached), through the residual join."""
-        half, linear = self.half(number), self._linear(number)
+        half, linear = self.half(number), self.linear(number)
         end = half.segment.outputs[0]
         weight = weights[(linear.node, linear.weight_index)]
         weight = (weight.T if linear.transposed else weight).astype(np.float32)
@@ -284,7 +284,8 @@ class Shard:
             item.target = None
         self._cache = None
 
-    def _linear(self, number: int):
+    def linear(self, number: int):
+        """The layer refitted after half-block `number`: the output projection or fc2."""
         layer = self.matches.layers[number // 2]
         return layer.attention.out if number % 2 == 0 else layer.ffn.fc2
 
@@ -305,37 +306,20 @@ class Shards(Protocol):
 
 
 class LocalShards:
-    """Every batch in this process: the default, and what `--workers` must reproduce."""
+    """Every batch in this process: the default, and what `--workers` must reproduce. The Shards
+    interface over one Shard; only the statistics come back as one-element lists."""
 
     def __init__(self, shard: Shard):
         self.shard = shard
 
-    def prepare(self, parts: list[dict[str, np.ndarray]], mask_name: str | None) -> None:
-        self.shard.prepare(parts, mask_name)
-
-    def restart(self) -> None:
-        self.shard.restart()
-
-    def counts(self) -> tuple[int, int]:
-        return self.shard.counts()
-
-    def advance_original(self, number: int) -> None:
-        self.shard.advance_original(number)
-
-    def ffn_targets(self, number: int) -> None:
-        self.shard.ffn_targets(number)
+    def __getattr__(self, name: str):  # prepare, restart, counts, advance_original, ffn_targets, …
+        return getattr(self.shard, name)
 
     def attention_targets(self, number: int) -> list[AttentionSums]:
         return [self.shard.attention_targets(number)]
 
     def equations(self, number: int, weights: dict[Slot, np.ndarray]) -> list[NormalEquations]:
         return [self.shard.equations(number, weights)]
-
-    def transform_cache(self, inner: np.ndarray) -> None:
-        self.shard.transform_cache(inner)
-
-    def finish(self, number: int, weights: dict[Slot, np.ndarray]) -> None:
-        self.shard.finish(number, weights)
 
     def close(self) -> None:
         pass

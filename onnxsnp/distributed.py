@@ -76,7 +76,7 @@ class ShardWorker:
         self.shard = Shard(g, matches, halves, original_weights(g, halves), sequential, rank, count)
 
     def _threads(self, number: int):
-        return threads_for(self.shard._linear(number).in_features)  # as the driver's run limits them
+        return threads_for(self.shard.linear(number).in_features)  # as the driver's run limits them
 
     def prepare(self, parts, mask_name):
         self.shard.prepare(parts, mask_name)
