@@ -15,7 +15,8 @@ subprocess so that neither inherits the other's (or this script's) memory:
 
 Peak RSS is each child's own ru_maxrss, read with os.wait4 on that child's pid (the same
 number as getrusage(RUSAGE_SELF) inside it, and unlike RUSAGE_CHILDREN not the maximum over
-every child this script waited for). MB = 10^6 bytes, for the file sizes too.
+every child this script waited for); each child is spawned by a bare launcher interpreter, so
+that it does not start from this script's own peak (see LAUNCHER). MB = 10^6 bytes, for the file sizes too.
 
 Model: a DeiT-B-shaped ViT by default (224×224, patch 16, 1000 classes, random weights seed 0,
 legacy exporter, ~350 MB) exported to a temporary folder; `--preset` picks another shape,
@@ -74,22 +75,37 @@ class Measured:
     stdout: str
 
 
+# Linux starts an exec'd child's ru_maxrss at the high-water mark of the memory it was spawned
+# from (with vfork, the spawning process's own peak), so a child of this script would inherit
+# whatever this script once held (a 1,024-sample calibration array). The launcher is a bare
+# interpreter that spawns the measured command and reports that grandchild's wait4 usage.
+LAUNCHER = """
+import json, os, subprocess, sys
+proc = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(proc.pid, 0)
+with open(sys.argv[1], "w") as report:
+    json.dump({"code": os.waitstatus_to_exitcode(status), "maxrss_kib": usage.ru_maxrss,
+               "cpu_s": usage.ru_utime + usage.ru_stime}, report)
+"""
+
+
 def run_measured(cmd: list[str]) -> Measured:
-    """Run cmd, returning its wall time and its own peak RSS (os.wait4 on its pid)."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        # output to files, not pipes: wait4 below does not drain pipes, so a chatty child could block
+    """Run cmd, returning its wall time and its own peak RSS (wait4 on its pid, in a launcher)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.NamedTemporaryFile(suffix=".json") as usage_file:
+        # output to files, not pipes: the launcher's wait4 does not drain pipes, so a chatty child could block
         started = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=ROOT)
-        _, status, usage = os.wait4(proc.pid, 0)
+        launcher = subprocess.run([sys.executable, "-c", LAUNCHER, usage_file.name, *cmd], stdout=out, stderr=err,
+                                  cwd=ROOT)
         seconds = time.perf_counter() - started
-        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so Popen must not wait again
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read().decode(), err.read().decode()
-    if proc.returncode != 0:
-        raise SystemExit(f"{shlex.join(cmd)} exited {proc.returncode}:\n{stderr[-2000:]}")
+        usage = json.loads(Path(usage_file.name).read_text() or "{}")
+    if launcher.returncode != 0 or usage.get("code") != 0:
+        raise SystemExit(f"{shlex.join(cmd)} exited {usage.get('code', launcher.returncode)}:\n{stderr[-2000:]}")
     # Linux ru_maxrss is in KiB
-    return Measured(seconds, usage.ru_maxrss * 1024 / MB, usage.ru_utime + usage.ru_stime, stdout)
+    return Measured(seconds, usage["maxrss_kib"] * 1024 / MB, usage["cpu_s"], stdout)
 
 
 def ort_pass(model: str, calib: str, batch: int) -> None:
