@@ -158,6 +158,20 @@ def unit_costs(costs: CostModel, matches: Matches, kind: CostKind | str) -> list
     return result
 
 
+def widths_plan(matches: Matches, widths) -> PrunePlan:
+    """A plan with the shapes of `widths` (reconstruction.Widths), keeping the first units of each
+    group: what the cost model and the clock need (timed.py), not what pruning would keep."""
+    from .plan import AttentionKeep, FfnKeep
+
+    attention = []
+    for b in matches.attention:
+        w = widths.attention[b.name]
+        attention.append(AttentionKeep(b, np.tile(np.arange(w.qk), (w.heads, 1)), np.tile(np.arange(w.v), (w.heads, 1)),
+                                       np.arange(w.heads)))
+    ffn = tuple(FfnKeep(b, np.arange(widths.ffn[b.name])) for b in matches.ffn)
+    return PrunePlan(tuple(attention), ffn, removed_layers=tuple(matches.layers[i] for i in widths.removed_layers))
+
+
 def _full_plan(matches: Matches) -> PrunePlan:
     from .plan import AttentionKeep, FfnKeep
 

@@ -51,7 +51,8 @@ def _overview(report: Report) -> str:
                  if report.calibration == "synthetic" else "")
     target = ""
     if report.target:
-        parts = [f"target {target_name(report.target)}"] + latency_lines(report.target)
+        timed = (report.allocation or {}).get("timed")
+        parts = [f"target {target_name(report.target)}"] + latency_lines(report.target, timed)
         target = "; " + html.escape("; ".join(parts))
     return f"""<p>criterion {html.escape(report.criterion)}, compensation {html.escape(report.compensation_summary())};
 calibration {html.escape(report.calibration)} ({report.calibration_samples} samples fitted,

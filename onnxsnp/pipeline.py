@@ -15,7 +15,7 @@ import onnx
 from . import calibration as calib_stage
 from .errors import SnpError
 from .graph import ModelGraph
-from .allocation import Target, allocate, unit_costs
+from .allocation import Target, allocate, unit_costs, widths_plan
 from .costs import CostKind, CostModel
 from .importance import Scorer
 from .loading import LoadedModel, load_model, weight_bytes
@@ -35,6 +35,7 @@ from .reconstruction import AttentionWidth, Propagation, Reconstruction, Reconst
 from .report import Report, block_reports, sensitivity_points, stats_fields
 from .rewriting import rewrite
 from .sensitivity import survey, survey_shard
+from .timed import Clock, timed_widths
 from .stats import count_params, macs_from_shapes, stats_from_shapes
 from .verification import check_structure, latency
 
@@ -146,7 +147,7 @@ def finish(prepared: Prepared, options: PruneOptions, work: ReconstructionWork |
         if options.target is None:
             widths = uniform_widths(matches, ratios, _removed_layers(g, matches, ratios, p.fit_feed, p.batch, p.mask))
         else:
-            widths, allocation = _allocate(matches, work, costs, options)
+            widths, allocation = _allocate(matches, work, costs, options, one_batch)
             ratios = _mean_ratios(matches, widths, ratios)
             log.info("allocated by measured sensitivity on %d samples (%s)", allocation["samples"], _since(started))
         if options.one_head_size:  # onnxruntime-genai's KV buffers (genai.py)
@@ -270,22 +271,41 @@ def _target_report(target: Target, costs: CostModel, plan: PrunePlan, speed: tup
     return report
 
 
-def _allocate(matches: Matches, work: ReconstructionWork, costs: CostModel, options: PruneOptions
-              ) -> tuple[Widths, dict]:
-    """Widths meeting the target with the least measured loss (sensitivity.py, allocation.py)."""
+def _allocate(matches: Matches, work: ReconstructionWork, costs: CostModel, options: PruneOptions,
+              one_batch: dict[str, np.ndarray]) -> tuple[Widths, dict]:
+    """Widths meeting the target with the least measured loss (sensitivity.py, allocation.py); a
+    latency budget's widths are timed and corrected before the reconstruction (timed.py)."""
     target, ratios = options.target, options.ratios
     total = costs.original(target.kind)
     curves = work.curves()
-    widths, predicted = allocate(curves, matches, unit_costs(costs, matches, target.kind), total,
-                                 target.absolute(total), ratios.align, ratios.heads, ratios.blocks)
-    return widths, {"kind": target.kind.value, "goal": target.absolute(total), "original": total,
-                    "samples": min(SURVEY_SAMPLES, _count(work.prepared.fit_feed)),
-                    "layers": [{"name": layer.name, "predicted_loss": round(loss, 6), "block_loss": round(c.block, 6),
-                                "qk_loss_half": round(c.qk.at(layer.attention.head_dim / 2), 6),
-                                "v_loss_half": round(c.v.at(layer.attention.head_dim / 2), 6),
-                                "ffn_loss_half": round(c.ffn.at(layer.ffn.hidden / 2), 6),
-                                **sensitivity_points(layer, c)}
-                               for layer, c, loss in zip(matches.layers, curves, predicted)]}
+    units = unit_costs(costs, matches, target.kind)
+
+    def allocate_for(goal: float) -> tuple[Widths, list[float]]:
+        return allocate(curves, matches, units, total, goal, ratios.align, ratios.heads, ratios.blocks)
+
+    goal = target.absolute(total)
+    widths, predicted = allocate_for(goal)
+    timing = None
+    if target.kind is CostKind.LATENCY:
+        p = work.prepared
+        timing = timed_widths(goal, lambda before: target.absolute(before), lambda g: allocate_for(g)[0],
+                              lambda w: costs.cost(widths_plan(matches, w), target.kind),
+                              lambda w: rewrite(p.g, widths_plan(matches, w)), Clock(p.model, one_batch, p.g.constant))
+        if timing.widths != widths:
+            widths, predicted = allocate_for(timing.trials[timing.chosen].goal_predicted_ms)
+        log.info("timed the allocation %d time(s): %s", len(timing.trials), timing.stopped)
+    report = {"kind": target.kind.value, "goal": goal, "original": total,
+              "samples": min(SURVEY_SAMPLES, _count(work.prepared.fit_feed)),
+              "layers": [{"name": layer.name, "predicted_loss": round(loss, 6), "block_loss": round(c.block, 6),
+                          "qk_loss_half": round(c.qk.at(layer.attention.head_dim / 2), 6),
+                          "v_loss_half": round(c.v.at(layer.attention.head_dim / 2), 6),
+                          "ffn_loss_half": round(c.ffn.at(layer.ffn.hidden / 2), 6),
+                          **sensitivity_points(layer, c)}
+                         for layer, c, loss in zip(matches.layers, curves, predicted)]}
+    if timing is not None:
+        report["timed"] = {"trials": [t.as_dict() for t in timing.trials], "chosen": timing.chosen,
+                           "stopped": timing.stopped}
+    return widths, report
 
 
 def _mean_ratios(matches: Matches, widths: Widths, ratios: Ratios) -> Ratios:

@@ -1,0 +1,145 @@
+"""A latency budget checked by the clock before the reconstruction spends its time on it.
+
+The latency model (costs.py) scales each profiled node's time by the share of its work a plan
+keeps. Kernels are not linear in their widths (a narrower MatMul runs at another efficiency,
+some ops shrink with no cut), so an allocation can run faster or slower than predicted: BERT-base
+at `--target-speedup 2` ran 2.19× (docs/SPEED_LATENCY_TARGET.md). A model's time is fixed by its
+shapes, not by its weights, so the allocated widths are rewritten with sliced weights (nothing
+refitted: cheap) and timed against the original, interleaved, one intra-op thread, as users run
+it. While the measured time misses the goal by more than TOLERANCE, the goal in predicted
+milliseconds is scaled by measured ÷ predicted and the widths are allocated again, at most
+ROUNDS times; the widths measured closest to the goal win.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .calibration import Weights, fitted, session
+from .errors import SnpError
+from .reconstruction import Widths
+
+log = logging.getLogger("onnxsnp")
+
+TOLERANCE = 0.03  # measured time within this share of the goal ends the check (the goal's 5 % less noise)
+ROUNDS = 3  # timed allocations at most: the first and two corrections
+TIMING_ROUNDS = 15  # interleaved runs of original and candidate per check ...
+TIMING_BUDGET_S = 6.0  # ... or fewer (at least MIN_TIMING_ROUNDS) once this is spent
+MIN_TIMING_ROUNDS = 5
+
+
+@dataclass(frozen=True)
+class Trial:
+    goal_predicted_ms: float  # the goal the allocation was given, in the latency model's milliseconds
+    predicted_ms: float  # what the latency model predicts for the allocated widths
+    before_ms: float  # the original's median, measured beside the candidate
+    after_ms: float  # the candidate's median
+    goal_ms: float  # the measured goal: the original's time ÷ the speedup, or the latency asked for
+
+    @property
+    def miss(self) -> float:
+        """How far the measured time is from the goal, as a share of it (+: too slow)."""
+        return self.after_ms / self.goal_ms - 1
+
+    def as_dict(self) -> dict:
+        return {"goal_predicted_ms": round(self.goal_predicted_ms, 4), "predicted_ms": round(self.predicted_ms, 4),
+                "measured_ms_before": round(self.before_ms, 4), "measured_ms_after": round(self.after_ms, 4),
+                "measured_speedup": round(self.before_ms / max(self.after_ms, 1e-12), 4),
+                "goal_ms": round(self.goal_ms, 4)}
+
+
+@dataclass(frozen=True)
+class Timed:
+    widths: Widths
+    trials: tuple[Trial, ...]
+    chosen: int  # the trial whose widths are kept
+    stopped: str  # why the check ended
+
+
+class Clock:
+    """Times candidates against the original, interleaved round by round after a warm-up so that
+    the machine's slow phases hit both alike; the original's session is made once."""
+
+    def __init__(self, original: onnx.ModelProto, feed: dict[str, np.ndarray], weights: Weights | None = None):
+        self._original = session(original, threads=1, weights=weights)
+        self._feed = feed
+        self._original.run(None, fitted(self._original, feed))
+
+    def compare(self, candidate: onnx.ModelProto) -> tuple[float, float]:
+        """Median milliseconds per run: (original, candidate)."""
+        other = session(candidate, threads=1)
+        sessions = (self._original, other)
+        feeds = [fitted(s, self._feed) for s in sessions]
+        other.run(None, feeds[1])
+        times: tuple[list[float], list[float]] = ([], [])
+        started = time.perf_counter()
+        for done in range(TIMING_ROUNDS):
+            if done >= MIN_TIMING_ROUNDS and time.perf_counter() - started > TIMING_BUDGET_S:
+                break
+            for sess, feed, bucket in zip(sessions, feeds, times):
+                start = time.perf_counter()
+                sess.run(None, feed)
+                bucket.append((time.perf_counter() - start) * 1000)
+        return statistics.median(times[0]), statistics.median(times[1])
+
+
+def timed_widths(goal_predicted_ms: float, measured_goal: Callable[[float], float],
+                 allocate: Callable[[float], Widths], predict: Callable[[Widths], float],
+                 build: Callable[[Widths], onnx.ModelProto], clock: Clock) -> Timed:
+    """Widths whose measured time meets the goal: `allocate(goal in predicted ms)` chooses widths,
+    `predict` is the latency model's time for them, `build` rewrites them (sliced weights),
+    `measured_goal(original's measured ms)` is the goal in measured milliseconds."""
+    trials: list[Trial] = []
+    found: list[Widths] = []
+    goal = goal_predicted_ms
+    stopped = f"{ROUNDS} timed allocations"
+    for _ in range(ROUNDS):
+        try:
+            widths = allocate(goal)
+        except SnpError as why:  # the corrected goal is out of reach: keep what was found
+            if not found:
+                raise
+            stopped = f"a corrected goal of {goal:.2f} predicted ms is out of reach ({why})"
+            break
+        if found and widths == found[-1]:
+            stopped = "the correction chose the same widths"
+            break
+        predicted = predict(widths)
+        before, after = clock.compare(build(widths))
+        trial = Trial(goal, predicted, before, after, measured_goal(before))
+        trials.append(trial)
+        found.append(widths)
+        log.info("timed allocation %d: predicted %.2f ms, measured %.2f -> %.2f ms (goal %.2f ms, %+.1f%%)",
+                 len(trials), predicted, before, after, trial.goal_ms, 100 * trial.miss)
+        if abs(trial.miss) <= TOLERANCE:
+            stopped = f"measured within {TOLERANCE:.0%} of the goal"
+            break
+        goal = _next_goal(trials)
+        if not math.isfinite(goal) or goal <= 0:
+            stopped = "the measured time gives no usable correction"
+            break
+    chosen = min(range(len(trials)), key=lambda i: abs(math.log1p(trials[i].miss)))
+    return Timed(found[chosen], tuple(trials), chosen, stopped)
+
+
+def _next_goal(trials: list[Trial]) -> float:
+    """Where to aim the latency model next. Once trials fall on both sides of the goal, between the
+    closest two (linear in the miss: allocations move in steps, and a block removal is a big one);
+    before that, measured ≈ c · predicted near the last plan, so the prediction is scaled to where
+    the measurement would meet the goal."""
+    slow = [t for t in trials if t.miss > 0]
+    fast = [t for t in trials if t.miss < 0]
+    if slow and fast:
+        a = min(slow, key=lambda t: t.miss)
+        b = max(fast, key=lambda t: t.miss)
+        share = a.miss / (a.miss - b.miss)
+        return a.goal_predicted_ms + share * (b.goal_predicted_ms - a.goal_predicted_ms)
+    last = trials[-1]
+    return last.goal_ms * last.predicted_ms / max(last.after_ms, 1e-12)
