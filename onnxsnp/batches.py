@@ -108,7 +108,7 @@ class Shard:
         self.sequential = sequential  # False: the original stream is fed on (Propagation.ONE_SHOT)
         self.rank, self.count = rank, count
         self.batches: list[Batch] = []
-        self._first: list[np.ndarray] = []
+        self._first: list[np.ndarray] | None = []
         self._cache: list[np.ndarray] | None = None
         self.shapes: dict[tuple[str, int], tuple[int, ...]] = {}  # cut tensor, batch index → shape (side tensors)
 
@@ -134,9 +134,10 @@ class Shard:
 
     # --- the batches ---------------------------------------------------------------------------
     @_pass
-    def prepare(self, parts: list[dict[str, np.ndarray]], mask_name: str | None) -> None:
+    def prepare(self, parts: list[dict[str, np.ndarray]], mask_name: str | None, restartable: bool = True) -> None:
         """This shard's batches of `parts` (all the calibration batches, in order), with the
-        first block's input (the embeddings run once)."""
+        first block's input (the embeddings run once). `restartable`: that input is also kept for
+        `restart` (another run at other widths); a single run does without that extra stream."""
         first = self.halves[0][0]
         streams = [h.residual for pair in self.halves for h in pair]
         # side tensors made before the first block (with the first stream) are captured once
@@ -159,11 +160,13 @@ class Shard:
             item.pruned = item.original
             self.shapes[(first.residual, index)] = item.original.shape
             self.batches.append(item)
-        self._first = [item.original for item in self.batches]
+        self._first = [item.original for item in self.batches] if restartable else None
 
     @_pass
     def restart(self) -> None:
         """The batches at the first block again, for another run at other widths."""
+        if self._first is None:
+            raise RuntimeError("these batches were prepared for one run only (restartable=False)")
         for item, first in zip(self.batches, self._first):
             item.original = item.pruned = first
             item.target = None
@@ -293,7 +296,8 @@ class Shard:
 class Shards(Protocol):
     """The batches wherever they are held; each pass runs on every shard."""
 
-    def prepare(self, parts: list[dict[str, np.ndarray]], mask_name: str | None) -> None: ...
+    def prepare(self, parts: list[dict[str, np.ndarray]], mask_name: str | None, restartable: bool = True
+                ) -> None: ...
     def restart(self) -> None: ...
     def counts(self) -> tuple[int, int]: ...
     def advance_original(self, number: int) -> None: ...

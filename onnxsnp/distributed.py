@@ -78,8 +78,8 @@ class ShardWorker:
     def _threads(self, number: int):
         return threads_for(self.shard.linear(number).in_features)  # as the driver's run limits them
 
-    def prepare(self, parts, mask_name):
-        self.shard.prepare(parts, mask_name)
+    def prepare(self, parts, mask_name, restartable=True):
+        self.shard.prepare(parts, mask_name, restartable)
 
     def restart(self):
         self.shard.restart()
@@ -138,10 +138,10 @@ class RayShards:
         refs = [self.ray.put(a) if isinstance(a, dict) else a for a in args]  # weights: put once, read by all
         return self.ray.get([getattr(actor, method).remote(*refs) for actor in self.actors])
 
-    def prepare(self, parts: list[dict[str, np.ndarray]], mask_name: str | None) -> None:
+    def prepare(self, parts: list[dict[str, np.ndarray]], mask_name: str | None, restartable: bool = True) -> None:
         # each worker is sent only its own batches
         self.ray.get([actor.prepare.remote([p if owner(i, self.count) == rank else None for i, p in enumerate(parts)],
-                                           mask_name) for rank, actor in enumerate(self.actors)])
+                                           mask_name, restartable) for rank, actor in enumerate(self.actors)])
 
     def restart(self) -> None:
         self._all("restart")

@@ -142,7 +142,7 @@ def finish(prepared: Prepared, options: PruneOptions, work: ReconstructionWork |
     reconstruction, searched, kept_pieces, pruned, allocation = None, (), (), None, None
     if route is None:
         own = work is None  # made here: freed before the rewrite (its batches hold every calibration activation)
-        work = work or ReconstructionWork(prepared, options)
+        work = work or ReconstructionWork(prepared, options, restartable=False)  # one run: no copy of the first stream
         reconstructor, shards = work.reconstructor, work.restart()
         if options.target is None:
             widths = uniform_widths(matches, ratios, _removed_layers(g, matches, ratios, p.fit_feed, p.batch, p.mask))
@@ -215,14 +215,14 @@ class ReconstructionWork:
     once, held here or by --workers) and the sensitivity survey of a --target-* allocation
     (measured once, in this process), for any number of runs at different widths."""
 
-    def __init__(self, prepared: Prepared, options: PruneOptions):
+    def __init__(self, prepared: Prepared, options: PruneOptions, restartable: bool = True):
         p = prepared
         self.prepared = p
         self.reconstructor = Reconstructor(p.g, p.matches, options.criterion, options.selection, options.propagation,
                                            rescale_qk=options.rescale_qk, seed=options.seed,
                                            reduction=options.reduction)
         self.batch = p.fixed or RECONSTRUCTION_BATCH
-        self.shards = self.reconstructor.prepare(p.fit_feed, self.batch, p.mask, options.workers)
+        self.shards = self.reconstructor.prepare(p.fit_feed, self.batch, p.mask, options.workers, restartable)
         self._curves = None
         self.runs = 0
 

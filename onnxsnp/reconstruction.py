@@ -139,7 +139,8 @@ def plan_segments(g: ModelGraph, matches: Matches) -> list[tuple[_Half, _Half]]:
             segment = cut(g, name, [start], [end], cuts, slots)
             branch = capture[0]
             join = cut(g, f"{name} join", [branch, start], [end], cuts)
-            if len(join.nodes) > 3 or join.slots:
+            # the legacy exporter routes a norm's weights through Identity nodes: they are no work
+            if len([n for n in join.nodes if g.node(n).op_type not in ("Identity", "Constant")]) > 3 or join.slots:
                 raise NoMatch(f"{name}: the residual join is more than an Add and a normalisation")
             pair.append(_Half(segment, SegmentRunner(g, segment, capture), SegmentRunner(g, join), branch, start))
         inputs = list(dict.fromkeys([block.q.input, block.k.input]))
@@ -189,9 +190,9 @@ class Reconstructor:
 
     # --- the whole job -------------------------------------------------------------------------
     def prepare(self, feed: dict[str, np.ndarray], batch: int, mask_name: str | None,
-                workers: Workers | None = None) -> Shards:
+                workers: Workers | None = None, restartable: bool = True) -> Shards:
         """The calibration batches, with the first block's input, held in this process or, with
-        `workers`, spread over them (distributed.py)."""
+        `workers`, spread over them (distributed.py); `restartable`: for more than one run."""
         parts = split_batches(feed, batch)
         sequential = self.propagation is Propagation.SEQUENTIAL
         if workers is None or workers.count <= 1 and workers.address is None:
@@ -201,7 +202,7 @@ class Reconstructor:
 
             shards = RayShards(self.g.model, sequential, workers)
         try:
-            shards.prepare(parts, mask_name)
+            shards.prepare(parts, mask_name, restartable)
         except BaseException:
             shards.close()
             raise

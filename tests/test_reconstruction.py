@@ -59,6 +59,53 @@ def test_reconstructed_stream_is_the_rewritten_models():
     assert all(h.error_after <= h.error_before + 1e-9 for h in result.halves)  # a refit never fits worse
 
 
+def test_a_single_run_keeps_no_copy_of_the_first_stream():
+    """A one-run reconstruction (the default prune) gives up the first block's input once it has
+    moved on; a restartable one (onnxsnp sweep) keeps it and gives the same model again."""
+    g = ModelGraph(onnx.load(str(DIGITS)))
+    matches = find_blocks(g)
+    feed = {k: v[:40] for k, v in dict(np.load(DIGITS_CALIB)).items()}
+    widths = Widths({b.name: AttentionWidth(3, 6, 10) for b in matches.attention},
+                    {b.name: 100 for b in matches.ffn})
+    once = Reconstructor(g, matches)
+    single = once.prepare(feed, 20, None, restartable=False)
+    first = [b.original for b in single.shard.batches]
+    result = once.run(single, widths)
+    held = {id(a) for b in single.shard.batches for a in (b.original, b.pruned, b.target) if a is not None}
+    assert not held & {id(a) for a in first}
+    with pytest.raises(RuntimeError):
+        single.restart()
+    again = Reconstructor(g, matches)
+    shards = again.prepare(feed, 20, None)
+    again.run(shards, widths)
+    again.restart()
+    shards.restart()
+    repeated = again.run(shards, widths)
+    for a, b in zip(result.refits.values(), repeated.refits.values()):
+        np.testing.assert_array_equal(a.weight, b.weight)
+
+
+def test_norm_weights_routed_through_identity_nodes_still_cut_into_blocks(tmp_path):
+    """A freshly initialised BERT (every LayerNorm weight 1, every bias 0) exported by the legacy
+    exporter shares those initializers through Identity nodes; the residual join is still an Add
+    and a LayerNorm, so the model is reconstructed block by block, not by the one-pass fallback."""
+    import torch
+
+    from conftest import export
+    from torch_models import HFEncoder, tiny_bert
+
+    path = tmp_path / "fresh_bert.onnx"
+    ids = torch.randint(0, 100, (2, 8))
+    export(HFEncoder(tiny_bert("eager", layers=2, seed=0)), (ids, torch.ones_like(ids)), path,
+           ["input_ids", "attention_mask"], ["last_hidden_state"], None, "legacy")
+    g = ModelGraph(onnx.load(str(path)))
+    matches = find_blocks(g)
+    joins = [half.join.segment for pair in plan_segments(g, matches) for half in pair]
+    assert any(g.node(n).op_type == "Identity" for join in joins for n in join.nodes)  # the form under test
+    _, report = prune(str(path), ratio=0.5, calib=feed_for(path, batch=16))
+    assert report.compensation_kept == ["reconstruction"]
+
+
 def test_nothing_removed_is_nothing_changed(exported):
     path = exported("bert", "eager", True)
     pruned, report = prune(str(path), ratio=0.0, calib=feed_for(path, batch=16))
