@@ -29,7 +29,7 @@ from .reconstruction import Widths
 log = logging.getLogger("onnxsnp")
 
 TOLERANCE = 0.03  # measured time within this share of the goal ends the check (the goal's 5 % less noise)
-ROUNDS = 3  # timed allocations at most: the first and two corrections
+ROUNDS = 4  # timed allocations at most: the first and three corrections
 TIMING_ROUNDS = 15  # interleaved runs of original and candidate per check ...
 TIMING_BUDGET_S = 6.0  # ... or fewer (at least MIN_TIMING_ROUNDS) once this is spent
 MIN_TIMING_ROUNDS = 5
