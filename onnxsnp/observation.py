@@ -1,6 +1,6 @@
 """What the input model does on the held-back samples, and the same for the pruned model:
-outputs, attention maps and run-time shapes (for the FLOPs count), each from one session that
-runs small batches where tensors are added as outputs (they cost memory per sample)."""
+outputs, attention maps and run-time shapes (for the FLOPs count): the few samples with tensors
+added as outputs run in small batches in a session of their own, the rest in one without them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,25 +40,34 @@ def observe(model: onnx.ModelProto, probes: list[str], feed: dict[str, np.ndarra
 
 def _probe_run(model: onnx.ModelProto, role: str, probes: list[str], feed: dict[str, np.ndarray], batch: int,
                fixed: int | None, weights: calib_stage.Weights | None = None) -> tuple[dict[str, np.ndarray], list[np.ndarray], dict[str, tuple[int, ...]]]:
-    """One session over `model`: its outputs over `feed`, the `probes` over the first MAP_SAMPLES
-    samples and the shapes of stats.shape_tensors on the first sample(s). Probed samples run at the
-    smallest batch the model takes (every tensor added as an output costs memory per sample)."""
+    """The outputs of `model` over `feed`, the `probes` over the first MAP_SAMPLES samples and the
+    shapes of stats.shape_tensors on the first sample(s). Probed samples run at the smallest batch
+    the model takes, in a session of their own: onnxruntime keeps every graph output of a run alive
+    to its end, so the many added outputs would cost a batch's worth each in the bulk runs (DeiT-S,
+    batches of 8: 0.6 GB more than the model's own outputs need)."""
     shape_names = shape_tensors(model)
-    runner = Runner(model, probes + shape_names, role=role, weights=weights)
     step = fixed or 1
+    probed = max(step, MAP_SAMPLES // step * step)
     parts = [({k: v[:step] for k, v in feed.items()}, step, probes + shape_names),  # also the shapes
-             ({k: v[step:max(step, MAP_SAMPLES // step * step)] for k, v in feed.items()}, step, probes),
-             ({k: v[max(step, MAP_SAMPLES // step * step):] for k, v in feed.items()}, batch, [])]
-    per_batch, maps, shapes = [], {name: [] for name in probes}, {}
+             ({k: v[step:probed] for k, v in feed.items()}, step, probes)]
+    rest = {k: v[probed:] for k, v in feed.items()}
+    per_batch, maps, shapes, values = [], {name: [] for name in probes}, {}, None
+    runner = Runner(model, probes + shape_names, role=role, weights=weights)
     for part, size, extra in parts:
         if not _count(part):
             continue
         names = list(dict.fromkeys(runner.output_names + extra))
         for _, values in runner.batches(part, names, size):
-            per_batch.append([values[name] for name in runner.output_names])
-            for name in probes if extra else ():
-                maps[name].append(values[name])
+            # copies: a kept view pins onnxruntime's buffers
+            per_batch.append([np.array(values[name]) for name in runner.output_names])
+            for name in probes:
+                maps[name].append(np.array(values[name]))
             shapes = shapes or {name: values[name].shape for name in shape_names}
+    del runner, values
+    if _count(rest):
+        runner = Runner(model, role=role, weights=weights)
+        for _, values in runner.batches(rest, runner.output_names, batch):
+            per_batch.append([np.array(values[name]) for name in runner.output_names])
     return ({name: np.concatenate(chunks) for name, chunks in maps.items()}, calib_stage.join_outputs(per_batch),
             shapes)
 

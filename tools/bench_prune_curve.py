@@ -83,7 +83,8 @@ def main() -> None:
         "ORT pass: session creation and every sample in batches of "
         f"{BATCH}, in a fresh process. onnxsnp: the whole `python -m onnxsnp MODEL OUT --ratio 0.5 --calib CALIB "
         "--calib-samples N -q` process (default: block-by-block reconstruction). Peak RSS: each process's "
-        "ru_maxrss; MB = 10^6 bytes. Goals (issue 16): onnxsnp ≤ 1.5 × the ORT pass, peak RSS ≤ 1.3 × the ORT "
+        "ru_maxrss, each spawned by a bare launcher so that it does not start from this script's own peak "
+        "(bench_prune.LAUNCHER); MB = 10^6 bytes. Goals (issue 16): onnxsnp ≤ 1.5 × the ORT pass, peak RSS ≤ 1.3 × the ORT "
         "pass's.",
         "",
         "| model | file MB | samples | ORT pass s | onnxsnp s | onnxsnp s per sample | onnxsnp ÷ ORT | "
