@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,6 +23,7 @@ import onnx
 from .calibration import Weights, fitted, session
 from .errors import SnpError
 from .reconstruction import Widths
+from .verification import interleaved_medians
 
 log = logging.getLogger("onnxsnp")
 
@@ -64,8 +63,8 @@ class Timed:
 
 
 class Clock:
-    """Times candidates against the original, interleaved round by round after a warm-up so that
-    the machine's slow phases hit both alike; the original's session is made once."""
+    """Times candidates against the original (verification.interleaved_medians, after a warm-up);
+    the original's session is made once."""
 
     def __init__(self, original: onnx.ModelProto, feed: dict[str, np.ndarray], weights: Weights | None = None):
         self._original = session(original, threads=1, weights=weights)
@@ -78,16 +77,8 @@ class Clock:
         sessions = (self._original, other)
         feeds = [fitted(s, self._feed) for s in sessions]
         other.run(None, feeds[1])
-        times: tuple[list[float], list[float]] = ([], [])
-        started = time.perf_counter()
-        for done in range(TIMING_ROUNDS):
-            if done >= MIN_TIMING_ROUNDS and time.perf_counter() - started > TIMING_BUDGET_S:
-                break
-            for sess, feed, bucket in zip(sessions, feeds, times):
-                start = time.perf_counter()
-                sess.run(None, feed)
-                bucket.append((time.perf_counter() - start) * 1000)
-        return statistics.median(times[0]), statistics.median(times[1])
+        before, after = interleaved_medians(list(sessions), feeds, TIMING_ROUNDS, TIMING_BUDGET_S, MIN_TIMING_ROUNDS)
+        return before, after
 
 
 def timed_widths(goal_predicted_ms: float, measured_goal: Callable[[float], float],

@@ -122,24 +122,29 @@ def _line(exc: Exception) -> str:
 
 def latency(original: onnx.ModelProto, pruned: onnx.ModelProto, feed: dict[str, np.ndarray],
             rounds: int = 10, budget_s: float = 1.0, original_weights: Weights | None = None) -> tuple[float, float]:
-    """Median milliseconds per run of both models on `feed`, one intra-op thread, interleaved
-    round by round after a warm-up so that the machine's slow phases hit both alike. Stops
-    after `rounds`, or after 5 rounds once `budget_s` is spent (a report figure; tools/bench_speed.py
-    is the careful measurement)."""
+    """Median milliseconds per run of both models on `feed`, one intra-op thread (a report
+    figure; tools/bench_speed.py is the careful measurement)."""
     sessions = [session(original, threads=1, weights=original_weights), session(pruned, threads=1)]
     feeds = [fitted(sess, feed) for sess in sessions]
     for sess, own in zip(sessions, feeds):
         sess.run(None, own)
-    times: list[list[float]] = [[], []]
+    return interleaved_medians(sessions, feeds, rounds, budget_s)
+
+
+def interleaved_medians(sessions: list, feeds: list[dict[str, np.ndarray]], rounds: int, budget_s: float,
+                        min_rounds: int = 5) -> tuple[float, ...]:
+    """Median milliseconds per run of each (warmed-up) session, run round by round so that the
+    machine's slow phases hit all alike; `rounds` rounds, or `min_rounds` once `budget_s` is spent."""
+    times: list[list[float]] = [[] for _ in sessions]
     started = time.perf_counter()
     for done in range(rounds):
-        if done >= 5 and time.perf_counter() - started > budget_s:
+        if done >= min_rounds and time.perf_counter() - started > budget_s:
             break
         for sess, own, bucket in zip(sessions, feeds, times):
             start = time.perf_counter()
             sess.run(None, own)
             bucket.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times[0]), statistics.median(times[1])
+    return tuple(statistics.median(bucket) for bucket in times)
 
 
 def attention_error(batches: Iterable[tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]],
