@@ -14,9 +14,10 @@ from onnxsnp import prune
 quantization = pytest.importorskip("onnxruntime.quantization")
 optimizer = pytest.importorskip("onnxruntime.transformers.optimizer")
 
-# int8 weights with per-tensor dynamic activations: the quantized model's outputs stay this close
-# (cosine) to the float model's, for the original as for the pruned one
-INT8_COSINE = 0.999
+# Quantization hurts the pruned model at most this many times as much (1 - cosine to its own float
+# outputs) as it hurts the original, measured on the same machine with the same kernels; the floor
+# covers float round-off where the original's error is ~0.
+ERROR_GROWTH, ERROR_FLOOR = 4, 1e-5
 QUANTIZED_OPS = {"MatMulInteger", "DynamicQuantizeMatMul", "QAttention", "QEmbedLayerNormalization"}
 
 
@@ -26,12 +27,20 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def quantize(source, target, optimized: bool = False):
-    # the optimizer's com.microsoft ops defeat the quantizer's ONNX shape inference; it then needs
-    # to be told that untyped tensors are float (true for these models)
+    # reduce_range: 7-bit weights, so no u8·s8 pair sum (at most 2·255·64) saturates int16 in the
+    # AVX2 / AVX-512BW kernels (vpmaddubsw); onnxruntime then computes the same integers on every
+    # x86-64 CPU, with or without VNNI, and the bounds below hold wherever the suite runs.
+    # The optimizer's com.microsoft ops defeat the quantizer's ONNX shape inference; it then needs
+    # to be told that untyped tensors are float (true for these models).
     extra = {"DefaultTensorType": onnx.TensorProto.FLOAT} if optimized else {}
     quantization.quantize_dynamic(str(source), str(target), weight_type=quantization.QuantType.QInt8,
-                                  extra_options=extra)
+                                  reduce_range=True, extra_options=extra)
     return target
+
+
+def quantization_error(quantized, reference, feed) -> float:
+    """The largest 1 - cosine between a quantized model's outputs and its float reference's."""
+    return max(1 - cosine(q, f) for q, f in zip(run(str(quantized), feed), run(str(reference), feed)))
 
 
 def pruned_model(exported, tmp_path, family: str):
@@ -51,12 +60,9 @@ def test_prune_then_quantize(exported, tmp_path, family):
     ops = Counter(node.op_type for node in onnx.load(str(both)).graph.node)
     assert ops["MatMulInteger"] + ops["DynamicQuantizeMatMul"] > 0
     assert both.stat().st_size < alone.stat().st_size < source.stat().st_size
-    for got, want in zip(run(str(both), feed), run(str(pruned), feed)):
-        assert cosine(got, want) > INT8_COSINE
     # quantization hurts the pruned model no more than it hurts the original
-    for (q, original), (pq, p) in zip(zip(run(str(alone), feed), run(str(source), feed)),
-                                      zip(run(str(both), feed), run(str(pruned), feed))):
-        assert 1 - cosine(pq, p) < 4 * (1 - cosine(q, original)) + 1e-5
+    baseline = quantization_error(alone, source, feed)
+    assert quantization_error(both, pruned, feed) < ERROR_GROWTH * baseline + ERROR_FLOOR
 
 
 def test_prune_then_optimize_then_quantize(exported, tmp_path):
@@ -73,5 +79,10 @@ def test_prune_then_optimize_then_quantize(exported, tmp_path):
     ops = Counter(node.op_type for node in onnx.load(str(final)).graph.node)
     assert ops["QAttention"] == len(attention) and not ops["Attention"]
     assert QUANTIZED_OPS & set(ops)
-    for got, want in zip(run(str(final), feed), run(str(pruned), feed)):
-        assert cosine(got, want) > INT8_COSINE
+    # the baseline: the original through the same optimizer and quantizer, on this machine
+    reference = optimizer.optimize_model(str(source), model_type="bert", num_heads=attention[0].heads,
+                                         hidden_size=attention[0].heads * attention[0].qk_dim_before)
+    reference.save_model_to_file(str(tmp_path / "opt.onnx"))
+    baseline = quantization_error(quantize(tmp_path / "opt.onnx", tmp_path / "opt_int8.onnx", optimized=True),
+                                  source, feed)
+    assert quantization_error(final, pruned, feed) < ERROR_GROWTH * baseline + ERROR_FLOOR
