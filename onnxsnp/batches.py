@@ -25,6 +25,7 @@ import numpy as np
 from .graph import ModelGraph, attribute
 from .heap import release_heap
 from .importance import PairStatistics, _as_tokens, query_key, query_key_tensors, rotary_tables
+from .softmax_metric import softmax_scale
 from .least_squares import FOLDS, NormalEquations
 from .matching import Matches
 from .segments import SegmentRunner, cut
@@ -219,7 +220,8 @@ class Shard:
         def score(item: Batch, values: dict[str, np.ndarray]) -> None:
             if scales:
                 scale_values.append((item.index, {t: np.array(values[t]) for t in scales}))
-            statistics = PairStatistics.empty(block.heads, block.head_dim)
+            statistics = PairStatistics.empty(block.heads, block.head_dim,
+                                              causal_scale=softmax_scale(block) if block.causal else None)
             q, k = query_key(self.g, block, values, item.samples)
             if self.sequential:  # the pruned model's q and k, the original scores
                 pruned = {half.residual: item.pruned}

@@ -21,6 +21,7 @@ from .threads import small_linear_algebra
 from .matching import AttentionBlock, FfnBlock, Layer, Linear, Matches
 from .plan import AttentionKeep, FfnKeep, PrunePlan, Ratios, head_columns, kept_count  # noqa: F401 (re-exported)
 from .residual import ResidualStream
+from .softmax_metric import SoftmaxSums, add_sums
 
 CRITERIA = ("snp", "snp-paper", "l2", "random")
 DEFAULT_ENERGY = 0.9  # γ: the smallest number of singular components covering this share of Σσ²
@@ -114,11 +115,15 @@ class PairStatistics:
     energy: float = DEFAULT_ENERGY
     gram_q: np.ndarray | None = None  # (heads, d, d): Σ Q̂ᵀQ̂ over all samples' tokens
     gram_k: np.ndarray | None = None
+    causal_scale: float | None = None  # causal attention's softmax scale: the softmax's sums are kept too
+    softmax: SoftmaxSums | None = None  # causal attention: the score error as the softmax sees it
 
     @classmethod
-    def empty(cls, heads: int, d: int, energy: float = DEFAULT_ENERGY) -> "PairStatistics":
+    def empty(cls, heads: int, d: int, energy: float = DEFAULT_ENERGY,
+              causal_scale: float | None = None) -> "PairStatistics":
         return cls(np.zeros((heads, d)), np.zeros((heads, d, d)), np.zeros((heads, d)), 0, energy,
-                   np.zeros((heads, d, d)), np.zeros((heads, d, d)))
+                   np.zeros((heads, d, d)), np.zeros((heads, d, d)), causal_scale,
+                   None if causal_scale is None else SoftmaxSums.empty(heads, d))
 
     @small_linear_algebra
     def add(self, q: np.ndarray, k: np.ndarray, token_mask: np.ndarray | None = None,
@@ -149,6 +154,11 @@ class PairStatistics:
             cross = (cross_q * cross_k).sum(axis=-1)
         self.cross += cross.reshape(samples, heads, d).sum(axis=0)
         self.count += samples
+        if self.softmax is not None:
+            originals = (stacks[2], stacks[3]) if q_original is not None else (stacks[0], stacks[1])
+            matching = token_mask is not None and token_mask.shape[:2] == q.shape[:2]
+            add_sums(self.softmax, stacks[0], stacks[1], *originals, token_mask if matching else None,
+                     self.causal_scale)
 
     def merge(self, other: "PairStatistics") -> None:
         """Add `other`'s sums (another batch's, or another shard's) to these."""
@@ -158,6 +168,11 @@ class PairStatistics:
         self.gram_q += other.gram_q
         self.gram_k += other.gram_k
         self.count += other.count
+        if other.softmax is not None:
+            if self.softmax is None:
+                self.causal_scale = other.causal_scale
+                self.softmax = SoftmaxSums.empty(*self.scores.shape)
+            self.softmax.merge(other.softmax)
 
     def mean_scores(self) -> np.ndarray:
         return self.scores / max(self.count, 1)

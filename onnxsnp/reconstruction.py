@@ -41,6 +41,7 @@ from .matching import Layer, Matches, NoMatch
 from .plan import AttentionKeep, FfnKeep, Refit, selection_map
 from .projection import project_pairs, project_values
 from .segments import Segment, SegmentRunner, cut
+from .softmax_metric import choose_pairs
 from .threads import small_linear_algebra, threads_for
 
 log = logging.getLogger("onnxsnp")
@@ -276,6 +277,13 @@ class Reconstructor:
                 and block.group_size == 1:  # a rotation of q/k directions would break a rotary embedding
             q_map, k_map = project_pairs(pairs, kept)
             return np.tile(np.arange(kept), (block.heads, 1)), q_map, k_map
+        if pairs.softmax is not None and self.criterion == "snp" and self.selection is Selection.OBS:
+            choice = choose_pairs(block, pairs.softmax, kept, QK_RIDGE)
+            self.reports.append(HalfReport(f"{block.name} (scores)", pairs.softmax.queries, QK_RIDGE,
+                                           choice.error_sliced, choice.error_rescaled))
+            log.debug("%s: softmax score error %.4f as sliced, %.4f rescaled", block.name, choice.error_sliced,
+                      choice.error_rescaled)
+            return choice.qk, (selection_map(choice.qk, d, choice.factors) if self.rescale_qk else None), None
         qk = self._choose_pairs(block, pairs, kept)
         if self.rescale_qk and pairs.count:
             every = np.arange(block.groups)

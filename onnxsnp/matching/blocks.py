@@ -167,6 +167,11 @@ class AttentionBlock:
         return self.heads // self.groups
 
     @property
+    def causal(self) -> bool:
+        """A decoder's attention (KV caches or a rotary embedding): each query sees the keys before it."""
+        return bool(self.kv_caches or self.rotary)
+
+    @property
     def v_input(self) -> str:
         """The out projection's input: attn·V with heads merged, column h·d + j = V neuron j of head h."""
         return self.out.input

@@ -1,0 +1,120 @@
+"""The softmax's score error (onnxsnp.softmax_metric): its quadratic equals the attention
+distributions' variance computed query by query, a row shift costs nothing, and the pairs chosen
+are the ones whose removal costs least."""
+from __future__ import annotations
+
+from itertools import combinations
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from onnxsnp.matching.blocks import Rotary, RotaryStyle
+from onnxsnp.softmax_metric import SoftmaxSums, _solve, add_sums, choose_pairs
+
+SAMPLES, HEADS, TOKENS, D, SCALE = 2, 3, 7, 4, 0.5
+
+
+def brute_force(q_hat, k_hat, q, k, mask, alpha, scale):
+    """Σ over queries of Var_{j~P_i}(ŝ_ij − s_ij), P_i the causal softmax of the original scores."""
+    total = 0.0
+    for stack in range(len(q)):
+        sample = stack // HEADS
+        for i in range(q.shape[1]):
+            if not mask[sample, i]:
+                continue
+            keys = [j for j in range(i + 1) if mask[sample, j]]
+            scores = scale * q[stack, i] @ k[stack, keys].T
+            probs = np.exp(scores - scores.max())
+            probs /= probs.sum()
+            error = scale * (q_hat[stack, i] * alpha) @ k_hat[stack, keys].T - scores
+            total += probs @ error ** 2 - (probs @ error) ** 2
+    return total
+
+
+def stacks(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    q_hat, k_hat = rng.standard_normal((2, SAMPLES * HEADS, TOKENS, D))
+    q = q_hat + 0.1 * rng.standard_normal(q_hat.shape)
+    k = k_hat + 0.1 * rng.standard_normal(k_hat.shape)
+    mask = np.ones((SAMPLES, TOKENS))
+    mask[1, TOKENS - 2:] = 0  # padding at the end of the second sample
+    return q_hat, k_hat, q, k, mask
+
+
+def cost(sums: SoftmaxSums, alpha: np.ndarray) -> float:
+    return float(sum(alpha @ f @ alpha - 2 * alpha @ c for f, c in zip(sums.fisher, sums.cross)) + sums.energy.sum())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_quadratic_is_the_variance_of_the_score_error_under_each_querys_softmax(seed):
+    q_hat, k_hat, q, k, mask = stacks(seed)
+    sums = SoftmaxSums.empty(HEADS, D)
+    add_sums(sums, q_hat, k_hat, q, k, mask, SCALE)
+    assert sums.queries == int(mask.sum())
+    for alpha in (np.ones(D), np.zeros(D), np.random.default_rng(seed + 7).standard_normal(D)):
+        want = brute_force(q_hat, k_hat, q, k, mask, alpha, SCALE)
+        assert cost(sums, alpha) == pytest.approx(want, rel=1e-4)
+
+
+def test_a_score_term_equal_for_every_key_costs_nothing():
+    """The softmax is blind to a shift of a query's whole row: a pair whose key does not vary
+    across tokens costs nothing to remove, however large it is (Frobenius would call it the largest)."""
+    q_hat, k_hat, q, k, mask = stacks()
+    q_hat[..., 0] *= 100.0
+    k_hat[..., 0] = 3.0
+    sums = SoftmaxSums.empty(HEADS, D)
+    add_sums(sums, q_hat, k_hat, q_hat, k_hat, mask, SCALE)
+    assert np.abs(sums.fisher[:, 0, :]).max() < 1e-6 * np.abs(sums.fisher).max()
+    np.testing.assert_allclose(sums.cross[:, 0], 0.0, atol=1e-6 * np.abs(sums.cross).max())
+
+
+def block(rotary: bool, groups: int = 1):
+    rotaries = (Rotary(RotaryStyle.HALF, "", "", "", ()),) if rotary else ()
+    return SimpleNamespace(head_dim=D, heads=groups, groups=groups, group_size=1, rotary=rotaries,
+                           width_multiple=1, pairs_shared=None)
+
+
+@pytest.mark.parametrize("rotary", [False, True])
+def test_the_pairs_chosen_are_the_cheapest_to_remove_after_the_rescale(rotary):
+    q_hat, k_hat, q, k, mask = stacks(3)
+    sums = SoftmaxSums.empty(1, D)
+    add_sums(sums, q_hat[::HEADS], k_hat[::HEADS], q[::HEADS], k[::HEADS], mask, SCALE)
+    attention = block(rotary)
+    units = [[0, 2], [1, 3]] if rotary else [[u] for u in range(D)]
+    kept = 2 if rotary else D - 1  # one unit removed: greedy is then exhaustive
+    choice = choose_pairs(attention, sums, kept, ridge=1e-2)
+    # every way to remove one unit, each with its own best rescale (one factor per unit)
+    best = None
+    for gone in range(len(units)):
+        keep = sorted(d for u, dims in enumerate(units) if u != gone for d in dims)
+        to_units = np.array([[float(d in dims) for dims in units] for d in range(D)])
+        unit_fisher, unit_cross = to_units.T @ sums.fisher[0] @ to_units, sums.cross[0] @ to_units
+        alive = np.array([u for u in range(len(units)) if u != gone])
+        penalty = 1e-2 * float(np.mean(np.diag(unit_fisher)))
+        value = _solve(unit_fisher, unit_cross, alive, penalty)[1]
+        if best is None or value < best[0]:
+            best = (value, keep)
+    np.testing.assert_array_equal(choice.qk[0], best[1])
+    assert choice.error_rescaled <= choice.error_sliced + 1e-12
+    # the factors are the rescale: the reported error is the quadratic at them
+    alpha = np.zeros(D)
+    alpha[choice.qk[0]] = choice.factors[0]
+    assert choice.error_rescaled == pytest.approx(cost(sums, alpha) / sums.energy.sum(), rel=1e-6)
+    if rotary:  # one factor per rotary pair: both of its dims scaled alike
+        assert choice.factors[0][0] == pytest.approx(choice.factors[0][1])
+
+
+def test_pairs_removed_jointly_account_for_each_other():
+    """Two pairs that cancel each other's error are worth keeping together or removing together."""
+    q_hat, k_hat, q, k, mask = stacks(4)
+    sums = SoftmaxSums.empty(1, D)
+    add_sums(sums, q_hat[::HEADS], k_hat[::HEADS], q[::HEADS], k[::HEADS], mask, SCALE)
+    choice = choose_pairs(block(False), sums, D - 2, ridge=0.0)
+    removed = tuple(sorted(set(range(D)) - set(choice.qk[0])))
+    costs = {pair: _solve(sums.fisher[0], sums.cross[0], np.array(sorted(set(range(D)) - set(pair))), 0.0)[1]
+             for pair in combinations(range(D), 2)}
+    # greedy OBS need not find the best pair, but it is never worse than removing the two best singles
+    singles = sorted(range(D), key=lambda u: _solve(sums.fisher[0], sums.cross[0],
+                                                    np.array(sorted(set(range(D)) - {u})), 0.0)[1])
+    assert costs[removed] <= costs[tuple(sorted(singles[:2]))] + 1e-9
