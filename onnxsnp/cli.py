@@ -158,7 +158,24 @@ def _inspect_parser() -> argparse.ArgumentParser:
                      epilog="example:\n  onnxsnp inspect models/digits_vit.onnx",
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", help="the ONNX model")
+    parser.add_argument("--json", action="store_true", help="print what was found as JSON (for pipelines)")
+    parser.epilog += ("\n\nexit status: 0 when something can be pruned, 2 when nothing can (or the model "
+                      "cannot be read): a pipeline's pre-check")
     return parser
+
+
+def matches_json(inspection) -> dict:
+    """What inspect found, as plain data: blocks, whole layers, skipped candidates with reasons."""
+    matches = inspection.matches
+    return {"prunable": bool(matches.attention or matches.ffn),
+            "attention": [{"name": b.name, "form": b.form, "heads": b.heads, "kv_heads": b.groups,
+                           "head_dim": b.head_dim, "rotary": bool(b.rotary), "kv_cache": bool(b.kv_caches),
+                           "heads_fixed": b.heads_fixed} for b in matches.attention],
+            "ffn": [{"name": f.name, "activation": f.activation, "hidden": f.hidden, "gated": f.gate is not None}
+                    for f in matches.ffn],
+            "layers": [layer.name for layer in matches.layers],
+            "skipped": [{"kind": s.kind, "where": s.where, "reason": s.reason} for s in matches.skipped],
+            "reconstruction": inspection.reconstruction or "yes"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,10 +189,17 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] == "inspect":
             args = _inspect_parser().parse_args(argv[1:])
             inspection = inspect_model(args.input)
-            print(format_matches(inspection.matches))
-            print("block-by-block reconstruction (--compensate lstsq): "
-                  + ("yes" if inspection.reconstruction is None else f"no, the one-pass refit runs instead: "
-                                                                      f"{inspection.reconstruction}"))
+            if args.json:
+                print(json.dumps(matches_json(inspection), indent=1))
+            else:
+                print(format_matches(inspection.matches))
+                print("block-by-block reconstruction (--compensate lstsq): "
+                      + ("yes" if inspection.reconstruction is None else f"no, the one-pass refit runs instead: "
+                                                                          f"{inspection.reconstruction}"))
+            if not (inspection.matches.attention or inspection.matches.ffn):
+                print(f"onnxsnp: nothing to prune: no attention or FFN block was matched "
+                      f"({len(inspection.matches.skipped)} candidate(s) skipped, reasons above)", file=sys.stderr)
+                return 2
             return 0
         if argv and argv[0] == "sweep":
             return _run_sweep(_prune_parser(sweep=True).parse_args(argv[1:]), written)

@@ -15,6 +15,7 @@ from onnx import TensorProto, helper
 import graphs
 from conftest import ROOT
 from onnxsnp.cli import main
+from onnxsnp.pipeline import inspect_model
 
 
 def digest(path) -> str:
@@ -80,6 +81,28 @@ def test_inspect_says_when_reconstruction_cannot_run(tmp_path, capsys):
     assert main(["inspect", str(path)]) == 0
     printed = capsys.readouterr().out
     assert "block-by-block reconstruction (--compensate lstsq): no, the one-pass refit runs instead: " in printed
+
+
+def test_inspect_json_is_what_the_table_says(exported, capsys):
+    path = exported("vit", "sdpa", False)
+    assert main(["inspect", str(path), "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    matches = inspect_model(str(path)).matches
+    assert found["prunable"] is True
+    assert [b["name"] for b in found["attention"]] == [b.name for b in matches.attention]
+    assert [(f["name"], f["hidden"]) for f in found["ffn"]] == [(f.name, f.hidden) for f in matches.ffn]
+    assert found["reconstruction"] == "yes"
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_inspect_exits_2_when_nothing_can_be_pruned(tmp_path, capsys, as_json):
+    """A pipeline's pre-check: a model without attention or FFN blocks is not prunable (exit 2)."""
+    path = mlp_model(tmp_path / "mlp.onnx")
+    assert main(["inspect", str(path)] + (["--json"] if as_json else [])) == 2
+    captured = capsys.readouterr()
+    assert "nothing to prune" in captured.err and len(captured.err.strip().splitlines()) == 1
+    if as_json:
+        assert json.loads(captured.out)["prunable"] is False
 
 
 def mlp_model(path):
