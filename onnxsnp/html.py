@@ -44,6 +44,9 @@ def _overview(report: Report) -> str:
     f = report.fidelity
     measures = [f"output cosine {f.output_cosine:.4f}", f"centred cosine {f.centred_cosine:.4f}",
                 f"relative error {f.relative_error:.4f}"]
+    if f.perplexity_ratio is not None:
+        measures[:0] = [f"perplexity {f.perplexity_before:.2f} → {f.perplexity_after:.2f} ({f.perplexity_ratio:.2f}×) "
+                        f"over {f.tokens:,} positions", f"next-token agreement {f.next_token_agreement:.1%}"]
     if f.top1_agreement is not None:
         measures.append(f"top-1 agreement {f.top1_agreement:.1%}")
     measures.append(f"max abs diff {f.max_abs_diff:.3g}")

@@ -3,6 +3,7 @@ outputs, attention maps and run-time shapes (for the FLOPs count): the few sampl
 added as outputs run in small batches in a session of their own, the rest in one without them."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,7 +13,7 @@ from . import calibration as calib_stage
 from .calibration import Runner
 from .attention_maps import AttentionSample, sample_maps
 from .stats import shape_tensors
-from .verification import Fidelity, attention_error, fidelity
+from .verification import Fidelity, attention_error, fidelity, language_model_fidelity
 
 
 def _count(feed: dict[str, np.ndarray]) -> int:
@@ -80,6 +81,10 @@ def verify(observed: Observed, pruned: onnx.ModelProto, softmax_blocks: dict[str
     probes = sorted({tensor for tensor, _ in softmax_blocks.values()})
     maps, outputs, shapes = _probe_run(pruned, "pruned model", probes, feed, batch, fixed)
     measured = fidelity(observed.outputs, outputs)
+    language = language_model_fidelity([o.name for o in pruned.graph.output], observed.outputs, outputs, feed,
+                                       mask_name)
+    if language:
+        measured = dataclasses.replace(measured, **language)
     if not maps:
         return measured, {}, shapes, []
     inputs = {k: v[:len(next(iter(maps.values())))] for k, v in feed.items()}

@@ -111,9 +111,14 @@ class Report:
         top1 = f", top-1 agreement {f.top1_agreement:.1%}" if f.top1_agreement is not None else ""
         held = (f"{f.samples} synthetic held-back samples (no --calib: this cannot judge the model on real data)"
                 if self.calibration == "synthetic" else f"{f.samples} held-back samples")
-        lines.append(f"fidelity on {held}: output cosine {f.output_cosine:.4f}, centred cosine "
-                     f"{f.centred_cosine:.4f}, relative error {f.relative_error:.4f}{top1}, "
-                     f"max abs diff {f.max_abs_diff:.3g}")
+        if f.perplexity_ratio is not None:  # a language model: what its users read
+            lines.append(f"fidelity on {held} ({f.tokens:,} next-token positions): perplexity "
+                         f"{f.perplexity_before:.2f} -> {f.perplexity_after:.2f} ({f.perplexity_ratio:.2f}x), "
+                         f"next-token agreement {f.next_token_agreement:.1%} (logits cosine {f.output_cosine:.4f})")
+        else:
+            lines.append(f"fidelity on {held}: output cosine {f.output_cosine:.4f}, centred cosine "
+                         f"{f.centred_cosine:.4f}, relative error {f.relative_error:.4f}{top1}, "
+                         f"max abs diff {f.max_abs_diff:.3g}")
         lines.append(f"criterion {self.criterion}, compensation {self.compensation_summary()}, "
                      f"calibration: {self.calibration} "
                      f"({self.calibration_samples} samples fitted, {self.holdout_samples} held back)")

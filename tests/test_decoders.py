@@ -96,6 +96,10 @@ def test_ratio_zero_is_identical_and_half_prunes(decoder, form):
     np.testing.assert_allclose(prefill_and_step(unchanged, ids, ids[:, :1])[1]["logits"],
                                prefill_and_step(original, ids, ids[:, :1])[1]["logits"], atol=1e-5)
     assert report.params_after == report.params_before
+    # a language model's fidelity line: perplexity on the held-back samples, unchanged by nothing pruned
+    assert report.fidelity.perplexity_ratio == pytest.approx(1.0, abs=1e-4)
+    assert report.fidelity.next_token_agreement == 1.0 and report.fidelity.tokens > 0
+    assert "perplexity" in report.table()
     pruned, report = prune(str(path), ratio=0.5, calib=calibration(100))
     assert report.reconstruction is not None  # the default: block by block, on the decoder
     assert report.flops_after < 0.75 * report.flops_before
