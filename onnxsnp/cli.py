@@ -20,6 +20,8 @@ from .reconstruction import Propagation, Reduction, Selection
 from .matching import Matches
 from .html import render as render_html
 from .loading import load_model
+from .gate import GATE_EXIT, FidelityGate, GateFailed
+from .gate import check as check_gate, warnings_for as fidelity_warnings
 from .pipeline import inspect_model, prune_model
 from .calib_data import RawCalibration, load_raw_calibration, raw_request
 from .calib_images import RESAMPLING
@@ -142,6 +144,12 @@ def _prune_parser(sweep: bool = False) -> argparse.ArgumentParser:
                         help="run the --workers on this existing Ray cluster (e.g. auto, or ray://head:10001) "
                              "instead of a Ray instance started for the run")
     if not sweep:
+        parser.add_argument("--min-fidelity", type=float, metavar="X",
+                            help="write nothing and exit 3 unless the held-back centred cosine (a language model: "
+                                 "next-token agreement) is at least X")
+        parser.add_argument("--max-perplexity-ratio", type=float, metavar="R",
+                            help="language models: write nothing and exit 3 if the held-back perplexity grows more "
+                                 "than R-fold")
         parser.add_argument("--report", metavar="FILE.json", help="write the report as JSON")
         parser.add_argument("--html", metavar="FILE.html",
                             help="write the report as a self-contained HTML page with per-block charts")
@@ -315,10 +323,19 @@ def _run_prune(args: argparse.Namespace, written: list[Path]) -> int:
     _check_outputs(([] if folder is not None else [(target, "output")]) + [(report, "report") for report in reports])
     if folder is not None:
         _check_output_folder(target, folder)
+    gate = FidelityGate(args.min_fidelity, args.max_perplexity_ratio)
     loaded = load_model(source)
     _check_not_inputs(loaded.files, target, reports)
     result = _with_calibration(args, source, loaded.model, lambda calib, label: prune_model(
         loaded, options, calib=calib, calib_label=label))
+    try:
+        check_gate(result.report.fidelity, gate)
+    except GateFailed as exc:
+        print(f"onnxsnp: fidelity gate: {exc}", file=sys.stderr)
+        return GATE_EXIT
+    if not args.quiet:
+        for line in fidelity_warnings(result.report.fidelity, result.report.calibration == "synthetic"):
+            print(f"onnxsnp: warning: {line}", file=sys.stderr)
     if folder is not None:
         write_folder(folder, target, result.model, pruned_config(folder, result.model), result.external_data,
                      written)
