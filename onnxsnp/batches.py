@@ -81,6 +81,14 @@ def tokens(x: np.ndarray, samples: int, mask: np.ndarray | None) -> np.ndarray:
     return stacked.reshape(-1, stacked.shape[-1])
 
 
+def norm_weights(stream: np.ndarray) -> np.ndarray:
+    """Each token's weight in a decoder's refit: 1 / its mean square in the original stream, so that
+    the error counted is the error after the next RMSNorm (a decoder's first token can carry a stream
+    ~100× larger than the rest: unweighted, its error would take the whole refit). Mean 1."""
+    weights = 1.0 / np.maximum(np.mean(np.square(stream, dtype=np.float64), axis=-1), 1e-30)
+    return weights / weights.mean()
+
+
 def _pass(method):
     """A pass over the batches: the heap it churned through goes back to the system after it
     (heap.py; without this the reconstruction's memory grows with every block)."""
@@ -247,10 +255,12 @@ class Shard:
         equations = NormalEquations.empty(linear.in_features, linear.out_features, FOLDS)
         cache: list[np.ndarray] | None = []
         size = 0
+        normalised = self.matches.layers[number // 2].attention.causal
         for item in self.batches:
             x = self.run_half(half, item, item.pruned, weights, [linear.input])[linear.input]
             y = item.target - item.pruned
-            equations.add(tokens(x, item.samples, item.mask), tokens(y, item.samples, item.mask), item.index)
+            equations.add(tokens(x, item.samples, item.mask), tokens(y, item.samples, item.mask), item.index,
+                          norm_weights(tokens(item.target, item.samples, item.mask)) if normalised else None)
             size += x.nbytes
             cache = cache + [x] if cache is not None and size <= CACHE_BYTES else None
         self._cache = cache

@@ -43,19 +43,27 @@ class NormalEquations:
     def count(self) -> float:
         return float(self.xx[:, -1, -1].sum())
 
-    def add(self, x: np.ndarray, y: np.ndarray, fold: int) -> None:
-        """x: (tokens, n), y: (tokens, m). Products in float32 (BLAS speed), sums in float64."""
+    def add(self, x: np.ndarray, y: np.ndarray, fold: int, weights: np.ndarray | None = None) -> None:
+        """x: (tokens, n), y: (tokens, m); `weights` (tokens,): each token's weight in the sums
+        (default 1). Products in float32 (BLAS speed), sums in float64."""
         x = x.astype(np.float32, copy=False)
         y = y.astype(np.float32, copy=False)
         n = x.shape[1]
         fold %= self.xx.shape[0]
+        if weights is None:
+            column, count = x.sum(axis=0, dtype=np.float64), float(len(x))
+            y_sum = y.sum(axis=0, dtype=np.float64)
+        else:  # Σ w·x̃x̃ᵀ as the products of rows scaled by √w
+            root = np.sqrt(weights).astype(np.float32)[:, None]
+            x, y = x * root, y * root
+            column, count = (x * root).sum(axis=0, dtype=np.float64), float(weights.sum())
+            y_sum = (y * root).sum(axis=0, dtype=np.float64)
         self.xx[fold, :n, :n] += x.T @ x
-        column = x.sum(axis=0, dtype=np.float64)
         self.xx[fold, :n, n] += column
         self.xx[fold, n, :n] += column
-        self.xx[fold, n, n] += len(x)
+        self.xx[fold, n, n] += count
         self.xy[fold, :n] += x.T @ y
-        self.xy[fold, n] += y.sum(axis=0, dtype=np.float64)
+        self.xy[fold, n] += y_sum
         self.yy[fold] += float(np.square(y, dtype=np.float64).sum())
 
     def merge(self, other: "NormalEquations") -> "NormalEquations":

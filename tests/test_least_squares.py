@@ -39,6 +39,18 @@ def test_sums_merge_and_count():
     np.testing.assert_allclose(merged.total()[0], equations.total()[0], rtol=1e-5)
 
 
+def test_token_weights_count_as_repeated_tokens():
+    """A token of integer weight w adds what w copies of it add."""
+    x, y, _, _ = problem()
+    repeats = np.random.default_rng(3).integers(1, 4, len(x))
+    weighted, repeated = NormalEquations.empty(INPUTS, OUTPUTS), NormalEquations.empty(INPUTS, OUTPUTS)
+    weighted.add(x, y, 0, repeats.astype(np.float64))
+    repeated.add(np.repeat(x, repeats, axis=0), np.repeat(y, repeats, axis=0), 0)
+    for got, want in zip(weighted.total(), repeated.total()):  # float32 products: round-off of the largest sums
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+    assert weighted.count == repeats.sum()
+
+
 def test_solve_equals_direct_ridge_with_free_bias():
     x, y, weight, equations = problem()
     keep = np.array([0, 2, 3, 7, 9, 11])
