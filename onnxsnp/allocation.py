@@ -20,6 +20,7 @@ from .errors import SnpError
 from .importance import Scorer
 from .matching import Layer, Matches
 from .plan import PrunePlan, Ratios
+from . import units as units_of
 
 MAX_RATIO = 0.95
 # (Q/K, V, FFN) shares of the cut tried for a target. SNP's Q/K criterion keeps attention
@@ -136,7 +137,7 @@ def unit_costs(costs: CostModel, matches: Matches, kind: CostKind | str) -> list
     result = []
     for layer in matches.layers:
         block, ffn = layer.attention, layer.ffn
-        d, heads = block.head_dim, block.heads
+        d, heads = block.head_dim, block.groups  # with grouped-query attention a head is a key/value group
         keep = next(k for k in full.attention if k.block is block)
 
         def attention_plan(**changes) -> PrunePlan:
@@ -175,8 +176,8 @@ def widths_plan(matches: Matches, widths) -> PrunePlan:
 def _full_plan(matches: Matches) -> PrunePlan:
     from .plan import AttentionKeep, FfnKeep
 
-    attention = tuple(AttentionKeep(b, np.tile(np.arange(b.head_dim), (b.heads, 1)),
-                                    np.tile(np.arange(b.head_dim), (b.heads, 1)), np.arange(b.heads))
+    attention = tuple(AttentionKeep(b, np.tile(np.arange(b.head_dim), (b.groups, 1)),
+                                    np.tile(np.arange(b.head_dim), (b.groups, 1)), np.arange(b.groups))
                       for b in matches.attention)
     return PrunePlan(attention, tuple(FfnKeep(b, np.arange(b.hidden)) for b in matches.ffn))
 
@@ -204,10 +205,11 @@ def allocate(curves: list, matches: Matches, units: list[UnitCosts], total: floa
 
     layers = matches.layers
     allow_heads = not heads_ratio
-    states = [_State(kept_count(l.attention.heads, heads_ratio) if heads_ratio and l.attention.heads_fixed is None
-                     else l.attention.heads, l.attention.head_dim, l.attention.head_dim, l.ffn.hidden) for l in layers]
+    # heads are key/value groups (each with its query heads), as the reconstruction removes them
+    states = [_State(kept_count(l.attention.groups, heads_ratio) if heads_ratio and l.attention.heads_fixed is None
+                     else l.attention.groups, l.attention.head_dim, l.attention.head_dim, l.ffn.hidden) for l in layers]
     total = total - sum((units[i].qk * l.attention.head_dim + units[i].v * l.attention.head_dim + units[i].head)
-                        * (l.attention.heads - s.heads) for i, (l, s) in enumerate(zip(layers, states)))
+                        * (l.attention.groups - s.heads) for i, (l, s) in enumerate(zip(layers, states)))
 
     def layer_cost(i: int, s: _State) -> float:
         u = units[i]
@@ -217,7 +219,7 @@ def allocate(curves: list, matches: Matches, units: list[UnitCosts], total: floa
         c, block = curves[i], layers[i].attention
         if s.removed:
             return c.block
-        share = s.heads / block.heads
+        share = s.heads / block.groups
         return c.heads.at(s.heads) + share * (c.qk.at(s.qk) + c.v.at(s.v)) + c.ffn.at(s.ffn)
 
     fixed = total - sum(layer_cost(i, s) for i, s in enumerate(states))
@@ -241,7 +243,7 @@ def allocate(curves: list, matches: Matches, units: list[UnitCosts], total: floa
         _, i, candidate, saved = best
         states[i] = candidate
         current -= saved
-    widths = Widths({l.attention.name: AttentionWidth(s.heads if not s.removed else l.attention.heads, s.qk, s.v)
+    widths = Widths({l.attention.name: AttentionWidth(s.heads if not s.removed else l.attention.groups, s.qk, s.v)
                      for l, s in zip(layers, states)},
                     {l.ffn.name: s.ffn for l, s in zip(layers, states)},
                     tuple(i for i, s in enumerate(states) if s.removed))
@@ -254,7 +256,8 @@ def _moves(layer: Layer, s: _State, align: int, allow_heads: bool, blocks_left: 
     block, ffn = layer.attention, layer.ffn
     d = block.head_dim
     found = []
-    for field_name, width, step in (("qk", d, max(align, d // 16)), ("v", d, max(align, d // 16)),
+    qk_step = math.lcm(max(align, d // 16), units_of.unit_size(block), block.width_multiple)  # whole rotary pairs
+    for field_name, width, step in (("qk", d, qk_step), ("v", d, max(align, d // 16)),
                                     ("ffn", ffn.hidden, max(align, ffn.hidden // 64))):
         floor = max(1, int(np.ceil(MIN_KEPT * width)))
         for steps in range(1, LOOKAHEAD + 1):

@@ -197,6 +197,8 @@ class CostModel:
         for keep in plan.ffn:
             factor = len(keep.hidden) / keep.block.hidden
             scale(keep.block.fc1, outputs=factor)
+            if keep.block.gate is not None:  # a gated FFN's second projection (SwiGLU's gate)
+                scale(keep.block.gate, outputs=factor)
             scale(keep.block.fc2, inputs=factor)
         if plan.stream is not None:
             factor = len(plan.stream_keep) / plan.stream.width
@@ -228,5 +230,5 @@ class _Role(Enum):
 
 def _fractions(keep: AttentionKeep) -> tuple[float, float]:
     b = keep.block
-    whole = b.heads * b.head_dim
+    whole = b.groups * b.head_dim  # keep.heads are key/value groups (each with its query heads)
     return len(keep.heads) * keep.qk.shape[1] / whole, len(keep.heads) * keep.v.shape[1] / whole

@@ -328,10 +328,6 @@ def _reconstruction_route(g: ModelGraph, matches: Matches, options: PruneOptions
         return "--reconstruct off"
     if options.ratios.residual > 0:
         return "--residual"
-    decoder = next((b.name for b in matches.attention if b.kv_heads or b.rotary or b.equal_widths), None)
-    if options.target is not None and decoder is not None:
-        return (f"--target-* on {decoder} (grouped-query or rotary attention): the measured allocation does not "
-                "handle their units yet, so the shares are searched over uniform widths")
     try:
         plan_segments(g, matches)
     except NoMatch as why:

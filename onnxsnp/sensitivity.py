@@ -23,10 +23,11 @@ import numpy as np
 
 from .importance import PairStatistics, input_weights, query_key, query_key_tensors
 from .least_squares import DEFAULT_RIDGE, NormalEquations, Obs, solve
-from .plan import AttentionKeep
+from .plan import AttentionKeep, selection_map
 from .projection import cholesky, project_pairs, project_values
 from .batches import Batch, Shard, split_batches, tokens as _tokens
-from .reconstruction import Reconstructor
+from .reconstruction import QK_RIDGE, Reconstructor
+from .softmax_metric import choose_pairs, removal_curve, softmax_scale
 
 CURVE_STEPS = 16  # points measured along each curve (between them the loss is interpolated)
 
@@ -100,7 +101,7 @@ def _attention(r: Reconstructor, shard: Shard, layer, half):
     block = layer.attention
     batches = shard.batches
     d, heads = block.head_dim, block.heads
-    pairs = PairStatistics.empty(heads, d)
+    pairs = PairStatistics.empty(heads, d, causal_scale=softmax_scale(block) if block.causal else None)
     equations = NormalEquations.empty(block.out.in_features, block.out.out_features)
     branches: list[np.ndarray] = []
     energy = [0.0]
@@ -117,6 +118,9 @@ def _attention(r: Reconstructor, shard: Shard, layer, half):
 
     shard.targets(half, query_key_tensors(block) + [block.out.input], collect)
     prior = input_weights(r.g, block.out)
+    if block.causal or block.group_size > 1:
+        return _decoder_attention(r, shard, block, half, pairs, equations, prior, starts, branches) + \
+            (energy[0], _half_change(batches, starts))
     every = np.arange(heads)
 
     # Q/K: exact score error of k projected directions, converted by one measured run at half width
@@ -164,6 +168,60 @@ def _attention(r: Reconstructor, shard: Shard, layer, half):
         head_loss.append(obs.removed_loss)
     head_curve = Curve(np.arange(1, heads + 1, dtype=float), np.array(head_loss[::-1]))
     return qk, v, head_curve, energy[0], _half_change(batches, starts)
+
+
+def _decoder_attention(r: Reconstructor, shard: Shard, block, half, pairs: PairStatistics,
+                       equations: NormalEquations, prior: np.ndarray, starts, branches) -> tuple[Curve, Curve, Curve]:
+    """Q/K, V and head curves of causal attention, in the units the reconstruction removes: Q/K
+    pairs (whole rotary pairs) along the softmax metric's removal path, V neurons and heads as
+    key/value groups (a V neuron or a head takes its output-projection rows in every query head
+    of its group)."""
+    d, groups, r_size = block.head_dim, block.groups, block.group_size
+    every = np.arange(groups)
+    # Q/K: the softmax's score error along the removal path, converted to the refit's output error
+    # by one measured run at about half width
+    score_error = removal_curve(block, pairs.softmax, QK_RIDGE)
+    choice = choose_pairs(block, pairs.softmax, max(1, d // 2), QK_RIDGE)
+    kept = choice.qk.shape[1]
+    trial = AttentionKeep(block, choice.qk, np.tile(np.arange(d), (groups, 1)), every,
+                          selection_map(choice.qk, d, choice.factors))
+    saved = dict(r.weights.values)
+    r.weights.apply_attention(trial)
+    measured = NormalEquations.empty(block.out.in_features, block.out.out_features)
+    for item, start, branch in zip(shard.batches, starts, branches):
+        values = shard.run_half(half, item, start, r.weights.values, [block.out.input])
+        measured.add(_tokens(values[block.out.input], item.samples, item.mask),
+                     _tokens(branch, item.samples, item.mask), item.index)
+    r.weights.values = saved
+    refit_loss = solve(measured, np.arange(block.out.in_features), prior, DEFAULT_RIDGE).loss
+    qk = Curve(np.arange(d + 1, dtype=float), score_error * refit_loss / max(score_error[kept], 1e-30))
+
+    def rows(group: int, neurons) -> np.ndarray:  # output-projection rows of a group's V neurons
+        return ((group * r_size + np.arange(r_size))[:, None] * d + np.asarray(neurons)[None, :]).reshape(-1)
+
+    # V: one neuron fewer in every group a round, each group's cheapest by its rows' single costs
+    obs = Obs(equations, prior, DEFAULT_RIDGE)
+    v_loss = {d: 0.0}
+    for width in range(d - 1, 0, -1):
+        single = obs.single_costs()
+        gone = []
+        for g in every:
+            alive = [n for n in range(d) if obs.alive[rows(g, [n])[0]]]
+            costs = [single[rows(g, [n])].sum() for n in alive]
+            gone.append(rows(g, [alive[int(np.argmin(costs))]]))
+        obs.remove(np.concatenate(gone))
+        v_loss[width] = obs.removed_loss
+    v = Curve(np.arange(1, d + 1, dtype=float), np.array([v_loss[w] for w in range(1, d + 1)]))
+
+    # heads: whole key/value groups, structured OBS
+    obs = Obs(equations, prior, DEFAULT_RIDGE)
+    alive, head_loss = list(every), [0.0]
+    while len(alive) > 1:
+        best = int(np.argmin(obs.costs([rows(g, np.arange(d)) for g in alive])))
+        obs.remove(rows(alive.pop(best), np.arange(d)))
+        head_loss.append(obs.removed_loss)
+    heads = Curve(np.arange(1, groups + 1, dtype=float), np.array(head_loss[::-1]))
+    return qk, v, heads
 
 
 def _ffn(r: Reconstructor, shard: Shard, layer, half):

@@ -107,6 +107,8 @@ class PairChoice:
 def _solve(fisher: np.ndarray, cross: np.ndarray, kept: np.ndarray, penalty: float) -> tuple[np.ndarray, float]:
     """β over `kept` minimising βᵀFβ − 2βᵀc + penalty·‖β − 1‖², and that minimum less the
     penalty's constant (what removing the others costs, up to the energy)."""
+    if len(kept) == 0:
+        return np.zeros(0), 0.0
     system = fisher[np.ix_(kept, kept)] + penalty * np.eye(len(kept))
     rhs = cross[kept] + penalty
     try:
@@ -116,19 +118,23 @@ def _solve(fisher: np.ndarray, cross: np.ndarray, kept: np.ndarray, penalty: flo
     return beta, float(-rhs @ beta)
 
 
-def choose_pairs(block: AttentionBlock, sums: SoftmaxSums, kept: int, ridge: float) -> PairChoice:
-    """`kept` Q/K dims per key/value group (rounded to whole units), removed one unit at a time where
-    the best rescale of the rest leaves the softmax's score error lowest; the rest rescaled."""
+def _unit_sums(block: AttentionBlock, sums: SoftmaxSums, ridge: float):
+    """Per key/value group: F and c over units (a rotary pair is one unit, one factor), the energy,
+    and the ridge penalty of each group."""
     d, r = block.head_dim, block.group_size
     fisher = sums.fisher.reshape(block.groups, r, d, d).sum(axis=1)
     cross = sums.cross.reshape(block.groups, r, d).sum(axis=1)
     energy = sums.energy.reshape(block.groups, r).sum(axis=1)
     to_units = units.unit_matrix(block, np.arange(d))  # (d, units)
     unit_fisher = to_units.T @ fisher @ to_units
-    unit_cross = cross @ to_units
-    count = units.rounded(block, kept) // units.unit_size(block)
-    total = unit_fisher.shape[-1]
     penalties = [ridge * max(float(np.mean(np.diag(f))), 1e-30) for f in unit_fisher]
+    return unit_fisher, cross @ to_units, energy, penalties
+
+
+def _removals(block: AttentionBlock, unit_fisher, unit_cross, penalties, count: int):
+    """Greedy removal down to `count` units per group: yields the alive units of every group
+    after each round (each removal the one whose best rescale of the rest leaves the least error)."""
+    total = unit_fisher.shape[-1]
     alive = [list(range(total)) for _ in range(block.groups)]
     shared = block.pairs_shared is not None
     while len(alive[0]) > count:
@@ -139,16 +145,48 @@ def choose_pairs(block: AttentionBlock, sums: SoftmaxSums, kept: int, ridge: flo
             alive = [[u for u in row if u != gone] for row in alive]
         else:
             alive = [[u for u in row if u != row[int(np.argmin(c))]] for row, c in zip(alive, costs)]
+        yield alive
+
+
+def _left(unit_fisher, unit_cross, energy, penalties, alive) -> tuple[list[np.ndarray], float]:
+    """The rescale of the `alive` units of every group, and the score error it leaves (summed)."""
+    factors, left = [], 0.0
+    for g, kept in enumerate(alive):
+        kept = np.asarray(kept, dtype=int)
+        beta, _ = _solve(unit_fisher[g], unit_cross[g], kept, penalties[g])
+        sub = unit_fisher[g][np.ix_(kept, kept)]
+        left += float(beta @ sub @ beta - 2 * beta @ unit_cross[g][kept] + energy[g])
+        factors.append(beta)
+    return factors, max(left, 0.0)
+
+
+def removal_curve(block: AttentionBlock, sums: SoftmaxSums, ridge: float) -> np.ndarray:
+    """The softmax's score error (relative to its energy) left after the best rescale, by Q/K dims
+    kept per head, 0 … d, along the greedy removal path (dims between whole units interpolated)."""
+    unit_fisher, unit_cross, energy, penalties = _unit_sums(block, sums, ridge)
+    size, total = units.unit_size(block), unit_fisher.shape[-1]
+    scale = max(float(energy.sum()), 1e-30)
+    full = _left(unit_fisher, unit_cross, energy, penalties, [range(total)] * block.groups)[1]
+    kept_dims, errors = [total * size], [0.0]
+    for alive in _removals(block, unit_fisher, unit_cross, penalties, 0):
+        kept_dims.append(len(alive[0]) * size)
+        errors.append(max(_left(unit_fisher, unit_cross, energy, penalties, alive)[1] - full, 0.0) / scale)
+    return np.interp(np.arange(block.head_dim + 1), np.array(kept_dims[::-1]), np.array(errors[::-1]))
+
+
+def choose_pairs(block: AttentionBlock, sums: SoftmaxSums, kept: int, ridge: float) -> PairChoice:
+    """`kept` Q/K dims per key/value group (rounded to whole units), removed one unit at a time where
+    the best rescale of the rest leaves the softmax's score error lowest; the rest rescaled."""
+    unit_fisher, unit_cross, energy, penalties = _unit_sums(block, sums, ridge)
+    count = units.rounded(block, kept) // units.unit_size(block)
+    alive = [list(range(unit_fisher.shape[-1])) for _ in range(block.groups)]
+    for alive in _removals(block, unit_fisher, unit_cross, penalties, count):
+        pass
     kept_units = np.array(alive)
     qk = units.dims_of(block, kept_units)
-    factors, sliced, rescaled = [], 0.0, 0.0
-    for g in range(block.groups):
-        beta, _ = _solve(unit_fisher[g], unit_cross[g], kept_units[g], penalties[g])
-        factors.append(units.unit_matrix(block, qk[g]) @ beta)
-        constant = energy[g]
-        one = np.ones(len(kept_units[g]))
-        sub = unit_fisher[g][np.ix_(kept_units[g], kept_units[g])]
-        sliced += one @ sub @ one - 2 * one @ unit_cross[g][kept_units[g]] + constant
-        rescaled += beta @ sub @ beta - 2 * beta @ unit_cross[g][kept_units[g]] + constant
+    betas, rescaled = _left(unit_fisher, unit_cross, energy, penalties, kept_units)
+    sliced = sum(float(np.ones(len(k)) @ unit_fisher[g][np.ix_(k, k)] @ np.ones(len(k))
+                       - 2 * unit_cross[g][k].sum() + energy[g]) for g, k in enumerate(kept_units))
+    factors = [units.unit_matrix(block, qk[g]) @ beta for g, beta in enumerate(betas)]
     scale = max(float(energy.sum()), 1e-30)
-    return PairChoice(qk, np.array(factors), max(sliced, 0.0) / scale, max(rescaled, 0.0) / scale)
+    return PairChoice(qk, np.array(factors), max(sliced, 0.0) / scale, rescaled / scale)

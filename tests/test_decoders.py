@@ -129,3 +129,20 @@ def test_genai_folder_in_gives_a_folder_out_that_onnxruntime_genai_generates_fro
     tokens = genai_generate(pruned, prompt, 16)
     assert len(tokens) == 16
     assert tokens == greedy(onnx.load(str(pruned / "model.onnx")), prompt, 12)  # what the pruned file computes
+
+
+@pytest.mark.parametrize("form", ["llama-dynamo", "llama-optimum"])
+def test_a_flops_budget_on_a_decoder_is_allocated_by_measured_loss(decoder, form):
+    """Grouped-query, rotary attention under --target-flops: the measured allocation (curves in the
+    reconstruction's own units: key/value groups, whole rotary pairs) and the reconstruction run,
+    and the budget is met as the cost model predicted it."""
+    goal = 0.7
+    pruned, report = prune(str(decoder(form)), target_flops=goal, calib=calibration(100, 32, 12), measure_latency=False)
+    assert report.reconstruction is not None and report.allocation is not None
+    assert len(report.allocation["layers"]) == 2
+    assert report.flops_after / report.flops_before == pytest.approx(goal, abs=0.03)
+    for block in report.blocks:
+        if block.kind == "attention":
+            assert block.qk_dim_after % 2 == 0  # whole rotary pairs
+    ids = np.random.default_rng(1).integers(0, 100, (2, 7))
+    prefill_and_step(pruned, ids, ids[:, :1])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from onnxsnp.matching.blocks import Rotary, RotaryStyle
-from onnxsnp.softmax_metric import SoftmaxSums, _solve, add_sums, choose_pairs
+from onnxsnp.softmax_metric import SoftmaxSums, _solve, add_sums, choose_pairs, removal_curve
 
 SAMPLES, HEADS, TOKENS, D, SCALE = 2, 3, 7, 4, 0.5
 
@@ -118,3 +118,20 @@ def test_pairs_removed_jointly_account_for_each_other():
     singles = sorted(range(D), key=lambda u: _solve(sums.fisher[0], sums.cross[0],
                                                     np.array(sorted(set(range(D)) - {u})), 0.0)[1])
     assert costs[removed] <= costs[tuple(sorted(singles[:2]))] + 1e-9
+
+
+@pytest.mark.parametrize("rotary", [False, True])
+def test_the_removal_curve_is_the_error_left_along_the_chosen_pairs(rotary):
+    """What the allocation reads: at every whole-unit width, the error choose_pairs leaves there
+    (beyond what the full width leaves), 0 at full width, growing as pairs go."""
+    q_hat, k_hat, q, k, mask = stacks(5)
+    sums = SoftmaxSums.empty(1, D)
+    add_sums(sums, q_hat[::HEADS], k_hat[::HEADS], q[::HEADS], k[::HEADS], mask, SCALE)
+    attention = block(rotary)
+    curve = removal_curve(attention, sums, ridge=1e-2)
+    assert curve.shape == (D + 1,) and curve[D] == 0.0
+    assert np.all(np.diff(curve) <= 1e-12)  # fewer pairs never leave less error
+    full = choose_pairs(attention, sums, D, ridge=1e-2).error_rescaled
+    for kept in range(2 if rotary else 1, D, 2 if rotary else 1):
+        assert curve[kept] == pytest.approx(choose_pairs(attention, sums, kept, ridge=1e-2).error_rescaled - full,
+                                            abs=1e-9)

@@ -91,7 +91,8 @@ def test_a_speedup_target_is_met_as_predicted(exported, compensate):
         assert target["predicted_ms_after"] == pytest.approx(chosen["predicted_ms"], rel=1e-3)
         assert chosen["predicted_ms"] <= chosen["goal_predicted_ms"] * 1.001
         for trial in trials:
-            assert trial["goal_ms"] == pytest.approx(trial["measured_ms_before"] / SPEEDUP, rel=1e-3)
+            # both are rounded to 4 decimals in the report: on a fast run (~0.1 ms) that step is ~1e-3 of them
+            assert trial["goal_ms"] == pytest.approx(trial["measured_ms_before"] / SPEEDUP, rel=1e-3, abs=1e-4)
         misses = [abs(math.log(t["measured_ms_after"] / t["goal_ms"])) for t in trials]
         assert misses[timed["chosen"]] == pytest.approx(min(misses), abs=1e-3)
         assert "timed before the reconstruction" in report.table()
