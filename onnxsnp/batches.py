@@ -83,8 +83,8 @@ def tokens(x: np.ndarray, samples: int, mask: np.ndarray | None) -> np.ndarray:
 
 def norm_weights(stream: np.ndarray) -> np.ndarray:
     """Each token's weight in a decoder's refit: 1 / its mean square in the original stream, so that
-    the error counted is the error after the next RMSNorm (a decoder's first token can carry a stream
-    ~100× larger than the rest: unweighted, its error would take the whole refit). Mean 1."""
+    the error counted is the error after the next RMSNorm (SmolLM2-135M's first token has 90 to 24,000
+    times the median token's mean square from layer 5 on: unweighted, its error takes the refit). Mean 1."""
     weights = 1.0 / np.maximum(np.mean(np.square(stream, dtype=np.float64), axis=-1), 1e-30)
     return weights / weights.mean()
 

@@ -178,7 +178,8 @@ def finish(prepared: Prepared, options: PruneOptions, work: ReconstructionWork |
     if p.view is not None:
         pruned = p.view.requantize(pruned)
     check_structure(pruned)
-    softmax_blocks = {keep.block.name: (p.probes[keep.block.name], keep.heads) for keep in plan.attention
+    # the softmax's heads are query heads (grouped-query attention: every query head of a kept group)
+    softmax_blocks = {keep.block.name: (p.probes[keep.block.name], keep.query_heads()) for keep in plan.attention
                       if keep.block.name in p.probes}
     measured, attention_kl, pruned_shapes, attention_maps = verify(p.observed, pruned, softmax_blocks,
                                                                    p.holdout_feed, p.batch, p.fixed, p.mask)

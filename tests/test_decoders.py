@@ -146,3 +146,16 @@ def test_a_flops_budget_on_a_decoder_is_allocated_by_measured_loss(decoder, form
             assert block.qk_dim_after % 2 == 0  # whole rotary pairs
     ids = np.random.default_rng(1).integers(0, 100, (2, 7))
     prefill_and_step(pruned, ids, ids[:, :1])
+
+
+def test_whole_key_value_groups_removed_through_the_whole_flow(tmp_path):
+    """--heads on grouped-query attention: a kept group keeps all its query heads, and the report's
+    attention-map error compares those query heads (it once indexed them by key/value head)."""
+    from decoder_export import export_dynamo, tiny_llama
+
+    path = export_dynamo(tiny_llama(hidden=48, heads=6, kv_heads=3), tmp_path / "gqa3.onnx")
+    pruned, report = prune(str(path), ratio=0.25, heads=0.34, calib=calibration(100, 32, 12), measure_latency=False)
+    attention = [b for b in report.blocks if b.kind == "attention"]
+    assert all(b.heads_after == 4 for b in attention)  # two of three groups, two query heads each
+    assert set(report.attention_kl) == {b.name for b in attention}
+    assert all(value is not None and value >= 0 for value in report.attention_kl.values())

@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tools"))
+if "--code" in sys.argv:  # another checkout's onnxsnp (e.g. a worktree of an older commit) in the same harness
+    sys.path.insert(0, str(Path(sys.argv[sys.argv.index("--code") + 1]).resolve()))
 
 from bench_decoders import logits, perplexity  # noqa: E402
 
@@ -102,6 +104,7 @@ def main() -> None:
     parser.add_argument("--heldout", type=int, default=32, help="held-out windows of 128 tokens")
     parser.add_argument("--runs", help="a JSON list of [label, options] replacing the default runs")
     parser.add_argument("--smoke", action="store_true", help="one run, few windows: checks that the bench runs")
+    parser.add_argument("--code", type=Path, help="measure the onnxsnp of this checkout instead (a git worktree)")
     args = parser.parse_args()
     from tokenizers import Tokenizer
 
@@ -117,6 +120,7 @@ def main() -> None:
     base = perplexity(reference, heldout)
     rows = [f"| original | – | {base:.2f} | 1.00× | 100.0 % | – |"]
     print(rows[-1], flush=True)
+    layers: list[str] = []
     for label, extra in runs:
         started = time.time()
         result = prune_model(str(source), make_options(measure_latency=False, **extra), calib=calib)
@@ -127,6 +131,13 @@ def main() -> None:
         rows.append(f"| {label} | −{1 - report.flops_after / report.flops_before:.1%} | {value:.2f} | "
                     f"{value / base:.2f}× | {agreement:.1%} | {time.time() - started:.0f} s |")
         print(rows[-1], flush=True)
+        if not layers and report.reconstruction and len(extra) == 1:  # the first default run, layer by layer
+            layers = [f"Per layer, `{label}`: the relative error of each half-block's output (the softmax's score "
+                      "error for Q/K, then the attention and FFN refits), with the weights as sliced and after the "
+                      "rescale or refit (`reconstruction.halves` in `--report`).", "",
+                      "| half-block | as sliced | after |", "|---|---|---|"]
+            layers += [f"| {h['name']} | {h['error_sliced']:.4f} | {h['error_refitted']:.4f} |"
+                       for h in report.reconstruction["halves"]]
     table = ["| options | FLOPs | perplexity | × original | next-token agreement | prune time |",
              "|---|---|---|---|---|---|"] + rows
     smoke = "**Smoke run** (`--smoke`): a few windows, to check that the bench runs; not a measurement.\n\n"
@@ -138,6 +149,8 @@ Measured by `python tools/bench_real_decoders.py` (CPU, one run). {__doc__.split
 ({heldout.size:,} tokens). "FLOPs" is the measured cut of a prefill.
 
 {chr(10).join(table)}
+
+{chr(10).join(layers)}
 """)
     print(f"wrote {args.out}")
 
