@@ -25,7 +25,7 @@ from .importance import PairStatistics, input_weights, query_key, query_key_tens
 from .least_squares import DEFAULT_RIDGE, NormalEquations, Obs, solve
 from .plan import AttentionKeep, selection_map
 from .projection import cholesky, project_pairs, project_values
-from .batches import Batch, Shard, split_batches, tokens as _tokens
+from .batches import Batch, Shard, norm_weights, split_batches, tokens as _tokens
 from .reconstruction import QK_RIDGE, Reconstructor
 from .softmax_metric import choose_pairs, removal_curve, softmax_scale
 
@@ -76,8 +76,8 @@ def survey(reconstructor: Reconstructor, shard: Shard) -> list[LayerSensitivity]
         attention_part = _attention(reconstructor, shard, layer, attention)
         start = [item.original for item in chosen]
         ffn_part = _ffn(reconstructor, shard, layer, ffn)
-        block = sum(float(np.square(_tokens(item.original - before, item.samples, item.mask),
-                                    dtype=np.float64).sum()) for item, before in zip(chosen, start))
+        block = sum(_energy(_tokens(item.original - before, item.samples, item.mask), _weights(layer, item))
+                    for item, before in zip(chosen, start))
         # the attention half's own change is part of the block's too
         block += attention_part[-1]
         energies.append((attention_part[-2], ffn_part[-1]))
@@ -85,8 +85,11 @@ def survey(reconstructor: Reconstructor, shard: Shard) -> list[LayerSensitivity]
     final = energies[-1][1]
     curves = []
     for (layer, (qk, v, heads, energy_attention, _), (ffn_curve, energy_ffn), block) in results:
-        scale_attention = 1.0 / max(energy_attention if layer.norm == "post" else final, 1e-30)
-        scale_ffn = 1.0 / max(energy_ffn if layer.norm == "post" else final, 1e-30)
+        # a decoder's errors are weighed per token as its next RMSNorm divides them (norm_weights), so
+        # each half's own weighted stream energy is the scale, as for post-norm blocks
+        own = layer.norm == "post" or layer.attention.causal
+        scale_attention = 1.0 / max(energy_attention if own else final, 1e-30)
+        scale_ffn = 1.0 / max(energy_ffn if own else final, 1e-30)
         curves.append(LayerSensitivity(layer.name, _scaled(qk, scale_attention), _scaled(v, scale_attention),
                                        _scaled(heads, scale_attention), _scaled(ffn_curve, scale_ffn),
                                        block * scale_ffn))
@@ -111,16 +114,17 @@ def _attention(r: Reconstructor, shard: Shard, layer, half):
         q, k = query_key(r.g, block, values, item.samples)
         pairs.add(q, k, item.mask)
         branch = values[half.branch]
+        weights = _weights(layer, item)
         equations.add(_tokens(values[block.out.input], item.samples, item.mask),
-                      _tokens(branch, item.samples, item.mask), item.index)
-        energy[0] += float(np.square(_tokens(item.target, item.samples, item.mask), dtype=np.float64).sum())
+                      _tokens(branch, item.samples, item.mask), item.index, weights)
+        energy[0] += _energy(_tokens(item.target, item.samples, item.mask), weights)
         branches.append(branch)
 
     shard.targets(half, query_key_tensors(block) + [block.out.input], collect)
     prior = input_weights(r.g, block.out)
     if block.causal or block.group_size > 1:
-        return _decoder_attention(r, shard, block, half, pairs, equations, prior, starts, branches) + \
-            (energy[0], _half_change(batches, starts))
+        return _decoder_attention(r, shard, layer, half, pairs, equations, prior, starts, branches) + \
+            (energy[0], _half_change(batches, starts, layer))
     every = np.arange(heads)
 
     # Q/K: exact score error of k projected directions, converted by one measured run at half width
@@ -170,12 +174,13 @@ def _attention(r: Reconstructor, shard: Shard, layer, half):
     return qk, v, head_curve, energy[0], _half_change(batches, starts)
 
 
-def _decoder_attention(r: Reconstructor, shard: Shard, block, half, pairs: PairStatistics,
+def _decoder_attention(r: Reconstructor, shard: Shard, layer, half, pairs: PairStatistics,
                        equations: NormalEquations, prior: np.ndarray, starts, branches) -> tuple[Curve, Curve, Curve]:
     """Q/K, V and head curves of causal attention, in the units the reconstruction removes: Q/K
     pairs (whole rotary pairs) along the softmax metric's removal path, V neurons and heads as
     key/value groups (a V neuron or a head takes its output-projection rows in every query head
     of its group)."""
+    block = layer.attention
     d, groups, r_size = block.head_dim, block.groups, block.group_size
     every = np.arange(groups)
     # Q/K: the softmax's score error along the removal path, converted to the refit's output error
@@ -191,7 +196,7 @@ def _decoder_attention(r: Reconstructor, shard: Shard, block, half, pairs: PairS
     for item, start, branch in zip(shard.batches, starts, branches):
         values = shard.run_half(half, item, start, r.weights.values, [block.out.input])
         measured.add(_tokens(values[block.out.input], item.samples, item.mask),
-                     _tokens(branch, item.samples, item.mask), item.index)
+                     _tokens(branch, item.samples, item.mask), item.index, _weights(layer, item))
     r.weights.values = saved
     refit_loss = solve(measured, np.arange(block.out.in_features), prior, DEFAULT_RIDGE).loss
     qk = Curve(np.arange(d + 1, dtype=float), score_error * refit_loss / max(score_error[kept], 1e-30))
@@ -230,9 +235,10 @@ def _ffn(r: Reconstructor, shard: Shard, layer, half):
     energy = [0.0]
 
     def collect(item: Batch, values: dict[str, np.ndarray]) -> None:
+        weights = _weights(layer, item)
         equations.add(_tokens(values[block.fc2.input], item.samples, item.mask),
-                      _tokens(values[half.branch], item.samples, item.mask), item.index)
-        energy[0] += float(np.square(_tokens(item.target, item.samples, item.mask), dtype=np.float64).sum())
+                      _tokens(values[half.branch], item.samples, item.mask), item.index, weights)
+        energy[0] += _energy(_tokens(item.target, item.samples, item.mask), weights)
 
     shard.targets(half, [block.fc2.input], collect)
     obs = Obs(equations, input_weights(r.g, block.fc2), DEFAULT_RIDGE)
@@ -253,7 +259,20 @@ def _points(width: int) -> np.ndarray:
     return np.unique(np.linspace(1, width, CURVE_STEPS).round().astype(int))
 
 
-def _half_change(batches: list[Batch], starts: list[np.ndarray]) -> float:
-    """Σ‖stream after − stream before‖² of a half-block (on the tokens that count)."""
-    return sum(float(np.square(_tokens(item.original - start, item.samples, item.mask), dtype=np.float64).sum())
-               for item, start in zip(batches, starts))
+def _half_change(batches: list[Batch], starts: list[np.ndarray], layer=None) -> float:
+    """Σ‖stream after − stream before‖² of a half-block (on the tokens that count; a decoder's weighed)."""
+    return sum(_energy(_tokens(item.original - start, item.samples, item.mask),
+                       None if layer is None else _weights(layer, item)) for item, start in zip(batches, starts))
+
+
+def _weights(layer, item: Batch) -> np.ndarray | None:
+    """A decoder's tokens weighed as the reconstruction's refits weigh them (batches.norm_weights, on
+    the original stream after the half); None (all 1) elsewhere."""
+    if not layer.attention.causal:
+        return None
+    return norm_weights(_tokens(item.original if item.target is None else item.target, item.samples, item.mask))
+
+
+def _energy(rows: np.ndarray, weights: np.ndarray | None) -> float:
+    squares = np.square(rows, dtype=np.float64).sum(axis=-1)
+    return float(squares.sum() if weights is None else squares @ weights)
