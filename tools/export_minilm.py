@@ -237,7 +237,10 @@ def main() -> None:
     print(f"sentences: {len(sentences)} (calib {len(calib['input_ids'])}, "
           f"eval {len(evalset['input_ids'])}), padded length {longest}")
     print(f"calibration corpus: {len(corpus)} sentences, padded length {corpus_length}")
-    for p in (onnx_path, args.out_dir / "calib.npz", args.out_dir / "calib2000.npz", args.out_dir / "eval.npz"):
+    # tokenizer.json beside the model: what `onnxsnp ... --calib-text` reads by default
+    tokenizer.save_pretrained(args.out_dir)
+    for p in (onnx_path, args.out_dir / "calib.npz", args.out_dir / "calib2000.npz", args.out_dir / "eval.npz",
+              args.out_dir / "tokenizer.json"):
         print(f"wrote {p} ({p.stat().st_size / 1e6:.2f} MB)")
     print(f"torch vs onnxruntime max abs diff on last_hidden_state {ids.shape}: {diff:.3e} "
           f"(real tokens only: {diff_real:.3e})")
