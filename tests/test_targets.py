@@ -69,6 +69,9 @@ def test_bad_targets_fail_cleanly(exported, kwargs):
 
 
 SPEEDUP = 1.15
+# the report rounds milliseconds to 4 decimals: on this tiny model's ~0.1 ms runs that step is ~1e-3
+# of a value, so comparisons of reported values allow one step each side
+ROUNDING = 1e-4
 
 
 @pytest.mark.parametrize("compensate", ["lstsq", "bias"])
@@ -80,19 +83,18 @@ def test_a_speedup_target_is_met_as_predicted(exported, compensate):
     _, report = prune(str(path), calib_samples=16, compensate=compensate, target_speedup=SPEEDUP, blocks=1)
     target = report.target
     assert target["kind"] == "latency" and target["flag"] == "--target-speedup"
-    assert target["goal_ms"] == pytest.approx(target["predicted_ms_before"] / SPEEDUP, rel=1e-3)
+    assert target["goal_ms"] == pytest.approx(target["predicted_ms_before"] / SPEEDUP, rel=1e-3, abs=ROUNDING)
     if compensate == "bias":  # the one-pass route meets the latency model's goal
-        assert target["predicted_ms_after"] <= target["goal_ms"] * 1.001
+        assert target["predicted_ms_after"] <= target["goal_ms"] * 1.001 + ROUNDING
     else:  # the reconstruction's allocation was timed, and the widths measured closest to the goal kept
         timed = report.allocation["timed"]
         trials = timed["trials"]
         assert 1 <= len(trials) <= ROUNDS and timed["stopped"]
         chosen = trials[timed["chosen"]]
-        assert target["predicted_ms_after"] == pytest.approx(chosen["predicted_ms"], rel=1e-3)
-        assert chosen["predicted_ms"] <= chosen["goal_predicted_ms"] * 1.001
+        assert target["predicted_ms_after"] == pytest.approx(chosen["predicted_ms"], rel=1e-3, abs=ROUNDING)
+        assert chosen["predicted_ms"] <= chosen["goal_predicted_ms"] * 1.001 + ROUNDING
         for trial in trials:
-            # both are rounded to 4 decimals in the report: on a fast run (~0.1 ms) that step is ~1e-3 of them
-            assert trial["goal_ms"] == pytest.approx(trial["measured_ms_before"] / SPEEDUP, rel=1e-3, abs=1e-4)
+            assert trial["goal_ms"] == pytest.approx(trial["measured_ms_before"] / SPEEDUP, rel=1e-3, abs=ROUNDING)
         misses = [abs(math.log(t["measured_ms_after"] / t["goal_ms"])) for t in trials]
         assert misses[timed["chosen"]] == pytest.approx(min(misses), abs=1e-3)
         assert "timed before the reconstruction" in report.table()
