@@ -257,8 +257,8 @@ def _moves(layer: Layer, s: _State, align: int, allow_heads: bool, blocks_left: 
     d = block.head_dim
     found = []
     qk_step = math.lcm(max(align, d // 16), units_of.unit_size(block), block.width_multiple)  # whole rotary pairs
-    for field_name, width, step in (("qk", d, qk_step), ("v", d, max(align, d // 16)),
-                                    ("ffn", ffn.hidden, max(align, ffn.hidden // 64))):
+    fields = (("qk", d, qk_step), ("v", d, max(align, d // 16)), ("ffn", ffn.hidden, max(align, ffn.hidden // 64)))
+    for field_name, width, step in fields[1:] if block.qk_whole else fields:
         floor = max(1, int(np.ceil(MIN_KEPT * width)))
         for steps in range(1, LOOKAHEAD + 1):
             value = getattr(s, field_name) - steps * step

@@ -343,7 +343,8 @@ def uniform_widths(matches: Matches, ratios: Ratios, removed: tuple[int, ...] = 
         heads = block.groups  # with grouped-query attention: key/value heads, each with its query heads
         if ratios.heads > 0 and block.heads_fixed is None:
             heads = kept_count(block.groups, ratios.heads)
-        attention[block.name] = AttentionWidth(heads, kept_count(block.head_dim, ratios.qk, ratios.align),
+        qk = block.head_dim if block.qk_whole else kept_count(block.head_dim, ratios.qk, ratios.align)
+        attention[block.name] = AttentionWidth(heads, qk,
                                                kept_count(block.head_dim, ratios.v, ratios.align))
     ffn = {block.name: kept_count(block.hidden, ratios.ffn, ratios.align) for block in matches.ffn}
     return Widths(attention, ffn, removed)

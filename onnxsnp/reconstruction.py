@@ -103,6 +103,13 @@ class Reconstruction:
     tokens: int
 
 
+# what a residual join may hold: the Add, norms around it (written out or as one op), casts
+_JOIN_OPS = {"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Reciprocal", "ReduceMean", "Cast", "LayerNormalization",
+             "SimplifiedLayerNormalization", "RMSNormalization", "SkipLayerNormalization",
+             "SkipSimplifiedLayerNormalization"}
+_NORM_NODES = 2 * 11  # two written-out RMS/LayerNorms (a sandwich norm, then the next pre-norm)
+
+
 @dataclass
 class _Half:
     segment: Segment
@@ -140,9 +147,11 @@ def plan_segments(g: ModelGraph, matches: Matches) -> list[tuple[_Half, _Half]]:
             segment = cut(g, name, [start], [end], cuts, slots)
             branch = capture[0]
             join = cut(g, f"{name} join", [branch, start], [end], cuts)
-            # the legacy exporter routes a norm's weights through Identity nodes: they are no work
-            if len([n for n in join.nodes if g.node(n).op_type not in ("Identity", "Constant")]) > 3 or join.slots:
-                raise NoMatch(f"{name}: the residual join is more than an Add and a normalisation")
+            # the legacy exporter routes a norm's weights through Identity nodes: they are no work;
+            # Gemma 3 and OLMo 2 normalise the branch before the Add (a written-out RMSNorm)
+            work = [g.node(n).op_type for n in join.nodes if g.node(n).op_type not in ("Identity", "Constant")]
+            if len(work) > 3 + _NORM_NODES or join.slots or not set(work) <= _JOIN_OPS:
+                raise NoMatch(f"{name}: the residual join is more than an Add and normalisations")
             pair.append(_Half(segment, SegmentRunner(g, segment, capture), SegmentRunner(g, join), branch, start))
         inputs = list(dict.fromkeys([block.q.input, block.k.input]))
         norm = cut(g, f"{layer.name} (q, k inputs)", [layer.input], inputs, cuts)

@@ -35,7 +35,10 @@ def unit_size(block: AttentionBlock) -> int:
 
 
 def rounded(block: AttentionBlock, kept: int) -> int:
-    """Kept Q/K dims per head, rounded up to whole units (and to the multiple an op requires)."""
+    """Kept Q/K dims per head, rounded up to whole units (and to the multiple an op requires);
+    all of them where a QK-norm needs its whole head."""
+    if block.qk_whole:
+        return block.head_dim
     size = math.lcm(unit_size(block), block.width_multiple)
     return min(block.head_dim, -(-kept // size) * size)
 

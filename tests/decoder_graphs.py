@@ -33,6 +33,14 @@ def _rotate(b: Builder, x: str, style: str) -> str:
     return b.op("Add", [b.op("Mul", [x, "cos"]), b.op("Mul", [turned, "sin"])])
 
 
+def _rms_norm(b: Builder, x: str, width: int) -> str:
+    """An RMSNorm over the last axis, written out as transformers' exports do, with a weight γ."""
+    f32 = lambda v: b.const(np.array(v, dtype=np.float32))  # noqa: E731
+    mean = b.op("ReduceMean", [b.op("Pow", [x, f32(2.0)]), b.const(np.array([-1], dtype=np.int64))], keepdims=1)
+    scaled = b.op("Mul", [x, b.op("Div", [f32(1.0), b.op("Sqrt", [b.op("Add", [mean, f32(1e-6)])])])])
+    return b.op("Mul", [scaled, f32(b.rng.uniform(0.5, 1.5, width))])
+
+
 def _heads(b: Builder, t: str, heads: int) -> str:
     shaped = b.op("Reshape", [t, b.const(np.array([0, 0, heads, HEAD_DIM], dtype=np.int64))])
     return b.op("Transpose", [shaped], perm=[0, 2, 1, 3])
@@ -50,12 +58,18 @@ def _repeat(b: Builder, t: str, kv_heads: int) -> str:
     return b.op("Reshape", [expanded, i64(0, HEADS, -1, HEAD_DIM)])
 
 
-def decoder_attention(kv_heads: int = 2, rotary: str | None = "half", seed: int = 0) -> onnx.ModelProto:
+def decoder_attention(kv_heads: int = 2, rotary: str | None = "half", seed: int = 0,
+                      qk_norm: str | None = None) -> onnx.ModelProto:
     """Separate q, k, v projections; rotary on q and k; k and v joined with the KV cache, then
-    repeated for the query heads (unless kv_heads == 1: the score MatMul broadcasts)."""
+    repeated for the query heads (unless kv_heads == 1: the score MatMul broadcasts). `qk_norm`:
+    an RMSNorm on q and k over each head ("head": Qwen3, Gemma 3) or over all heads ("all": OLMo 2)."""
     b = Builder(seed, opset=18)
-    q = _heads(b, b.linear("x", WIDTH, WIDTH), HEADS)
-    k = _heads(b, b.linear("x", WIDTH, kv_heads * HEAD_DIM), kv_heads)
+    q, k = b.linear("x", WIDTH, WIDTH), b.linear("x", WIDTH, kv_heads * HEAD_DIM)
+    if qk_norm == "all":
+        q, k = _rms_norm(b, q, WIDTH), _rms_norm(b, k, kv_heads * HEAD_DIM)
+    q, k = _heads(b, q, HEADS), _heads(b, k, kv_heads)
+    if qk_norm == "head":
+        q, k = _rms_norm(b, q, HEAD_DIM), _rms_norm(b, k, HEAD_DIM)
     v = _heads(b, b.linear("x", WIDTH, kv_heads * HEAD_DIM), kv_heads)
     if rotary is not None:
         q, k = _rotate(b, q, rotary), _rotate(b, k, rotary)

@@ -16,7 +16,8 @@ import transformers as T
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 TASKS = {"bert": "feature-extraction", "roberta": "feature-extraction", "distilbert": "feature-extraction",
          "vit": "image-classification", "clip": "zero-shot-image-classification",
-         "llama": "text-generation-with-past", "gpt2": "text-generation-with-past"}
+         "llama": "text-generation-with-past", "gpt2": "text-generation-with-past",
+         "qwen3": "text-generation-with-past", "gemma3": "text-generation-with-past", "olmo2": "text-generation-with-past"}
 
 
 def tiny(family: str):
@@ -31,6 +32,16 @@ def tiny(family: str):
     elif family == "llama":  # grouped-query attention (2 key/value heads for 4), rotary, SwiGLU, RMSNorm
         model = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=100, max_position_embeddings=64, num_key_value_heads=2,
                                                  **SMALL))
+    elif family == "qwen3":  # per-head RMSNorm on queries and keys ("QK-norm"), GQA, rotary, SwiGLU
+        model = T.Qwen3ForCausalLM(T.Qwen3Config(vocab_size=100, max_position_embeddings=64, num_key_value_heads=2,
+                                                 head_dim=8, **SMALL))
+    elif family == "gemma3":  # QK-norm, GELU(tanh)-gated MLP, sliding-window and global layers, scaled embeddings
+        model = T.Gemma3ForCausalLM(T.Gemma3TextConfig(vocab_size=100, max_position_embeddings=64, num_key_value_heads=2,
+                                                       head_dim=8, sliding_window=4,
+                                                       layer_types=["sliding_attention", "full_attention"], **SMALL))
+    elif family == "olmo2":  # RMSNorm over all heads' queries and keys together, norms after each sublayer
+        model = T.Olmo2ForCausalLM(T.Olmo2Config(vocab_size=100, max_position_embeddings=64, num_key_value_heads=2,
+                                                 **SMALL))
     elif family == "gpt2":  # fused c_attn (Conv1D), learned positions
         model = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64))
     elif family == "vit":
@@ -38,10 +49,12 @@ def tiny(family: str):
     else:
         model = T.CLIPModel(T.CLIPConfig(text_config=dict(vocab_size=100, max_position_embeddings=16, **SMALL),
                                          vision_config=dict(image_size=32, patch_size=8, **SMALL), projection_dim=16))
-    with torch.no_grad():  # trained models have non-zero biases: slicing them is then tested
+    with torch.no_grad():  # trained models have non-zero biases and norm weights not all one (or zero)
         for name, parameter in model.named_parameters():
             if name.endswith("bias"):
                 parameter.normal_(0, 0.1)
+            elif name.endswith(("q_norm.weight", "k_norm.weight", "feedforward_layernorm.weight")):
+                parameter.uniform_(0.5, 1.5)
     return model
 
 

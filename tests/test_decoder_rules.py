@@ -93,3 +93,23 @@ def test_group_query_attention_op(separate, heads):
     np.testing.assert_allclose(run(pruned, step(pruned, got))["y"], run(zeroed, step(zeroed, want))["y"], atol=1e-5)
     attributes = {a.name: a.i for n in pruned.graph.node if n.op_type == "GroupQueryAttention" for a in n.attribute}
     assert (attributes["num_heads"], attributes["kv_num_heads"]) == (2 * len(keep.heads), len(keep.heads))
+
+
+@pytest.mark.parametrize("qk_norm", ["head", "all"])
+@pytest.mark.parametrize("heads", [0.0, 0.5])
+def test_qk_norm_keeps_each_head_whole_and_prunes_exactly(qk_norm, heads):
+    """An RMSNorm over each head's q/k lets whole key/value groups go but no dim within a head; one
+    over all heads (OLMo 2) lets neither go. V and the output projection are cut either way."""
+    g = ModelGraph(dg.decoder_attention(2, "half", qk_norm=qk_norm))
+    (block,) = find_blocks(g).attention
+    assert len(block.qk_norms) == 2 and block.qk_whole
+    assert (block.heads_fixed is None) == (qk_norm == "head")
+    calib = {k: np.repeat(v, 4, axis=0) if k == "x" else v for k, v in dg.feed(g.model, 6).items()}
+    plan = make_plan(g, find_blocks(g), Ratios(0.5, 0.5, 0.0, heads=heads), "random", calib, batch=4, seed=3)
+    (keep,) = plan.attention
+    assert keep.qk.shape[1] == dg.HEAD_DIM and keep.v.shape[1] == dg.HEAD_DIM // 2
+    assert len(keep.heads) == (1 if heads and qk_norm == "head" else 2)
+    pruned, zeroed = rewrite(g, plan), zeroed_original(g, plan)
+    want, got = run(zeroed, dg.feed(zeroed, 5)), run(pruned, dg.feed(pruned, 5))
+    np.testing.assert_allclose(got["y"], want["y"], atol=1e-5)
+    assert got["present_key"].shape == (1, len(keep.heads), 5, dg.HEAD_DIM)

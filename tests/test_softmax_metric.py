@@ -72,7 +72,7 @@ def test_a_score_term_equal_for_every_key_costs_nothing():
 def block(rotary: bool, groups: int = 1):
     rotaries = (Rotary(RotaryStyle.HALF, "", "", "", ()),) if rotary else ()
     return SimpleNamespace(head_dim=D, heads=groups, groups=groups, group_size=1, rotary=rotaries,
-                           width_multiple=1, pairs_shared=None)
+                           width_multiple=1, pairs_shared=None, qk_whole=None)
 
 
 @pytest.mark.parametrize("rotary", [False, True])

@@ -3,6 +3,7 @@
 - `tiny_llama`: a Llama-architecture causal LM (grouped-query attention, rotary, SwiGLU, RMSNorm)
   with random weights, and `save_folder` writes it with a byte-level BPE tokenizer trained on the
   given texts, as transformers' save_pretrained does (what optimum and onnxruntime-genai read);
+  `tiny_qwen3`: the same with QK-norm (Qwen3);
 - `export_dynamo`: torch's dynamo exporter with a KV cache (past_key_values.* in, present.* out);
 - `export_genai`: onnxruntime-genai's model builder (fp32 or int4) on such a folder.
 """
@@ -24,6 +25,23 @@ def tiny_llama(vocab: int = 100, hidden: int = 32, layers: int = 2, heads: int =
                            num_key_value_heads=kv_heads, intermediate_size=intermediate,
                            max_position_embeddings=positions, bos_token_id=0, eos_token_id=1, pad_token_id=2)
     return T.LlamaForCausalLM(config).eval()
+
+
+def tiny_qwen3(vocab: int = 300, hidden: int = 128, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+               head_dim: int = 32, intermediate: int = 256, positions: int = 128, seed: int = 0):
+    """A Qwen3-architecture causal LM: a Llama with an RMSNorm over each head's q and k (QK-norm)."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    config = T.Qwen3Config(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                           num_key_value_heads=kv_heads, head_dim=head_dim, intermediate_size=intermediate,
+                           max_position_embeddings=positions, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    model = T.Qwen3ForCausalLM(config).eval()
+    with torch.no_grad():  # trained QK-norm weights are not all one: let the test see them
+        for name, parameter in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                parameter.uniform_(0.5, 1.5)
+    return model
 
 
 def train_tokenizer(texts: list[str], vocab: int):

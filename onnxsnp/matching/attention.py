@@ -13,11 +13,13 @@ from .blocks import (AttentionBlock, FrozenScale, FusedQkv, KvCache, Linear, NoM
 from .decoder import check_kv_axis, kv_cache_join, rotary_producing
 from .layout import FUSED, MERGED, SPLIT, Axes, Path, path_shape_edits
 from .linear import linear_producing, linear_reading
+from .norms import Norm, norm_writing
 from .shapes import head_layout, shape_entries, shape_source
 
-# Ops that only move, reshape or select data between a projection and the score MatMul (Expand:
-# grouped-query attention repeating key/value heads).
-_LAYOUT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Split", "Gather", "Slice", "Expand"}
+# Ops that only move, reshape, select or cast data between a projection and the score MatMul
+# (Expand: grouped-query attention repeating key/value heads).
+_LAYOUT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Split", "Gather", "Slice", "Expand",
+               "Cast"}  # OLMo 2 casts rotated q/k to the compute type
 
 
 SCALE_OPS = {"Mul", "Div"}
@@ -48,6 +50,7 @@ class _Trace:
     rotary_edits: list[ShapeEdit] = field(default_factory=list)
     half: int | None = None  # the rotary's split point, where it is a literal
     kv: KvCache | None = None  # a KV cache joined on the way (its Concat is in `nodes`)
+    norm: Norm | None = None  # a QK-norm on the way (its last node is in `nodes`)
 
 
 @dataclass
@@ -116,6 +119,7 @@ def assemble(g: ModelGraph, core: AttentionCore) -> AttentionBlock:
     region |= {t for node in merge_path for t in node.output}
     seen = _shape_edits(g, block, traces, merge_path, region, core)
     _decoder_parts(g, block, traces, seen, core)
+    _qk_norms(g, block, traces, seen)
     _check_private(g, region, core, traces, merge_path, out, seen, block)
     scales = core.frozen + [scale for trace in traces[:2] for scale in trace.scales]
     block.frozen_scales = [scale for scale in scales if not scale.constant]
@@ -137,11 +141,13 @@ def _shape_edits(g: ModelGraph, block: AttentionBlock, traces: tuple[_Trace, ...
         if block.fused is not None:  # from the (…, 3, H, d) reshape on: it is replaced, so not edited
             reshape = next(i for i, n in enumerate(trace.nodes) if n.name == block.fused.reshape)
             forward, start = list(reversed(trace.nodes[:reshape])), FUSED
-        elif block.form == "fused-split":  # from the Split on: each part holds merged heads
+        elif trace.selector is not None:  # a fused projection split: from the Split on, each part holds merged heads
             forward, start = list(reversed(trace.nodes[:trace.selector])), MERGED
         else:
             forward, start = list(reversed(trace.nodes)), MERGED
         passes = frozenset(n.name for n in trace.nodes if n.op_type in ("Add", "Concat"))  # rotary, KV cache
+        if trace.norm is not None:  # a QK-norm keeps every axis where it is
+            passes |= {g.producer_of(trace.norm.output).name}
         block.shape_edits += path_shape_edits(g, forward, Path.of(kind, block), block, region, start, seen, passes)
     start = SPLIT if core.heads is None else MERGED
     seen[core.output] = start
@@ -180,6 +186,24 @@ def _decoder_parts(g: ModelGraph, block: AttentionBlock, traces: tuple[_Trace, .
         block.qk_tensors = (rotary[0].output, rotary[1].output)
 
 
+def _qk_norms(g: ModelGraph, block: AttentionBlock, traces: tuple[_Trace, ...], seen: dict[str, Axes]) -> None:
+    """A norm on q or k: per head (over the head dim: Qwen3, Gemma 3) whole heads may still go;
+    over all heads (OLMo 2) neither heads nor dims may, as either changes its statistic."""
+    norms = [(t.norm, kind) for t, kind in zip(traces, "qk") if t.norm is not None]
+    if not norms:
+        return
+    if len(norms) == 1:
+        raise NoMatch(f"a norm on only one of q and k ({norms[0][0].output})")
+    block.qk_norms = tuple(g.producer_of(norm.output).name for norm, _ in norms)
+    for norm, kind in norms:
+        axes = seen.get(block.qk_norms[0 if kind == "q" else 1])
+        if axes is None or axes.dim != -1:
+            raise NoMatch(f"{norm.output}: cannot tell which axis the QK-norm normalises")
+        if axes.merged:
+            block.heads_fixed = block.heads_fixed or f"{norm.output} normalises q/k over all heads together"
+    block.qk_whole = f"{norms[0][0].output} normalises each head's q/k: a cut within a head would change its RMS"
+
+
 def _packed_block(core: AttentionCore, out: Linear) -> AttentionBlock:
     """An op that reads q, k and v from one packed projection (equal head widths, q|k|v in order;
     with grouped-query attention K and V have fewer heads)."""
@@ -200,6 +224,9 @@ def _check_private(g: ModelGraph, region: set[str], core: AttentionCore, traces:
     inside = set(core.nodes) | {n.name for t in traces for n in t.nodes} | {n.name for n in merge} | {out.node}
     inside |= {n.name for n in g.consumers_of(out.input) if n.op_type == "Reshape"}  # flattening its tokens
     inside |= {name for rotary in block.rotary for name in rotary.nodes}
+    norm_nodes = {name for t in traces if t.norm is not None for name in t.norm.nodes}
+    inside |= norm_nodes
+    region |= {t for name in norm_nodes for t in g.node(name).output}
     region |= {t for rotary in block.rotary for name in rotary.nodes if name in g.nodes for t in g.node(name).output}
     outputs = set(g.graph_outputs) - {cache.present for cache in block.kv_caches}
     for tensor in region:
@@ -288,6 +315,14 @@ def _trace_to_linear(g: ModelGraph, tensor: str, part_name: str = "key") -> _Tra
                 raise NoMatch(f"two KV caches on the way to the projection ({node.name})")
             trace.kv, tensor = joined
             nodes.append(node)
+            continue
+        norm = norm_writing(g, tensor) if part_name != "value" else None
+        if norm is not None:  # QK-norm: element-wise but for a statistic over the last axis
+            if trace.norm is not None:
+                raise NoMatch(f"two norms on the way to the projection ({node.name})")
+            trace.norm = norm
+            nodes.append(node)
+            tensor = norm.input
             continue
         if node.op_type in SCALE_OPS:
             data, scale = node.input[0], node.input[1]
@@ -407,21 +442,29 @@ def _fused_block(g: ModelGraph, name: str, anchor: onnx.NodeProto, q: _Trace, k:
 
 def _split_block(g: ModelGraph, name: str, anchor: onnx.NodeProto, q: _Trace, k: _Trace, v: _Trace,
                  out: Linear) -> AttentionBlock:
-    """One projection for q, k and v split along its features into three equal parts (GPT-2's
-    c_attn): each part is then split into heads on its own, and the Split's sizes follow the cut."""
+    """One projection for q, k and v split along its features into three parts (GPT-2's c_attn;
+    onnxruntime-genai's qkv_proj before QK-norms, with grouped-query attention q | k | v of
+    H·d | G·d | G·d features): each part is then split into heads on its own, and the Split's
+    sizes follow the cut."""
     split = q.nodes[q.selector]
-    width = q.linear.out_features // 3
     rank = len(g.shapes.get(split.input[0]) or ())
     sizes = g.constant(split.input[1]) if len(split.input) > 1 and split.input[1] else None
-    if sizes is None or sizes.reshape(-1).tolist() != [width] * 3 or not rank or \
-            attribute(split, "axis", 0) not in (-1, rank - 1):
-        raise NoMatch(f"{split.name} does not split the fused projection into three equal parts of its features")
+    sizes = None if sizes is None else [int(s) for s in sizes.reshape(-1)]
+    parts = {q.part: "q", k.part: "k", v.part: "v"}
+    if sizes is None or len(sizes) != 3 or sum(sizes) != q.linear.out_features or not rank or \
+            attribute(split, "axis", 0) not in (-1, rank - 1) or [parts[i] for i in range(3)] != ["q", "k", "v"] \
+            or sizes[1] != sizes[2] or sizes[0] % sizes[1]:
+        raise NoMatch(f"{split.name} does not split the fused projection into q | k | v along its features")
+    width, kv_width = sizes[0], sizes[1]
     reshapes = [n for n in q.nodes[:q.selector] if n.op_type == "Reshape"]
     if not reshapes:
         raise NoMatch(f"no head-splitting Reshape after {split.name}")
     heads, dim = head_layout(g, reshapes[-1], width)
+    if kv_width % dim or heads % (kv_width // dim):
+        raise NoMatch(f"{split.name}: {kv_width} key/value features do not group {heads} heads of {dim}")
+    kv_heads = kv_width // dim
     block = AttentionBlock(name, "fused-split", heads, dim, q.linear, k.linear, v.linear, out, anchor.name,
-                           (q.part * width, k.part * width, v.part * width))
+                           (0, width, width + kv_width), kv_heads=kv_heads if kv_heads != heads else None)
     widths = {q.part: Width.QK_MERGED, k.part: Width.KV_QK_MERGED, v.part: Width.KV_V_MERGED}
     block.shape_edits += [ShapeEdit(split.name, widths[part], part - 3) for part in range(3)]
     return block

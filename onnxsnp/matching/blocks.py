@@ -156,6 +156,10 @@ class AttentionBlock:
     pairs_shared: str | None = None  # why every head must keep the same Q/K pairs
     equal_widths: str | None = None  # why Q/K and V must keep the same per-head width
     width_multiple: int = 1  # kept per-head widths must be a multiple of this (an op's kernel requires it)
+    # QK-norm (Qwen3, Gemma 3, OLMo 2): an RMSNorm over each head's q/k (or over all heads) between
+    # the projection and the scores; cutting dims within a head would change its statistic
+    qk_norms: tuple[str, ...] = ()  # the norms' last nodes
+    qk_whole: str | None = None  # why Q/K keep their whole per-head width, if they must
 
     @property
     def groups(self) -> int:

@@ -103,13 +103,18 @@ _NONLINEAR = {"Sigmoid", "Erf", "Gelu", "Tanh", "Relu", "FastGelu", "BiasGelu", 
 def _gated(g: ModelGraph, linears: list[Linear], activation: dict[str, onnx.NodeProto]
            ) -> tuple[Linear | None, Linear | None]:
     """(fc1, gate): one projection, or two joined by a product where only the gate's output goes
-    through a non-linearity first (SwiGLU: silu(x·W_gate) ∘ x·W_up)."""
+    through a non-linearity first (SwiGLU: silu(x·W_gate) ∘ x·W_up; GeGLU: gelu(x·W_gate) ∘ x·W_up,
+    GELU maybe written out with x·x·x and tanh). The gate is read by a non-linear op or more than
+    once (x·σ(x), x·x); the up projection only by the product."""
     if len(linears) <= 1:
         return (linears[0] if linears else None), None
     if len(linears) > 2:
         raise NoMatch("the activation mixes more than two projections")
-    nonlinear = [any(c.op_type in _NONLINEAR and c.name in activation for c in g.consumers_of(linear.output))
-                 for linear in linears]
+    nonlinear = []
+    for linear in linears:
+        readers = [c for c in g.consumers_of(linear.output) if c.name in activation]
+        reads = sum(list(c.input).count(linear.output) for c in readers)
+        nonlinear.append(reads > 1 or any(c.op_type in _NONLINEAR for c in readers))
     if sum(nonlinear) != 1:
         raise NoMatch("the activation mixes two projections")
     gate, fc1 = (linears[0], linears[1]) if nonlinear[0] else (linears[1], linears[0])

@@ -26,16 +26,22 @@ def match_layers(g: ModelGraph, attention: list[AttentionBlock], ffn: list[FfnBl
 
 
 def _layer(g: ModelGraph, block: AttentionBlock, by_input: dict[str, FfnBlock]) -> Layer:
-    stream_in, first = _residual_join(g, block.out.output, block.out.node)
-    # pre-norm blocks read LN(x); post-norm blocks read x and normalise after the join
-    norm = "pre" if block.q.input == _normalized(g, stream_in) else "post" if block.q.input == stream_in else None
-    if norm is None:
+    stream_in, first, sandwiched = _residual_join(g, block.out.output, block.out.node)
+    # pre-norm blocks read LN(x); post-norm blocks read x and normalise after the join; OLMo 2
+    # reads x and normalises each sub-block's output before adding it (x + LN(f(x))), like pre
+    if block.q.input == _normalized(g, stream_in) or block.q.input == stream_in and sandwiched:
+        norm = "pre"
+    elif block.q.input == stream_in:
+        norm = "post"
+    else:
         raise NoMatch(f"{block.q.node} reads neither the stream it is added to nor that stream normalised")
     after_attention = _joined(g, first, norm)
     mlp = by_input.get(after_attention if norm == "post" else _normalized(g, after_attention) or "")
+    if mlp is None and sandwiched:
+        mlp = by_input.get(after_attention)
     if mlp is None:
         raise NoMatch(f"no FFN reads the stream after the attention ({after_attention})")
-    into, second = _residual_join(g, mlp.fc2.output, mlp.fc2.node)
+    into, second, _ = _residual_join(g, mlp.fc2.output, mlp.fc2.node)
     if into != after_attention:
         raise NoMatch(f"{mlp.name} is added to {into}, not to the stream after the attention")
     name = common_scope(block.name + "/x", mlp.name + "/x") or block.name
@@ -43,20 +49,32 @@ def _layer(g: ModelGraph, block: AttentionBlock, by_input: dict[str, FfnBlock]) 
     return Layer(name, block, mlp, stream_in, _joined(g, second, norm), norm, after_attention, renorm)
 
 
-def _residual_join(g: ModelGraph, branch: str | None, writer: str) -> tuple[str, onnx.NodeProto]:
-    """(stream in, joining node) where a sub-block's output — maybe through a LayerScale Mul — is
-    added to the residual stream: Add(x, f), or SkipLayerNormalization(f, x), which adds and
-    normalises in one op."""
+def _residual_join(g: ModelGraph, branch: str | None, writer: str) -> tuple[str, onnx.NodeProto, bool]:
+    """(stream in, joining node, whether a norm came first) where a sub-block's output — maybe
+    through a LayerScale Mul or a norm of its own (Gemma 3, OLMo 2) — is added to the residual
+    stream: Add(x, f), or SkipLayerNormalization(f, x), which adds and normalises in one op."""
     readers = g.consumers_of(branch) if branch else []
-    while len(readers) == 1 and channel_scale(g, readers[0], branch) is not None:  # LayerScale
-        branch = readers[0].output[0]
+    sandwiched = False
+    for _ in range(8):
+        single = readers[0] if len(readers) == 1 else None
+        if single is not None and channel_scale(g, single, branch) is not None:  # LayerScale
+            branch = single.output[0]
+        elif single is not None and single.op_type == "Cast" and attribute(single, "to") in _FLOATS:  # compute type
+            branch = single.output[0]
+        elif single is None or single.op_type not in ("Add",) + _SKIP_NORMS:
+            norm = normalized(g, branch)
+            if norm is None:
+                break
+            branch, sandwiched = norm, True
+        else:
+            break
         readers = g.consumers_of(branch)
     if len(readers) != 1 or readers[0].op_type not in ("Add",) + _SKIP_NORMS:
         raise NoMatch(f"the output of {writer} goes to {[r.op_type for r in readers]}, not to a residual Add")
     others = [t for t in readers[0].input[:2] if t != branch]
     if len(others) != 1 or g.is_constant(others[0]):
         raise NoMatch(f"{readers[0].name} does not add the output of {writer} to a stream")
-    return others[0], readers[0]
+    return others[0], readers[0], sandwiched
 
 
 def _joined(g: ModelGraph, join: onnx.NodeProto, norm: str) -> str:

@@ -143,6 +143,8 @@ def _affine(g: ModelGraph, nodes: dict[str, onnx.NodeProto], output: str, rank: 
     anywhere else (then this is not a norm onnxsnp understands)."""
     tail: list[tuple[str, int]] = []
     node = g.producer_of(output)
+    while node is not None and node.op_type == "Cast":  # back to the model's type after γ (OLMo 2)
+        node = g.producer_of(node.input[0])
     while node is not None and node.op_type in ("Add", "Mul") and len(tail) < 2:
         vectors = [i for i, t in enumerate(node.input) if g.is_constant(t) and g.constant(t).size > 1]
         if not vectors:

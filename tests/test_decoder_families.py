@@ -1,0 +1,122 @@
+"""Today's small decoder families, exported by optimum from local folders with random weights
+(tests/optimum_export.py): Qwen3 (a per-head RMSNorm on q and k, "QK-norm"), Gemma 3 (QK-norm, a
+GELU(tanh)-gated MLP, norms on each sub-block's output, sliding-window and global layers) and
+OLMo 2 (one RMSNorm over all heads' q and k, norms after each sub-block and none before). Every
+block is matched; a QK-norm keeps each head's q/k whole (a cut within a head would change its
+RMS), so heads go whole or not at all; the pruned model equals the original with the removed
+units zeroed, and its cached decode equals an uncached run. onnxruntime-genai's builder writes
+Qwen3 with its q|k|v projection split before the norms and GroupQueryAttention after them; a
+pruned folder generates with onnxruntime-genai what the pruned file computes."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import export_optimum
+from decoders import calibration, genai_generate, greedy, prefill_and_step, run, step_feed
+from onnxsnp.cli import main
+from onnxsnp import prune
+from onnxsnp.calibration import input_specs, validate_calibration
+from onnxsnp.graph import ModelGraph
+from onnxsnp.matching import find_blocks
+from onnxsnp.pipeline import inspect_model, make_plan
+from onnxsnp.plan import Ratios
+from onnxsnp.rewriting import rewrite
+from oracle import unshare, zeroed_original
+
+pytestmark = pytest.mark.slow
+FAMILIES = ["qwen3", "gemma3", "olmo2"]
+HEADS_ALLOWED = {"qwen3": True, "gemma3": True, "olmo2": False}  # OLMo 2's norm spans all heads
+
+
+@pytest.fixture(scope="session")
+def family_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("families")
+    cache: dict[str, object] = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = export_optimum(folder / family, family, "optimum")
+        return cache[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_block_of_the_family_is_matched(family_model, family):
+    g = ModelGraph(onnx.load(str(family_model(family))))
+    matches = find_blocks(g)
+    assert (len(matches.attention), len(matches.ffn), len(matches.layers)) == (2, 2, 2), matches.skipped
+    assert not [s for s in matches.skipped if s.kind in ("attention", "block")], matches.skipped
+    for block in matches.attention:
+        assert len(block.qk_norms) == 2 and block.qk_whole  # q and k each normalised
+        assert (block.heads_fixed is None) == HEADS_ALLOWED[family]
+        assert len(block.rotary) == 2 and len(block.kv_caches) == 2 and block.groups == 2
+    assert all(ffn.gate is not None for ffn in matches.ffn)  # SwiGLU or GeGLU
+
+
+def _ids(seed: int, length: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 100, (2, length))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruned_family_equals_zeroed_original_through_the_cache(family_model, tmp_path, family):
+    path = unshare(family_model(family), tmp_path)
+    g = ModelGraph(onnx.load(str(path)))
+    feed = validate_calibration(calibration(100, 4), input_specs(g), "calibration")
+    plan = make_plan(g, find_blocks(g), Ratios(0.5, 0.25, 0.5, heads=0.5), "random", feed, batch=2, seed=3)
+    for keep in plan.attention:  # Q/K keep every dim of a head; whole heads go where the norm allows
+        assert keep.qk.shape[1] == keep.block.head_dim
+        assert len(keep.heads) == (1 if HEADS_ALLOWED[family] else 2)
+        assert keep.v.shape[1] < keep.block.head_dim
+    pruned, zeroed = rewrite(g, plan), zeroed_original(g, plan)
+    ids, next_ids = _ids(0, 6), _ids(1, 1)
+    (want, want_step), (got, got_step) = prefill_and_step(zeroed, ids, next_ids), prefill_and_step(pruned, ids, next_ids)
+    np.testing.assert_allclose(got["logits"], want["logits"], atol=2e-5, rtol=1e-3)
+    np.testing.assert_allclose(got_step["logits"], want_step["logits"], atol=2e-5, rtol=1e-3)
+    keep = plan.attention[0]
+    assert got["present.0.key"].shape == (2, len(keep.heads), 6, keep.block.head_dim)
+    assert got["present.0.value"].shape == (2, len(keep.heads), 6, keep.v.shape[1])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruned_family_decodes_through_its_cache_as_it_runs_uncached(family_model, family):
+    """The default flow prunes the family; then a prefill of 7 tokens and one cached step give the
+    logits an uncached run of all 8 gives — past Gemma 3's sliding window of 4, so its local
+    layers' masks and cache shapes are exercised."""
+    pruned, report = prune(str(family_model(family)), ratio=0.5, heads=0.5, calib=calibration(100, 32, 12),
+                           measure_latency=False)
+    assert report.reconstruction is not None and report.flops_after < report.flops_before
+    ids = _ids(2, 8)
+    _, step = prefill_and_step(pruned, ids[:, :7], ids[:, 7:])
+    whole = run(pruned, step_feed(pruned, ids))
+    np.testing.assert_allclose(step["logits"][:, -1], whole["logits"][:, -1], atol=1e-4, rtol=1e-3)
+
+
+@pytest.fixture(scope="session")
+def genai_qwen3(tmp_path_factory):
+    pytest.importorskip("onnxruntime_genai")
+    from decoder_export import export_genai, save_folder, tiny_qwen3
+
+    folder = tmp_path_factory.mktemp("genai-qwen3")
+    source = save_folder(tiny_qwen3(), folder / "source")
+    return {precision: export_genai(source, folder / precision, precision) for precision in ("fp32", "int4")}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_genai_qwen3_folder_prunes_whole_groups_and_generates(genai_qwen3, tmp_path, precision):
+    folder = genai_qwen3[precision]
+    matches = inspect_model(folder / "model.onnx").matches  # MatMulNBits read as float, a final norm's sum exposed
+    assert (len(matches.attention), len(matches.ffn), len(matches.layers)) == (2, 2, 2), matches.skipped
+    assert all(b.qk_whole and len(b.qk_norms) == 2 and b.equal_widths and b.groups == 2 for b in matches.attention)
+    pruned = tmp_path / "pruned"
+    assert main([str(folder), str(pruned), "--ratio", "0.5", "--heads", "0.5", "-q"]) == 0
+    config = json.loads((pruned / "genai_config.json").read_text())["model"]["decoder"]
+    # one key/value group of two goes with its query heads; each head keeps its width
+    assert (config["head_size"], config["num_attention_heads"], config["num_key_value_heads"]) == (32, 2, 1)
+    prompt = [5, 17, 42, 7]
+    tokens = genai_generate(pruned, prompt, 12)
+    assert tokens == greedy(onnx.load(str(pruned / "model.onnx")), prompt, 8)

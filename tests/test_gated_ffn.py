@@ -1,0 +1,52 @@
+"""Gated FFNs on small hand-built graphs (fast): act(x·W_gate) ∘ (x·W_up) → W_down, with the
+activation as exporters write it — SiLU (Llama, Qwen), GELU with Erf, GELU(tanh) written out as
+Gemma's exports do (x·x·x, no Pow), and the Gelu op with approximate="tanh" (opset 20). Each is
+matched with its gate, and the pruned model equals the original with the removed units zeroed."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from graphs import TOKENS, WIDTH, Builder, run
+from onnxsnp.graph import ModelGraph
+from onnxsnp.matching import find_blocks
+from onnxsnp.pipeline import make_plan
+from onnxsnp.plan import Ratios
+from onnxsnp.rewriting import rewrite
+from oracle import zeroed_original
+
+HIDDEN = 24
+
+
+def _activation(b: Builder, g: str, kind: str) -> str:
+    f32 = lambda v: b.const(np.array(v, dtype=np.float32))  # noqa: E731
+    if kind == "silu":
+        return b.op("Mul", [g, b.op("Sigmoid", [g])])
+    if kind == "gelu-erf":
+        return b.op("Mul", [b.op("Mul", [g, f32(0.5)]), b.op("Add", [f32(1.0), b.op("Erf", [b.op("Div", [g, f32(2 ** 0.5)])])])])
+    if kind == "gelu-tanh-written":
+        cube = b.op("Mul", [g, b.op("Mul", [g, g])])
+        inner = b.op("Mul", [f32((2 / np.pi) ** 0.5), b.op("Add", [g, b.op("Mul", [f32(0.044715), cube])])])
+        return b.op("Mul", [f32(0.5), b.op("Mul", [g, b.op("Add", [f32(1.0), b.op("Tanh", [inner])])])])
+    return b.op("Gelu", [g], approximate="tanh")
+
+
+def gated_ffn(kind: str) -> tuple:
+    b = Builder(0, opset=20)
+    gate, up = b.linear("x", WIDTH, HIDDEN, bias=False), b.linear("x", WIDTH, HIDDEN, bias=False)
+    hidden = b.op("Mul", [_activation(b, gate, kind), up])
+    return b.model(b.linear(hidden, HIDDEN, WIDTH))
+
+
+@pytest.mark.parametrize("kind", ["silu", "gelu-erf", "gelu-tanh-written", "gelu-op-tanh"])
+def test_gated_ffn_is_matched_with_its_gate_and_pruned_exactly(kind):
+    g = ModelGraph(gated_ffn(kind))
+    (block,) = find_blocks(g).ffn
+    assert block.gate is not None and block.hidden == HIDDEN
+    assert g.node(block.gate.node).output[0] != g.node(block.fc1.node).output[0]
+    x = np.random.default_rng(1).standard_normal((4, TOKENS, WIDTH)).astype(np.float32)
+    plan = make_plan(g, find_blocks(g), Ratios(0.0, 0.0, 0.5), "random", {"x": x}, batch=4, seed=3)
+    (keep,) = plan.ffn
+    assert len(keep.hidden) == HIDDEN // 2
+    pruned, zeroed = rewrite(g, plan), zeroed_original(g, plan)
+    np.testing.assert_allclose(run(pruned, x[:1]), run(zeroed, x[:1]), atol=1e-5)
