@@ -66,6 +66,8 @@ def publish(target: Path, stage: Callable[[Path], Moves], written: list[Path] | 
             try:
                 with held.released():
                     moves = stage(staging)
+                    for source, _ in moves:
+                        _as_created(source)
                 for source, destination in moves:
                     os.replace(source, destination)
                 if written is not None:
@@ -74,6 +76,21 @@ def publish(target: Path, stage: Callable[[Path], Moves], written: list[Path] | 
                 shutil.rmtree(staging, ignore_errors=True)
     except OSError as exc:
         raise SnpError(f"cannot write {target}: {exc.strerror or exc}") from None
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask sets it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+def _as_created(path: Path) -> None:
+    """The modes a file or folder the user creates gets from their umask: onnx writes external
+    data 0600 and the staging folder is 0700, which a service running as another user cannot read."""
+    mask = _umask()
+    paths = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for item in paths:
+        os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
 
 
 class _Held:

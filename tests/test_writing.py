@@ -53,3 +53,30 @@ def test_interrupt_during_the_moves_waits_for_them(tmp_path, monkeypatch):
     assert (tmp_path / "a.txt").read_text() == "whole"
     assert written == [tmp_path / "a.txt"] and not _hidden(tmp_path)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the caller's handler is back
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_files_written_take_the_modes_the_umask_gives(tmp_path, umask):
+    """onnx writes external data 0600 and staging folders are 0700: what lands must be readable
+    as any file the user creates is (a service running as another user reads the model)."""
+    import os
+
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from onnxsnp.writing import data_file, write_model_atomically
+
+    weight = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 64])], [weight])
+    previous = os.umask(umask)
+    try:
+        target = tmp_path / "m.onnx"
+        write_model_atomically(helper.make_model(graph), target, external_data=True)
+        write_text_atomically(tmp_path / "r.json", "{}")
+    finally:
+        os.umask(previous)
+    for path in (target, data_file(target), tmp_path / "r.json"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
