@@ -182,7 +182,8 @@ def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
 
 # Ops whose output is itself a constant when all their inputs are (what an optimizer may have
 # left unfolded: a scale computed from constants, a weight dequantized at run time).
-_FOLDABLE = {"Cast", "Sqrt", "Reciprocal", "Neg", "Mul", "Div", "Add", "Sub", "Pow", "Transpose", "DequantizeLinear"}
+_FOLDABLE = {"Cast", "Sqrt", "Reciprocal", "Neg", "Mul", "Div", "Add", "Sub", "Pow", "Transpose", "DequantizeLinear",
+             "Gather"}
 
 
 def _fold(node: onnx.NodeProto, inputs: list[np.ndarray | None]) -> np.ndarray | None:
@@ -194,6 +195,8 @@ def _fold(node: onnx.NodeProto, inputs: list[np.ndarray | None]) -> np.ndarray |
         return {"Sqrt": np.sqrt, "Reciprocal": np.reciprocal, "Neg": np.negative}[op](first)
     if op == "Transpose":
         return np.transpose(first, attribute(node, "perm", None))
+    if op == "Gather":  # a rotary cache gathered to the pairs a layer keeps (decoding.py)
+        return np.take(first, inputs[1], axis=attribute(node, "axis", 0))
     if op == "DequantizeLinear":
         return _dequantize(node, inputs)
     if op == "Div" and not np.issubdtype(first.dtype, np.floating):

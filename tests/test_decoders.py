@@ -129,6 +129,10 @@ def test_genai_folder_in_gives_a_folder_out_that_onnxruntime_genai_generates_fro
     tokens = genai_generate(pruned, prompt, 16)
     assert len(tokens) == 16
     assert tokens == greedy(onnx.load(str(pruned / "model.onnx")), prompt, 12)  # what the pruned file computes
+    # every layer reads its kept pairs' columns from the one rotary cache pair the folder had
+    caches = lambda path: {i.name for i in onnx.load(str(path / "model.onnx"), load_external_data=False).graph.initializer  # noqa: E731
+                           if "cos_cache" in i.name or "sin_cache" in i.name}
+    assert caches(pruned) == caches(folder) == {"cos_cache", "sin_cache"}
 
 
 @pytest.mark.parametrize("form", ["llama-dynamo", "llama-optimum"])
