@@ -53,6 +53,7 @@ class Batch:
     original: np.ndarray | None = None  # the original stream at the current cut
     pruned: np.ndarray | None = None  # the pruned model's stream there
     target: np.ndarray | None = None  # the original pre-norm sum of the current half
+    branch: np.ndarray | None = None  # a sandwich-normed half's original output (before its norm)
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,25 @@ def tokens(x: np.ndarray, samples: int, mask: np.ndarray | None) -> np.ndarray:
     if mask is not None and mask.shape == stacked.shape[:2]:
         return stacked[mask > 0]
     return stacked.reshape(-1, stacked.shape[-1])
+
+
+def branch_rms(branch: np.ndarray, eps: float) -> np.ndarray:
+    return np.sqrt(np.mean(np.square(branch), axis=-1, keepdims=True) + eps)
+
+
+def sandwich_target(missing: np.ndarray, branch: np.ndarray, gamma: np.ndarray, eps: float, samples: int,
+                    mask: np.ndarray | None, weights: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """A refit's target and token weights where the branch b is normalised before the Add
+    (x + γ·b/rms(b)): what the sum misses, mapped back through the norm linearised at the original
+    branch, b + rms(b)·missing'/γ (missing' = missing − γ·b/rms(b), the drift of the stream), and
+    each token weighed by 1/rms(b)², as an error in b reaches the stream. Channels whose γ is small
+    next to the others cannot carry a correction: their target stays the original branch."""
+    scale = branch_rms(branch, eps)
+    usable = np.abs(gamma) >= 0.1 * np.median(np.abs(gamma))
+    mapped = np.where(usable, missing * scale / np.where(usable, gamma, 1.0), branch)
+    inverse = 1.0 / np.square(tokens(scale, samples, mask)[:, 0].astype(np.float64))
+    weights = inverse if weights is None else weights * inverse
+    return mapped.astype(np.float32), weights / weights.mean()
 
 
 def norm_weights(stream: np.ndarray) -> np.ndarray:
@@ -206,7 +226,13 @@ class Shard:
         for item in self.batches:
             values = self.run_half(half, item, item.original, self.original,
                                    list(dict.fromkeys([half.branch, end] + capture)))
-            item.target = values[half.branch].astype(np.float32) + item.original
+            branch = values[half.branch].astype(np.float32)
+            if half.branch_gain is None:
+                item.target = branch + item.original
+            else:  # x + LN(f(x)): the sum the Add sees
+                gamma, eps = half.branch_gain
+                item.target = gamma * branch / branch_rms(branch, eps) + item.original
+                item.branch = branch
             item.original = values[end]
             self.shapes[(end, item.index)] = item.original.shape
             each(item, values)
@@ -259,8 +285,10 @@ class Shard:
         for item in self.batches:
             x = self.run_half(half, item, item.pruned, weights, [linear.input])[linear.input]
             y = item.target - item.pruned
-            equations.add(tokens(x, item.samples, item.mask), tokens(y, item.samples, item.mask), item.index,
-                          norm_weights(tokens(item.target, item.samples, item.mask)) if normalised else None)
+            weights_ = norm_weights(tokens(item.target, item.samples, item.mask)) if normalised else None
+            if half.branch_gain is not None:
+                y, weights_ = sandwich_target(y, item.branch, *half.branch_gain, item.samples, item.mask, weights_)
+            equations.add(tokens(x, item.samples, item.mask), tokens(y, item.samples, item.mask), item.index, weights_)
             size += x.nbytes
             cache = cache + [x] if cache is not None and size <= CACHE_BYTES else None
         self._cache = cache
@@ -296,7 +324,7 @@ class Shard:
                     branch = branch.reshape(item.pruned.shape)  # a Gemm between flattening reshapes
                 values = {half.branch: branch, half.residual: item.pruned}
                 item.pruned = self.run(half.join, item, values, {}, [end])[end]
-            item.target = None
+            item.target = item.branch = None
         self._cache = None
 
     def linear(self, number: int):

@@ -38,6 +38,7 @@ from .least_squares import (DEFAULT_RIDGE, NormalEquations, Obs, activation_norm
                             solve_without_bias)
 from .masking import Weights, attention_slots, ffn_slots
 from .matching import Layer, Matches, NoMatch
+from .matching.norms import branch_norm, rms_gain
 from .plan import AttentionKeep, FfnKeep, Refit, selection_map
 from .projection import project_pairs, project_values
 from .segments import Segment, SegmentRunner, cut
@@ -118,6 +119,7 @@ class _Half:
     branch: str  # the sublayer's output, added to the stream at the join
     residual: str  # the join's other input: the stream the sublayer read
     projection_inputs: SegmentRunner | None = None  # stream → the inputs of q and k (attention)
+    branch_gain: tuple[np.ndarray, float] | None = None  # (γ, ε) of a norm on the branch before the Add
 
 
 def plan_segments(g: ModelGraph, matches: Matches) -> list[tuple[_Half, _Half]]:
@@ -152,7 +154,11 @@ def plan_segments(g: ModelGraph, matches: Matches) -> list[tuple[_Half, _Half]]:
             work = [g.node(n).op_type for n in join.nodes if g.node(n).op_type not in ("Identity", "Constant")]
             if len(work) > 3 + _NORM_NODES or join.slots or not set(work) <= _JOIN_OPS:
                 raise NoMatch(f"{name}: the residual join is more than an Add and normalisations")
-            pair.append(_Half(segment, SegmentRunner(g, segment, capture), SegmentRunner(g, join), branch, start))
+            gain = None
+            if (norm := branch_norm(g, branch)) is not None and (gain := rms_gain(g, norm)) is None:
+                raise NoMatch(f"{name}: the norm on its output before the residual Add is not an RMS norm")
+            pair.append(_Half(segment, SegmentRunner(g, segment, capture), SegmentRunner(g, join), branch, start,
+                              branch_gain=gain))
         inputs = list(dict.fromkeys([block.q.input, block.k.input]))
         norm = cut(g, f"{layer.name} (q, k inputs)", [layer.input], inputs, cuts)
         if norm.slots or len([n for n in norm.nodes if g.node(n).op_type != "Constant"]) > 12:

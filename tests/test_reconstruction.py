@@ -210,3 +210,28 @@ def test_obs_removal_ends_when_costs_are_not_finite():
         removals += 1
         assert removals <= 4, "a removal picked a row already removed"
     assert obs.alive.sum() == 2
+
+
+@pytest.mark.parametrize("drift", [0.0, 0.05])
+def test_a_sandwich_normed_branch_is_refitted_towards_what_the_sum_misses(drift):
+    """x + γ·b/rms(b) (Gemma 3, OLMo 2): the refit's target in b's space, put back through the norm
+    and added to the pruned stream, gives the original sum — exactly with no drift, to first order
+    with some (the norm is linearised at the original branch); a channel with a tiny γ keeps b."""
+    from onnxsnp.batches import branch_rms, sandwich_target
+
+    rng = np.random.default_rng(0)
+    tokens, width, eps = 64, 16, 1e-6
+    gamma = rng.uniform(0.5, 2.0, width).astype(np.float32)
+    gamma[3] = 1e-4
+    branch = rng.standard_normal((1, tokens, width)).astype(np.float32)
+    original = rng.standard_normal((1, tokens, width)).astype(np.float32) * 5
+    target = gamma * branch / branch_rms(branch, eps) + original
+    pruned = original + drift * rng.standard_normal(original.shape).astype(np.float32)
+    mapped, weights = sandwich_target(target - pruned, branch, gamma, eps, 1, None, None)
+    assert weights.shape == (tokens,) and weights.mean() == pytest.approx(1.0)
+    np.testing.assert_allclose(mapped[..., 3], branch[..., 3])
+    back = gamma * mapped / branch_rms(mapped, eps) + pruned
+    usable = np.arange(width) != 3
+    before = np.abs(pruned + gamma * branch / branch_rms(branch, eps) - target)[..., usable].mean()
+    after = np.abs(back - target)[..., usable].mean()
+    assert after <= 1e-5 if drift == 0 else after < 0.5 * before  # the norm's own rms moves with the correction

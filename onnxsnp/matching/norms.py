@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 
 from ..graph import ModelGraph, attribute
@@ -47,6 +48,31 @@ def normalized(g: ModelGraph, stream: str) -> str | None:
     """The output of the one norm that reads `stream`, if exactly one does."""
     outputs = {norm.output for reader in g.consumers_of(stream) if (norm := norm_reading(g, stream, reader))}
     return outputs.pop() if len(outputs) == 1 else None
+
+
+def branch_norm(g: ModelGraph, branch: str) -> Norm | None:
+    """The norm a sub-block's output goes through before its residual Add (x + LN(f(x)): Gemma 3's
+    post-norms, OLMo 2's only norms), maybe after a Cast to the norm's compute type."""
+    readers = g.consumers_of(branch)
+    if len(readers) == 1 and readers[0].op_type == "Cast":
+        branch, readers = readers[0].output[0], g.consumers_of(readers[0].output[0])
+    norms = {norm.output: norm for reader in readers if (norm := norm_reading(g, branch, reader))}
+    return next(iter(norms.values())) if len(norms) == 1 else None
+
+
+def rms_gain(g: ModelGraph, norm: Norm) -> tuple[np.ndarray, float] | None:
+    """(γ, ε) of an RMS norm, y = γ·x / √(mean(x²) + ε); None for one that centres x or adds β."""
+    nodes = [g.node(name) for name in norm.nodes]
+    if any(n.op_type in ("Sub", "LayerNormalization") for n in nodes) or len(norm.channel_inputs) > 1:
+        return None
+    gamma = np.ones(1, np.float32)
+    for name, index in norm.channel_inputs:
+        gamma = g.constant(g.node(name).input[index]).reshape(-1).astype(np.float32)
+    if len(nodes) == 1:  # SimplifiedLayerNormalization / RMSNormalization
+        return gamma, float(attribute(nodes[0], "epsilon", 1e-5))
+    small = [float(v) for n in nodes if n.op_type == "Add" for t in n.input
+             if (v := g.constant(t)) is not None and v.size == 1 and 0 < float(v) < 1e-2]
+    return (gamma, small[0]) if len(small) == 1 else None
 
 
 def channel_scale(g: ModelGraph, node: onnx.NodeProto, data: str) -> int | None:
