@@ -13,6 +13,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
+from .progress import steps
 from .errors import SnpError
 from .graph import ModelGraph, attribute
 
@@ -381,9 +382,7 @@ class Runner:
         total = next(iter(feed.values())).shape[0]
         starts = range(0, total, batch)
         if progress:
-            from tqdm import tqdm
-
-            starts = tqdm(starts, desc="calibrating", unit="batch", leave=False)
+            starts = steps(starts, f"running the {self.role} on {total} samples", len(starts), "batches")
         for start in starts:
             inputs = {k: v[start:start + batch] for k, v in feed.items()}
             try:

@@ -25,6 +25,7 @@ from .gate import check as check_gate, warnings_for as fidelity_warnings
 from .pipeline import inspect_model, prune_model
 from .calib_data import RawCalibration, load_raw_calibration, raw_request
 from .calib_images import RESAMPLING
+from .progress import reporting, stage
 from .writing import data_file, write_model_atomically, write_text_atomically
 from .genai import GenaiFolder, genai_folder, pruned_config, write_folder
 from .graph import ModelGraph
@@ -336,11 +337,12 @@ def _run_prune(args: argparse.Namespace, written: list[Path]) -> int:
     if not args.quiet:
         for line in fidelity_warnings(result.report.fidelity, result.report.calibration == "synthetic"):
             print(f"onnxsnp: warning: {line}", file=sys.stderr)
-    if folder is not None:
-        write_folder(folder, target, result.model, pruned_config(folder, result.model), result.external_data,
-                     written)
-    else:
-        write_model_atomically(result.model, target, result.external_data, written)
+    with reporting(not args.quiet), stage(f"writing {target}"):
+        if folder is not None:
+            write_folder(folder, target, result.model, pruned_config(folder, result.model), result.external_data,
+                         written)
+        else:
+            write_model_atomically(result.model, target, result.external_data, written)
     if args.report:
         write_text_atomically(Path(args.report), json.dumps(result.report.as_dict(), indent=2) + "\n", written)
     if args.html:

@@ -29,6 +29,7 @@ from .options import (SYNTHETIC_SAMPLES, Compensation, PruneOptions, make_option
                       resolve_target)
 from .plan import PrunePlan, Ratios, kept_count
 from .profiling import profile_nodes
+from .progress import Steps, reporting, stage
 from .batches import Shards
 from .heap import release_heap
 from .reconstruction import AttentionWidth, Propagation, Reconstruction, Reconstructor, Widths, plan_segments
@@ -75,7 +76,8 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
                 calib: str | os.PathLike | dict[str, np.ndarray] | None = None, calib_label: str | None = None
                 ) -> PruneResult:
     """`calib_label`: how the report names calibration arrays made from raw data."""
-    return finish(prepare(model_or_path, options, calib=calib, calib_label=calib_label), options)
+    with reporting(options.progress):
+        return finish(prepare(model_or_path, options, calib=calib, calib_label=calib_label), options)
 
 
 @dataclass(frozen=True)
@@ -103,11 +105,13 @@ def prepare(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel, op
             calib: str | os.PathLike | dict[str, np.ndarray] | None = None, calib_label: str | None = None
             ) -> Prepared:
     started = time.perf_counter()
-    model, external = _load(model_or_path)
+    with stage("loading the model"):
+        model, external = _load(model_or_path)
     release_memory = _memory_releaser(weight_bytes(model))
-    view = float_view(model)  # MatMulNBits weights read as float MatMuls, quantized again at the end (nbits.py)
-    g = ModelGraph(expose_stream_sums(view.model if view is not None else model))
-    matches = find_blocks(g)
+    with stage("matching attention and FFN blocks"):
+        view = float_view(model)  # MatMulNBits weights read as float MatMuls, quantized again at the end (nbits.py)
+        g = ModelGraph(expose_stream_sums(view.model if view is not None else model))
+        matches = find_blocks(g)
     log.info("loaded and matched: %d attention, %d FFN, %d transformer blocks, %d skipped (%s)",
              len(matches.attention), len(matches.ffn), len(matches.layers), len(matches.skipped), _since(started))
     for skipped in matches.skipped:
@@ -124,7 +128,8 @@ def prepare(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel, op
     fit_feed, holdout_feed = _split(feed, fixed)
     probes = {block.name: g.node(block.anchor).output[0] for block in matches.attention
               if g.node(block.anchor).op_type == "Softmax"}  # attention probabilities, for the report
-    observed = observe(model, sorted(set(probes.values())), holdout_feed, batch, fixed, g.constant)
+    with stage(f"running the input model on {_count(holdout_feed)} held-back samples"):
+        observed = observe(model, sorted(set(probes.values())), holdout_feed, batch, fixed, g.constant)
     release_memory()
     log.info("observed the input model on %d held-back samples (%s)", _count(holdout_feed), _since(started))
     return Prepared(model, external, g, matches, calib_label or source, fit_feed, holdout_feed, batch, fixed,
@@ -137,7 +142,8 @@ def finish(prepared: Prepared, options: PruneOptions, work: ReconstructionWork |
     p, ratios = prepared, options.ratios
     g, matches, model, started, release_memory = p.g, p.matches, p.model, p.started, p.release_memory
     one_batch = {k: v[:p.fixed or 1] for k, v in p.holdout_feed.items()}
-    costs = None if options.target is None else _cost_model(g, matches, p.observed, options.target.kind, one_batch)
+    with stage("profiling the input model"):
+        costs = None if options.target is None else _cost_model(g, matches, p.observed, options.target.kind, one_batch)
     route = _reconstruction_route(g, matches, options)
     reconstruction, searched, kept_pieces, pruned, allocation = None, (), (), None, None
     if route is None:
@@ -172,20 +178,23 @@ def finish(prepared: Prepared, options: PruneOptions, work: ReconstructionWork |
         plan, pruned, kept_pieces, ratios, searched = (chosen.plan, chosen.model, chosen.kept_pieces, chosen.ratios,
                                                        chosen.searched)
     release_memory()
-    if pruned is None:
-        pruned = rewrite(g, plan)
-        release_memory()
-    if p.view is not None:
-        pruned = p.view.requantize(pruned)
-    check_structure(pruned)
+    with stage("rewriting the graph"):
+        if pruned is None:
+            pruned = rewrite(g, plan)
+            release_memory()
+        if p.view is not None:
+            pruned = p.view.requantize(pruned)
+        check_structure(pruned)
     # the softmax's heads are query heads (grouped-query attention: every query head of a kept group)
     softmax_blocks = {keep.block.name: (p.probes[keep.block.name], keep.query_heads()) for keep in plan.attention
                       if keep.block.name in p.probes}
-    measured, attention_kl, pruned_shapes, attention_maps = verify(p.observed, pruned, softmax_blocks,
-                                                                   p.holdout_feed, p.batch, p.fixed, p.mask)
+    with stage(f"verifying the pruned model on {_count(p.holdout_feed)} held-back samples"):
+        measured, attention_kl, pruned_shapes, attention_maps = verify(p.observed, pruned, softmax_blocks,
+                                                                       p.holdout_feed, p.batch, p.fixed, p.mask)
     release_memory()
     log.info("rewritten and verified (%s)", _since(started))
-    speed = latency(model, pruned, one_batch, original_weights=g.constant) if options.measure_latency else (None, None)
+    with stage("timing the original and the pruned model"):
+        speed = latency(model, pruned, one_batch, original_weights=g.constant) if options.measure_latency else (None, None)
     target = options.target
     observed = p.observed
     report = Report(criterion=options.criterion, compensation=options.compensation.value,
@@ -278,7 +287,8 @@ def _allocate(matches: Matches, work: ReconstructionWork, costs: CostModel, opti
     latency budget's widths are timed and corrected before the reconstruction (timed.py)."""
     target, ratios = options.target, options.ratios
     total = costs.original(target.kind)
-    curves = work.curves()
+    with stage("measuring how much each block loses at each width"):
+        curves = work.curves()
     units = unit_costs(costs, matches, target.kind)
 
     def allocate_for(goal: float) -> tuple[Widths, list[float]]:
@@ -289,9 +299,11 @@ def _allocate(matches: Matches, work: ReconstructionWork, costs: CostModel, opti
     timing = None
     if target.kind is CostKind.LATENCY:
         p = work.prepared
-        timing = timed_widths(goal, lambda before: target.absolute(before), lambda g: allocate_for(g)[0],
-                              lambda w: costs.cost(widths_plan(matches, w), target.kind),
-                              lambda w: rewrite(p.g, widths_plan(matches, w)), Clock(p.model, one_batch, p.g.constant))
+        with stage("timing the allocated widths against the original"):
+            timing = timed_widths(goal, lambda before: target.absolute(before), lambda g: allocate_for(g)[0],
+                                  lambda w: costs.cost(widths_plan(matches, w), target.kind),
+                                  lambda w: rewrite(p.g, widths_plan(matches, w)),
+                                  Clock(p.model, one_batch, p.g.constant))
         if timing.widths != widths:
             widths, predicted = allocate_for(timing.trials[timing.chosen].goal_predicted_ms)
         log.info("timed the allocation %d time(s): %s", len(timing.trials), timing.stopped)
@@ -386,17 +398,7 @@ def _progress(total: int, show: bool) -> Callable[[str], None]:
     """A progress callback for the reconstruction: one step per half-block, with an ETA."""
     if not show:
         return lambda _: None
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, desc="reconstructing", unit="half-block", leave=False)
-
-    def step(name: str) -> None:
-        bar.set_postfix_str(name[-30:])
-        bar.update(1)
-        if bar.n >= total:
-            bar.close()
-
-    return step
+    return Steps("reconstructing block by block", total, "half-blocks").step
 
 
 def _calibration_feed(g: ModelGraph, specs, calib, samples: int | None, seed: int
