@@ -15,7 +15,7 @@ from . import __version__
 from .errors import SnpError
 from .importance import CRITERIA
 from .options import Compensation, PruneOptions, make_options
-from .sweep import csv as sweep_csv, markdown as sweep_markdown, page as sweep_page, parse_goals, sweep as run_sweep
+from .sweeping import csv as sweep_csv, markdown as sweep_markdown, page as sweep_page, parse_goals, sweep as run_sweep
 from .reconstruction import Propagation, Reduction, Selection
 from .matching import Matches
 from .html import render as render_html

@@ -13,7 +13,7 @@ from conftest import ROOT
 from onnxsnp import prune
 from onnxsnp.cli import main
 from onnxsnp.errors import SnpError
-from onnxsnp.sweep import parse_goals
+from onnxsnp.sweeping import parse_goals
 
 MODEL = ROOT / "models" / "digits_vit.onnx"
 CALIB = ROOT / "models" / "digits_vit_calib.npz"
