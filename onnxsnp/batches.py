@@ -242,9 +242,10 @@ class Shard:
         self.targets(self.half(number), [])
 
     @_pass
-    def attention_targets(self, number: int) -> AttentionSums:
+    def attention_targets(self, number: int, pairs_needed: bool = True) -> AttentionSums:
         """The targets of attention half `number`, with every batch's Q/K pair statistics: SNP's
-        scores on the pruned model's q and k (sequential) against the original scores."""
+        scores on the pruned model's q and k (sequential) against the original scores — not
+        gathered where no pair is cut (`pairs_needed` False: they cost seconds per layer)."""
         half = self.half(number)
         block = self.matches.layers[number // 2].attention
         scales = [s.tensor for s in block.frozen_scales]
@@ -254,6 +255,8 @@ class Shard:
         def score(item: Batch, values: dict[str, np.ndarray]) -> None:
             if scales:
                 scale_values.append((item.index, {t: np.array(values[t]) for t in scales}))
+            if not pairs_needed:
+                return
             statistics = PairStatistics.empty(block.heads, block.head_dim,
                                               causal_scale=softmax_scale(block) if block.causal else None)
             q, k = query_key(self.g, block, values, item.samples)
@@ -342,7 +345,7 @@ class Shards(Protocol):
     def counts(self) -> tuple[int, int]: ...
     def advance_original(self, number: int) -> None: ...
     def ffn_targets(self, number: int) -> None: ...
-    def attention_targets(self, number: int) -> list[AttentionSums]: ...
+    def attention_targets(self, number: int, pairs_needed: bool = True) -> list[AttentionSums]: ...
     def equations(self, number: int, weights: dict[Slot, np.ndarray]) -> list[NormalEquations]: ...
     def transform_cache(self, inner: np.ndarray) -> None: ...
     def finish(self, number: int, weights: dict[Slot, np.ndarray]) -> None: ...
@@ -359,8 +362,8 @@ class LocalShards:
     def __getattr__(self, name: str):  # prepare, restart, counts, advance_original, ffn_targets, …
         return getattr(self.shard, name)
 
-    def attention_targets(self, number: int) -> list[AttentionSums]:
-        return [self.shard.attention_targets(number)]
+    def attention_targets(self, number: int, pairs_needed: bool = True) -> list[AttentionSums]:
+        return [self.shard.attention_targets(number, pairs_needed)]
 
     def equations(self, number: int, weights: dict[Slot, np.ndarray]) -> list[NormalEquations]:
         return [self.shard.equations(number, weights)]

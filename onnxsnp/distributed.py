@@ -94,9 +94,9 @@ class ShardWorker:
         with self._threads(number):
             self.shard.ffn_targets(number)
 
-    def attention_targets(self, number):
+    def attention_targets(self, number, pairs_needed=True):
         with self._threads(number):
-            return self.shard.attention_targets(number)
+            return self.shard.attention_targets(number, pairs_needed)
 
     def equations(self, number, weights):
         """Only the folds this worker summed (the others are zeros): less to send back."""
@@ -156,8 +156,8 @@ class RayShards:
     def ffn_targets(self, number: int) -> None:
         self._all("ffn_targets", number)
 
-    def attention_targets(self, number: int) -> list[AttentionSums]:
-        return self._all("attention_targets", number)
+    def attention_targets(self, number: int, pairs_needed: bool = True) -> list[AttentionSums]:
+        return self._all("attention_targets", number, pairs_needed)
 
     def equations(self, number: int, weights: dict[Slot, np.ndarray]) -> list[NormalEquations]:
         parts = self._all("equations", number, weights)

@@ -255,7 +255,8 @@ class Reconstructor:
     def _attention_half(self, layer: Layer, number: int, shards: Shards) -> None:
         block = layer.attention
         width = self.widths.attention[block.name]
-        pairs, scale_values = merged_pairs(shards.attention_targets(number), block.heads, block.head_dim)
+        cut = units.rounded(block, width.qk) < block.head_dim
+        pairs, scale_values = merged_pairs(shards.attention_targets(number, cut), block.heads, block.head_dim)
         self.scale_values.update(scale_values)
         d, every = block.head_dim, np.arange(block.groups)
         qk, q_map, k_map = self._reduce_pairs(block, pairs, width.qk)
@@ -286,7 +287,7 @@ class Reconstructor:
         """Kept Q/K positions per head (heads, kept) and the q and k maps (see plan.AttentionKeep):
         projected directions, SNP's choice with its rescale, or a plain choice."""
         d = block.head_dim
-        if kept == d:
+        if units.rounded(block, kept) == d:  # nothing cut (a QK-norm keeps whole heads): no statistics were gathered
             return np.tile(np.arange(d), (block.groups, 1)), None, None
         if self.reduction is Reduction.PROJECT and self.criterion in ("snp", "snp-paper") and not block.rotary \
                 and block.group_size == 1:  # a rotation of q/k directions would break a rotary embedding
