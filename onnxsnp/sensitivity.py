@@ -25,7 +25,7 @@ from .importance import PairStatistics, input_weights, query_key, query_key_tens
 from .least_squares import DEFAULT_RIDGE, NormalEquations, Obs, solve
 from .plan import AttentionKeep, selection_map
 from .projection import cholesky, project_pairs, project_values
-from .batches import Batch, Shard, norm_weights, split_batches, tokens as _tokens
+from .batches import Batch, Shard, branch_rms, norm_weights, split_batches, tokens as _tokens
 from .reconstruction import QK_RIDGE, Reconstructor
 from .softmax_metric import choose_pairs, removal_curve, softmax_scale
 
@@ -114,10 +114,10 @@ def _attention(r: Reconstructor, shard: Shard, layer, half):
         q, k = query_key(r.g, block, values, item.samples)
         pairs.add(q, k, item.mask)
         branch = values[half.branch]
-        weights = _weights(layer, item)
+        weights, to_branch = _branch_weights(half, item, branch, _weights(layer, item))
         equations.add(_tokens(values[block.out.input], item.samples, item.mask),
                       _tokens(branch, item.samples, item.mask), item.index, weights)
-        energy[0] += _energy(_tokens(item.target, item.samples, item.mask), weights)
+        energy[0] += _energy(_tokens(item.target, item.samples, item.mask), _weights(layer, item)) * to_branch
         branches.append(branch)
 
     shard.targets(half, query_key_tensors(block) + [block.out.input], collect)
@@ -235,10 +235,10 @@ def _ffn(r: Reconstructor, shard: Shard, layer, half):
     energy = [0.0]
 
     def collect(item: Batch, values: dict[str, np.ndarray]) -> None:
-        weights = _weights(layer, item)
+        weights, to_branch = _branch_weights(half, item, values[half.branch], _weights(layer, item))
         equations.add(_tokens(values[block.fc2.input], item.samples, item.mask),
                       _tokens(values[half.branch], item.samples, item.mask), item.index, weights)
-        energy[0] += _energy(_tokens(item.target, item.samples, item.mask), weights)
+        energy[0] += _energy(_tokens(item.target, item.samples, item.mask), _weights(layer, item)) * to_branch
 
     shard.targets(half, [block.fc2.input], collect)
     obs = Obs(equations, input_weights(r.g, block.fc2), DEFAULT_RIDGE)
@@ -271,6 +271,20 @@ def _weights(layer, item: Batch) -> np.ndarray | None:
     if not layer.attention.causal:
         return None
     return norm_weights(_tokens(item.original if item.target is None else item.target, item.samples, item.mask))
+
+
+def _branch_weights(half, item: Batch, branch: np.ndarray, weights: np.ndarray | None
+                    ) -> tuple[np.ndarray | None, float]:
+    """Token weights for a half's branch fit, and the factor from the stream's energy to the fit's
+    units: 1 where the branch is added as it is; where a norm comes first (x + γ·b/rms(b)), an
+    error e in b reaches the stream as about γ·e/rms(b), so tokens weigh 1/rms(b)² more and the
+    stream's energy is divided by mean(γ²)."""
+    if half.branch_gain is None:
+        return weights, 1.0
+    gamma, eps = half.branch_gain
+    inverse = 1.0 / np.square(_tokens(branch_rms(branch.astype(np.float32), eps), item.samples, item.mask)[:, 0]
+                              .astype(np.float64))
+    return (inverse if weights is None else weights * inverse), 1.0 / float(np.mean(np.square(gamma)))
 
 
 def _energy(rows: np.ndarray, weights: np.ndarray | None) -> float:

@@ -136,3 +136,16 @@ def test_sandwich_normed_blocks_are_refitted_in_the_branch_space(family_model, f
     _, plain = prune(path, ratio=0.25, compensate="none", measure_latency=False)
     assert refitted.reconstruction is not None
     assert refitted.fidelity.output_cosine > plain.fidelity.output_cosine
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_flops_budget_on_the_family_is_met_by_the_measured_allocation(family_model, family):
+    goal = 0.7
+    pruned, report = prune(str(family_model(family)), target_flops=goal, calib=calibration(100, 32, 12),
+                           measure_latency=False)
+    assert report.allocation is not None and report.reconstruction is not None
+    assert report.flops_after / report.flops_before == pytest.approx(goal, abs=0.03)
+    for block in report.blocks:
+        if block.kind == "attention":
+            assert block.qk_dim_after == block.qk_dim_before  # the QK-norm keeps each head whole
+    prefill_and_step(pruned, _ids(3, 5), _ids(4, 1))
