@@ -31,6 +31,7 @@ def find_blocks(g: ModelGraph, rules: RuleSet = ATTENTION_RULES) -> Matches:
     unique_names(ffn)
     layers, unpaired = match_layers(g, attention, ffn)
     # a candidate that failed one way but was found another (fc1 tried as an fc2) is not skipped
-    found = attention_linears | {b.anchor for b in attention} | {n for b in ffn for n in (b.fc1.node, b.fc2.node)}
+    found = attention_linears | {b.anchor for b in attention} | {n for b in ffn for n in (b.fc1.node, b.fc2.node)} \
+        | {b.gate.node for b in ffn if b.gate is not None}
     skipped = [s for s in skipped + ffn_skipped if s.where not in found]
     return Matches(attention, ffn, skipped + unpaired, layers)
