@@ -58,7 +58,7 @@ def lines(title: str, x_label: str, series: list[tuple[str, list[float], list[fl
     else:
         low, high = min(values), max(values)
         low, high = (low - 0.05, high + 0.05) if high - low < 1e-9 else (low, high)
-        axis, ticks = (lambda v: v), [(v, f"{v:.3g}") for v in np.linspace(low, high, 5)]
+        axis, ticks = (lambda v: v), linear_ticks(low, high)
     y_low, y_high = axis(ticks[0][0]) if log_y else low, axis(ticks[-1][0]) if log_y else high
     xs_all = [x for _, points in kept for x, _ in points]
     x_low, x_high = min(xs_all + [0.0]), max(xs_all + [1.0])
@@ -86,6 +86,70 @@ def lines(title: str, x_label: str, series: list[tuple[str, list[float], list[fl
                      + "".join('<circle cx="%.1f" cy="%.1f" r="2" fill="%s"/>' % (*at(x, y), colour)
                                for x, y in points))
     return _svg(title, left + width + 20, top + height + 34, "".join(parts))
+
+
+def linear_ticks(low: float, high: float, count: int = 5) -> list[tuple[float, str]]:
+    """`count` evenly spaced ticks from `low` to `high`, labelled with as many decimals as tell
+    them apart (0.999 and 1 are not both "1")."""
+    values = np.linspace(low, high, count)
+    step = (high - low) / max(count - 1, 1)
+    if step <= 0:
+        return [(float(v), f"{v:.3f}") for v in values]
+    power = math.floor(math.log10(step))
+    decimals = max(0, -power + (1 if step / 10.0 ** power < 2 else 0))  # 0.12 apart: two decimals
+    return [(float(v), f"{v:.{decimals}f}") for v in values]
+
+
+def pareto(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both x and y (higher is better on both)."""
+    return [i for i, (x, y) in enumerate(points)
+            if not any(ox >= x and oy >= y and (ox, oy) != (x, y) for ox, oy in points)]
+
+
+def trade_off(title: str, x_label: str, y_label: str, points: list[tuple[str, float, float]],
+              reference: tuple[str, float, float] | None = None) -> str:
+    """A scatter of labelled points (label, x, y), higher better on both axes; the points on the
+    Pareto front joined and ringed (class "pareto"), `reference` (the original) drawn apart."""
+    left, top, width, height = 64, 30, 460, 300
+    every = points + ([reference] if reference else [])
+    xs, ys = [p[1] for p in every], [p[2] for p in every]
+    x_pad, y_pad = max((max(xs) - min(xs)) * 0.08, 0.02), max((max(ys) - min(ys)) * 0.08, 0.001)
+    x_low, x_high, y_low, y_high = min(xs) - x_pad, max(xs) + x_pad, min(ys) - y_pad, max(ys) + y_pad
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return (left + (x - x_low) / (x_high - x_low) * width, top + height - (y - y_low) / (y_high - y_low) * height)
+
+    parts = [f'<rect x="{left}" y="{top}" width="{width}" height="{height}" fill="none" stroke="#999"/>']
+    for value, label in linear_ticks(y_low, y_high, 6):
+        y = at(x_low, value)[1]
+        parts.append(f'<line x1="{left}" x2="{left + width}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eee"/>'
+                     f'<text x="{left - 5}" y="{y + 4:.1f}" font-size="11" text-anchor="end">{label}</text>')
+    for value, label in linear_ticks(x_low, x_high, 6):
+        x = at(value, y_low)[0]
+        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{top + height}" stroke="#eee"/>'
+                     f'<text x="{x:.1f}" y="{top + height + 15}" font-size="11" text-anchor="middle">{label}</text>')
+    parts.append(f'<text x="{left + width / 2}" y="{top + height + 32}" font-size="12" text-anchor="middle">'
+                 f'{html.escape(x_label)}</text><text transform="translate(14,{top + height / 2}) rotate(-90)" '
+                 f'font-size="12" text-anchor="middle">{html.escape(y_label)}</text>')
+    front = sorted(pareto([(x, y) for _, x, y in points]), key=lambda i: points[i][1])
+    if len(front) > 1:
+        drawn = " ".join("%.1f,%.1f" % at(points[i][1], points[i][2]) for i in front)
+        parts.append(f'<polyline points="{drawn}" fill="none" stroke="#1f77b4" stroke-width="1.5" '
+                     'stroke-dasharray="4 3"/>')
+    for i, (label, x, y) in enumerate(points):
+        cx, cy = at(x, y)
+        ring = (f'<circle class="pareto" cx="{cx:.1f}" cy="{cy:.1f}" r="8" fill="none" stroke="#1f77b4" '
+                'stroke-width="2"/>') if i in front else ""
+        parts.append(f'{ring}<circle class="point" cx="{cx:.1f}" cy="{cy:.1f}" r="5" fill="#ff7f0e">'
+                     f'<title>{html.escape(label)}: {x:.3g}, {y:.4g}</title></circle>'
+                     f'<text x="{cx + 10:.1f}" y="{cy - 8:.1f}" font-size="11">{html.escape(label)}</text>')
+    if reference:
+        label, x, y = reference
+        cx, cy = at(x, y)
+        parts.append(f'<rect class="original" x="{cx - 5:.1f}" y="{cy - 5:.1f}" width="10" height="10" '
+                     f'fill="#2ca02c"><title>{html.escape(label)}</title></rect>'
+                     f'<text x="{cx + 10:.1f}" y="{cy + 4:.1f}" font-size="11">{html.escape(label)}</text>')
+    return _svg(title, left + width + 90, top + height + 42, "".join(parts))
 
 
 def tint(colour: str, share: float = 0.45) -> str:

@@ -20,7 +20,7 @@ import onnx
 
 from .costs import CostKind
 from .errors import SnpError
-from .html_charts import lines, series_colours, legend
+from .html_charts import legend, lines, series_colours, trade_off
 from .loading import LoadedModel
 from .options import PruneOptions
 from .pipeline import PruneResult, ReconstructionWork, _reconstruction_route, finish, prepare
@@ -40,6 +40,10 @@ class SweepRow:
     centred_cosine: float | None
     top1_agreement: float | None
     seconds: float  # this budget's own work (allocation, reconstruction, rewrite, verification)
+    weight_bytes_before: int = 0
+    weight_bytes_after: int = 0
+    perplexity_ratio: float | None = None  # a language model's
+    next_token_agreement: float | None = None
 
     @property
     def speedup(self) -> float | None:
@@ -92,7 +96,8 @@ def sweep(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel, goal
             rows.append(SweepRow(goal, name, report.flops_before, report.flops_after, report.params_before,
                                  report.params_after, report.latency_ms_before, report.latency_ms_after,
                                  fidelity.output_cosine, fidelity.centred_cosine, fidelity.top1_agreement,
-                                 round(time.perf_counter() - begun, 2)))
+                                 round(time.perf_counter() - begun, 2), report.weight_bytes_before,
+                                 report.weight_bytes_after, fidelity.perplexity_ratio, fidelity.next_token_agreement))
     finally:
         if work is not None:
             work.close()
@@ -100,15 +105,31 @@ def sweep(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel, goal
 
 
 def markdown(result: SweepResult) -> str:
-    head = ("| target | file | FLOPs | params | latency ms | speedup | output cosine | centred cosine | "
-            "top-1 agreement | seconds |")
+    language = any(row.perplexity_ratio is not None for row in result.rows)
+    head = ("| target | file | FLOPs | params | size | latency ms | speedup | output cosine | "
+            + ("perplexity × | next-token agreement |" if language else "centred cosine | top-1 agreement |")
+            + " seconds |")
     lines_ = [head, "|" + "---|" * (head.count("|") - 1)]
     for row in result.rows:
+        size = f"{row.weight_bytes_after / row.weight_bytes_before:.1%}" if row.weight_bytes_before else "—"
+        fidelity = (f"{_num(row.perplexity_ratio, '×')} | {_num(row.next_token_agreement)}" if language
+                    else f"{_num(row.centred_cosine)} | {_num(row.top1_agreement)}")
         lines_.append(f"| {row.goal:g} × {result.kind} | {row.file} | {_ratio(row.flops_after, row.flops_before)} | "
-                      f"{_ratio(row.params_after, row.params_before)} | {_num(row.latency_ms_after)} | "
-                      f"{_num(row.speedup, '×')} | {_num(row.output_cosine)} | {_num(row.centred_cosine)} | "
-                      f"{_num(row.top1_agreement)} | {row.seconds:.1f} |")
+                      f"{_ratio(row.params_after, row.params_before)} | {size} | {_num(row.latency_ms_after)} | "
+                      f"{_num(row.speedup, '×')} | {_num(row.output_cosine)} | {fidelity} | {row.seconds:.1f} |")
     return "\n".join(lines_) + "\n"
+
+
+def _fidelity(rows: tuple[SweepRow, ...]) -> tuple[str, list[float]] | None:
+    """The fidelity a person decides by, where measured: a language model's next-token agreement,
+    else the centred output cosine (finer than a top-1 agreement that stays at 100 %), the top-1
+    agreement, the output cosine; 1 for the original."""
+    for name, field in (("next-token agreement", "next_token_agreement"), ("centred cosine", "centred_cosine"),
+                        ("top-1 agreement", "top1_agreement"), ("output cosine", "output_cosine")):
+        values = [getattr(row, field) for row in rows]
+        if all(v is not None for v in values):
+            return name, values
+    return None
 
 
 def csv(result: SweepResult) -> str:
@@ -129,7 +150,15 @@ def page(result: SweepResult, title: str) -> str:
     fidelity = [s for s in fidelity if any(v is not None for v in s[2])]
     speed = [("speedup", kept, [r.speedup for r in result.rows])]
     colours = series_colours(len(fidelity) + 1)
-    charts = lines("fidelity", "FLOPs kept (fraction of the original)", fidelity, colours, log_y=False)
+    chosen = _fidelity(result.rows)
+    speedups = [r.speedup for r in result.rows]
+    timed = all(s is not None for s in speedups)
+    x_values = speedups if timed else [r.flops_before / r.flops_after for r in result.rows]
+    x_label = "measured speedup (one thread)" if timed else "FLOPs cut (original ÷ pruned)"
+    charts = "" if chosen is None else trade_off(
+        f"{chosen[0]} against {'speedup' if timed else 'FLOPs cut'}: the front is ringed", x_label, chosen[0],
+        [(f"{r.goal:g}", x, y) for r, x, y in zip(result.rows, x_values, chosen[1])], ("original", 1.0, 1.0))
+    charts += lines("fidelity", "FLOPs kept (fraction of the original)", fidelity, colours, log_y=False)
     if any(r.speedup for r in result.rows):
         charts += lines("measured speedup (one thread)", "FLOPs kept (fraction of the original)", speed,
                         colours[-1:], log_y=False)

@@ -81,3 +81,48 @@ def test_out_must_be_a_folder(tmp_path, capsys):
     taken.write_text("x")
     assert main(["sweep", str(MODEL), "--targets", "0.5", "--out", str(taken), "--calib", str(CALIB)]) == 2
     assert "not a folder" in capsys.readouterr().err and taken.read_text() == "x"
+
+
+def test_the_page_plots_fidelity_against_speed_with_the_original_and_the_front(swept):
+    """The chart a choice is made from: one point per budget, the original as a point of its own,
+    the budgets no other beats on both axes ringed, tick labels that differ from each other."""
+    import re
+
+    from onnxsnp.html_charts import pareto
+
+    page = (swept / "sweep.html").read_text()
+    rows = list(csv.DictReader((swept / "sweep.csv").open()))
+    chart = page.split("<svg")[1]
+    assert chart.count('class="point"') == len(rows) and chart.count('class="original"') == 1
+    fidelity = [float(r["centred_cosine"]) for r in rows]
+    speed = [float(r["speedup"]) if r["speedup"] else int(r["flops_before"]) / int(r["flops_after"]) for r in rows]
+    assert chart.count('class="pareto"') == len(pareto(list(zip(speed, fidelity)))) >= 1
+    labels = re.findall(r'text-anchor="end">([^<]+)</text>', chart)
+    assert len(labels) == len(set(labels)) >= 5
+
+
+def test_the_front_is_what_no_other_point_beats():
+    from onnxsnp.html_charts import pareto
+
+    assert pareto([(1.2, 0.99), (1.5, 0.97), (1.4, 0.96), (2.0, 0.90), (1.1, 0.98)]) == [0, 1, 3]
+
+
+CHROMIUM = __import__("shutil").which("chromium") or __import__("shutil").which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (.ci/run installs it)")
+def test_chromium_draws_the_trade_off(swept, tmp_path):
+    import subprocess
+
+    import matplotlib.image
+
+    shot = tmp_path / "sweep.png"
+    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,900",
+                    f"--screenshot={shot}", (swept / "sweep.html").as_uri()], check=True, capture_output=True,
+                   timeout=120)
+    pixels = (matplotlib.image.imread(str(shot))[..., :3] * 255).round().astype(np.int64)
+    colour = pixels[..., 0] << 16 | pixels[..., 1] << 8 | pixels[..., 2]
+    assert (colour == (255 << 16 | 127 << 8 | 14)).sum() > 40 * len(GOALS)  # the budgets' orange points
+    assert (colour == (44 << 16 | 160 << 8 | 44)).sum() > 50  # the original's green square
