@@ -128,6 +128,6 @@ def sweep(model: Model, targets: tuple[float, ...] | list[float], out: str | os.
 def inspect(model: str | os.PathLike):
     """What onnxsnp matches in the model at `model` (an .onnx file or an onnxruntime-genai folder):
     its `matches` (attention and FFN blocks, whole layers, every candidate skipped with the reason)."""
-    from .pipeline import inspect_model
+    from .inspection import inspect_model
 
     return inspect_model(model)

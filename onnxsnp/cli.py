@@ -22,7 +22,8 @@ from .html import render as render_html
 from .loading import load_model
 from .gate import GATE_EXIT, FidelityGate, GateFailed
 from .gate import check as check_gate, warnings_for as fidelity_warnings
-from .pipeline import inspect_model, prune_model
+from .inspection import inspect_model
+from .pipeline import prune_model
 from .calib_data import RawCalibration, load_raw_calibration, raw_request
 from .calib_images import RESAMPLING
 from .progress import reporting, stage

@@ -78,6 +78,18 @@ def kv_cache_shapes(plan: PrunePlan) -> dict[str, dict[int, int]]:
     return shapes
 
 
+def kv_cache_bytes(g, widths: list[tuple]) -> int:
+    """Bytes a KV cache holds per token: for each (block, key/value heads, Q/K width, V width),
+    its caches' heads × width × the element size of the present output."""
+    types = {o.name: o.type.tensor_type.elem_type for o in g.model.graph.output}
+    total = 0
+    for block, heads, qk, v in widths:
+        for cache in block.kv_caches:
+            size = onnx.helper.tensor_dtype_to_np_dtype(types.get(cache.present, onnx.TensorProto.FLOAT)).itemsize
+            total += heads * (qk if cache.part == "key" else v) * size
+    return total
+
+
 def set_kv_cache_shapes(model: onnx.ModelProto, shapes: dict[str, dict[int, int]]) -> None:
     for info in list(model.graph.input) + list(model.graph.output):
         sizes = shapes.get(info.name)

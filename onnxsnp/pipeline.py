@@ -19,8 +19,8 @@ from .allocation import Target, allocate, unit_costs, widths_plan
 from .costs import CostKind, CostModel
 from .importance import Scorer
 from .loading import LoadedModel, load_model, weight_bytes
-from .decoding import expose_stream_sums
-from .genai import NOTE as GENAI_NOTE, genai_folder, one_head_size
+from .decoding import expose_stream_sums, kv_cache_bytes
+from .genai import NOTE as GENAI_NOTE, one_head_size
 from .nbits import FloatView, float_view
 from .matching import Matches, NoMatch, find_blocks
 from .observation import Observed, observe, verify
@@ -216,7 +216,10 @@ def finish(prepared: Prepared, options: PruneOptions, work: ReconstructionWork |
                     reconstruction=_reconstruction_report(reconstruction, options), allocation=allocation,
                     seconds=round(time.perf_counter() - started, 2),
                     requantized={k: round(v, 6) for k, v in p.view.errors.items()} if p.view is not None else None,
-                    notes=[GENAI_NOTE] if options.one_head_size else [])
+                    notes=[GENAI_NOTE] if options.one_head_size else [],
+                    kv_cache_bytes_before=kv_cache_bytes(g, [(b, b.groups, b.head_dim, b.head_dim) for b in matches.attention]),
+                    kv_cache_bytes_after=kv_cache_bytes(g, [(k.block, len(k.heads), k.qk.shape[1], k.v.shape[1])
+                                                            for k in plan.attention]))
     return PruneResult(pruned, report, p.external)
 
 
@@ -448,28 +451,6 @@ def _check_blocks(matches: Matches, ratios: Ratios) -> None:
                        "at least one must stay")
     if len(set(ratios.block_indices)) >= available and ratios.block_indices:
         raise SnpError("--blocks: at least one transformer block must stay")
-
-
-@dataclass(frozen=True)
-class Inspection:
-    matches: Matches
-    reconstruction: str | None  # why the block-by-block reconstruction cannot run (None: it can)
-
-
-def inspect_model(path: str | os.PathLike) -> Inspection:
-    """What `onnxsnp inspect` shows: the blocks found (in a model, or in an onnxruntime-genai
-    folder's decoder) and whether the model can be reconstructed block by block."""
-    folder = genai_folder(path)
-    model = load_model(folder.model_file if folder is not None else path).model
-    view = float_view(model)
-    g = ModelGraph(expose_stream_sums(view.model if view is not None else model))
-    matches = find_blocks(g)
-    try:
-        plan_segments(g, matches)
-        why = None
-    except NoMatch as reason:
-        why = str(reason)
-    return Inspection(matches, why)
 
 
 TRIM_ABOVE_BYTES = 32 * 2**20  # smaller models leave little to hand back; trimming costs a heap walk

@@ -57,6 +57,8 @@ class Report:
     seconds: float = 0.0
     requantized: dict[str, float] | None = None  # MatMulNBits weights quantized again: node → relative weight error
     notes: list[str] = field(default_factory=list)  # constraints the model's form put on the widths
+    kv_cache_bytes_before: int = 0  # a decoder's KV cache per token (keys and values of every layer); 0: none
+    kv_cache_bytes_after: int = 0
 
     @property
     def flops_before(self) -> int:
@@ -101,6 +103,9 @@ class Report:
                 ("FLOPs/sample", _num(self.flops_before), _num(self.flops_after), _pct(self.flops_before, self.flops_after)),
                 ("weights", _size(self.weight_bytes_before), _size(self.weight_bytes_after),
                  _pct(self.weight_bytes_before, self.weight_bytes_after))]
+        if self.kv_cache_bytes_before:
+            rows.append(("KV cache/token", _size(self.kv_cache_bytes_before), _size(self.kv_cache_bytes_after),
+                         _pct(self.kv_cache_bytes_before, self.kv_cache_bytes_after)))
         if self.latency_ms_before is not None and self.latency_ms_after is not None:
             rows.append(("latency, 1 thread", f"{self.latency_ms_before:.2f} ms", f"{self.latency_ms_after:.2f} ms",
                          f"{self.latency_ms_before / max(self.latency_ms_after, 1e-9):.2f}x faster"))

@@ -22,7 +22,8 @@ from onnxsnp import prune
 from onnxsnp.calibration import input_specs, validate_calibration
 from onnxsnp.graph import ModelGraph
 from onnxsnp.matching import find_blocks
-from onnxsnp.pipeline import inspect_model, make_plan
+from onnxsnp.inspection import inspect_model
+from onnxsnp.pipeline import make_plan
 from onnxsnp.plan import Ratios
 from onnxsnp.rewriting import rewrite
 from oracle import unshare, zeroed_original
@@ -97,6 +98,9 @@ def test_pruned_family_decodes_through_its_cache_as_it_runs_uncached(family_mode
     _, step = prefill_and_step(pruned, ids[:, :7], ids[:, 7:])
     whole = run(pruned, step_feed(pruned, ids))
     np.testing.assert_allclose(step["logits"][:, -1], whole["logits"][:, -1], atol=1e-4, rtol=1e-3)
+    # the report's KV cache per token is what the pruned model's present outputs hold per token
+    held = sum(v[0].nbytes // v.shape[2] for name, v in whole.items() if name.startswith("present"))
+    assert report.kv_cache_bytes_after == held < report.kv_cache_bytes_before
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,8 @@ from onnxsnp.calibration import input_specs, validate_calibration
 from onnxsnp.graph import ModelGraph
 from onnxsnp.matching import find_blocks
 from onnxsnp.nbits import float_view
-from onnxsnp.pipeline import inspect_model, make_plan
+from onnxsnp.inspection import inspect_model
+from onnxsnp.pipeline import make_plan
 from onnxsnp.plan import Ratios
 from onnxsnp.rewriting import rewrite
 from oracle import unshare, zeroed_original

@@ -1,0 +1,34 @@
+"""What `onnxsnp inspect` shows: the blocks found in a model (or an onnxruntime-genai folder's
+decoder), what was skipped and why, and whether the block-by-block reconstruction can run."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .decoding import expose_stream_sums
+from .genai import genai_folder
+from .graph import ModelGraph
+from .loading import load_model
+from .matching import Matches, NoMatch, find_blocks
+from .nbits import float_view
+from .reconstruction import plan_segments
+
+
+@dataclass(frozen=True)
+class Inspection:
+    matches: Matches
+    reconstruction: str | None  # why the block-by-block reconstruction cannot run (None: it can)
+
+
+def inspect_model(path: str | os.PathLike) -> Inspection:
+    folder = genai_folder(path)
+    model = load_model(folder.model_file if folder is not None else path).model
+    view = float_view(model)  # MatMulNBits read as float, a final norm's sum exposed, as a prune reads them
+    g = ModelGraph(expose_stream_sums(view.model if view is not None else model))
+    matches = find_blocks(g)
+    try:
+        plan_segments(g, matches)
+        why = None
+    except NoMatch as reason:
+        why = str(reason)
+    return Inspection(matches, why)

@@ -1,0 +1,101 @@
+"""Decoder families as exported → docs/DECODER_FAMILIES.md: what onnxsnp matches and prunes in
+each, built locally with random weights (what is matched and cut does not depend on the weights;
+fidelity does — see docs/DECODERS_REAL.md and docs/DECODERS_GEMMA3.md for real checkpoints —
+and tiny models' run times are dispatch overhead, not a speed measurement):
+
+- optimum `text-generation-with-past` exports (tests/optimum_export.py, the tests' optimum venv) of
+  Llama (no QK-norm, for comparison), Qwen3 (QK-norm per head), Gemma 3 (QK-norm, GELU(tanh)-gated
+  MLP, sandwich norms, a sliding-window and a global layer) and OLMo 2 (one norm over all heads'
+  q and k, norms after each sub-block);
+- onnxruntime-genai's model builder (fp32 and int4) on a Qwen3 folder (tools/decoder_export.py).
+
+For each: blocks matched (attention / FFN / whole layers) and skipped; then `--ratio 0.25` and
+`--ratio 0.5 --heads 0.5` (synthetic calibration): the kept widths of the first attention, the
+measured FLOPs cut, and whether a cached decode step of the pruned model gives the logits of an
+uncached run (max |difference| over a prefill of 7 tokens then 1, against 8 at once; Gemma 3's
+sliding window is 4, so its local layer's mask and cache are exercised).
+
+    python tools/bench_decoder_families.py [--out docs/DECODER_FAMILIES.md]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from conftest import export_optimum  # noqa: E402
+from decoders import prefill_and_step, run, step_feed  # noqa: E402
+
+from onnxsnp.options import make_options  # noqa: E402
+from onnxsnp.inspection import inspect_model  # noqa: E402
+from onnxsnp.pipeline import prune_model  # noqa: E402
+
+CUTS = [("--ratio 0.25", {"ratio": 0.25}), ("--ratio 0.5 --heads 0.5", {"ratio": 0.5, "heads": 0.5})]
+
+
+def models(folder: Path) -> list[tuple[str, Path]]:
+    from decoder_export import export_genai, save_folder, tiny_qwen3
+
+    found = [(f"{family} (optimum)", export_optimum(folder / family, family, "optimum"))
+             for family in ("llama", "qwen3", "gemma3", "olmo2")]
+    source = save_folder(tiny_qwen3(), folder / "qwen3-source")
+    found += [(f"qwen3 (genai {precision})", export_genai(source, folder / f"genai-{precision}", precision) / "model.onnx")
+              for precision in ("fp32", "int4")]
+    return found
+
+
+def decode_gap(model: onnx.ModelProto, vocab: int) -> float:
+    ids = np.random.default_rng(2).integers(3, vocab, (2, 8))
+    _, step = prefill_and_step(model, ids[:, :7], ids[:, 7:])
+    whole = run(model, step_feed(model, ids))
+    return float(np.abs(step["logits"][:, -1] - whole["logits"][:, -1]).max())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "DECODER_FAMILIES.md")
+    args = parser.parse_args()
+    rows = ["| model | attention / FFN / layers matched | skipped | options | first attention: heads, Q/K, V per head "
+            "| FLOPs | cached step vs uncached |", "|---|---|---|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, path in models(Path(tmp)):
+            matches = inspect_model(path).matches
+            found = f"{len(matches.attention)} / {len(matches.ffn)} / {len(matches.layers)}"
+            skipped = "; ".join(sorted({s.reason for s in matches.skipped})) or "–"
+            vocab = 300 if "genai" in label else 100
+            for options, extra in CUTS:
+                result = prune_model(str(path), make_options(measure_latency=False, **extra))
+                report = result.report
+                first = next(b for b in report.blocks if b.kind == "attention")
+                widths = (f"{first.heads}→{first.heads_after}, {first.qk_dim_before}→{first.qk_dim_after}, "
+                          f"{first.v_dim_before}→{first.v_dim_after}")
+                rows.append(f"| {label} | {found} | {skipped} | `{options}` | {widths} | "
+                            f"−{1 - report.flops_after / report.flops_before:.1%} | "
+                            f"{decode_gap(result.model, vocab):.1e} |")
+                print(rows[-1], flush=True)
+    args.out.write_text(f"""# Decoder families: what is matched and pruned
+
+Measured by `python tools/bench_decoder_families.py` (CPU, one run). {__doc__.split(chr(10), 2)[2].split("    python")[0].strip()}
+
+{chr(10).join(rows)}
+
+A QK-norm (an RMSNorm over each head's q and k: Qwen3, Gemma 3) keeps every Q/K dim of a kept head:
+removing dims would change the statistic the norm divides by. Whole key/value groups (with their
+query heads) can still go. OLMo 2 normalises q and k over all heads at once, so its heads stay too;
+V and the output projection are cut in every family. onnxruntime-genai's GroupQueryAttention takes
+one head size for Q/K and V, so with a QK-norm a genai folder's attention is cut by whole groups only.
+""")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
