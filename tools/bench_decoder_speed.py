@@ -1,0 +1,137 @@
+"""Pruned decoders' speed and size as deployed → docs/DECODER_SPEED.md.
+
+A Llama with SmolLM2-135M's shape (30 layers, hidden 576, 9 query / 3 key-value heads, SwiGLU
+1536, 49,152 tokens, output projection not tied; random weights: speed and size do not depend on their
+values), built locally (tools/decoder_export.py) and written by onnxruntime-genai's model builder
+(`-p int4 -e cpu`, a folder) and/or by torch's dynamo exporter (fp32, with a KV cache), is pruned
+at each `--ratio` (synthetic calibration: the cut, not the fidelity, is measured here) and timed
+with onnxruntime, one intra-op thread, original and pruned interleaved round by round (medians of
+the rounds):
+
+- prefill: one prompt of 128 tokens with an empty cache;
+- decode: 64 single-token steps, each feeding the previous step's `present.*` back, per token.
+
+Size: the bytes of the model files (a genai folder: every file); KV cache: bytes per token of
+`present.*` (keys and values of every layer, float32).
+
+    python tools/bench_decoder_speed.py [--forms genai-int4,dynamo] [--ratios 0.25,0.44] [--rounds 5]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from decoders import step_feed  # noqa: E402
+from latency import cpu_name, session  # noqa: E402
+
+from onnxsnp.cli import main as onnxsnp_main  # noqa: E402
+
+PROMPT, STEPS = 128, 64
+SHAPE = dict(vocab=49152, hidden=576, layers=30, heads=9, kv_heads=3, intermediate=1536, positions=2048)
+
+
+def build(form: str, folder: Path) -> Path:
+    """The model file (or genai folder) of `form`, made once under `folder`."""
+    from decoder_export import export_dynamo, export_genai, save_folder, tiny_llama
+
+    source = folder / "source"
+    if not source.exists():
+        save_folder(tiny_llama(**SHAPE), source)
+    if form == "genai-int4":
+        return export_genai(source, folder / form, "int4")
+    import transformers as T
+
+    return export_dynamo(T.AutoModelForCausalLM.from_pretrained(source), folder / f"{form}.onnx")
+
+
+def size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    return sum(p.stat().st_size for p in path.parent.iterdir() if p.name.startswith(path.name))
+
+
+def model_file(path: Path) -> Path:
+    return path / "model.onnx" if path.is_dir() else path
+
+
+def timings(paths: list[Path], rounds: int) -> list[tuple[float, float, int]]:
+    """(prefill ms, decode ms per token, KV bytes per token) of each model, interleaved."""
+    models = [onnx.load(str(model_file(p)), load_external_data=False) for p in paths]
+    sessions = [session(model_file(p)) for p in paths]
+    ids = np.random.default_rng(0).integers(3, SHAPE["vocab"], (1, PROMPT))
+    prefill, decode = [[] for _ in paths], [[] for _ in paths]
+    kv = [0] * len(paths)
+    for round_ in range(rounds + 1):  # the first round warms up
+        for i, (model, sess) in enumerate(zip(models, sessions)):
+            names = [o.name for o in sess.get_outputs()]
+            started = time.perf_counter()
+            out = dict(zip(names, sess.run(None, step_feed(model, ids))))
+            middle = time.perf_counter()
+            token = np.array([[int(out["logits"][0, -1].argmax())]])
+            for _ in range(STEPS):
+                past = {n.replace("present", "past_key_values"): v for n, v in out.items() if n.startswith("present")}
+                out = dict(zip(names, sess.run(None, step_feed(model, token, past))))
+                token = np.array([[int(out["logits"][0, -1].argmax())]])
+            ended = time.perf_counter()
+            kv[i] = sum(v[0].nbytes // v.shape[2] for n, v in out.items() if n.startswith("present"))
+            if round_:
+                prefill[i].append((middle - started) * 1000)
+                decode[i].append((ended - middle) * 1000 / STEPS)
+    return [(statistics.median(p), statistics.median(d), k) for p, d, k in zip(prefill, decode, kv)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--forms", default="genai-int4,dynamo")
+    parser.add_argument("--ratios", default="0.25,0.44")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "DECODER_SPEED.md")
+    args = parser.parse_args()
+    rows = ["| form | options | FLOPs | prefill ms (speedup) | decode ms/token (speedup) | size | KV cache per token |",
+            "|---|---|---|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for form in args.forms.split(","):
+            original = build(form, folder)
+            for ratio in args.ratios.split(","):
+                pruned = folder / f"{form}-{ratio}" if original.is_dir() else folder / f"{form}-{ratio}.onnx"
+                report = folder / f"{form}-{ratio}.json"
+                assert onnxsnp_main([str(original), str(pruned), "--ratio", ratio, "-q", "--report", str(report)]) == 0
+                import json
+
+                data = json.loads(report.read_text())
+                (p0, d0, k0), (p1, d1, k1) = timings([original, pruned], args.rounds)
+                rows.append(f"| {form} | `--ratio {ratio}` | −{1 - data['flops_after'] / data['flops_before']:.1%} "
+                            f"({data['flops_before'] / data['flops_after']:.3f}×) | {p0:.1f} → {p1:.1f} ({p0 / p1:.2f}×) "
+                            f"| {d0:.2f} → {d1:.2f} ({d0 / d1:.2f}×) | {size(original) / 1e6:.1f} → "
+                            f"{size(pruned) / 1e6:.1f} MB ({size(pruned) / size(original):.2f}×) | "
+                            f"{k0 / 1024:.1f} → {k1 / 1024:.1f} KiB |")
+                print(rows[-1], flush=True)
+    args.out.write_text(f"""# Decoders: speed and size of pruned models
+
+Measured by `python tools/bench_decoder_speed.py --forms {args.forms} --ratios {args.ratios} --rounds {args.rounds}`
+on {cpu_name()} (onnxruntime CPU, one intra-op thread, one run on a shared machine).
+{__doc__.split(chr(10), 2)[2].split("    python")[0].strip()}
+
+{chr(10).join(rows)}
+
+The FLOPs column is onnxsnp's count for a prefill; its speedup in parentheses is the ideal a
+prefill or a decode step would reach if time followed FLOPs.
+""")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
