@@ -23,7 +23,7 @@ __all__ = ["ImageCalibration", "RawCalibration", "TextCalibration", "load_raw_ca
 
 TEXT_OPTIONS = ("text_field", "tokenizer", "max_length")
 IMAGE_OPTIONS = ("image_size", "image_crop", "image_scale", "image_mean", "image_std", "image_resample")
-_DEFAULTS = {"text_field": "text", "max_length": 128}
+RAW_DEFAULTS = {"text_field": "text", "max_length": 128}  # the other raw-data options default to None
 
 
 @dataclass(frozen=True)
@@ -57,13 +57,13 @@ def raw_request(options, flag: Callable[[str], str] = str) -> TextCalibration | 
     `text_field`, …, `image_resample`; absent ones count as unset), checked: the one place that
     validates them, for the command line (`flag` spells a name as `--calib-text`) and the Olive pass."""
     def get(name: str):
-        return getattr(options, name, _DEFAULTS.get(name))
+        return getattr(options, name, RAW_DEFAULTS.get(name))
 
     given = [flag(name) for name in ("calib", "calib_text", "calib_images") if get(name)]
     if len(given) > 1:
         raise SnpError(f"give one of {' / '.join(given)}, not several")
     for needs, names in (("calib_text", TEXT_OPTIONS), ("calib_images", IMAGE_OPTIONS)):
-        stray = [flag(n) for n in names if get(n) not in (None, _DEFAULTS.get(n)) and not get(needs)]
+        stray = [flag(n) for n in names if get(n) not in (None, RAW_DEFAULTS.get(n)) and not get(needs)]
         if stray:
             raise SnpError(f"{', '.join(stray)} {'apply' if len(stray) > 1 else 'applies'} only with {flag(needs)}")
     if get("calib_text"):

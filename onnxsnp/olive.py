@@ -15,6 +15,7 @@ safely fails the pass with onnxsnp's one-line message.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -27,17 +28,48 @@ from olive.passes import Pass
 from olive.passes.onnx.common import get_external_data_config, model_proto_to_olive_model
 from olive.passes.pass_config import BasePassConfig, PassConfigParam
 
-from .calib_data import load_raw_calibration, raw_request
+from .calib_data import RAW_DEFAULTS, load_raw_calibration, raw_request
 from .errors import SnpError
 from .graph import ModelGraph
 from .loading import load_model
+from .options import make_options
 from .pipeline import prune
 
 PASS_NAME = "SnpPruning"
 
+_OPTIONS = (  # (name, type, help): the command line's options the pass takes
+    ("ratio", float, "fraction of Q/K pairs, V and FFN neurons removed in every layer"),
+    ("qk_ratio", Optional[float], "override ratio for query/key pairs"),
+    ("v_ratio", Optional[float], "override ratio for value neurons"),
+    ("ffn_ratio", Optional[float], "override ratio for FFN hidden neurons"),
+    ("heads", float, "fraction of whole heads also removed in every attention block"),
+    ("target_flops", Optional[float], "instead of ratios: FLOPs to reach (fraction or count)"),
+    ("target_params", Optional[float], "instead of ratios: parameters to reach"),
+    ("align", int, "round kept widths up to a multiple of this"),
+    ("criterion", str, "snp, snp-paper, l2 or random"),
+    ("compensate", str, "lstsq, bias or none"),
+    ("calib", Optional[str], "calibration .npz keyed by model input name"),
+    ("calib_text", Optional[str], "texts (lines or JSONL) through the model's tokenizer"),
+    ("text_field", str, "JSONL field holding the text"),
+    ("tokenizer", Optional[str], "tokenizer.json or its folder (default: beside the model)"),
+    ("max_length", int, "token limit where the sequence axis is dynamic"),
+    ("calib_images", Optional[str], "folder of JPEG/PNG images, preprocessed as the model expects"),
+    ("image_size", Optional[str], "resize: N (shortest edge) or HxW"),
+    ("image_crop", Optional[str], "center crop: N or HxW"),
+    ("image_mean", Optional[str], "per-channel mean, comma-separated"),
+    ("image_std", Optional[str], "per-channel std, comma-separated"),
+    ("image_scale", Optional[float], "multiply pixel values 0..255 by this"),
+    ("image_resample", Optional[str], "resize filter: nearest, bilinear, bicubic, …"),
+    ("calib_samples", Optional[int], "calibration samples used (default: all)"),
+    ("seed", int, "seed for synthetic data, sample choice and the random criterion"),
+)
+_DEFAULTS = {name: p.default for name, p in inspect.signature(make_options).parameters.items()} | RAW_DEFAULTS
 
-def _param(type_, default, description: str) -> PassConfigParam:
-    return PassConfigParam(type_=type_, default_value=default, description=description)
+
+def _param(type_, name: str, description: str) -> PassConfigParam:
+    """A pass option with the default the command line and the API have (options.make_options,
+    calib_data's raw-data defaults): one place decides them."""
+    return PassConfigParam(type_=type_, default_value=_DEFAULTS.get(name), description=description)
 
 
 class SnpPruning(Pass):
@@ -45,33 +77,8 @@ class SnpPruning(Pass):
 
     @classmethod
     def _default_config(cls, accelerator_spec: AcceleratorSpec) -> dict[str, PassConfigParam]:
-        return {
-            "ratio": _param(float, 0.5, "fraction of Q/K pairs, V and FFN neurons removed in every layer"),
-            "qk_ratio": _param(Optional[float], None, "override ratio for query/key pairs"),
-            "v_ratio": _param(Optional[float], None, "override ratio for value neurons"),
-            "ffn_ratio": _param(Optional[float], None, "override ratio for FFN hidden neurons"),
-            "heads": _param(float, 0.0, "fraction of whole heads also removed in every attention block"),
-            "target_flops": _param(Optional[float], None, "instead of ratios: FLOPs to reach (fraction or count)"),
-            "target_params": _param(Optional[float], None, "instead of ratios: parameters to reach"),
-            "align": _param(int, 1, "round kept widths up to a multiple of this"),
-            "criterion": _param(str, "snp", "snp, snp-paper, l2 or random"),
-            "compensate": _param(str, "lstsq", "lstsq, bias or none"),
-            "calib": _param(Optional[str], None, "calibration .npz keyed by model input name"),
-            "calib_text": _param(Optional[str], None, "texts (lines or JSONL) through the model's tokenizer"),
-            "text_field": _param(str, "text", "JSONL field holding the text"),
-            "tokenizer": _param(Optional[str], None, "tokenizer.json or its folder (default: beside the model)"),
-            "max_length": _param(int, 128, "token limit where the sequence axis is dynamic"),
-            "calib_images": _param(Optional[str], None, "folder of JPEG/PNG images, preprocessed as the model expects"),
-            "image_size": _param(Optional[str], None, "resize: N (shortest edge) or HxW"),
-            "image_crop": _param(Optional[str], None, "center crop: N or HxW"),
-            "image_mean": _param(Optional[str], None, "per-channel mean, comma-separated"),
-            "image_std": _param(Optional[str], None, "per-channel std, comma-separated"),
-            "image_scale": _param(Optional[float], None, "multiply pixel values 0..255 by this"),
-            "image_resample": _param(Optional[str], None, "resize filter: nearest, bilinear, bicubic, …"),
-            "calib_samples": _param(int, 64, "calibration samples used"),
-            "seed": _param(int, 0, "seed for synthetic data, sample choice and the random criterion"),
-            **get_external_data_config(),
-        }
+        return {name: _param(type_, name, description) for name, type_, description in _OPTIONS} | \
+            get_external_data_config()
 
     def _run_for_config(self, model: ONNXModelHandler, config: type[BasePassConfig],
                         output_model_path: str) -> ONNXModelHandler:

@@ -159,3 +159,22 @@ def test_a_model_or_option_onnxsnp_refuses_fails_the_workflow(exported, tmp_path
     with pytest.raises(ValueError, match=message):
         run_workflow(config)
     assert not list((tmp_path / "output").rglob("*.onnx"))
+
+
+def test_the_pass_the_command_line_and_the_api_default_alike():
+    """One place decides each option's default (options.make_options, calib_data.RAW_DEFAULTS):
+    the Olive pass once took 64 calibration samples where the command line takes all."""
+    import inspect
+
+    from onnxsnp.calib_data import RAW_DEFAULTS
+    from onnxsnp.cli import _prune_parser
+    from onnxsnp.olive import SnpPruning
+    from onnxsnp.options import make_options
+
+    schema = {name: p.default for name, p in inspect.signature(make_options).parameters.items()} | RAW_DEFAULTS
+    command_line = vars(_prune_parser().parse_args(["in.onnx", "out.onnx"]))
+    for name, param in SnpPruning._default_config(None).items():
+        if name in schema:
+            assert param.default_value == schema[name], name
+        if name in command_line and name != "ratio":  # the parser leaves ratio unset, meaning 0.5
+            assert command_line[name] == param.default_value, name
