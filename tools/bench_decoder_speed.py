@@ -14,11 +14,16 @@ the rounds):
 Size: the bytes of the model files (a genai folder: every file); KV cache: bytes per token of
 `present.*` (keys and values of every layer, float32).
 
-    python tools/bench_decoder_speed.py [--forms genai-int4,dynamo] [--ratios 0.25,0.44] [--rounds 5]
+    python tools/bench_decoder_speed.py [--forms genai-int4,dynamo] [--ratios 0.25,0.44] [--rounds 5] [--profile]
+
+`--profile` adds onnxruntime's profiler per op type (a prefill and the decode steps, one thread):
+which ops shrink with the cut and which do not.
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import json
 import statistics
 import sys
 import tempfile
@@ -92,15 +97,52 @@ def timings(paths: list[Path], rounds: int) -> list[tuple[float, float, int]]:
     return [(statistics.median(p), statistics.median(d), k) for p, d, k in zip(prefill, decode, kv)]
 
 
+def kernel_times(path: Path) -> collections.Counter:
+    """Microseconds per op type over one prefill and STEPS decode steps (onnxruntime's profiler)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.enable_profiling = 1, True
+    options.profile_file_prefix = str(path.parent / f"profile-{path.stem}")
+    sess = ort.InferenceSession(str(model_file(path)), options, providers=["CPUExecutionProvider"])
+    model = onnx.load(str(model_file(path)), load_external_data=False)
+    names = [o.name for o in sess.get_outputs()]
+    out = dict(zip(names, sess.run(None, step_feed(model, np.random.default_rng(0).integers(3, SHAPE["vocab"],
+                                                                                          (1, PROMPT))))))
+    for _ in range(STEPS):
+        past = {n.replace("present", "past_key_values"): v for n, v in out.items() if n.startswith("present")}
+        out = dict(zip(names, sess.run(None, step_feed(model, np.array([[1]]), past))))
+    times: collections.Counter = collections.Counter()
+    for event in json.loads(Path(sess.end_profiling()).read_text()):
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            times[event["args"]["op_name"]] += event["dur"]
+    return times
+
+
+def profile_rows(label: str, original: Path, pruned: Path) -> list[str]:
+    before, after = kernel_times(original), kernel_times(pruned)
+    total = sum(before.values())
+    rows = [f"| {label} | all | {total / 1e3:.0f} → {sum(after.values()) / 1e3:.0f} ms "
+            f"({total / sum(after.values()):.2f}×) | 100 % |"]
+    for op in sorted(set(before) | set(after), key=lambda k: -max(before[k], after[k]))[:10]:
+        ratio = f"{before[op] / after[op]:.2f}×" if after[op] else "gone"
+        rows.append(f"| {label} | {op} | {before[op] / 1e3:.1f} → {after[op] / 1e3:.1f} ms ({ratio}) | "
+                    f"{before[op] / total:.1%} |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--forms", default="genai-int4,dynamo")
     parser.add_argument("--ratios", default="0.25,0.44")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--profile", action="store_true", help="onnxruntime's profiler per op type, too")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "DECODER_SPEED.md")
     args = parser.parse_args()
     rows = ["| form | options | FLOPs | prefill ms (speedup) | decode ms/token (speedup) | size | KV cache per token |",
             "|---|---|---|---|---|---|---|"]
+    profiles = ["| model, options | op type | kernel time, original → pruned | share of the original |",
+                "|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for form in args.forms.split(","):
@@ -109,8 +151,6 @@ def main() -> None:
                 pruned = folder / f"{form}-{ratio}" if original.is_dir() else folder / f"{form}-{ratio}.onnx"
                 report = folder / f"{form}-{ratio}.json"
                 assert onnxsnp_main([str(original), str(pruned), "--ratio", ratio, "-q", "--report", str(report)]) == 0
-                import json
-
                 data = json.loads(report.read_text())
                 (p0, d0, k0), (p1, d1, k1) = timings([original, pruned], args.rounds)
                 rows.append(f"| {form} | `--ratio {ratio}` | −{1 - data['flops_after'] / data['flops_before']:.1%} "
@@ -119,16 +159,21 @@ def main() -> None:
                             f"{size(pruned) / 1e6:.1f} MB ({size(pruned) / size(original):.2f}×) | "
                             f"{k0 / 1024:.1f} → {k1 / 1024:.1f} KiB |")
                 print(rows[-1], flush=True)
+                if args.profile:
+                    profiles += profile_rows(f"{form} `--ratio {ratio}`", original, pruned)
+                    print("\n".join(profiles[-11:]), flush=True)
+    profiled = ("\n\nPer op type (onnxruntime's profiler, one prefill and the decode steps, one thread; the ten "
+                "op types that take longest):\n\n" + "\n".join(profiles)) if args.profile else ""
     args.out.write_text(f"""# Decoders: speed and size of pruned models
 
-Measured by `python tools/bench_decoder_speed.py --forms {args.forms} --ratios {args.ratios} --rounds {args.rounds}`
+Measured by `python tools/bench_decoder_speed.py --forms {args.forms} --ratios {args.ratios} --rounds {args.rounds}{' --profile' if args.profile else ''}`
 on {cpu_name()} (onnxruntime CPU, one intra-op thread, one run on a shared machine).
 {__doc__.split(chr(10), 2)[2].split("    python")[0].strip()}
 
 {chr(10).join(rows)}
 
 The FLOPs column is onnxsnp's count for a prefill; its speedup in parentheses is the ideal a
-prefill or a decode step would reach if time followed FLOPs.
+prefill or a decode step would reach if time followed FLOPs.{profiled}
 """)
     print(f"wrote {args.out}")
 
