@@ -33,7 +33,7 @@ from .errors import SnpError
 from .graph import ModelGraph
 from .loading import load_model
 from .options import make_options
-from .pipeline import prune
+from .api import prune
 
 PASS_NAME = "SnpPruning"
 

@@ -54,24 +54,6 @@ class PruneResult:
     external_data: bool  # the input kept its weights in external data files
 
 
-def prune(model_or_path: onnx.ModelProto | str | os.PathLike, ratio: float = 0.5, *,
-          calib: str | os.PathLike | dict[str, np.ndarray] | None = None, **options) -> tuple[onnx.ModelProto, Report]:
-    """Prune a transformer with SNP; returns the pruned model and a report. The input is not changed.
-
-    `ratio` is the fraction of neurons removed from each group (Q/K pairs, V, FFN hidden);
-    `qk_ratio`, `v_ratio`, `ffn_ratio` override it per group; `target_flops` / `target_params`
-    (a fraction of the original, or an absolute count) choose the group ratios instead, as do
-    `target_speedup` (S > 1) / `target_latency` (ms per run of one sample), measured with
-    onnxruntime on this machine (costs.py, profiling.py); `heads` removes that
-    fraction of whole heads in every attention block; `blocks` removes that many whole transformer
-    blocks (the ones that change the residual stream least), or the blocks with the given indices.
-    `calib` is an .npz path or a dict of arrays keyed by input name (first axis = samples); without
-    it synthetic inputs are used. Other keywords: see `options.make_options`.
-    """
-    result = prune_model(model_or_path, make_options(ratio, **options), calib=calib)
-    return result.model, result.report
-
-
 def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel, options: PruneOptions, *,
                 calib: str | os.PathLike | dict[str, np.ndarray] | None = None, calib_label: str | None = None
                 ) -> PruneResult:
