@@ -177,10 +177,11 @@ def windows(tokenizer, parts: list[str], count: int, bos: int | None = None) -> 
     stream = [token for text in parts for token in tokenizer.encode(text, add_special_tokens=bos is None).ids]
     length = WINDOW - (bos is not None)
     usable = len(stream) // length
-    step = max(1, usable // count)
+    # evenly over the whole stream: a step rounded down to 1 took the first `count` windows, half
+    # the topics when count > usable / 2
+    starts = np.unique(np.linspace(0, usable - 1, min(count, usable)).round().astype(int)) * length
     head = [bos] if bos is not None else []
-    return np.array([head + stream[i * length * step:i * length * step + length] for i in range(min(count, usable))],
-                    np.int64)
+    return np.array([head + stream[start:start + length] for start in starts], np.int64)
 
 
 def main() -> None:
