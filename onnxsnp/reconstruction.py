@@ -405,9 +405,12 @@ class Reconstructor:
         xx, xy, yy = equations.total()
         bias = self.g.constant(linear.bias).astype(np.float64).reshape(-1) if linear.bias is not None else None
         sliced = loss(xx, xy, yy, keep, prior[keep], bias if bias is not None else np.zeros(xy.shape[1]))
-        energy = max(yy, 1e-30)
-        self.reports.append(HalfReport(name, int(equations.count), ridge, sliced / energy, fit.loss / energy))
+        refit = Refit(fit.weight, fit.bias)
+        after = fit.loss
         if linear.bias is None:  # no bias to put the fitted intercept into: refit without one
-            return Refit(solve_without_bias(equations, keep, prior[keep], ridge), None)
-        return Refit(fit.weight, fit.bias)
+            refit = Refit(solve_without_bias(equations, keep, prior[keep], ridge), None)
+            after = loss(xx, xy, yy, keep, refit.weight, np.zeros(xy.shape[1]))
+        energy = max(yy, 1e-30)
+        self.reports.append(HalfReport(name, int(equations.count), ridge, sliced / energy, after / energy))
+        return refit
 
