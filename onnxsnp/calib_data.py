@@ -40,9 +40,15 @@ def load_raw_calibration(model_path: str | Path, g: ModelGraph, request: TextCal
     model_path = Path(model_path)
     if isinstance(request, TextCalibration):
         ids_input = calib_text.TokenInputs.of(specs).ids.name
-        texts = choose(calib_text.read_texts(request.path, request.field), samples, seed)
+        texts = calib_text.read_texts(request.path, request.field)
         tokenizer = calib_text.find_tokenizer(model_path, request.tokenizer)
-        arrays = calib_text.tokenize(request, tokenizer, texts, specs, _vocabulary_size(g, ids_input))
+        if calib_text.is_language_model(specs):  # every text, `samples` windows of their token stream
+            arrays = calib_text.tokenize(request, tokenizer, texts, specs, _vocabulary_size(g, ids_input), samples)
+            windows, length = arrays[ids_input].shape
+            return RawCalibration(arrays, f"{request.path}: {windows} windows of {length} tokens "
+                                          f"({windows * length:,} tokens), tokenizer {tokenizer}")
+        arrays = calib_text.tokenize(request, tokenizer, choose(texts, samples, seed), specs,
+                                     _vocabulary_size(g, ids_input))
         return RawCalibration(arrays, f"{request.path}, tokenizer {tokenizer}")
     calib_images.require_pillow()
     image_input = ImageInput.of(specs)

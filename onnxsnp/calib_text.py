@@ -140,13 +140,49 @@ def _pad_token(tokenizer, folder: Path) -> tuple[int, str]:
     return 0, tokenizer.id_to_token(0) or "[PAD]"
 
 
+def is_language_model(specs: list[InputSpec]) -> bool:
+    """A model that takes a KV cache: a decoder LM, calibrated on windows of running text."""
+    return any(is_past_cache(spec) for spec in specs)
+
+
+def stream_windows(tokenizer, texts: list[str], length: int, count: int | None = None) -> np.ndarray:
+    """A language model's calibration: the texts as one token stream (each text followed by a
+    newline) cut into windows of `length` tokens, no padding; each window starts with the special
+    tokens the tokenizer puts first (Gemma's <bos>; none for most Llama tokenizers). `count`
+    windows spread evenly over the stream (all where None): a run of consecutive windows would
+    cover only the first part of the texts."""
+    probe = tokenizer.encode("a")
+    prefix = []
+    for token, special in zip(probe.ids, probe.special_tokens_mask):
+        if not special:
+            break
+        prefix.append(token)
+    stream = [token for encoded in tokenizer.encode_batch([text + "\n" for text in texts], add_special_tokens=False)
+              for token in encoded.ids]
+    body = length - len(prefix)
+    usable = len(stream) // body if body > 0 else 0
+    if usable == 0:
+        raise SnpError(f"the calibration texts make {len(stream)} tokens, fewer than one window of {length}")
+    chosen = usable if count is None else min(count, usable)
+    starts = np.unique(np.linspace(0, usable - 1, chosen).round().astype(int)) * body
+    return np.array([prefix + stream[start:start + body] for start in starts], np.int64)
+
+
 def tokenize(request: TextCalibration, tokenizer_path: Path, texts: list[str], specs: list[InputSpec],
-             vocabulary: int | None) -> dict[str, np.ndarray]:
-    """Token ids, and the mask and token types where the model takes them, keyed by input name."""
+             vocabulary: int | None, windows: int | None = None) -> dict[str, np.ndarray]:
+    """Token ids, and the mask and token types where the model takes them, keyed by input name; a
+    model with a KV cache gets `windows` windows of the texts' token stream (stream_windows)."""
     inputs = TokenInputs.of(specs)
     tokenizer = load_tokenizer(tokenizer_path)
     static = inputs.ids.shape[1] if isinstance(inputs.ids.shape[1], int) and inputs.ids.shape[1] > 0 else None
     length = static or request.max_length
+    if is_language_model(specs):  # windows of one token stream
+        ids = stream_windows(tokenizer, texts, length, windows)
+        _check_vocabulary(ids, vocabulary, tokenizer_path)
+        arrays = {inputs.ids.name: ids}
+        if inputs.mask is not None:
+            arrays[inputs.mask.name] = np.ones_like(ids)
+        return arrays
     pad_id, pad_token = _pad_token(tokenizer, tokenizer_path.parent)
     tokenizer.enable_truncation(max_length=length)
     tokenizer.enable_padding(length=static, pad_id=pad_id, pad_token=pad_token)
@@ -154,12 +190,16 @@ def tokenize(request: TextCalibration, tokenizer_path: Path, texts: list[str], s
     ids = np.array([e.ids for e in encoded])
     if ids.shape[1] == 0:
         raise SnpError(f"the tokenizer {tokenizer_path} makes no tokens from the texts in {request.path}")
-    if vocabulary is not None and ids.max() >= vocabulary:
-        raise SnpError(f"tokenizer {tokenizer_path} gives token id {ids.max()} but the model's embedding table "
-                       f"has {vocabulary} rows: not this model's tokenizer")
+    _check_vocabulary(ids, vocabulary, tokenizer_path)
     arrays = {inputs.ids.name: ids}
     if inputs.mask is not None:
         arrays[inputs.mask.name] = np.array([e.attention_mask for e in encoded])
     if inputs.types is not None:
         arrays[inputs.types.name] = np.array([e.type_ids for e in encoded])
     return arrays
+
+
+def _check_vocabulary(ids: np.ndarray, vocabulary: int | None, tokenizer_path: Path) -> None:
+    if vocabulary is not None and ids.max() >= vocabulary:
+        raise SnpError(f"tokenizer {tokenizer_path} gives token id {ids.max()} but the model's embedding table "
+                       f"has {vocabulary} rows: not this model's tokenizer")

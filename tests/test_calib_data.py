@@ -19,6 +19,7 @@ from onnxsnp.calib_data import ImageCalibration, TextCalibration, load_raw_calib
 from onnxsnp.calib_images import IMAGENET_MEAN, IMAGENET_STD, ImageInput, Resize, ResizeKind, preprocessing_for
 from onnxsnp.calibration import FilledInputWarning, InputSpec, input_specs, validate_calibration
 from onnxsnp.cli import main
+from onnxsnp.errors import SnpError
 from onnxsnp.graph import ModelGraph
 
 torch = pytest.importorskip("torch")
@@ -137,6 +138,25 @@ def test_text_file_tokenized_padded_to_the_longest_and_masked(text_model, tmp_pa
         assert mask[row].tolist() == [1] * len(expected) + [0] * (longest - len(expected))
     assert (types == 0).all()
     assert "texts.txt" in result.label and "tokenizer.json" in result.label
+
+
+def test_a_language_models_windows_cover_the_token_stream_evenly_each_after_the_tokenizers_prefix(tmp_path):
+    from onnxsnp.calib_text import stream_windows
+
+    tok = train_tokenizer(tmp_path / "tokenizer.json")
+    texts = SENTENCES * 4
+    stream = [t for e in tok.encode_batch([text + "\n" for text in texts], add_special_tokens=False) for t in e.ids]
+    cls, length = tok.token_to_id("[CLS]"), 9
+    body = length - 1  # the [CLS] the post-processor puts first starts every window; [SEP] (last) does not
+    every = stream_windows(tok, texts, length)
+    assert every.shape == (len(stream) // body, length) and (every[:, 0] == cls).all()
+    assert every[:, 1:].reshape(-1).tolist() == stream[:len(every) * body]  # no padding, nothing skipped
+    three = stream_windows(tok, texts, length, count=3)  # the first, the middle and the last window
+    middle = [k for k in range(len(every)) if (three[1] == every[k]).all()]
+    assert (three[0] == every[0]).all() and (three[2] == every[-1]).all()
+    assert len(middle) == 1 and abs(middle[0] - (len(every) - 1) / 2) <= 0.5
+    with pytest.raises(SnpError, match="fewer than one window"):
+        stream_windows(tok, ["short line"], 64)
 
 
 def test_max_length_truncates_and_samples_are_a_seeded_choice(text_model, tmp_path):

@@ -124,6 +124,7 @@ def test_genai_folder_in_gives_a_folder_out_that_onnxruntime_genai_generates_fro
     assert sorted(p.name for p in pruned.iterdir()) == sorted(p.name for p in folder.iterdir())
     data = json.loads(report.read_text())
     assert data["notes"] and "one head size" in data["notes"][0]
+    assert "24 windows of 128 tokens" in data["calibration"]  # a language model reads running text
     assert bool(data["requantized"]) == (precision == "int4")
     prompt = [5, 17, 42, 7]
     assert genai_generate(same, prompt, 16) == genai_generate(folder, prompt, 16)  # ratio 0: the same tokens

@@ -42,6 +42,7 @@ if "--code" in sys.argv:  # another checkout's onnxsnp (e.g. a worktree of an ol
 
 from decoders import step_feed  # noqa: E402
 
+from onnxsnp.calib_text import stream_windows  # noqa: E402
 from onnxsnp.options import make_options  # noqa: E402
 from onnxsnp.pipeline import prune_model  # noqa: E402
 
@@ -135,13 +136,13 @@ def gemma3(build: Path) -> Path:
     return model
 
 
-# builder, runs, page, title, the token each window starts with, (calibration, held-out) windows:
+# builder, runs, page, title, (calibration, held-out) windows:
 # fewer for Gemma 3, whose 262k-wide logits and 1.7 GB export take ~16 GB to prune on 8 windows
 NOTES = {"gemma3": "Gemma 3 270M's output projection over its 262,144-token vocabulary, which no option here "
                     "prunes, is most of a token's FLOPs, and its one key/value group and QK-norm leave only V in "
                     "its attention to cut: 25 % of every FFN and V width is 8 % of the FLOPs.\n\n"}
-MODELS = {"smollm2": (smollm2, RUNS, "DECODERS_REAL.md", "SmolLM2-135M", None, (128, 32)),
-          "gemma3": (gemma3, GEMMA3_RUNS, "DECODERS_GEMMA3.md", "Gemma 3 270M", "<bos>", (48, 16))}
+MODELS = {"smollm2": (smollm2, RUNS, "DECODERS_REAL.md", "SmolLM2-135M", (128, 32)),
+          "gemma3": (gemma3, GEMMA3_RUNS, "DECODERS_GEMMA3.md", "Gemma 3 270M", (48, 16))}
 
 
 def scores(model: onnx.ModelProto, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -171,19 +172,6 @@ def texts() -> tuple[list[str], list[str]]:
     return items[0::2], items[1::2]
 
 
-def windows(tokenizer, parts: list[str], count: int, bos: int | None = None) -> np.ndarray:
-    """`count` windows of WINDOW tokens, spread over the texts' token stream; with `bos`, each
-    window starts with that token (Gemma expects it first) and the texts carry none of their own."""
-    stream = [token for text in parts for token in tokenizer.encode(text, add_special_tokens=bos is None).ids]
-    length = WINDOW - (bos is not None)
-    usable = len(stream) // length
-    # evenly over the whole stream: a step rounded down to 1 took the first `count` windows, half
-    # the topics when count > usable / 2
-    starts = np.unique(np.linspace(0, usable - 1, min(count, usable)).round().astype(int)) * length
-    head = [bos] if bos is not None else []
-    return np.array([head + stream[start:start + length] for start in starts], np.int64)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="smollm2")
@@ -197,15 +185,15 @@ def main() -> None:
     args = parser.parse_args()
     from tokenizers import Tokenizer
 
-    build_model, default_runs, page, title, bos_token, (calibration_windows, heldout_windows) = MODELS[args.model]
+    build_model, default_runs, page, title, (calibration_windows, heldout_windows) = MODELS[args.model]
     out = args.out or ROOT / "docs" / page
     source = build_model(args.build)
     tokenizer = Tokenizer.from_file(str(source.parent / "tokenizer.json"))
     calibration_texts, heldout_texts = texts()
     count, held = (8, 4) if args.smoke else (args.calibration or calibration_windows, args.heldout or heldout_windows)
-    bos = tokenizer.token_to_id(bos_token) if bos_token else None
-    calibration = windows(tokenizer, calibration_texts, count, bos)
-    heldout = windows(tokenizer, heldout_texts, held, bos)
+    # what `--calib-text` makes of a text file for a model with a KV cache (Gemma's <bos> first in each)
+    calibration = stream_windows(tokenizer, calibration_texts, WINDOW, count)
+    heldout = stream_windows(tokenizer, heldout_texts, WINDOW, held)
     calib = {"input_ids": calibration, "attention_mask": np.ones_like(calibration)}
     runs = json.loads(args.runs) if args.runs else [r for r in default_runs if r[0] == "--ratio 0.25"] if args.smoke else default_runs
     reference_picked, reference = scores(onnx.load(str(source)), heldout)
