@@ -62,7 +62,8 @@ def _split(keywords: dict) -> tuple[dict, dict]:
     return keywords, raw
 
 
-def prune(model: Model, ratio: float = BY_NAME["ratio"].default, *, calib: Calibration = None, **keywords) -> tuple[onnx.ModelProto, Report]:
+def prune(model: Model, ratio: float = BY_NAME["ratio"].default, *, calib: Calibration = None,
+          **keywords) -> tuple[onnx.ModelProto, Report]:
     """Prune a transformer with SNP: (pruned model, Report). The input is not changed.
 
     `model`: an .onnx path (external data beside it) or a ModelProto. `ratio`: the fraction of

@@ -57,8 +57,8 @@ def _add_option(parser, spec: OptionSpec) -> None:
     """The argument of one option of option_schema (its help ends with the default)."""
     default = spec.plain_default
     extra = {"type": spec.cli_type, "choices": spec.allowed or None, "metavar": spec.metavar}
-    parser.add_argument(spec.flag, default=default, help=spec.help + ("" if default is None else f"; default {default}"),
-                        **{key: value for key, value in extra.items() if value is not None})
+    parser.add_argument(spec.flag, default=default, **{key: value for key, value in extra.items() if value is not None},
+                        help=spec.help + ("" if default is None else f"; default {default}"))
     if spec.off:
         value, text = spec.off
         parser.add_argument(f"--no-{spec.flag[2:]}", dest=spec.name, action="store_const", const=value, help=text)

@@ -172,10 +172,11 @@ OPTIONS: tuple[OptionSpec, ...] = (
                              "process. 1: this process, no Ray", value=int, metavar="N"),
     OptionSpec("ray_address", None, "run the --workers on this existing Ray cluster (e.g. auto, or ray://head:10001) "
                                     "instead of a Ray instance started for the run", value=str, metavar="ADDR"),
-    OptionSpec("batch_size", None, "samples per onnxruntime run over the calibration data (default: calibration.DEFAULT_BATCH; a fixed-batch model's own batch)",
+    OptionSpec("batch_size", None, "samples per onnxruntime run over the calibration data (default: "
+                                   "calibration.DEFAULT_BATCH; a fixed-batch model's own batch)",
                value=int, fronts=_API_ONLY),
-    OptionSpec("rescale_qk", True, "rescale the kept Q/K pairs by least squares where they are a choice of neurons (with --compensate lstsq)",
-               value=bool, fronts=_API_ONLY),
+    OptionSpec("rescale_qk", True, "rescale the kept Q/K pairs by least squares where they are a choice of neurons "
+                                   "(with --compensate lstsq)", value=bool, fronts=_API_ONLY),
     OptionSpec("progress", False, "say on stderr how long each stage takes (the CLI: unless -q)", value=bool,
                fronts=_API_ONLY),
     OptionSpec("measure_latency", True, "time the original and the pruned model for the report (the CLI: unless "

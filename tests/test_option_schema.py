@@ -75,11 +75,12 @@ def test_the_api_takes_exactly_the_schemas_names(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_every_flag_the_usage_page_names_exists():
+@pytest.mark.parametrize("page", [USAGE, ROOT / "README.md"], ids=lambda p: p.name)
+def test_every_flag_the_page_names_exists(page):
     flags = {s for parser in (_prune_parser(), _prune_parser(sweep=True), _inspect_parser())
              for action in parser._actions for s in action.option_strings}
     # a family such as --image-* is not a flag
-    named = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*[a-z](?![\w*-])", USAGE.read_text()))
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*[a-z](?![\w*-])", page.read_text()))
     assert named - flags == set()
 
 
