@@ -3,7 +3,6 @@
 an .npz file, a text file or an image folder."""
 from __future__ import annotations
 
-import inspect as _inspect
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,26 +10,34 @@ from types import SimpleNamespace
 import numpy as np
 import onnx
 
-from .calib_data import IMAGE_OPTIONS, TEXT_OPTIONS, load_raw_calibration, raw_request
+from .calib_data import load_raw_calibration, raw_request
 from .errors import SnpError
 from .graph import ModelGraph
 from .loading import LoadedModel, load_model
+from .option_schema import BY_NAME, Front, Group, names
 from .options import PruneOptions, make_options
 from .report import Report
 
 Model = onnx.ModelProto | str | os.PathLike
 Calibration = str | os.PathLike | dict[str, np.ndarray] | None
-_RAW = ("calib_text", "calib_images") + TEXT_OPTIONS + IMAGE_OPTIONS
-_OPTIONS = tuple(name for name in _inspect.signature(make_options).parameters if name != "ratio")
+_RAW = names(Front.API_PRUNE, Group.RAW)
 
 
-def options(ratio: float = 0.5, **keywords) -> PruneOptions:
+def _check(keywords: dict, front: Front, group: Group | None = None) -> None:
+    """SnpError naming every keyword `front` does not take (option_schema says what each takes)."""
+    taken = names(front, group)
+    unknown = sorted(set(keywords) - set(taken))
+    if unknown:
+        # a ratio or a target given to a sweep, whose budgets are its targets
+        what = "sweep takes no" if set(unknown) <= set(names(Front.API_PRUNE, group)) else "unknown"
+        raise SnpError(f"{what} option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                       f"the options are {', '.join(taken)}")
+
+
+def options(ratio: float = BY_NAME["ratio"].default, **keywords) -> PruneOptions:
     """The options of a prune from the command line's names as keywords (`qk_ratio=0.3`,
     `target_flops=0.6`, `compensate="bias"`, …); SnpError names a misspelt or bad one."""
-    unknown = sorted(set(keywords) - set(_OPTIONS))
-    if unknown:
-        raise SnpError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
-                       f"the options are ratio, {', '.join(_OPTIONS)}")
+    _check(keywords, Front.API_PRUNE, Group.PRUNE)
     return make_options(ratio, **keywords)
 
 
@@ -55,7 +62,8 @@ def _split(keywords: dict) -> tuple[dict, dict]:
     return keywords, raw
 
 
-def prune(model: Model, ratio: float = 0.5, *, calib: Calibration = None, **keywords) -> tuple[onnx.ModelProto, Report]:
+def prune(model: Model, ratio: float = BY_NAME["ratio"].default, *, calib: Calibration = None,
+          **keywords) -> tuple[onnx.ModelProto, Report]:
     """Prune a transformer with SNP: (pruned model, Report). The input is not changed.
 
     `model`: an .onnx path (external data beside it) or a ModelProto. `ratio`: the fraction of
@@ -76,6 +84,7 @@ def prune(model: Model, ratio: float = 0.5, *, calib: Calibration = None, **keyw
     Raises SnpError (one line) for a bad option, model or calibration."""
     from .pipeline import prune_model
 
+    _check(keywords, Front.API_PRUNE)
     keywords, raw = _split(dict(keywords))
     chosen = options(ratio, **keywords)
     model, calib, label = _calibration(model, calib, chosen, raw)
@@ -98,6 +107,7 @@ def sweep(model: Model, targets: tuple[float, ...] | list[float], out: str | os.
     goals = tuple(targets)
     if not goals:
         raise SnpError("give at least one target")
+    _check(keywords, Front.API_SWEEP)
     keywords, raw = _split(dict(keywords))
     first = options(**keywords, **{budgets[kind]: goals[0]})
     for goal in goals[1:]:  # every budget checked before any work

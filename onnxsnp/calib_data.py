@@ -18,12 +18,13 @@ from .calib_text import TextCalibration
 from .calibration import _vocabulary_size, input_specs
 from .errors import SnpError
 from .graph import ModelGraph
+from .option_schema import OPTIONS, Group, defaults
 
 __all__ = ["ImageCalibration", "RawCalibration", "TextCalibration", "load_raw_calibration", "raw_request"]
 
-TEXT_OPTIONS = ("text_field", "tokenizer", "max_length")
-IMAGE_OPTIONS = ("image_size", "image_crop", "image_scale", "image_mean", "image_std", "image_resample")
-RAW_DEFAULTS = {"text_field": "text", "max_length": 128}  # the other raw-data options default to None
+TEXT_OPTIONS = tuple(spec.name for spec in OPTIONS if spec.requires == "calib_text")
+IMAGE_OPTIONS = tuple(spec.name for spec in OPTIONS if spec.requires == "calib_images")
+RAW_DEFAULTS = {name: value for name, value in defaults(Group.RAW).items() if value is not None}
 
 
 @dataclass(frozen=True)

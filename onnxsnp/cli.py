@@ -13,10 +13,9 @@ import onnx
 
 from . import __version__
 from .errors import SnpError
-from .importance import CRITERIA
-from .options import Compensation, PruneOptions, make_options
+from .option_schema import BY_NAME, OPTIONS, Front, Group, OptionSpec, names
+from .options import PruneOptions, make_options
 from .sweeping import csv as sweep_csv, markdown as sweep_markdown, page as sweep_page, parse_goals, sweep as run_sweep
-from .reconstruction import Propagation, Reduction, Selection
 from .matching import Matches
 from .html import render as render_html
 from .loading import load_model
@@ -25,7 +24,6 @@ from .gate import check as check_gate, warnings_for as fidelity_warnings
 from .inspection import inspect_model
 from .pipeline import prune_model
 from .calib_data import RawCalibration, load_raw_calibration, raw_request
-from .calib_images import RESAMPLING
 from .progress import reporting, stage
 from .writing import data_file, write_model_atomically, write_text_atomically
 from .genai import GenaiFolder, genai_folder, pruned_config, write_folder
@@ -55,9 +53,21 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _add_option(parser, spec: OptionSpec) -> None:
+    """The argument of one option of option_schema (its help ends with the default)."""
+    default = spec.plain_default
+    extra = {"type": spec.cli_type, "choices": spec.allowed or None, "metavar": spec.metavar}
+    parser.add_argument(spec.flag, default=default, **{key: value for key, value in extra.items() if value is not None},
+                        help=spec.help + ("" if default is None else f"; default {default}"))
+    if spec.off:
+        value, text = spec.off
+        parser.add_argument(f"--no-{spec.flag[2:]}", dest=spec.name, action="store_const", const=value, help=text)
+
+
 def _prune_parser(sweep: bool = False) -> argparse.ArgumentParser:
     """The options of `onnxsnp IN OUT`; with `sweep`, those of `onnxsnp sweep IN --targets … --out DIR`
-    (the same, but budgets instead of one output, ratios and target)."""
+    (the same, but budgets instead of one output, ratios and target). option_schema declares the
+    options they share with the API and the Olive pass; the rest are the command line's own."""
     if sweep:
         parser = _Parser(prog="onnxsnp sweep", formatter_class=argparse.RawDescriptionHelpFormatter,
                          epilog=SWEEP_EXAMPLES,
@@ -81,70 +91,13 @@ def _prune_parser(sweep: bool = False) -> argparse.ArgumentParser:
         parser.add_argument("input", help="the ONNX model to prune, or an onnxruntime-genai folder (never modified)")
         parser.add_argument("output", help="where to write the pruned model, or the pruned folder (written only "
                                            "after it verified)")
-        parser.add_argument("--ratio", type=float, default=0.5,
-                            help="fraction of neurons removed from each group: Q/K pairs, V, FFN "
-                                 "(0 <= R < 1; default 0.5)")
-        parser.add_argument("--qk-ratio", type=float, help="override --ratio for query/key pairs")
-        parser.add_argument("--v-ratio", type=float, help="override --ratio for value neurons")
-        parser.add_argument("--ffn-ratio", type=float, help="override --ratio for FFN hidden neurons")
-    parser.add_argument("--heads", type=float, default=0.0,
-                        help="fraction of whole heads removed in every attention block, by their output on "
-                             "calibration data (0 <= R < 1; default 0); combines with the neuron ratios")
-    parser.add_argument("--residual", type=float, default=0.0,
-                        help="fraction of residual-stream channels removed everywhere in the stream (patch/cls/"
-                             "position embeddings, LayerNorms, every projection reading or writing it); 0 <= R < 1")
-    parser.add_argument("--residual-criterion", choices=("weights", "activation"), default="weights",
-                        help="how residual channels are scored: norms of the weights reading/writing them "
-                             "(default, measured better) or their RMS on calibration data")
-    parser.add_argument("--blocks", default="0", metavar="N|I,J",
-                        help="remove N whole transformer blocks, those that change the residual stream least on "
-                             "calibration data; or the blocks with indices I,J (0-based; '5,' for one)")
-    if not sweep:
-        parser.add_argument("--target-flops", metavar="F",
-                            help="instead of ratios: reach F FLOPs (a fraction of the original like 0.5, or an "
-                                 "absolute count), choosing how the cut is shared between Q/K, V and FFN by measured "
-                                 "fidelity")
-        parser.add_argument("--target-params", metavar="P", help="like --target-flops, for the parameter count")
-        parser.add_argument("--target-speedup", metavar="S",
-                            help="instead of ratios: run S times faster (S > 1) than the original, as predicted from "
-                                 "each node's time measured with onnxruntime on this machine (one thread)")
-        parser.add_argument("--target-latency", metavar="MS",
-                            help="like --target-speedup, for MS milliseconds per run of one sample (MS > 0)")
-    parser.add_argument("--align", type=int, default=1,
-                        help="round kept widths up to a multiple of this (e.g. 8 for fast kernels)")
-    parser.add_argument("--compensate", choices=[c.value for c in Compensation], default="lstsq",
-                        help="restore what pruning changes from calibration data: lstsq (default: block by block, "
-                             "the output projection and fc2 refitted so that the residual stream follows the "
-                             "original's), bias (the removed neurons' mean contribution folded into the bias) or none")
-    parser.add_argument("--reconstruct", choices=[p.value for p in Propagation], default="sequential",
-                        help="sequential (default): each block is refitted on the pruned model's own activations; "
-                             "one-shot: on the original model's; off: no block-by-block reconstruction, the faster "
-                             "one-pass refit of earlier versions")
-    parser.add_argument("--selection", choices=[s.value for s in Selection], default="obs",
-                        help="how V neurons, heads and FFN neurons are chosen with --compensate lstsq: obs (default: "
-                             "by the error the refit is left with) or criterion (by --criterion's scores)")
-    parser.add_argument("--reduction", choices=[r.value for r in Reduction], default="project",
-                        help="project (default): a head's kept Q/K pairs and V neurons become its best directions "
-                             "for the attention scores and the value path; select: a choice of its neurons "
-                             "(the paper's SNP; Q/K pairs rescaled)")
-    parser.add_argument("--no-compensate", dest="compensate", action="store_const", const="none",
-                        help="same as --compensate none (also skips the LayerNorm correction)")
-    parser.add_argument("--criterion", choices=CRITERIA, default="snp",
-                        help="neuron scoring: snp (default), snp-paper, l2 or random")
-    parser.add_argument("--calib", metavar="FILE.npz",
-                        help="calibration arrays keyed by model input name, first axis = samples "
-                             "(default: synthetic inputs, with a warning)")
-    parser.add_argument("--calib-samples", type=int, default=None,
-                        help="calibration samples to use (default: all given; 64 synthetic ones without data)")
-    _add_raw_calibration_arguments(parser)
-    parser.add_argument("--seed", type=int, default=0, help="seed for synthetic data and --criterion random")
-    parser.add_argument("--workers", type=int, default=1, metavar="N",
-                        help="hold the calibration batches of the block-by-block reconstruction on N Ray worker "
-                             "processes (1-4; needs pip install 'onnxsnp[ray]'); the result is the same as with one "
-                             "process. Default 1: this process, no Ray")
-    parser.add_argument("--ray-address", metavar="ADDR",
-                        help="run the --workers on this existing Ray cluster (e.g. auto, or ray://head:10001) "
-                             "instead of a Ray instance started for the run")
+    front = Front.CLI_SWEEP if sweep else Front.CLI_PRUNE
+    raw = parser.add_argument_group(
+        "calibration from raw data", "instead of --calib: texts through the model's tokenizer, or images through its "
+        "preprocessing (up to --calib-samples of them, a random choice by --seed where there are more)")
+    for spec in OPTIONS:
+        if front in spec.fronts:
+            _add_option(raw if spec.group is Group.RAW else parser, spec)
     if not sweep:
         parser.add_argument("--min-fidelity", type=float, metavar="X",
                             help="write nothing and exit 3 unless the held-back centred cosine (a language model: "
@@ -259,14 +212,8 @@ def _interrupt(signum, frame) -> None:
 
 def _options(args: argparse.Namespace, **chosen) -> PruneOptions:
     """The options of a prune or of one budget of a sweep (`chosen`: what differs)."""
-    values = dict(ratio=0.5, qk_ratio=None, v_ratio=None, ffn_ratio=None, target_flops=None, target_params=None,
-                  target_speedup=None, target_latency=None)
-    values.update({k: getattr(args, k) for k in values if hasattr(args, k)}, **chosen)
-    return make_options(values.pop("ratio"), **values, heads=args.heads, blocks=args.blocks, align=args.align,
-                        residual=args.residual, criterion=args.criterion, compensate=args.compensate,
-                        reconstruct=args.reconstruct, selection=args.selection, reduction=args.reduction,
-                        residual_criterion=args.residual_criterion, calib_samples=args.calib_samples, seed=args.seed,
-                        workers=args.workers, ray_address=args.ray_address, progress=not args.quiet,
+    values = {name: getattr(args, name) for name in names(Front.CLI_PRUNE, Group.PRUNE) if hasattr(args, name)}
+    return make_options(**values | chosen, progress=not args.quiet,
                         # latency is a report figure: not measured when no report is shown or written
                         measure_latency=bool(getattr(args, "report", None) or getattr(args, "html", None)
                                              or getattr(args, "out", None)) or not args.quiet)
@@ -356,43 +303,10 @@ def _run_prune(args: argparse.Namespace, written: list[Path]) -> int:
 
 # --- calibration from raw data: --calib-text, --calib-images (onnxsnp/calib_data.py) ----------------
 
-def _add_raw_calibration_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group(
-        "calibration from raw data", "instead of --calib: texts through the model's tokenizer, or images through its "
-        "preprocessing (up to --calib-samples of them, a random choice by --seed where there are more)")
-    group.add_argument("--calib-text", metavar="FILE",
-                       help="one text per line, or JSONL records (.jsonl, or lines that are JSON objects)")
-    group.add_argument("--text-field", default="text", metavar="NAME",
-                       help="the JSONL field holding the text (default: text)")
-    group.add_argument("--tokenizer", metavar="PATH",
-                       help="a tokenizers tokenizer.json or its folder (default: tokenizer.json beside IN)")
-    group.add_argument("--max-length", type=int, default=128, metavar="N",
-                       help="truncate texts to this many tokens where the model's sequence length is dynamic "
-                            "(default 128; padding goes to the longest text kept); a static length is always used")
-    group.add_argument("--calib-images", metavar="DIR",
-                       help="a folder of JPEG/PNG images (sub-folders too), preprocessed as preprocessor_config.json "
-                            "beside IN says, or as the flags below")
-    group.add_argument("--image-size", metavar="N|HxW",
-                       help="resize: N = shortest edge to N keeping the aspect, HxW = exactly (default: the config's, "
-                            "else the model's input size)")
-    group.add_argument("--image-crop", metavar="N|HxW",
-                       help="center crop after resizing (default: the config's, else none)")
-    group.add_argument("--image-scale", type=float, metavar="F",
-                       help="multiply pixel values 0..255 by F (default: the config's rescale_factor, else 1/255)")
-    group.add_argument("--image-mean", metavar="M[,M,M]",
-                       help="subtract per channel (default: the config's, else ImageNet's)")
-    group.add_argument("--image-std", metavar="S[,S,S]",
-                       help="then divide per channel (default: the config's, else ImageNet's)")
-    group.add_argument("--image-resample", choices=tuple(RESAMPLING),
-                       help="resize filter (default: the config's, else bilinear)")
-
-
 def _raw_calibration(args: argparse.Namespace, source: Path, model: onnx.ModelProto) -> RawCalibration | None:
-    request = raw_request(args, lambda name: f"--{name.replace('_', '-')}")
+    request = raw_request(args, lambda name: BY_NAME[name].flag)
     if request is None:
         return None
-    if isinstance(args.calib_samples, int) and args.calib_samples < 1:
-        raise SnpError(f"--calib-samples must be a positive integer, got {args.calib_samples!r}")
     return load_raw_calibration(source, ModelGraph(model), request, args.calib_samples, args.seed)
 
 

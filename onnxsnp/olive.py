@@ -7,19 +7,18 @@ added, so a workflow can put `{"type": "SnpPruning", ...}` between conversion an
     python -m onnxsnp.olive WORKFLOW.json                # runs the workflow with the pass known
     python -m onnxsnp.olive --package-config pkg.json    # or: olive run --config WORKFLOW.json --package-config pkg.json
 
-The pass takes the options of the command line (`ratio`, `qk_ratio`, …, `calib` an .npz,
-`calib_text`/`calib_images` raw data; relative paths are read from the working directory) and
+The pass takes the options of the command line (option_schema's with Front.OLIVE: `ratio`,
+`qk_ratio`, …, `calib` an .npz, `calib_text`/`calib_images` raw data; relative paths are read
+from the working directory) and
 writes the pruned model with Olive's external-data settings. A model onnxsnp cannot prune
 safely fails the pass with onnxsnp's one-line message.
 """
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 from olive.hardware.accelerator import AcceleratorSpec
 from olive.model import ONNXModelHandler
@@ -28,48 +27,16 @@ from olive.passes import Pass
 from olive.passes.onnx.common import get_external_data_config, model_proto_to_olive_model
 from olive.passes.pass_config import BasePassConfig, PassConfigParam
 
-from .calib_data import RAW_DEFAULTS, load_raw_calibration, raw_request
+from .calib_data import load_raw_calibration, raw_request
 from .errors import SnpError
 from .graph import ModelGraph
 from .loading import load_model
-from .options import make_options
+from .option_schema import OPTIONS, Front, Group
 from .api import prune
 
 PASS_NAME = "SnpPruning"
 
-_OPTIONS = (  # (name, type, help): the command line's options the pass takes
-    ("ratio", float, "fraction of Q/K pairs, V and FFN neurons removed in every layer"),
-    ("qk_ratio", Optional[float], "override ratio for query/key pairs"),
-    ("v_ratio", Optional[float], "override ratio for value neurons"),
-    ("ffn_ratio", Optional[float], "override ratio for FFN hidden neurons"),
-    ("heads", float, "fraction of whole heads also removed in every attention block"),
-    ("target_flops", Optional[float], "instead of ratios: FLOPs to reach (fraction or count)"),
-    ("target_params", Optional[float], "instead of ratios: parameters to reach"),
-    ("align", int, "round kept widths up to a multiple of this"),
-    ("criterion", str, "snp, snp-paper, l2 or random"),
-    ("compensate", str, "lstsq, bias or none"),
-    ("calib", Optional[str], "calibration .npz keyed by model input name"),
-    ("calib_text", Optional[str], "texts (lines or JSONL) through the model's tokenizer"),
-    ("text_field", str, "JSONL field holding the text"),
-    ("tokenizer", Optional[str], "tokenizer.json or its folder (default: beside the model)"),
-    ("max_length", int, "token limit where the sequence axis is dynamic"),
-    ("calib_images", Optional[str], "folder of JPEG/PNG images, preprocessed as the model expects"),
-    ("image_size", Optional[str], "resize: N (shortest edge) or HxW"),
-    ("image_crop", Optional[str], "center crop: N or HxW"),
-    ("image_mean", Optional[str], "per-channel mean, comma-separated"),
-    ("image_std", Optional[str], "per-channel std, comma-separated"),
-    ("image_scale", Optional[float], "multiply pixel values 0..255 by this"),
-    ("image_resample", Optional[str], "resize filter: nearest, bilinear, bicubic, …"),
-    ("calib_samples", Optional[int], "calibration samples used (default: all)"),
-    ("seed", int, "seed for synthetic data, sample choice and the random criterion"),
-)
-_DEFAULTS = {name: p.default for name, p in inspect.signature(make_options).parameters.items()} | RAW_DEFAULTS
-
-
-def _param(type_, name: str, description: str) -> PassConfigParam:
-    """A pass option with the default the command line and the API have (options.make_options,
-    calib_data's raw-data defaults): one place decides them."""
-    return PassConfigParam(type_=type_, default_value=_DEFAULTS.get(name), description=description)
+_OPTIONS = tuple(spec for spec in OPTIONS if Front.OLIVE in spec.fronts)
 
 
 class SnpPruning(Pass):
@@ -77,19 +44,17 @@ class SnpPruning(Pass):
 
     @classmethod
     def _default_config(cls, accelerator_spec: AcceleratorSpec) -> dict[str, PassConfigParam]:
-        return {name: _param(type_, name, description) for name, type_, description in _OPTIONS} | \
-            get_external_data_config()
+        # the defaults as a JSON config spells them (an Enum's value), so Olive's config hashes stay plain
+        return {spec.name: PassConfigParam(type_=spec.config_type, default_value=spec.plain_default,
+                                           description=spec.help) for spec in _OPTIONS} | get_external_data_config()
 
     def _run_for_config(self, model: ONNXModelHandler, config: type[BasePassConfig],
                         output_model_path: str) -> ONNXModelHandler:
         output_model_path = resolve_onnx_path(output_model_path, Path(model.model_path).name)
         try:
             calib = _calibration(config, Path(model.model_path))
-            pruned, _ = prune(model.model_path, ratio=config.ratio, qk_ratio=config.qk_ratio, v_ratio=config.v_ratio,
-                              ffn_ratio=config.ffn_ratio, heads=config.heads, target_flops=config.target_flops,
-                              target_params=config.target_params, align=config.align, criterion=config.criterion,
-                              compensate=config.compensate, calib=calib, calib_samples=config.calib_samples,
-                              seed=config.seed)
+            pruned, _ = prune(model.model_path, calib=calib, **{spec.name: getattr(config, spec.name)
+                                                                for spec in _OPTIONS if spec.group is Group.PRUNE})
         except SnpError as exc:
             raise ValueError(f"onnxsnp: {exc}") from None
         return model_proto_to_olive_model(pruned, output_model_path, config)

@@ -1,28 +1,20 @@
-"""Every option of a prune, checked in one place before any work (the CLI and the API share it)."""
+"""Every option of a prune, checked in one place before any work (the CLI, the API and the Olive pass
+share it; option_schema declares the options and their defaults)."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from enum import Enum
+from types import SimpleNamespace
 
 from .batches import Workers
 from .least_squares import FOLDS
 from .allocation import Target, parse_latency_target, parse_target
 from .errors import SnpError
 from .importance import CRITERIA
+from .option_schema import Compensation, Group, ResidualCriterion, defaults  # noqa: F401 (Compensation re-exported)
 from .plan import Ratios
 from .reconstruction import Propagation, Reduction, Selection
-
-
-class Compensation(Enum):
-    LSTSQ = "lstsq"  # block-by-block reconstruction (or, where the model cannot be cut into blocks, one-pass refits)
-    BIAS = "bias"  # the removed neurons' mean contribution folded into the next bias (one pass)
-    NONE = "none"
-
-
-class ResidualCriterion(Enum):
-    WEIGHTS = "weights"
-    ACTIVATION = "activation"
 
 
 SYNTHETIC_SAMPLES = 64  # synthetic calibration samples made when no data is given
@@ -30,61 +22,62 @@ SYNTHETIC_SAMPLES = 64  # synthetic calibration samples made when no data is giv
 
 @dataclass(frozen=True)
 class PruneOptions:
+    """The checked options of a prune (no defaults here: option_schema declares them, make_options fills them)."""
     ratios: Ratios
-    target: Target | None = None
-    criterion: str = "snp"  # one of importance.CRITERIA
-    compensation: Compensation = Compensation.LSTSQ
-    propagation: Propagation = Propagation.SEQUENTIAL
-    selection: Selection = Selection.OBS
-    reduction: Reduction = Reduction.PROJECT
-    residual_criterion: ResidualCriterion = ResidualCriterion.WEIGHTS
-    calib_samples: int | None = None  # None: every sample given (SYNTHETIC_SAMPLES without data)
-    seed: int = 0
-    batch_size: int | None = None
-    rescale_qk: bool = True
-    progress: bool = False
-    measure_latency: bool = True
-    one_head_size: bool = False  # every attention keeps the same heads and per-head width, Q/K = V (genai.py)
-    workers: Workers = Workers()  # where the reconstruction's calibration batches are held (distributed.py)
+    target: Target | None
+    criterion: str  # one of importance.CRITERIA
+    compensation: Compensation
+    propagation: Propagation
+    selection: Selection
+    reduction: Reduction
+    residual_criterion: ResidualCriterion
+    calib_samples: int | None  # None: every sample given (SYNTHETIC_SAMPLES without data)
+    seed: int
+    batch_size: int | None
+    rescale_qk: bool
+    progress: bool
+    measure_latency: bool
+    one_head_size: bool  # every attention keeps the same heads and per-head width, Q/K = V (genai.py)
+    workers: Workers  # where the reconstruction's calibration batches are held (distributed.py)
 
 
-def make_options(ratio: float = 0.5, *, qk_ratio: float | None = None, v_ratio: float | None = None,
-                 ffn_ratio: float | None = None, heads: float = 0.0, blocks: int | str | tuple[int, ...] = 0,
-                 align: int = 1, residual: float = 0.0, target_flops: float | str | None = None,
-                 target_params: float | str | None = None, target_speedup: float | str | None = None,
-                 target_latency: float | str | None = None, criterion: str = "snp",
-                 compensate: str | bool | Compensation = "lstsq", reconstruct: str | Propagation = "sequential",
-                 selection: str | Selection = "obs", reduction: str | Reduction = "project",
-                 residual_criterion: str | ResidualCriterion = "weights", calib_samples: int | None = None,
-                 seed: int = 0, batch_size: int | None = None, rescale_qk: bool = True, progress: bool = False,
-                 measure_latency: bool = True, one_head_size: bool = False, workers: int = 1,
-                 ray_address: str | None = None) -> PruneOptions:
-    """PruneOptions from plain values, or SnpError (one line) naming the bad one."""
-    if criterion not in CRITERIA:
-        raise SnpError(f"--criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
-    if calib_samples is not None and (isinstance(calib_samples, bool) or not isinstance(calib_samples, int)
-                                      or calib_samples < 1):
-        raise SnpError(f"--calib-samples must be a positive integer, got {calib_samples!r}")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise SnpError(f"batch size must be a positive integer, got {batch_size!r}")
-    if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= FOLDS:
+_DEFAULTS = defaults(Group.PRUNE)
+
+
+def make_options(ratio: float = _DEFAULTS["ratio"], **keywords) -> PruneOptions:
+    """PruneOptions from plain values named as in option_schema (`qk_ratio=0.3`, `compensate="bias"`;
+    unset ones take the schema's defaults), or SnpError (one line) naming the bad one."""
+    unknown = sorted(set(keywords) - set(_DEFAULTS))
+    if unknown:
+        raise SnpError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                       f"the options are {', '.join(_DEFAULTS)}")
+    v = SimpleNamespace(**(_DEFAULTS | keywords | {"ratio": ratio}))
+    if v.criterion not in CRITERIA:
+        raise SnpError(f"--criterion must be one of {', '.join(CRITERIA)}, got {v.criterion!r}")
+    if v.calib_samples is not None and (isinstance(v.calib_samples, bool) or not isinstance(v.calib_samples, int)
+                                        or v.calib_samples < 1):
+        raise SnpError(f"--calib-samples must be a positive integer, got {v.calib_samples!r}")
+    if v.batch_size is not None and (isinstance(v.batch_size, bool) or not isinstance(v.batch_size, int)
+                                     or v.batch_size < 1):
+        raise SnpError(f"batch size must be a positive integer, got {v.batch_size!r}")
+    if isinstance(v.workers, bool) or not isinstance(v.workers, int) or not 1 <= v.workers <= FOLDS:
         raise SnpError(f"--workers must be an integer from 1 to {FOLDS} (one per cross-validation fold of the "
-                       f"refits, so that the result is the one-process result), got {workers!r}")
-    if ray_address is not None and (not isinstance(ray_address, str) or not ray_address.strip()):
+                       f"refits, so that the result is the one-process result), got {v.workers!r}")
+    if v.ray_address is not None and (not isinstance(v.ray_address, str) or not v.ray_address.strip()):
         raise SnpError(f"--ray-address must be a Ray cluster address such as auto or ray://head:10001, "
-                       f"got {ray_address!r}")
-    if isinstance(compensate, bool):
-        compensate = "lstsq" if compensate else "none"
+                       f"got {v.ray_address!r}")
+    compensate = ("lstsq" if v.compensate else "none") if isinstance(v.compensate, bool) else v.compensate
     return PruneOptions(
-        ratios=resolve_ratios(ratio, qk_ratio, v_ratio, ffn_ratio, heads, blocks, align, residual),
-        target=resolve_target(target_flops, target_params, target_speedup, target_latency), criterion=criterion,
-        compensation=_member(Compensation, compensate, "--compensate"),
-        propagation=_member(Propagation, reconstruct, "--reconstruct"),
-        selection=_member(Selection, selection, "--selection"),
-        reduction=_member(Reduction, reduction, "--reduction"),
-        residual_criterion=_member(ResidualCriterion, residual_criterion, "--residual-criterion"),
-        calib_samples=calib_samples, seed=seed, batch_size=batch_size, rescale_qk=rescale_qk, progress=progress,
-        measure_latency=measure_latency, one_head_size=bool(one_head_size), workers=Workers(workers, ray_address))
+        ratios=resolve_ratios(v.ratio, v.qk_ratio, v.v_ratio, v.ffn_ratio, v.heads, v.blocks, v.align, v.residual),
+        target=resolve_target(v.target_flops, v.target_params, v.target_speedup, v.target_latency),
+        criterion=v.criterion, compensation=_member(Compensation, compensate, "--compensate"),
+        propagation=_member(Propagation, v.reconstruct, "--reconstruct"),
+        selection=_member(Selection, v.selection, "--selection"),
+        reduction=_member(Reduction, v.reduction, "--reduction"),
+        residual_criterion=_member(ResidualCriterion, v.residual_criterion, "--residual-criterion"),
+        calib_samples=v.calib_samples, seed=v.seed, batch_size=v.batch_size, rescale_qk=v.rescale_qk,
+        progress=v.progress, measure_latency=v.measure_latency, one_head_size=bool(v.one_head_size),
+        workers=Workers(v.workers, v.ray_address))
 
 
 def _member(kind: type[Enum], value, flag: str):

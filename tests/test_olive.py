@@ -162,19 +162,19 @@ def test_a_model_or_option_onnxsnp_refuses_fails_the_workflow(exported, tmp_path
 
 
 def test_the_pass_the_command_line_and_the_api_default_alike():
-    """One place decides each option's default (options.make_options, calib_data.RAW_DEFAULTS):
-    the Olive pass once took 64 calibration samples where the command line takes all."""
-    import inspect
-
-    from onnxsnp.calib_data import RAW_DEFAULTS
+    """option_schema decides each option's default: the Olive pass once took 64 calibration samples
+    where the command line takes all. The pass takes every option the schema gives it, with the
+    schema's type, and the command line's parser parses to the same values."""
     from onnxsnp.cli import _prune_parser
     from onnxsnp.olive import SnpPruning
-    from onnxsnp.options import make_options
+    from onnxsnp.option_schema import OPTIONS, Front
 
-    schema = {name: p.default for name, p in inspect.signature(make_options).parameters.items()} | RAW_DEFAULTS
+    config = SnpPruning._default_config(None)
     command_line = vars(_prune_parser().parse_args(["in.onnx", "out.onnx"]))
-    for name, param in SnpPruning._default_config(None).items():
-        if name in schema:
-            assert param.default_value == schema[name], name
-        if name in command_line and name != "ratio":  # the parser leaves ratio unset, meaning 0.5
-            assert command_line[name] == param.default_value, name
+    for spec in OPTIONS:
+        assert (spec.name in config) == (Front.OLIVE in spec.fronts), spec.name
+        if spec.name in config:
+            assert config[spec.name].default_value == spec.plain_default, spec.name
+            assert config[spec.name].type_ == spec.config_type, spec.name
+            if Front.CLI_PRUNE in spec.fronts:
+                assert command_line[spec.name] == config[spec.name].default_value, spec.name
