@@ -140,7 +140,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("calib", None, "calibration arrays keyed by model input name, first axis = samples (default: "
                               "synthetic inputs, with a warning)", value=str, group=Group.CALIB, metavar="FILE.npz"),
     OptionSpec("calib_samples", None, "calibration samples to use (default: all given; 64 synthetic ones without "
-                                      "data)", value=int),
+                                      "data); with --calib-text on a language model, windows of its token stream",
+               value=int),
     OptionSpec("calib_text", None, "one text per line, or JSONL records (.jsonl, or lines that are JSON objects)",
                value=str, group=Group.RAW, metavar="FILE"),
     OptionSpec("text_field", "text", "the JSONL field holding the text", value=str, group=Group.RAW,
@@ -148,7 +149,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("tokenizer", None, "a tokenizers tokenizer.json or its folder (default: tokenizer.json beside IN)",
                value=str, group=Group.RAW, metavar="PATH", requires="calib_text"),
     OptionSpec("max_length", 128, "truncate texts to this many tokens where the model's sequence length is dynamic "
-                                  "(padding goes to the longest text kept); a static length is always used",
+                                  "(padding goes to the longest text kept; a language model's windows are this "
+                                  "long); a static length is always used",
                value=int, group=Group.RAW, metavar="N", requires="calib_text"),
     OptionSpec("calib_images", None, "a folder of JPEG/PNG images (sub-folders too), preprocessed as "
                                      "preprocessor_config.json beside IN says, or as the --image-* options say",
