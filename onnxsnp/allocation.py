@@ -19,7 +19,7 @@ from .costs import CostKind, CostModel
 from .errors import SnpError
 from .importance import Scorer
 from .matching import Layer, Matches
-from .plan import PrunePlan, Ratios
+from .plan import AttentionWidth, PrunePlan, Ratios, Widths
 from . import units as units_of
 
 MAX_RATIO = 0.95
@@ -201,7 +201,6 @@ def allocate(curves: list, matches: Matches, units: list[UnitCosts], total: floa
     `heads_ratio` (--heads): that share of every block's heads removed first, and no more.
     Returns (reconstruction.Widths, predicted loss per block)."""
     from .plan import kept_count
-    from .reconstruction import AttentionWidth, Widths
 
     layers = matches.layers
     allow_heads = not heads_ratio

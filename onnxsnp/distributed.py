@@ -23,6 +23,7 @@ from onnx import numpy_helper
 from .calibration import without_initializers
 from .batches import AttentionSums, Shard, Slot, Workers, owner
 from .errors import SnpError
+from .halves import original_weights, plan_segments
 from .least_squares import FOLDS, NormalEquations
 from .threads import threads_for
 
@@ -68,7 +69,6 @@ class ShardWorker:
     def __init__(self, light: bytes, weights: dict[str, np.ndarray], sequential: bool, rank: int, count: int):
         from .graph import ModelGraph
         from .matching import find_blocks
-        from .reconstruction import original_weights, plan_segments
 
         g = ModelGraph(restored(light, weights))
         matches = find_blocks(g)  # deterministic: the driver's blocks, in the driver's order

@@ -19,7 +19,7 @@ import onnx
 
 from .errors import SnpError
 from .graph import attribute
-from .reconstruction import AttentionWidth, Widths
+from .plan import AttentionWidth, Widths
 from .writing import Moves, publish, write_model_atomically
 
 CONFIG = "genai_config.json"

@@ -11,7 +11,7 @@ from .graph import ModelGraph
 from .loading import load_model
 from .matching import Matches, NoMatch, find_blocks
 from .nbits import float_view
-from .reconstruction import plan_segments
+from .halves import plan_segments
 
 
 @dataclass(frozen=True)

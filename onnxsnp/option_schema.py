@@ -16,7 +16,7 @@ from typing import Optional, Union
 
 from .calib_images import RESAMPLING
 from .importance import CRITERIA
-from .reconstruction import Propagation, Reduction, Selection
+from .plan import Propagation, Reduction, Selection
 
 
 class Compensation(Enum):

@@ -14,7 +14,7 @@ from .errors import SnpError
 from .importance import CRITERIA
 from .option_schema import Compensation, Group, ResidualCriterion, defaults  # noqa: F401 (Compensation re-exported)
 from .plan import Ratios
-from .reconstruction import Propagation, Reduction, Selection
+from .plan import Propagation, Reduction, Selection
 
 
 SYNTHETIC_SAMPLES = 64  # synthetic calibration samples made when no data is given

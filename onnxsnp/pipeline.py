@@ -32,7 +32,9 @@ from .profiling import profile_nodes
 from .progress import Steps, reporting, stage
 from .batches import Shards
 from .heap import release_heap
-from .reconstruction import AttentionWidth, Propagation, Reconstruction, Reconstructor, Widths, plan_segments
+from .halves import plan_segments
+from .plan import AttentionWidth, Propagation, Widths
+from .reconstruction import Reconstruction, Reconstructor
 from .report import Report, block_reports, sensitivity_points, stats_fields
 from .rewriting import rewrite
 from .sensitivity import survey, survey_shard

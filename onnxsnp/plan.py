@@ -10,6 +10,7 @@ projection compensation puts the best few directions of a head into its first po
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 
 import numpy as np
 
@@ -115,3 +116,35 @@ def selection_map(kept: np.ndarray, head_dim: int, scales: np.ndarray | None = N
     rows = np.arange(heads)[:, None]
     result[rows, kept, np.arange(count)[None, :]] = 1.0 if scales is None else scales
     return result
+
+
+class Selection(Enum):
+    OBS = "obs"  # V neurons, heads and FFN neurons by the loss the refit is left with
+    CRITERION = "criterion"  # by the criterion's scores before the refit
+
+
+class Reduction(Enum):
+    PROJECT = "project"  # a head's kept Q/K pairs and V neurons hold its best few directions
+    SELECT = "select"  # they are a choice of its original neurons (SNP's Q/K pairs rescaled)
+
+
+class Propagation(Enum):
+    SEQUENTIAL = "sequential"  # each block sees the pruned model's own stream
+    ONE_SHOT = "one-shot"  # each block sees the original stream
+    OFF = "off"  # no reconstruction: the one-pass compensation (onepass.py) instead
+
+
+@dataclass(frozen=True)
+class AttentionWidth:
+    heads: int  # heads kept
+    qk: int  # Q/K pairs kept per head
+    v: int  # V neurons kept per head
+
+
+@dataclass(frozen=True)
+class Widths:
+    """What each block keeps: by attention block name, by FFN block name; removed layers."""
+
+    attention: dict[str, AttentionWidth]
+    ffn: dict[str, int]
+    removed_layers: tuple[int, ...] = ()

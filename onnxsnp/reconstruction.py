@@ -24,62 +24,28 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
 
 import numpy as np
 
 from .errors import SnpError
 from .graph import ModelGraph
 from . import units
-from .importance import (PairStatistics, input_weights, output_weights, query_key_tensors, redundancy,
-                         rotary_tables)
+from .halves import original_weights, plan_segments
+from .importance import PairStatistics, input_weights, output_weights, redundancy
 from .batches import LocalShards, Shard, Shards, Slot, Workers, merged_equations, merged_pairs, split_batches
 from .least_squares import (DEFAULT_RIDGE, NormalEquations, Obs, activation_norms, choose_ridge, loss, solve,
                             solve_without_bias)
-from .masking import Weights, attention_slots, ffn_slots
-from .matching import Layer, Matches, NoMatch
-from .matching.norms import branch_norm, rms_gain
-from .plan import AttentionKeep, FfnKeep, Refit, selection_map
+from .masking import Weights
+from .matching import Layer, Matches
+from .plan import (AttentionKeep, AttentionWidth, FfnKeep, Propagation, Reduction, Refit, Selection, Widths,
+                   selection_map)
 from .projection import project_pairs, project_values
-from .segments import Segment, SegmentRunner, cut
 from .softmax_metric import choose_pairs
 from .threads import small_linear_algebra, threads_for
 
 log = logging.getLogger("onnxsnp")
 
 QK_RIDGE = 1e-2  # for the Q/K rescale, relative to the mean diagonal of its system
-
-
-class Selection(Enum):
-    OBS = "obs"  # V neurons, heads and FFN neurons by the loss the refit is left with
-    CRITERION = "criterion"  # by the criterion's scores before the refit
-
-
-class Reduction(Enum):
-    PROJECT = "project"  # a head's kept Q/K pairs and V neurons hold its best few directions
-    SELECT = "select"  # they are a choice of its original neurons (SNP's Q/K pairs rescaled)
-
-
-class Propagation(Enum):
-    SEQUENTIAL = "sequential"  # each block sees the pruned model's own stream
-    ONE_SHOT = "one-shot"  # each block sees the original stream
-    OFF = "off"  # no reconstruction: the one-pass compensation (onepass.py) instead
-
-
-@dataclass(frozen=True)
-class AttentionWidth:
-    heads: int  # heads kept
-    qk: int  # Q/K pairs kept per head
-    v: int  # V neurons kept per head
-
-
-@dataclass(frozen=True)
-class Widths:
-    """What each block keeps: by attention block name, by FFN block name; removed layers."""
-
-    attention: dict[str, AttentionWidth]
-    ffn: dict[str, int]
-    removed_layers: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -102,76 +68,6 @@ class Reconstruction:
     halves: tuple[HalfReport, ...]
     samples: int
     tokens: int
-
-
-# what a residual join may hold: the Add, norms around it (written out or as one op), casts
-_JOIN_OPS = {"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Reciprocal", "ReduceMean", "Cast", "LayerNormalization",
-             "SimplifiedLayerNormalization", "RMSNormalization", "SkipLayerNormalization",
-             "SkipSimplifiedLayerNormalization"}
-_NORM_NODES = 2 * 11  # two written-out RMS/LayerNorms (a sandwich norm, then the next pre-norm)
-
-
-@dataclass
-class _Half:
-    segment: Segment
-    runner: SegmentRunner
-    join: SegmentRunner  # (branch, residual input) → the stream after the join
-    branch: str  # the sublayer's output, added to the stream at the join
-    residual: str  # the join's other input: the stream the sublayer read
-    projection_inputs: SegmentRunner | None = None  # stream → the inputs of q and k (attention)
-    branch_gain: tuple[np.ndarray, float] | None = None  # (γ, ε) of a norm on the branch before the Add
-
-
-def plan_segments(g: ModelGraph, matches: Matches) -> list[tuple[_Half, _Half]]:
-    """Attention and FFN halves of every transformer block, or NoMatch where the model cannot be
-    cut into consecutive blocks (then the one-pass compensation is used)."""
-    layers = matches.layers
-    if not layers:
-        raise NoMatch("no transformer block (attention + FFN on a residual stream) was found")
-    in_layers = {id(layer.attention) for layer in layers} | {id(layer.ffn) for layer in layers}
-    loose = [b.name for b in list(matches.attention) + list(matches.ffn) if id(b) not in in_layers]
-    if loose:
-        raise NoMatch(f"{loose[0]} is not part of a transformer block")
-    for before, after in zip(layers, layers[1:]):
-        if before.output != after.input:
-            raise NoMatch(f"something runs between {before.name} and {after.name}")
-    cuts = [layer.input for layer in layers] + [layer.middle for layer in layers] + [layers[-1].output]
-    halves = []
-    for layer in layers:
-        slots = attention_slots(layer.attention) + ffn_slots(layer.ffn)
-        pair = []
-        block = layer.attention
-        attention_capture = ([block.out.output, block.out.input] + query_key_tensors(block)
-                             + [s.tensor for s in block.frozen_scales] + rotary_tables(g, block))
-        for part, start, end, capture in (("attention", layer.input, layer.middle, attention_capture),
-                                          ("ffn", layer.middle, layer.output, [layer.ffn.fc2.output, layer.ffn.fc2.input])):
-            name = f"{layer.name} ({part})"
-            segment = cut(g, name, [start], [end], cuts, slots)
-            branch = capture[0]
-            join = cut(g, f"{name} join", [branch, start], [end], cuts)
-            # the legacy exporter routes a norm's weights through Identity nodes: they are no work;
-            # Gemma 3 and OLMo 2 normalise the branch before the Add (a written-out RMSNorm)
-            work = [g.node(n).op_type for n in join.nodes if g.node(n).op_type not in ("Identity", "Constant")]
-            if len(work) > 3 + _NORM_NODES or join.slots or not set(work) <= _JOIN_OPS:
-                raise NoMatch(f"{name}: the residual join is more than an Add and normalisations")
-            gain = None
-            if (norm := branch_norm(g, branch)) is not None and (gain := rms_gain(g, norm)) is None:
-                raise NoMatch(f"{name}: the norm on its output before the residual Add is not an RMS norm")
-            pair.append(_Half(segment, SegmentRunner(g, segment, capture), SegmentRunner(g, join), branch, start,
-                              branch_gain=gain))
-        inputs = list(dict.fromkeys([block.q.input, block.k.input]))
-        norm = cut(g, f"{layer.name} (q, k inputs)", [layer.input], inputs, cuts)
-        if norm.slots or len([n for n in norm.nodes if g.node(n).op_type != "Constant"]) > 12:
-            raise NoMatch(f"{layer.name}: more than a normalisation between the stream and q, k")
-        pair[0].projection_inputs = SegmentRunner(g, norm) if norm.nodes or norm.renorms else None
-        halves.append(tuple(pair))
-    return halves
-
-
-def original_weights(g: ModelGraph, halves: list[tuple[_Half, _Half]]) -> dict[Slot, np.ndarray]:
-    """The original value of every slot the half-blocks' segments read."""
-    weights = Weights(g, [s for a, f in halves for s in a.segment.slots + f.segment.slots])
-    return {slot: weights.original(slot) for slot in weights.values}
 
 
 class Reconstructor:

@@ -22,7 +22,7 @@ import onnx
 
 from .calibration import Weights, fitted, session
 from .errors import SnpError
-from .reconstruction import Widths
+from .plan import Widths
 from .verification import interleaved_medians
 
 log = logging.getLogger("onnxsnp")

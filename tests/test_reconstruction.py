@@ -11,10 +11,10 @@ from onnxsnp.calibration import Runner
 from onnxsnp.graph import ModelGraph
 from onnxsnp.importance import PairStatistics
 from onnxsnp.matching import find_blocks
-from onnxsnp.plan import PrunePlan
+from onnxsnp.halves import plan_segments
+from onnxsnp.plan import AttentionWidth, PrunePlan, Propagation, Widths
 from onnxsnp.projection import project_pairs
-from onnxsnp.reconstruction import (AttentionWidth, Propagation, Reconstructor, Widths,
-                                    plan_segments)
+from onnxsnp.reconstruction import Reconstructor
 from onnxsnp.rewriting import rewrite
 
 DIGITS = ROOT / "models" / "digits_vit.onnx"

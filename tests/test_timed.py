@@ -5,7 +5,7 @@ import math
 import pytest
 
 from onnxsnp.errors import SnpError
-from onnxsnp.reconstruction import AttentionWidth, Widths
+from onnxsnp.plan import AttentionWidth, Widths
 from onnxsnp.timed import ROUNDS, TOLERANCE, timed_widths
 
 ORIGINAL_MS = 100.0
