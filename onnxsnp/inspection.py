@@ -10,6 +10,7 @@ from .genai import genai_folder
 from .graph import ModelGraph
 from .loading import load_model
 from .matching import Matches, NoMatch, find_blocks
+from .dynamic import dynamic_view
 from .nbits import float_view
 from .reconstruction import plan_segments
 
@@ -24,7 +25,9 @@ def inspect_model(path: str | os.PathLike) -> Inspection:
     folder = genai_folder(path)
     model = load_model(folder.model_file if folder is not None else path).model
     view = float_view(model)  # MatMulNBits read as float, a final norm's sum exposed, as a prune reads them
-    g = ModelGraph(expose_stream_sums(view.model if view is not None else model))
+    read = view.model if view is not None else model
+    dynamic = dynamic_view(read)  # quantize_dynamic's layers read as DequantizeLinear → MatMul
+    g = ModelGraph(expose_stream_sums(dynamic.model if dynamic is not None else read))
     matches = find_blocks(g)
     try:
         plan_segments(g, matches)

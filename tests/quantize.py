@@ -94,3 +94,12 @@ def quantize_static_qdq(source, target, inputs: list[dict[str, np.ndarray]], per
     quantize_static(str(source), str(target), calibration_reader(inputs), quant_format=QuantFormat.QDQ,
                     per_channel=per_channel)
     return target
+
+
+def quantize_dynamic_int8(source, target, per_channel: bool, reduce_range: bool = False):
+    """onnxruntime's quantize_dynamic (int8 weights, DynamicQuantizeLinear → MatMulInteger)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(source), str(target), per_channel=per_channel, reduce_range=reduce_range,
+                     weight_type=QuantType.QInt8)
+    return target
