@@ -12,6 +12,7 @@ from .loading import load_model
 from .matching import Matches, NoMatch, find_blocks
 from .dynamic import dynamic_view
 from .nbits import float_view
+from .quant_form import QuantForm, quantized_form, unsupported
 from .reconstruction import plan_segments
 
 
@@ -19,6 +20,9 @@ from .reconstruction import plan_segments
 class Inspection:
     matches: Matches
     reconstruction: str | None  # why the block-by-block reconstruction cannot run (None: it can)
+    form: QuantForm = QuantForm.FLOAT  # the quantized form the model is in
+    granularity: str | None = None  # its weights' scales: per tensor or per channel
+    unsupported: str | None = None  # why that form cannot be pruned, naming a node
 
 
 def inspect_model(path: str | os.PathLike) -> Inspection:
@@ -34,4 +38,5 @@ def inspect_model(path: str | os.PathLike) -> Inspection:
         why = None
     except NoMatch as reason:
         why = str(reason)
-    return Inspection(matches, why)
+    form, granularity = quantized_form(model)
+    return Inspection(matches, why, form, granularity, unsupported(model))

@@ -23,6 +23,7 @@ from .decoding import expose_stream_sums, kv_cache_bytes
 from .genai import NOTE as GENAI_NOTE, one_head_size
 from .dynamic import DynamicView, dynamic_view
 from .nbits import FloatView, float_view
+from .quant_form import unsupported
 from .matching import Matches, NoMatch, find_blocks
 from .observation import Observed, observe, verify
 from .onepass import make_plan, one_pass, score  # noqa: F401 (make_plan, score: the API's plan without compensation)
@@ -102,6 +103,8 @@ def prepare(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel, op
              len(matches.attention), len(matches.ffn), len(matches.layers), len(matches.skipped), _since(started))
     for skipped in matches.skipped:
         log.debug("skipped %s at %s: %s", skipped.kind, skipped.where, skipped.reason)
+    if not matches.attention and unsupported(model) is not None:
+        raise SnpError(f"no prunable attention found ({unsupported(model)})")
     if not matches.attention:
         why = "; ".join(f"{s.where}: {s.reason}" for s in matches.skipped if s.kind == "attention")[:300]
         raise SnpError("no prunable attention found" + (f" ({why})" if why else " (no Softmax over Q·Kᵀ)"))
