@@ -22,6 +22,7 @@ from .loading import load_model
 from .gate import GATE_EXIT, FidelityGate, GateFailed
 from .gate import check as check_gate, warnings_for as fidelity_warnings
 from .inspection import inspect_model
+from .quant_form import QuantForm
 from .pipeline import prune_model
 from .calib_data import RawCalibration, load_raw_calibration, raw_request
 from .progress import reporting, stage
@@ -138,7 +139,9 @@ def matches_json(inspection) -> dict:
                     for f in matches.ffn],
             "layers": [layer.name for layer in matches.layers],
             "skipped": [{"kind": s.kind, "where": s.where, "reason": s.reason} for s in matches.skipped],
-            "reconstruction": inspection.reconstruction or "yes"}
+            "reconstruction": inspection.reconstruction or "yes",
+            "quantized_form": inspection.form.name.lower(), "weights": inspection.granularity,
+            "unsupported": inspection.unsupported}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:
                 print(json.dumps(matches_json(inspection), indent=1))
             else:
+                if inspection.form != QuantForm.FLOAT:
+                    print(f"quantized form: {inspection.form.value}"
+                          + (f", weights {inspection.granularity}" if inspection.granularity else ""))
+                if inspection.unsupported:
+                    print(f"cannot prune this form: {inspection.unsupported}")
                 print(format_matches(inspection.matches))
                 print("block-by-block reconstruction (--compensate lstsq): "
                       + ("yes" if inspection.reconstruction is None else f"no, the one-pass refit runs instead: "

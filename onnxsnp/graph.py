@@ -183,7 +183,7 @@ def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
 # Ops whose output is itself a constant when all their inputs are (what an optimizer may have
 # left unfolded: a scale computed from constants, a weight dequantized at run time).
 _FOLDABLE = {"Cast", "Sqrt", "Reciprocal", "Neg", "Mul", "Div", "Add", "Sub", "Pow", "Transpose", "DequantizeLinear",
-             "Gather"}
+             "QuantizeLinear", "Gather"}  # QuantizeLinear: a static QDQ model's constant scale passes a QDQ pair
 
 
 def _fold(node: onnx.NodeProto, inputs: list[np.ndarray | None]) -> np.ndarray | None:
@@ -199,6 +199,8 @@ def _fold(node: onnx.NodeProto, inputs: list[np.ndarray | None]) -> np.ndarray |
         return np.take(first, inputs[1], axis=attribute(node, "axis", 0))
     if op == "DequantizeLinear":
         return _dequantize(node, inputs)
+    if op == "QuantizeLinear":
+        return _quantize(node, inputs)
     if op == "Div" and not np.issubdtype(first.dtype, np.floating):
         return None  # integer division truncates in ONNX, floors in numpy
     if op == "Pow":
@@ -217,6 +219,18 @@ def _dequantize(node: onnx.NodeProto, inputs: list[np.ndarray | None]) -> np.nda
         shape[attribute(node, "axis", 1)] = scale.size
         scale, zero = scale.reshape(shape), zero.reshape(shape)
     return ((x.astype(np.int64) - zero.astype(np.int64)) * scale).astype(scale.dtype)
+
+
+def _quantize(node: onnx.NodeProto, inputs: list[np.ndarray | None]) -> np.ndarray | None:
+    """round(x / scale) + zero point, saturated to the zero point's integer type (uint8 without
+    one); per tensor only (ties to even, as ONNX and numpy both round)."""
+    x, scale = inputs[0], inputs[1]
+    zero = inputs[2] if len(inputs) > 2 and inputs[2] is not None else np.zeros((), np.uint8)
+    if scale.size != 1 or zero.size != 1 or not np.issubdtype(zero.dtype, np.integer) or \
+            attribute(node, "output_dtype", 0) or attribute(node, "saturate", 1) != 1:
+        return None
+    info = np.iinfo(zero.dtype)
+    return np.clip(np.round(x / scale) + zero.astype(np.int64), info.min, info.max).astype(zero.dtype)
 
 
 def attribute(node: onnx.NodeProto, name: str, default=None):

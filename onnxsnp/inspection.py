@@ -10,25 +10,33 @@ from .genai import genai_folder
 from .graph import ModelGraph
 from .loading import load_model
 from .matching import Matches, NoMatch, find_blocks
+from .dynamic import dynamic_view
 from .nbits import float_view
 from .halves import plan_segments
+from .quant_form import QuantForm, quantized_form, unsupported
 
 
 @dataclass(frozen=True)
 class Inspection:
     matches: Matches
     reconstruction: str | None  # why the block-by-block reconstruction cannot run (None: it can)
+    form: QuantForm = QuantForm.FLOAT  # the quantized form the model is in
+    granularity: str | None = None  # its weights' scales: per tensor or per channel
+    unsupported: str | None = None  # why that form cannot be pruned, naming a node
 
 
 def inspect_model(path: str | os.PathLike) -> Inspection:
     folder = genai_folder(path)
     model = load_model(folder.model_file if folder is not None else path).model
     view = float_view(model)  # MatMulNBits read as float, a final norm's sum exposed, as a prune reads them
-    g = ModelGraph(expose_stream_sums(view.model if view is not None else model))
+    read = view.model if view is not None else model
+    dynamic = dynamic_view(read)  # quantize_dynamic's layers read as DequantizeLinear → MatMul
+    g = ModelGraph(expose_stream_sums(dynamic.model if dynamic is not None else read))
     matches = find_blocks(g)
     try:
         plan_segments(g, matches)
         why = None
     except NoMatch as reason:
         why = str(reason)
-    return Inspection(matches, why)
+    form, granularity = quantized_form(model)
+    return Inspection(matches, why, form, granularity, unsupported(model))

@@ -21,7 +21,9 @@ from .importance import Scorer
 from .loading import LoadedModel, load_model, weight_bytes
 from .decoding import expose_stream_sums, kv_cache_bytes
 from .genai import NOTE as GENAI_NOTE, one_head_size
+from .dynamic import DynamicView, dynamic_view
 from .nbits import FloatView, float_view
+from .quant_form import unsupported
 from .matching import Matches, NoMatch, find_blocks
 from .observation import Observed, observe, verify
 from .onepass import make_plan, one_pass, score  # noqa: F401 (make_plan, score: the API's plan without compensation)
@@ -83,6 +85,7 @@ class Prepared:
     release_memory: Callable[[], None]
     started: float
     view: FloatView | None  # MatMulNBits read as float MatMuls: quantized again after the rewrite
+    dynamic: DynamicView | None = None  # quantize_dynamic's layers read as DequantizeLinear → MatMul: made dynamic again
 
 
 def prepare(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel, options: PruneOptions, *,
@@ -94,12 +97,16 @@ def prepare(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel, op
     release_memory = _memory_releaser(weight_bytes(model))
     with stage("matching attention and FFN blocks"):
         view = float_view(model)  # MatMulNBits weights read as float MatMuls, quantized again at the end (nbits.py)
-        g = ModelGraph(expose_stream_sums(view.model if view is not None else model))
+        read = view.model if view is not None else model
+        dynamic = dynamic_view(read)  # quantize_dynamic's layers read as DequantizeLinear → MatMul (dynamic.py)
+        g = ModelGraph(expose_stream_sums(dynamic.model if dynamic is not None else read))
         matches = find_blocks(g)
     log.info("loaded and matched: %d attention, %d FFN, %d transformer blocks, %d skipped (%s)",
              len(matches.attention), len(matches.ffn), len(matches.layers), len(matches.skipped), _since(started))
     for skipped in matches.skipped:
         log.debug("skipped %s at %s: %s", skipped.kind, skipped.where, skipped.reason)
+    if not matches.attention and unsupported(model) is not None:
+        raise SnpError(f"no prunable attention found ({unsupported(model)})")
     if not matches.attention:
         why = "; ".join(f"{s.where}: {s.reason}" for s in matches.skipped if s.kind == "attention")[:300]
         raise SnpError("no prunable attention found" + (f" ({why})" if why else " (no Softmax over Q·Kᵀ)"))
@@ -117,7 +124,7 @@ def prepare(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel, op
     release_memory()
     log.info("observed the input model on %d held-back samples (%s)", _count(holdout_feed), _since(started))
     return Prepared(model, external, g, matches, calib_label or source, fit_feed, holdout_feed, batch, fixed,
-                    calib_stage.token_mask_input(specs), probes, observed, release_memory, started, view)
+                    calib_stage.token_mask_input(specs), probes, observed, release_memory, started, view, dynamic)
 
 
 def finish(prepared: Prepared, options: PruneOptions, work: ReconstructionWork | None = None) -> PruneResult:
@@ -166,6 +173,8 @@ def finish(prepared: Prepared, options: PruneOptions, work: ReconstructionWork |
         if pruned is None:
             pruned = rewrite(g, plan)
             release_memory()
+        if p.dynamic is not None:
+            pruned = p.dynamic.requantize(pruned)
         if p.view is not None:
             pruned = p.view.requantize(pruned)
         check_structure(pruned)

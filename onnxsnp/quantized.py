@@ -133,7 +133,7 @@ def requantized(chain: Chain, values: np.ndarray, editor) -> tuple[gs.Tensor, np
     scheme = _scheme(chain, values.ndim)
     if scheme is None or source.ndim != values.ndim:
         return None
-    info = np.iinfo(source.dtype)
+    low_q, high_q = _integer_range(source)
     scale_node, scale_index = chain.nodes[scheme.scale[0]], scheme.scale[1]
     scale_old = constant_value(scale_node.inputs[scale_index])
     zero_old = None if scheme.zero is None else constant_value(chain.nodes[scheme.zero[0]].inputs[scheme.zero[1]])
@@ -141,12 +141,12 @@ def requantized(chain: Chain, values: np.ndarray, editor) -> tuple[gs.Tensor, np
     low = np.minimum(values.min(axis=others, keepdims=True), 0).astype(np.float64)
     high = np.maximum(values.max(axis=others, keepdims=True), 0).astype(np.float64)
     if zero_old is not None and np.any(zero_old != 0):  # asymmetric: the range maps onto [qmin, qmax]
-        scale = np.where(high > low, (high - low) / (info.max - info.min), 1.0)
-        zero = np.clip(np.round(info.min - low / scale), info.min, info.max)
+        scale = np.where(high > low, (high - low) / (high_q - low_q), 1.0)
+        zero = np.clip(np.round(low_q - low / scale), low_q, high_q)
     else:  # symmetric around zero
-        scale = np.maximum(np.maximum(-low, high) / info.max, np.finfo(np.float32).tiny)
+        scale = np.maximum(np.maximum(-low, high) / high_q, np.finfo(np.float32).tiny)
         zero = np.zeros_like(scale)
-    quantized = np.clip(np.round(values / scale) + zero, info.min, info.max)
+    quantized = np.clip(np.round(values / scale) + zero, low_q, high_q)
     computed = ((quantized - zero) * scale).astype(values.dtype)
     replace = {scheme.scale: scale.reshape(scale_old.shape).astype(scale_old.dtype)}
     if scheme.zero is not None:
@@ -158,6 +158,18 @@ def requantized(chain: Chain, values: np.ndarray, editor) -> tuple[gs.Tensor, np
                   else tensor for index, tensor in enumerate(node.inputs)]
         current = _copy(editor, node, inputs)
     return current, computed
+
+
+def _integer_range(source: np.ndarray) -> tuple[int, int]:
+    """The integer range the original weights use: the type's, or its lower 7 bits where every
+    value fits them — onnxruntime's reduce_range, which keeps u8·s8 pair sums from saturating in
+    the AVX2 kernels, so values quantized again must stay in it too."""
+    info = np.iinfo(source.dtype)
+    if source.size >= 64:  # too few values say nothing about the range they were drawn from
+        low, high = (-64, 64) if info.min < 0 else (0, 127)  # onnxruntime's reduced int8 range is symmetric
+        if source.min() >= low and source.max() <= high:
+            return low, high
+    return int(info.min), int(info.max)
 
 
 def rescaled(chain: Chain, axis: int, columns: np.ndarray, factors: np.ndarray, editor) -> gs.Tensor | None:

@@ -70,3 +70,36 @@ def quantize_weights(model: onnx.ModelProto, style: str) -> onnx.ModelProto:
     if kind == "dq" and max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) < 13:
         raise ValueError("per-channel DequantizeLinear needs opset 13")
     return model
+
+
+def calibration_reader(inputs: list[dict[str, np.ndarray]]):
+    """onnxruntime's CalibrationDataReader over a list of feeds."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.left = iter(inputs)
+
+        def get_next(self):
+            return next(self.left, None)
+
+    return Reader()
+
+
+def quantize_static_qdq(source, target, inputs: list[dict[str, np.ndarray]], per_channel: bool):
+    """onnxruntime's quantize_static in QDQ format with its defaults (uint8 activations, int8
+    weights), per tensor or per channel, calibrated on `inputs`."""
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    quantize_static(str(source), str(target), calibration_reader(inputs), quant_format=QuantFormat.QDQ,
+                    per_channel=per_channel)
+    return target
+
+
+def quantize_dynamic_int8(source, target, per_channel: bool, reduce_range: bool = False):
+    """onnxruntime's quantize_dynamic (int8 weights, DynamicQuantizeLinear → MatMulInteger)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(source), str(target), per_channel=per_channel, reduce_range=reduce_range,
+                     weight_type=QuantType.QInt8)
+    return target

@@ -362,7 +362,7 @@ def _selected_part(g: ModelGraph, node: onnx.NodeProto, tensor: str) -> int:
 
 def _forward_to_linear(g: ModelGraph, tensor: str) -> tuple[Linear, list[onnx.NodeProto]]:
     path: list[onnx.NodeProto] = []
-    for _ in range(8):
+    while len([n for n in path if n.op_type not in _QDQ]) < 8:  # a static QDQ model's pairs are not counted
         linear = linear_reading(g, tensor)
         if linear is not None:
             return linear, path

@@ -2,7 +2,10 @@
 
 The product is a MatMul, a Gemm or com.microsoft.FusedMatMul (transB read as a transposed
 weight); the bias is the Gemm's C, an Add after the product, or the bias input of a
-BiasGelu/FastGelu that follows it. Around a 2-D product, onnxruntime's optimizer leaves
+BiasGelu/FastGelu that follows it. A static QDQ model (onnxruntime's quantize_static) puts a
+per-tensor QuantizeLinear → DequantizeLinear pair on the product's output before the bias Add:
+one scale for every channel, so the pair stays valid for a narrower output and the Add is still
+the layer's bias. Around a 2-D product, onnxruntime's optimizer leaves
 Reshapes that flatten the tokens before it and restore them after it: they belong to the
 layer, and their last entry holds its width (`Linear.in_reshape`/`out_reshape`).
 """
@@ -27,9 +30,10 @@ def linear_at(g: ModelGraph, node: onnx.NodeProto) -> Linear | None:
     if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
         bias_node, bias, bias_index = node.name, node.input[2], 2
     elif node.op_type != "Gemm":
-        after = g.consumers_of(output)
+        product_output = _after_qdq(g, output)
+        after = g.consumers_of(product_output)
         if len(after) == 1 and after[0].op_type == "Add":
-            index = _bias_index(g, after[0], output, out_features)
+            index = _bias_index(g, after[0], product_output, out_features)
             if index is not None:
                 bias_node, bias, bias_index, output = after[0].name, after[0].input[index], index, after[0].output[0]
     source, in_reshape = _before_flatten(g, node.input[0], in_features)
@@ -44,7 +48,8 @@ def linear_producing(g: ModelGraph, tensor: str) -> Linear | None:
     if node is not None and node.op_type == "Reshape":  # maybe the token dims restored after a 2-D product
         node = g.producer_of(node.input[0])
     if node is not None and node.op_type == "Add":
-        node = next((p for p in map(g.producer_of, node.input) if p is not None and p.op_type in _PRODUCTS), None)
+        node = next((p for p in (g.producer_of(_before_qdq(g, t)) for t in node.input)
+                     if p is not None and p.op_type in _PRODUCTS), None)
     if node is None or node.op_type not in _PRODUCTS:
         return None
     linear = linear_at(g, node)
@@ -106,6 +111,36 @@ def _product(g: ModelGraph, node: onnx.NodeProto) -> tuple[str, bool, int, int] 
         if bias is None or bias.size != out_features or bias.ndim > 1:
             return None  # a broadcast or run-time C cannot follow a sliced output
     return node.input[1], transposed, int(in_features), int(out_features)
+
+
+def per_tensor_qdq(g: ModelGraph, node: onnx.NodeProto | None, op: str) -> bool:
+    """Is `node` a QuantizeLinear/DequantizeLinear (`op`) of an activation with one scale and zero
+    point? Such a node is element-wise with the same step for every channel."""
+    if node is None or node.op_type != op or g.is_constant(node.input[0]):
+        return False
+    return all(g.constant(t) is not None and g.constant(t).size == 1 for t in node.input[1:3] if t)
+
+
+def _after_qdq(g: ModelGraph, tensor: str) -> str:
+    """The output of the activation QDQ pair that is `tensor`'s only reader, else `tensor`."""
+    readers = g.consumers_of(tensor)
+    if len(readers) != 1 or not per_tensor_qdq(g, readers[0], "QuantizeLinear") or tensor in g.graph_outputs:
+        return tensor
+    dequantize = g.consumers_of(readers[0].output[0])
+    if len(dequantize) != 1 or not per_tensor_qdq(g, dequantize[0], "DequantizeLinear"):
+        return tensor
+    return dequantize[0].output[0]
+
+
+def _before_qdq(g: ModelGraph, tensor: str) -> str:
+    """The input of the activation QDQ pair that produces `tensor` (and nothing else reads), else `tensor`."""
+    dequantize = g.producer_of(tensor)
+    if not per_tensor_qdq(g, dequantize, "DequantizeLinear"):
+        return tensor
+    quantize = g.producer_of(dequantize.input[0])
+    if not per_tensor_qdq(g, quantize, "QuantizeLinear") or len(g.consumers.get(dequantize.input[0], [])) != 1:
+        return tensor
+    return quantize.input[0] if _after_qdq(g, quantize.input[0]) == tensor else tensor
 
 
 def _bias_index(g: ModelGraph, add: onnx.NodeProto, product: str, width: int) -> int | None:

@@ -238,8 +238,8 @@ def _score_matmul(g: ModelGraph, tensor: str, frozen: list[FrozenScale], depth: 
         if found is not None:
             frozen.append(FrozenScale(node.name, 1, scale, constant=g.is_constant(scale)))
         return found
-    if activation_qdq(g, node):
-        return _score_matmul(g, node.input[0], frozen, depth + 1)
+    if activation_qdq(g, node):  # not counted: a static QDQ model puts a pair after every op
+        return _score_matmul(g, node.input[0], frozen, depth)
     if node.op_type in ("Add", "Where", "Cast"):
         # Add: scores + mask; Where: masked_fill. Follow whichever input leads to the MatMul.
         candidates = node.input[1:] if node.op_type == "Where" else node.input

@@ -1,0 +1,55 @@
+"""`inspect` names the quantized form of onnxruntime's quantizers' outputs; QOperator models,
+which cannot be pruned yet, are refused naming a node, with exit status 2 and no traceback."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import feed_for
+from onnxsnp.cli import main
+from onnxsnp.quant_form import QuantForm
+
+quantization = pytest.importorskip("onnxruntime.quantization")
+
+
+@pytest.fixture(scope="module")
+def quantized(exported, tmp_path_factory):
+    """Every form onnxruntime's quantizers write of the tiny BERT, by name."""
+    from quantize import calibration_reader, quantize_dynamic_int8, quantize_static_qdq
+
+    source = exported("bert", "eager", True)
+    folder = tmp_path_factory.mktemp("forms")
+    inputs = [feed_for(source, batch=2, seed=20 + i) for i in range(2)]
+    paths = {"qdq-tensor": quantize_static_qdq(source, folder / "qdq_t.onnx", inputs, per_channel=False),
+             "qdq-channel": quantize_static_qdq(source, folder / "qdq_c.onnx", inputs, per_channel=True),
+             "dynamic-tensor": quantize_dynamic_int8(source, folder / "dyn_t.onnx", per_channel=False),
+             "dynamic-channel": quantize_dynamic_int8(source, folder / "dyn_c.onnx", per_channel=True)}
+    quantization.quantize_static(str(source), str(folder / "qop.onnx"), calibration_reader(inputs),
+                                 quant_format=quantization.QuantFormat.QOperator)
+    paths["qoperator"] = folder / "qop.onnx"
+    return paths
+
+
+@pytest.mark.parametrize("name,form,weights", [("qdq-tensor", "static_qdq", "per tensor"),
+                                               ("qdq-channel", "static_qdq", "per channel"),
+                                               ("dynamic-tensor", "dynamic", "per tensor"),
+                                               ("dynamic-channel", "dynamic", "per channel")])
+def test_inspect_names_the_form(quantized, capsys, name, form, weights):
+    assert main(["inspect", str(quantized[name]), "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert (found["quantized_form"], found["weights"], found["unsupported"]) == (form, weights, None)
+    assert len(found["attention"]) == len(found["ffn"]) == 2
+    assert main(["inspect", str(quantized[name])]) == 0
+    assert f"quantized form: {QuantForm[form.upper()].value}, weights {weights}" in capsys.readouterr().out
+
+
+def test_qoperator_is_refused_by_node(quantized, capsys, tmp_path):
+    assert main(["inspect", str(quantized["qoperator"])]) == 2
+    out = capsys.readouterr().out
+    assert f"quantized form: {QuantForm.QOPERATOR.value}" in out
+    assert "cannot prune this form: QLinearMatMul node " in out
+    assert main([str(quantized["qoperator"]), str(tmp_path / "out.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("onnxsnp: error: no prunable attention found (QLinearMatMul node ") and "Traceback" not in err
+    assert err.count("\n") == 1 and not (tmp_path / "out.onnx").exists()

@@ -1,0 +1,142 @@
+"""Static QDQ models (onnxruntime's quantize_static, QuantFormat.QDQ): int8 weights and biases
+behind DequantizeLinear and a QuantizeLinear → DequantizeLinear pair after every activation.
+They are pruned in that form: the integer tensors are sliced (refitted ones quantized again with
+their scheme) and every activation pair stays, its one scale valid for a narrower tensor."""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from conftest import feed_for, run
+from onnxsnp import prune
+from onnxsnp.graph import ModelGraph
+from onnxsnp.matching import find_blocks
+
+pytest.importorskip("onnxruntime.quantization")
+
+RATIO = 0.5
+HIDDEN, HEADS, FFN = 32, 4, 64  # tiny_bert's sizes (tools/torch_models.py), 2 layers
+# The pruned int8 model is at most this much (cosine to the float original) below pruning the
+# float model and then quantizing it the same way: the issue's goal.
+GOAL_MARGIN = 0.01
+ERROR_RATIO = 1.5  # measured ≈ 1.0 (both prune the same units; only the rounding differs)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def calibration(source) -> list[dict[str, np.ndarray]]:
+    return [feed_for(source, batch=4, seed=10 + i) for i in range(4)]
+
+
+def joined(feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {name: np.concatenate([f[name] for f in feeds]) for name in feeds[0]}
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["per-tensor", "per-channel"])
+def qdq(request, exported, tmp_path_factory):
+    """(float source, its static QDQ model, per_channel)."""
+    from quantize import quantize_static_qdq
+
+    source = exported("bert", "eager", True)
+    target = tmp_path_factory.mktemp("qdq") / f"bert_qdq_{request.param}.onnx"
+    return source, quantize_static_qdq(source, target, calibration(source), request.param), request.param
+
+
+def integer_weights(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Each constant-weight MatMul's integer tensor shape, read through its DequantizeLinear."""
+    g = ModelGraph(model)
+    shapes = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and g.is_constant(node.input[1]):
+            dequantize = g.producer_of(node.input[1])
+            assert dequantize is not None and dequantize.op_type == "DequantizeLinear", node.name
+            source = g.initializer_behind(dequantize.input[0])
+            assert source is not None and g.initializers[source].data_type == onnx.TensorProto.INT8
+            shapes[node.name] = tuple(g.initializers[source].dims)
+    return shapes
+
+
+def test_matched_like_the_float_model(qdq):
+    source, quantized, _ = qdq
+    want = find_blocks(ModelGraph(onnx.load(str(source))))
+    got = find_blocks(ModelGraph(onnx.load(str(quantized))))
+    assert (len(got.attention), len(got.ffn)) == (len(want.attention), len(want.ffn)) == (2, 2)
+    assert [b.head_dim for b in got.attention] == [HIDDEN // HEADS] * 2
+    assert not [s for s in got.skipped if s.kind != "block"]
+    # the projections' biases are found behind their activation QDQ pairs, as int8 behind DequantizeLinear
+    g = ModelGraph(onnx.load(str(quantized)))
+    for block in got.attention:
+        for linear in (block.q, block.k, block.v, block.out):
+            assert linear.bias is not None and g.producer_of(linear.bias).op_type == "DequantizeLinear"
+
+
+def test_pruned_stays_static_qdq(qdq, tmp_path):
+    source, quantized, per_channel = qdq
+    original = onnx.load(str(quantized))
+    pruned, report = prune(str(quantized), ratio=RATIO, calib=joined(calibration(source)))
+    assert not [s for s in report.skipped if s.kind != "block"]
+    head_dim = HIDDEN // HEADS
+    assert [b.qk_dim_after for b in report.blocks if b.kind == "attention"] == [round(head_dim * (1 - RATIO))] * 2
+    # the same quantized form: as many QDQ pairs, every weight still int8 behind DequantizeLinear
+    ops, before = Counter(n.op_type for n in pruned.graph.node), Counter(n.op_type for n in original.graph.node)
+    assert ops["QuantizeLinear"] == before["QuantizeLinear"] and ops["DequantizeLinear"] == before["DequantizeLinear"]
+    old, new = integer_weights(original), integer_weights(pruned)
+    assert set(old) == set(new)
+    shrunk = {name for name in old if new[name] != old[name]}
+    assert len(shrunk) == 2 * 6  # q, k, v, out, fc1, fc2 of both layers
+    kept_ffn = round(FFN * (1 - RATIO))
+    assert sorted(new[n] for n in shrunk if "intermediate" in n) == [(HIDDEN, kept_ffn)] * 2
+    assert sorted(new[n] for n in shrunk if "output/dense" in n and "attention" not in n) == [(kept_ffn, HIDDEN)] * 2
+    assert not any(t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2 for t in pruned.graph.initializer)
+    if per_channel:  # a per-channel scale was sliced with its channels
+        g = ModelGraph(pruned)
+        for node in pruned.graph.node:
+            if node.op_type == "MatMul" and node.name in shrunk and "intermediate" in node.name:
+                assert g.constant(g.producer_of(node.input[1]).input[1]).shape == (kept_ffn,)
+    onnx.checker.check_model(pruned)
+
+
+def test_ratio_zero_is_identical(qdq):
+    source, quantized, _ = qdq
+    unchanged, _ = prune(str(quantized), ratio=0.0, calib=joined(calibration(source)))
+    feed = feed_for(source, batch=2)
+    for want, got in zip(run(str(quantized), feed, optimize=False), run(unchanged, feed, optimize=False)):
+        assert np.abs(want - got).max() <= 1e-5
+
+
+def test_fidelity_is_that_of_pruning_then_quantizing(qdq, tmp_path):
+    """Against the float original, the pruned int8 model is within GOAL_MARGIN (cosine) of the
+    float model pruned the same way and then quantized the same way. Run without graph
+    optimizations, DequantizeLinear → MatMul computes in float, so the numbers are those of the
+    QDQ arithmetic on every CPU; the optimized run (int8 kernels, which differ between CPUs) only
+    has to stay as close to it as the quantized original stays to its own unoptimized run."""
+    from quantize import quantize_static_qdq
+
+    source, quantized, per_channel = qdq
+    calib = joined(calibration(source))
+    pruned, _ = prune(str(quantized), ratio=RATIO, calib=calib)
+    pruned_path = tmp_path / "pruned_qdq.onnx"
+    onnx.save(pruned, str(pruned_path))
+    float_pruned, _ = prune(str(source), ratio=RATIO, calib=calib)
+    onnx.save(float_pruned, str(tmp_path / "pruned.onnx"))
+    reference = quantize_static_qdq(tmp_path / "pruned.onnx", tmp_path / "pruned_then_qdq.onnx",
+                                    calibration(source), per_channel)
+    feed = feed_for(source, batch=8, seed=99)
+    truth = run(str(source), feed)
+    ours = min(cosine(a, b) for a, b in zip(run(str(pruned_path), feed, optimize=False), truth))
+    theirs = min(cosine(a, b) for a, b in zip(run(str(reference), feed, optimize=False), truth))
+    assert ours >= theirs - GOAL_MARGIN, (ours, theirs)
+    # and tighter, since these tiny models sit near cosine 1: no more than ERROR_RATIO times the error
+    assert 1 - ours <= ERROR_RATIO * (1 - theirs) + 1e-6, (ours, theirs)
+    # onnxruntime's int8 kernels: the pruned model moves from its QDQ arithmetic no more than
+    # 4× as far as the quantized original does from its own (plus float round-off)
+    drift = max(1 - cosine(a, b) for a, b in zip(run(str(pruned_path), feed), run(str(pruned_path), feed, optimize=False)))
+    baseline = max(1 - cosine(a, b) for a, b in zip(run(str(quantized), feed), run(str(quantized), feed, optimize=False)))
+    assert drift <= 4 * baseline + 1e-4, (drift, baseline)
