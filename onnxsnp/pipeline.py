@@ -42,7 +42,7 @@ from .rewriting import rewrite
 from .sensitivity import survey, survey_shard
 from .timed import Clock, timed_widths
 from .stats import count_params, macs_from_shapes, stats_from_shapes
-from .verification import check_structure, latency
+from .verification import check_structure, decode_latency, latency
 
 log = logging.getLogger("onnxsnp")
 
@@ -188,6 +188,7 @@ def finish(prepared: Prepared, options: PruneOptions, work: ReconstructionWork |
     log.info("rewritten and verified (%s)", _since(started))
     with stage("timing the original and the pruned model"):
         speed = latency(model, pruned, one_batch, original_weights=g.constant) if options.measure_latency else (None, None)
+        decode = decode_latency(model, pruned, one_batch, original_weights=g.constant) if options.measure_latency else None
     target = options.target
     observed = p.observed
     report = Report(criterion=options.criterion, compensation=options.compensation.value,
@@ -204,6 +205,7 @@ def finish(prepared: Prepared, options: PruneOptions, work: ReconstructionWork |
                     target=None if target is None else _target_report(target, costs, plan, speed, searched),
                     weight_bytes_before=weight_bytes(model), weight_bytes_after=weight_bytes(pruned),
                     latency_ms_before=speed[0], latency_ms_after=speed[1],
+                    decode_ms_before=decode and decode[0], decode_ms_after=decode and decode[1],
                     attention_kl={keep.block.name: attention_kl.get(keep.block.name) for keep in plan.attention},
                     attention_maps=attention_maps,
                     reconstruction=_reconstruction_report(reconstruction, options), allocation=allocation,

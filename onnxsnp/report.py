@@ -50,6 +50,8 @@ class Report:
     weight_bytes_after: int = 0
     latency_ms_before: float | None = None  # onnxruntime, one thread, one sample, interleaved
     latency_ms_after: float | None = None
+    decode_ms_before: float | None = None  # a language model's cached decode step (one token), same conditions
+    decode_ms_after: float | None = None
     attention_kl: dict[str, float | None] = field(default_factory=dict)  # per attention block, held-back samples
     attention_maps: list[AttentionSample] = field(default_factory=list)  # the heads that changed most, one sample
     reconstruction: dict | None = None  # the block-by-block refit: settings, samples, tokens, error per half-block
@@ -109,6 +111,10 @@ class Report:
         if self.latency_ms_before is not None and self.latency_ms_after is not None:
             rows.append(("latency, 1 thread", f"{self.latency_ms_before:.2f} ms", f"{self.latency_ms_after:.2f} ms",
                          f"{self.latency_ms_before / max(self.latency_ms_after, 1e-9):.2f}x faster"))
+        if self.decode_ms_before is not None and self.decode_ms_after is not None:
+            rows.append(("decode step, 1 thread", f"{self.decode_ms_before:.2f} ms ({1000 / self.decode_ms_before:.0f}"
+                         " tokens/s)", f"{self.decode_ms_after:.2f} ms ({1000 / self.decode_ms_after:.0f} tokens/s)",
+                         f"{self.decode_ms_before / max(self.decode_ms_after, 1e-9):.2f}x faster"))
         width = [max(len(r[i]) for r in rows) for i in range(4)]
         lines.append("")
         lines += ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, width)))

@@ -1,6 +1,7 @@
 """Stage 7: prove the pruned model is sound before it is written, and measure its fidelity."""
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from collections.abc import Iterable
@@ -178,6 +179,57 @@ def latency(original: onnx.ModelProto, pruned: onnx.ModelProto, feed: dict[str, 
     for sess, own in zip(sessions, feeds):
         sess.run(None, own)
     return interleaved_medians(sessions, feeds, rounds, budget_s)
+
+
+def decode_latency(original: onnx.ModelProto, pruned: onnx.ModelProto, feed: dict[str, np.ndarray],
+                   rounds: int = 10, budget_s: float = 1.0, original_weights: Weights | None = None
+                   ) -> tuple[float, float] | None:
+    """A language model's cached decode step: median milliseconds of one new token after a
+    prefill of `feed`'s first sample (each model fed its own present outputs back as its past,
+    so a pruned model reads its narrower cache), one intra-op thread, interleaved; None where
+    the model takes no KV cache or its inputs cannot be stepped (see _decode_feed)."""
+    if not any(_is_past(name, value) for name, value in feed.items()):
+        return None
+    sessions = [session(original, threads=1, weights=original_weights), session(pruned, threads=1)]
+    feeds = [_decode_feed(sess, feed) for sess in sessions]
+    if any(own is None for own in feeds):
+        return None
+    for sess, own in zip(sessions, feeds):
+        sess.run(None, own)
+    return interleaved_medians(sessions, feeds, rounds, budget_s)
+
+
+def _decode_feed(sess, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+    """The inputs of the decode step after a prefill: past_* ← the prefill's present_* (matched
+    by what follows the prefix: ".0.key"), the token ids' last column, the mask one longer, the
+    positions one further; None for a model without a past input, or with an input of another kind."""
+    prefill = fitted(sess, {name: value[:1] for name, value in feed.items()})
+    past = [name for name, value in prefill.items() if _is_past(name, value)]
+    if not past:
+        return None
+    outputs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, prefill)))
+    presents = {re.sub(r"^present", "", name): value for name, value in outputs.items() if name.startswith("present")}
+    step: dict[str, np.ndarray] = {}
+    for name, value in prefill.items():
+        lowered = name.lower()
+        if name in past:
+            suffix = re.sub(r"^past(_key_values)?", "", name)
+            if suffix not in presents:
+                return None
+            step[name] = presents[suffix]
+        elif value.ndim != 2 or value.dtype.kind not in "iu":
+            return None
+        elif "mask" in lowered:
+            step[name] = np.ones((1, value.shape[1] + 1), value.dtype)
+        elif "position" in lowered:
+            step[name] = value[:, -1:] + 1
+        else:  # the token ids
+            step[name] = value[:, -1:]
+    return step
+
+
+def _is_past(name: str, value: np.ndarray) -> bool:
+    return "past" in name.lower() and value.ndim >= 4
 
 
 def interleaved_medians(sessions: list, feeds: list[dict[str, np.ndarray]], rounds: int, budget_s: float,

@@ -88,6 +88,22 @@ def test_pruned_decoder_equals_zeroed_original_through_the_cache(decoder, tmp_pa
     assert got["present.0.value"].shape == (2, len(keep.heads), 6, keep.v.shape[1])
 
 
+@pytest.mark.parametrize("form", ["llama-dynamo", "llama-optimum", "gpt2-optimum"])
+def test_the_timed_decode_step_is_the_next_position_of_a_longer_prefill(decoder, form):
+    from onnxsnp.verification import _decode_feed, session
+
+    model = onnx.load(str(decoder(form)))
+    ids = np.random.default_rng(2).integers(3, 100, (2, 9))
+    sess = session(model, threads=1)
+    feed = validate_calibration({"input_ids": ids[:, :8], "attention_mask": np.ones((2, 8), np.int64)},
+                                input_specs(ModelGraph(model)), "test")
+    step = _decode_feed(sess, feed)  # the first sample, then its last token again through the cache
+    assert step["input_ids"].tolist() == [[ids[0, 7]]]
+    longer = step_feed(model, np.concatenate([ids[:1, :8], ids[:1, 7:8]], axis=1))
+    want = sess.run(["logits"], longer)[0][:, -1]
+    np.testing.assert_allclose(sess.run(["logits"], step)[0][:, -1], want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("form", FORMS)
 def test_ratio_zero_is_identical_and_half_prunes(decoder, form):
     path = decoder(form)
@@ -105,6 +121,7 @@ def test_ratio_zero_is_identical_and_half_prunes(decoder, form):
     assert report.reconstruction is not None  # the default: block by block, on the decoder
     assert report.flops_after < 0.75 * report.flops_before
     assert report.fidelity.output_cosine > 0.5
+    assert report.decode_ms_before > 0 and report.decode_ms_after > 0 and "decode step" in report.table()
     prefill_and_step(pruned, ids, ids[:, :1])  # runs with its own, narrower cache
     assert step_feed(pruned, ids)["past_key_values.0.key"].shape[3] < step_feed(original, ids)["past_key_values.0.key"].shape[3]
 

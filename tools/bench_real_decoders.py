@@ -94,6 +94,18 @@ def smollm2(build: Path) -> Path:
     return export_dynamo(float_model, model)
 
 
+def smollm2_genai(build: Path) -> Path:
+    """onnxruntime-genai's model builder, int4 (MatMulNBits), on the float SmolLM2 folder: the
+    folder's model.onnx (made once under `build`)."""
+    from decoder_export import export_genai
+
+    model = build / "smollm2-genai-int4" / "model.onnx"
+    if not model.exists():
+        smollm2(build)
+        export_genai(build / "smollm2", model.parent, "int4")
+    return model
+
+
 def gemma3(build: Path) -> Path:
     """The optimum ONNX export of the wheels' Gemma 3 270M (made once under `build`)."""
     model = build / "gemma3" / "onnx" / "model.onnx"
@@ -140,8 +152,14 @@ def gemma3(build: Path) -> Path:
 # fewer for Gemma 3, whose 262k-wide logits and 1.7 GB export take ~16 GB to prune on 8 windows
 NOTES = {"gemma3": "Gemma 3 270M's output projection over its 262,144-token vocabulary, which no option here "
                     "prunes, is most of a token's FLOPs, and its one key/value group and QK-norm leave only V in "
-                    "its attention to cut: 25 % of every FFN and V width is 8 % of the FLOPs.\n\n"}
+                    "its attention to cut: 25 % of every FFN and V width is 8 % of the FLOPs.\n\n",
+         "smollm2-genai-int4": "The folder's MatMulNBits (int4) weights are read as float, pruned and quantized again "
+                               "to int4; every attention keeps one head size, a multiple of 16, for Q/K and V alike "
+                               "(onnxruntime-genai allocates one KV buffer shape), so a ratio's FLOPs differ from the "
+                               "float export's.\n\n"}
 MODELS = {"smollm2": (smollm2, RUNS, "DECODERS_REAL.md", "SmolLM2-135M", (128, 32)),
+          "smollm2-genai-int4": (smollm2_genai, RUNS, "DECODERS_REAL_GENAI.md",
+                                 "SmolLM2-135M, onnxruntime-genai int4 folder", (128, 32)),
           "gemma3": (gemma3, GEMMA3_RUNS, "DECODERS_GEMMA3.md", "Gemma 3 270M", (48, 16))}
 
 
@@ -203,7 +221,9 @@ def main() -> None:
     layers: list[str] = []
     for label, extra in runs:
         started = time.time()
-        result = prune_model(str(source), make_options(measure_latency=False, **extra), calib=calib)
+        # a genai folder: one KV buffer shape for every layer (what the CLI sets for a folder)
+        folder = {"one_head_size": True} if (source.parent / "genai_config.json").exists() else {}
+        result = prune_model(str(source), make_options(measure_latency=False, **folder, **extra), calib=calib)
         picked, best = scores(result.model, heldout)
         report = result.report
         agreement = float((best == reference).mean())
