@@ -11,7 +11,6 @@ import pytest
 
 import onnxsnp
 from conftest import ROOT
-from test_calib_data import SENTENCES, export_text_model
 
 MODEL = ROOT / "models" / "digits_vit.onnx"
 CALIB = ROOT / "models" / "digits_vit_calib.npz"
@@ -34,7 +33,9 @@ def test_help_shows_the_api():
     assert onnxsnp.prune.__doc__ and "calib_images" in onnxsnp.prune.__doc__
 
 
-def test_prune_takes_a_text_file_and_the_tokenizer_beside_the_model(tmp_path):
+def test_prune_takes_a_text_file_and_the_tokenizer_beside_the_model(tmp_path, torch):
+    from test_calib_data import SENTENCES, export_text_model  # exports with torch
+
     model = export_text_model(tmp_path / "text")
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(SENTENCES))
@@ -46,6 +47,7 @@ def test_prune_takes_a_text_file_and_the_tokenizer_beside_the_model(tmp_path):
     onnx.checker.check_model(pruned)
 
 
+@pytest.mark.slow  # a sweep: seconds
 def test_sweep_writes_one_model_per_budget_and_the_page(tmp_path):
     result = onnxsnp.sweep(str(MODEL), [0.8, 0.6], tmp_path / "out", calib=str(CALIB), calib_samples=32,
                            measure_latency=False)

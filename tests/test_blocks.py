@@ -5,7 +5,8 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import FORM_IDS, FORMS, export_bert, export_dinov2, export_vit, feed_for, run, torch
+from conftest import feed_for, run
+from exports import FORM_IDS, FORMS, export_bert, export_dinov2, export_vit
 from onnxsnp import SnpError, prune
 from onnxsnp.graph import ModelGraph
 from onnxsnp.matching import find_blocks
@@ -20,7 +21,7 @@ def test_every_form_exposes_its_transformer_blocks(exported, family, attention, 
 
 @pytest.mark.parametrize("family", ["vit", "dinov2"])  # dinov2: written-out LayerNorms, LayerScale
 @pytest.mark.parametrize("removed", [0, 1])
-def test_removing_a_vit_block_equals_torch_without_it(tmp_path, family, removed):
+def test_removing_a_vit_block_equals_torch_without_it(tmp_path, torch, family, removed):
     from torch_models import DinoVisionTransformer, VisionTransformer
 
     path = (export_vit if family == "vit" else export_dinov2)(tmp_path / "vit.onnx", "manual", True)
@@ -36,7 +37,7 @@ def test_removing_a_vit_block_equals_torch_without_it(tmp_path, family, removed)
     np.testing.assert_allclose(run(pruned, feed)[0], want, atol=1e-4)
 
 
-def test_removing_a_bert_layer_equals_torch_without_it(tmp_path):
+def test_removing_a_bert_layer_equals_torch_without_it(tmp_path, torch):
     from torch_models import HFEncoder
 
     path = export_bert(tmp_path / "bert.onnx", "eager", True)

@@ -14,7 +14,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from conftest import ROOT, export, export_vit
+from conftest import ROOT
+from exports import export, export_vit
 from onnxsnp.calib_data import ImageCalibration, TextCalibration, load_raw_calibration
 from onnxsnp.calib_images import IMAGENET_MEAN, IMAGENET_STD, ImageInput, Resize, ResizeKind, preprocessing_for
 from onnxsnp.calibration import FilledInputWarning, InputSpec, input_specs, validate_calibration
@@ -25,6 +26,7 @@ from onnxsnp.graph import ModelGraph
 torch = pytest.importorskip("torch")
 tokenizers = pytest.importorskip("tokenizers")
 Image = pytest.importorskip("PIL.Image")
+pytestmark = pytest.mark.slow  # every model here is exported with torch
 
 VOCAB = 200  # rows of the tiny BERT's embedding table; the test tokenizer stays below it
 SEQ_LIMIT = 64  # tiny_bert's position table

@@ -168,6 +168,7 @@ def test_bad_input_fails_cleanly(exported, tmp_path, capsys, case):
     assert sorted(p.name for p in tmp_path.rglob("*")) == listing  # no output, no temp file
 
 
+@pytest.mark.slow  # a Python process: seconds
 def test_module_entry_point_exit_code(tmp_path):
     """`python -m onnxsnp` really exits with 2 and a single stderr line."""
     result = subprocess.run([sys.executable, "-m", "onnxsnp", str(tmp_path / "missing.onnx"), str(tmp_path / "o.onnx")],
@@ -187,6 +188,7 @@ def test_heads_combine_with_neuron_ratios(exported, tmp_path):
     assert data["ratios"]["heads"] == 0.5
 
 
+@pytest.mark.slow  # prunes and times the shipped model: seconds
 def test_verbose_logs_stages_and_report_has_size_and_latency(tmp_path, capsys):
     report = tmp_path / "r.json"
     assert main([str(ROOT / "models" / "digits_vit.onnx"), str(tmp_path / "o.onnx"), "--ratio", "0.5",

@@ -62,6 +62,7 @@ def test_bias_mode_folds_the_mean_contribution():
     np.testing.assert_allclose(x[:, :4] @ result.weight + result.bias, x @ weight + bias, atol=1e-5)
 
 
+@pytest.mark.slow  # prunes the shipped model end to end: seconds
 def test_compensation_improves_the_shipped_model():
     model, calib = ROOT / "models" / "digits_vit.onnx", ROOT / "models" / "digits_vit_calib.npz"
     # 64 samples: 8 held back for the report, 8 for choosing the one-pass pieces, 48 fitted
@@ -78,6 +79,7 @@ def test_cli_compensation_flags(tmp_path, flags, mode):
     assert json.loads(report.read_text())["compensation"] == mode
 
 
+@pytest.mark.slow  # prunes the shipped model end to end: seconds
 def test_rescaling_kept_qk_pairs_restores_scores():
     """Least-squares factors on the kept Q/K pairs bring the pruned model closer to the original."""
     from onnxsnp import prune
@@ -103,6 +105,7 @@ def test_unpruned_output_projection_is_left_alone_by_one_pass_compensation():
         original.node(n.name).input[1])) for n in proj)
 
 
+@pytest.mark.slow  # prunes the shipped model end to end: seconds
 def test_fp16_model_with_default_compensation(tmp_path):
     """fp16 activations must not overflow the Q/K statistics (scores are accumulated in float64)."""
     import onnx

@@ -47,6 +47,7 @@ def test_bad_input_contract(tmp_path, capsys, case):
         assert sorted(p.name for p in tmp_path.rglob("*")) == listing  # no output, no temp file
 
 
+@pytest.mark.slow  # a Python process per case: seconds
 @pytest.mark.parametrize("case", CASES[::20], ids=[c.name for c in CASES[::20]])
 def test_real_process_prints_one_line(tmp_path, case):
     """Through `python -m onnxsnp`, so that anything native libraries print to stderr counts too."""

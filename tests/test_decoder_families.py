@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import export_optimum
+from exports import export_optimum
 from decoders import calibration, genai_generate, greedy, prefill_and_step, run, step_feed
 from onnxsnp.cli import main
 from onnxsnp import prune

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import export_optimum
+from exports import export_optimum
 from decoders import calibration, genai_generate, greedy, prefill_and_step, step_feed
 from onnxsnp import prune
 from onnxsnp.cli import main

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import FORM_IDS, FORMS, feed_for, run
+from conftest import feed_for, run
+from exports import FORM_IDS, FORMS
 from onnxsnp import prune
 
 

@@ -13,11 +13,14 @@ import tempfile
 from pathlib import Path
 
 import onnx
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from corpus import SHIPPED
 from onnxsnp.cli import main
+
+pytestmark = pytest.mark.slow  # tens of CLI runs per property: seconds
 
 settings.register_profile("ci", max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
 settings.register_profile("long", max_examples=3000, deadline=None, suppress_health_check=list(HealthCheck))

@@ -49,6 +49,7 @@ def test_warnings_name_poor_or_unjudgeable_fidelity():
     assert warnings_for(encoder(0.99, samples=FEW_SAMPLES), synthetic=False) == []
 
 
+@pytest.mark.slow  # prunes the shipped model end to end: seconds
 def test_a_missed_gate_writes_nothing_and_exits_3(tmp_path, capsys):
     out = tmp_path / "pruned.onnx"
     args = [str(MODEL), str(out), "--ratio", "0.7", "--calib", str(CALIB), "--calib-samples", "64", "-q"]

@@ -35,6 +35,7 @@ def run(tmp_path_factory):
     return (folder / "r.html").read_text(), json.loads((folder / "r.json").read_text()), folder / "r.html"
 
 
+@pytest.mark.slow  # a FLOPs-target run with its survey, and a browser: seconds
 def test_html_has_the_summary_fidelity_and_a_kept_width_bar_per_group_and_block(run):
     text, report, _ = run
     assert "latency, 1 thread" in text
@@ -52,6 +53,7 @@ def test_html_has_the_summary_fidelity_and_a_kept_width_bar_per_group_and_block(
     assert len({value for value in kept["ffn"]}) > 1  # the allocation gave the blocks different widths
 
 
+@pytest.mark.slow  # a FLOPs-target run with its survey, and a browser: seconds
 def test_html_shows_the_measured_sensitivity_and_the_refit(run):
     text, report, _ = run
     layers = report["allocation"]["layers"]
@@ -68,6 +70,7 @@ def test_html_shows_the_measured_sensitivity_and_the_refit(run):
     assert cells.count("sliced") == cells.count("refitted") == len(halves)
 
 
+@pytest.mark.slow  # a FLOPs-target run with its survey, and a browser: seconds
 def test_the_report_carries_a_few_small_attention_maps_drawn_side_by_side(run):
     import matplotlib.image
 
@@ -115,6 +118,7 @@ def _longest_list(value) -> int:
     return 0
 
 
+@pytest.mark.slow  # a FLOPs-target run with its survey, and a browser: seconds
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (.ci/run installs it)")
 def test_chromium_renders_the_charts_and_maps(run, tmp_path):
     import matplotlib.image

@@ -8,7 +8,8 @@ import onnx
 import pytest
 
 import graphs
-from conftest import NORM_FORMS, feed_for, form_ids, run
+from conftest import feed_for, run
+from exports import NORM_FORMS, form_ids
 from onnxsnp import prune
 from onnxsnp.graph import ModelGraph
 from onnxsnp.importance import Ratios

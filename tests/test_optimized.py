@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import SESSION_FORMS, feed_for, form_ids, run
+from conftest import feed_for, run
+from exports import SESSION_FORMS, form_ids
 from onnxsnp import SnpError, prune
 from onnxsnp.importance import Ratios
 from onnxsnp.rewriting import rewrite

@@ -1,14 +1,15 @@
 """optimum-onnx exports (from a local folder) of BERT, RoBERTa, DistilBERT, a ViT classifier and
 CLIP (text and vision towers in one graph), and `optimum-cli onnxruntime optimize` at -O1 … -O4
 (com.microsoft Attention, SkipLayerNormalization, BiasGelu/FastGelu, fp16 at -O4). Made at test
-time in a venv of their own (conftest.optimum_python)."""
+time in a venv of their own (exports.optimum_python)."""
 from __future__ import annotations
 
 import numpy as np
 import onnx
 import pytest
 
-from conftest import OPTIMUM_FORMS, feed_for, form_ids, run
+from conftest import feed_for, run
+from exports import OPTIMUM_FORMS, form_ids
 from onnxsnp import SnpError, prune
 from onnxsnp.graph import ModelGraph
 from onnxsnp.importance import Ratios

@@ -7,7 +7,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from conftest import INT8_FORMS, feed_for, form_ids, run
+from conftest import feed_for, run
+from exports import INT8_FORMS, form_ids
 from onnxsnp import prune
 from onnxsnp.graph import ModelGraph
 from onnxsnp.importance import Ratios

@@ -38,6 +38,7 @@ def test_segments_chained_give_the_model_stream(exported, form):
     np.testing.assert_allclose(shards.shard.batches[0].original, values[last], atol=1e-4)
 
 
+@pytest.mark.slow  # reconstructs the shipped model: seconds
 def test_reconstructed_stream_is_the_rewritten_models():
     """The pruned stream the reconstruction carries from block to block (refitted layers applied
     from cached inputs through the residual join) equals the rewritten model's."""
@@ -59,6 +60,7 @@ def test_reconstructed_stream_is_the_rewritten_models():
     assert all(h.error_after <= h.error_before + 1e-9 for h in result.halves)  # a refit never fits worse
 
 
+@pytest.mark.slow  # reconstructs the shipped model: seconds
 def test_a_single_run_keeps_no_copy_of_the_first_stream():
     """A one-run reconstruction (the default prune) gives up the first block's input once it has
     moved on; a restartable one (onnxsnp sweep) keeps it and gives the same model again."""
@@ -85,13 +87,11 @@ def test_a_single_run_keeps_no_copy_of_the_first_stream():
         np.testing.assert_array_equal(a.weight, b.weight)
 
 
-def test_norm_weights_routed_through_identity_nodes_still_cut_into_blocks(tmp_path):
+def test_norm_weights_routed_through_identity_nodes_still_cut_into_blocks(tmp_path, torch):
     """A freshly initialised BERT (every LayerNorm weight 1, every bias 0) exported by the legacy
     exporter shares those initializers through Identity nodes; the residual join is still an Add
     and a LayerNorm, so the model is reconstructed block by block, not by the one-pass fallback."""
-    import torch
-
-    from conftest import export
+    from exports import export
     from torch_models import HFEncoder, tiny_bert
 
     path = tmp_path / "fresh_bert.onnx"
@@ -115,6 +115,7 @@ def test_nothing_removed_is_nothing_changed(exported):
     assert report.compensation_kept == ["reconstruction"]
 
 
+@pytest.mark.slow  # reconstructs the shipped model: seconds
 @pytest.mark.parametrize("reconstruct", ["sequential", "one-shot"])
 def test_reconstruction_keeps_more_than_slicing(reconstruct):
     cosines = {mode: prune(str(DIGITS), ratio=0.5, calib=str(DIGITS_CALIB), compensate=mode,
@@ -152,6 +153,7 @@ def test_models_that_cannot_be_cut_into_blocks_say_why(exported):
     assert report.reconstruction is None and report.residual_width is not None
 
 
+@pytest.mark.slow  # reconstructs the shipped model: seconds
 def test_one_shot_fits_on_the_original_stream():
     """One-shot: every block sees the original model's stream; its refits differ from sequential ones."""
     g = ModelGraph(onnx.load(str(DIGITS)))
@@ -169,6 +171,7 @@ def test_one_shot_fits_on_the_original_stream():
     assert not np.allclose(refits[0], refits[1])
 
 
+@pytest.mark.slow  # reconstructs the shipped model: seconds
 def test_a_model_that_overflows_on_its_calibration_data_is_refused_not_looped_on(tmp_path):
     """An FFN whose activations are inf on the calibration data (a weight row at 3e38): one line,
     exit 2, no output (the OBS removal loop once spun forever on the NaN costs)."""

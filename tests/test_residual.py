@@ -5,7 +5,8 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import FORM_IDS, FORMS, feed_for, run
+from conftest import feed_for, run
+from exports import FORM_IDS, FORMS
 from onnxsnp import SnpError, prune
 from onnxsnp.graph import ModelGraph
 from onnxsnp.matching import find_blocks
@@ -62,10 +63,9 @@ def test_unknown_reader_of_the_stream_stops_residual_pruning(exported, tmp_path)
 
 
 @pytest.mark.parametrize("attention,dynamic", [("eager", True), ("sdpa", False)])
-def test_bert_classifier_stream_is_pruned(tmp_path, attention, dynamic):
+def test_bert_classifier_stream_is_pruned(tmp_path, torch, attention, dynamic):
     """A BERT whose output is the pooled embedding: embedding tables, post-norm LayerNorms and the
     pooler are all part of the stream."""
-    from conftest import torch
     from torch_models import HFEncoder, export_legacy, tiny_bert
 
     model = HFEncoder(tiny_bert(attention, layers=2), ("pooler_output",))

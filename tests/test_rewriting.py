@@ -7,7 +7,8 @@ import pytest
 
 from dataclasses import replace
 
-from conftest import FORM_IDS, FORMS, feed_for, run
+from conftest import feed_for, run
+from exports import FORM_IDS, FORMS
 from onnxsnp.masking import plan_weights, with_weights
 from onnxsnp.plan import Ratios, Refit
 from onnxsnp.rewriting import rewrite

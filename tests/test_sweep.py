@@ -35,6 +35,7 @@ def swept(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow  # the sweep, and each budget run again: seconds
 def test_sweep_writes_every_budget_and_the_trade_off(swept):
     rows = list(csv.DictReader((swept / "sweep.csv").open()))
     assert [float(r["goal"]) for r in rows] == sorted(GOALS, reverse=True)
@@ -50,6 +51,7 @@ def test_sweep_writes_every_budget_and_the_trade_off(swept):
     assert (swept / "sweep.md").read_text().count("\n") == len(GOALS) + 2
 
 
+@pytest.mark.slow  # the sweep, and each budget run again: seconds
 def test_a_swept_model_equals_its_own_run(swept):
     """Sharing calibration, batches and the survey across budgets changes nothing: the model at
     each budget has exactly the weights of a separate `--target-flops` run."""
@@ -83,6 +85,7 @@ def test_out_must_be_a_folder(tmp_path, capsys):
     assert "not a folder" in capsys.readouterr().err and taken.read_text() == "x"
 
 
+@pytest.mark.slow  # the sweep, and each budget run again: seconds
 def test_the_page_plots_fidelity_against_speed_with_the_original_and_the_front(swept):
     """The chart a choice is made from: one point per budget, the original as a point of its own,
     the budgets no other beats on both axes ringed, tick labels that differ from each other."""
@@ -110,6 +113,7 @@ def test_the_front_is_what_no_other_point_beats():
 CHROMIUM = __import__("shutil").which("chromium") or __import__("shutil").which("chromium-browser")
 
 
+@pytest.mark.slow  # the sweep, and each budget run again: seconds
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (.ci/run installs it)")
 def test_chromium_draws_the_trade_off(swept, tmp_path):
     import subprocess

@@ -6,7 +6,8 @@ import math
 import onnx
 import pytest
 
-from conftest import FORM_IDS, FORMS, feed_for
+from conftest import feed_for
+from exports import FORM_IDS, FORMS
 from onnxsnp import SnpError, prune
 from onnxsnp.costs import CostModel
 from onnxsnp.graph import ModelGraph

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from conftest import export_optimum  # noqa: E402
+from exports import export_optimum  # noqa: E402
 from decoders import prefill_and_step, run, step_feed  # noqa: E402
 
 from onnxsnp.options import make_options  # noqa: E402

