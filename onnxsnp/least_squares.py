@@ -140,9 +140,9 @@ def cross_validated_losses(equations: NormalEquations, keep: np.ndarray, prior: 
     """Per λ of `grid`, Σ over folds of the held-out loss of `solve(…, leave_out=fold)` (inf where
     a fold's system is singular).
 
-    One eigendecomposition G = V·diag(e)·Vᵀ per fold serves every λ: (G + pI)⁻¹ = V·diag(1/(e + p))·Vᵀ,
-    the same weights as a solve per λ up to rounding, without a factorisation per λ (those solves
-    were 6 % of a SmolLM2 prune)."""
+    A solve per fold and λ: one eigendecomposition per fold for every λ ((G + pI)⁻¹ =
+    V·diag(1/(e + p))·Vᵀ) was measured slower for this 5-value grid (tools/bench_pair_sums.py:
+    numpy's eigh of a 1,152-wide Gram costs more than five LU solves)."""
     errors = np.zeros(len(grid))
     rows = np.r_[keep, equations.inputs]
     for fold in range(equations.xx.shape[0]):
@@ -151,19 +151,13 @@ def cross_validated_losses(equations: NormalEquations, keep: np.ndarray, prior: 
         scale = max(float(np.mean(np.diag(gram))), 1e-30)
         # the held-out fold's sums over the kept rows, taken once for every λ
         held = (equations.xx[fold][np.ix_(rows, rows)], equations.xy[fold][rows], float(equations.yy[fold]))
-        try:
-            values, vectors = np.linalg.eigh(gram)
-        except np.linalg.LinAlgError:
-            errors[:] = np.inf
-            continue
-        rotated_cross, rotated_prior = vectors.T @ cross, vectors.T @ prior
         for index, ridge in enumerate(grid):
             penalty = ridge * scale
-            shifted = values + penalty
-            if np.min(shifted) <= 1e-12 * max(float(np.max(np.abs(values))), penalty):  # singular, as solve says
+            try:
+                weight = np.linalg.solve(gram + penalty * np.eye(len(keep)), cross + penalty * prior)
+            except np.linalg.LinAlgError:
                 errors[index] = np.inf
                 continue
-            weight = vectors @ ((rotated_cross + penalty * rotated_prior) / shifted[:, None])
             errors[index] += _loss(*held, weight, mean_y - mean_x[keep] @ weight)
     return errors
 
