@@ -6,7 +6,7 @@ penalised: solving with it free is ridge regression on centred data.
 
 - `solve`: W' = argmin ‖X_K W + b − Y‖² + λ‖W − W₀‖², the ridge pulling towards the original
   weights (little data or a small cut leaves the layer as it was).
-- `choose_ridge`: λ by K-fold cross-validation on the folds' own sums.
+- `choose_ridge`: λ by K-fold cross-validation on the folds' own sums (`cross_validated_losses`).
 - `Obs`: structured optimal brain surgeon. With H = X_cᵀX_c + λI and the refit W*, removing
   input rows R and refitting the rest raises the loss by tr(W*_Rᵀ (H⁻¹_RR)⁻¹ W*_R); greedily
   removing what raises it least chooses the inputs that the refit can best do without.
@@ -108,11 +108,16 @@ def _penalty(gram: np.ndarray, ridge: float) -> float:
     return ridge * max(float(np.mean(np.diag(gram))), 1e-30)
 
 
+def _loss(xx: np.ndarray, xy: np.ndarray, yy: float, weight: np.ndarray, bias: np.ndarray) -> float:
+    """Σ‖X W + b − Y‖² from sums already restricted to the rows of W and the bias."""
+    full = np.vstack([weight, bias[None]])
+    return float(np.sum(full * (xx @ full)) - 2 * np.sum(full * xy) + yy)
+
+
 def loss(xx: np.ndarray, xy: np.ndarray, yy: float, keep: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> float:
     """Σ‖X_K W + b − Y‖² from the sums."""
     rows = np.r_[keep, xx.shape[0] - 1]
-    full = np.vstack([weight, bias[None]])
-    return float(np.sum(full * (xx[np.ix_(rows, rows)] @ full)) - 2 * np.sum(full * xy[rows]) + yy)
+    return _loss(xx[np.ix_(rows, rows)], xy[rows], yy, weight, bias)
 
 
 def solve(equations: NormalEquations, keep: np.ndarray, prior: np.ndarray, ridge: float = DEFAULT_RIDGE,
@@ -130,18 +135,22 @@ def solve(equations: NormalEquations, keep: np.ndarray, prior: np.ndarray, ridge
     return Fit(weight, bias, ridge, loss(xx, xy, yy, keep, weight, bias))
 
 
-def choose_ridge(equations: NormalEquations, keep: np.ndarray, prior: np.ndarray,
-                 grid: tuple[float, ...] = RIDGE_GRID) -> float:
-    """The λ of `grid` with the least cross-validated loss (each fold predicted from the others)."""
-    folds = equations.xx.shape[0]
-    if folds < 2 or min(equations.xx[:, -1, -1]) == 0:
-        return DEFAULT_RIDGE
+def cross_validated_losses(equations: NormalEquations, keep: np.ndarray, prior: np.ndarray,
+                           grid: tuple[float, ...] = RIDGE_GRID) -> np.ndarray:
+    """Per λ of `grid`, Σ over folds of the held-out loss of `solve(…, leave_out=fold)` (inf where
+    a fold's system is singular).
+
+    A solve per fold and λ: one eigendecomposition per fold for every λ ((G + pI)⁻¹ =
+    V·diag(1/(e + p))·Vᵀ) was measured slower for this 5-value grid (tools/bench_pair_sums.py:
+    numpy's eigh of a 1,152-wide Gram costs more than five LU solves)."""
     errors = np.zeros(len(grid))
-    for fold in range(folds):
+    rows = np.r_[keep, equations.inputs]
+    for fold in range(equations.xx.shape[0]):
         gram, cross, mean_x, mean_y = _centred(*equations.total(fold)[:2])
         gram, cross = gram[np.ix_(keep, keep)], cross[keep]
         scale = max(float(np.mean(np.diag(gram))), 1e-30)
-        held = (equations.xx[fold], equations.xy[fold], float(equations.yy[fold]))
+        # the held-out fold's sums over the kept rows, taken once for every λ
+        held = (equations.xx[fold][np.ix_(rows, rows)], equations.xy[fold][rows], float(equations.yy[fold]))
         for index, ridge in enumerate(grid):
             penalty = ridge * scale
             try:
@@ -149,8 +158,16 @@ def choose_ridge(equations: NormalEquations, keep: np.ndarray, prior: np.ndarray
             except np.linalg.LinAlgError:
                 errors[index] = np.inf
                 continue
-            errors[index] += loss(*held, keep, weight, mean_y - mean_x[keep] @ weight)
-    return grid[int(np.argmin(errors))]
+            errors[index] += _loss(*held, weight, mean_y - mean_x[keep] @ weight)
+    return errors
+
+
+def choose_ridge(equations: NormalEquations, keep: np.ndarray, prior: np.ndarray,
+                 grid: tuple[float, ...] = RIDGE_GRID) -> float:
+    """The λ of `grid` with the least cross-validated loss (each fold predicted from the others)."""
+    if equations.xx.shape[0] < 2 or min(equations.xx[:, -1, -1]) == 0:
+        return DEFAULT_RIDGE
+    return grid[int(np.argmin(cross_validated_losses(equations, keep, prior, grid)))]
 
 
 _HUGE = np.finfo(np.float64).max

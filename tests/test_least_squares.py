@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxsnp.least_squares import FOLDS, NormalEquations, Obs, choose_ridge, loss, solve
+from onnxsnp.least_squares import (FOLDS, RIDGE_GRID, NormalEquations, Obs, choose_ridge,
+                                   cross_validated_losses, loss, solve)
 
 INPUTS, OUTPUTS, TOKENS = 12, 5, 400
 
@@ -82,6 +83,20 @@ def test_ridge_choice_prefers_little_ridge_on_clean_data_and_more_on_few_tokens(
         x = rng.standard_normal((4, INPUTS))
         few.add(x, x @ weight + 3 * rng.standard_normal((4, OUTPUTS)), fold)
     assert choose_ridge(few, keep, weight) >= 1e-1  # the prior is right, the few tokens are noisy
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_cross_validated_losses_are_those_of_a_solve_per_fold_and_ridge(seed):
+    """One eigendecomposition per fold for every λ gives each fold's held-out loss of the refit
+    that `solve` makes without that fold."""
+    _, _, weight, equations = problem(seed)
+    keep = np.array([0, 2, 3, 5, 7, 8, 11])
+    prior = weight[keep] + 0.3
+    want = [sum(loss(equations.xx[f], equations.xy[f], float(equations.yy[f]), keep,
+                     *((fit := solve(equations, keep, prior, ridge, leave_out=f)).weight, fit.bias))
+                for f in range(FOLDS)) for ridge in RIDGE_GRID]
+    np.testing.assert_allclose(cross_validated_losses(equations, keep, prior), want, rtol=1e-9)
+    assert choose_ridge(equations, keep, prior) == RIDGE_GRID[int(np.argmin(want))]
 
 
 @pytest.mark.parametrize("unit", [1, 3])

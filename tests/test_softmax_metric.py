@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from onnxsnp.matching.blocks import Rotary, RotaryStyle
+from onnxsnp import softmax_metric
 from onnxsnp.softmax_metric import SoftmaxSums, _solve, add_sums, choose_pairs, removal_curve
 
 SAMPLES, HEADS, TOKENS, D, SCALE = 2, 3, 7, 4, 0.5
@@ -67,6 +68,53 @@ def test_a_score_term_equal_for_every_key_costs_nothing():
     add_sums(sums, q_hat, k_hat, q_hat, k_hat, mask, SCALE)
     assert np.abs(sums.fisher[:, 0, :]).max() < 1e-6 * np.abs(sums.fisher).max()
     np.testing.assert_allclose(sums.cross[:, 0], 0.0, atol=1e-6 * np.abs(sums.cross).max())
+
+
+def reference_sums(q_hat, k_hat, q, k, mask, scale, heads):
+    """F, c and the energy of the module docstring in float64, query by query, uncentred
+    products summed exactly as written: Σ_j P_ij x_ij x_ijᵀ − (Σ_j P_ij x_ij)(Σ_j P_ij x_ij)ᵀ."""
+    d = q.shape[-1]
+    fisher, cross, energy = np.zeros((heads, d, d)), np.zeros((heads, d)), np.zeros(heads)
+    for stack in range(len(q)):
+        sample, head = divmod(stack, heads)
+        for i in range(q.shape[1]):
+            if not mask[sample, i]:
+                continue
+            keys = [j for j in range(i + 1) if mask[sample, j]]
+            scores = scale * q[stack, i] @ k[stack, keys].T
+            probs = np.exp(scores - scores.max())
+            probs /= probs.sum()
+            terms = scale * q_hat[stack, i] * k_hat[stack, keys]  # (keys, d): each pair's score term
+            mean_term, mean_score = probs @ terms, probs @ scores
+            fisher[head] += (terms * probs[:, None]).T @ terms - np.outer(mean_term, mean_term)
+            cross[head] += probs @ (terms * scores[:, None]) - mean_term * mean_score
+            energy[head] += probs @ scores ** 2 - mean_score ** 2
+    return fisher, cross, energy
+
+
+@pytest.mark.parametrize("query_block", [7, 32])
+def test_sums_keep_float64_precision_beside_a_sink(monkeypatch, query_block):
+    """float32 products, centred first: a sink pair (a large, nearly constant score term on every
+    key) would otherwise cancel and leave float32 noise above the other pairs' terms. Many tokens,
+    padding, and query blocks that do and do not divide the tokens."""
+    monkeypatch.setattr(softmax_metric, "QUERY_BLOCK", query_block)
+    heads, samples, tokens, d = 2, 2, 45, 8
+    rng = np.random.default_rng(5)
+    q_hat, k_hat = rng.standard_normal((2, samples * heads, tokens, d))
+    q_hat[..., 0], k_hat[..., 0] = 40.0, 40.0 + 0.01 * rng.standard_normal((samples * heads, tokens))
+    q, k = q_hat + 0.1 * rng.standard_normal(q_hat.shape), k_hat + 0.1 * rng.standard_normal(k_hat.shape)
+    mask = np.ones((samples, tokens))
+    mask[1, tokens - 6:] = 0
+    sums = SoftmaxSums.empty(heads, d)
+    add_sums(sums, q_hat, k_hat, q, k, mask, SCALE)
+    fisher, cross, energy = reference_sums(q_hat, k_hat, q, k, mask, SCALE, heads)
+    # relative to each head's largest F entry of the other pairs: the sink's own terms are small
+    # once centred, and an error as large as the sink's raw scale (1600·scale) would swamp them
+    for head in range(heads):
+        rest = np.abs(fisher[head, 1:, 1:]).max()
+        np.testing.assert_allclose(sums.fisher[head], fisher[head], atol=1e-4 * rest)
+        np.testing.assert_allclose(sums.cross[head], cross[head], atol=1e-4 * rest)
+    np.testing.assert_allclose(sums.energy, energy, rtol=1e-4)
 
 
 def block(rotary: bool, groups: int = 1):
