@@ -55,6 +55,7 @@ WINDOW = 128
 # 20 and 35 % fewer FLOPs (the default criterion, and weight norms at 20 %)
 RUNS = [("attention only: 25 % of Q/K pairs and V", {"ratio": 0.25, "ffn_ratio": 0.0}),
         ("--ratio 0.25", {"ratio": 0.25}),
+        ("--ratio 0.25, every calibration window (482)", {"ratio": 0.25, "windows": 512}),
         ("--ratio 0.25 --criterion l2", {"ratio": 0.25, "criterion": "l2"}),
         ("--ratio 0.44", {"ratio": 0.44})]
 # Gemma 3 270M: its 262k-token output projection is ~63 % of a token's FLOPs and its one
@@ -197,7 +198,8 @@ def main() -> None:
     parser.add_argument("--build", type=Path, default=BUILD)
     parser.add_argument("--calibration", type=int, help="calibration windows of 128 tokens (128; Gemma 3 48)")
     parser.add_argument("--heldout", type=int, help="held-out windows of 128 tokens (32; Gemma 3 16)")
-    parser.add_argument("--runs", help="a JSON list of [label, options] replacing the default runs")
+    parser.add_argument("--runs", help="a JSON list of [label, options] replacing the default runs (an option "
+                                       "\"windows\": N calibrates that run on N windows)")
     parser.add_argument("--smoke", action="store_true", help="one run, few windows: checks that the bench runs")
     parser.add_argument("--code", type=Path, help="measure the onnxsnp of this checkout instead (a git worktree)")
     args = parser.parse_args()
@@ -223,7 +225,11 @@ def main() -> None:
         started = time.time()
         # a genai folder: one KV buffer shape for every layer (what the CLI sets for a folder)
         folder = {"one_head_size": True} if (source.parent / "genai_config.json").exists() else {}
-        result = prune_model(str(source), make_options(measure_latency=False, **folder, **extra), calib=calib)
+        options = {k: v for k, v in extra.items() if k != "windows"}  # "windows": this run's calibration windows
+        own = calib if "windows" not in extra else {
+            "input_ids": (ids := stream_windows(tokenizer, calibration_texts, WINDOW, extra["windows"])),
+            "attention_mask": np.ones_like(ids)}
+        result = prune_model(str(source), make_options(measure_latency=False, **folder, **options), calib=own)
         picked, best = scores(result.model, heldout)
         report = result.report
         agreement = float((best == reference).mean())
