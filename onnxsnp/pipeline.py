@@ -121,6 +121,8 @@ def prepare(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel, op
               if g.node(block.anchor).op_type == "Softmax"}  # attention probabilities, for the report
     with stage(f"running the input model on {_count(holdout_feed)} held-back samples"):
         observed = observe(model, sorted(set(probes.values())), holdout_feed, batch, fixed, g.constant)
+    if dynamic is not None:  # a --target-* budget counts the view's MatMuls
+        observed.shapes.update(dynamic.view_shapes(observed.shapes))
     release_memory()
     log.info("observed the input model on %d held-back samples (%s)", _count(holdout_feed), _since(started))
     return Prepared(model, external, g, matches, calib_label or source, fit_feed, holdout_feed, batch, fixed,
