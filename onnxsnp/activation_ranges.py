@@ -107,14 +107,19 @@ def recalibrated(original: onnx.ModelProto, pruned: onnx.ModelProto, feed: dict[
     for node in pruned.graph.node:
         for t in set(node.input):
             readers[t] = readers.get(t, 0) + 1
+    # onnxruntime gives a Reshape's or Transpose's output the parameters of its input: pairs that
+    # share them are one range, the union of theirs
+    groups: dict[tuple[str, str], list[str]] = {}
     for name in shared:
-        activation, scale_name, zero_name = after[name]
+        groups.setdefault(after[name][1:], []).append(name)
+    for (scale_name, zero_name), names in groups.items():
         scale_tensor, zero_tensor = initializers.get(scale_name), initializers.get(zero_name)
-        # the pair's own Q and DQ read these; a parameter shared further is left alone
-        if scale_tensor is None or zero_tensor is None or readers.get(scale_name, 0) > 2 or readers.get(zero_name, 0) > 2:
+        # the group's own Qs and DQs read these; a parameter shared further is left alone
+        if scale_tensor is None or zero_tensor is None or \
+                max(readers.get(scale_name, 0), readers.get(zero_name, 0)) > 2 * len(names):
             continue
-        a0, b0 = old[before[name][0]]
-        a1, b1 = new[activation]
+        a0, b0 = min(old[before[n][0]][0] for n in names), max(old[before[n][0]][1] for n in names)
+        a1, b1 = min(new[after[n][0]][0] for n in names), max(new[after[n][0]][1] for n in names)
         if abs(a1 - a0) <= MOVED * (b0 - a0) and abs(b1 - b0) <= MOVED * (b0 - a0):
             continue
         scale = float(numpy_helper.to_array(scale_tensor))
