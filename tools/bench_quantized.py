@@ -130,9 +130,11 @@ class DeitS:
 TASKS = {"minilm": MiniLM, "deit_s": DeitS}
 
 
-def _commit() -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                          text=True).stdout.strip() or "unknown"
+# the commit whose code runs: read once, as the modules were imported at start
+COMMIT = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                        text=True).stdout.strip() or "unknown"
+if subprocess.run(["git", "status", "--porcelain", "onnxsnp"], cwd=ROOT, capture_output=True, text=True).stdout:
+    COMMIT += "+changes"  # onnxsnp differs from the commit
 
 
 def measure(task, form: str, budget: float, scratch: Path, float_pruned: Path, quantized: Path) -> dict:
@@ -145,7 +147,7 @@ def measure(task, form: str, budget: float, scratch: Path, float_pruned: Path, q
     onnx.save(pruned, str(target))
     del pruned
     before, after = interleaved([quantized, target], task.feed, runs=RUNS)
-    return {"model": task.name, "form": form, "budget": budget, "commit": _commit(),
+    return {"model": task.name, "form": form, "budget": budget, "commit": COMMIT,
             "int8": task.score(quantized), "float_pruned": task.score(float_pruned), "prune_int8": task.score(target), "quantize_pruned": task.score(reference),
             "flops_cut": report.flops_before / report.flops_after, "speedup": before["median_ms"] / after["median_ms"],
             "ms_before": before["median_ms"], "ms_after": after["median_ms"], "prune_s": round(seconds, 1)}
