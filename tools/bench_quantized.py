@@ -16,8 +16,8 @@ the speedup (median before / after) is set against the FLOPs cut (FLOPs before /
 Quantizer settings (what a user would pass): static QDQ quantizes only the MatMuls
 (op_types_to_quantize=["MatMul"]), MinMax calibration on the first 64 calibration samples (32
 images), onnxruntime's default types, per tensor or per channel; quantize_dynamic: int8 weights,
-per tensor, no reduce_range. The pruner calibrates on 128 sentences (MiniLM, from the 2,000-
-sentence corpus of tools/export_minilm.py) or 32 random images (ViT). With the default op types MiniLM's attention-mask Where and the
+per tensor, no reduce_range. The pruner calibrates on 128 sentences (MiniLM, from the
+2,000-sentence corpus of tools/export_minilm.py) or 32 random images (ViT). With the default op types MiniLM's attention-mask Where and the
 masked score Add (float32 min, about -3.4e38) get a QDQ pair whose scale is ~1e36, every attention
 score rounds to the same value, and the unpruned int8 model scores 0.35 against fp32.
 
@@ -85,7 +85,7 @@ class MiniLM:
 
         self.embed, self.source = embed, folder / "minilm.onnx"
         if not self.source.exists():
-            raise SystemExit(f"{self.source} is missing: run tools/export_minilm.py --out {folder}")
+            raise SystemExit(f"{self.source} is missing: run tools/export_minilm.py --out-dir {folder}")
         data = np.load(folder / "eval.npz")
         self.ids, self.mask = data["input_ids"][:200].astype(np.int64), data["attention_mask"][:200].astype(np.int64)
         self.reference = embed(self.source, self.ids, self.mask)
@@ -154,8 +154,10 @@ def measure(task, form: str, budget: float, scratch: Path, float_pruned: Path, q
 
 
 def render(rows: list[dict], command: str) -> str:
-    lines = ["# Pruning quantized models (issue 29)", "", "Reproduce:", "", f"    {command}", "",
-             __doc__.split("\n\n")[1].replace("\n", " "), "", __doc__.split("\n\n")[3].replace("\n", " "), "",
+    # the docstring's paragraphs, bullets kept on their own lines
+    about = [p.replace("\n* ", "\0").replace("\n", " ").replace("\0", "\n* ") for p in __doc__.split("\n\n")[1:5]]
+    lines = ["# Pruning quantized models (issue 29)", "", "Reproduce (after `python tools/export_minilm.py`, which "
+             "writes build/minilm):", "", f"    {command}", "", *[line for p in about for line in (p, "")],
              "| model | form | --target-flops | int8 unpruned | prune(fp32) | prune(int8) | quantize(prune(fp32)) | "
              "gap | FLOPs cut | speedup | speedup ÷ cut |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
