@@ -9,28 +9,24 @@ again for the pruned model that learning is wrong (cosine to fp32 0.834 against 
 on the view); and the user's other route, quantizing the pruned float model, calibrates on
 float activations too. After the rewrite the pairs go back on the same tensors (`restore`).
 
-quantize_static fixes each activation's QuantizeLinear scale and zero point from the range it
-saw on its calibration data. Pruning changes what flows there: projected Q/K and V rescale what
-is kept to carry what went, refits move the sublayer outputs. With the old parameters a wider
-activation is clipped and a narrower one wastes levels, where quantizing the pruned float
-model (the user's other route) calibrates on the activations the pruned model really has.
-
-Here each activation pair is rescaled by how the range of its input moved: both models run on
-the calibration samples with float activations (as the quantizer calibrated them), and each end of the pair's range is scaled by the ratio of the pruned
-model's observed end to the original's. For a MinMax calibration on the same samples that is
-what recalibrating gives; for a clipping one (percentile, entropy) the clip keeps its place
-relative to the range. A symmetric pair (zero point 0, signed) stays symmetric; a tensor whose
-range did not move (by MOVED) keeps its parameters bit for bit.
+After pruning, each pair is rescaled by how the range of its input moved (`recalibrated`): both
+models run on the calibration samples with float activations (as the quantizer calibrated
+them; measured through the pairs, a range that grew would be clipped by the pair before it),
+and each end of the pair's range is scaled by the ratio of the pruned model's observed end to
+the original's. Pruning moves ranges — projected Q/K carry what the cut dimensions carried
+(up to 2× on MiniLM), refits move sublayer outputs — and an old range clips or wastes levels.
+For a MinMax calibration on the same samples the rescaled range is what recalibrating gives;
+for a clipping one (percentile, entropy) the clip keeps its place relative to the range. A
+symmetric pair (signed, zero point 0) stays symmetric; a range that moved less than MOVED
+keeps its parameters bit for bit.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
-
-from dataclasses import dataclass
-
-from onnx import helper
 
 from .calibration import Runner
 
