@@ -43,6 +43,21 @@ class DynamicView:
 
     model: onnx.ModelProto
     layers: dict[str, _Layer]  # by the view's MatMul name (the MatMulInteger's)
+    outputs: dict[str, str]  # the float output of each (the output scale Mul's)
+
+    def view_shapes(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        """Run-time shapes of the view's MatMul inputs and outputs from those of the quantized
+        model's MatMulIntegers (the quantized input and the integer product have the float
+        input's and output's shapes), so the view's MACs are counted from a run of the model."""
+        dims = {t.name: tuple(t.dims) for t in self.model.graph.initializer}
+        found = {}
+        for name, layer in self.layers.items():
+            x_q, product = layer.integer.input[0], layer.integer.output[0]
+            if x_q in shapes and product in shapes:
+                found[layer.quantize.input[0]] = shapes[x_q]
+                found[self.outputs[name]] = shapes[product]
+                found[f"{layer.weight}{_DEQUANTIZED}"] = dims[layer.weight]
+        return found
 
     def requantize(self, pruned: onnx.ModelProto) -> onnx.ModelProto:
         """`pruned` (a rewrite of the view) with each recorded MatMul in the dynamic form again.
@@ -130,7 +145,8 @@ def dynamic_view(model: onnx.ModelProto) -> DynamicView | None:
     nodes = [n for n in nodes if n.op_type != "DynamicQuantizeLinear" or any(o in read for o in n.output)]
     del view.graph.node[:]
     view.graph.node.extend(nodes)
-    return DynamicView(view, {name: layer for name, (layer, _, _) in found.items()})
+    return DynamicView(view, {name: layer for name, (layer, _, _) in found.items()},
+                       {name: output for name, (_, output, _) in found.items()})
 
 
 def _match(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto], producers: dict[str, onnx.NodeProto],

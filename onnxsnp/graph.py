@@ -183,12 +183,15 @@ def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
 # Ops whose output is itself a constant when all their inputs are (what an optimizer may have
 # left unfolded: a scale computed from constants, a weight dequantized at run time).
 _FOLDABLE = {"Cast", "Sqrt", "Reciprocal", "Neg", "Mul", "Div", "Add", "Sub", "Pow", "Transpose", "DequantizeLinear",
-             "QuantizeLinear", "Gather"}  # QuantizeLinear: a static QDQ model's constant scale passes a QDQ pair
+             "QuantizeLinear", "Gather", "Identity"}  # QuantizeLinear: a static QDQ model's constant scale passes a
+# QDQ pair; Identity: one of its shared norm weights, quantized once and routed to each norm
 
 
 def _fold(node: onnx.NodeProto, inputs: list[np.ndarray | None]) -> np.ndarray | None:
     """The value of `node` applied to constant inputs; None for what is not folded here."""
     op, first = node.op_type, inputs[0]
+    if op == "Identity":
+        return first
     if op == "Cast":
         return first.astype(onnx.helper.tensor_dtype_to_np_dtype(attribute(node, "to")))
     if op in ("Sqrt", "Reciprocal", "Neg"):

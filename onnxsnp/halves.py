@@ -60,8 +60,11 @@ def plan_segments(g: ModelGraph, matches: Matches) -> list[tuple[Half, Half]]:
             branch = capture[0]
             join = cut(g, f"{name} join", [branch, start], [end], cuts)
             # the legacy exporter routes a norm's weights through Identity nodes: they are no work;
-            # Gemma 3 and OLMo 2 normalise the branch before the Add (a written-out RMSNorm)
-            work = [g.node(n).op_type for n in join.nodes if g.node(n).op_type not in ("Identity", "Constant")]
+            # Gemma 3 and OLMo 2 normalise the branch before the Add (a written-out RMSNorm); a static
+            # QDQ model rounds the norm's weights through QDQ pairs (constants: its activation pairs
+            # are bypassed while pruning, activation_ranges.py)
+            work = [g.node(n).op_type for n in join.nodes
+                    if g.node(n).op_type not in ("Identity", "Constant", "QuantizeLinear", "DequantizeLinear")]
             if len(work) > 3 + _NORM_NODES or join.slots or not set(work) <= _JOIN_OPS:
                 raise NoMatch(f"{name}: the residual join is more than an Add and normalisations")
             gain = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from .activation_ranges import activation_view
 from .decoding import expose_stream_sums
 from .genai import genai_folder
 from .graph import ModelGraph
@@ -31,7 +32,9 @@ def inspect_model(path: str | os.PathLike) -> Inspection:
     view = float_view(model)  # MatMulNBits read as float, a final norm's sum exposed, as a prune reads them
     read = view.model if view is not None else model
     dynamic = dynamic_view(read)  # quantize_dynamic's layers read as DequantizeLinear → MatMul
-    g = ModelGraph(expose_stream_sums(dynamic.model if dynamic is not None else read))
+    rounded = activation_view(read) if dynamic is None else None  # static QDQ: activation pairs bypassed
+    read = dynamic.model if dynamic is not None else rounded.model if rounded is not None else read
+    g = ModelGraph(expose_stream_sums(read))
     matches = find_blocks(g)
     try:
         plan_segments(g, matches)

@@ -21,6 +21,7 @@ from .importance import Scorer
 from .loading import LoadedModel, load_model, weight_bytes
 from .decoding import expose_stream_sums, kv_cache_bytes
 from .genai import NOTE as GENAI_NOTE, one_head_size
+from .activation_ranges import ActivationView, activation_view
 from .dynamic import DynamicView, dynamic_view
 from .nbits import FloatView, float_view
 from .quant_form import unsupported
@@ -86,6 +87,7 @@ class Prepared:
     started: float
     view: FloatView | None  # MatMulNBits read as float MatMuls: quantized again after the rewrite
     dynamic: DynamicView | None = None  # quantize_dynamic's layers read as DequantizeLinear → MatMul: made dynamic again
+    rounded: ActivationView | None = None  # static QDQ activation pairs bypassed: put back and calibrated again
 
 
 def prepare(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel, options: PruneOptions, *,
@@ -99,7 +101,9 @@ def prepare(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel, op
         view = float_view(model)  # MatMulNBits weights read as float MatMuls, quantized again at the end (nbits.py)
         read = view.model if view is not None else model
         dynamic = dynamic_view(read)  # quantize_dynamic's layers read as DequantizeLinear → MatMul (dynamic.py)
-        g = ModelGraph(expose_stream_sums(dynamic.model if dynamic is not None else read))
+        rounded = activation_view(read) if dynamic is None else None  # static QDQ: float activations
+        read = dynamic.model if dynamic is not None else rounded.model if rounded is not None else read
+        g = ModelGraph(expose_stream_sums(read))
         matches = find_blocks(g)
     log.info("loaded and matched: %d attention, %d FFN, %d transformer blocks, %d skipped (%s)",
              len(matches.attention), len(matches.ffn), len(matches.layers), len(matches.skipped), _since(started))
@@ -121,10 +125,14 @@ def prepare(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel, op
               if g.node(block.anchor).op_type == "Softmax"}  # attention probabilities, for the report
     with stage(f"running the input model on {_count(holdout_feed)} held-back samples"):
         observed = observe(model, sorted(set(probes.values())), holdout_feed, batch, fixed, g.constant)
+    for seen in (dynamic, rounded):  # a --target-* budget counts the view's MatMuls
+        if seen is not None:
+            observed.shapes.update(seen.view_shapes(observed.shapes))
     release_memory()
     log.info("observed the input model on %d held-back samples (%s)", _count(holdout_feed), _since(started))
     return Prepared(model, external, g, matches, calib_label or source, fit_feed, holdout_feed, batch, fixed,
-                    calib_stage.token_mask_input(specs), probes, observed, release_memory, started, view, dynamic)
+                    calib_stage.token_mask_input(specs), probes, observed, release_memory, started, view, dynamic,
+                    rounded)
 
 
 def finish(prepared: Prepared, options: PruneOptions, work: ReconstructionWork | None = None) -> PruneResult:
@@ -175,6 +183,8 @@ def finish(prepared: Prepared, options: PruneOptions, work: ReconstructionWork |
             release_memory()
         if p.dynamic is not None:
             pruned = p.dynamic.requantize(pruned)
+        if p.rounded is not None:  # a static QDQ model's activation pairs back, calibrated again (activation_ranges.py)
+            pruned = p.rounded.restore(model, pruned, _joined(p.fit_feed, p.holdout_feed), p.batch)
         if p.view is not None:
             pruned = p.view.requantize(pruned)
         check_structure(pruned)
@@ -408,6 +418,13 @@ def _calibration_feed(g: ModelGraph, specs, calib, samples: int | None, seed: in
     else:
         feed, source = calib_stage.load_calibration(calib, specs), str(calib)
     return ({k: v[:samples] for k, v in feed.items()} if samples else feed), source
+
+
+def _joined(first: dict[str, np.ndarray], second: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Both feeds as one (all calibration samples, as a quantizer calibrates on), else `first`."""
+    if set(first) != set(second) or any(first[k].shape[1:] != second[k].shape[1:] for k in first):
+        return first
+    return {k: np.concatenate([first[k], second[k]]) for k in first}
 
 
 def _split(feed: dict[str, np.ndarray], fixed_batch: int | None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

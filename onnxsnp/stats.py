@@ -1,5 +1,5 @@
 """Size and compute of a model: parameters, and MACs of MatMul/Gemm/Conv (and onnxruntime's fused
-forms of them) and attention ops."""
+and quantized forms of them: FusedMatMul, MatMulNBits, MatMulInteger) and attention ops."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,10 +22,16 @@ class ModelStats:
 
 def count_params(model: onnx.ModelProto) -> int:
     """Floating-point weights (initializers and Constant nodes) and quantized ones (integer
-    initializers read by DequantizeLinear or a Cast); int shape constants excluded."""
+    initializers read by DequantizeLinear, a Cast or MatMulInteger, or gathered and then
+    dequantized); int shape constants excluded."""
     total = 0
     float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
     dequantized = {n.input[0] for n in model.graph.node if n.op_type in ("DequantizeLinear", "Cast") and n.input}
+    # quantize_dynamic's products read their int8 weight directly (its scale is applied to the
+    # output), and its embedding tables are gathered as integers, then dequantized
+    dequantized |= {t for n in model.graph.node if n.op_type == "MatMulInteger" for t in n.input[:2]}
+    dequantizing = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input}
+    dequantized |= {n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.output[0] in dequantizing}
     for node in model.graph.node:  # block-quantized weights: K × N of them, however they are packed
         if node.op_type == "MatMulNBits":
             total += int(attribute(node, "K", 0)) * int(attribute(node, "N", 0))
@@ -98,7 +104,7 @@ def macs_from_shapes(model: onnx.ModelProto, run_shapes: dict[str, tuple[int, ..
 def _counted(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv", "Attention", "MultiHeadAttention",
                                                           "FusedMatMul", "FusedGemm", "MatMulNBits",
-                                                          "GroupQueryAttention")]
+                                                          "GroupQueryAttention", "MatMulInteger")]
 
 
 def _linear_macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> int:
@@ -106,7 +112,7 @@ def _linear_macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> in
     outputs = int(np.prod(out, dtype=np.int64))
     if node.op_type == "MatMulNBits":
         return outputs * int(attribute(node, "K", 0))
-    if node.op_type in ("MatMul", "FusedMatMul"):  # FusedMatMul: onnxruntime's, with transposes inside
+    if node.op_type in ("MatMul", "FusedMatMul", "MatMulInteger"):  # FusedMatMul: onnxruntime's, with transposes inside
         return outputs * ((a[-2] if attribute(node, "transA", 0) else a[-1]) if a else 1)
     if node.op_type in ("Gemm", "FusedGemm"):
         return outputs * (a[0] if attribute(node, "transA", 0) else a[-1])

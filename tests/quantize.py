@@ -86,13 +86,15 @@ def calibration_reader(inputs: list[dict[str, np.ndarray]]):
     return Reader()
 
 
-def quantize_static_qdq(source, target, inputs: list[dict[str, np.ndarray]], per_channel: bool):
+def quantize_static_qdq(source, target, inputs: list[dict[str, np.ndarray]], per_channel: bool,
+                        op_types: list[str] | None = None):
     """onnxruntime's quantize_static in QDQ format with its defaults (uint8 activations, int8
-    weights), per tensor or per channel, calibrated on `inputs`."""
+    weights), per tensor or per channel, calibrated on `inputs`; `op_types`: only those ops
+    quantized (["MatMul"]: a QDQ pair on each product's input, none after norms or Adds)."""
     from onnxruntime.quantization import QuantFormat, quantize_static
 
     quantize_static(str(source), str(target), calibration_reader(inputs), quant_format=QuantFormat.QDQ,
-                    per_channel=per_channel)
+                    per_channel=per_channel, op_types_to_quantize=op_types)
     return target
 
 

@@ -122,3 +122,23 @@ def test_fidelity_is_that_of_pruning_then_quantizing(dynamic, tmp_path):
             if node.op_type == "MatMulInteger":
                 weight = g.constant(node.input[1])
                 assert -64 <= weight.min() and weight.max() <= 64
+
+
+def test_counted_like_the_float_model(dynamic):
+    """MatMulInteger's int8 weights are parameters and its products MACs, as the float model's
+    MatMuls are; a --target-flops budget is met on the dynamic model as on the float one."""
+    source, quantized, _, _ = dynamic
+    calib = feed_for(source, batch=16, seed=3)
+    _, float_report = prune(str(source), ratio=0.0, calib=calib)
+    _, report = prune(str(quantized), ratio=0.0, calib=calib)
+    # the same weights, as int8, plus the float scales the quantizer added (named *_scale)
+    scales = sum(int(np.prod(t.dims)) for t in onnx.load(str(quantized)).graph.initializer
+                 if t.name.endswith("_scale") and t.data_type == onnx.TensorProto.FLOAT)
+    assert report.params_before == float_report.params_before + scales
+    assert report.flops_before == float_report.flops_before
+    _, float_half = prune(str(source), target_flops=0.5, calib=calib)
+    pruned, half = prune(str(quantized), target_flops=0.5, calib=calib)
+    assert half.flops_before == float_half.flops_before
+    assert half.flops_after <= 0.5 * half.flops_before * 1.01  # the budget, as the float model meets it
+    assert half.params_after < half.params_before
+    assert "MatMulInteger" in {n.op_type for n in pruned.graph.node}

@@ -8,6 +8,7 @@ import pytest
 
 from conftest import feed_for
 from onnxsnp.cli import main
+from onnxsnp.inspection import inspect_model
 from onnxsnp.quant_form import QuantForm
 
 quantization = pytest.importorskip("onnxruntime.quantization")
@@ -23,6 +24,7 @@ def quantized(exported, tmp_path_factory):
     inputs = [feed_for(source, batch=2, seed=20 + i) for i in range(2)]
     paths = {"qdq-tensor": quantize_static_qdq(source, folder / "qdq_t.onnx", inputs, per_channel=False),
              "qdq-channel": quantize_static_qdq(source, folder / "qdq_c.onnx", inputs, per_channel=True),
+             "qdq-matmul": quantize_static_qdq(source, folder / "qdq_m.onnx", inputs, False, ["MatMul"]),
              "dynamic-tensor": quantize_dynamic_int8(source, folder / "dyn_t.onnx", per_channel=False),
              "dynamic-channel": quantize_dynamic_int8(source, folder / "dyn_c.onnx", per_channel=True)}
     quantization.quantize_static(str(source), str(folder / "qop.onnx"), calibration_reader(inputs),
@@ -42,6 +44,17 @@ def test_inspect_names_the_form(quantized, capsys, name, form, weights):
     assert len(found["attention"]) == len(found["ffn"]) == 2
     assert main(["inspect", str(quantized[name])]) == 0
     assert f"quantized form: {QuantForm[form.upper()].value}, weights {weights}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["qdq-tensor", "qdq-channel", "qdq-matmul", "dynamic-tensor"])
+def test_whole_layers_are_matched_through_activation_pairs(quantized, name):
+    """A static QDQ model rounds the stream into each layer (after every op with the defaults,
+    only into the products with op_types_to_quantize=["MatMul"], where the residual Add reads the
+    rounded norm output too): attention and FFN still pair into transformer blocks, so the
+    block-by-block reconstruction runs as on the float model."""
+    found = inspect_model(quantized[name])
+    assert len(found.matches.layers) == 2 and [layer.norm for layer in found.matches.layers] == ["post"] * 2
+    assert found.reconstruction is None
 
 
 def test_qoperator_is_refused_by_node(quantized, capsys, tmp_path):

@@ -49,6 +49,13 @@ def qdq(request, exported, tmp_path_factory):
     return source, quantize_static_qdq(source, target, calibration(source), request.param), request.param
 
 
+def activation_pairs(model: onnx.ModelProto) -> set[str]:
+    """The names of the QuantizeLinear nodes on run-time tensors, each followed by its DequantizeLinear."""
+    g = ModelGraph(model)
+    return {n.name for n in model.graph.node if n.op_type == "QuantizeLinear" and not g.is_constant(n.input[0])
+            and [r.op_type for r in g.consumers_of(n.output[0])] == ["DequantizeLinear"]}
+
+
 def integer_weights(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
     """Each constant-weight MatMul's integer tensor shape, read through its DequantizeLinear."""
     g = ModelGraph(model)
@@ -84,9 +91,10 @@ def test_pruned_stays_static_qdq(qdq, tmp_path):
     assert not [s for s in report.skipped if s.kind != "block"]
     head_dim = HIDDEN // HEADS
     assert [b.qk_dim_after for b in report.blocks if b.kind == "attention"] == [round(head_dim * (1 - RATIO))] * 2
-    # the same quantized form: as many QDQ pairs, every weight still int8 behind DequantizeLinear
-    ops, before = Counter(n.op_type for n in pruned.graph.node), Counter(n.op_type for n in original.graph.node)
-    assert ops["QuantizeLinear"] == before["QuantizeLinear"] and ops["DequantizeLinear"] == before["DequantizeLinear"]
+    # the same quantized form: every activation pair back, every weight still int8 behind
+    # DequantizeLinear (a QDQ-rounded constant that pruning recomputes, the attention's scale, is
+    # written as the float constant it stands for)
+    assert activation_pairs(pruned) == activation_pairs(original)
     old, new = integer_weights(original), integer_weights(pruned)
     assert set(old) == set(new)
     shrunk = {name for name in old if new[name] != old[name]}
@@ -140,3 +148,47 @@ def test_fidelity_is_that_of_pruning_then_quantizing(qdq, tmp_path):
     drift = max(1 - cosine(a, b) for a, b in zip(run(str(pruned_path), feed), run(str(pruned_path), feed, optimize=False)))
     baseline = max(1 - cosine(a, b) for a, b in zip(run(str(quantized), feed), run(str(quantized), feed, optimize=False)))
     assert drift <= 4 * baseline + 1e-4, (drift, baseline)
+
+
+def test_activation_ranges_follow_the_pruned_model(qdq):
+    """Pruning moves activations (projected Q/K carry what the cut dimensions carried): each pair
+    is calibrated again, its range set where the quantizer set it relative to the float range it
+    saw (MinMax: on it), now the pruned model's — up to the 2 % a range may move and keep its
+    pair (activation_ranges.MOVED) and half a step of rounding the zero point."""
+    from onnxsnp.activation_ranges import MOVED, _activation_pairs, _ranges
+
+    source, quantized, _ = qdq
+    calib = joined(calibration(source))
+    pruned, _ = prune(str(quantized), ratio=RATIO, calib=calib)
+    original = onnx.load(str(quantized))
+    ranges = {}
+    for model in (original, pruned):
+        pairs = _activation_pairs(model)
+        seen = _ranges(model, sorted({tensor for tensor, _, _ in pairs.values()}), calib, 16, "model")
+        g = ModelGraph(model)
+        for name, (tensor, scale_name, zero_name) in pairs.items():
+            scale, zero = float(g.constant(scale_name)), int(g.constant(zero_name))
+            info = np.iinfo(g.constant(zero_name).dtype)
+            ranges.setdefault(name, []).append(((info.min - zero) * scale, (info.max - zero) * scale, *seen[tensor], scale))
+    # pairs that share parameters (a Reshape's output and its input's) are one range: their union
+    shared: dict[str, list[str]] = {}
+    for name, (_, scale_name, _) in _activation_pairs(pruned).items():
+        shared.setdefault(scale_name, []).append(name)
+    for names in shared.values():
+        union = [(r[0], r[1], min(ranges[n][i][2] for n in names), max(ranges[n][i][3] for n in names), r[4])
+                 for i, r in enumerate(ranges[names[0]])]
+        ranges.update({n: union for n in names})
+    moved = 0
+    for name, ((low0, high0, a0, b0, step0), (low1, high1, a1, b1, step)) in ranges.items():
+        if max(abs(a1 - a0), abs(b1 - b0)) <= MOVED * (b0 - a0):
+            continue
+        moved += 1
+        if abs(low0 + high0 + step0) <= 1e-2 * step0:  # a symmetric pair (signed, zero point 0) scales as a whole
+            reach = max(-a1, b1) / max(-a0, b0)
+            want_low, want_high = low0 * reach, high0 * reach
+        else:  # each end where it was relative to the float range (an end at zero stays at zero)
+            want_low = low0 * a1 / a0 if a0 < 0 else low1
+            want_high = high0 * b1 / b0 if b0 > 0 else high1
+        assert abs(low1 - want_low) <= step and abs(high1 - want_high) <= step, \
+            (name, (low1, high1), (want_low, want_high), (low0, high0, a0, b0, a1, b1))
+    assert moved  # some ranges did move
