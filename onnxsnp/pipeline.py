@@ -184,7 +184,8 @@ def finish(prepared: Prepared, options: PruneOptions, work: ReconstructionWork |
         if p.dynamic is not None:
             pruned = p.dynamic.requantize(pruned)
         if p.rounded is not None:  # a static QDQ model's activation pairs back, calibrated again (activation_ranges.py)
-            pruned = p.rounded.restore(model, pruned, _joined(p.fit_feed, p.holdout_feed), p.batch)
+            # on the fitted samples only: the held-back ones judge the result
+            pruned = p.rounded.restore(model, pruned, p.fit_feed, p.batch)
         if p.view is not None:
             pruned = p.view.requantize(pruned)
         check_structure(pruned)
@@ -418,13 +419,6 @@ def _calibration_feed(g: ModelGraph, specs, calib, samples: int | None, seed: in
     else:
         feed, source = calib_stage.load_calibration(calib, specs), str(calib)
     return ({k: v[:samples] for k, v in feed.items()} if samples else feed), source
-
-
-def _joined(first: dict[str, np.ndarray], second: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Both feeds as one (all calibration samples, as a quantizer calibrates on), else `first`."""
-    if set(first) != set(second) or any(first[k].shape[1:] != second[k].shape[1:] for k in first):
-        return first
-    return {k: np.concatenate([first[k], second[k]]) for k in first}
 
 
 def _split(feed: dict[str, np.ndarray], fixed_batch: int | None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
