@@ -71,15 +71,18 @@ def language_model_fidelity(names: list[str], original: list[np.ndarray], pruned
     used = valid[:, :-1] & valid[:, 1:]
     if not used.any():
         return {}
-    targets = ids[:, 1:][used]
-
     def perplexity(logits: np.ndarray) -> float:
-        rows = logits[:, :-1][used].astype(np.float64)
-        rows -= rows.max(axis=-1, keepdims=True)
-        log_probs = rows[np.arange(len(rows)), targets] - np.log(np.exp(rows).sum(axis=-1))
-        return float(np.exp(-log_probs.mean()))
+        total = 0.0
+        for sample in range(len(ids)):  # sample by sample: a 49k-token vocabulary's float64 rows of
+            # every held-back sample at once took gigabytes
+            rows = logits[sample, :-1][used[sample]].astype(np.float64)
+            rows -= rows.max(axis=-1, keepdims=True)
+            targets = ids[sample, 1:][used[sample]]
+            total += float((rows[np.arange(len(rows)), targets] - np.log(np.exp(rows).sum(axis=-1))).sum())
+        return float(np.exp(-total / used.sum()))
 
-    agreement = float((before[:, :-1][used].argmax(-1) == after[:, :-1][used].argmax(-1)).mean())
+    agreement = float(sum((before[s, :-1][used[s]].argmax(-1) == after[s, :-1][used[s]].argmax(-1)).sum()
+                          for s in range(len(ids))) / used.sum())
     return {"perplexity_before": perplexity(before), "perplexity_after": perplexity(after),
             "next_token_agreement": agreement, "tokens": int(used.sum())}
 
@@ -130,6 +133,9 @@ def run_outputs(model: onnx.ModelProto, feed: dict[str, np.ndarray], batch: int)
     return Runner(model, role="pruned model").outputs(feed, batch)
 
 
+_CHUNK_BYTES = 256 * 2**20  # float64 rows compared at a time
+
+
 def fidelity(original: list[np.ndarray], pruned: list[np.ndarray]) -> Fidelity:
     if len(original) != len(pruned):
         raise SnpError("pruned model has a different number of outputs")
@@ -139,17 +145,22 @@ def fidelity(original: list[np.ndarray], pruned: list[np.ndarray]) -> Fidelity:
             raise SnpError(f"pruned model output shape {got.shape} differs from the original {ref.shape}")
         if ref.dtype.kind != "f":
             continue
-        ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
-        if not np.isfinite(got64).all():
-            raise SnpError("pruned model produces NaN or Inf")
-        max_diff = max(max_diff, float(np.abs(ref64 - got64).max()) if ref.size else 0.0)
-        flat_ref = ref64.reshape(ref.shape[0], -1) if ref.ndim else ref64.reshape(1, 1)
-        flat_got = got64.reshape(flat_ref.shape)
-        cosines.append(_cosines(flat_ref, flat_got))
-        mean = flat_ref.mean(axis=0) if len(flat_ref) > 1 else 0.0
-        centred.append(_cosines(flat_ref - mean, flat_got - mean))
-        reference_norm = np.linalg.norm(flat_ref, axis=1)
-        errors.append(np.linalg.norm(flat_got - flat_ref, axis=1) / np.maximum(reference_norm, 1e-300))
+        flat_ref = ref.reshape(ref.shape[0], -1) if ref.ndim else ref.reshape(1, 1)
+        flat_got = got.reshape(flat_ref.shape)
+        mean = flat_ref.mean(axis=0, dtype=np.float64) if len(flat_ref) > 1 else 0.0
+        # a few samples at a time in float64: a language model's logits over every held-back
+        # sample, copied whole, took gigabytes (SmolLM2's 49k vocabulary: 15 GB at 256 windows)
+        step = max(1, _CHUNK_BYTES // max(8 * flat_ref.shape[1], 1))
+        for start in range(0, len(flat_ref), step):
+            ref64 = flat_ref[start:start + step].astype(np.float64)
+            got64 = flat_got[start:start + step].astype(np.float64)
+            if not np.isfinite(got64).all():
+                raise SnpError("pruned model produces NaN or Inf")
+            max_diff = max(max_diff, float(np.abs(ref64 - got64).max()) if ref.size else 0.0)
+            cosines.append(_cosines(ref64, got64))
+            centred.append(_cosines(ref64 - mean, got64 - mean))
+            reference_norm = np.linalg.norm(ref64, axis=1)
+            errors.append(np.linalg.norm(got64 - ref64, axis=1) / np.maximum(reference_norm, 1e-300))
         if top1 is None and ref.ndim == 2 and ref.shape[1] > 1:
             top1 = float((ref.argmax(axis=1) == got.argmax(axis=1)).mean())
     cosine = float(np.mean(np.concatenate(cosines))) if cosines else 1.0

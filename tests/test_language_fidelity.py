@@ -44,3 +44,16 @@ def test_models_without_logits_over_token_ids_have_none():
     assert language_model_fidelity(["last_hidden_state"], [hidden], [hidden], {"input_ids": ids}, None) == {}
     assert language_model_fidelity(["logits"], [hidden[:, 0]], [hidden[:, 0]], {"input_ids": ids}, None) == {}
     assert "perplexity_ratio" not in Fidelity(SAMPLES, 1.0, 0.0, None).as_dict()
+
+
+def test_fidelity_in_chunks_of_samples_is_the_fidelity_of_the_whole(monkeypatch):
+    from onnxsnp import verification
+
+    rng = np.random.default_rng(3)
+    original = [rng.normal(size=(9, 5, 40)).astype(np.float32), rng.normal(size=(9, 7)).astype(np.float32)]
+    pruned = [o + 0.3 * rng.normal(size=o.shape).astype(np.float32) for o in original]
+    whole = verification.fidelity(original, pruned)
+    monkeypatch.setattr(verification, "_CHUNK_BYTES", 8 * 40 * 5 * 2)  # two samples of the first output at a time
+    chunked = verification.fidelity(original, pruned)
+    for name in ("output_cosine", "centred_cosine", "relative_error", "max_abs_diff", "top1_agreement"):
+        assert getattr(chunked, name) == pytest.approx(getattr(whole, name), rel=1e-12), name
