@@ -7,9 +7,18 @@ After the rewrite, each of those MatMuls becomes a MatMulNBits again: an unchang
 its original packed tensors back (bit for bit), a sliced or refitted one is quantized again with
 the same bits and block size (symmetric, or with zero points where the original had them), and
 the error that adds is measured and reported.
+
+A refitted weight (output projection, fc2) is fresh float values: rounded to the nearest level
+it gets a full quantization error of its own on top of the original's, which the refit cannot
+see. Where the refit's Gram of its inputs H = Σ x xᵀ is given, it is quantized with error
+feedback instead (GPTQ, Frantar et al., arXiv 2210.17323): input rows in order, each row's
+rounding error spread over the rows not yet rounded through H⁻¹, so that X·W_q follows X·W
+rather than W_q following W.
 """
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +28,7 @@ from onnx import helper, numpy_helper
 from .graph import attribute
 
 _OP = "MatMulNBits"
+log = logging.getLogger("onnxsnp")
 
 
 @dataclass(frozen=True)
@@ -40,16 +50,19 @@ class FloatView:
     model: onnx.ModelProto
     packed: dict[str, Packed]  # by node name
     errors: dict[str, float] = field(default_factory=dict)  # requantized node → ‖W_q − W‖ / ‖W‖
+    feedback: dict[str, float] = field(default_factory=dict)  # with error feedback: node → ‖X·ΔW‖ / ‖X·W‖
 
-    def requantize(self, pruned: onnx.ModelProto) -> onnx.ModelProto:
-        """`pruned` (a rewrite of the float view) with its MatMuls back in MatMulNBits form."""
+    def requantize(self, pruned: onnx.ModelProto, grams: Mapping[str, np.ndarray] | None = None) -> onnx.ModelProto:
+        """`pruned` (a rewrite of the float view) with its MatMuls back in MatMulNBits form;
+        `grams`: by node name, Σ x xᵀ of a refitted node's (kept) inputs, for error feedback."""
+        grams = grams or {}
         model = onnx.ModelProto()
         model.CopyFrom(pruned)
         initializers = {t.name: t for t in model.graph.initializer}
         nodes = list(model.graph.node)
         del model.graph.node[:]
         dropped: set[str] = set()
-        self.errors = {}
+        self.errors, self.feedback = {}, {}
         for node in nodes:
             record = self.packed.get(node.name)
             if record is None or node.op_type != "MatMul" or node.input[1] not in initializers:
@@ -61,7 +74,13 @@ class FloatView:
                 attributes = {a.name: helper.get_attribute_value(a) for a in record.node.attribute}
             else:
                 weight = numpy_helper.to_array(tensor).astype(np.float32)
-                tensors, attributes, self.errors[node.name] = _quantized(weight, record, node.name)
+                gram = grams.get(node.name)
+                if gram is not None and gram.shape != (weight.shape[0],) * 2:  # not the refit's inputs: round
+                    log.warning("%s: the refit's Gram %s does not fit its weight %s; rounded to nearest",
+                                node.name, gram.shape, weight.shape)
+                    gram = None
+                tensors, attributes, error = _quantized(weight, record, node.name, gram)
+                (self.errors if gram is None else self.feedback)[node.name] = error
                 inputs = [t.name for t in tensors]
             dropped.add(node.input[1])
             model.graph.node.append(helper.make_node(_OP, [node.input[0]] + inputs, list(node.output), name=node.name,
@@ -142,30 +161,25 @@ def _packed(values: np.ndarray, bits: int) -> np.ndarray:
     return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
 
 
-def _quantized(weight: np.ndarray, record: Packed, name: str) -> tuple[list[onnx.TensorProto], dict, float]:
+def _quantized(weight: np.ndarray, record: Packed, name: str, gram: np.ndarray | None = None
+               ) -> tuple[list[onnx.TensorProto], dict, float]:
     """[K, N] float → MatMulNBits' packed tensors and attributes with the record's bits and block
-    size; and the relative error quantizing adds."""
+    size, rounded to the nearest level or, with `gram` (Σ x xᵀ of the K inputs), with error
+    feedback; and the relative error quantizing adds (of the weight, or with `gram` of X·W)."""
     k, n = weight.shape
     bits, block = record.bits, record.block_size
     blocks = -(-k // block)
-    padded = np.zeros((n, blocks * block), np.float32)
-    padded[:, :k] = weight.T
-    grouped = padded.reshape(n, blocks, block)
-    top = 2 ** bits - 1
-    if record.zero_points:  # asymmetric: each block's range onto 0 … 2^bits − 1
-        low, high = np.minimum(grouped.min(-1), 0), np.maximum(grouped.max(-1), 0)
-        scale = np.where(high > low, (high - low) / top, 1.0).astype(np.float32)
-        zero = np.clip(np.round(-low / scale), 0, top)
-    else:  # symmetric around 2^(bits−1), as onnxruntime's kernels quantize without zero points: the value
-        # of largest magnitude maps to −2^(bits−1) (so weights already on such a grid come back exactly)
-        middle = 2 ** (bits - 1)
-        extreme = np.take_along_axis(grouped, np.abs(grouped).argmax(-1)[..., None], -1)[..., 0]
-        scale = (extreme / -middle).astype(np.float32)
-        scale = np.where(scale == 0, np.float32(1.0), scale)
-        zero = np.full((n, blocks), float(middle))
-    values = np.clip(np.round(grouped / scale[..., None]) + zero[..., None], 0, top)
+    if gram is None:
+        values, scale, zero = _rounded(weight, bits, block, record.zero_points)
+    else:
+        values, scale, zero = _error_feedback(weight, gram, bits, block, record.zero_points)
     restored = ((values - zero[..., None]) * scale[..., None]).reshape(n, -1)[:, :k].T
-    error = float(np.linalg.norm(restored - weight) / max(np.linalg.norm(weight), 1e-30))
+    if gram is None:
+        error = float(np.linalg.norm(restored - weight) / max(np.linalg.norm(weight), 1e-30))
+    else:
+        delta, w = (restored - weight).astype(np.float64), weight.astype(np.float64)
+        energy = float(np.einsum("ij,ik,kj->", w, gram, w))
+        error = float(np.sqrt(max(np.einsum("ij,ik,kj->", delta, gram, delta), 0.0) / max(energy, 1e-30)))
     base = f"{name}/requantized"
     tensors = [numpy_helper.from_array(_packed(values, bits).reshape(n, blocks, -1), f"{base}/B"),
                numpy_helper.from_array(_like(scale.astype(_dtype(record.tensors[1])), record.tensors[1]),
@@ -175,6 +189,73 @@ def _quantized(weight: np.ndarray, record: Packed, name: str) -> tuple[list[onnx
     attributes = {a.name: helper.get_attribute_value(a) for a in record.node.attribute}
     attributes.update(K=k, N=n)
     return tensors, attributes, error
+
+
+def _levels(grouped: np.ndarray, bits: int, zero_points: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point of each block of `grouped` (..., block values)."""
+    top = 2 ** bits - 1
+    if zero_points:  # asymmetric: each block's range onto 0 … 2^bits − 1
+        low, high = np.minimum(grouped.min(-1), 0), np.maximum(grouped.max(-1), 0)
+        scale = np.where(high > low, (high - low) / top, 1.0).astype(np.float32)
+        return scale, np.clip(np.round(-low / scale), 0, top)
+    # symmetric around 2^(bits−1), as onnxruntime's kernels quantize without zero points: the value
+    # of largest magnitude maps to −2^(bits−1) (so weights already on such a grid come back exactly)
+    middle = 2 ** (bits - 1)
+    extreme = np.take_along_axis(grouped, np.abs(grouped).argmax(-1)[..., None], -1)[..., 0]
+    scale = (extreme / -middle).astype(np.float32)
+    return np.where(scale == 0, np.float32(1.0), scale), np.full(scale.shape, float(middle))
+
+
+def _rounded(weight: np.ndarray, bits: int, block: int, zero_points: bool
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Round to nearest: levels (N, blocks, block), scales and zero points (N, blocks)."""
+    k, n = weight.shape
+    blocks = -(-k // block)
+    padded = np.zeros((n, blocks * block), np.float32)
+    padded[:, :k] = weight.T
+    grouped = padded.reshape(n, blocks, block)
+    scale, zero = _levels(grouped, bits, zero_points)
+    values = np.clip(np.round(grouped / scale[..., None]) + zero[..., None], 0, 2 ** bits - 1)
+    return values, scale, zero
+
+
+DAMPING = 0.01  # of H's mean diagonal, as GPTQ: keeps H⁻¹ defined where inputs are (nearly) dependent
+
+
+def _error_feedback(weight: np.ndarray, gram: np.ndarray, bits: int, block: int, zero_points: bool
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GPTQ over the input rows in order, a block's scale and zero point taken from its rows as
+    the earlier rows' errors left them; the same outputs as `_rounded`."""
+    k, n = weight.shape
+    blocks = -(-k // block)
+    top = 2 ** bits - 1
+    w = weight.astype(np.float64).copy()
+    h = gram.astype(np.float64).copy()
+    dead = np.diag(h) <= 0  # inputs that never fire: nothing to feed back through
+    h[dead, dead] = 1.0
+    h[np.diag_indices(k)] += DAMPING * np.mean(np.diag(h))
+    try:  # U: the upper Cholesky factor of H⁻¹ (H⁻¹ = UᵀU); its rows carry each row's error forward
+        u = np.linalg.cholesky(np.linalg.inv(h)).T
+    except np.linalg.LinAlgError:
+        return _rounded(weight, bits, block, zero_points)
+    values = np.zeros((n, blocks, block))
+    scale = np.ones((n, blocks), np.float32)
+    zero = np.zeros((n, blocks))
+    for b in range(blocks):
+        start, end = b * block, min(k, (b + 1) * block)
+        scale[:, b], zero[:, b] = (part[:, 0] for part in _levels(w[start:end].T[:, None, :].astype(np.float32),
+                                                                   bits, zero_points))
+        s, z = scale[:, b].astype(np.float64), zero[:, b]
+        errors = np.zeros((end - start, n))
+        for row in range(start, end):
+            q = np.clip(np.round(w[row] / s) + z, 0, top)
+            values[:, b, row - start] = q
+            errors[row - start] = (w[row] - (q - z) * s) / u[row, row]
+            w[row + 1:end] -= np.outer(u[row, row + 1:end], errors[row - start])
+        w[end:] -= u[start:end, end:].T @ errors  # lazily, a block at a time
+    if k < blocks * block:  # the last block's padding: the level of zero
+        values[:, -1, k - (blocks - 1) * block:] = zero[:, -1:]
+    return values, scale, zero
 
 
 def _like(values: np.ndarray, original: onnx.TensorProto) -> np.ndarray:

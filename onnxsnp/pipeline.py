@@ -187,7 +187,8 @@ def finish(prepared: Prepared, options: PruneOptions, work: ReconstructionWork |
             # on the fitted samples only: the held-back ones judge the result
             pruned = p.rounded.restore(model, pruned, p.fit_feed, p.batch)
         if p.view is not None:
-            pruned = p.view.requantize(pruned)
+            pruned = p.view.requantize(pruned, {node: refit.gram for node, refit in plan.refits.items()
+                                                if refit.gram is not None})
         check_structure(pruned)
     # the softmax's heads are query heads (grouped-query attention: every query head of a kept group)
     softmax_blocks = {keep.block.name: (p.probes[keep.block.name], keep.query_heads()) for keep in plan.attention
@@ -222,6 +223,8 @@ def finish(prepared: Prepared, options: PruneOptions, work: ReconstructionWork |
                     reconstruction=_reconstruction_report(reconstruction, options), allocation=allocation,
                     seconds=round(time.perf_counter() - started, 2),
                     requantized={k: round(v, 6) for k, v in p.view.errors.items()} if p.view is not None else None,
+                    requantized_feedback=({k: round(v, 6) for k, v in p.view.feedback.items()}
+                                          if p.view is not None else None),
                     notes=[GENAI_NOTE] if options.one_head_size else [],
                     kv_cache_bytes_before=kv_cache_bytes(g, [(b, b.groups, b.head_dim, b.head_dim) for b in matches.attention]),
                     kv_cache_bytes_after=kv_cache_bytes(g, [(k.block, len(k.heads), k.qk.shape[1], k.v.shape[1])
@@ -239,7 +242,7 @@ class ReconstructionWork:
         self.prepared = p
         self.reconstructor = Reconstructor(p.g, p.matches, options.criterion, options.selection, options.propagation,
                                            rescale_qk=options.rescale_qk, seed=options.seed,
-                                           reduction=options.reduction)
+                                           reduction=options.reduction, keep_grams=p.view is not None)
         self.batch = p.fixed or RECONSTRUCTION_BATCH
         self.shards = self.reconstructor.prepare(p.fit_feed, self.batch, p.mask, options.workers, restartable)
         self._curves = None

@@ -82,6 +82,9 @@ class Refit:
 
     weight: np.ndarray
     bias: np.ndarray | None
+    # Σ x xᵀ of the kept inputs over the calibration tokens, kept where the weight is quantized again
+    # after the rewrite (MatMulNBits): the quantizer then follows X·W, not W (nbits.py)
+    gram: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

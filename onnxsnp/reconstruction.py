@@ -76,8 +76,9 @@ class Reconstructor:
     def __init__(self, g: ModelGraph, matches: Matches, criterion: str = "snp",
                  selection: Selection = Selection.OBS, propagation: Propagation = Propagation.SEQUENTIAL,
                  ridge: float | None = None, rescale_qk: bool = True, seed: int = 0,
-                 reduction: Reduction = Reduction.PROJECT):
+                 reduction: Reduction = Reduction.PROJECT, keep_grams: bool = False):
         self.reduction = reduction
+        self.keep_grams = keep_grams  # a refit's input Gram goes with it (for block-quantized weights)
         self.g, self.matches = g, matches
         self.criterion, self.selection, self.propagation = criterion, selection, propagation
         self.ridge, self.rescale_qk = ridge, rescale_qk
@@ -308,5 +309,7 @@ class Reconstructor:
             after = loss(xx, xy, yy, keep, refit.weight, np.zeros(xy.shape[1]))
         energy = max(yy, 1e-30)
         self.reports.append(HalfReport(name, int(equations.count), ridge, sliced / energy, after / energy))
+        if self.keep_grams:
+            refit = Refit(refit.weight, refit.bias, xx[np.ix_(keep, keep)].astype(np.float32))
         return refit
 

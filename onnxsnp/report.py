@@ -58,6 +58,8 @@ class Report:
     allocation: dict | None = None  # --target-* with reconstruction: the goal and the measured loss per block
     seconds: float = 0.0
     requantized: dict[str, float] | None = None  # MatMulNBits weights quantized again: node → relative weight error
+    # refitted MatMulNBits weights quantized with error feedback: node → relative error of X·W
+    requantized_feedback: dict[str, float] | None = None
     notes: list[str] = field(default_factory=list)  # constraints the model's form put on the widths
     kv_cache_bytes_before: int = 0  # a decoder's KV cache per token (keys and values of every layer); 0: none
     kv_cache_bytes_after: int = 0
@@ -137,6 +139,11 @@ class Report:
             errors = list(self.requantized.values())
             lines.append(f"requantized {len(errors)} MatMulNBits weights with their bits and block size: relative "
                          f"weight error mean {np.mean(errors):.4f}, max {max(errors):.4f}")
+        if self.requantized_feedback:
+            errors = list(self.requantized_feedback.values())
+            lines.append(f"requantized {len(errors)} refitted MatMulNBits weights with error feedback on their "
+                         f"calibration inputs (GPTQ): relative output error mean {np.mean(errors):.4f}, "
+                         f"max {max(errors):.4f}")
         lines += [f"note: {note}" for note in self.notes]
         if self.target:
             lines += latency_lines(self.target, (self.allocation or {}).get("timed"))

@@ -144,6 +144,10 @@ def test_genai_folder_in_gives_a_folder_out_that_onnxruntime_genai_generates_fro
     # the decode step is timed within the 128 positions the tiny model's rotary caches hold
     assert data["decode_ms_before"] > 0 and data["decode_ms_after"] > 0
     assert bool(data["requantized"]) == (precision == "int4")
+    # the refitted output projections and fc2s: quantized with error feedback on their calibration inputs
+    refitted = {n.name for n in onnx.load(str(pruned / "model.onnx"), load_external_data=False).graph.node
+                if n.op_type == "MatMulNBits" and ("o_proj" in n.name or "down_proj" in n.name)}
+    assert set(data["requantized_feedback"] or ()) == (refitted if precision == "int4" else set())
     prompt = [5, 17, 42, 7]
     assert genai_generate(same, prompt, 16) == genai_generate(folder, prompt, 16)  # ratio 0: the same tokens
     tokens = genai_generate(pruned, prompt, 16)

@@ -56,7 +56,7 @@ def test_unchanged_weights_come_back_bit_for_bit(bits, symmetric):
     model = quantized_mlp(bits, symmetric)
     view = float_view(model)
     back = view.requantize(view.model)
-    assert not view.errors
+    assert not view.errors and not view.feedback
     original = {t.name: t.SerializeToString() for t in model.graph.initializer}
     assert {t.name: t.SerializeToString() for t in back.graph.initializer} == original
     assert [helper.printable_node(n) for n in back.graph.node] == [helper.printable_node(n) for n in model.graph.node]
@@ -88,3 +88,51 @@ def test_a_cut_weight_is_quantized_again_with_its_scheme(bits, symmetric):
     x = np.random.default_rng(1).standard_normal((1, TOKENS, K)).astype(np.float32)
     want, got = run(cut, x), run(requantized, x)
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2 * bound
+
+
+def correlated_inputs(tokens: int, width: int, seed: int = 2) -> np.ndarray:
+    """Inputs whose features share a few strong directions (as a transformer's hidden units do):
+    rounding errors of different rows then add up in X·W, and error feedback has something to cancel."""
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((tokens, 4)) @ rng.standard_normal((4, width)) * 3
+            + 0.3 * rng.standard_normal((tokens, width)))
+
+
+@pytest.mark.parametrize("bits,symmetric", FORMS)
+def test_error_feedback_without_correlation_is_rounding_to_nearest(bits, symmetric):
+    """With H ∝ I no row's error has anywhere to go: GPTQ must give round-to-nearest's levels."""
+    from onnxsnp.nbits import _error_feedback, _rounded
+
+    weight = np.random.default_rng(3).standard_normal((40, 24)).astype(np.float32)  # 40: a partial last block
+    for got, want in zip(_error_feedback(weight, 5.0 * np.eye(40), bits, 16, not symmetric),
+                         _rounded(weight, bits, 16, not symmetric)):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("bits,symmetric", FORMS)
+def test_a_refitted_weight_with_its_gram_keeps_its_outputs_closer(bits, symmetric):
+    """fc2's weight replaced by new float values (as a refit writes them): with the Gram of its inputs
+    the requantized layer's outputs on those inputs are closer to the float layer's than with
+    rounding to nearest, and the reported error is that output error."""
+    from onnxsnp.nbits import dequantize
+
+    view = float_view(quantized_mlp(bits, symmetric))
+    refit = onnx.ModelProto()
+    refit.CopyFrom(view.model)
+    fc2 = next(n for n in refit.graph.node if n.name.startswith("fc2"))
+    fresh = np.random.default_rng(4).standard_normal((N, K)).astype(np.float32)
+    refit.graph.initializer.append(numpy_helper.from_array(fresh, "fresh"))
+    fc2.input[1] = "fresh"
+    hidden = correlated_inputs(512, N, seed=5)
+    gram = hidden.T @ hidden
+    errors: dict[str, float] = {}
+    for label, grams in (("nearest", None), ("feedback", {fc2.name: gram})):
+        requantized = view.requantize(refit, grams)
+        node = next(n for n in requantized.graph.node if n.name == fc2.name)
+        tensors = {t.name: numpy_helper.to_array(t) for t in requantized.graph.initializer}
+        restored = dequantize(tensors[node.input[1]], tensors[node.input[2]],
+                              tensors[node.input[3]] if len(node.input) > 3 else None, N, K, bits, 16)
+        errors[label] = np.linalg.norm(hidden @ (restored - fresh)) / np.linalg.norm(hidden @ fresh)
+        if grams:
+            assert view.feedback[fc2.name] == pytest.approx(errors[label], rel=1e-3)
+    assert errors["feedback"] < 0.8 * errors["nearest"]
