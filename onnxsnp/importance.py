@@ -1,13 +1,7 @@
-"""Stage 5: score neurons and decide which to keep.
-
-Criteria (see shared SNP spec; README "Criteria" says what each measured):
-- "snp" (default): Q/K pairs by the SVD attention-score criterion; V and FFN neurons by their
-  calibration activation norm times the norm of their outgoing weights (on real data this kept
-  far more of the output than the paper's weight redundancy, SNP.md §6).
-- "snp-paper": Q/K as above; V and FFN neurons by the paper's inter-neuron redundancy.
-- "l2": weight norms (Q/K pair: ‖w_q‖·‖w_k‖). "random": seeded uniform scores.
-Every criterion goes through the same mechanics: the same count is removed in every head of a
-layer, so only the choice of neurons differs.
+"""Score stage, one-pass: per-neuron statistics gathered batch by batch (SNP's attention-score
+criterion on q and k, activation norms), turned into the units to keep by the chosen criterion
+(criteria.py). Every criterion goes through the same mechanics: the same count is removed in
+every head of a layer, so only the choice of neurons differs.
 """
 from __future__ import annotations
 
@@ -20,34 +14,11 @@ from .graph import ModelGraph
 from .threads import small_linear_algebra
 from .matching import AttentionBlock, FfnBlock, Layer, Linear, Matches
 from .plan import AttentionKeep, FfnKeep, PrunePlan, Ratios, head_columns, kept_count  # noqa: F401 (re-exported)
+from .criteria import Criterion, criterion as criterion_named, input_weights, output_weights
 from .residual import ResidualStream
 from .softmax_metric import SoftmaxSums, add_sums
 
-CRITERIA = ("snp", "snp-paper", "l2", "random")
 DEFAULT_ENERGY = 0.9  # γ: the smallest number of singular components covering this share of Σσ²
-
-
-# --- weights -------------------------------------------------------------------------------------
-def output_weights(g: ModelGraph, linear: Linear, offset: int = 0, width: int | None = None) -> np.ndarray:
-    """The [in, out] weight columns of `linear` from `offset` on (`width` of them)."""
-    weight = g.constant(linear.weight)
-    assert weight is not None
-    weight = weight.T if linear.transposed else weight
-    width = weight.shape[1] - offset if width is None else width
-    return weight[:, offset:offset + width].astype(np.float64)
-
-
-def input_weights(g: ModelGraph, linear: Linear) -> np.ndarray:
-    """The [in, out] weight of `linear`; row i holds what input feature i feeds forward."""
-    weight = g.constant(linear.weight)
-    assert weight is not None
-    return (weight.T if linear.transposed else weight).astype(np.float64)
-
-
-def redundancy(columns: np.ndarray) -> np.ndarray:
-    """SNP's redundancy score of each column: Σ_l (1 - |cos(w_i, w_l)|). Low = repeats others."""
-    unit = columns / (np.linalg.norm(columns, axis=0, keepdims=True) + 1e-12)
-    return (1.0 - np.abs(unit.T @ unit)).sum(axis=1)
 
 
 # --- the SVD attention-score criterion -------------------------------------------------------------
@@ -210,11 +181,9 @@ class Scorer:
     def __init__(self, g: ModelGraph, matches: Matches, criterion: str, energy: float = DEFAULT_ENERGY,
                  score_layers: bool = False, stream: ResidualStream | None = None,
                  residual_criterion: str = "weights"):
-        if criterion not in CRITERIA:
-            raise ValueError(f"unknown criterion {criterion!r}")
         self.g = g
         self.matches = matches
-        self.criterion = criterion
+        self.criterion: Criterion = criterion_named(criterion)
         self.energy = energy
         self.pairs = {b.name: PairStatistics.empty(b.heads, b.head_dim, energy) for b in matches.attention}
         self.sq_sum: dict[str, np.ndarray] = {}
@@ -234,11 +203,11 @@ class Scorer:
         wanted: list[str] = []
         for block in self.matches.attention:
             wanted += [s.tensor for s in block.frozen_scales]
-            if self.criterion in ("snp", "snp-paper"):
+            if self.criterion.measures_qk:
                 wanted += query_key_tensors(block)
-            if self.criterion in ("snp", "snp-paper"):
+            if self.criterion.measures_values:
                 wanted.append(block.v_input)  # V neurons (snp) and whole heads are scored by their output
-        if self.criterion == "snp":
+        if self.criterion.measures_hidden:
             wanted += [f.fc2.input for f in self.matches.ffn]
         if self.score_layers:
             wanted += [t for layer in self.matches.layers for t in (layer.input, layer.output)]
@@ -250,11 +219,11 @@ class Scorer:
         for block in self.matches.attention:
             for scale in block.frozen_scales:
                 self.scale_values.setdefault(scale.tensor, np.array(acts[scale.tensor]))  # a copy: see Runner.batches
-            if self.criterion in ("snp", "snp-paper"):
+            if self.criterion.measures_qk:
                 self._update_qk(block, *query_key(self.g, block, acts, samples), token_mask)
-            if self.criterion in ("snp", "snp-paper"):
+            if self.criterion.measures_values:
                 self._update_sq(block.v_input, _as_tokens(acts[block.v_input], samples), token_mask)
-        if self.criterion == "snp":
+        if self.criterion.measures_hidden:
             for ffn in self.matches.ffn:
                 self._update_sq(ffn.fc2.input, _as_tokens(acts[ffn.fc2.input], samples), token_mask)
         if self.stream is not None and self.residual_criterion == "activation":
@@ -336,8 +305,11 @@ class Scorer:
         tensor normalised by its own RMS. Weights kept more on the digits ViT (README)."""
         stream = self.stream
         assert stream is not None
-        if self.criterion == "random":
-            return rng.random(stream.width)
+        return self.criterion.channel_scores(stream.width, self._measured_channels, rng)
+
+    def _measured_channels(self) -> np.ndarray:
+        stream = self.stream
+        assert stream is not None
         if self.residual_criterion == "activation":
             return self.channel_sum
         total = np.zeros(stream.width)
@@ -349,51 +321,20 @@ class Scorer:
             total += columns / max(np.sqrt((columns ** 2).mean()), 1e-30)
         return total
 
+    def _activations(self, tensor: str):
+        """‖x_i‖ over the calibration tokens of a captured tensor, when a criterion asks."""
+        return lambda: np.sqrt(self.sq_sum[tensor])
+
     def _attention_scores(self, block: AttentionBlock, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Q/K dim scores per query head (heads, d) and V neuron scores per key/value head (groups, d)."""
-        heads, groups, d = block.heads, block.groups, block.head_dim
-        q_off, k_off, v_off = block.column_offsets
-        if self.criterion == "random":
-            return rng.random((heads, d)), rng.random((groups, d))
-        w_q = output_weights(self.g, block.q, q_off, heads * d)
-        w_k = output_weights(self.g, block.k, k_off, groups * d)
-        w_v = output_weights(self.g, block.v, v_off, groups * d)
-        if self.criterion == "l2":
-            k_norms = np.repeat(np.linalg.norm(w_k, axis=0).reshape(groups, d), block.group_size, axis=0)
-            qk = np.linalg.norm(w_q, axis=0).reshape(heads, d) * k_norms
-            return qk, np.linalg.norm(w_v, axis=0).reshape(groups, d)
-        qk = self.pairs[block.name].mean_scores()
-        if self.criterion == "snp-paper":
-            return qk, redundancy(w_v).reshape(groups, d)
-        outgoing = np.linalg.norm(input_weights(self.g, block.out), axis=1)
-        return qk, units.per_group(block, (np.sqrt(self.sq_sum[block.v_input]) * outgoing).reshape(heads, d))
+        return (self.criterion.pair_scores(self.g, block, self.pairs[block.name], rng),
+                self.criterion.value_scores(self.g, block, self._activations(block.v_input), rng))
 
     def _head_scores(self, block: AttentionBlock, rng: np.random.Generator) -> np.ndarray:
-        """A head's importance (a key/value head's: with its query heads): the size of what it adds
-        to the output, ‖attn·V output‖ × ‖W_out rows‖ summed over its neurons on calibration data
-        (weights only for l2)."""
-        if self.criterion == "random":
-            return rng.random(block.groups)
-        outgoing = np.linalg.norm(input_weights(self.g, block.out), axis=1)
-        if self.criterion == "l2":
-            _, _, v_off = block.column_offsets
-            w_v = output_weights(self.g, block.v, v_off, block.groups * block.head_dim)
-            contribution = np.repeat(np.linalg.norm(w_v, axis=0).reshape(block.groups, -1), block.group_size,
-                                     axis=0).reshape(-1) * outgoing
-        else:
-            contribution = np.sqrt(self.sq_sum[block.v_input]) * outgoing
-        return units.per_group(block, contribution.reshape(block.heads, block.head_dim)).sum(axis=1)
+        return self.criterion.head_scores(self.g, block, self._activations(block.v_input), rng)
 
     def _ffn_scores(self, block: FfnBlock, rng: np.random.Generator) -> np.ndarray:
-        if self.criterion == "random":
-            return rng.random(block.hidden)
-        w_in = output_weights(self.g, block.fc1)
-        if self.criterion == "l2":
-            return np.linalg.norm(w_in, axis=0)
-        if self.criterion == "snp-paper":
-            return redundancy(w_in)
-        outgoing = np.linalg.norm(input_weights(self.g, block.fc2), axis=1)
-        return np.sqrt(self.sq_sum[block.fc2.input]) * outgoing
+        return self.criterion.ffn_scores(self.g, block, self._activations(block.fc2.input), rng)
 
 
 def query_key_tensors(block: AttentionBlock) -> list[str]:

@@ -15,7 +15,7 @@ from enum import Enum, Flag, auto
 from typing import Optional, Union
 
 from .calib_images import RESAMPLING
-from .importance import CRITERIA
+from .criteria import CRITERIA
 from .plan import Propagation, Reduction, Selection
 
 

@@ -31,7 +31,8 @@ from .errors import SnpError
 from .graph import ModelGraph
 from . import units
 from .halves import original_weights, plan_segments
-from .importance import PairStatistics, input_weights, output_weights, redundancy
+from .criteria import criterion as criterion_named, input_weights
+from .importance import PairStatistics
 from .batches import LocalShards, Shard, Shards, Slot, Workers, merged_equations, merged_pairs, split_batches
 from .least_squares import (DEFAULT_RIDGE, NormalEquations, Obs, activation_norms, choose_ridge, loss, solve,
                             solve_without_bias)
@@ -80,7 +81,7 @@ class Reconstructor:
         self.reduction = reduction
         self.keep_grams = keep_grams  # a refit's input Gram goes with it (for block-quantized weights)
         self.g, self.matches = g, matches
-        self.criterion, self.selection, self.propagation = criterion, selection, propagation
+        self.criterion, self.selection, self.propagation = criterion_named(criterion), selection, propagation
         self.ridge, self.rescale_qk = ridge, rescale_qk
         self.seed = seed
         self.rng = np.random.default_rng(seed)
@@ -186,11 +187,11 @@ class Reconstructor:
         d = block.head_dim
         if units.rounded(block, kept) == d:  # nothing cut (a QK-norm keeps whole heads): no statistics were gathered
             return np.tile(np.arange(d), (block.groups, 1)), None, None
-        if self.reduction is Reduction.PROJECT and self.criterion in ("snp", "snp-paper") and not block.rotary \
+        if self.reduction is Reduction.PROJECT and self.criterion.selects_by_refit and not block.rotary \
                 and block.group_size == 1:  # a rotation of q/k directions would break a rotary embedding
             q_map, k_map = project_pairs(pairs, kept)
             return np.tile(np.arange(kept), (block.heads, 1)), q_map, k_map
-        if pairs.softmax is not None and self.criterion == "snp" and self.selection is Selection.OBS:
+        if pairs.softmax is not None and self.criterion.pairs_by_softmax and self.selection is Selection.OBS:
             choice = choose_pairs(block, pairs.softmax, kept, QK_RIDGE)
             self.reports.append(HalfReport(f"{block.name} (scores)", pairs.softmax.queries, QK_RIDGE,
                                            choice.error_sliced, choice.error_rescaled))
@@ -206,16 +207,7 @@ class Reconstructor:
 
     def _choose_pairs(self, block, pairs: PairStatistics, kept: int) -> np.ndarray:
         """Kept Q/K pairs per head, (heads, kept), ascending."""
-        if self.criterion == "random":
-            scores = self.rng.random((block.heads, block.head_dim))
-        elif self.criterion == "l2":
-            q_off, k_off, _ = block.column_offsets
-            d = block.head_dim
-            k_norms = np.linalg.norm(output_weights(self.g, block.k, k_off, block.groups * d), axis=0)
-            scores = (np.linalg.norm(output_weights(self.g, block.q, q_off, block.heads * d), axis=0).reshape(-1, d)
-                      * np.repeat(k_norms.reshape(-1, d), block.group_size, axis=0))
-        else:
-            scores = pairs.mean_scores()
+        scores = self.criterion.pair_scores(self.g, block, pairs, self.rng)
         return units.keep_qk(block, scores, kept)  # per key/value group, rotary pairs whole
 
     @small_linear_algebra
@@ -225,31 +217,17 @@ class Reconstructor:
         `projecting`, the heads only: the projection replaces the neurons); with grouped-query
         attention a head is a key/value head, and a V neuron feeds the output projection once per
         query head of its group (those rows go together)."""
-        if self.selection is Selection.OBS and self.criterion in ("snp", "snp-paper"):
+        if self.selection is Selection.OBS and self.criterion.selects_by_refit:
             if projecting and width.heads == block.groups:
                 return np.arange(block.groups), np.tile(np.arange(width.v), (block.groups, 1))
             obs = Obs(equations, prior, self.ridge or DEFAULT_RIDGE)
             return units.obs_values(block, obs, width.heads, block.head_dim if projecting else width.v)
-        scores = self._value_scores(block, equations, prior)
+        scores = self.criterion.value_scores(self.g, block, lambda: activation_norms(equations), self.rng)
         heads = np.arange(block.groups)
         if width.heads < block.groups:
             heads = np.sort(np.argsort(-scores.sum(axis=1), kind="stable")[:width.heads])
         v = np.sort(np.argsort(-scores[heads], axis=1, kind="stable")[:, :width.v], axis=1)
         return heads, v
-
-    def _value_scores(self, block, equations: NormalEquations, prior: np.ndarray) -> np.ndarray:
-        """V neurons by the criterion, (key/value heads, d): activation norm × outgoing weight norm
-        (snp), redundancy of the V columns (snp-paper), weight norm (l2) or random."""
-        width = block.groups * block.head_dim
-        if self.criterion == "random":
-            return self.rng.random(width).reshape(block.groups, -1)
-        w_v = output_weights(self.g, block.v, block.column_offsets[2], width)
-        if self.criterion == "l2":
-            return np.linalg.norm(w_v, axis=0).reshape(block.groups, -1)
-        if self.criterion == "snp-paper":
-            return redundancy(w_v).reshape(block.groups, -1)
-        activation = activation_norms(equations) * np.linalg.norm(prior, axis=1)
-        return units.per_group(block, activation.reshape(block.heads, -1))
 
     # --- FFN ---------------------------------------------------------------------------------------
     def _ffn_half(self, layer: Layer, number: int, shards: Shards) -> None:
@@ -258,7 +236,7 @@ class Reconstructor:
         shards.ffn_targets(number)
         equations = self._equations(number, shards, block.fc2)
         prior = input_weights(self.g, block.fc2)
-        if self.selection is Selection.OBS and self.criterion in ("snp", "snp-paper"):
+        if self.selection is Selection.OBS and self.criterion.selects_by_refit:
             obs = Obs(equations, prior, self.ridge or DEFAULT_RIDGE)
             step = max(1, -(-(block.hidden - kept) // 32))  # at most 32 removal rounds
             while obs.alive.sum() > kept:
@@ -266,7 +244,7 @@ class Reconstructor:
                 obs.remove(np.argsort(obs.single_costs(), kind="stable")[:count])
             hidden = np.flatnonzero(obs.alive)
         else:
-            scores = self._ffn_scores(block, equations, prior)
+            scores = self.criterion.ffn_scores(self.g, block, lambda: activation_norms(equations), self.rng)
             hidden = np.sort(np.argsort(-scores, kind="stable")[:kept])
         refit = self._refit(f"{layer.name} (ffn)", equations, hidden, prior, block.fc2)
         keep = FfnKeep(block, hidden)
@@ -274,16 +252,6 @@ class Reconstructor:
         self.keeps_ffn.append(keep)
         self.refits[block.fc2.node] = refit
         shards.finish(number, self._weights_for(number, block.fc2))
-
-    def _ffn_scores(self, block, equations: NormalEquations, prior: np.ndarray) -> np.ndarray:
-        if self.criterion == "random":
-            return self.rng.random(block.hidden)
-        w_in = output_weights(self.g, block.fc1)
-        if self.criterion == "l2":
-            return np.linalg.norm(w_in, axis=0)
-        if self.criterion == "snp-paper":
-            return redundancy(w_in)
-        return activation_norms(equations) * np.linalg.norm(prior, axis=1)
 
     # --- refits ------------------------------------------------------------------------------------
     def _equations(self, number: int, shards: Shards, linear) -> NormalEquations:

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .importance import PairStatistics, input_weights, query_key, query_key_tensors
+from .criteria import input_weights
+from .importance import PairStatistics, query_key, query_key_tensors
 from .least_squares import DEFAULT_RIDGE, NormalEquations, Obs, solve
 from .plan import AttentionKeep, selection_map
 from .projection import cholesky, project_pairs, project_values
