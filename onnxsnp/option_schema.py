@@ -16,7 +16,7 @@ from typing import Optional, Union
 
 from .calib_images import RESAMPLING
 from .criteria import CRITERIA
-from .plan import Propagation, Reduction, Selection
+from .plan import Propagation, Reduction, Selection, TimedStep
 
 
 class Compensation(Enum):
@@ -119,6 +119,10 @@ OPTIONS: tuple[OptionSpec, ...] = (
                                        "(one thread)", fronts=_ONE_PRUNE, parse=False, metavar="S"),
     OptionSpec("target_latency", None, "like --target-speedup, for MS milliseconds per run of one sample (MS > 0)",
                fronts=_ONE_PRUNE, parse=False, metavar="MS"),
+    OptionSpec("timed_step", TimedStep.DECODE,
+               "what --target-speedup / --target-latency time on a language model with a KV cache: decode (one "
+               "new token after a prompt, what generation repeats per token) or prefill (the prompt itself); other "
+               "models run one sample", value=TimedStep),
     OptionSpec("align", 1, "round kept widths up to a multiple of this (e.g. 8 for fast kernels)", value=int),
     OptionSpec("compensate", Compensation.LSTSQ,
                "restore what pruning changes from calibration data: lstsq (block by block, the output projection "

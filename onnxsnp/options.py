@@ -14,7 +14,7 @@ from .errors import SnpError
 from .criteria import CRITERIA
 from .option_schema import Compensation, Group, ResidualCriterion, defaults  # noqa: F401 (Compensation re-exported)
 from .plan import Ratios
-from .plan import Propagation, Reduction, Selection
+from .plan import Propagation, Reduction, Selection, TimedStep
 
 
 SYNTHETIC_SAMPLES = 64  # synthetic calibration samples made when no data is given
@@ -39,6 +39,7 @@ class PruneOptions:
     measure_latency: bool
     one_head_size: bool  # every attention keeps the same heads and per-head width, Q/K = V (genai.py)
     workers: Workers  # where the reconstruction's calibration batches are held (distributed.py)
+    timed_step: TimedStep  # what a latency budget times on a model with a KV cache
 
 
 _DEFAULTS = defaults(Group.PRUNE)
@@ -77,7 +78,7 @@ def make_options(ratio: float = _DEFAULTS["ratio"], **keywords) -> PruneOptions:
         residual_criterion=_member(ResidualCriterion, v.residual_criterion, "--residual-criterion"),
         calib_samples=v.calib_samples, seed=v.seed, batch_size=v.batch_size, rescale_qk=v.rescale_qk,
         progress=v.progress, measure_latency=v.measure_latency, one_head_size=bool(v.one_head_size),
-        workers=Workers(v.workers, v.ray_address))
+        workers=Workers(v.workers, v.ray_address), timed_step=_member(TimedStep, v.timed_step, "--timed-step"))
 
 
 def _member(kind: type[Enum], value, flag: str):

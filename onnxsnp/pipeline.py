@@ -36,7 +36,7 @@ from .progress import Steps, reporting, stage
 from .batches import Shards
 from .heap import release_heap
 from .halves import plan_segments
-from .plan import AttentionWidth, Propagation, Widths
+from .plan import AttentionWidth, Propagation, TimedStep, Widths
 from .reconstruction import Reconstruction, Reconstructor
 from .report import Report, block_reports, sensitivity_points, stats_fields
 from .rewriting import rewrite
@@ -214,7 +214,10 @@ def finish(prepared: Prepared, options: PruneOptions, work: ReconstructionWork |
                     fidelity=measured, blocks=block_reports(plan), skipped=matches.skipped,
                     removed_blocks=[layer.name for layer in plan.removed_layers],
                     residual_width=None if plan.stream is None else [plan.stream.width, len(plan.stream_keep)],
-                    target=None if target is None else _target_report(target, costs, plan, speed, searched),
+                    target=None if target is None else _target_report(
+                        target, costs, plan, decode if decode and options.timed_step is TimedStep.DECODE else speed,
+                        searched, TimedStep.DECODE if decode and options.timed_step is TimedStep.DECODE
+                        else TimedStep.PREFILL),
                     weight_bytes_before=weight_bytes(model), weight_bytes_after=weight_bytes(pruned),
                     latency_ms_before=speed[0], latency_ms_after=speed[1],
                     decode_ms_before=decode and decode[0], decode_ms_after=decode and decode[1],
@@ -280,8 +283,10 @@ def _cost_model(g: ModelGraph, matches: Matches, observed: Observed, kind: CostK
     return CostModel(g, matches, macs, count_params(g.model), times)
 
 
-def _target_report(target: Target, costs: CostModel, plan: PrunePlan, speed: tuple, searched) -> dict:
-    """The goal, what was tried, and for a latency budget the predicted and measured speedups."""
+def _target_report(target: Target, costs: CostModel, plan: PrunePlan, speed: tuple, searched,
+                   step: TimedStep) -> dict:
+    """The goal, what was tried, and for a latency budget the predicted and measured speedups
+    (`speed`: the medians of what `step` times)."""
     report = {"kind": target.kind.value, "flag": target.flag, "value": target.value, "tried": list(searched)}
     if target.kind is CostKind.LATENCY:
         before, after = costs.original(target.kind), costs.cost(plan, target.kind)
@@ -290,6 +295,7 @@ def _target_report(target: Target, costs: CostModel, plan: PrunePlan, speed: tup
                    "profile_runs": costs.times.runs, "threads": costs.times.threads}
         if speed[0] is not None:
             report["measured_speedup"] = round(speed[0] / max(speed[1], 1e-12), 4)
+            report["measured_step"] = step.value
     return report
 
 
@@ -315,7 +321,7 @@ def _allocate(matches: Matches, work: ReconstructionWork, costs: CostModel, opti
             timing = timed_widths(goal, lambda before: target.absolute(before), lambda g: allocate_for(g)[0],
                                   lambda w: costs.cost(widths_plan(matches, w), target.kind),
                                   lambda w: rewrite(p.g, widths_plan(matches, w)),
-                                  Clock(p.model, one_batch, p.g.constant))
+                                  Clock(p.model, one_batch, p.g.constant, options.timed_step))
         if timing.widths != widths:
             widths, predicted = allocate_for(timing.trials[timing.chosen].goal_predicted_ms)
         log.info("timed the allocation %d time(s): %s", len(timing.trials), timing.stopped)
@@ -329,7 +335,7 @@ def _allocate(matches: Matches, work: ReconstructionWork, costs: CostModel, opti
                          for layer, c, loss in zip(matches.layers, curves, predicted)]}
     if timing is not None:
         report["timed"] = {"trials": [t.as_dict() for t in timing.trials], "chosen": timing.chosen,
-                           "stopped": timing.stopped}
+                           "stopped": timing.stopped, "step": timing.step.value}
     return widths, report
 
 

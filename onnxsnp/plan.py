@@ -121,6 +121,12 @@ def selection_map(kept: np.ndarray, head_dim: int, scales: np.ndarray | None = N
     return result
 
 
+class TimedStep(Enum):
+    """What a latency budget times on a language model with a KV cache (other models: one run)."""
+    DECODE = "decode"  # one new token through the cache: what generation repeats per token
+    PREFILL = "prefill"  # a whole prompt with an empty cache
+
+
 class Selection(Enum):
     OBS = "obs"  # V neurons, heads and FFN neurons by the loss the refit is left with
     CRITERION = "criterion"  # by the criterion's scores before the refit

@@ -177,14 +177,16 @@ def latency_lines(target: dict, timed: dict | None = None) -> list[str]:
     lines = [line]
     if timed:
         checks = ", ".join(f"{t['measured_speedup']:.2f}x" for t in timed["trials"])
-        lines.append(f"timed before the reconstruction: {checks} measured (kept #{timed['chosen'] + 1}; "
+        step = " per decode step" if timed.get("step") == "decode" else ""
+        lines.append(f"timed before the reconstruction: {checks} measured{step} (kept #{timed['chosen'] + 1}; "
                      f"{timed['stopped']})")
     measured = target.get("measured_speedup")
     if measured is None:
         lines[0] += " (not measured: -q without --report)"
         return lines
     goal = target["predicted_ms_before"] / target["goal_ms"]
-    lines[0] += f"; measured {measured:.2f}x (goal {goal:.2f}x)"
+    step = " per decode step" if target.get("measured_step") == "decode" else ""
+    lines[0] += f"; measured {measured:.2f}x{step} (goal {goal:.2f}x)"
     if abs(measured / goal - 1) > SPEEDUP_TOLERANCE:
         lines[0] += f": the measured speedup is {abs(measured / goal - 1):.1%} {'below' if measured < goal else 'above'} the goal"
         if not timed:

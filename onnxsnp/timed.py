@@ -22,8 +22,8 @@ import onnx
 
 from .calibration import Weights, fitted, session
 from .errors import SnpError
-from .plan import Widths
-from .verification import interleaved_medians
+from .plan import TimedStep, Widths
+from .verification import decode_feed, interleaved_medians, is_past
 
 log = logging.getLogger("onnxsnp")
 
@@ -60,24 +60,39 @@ class Timed:
     trials: tuple[Trial, ...]
     chosen: int  # the trial whose widths are kept
     stopped: str  # why the check ended
+    step: TimedStep  # what was timed
 
 
 class Clock:
     """Times candidates against the original (verification.interleaved_medians, after a warm-up);
-    the original's session is made once."""
+    the original's session is made once. On a model with a KV cache, `step` DECODE times one new
+    token after a prefill of the sample (each model stepping through its own, maybe narrower,
+    cache: verification.decode_feed); otherwise, and where the sample cannot be stepped, one run."""
 
-    def __init__(self, original: onnx.ModelProto, feed: dict[str, np.ndarray], weights: Weights | None = None):
+    def __init__(self, original: onnx.ModelProto, feed: dict[str, np.ndarray], weights: Weights | None = None,
+                 step: TimedStep = TimedStep.DECODE):
         self._original = session(original, threads=1, weights=weights)
         self._feed = feed
-        self._original.run(None, fitted(self._original, feed))
+        self.step = TimedStep.PREFILL
+        if step is TimedStep.DECODE and any(is_past(name, value) for name, value in feed.items()):
+            self._original_feed = decode_feed(self._original, feed)
+            if self._original_feed is not None:
+                self.step = TimedStep.DECODE
+        if self.step is TimedStep.PREFILL:
+            self._original_feed = fitted(self._original, feed)
+        self._original.run(None, self._original_feed)
 
     def compare(self, candidate: onnx.ModelProto) -> tuple[float, float]:
-        """Median milliseconds per run: (original, candidate)."""
+        """Median milliseconds per run (or per decode step): (original, candidate)."""
         other = session(candidate, threads=1)
-        sessions = (self._original, other)
-        feeds = [fitted(s, self._feed) for s in sessions]
-        other.run(None, feeds[1])
-        before, after = interleaved_medians(list(sessions), feeds, TIMING_ROUNDS, TIMING_BUDGET_S, MIN_TIMING_ROUNDS)
+        own = decode_feed(other, self._feed) if self.step is TimedStep.DECODE else fitted(other, self._feed)
+        if own is None:
+            raise SnpError("the pruned candidate's decode step could not be fed (its cache outputs do not match its "
+                           "past inputs): use --timed-step prefill")
+        feeds = [self._original_feed, own]
+        other.run(None, own)
+        before, after = interleaved_medians([self._original, other], feeds, TIMING_ROUNDS, TIMING_BUDGET_S,
+                                            MIN_TIMING_ROUNDS)
         return before, after
 
 
@@ -107,8 +122,8 @@ def timed_widths(goal_predicted_ms: float, measured_goal: Callable[[float], floa
         trial = Trial(goal, predicted, before, after, measured_goal(before))
         trials.append(trial)
         found.append(widths)
-        log.info("timed allocation %d: predicted %.2f ms, measured %.2f -> %.2f ms (goal %.2f ms, %+.1f%%)",
-                 len(trials), predicted, before, after, trial.goal_ms, 100 * trial.miss)
+        log.info("timed allocation %d: predicted %.2f ms, measured (%s) %.2f -> %.2f ms (goal %.2f ms, %+.1f%%)",
+                 len(trials), predicted, clock.step.value, before, after, trial.goal_ms, 100 * trial.miss)
         if abs(trial.miss) <= TOLERANCE:
             stopped = f"measured within {TOLERANCE:.0%} of the goal"
             break
@@ -117,7 +132,7 @@ def timed_widths(goal_predicted_ms: float, measured_goal: Callable[[float], floa
             stopped = "the measured time gives no usable correction"
             break
     chosen = min(range(len(trials)), key=lambda i: abs(math.log1p(trials[i].miss)))
-    return Timed(found[chosen], tuple(trials), chosen, stopped)
+    return Timed(found[chosen], tuple(trials), chosen, stopped, clock.step)
 
 
 def _next_goal(trials: list[Trial]) -> float:

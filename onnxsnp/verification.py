@@ -201,12 +201,12 @@ def decode_latency(original: onnx.ModelProto, pruned: onnx.ModelProto, feed: dic
     """A language model's cached decode step: median milliseconds of one new token after a
     prefill of `feed`'s first sample (each model fed its own present outputs back as its past,
     so a pruned model reads its narrower cache), one intra-op thread, interleaved; None where
-    the model takes no KV cache or its inputs cannot be stepped (see _decode_feed)."""
-    if not any(_is_past(name, value) for name, value in feed.items()):
+    the model takes no KV cache or its inputs cannot be stepped (see decode_feed)."""
+    if not any(is_past(name, value) for name, value in feed.items()):
         return None
     sessions = [session(original, threads=1, weights=original_weights), session(pruned, threads=1)]
     try:
-        feeds = [_decode_feed(sess, feed) for sess in sessions]
+        feeds = [decode_feed(sess, feed) for sess in sessions]
     except Exception as exc:  # onnxruntime's own errors: a report figure never stops a prune
         log.info("decode step not timed: %s", _line(exc))
         return None
@@ -221,14 +221,14 @@ def decode_latency(original: onnx.ModelProto, pruned: onnx.ModelProto, feed: dic
     return interleaved_medians(sessions, feeds, rounds, budget_s)
 
 
-def _decode_feed(sess, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+def decode_feed(sess, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
     """The last token of `feed`'s first sample as a decode step after a prefill of the tokens
     before it (the same total length as the sample, which the model ran on: a longer one may pass
     its rotary caches): past_* ← the prefill's present_* (matched by what follows the prefix:
     ".0.key"), the token ids' and positions' last column, the mask of the whole sample; None for a
     model without a past input, or with an input of another kind."""
     first = {name: value[:1] for name, value in feed.items()}
-    past = [name for name, value in first.items() if _is_past(name, value)]
+    past = [name for name, value in first.items() if is_past(name, value)]
     tokens = {name: value for name, value in first.items() if name not in past}
     if not past or any(v.ndim != 2 or v.dtype.kind not in "iu" or v.shape[1] < 2 for v in tokens.values()):
         return None
@@ -246,7 +246,7 @@ def _decode_feed(sess, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray] | N
     return step
 
 
-def _is_past(name: str, value: np.ndarray) -> bool:
+def is_past(name: str, value: np.ndarray) -> bool:
     return "past" in name.lower() and value.ndim >= 4
 
 

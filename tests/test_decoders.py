@@ -90,14 +90,14 @@ def test_pruned_decoder_equals_zeroed_original_through_the_cache(decoder, tmp_pa
 
 @pytest.mark.parametrize("form", ["llama-dynamo", "llama-optimum", "gpt2-optimum"])
 def test_the_timed_decode_step_is_the_last_position_of_the_prefill(decoder, form):
-    from onnxsnp.verification import _decode_feed, session
+    from onnxsnp.verification import decode_feed, session
 
     model = onnx.load(str(decoder(form)))
     ids = np.random.default_rng(2).integers(3, 100, (2, 9))
     sess = session(model, threads=1)
     feed = validate_calibration({"input_ids": ids[:, :8], "attention_mask": np.ones((2, 8), np.int64)},
                                 input_specs(ModelGraph(model)), "test")
-    step = _decode_feed(sess, feed)  # the first sample's last token through the cache of the 7 before it
+    step = decode_feed(sess, feed)  # the first sample's last token through the cache of the 7 before it
     assert step["input_ids"].tolist() == [[ids[0, 7]]]
     want = sess.run(["logits"], step_feed(model, ids[:1, :8]))[0][:, -1]
     np.testing.assert_allclose(sess.run(["logits"], step)[0][:, -1], want, rtol=1e-4, atol=1e-4)
@@ -172,6 +172,26 @@ def test_a_flops_budget_on_a_decoder_is_allocated_by_measured_loss(decoder, form
     for block in report.blocks:
         if block.kind == "attention":
             assert block.qk_dim_after % 2 == 0  # whole rotary pairs
+    ids = np.random.default_rng(1).integers(0, 100, (2, 7))
+    prefill_and_step(pruned, ids, ids[:, :1])
+
+
+@pytest.mark.parametrize("step", ["decode", "prefill"])
+def test_a_speedup_budget_on_a_decoder_times_the_step_asked_for(tmp_path, step):
+    """--target-speedup on a model with a KV cache times the cached decode step by default (what
+    generation repeats per token), or the prefill with --timed-step prefill; the report says which.
+    (A Llama wide enough that its products, not fixed per-op costs, take most of a run.)"""
+    from decoder_export import export_dynamo, tiny_llama
+
+    path = export_dynamo(tiny_llama(hidden=256, heads=4, kv_heads=2, intermediate=1024), tmp_path / "wide.onnx")
+    pruned, report = prune(str(path), target_speedup=1.15, timed_step=step, calib=calibration(100, 32, 12))
+    timed = report.allocation["timed"]
+    assert timed["step"] == step and report.target["measured_step"] == step
+    assert len(timed["trials"]) >= 1 and all(t["measured_ms_before"] > 0 for t in timed["trials"])
+    if step == "decode":  # the final figure is the report's own decode-step timing
+        assert report.target["measured_speedup"] == pytest.approx(report.decode_ms_before / report.decode_ms_after,
+                                                                  rel=1e-3)
+        assert "per decode step" in report.table()
     ids = np.random.default_rng(1).integers(0, 100, (2, 7))
     prefill_and_step(pruned, ids, ids[:, :1])
 

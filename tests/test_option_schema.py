@@ -87,7 +87,7 @@ def test_every_flag_the_page_names_exists(page):
 # a valid value other than the default for every prune option of the command line
 NON_DEFAULT = {"ratio": "0.3", "qk_ratio": "0.25", "v_ratio": "0.2", "ffn_ratio": "0.1", "heads": "0.25",
                "residual": "0.1", "residual_criterion": "activation", "blocks": "1", "target_flops": "0.6",
-               "target_params": None, "target_speedup": None, "target_latency": None, "align": "8",
+               "target_params": None, "target_speedup": None, "target_latency": None, "timed_step": "prefill", "align": "8",
                "compensate": "bias", "reconstruct": "off", "selection": "criterion", "reduction": "select",
                "criterion": "l2", "calib_samples": "16", "seed": "3", "workers": "2", "ray_address": "auto"}
 

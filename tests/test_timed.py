@@ -5,7 +5,7 @@ import math
 import pytest
 
 from onnxsnp.errors import SnpError
-from onnxsnp.plan import AttentionWidth, Widths
+from onnxsnp.plan import AttentionWidth, TimedStep, Widths
 from onnxsnp.timed import ROUNDS, TOLERANCE, timed_widths
 
 ORIGINAL_MS = 100.0
@@ -18,6 +18,8 @@ def widths(units: int) -> Widths:
 
 class FakeClock:
     """Measures a candidate (its predicted ms, passed through `build`) at `factor` × predicted."""
+
+    step = TimedStep.PREFILL
 
     def __init__(self, factor):
         self.factor = factor
