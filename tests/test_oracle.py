@@ -1,0 +1,71 @@
+"""The oracle can fail: a dependency group corrupted in a way that keeps every shape valid (each
+of its weight axes maps unit u to the index of unit u + 1) makes the rewrite keep the wrong
+neurons. The older construction, which zeroes what the same groups name, agrees with that wrong
+model; the masked original, built from the plan's kept indices alone, does not."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import graphs
+import onnxsnp.rewriting
+from onnxsnp.graph import ModelGraph
+from onnxsnp.matching import find_blocks
+from onnxsnp.matching.groups import Group, WeightAxis
+from onnxsnp.pipeline import make_plan
+from onnxsnp.plan import Ratios
+from onnxsnp.rewriting import rewrite
+from oracle import masked_original, zeroed_weights
+
+HIDDEN = 24
+
+
+@dataclasses.dataclass(frozen=True)
+class ShiftedAxis(WeightAxis):
+    """A weight axis whose map from unit to index is off by one within each run of `period` units
+    (a head's dims, or all FFN neurons), so a head's units stay in that head."""
+
+    period: int = 1
+
+    def indices(self, units: np.ndarray) -> np.ndarray:
+        units = np.asarray(units, dtype=np.int64)
+        return super().indices(units - units % self.period + (units + 1) % self.period)
+
+
+def shifted(group: Group, period: int) -> Group:
+    axes = tuple(ShiftedAxis(**dataclasses.asdict(axis), period=period) for axis in group.weights)
+    return dataclasses.replace(group, weights=axes)
+
+
+def ffn_model():
+    b = graphs.Builder(0, opset=13)
+    hidden = b.op("Relu", [b.linear("x", graphs.WIDTH, HIDDEN)])
+    return b.model(b.linear(hidden, HIDDEN, graphs.WIDTH))
+
+
+CASES = {  # the model, the ratios that cut the group, and the group corrupted
+    "ffn-hidden": (ffn_model, Ratios(0.0, 0.0, 0.5), lambda qk_v, ffn: (qk_v, shifted(ffn, HIDDEN))),
+    "attention-qk": (graphs.softmax_attention, Ratios(0.5, 0.0, 0.0), lambda qk_v, ffn: ((shifted(qk_v[0], graphs.HEAD_DIM), qk_v[1]), ffn)),
+    "attention-v": (graphs.softmax_attention, Ratios(0.0, 0.5, 0.0), lambda qk_v, ffn: ((qk_v[0], shifted(qk_v[1], graphs.HEAD_DIM)), ffn)),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_shifted_group_fails_the_masked_oracle_and_passes_the_zeroed_one(case, monkeypatch):
+    build, ratios, corrupt = CASES[case]
+    g = ModelGraph(build())
+    x = np.random.default_rng(0).standard_normal((4, graphs.TOKENS, graphs.WIDTH)).astype(np.float32)
+    plan = make_plan(g, find_blocks(g), ratios, "random", {"x": x}, batch=4, seed=3)
+    sample = x[:1]
+    right = graphs.run(rewrite(g, plan), sample)
+    np.testing.assert_allclose(right, graphs.run(masked_original(g, plan), sample), atol=1e-5)
+
+    attention_groups, ffn_group = onnxsnp.rewriting.attention_groups, onnxsnp.rewriting.ffn_group
+    monkeypatch.setattr(onnxsnp.rewriting, "attention_groups",
+                        lambda graph, block: corrupt(attention_groups(graph, block), None)[0])
+    monkeypatch.setattr(onnxsnp.rewriting, "ffn_group", lambda block: corrupt(None, ffn_group(block))[1])
+    wrong = graphs.run(rewrite(g, plan), sample)
+    np.testing.assert_allclose(wrong, graphs.run(zeroed_weights(g, plan), sample), atol=1e-5)  # blind to it
+    assert np.abs(wrong - graphs.run(masked_original(g, plan), sample)).max() > 1e-2  # caught
