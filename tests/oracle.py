@@ -43,7 +43,9 @@ def plan_for(path, ratios: Ratios, criterion: str = "random"):
 def masked_original(g: ModelGraph, plan) -> onnx.ModelProto:
     """The original model with a 0/1 mask multiplied into the activations of the removed units
     (see the module's docstring for where). Plans that refit weights, correct norms or cut the
-    residual stream change more than units, so this reference does not describe them."""
+    residual stream change more than units, so this reference does not describe them; nor does it
+    model mapped columns (AttentionKeep.q_map …: rescaled or compensated heads), which the plans
+    of the oracle's users (criterion "random", no compensation) do not have."""
     assert not (plan.refits or plan.norm_corrections or plan.stream is not None), "the oracle covers unit removal only"
     masks: dict[str, np.ndarray] = {}
     inside_op = []  # Q/K dims the masks cannot reach (the module's docstring)
