@@ -1,7 +1,7 @@
 """optimum-onnx exports (from a local folder) of BERT, RoBERTa, DistilBERT, a ViT classifier and
 CLIP (text and vision towers in one graph), and `optimum-cli onnxruntime optimize` at -O1 … -O4
 (com.microsoft Attention, SkipLayerNormalization, BiasGelu/FastGelu, fp16 at -O4). Made at test
-time in a venv of their own (exports.optimum_python)."""
+time in a venv of their own (tools/optimum_venv.py)."""
 from __future__ import annotations
 
 import numpy as np
