@@ -1,26 +1,25 @@
 """The test oracle: a pruned model must equal the original with the removed units masked out.
 
-`masked_original` builds that reference without the tool's dependency groups or rewriting: it
-multiplies a 0/1 mask into activations of the original model, at tensors it finds from the
-matched blocks' named projections, and it reads nothing of the plan but its kept indices —
+`masked_original` builds that reference without the tool's dependency groups or rewriting (this
+module imports neither): it multiplies a 0/1 mask into activations of the original model, at
+places it finds from the matched blocks' named projections, and it reads nothing of the plan but
+its kept indices —
 
 - FFN hidden neurons: the down projection's input (after the activation, and the gate's product);
 - V neurons and whole heads: the output projection's input, whose column h·d + j is V neuron j
   of query head h; query head h belongs to key/value head h // (heads / key/value heads);
 - Q/K dims: the query projection's output (before any rotary embedding: a rotary pair whose
   two dims are both zero stays zero), column h·d + j. A zero query dim makes the scores ignore
-  the key's, so the keys need no mask.
+  the key's, so the keys need no mask. Where an op computes or finishes the query itself, the
+  mask goes on that op's inputs, by the op's specification: com.microsoft.Attention's packed
+  weight and bias (query columns first), com.microsoft.MultiHeadAttention's packed [q | k | v]
+  bias (it is added after the query tensor, so a zero there alone would not stay zero).
 
 A wrong group in the rewrite (a weight left out, an index map shifted, the wrong copies of a
-grouped-query unit) then gives a model that differs from this one: tests/test_oracle.py shows it.
-
-One place keeps the older construction, which zeroes the weights that the tool's own Q/K group
-names: Q/K dims computed inside a fused attention op — com.microsoft.Attention (its projection
-is part of the op, so no query tensor exists) and com.microsoft.MultiHeadAttention with a packed
-[q | k | v] bias (the op adds the bias after the query tensor, so a zero there does not stay
-zero). V neurons and heads of those blocks are still masked independently, at the output
-projection's input. `zeroed_weights` is that older construction, kept also for the test that
-shows what it cannot see."""
+grouped-query unit) then gives a model that differs from this one: tests/test_oracle.py shows a
+corrupted group that the older construction (zeroing the weights the groups name) lets through
+and this one catches. Every form the tests prune (float, fp16, weight-only int8, int4 read as
+float, the optimizers' fused forms) is covered by the masks; none uses the older construction."""
 from __future__ import annotations
 
 import numpy as np
@@ -32,7 +31,6 @@ from onnxsnp.graph import ModelGraph
 from onnxsnp.importance import Ratios
 from onnxsnp.matching import AttentionBlock, find_blocks
 from onnxsnp.pipeline import make_plan
-from onnxsnp.rewriting import plan_cuts
 
 
 def plan_for(path, ratios: Ratios, criterion: str = "random"):
@@ -47,25 +45,38 @@ def masked_original(g: ModelGraph, plan) -> onnx.ModelProto:
     model mapped columns (AttentionKeep.q_map …: rescaled or compensated heads), which the plans
     of the oracle's users (criterion "random", no compensation) do not have."""
     assert not (plan.refits or plan.norm_corrections or plan.stream is not None), "the oracle covers unit removal only"
-    masks: dict[str, np.ndarray] = {}
-    inside_op = []  # Q/K dims the masks cannot reach (the module's docstring)
+    masks: dict[str | tuple[str, int], np.ndarray] = {}  # a tensor, or one input of one node
     for keep in plan.attention:
         block, d = keep.block, keep.block.head_dim
         kept_v = {group: keep.v[row] for row, group in enumerate(keep.heads)}
         _add_mask(masks, block.out.input, block.heads * d, _query_head_columns(block, kept_v), _dtype(g, block.out))
-        if block.q.output is None or block.packed_bias is not None:
-            inside_op.append(keep)
-            continue
         # a removed head keeps its query dims here: its V mask already silences it
         kept_q = {group: np.arange(d) for group in range(block.groups)}
         kept_q.update({group: keep.qk[row] for row, group in enumerate(keep.heads)})
-        offset, width = _query_columns(block)
-        _add_mask(masks, block.q.output, width, offset + _query_head_columns(block, kept_q), _dtype(g, block.q),
-                  among=offset + np.arange(block.heads * d))
+        query = _query_head_columns(block, kept_q)
+        among = np.arange(block.heads * d)  # the query columns: first in every packed layout below
+        for target, width in _query_places(g, block):
+            _add_mask(masks, target, width, query, _dtype(g, block.q), among)
     for keep in plan.ffn:
         _add_mask(masks, keep.block.fc2.input, keep.block.hidden, keep.hidden, _dtype(g, keep.block.fc2))
-    model = zeroed_weights(g, plan, only_qk_of=inside_op) if inside_op else _copy(g.model)
-    return _multiply(model, masks)
+    return _multiply(_copy(g.model), masks)
+
+
+def _query_places(g: ModelGraph, block: AttentionBlock) -> list[tuple[str | tuple[str, int], int]]:
+    """Where the query columns are masked, with the width of what holds them there: the query
+    projection's output (q | k | v side by side when one product computes all three); inside
+    com.microsoft.Attention, the op's packed weight and bias inputs, whose first columns are the
+    query's (the op's specification); and com.microsoft.MultiHeadAttention's packed [q | k | v]
+    bias, which the op adds after the query tensor."""
+    if block.q.output is None:
+        node = g.node(block.q.node)
+        assert node.op_type == "Attention", f"no query tensor to mask in {node.op_type} {node.name}"
+        width = g.constant(node.input[1]).shape[-1]
+        return [((node.name, index), width) for index in (1, 2) if len(node.input) > index and node.input[index]]
+    places = [(block.q.output, _fused_width(block))]
+    if block.packed_bias is not None:
+        places.append(((block.attention_op, 3), g.constant(block.packed_bias).shape[-1]))
+    return places
 
 
 def _query_head_columns(block: AttentionBlock, kept: dict[int, np.ndarray]) -> np.ndarray:
@@ -76,12 +87,13 @@ def _query_head_columns(block: AttentionBlock, kept: dict[int, np.ndarray]) -> n
     return np.concatenate(columns).astype(np.int64) if columns else np.zeros(0, np.int64)
 
 
-def _query_columns(block: AttentionBlock) -> tuple[int, int]:
-    """Where the query columns start in the query projection's output, and that output's width:
-    one product computing q, k and v side by side ends with v's key/value heads."""
+def _fused_width(block: AttentionBlock) -> int:
+    """The query projection's output width; one product computing q, k and v side by side (q
+    first) ends with v's key/value heads."""
     if block.q.output != block.v.output:
-        return 0, block.heads * block.head_dim
-    return block.column_offsets[0], block.column_offsets[2] + block.groups * block.head_dim
+        return block.heads * block.head_dim
+    assert block.column_offsets[0] == 0, "q is first in a fused product"
+    return block.column_offsets[2] + block.groups * block.head_dim
 
 
 def _dtype(g: ModelGraph, linear) -> np.dtype:
@@ -90,11 +102,11 @@ def _dtype(g: ModelGraph, linear) -> np.dtype:
     return weight.dtype if weight is not None and weight.dtype.kind == "f" else np.dtype(np.float32)
 
 
-def _add_mask(masks: dict[str, np.ndarray], tensor: str, width: int, kept: np.ndarray, dtype: np.dtype,
+def _add_mask(masks: dict, target: str | tuple[str, int], width: int, kept: np.ndarray, dtype: np.dtype,
               among: np.ndarray | None = None) -> None:
-    """Zero the columns of `tensor` `among` these (all of them by default: a fused product's k and v
-    columns are not the query's to mask) that are not `kept`; masks on one tensor multiply."""
-    mask = masks.setdefault(tensor, np.ones(width, dtype))
+    """Zero the columns of `target` `among` these (all of them by default: a fused product's k and v
+    columns are not the query's to mask) that are not `kept`; masks on one target multiply."""
+    mask = masks.setdefault(target, np.ones(width, dtype))
     removed = np.zeros(width, bool)
     removed[slice(None) if among is None else among] = True
     removed[np.asarray(kept, np.int64)] = False
@@ -107,57 +119,36 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return result
 
 
-def _multiply(model: onnx.ModelProto, masks: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """Each masked tensor's readers read it times its mask (along the last axis); the Mul sits right
-    after the tensor's producer, so the nodes stay in topological order."""
+def _multiply(model: onnx.ModelProto, masks: dict) -> onnx.ModelProto:
+    """Each masked tensor's readers read it times its mask (along the last axis), and each masked
+    node input the input times its mask; a Mul sits right after the tensor's producer, or right
+    before the node, so the nodes stay in topological order."""
     nodes = list(model.graph.node)
-    for number, (tensor, mask) in enumerate(masks.items()):
+    for number, (target, mask) in enumerate(masks.items()):
         if mask.all():
             continue
-        name, masked = f"oracle_mask_{number}", f"{tensor}__oracle_masked"
+        name = f"oracle_mask_{number}"
         model.graph.initializer.append(numpy_helper.from_array(mask, name))
+        if isinstance(target, tuple):
+            position = next(i for i, n in enumerate(nodes) if n.name == target[0])
+            node = nodes[position]
+            masked = f"{node.name}_{target[1]}__oracle_masked"
+            mul = helper.make_node("Mul", [node.input[target[1]], name], [masked], name=f"oracle_mask_mul_{number}")
+            node.input[target[1]] = masked
+            nodes.insert(position, mul)
+            continue
+        masked = f"{target}__oracle_masked"
         for node in nodes:
             for index, read in enumerate(node.input):
-                if read == tensor:
+                if read == target:
                     node.input[index] = masked
-        producer = next((i for i, n in enumerate(nodes) if tensor in n.output), -1)
-        nodes.insert(producer + 1, helper.make_node("Mul", [tensor, name], [masked], name=f"oracle_mask_mul_{number}"))
+        producer = next((i for i, n in enumerate(nodes) if target in n.output), -1)
+        nodes.insert(producer + 1, helper.make_node("Mul", [target, name], [masked], name=f"oracle_mask_mul_{number}"))
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     return model
 
 
-def zeroed_weights(g: ModelGraph, plan, only_qk_of: list | None = None) -> onnx.ModelProto:
-    """The older construction: the original model with the weights set to zero that the plan's
-    dependency groups (the groups the rewrite cuts) say write a removed unit. It shares the groups
-    with the rewrite, so a wrong group passes it; `masked_original` uses it only for the Q/K cuts
-    of the attention blocks `only_qk_of` (see the module's docstring). A weight computed from
-    constants (a quantized one) is replaced by its float value, zeroed."""
-    model = _copy(g.model)
-    edits: dict[str, np.ndarray] = {}
-    wanted = None if only_qk_of is None else {f"{keep.block.name}/qk" for keep in only_qk_of}
-    for cut in plan_cuts(g, plan):
-        if wanted is not None and cut.group.name not in wanted:
-            continue
-        removed = cut.removed()
-        for weight in cut.group.weights:
-            if weight.reads:
-                continue
-            tensor = g.node(weight.node).input[weight.index]
-            name = g.initializer_behind(tensor) or tensor
-            value = edits.get(name, g.constant(tensor).copy())
-            index = [slice(None)] * value.ndim
-            index[weight.axis] = weight.indices(removed).reshape(-1)
-            value[tuple(index)] = 0
-            edits[name] = value
-    for init in model.graph.initializer:
-        if init.name in edits:
-            init.CopyFrom(numpy_helper.from_array(edits.pop(init.name), init.name))
-    for name, value in edits.items():  # computed weights: their producer gives way to the zeroed value
-        producer = next(n for n in model.graph.node if name in n.output)
-        model.graph.node.remove(producer)
-        model.graph.initializer.append(numpy_helper.from_array(value, name))
-    return model
 def unshare(path, tmp_path):
     """Copy of the model where every float initializer has one reader: Identity-routed ones become
     their own tensors, and one that several nodes read (optimizers de-duplicate equal tensors) is

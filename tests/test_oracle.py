@@ -7,7 +7,9 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import onnx
 import pytest
+from onnx import numpy_helper
 
 import graphs
 import onnxsnp.rewriting
@@ -16,8 +18,8 @@ from onnxsnp.matching import find_blocks
 from onnxsnp.matching.groups import Group, WeightAxis
 from onnxsnp.pipeline import make_plan
 from onnxsnp.plan import Ratios
-from onnxsnp.rewriting import rewrite
-from oracle import masked_original, zeroed_weights
+from onnxsnp.rewriting import plan_cuts, rewrite
+from oracle import masked_original
 
 HIDDEN = 24
 
@@ -45,10 +47,51 @@ def ffn_model():
     return b.model(b.linear(hidden, HIDDEN, graphs.WIDTH))
 
 
-CASES = {  # the model, the ratios that cut the group, and the group corrupted
-    "ffn-hidden": (ffn_model, Ratios(0.0, 0.0, 0.5), lambda qk_v, ffn: (qk_v, shifted(ffn, HIDDEN))),
-    "attention-qk": (graphs.softmax_attention, Ratios(0.5, 0.0, 0.0), lambda qk_v, ffn: ((shifted(qk_v[0], graphs.HEAD_DIM), qk_v[1]), ffn)),
-    "attention-v": (graphs.softmax_attention, Ratios(0.0, 0.5, 0.0), lambda qk_v, ffn: ((qk_v[0], shifted(qk_v[1], graphs.HEAD_DIM)), ffn)),
+def zeroed_weights(g: ModelGraph, plan) -> onnx.ModelProto:
+    """The oracle as it was: the original model with the weights set to zero that the plan's
+    dependency groups (the groups the rewrite cuts) say write a removed unit. It shares the groups
+    with the rewrite, so a wrong group passes it."""
+    model = onnx.ModelProto()
+    model.CopyFrom(g.model)
+    edits: dict[str, np.ndarray] = {}
+    for cut in plan_cuts(g, plan):
+        removed = cut.removed()
+        for weight in cut.group.weights:
+            if weight.reads:
+                continue
+            tensor = g.node(weight.node).input[weight.index]
+            name = g.initializer_behind(tensor) or tensor
+            value = edits.get(name, g.constant(tensor).copy())
+            index = [slice(None)] * value.ndim
+            index[weight.axis] = weight.indices(removed).reshape(-1)
+            value[tuple(index)] = 0
+            edits[name] = value
+    for init in model.graph.initializer:
+        if init.name in edits:
+            init.CopyFrom(numpy_helper.from_array(edits.pop(init.name), init.name))
+    for name, value in edits.items():  # computed weights: their producer gives way to the zeroed value
+        producer = next(n for n in model.graph.node if name in n.output)
+        model.graph.node.remove(producer)
+        model.graph.initializer.append(numpy_helper.from_array(value, name))
+    return model
+
+
+def corrupt_ffn(attention: tuple[Group, Group], ffn: Group) -> tuple:
+    return attention, shifted(ffn, HIDDEN)
+
+
+def corrupt_qk(attention: tuple[Group, Group], ffn: Group) -> tuple:
+    return (shifted(attention[0], graphs.HEAD_DIM), attention[1]), ffn
+
+
+def corrupt_v(attention: tuple[Group, Group], ffn: Group) -> tuple:
+    return (attention[0], shifted(attention[1], graphs.HEAD_DIM)), ffn
+
+
+CASES = {  # the model, the ratios that cut the group, and the corruption
+    "ffn-hidden": (ffn_model, Ratios(0.0, 0.0, 0.5), corrupt_ffn),
+    "attention-qk": (graphs.softmax_attention, Ratios(0.5, 0.0, 0.0), corrupt_qk),
+    "attention-v": (graphs.softmax_attention, Ratios(0.0, 0.5, 0.0), corrupt_v),
 }
 
 
