@@ -1,12 +1,15 @@
 """Stage 7: prove the pruned model is sound before it is written, and measure its fidelity."""
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import re
 import statistics
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import onnx
@@ -17,6 +20,7 @@ from .errors import SnpError
 from .loading import is_big, model_file
 
 log = logging.getLogger("onnxsnp")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -250,20 +254,33 @@ def is_past(name: str, value: np.ndarray) -> bool:
     return "past" in name.lower() and value.ndim >= 4
 
 
-def interleaved_medians(sessions: list, feeds: list[dict[str, np.ndarray]], rounds: int, budget_s: float,
-                        min_rounds: int = 5) -> tuple[float, ...]:
-    """Median milliseconds per run of each (warmed-up) session, run round by round so that the
-    machine's slow phases hit all alike; `rounds` rounds, or `min_rounds` once `budget_s` is spent."""
-    times: list[list[float]] = [[] for _ in sessions]
+def interleaved_rounds(measures: Sequence[Callable[[], T]], rounds: int, budget_s: float = math.inf,
+                       min_rounds: int = 5) -> list[list[T]]:
+    """What each measure returns, called once per round, round by round, so that the machine's slow
+    phases hit all alike; `rounds` rounds, or `min_rounds` once `budget_s` is spent. (tools/harness.py
+    times its benchmarks with this loop too.)"""
+    results: list[list[T]] = [[] for _ in measures]
     started = time.perf_counter()
     for done in range(rounds):
         if done >= min_rounds and time.perf_counter() - started > budget_s:
             break
-        for sess, own, bucket in zip(sessions, feeds, times):
-            start = time.perf_counter()
-            sess.run(None, own)
-            bucket.append((time.perf_counter() - start) * 1000)
-    return tuple(statistics.median(bucket) for bucket in times)
+        for measure, bucket in zip(measures, results):
+            bucket.append(measure())
+    return results
+
+
+def run_ms(sess, feed: dict[str, np.ndarray]) -> float:
+    """Milliseconds of one run of `sess` on `feed`."""
+    start = time.perf_counter()
+    sess.run(None, feed)
+    return (time.perf_counter() - start) * 1000
+
+
+def interleaved_medians(sessions: list, feeds: list[dict[str, np.ndarray]], rounds: int, budget_s: float,
+                        min_rounds: int = 5) -> tuple[float, ...]:
+    """Median milliseconds per run of each (warmed-up) session, interleaved (`interleaved_rounds`)."""
+    measures = [functools.partial(run_ms, sess, own) for sess, own in zip(sessions, feeds)]
+    return tuple(statistics.median(times) for times in interleaved_rounds(measures, rounds, budget_s, min_rounds))
 
 
 def attention_error(batches: Iterable[tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]],

@@ -7,14 +7,12 @@ test that asks for `exported` or `torch` is marked slow here, so no export can s
 fast tier; modules that need torch when imported are marked slow themselves."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by the marks

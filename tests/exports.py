@@ -7,13 +7,11 @@ exported, and a test that needs one is skipped there (`torch_or_skip`). Tests re
 through conftest's `exported` fixture, which marks them `slow`."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))  # torch_models: the modules exported
+import optimum_venv  # in tools/ (conftest puts it on the path), as torch_models, the modules exported
 
 
 def torch_or_skip():
@@ -42,46 +40,25 @@ INT8_FORMS = [(f, a, True, f"int8-{style}") for f, a in (("vit", "sdpa"), ("bert
 # DINOv2-shaped: written-out LayerNorm and LayerScale (tools/torch_models.py)
 NORM_FORMS = [("dinov2", "manual", True, "legacy"), ("dinov2", "sdpa", False, "legacy"), ("dinov2", "sdpa", True, "dynamo")]
 
-# optimum-onnx exports from a local folder (their own venv: tests/optimum_export.py), and
+# optimum-onnx exports from a local folder (their own venv: tools/optimum_venv.py), and
 # `optimum-cli onnxruntime optimize` at -O1 … -O4
 OPTIMUM_FORMS = ([(family, "random", True, "optimum") for family in ("bert", "roberta", "distilbert", "vit", "clip")]
                  + [(family, "random", True, f"optimum-O{level}") for family in ("bert", "vit") for level in range(1, 5)]
                  + [("clip", "random", True, "optimum-O2")])
-OPTIMUM_VENV = ROOT / "build" / "optimum-venv"
-# optimum-onnx 0.1 pins transformers < 4.58, older than the test venv's: it gets a venv of its own
-OPTIMUM_REQUIREMENTS = ["torch==2.13.0", "optimum-onnx[onnxruntime]==0.1.0", "transformers<4.58"]
 
 
 def optimum_python() -> Path:
-    """The optimum venv's python, made once (cached under build/); skips the test, with the
-    reason, where the package registry cannot be reached."""
-    import subprocess
-
-    python = OPTIMUM_VENV / "bin" / "python"
-    ready = OPTIMUM_VENV / ".ready"
-    if ready.exists() and ready.read_text() == " ".join(OPTIMUM_REQUIREMENTS):
-        return python
-    subprocess.run([sys.executable, "-m", "venv", "--clear", str(OPTIMUM_VENV)], check=True)
-    install = subprocess.run([str(python), "-m", "pip", "install", "-q", *OPTIMUM_REQUIREMENTS],
-                             capture_output=True, text=True)
-    if install.returncode:
-        reason = install.stderr.strip().splitlines()[-1] if install.stderr.strip() else "pip failed"
-        if any(word in install.stderr for word in ("connection", "Connection", "resolve", "Network", "No matching")):
-            pytest.skip(f"optimum-onnx cannot be installed (package registry unreachable?): {reason}")
-        raise RuntimeError(f"installing {OPTIMUM_REQUIREMENTS} failed: {reason}")
-    ready.write_text(" ".join(OPTIMUM_REQUIREMENTS))
-    return python
+    """The optimum venv's python (tools/optimum_venv.py); skips the test, with the reason, where the
+    package registry cannot be reached."""
+    try:
+        return optimum_venv.optimum_python()
+    except optimum_venv.RegistryUnreachable as error:
+        pytest.skip(str(error))
 
 
 def export_optimum(folder: Path, family: str, exporter: str) -> Path:
-    import subprocess
-
-    level = exporter.split("-")[1] if "-" in exporter else None
-    command = [str(optimum_python()), str(ROOT / "tests" / "optimum_export.py"), family, str(folder)]
-    done = subprocess.run(command + ([level] if level else []), capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"optimum export of {family} failed: {done.stderr.strip()[-2000:]}")
-    return Path(done.stdout.strip().splitlines()[-1])
+    optimum_python()  # the venv first, so that an unreachable registry skips the test
+    return optimum_venv.export_optimum(folder, family, exporter)
 
 
 def form_ids(forms: list[tuple]) -> list[str]:

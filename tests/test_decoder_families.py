@@ -1,5 +1,5 @@
 """Today's small decoder families, exported by optimum from local folders with random weights
-(tests/optimum_export.py): Qwen3 (a per-head RMSNorm on q and k, "QK-norm"), Gemma 3 (QK-norm, a
+(tools/optimum_export.py): Qwen3 (a per-head RMSNorm on q and k, "QK-norm"), Gemma 3 (QK-norm, a
 GELU(tanh)-gated MLP, norms on each sub-block's output, sliding-window and global layers) and
 OLMo 2 (one RMSNorm over all heads' q and k, norms after each sub-block and none before). Every
 block is matched; a QK-norm keeps each head's q/k whole (a cut within a head would change its
@@ -26,7 +26,7 @@ from onnxsnp.inspection import inspect_model
 from onnxsnp.pipeline import make_plan
 from onnxsnp.plan import Ratios
 from onnxsnp.rewriting import rewrite
-from oracle import unshare, zeroed_original
+from oracle import masked_original, unshare
 
 pytestmark = pytest.mark.slow
 FAMILIES = ["qwen3", "gemma3", "olmo2"]
@@ -67,7 +67,7 @@ def _ids(seed: int, length: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_pruned_family_equals_zeroed_original_through_the_cache(family_model, tmp_path, family):
+def test_pruned_family_equals_masked_original_through_the_cache(family_model, tmp_path, family):
     path = unshare(family_model(family), tmp_path)
     g = ModelGraph(onnx.load(str(path)))
     feed = validate_calibration(calibration(100, 4), input_specs(g), "calibration")
@@ -76,7 +76,7 @@ def test_pruned_family_equals_zeroed_original_through_the_cache(family_model, tm
         assert keep.qk.shape[1] == keep.block.head_dim
         assert len(keep.heads) == (1 if HEADS_ALLOWED[family] else 2)
         assert keep.v.shape[1] < keep.block.head_dim
-    pruned, zeroed = rewrite(g, plan), zeroed_original(g, plan)
+    pruned, zeroed = rewrite(g, plan), masked_original(g, plan)
     ids, next_ids = _ids(0, 6), _ids(1, 1)
     (want, want_step), (got, got_step) = prefill_and_step(zeroed, ids, next_ids), prefill_and_step(pruned, ids, next_ids)
     np.testing.assert_allclose(got["logits"], want["logits"], atol=2e-5, rtol=1e-3)

@@ -15,7 +15,7 @@ from onnxsnp.pipeline import make_plan
 from onnxsnp.plan import Ratios
 from onnxsnp.rewriting import rewrite
 from onnxsnp.units import unit_of_dim
-from oracle import zeroed_original
+from oracle import masked_original
 
 VARIANTS = [(2, "half"), (1, "half"), (4, "half"), (2, "interleaved"), (2, None)]
 
@@ -39,7 +39,7 @@ def test_decoder_attention_is_found(kv_heads, rotary):
 
 @pytest.mark.parametrize("kv_heads,rotary", VARIANTS)
 @pytest.mark.parametrize("heads", [0.0, 0.5])
-def test_pruned_decoder_equals_zeroed_original_in_prefill_and_decode(kv_heads, rotary, heads):
+def test_pruned_decoder_equals_masked_original_in_prefill_and_decode(kv_heads, rotary, heads):
     g = ModelGraph(dg.decoder_attention(kv_heads, rotary))
     calib = {k: np.repeat(v, 4, axis=0) if k == "x" else v for k, v in dg.feed(g.model, 6, style=rotary).items()}
     plan = make_plan(g, find_blocks(g), Ratios(0.5, 0.25, 0.0, heads=heads), "random", calib, batch=4, seed=3)
@@ -49,7 +49,7 @@ def test_pruned_decoder_equals_zeroed_original_in_prefill_and_decode(kv_heads, r
         for row in keep.qk:
             assert all((units[row] == u).sum() == 2 for u in units[row])
     assert len(keep.heads) == (max(1, kv_heads // 2) if heads else kv_heads)
-    pruned, zeroed = rewrite(g, plan), zeroed_original(g, plan)
+    pruned, zeroed = rewrite(g, plan), masked_original(g, plan)
     want, got = run(zeroed, dg.feed(zeroed, 5, style=rotary)), run(pruned, dg.feed(pruned, 5, style=rotary))
     np.testing.assert_allclose(got["y"], want["y"], atol=1e-5)
     assert got["present_key"].shape == (1, len(keep.heads), 5, keep.qk.shape[1])
@@ -85,7 +85,7 @@ def test_group_query_attention_op(separate, heads):
     (keep,) = plan.attention
     assert keep.qk.shape[1] == keep.v.shape[1] == 16  # 13 of 32 kept, rounded up to a multiple of 16; V alike
     assert (keep.qk == keep.qk[:1]).all()  # the same pairs in every head
-    pruned, zeroed = rewrite(g, plan), zeroed_original(g, plan)
+    pruned, zeroed = rewrite(g, plan), masked_original(g, plan)
     want, got = run(zeroed, dg.gqa_feed(zeroed, 5)), run(pruned, dg.gqa_feed(pruned, 5))
     np.testing.assert_allclose(got["y"], want["y"], atol=1e-5)
     step = lambda model, out: dg.gqa_feed(model, 1, {"past_key": out["present_key"],  # noqa: E731
@@ -109,7 +109,7 @@ def test_qk_norm_keeps_each_head_whole_and_prunes_exactly(qk_norm, heads):
     (keep,) = plan.attention
     assert keep.qk.shape[1] == dg.HEAD_DIM and keep.v.shape[1] == dg.HEAD_DIM // 2
     assert len(keep.heads) == (1 if heads and qk_norm == "head" else 2)
-    pruned, zeroed = rewrite(g, plan), zeroed_original(g, plan)
+    pruned, zeroed = rewrite(g, plan), masked_original(g, plan)
     want, got = run(zeroed, dg.feed(zeroed, 5)), run(pruned, dg.feed(pruned, 5))
     np.testing.assert_allclose(got["y"], want["y"], atol=1e-5)
     assert got["present_key"].shape == (1, len(keep.heads), 5, dg.HEAD_DIM)

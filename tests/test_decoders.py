@@ -26,7 +26,7 @@ from onnxsnp.inspection import inspect_model
 from onnxsnp.pipeline import make_plan
 from onnxsnp.plan import Ratios
 from onnxsnp.rewriting import rewrite
-from oracle import unshare, zeroed_original
+from oracle import masked_original, unshare
 
 pytestmark = pytest.mark.slow
 FORMS = ["llama-optimum", "gpt2-optimum", "llama-dynamo", "llama-genai-fp32", "llama-genai-int4"]
@@ -69,13 +69,13 @@ def test_decoder_blocks_are_found(decoder, form):
 
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("heads", [0.0, 0.5])
-def test_pruned_decoder_equals_zeroed_original_through_the_cache(decoder, tmp_path, form, heads):
+def test_pruned_decoder_equals_masked_original_through_the_cache(decoder, tmp_path, form, heads):
     path = unshare(decoder(form), tmp_path)
     view = float_view(onnx.load(str(path)))  # int4: the oracle compares float models
     g = ModelGraph(view.model if view is not None else onnx.load(str(path)))
     feed = validate_calibration(calibration(100, 4), input_specs(g), "calibration")  # caches empty, positions 0…
     plan = make_plan(g, find_blocks(g), Ratios(0.5, 0.25, 0.5, heads=heads), "random", feed, batch=2, seed=3)
-    pruned, zeroed = rewrite(g, plan), zeroed_original(g, plan)
+    pruned, zeroed = rewrite(g, plan), masked_original(g, plan)
     rng = np.random.default_rng(0)
     ids, next_ids = rng.integers(0, 100, (2, 6)), rng.integers(0, 100, (2, 1))
     (want, want_step), (got, got_step) = prefill_and_step(zeroed, ids, next_ids), prefill_and_step(pruned, ids, next_ids)

@@ -13,7 +13,7 @@ from onnxsnp.matching import find_blocks
 from onnxsnp.pipeline import make_plan
 from onnxsnp.plan import Ratios
 from onnxsnp.rewriting import rewrite
-from oracle import zeroed_original
+from oracle import masked_original
 
 HIDDEN = 24
 
@@ -48,5 +48,5 @@ def test_gated_ffn_is_matched_with_its_gate_and_pruned_exactly(kind):
     plan = make_plan(g, find_blocks(g), Ratios(0.0, 0.0, 0.5), "random", {"x": x}, batch=4, seed=3)
     (keep,) = plan.ffn
     assert len(keep.hidden) == HIDDEN // 2
-    pruned, zeroed = rewrite(g, plan), zeroed_original(g, plan)
+    pruned, zeroed = rewrite(g, plan), masked_original(g, plan)
     np.testing.assert_allclose(run(pruned, x[:1]), run(zeroed, x[:1]), atol=1e-5)

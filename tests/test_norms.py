@@ -17,7 +17,7 @@ from onnxsnp.matching import find_blocks
 from onnxsnp.matching.norms import norm_reading, norm_writing
 from onnxsnp.residual import find_stream
 from onnxsnp.rewriting import rewrite
-from oracle import plan_for, unshare, zeroed_original
+from oracle import masked_original, plan_for, unshare
 
 
 def _norm_graph(kind: str) -> onnx.ModelProto:
@@ -68,7 +68,7 @@ def test_dinov2_is_matched_whole_and_prunes_like_zeroing(exported, tmp_path, fam
     for want, got in zip(run(path, feed), run(unchanged, feed)):
         assert np.abs(want - got).max() <= 1e-5
     g, plan = plan_for(unshare(path, tmp_path), Ratios(0.5, 0.25, 0.5, heads=0.5))
-    for want, got in zip(run(zeroed_original(g, plan), feed), run(rewrite(g, plan), feed)):
+    for want, got in zip(run(masked_original(g, plan), feed), run(rewrite(g, plan), feed)):
         np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-3)
 
 

@@ -11,7 +11,7 @@ from exports import SESSION_FORMS, form_ids
 from onnxsnp import SnpError, prune
 from onnxsnp.importance import Ratios
 from onnxsnp.rewriting import rewrite
-from oracle import plan_for, unshare, zeroed_original
+from oracle import masked_original, plan_for, unshare
 
 pytestmark = pytest.mark.slow
 
@@ -41,13 +41,13 @@ def test_half_ratio_prunes_every_block_and_shrinks_the_file(exported, family, at
 
 @pytest.mark.parametrize("heads", [0.0, 0.5])
 @pytest.mark.parametrize("family,attention,dynamic,exporter", SESSION_FORMS, ids=form_ids(SESSION_FORMS))
-def test_pruned_equals_zeroed_original(exported, tmp_path, family, attention, dynamic, exporter, heads):
+def test_pruned_equals_masked_original(exported, tmp_path, family, attention, dynamic, exporter, heads):
     path = unshare(exported(family, attention, dynamic, exporter), tmp_path)
     g, plan = plan_for(path, Ratios(0.5, 0.25, 0.5, heads=heads))
     assert [len(k.heads) for k in plan.attention] == [4 - int(4 * heads)] * 2
     pruned = rewrite(g, plan)
     feed = feed_for(path, batch=3 if dynamic else 2, seq=5 if dynamic else 8)
-    for want, got in zip(run(zeroed_original(g, plan), feed, optimize=False), run(pruned, feed, optimize=False)):
+    for want, got in zip(run(masked_original(g, plan), feed, optimize=False), run(pruned, feed, optimize=False)):
         np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-3)
 
 

@@ -1,7 +1,7 @@
 """optimum-onnx exports (from a local folder) of BERT, RoBERTa, DistilBERT, a ViT classifier and
 CLIP (text and vision towers in one graph), and `optimum-cli onnxruntime optimize` at -O1 … -O4
 (com.microsoft Attention, SkipLayerNormalization, BiasGelu/FastGelu, fp16 at -O4). Made at test
-time in a venv of their own (exports.optimum_python)."""
+time in a venv of their own (tools/optimum_venv.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -15,7 +15,7 @@ from onnxsnp.graph import ModelGraph
 from onnxsnp.importance import Ratios
 from onnxsnp.matching import find_blocks
 from onnxsnp.rewriting import rewrite
-from oracle import plan_for, unshare, zeroed_blocks, zeroed_original
+from oracle import masked_original, plan_for, unshare, zeroed_blocks
 
 pytestmark = pytest.mark.slow
 TOWERS = {"clip": 2}  # attention blocks: 2 layers per tower
@@ -43,14 +43,14 @@ def test_every_block_is_found_and_ratio_zero_is_identical(exported, family, atte
 
 
 @pytest.mark.parametrize("family,attention,dynamic,exporter", OPTIMUM_FORMS, ids=form_ids(OPTIMUM_FORMS))
-def test_pruned_equals_zeroed_original(exported, tmp_path, family, attention, dynamic, exporter):
+def test_pruned_equals_masked_original(exported, tmp_path, family, attention, dynamic, exporter):
     path = unshare(exported(family, attention, dynamic, exporter), tmp_path)
     g, plan = plan_for(path, Ratios(0.5, 0.25, 0.5, heads=0.5))
     assert [len(k.heads) for k in plan.attention] == [2] * len(plan.attention), \
         [k.block.heads_fixed for k in plan.attention]
     feed = feed_for(path, batch=3, seq=5)
     tolerance = 2e-2 if exporter.endswith("O4") else 2e-5  # -O4 writes fp16 weights
-    for want, got in zip(run(zeroed_original(g, plan), feed, optimize=False), run(rewrite(g, plan), feed, optimize=False)):
+    for want, got in zip(run(masked_original(g, plan), feed, optimize=False), run(rewrite(g, plan), feed, optimize=False)):
         np.testing.assert_allclose(got, want, atol=tolerance, rtol=100 * tolerance)
 
 

@@ -3,7 +3,6 @@ Olive pass (tests/test_olive.py) and docs/USAGE.md's table are made from it and 
 from __future__ import annotations
 
 import re
-import sys
 
 import pytest
 
@@ -13,9 +12,7 @@ from conftest import ROOT
 from onnxsnp.cli import _inspect_parser, _prune_parser
 from onnxsnp.option_schema import BY_NAME, OPTIONS, Front, Group, names
 from onnxsnp.options import make_options
-
-sys.path.insert(0, str(ROOT / "tools"))
-from options_table import USAGE, with_table  # noqa: E402
+from options_table import USAGE, with_table
 
 MODEL = ROOT / "models" / "digits_vit.onnx"
 # the command line's own flags: paths, reports, the fidelity gate, output, a sweep's budgets

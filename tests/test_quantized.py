@@ -14,7 +14,7 @@ from onnxsnp.graph import ModelGraph
 from onnxsnp.importance import Ratios
 from onnxsnp.matching import find_blocks
 from onnxsnp.rewriting import rewrite
-from oracle import plan_for, zeroed_original
+from oracle import masked_original, plan_for
 
 
 
@@ -86,11 +86,11 @@ def test_ratio_zero_is_identical_and_half_stays_quantized(exported, family, atte
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family,attention,dynamic,exporter", INT8_FORMS, ids=form_ids(INT8_FORMS))
-def test_pruned_equals_zeroed_original(exported, family, attention, dynamic, exporter):
+def test_pruned_equals_masked_original(exported, family, attention, dynamic, exporter):
     path = exported(family, attention, dynamic, exporter)
     g, plan = plan_for(path, Ratios(0.5, 0.25, 0.5, heads=0.5))
     pruned = rewrite(g, plan)
     feed = feed_for(path, batch=3, seq=5)
     # unoptimized: onnxruntime turns DequantizeLinear → MatMul into MatMulNBits, which rounds the activations
-    for want, got in zip(run(zeroed_original(g, plan), feed, optimize=False), run(pruned, feed, optimize=False)):
+    for want, got in zip(run(masked_original(g, plan), feed, optimize=False), run(pruned, feed, optimize=False)):
         np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-3)

@@ -12,17 +12,17 @@ from exports import FORM_IDS, FORMS
 from onnxsnp.masking import plan_weights, with_weights
 from onnxsnp.plan import Ratios, Refit
 from onnxsnp.rewriting import rewrite
-from oracle import plan_for, unshare, zeroed_original
+from oracle import masked_original, plan_for, unshare
 
 
 @pytest.mark.parametrize("family,attention,dynamic,exporter", FORMS, ids=FORM_IDS)
-def test_pruned_model_equals_zeroed_original(exported, tmp_path, family, attention, dynamic, exporter):
+def test_pruned_model_equals_masked_original(exported, tmp_path, family, attention, dynamic, exporter):
     path = unshare(exported(family, attention, dynamic, exporter), tmp_path)
     g, plan = plan_for(path, Ratios(0.5, 0.25, 0.5))
     pruned = rewrite(g, plan)
     feed = feed_for(path, batch=2)
     tolerance = 2e-2 if exporter.endswith("fp16") else 2e-5  # fp16 sums round differently
-    for want, got in zip(run(zeroed_original(g, plan), feed), run(pruned, feed)):
+    for want, got in zip(run(masked_original(g, plan), feed), run(pruned, feed)):
         np.testing.assert_allclose(got, want, atol=tolerance, rtol=100 * tolerance)
     kinds = lambda m: sorted({t.data_type for t in m.graph.initializer if t.data_type in (1, 10)})  # noqa: E731
     assert kinds(pruned) == kinds(g.model)  # an fp16 model stays fp16
@@ -66,7 +66,7 @@ def test_head_pruning_equals_zeroed_heads(exported, tmp_path, family, attention,
     pruned = rewrite(g, plan)
     feed = feed_for(path, batch=3 if dynamic else 2, seq=5 if dynamic else 8)
     tolerance = 2e-2 if exporter.endswith("fp16") else 2e-5
-    for want, got in zip(run(zeroed_original(g, plan), feed), run(pruned, feed)):
+    for want, got in zip(run(masked_original(g, plan), feed), run(pruned, feed)):
         np.testing.assert_allclose(got, want, atol=tolerance, rtol=100 * tolerance)
 
 

@@ -11,7 +11,7 @@ from onnxsnp.matching import find_blocks
 from onnxsnp.matching.rules import ATTENTION_RULES
 from onnxsnp.pipeline import make_plan
 from onnxsnp.rewriting import rewrite
-from oracle import zeroed_original
+from oracle import masked_original
 
 FORMS = {"softmax": (graphs.softmax_attention, "separate"), "onnx-attention": (graphs.onnx_attention, "separate"),
          "ort-attention": (graphs.ort_attention, "ort-attention"), "ort-mha": (graphs.ort_multi_head_attention, "ort-mha"),
@@ -66,7 +66,7 @@ def test_each_form_prunes_like_zeroing(form):
     assert (len(keep.heads), keep.qk.shape[1], keep.v.shape[1]) == (1, 2, 3)
     pruned = rewrite(g, plan)
     for sample in x:
-        np.testing.assert_allclose(graphs.run(pruned, sample[None]), graphs.run(zeroed_original(g, plan), sample[None]),
+        np.testing.assert_allclose(graphs.run(pruned, sample[None]), graphs.run(masked_original(g, plan), sample[None]),
                                    atol=1e-5)
 
 

@@ -15,7 +15,6 @@ Every number is measured by this script in one run:
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,20 +22,18 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
+from harness import BUILD, DOCS, MODELS, write_page
 
-from eval_digits import top1_accuracy  # noqa: E402
-from eval_minilm import embed, pair_sims, spearman  # noqa: E402
+from eval_digits import top1_accuracy
+from eval_minilm import embed, pair_sims, spearman
 
-from onnxsnp import prune  # noqa: E402
+from onnxsnp import prune
 
 
 def digits_rows(ratios: list[float], criteria: list[str], scratch: Path) -> list[str]:
-    model = REPO_ROOT / "models" / "digits_vit.onnx"
-    heldout = np.load(REPO_ROOT / "models" / "digits_vit_heldout.npz")
-    calib = REPO_ROOT / "models" / "digits_vit_calib.npz"
+    model = MODELS / "digits_vit.onnx"
+    heldout = np.load(MODELS / "digits_vit_heldout.npz")
+    calib = MODELS / "digits_vit_calib.npz"
     pixels, labels = heldout["pixel_values"], heldout["labels"]
     rows = [f"| original | – | {_params(onnx.load(str(model)))} | – | {top1_accuracy(model, pixels, labels):.2%} |"]
     for ratio in ratios:
@@ -56,9 +53,9 @@ def residual_rows(ratios: list[float], scratch: Path) -> list[str]:
     closed-form LayerNorm correction."""
     from onnxsnp import prune
 
-    model = REPO_ROOT / "models" / "digits_vit.onnx"
-    heldout = np.load(REPO_ROOT / "models" / "digits_vit_heldout.npz")
-    calib = REPO_ROOT / "models" / "digits_vit_calib.npz"
+    model = MODELS / "digits_vit.onnx"
+    heldout = np.load(MODELS / "digits_vit_heldout.npz")
+    calib = MODELS / "digits_vit_calib.npz"
     rows = []
     for ratio in ratios:
         for criterion, channel in (("snp", "weights"), ("snp", "activation"), ("random", "weights")):
@@ -106,9 +103,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.3, 0.5])
     parser.add_argument("--criteria", nargs="+", default=["snp", "snp-paper", "l2", "random"])
-    parser.add_argument("--minilm", type=Path, default=REPO_ROOT / "build" / "minilm",
+    parser.add_argument("--minilm", type=Path, default=BUILD / "minilm",
                         help="folder written by tools/export_minilm.py (skipped if missing)")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "CORE.md")
+    parser.add_argument("--out", type=Path, default=DOCS / "CORE.md")
     args = parser.parse_args()
     started = time.perf_counter()
     lines = ["# Criteria at fixed ratios", "",
@@ -133,8 +130,7 @@ def main() -> None:
         else:
             print(f"skipping MiniLM: {args.minilm / 'minilm.onnx'} not found (run tools/export_minilm.py)")
     lines += ["", f"Total run time {time.perf_counter() - started:.0f} s.", ""]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
+    write_page(args.out, lines)
     print("\n".join(lines))
 
 

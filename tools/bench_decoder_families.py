@@ -3,7 +3,7 @@ each, built locally with random weights (what is matched and cut does not depend
 fidelity does — see docs/DECODERS_REAL.md and docs/DECODERS_GEMMA3.md for real checkpoints —
 and tiny models' run times are dispatch overhead, not a speed measurement):
 
-- optimum `text-generation-with-past` exports (tests/optimum_export.py, the tests' optimum venv) of
+- optimum `text-generation-with-past` exports (tools/optimum_export.py, the tests' optimum venv) of
   Llama (no QK-norm, for comparison), Qwen3 (QK-norm per head), Gemma 3 (QK-norm, GELU(tanh)-gated
   MLP, sandwich norms, a sliding-window and a global layer) and OLMo 2 (one norm over all heads'
   q and k, norms after each sub-block);
@@ -20,24 +20,20 @@ sliding window is 4, so its local layer's mask and cache are exercised).
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "tools"))
+from harness import DOCS
 
-from exports import export_optimum  # noqa: E402
-from decoders import prefill_and_step, run, step_feed  # noqa: E402
+from optimum_venv import export_optimum
+from decoders import prefill_and_step, run, step_feed
 
-from onnxsnp.options import make_options  # noqa: E402
-from onnxsnp.inspection import inspect_model  # noqa: E402
-from onnxsnp.pipeline import prune_model  # noqa: E402
+from onnxsnp.options import make_options
+from onnxsnp.inspection import inspect_model
+from onnxsnp.pipeline import prune_model
 
 CUTS = [("--ratio 0.25", {"ratio": 0.25}), ("--ratio 0.5 --heads 0.5", {"ratio": 0.5, "heads": 0.5})]
 
@@ -62,7 +58,7 @@ def decode_gap(model: onnx.ModelProto, vocab: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "DECODER_FAMILIES.md")
+    parser.add_argument("--out", type=Path, default=DOCS / "DECODER_FAMILIES.md")
     args = parser.parse_args()
     rows = ["| model | attention / FFN / layers matched | skipped | options | first attention: heads, Q/K, V per head "
             "| FLOPs | cached step vs uncached |", "|---|---|---|---|---|---|---|"]

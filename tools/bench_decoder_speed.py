@@ -25,23 +25,19 @@ import argparse
 import collections
 import json
 import statistics
-import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "tools"))
+from harness import DOCS, cpu_name, rounds, session
 
-from decoders import step_feed  # noqa: E402
-from latency import cpu_name, session  # noqa: E402
+from decoders import step_feed
 
-from onnxsnp.cli import main as onnxsnp_main  # noqa: E402
+from onnxsnp.cli import main as onnxsnp_main
 
 PROMPT, STEPS = 128, 64
 SHAPE = dict(vocab=49152, hidden=576, layers=30, heads=9, kv_heads=3, intermediate=1536, positions=2048)
@@ -71,16 +67,16 @@ def model_file(path: Path) -> Path:
     return path / "model.onnx" if path.is_dir() else path
 
 
-def timings(paths: list[Path], rounds: int) -> list[tuple[float, float, int]]:
-    """(prefill ms, decode ms per token, KV bytes per token) of each model, interleaved."""
-    models = [onnx.load(str(model_file(p)), load_external_data=False) for p in paths]
-    sessions = [session(model_file(p)) for p in paths]
+def timings(paths: list[Path], runs: int) -> list[tuple[float, float, int]]:
+    """(prefill ms, decode ms per token, KV bytes per token) of each model, interleaved (harness.rounds)."""
     ids = np.random.default_rng(0).integers(3, SHAPE["vocab"], (1, PROMPT))
-    prefill, decode = [[] for _ in paths], [[] for _ in paths]
-    kv = [0] * len(paths)
-    for round_ in range(rounds + 1):  # the first round warms up
-        for i, (model, sess) in enumerate(zip(models, sessions)):
-            names = [o.name for o in sess.get_outputs()]
+
+    def measure(path: Path) -> Callable[[], tuple[float, float, int]]:
+        model = onnx.load(str(model_file(path)), load_external_data=False)
+        sess = session(model_file(path))
+        names = [o.name for o in sess.get_outputs()]
+
+        def once() -> tuple[float, float, int]:  # a prefill, then STEPS greedy decode steps through the cache
             started = time.perf_counter()
             out = dict(zip(names, sess.run(None, step_feed(model, ids))))
             middle = time.perf_counter()
@@ -90,11 +86,13 @@ def timings(paths: list[Path], rounds: int) -> list[tuple[float, float, int]]:
                 out = dict(zip(names, sess.run(None, step_feed(model, token, past))))
                 token = np.array([[int(out["logits"][0, -1].argmax())]])
             ended = time.perf_counter()
-            kv[i] = sum(v[0].nbytes // v.shape[2] for n, v in out.items() if n.startswith("present"))
-            if round_:
-                prefill[i].append((middle - started) * 1000)
-                decode[i].append((ended - middle) * 1000 / STEPS)
-    return [(statistics.median(p), statistics.median(d), k) for p, d, k in zip(prefill, decode, kv)]
+            kv = sum(v[0].nbytes // v.shape[2] for n, v in out.items() if n.startswith("present"))
+            return (middle - started) * 1000, (ended - middle) * 1000 / STEPS, kv
+
+        return once
+
+    results = rounds([measure(path) for path in paths], runs, warmup=1)
+    return [(statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs), rs[-1][2]) for rs in results]
 
 
 def kernel_times(path: Path) -> collections.Counter:
@@ -137,7 +135,7 @@ def main() -> None:
     parser.add_argument("--ratios", default="0.25,0.44")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="onnxruntime's profiler per op type, too")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "DECODER_SPEED.md")
+    parser.add_argument("--out", type=Path, default=DOCS / "DECODER_SPEED.md")
     args = parser.parse_args()
     rows = ["| form | options | FLOPs | prefill ms (speedup) | decode ms/token (speedup) | size | KV cache per token |",
             "|---|---|---|---|---|---|---|"]

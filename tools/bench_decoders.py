@@ -31,18 +31,17 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+import harness
+from harness import DOCS
 
-from decoders import genai_generate, greedy, step_feed  # noqa: E402
+from decoders import genai_generate, greedy, step_feed
 
-from onnxsnp.calibration import fitted  # noqa: E402
-from onnxsnp.genai import genai_folder, pruned_config, write_folder  # noqa: E402
-from onnxsnp.options import make_options  # noqa: E402
-from onnxsnp.pipeline import prune_model  # noqa: E402
+from onnxsnp.calibration import fitted
+from onnxsnp.genai import genai_folder, pruned_config, write_folder
+from onnxsnp.options import make_options
+from onnxsnp.pipeline import prune_model
 
-BUILD = ROOT / "build" / "tiny_llama"
+BUILD = harness.BUILD / "tiny_llama"
 WINDOW, PROMPT, GENERATED = 64, 16, 16
 METHODS = {"snp (default: block-by-block reconstruction)": {},
            "snp, --compensate bias (FLAP-style)": {"compensate": "bias"},
@@ -130,7 +129,7 @@ def measure(form: str, source: Path, folder, cuts: list[float], calib: dict, hel
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "DECODERS.md")
+    parser.add_argument("--out", type=Path, default=DOCS / "DECODERS.md")
     parser.add_argument("--build", type=Path, default=BUILD)
     parser.add_argument("--smoke", action="store_true", help="one cut, few windows: checks that the bench runs")
     args = parser.parse_args()

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -37,20 +36,17 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(ROOT))
+from harness import BUILD, DOCS, MODELS, ROOT
 
-from collect_results import collect  # noqa: E402
-from eval_minilm import embed, pair_sims, spearman  # noqa: E402
+from collect_results import collect
+from eval_minilm import embed, pair_sims, spearman
 
-from onnxsnp import prune  # noqa: E402
-from onnxsnp.calibration import capture  # noqa: E402
-from onnxsnp.graph import ModelGraph  # noqa: E402
-from onnxsnp.matching import find_blocks  # noqa: E402
+from onnxsnp import prune
+from onnxsnp.calibration import capture
+from onnxsnp.graph import ModelGraph
+from onnxsnp.matching import find_blocks
 
-MINILM = ROOT / "build" / "minilm"
+MINILM = BUILD / "minilm"
 
 
 @dataclass(frozen=True)
@@ -103,12 +99,12 @@ class Task:
 
 
 class Digits(Task):
-    name, model, metrics = "digits ViT", ROOT / "models" / "digits_vit.onnx", ("top-1",)
+    name, model, metrics = "digits ViT", MODELS / "digits_vit.onnx", ("top-1",)
 
     def __init__(self):
         from eval_digits import top1_accuracy
 
-        held = np.load(ROOT / "models" / "digits_vit_heldout.npz")
+        held = np.load(MODELS / "digits_vit_heldout.npz")
         self.pixels, self.labels, self._top1 = held["pixel_values"], held["labels"], top1_accuracy
         self.train = _digits_training_images(float(held["mean"]), float(held["std"]))
         self.original = top1_accuracy(self.model, self.pixels, self.labels)
@@ -346,7 +342,7 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.3, 0.5, 0.7], help="fractions of FLOPs removed")
     parser.add_argument("--configs", nargs="+", help="only these configurations (names as in the table)")
     parser.add_argument("--quick", action="store_true", help="digits only, a few configurations (a smoke run)")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "RESULTS.md")
+    parser.add_argument("--out", type=Path, default=DOCS / "RESULTS.md")
     parser.add_argument("--rows", type=Path, help="keep and reuse measurements in this JSON-lines file")
     parser.add_argument("--from-rows", action="store_true", help="measure nothing: render what --rows holds")
     args = parser.parse_args()
@@ -413,7 +409,7 @@ def main() -> None:
               "Rows change one thing from the default; the uniform rows use `--ratio` (about the same FLOPs cut).",
               ""] + sections
     out.write_text("\n".join(lines) + "\n")
-    if out.resolve() == (ROOT / "docs" / "RESULTS.md").resolve():
+    if out.resolve() == (DOCS / "RESULTS.md").resolve():
         collect()  # the speed and cost tables follow the fidelity ones
     print("\n".join(lines))
 

@@ -2,7 +2,7 @@
 
 The DeiT-S- and BERT-base-shaped models of tools/bench_speed.py (random weights, seed 0,
 legacy export, synthetic calibration: speed only) are pruned with
-`onnxsnp.prune(target_speedup=S)`, then original and pruned are timed interleaved (tools/latency.py:
+`onnxsnp.prune(target_speedup=S)`, then original and pruned are timed interleaved (tools/harness.py:
 one intra-op thread, warm-up, median over the runs). Per model: predicted speedup (the
 latency model, from onnxruntime's per-node profile of the original), measured speedup
 (median before / median after), and their ratio; a measured speedup more than 5 % from S is
@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import shlex
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,14 +23,11 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
+from harness import DOCS, cpu_name, interleaved, invocation, write_page
 
-from bench_speed import CALIB_SAMPLES, MODELS, SEQUENCE, export, inputs  # noqa: E402
-from latency import cpu_name, interleaved  # noqa: E402
+from bench_speed import CALIB_SAMPLES, MODELS, SEQUENCE, export, inputs
 
-from onnxsnp import prune  # noqa: E402
+from onnxsnp import prune
 
 TOLERANCE = 0.05
 
@@ -42,7 +37,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["deit_small", "bert_base"], choices=MODELS)
     parser.add_argument("--speedup", type=float, default=2.0)
     parser.add_argument("--runs", type=int, default=30)
-    parser.add_argument("--out", type=Path, default=HERE.parent / "docs" / "SPEED_LATENCY_TARGET.md")
+    parser.add_argument("--out", type=Path, default=DOCS / "SPEED_LATENCY_TARGET.md")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_latency_target_") as folder:
@@ -72,7 +67,7 @@ def main() -> None:
                   f"({before['median_ms']:.2f} -> {after['median_ms']:.2f} ms){mark}", flush=True)
             target.unlink()
             source.unlink()
-    command = "python tools/bench_latency_target.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = invocation()
     lines = [
         "# Latency budgets: predicted against measured speedup",
         "",
@@ -92,9 +87,7 @@ def main() -> None:
         "| measured ÷ predicted | FLOPs cut | prune time |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines + rows) + "\n")
-    print(f"wrote {args.out}")
+    write_page(args.out, lines + rows)
 
 
 if __name__ == "__main__":

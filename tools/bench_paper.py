@@ -13,7 +13,6 @@ latency is onnxruntime CPU, batch 1, one intra-op thread, original and pruned in
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,13 +20,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
+from harness import DOCS, interleaved, write_page
 
-from latency import interleaved  # noqa: E402
 
-from onnxsnp import prune  # noqa: E402
+from onnxsnp import prune
 
 # name: (paper GMACs target, whole-head ratio, residual width the authors kept)
 PAPER = {"deit_tiny:0.6": (0.6, 0.0, 153), "deit_small:2.0": (2.0, 0.0, 307), "deit_small:1.3": (1.3, 0.0, 345),
@@ -52,7 +48,7 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=list(PAPER), choices=list(PAPER))
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--calib-samples", type=int, default=16)
-    parser.add_argument("--out", type=Path, default=HERE.parent / "docs" / "PAPER.md")
+    parser.add_argument("--out", type=Path, default=DOCS / "PAPER.md")
     args = parser.parse_args()
     rows = []
     feed = {"pixel_values": np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)}
@@ -85,8 +81,7 @@ def main() -> None:
              "synthetic calibration: size and speed only.", "",
              "| config (paper GMACs) | residual width | GMACs | params | ratios chosen | latency ms (median) | "
              "speedup | MACs cut | speedup ÷ cut | prune time |", "|---|---|---|---|---|---|---|---|---|---|"] + rows + [""]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
+    write_page(args.out, lines)
     print("\n".join(lines))
 
 

@@ -1,7 +1,7 @@
 """Pruning in a deployment pipeline: SNP before onnxruntime's dynamic int8 quantization and its
 transformers optimizer, against quantization alone. onnxruntime CPU, one thread, batch 1.
 
-Per model, these variants are written and timed interleaved in one run (tools/latency.py: one
+Per model, these variants are written and timed interleaved in one run (tools/harness.py: one
 intra-op thread, 3 warm-up runs, then round by round, median and min):
 
     original                      the exported model
@@ -29,8 +29,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shlex
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -42,16 +40,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
+from harness import DOCS, MODELS, cpu_name, interleaved, invocation, write_page
 
-from collect_results import collect  # noqa: E402
-from latency import cpu_name, interleaved  # noqa: E402
+from collect_results import collect
 
-from onnxsnp import prune  # noqa: E402
+from onnxsnp import prune
 
-ROOT = HERE.parent
 RATIO = 0.5
 CALIB_SAMPLES = 32
 EVAL_SAMPLES = 16
@@ -80,16 +74,16 @@ class Bench:
 
 
 def _digits() -> Bench:
-    with np.load(ROOT / "models" / "digits_vit_heldout.npz") as data:
+    with np.load(MODELS / "digits_vit_heldout.npz") as data:
         held_out = {"pixel_values": data["pixel_values"].astype(np.float32)}
         labels = data["labels"].astype(np.int64)
-    with np.load(ROOT / "models" / "digits_vit_calib.npz") as data:
+    with np.load(MODELS / "digits_vit_calib.npz") as data:
         calib = data["pixel_values"].astype(np.float32)
 
     def inputs(samples: int, seed: int) -> dict[str, np.ndarray]:
         return {"pixel_values": calib[:samples] if seed == 1 else held_out["pixel_values"][:samples]}
 
-    return Bench("digits_vit", "vit", lambda folder: ROOT / "models" / "digits_vit.onnx", inputs, labels, held_out)
+    return Bench("digits_vit", "vit", lambda folder: MODELS / "digits_vit.onnx", inputs, labels, held_out)
 
 
 def _vit(name: str, size: int, patch: int, classes: int, **config) -> Bench:
@@ -243,7 +237,7 @@ def main() -> None:
             os.close(handle)
             args.out = Path(name)
     args.models = args.models or DEFAULT_MODELS
-    args.out = args.out or ROOT / "docs" / "PIPELINE.md"
+    args.out = args.out or DOCS / "PIPELINE.md"
 
     sections = []
     with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as folder:
@@ -252,7 +246,7 @@ def main() -> None:
             for path in Path(folder).iterdir():  # at most one model's variants on disk at a time
                 path.unlink()
 
-    command = "python tools/bench_pipeline.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = invocation()
     header = [
         "# Pipeline: prune, then quantize (and optimize)",
         "",
@@ -270,10 +264,8 @@ def main() -> None:
         "held-out images, with top-1). DeiT-S and BERT-base have random weights: their cosines show how far each "
         "step moves the outputs, not task accuracy.",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(header + sections) + "\n")
-    print(f"wrote {args.out}")
-    if args.out.resolve().parent == (ROOT / "docs").resolve():
+    write_page(args.out, header + sections)
+    if args.out.resolve().parent == (DOCS).resolve():
         collect()  # docs/RESULTS.md carries a copy of every table
 
 

@@ -49,12 +49,9 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
+from harness import DOCS, ROOT, cpu_name, invocation, write_page
 
-from collect_results import collect  # noqa: E402
-from latency import cpu_name  # noqa: E402
+from collect_results import collect
 
 PRESETS = ("deit_tiny", "deit_small", "deit_base")
 BATCH = 8  # onnxsnp's calibration batch (calibration.DEFAULT_BATCH)
@@ -220,7 +217,7 @@ def main() -> None:
         handle, name = tempfile.mkstemp(prefix="PRUNE_COST_smoke_", suffix=".md")
         os.close(handle)
         args.out = Path(name)
-    args.out = args.out or ROOT / "docs" / "PRUNE_COST.md"
+    args.out = args.out or DOCS / "PRUNE_COST.md"
 
     with tempfile.TemporaryDirectory(prefix="bench_prune_") as folder:  # exports removed even on failure
         scratch = Path(folder)
@@ -260,7 +257,7 @@ def main() -> None:
                         f"{ort_run.peak_mb:.0f} | {snp.peak_mb:.0f} | {snp.peak_mb / ort_run.peak_mb:.2f} | "
                         f"{rss_ratio:.2f}{'' if rss_ratio <= RSS_TARGET else ' (over target)'} |")
 
-        command = "python tools/bench_prune.py " + shlex.join(sys.argv[1:])
+        command = invocation()
         import onnxruntime
 
         lines = [
@@ -280,10 +277,8 @@ def main() -> None:
             *rows,
         ]
         print("\n" + "\n".join(lines[-2 - len(rows):]))
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("\n".join(lines) + "\n")
-        print(f"wrote {args.out}")
-        if args.out.resolve().parent == (HERE.parent / "docs").resolve():
+        write_page(args.out, lines)
+        if args.out.resolve().parent == (DOCS).resolve():
             collect()  # docs/RESULTS.md carries a copy of every table
 
         if args.stages:

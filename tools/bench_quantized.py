@@ -10,7 +10,7 @@ Fidelity is scored against the float original on held-out data: all-MiniLM-L6-v2
 (tools/export_minilm.py): mean cosine of sentence embeddings on 200 evaluation sentences;
 the DeiT-S-shaped ViT (random weights, seed 0: no pretrained DeiT-S is available offline):
 mean cosine of the logits on 32 held-out random images. Latency: onnxruntime CPU, one
-intra-op thread, quantized original and prune(int8) interleaved (tools/latency.py), batch 1;
+intra-op thread, quantized original and prune(int8) interleaved (tools/harness.py), batch 1;
 the speedup (median before / after) is set against the FLOPs cut (FLOPs before / after).
 
 Quantizer settings (what a user would pass): static QDQ quantizes only the MatMuls
@@ -31,7 +31,6 @@ import json
 import platform
 import shlex
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,14 +38,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(ROOT))
+from harness import BUILD, DOCS, ROOT, cpu_name, interleaved
 
-from latency import cpu_name, interleaved  # noqa: E402
 
-from onnxsnp import prune  # noqa: E402
+from onnxsnp import prune
 
 FORMS = ("qdq-tensor", "qdq-channel", "dynamic")
 QUANT_SAMPLES = 64  # calibration samples of the static quantizer
@@ -179,10 +174,10 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["minilm", "deit_s"], choices=TASKS)
     parser.add_argument("--forms", nargs="+", default=list(FORMS), choices=FORMS)
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.7, 0.5])
-    parser.add_argument("--minilm-dir", type=Path, default=ROOT / "build" / "minilm")
+    parser.add_argument("--minilm-dir", type=Path, default=BUILD / "minilm")
     parser.add_argument("--rows", type=Path, help="JSON-lines file: rows kept as measured and reused")
     parser.add_argument("--from-rows", action="store_true", help="only render what --rows holds")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "QUANTIZED.md")
+    parser.add_argument("--out", type=Path, default=DOCS / "QUANTIZED.md")
     parser.add_argument("--keep", type=Path, help="write the models here (default: a temporary folder)")
     args = parser.parse_args()
     kept = [json.loads(line) for line in args.rows.read_text().splitlines()] if args.rows and args.rows.exists() else []

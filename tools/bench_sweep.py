@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(ROOT))
+from harness import DOCS, MODELS, ROOT
 
-from collect_results import collect  # noqa: E402
+from collect_results import collect
 
-from onnxsnp.cli import main as cli  # noqa: E402
+from onnxsnp.cli import main as cli
 
 
 def timed(argv: list[str]) -> float:
@@ -33,11 +29,11 @@ def timed(argv: list[str]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=str(ROOT / "models" / "digits_vit.onnx"))
-    parser.add_argument("--calib", default=str(ROOT / "models" / "digits_vit_calib.npz"))
+    parser.add_argument("--model", default=str(MODELS / "digits_vit.onnx"))
+    parser.add_argument("--calib", default=str(MODELS / "digits_vit_calib.npz"))
     parser.add_argument("--targets", default="0.9,0.8,0.7,0.6,0.5,0.4")
     parser.add_argument("--calib-samples", type=int)
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "SWEEP.md")
+    parser.add_argument("--out", type=Path, default=DOCS / "SWEEP.md")
     args = parser.parse_args()
     common = ["--calib", args.calib, "-q"] + (["--calib-samples", str(args.calib_samples)] if args.calib_samples else [])
     goals = args.targets.split(",")
@@ -64,7 +60,7 @@ def main() -> None:
              "[sweep_example.html](sweep_example.html)):", "", table]
     args.out.write_text("\n".join(lines))
     (args.out.parent / "sweep_example.html").write_text(page)
-    if args.out.resolve() == (ROOT / "docs" / "SWEEP.md").resolve():
+    if args.out.resolve() == (DOCS / "SWEEP.md").resolve():
         collect()  # docs/RESULTS.md holds every table
     print("\n".join(lines))
 

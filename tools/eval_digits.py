@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from harness import MODELS
+
 EVAL_BATCH = 256  # bounds memory for larger models; the split has only 450 samples
 
 
@@ -30,7 +31,7 @@ def top1_accuracy(model_path: Path, pixel_values: np.ndarray, labels: np.ndarray
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+", type=Path, help="ONNX files taking pixel_values")
-    parser.add_argument("--data", type=Path, default=REPO_ROOT / "models" / "digits_vit_heldout.npz")
+    parser.add_argument("--data", type=Path, default=MODELS / "digits_vit_heldout.npz")
     parser.add_argument("--json", type=Path, help="also write {model path: accuracy} here")
     args = parser.parse_args(argv)
 

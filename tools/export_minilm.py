@@ -23,7 +23,6 @@ import importlib
 import inspect
 import os
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -35,8 +34,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from torch_models import HFEncoder, export_legacy  # noqa: E402
+from torch_models import HFEncoder, export_legacy
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -31,10 +30,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from export_minilm import (CORPUS, MAX_TOKENS, N_TOTAL, REPO, model_dir, package_sentences,  # noqa: E402
+from export_minilm import (CORPUS, MAX_TOKENS, N_TOTAL, REPO, model_dir, package_sentences,
                            stdlib_sentences, tokenize)
-from torch_models import HFEncoder, export_legacy  # noqa: E402
+from torch_models import HFEncoder, export_legacy
 
 DATA = Path(__file__).resolve().parent / "data" / "package_sentences.tsv"
 PACKAGES = ("sympy", "networkx", "numpy", "matplotlib", "pygments")

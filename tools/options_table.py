@@ -2,15 +2,12 @@
 declared (tests/test_option_schema.py fails while the table is out of date)."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from harness import DOCS
 
-from onnxsnp.option_schema import markdown_table  # noqa: E402
+from onnxsnp.option_schema import markdown_table
 
-USAGE = ROOT / "docs" / "USAGE.md"
+USAGE = DOCS / "USAGE.md"
 BEGIN = "<!-- options table: written by tools/options_table.py from onnxsnp/option_schema.py -->\n"
 END = "<!-- end of options table -->\n"
 

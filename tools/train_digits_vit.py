@@ -10,7 +10,6 @@ tools/eval_digits.py can score pruned variants without torch or scikit-learn pre
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -21,10 +20,9 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-sys.path.insert(0, str(Path(__file__).parent))
-from torch_models import VisionTransformer, export_legacy  # noqa: E402
+from harness import MODELS
+from torch_models import VisionTransformer, export_legacy
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 IMG_SIZE = 32
 MAX_SHIFT = 2  # pixels at 32x32, i.e. half a source pixel: enough jitter without cropping strokes
 
@@ -79,7 +77,7 @@ def onnx_accuracy(path: Path, pixel_values: np.ndarray, labels: np.ndarray) -> f
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "models")
+    parser.add_argument("--out-dir", type=Path, default=MODELS)
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -28,8 +28,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "build" / "tiny_llama"
+from harness import BUILD
+
+OUT = BUILD / "tiny_llama"
 VOCAB, HIDDEN, LAYERS, HEADS, KV_HEADS, INTERMEDIATE, CONTEXT = 1024, 256, 4, 4, 2, 512, 64
 
 

@@ -6,7 +6,8 @@ head·d + j, FFN hidden neurons, residual channels. A weight holds them along on
 an offset (q, k and v of a fused or packed projection sit side by side); it either writes them
 (output columns, bias: zeroing these removes the unit) or reads them (input rows). Shape
 entries and attributes take a new width after the cut. `rewriting.cut` slices a plan's groups
-in one generic pass; the test oracle zeroes what the same groups write.
+in one generic pass; the test oracle (tests/oracle.py) checks the result against the original
+with the removed units' activations masked, found without these groups.
 """
 from __future__ import annotations
 

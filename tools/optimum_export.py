@@ -1,4 +1,4 @@
-"""Run inside the optimum venv (see exports.optimum_python): save a tiny random-weight
+"""Run inside the optimum venv (see optimum_venv.optimum_python): save a tiny random-weight
 transformers model with save_pretrained, export it with `optimum-cli export onnx` from that
 local folder, and optionally optimize it with `optimum-cli onnxruntime optimize -O<level>`.
 
