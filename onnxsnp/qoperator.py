@@ -94,7 +94,6 @@ class QOperatorView:
 
     model: onnx.ModelProto
     rewritten: dict[str, Rewritten]  # by float op name
-    moved: frozenset[str]  # names of integer-moving ops now between a DequantizeLinear and a QuantizeLinear
 
     def fuse(self, pruned: onnx.ModelProto) -> onnx.ModelProto:
         from .qoperator_fuse import fused
@@ -132,7 +131,7 @@ def qdq_view(model: onnx.ModelProto) -> QOperatorView | None:
             dequantized[key] = out
         return dequantized[key]
 
-    rewritten, moved = {}, set()
+    rewritten = {}
     duplicates = {}  # a second DequantizeLinear of the same tensor: its readers read the first one's output
     for node in graph.node:
         if node.op_type == "DequantizeLinear" and len(node.input) == 3 and node.input[0] not in initializers:
@@ -154,7 +153,6 @@ def qdq_view(model: onnx.ModelProto) -> QOperatorView | None:
                 quantizes.append(helper.make_node("QuantizeLinear", [copy.output[index], out_scale, out_zero], [output],
                                                   name=f"{node.name}/quantize_{index}"))
             nodes += [copy, *quantizes]
-            moved.add(node.name)
         elif node.op_type == "Shape" and node.input[0] in params:
             # a shape is the same read from the float tensor, which keeps the integer one read
             # only by its DequantizeLinear (an activation pair)
@@ -168,7 +166,7 @@ def qdq_view(model: onnx.ModelProto) -> QOperatorView | None:
             node.input[index] = duplicates.get(tensor, tensor)
     view.graph.node.extend(_in_order(nodes))
     view.graph.initializer.extend(names.initializers)
-    return QOperatorView(view, rewritten, frozenset(moved))
+    return QOperatorView(view, rewritten)
 
 
 def _rewrite(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto], names: "_Names",

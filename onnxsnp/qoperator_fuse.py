@@ -18,7 +18,7 @@ from onnx import helper, numpy_helper
 
 from .dynamic import _in_order
 from .errors import SnpError
-from .qoperator import SPECS, QOperatorView, Rewritten, triples
+from .qoperator import MOVING, SPECS, QOperatorView, Rewritten, triples
 
 
 def fused(view: QOperatorView, pruned: onnx.ModelProto) -> onnx.ModelProto:
@@ -44,8 +44,6 @@ def fused(view: QOperatorView, pruned: onnx.ModelProto) -> onnx.ModelProto:
             quantize = _only_quantize(node.output[0], readers, outputs)
             if quantize is not None:
                 replaced[id(quantize)] = None
-        elif node.name in view.moved:
-            _moving(node, producers, readers, outputs, constants, replaced)
     nodes = []
     for node in graph.node:
         if id(node) in replaced:
@@ -57,7 +55,7 @@ def fused(view: QOperatorView, pruned: onnx.ModelProto) -> onnx.ModelProto:
         dequantize = producers.get(node.input[0]) if node.op_type == "Shape" else None
         if dequantize is not None and dequantize.op_type == "DequantizeLinear":
             node.input[0] = dequantize.input[0]
-    nodes = _unread_dropped(nodes, outputs)
+    nodes = _unread_dropped(_integers_moved(_in_order(nodes), outputs, constants), outputs)
     del graph.node[:]
     graph.node.extend(_in_order(nodes))
     read = {t for n in graph.node for t in n.input} | outputs
@@ -123,27 +121,60 @@ def _only_quantize(tensor: str, readers, outputs) -> onnx.NodeProto | None:
     return found[0]
 
 
-def _moving(node: onnx.NodeProto, producers, readers, outputs, constants: "_Constants", replaced) -> None:
-    """`node` reading and writing integers again where its QuantizeLinears have its
-    DequantizeLinear's parameters; left as it is (a valid QDQ section) otherwise."""
-    dequantize = producers.get(node.input[0])
-    if dequantize is None or dequantize.op_type != "DequantizeLinear":
-        return
-    same = [constants.value(t, producers) for t in dequantize.input[1:3]]
-    quantizes = [_only_quantize(o, readers, outputs) for o in node.output]
-    if any(q is None or len(q.input) != len(dequantize.input) for q in quantizes) or any(v is None for v in same):
-        return
-    for quantize in quantizes:
-        params = [constants.value(t, producers) for t in quantize.input[1:3]]
-        if any(p is None or p.shape != v.shape or np.any(p != v) or p.dtype != v.dtype for p, v in zip(params, same)):
-            return
-    made = onnx.NodeProto()
-    made.CopyFrom(node)
-    made.input[0] = dequantize.input[0]
-    for index, quantize in enumerate(quantizes):
-        made.output[index] = quantize.output[0]
-        replaced[id(quantize)] = None
-    replaced[id(node)] = made
+def _integers_moved(nodes: list[onnx.NodeProto], outputs: set[str], constants: "_Constants") -> list[onnx.NodeProto]:
+    """`nodes` with every op that only moves values (qoperator.MOVING) reading integers again:
+    DequantizeLinear(x) → op becomes op(x) → DequantizeLinear with the same per-tensor scale and
+    zero point (exact: the op selects or moves values), until a QuantizeLinear with those same
+    parameters meets it and both go (QuantizeLinear(DequantizeLinear(x)) is x). Chains the
+    rewrite made (the per-head selections of a fused QKV) move integers as the quantizer's ops did;
+    a QuantizeLinear with other parameters (a range calibrated again) stays a requantization."""
+    while True:
+        producers = {o: n for n in nodes for o in n.output}
+        readers: dict[str, list[onnx.NodeProto]] = {}
+        for node in nodes:
+            for t in node.input:
+                readers.setdefault(t, []).append(node)
+        changed = False
+        for index, node in enumerate(nodes):
+            dequantize = producers.get(node.input[0]) if node.input else None
+            if dequantize is None or dequantize.op_type != "DequantizeLinear" or not _per_tensor(dequantize, producers, constants):
+                continue
+            if node.op_type == "QuantizeLinear" and node.output[0] not in outputs and \
+                    _same_parameters(dequantize, node, producers, constants):
+                rename = {node.output[0]: dequantize.input[0]}
+                for reader in readers.get(node.output[0], []):
+                    reader.input[:] = [rename.get(t, t) for t in reader.input]
+                del nodes[index]
+                changed = True
+                break
+            if node.op_type in MOVING and not any(o in outputs for o in node.output):
+                moved, after = onnx.NodeProto(), []
+                moved.CopyFrom(node)
+                moved.input[0] = dequantize.input[0]
+                for position, output in enumerate(node.output):
+                    moved.output[position] = constants.fresh(f"{output}_quantized")
+                    after.append(helper.make_node("DequantizeLinear", [moved.output[position], *dequantize.input[1:]],
+                                                  [output], name=constants.fresh(f"{output}/DequantizeLinear")))
+                nodes[index:index + 1] = [moved, *after]
+                changed = True
+                break
+        if not changed:
+            return nodes
+
+
+def _per_tensor(dequantize: onnx.NodeProto, producers, constants: "_Constants") -> bool:
+    scale = constants.value(dequantize.input[1], producers)
+    return scale is not None and scale.size == 1
+
+
+def _same_parameters(dequantize: onnx.NodeProto, quantize: onnx.NodeProto, producers, constants: "_Constants") -> bool:
+    if len(dequantize.input) != len(quantize.input):
+        return False
+    for a, b in zip(dequantize.input[1:], quantize.input[1:]):
+        x, y = constants.value(a, producers), constants.value(b, producers)
+        if x is None or y is None or x.dtype != y.dtype or x.size != y.size or np.any(x.reshape(-1) != y.reshape(-1)):
+            return False
+    return True
 
 
 def _unread_dropped(nodes: list[onnx.NodeProto], outputs: set[str]) -> list[onnx.NodeProto]:
@@ -164,7 +195,8 @@ class _Constants:
     def __init__(self, graph: onnx.GraphProto):
         self.initializers = {t.name: t for t in graph.initializer}
         self.added: list[onnx.TensorProto] = []
-        self.used = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output}
+        self.used = {t.name for t in graph.initializer} | {o for n in graph.node for o in n.output} | \
+            {n.name for n in graph.node}
 
     def value(self, tensor: str, producers) -> np.ndarray | None:
         if tensor in self.initializers:
@@ -196,11 +228,15 @@ class _Constants:
         return [self.add(base, integers), self.add(f"{base}_scale", np.asarray(scale, np.float32)),
                 self.add(f"{base}_zero_point", np.asarray(zero, dtype))]
 
-    def add(self, base: str, value: np.ndarray) -> str:
+    def fresh(self, base: str) -> str:
         name, index = base, 1
         while name in self.used:
             name, index = f"{base}_{index}", index + 1
         self.used.add(name)
+        return name
+
+    def add(self, base: str, value: np.ndarray) -> str:
+        name = self.fresh(base)
         tensor = numpy_helper.from_array(value, name)
         self.added.append(tensor)
         self.initializers[name] = tensor
