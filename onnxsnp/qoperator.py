@@ -83,8 +83,7 @@ def output_params(node: onnx.NodeProto) -> tuple[str, str] | None:
 class Rewritten:
     """One QLinear op of the input and the float op that stands for it in the view."""
 
-    original: onnx.NodeProto
-    float_name: str  # the view's float op (the QLinear op's name)
+    original: onnx.NodeProto  # its float op in the view has its name
     zero_types: tuple[str, ...]  # the integer type of each quantized input (its zero point's), by numpy name
 
 
@@ -93,7 +92,7 @@ class QOperatorView:
     """The model as static QDQ, and what turns it back into QOperator form."""
 
     model: onnx.ModelProto
-    rewritten: dict[str, Rewritten]  # by float op name
+    rewritten: dict[str, Rewritten]  # by name (the QLinear op's and its float op's)
 
     def fuse(self, pruned: onnx.ModelProto) -> onnx.ModelProto:
         from .qoperator_fuse import fused
@@ -194,7 +193,7 @@ def _rewrite(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto], na
                                       name=f"{node.name}/quantize"))
     zero_types = tuple(str(numpy_helper.to_array(initializers[node.input[first + 2]]).dtype)
                        if node.input[first + 2] in initializers else "uint8" for first in triples(node))
-    rewritten[node.name] = Rewritten(_copy(node), node.name, zero_types)
+    rewritten[node.name] = Rewritten(_copy(node), zero_types)
 
 
 def _bias(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto], names: "_Names",
