@@ -20,7 +20,6 @@ these is refused naming the node, before anything is pruned.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 
 import numpy as np
 import onnx
@@ -28,13 +27,6 @@ from onnx import helper, numpy_helper
 
 from .dynamic import _in_order
 from .errors import SnpError
-
-
-class Role(Enum):
-    """What an input of a QLinear op is."""
-
-    QUANTIZED = 1  # an integer tensor, its scale and zero point follow
-    BIAS = 2  # an int32 bias in units of a_scale·b_scale (QLinearConv, QGemm)
 
 
 @dataclass(frozen=True)

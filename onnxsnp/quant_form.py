@@ -6,6 +6,9 @@ from enum import Enum
 import onnx
 from onnx import numpy_helper
 
+from .errors import SnpError
+from .qoperator import qdq_view
+
 
 class QuantForm(str, Enum):
     FLOAT = "float"
@@ -52,8 +55,6 @@ def unsupported(model: onnx.ModelProto) -> str | None:
     of its integer tensors is one that reading reproduces exactly."""
     if not {n.op_type for n in model.graph.node} & _QOPERATOR_OPS:
         return None
-    from .errors import SnpError
-    from .qoperator import qdq_view
     try:
         qdq_view(model)
     except SnpError as reason:
