@@ -220,7 +220,8 @@ def _dequantize(node: onnx.NodeProto, inputs: list[np.ndarray | None]) -> np.nda
     if scale.size > 1:
         shape = [1] * x.ndim
         shape[attribute(node, "axis", 1)] = scale.size
-        scale, zero = scale.reshape(shape), zero.reshape(shape)
+        scale = scale.reshape(shape)
+        zero = zero.reshape(shape) if zero.size > 1 else zero  # an absent zero point is one zero for all
     return ((x.astype(np.int64) - zero.astype(np.int64)) * scale).astype(scale.dtype)
 
 

@@ -14,6 +14,7 @@ from .matching import Matches, NoMatch, find_blocks
 from .dynamic import dynamic_view
 from .nbits import float_view
 from .halves import plan_segments
+from .qoperator import qdq_view
 from .quant_form import QuantForm, quantized_form, unsupported
 
 
@@ -31,6 +32,10 @@ def inspect_model(path: str | os.PathLike) -> Inspection:
     model = load_model(folder.model_file if folder is not None else path).model
     view = float_view(model)  # MatMulNBits read as float, a final norm's sum exposed, as a prune reads them
     read = view.model if view is not None else model
+    form, granularity = quantized_form(model)
+    why_not = unsupported(model)
+    qoperator = qdq_view(read) if form == QuantForm.QOPERATOR and why_not is None else None  # read as static QDQ
+    read = qoperator.model if qoperator is not None else read
     dynamic = dynamic_view(read)  # quantize_dynamic's layers read as DequantizeLinear → MatMul
     rounded = activation_view(read) if dynamic is None else None  # static QDQ: activation pairs bypassed
     read = dynamic.model if dynamic is not None else rounded.model if rounded is not None else read
@@ -41,5 +46,4 @@ def inspect_model(path: str | os.PathLike) -> Inspection:
         why = None
     except NoMatch as reason:
         why = str(reason)
-    form, granularity = quantized_form(model)
-    return Inspection(matches, why, form, granularity, unsupported(model))
+    return Inspection(matches, why, form, granularity, why_not)

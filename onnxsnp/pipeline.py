@@ -24,6 +24,7 @@ from .genai import NOTE as GENAI_NOTE, one_head_size
 from .activation_ranges import ActivationView, activation_view
 from .dynamic import DynamicView, dynamic_view
 from .nbits import FloatView, float_view
+from .qoperator import QOperatorView, qdq_view
 from .quant_form import unsupported
 from .matching import Matches, NoMatch, find_blocks
 from .observation import Observed, observe, verify
@@ -88,6 +89,7 @@ class Prepared:
     view: FloatView | None  # MatMulNBits read as float MatMuls: quantized again after the rewrite
     dynamic: DynamicView | None = None  # quantize_dynamic's layers read as DequantizeLinear → MatMul: made dynamic again
     rounded: ActivationView | None = None  # static QDQ activation pairs bypassed: put back and calibrated again
+    qoperator: QOperatorView | None = None  # QLinear ops read as static QDQ: fused back after the rewrite
 
 
 def prepare(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel, options: PruneOptions, *,
@@ -100,6 +102,8 @@ def prepare(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel, op
     with stage("matching attention and FFN blocks"):
         view = float_view(model)  # MatMulNBits weights read as float MatMuls, quantized again at the end (nbits.py)
         read = view.model if view is not None else model
+        qoperator = qdq_view(read)  # QLinear ops read as static QDQ (qoperator.py); SnpError naming one it cannot
+        read = qoperator.model if qoperator is not None else read
         dynamic = dynamic_view(read)  # quantize_dynamic's layers read as DequantizeLinear → MatMul (dynamic.py)
         rounded = activation_view(read) if dynamic is None else None  # static QDQ: float activations
         read = dynamic.model if dynamic is not None else rounded.model if rounded is not None else read
@@ -124,7 +128,10 @@ def prepare(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel, op
     probes = {block.name: g.node(block.anchor).output[0] for block in matches.attention
               if g.node(block.anchor).op_type == "Softmax"}  # attention probabilities, for the report
     with stage(f"running the input model on {_count(holdout_feed)} held-back samples"):
-        observed = observe(model, sorted(set(probes.values())), holdout_feed, batch, fixed, g.constant)
+        # a QOperator model through its exact QDQ reading: the attention probabilities and the
+        # tensors the costs are counted on are float tensors there
+        observed = observe(qoperator.model if qoperator is not None else model, sorted(set(probes.values())),
+                           holdout_feed, batch, fixed, g.constant)
     for seen in (dynamic, rounded):  # a --target-* budget counts the view's MatMuls
         if seen is not None:
             observed.shapes.update(seen.view_shapes(observed.shapes))
@@ -132,7 +139,7 @@ def prepare(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel, op
     log.info("observed the input model on %d held-back samples (%s)", _count(holdout_feed), _since(started))
     return Prepared(model, external, g, matches, calib_label or source, fit_feed, holdout_feed, batch, fixed,
                     calib_stage.token_mask_input(specs), probes, observed, release_memory, started, view, dynamic,
-                    rounded)
+                    rounded, qoperator)
 
 
 def finish(prepared: Prepared, options: PruneOptions, work: ReconstructionWork | None = None) -> PruneResult:
@@ -185,14 +192,17 @@ def finish(prepared: Prepared, options: PruneOptions, work: ReconstructionWork |
             pruned = p.dynamic.requantize(pruned)
         if p.rounded is not None:  # a static QDQ model's activation pairs back, calibrated again (activation_ranges.py)
             # on the fitted samples only: the held-back ones judge the result
-            pruned = p.rounded.restore(model, pruned, p.fit_feed, p.batch)
+            pruned = p.rounded.restore(p.qoperator.model if p.qoperator is not None else model, pruned, p.fit_feed,
+                                       p.batch)
+        if p.qoperator is not None:  # each QLinear op made again from its pattern (qoperator_fuse.py)
+            pruned = p.qoperator.fuse(pruned)
         if p.view is not None:
             pruned = p.view.requantize(pruned, {node: refit.gram for node, refit in plan.refits.items()
                                                 if refit.gram is not None})
         check_structure(pruned)
     # the softmax's heads are query heads (grouped-query attention: every query head of a kept group)
     softmax_blocks = {keep.block.name: (p.probes[keep.block.name], keep.query_heads()) for keep in plan.attention
-                      if keep.block.name in p.probes}
+                      if keep.block.name in p.probes and p.qoperator is None}  # QOperator: the probabilities are integers
     with stage(f"verifying the pruned model on {_count(p.holdout_feed)} held-back samples"):
         measured, attention_kl, pruned_shapes, attention_maps = verify(p.observed, pruned, softmax_blocks,
                                                                        p.holdout_feed, p.batch, p.fixed, p.mask)
@@ -209,7 +219,9 @@ def finish(prepared: Prepared, options: PruneOptions, work: ReconstructionWork |
                             "heads": ratios.heads, "residual": ratios.residual},
                     calibration=p.source, calibration_samples=_count(p.fit_feed),
                     holdout_samples=_count(p.holdout_feed),
-                    **stats_fields(stats_from_shapes(model, observed.shapes, observed.shape_samples),
+                    # a QOperator model was observed through its QDQ reading (the same products and weights)
+                    **stats_fields(stats_from_shapes(p.qoperator.model if p.qoperator is not None else model,
+                                                     observed.shapes, observed.shape_samples),
                                    stats_from_shapes(pruned, pruned_shapes, observed.shape_samples)),
                     fidelity=measured, blocks=block_reports(plan), skipped=matches.skipped,
                     removed_blocks=[layer.name for layer in plan.removed_layers],

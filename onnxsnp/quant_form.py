@@ -6,6 +6,9 @@ from enum import Enum
 import onnx
 from onnx import numpy_helper
 
+from .errors import SnpError
+from .qoperator import qdq_view
+
 
 class QuantForm(str, Enum):
     FLOAT = "float"
@@ -26,11 +29,14 @@ _QOPERATOR_OPS = {"QLinearMatMul", "QLinearAdd", "QLinearMul", "QLinearConv", "Q
 def quantized_form(model: onnx.ModelProto) -> tuple[QuantForm, str | None]:
     """(the form, how its weights are quantized: "per tensor", "per channel" or None)."""
     ops = {node.op_type for node in model.graph.node}
+    sizes = {t.name: max(1, int(numpy_helper.to_array(t).size)) for t in model.graph.initializer if len(t.dims) <= 1}
     if ops & _QOPERATOR_OPS:
-        return QuantForm.QOPERATOR, None
+        # QLinearMatMul's weight scale is input 4 (QGemm's and QLinearConv's too)
+        scales = [sizes.get(n.input[4], 1) for n in model.graph.node
+                  if n.op_type in ("QLinearMatMul", "QGemm", "QLinearConv") and n.input[3] in _integer_matrices(model, 4)]
+        return QuantForm.QOPERATOR, _granularity(scales)
     if "MatMulNBits" in ops:
         return QuantForm.NBITS, None
-    sizes = {t.name: max(1, int(numpy_helper.to_array(t).size)) for t in model.graph.initializer if len(t.dims) <= 1}
     if "MatMulInteger" in ops:
         scales = [sizes.get(n.input[3], 1) for n in model.graph.node if n.op_type == "MatMulInteger" and len(n.input) > 3]
         return QuantForm.DYNAMIC, _granularity(scales)
@@ -44,18 +50,21 @@ def quantized_form(model: onnx.ModelProto) -> tuple[QuantForm, str | None]:
 
 
 def unsupported(model: onnx.ModelProto) -> str | None:
-    """Why a quantized form cannot be pruned at all, naming a node; None where it can be tried."""
-    found = [n for n in model.graph.node if n.op_type in _QOPERATOR_OPS]
-    node = next((n for n in found if n.op_type == "QLinearMatMul"), found[0] if found else None)  # a product says most
-    if node is None:
+    """Why a quantized form cannot be pruned at all, naming a node; None where it can be tried.
+    A QOperator model is read as static QDQ (qoperator.py) where every QLinear op and every reader
+    of its integer tensors is one that reading reproduces exactly."""
+    if not {n.op_type for n in model.graph.node} & _QOPERATOR_OPS:
         return None
-    return (f"{node.op_type} node {node.name}: QOperator-format models are not supported yet (each product reads "
-            "and writes integers with scales of its own); quantize with QuantFormat.QDQ, or prune the float "
-            "model first")
+    try:
+        qdq_view(model)
+    except SnpError as reason:
+        return str(reason)
+    return None
 
 
-def _integer_matrices(model: onnx.ModelProto) -> set[str]:
-    return {t.name for t in model.graph.initializer if len(t.dims) == 2 and
+def _integer_matrices(model: onnx.ModelProto, rank: int = 2) -> set[str]:
+    """Integer initializers of rank 2 (up to `rank`: a convolution's weight has 4)."""
+    return {t.name for t in model.graph.initializer if 2 <= len(t.dims) <= rank and
             t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)}
 
 

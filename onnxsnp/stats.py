@@ -32,6 +32,11 @@ def count_params(model: onnx.ModelProto) -> int:
     dequantized |= {t for n in model.graph.node if n.op_type == "MatMulInteger" for t in n.input[:2]}
     dequantizing = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input}
     dequantized |= {n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.output[0] in dequantizing}
+    # QOperator: products read their integer weight as input 3, and embedding tables are gathered
+    # as integers straight into a QLinear op
+    dequantized |= {n.input[3] for n in model.graph.node if n.op_type in _QLINEAR}
+    into_qlinear = {t for n in model.graph.node if n.op_type.startswith("QLinear") for t in n.input}
+    dequantized |= {n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.output[0] in into_qlinear}
     for node in model.graph.node:  # block-quantized weights: K × N of them, however they are packed
         if node.op_type == "MatMulNBits":
             total += int(attribute(node, "K", 0)) * int(attribute(node, "N", 0))
@@ -57,7 +62,7 @@ def shape_tensors(model: onnx.ModelProto) -> list[str]:
     initializers = {t.name for t in model.graph.initializer}
     return list(dict.fromkeys(t for n in _counted(model) for t in (n.input[:1] if n.op_type == "GroupQueryAttention" else
                                                                     n.input[:3] if "Attention" in n.op_type else
-                                                                    (n.input[0], n.input[1], n.output[0]))
+                                                                    (n.input[0], n.input[_weight(n)], n.output[0]))
                               if t not in initializers))
 
 
@@ -104,17 +109,26 @@ def macs_from_shapes(model: onnx.ModelProto, run_shapes: dict[str, tuple[int, ..
 def _counted(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv", "Attention", "MultiHeadAttention",
                                                           "FusedMatMul", "FusedGemm", "MatMulNBits",
-                                                          "GroupQueryAttention", "MatMulInteger")]
+                                                          "GroupQueryAttention", "MatMulInteger", *_QLINEAR)]
+
+
+# QOperator products: their second operand is input 3 (inputs 1 and 2 are the first's scale and zero point)
+_QLINEAR = {"QLinearMatMul": "MatMul", "QGemm": "Gemm", "QLinearConv": "Conv"}
+
+
+def _weight(node: onnx.NodeProto) -> int:
+    return 3 if node.op_type in _QLINEAR else 1
 
 
 def _linear_macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> int:
-    out, a, b = shapes[node.output[0]], shapes[node.input[0]], shapes[node.input[1]]
+    out, a, b = shapes[node.output[0]], shapes[node.input[0]], shapes[node.input[_weight(node)]]
     outputs = int(np.prod(out, dtype=np.int64))
+    op_type = _QLINEAR.get(node.op_type, node.op_type)
     if node.op_type == "MatMulNBits":
         return outputs * int(attribute(node, "K", 0))
-    if node.op_type in ("MatMul", "FusedMatMul", "MatMulInteger"):  # FusedMatMul: onnxruntime's, with transposes inside
+    if op_type in ("MatMul", "FusedMatMul", "MatMulInteger"):  # FusedMatMul: onnxruntime's, with transposes inside
         return outputs * ((a[-2] if attribute(node, "transA", 0) else a[-1]) if a else 1)
-    if node.op_type in ("Gemm", "FusedGemm"):
+    if op_type in ("Gemm", "FusedGemm"):
         return outputs * (a[0] if attribute(node, "transA", 0) else a[-1])
     # Conv: weight is (C_out, C_in / group, k…): each output element reads prod(weight[1:]) inputs
     return outputs * int(np.prod(b[1:], dtype=np.int64))

@@ -105,3 +105,13 @@ def quantize_dynamic_int8(source, target, per_channel: bool, reduce_range: bool 
     quantize_dynamic(str(source), str(target), per_channel=per_channel, reduce_range=reduce_range,
                      weight_type=QuantType.QInt8)
     return target
+
+
+def quantize_static_qoperator(source, target, inputs: list[dict[str, np.ndarray]], per_channel: bool):
+    """onnxruntime's quantize_static in QOperator format (QLinearMatMul, QLinearAdd, … with
+    QuantizeLinear / DequantizeLinear where integers meet float ops), its defaults otherwise."""
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    quantize_static(str(source), str(target), calibration_reader(inputs), quant_format=QuantFormat.QOperator,
+                    per_channel=per_channel)
+    return target

@@ -1,5 +1,6 @@
-"""`inspect` names the quantized form of onnxruntime's quantizers' outputs; QOperator models,
-which cannot be pruned yet, are refused naming a node, with exit status 2 and no traceback."""
+"""`inspect` names the quantized form of onnxruntime's quantizers' outputs; a QOperator model
+with an op its QDQ reading does not know is refused naming the node, with exit status 2 and no
+traceback (tests/test_qoperator.py prunes the ones it knows)."""
 from __future__ import annotations
 
 import json
@@ -57,12 +58,23 @@ def test_whole_layers_are_matched_through_activation_pairs(quantized, name):
     assert found.reconstruction is None
 
 
-def test_qoperator_is_refused_by_node(quantized, capsys, tmp_path):
-    assert main(["inspect", str(quantized["qoperator"])]) == 2
+def test_unknown_qoperator_reader_is_refused_by_node(quantized, capsys, tmp_path):
+    """An op the QDQ reading cannot dequantize around (here an Abs on an integer activation, as
+    a hand-edited or another tool's graph could have): refused before anything is pruned."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(quantized["qoperator"]))
+    integer = next(n.output[0] for n in model.graph.node if n.op_type == "QLinearSoftmax")
+    model.graph.node.append(helper.make_node("Abs", [integer], ["abs_of_integers"], name="odd/Abs"))
+    model.graph.output.append(helper.make_tensor_value_info("abs_of_integers", onnx.TensorProto.INT8, None))
+    path = tmp_path / "odd.onnx"
+    onnx.save(model, str(path))
+    assert main(["inspect", str(path)]) == 2
     out = capsys.readouterr().out
     assert f"quantized form: {QuantForm.QOPERATOR.value}" in out
-    assert "cannot prune this form: QLinearMatMul node " in out
-    assert main([str(quantized["qoperator"]), str(tmp_path / "out.onnx")]) == 2
+    assert "cannot prune this form: Abs node odd/Abs reads the integer tensor " in out
+    assert main([str(path), str(tmp_path / "out.onnx")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("onnxsnp: error: no prunable attention found (QLinearMatMul node ") and "Traceback" not in err
+    assert err.startswith("onnxsnp: error: Abs node odd/Abs reads the integer tensor ") and "Traceback" not in err
     assert err.count("\n") == 1 and not (tmp_path / "out.onnx").exists()

@@ -1,7 +1,7 @@
 """Pruning the int8 model a user downloads against pruning the float model and quantizing after.
 
 For each quantized form (onnxruntime's quantize_static in QDQ format, per tensor and per
-channel; quantize_dynamic, int8 weights) and each FLOPs target, two int8 models are compared:
+channel, and in QOperator format, per tensor; quantize_dynamic, int8 weights) and each FLOPs target, two int8 models are compared:
 
 * prune(int8): the quantized original pruned by onnxsnp, written back in the same form;
 * quantize(prune(fp32)): the float original pruned, then quantized the same way (the bar).
@@ -13,15 +13,15 @@ mean cosine of the logits on 32 held-out random images. Latency: onnxruntime CPU
 intra-op thread, quantized original and prune(int8) interleaved (tools/harness.py), batch 1;
 the speedup (median before / after) is set against the FLOPs cut (FLOPs before / after).
 
-Quantizer settings (what a user would pass): static QDQ quantizes only the MatMuls
-(op_types_to_quantize=["MatMul"]), MinMax calibration on the first 64 calibration samples (32
+Quantizer settings (what a user would pass): static QDQ and QOperator quantize only the MatMuls
+(op_types_to_quantize=["MatMul"]: QuantizeLinear → QLinearMatMul → DequantizeLinear in QOperator), MinMax calibration on the first 64 calibration samples (32
 images), onnxruntime's default types, per tensor or per channel; quantize_dynamic: int8 weights,
 per tensor, no reduce_range. The pruner calibrates on 128 sentences (MiniLM, from the
 2,000-sentence corpus of tools/export_minilm.py) or 32 random images (ViT). With the default op types MiniLM's attention-mask Where and the
 masked score Add (float32 min, about -3.4e38) get a QDQ pair whose scale is ~1e36, every attention
 score rounds to the same value, and the unpruned int8 model scores 0.35 against fp32.
 
-    python tools/bench_quantized.py [--models minilm deit_s] [--forms qdq-tensor qdq-channel dynamic]
+    python tools/bench_quantized.py [--models minilm deit_s] [--forms qdq-tensor qdq-channel qoperator dynamic]
                                     [--budgets 0.7 0.5] [--rows build/quantized_rows.jsonl]
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ from harness import BUILD, DOCS, ROOT, cpu_name, interleaved
 
 from onnxsnp import prune
 
-FORMS = ("qdq-tensor", "qdq-channel", "dynamic")
+FORMS = ("qdq-tensor", "qdq-channel", "qoperator", "dynamic")
 QUANT_SAMPLES = 64  # calibration samples of the static quantizer
 PRUNE_SAMPLES = 128  # calibration samples of the pruner
 RUNS = 30
@@ -67,7 +67,8 @@ def quantize(form: str, source: Path, target: Path, calib: dict[str, np.ndarray]
         def get_next(self):
             return next(self.left, None)
 
-    quantize_static(str(source), str(target), Reader(), quant_format=QuantFormat.QDQ,
+    quantize_static(str(source), str(target), Reader(),
+                    quant_format=QuantFormat.QOperator if form == "qoperator" else QuantFormat.QDQ,
                     per_channel=form == "qdq-channel", op_types_to_quantize=["MatMul"])
     return target
 
@@ -204,7 +205,8 @@ def main() -> None:
                             with args.rows.open("a") as out:
                                 out.write(json.dumps(row) + "\n")
     command = "python tools/bench_quantized.py " + shlex.join(
-        ["--models", *args.models, "--budgets", *map(str, args.budgets)])
+        ["--models", *args.models, "--budgets", *map(str, args.budgets)]
+        + (["--forms", *args.forms] if args.forms != list(FORMS) else []))
     args.out.write_text(render(kept, command))
     print(f"wrote {args.out}")
 
