@@ -30,7 +30,7 @@ def __getattr__(name: str):
 
         return getattr(api, name)
     if name == "Report":
-        from .report import Report
+        from .report.report import Report
 
         return Report
     raise AttributeError(f"module 'onnxsnp' has no attribute {name!r}")

@@ -10,13 +10,13 @@ from types import SimpleNamespace
 import numpy as np
 import onnx
 
-from .calib_data import load_raw_calibration, raw_request
+from .data.calib_data import load_raw_calibration, raw_request
 from .errors import SnpError
-from .graph import ModelGraph
-from .loading import LoadedModel, load_model
+from .ir.graph import ModelGraph
+from .io.loading import LoadedModel, load_model
 from .option_schema import BY_NAME, Front, Group, names
 from .options import PruneOptions, make_options
-from .report import Report
+from .report.report import Report
 
 Model = onnx.ModelProto | str | os.PathLike
 Calibration = str | os.PathLike | dict[str, np.ndarray] | None
@@ -99,7 +99,7 @@ def sweep(model: Model, targets: tuple[float, ...] | list[float], out: str | os.
     sensitivity survey; writes `out`/target_<target>.onnx, sweep.md, sweep.csv and sweep.html
     (fidelity against measured speedup) and returns the SweepResult. Other keywords as `prune`."""
     from .sweeping import csv, markdown, page, sweep as run
-    from .writing import write_model_atomically, write_text_atomically
+    from .io.writing import write_model_atomically, write_text_atomically
 
     budgets = {"flops": "target_flops", "params": "target_params", "speedup": "target_speedup"}
     if kind not in budgets:
@@ -138,6 +138,6 @@ def sweep(model: Model, targets: tuple[float, ...] | list[float], out: str | os.
 def inspect(model: str | os.PathLike):
     """What onnxsnp matches in the model at `model` (an .onnx file or an onnxruntime-genai folder):
     its `matches` (attention and FFN blocks, whole layers, every candidate skipped with the reason)."""
-    from .inspection import inspect_model
+    from .report.inspection import inspect_model
 
     return inspect_model(model)

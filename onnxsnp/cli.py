@@ -16,19 +16,19 @@ from .errors import SnpError
 from .option_schema import BY_NAME, OPTIONS, Front, Group, OptionSpec, names
 from .options import PruneOptions, make_options
 from .sweeping import csv as sweep_csv, markdown as sweep_markdown, page as sweep_page, parse_goals, sweep as run_sweep
-from .matching import Matches
-from .html import render as render_html
-from .loading import load_model
-from .gate import GATE_EXIT, FidelityGate, GateFailed
-from .gate import check as check_gate, warnings_for as fidelity_warnings
-from .inspection import inspect_model
-from .quant_form import QuantForm
+from .match import Matches
+from .report.html import render as render_html
+from .io.loading import load_model
+from .verify.gate import GATE_EXIT, FidelityGate, GateFailed
+from .verify.gate import check as check_gate, warnings_for as fidelity_warnings
+from .report.inspection import inspect_model
+from .ir.quant_form import QuantForm
 from .pipeline import prune_model
-from .calib_data import RawCalibration, load_raw_calibration, raw_request
+from .data.calib_data import RawCalibration, load_raw_calibration, raw_request
 from .progress import reporting, stage
-from .writing import data_file, write_model_atomically, write_text_atomically
-from .genai import GenaiFolder, genai_folder, pruned_config, write_folder
-from .graph import ModelGraph
+from .io.writing import data_file, write_model_atomically, write_text_atomically
+from .io.genai import GenaiFolder, genai_folder, pruned_config, write_folder
+from .ir.graph import ModelGraph
 
 EXAMPLES = """examples:
   onnxsnp models/digits_vit.onnx pruned.onnx --ratio 0.5
@@ -309,7 +309,7 @@ def _run_prune(args: argparse.Namespace, written: list[Path]) -> int:
     return 0
 
 
-# --- calibration from raw data: --calib-text, --calib-images (onnxsnp/calib_data.py) ----------------
+# --- calibration from raw data: --calib-text, --calib-images (onnxsnp/data/calib_data.py) ----------------
 
 def _raw_calibration(args: argparse.Namespace, source: Path, model: onnx.ModelProto) -> RawCalibration | None:
     request = raw_request(args, lambda name: BY_NAME[name].flag)

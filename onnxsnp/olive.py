@@ -27,10 +27,10 @@ from olive.passes import Pass
 from olive.passes.onnx.common import get_external_data_config, model_proto_to_olive_model
 from olive.passes.pass_config import BasePassConfig, PassConfigParam
 
-from .calib_data import load_raw_calibration, raw_request
+from .data.calib_data import load_raw_calibration, raw_request
 from .errors import SnpError
-from .graph import ModelGraph
-from .loading import load_model
+from .ir.graph import ModelGraph
+from .io.loading import load_model
 from .option_schema import OPTIONS, Front, Group
 from .api import prune
 
@@ -75,7 +75,7 @@ def package_config() -> dict:
 
     config = json.loads(Path(OlivePackageConfig.get_default_config_path()).read_text())
     config["passes"][PASS_NAME] = {
-        "module_path": f"onnxsnp.olive.{PASS_NAME}",  # not __name__: that is __main__ under python -m
+        "module_path": f"onnxsnp.olive{PASS_NAME}",  # not __name__: that is __main__ under python -m
         "supported_providers": ["*"], "supported_accelerators": ["*"], "supported_precisions": ["*"],
         "supported_algorithms": [], "supported_quantization_encodings": [],
         "dataset": "dataset_not_required",

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from enum import Enum, Flag, auto
 from typing import Optional, Union
 
-from .calib_images import RESAMPLING
-from .criteria import CRITERIA
+from .data.calib_images import RESAMPLING
+from .score.criteria import CRITERIA
 from .plan import Propagation, Reduction, Selection, TimedStep
 
 

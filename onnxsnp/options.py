@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from enum import Enum
 from types import SimpleNamespace
 
-from .batches import Workers
-from .least_squares import FOLDS
-from .allocation import Target, parse_latency_target, parse_target
+from .compensate.batches import Workers
+from .compensate.least_squares import FOLDS
+from .score.allocation import Target, parse_latency_target, parse_target
 from .errors import SnpError
-from .criteria import CRITERIA
+from .score.criteria import CRITERIA
 from .option_schema import Compensation, Group, ResidualCriterion, defaults  # noqa: F401 (Compensation re-exported)
 from .plan import Ratios
 from .plan import Propagation, Reduction, Selection, TimedStep

@@ -12,39 +12,39 @@ from dataclasses import dataclass, replace
 import numpy as np
 import onnx
 
-from . import calibration as calib_stage
+from .data import calibration as calib_stage
 from .errors import SnpError
-from .graph import ModelGraph
-from .allocation import Target, allocate, unit_costs, widths_plan
-from .costs import CostKind, CostModel
-from .importance import Scorer
-from .loading import LoadedModel, load_model, weight_bytes
-from .decoding import expose_stream_sums, kv_cache_bytes
-from .genai import NOTE as GENAI_NOTE, one_head_size
-from .activation_ranges import ActivationView, activation_view
-from .dynamic import DynamicView, dynamic_view
-from .nbits import FloatView, float_view
-from .qoperator import QOperatorView, qdq_view
-from .quant_form import unsupported
-from .matching import Matches, NoMatch, find_blocks
-from .observation import Observed, observe, verify
-from .onepass import make_plan, one_pass, score  # noqa: F401 (make_plan, score: the API's plan without compensation)
+from .ir.graph import ModelGraph
+from .score.allocation import Target, allocate, unit_costs, widths_plan
+from .score.costs import CostKind, CostModel
+from .score.importance import Scorer
+from .io.loading import LoadedModel, load_model, weight_bytes
+from .rewrite.decoding import expose_stream_sums, kv_cache_bytes
+from .io.genai import NOTE as GENAI_NOTE, one_head_size
+from .ir.activation_ranges import ActivationView, activation_view
+from .ir.dynamic import DynamicView, dynamic_view
+from .ir.nbits import FloatView, float_view
+from .ir.qoperator import QOperatorView, qdq_view
+from .ir.quant_form import unsupported
+from .match import Matches, NoMatch, find_blocks
+from .verify.observation import Observed, observe, verify
+from .compensate.onepass import make_plan, one_pass, score  # noqa: F401 (make_plan, score: the API's plan without compensation)
 from .options import (SYNTHETIC_SAMPLES, Compensation, PruneOptions, make_options, resolve_ratios,  # noqa: F401
                       resolve_target)
 from .plan import PrunePlan, Ratios, kept_count
-from .profiling import profile_nodes
+from .score.profiling import profile_nodes
 from .progress import Steps, reporting, stage
-from .batches import Shards
+from .compensate.batches import Shards
 from .heap import release_heap
-from .halves import plan_segments
+from .compensate.halves import plan_segments
 from .plan import AttentionWidth, Propagation, TimedStep, Widths
-from .reconstruction import Reconstruction, Reconstructor
-from .report import Report, block_reports, sensitivity_points, stats_fields
-from .rewriting import rewrite
-from .sensitivity import survey, survey_shard
-from .timed import Clock, timed_widths
-from .stats import count_params, macs_from_shapes, stats_from_shapes
-from .verification import check_structure, decode_latency, latency
+from .compensate.reconstruction import Reconstruction, Reconstructor
+from .report.report import Report, block_reports, sensitivity_points, stats_fields
+from .rewrite.rewriting import rewrite
+from .score.sensitivity import survey, survey_shard
+from .score.timed import Clock, timed_widths
+from .ir.stats import count_params, macs_from_shapes, stats_from_shapes
+from .verify.verification import check_structure, decode_latency, latency
 
 log = logging.getLogger("onnxsnp")
 
@@ -406,7 +406,7 @@ def _removed_layers(g: ModelGraph, matches: Matches, ratios: Ratios, feed: dict[
 
 
 def score_layers(scorer: Scorer, g: ModelGraph, feed: dict[str, np.ndarray], batch: int, mask: str | None) -> Scorer:
-    from .calibration import Runner
+    from .data.calibration import Runner
 
     runner = Runner(g.model, scorer.tensors(), weights=g.constant)
     for inputs, acts in runner.batches(feed, scorer.tensors(), batch):

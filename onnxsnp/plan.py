@@ -14,8 +14,8 @@ from enum import Enum
 
 import numpy as np
 
-from .matching import AttentionBlock, FfnBlock, Layer
-from .residual import ResidualStream
+from .match import AttentionBlock, FfnBlock, Layer
+from .match.residual import ResidualStream
 
 
 @dataclass(frozen=True)

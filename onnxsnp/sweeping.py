@@ -18,10 +18,10 @@ from dataclasses import dataclass, fields
 import numpy as np
 import onnx
 
-from .costs import CostKind
+from .score.costs import CostKind
 from .errors import SnpError
-from .html_charts import legend, lines, series_colours, trade_off
-from .loading import LoadedModel
+from .report.html_charts import legend, lines, series_colours, trade_off
+from .io.loading import LoadedModel
 from .options import PruneOptions
 from .pipeline import PruneResult, ReconstructionWork, _reconstruction_route, finish, prepare
 

@@ -27,9 +27,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 from conftest import feed_for
-from onnxsnp.graph import ModelGraph
-from onnxsnp.importance import Ratios
-from onnxsnp.matching import AttentionBlock, find_blocks
+from onnxsnp.ir.graph import ModelGraph
+from onnxsnp.score.importance import Ratios
+from onnxsnp.match import AttentionBlock, find_blocks
 from onnxsnp.pipeline import make_plan
 
 

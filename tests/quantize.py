@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxsnp.graph import ModelGraph, attribute
+from onnxsnp.ir.graph import ModelGraph, attribute
 
 STYLES = ("dq-tensor", "dq-channel", "cast-tensor", "cast-channel")
 

@@ -7,14 +7,14 @@ import pytest
 
 from conftest import ROOT
 from onnxsnp import SnpError, prune
-from onnxsnp.allocation import allocate, unit_costs
-from onnxsnp.calibration import Runner
-from onnxsnp.costs import CostModel
-from onnxsnp.graph import ModelGraph
-from onnxsnp.matching import find_blocks
+from onnxsnp.score.allocation import allocate, unit_costs
+from onnxsnp.data.calibration import Runner
+from onnxsnp.score.costs import CostModel
+from onnxsnp.ir.graph import ModelGraph
+from onnxsnp.match import find_blocks
 from onnxsnp.plan import AttentionKeep, FfnKeep, PrunePlan
-from onnxsnp.sensitivity import Curve, LayerSensitivity
-from onnxsnp.stats import count_params, macs_from_shapes, shape_tensors
+from onnxsnp.score.sensitivity import Curve, LayerSensitivity
+from onnxsnp.ir.stats import count_params, macs_from_shapes, shape_tensors
 
 DIGITS = ROOT / "models" / "digits_vit.onnx"
 DIGITS_CALIB = ROOT / "models" / "digits_vit_calib.npz"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxsnp.attention_maps import sample_maps
+from onnxsnp.verify.attention_maps import sample_maps
 
 SAMPLES, HEADS, TOKENS = 2, 4, 10
 

@@ -8,8 +8,8 @@ import pytest
 from conftest import feed_for, run
 from exports import FORM_IDS, FORMS, export_bert, export_dinov2, export_vit
 from onnxsnp import SnpError, prune
-from onnxsnp.graph import ModelGraph
-from onnxsnp.matching import find_blocks
+from onnxsnp.ir.graph import ModelGraph
+from onnxsnp.match import find_blocks
 
 
 @pytest.mark.parametrize("family,attention,dynamic,exporter", FORMS, ids=FORM_IDS)

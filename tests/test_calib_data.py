@@ -16,12 +16,12 @@ from onnx import TensorProto, helper
 
 from conftest import ROOT
 from exports import export, export_vit
-from onnxsnp.calib_data import ImageCalibration, TextCalibration, load_raw_calibration
-from onnxsnp.calib_images import IMAGENET_MEAN, IMAGENET_STD, ImageInput, Resize, ResizeKind, preprocessing_for
-from onnxsnp.calibration import FilledInputWarning, InputSpec, input_specs, validate_calibration
+from onnxsnp.data.calib_data import ImageCalibration, TextCalibration, load_raw_calibration
+from onnxsnp.data.calib_images import IMAGENET_MEAN, IMAGENET_STD, ImageInput, Resize, ResizeKind, preprocessing_for
+from onnxsnp.data.calibration import FilledInputWarning, InputSpec, input_specs, validate_calibration
 from onnxsnp.cli import main
 from onnxsnp.errors import SnpError
-from onnxsnp.graph import ModelGraph
+from onnxsnp.ir.graph import ModelGraph
 
 torch = pytest.importorskip("torch")
 tokenizers = pytest.importorskip("tokenizers")
@@ -143,7 +143,7 @@ def test_text_file_tokenized_padded_to_the_longest_and_masked(text_model, tmp_pa
 
 
 def test_a_language_models_windows_cover_the_token_stream_evenly_each_after_the_tokenizers_prefix(tmp_path):
-    from onnxsnp.calib_text import stream_windows
+    from onnxsnp.data.calib_text import stream_windows
 
     tok = train_tokenizer(tmp_path / "tokenizer.json")
     texts = SENTENCES * 4

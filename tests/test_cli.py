@@ -15,7 +15,7 @@ from onnx import TensorProto, helper
 import graphs
 from conftest import ROOT
 from onnxsnp.cli import main
-from onnxsnp.inspection import inspect_model
+from onnxsnp.report.inspection import inspect_model
 
 
 def digest(path) -> str:

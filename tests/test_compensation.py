@@ -9,8 +9,8 @@ import pytest
 
 from onnxsnp import prune
 from onnxsnp.cli import main
-from onnxsnp.compensation import Statistics
-from onnxsnp.matching import Linear
+from onnxsnp.compensate.compensation import Statistics
+from onnxsnp.match import Linear
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,7 +43,7 @@ def test_least_squares_recovers_removed_inputs_that_kept_ones_explain():
     x = np.concatenate([kept_inputs, kept_inputs @ mixing + 0.5], axis=1)  # inputs 6, 7 are redundant
     weight, bias = rng.standard_normal((8, 3)), rng.standard_normal(3)
     keep = np.arange(6)
-    import onnxsnp.compensation as compensation
+    import onnxsnp.compensate.compensation as compensation
 
     ridge, compensation.RIDGE = compensation.RIDGE, 1e-9
     try:
@@ -93,7 +93,7 @@ def test_rescaling_kept_qk_pairs_restores_scores():
 def test_unpruned_output_projection_is_left_alone_by_one_pass_compensation():
     """Only Q/K pruned, bias mode (one pass): V is whole, so the output projection keeps its exact
     weights. (The block-by-block reconstruction refits it anyway, to absorb the Q/K change.)"""
-    from onnxsnp.graph import ModelGraph
+    from onnxsnp.ir.graph import ModelGraph
 
     model = ROOT / "models" / "digits_vit.onnx"
     pruned, _ = prune(str(model), ratio=0.0, qk_ratio=0.5, calib=str(ROOT / "models" / "digits_vit_calib.npz"),

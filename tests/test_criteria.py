@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import decoder_graphs as dg
-from onnxsnp.criteria import CRITERIA, CriterionName, criterion, input_weights, output_weights
-from onnxsnp.graph import ModelGraph
-from onnxsnp.matching import find_blocks
+from onnxsnp.score.criteria import CRITERIA, CriterionName, criterion, input_weights, output_weights
+from onnxsnp.ir.graph import ModelGraph
+from onnxsnp.match import find_blocks
 
 KV_HEADS = 2
 

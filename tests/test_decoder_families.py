@@ -19,13 +19,13 @@ from exports import export_optimum
 from decoders import calibration, genai_generate, greedy, prefill_and_step, run, step_feed
 from onnxsnp.cli import main
 from onnxsnp import prune
-from onnxsnp.calibration import input_specs, validate_calibration
-from onnxsnp.graph import ModelGraph
-from onnxsnp.matching import find_blocks
-from onnxsnp.inspection import inspect_model
+from onnxsnp.data.calibration import input_specs, validate_calibration
+from onnxsnp.ir.graph import ModelGraph
+from onnxsnp.match import find_blocks
+from onnxsnp.report.inspection import inspect_model
 from onnxsnp.pipeline import make_plan
 from onnxsnp.plan import Ratios
-from onnxsnp.rewriting import rewrite
+from onnxsnp.rewrite.rewriting import rewrite
 from oracle import masked_original, unshare
 
 pytestmark = pytest.mark.slow

@@ -8,13 +8,13 @@ import onnxruntime as ort
 import pytest
 
 import decoder_graphs as dg
-from onnxsnp.graph import ModelGraph
-from onnxsnp.matching import find_blocks
-from onnxsnp.matching.blocks import RotaryStyle
+from onnxsnp.ir.graph import ModelGraph
+from onnxsnp.match import find_blocks
+from onnxsnp.match.blocks import RotaryStyle
 from onnxsnp.pipeline import make_plan
 from onnxsnp.plan import Ratios
-from onnxsnp.rewriting import rewrite
-from onnxsnp.units import unit_of_dim
+from onnxsnp.rewrite.rewriting import rewrite
+from onnxsnp.match.units import unit_of_dim
 from oracle import masked_original
 
 VARIANTS = [(2, "half"), (1, "half"), (4, "half"), (2, "interleaved"), (2, None)]

@@ -18,14 +18,14 @@ from exports import export_optimum
 from decoders import calibration, genai_generate, greedy, prefill_and_step, step_feed
 from onnxsnp import prune
 from onnxsnp.cli import main
-from onnxsnp.calibration import input_specs, validate_calibration
-from onnxsnp.graph import ModelGraph
-from onnxsnp.matching import find_blocks
-from onnxsnp.nbits import float_view
-from onnxsnp.inspection import inspect_model
+from onnxsnp.data.calibration import input_specs, validate_calibration
+from onnxsnp.ir.graph import ModelGraph
+from onnxsnp.match import find_blocks
+from onnxsnp.ir.nbits import float_view
+from onnxsnp.report.inspection import inspect_model
 from onnxsnp.pipeline import make_plan
 from onnxsnp.plan import Ratios
-from onnxsnp.rewriting import rewrite
+from onnxsnp.rewrite.rewriting import rewrite
 from oracle import masked_original, unshare
 
 pytestmark = pytest.mark.slow
@@ -90,7 +90,7 @@ def test_pruned_decoder_equals_masked_original_through_the_cache(decoder, tmp_pa
 
 @pytest.mark.parametrize("form", ["llama-dynamo", "llama-optimum", "gpt2-optimum"])
 def test_the_timed_decode_step_is_the_last_position_of_the_prefill(decoder, form):
-    from onnxsnp.verification import decode_feed, session
+    from onnxsnp.verify.verification import decode_feed, session
 
     model = onnx.load(str(decoder(form)))
     ids = np.random.default_rng(2).integers(3, 100, (2, 9))

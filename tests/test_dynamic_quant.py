@@ -12,9 +12,9 @@ import pytest
 
 from conftest import feed_for, run
 from onnxsnp import prune
-from onnxsnp.dynamic import dynamic_view
-from onnxsnp.graph import ModelGraph
-from onnxsnp.matching import find_blocks
+from onnxsnp.ir.dynamic import dynamic_view
+from onnxsnp.ir.graph import ModelGraph
+from onnxsnp.match import find_blocks
 
 pytest.importorskip("onnxruntime.quantization")
 

@@ -7,9 +7,9 @@ import pytest
 from conftest import ROOT
 from onnxsnp.cli import main
 from onnxsnp.errors import SnpError
-from onnxsnp.gate import FEW_SAMPLES, GATE_EXIT, POOR_CENTRED_COSINE, POOR_PERPLEXITY_RATIO, FidelityGate, GateFailed
-from onnxsnp.gate import check, warnings_for
-from onnxsnp.verification import Fidelity
+from onnxsnp.verify.gate import FEW_SAMPLES, GATE_EXIT, POOR_CENTRED_COSINE, POOR_PERPLEXITY_RATIO, FidelityGate, GateFailed
+from onnxsnp.verify.gate import check, warnings_for
+from onnxsnp.verify.verification import Fidelity
 
 MODEL, CALIB = ROOT / "models" / "digits_vit.onnx", ROOT / "models" / "digits_vit_calib.npz"
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from graphs import TOKENS, WIDTH, Builder, run
-from onnxsnp.graph import ModelGraph
-from onnxsnp.matching import find_blocks
+from onnxsnp.ir.graph import ModelGraph
+from onnxsnp.match import find_blocks
 from onnxsnp.pipeline import make_plan
 from onnxsnp.plan import Ratios
-from onnxsnp.rewriting import rewrite
+from onnxsnp.rewrite.rewriting import rewrite
 from oracle import masked_original
 
 HIDDEN = 24

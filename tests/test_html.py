@@ -15,11 +15,11 @@ from onnx import TensorProto, helper
 import graphs
 from conftest import ROOT
 from onnxsnp import prune
-from onnxsnp.attention_maps import MAP_SIZE, SAMPLE_HEADS
+from onnxsnp.verify.attention_maps import MAP_SIZE, SAMPLE_HEADS
 from onnxsnp.cli import main
-from onnxsnp.html import render
-from onnxsnp.html_charts import PALETTE
-from onnxsnp.report import CURVE_FRACTIONS
+from onnxsnp.report.html import render
+from onnxsnp.report.html_charts import PALETTE
+from onnxsnp.report.report import CURVE_FRACTIONS
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 WINDOW = (1100, 2600)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxsnp.criteria import redundancy
-from onnxsnp.importance import _top_per_head, kept_count, qk_pair_scores
+from onnxsnp.score.criteria import redundancy
+from onnxsnp.score.importance import _top_per_head, kept_count, qk_pair_scores
 
 
 def brute_force_pair_scores(q: np.ndarray, k: np.ndarray, energy: float) -> np.ndarray:

@@ -1,11 +1,11 @@
 """A language model's fidelity is read as its users read it: perplexity before and after on the
-held-back text, next-token agreement (onnxsnp.verification.language_model_fidelity)."""
+held-back text, next-token agreement (onnxsnp.verify.verification.language_model_fidelity)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from onnxsnp.verification import Fidelity, language_model_fidelity
+from onnxsnp.verify.verification import Fidelity, language_model_fidelity
 
 VOCAB, SAMPLES, TOKENS = 11, 3, 6
 

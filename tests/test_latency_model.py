@@ -14,15 +14,15 @@ import pytest
 import graphs
 from conftest import ROOT
 from onnxsnp import SnpError
-from onnxsnp.allocation import Target, _full_plan as _full, allocate, unit_costs
-from onnxsnp.calibration import Runner
-from onnxsnp.costs import CostKind, CostModel
-from onnxsnp.graph import ModelGraph
-from onnxsnp.matching import find_blocks
+from onnxsnp.score.allocation import Target, _full_plan as _full, allocate, unit_costs
+from onnxsnp.data.calibration import Runner
+from onnxsnp.score.costs import CostKind, CostModel
+from onnxsnp.ir.graph import ModelGraph
+from onnxsnp.match import find_blocks
 from onnxsnp.options import make_options
 from onnxsnp.plan import AttentionKeep, FfnKeep, PrunePlan
-from onnxsnp.profiling import NodeTimes, profile_nodes
-from onnxsnp.stats import count_params, macs_from_shapes, shape_tensors
+from onnxsnp.score.profiling import NodeTimes, profile_nodes
+from onnxsnp.ir.stats import count_params, macs_from_shapes, shape_tensors
 from test_allocation import _curves
 
 DIGITS = ROOT / "models" / "digits_vit.onnx"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxsnp.least_squares import (FOLDS, RIDGE_GRID, NormalEquations, Obs, choose_ridge,
+from onnxsnp.compensate.least_squares import (FOLDS, RIDGE_GRID, NormalEquations, Obs, choose_ridge,
                                    cross_validated_losses, loss, solve)
 
 INPUTS, OUTPUTS, TOKENS = 12, 5, 400

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxsnp.nbits import float_view
+from onnxsnp.ir.nbits import float_view
 
 K, N, TOKENS = 64, 48, 5
 
@@ -101,7 +101,7 @@ def correlated_inputs(tokens: int, width: int, seed: int = 2) -> np.ndarray:
 @pytest.mark.parametrize("bits,symmetric", FORMS)
 def test_error_feedback_without_correlation_is_rounding_to_nearest(bits, symmetric):
     """With H ∝ I no row's error has anywhere to go: GPTQ must give round-to-nearest's levels."""
-    from onnxsnp.nbits import _error_feedback, _rounded
+    from onnxsnp.ir.nbits import _error_feedback, _rounded
 
     weight = np.random.default_rng(3).standard_normal((40, 24)).astype(np.float32)  # 40: a partial last block
     for got, want in zip(_error_feedback(weight, 5.0 * np.eye(40), bits, 16, not symmetric),
@@ -114,7 +114,7 @@ def test_a_refitted_weight_with_its_gram_keeps_its_outputs_closer(bits, symmetri
     """fc2's weight replaced by new float values (as a refit writes them): with the Gram of its inputs
     the requantized layer's outputs on those inputs are closer to the float layer's than with
     rounding to nearest, and the reported error is that output error."""
-    from onnxsnp.nbits import dequantize
+    from onnxsnp.ir.nbits import dequantize
 
     view = float_view(quantized_mlp(bits, symmetric))
     refit = onnx.ModelProto()

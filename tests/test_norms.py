@@ -11,12 +11,12 @@ import graphs
 from conftest import feed_for, run
 from exports import NORM_FORMS, form_ids
 from onnxsnp import prune
-from onnxsnp.graph import ModelGraph
-from onnxsnp.importance import Ratios
-from onnxsnp.matching import find_blocks
-from onnxsnp.matching.norms import norm_reading, norm_writing
-from onnxsnp.residual import find_stream
-from onnxsnp.rewriting import rewrite
+from onnxsnp.ir.graph import ModelGraph
+from onnxsnp.score.importance import Ratios
+from onnxsnp.match import find_blocks
+from onnxsnp.match.norms import norm_reading, norm_writing
+from onnxsnp.match.residual import find_stream
+from onnxsnp.rewrite.rewriting import rewrite
 from oracle import masked_original, plan_for, unshare
 
 

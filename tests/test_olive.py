@@ -12,8 +12,8 @@ import onnx
 import pytest
 
 from conftest import ROOT, feed_for, run
-from onnxsnp.graph import ModelGraph
-from onnxsnp.matching import find_blocks
+from onnxsnp.ir.graph import ModelGraph
+from onnxsnp.match import find_blocks
 
 pytest.importorskip("olive")
 pytestmark = pytest.mark.slow

@@ -9,8 +9,8 @@ import pytest
 from conftest import feed_for, run
 from exports import SESSION_FORMS, form_ids
 from onnxsnp import SnpError, prune
-from onnxsnp.importance import Ratios
-from onnxsnp.rewriting import rewrite
+from onnxsnp.score.importance import Ratios
+from onnxsnp.rewrite.rewriting import rewrite
 from oracle import masked_original, plan_for, unshare
 
 pytestmark = pytest.mark.slow

@@ -11,10 +11,10 @@ import pytest
 from conftest import feed_for, run
 from exports import OPTIMUM_FORMS, form_ids
 from onnxsnp import SnpError, prune
-from onnxsnp.graph import ModelGraph
-from onnxsnp.importance import Ratios
-from onnxsnp.matching import find_blocks
-from onnxsnp.rewriting import rewrite
+from onnxsnp.ir.graph import ModelGraph
+from onnxsnp.score.importance import Ratios
+from onnxsnp.match import find_blocks
+from onnxsnp.rewrite.rewriting import rewrite
 from oracle import masked_original, plan_for, unshare, zeroed_blocks
 
 pytestmark = pytest.mark.slow

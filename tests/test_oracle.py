@@ -12,13 +12,13 @@ import pytest
 from onnx import numpy_helper
 
 import graphs
-import onnxsnp.rewriting
-from onnxsnp.graph import ModelGraph
-from onnxsnp.matching import find_blocks
-from onnxsnp.matching.groups import Group, WeightAxis
+import onnxsnp.rewrite.rewriting
+from onnxsnp.ir.graph import ModelGraph
+from onnxsnp.match import find_blocks
+from onnxsnp.match.groups import Group, WeightAxis
 from onnxsnp.pipeline import make_plan
 from onnxsnp.plan import Ratios
-from onnxsnp.rewriting import plan_cuts, rewrite
+from onnxsnp.rewrite.rewriting import plan_cuts, rewrite
 from oracle import masked_original
 
 HIDDEN = 24
@@ -105,10 +105,10 @@ def test_a_shifted_group_fails_the_masked_oracle_and_passes_the_zeroed_one(case,
     right = graphs.run(rewrite(g, plan), sample)
     np.testing.assert_allclose(right, graphs.run(masked_original(g, plan), sample), atol=1e-5)
 
-    attention_groups, ffn_group = onnxsnp.rewriting.attention_groups, onnxsnp.rewriting.ffn_group
-    monkeypatch.setattr(onnxsnp.rewriting, "attention_groups",
+    attention_groups, ffn_group = onnxsnp.rewrite.rewriting.attention_groups, onnxsnp.rewrite.rewriting.ffn_group
+    monkeypatch.setattr(onnxsnp.rewrite.rewriting, "attention_groups",
                         lambda graph, block: corrupt(attention_groups(graph, block), None)[0])
-    monkeypatch.setattr(onnxsnp.rewriting, "ffn_group", lambda block: corrupt(None, ffn_group(block))[1])
+    monkeypatch.setattr(onnxsnp.rewrite.rewriting, "ffn_group", lambda block: corrupt(None, ffn_group(block))[1])
     wrong = graphs.run(rewrite(g, plan), sample)
     np.testing.assert_allclose(wrong, graphs.run(zeroed_weights(g, plan), sample), atol=1e-5)  # blind to it
     assert np.abs(wrong - graphs.run(masked_original(g, plan), sample)).max() > 1e-2  # caught

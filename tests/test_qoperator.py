@@ -13,8 +13,8 @@ import pytest
 from conftest import feed_for, run
 from onnxsnp import prune
 from onnxsnp.cli import main
-from onnxsnp.graph import ModelGraph
-from onnxsnp.qoperator import qdq_view
+from onnxsnp.ir.graph import ModelGraph
+from onnxsnp.ir.qoperator import qdq_view
 from test_static_qdq import GOAL_MARGIN, RATIO, calibration, cosine, joined
 
 pytest.importorskip("onnxruntime.quantization")

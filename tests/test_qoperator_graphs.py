@@ -9,7 +9,7 @@ from onnx import helper, numpy_helper
 
 from conftest import run
 from onnxsnp.errors import SnpError
-from onnxsnp.qoperator import qdq_view
+from onnxsnp.ir.qoperator import qdq_view
 
 pytest.importorskip("onnxruntime.quantization")
 

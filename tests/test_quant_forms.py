@@ -9,8 +9,8 @@ import pytest
 
 from conftest import feed_for
 from onnxsnp.cli import main
-from onnxsnp.inspection import inspect_model
-from onnxsnp.quant_form import QuantForm
+from onnxsnp.report.inspection import inspect_model
+from onnxsnp.ir.quant_form import QuantForm
 
 quantization = pytest.importorskip("onnxruntime.quantization")
 

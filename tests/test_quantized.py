@@ -10,10 +10,10 @@ from onnx import numpy_helper
 from conftest import feed_for, run
 from exports import INT8_FORMS, form_ids
 from onnxsnp import prune
-from onnxsnp.graph import ModelGraph
-from onnxsnp.importance import Ratios
-from onnxsnp.matching import find_blocks
-from onnxsnp.rewriting import rewrite
+from onnxsnp.ir.graph import ModelGraph
+from onnxsnp.score.importance import Ratios
+from onnxsnp.match import find_blocks
+from onnxsnp.rewrite.rewriting import rewrite
 from oracle import masked_original, plan_for
 
 
@@ -25,7 +25,7 @@ def test_new_values_are_quantized_again_with_the_same_scheme(style):
     import onnx_graphsurgeon as gs
 
     import graphs
-    from onnxsnp.editor import Editor
+    from onnxsnp.ir.editor import Editor
     from quantize import quantize_weights
 
     model = quantize_weights(graphs.softmax_attention(), style)

@@ -10,11 +10,11 @@ import pytest
 from onnx import TensorProto, helper
 
 from decoders import run, step_feed
-from onnxsnp.graph import ModelGraph
-from onnxsnp.matching import find_blocks
+from onnxsnp.ir.graph import ModelGraph
+from onnxsnp.match import find_blocks
 from onnxsnp.pipeline import make_plan
 from onnxsnp.plan import Ratios
-from onnxsnp.rewriting import rewrite
+from onnxsnp.rewrite.rewriting import rewrite
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

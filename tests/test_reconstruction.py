@@ -7,15 +7,15 @@ import pytest
 
 from conftest import ROOT, feed_for, run
 from onnxsnp import prune
-from onnxsnp.calibration import Runner
-from onnxsnp.graph import ModelGraph
-from onnxsnp.importance import PairStatistics
-from onnxsnp.matching import find_blocks
-from onnxsnp.halves import plan_segments
+from onnxsnp.data.calibration import Runner
+from onnxsnp.ir.graph import ModelGraph
+from onnxsnp.score.importance import PairStatistics
+from onnxsnp.match import find_blocks
+from onnxsnp.compensate.halves import plan_segments
 from onnxsnp.plan import AttentionWidth, PrunePlan, Propagation, Widths
-from onnxsnp.projection import project_pairs
-from onnxsnp.reconstruction import Reconstructor
-from onnxsnp.rewriting import rewrite
+from onnxsnp.compensate.projection import project_pairs
+from onnxsnp.compensate.reconstruction import Reconstructor
+from onnxsnp.rewrite.rewriting import rewrite
 
 DIGITS = ROOT / "models" / "digits_vit.onnx"
 DIGITS_CALIB = ROOT / "models" / "digits_vit_calib.npz"
@@ -199,7 +199,7 @@ def test_a_model_that_overflows_on_its_calibration_data_is_refused_not_looped_on
 
 
 def test_obs_removal_ends_when_costs_are_not_finite():
-    from onnxsnp.least_squares import NormalEquations, Obs
+    from onnxsnp.compensate.least_squares import NormalEquations, Obs
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((200, 6))
@@ -220,7 +220,7 @@ def test_a_sandwich_normed_branch_is_refitted_towards_what_the_sum_misses(drift)
     """x + γ·b/rms(b) (Gemma 3, OLMo 2): the refit's target in b's space, put back through the norm
     and added to the pruned stream, gives the original sum — exactly with no drift, to first order
     with some (the norm is linearised at the original branch); a channel with a tiny γ keeps b."""
-    from onnxsnp.batches import branch_rms, sandwich_target
+    from onnxsnp.compensate.batches import branch_rms, sandwich_target
 
     rng = np.random.default_rng(0)
     tokens, width, eps = 64, 16, 1e-6

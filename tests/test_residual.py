@@ -8,9 +8,9 @@ import pytest
 from conftest import feed_for, run
 from exports import FORM_IDS, FORMS
 from onnxsnp import SnpError, prune
-from onnxsnp.graph import ModelGraph
-from onnxsnp.matching import find_blocks
-from onnxsnp.residual import find_stream
+from onnxsnp.ir.graph import ModelGraph
+from onnxsnp.match import find_blocks
+from onnxsnp.match.residual import find_stream
 
 VIT_FORMS = [(f, i) for f, i in zip(FORMS, FORM_IDS) if f[0] == "vit"]
 

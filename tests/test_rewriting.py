@@ -9,9 +9,9 @@ from dataclasses import replace
 
 from conftest import feed_for, run
 from exports import FORM_IDS, FORMS
-from onnxsnp.masking import plan_weights, with_weights
+from onnxsnp.compensate.masking import plan_weights, with_weights
 from onnxsnp.plan import Ratios, Refit
-from onnxsnp.rewriting import rewrite
+from onnxsnp.rewrite.rewriting import rewrite
 from oracle import masked_original, plan_for, unshare
 
 
@@ -74,7 +74,7 @@ def test_head_pruning_equals_zeroed_heads(exported, tmp_path, family, attention,
 def test_masked_weights_compute_what_the_rewrite_does(exported, family, attention, dynamic, exporter):
     """masking.py (full-width weights, removed units zeroed through the same dependency groups)
     and the rewrite agree."""
-    from onnxsnp.masking import plan_weights, with_weights
+    from onnxsnp.compensate.masking import plan_weights, with_weights
 
     path = exported(family, attention, dynamic, exporter)
     g, plan = plan_for(path, Ratios(0.5, 0.25, 0.5, heads=0.5))

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 
 import graphs
-from onnxsnp.graph import ModelGraph
-from onnxsnp.importance import Ratios
-from onnxsnp.matching import find_blocks
-from onnxsnp.matching.rules import ATTENTION_RULES
+from onnxsnp.ir.graph import ModelGraph
+from onnxsnp.score.importance import Ratios
+from onnxsnp.match import find_blocks
+from onnxsnp.match.rules import ATTENTION_RULES
 from onnxsnp.pipeline import make_plan
-from onnxsnp.rewriting import rewrite
+from onnxsnp.rewrite.rewriting import rewrite
 from oracle import masked_original
 
 FORMS = {"softmax": (graphs.softmax_attention, "separate"), "onnx-attention": (graphs.onnx_attention, "separate"),

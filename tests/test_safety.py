@@ -11,8 +11,8 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import feed_for, run
 from onnxsnp import SnpError, prune
 from onnxsnp.cli import main
-from onnxsnp.graph import ModelGraph
-from onnxsnp.matching import find_blocks
+from onnxsnp.ir.graph import ModelGraph
+from onnxsnp.match import find_blocks
 
 HEADS, HEAD_DIM = 2, 4
 WIDTH = HEADS * HEAD_DIM
@@ -126,12 +126,12 @@ def test_outputs_never_overwrite_inputs(exported, tmp_path, target, capsys):
 
 def test_models_too_big_for_one_protobuf_go_through_external_data(exported, tmp_path, monkeypatch):
     """Above 2 GB nothing may be serialised whole; the same path is forced here on a small model."""
-    import onnxsnp.loading
+    import onnxsnp.io.loading
 
     source = exported("bert", "sdpa", True)
     normal = tmp_path / "normal.onnx"
     assert main([str(source), str(normal), "--ratio", "0.5", "--calib-samples", "8", "-q"]) == 0
-    monkeypatch.setattr(onnxsnp.loading, "PROTOBUF_LIMIT", 1000)
+    monkeypatch.setattr(onnxsnp.io.loading, "PROTOBUF_LIMIT", 1000)
     big = tmp_path / "big.onnx"
     assert main([str(source), str(big), "--ratio", "0.5", "--calib-samples", "8", "-q"]) == 0
     assert (tmp_path / "big.onnx.data").stat().st_size > 1000

@@ -1,4 +1,4 @@
-"""The softmax's score error (onnxsnp.softmax_metric): its quadratic equals the attention
+"""The softmax's score error (onnxsnp.score.softmax_metric): its quadratic equals the attention
 distributions' variance computed query by query, a row shift costs nothing, and the pairs chosen
 are the ones whose removal costs least."""
 from __future__ import annotations
@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from onnxsnp.matching.blocks import Rotary, RotaryStyle
+from onnxsnp.match.blocks import Rotary, RotaryStyle
 from onnxsnp import softmax_metric
-from onnxsnp.softmax_metric import SoftmaxSums, _solve, add_sums, choose_pairs, removal_curve
+from onnxsnp.score.softmax_metric import SoftmaxSums, _solve, add_sums, choose_pairs, removal_curve
 
 SAMPLES, HEADS, TOKENS, D, SCALE = 2, 3, 7, 4, 0.5
 

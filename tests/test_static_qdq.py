@@ -13,8 +13,8 @@ from onnx import numpy_helper
 
 from conftest import feed_for, run
 from onnxsnp import prune
-from onnxsnp.graph import ModelGraph
-from onnxsnp.matching import find_blocks
+from onnxsnp.ir.graph import ModelGraph
+from onnxsnp.match import find_blocks
 
 pytest.importorskip("onnxruntime.quantization")
 
@@ -155,7 +155,7 @@ def test_activation_ranges_follow_the_pruned_model(qdq):
     is calibrated again, its range set where the quantizer set it relative to the float range it
     saw (MinMax: on it), now the pruned model's — up to the 2 % a range may move and keep its
     pair (activation_ranges.MOVED) and half a step of rounding the zero point."""
-    from onnxsnp.activation_ranges import MOVED, _activation_pairs, _ranges
+    from onnxsnp.ir.activation_ranges import MOVED, _activation_pairs, _ranges
     from onnxsnp.pipeline import _split
 
     source, quantized, _ = qdq

@@ -91,7 +91,7 @@ def test_the_page_plots_fidelity_against_speed_with_the_original_and_the_front(s
     the budgets no other beats on both axes ringed, tick labels that differ from each other."""
     import re
 
-    from onnxsnp.html_charts import pareto
+    from onnxsnp.report.html_charts import pareto
 
     page = (swept / "sweep.html").read_text()
     rows = list(csv.DictReader((swept / "sweep.csv").open()))
@@ -105,7 +105,7 @@ def test_the_page_plots_fidelity_against_speed_with_the_original_and_the_front(s
 
 
 def test_the_front_is_what_no_other_point_beats():
-    from onnxsnp.html_charts import pareto
+    from onnxsnp.report.html_charts import pareto
 
     assert pareto([(1.2, 0.99), (1.5, 0.97), (1.4, 0.96), (2.0, 0.90), (1.1, 0.98)]) == [0, 1, 3]
 

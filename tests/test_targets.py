@@ -9,14 +9,14 @@ import pytest
 from conftest import feed_for
 from exports import FORM_IDS, FORMS
 from onnxsnp import SnpError, prune
-from onnxsnp.costs import CostModel
-from onnxsnp.graph import ModelGraph
-from onnxsnp.importance import Ratios
-from onnxsnp.matching import find_blocks
+from onnxsnp.score.costs import CostModel
+from onnxsnp.ir.graph import ModelGraph
+from onnxsnp.score.importance import Ratios
+from onnxsnp.match import find_blocks
 from onnxsnp.pipeline import make_plan
-from onnxsnp.rewriting import rewrite
-from onnxsnp.stats import count_macs, count_params, node_macs
-from onnxsnp.timed import ROUNDS
+from onnxsnp.rewrite.rewriting import rewrite
+from onnxsnp.ir.stats import count_macs, count_params, node_macs
+from onnxsnp.score.timed import ROUNDS
 
 
 @pytest.mark.parametrize("family,attention,dynamic,exporter", FORMS, ids=FORM_IDS)

@@ -6,7 +6,7 @@ import pytest
 
 from onnxsnp.errors import SnpError
 from onnxsnp.plan import AttentionWidth, TimedStep, Widths
-from onnxsnp.timed import ROUNDS, TOLERANCE, timed_widths
+from onnxsnp.score.timed import ROUNDS, TOLERANCE, timed_widths
 
 ORIGINAL_MS = 100.0
 SPEEDUP = 2.0

@@ -12,13 +12,13 @@ from onnx import numpy_helper
 
 from conftest import ROOT, feed_for
 from onnxsnp import SnpError, prune
-from onnxsnp.batches import Workers, owner
-from onnxsnp.graph import ModelGraph
-from onnxsnp.least_squares import FOLDS
-from onnxsnp.matching import find_blocks
+from onnxsnp.compensate.batches import Workers, owner
+from onnxsnp.ir.graph import ModelGraph
+from onnxsnp.compensate.least_squares import FOLDS
+from onnxsnp.match import find_blocks
 from onnxsnp.options import make_options
 from onnxsnp.pipeline import RECONSTRUCTION_BATCH
-from onnxsnp.reconstruction import Reconstructor
+from onnxsnp.compensate.reconstruction import Reconstructor
 
 DIGITS = ROOT / "models" / "digits_vit.onnx"
 DIGITS_CALIB = ROOT / "models" / "digits_vit_calib.npz"

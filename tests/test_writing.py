@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from onnxsnp.writing import Moves, publish, write_text_atomically
+from onnxsnp.io.writing import Moves, publish, write_text_atomically
 
 
 def _hidden(folder):
@@ -33,7 +33,7 @@ def test_interrupt_while_staging_leaves_nothing(tmp_path):
 
 
 def test_interrupt_during_the_moves_waits_for_them(tmp_path, monkeypatch):
-    import onnxsnp.writing as writing
+    import onnxsnp.io.writing as writing
 
     real_replace = writing.os.replace
 
@@ -65,7 +65,7 @@ def test_files_written_take_the_modes_the_umask_gives(tmp_path, umask):
     import onnx
     from onnx import helper, numpy_helper
 
-    from onnxsnp.writing import data_file, write_model_atomically
+    from onnxsnp.io.writing import data_file, write_model_atomically
 
     weight = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",

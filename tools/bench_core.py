@@ -94,7 +94,7 @@ def minilm_rows(ratios: list[float], criteria: list[str], scratch: Path, folder:
 
 
 def _params(model: onnx.ModelProto) -> str:
-    from onnxsnp.stats import count_params
+    from onnxsnp.ir.stats import count_params
 
     return f"{count_params(model):,}"
 

@@ -32,7 +32,7 @@ from optimum_venv import export_optimum
 from decoders import prefill_and_step, run, step_feed
 
 from onnxsnp.options import make_options
-from onnxsnp.inspection import inspect_model
+from onnxsnp.report.inspection import inspect_model
 from onnxsnp.pipeline import prune_model
 
 CUTS = [("--ratio 0.25", {"ratio": 0.25}), ("--ratio 0.5 --heads 0.5", {"ratio": 0.5, "heads": 0.5})]

@@ -42,9 +42,9 @@ from collect_results import collect
 from eval_minilm import embed, pair_sims, spearman
 
 from onnxsnp import prune
-from onnxsnp.calibration import capture
-from onnxsnp.graph import ModelGraph
-from onnxsnp.matching import find_blocks
+from onnxsnp.data.calibration import capture
+from onnxsnp.ir.graph import ModelGraph
+from onnxsnp.match import find_blocks
 
 MINILM = BUILD / "minilm"
 

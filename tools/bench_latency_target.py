@@ -80,7 +80,7 @@ def main() -> None:
         "predicted = the latency model's original / pruned time (per-node onnxruntime profile of the original, "
         "scaled by what the plan keeps); timed checks = the speedups onnxsnp measured for the allocated widths "
         "(sliced weights) before the reconstruction, each after correcting the latency model's goal by the last "
-        "measurement (onnxsnp/timed.py), and which widths it kept; measured = median before / median after of "
+        "measurement (onnxsnp/score/timed.py), and which widths it kept; measured = median before / median after of "
         f"the written model, measured here; \"missed\" where measured is more than {TOLERANCE:.0%} from the goal.",
         "",
         "| model | goal | predicted ms | predicted speedup | timed checks | measured ms (median) | measured speedup "

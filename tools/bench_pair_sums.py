@@ -22,8 +22,8 @@ CHILD = r"""
 import sys, time
 import numpy as np
 sys.path.insert(0, sys.argv[1])
-from onnxsnp.least_squares import NormalEquations, choose_ridge
-from onnxsnp.softmax_metric import SoftmaxSums, add_sums
+from onnxsnp.compensate.least_squares import NormalEquations, choose_ridge
+from onnxsnp.score.softmax_metric import SoftmaxSums, add_sums
 
 repeat = int(sys.argv[2])
 rng = np.random.default_rng(0)

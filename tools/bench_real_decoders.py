@@ -40,7 +40,7 @@ from decoders import step_feed
 import harness
 from harness import DOCS
 
-from onnxsnp.calib_text import stream_windows
+from onnxsnp.data.calib_text import stream_windows
 from onnxsnp.options import make_options
 from onnxsnp.pipeline import prune_model
 
@@ -167,7 +167,7 @@ def scores(model: onnx.ModelProto, ids: np.ndarray) -> tuple[np.ndarray, np.ndar
     batch (a 262k vocabulary's logits for every window would not fit)."""
     import onnxruntime as ort
 
-    from onnxsnp.calibration import fitted
+    from onnxsnp.data.calibration import fitted
 
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     picked, best = [], []

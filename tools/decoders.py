@@ -6,8 +6,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxsnp.calibration import input_specs
-from onnxsnp.graph import ModelGraph
+from onnxsnp.data.calibration import input_specs
+from onnxsnp.ir.graph import ModelGraph
 
 
 def cache_inputs(model: onnx.ModelProto) -> dict[str, tuple]:

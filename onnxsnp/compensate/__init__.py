@@ -1,0 +1,1 @@
+"""Compensate: block-by-block reconstruction (half-block segments, batches, workers, least-squares refits, structured OBS, projections) and the one-pass flow."""

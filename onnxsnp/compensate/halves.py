@@ -1,0 +1,87 @@
+"""The reconstruction's half-blocks: where the graph is cut into transformer blocks, and what
+each half (attention, then FFN) runs and captures on cached stream values."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..ir.graph import ModelGraph
+from ..score.importance import query_key_tensors, rotary_tables
+from .masking import Slot, Weights, attention_slots, ffn_slots
+from ..match import Matches, NoMatch
+from ..match.norms import branch_norm, rms_gain
+from .segments import Segment, SegmentRunner, cut
+
+
+# what a residual join may hold: the Add, norms around it (written out or as one op), casts
+_JOIN_OPS = {"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Reciprocal", "ReduceMean", "Cast", "LayerNormalization",
+             "SimplifiedLayerNormalization", "RMSNormalization", "SkipLayerNormalization",
+             "SkipSimplifiedLayerNormalization"}
+_NORM_NODES = 2 * 11  # two written-out RMS/LayerNorms (a sandwich norm, then the next pre-norm)
+
+
+@dataclass
+class Half:
+    segment: Segment
+    runner: SegmentRunner
+    join: SegmentRunner  # (branch, residual input) → the stream after the join
+    branch: str  # the sublayer's output, added to the stream at the join
+    residual: str  # the join's other input: the stream the sublayer read
+    projection_inputs: SegmentRunner | None = None  # stream → the inputs of q and k (attention)
+    branch_gain: tuple[np.ndarray, float] | None = None  # (γ, ε) of a norm on the branch before the Add
+
+
+def plan_segments(g: ModelGraph, matches: Matches) -> list[tuple[Half, Half]]:
+    """Attention and FFN halves of every transformer block, or NoMatch where the model cannot be
+    cut into consecutive blocks (then the one-pass compensation is used)."""
+    layers = matches.layers
+    if not layers:
+        raise NoMatch("no transformer block (attention + FFN on a residual stream) was found")
+    in_layers = {id(layer.attention) for layer in layers} | {id(layer.ffn) for layer in layers}
+    loose = [b.name for b in list(matches.attention) + list(matches.ffn) if id(b) not in in_layers]
+    if loose:
+        raise NoMatch(f"{loose[0]} is not part of a transformer block")
+    for before, after in zip(layers, layers[1:]):
+        if before.output != after.input:
+            raise NoMatch(f"something runs between {before.name} and {after.name}")
+    cuts = [layer.input for layer in layers] + [layer.middle for layer in layers] + [layers[-1].output]
+    halves = []
+    for layer in layers:
+        slots = attention_slots(layer.attention) + ffn_slots(layer.ffn)
+        pair = []
+        block = layer.attention
+        attention_capture = ([block.out.output, block.out.input] + query_key_tensors(block)
+                             + [s.tensor for s in block.frozen_scales] + rotary_tables(g, block))
+        for part, start, end, capture in (("attention", layer.input, layer.middle, attention_capture),
+                                          ("ffn", layer.middle, layer.output, [layer.ffn.fc2.output, layer.ffn.fc2.input])):
+            name = f"{layer.name} ({part})"
+            segment = cut(g, name, [start], [end], cuts, slots)
+            branch = capture[0]
+            join = cut(g, f"{name} join", [branch, start], [end], cuts)
+            # the legacy exporter routes a norm's weights through Identity nodes: they are no work;
+            # Gemma 3 and OLMo 2 normalise the branch before the Add (a written-out RMSNorm); a static
+            # QDQ model rounds the norm's weights through QDQ pairs (constants: its activation pairs
+            # are bypassed while pruning, activation_ranges.py)
+            work = [g.node(n).op_type for n in join.nodes
+                    if g.node(n).op_type not in ("Identity", "Constant", "QuantizeLinear", "DequantizeLinear")]
+            if len(work) > 3 + _NORM_NODES or join.slots or not set(work) <= _JOIN_OPS:
+                raise NoMatch(f"{name}: the residual join is more than an Add and normalisations")
+            gain = None
+            if (norm := branch_norm(g, branch)) is not None and (gain := rms_gain(g, norm)) is None:
+                raise NoMatch(f"{name}: the norm on its output before the residual Add is not an RMS norm")
+            pair.append(Half(segment, SegmentRunner(g, segment, capture), SegmentRunner(g, join), branch, start,
+                              branch_gain=gain))
+        inputs = list(dict.fromkeys([block.q.input, block.k.input]))
+        norm = cut(g, f"{layer.name} (q, k inputs)", [layer.input], inputs, cuts)
+        if norm.slots or len([n for n in norm.nodes if g.node(n).op_type != "Constant"]) > 12:
+            raise NoMatch(f"{layer.name}: more than a normalisation between the stream and q, k")
+        pair[0].projection_inputs = SegmentRunner(g, norm) if norm.nodes or norm.renorms else None
+        halves.append(tuple(pair))
+    return halves
+
+
+def original_weights(g: ModelGraph, halves: list[tuple[Half, Half]]) -> dict[Slot, np.ndarray]:
+    """The original value of every slot the half-blocks' segments read."""
+    weights = Weights(g, [s for a, f in halves for s in a.segment.slots + f.segment.slots])
+    return {slot: weights.original(slot) for slot in weights.values}

@@ -1,0 +1,441 @@
+"""Stage 4: calibration inputs and one onnxruntime pass that captures intermediate tensors."""
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+
+from ..progress import steps
+from ..errors import SnpError
+from ..ir.graph import ModelGraph, attribute
+
+# onnxruntime logs run-time failures straight to stderr; onnxsnp reports them itself, in one line
+ort.set_default_logger_severity(4)
+
+DEFAULT_SEQUENCE = 32  # tokens per synthetic sample where the sequence length is dynamic
+DEFAULT_BATCH = 8
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str | None, ...]
+
+
+class SyntheticDataWarning(UserWarning):
+    pass
+
+
+def input_specs(g: ModelGraph) -> list[InputSpec]:
+    specs = []
+    caches = _op_cache_shapes(g)
+    for info in g.model.graph.input:
+        if info.name in g.initializers:
+            continue
+        tensor_type = info.type.tensor_type
+        dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                      for d in tensor_type.shape.dim)
+        if info.name in caches and len(shape) == 4:  # heads and head size an attention op implies
+            shape = tuple(known if known is not None else dim for dim, known in zip(shape, caches[info.name]))
+        specs.append(InputSpec(info.name, np.dtype(dtype), shape))
+    return specs
+
+
+def _op_cache_shapes(g: ModelGraph) -> dict[str, tuple[int | None, ...]]:
+    """(batch, kv heads, past, head size) of the past inputs of GroupQueryAttention ops, whose
+    declared head size onnxruntime-genai leaves symbolic."""
+    shapes = {}
+    for node in g.nodes_of_type("GroupQueryAttention"):
+        heads, kv_heads = attribute(node, "num_heads", 0), attribute(node, "kv_num_heads", 0)
+        packed = g.dim(node.input[0], -1)
+        if not heads or not kv_heads or not packed or len(node.input) < 5:
+            continue
+        separate = len(node.input) > 2 and node.input[1]
+        size = packed // heads if separate else packed // (heads + 2 * kv_heads)
+        for past in node.input[3:5]:
+            if past:
+                shapes[past] = (None, kv_heads, None, size)
+    return shapes
+
+
+def load_calibration(path: str | os.PathLike, specs: list[InputSpec]) -> dict[str, np.ndarray]:
+    """Arrays keyed by model input name; the first axis indexes samples."""
+    path = Path(path)
+    if not path.is_file():
+        raise SnpError(f"calibration file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except Exception as exc:
+        raise SnpError(f"calibration file {path} is not a readable .npz ({type(exc).__name__})") from None
+    return validate_calibration(arrays, specs, f"calibration file {path}")
+
+
+def validate_calibration(arrays: dict[str, np.ndarray], specs: list[InputSpec], label: str) -> dict[str, np.ndarray]:
+    """Check arrays against the model inputs and cast them to the input types."""
+    arrays = fill_absent_inputs({k: np.asarray(v) for k, v in arrays.items()}, specs)
+    missing = [s.name for s in specs if s.name not in arrays]
+    if missing:
+        raise SnpError(f"{label} lacks model input(s) {', '.join(missing)} "
+                       f"(it has {', '.join(sorted(arrays)) or 'nothing'})")
+    samples = {arrays[s.name].shape[0] if arrays[s.name].ndim else -1 for s in specs}
+    if len(samples) != 1 or -1 in samples or 0 in samples:
+        raise SnpError(f"{label}: arrays must share a non-empty first (sample) axis")
+    feed = {}
+    for spec in specs:
+        array = arrays[spec.name]
+        if array.ndim != len(spec.shape):
+            raise SnpError(f"calibration input {spec.name!r} has {array.ndim} axes; the model expects "
+                           f"{len(spec.shape)} {_show(spec.shape)}")
+        for axis, (got, want) in enumerate(zip(array.shape, spec.shape)):
+            if isinstance(want, int) and want > 0 and axis > 0 and got != want:
+                raise SnpError(f"calibration input {spec.name!r} has shape {array.shape}; the model expects "
+                               f"{_show(spec.shape)}")
+        if array.dtype.kind != spec.dtype.kind:
+            if array.dtype.kind in "fiub" and spec.dtype.kind in "fiub":
+                array = array.astype(spec.dtype)
+            else:
+                raise SnpError(f"calibration input {spec.name!r} is {array.dtype}; the model expects {spec.dtype}")
+        array = array.astype(spec.dtype, copy=False)
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise SnpError(f"calibration input {spec.name!r} contains NaN or Inf")
+        feed[spec.name] = array
+    return feed
+
+
+class FilledInputWarning(UserWarning):
+    pass
+
+
+class ObviousInput(Enum):
+    """Token inputs whose calibration value goes without saying; the value names what is filled in."""
+    MASK = "ones"
+    POSITION = "0..L-1"
+    TOKEN_TYPE = "zeros"
+
+    @classmethod
+    def of(cls, spec: InputSpec) -> ObviousInput | None:
+        if len(spec.shape) != 2 or spec.dtype.kind not in "iub":
+            return None
+        lowered = spec.name.lower()
+        if "mask" in lowered:
+            return cls.MASK
+        if "position" in lowered:
+            return cls.POSITION
+        if "type" in lowered or "segment" in lowered:
+            return cls.TOKEN_TYPE
+        return None
+
+
+def is_past_cache(spec: InputSpec) -> bool:
+    """A decoder's KV cache input (past_key_values.*, past_key.*, …): float, 4-D or more, with a
+    dynamic past-length axis. Calibration is prefill: it gets past length 0."""
+    lowered = spec.name.lower()
+    return "past" in lowered and spec.dtype.kind == "f" and len(spec.shape) >= 4 and \
+        any(not (isinstance(d, int) and d > 0) for d in spec.shape[1:])
+
+
+def empty_cache(spec: InputSpec, samples: int) -> np.ndarray:
+    """An empty KV cache for `samples` prefill samples: every dynamic axis after the batch is 0."""
+    return np.zeros([samples] + [d if isinstance(d, int) and d > 0 else 0 for d in spec.shape[1:]], dtype=spec.dtype)
+
+
+def fill_absent_inputs(arrays: dict[str, np.ndarray], specs: list[InputSpec]) -> dict[str, np.ndarray]:
+    """Obvious token inputs, made (with a warning) where the calibration data lacks them:
+    attention masks ones, position ids 0..L-1, token type ids zeros, each shaped like the token
+    ids given (the first 2-D array among the model's inputs); a decoder's KV caches empty (prefill,
+    without a warning: calibration is prefill)."""
+    given = [arrays[s.name] for s in specs if s.name in arrays and arrays[s.name].ndim == 2]
+    if not given:
+        return arrays
+    samples, length = given[0].shape
+    filled, notes = dict(arrays), []
+    for spec in specs:
+        if spec.name not in arrays and is_past_cache(spec):
+            filled[spec.name] = empty_cache(spec, samples)
+            continue
+        kind = ObviousInput.of(spec)
+        if spec.name in arrays or kind is None:
+            continue
+        if kind is ObviousInput.POSITION:
+            value = np.broadcast_to(np.arange(length), (samples, length))
+        else:
+            value = np.full((samples, length), 1 if kind is ObviousInput.MASK else 0)
+        filled[spec.name] = value.astype(spec.dtype)
+        notes.append(f"{spec.name} = {kind.value}")
+    if notes:
+        warnings.warn(f"calibration data lacks {', '.join(notes)}; using those values", FilledInputWarning,
+                      stacklevel=3)
+    return filled
+
+
+def _show(shape: tuple) -> str:
+    return "(" + ", ".join(str(d) if d is not None else "?" for d in shape) + ")"
+
+
+def synthetic_inputs(g: ModelGraph, specs: list[InputSpec], samples: int, seed: int) -> dict[str, np.ndarray]:
+    """Inputs made from the input specs: floats N(0,1), token ids uniform over the vocabulary
+    read from the embedding table, masks ones, token types zeros."""
+    warnings.warn("no --calib data given: scoring on synthetic inputs; real data gives better results",
+                  SyntheticDataWarning, stacklevel=2)
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for spec in specs:
+        shape = [samples] + [d if isinstance(d, int) and d > 0 else DEFAULT_SEQUENCE for d in spec.shape[1:]]
+        lowered = spec.name.lower()
+        if is_past_cache(spec):
+            feed[spec.name] = empty_cache(spec, samples)
+        elif ObviousInput.of(spec) is ObviousInput.POSITION:
+            feed[spec.name] = np.broadcast_to(np.arange(shape[1]), shape).astype(spec.dtype)
+        elif spec.dtype.kind == "f":
+            feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        elif spec.dtype.kind == "b" or "mask" in lowered:
+            feed[spec.name] = np.ones(shape, dtype=spec.dtype)
+        elif "type" in lowered or "segment" in lowered:
+            feed[spec.name] = np.zeros(shape, dtype=spec.dtype)
+        elif spec.dtype.kind in "iu":
+            vocab = _vocabulary_size(g, spec.name)
+            if vocab is None:
+                raise SnpError(f"cannot make synthetic values for integer input {spec.name!r} "
+                               "(no embedding table reads it); pass --calib")
+            feed[spec.name] = rng.integers(0, vocab, size=shape).astype(spec.dtype)
+        else:
+            raise SnpError(f"cannot make synthetic values for input {spec.name!r} of type {spec.dtype}; pass --calib")
+    return feed
+
+
+def _vocabulary_size(g: ModelGraph, name: str) -> int | None:
+    frontier = [name]
+    for _ in range(4):  # ids may be cast or reshaped before the embedding Gather
+        next_frontier = []
+        for tensor in frontier:
+            for node in g.consumers_of(tensor):
+                table = None
+                if node.op_type == "Gather" and node.input[1] == tensor:
+                    table = g.constant(node.input[0])
+                elif node.op_type == "EmbedLayerNormalization" and node.input[0] == tensor:
+                    table = g.constant(node.input[2])  # com.microsoft: (ids, segment ids, word table, …)
+                if table is not None and table.ndim == 2:
+                    return int(table.shape[0])
+                next_frontier += list(node.output)
+        frontier = next_frontier
+    return None
+
+
+def fixed_batch(specs: list[InputSpec]) -> int | None:
+    """The batch size baked into the model's inputs, if any."""
+    sizes = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def token_mask_input(specs: list[InputSpec]) -> str | None:
+    """A 2-D integer input named like an attention mask: its zeros mark padding."""
+    for spec in specs:
+        if "mask" in spec.name.lower() and len(spec.shape) == 2 and spec.dtype.kind in "iufb":
+            return spec.name
+    return None
+
+
+# weights handed to onnxruntime in memory rather than inside the serialised model
+_IN_MEMORY_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                    onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
+_IN_MEMORY_MIN_BYTES = 1024
+
+
+Weights = Callable[[str], "np.ndarray | None"]  # an initializer's decoded value, by name
+
+
+def session(model: onnx.ModelProto, threads: int = 0, extra_outputs: Iterable[str] = (),
+            weights: Weights | None = None, configure: Callable[[ort.SessionOptions], None] | None = None
+            ) -> ort.InferenceSession:
+    """An onnxruntime session over `model`, with `extra_outputs` added as graph outputs.
+
+    The model is not serialised with its weights: onnxruntime gets a weight-free copy of the
+    graph and the weights as in-memory external initializers. That skips serialising and
+    re-parsing every weight for each session, leaves `model` untouched, and works the same for
+    models above protobuf's 2 GB limit. `weights` may supply already decoded arrays (ModelGraph
+    keeps them), which the session then shares instead of decoding its own copy."""
+    graph_only, names, values = _without_weights(model, weights)
+    existing = {o.name for o in graph_only.graph.output}
+    graph_only.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in dict.fromkeys(extra_outputs)
+                                   if t not in existing)
+    return light_session(graph_only, names, values, threads, configure=configure)
+
+
+def light_session(light: onnx.ModelProto, names: list[str], values: list[ort.OrtValue], threads: int = 0,
+                  segment: bool = False, configure: Callable[[ort.SessionOptions], None] | None = None
+                  ) -> ort.InferenceSession:
+    """A session over a model whose larger weights are given apart (see `add_initializers`).
+
+    `segment`: one of many sessions alive at once (segments.py). Their memory arenas would each
+    keep a run's worth of memory for as long as they live, so allocations go straight to the
+    heap instead; and their threads do not spin after a run, where numpy work follows at once
+    on the same cores."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # failures are reported by onnxsnp, in one line
+    if threads:
+        options.intra_op_num_threads = threads
+    if segment:
+        options.enable_cpu_mem_arena = False
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if names:
+        options.add_external_initializers(names, values)
+    if configure is not None:
+        configure(options)
+    sess = ort.InferenceSession(light.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    sess._onnxsnp_weights = values  # onnxruntime reads these buffers for as long as the session lives
+    return sess
+
+
+def _without_weights(model: onnx.ModelProto, weights: Weights | None = None
+                     ) -> tuple[onnx.ModelProto, list[str], list[ort.OrtValue]]:
+    """A copy of `model` whose larger initializers are marked external, plus those initializers
+    as OrtValues: `weights`' arrays where it has them, else decoded from the proto here."""
+    light = without_initializers(model)
+    names, values = add_initializers(light.graph, model.graph.initializer, weights)
+    return light, names, values
+
+
+def without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` with every field but the graph's initializers."""
+    light = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            copy_field(light, field, value)
+    for field, value in model.graph.ListFields():
+        if field.name != "initializer":
+            copy_field(light.graph, field, value)
+    return light
+
+
+def add_initializers(graph: onnx.GraphProto, tensors: Iterable[onnx.TensorProto], weights: Weights | None = None
+                     ) -> tuple[list[str], list[ort.OrtValue]]:
+    """Add `tensors` to `graph`: small ones copied, larger ones as stubs marked external whose
+    values are returned as OrtValues for `SessionOptions.add_external_initializers`."""
+    names, values = [], []
+    for tensor in tensors:
+        if (tensor.data_type in _IN_MEMORY_TYPES and len(tensor.raw_data) >= _IN_MEMORY_MIN_BYTES
+                and tensor.data_location != onnx.TensorProto.EXTERNAL):
+            stub = graph.initializer.add()
+            stub.name, stub.data_type = tensor.name, tensor.data_type
+            stub.dims.extend(tensor.dims)
+            stub.data_location = onnx.TensorProto.EXTERNAL
+            stub.external_data.add(key="location", value="onnxsnp-in-memory")
+            names.append(tensor.name)
+            value = weights(tensor.name) if weights is not None else None
+            if value is None:
+                value = numpy_helper.to_array(tensor)
+            values.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)))
+        else:
+            graph.initializer.add().CopyFrom(tensor)
+    return names, values
+
+
+def copy_field(target, field, value) -> None:
+    if hasattr(value, "extend"):  # a repeated field
+        getattr(target, field.name).extend(value)
+    elif hasattr(value, "CopyFrom"):
+        getattr(target, field.name).CopyFrom(value)
+    else:
+        setattr(target, field.name, value)
+
+
+class Runner:
+    """One onnxruntime session over `model` that hands back chosen intermediate tensors as well
+    as the model's outputs.
+
+    Building a session optimises and pre-packs every weight; for a large model that costs as
+    much as a few batches, so each model gets one Runner that every stage shares."""
+
+    def __init__(self, model: onnx.ModelProto, tensors: Iterable[str] = (), threads: int = 0,
+                 role: str = "input model", weights: Weights | None = None):
+        self.role = role
+        state = cache_outputs(model)  # a decoder's present keys/values: its state, not its result
+        self.output_names = [o.name for o in model.graph.output if o.name not in state]
+        added = [t for t in dict.fromkeys(tensors) if t not in set(self.output_names)]
+        try:
+            self.session = session(model, threads, added, weights)
+        except Exception as exc:
+            verb = "cannot run" if role == "input model" else "rejects"
+            raise SnpError(f"onnxruntime {verb} the {role}: {_first_line(exc)}") from None
+        self.available = set(self.output_names) | set(added)
+
+    def batches(self, feed: dict[str, np.ndarray], tensors: list[str], batch: int, progress: bool = False
+                ) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+        """Run over `feed` in batches, yielding (inputs, {tensor: value}) for the given tensors.
+
+        The values are views of onnxruntime's buffers: keeping any of them, however small, keeps
+        the session's whole memory arena alive after the session is gone. Copy what you keep."""
+        missing = [t for t in tensors if t not in self.available]
+        if missing:
+            raise ValueError(f"the runner was not built to capture {missing[:3]}")
+        total = next(iter(feed.values())).shape[0]
+        starts = range(0, total, batch)
+        if progress:
+            starts = steps(starts, f"running the {self.role} on {total} samples", len(starts), "batches")
+        for start in starts:
+            inputs = {k: v[start:start + batch] for k, v in feed.items()}
+            try:
+                values = self.session.run(tensors, fitted(self.session, inputs))
+            except Exception as exc:
+                what = "the calibration inputs" if self.role == "input model" else f"the {self.role}"
+                raise SnpError(f"onnxruntime failed on {what}: {_first_line(exc)}") from None
+            yield inputs, dict(zip(tensors, values))
+
+    def outputs(self, feed: dict[str, np.ndarray], batch: int) -> list[np.ndarray]:
+        """The model's outputs over all of `feed`, batches concatenated."""
+        return join_outputs([[acts[n] for n in self.output_names]
+                             for _, acts in self.batches(feed, self.output_names, batch)])
+
+
+def cache_outputs(model: onnx.ModelProto) -> set[str]:
+    """The graph outputs that are a decoder's KV cache: a Concat of a graph input (the past) with
+    this step's keys or values, or the present outputs of an attention op."""
+    graph_inputs = {i.name for i in model.graph.input}
+    found = set()
+    for node in model.graph.node:
+        if node.op_type == "Concat" and any(t in graph_inputs for t in node.input):
+            found.add(node.output[0])
+        elif node.op_type in ("GroupQueryAttention", "MultiHeadAttention", "Attention"):
+            found.update(node.output[1:])
+    return found & {o.name for o in model.graph.output}
+
+
+def fitted(sess: ort.InferenceSession, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`feed` with every empty input (a KV cache at past length 0) in the shape this session
+    declares: a pruned decoder's caches are narrower than the original's."""
+    declared = {i.name: i.shape for i in sess.get_inputs()}
+    result = dict(feed)
+    for name, value in feed.items():
+        shape = declared.get(name)
+        if value.size == 0 and shape is not None and len(shape) == value.ndim:
+            result[name] = np.zeros([d if isinstance(d, int) else n for d, n in zip(shape, value.shape)], value.dtype)
+    return result
+
+
+def join_outputs(per_batch: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """Per-batch output lists → one array per output (scalar outputs: the first batch's)."""
+    if not per_batch:
+        return []
+    return [np.concatenate(chunk) if chunk[0].ndim else np.array(chunk[0]) for chunk in zip(*per_batch)]
+
+
+def capture(model: onnx.ModelProto, tensors: list[str], feed: dict[str, np.ndarray], batch: int,
+            progress: bool = False) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
+    """Run `model` over `feed` in batches and yield (inputs, captured tensors) per batch."""
+    yield from Runner(model, tensors).batches(feed, tensors, batch, progress)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__

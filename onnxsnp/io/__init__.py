@@ -1,0 +1,1 @@
+"""Files: loading a model with clear errors, writing results atomically, onnxruntime-genai folders."""

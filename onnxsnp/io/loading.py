@@ -1,0 +1,82 @@
+"""Stage 1: read an ONNX file (with its external data) into memory, with clear errors."""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from ..errors import SnpError
+
+
+@dataclass
+class LoadedModel:
+    model: onnx.ModelProto
+    path: Path
+    external_data: bool  # the file kept its weights in separate data files
+    files: frozenset[Path]  # the model file and its external data files, resolved
+
+# protobuf cannot serialise a message of 2 GiB or more: bigger models go through files with
+# external data (a margin is kept for the graph itself)
+PROTOBUF_LIMIT = 2**31 - 2**26
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) for t in model.graph.initializer)
+
+
+def is_big(model: onnx.ModelProto) -> bool:
+    """Too big to serialise as one protobuf."""
+    return weight_bytes(model) >= PROTOBUF_LIMIT
+
+
+@contextmanager
+def model_file(model: onnx.ModelProto) -> Iterator[Path]:
+    """`model` saved in a temporary folder (weights as external data), for tools that need a path."""
+    with tempfile.TemporaryDirectory(prefix="onnxsnp-") as folder:
+        path = Path(folder) / "model.onnx"
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)  # saving with external data empties the tensors it writes out
+        onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="model.onnx.data", size_threshold=1024)
+        del copy
+        yield path
+
+
+def load_model(path: str | os.PathLike) -> LoadedModel:
+    """Load `path` and its external data. Raises SnpError for anything that is not a usable model."""
+    path = Path(path)
+    if not path.exists():
+        raise SnpError(f"input file not found: {path}")
+    if not path.is_file():
+        raise SnpError(f"input is not a file: {path}")
+    if path.stat().st_size == 0:
+        raise SnpError(f"input file is empty: {path}")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError, UnicodeDecodeError) as exc:
+        raise SnpError(f"{path} is not an ONNX model or is truncated ({type(exc).__name__})") from None
+    except Exception as exc:  # protobuf raises a handful of internal types for garbage input
+        raise SnpError(f"{path} could not be parsed as ONNX ({type(exc).__name__}: {exc})") from None
+    if not model.HasField("graph") or len(model.graph.node) == 0:
+        raise SnpError(f"{path} is not an ONNX model (no graph nodes); is it truncated?")
+    if not model.opset_import:
+        raise SnpError(f"{path} declares no opset; it is not a valid ONNX model")
+    locations = {entry.value for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+                 for entry in t.external_data if entry.key == "location"}
+    files = frozenset({path.resolve()} | {(path.parent / location).resolve() for location in locations})
+    try:
+        onnx.load_external_data_for_model(model, str(path.parent))
+    except (OSError, ValueError) as exc:
+        raise SnpError(f"external data of {path} could not be read: {_line(exc)}") from None
+    return LoadedModel(model, path, bool(locations), files)
+
+
+def _line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]

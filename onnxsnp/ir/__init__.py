@@ -1,0 +1,1 @@
+"""The graph as the pruner reads it: the ONNX graph view, the editor, shape stand-ins for contrib ops, sizes, and the quantized weight forms (QDQ, MatMulNBits, dynamic int8) read as float and written back."""

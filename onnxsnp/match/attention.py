@@ -1,0 +1,492 @@
+"""From an attention core (what a rule found) to an `AttentionBlock`: Q, K and V traced back to
+their projections, attn·V forward to the output projection, the head layout read, and every
+tensor whose width changes checked to be private to the block."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import onnx
+
+from ..ir.graph import ModelGraph, attribute
+from .blocks import (AttentionBlock, FrozenScale, FusedQkv, KvCache, Linear, NoMatch, Rotary, ShapeEdit, Skipped,
+                     Width, block_name)
+from .decoder import check_kv_axis, kv_cache_join, rotary_producing
+from .layout import FUSED, MERGED, SPLIT, Axes, Path, path_shape_edits
+from .linear import linear_producing, linear_reading
+from .norms import Norm, norm_writing
+from .shapes import head_layout, shape_entries, shape_source
+
+# Ops that only move, reshape, select or cast data between a projection and the score MatMul
+# (Expand: grouped-query attention repeating key/value heads).
+_LAYOUT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Split", "Gather", "Slice", "Expand",
+               "Cast"}  # OLMo 2 casts rotated q/k to the compute type
+
+
+SCALE_OPS = {"Mul", "Div"}
+_QDQ = ("QuantizeLinear", "DequantizeLinear")
+
+
+def activation_qdq(g: ModelGraph, node: onnx.NodeProto) -> bool:
+    """Is `node` a per-tensor QuantizeLinear/DequantizeLinear of an activation? Such a pair is
+    element-wise with one scale, so it passes like Identity; a per-channel one is refused by name."""
+    if node.op_type not in _QDQ or g.is_constant(node.input[0]):
+        return False  # a weight's DequantizeLinear is part of the (constant) weight
+    if any(g.constant(t) is None or g.constant(t).size != 1 for t in node.input[1:3] if t):
+        raise NoMatch(f"{node.op_type} node {node.name} quantizes activations per channel")
+    return True
+
+# --- attention --------------------------------------------------------------------------------
+@dataclass
+class _Trace:
+    """What was passed on the way from a score operand back to its projection."""
+
+    linear: Linear
+    nodes: list[onnx.NodeProto]  # from the operand back to the projection (exclusive)
+    scales: list[FrozenScale]
+    part: int | None = None  # which of q/k/v a fused projection's selector took
+    part_tensor: str | None = None  # the selector's output on this path
+    selector: int | None = None  # the selector's index in `nodes`
+    rotary: Rotary | None = None  # a rotary embedding on the way (its Add is in `nodes`)
+    rotary_edits: list[ShapeEdit] = field(default_factory=list)
+    half: int | None = None  # the rotary's split point, where it is a literal
+    kv: KvCache | None = None  # a KV cache joined on the way (its Concat is in `nodes`)
+    norm: Norm | None = None  # a QK-norm on the way (its last node is in `nodes`)
+
+
+@dataclass
+class AttentionCore:
+    """What an attention rule reads out of the graph: where Q, K and V enter the core and where its
+    output leaves. The rest (projections, head layout, shape edits) is found the same way for
+    every rule."""
+
+    anchor: onnx.NodeProto
+    q: str
+    k: str  # K or Kᵀ: the path tracking follows whichever layout the graph uses
+    v: str
+    output: str  # attn·V, heads split (…, N, d), or merged where `heads` is given
+    frozen: list[FrozenScale] = field(default_factory=list)  # scales between Q·Kᵀ and the softmax
+    nodes: set[str] = field(default_factory=set)  # the core's own nodes (scores, softmax, attn·V)
+    products: tuple[str, str] = ("", "")  # the Q·Kᵀ and attn·V nodes (an attention op: itself twice)
+    heads: int | None = None  # given by an op that takes and gives merged heads (…, N, H·d)
+    op: str | None = None  # an attention op whose scale (and head-count attributes) the rewrite sets
+    scale: float | None = None  # that op's scale attribute, if it has one
+    packed: Linear | None = None  # a [D, 3·H·d] q|k|v projection held inside the op
+    packed_bias: str | None = None  # a [q | k | v] bias input of the op
+    form: str | None = None  # the block's form where it is the op's own
+    kv_heads: int | None = None  # an op with grouped-query attention: its key/value heads
+    kv_caches: tuple[KvCache, ...] = ()  # an op's own past inputs and present outputs
+    rotary: Rotary | None = None  # an op's own rotary embedding
+    region: tuple[str, ...] = ()  # more tensors whose width the cut changes (a packed projection's output)
+
+
+def assemble(g: ModelGraph, core: AttentionCore) -> AttentionBlock:
+    """The block around a core; NoMatch where any part of it cannot be pruned safely."""
+    traces: tuple[_Trace, ...] = ()
+    if core.packed is None:
+        traces = tuple(_trace_to_linear(g, t, part) for t, part in zip((core.q, core.k, core.v),
+                                                                       ("query", "key", "value")))
+    out, merge_path = _forward_to_linear(g, core.output)
+    if core.packed is not None:
+        block = _packed_block(core, out)
+        region = {core.output, *core.region}
+    else:
+        q_trace, k_trace, v_trace = traces
+        if any(not scale.constant for scale in v_trace.scales):
+            raise NoMatch("V is scaled by a run-time value")
+        name = block_name(core.anchor.name, (q_trace.linear, out))
+        if q_trace.linear.node == k_trace.linear.node == v_trace.linear.node:
+            block = _fused_block(g, name, core.anchor, q_trace, k_trace, v_trace, out)
+        elif len({q_trace.linear.node, k_trace.linear.node, v_trace.linear.node}) == 3:
+            block = _separate_block(g, name, core, q_trace, k_trace, v_trace, out)
+        else:
+            raise NoMatch("Q, K and V share some but not all projections")
+        region = _region_tensors(q_trace, k_trace, v_trace, core)
+    if out.in_features != block.heads * block.head_dim:
+        raise NoMatch(f"output projection reads {out.in_features} features, attention gives "
+                      f"{block.heads}×{block.head_dim}")
+    if core.form is not None:
+        block.form = core.form
+    if core.form == "ort-gqa":  # one head size for Q, K and V; the rotary cache shared by all heads
+        block.equal_widths = "GroupQueryAttention takes one head size for Q, K and V"
+        if core.rotary is not None:
+            block.pairs_shared = "GroupQueryAttention's rotary cache holds one column per pair for every head"
+            block.width_multiple = 16  # onnxruntime's kernels: "head_size shall be a multiple of 16" with rotary
+    if core.op is not None:
+        block.attention_op = core.op
+        block.scale = core.scale if core.scale is not None else block.head_dim ** -0.5
+    block.packed_bias = core.packed_bias
+    block.core_nodes = core.products
+    region |= {t for node in merge_path for t in node.output}
+    seen = _shape_edits(g, block, traces, merge_path, region, core)
+    _decoder_parts(g, block, traces, seen, core)
+    _qk_norms(g, block, traces, seen)
+    _check_private(g, region, core, traces, merge_path, out, seen, block)
+    scales = core.frozen + [scale for trace in traces[:2] for scale in trace.scales]
+    block.frozen_scales = [scale for scale in scales if not scale.constant]
+    block.constant_scales = [scale for scale in scales if scale.constant]
+    for scale in block.frozen_scales:
+        _check_frozen_scale(g, scale, region, block.head_dim)
+    quantized = [n.name for n in (traces[0].nodes if traces else []) if n.op_type == "QuantizeLinear"]
+    if quantized:
+        block.q_fixed = f"q is quantized at {quantized[0]}: rescaling its columns would change the rounding"
+    return block
+
+
+def _shape_edits(g: ModelGraph, block: AttentionBlock, traces: tuple[_Trace, ...], merge_path: list[onnx.NodeProto],
+                 region: set[str], core: AttentionCore) -> dict[str, Axes]:
+    """Every Reshape entry on the block's paths that holds a pruned width (into the block); returns
+    where the tracked axes are in each tensor on the way."""
+    seen: dict[str, Axes] = {}
+    for trace, kind in zip(traces, ("q", "k", "v")):
+        if block.fused is not None:  # from the (…, 3, H, d) reshape on: it is replaced, so not edited
+            reshape = next(i for i, n in enumerate(trace.nodes) if n.name == block.fused.reshape)
+            forward, start = list(reversed(trace.nodes[:reshape])), FUSED
+        elif trace.selector is not None:  # a fused projection split: from the Split on, each part holds merged heads
+            forward, start = list(reversed(trace.nodes[:trace.selector])), MERGED
+        else:
+            forward, start = list(reversed(trace.nodes)), MERGED
+        passes = frozenset(n.name for n in trace.nodes if n.op_type in ("Add", "Concat"))  # rotary, KV cache
+        if trace.norm is not None:  # a QK-norm keeps every axis where it is
+            passes |= {g.producer_of(trace.norm.output).name}
+        block.shape_edits += path_shape_edits(g, forward, Path.of(kind, block), block, region, start, seen, passes)
+    start = SPLIT if core.heads is None else MERGED
+    seen[core.output] = start
+    block.shape_edits += path_shape_edits(g, merge_path, Path.of("out", block), block, region, start, seen)
+    return seen
+
+
+def _decoder_parts(g: ModelGraph, block: AttentionBlock, traces: tuple[_Trace, ...], seen: dict[str, Axes],
+                   core: AttentionCore) -> None:
+    """The rotary embeddings and KV caches found on the way, with where their head axes are."""
+    caches, rotary = list(core.kv_caches), [core.rotary] if core.rotary is not None else []
+    for trace, kind in zip(traces, ("q", "k", "v")):
+        count = Path.of(kind, block).count
+        for node in trace.nodes:
+            axes = seen.get(node.name)
+            if trace.kv is not None and node.op_type == "Concat":
+                rank = len(g.shapes.get(node.output[0]) or ())
+                if axes is None or axes.merged or axes.heads is None or not rank:
+                    raise NoMatch(f"{node.name}: cannot tell the head axes of the KV cache")
+                check_kv_axis(node, rank, (axes.dim, axes.heads))
+                caches.append(replace(trace.kv, heads_axis=axes.heads, dim_axis=axes.dim))
+            if trace.rotary is not None and node.name == trace.rotary.node:
+                if kind == "v":
+                    raise NoMatch(f"a rotary embedding on V ({node.name})")
+                if axes is None or axes.merged or axes.heads is None or axes.dim != -1:
+                    raise NoMatch(f"{node.name}: the rotary embedding is not applied per head")
+                if trace.half is not None and 2 * trace.half != block.head_dim:
+                    raise NoMatch(f"{node.name} rotates {2 * trace.half} of {block.head_dim} head dims "
+                                  "(partial rotary embeddings are not supported)")
+                rotary.append(replace(trace.rotary, heads=count, heads_axis=axes.heads))
+                block.shape_edits += trace.rotary_edits
+    if traces and (traces[0].rotary is None) != (traces[1].rotary is None):
+        raise NoMatch("a rotary embedding on only one of q and k")
+    block.rotary, block.kv_caches = tuple(rotary), tuple(caches)
+    if len(rotary) == 2 and not any(r.shared for r in rotary):
+        block.qk_tensors = (rotary[0].output, rotary[1].output)
+
+
+def _qk_norms(g: ModelGraph, block: AttentionBlock, traces: tuple[_Trace, ...], seen: dict[str, Axes]) -> None:
+    """A norm on q or k: per head (over the head dim: Qwen3, Gemma 3) whole heads may still go;
+    over all heads (OLMo 2) neither heads nor dims may, as either changes its statistic."""
+    norms = [(t.norm, kind) for t, kind in zip(traces, "qk") if t.norm is not None]
+    if not norms:
+        return
+    if len(norms) == 1:
+        raise NoMatch(f"a norm on only one of q and k ({norms[0][0].output})")
+    block.qk_norms = tuple(g.producer_of(norm.output).name for norm, _ in norms)
+    for norm, kind in norms:
+        axes = seen.get(block.qk_norms[0 if kind == "q" else 1])
+        if axes is None or axes.dim != -1:
+            raise NoMatch(f"{norm.output}: cannot tell which axis the QK-norm normalises")
+        if axes.merged:
+            block.heads_fixed = block.heads_fixed or f"{norm.output} normalises q/k over all heads together"
+    block.qk_whole = f"{norms[0][0].output} normalises each head's q/k: a cut within a head would change its RMS"
+
+
+def _packed_block(core: AttentionCore, out: Linear) -> AttentionBlock:
+    """An op that reads q, k and v from one packed projection (equal head widths, q|k|v in order;
+    with grouped-query attention K and V have fewer heads)."""
+    linear = core.packed
+    assert linear is not None and core.heads is not None
+    kv_heads = core.kv_heads or core.heads
+    dim = linear.out_features // (core.heads + 2 * kv_heads)
+    name = block_name(core.anchor.name, (linear, out))
+    q_width, kv_width = core.heads * dim, kv_heads * dim
+    return AttentionBlock(name, core.form or "packed", core.heads, dim, linear, linear, linear, out,
+                          core.anchor.name, (0, q_width, q_width + kv_width), kv_heads=core.kv_heads)
+
+
+def _check_private(g: ModelGraph, region: set[str], core: AttentionCore, traces: tuple[_Trace, ...],
+                   merge: list[onnx.NodeProto], out: Linear, seen: dict[str, Axes], block: AttentionBlock) -> None:
+    """Pruning changes every tensor of the region: nothing outside the block may read one, but for
+    reads of the sizes of axes the cut leaves alone; no graph output but a KV cache's present one."""
+    inside = set(core.nodes) | {n.name for t in traces for n in t.nodes} | {n.name for n in merge} | {out.node}
+    inside |= {n.name for n in g.consumers_of(out.input) if n.op_type == "Reshape"}  # flattening its tokens
+    inside |= {name for rotary in block.rotary for name in rotary.nodes}
+    norm_nodes = {name for t in traces if t.norm is not None for name in t.norm.nodes}
+    inside |= norm_nodes
+    region |= {t for name in norm_nodes for t in g.node(name).output}
+    region |= {t for rotary in block.rotary for name in rotary.nodes if name in g.nodes for t in g.node(name).output}
+    outputs = set(g.graph_outputs) - {cache.present for cache in block.kv_caches}
+    for tensor in region:
+        if tensor in outputs:
+            raise NoMatch(f"{tensor} is a graph output; pruning would change it")
+        for reader in g.consumers_of(tensor):
+            # Shape readers feed reshapes and scales, which are checked on their own
+            if reader.name not in inside and reader.op_type != "Shape" and not _reads_sizes(g, reader, tensor, seen):
+                raise NoMatch(f"{reader.op_type} node {reader.name} outside the attention reads {tensor}")
+
+
+def _reads_sizes(g: ModelGraph, reader: onnx.NodeProto, tensor: str, seen: dict[str, Axes]) -> bool:
+    """Is `reader` a Transpose of a region tensor whose copy only feeds Shape → Gather reads of
+    axes the cut leaves alone (CLIP's text attention reads the key length so)?"""
+    axes, rank = seen.get(tensor), len(g.shapes.get(tensor) or ())
+    if reader.op_type != "Transpose" or axes is None or axes.merged or not rank:
+        return False
+    perm = list(attribute(reader, "perm", [])) or list(range(rank))[::-1]
+    tracked = {p for p in (axes.dim, axes.heads, axes.part) if p is not None}
+    for shape in g.consumers_of(reader.output[0]):
+        if shape.op_type != "Shape" or attribute(shape, "start", 0) or attribute(shape, "end", None) is not None:
+            return False
+        for gather in g.consumers_of(shape.output[0]):
+            index = g.constant(gather.input[1]) if gather.op_type == "Gather" else None
+            if index is None or index.size != 1 or perm[int(index.reshape(-1)[0]) % rank] - rank in tracked:
+                return False
+    return True
+
+
+def _check_frozen_scale(g: ModelGraph, scale: FrozenScale, region: set[str], head_dim: int) -> None:
+    """A run-time scale may be frozen only if it depends on nothing but q/k's head width
+    (torch's SDPA export: Shape(q)[-1] → Cast → Sqrt → Div → Sqrt)."""
+    frontier, seen = [scale.tensor], set()
+    while frontier:
+        tensor = frontier.pop()
+        if tensor in seen or g.is_constant(tensor):
+            continue
+        seen.add(tensor)
+        source = shape_source(g, tensor)
+        if source is not None:
+            shaped, axes = source
+            rank = len(g.shapes.get(shaped) or ())
+            if shaped not in region or axes != [rank - 1] or g.dim(shaped, -1) not in (head_dim, None):
+                raise NoMatch(f"the scale at {scale.node} depends on run-time values other than the head width")
+            continue
+        node = g.producer_of(tensor)
+        if node is None or node.op_type not in ("Cast", "Sqrt", "Div", "Mul", "Pow", "Reciprocal", "Identity"):
+            raise NoMatch(f"the scale at {scale.node} depends on run-time values other than the head width")
+        frontier += [t for t in node.input if t]
+
+
+def is_scalar(g: ModelGraph, tensor: str) -> bool:
+    value = g.constant(tensor)
+    if value is not None:
+        return value.size == 1
+    shape = g.shapes.get(tensor)
+    return shape is not None and all(d == 1 for d in shape)
+
+
+def _trace_to_linear(g: ModelGraph, tensor: str, part_name: str = "key") -> _Trace:
+    nodes: list[onnx.NodeProto] = []
+    scales: list[FrozenScale] = []
+    part: int | None = None
+    part_tensor: str | None = None
+    selector: int | None = None
+    trace = _Trace(None, nodes, scales)  # type: ignore[arg-type]  (the projection comes last)
+    for _ in range(24):
+        linear = linear_producing(g, tensor)
+        if linear is not None:
+            trace.linear, trace.part, trace.part_tensor, trace.selector = linear, part, part_tensor, selector
+            return trace
+        node = g.producer_of(tensor)
+        if node is None:
+            raise NoMatch(f"{tensor} does not come from a projection with constant weights")
+        rotary = rotary_producing(g, tensor) if node.op_type == "Add" else None
+        if rotary is not None:
+            if trace.rotary is not None:
+                raise NoMatch(f"two rotary embeddings on the way to the projection ({node.name})")
+            trace.rotary, trace.rotary_edits, trace.half = rotary
+            nodes.append(node)
+            tensor = trace.rotary.input
+            continue
+        joined = kv_cache_join(g, node, tensor, part_name) if node.op_type == "Concat" else None
+        if joined is not None:
+            if trace.kv is not None:
+                raise NoMatch(f"two KV caches on the way to the projection ({node.name})")
+            trace.kv, tensor = joined
+            nodes.append(node)
+            continue
+        norm = norm_writing(g, tensor) if part_name != "value" else None
+        if norm is not None:  # QK-norm: element-wise but for a statistic over the last axis
+            if trace.norm is not None:
+                raise NoMatch(f"two norms on the way to the projection ({node.name})")
+            trace.norm = norm
+            nodes.append(node)
+            tensor = norm.input
+            continue
+        if node.op_type in SCALE_OPS:
+            data, scale = node.input[0], node.input[1]
+            if not is_scalar(g, scale):
+                raise NoMatch(f"{node.name} scales by a non-scalar")
+            scales.append(FrozenScale(node.name, 1, scale, constant=g.is_constant(scale)))
+            nodes.append(node)
+            tensor = data
+            continue
+        if node.op_type not in _LAYOUT_OPS and not activation_qdq(g, node):
+            raise NoMatch(f"{node.op_type} node {node.name} between a projection and the scores")
+        if node.op_type in ("Split", "Gather", "Slice"):
+            if part is not None:
+                raise NoMatch(f"two selections on the way to the projection ({node.name})")
+            part, part_tensor, selector = _selected_part(g, node, tensor), tensor, len(nodes)
+        nodes.append(node)
+        tensor = node.input[0]
+    raise NoMatch("projection not found within 24 ops")
+
+
+def _selected_part(g: ModelGraph, node: onnx.NodeProto, tensor: str) -> int:
+    """Which of the 3 q/k/v parts a Split/Gather/Slice on the fused tensor picks."""
+    if node.op_type == "Split":
+        if len(node.output) != 3:
+            raise NoMatch(f"{node.name} splits into {len(node.output)} parts, not q/k/v")
+        return list(node.output).index(tensor)
+    if node.op_type == "Gather":
+        index = g.constant(node.input[1])
+        if index is None or index.size != 1:
+            raise NoMatch(f"{node.name} gathers a run-time index")
+        return int(index.reshape(-1)[0]) % 3
+    starts, ends = g.constant(node.input[1]), g.constant(node.input[2])
+    if starts is None or ends is None or starts.size != 1 or int(ends.reshape(-1)[0]) - int(starts.reshape(-1)[0]) != 1:
+        raise NoMatch(f"{node.name} is not a single-part slice")
+    return int(starts.reshape(-1)[0]) % 3
+
+
+def _forward_to_linear(g: ModelGraph, tensor: str) -> tuple[Linear, list[onnx.NodeProto]]:
+    path: list[onnx.NodeProto] = []
+    while len([n for n in path if n.op_type not in _QDQ]) < 8:  # a static QDQ model's pairs are not counted
+        linear = linear_reading(g, tensor)
+        if linear is not None:
+            return linear, path
+        consumers = g.consumers_of(tensor)
+        consumers = [c for c in consumers if c.op_type != "Shape"]
+        if len(consumers) != 1 or consumers[0].op_type not in ("Transpose", "Reshape", "Identity") and \
+                not activation_qdq(g, consumers[0]):
+            break
+        path.append(consumers[0])
+        tensor = consumers[0].output[0]
+    raise NoMatch("no output projection after attn·V")
+
+
+def _separate_block(g: ModelGraph, name: str, core: AttentionCore, q: _Trace, k: _Trace, v: _Trace,
+                    out: Linear) -> AttentionBlock:
+    if q.part is not None or k.part is not None or v.part is not None:
+        raise NoMatch("a selection (Split/Gather/Slice) on a separate projection")
+    if core.heads is not None:  # an op with merged heads: the count is its attribute
+        kv_heads = core.kv_heads or core.heads
+        dim = q.linear.out_features // core.heads
+        if q.linear.out_features % core.heads or {k.linear.out_features, v.linear.out_features} != {kv_heads * dim}:
+            raise NoMatch(f"{core.anchor.name}: the projections do not split evenly into {core.heads} heads")
+        heads = core.heads
+        if core.kv_heads is not None and core.kv_heads != heads:
+            return AttentionBlock(name, "separate", heads, dim, q.linear, k.linear, v.linear, out, core.anchor.name,
+                                  kv_heads=kv_heads)
+    else:
+        layouts = []
+        for trace in (q, k, v):
+            reshapes = [n for n in trace.nodes if n.op_type == "Reshape"]
+            if not reshapes:
+                raise NoMatch(f"no head-splitting Reshape after {trace.linear.node}")
+            layouts.append(head_layout(g, reshapes[-1], trace.linear.out_features))  # the one next to the projection
+        (heads, dim), (kv_heads, kv_dim), _ = layouts
+        grouped = layouts[1] == layouts[2] and kv_dim == dim and kv_heads < heads and heads % kv_heads == 0
+        if len(set(layouts)) != 1 and not grouped:
+            raise NoMatch(f"Q, K and V head layouts differ: {layouts}")
+        if grouped:  # grouped-query attention: each key/value head serves heads / kv_heads query heads
+            return AttentionBlock(name, "separate", heads, dim, q.linear, k.linear, v.linear, out, core.anchor.name,
+                                  kv_heads=kv_heads)
+    return AttentionBlock(name, "separate", heads, dim, q.linear, k.linear, v.linear, out, core.anchor.name)
+
+
+def _fused_block(g: ModelGraph, name: str, anchor: onnx.NodeProto, q: _Trace, k: _Trace, v: _Trace,
+                 out: Linear) -> AttentionBlock:
+    """One projection for q, k and v: reshaped to (…, 3, H, d) (maybe permuted after), then one
+    part taken by a Split, Slice or Gather along the 3-axis for each of q, k and v."""
+    if sorted(p for p in (q.part, k.part, v.part) if p is not None) != [0, 1, 2]:
+        raise NoMatch("fused projection: cannot tell which part is q, k and v")
+    shared = [[n.name for n in t.nodes[t.selector + 1:]] for t in (q, k, v)]
+    if shared[0] != shared[1] or shared[0] != shared[2]:
+        raise NoMatch("q, k and v are not taken from one reshaped fused projection")
+    before = list(reversed(q.nodes[q.selector + 1:]))  # from the projection to the selectors
+    if not before and q.nodes[q.selector].op_type == "Split":
+        return _split_block(g, name, anchor, q, k, v, out)
+    if not before or before[0].op_type != "Reshape":
+        raise NoMatch("fused projection is not reshaped to (…, 3, H, d) before q, k and v are taken apart")
+    reshape, replay = before[0], before[1:]
+    if any(n.op_type not in ("Transpose", "Identity") for n in replay):
+        raise NoMatch(f"fused projection: {[n.op_type for n in replay]} between its reshape and the split")
+    entries = shape_entries(g, reshape.input[1])
+    if entries is None or len(entries) < 3 or entries[-3] != 3:
+        raise NoMatch("fused projection is not reshaped to (…, 3, H, d)")
+    heads, dim = head_layout(g, reshape, q.linear.out_features // 3)
+    axis = len(entries) - 3  # the 3-axis, followed through the Transposes to the selectors
+    for node in replay:
+        if node.op_type == "Transpose":
+            axis = list(attribute(node, "perm", [])).index(axis)
+    parts = {t.part: t for t in (q, k, v)}
+    width = heads * dim
+    fused = FusedQkv(reshape.name, tuple(parts[i].part_tensor for i in range(3)), tuple(n.name for n in replay), axis,
+                     tuple(parts[i].nodes[parts[i].selector].op_type == "Gather" and
+                           g.constant(parts[i].nodes[parts[i].selector].input[1]).ndim == 0 for i in range(3)))
+    return AttentionBlock(name, "fused-qkv", heads, dim, q.linear, k.linear, v.linear, out, anchor.name,
+                          (q.part * width, k.part * width, v.part * width), fused)
+
+
+def _split_block(g: ModelGraph, name: str, anchor: onnx.NodeProto, q: _Trace, k: _Trace, v: _Trace,
+                 out: Linear) -> AttentionBlock:
+    """One projection for q, k and v split along its features into three parts (GPT-2's c_attn;
+    onnxruntime-genai's qkv_proj before QK-norms, with grouped-query attention q | k | v of
+    H·d | G·d | G·d features): each part is then split into heads on its own, and the Split's
+    sizes follow the cut."""
+    split = q.nodes[q.selector]
+    rank = len(g.shapes.get(split.input[0]) or ())
+    sizes = g.constant(split.input[1]) if len(split.input) > 1 and split.input[1] else None
+    sizes = None if sizes is None else [int(s) for s in sizes.reshape(-1)]
+    parts = {q.part: "q", k.part: "k", v.part: "v"}
+    if sizes is None or len(sizes) != 3 or sum(sizes) != q.linear.out_features or not rank or \
+            attribute(split, "axis", 0) not in (-1, rank - 1) or [parts[i] for i in range(3)] != ["q", "k", "v"] \
+            or sizes[1] != sizes[2] or sizes[0] % sizes[1]:
+        raise NoMatch(f"{split.name} does not split the fused projection into q | k | v along its features")
+    width, kv_width = sizes[0], sizes[1]
+    reshapes = [n for n in q.nodes[:q.selector] if n.op_type == "Reshape"]
+    if not reshapes:
+        raise NoMatch(f"no head-splitting Reshape after {split.name}")
+    heads, dim = head_layout(g, reshapes[-1], width)
+    if kv_width % dim or heads % (kv_width // dim):
+        raise NoMatch(f"{split.name}: {kv_width} key/value features do not group {heads} heads of {dim}")
+    kv_heads = kv_width // dim
+    block = AttentionBlock(name, "fused-split", heads, dim, q.linear, k.linear, v.linear, out, anchor.name,
+                           (0, width, width + kv_width), kv_heads=kv_heads if kv_heads != heads else None)
+    widths = {q.part: Width.QK_MERGED, k.part: Width.KV_QK_MERGED, v.part: Width.KV_V_MERGED}
+    block.shape_edits += [ShapeEdit(split.name, widths[part], part - 3) for part in range(3)]
+    return block
+
+
+def _region_tensors(q: _Trace, k: _Trace, v: _Trace, core: AttentionCore) -> set[str]:
+    """Tensors from the projections to the core, whose width follows the pruned Q/K/V widths."""
+    tensors = {core.q, core.k, core.v, core.output}
+    for trace in (q, k, v):
+        tensors.add(trace.linear.output)
+        for node in trace.nodes:
+            tensors.update(node.output)
+    return tensors
+
+
+def drop_overlapping(blocks: list[AttentionBlock], skipped: list[Skipped]) -> None:
+    """Two Softmaxes reading the same projections cannot be pruned independently."""
+    owners: dict[str, int] = {}
+    for block in blocks:
+        for node in {block.q.node, block.k.node, block.v.node, block.out.node}:
+            owners[node] = owners.get(node, 0) + 1
+    for block in list(blocks):
+        if any(owners[n] > 1 for n in {block.q.node, block.k.node, block.v.node, block.out.node}):
+            blocks.remove(block)
+            skipped.append(Skipped(block.anchor, "attention", "its projections are shared with another attention"))

@@ -1,0 +1,146 @@
+"""What decoders add on the way from a projection to the scores: a rotary position embedding
+written out op by op (x·cos + rotate(x)·sin), the KV cache (past keys or values, a graph input,
+joined with this step's along the sequence axis into the present ones, a graph output) and the
+repetition of key/value heads for grouped-query attention (Unsqueeze → Expand → Reshape).
+
+A rotary embedding rotates pairs of head dims — (i, i + d/2) after rotate_half, (2i, 2i + 1)
+when interleaved — by the same angle, so both dims of a pair are kept or removed together and
+the cos/sin tables are sliced to the kept dims (rewriting.py). Where the split point d/2 is a
+literal in the graph it becomes a shape edit of the Q/K group.
+"""
+from __future__ import annotations
+
+import onnx
+
+from ..ir.graph import ModelGraph, attribute
+from .blocks import KvCache, NoMatch, Rotary, RotaryStyle, ShapeEdit, Width
+from .shapes import read_entries
+
+_BIG = 2 ** 31  # a Slice end at or past this means "to the end"
+
+
+def rotary_producing(g: ModelGraph, tensor: str) -> tuple[Rotary, list[ShapeEdit], int | None] | None:
+    """The written-out rotary embedding whose output is `tensor`: (it, the literal split points to
+    edit, the split point where it is a literal), or None where `tensor` is no rotary output."""
+    node = g.producer_of(tensor)
+    if node is None or node.op_type != "Add" or len(node.input) != 2:
+        return None
+    muls = [g.producer_of(t) for t in node.input]
+    if any(m is None or m.op_type != "Mul" for m in muls):
+        return None
+    for cos_mul, sin_mul in (muls, muls[::-1]):
+        for index in (0, 1):
+            found = _rotated(g, sin_mul.input[index])
+            if found is None:
+                continue
+            x, style, inner, edits, half = found
+            if x not in cos_mul.input or cos_mul.input[0] == cos_mul.input[1]:
+                continue
+            tables = ((cos_mul.name, 1 - list(cos_mul.input).index(x)), (sin_mul.name, 1 - index))
+            nodes = (node.name, cos_mul.name, sin_mul.name) + tuple(inner)
+            return Rotary(style, node.name, x, tensor, tables, nodes), edits, half
+    return None
+
+
+def _negated_and_plain(g: ModelGraph, negated: str, plain: str) -> tuple | None:
+    """(Neg, the Slice it negates, the other Slice) where `negated` is −Slice(x) and `plain` Slice(x)."""
+    neg, second = g.producer_of(negated), g.producer_of(plain)
+    if neg is None or second is None or neg.op_type != "Neg" or second.op_type != "Slice":
+        return None
+    first = g.producer_of(neg.input[0])
+    if first is None or first.op_type != "Slice" or first.input[0] != second.input[0]:
+        return None
+    return neg, first, second
+
+
+def _rotated(g: ModelGraph, tensor: str) -> tuple[str, RotaryStyle, list[str], list[ShapeEdit], int | None] | None:
+    """(x, style, nodes, edits, split point) if `tensor` is rotate_half(x) or its interleaved form."""
+    node = g.producer_of(tensor)
+    if node is None:
+        return None
+    if node.op_type == "Concat" and len(node.input) == 2:  # rotate_half: [−x[d/2:], x[:d/2]]
+        halves = _negated_and_plain(g, *node.input)
+        if halves is None:
+            return None
+        negated, first, second = halves
+        x = first.input[0]
+        rank = len(g.shapes.get(x) or ())
+        if not rank or attribute(node, "axis") not in (-1, rank - 1):
+            return None
+        high, low = _bounds(g, first, rank), _bounds(g, second, rank)
+        if high is None or low is None:
+            return None
+        (start_high, end_high), (start_low, end_low) = high, low
+        if start_low != 0 or (end_high is not None and end_high < _BIG) or start_high != end_low:
+            return None
+        edits = [ShapeEdit(name, Width.QK_HALF, -1, index) for name, index, value in
+                 ((first.name, 1, start_high), (second.name, 2, end_low)) if value is not None]
+        return x, RotaryStyle.HALF, [node.name, negated.name, first.name, second.name], edits, start_high
+    if node.op_type == "Reshape":  # interleaved: stack((−x[1::2], x[0::2]), −1) flattened
+        concat = g.producer_of(node.input[0])
+        if concat is None or concat.op_type != "Concat" or len(concat.input) != 2:
+            return None
+        pieces = [g.producer_of(t) for t in concat.input]
+        if any(p is None or p.op_type != "Unsqueeze" for p in pieces):
+            return None
+        halves = _negated_and_plain(g, *(p.input[0] for p in pieces))
+        if halves is None:
+            return None
+        negated, first, second = halves
+        x = first.input[0]
+        rank = len(g.shapes.get(x) or ())
+        odd, even = _bounds(g, first, rank, step=2), _bounds(g, second, rank, step=2)
+        if odd is None or even is None or odd[0] != 1 or even[0] != 0:
+            return None
+        entries = read_entries(g, node.input[1])
+        if entries is None or len(entries) != rank:
+            return None
+        edits = []
+        last = entries[-1]
+        if not last.follows and last.value not in (-1,):
+            edits.append(ShapeEdit(node.name, Width.QK, -1))
+        if any(not e.follows and e.value not in (0, -1) for e in entries[:-1]):
+            return None  # a literal heads or sequence entry: leave it to a form that needs it
+        nodes = [node.name, concat.name, *(p.name for p in pieces), negated.name, first.name, second.name]
+        return x, RotaryStyle.INTERLEAVED, nodes, edits, None
+    return None
+
+
+def _bounds(g: ModelGraph, node: onnx.NodeProto, rank: int, step: int = 1) -> tuple[int | None, int | None] | None:
+    """(start, end) of a Slice over the last axis with `step` (None where a bound is computed at run
+    time, which rotate_half exports do from the shape of x); None for anything else."""
+    inputs = list(node.input) + [""] * (5 - len(node.input))
+    axes = g.constant(inputs[3]) if inputs[3] else None
+    steps = g.constant(inputs[4]) if inputs[4] else None
+    if axes is None or axes.size != 1 or int(axes.reshape(-1)[0]) not in (-1, rank - 1):
+        return None
+    if (1 if steps is None else int(steps.reshape(-1)[0])) != step or (steps is not None and steps.size != 1):
+        return None
+    values = []
+    for tensor in inputs[1:3]:
+        value = g.constant(tensor)
+        if value is not None and value.size != 1:
+            return None
+        values.append(None if value is None else int(value.reshape(-1)[0]))
+    return values[0], values[1]
+
+
+def kv_cache_join(g: ModelGraph, node: onnx.NodeProto, tensor: str, part: str) -> tuple[KvCache, str] | None:
+    """(the cache, this step's tensor) if `node` is Concat(past, new) producing `tensor`, past a
+    graph input; None otherwise."""
+    if node.op_type != "Concat" or len(node.input) != 2:
+        return None
+    graph_inputs = {i.name for i in g.model.graph.input} - set(g.initializers)
+    past = [t for t in node.input if t in graph_inputs]
+    if len(past) != 1 or node.input[1] == past[0] and node.input[0] in graph_inputs:
+        return None
+    new = next(t for t in node.input if t != past[0])
+    present = tensor if tensor in g.graph_outputs else ""
+    return KvCache(past[0], present, part), new
+
+
+def check_kv_axis(node: onnx.NodeProto, rank: int, tracked: tuple[int | None, ...]) -> None:
+    """A KV cache joins along the sequence axis: never one the cut changes."""
+    axis = attribute(node, "axis", 0)
+    if axis is None or (axis % rank) - rank in {t for t in tracked if t is not None}:
+        raise NoMatch(f"{node.name} joins the cache along the head or head-dim axis")

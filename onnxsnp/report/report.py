@@ -1,0 +1,246 @@
+"""What a prune did, as a table for people and as JSON for pipelines."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ..verify.attention_maps import AttentionSample
+from ..plan import PrunePlan
+from ..match import Layer, Skipped
+from ..ir.stats import ModelStats
+from ..verify.verification import Fidelity
+
+
+@dataclass
+class BlockReport:
+    name: str
+    kind: str  # "attention" or "ffn"
+    form: str
+    heads: int | None = None  # before pruning
+    heads_after: int | None = None
+    qk_dim_before: int | None = None
+    qk_dim_after: int | None = None
+    v_dim_before: int | None = None
+    v_dim_after: int | None = None
+    ffn_dim_before: int | None = None
+    ffn_dim_after: int | None = None
+
+
+@dataclass
+class Report:
+    criterion: str
+    compensation: str  # "lstsq", "bias" or "none"
+    compensation_kept: list[str]  # the pieces that improved held-back fidelity and were applied
+    ratios: dict[str, float]
+    calibration: str  # "synthetic" or where the samples came from
+    calibration_samples: int
+    holdout_samples: int
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    fidelity: Fidelity
+    blocks: list[BlockReport]
+    skipped: list[Skipped] = field(default_factory=list)
+    removed_blocks: list[str] = field(default_factory=list)  # whole transformer blocks dropped
+    target: dict | None = None  # --target-*: the goal and the allocations tried
+    residual_width: list[int] | None = None  # [before, after] when residual channels were removed
+    weight_bytes_before: int = 0
+    weight_bytes_after: int = 0
+    latency_ms_before: float | None = None  # onnxruntime, one thread, one sample, interleaved
+    latency_ms_after: float | None = None
+    decode_ms_before: float | None = None  # a language model's cached decode step (one token), same conditions
+    decode_ms_after: float | None = None
+    attention_kl: dict[str, float | None] = field(default_factory=dict)  # per attention block, held-back samples
+    attention_maps: list[AttentionSample] = field(default_factory=list)  # the heads that changed most, one sample
+    reconstruction: dict | None = None  # the block-by-block refit: settings, samples, tokens, error per half-block
+    allocation: dict | None = None  # --target-* with reconstruction: the goal and the measured loss per block
+    seconds: float = 0.0
+    requantized: dict[str, float] | None = None  # MatMulNBits weights quantized again: node → relative weight error
+    # refitted MatMulNBits weights quantized with error feedback: node → relative error of X·W
+    requantized_feedback: dict[str, float] | None = None
+    notes: list[str] = field(default_factory=list)  # constraints the model's form put on the widths
+    kv_cache_bytes_before: int = 0  # a decoder's KV cache per token (keys and values of every layer); 0: none
+    kv_cache_bytes_after: int = 0
+
+    @property
+    def flops_before(self) -> int:
+        return 2 * self.macs_before
+
+    @property
+    def flops_after(self) -> int:
+        return 2 * self.macs_after
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data["fidelity"] = self.fidelity.as_dict()
+        data["flops_before"], data["flops_after"] = self.flops_before, self.flops_after
+        return data
+
+    def compensation_summary(self) -> str:
+        if self.reconstruction is not None:
+            r = self.reconstruction
+            return (f"{self.compensation} (block by block, {r['propagation']}, {r['reduction']} Q/K and V, "
+                    f"{r['selection']} selection; {r['samples']} samples, {r['tokens']} tokens)")
+        applied = ", ".join(self.compensation_kept) or "nothing helped"
+        return f"{self.compensation} ({applied})" if self.compensation != "none" else "none"
+
+    def table(self) -> str:
+        attention = [b for b in self.blocks if b.kind == "attention"]
+        ffn = [b for b in self.blocks if b.kind == "ffn"]
+        lines = [f"blocks found: {len(attention)} attention, {len(ffn)} FFN"
+                 + (f"; {len(self.skipped)} skipped (run `onnxsnp inspect` for why)" if self.skipped else "")]
+        if self.residual_width:
+            lines.append(f"  residual stream width {self.residual_width[0]}->{self.residual_width[1]}")
+        if self.removed_blocks:
+            lines.append(f"  removed whole blocks: {', '.join(self.removed_blocks)}")
+        for b in attention:
+            heads = f"{b.heads}" if b.heads == b.heads_after else f"{b.heads}->{b.heads_after}"
+            lines.append(f"  {b.name:<40} {b.form:<10} heads {heads}  q/k {b.qk_dim_before}->{b.qk_dim_after}"
+                         f"  v {b.v_dim_before}->{b.v_dim_after}")
+        for b in ffn:
+            lines.append(f"  {b.name:<40} {'ffn':<10} hidden {b.ffn_dim_before}->{b.ffn_dim_after}")
+        f = self.fidelity
+        rows = [("", "before", "after", "change"),
+                ("params", _num(self.params_before), _num(self.params_after), _pct(self.params_before, self.params_after)),
+                ("FLOPs/sample", _num(self.flops_before), _num(self.flops_after), _pct(self.flops_before, self.flops_after)),
+                ("weights", _size(self.weight_bytes_before), _size(self.weight_bytes_after),
+                 _pct(self.weight_bytes_before, self.weight_bytes_after))]
+        if self.kv_cache_bytes_before:
+            rows.append(("KV cache/token", _size(self.kv_cache_bytes_before), _size(self.kv_cache_bytes_after),
+                         _pct(self.kv_cache_bytes_before, self.kv_cache_bytes_after)))
+        if self.latency_ms_before is not None and self.latency_ms_after is not None:
+            rows.append(("latency, 1 thread", f"{self.latency_ms_before:.2f} ms", f"{self.latency_ms_after:.2f} ms",
+                         f"{self.latency_ms_before / max(self.latency_ms_after, 1e-9):.2f}x faster"))
+        if self.decode_ms_before is not None and self.decode_ms_after is not None:
+            rows.append(("decode step, 1 thread", f"{self.decode_ms_before:.2f} ms ({1000 / self.decode_ms_before:.0f}"
+                         " tokens/s)", f"{self.decode_ms_after:.2f} ms ({1000 / self.decode_ms_after:.0f} tokens/s)",
+                         f"{self.decode_ms_before / max(self.decode_ms_after, 1e-9):.2f}x faster"))
+        width = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines.append("")
+        lines += ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, width)))
+                  for r in rows]
+        top1 = f", top-1 agreement {f.top1_agreement:.1%}" if f.top1_agreement is not None else ""
+        held = (f"{f.samples} synthetic held-back samples (no --calib: this cannot judge the model on real data)"
+                if self.calibration == "synthetic" else f"{f.samples} held-back samples")
+        if f.perplexity_ratio is not None:  # a language model: what its users read
+            lines.append(f"fidelity on {held} ({f.tokens:,} next-token positions): perplexity "
+                         f"{f.perplexity_before:.2f} -> {f.perplexity_after:.2f} ({f.perplexity_ratio:.2f}x), "
+                         f"next-token agreement {f.next_token_agreement:.1%} (logits cosine {f.output_cosine:.4f})")
+        else:
+            lines.append(f"fidelity on {held}: output cosine {f.output_cosine:.4f}, centred cosine "
+                         f"{f.centred_cosine:.4f}, relative error {f.relative_error:.4f}{top1}, "
+                         f"max abs diff {f.max_abs_diff:.3g}")
+        lines.append(f"criterion {self.criterion}, compensation {self.compensation_summary()}, "
+                     f"calibration: {self.calibration} "
+                     f"({self.calibration_samples} samples fitted, {self.holdout_samples} held back)")
+        if self.requantized:
+            errors = list(self.requantized.values())
+            lines.append(f"requantized {len(errors)} MatMulNBits weights with their bits and block size: relative "
+                         f"weight error mean {np.mean(errors):.4f}, max {max(errors):.4f}")
+        if self.requantized_feedback:
+            errors = list(self.requantized_feedback.values())
+            lines.append(f"requantized {len(errors)} refitted MatMulNBits weights with error feedback on their "
+                         f"calibration inputs (GPTQ): relative output error mean {np.mean(errors):.4f}, "
+                         f"max {max(errors):.4f}")
+        lines += [f"note: {note}" for note in self.notes]
+        if self.target:
+            lines += latency_lines(self.target, (self.allocation or {}).get("timed"))
+        if self.target and self.allocation:
+            r = self.ratios
+            lines.append(f"target {target_name(self.target)}: widths allocated block by block by "
+                         f"measured sensitivity ({self.allocation['samples']} samples); on average removed q/k "
+                         f"{r['qk']:.3f}, v {r['v']:.3f}, ffn {r['ffn']:.3f}, heads {r['heads']:.3f}")
+        elif self.target:
+            r = self.ratios
+            lines.append(f"target {target_name(self.target)}: chose ratios q/k {r['qk']:.3f}, "
+                         f"v {r['v']:.3f}, ffn {r['ffn']:.3f} (best measured cosine of "
+                         f"{sum('cosine' in t for t in self.target['tried'])} allocations)")
+        return "\n".join(lines)
+
+
+SPEEDUP_TOLERANCE = 0.05  # a measured speedup this far below a --target-speedup goal is called a miss
+
+
+def target_name(target: dict) -> str:
+    return f"{target.get('flag', '--target-' + target['kind'])} {target['value']:g}"
+
+
+def latency_lines(target: dict, timed: dict | None = None) -> list[str]:
+    """A latency budget: the speedup the latency model predicted beside the one measured, and the
+    timed allocations that corrected it (timed.py)."""
+    if "predicted_speedup" not in target:
+        return []
+    line = (f"latency model: predicted {target['predicted_ms_before']:.2f} -> {target['predicted_ms_after']:.2f} ms, "
+            f"{target['predicted_speedup']:.2f}x faster")
+    lines = [line]
+    if timed:
+        checks = ", ".join(f"{t['measured_speedup']:.2f}x" for t in timed["trials"])
+        step = " per decode step" if timed.get("step") == "decode" else ""
+        lines.append(f"timed before the reconstruction: {checks} measured{step} (kept #{timed['chosen'] + 1}; "
+                     f"{timed['stopped']})")
+    measured = target.get("measured_speedup")
+    if measured is None:
+        lines[0] += " (not measured: -q without --report)"
+        return lines
+    goal = target["predicted_ms_before"] / target["goal_ms"]
+    step = " per decode step" if target.get("measured_step") == "decode" else ""
+    lines[0] += f"; measured {measured:.2f}x{step} (goal {goal:.2f}x)"
+    if abs(measured / goal - 1) > SPEEDUP_TOLERANCE:
+        lines[0] += f": the measured speedup is {abs(measured / goal - 1):.1%} {'below' if measured < goal else 'above'} the goal"
+        if not timed:
+            lines[0] += " (this route does not time its allocation; aim by measured/predicted)"
+    return lines
+
+
+def block_reports(plan: PrunePlan) -> list[BlockReport]:
+    rows = []
+    for keep in plan.attention:
+        b = keep.block
+        rows.append(BlockReport(b.name, "attention", b.form, b.heads, len(keep.query_heads()), b.head_dim,
+                                int(keep.qk.shape[1]), b.head_dim, int(keep.v.shape[1])))
+    for keep in plan.ffn:
+        b = keep.block
+        rows.append(BlockReport(b.name, "ffn", b.activation, ffn_dim_before=b.hidden, ffn_dim_after=len(keep.hidden)))
+    return rows
+
+
+CURVE_FRACTIONS = (0.125, 0.25, 0.5, 0.75)  # kept shares at which the report samples sensitivity curves
+
+
+def sensitivity_points(layer: Layer, curves) -> dict:
+    """A few points of one transformer block's sensitivity curves (sensitivity.LayerSensitivity):
+    the loss of each group at CURVE_FRACTIONS of its width kept, interpolated as the allocation
+    reads them (None below the fewest units measured, e.g. under one head), with the names of
+    its two blocks."""
+    block, ffn = layer.attention, layer.ffn
+    widths = {"qk": block.head_dim, "v": block.head_dim, "heads": block.heads, "ffn": ffn.hidden}
+
+    def point(curve, kept: float) -> float | None:
+        return float(f"{curve.at(kept):.3g}") if kept >= curve.kept[0] else None
+
+    return {"attention_block": block.name, "ffn_block": ffn.name,
+            "curves": {"kept": list(CURVE_FRACTIONS),
+                       **{group: [point(getattr(curves, group), share * width) for share in CURVE_FRACTIONS]
+                          for group, width in widths.items()}}}
+
+
+def stats_fields(before: ModelStats, after: ModelStats) -> dict[str, int]:
+    return {"params_before": before.params, "params_after": after.params,
+            "macs_before": before.macs, "macs_after": after.macs}
+
+
+def _num(value: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= size:
+            return f"{value / size:.2f}{unit}"
+    return str(value)
+
+
+def _size(count: int) -> str:
+    return f"{count / 1e6:.2f} MB" if count >= 1e5 else f"{count / 1e3:.1f} kB"
+
+
+def _pct(before: int, after: int) -> str:
+    return f"{(after - before) / before:+.1%}" if before else "n/a"

@@ -1,0 +1,271 @@
+"""Choosing the ratios that meet a FLOPs or parameter target with the least measured error.
+
+A cost model predicts the MACs and parameters of a plan from the original model's per-node
+MACs and initializer sizes (kept widths scale them linearly), so many plans can be costed
+without rewriting. Several allocations of the cut between Q/K pairs, V neurons and FFN neurons
+are each scaled to meet the target exactly; the one whose pruned model keeps the highest output
+cosine on held-back calibration samples wins. The final numbers in the report are measured on
+the written model, not predicted.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from .costs import CostKind, CostModel
+from ..errors import SnpError
+from .importance import Scorer
+from ..match import Layer, Matches
+from ..plan import AttentionWidth, PrunePlan, Ratios, Widths
+from ..match import units as units_of
+
+MAX_RATIO = 0.95
+# (Q/K, V, FFN) shares of the cut tried for a target. SNP's Q/K criterion keeps attention
+# scores well, so allocations that cut Q/K harder are among them.
+ALLOCATIONS = ((1.0, 1.0, 1.0), (1.5, 1.0, 0.8), (2.0, 1.0, 1.0), (1.5, 0.5, 1.0), (0.5, 0.5, 1.2), (1.2, 1.2, 0.6))
+
+
+@dataclass(frozen=True)
+class Target:
+    kind: CostKind
+    value: float  # flops/params: a fraction of the original (0 < value < 1) or an absolute count (>= 1);
+    #               latency: milliseconds per run of one sample, or with `speedup` that factor
+    speedup: bool = False  # --target-speedup: the goal is the original's latency / value
+
+    def absolute(self, original: float) -> float:
+        if self.kind is CostKind.LATENCY:
+            return original / self.value if self.speedup else self.value
+        return self.value * original if self.value < 1 else self.value
+
+    @property
+    def flag(self) -> str:
+        if self.kind is CostKind.LATENCY:
+            return "--target-speedup" if self.speedup else "--target-latency"
+        return f"--target-{self.kind.value}"
+
+
+def parse_target(text: str | float, kind: str) -> Target:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise SnpError(f"--target-{kind} must be a fraction of the original (0 < F < 1) or an absolute count, "
+                       f"got {text!r}")
+    return Target(CostKind(kind), value)
+
+
+def parse_latency_target(speedup: str | float | None, milliseconds: str | float | None) -> Target:
+    """--target-speedup S (S > 1) or --target-latency MS (MS > 0), one of them."""
+    flag, text = ("--target-speedup", speedup) if speedup is not None else ("--target-latency", milliseconds)
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = math.nan
+    if speedup is not None and not (math.isfinite(value) and value > 1):
+        raise SnpError(f"--target-speedup must be a factor above 1 (e.g. 2 for twice as fast), got {text!r}")
+    if speedup is None and not (math.isfinite(value) and value > 0):
+        raise SnpError(f"--target-latency must be milliseconds per sample above 0, got {text!r}")
+    return Target(CostKind.LATENCY, value, speedup=flag == "--target-speedup")
+
+
+def search(scorer: Scorer, base: Ratios, target: Target, costs: CostModel,
+           measure: Callable[[PrunePlan], float], seed: int = 0) -> tuple[PrunePlan, Ratios, list[dict]]:
+    """The plan meeting `target` with the highest measured fidelity among ALLOCATIONS.
+
+    Heads, blocks and alignment from `base` are kept; each allocation's overall scale is found by
+    bisection on the predicted cost. Returns the plan, its ratios and what was tried."""
+    goal = target.absolute(costs.original(target.kind))
+    tried, best = [], None
+    for shares in ALLOCATIONS:
+        ratios_for = lambda s, m=shares: replace(base, qk=min(MAX_RATIO, m[0] * s), v=min(MAX_RATIO, m[1] * s),  # noqa: E731
+                                                 ffn=min(MAX_RATIO, m[2] * s))
+        if costs.cost(scorer.plan(ratios_for(10.0), seed), target.kind) > goal:
+            tried.append({"shares": shares, "reachable": False})
+            continue
+        low, high = 0.0, 10.0
+        for _ in range(30):
+            middle = (low + high) / 2
+            if costs.cost(scorer.plan(ratios_for(middle), seed), target.kind) <= goal:
+                high = middle
+            else:
+                low = middle
+        ratios = ratios_for(high)
+        plan = scorer.plan(ratios, seed)
+        cosine = measure(plan)
+        tried.append({"shares": shares, "ratios": (round(ratios.qk, 3), round(ratios.v, 3), round(ratios.ffn, 3)),
+                      "predicted": costs.cost(plan, target.kind), "cosine": cosine})
+        if best is None or cosine > best[0]:
+            best = (cosine, plan, ratios)
+    if best is None:
+        raise SnpError(f"{target.flag} {target.value:g} cannot be met by neuron pruning alone (at most "
+                       f"{MAX_RATIO:.0%} of a group is removed); add --heads or --blocks, or aim higher")
+    return best[1], best[2], tried
+
+
+# --- global allocation over measured curves -----------------------------------------------------
+LOOKAHEAD = 4  # steps a move may take at once (a curve can be flat before it falls)
+MIN_KEPT = 0.05  # every group keeps at least this share of its units
+
+
+@dataclass(frozen=True)
+class UnitCosts:
+    """What one unit of each group costs in one block (FLOPs, parameters or milliseconds): a Q/K
+    pair or a V neuron in one head, an FFN neuron; `head`: what a head costs beyond its pairs and
+    neurons (its Softmax and mask: time, no FLOPs); `rest`: what the block costs besides (its
+    norms and residual Adds), saved only when the whole block goes."""
+
+    qk: float
+    v: float
+    ffn: float
+    head: float = 0.0
+    rest: float = 0.0
+
+
+def unit_costs(costs: CostModel, matches: Matches, kind: CostKind | str) -> list[UnitCosts]:
+    """Per transformer block, from the cost model (linear in the kept widths, so one unit's cost
+    is the difference it makes to the whole)."""
+    full = _full_plan(matches)
+    base = costs.cost(full, kind)
+
+    def without(plan: PrunePlan) -> float:
+        return base - costs.cost(plan, kind)
+
+    result = []
+    for layer in matches.layers:
+        block, ffn = layer.attention, layer.ffn
+        d, heads = block.head_dim, block.groups  # with grouped-query attention a head is a key/value group
+        keep = next(k for k in full.attention if k.block is block)
+
+        def attention_plan(**changes) -> PrunePlan:
+            changed = replace(keep, **changes)
+            return replace(full, attention=tuple(changed if k is keep else k for k in full.attention))
+
+        qk, v = (without(attention_plan(**{part: np.tile(np.arange(d - 1), (heads, 1))})) / heads
+                 for part in ("qk", "v"))
+        head = 0.0
+        if heads > 1:
+            fewer = np.tile(np.arange(d), (heads - 1, 1))
+            head = without(attention_plan(qk=fewer, v=fewer, heads=np.arange(heads - 1))) - d * (qk + v)
+        plan = replace(full, ffn=tuple(replace(k, hidden=np.arange(ffn.hidden - 1)) if k.block is ffn else k
+                                       for k in full.ffn))
+        unit_ffn = without(plan)
+        whole = without(replace(full, removed_layers=(layer,)))
+        rest = whole - heads * (d * (qk + v) + head) - ffn.hidden * unit_ffn
+        result.append(UnitCosts(qk, v, unit_ffn, head, rest))
+    return result
+
+
+def widths_plan(matches: Matches, widths) -> PrunePlan:
+    """A plan with the shapes of `widths` (reconstruction.Widths), keeping the first units of each
+    group: what the cost model and the clock need (timed.py), not what pruning would keep."""
+    from ..plan import AttentionKeep, FfnKeep
+
+    attention = []
+    for b in matches.attention:
+        w = widths.attention[b.name]
+        attention.append(AttentionKeep(b, np.tile(np.arange(w.qk), (w.heads, 1)), np.tile(np.arange(w.v), (w.heads, 1)),
+                                       np.arange(w.heads)))
+    ffn = tuple(FfnKeep(b, np.arange(widths.ffn[b.name])) for b in matches.ffn)
+    return PrunePlan(tuple(attention), ffn, removed_layers=tuple(matches.layers[i] for i in widths.removed_layers))
+
+
+def _full_plan(matches: Matches) -> PrunePlan:
+    from ..plan import AttentionKeep, FfnKeep
+
+    attention = tuple(AttentionKeep(b, np.tile(np.arange(b.head_dim), (b.groups, 1)),
+                                    np.tile(np.arange(b.head_dim), (b.groups, 1)), np.arange(b.groups))
+                      for b in matches.attention)
+    return PrunePlan(attention, tuple(FfnKeep(b, np.arange(b.hidden)) for b in matches.ffn))
+
+
+@dataclass
+class _State:
+    heads: int
+    qk: int
+    v: int
+    ffn: int
+    removed: bool = False
+
+
+def allocate(curves: list, matches: Matches, units: list[UnitCosts], total: float, goal: float,
+             align: int = 1, heads_ratio: float | None = None, max_blocks: int = 0):
+    """Widths meeting `goal` (total cost after pruning) with the least predicted loss: starting
+    from the full model, repeatedly take the move — fewer Q/K pairs, V neurons or FFN neurons in
+    one block, one head fewer, or a whole block removed — that adds the least measured loss per
+    unit of cost saved (curves: sensitivity.LayerSensitivity per block, in one unit). A head
+    costs its kept pairs and neurons; a block's Q/K and V losses scale with the heads it keeps.
+    `heads_ratio` (--heads): that share of every block's heads removed first, and no more.
+    Returns (reconstruction.Widths, predicted loss per block)."""
+    from ..plan import kept_count
+
+    layers = matches.layers
+    allow_heads = not heads_ratio
+    # heads are key/value groups (each with its query heads), as the reconstruction removes them
+    states = [_State(kept_count(l.attention.groups, heads_ratio) if heads_ratio and l.attention.heads_fixed is None
+                     else l.attention.groups, l.attention.head_dim, l.attention.head_dim, l.ffn.hidden) for l in layers]
+    total = total - sum((units[i].qk * l.attention.head_dim + units[i].v * l.attention.head_dim + units[i].head)
+                        * (l.attention.groups - s.heads) for i, (l, s) in enumerate(zip(layers, states)))
+
+    def layer_cost(i: int, s: _State) -> float:
+        u = units[i]
+        return 0.0 if s.removed else s.heads * (s.qk * u.qk + s.v * u.v + u.head) + s.ffn * u.ffn + u.rest
+
+    def layer_loss(i: int, s: _State) -> float:
+        c, block = curves[i], layers[i].attention
+        if s.removed:
+            return c.block
+        share = s.heads / block.groups
+        return c.heads.at(s.heads) + share * (c.qk.at(s.qk) + c.v.at(s.v)) + c.ffn.at(s.ffn)
+
+    fixed = total - sum(layer_cost(i, s) for i, s in enumerate(states))
+    current = total
+    while current > goal:
+        best = None
+        for i, s in enumerate(states):
+            if s.removed:
+                continue
+            for candidate in _moves(layers[i], s, align, allow_heads, max_blocks - sum(x.removed for x in states)):
+                saved = layer_cost(i, s) - layer_cost(i, candidate)
+                if saved <= 0:
+                    continue
+                added = max(layer_loss(i, candidate) - layer_loss(i, s), 0.0)
+                score = added / saved
+                if best is None or score < best[0]:
+                    best = (score, i, candidate, saved)
+        if best is None:
+            raise SnpError(f"the budget cannot be met: at most {1 - MIN_KEPT:.0%} of each group is removed "
+                           f"({current / total:.0%} of the cost remains); aim higher or allow --blocks")
+        _, i, candidate, saved = best
+        states[i] = candidate
+        current -= saved
+    widths = Widths({l.attention.name: AttentionWidth(s.heads if not s.removed else l.attention.groups, s.qk, s.v)
+                     for l, s in zip(layers, states)},
+                    {l.ffn.name: s.ffn for l, s in zip(layers, states)},
+                    tuple(i for i, s in enumerate(states) if s.removed))
+    assert abs(fixed + sum(layer_cost(i, s) for i, s in enumerate(states)) - current) < 1e-6 * max(total, 1)
+    return widths, [layer_loss(i, s) for i, s in enumerate(states)]
+
+
+def _moves(layer: Layer, s: _State, align: int, allow_heads: bool, blocks_left: int) -> list[_State]:
+    """Every state one move (of up to LOOKAHEAD steps) away."""
+    block, ffn = layer.attention, layer.ffn
+    d = block.head_dim
+    found = []
+    qk_step = math.lcm(max(align, d // 16), units_of.unit_size(block), block.width_multiple)  # whole rotary pairs
+    fields = (("qk", d, qk_step), ("v", d, max(align, d // 16)), ("ffn", ffn.hidden, max(align, ffn.hidden // 64)))
+    for field_name, width, step in fields[1:] if block.qk_whole else fields:
+        floor = max(1, int(np.ceil(MIN_KEPT * width)))
+        for steps in range(1, LOOKAHEAD + 1):
+            value = getattr(s, field_name) - steps * step
+            if value < floor:
+                break
+            found.append(replace(s, **{field_name: value}))
+    if allow_heads and block.heads_fixed is None and s.heads > 1:
+        found.append(replace(s, heads=s.heads - 1))
+    if blocks_left > 0:
+        found.append(replace(s, removed=True))
+    return found

@@ -1,0 +1,151 @@
+"""A latency budget checked by the clock before the reconstruction spends its time on it.
+
+The latency model (costs.py) scales each profiled node's time by the share of its work a plan
+keeps. Kernels are not linear in their widths (a narrower MatMul runs at another efficiency,
+some ops shrink with no cut), so an allocation can run faster or slower than predicted: BERT-base
+at `--target-speedup 2` ran 2.19× (docs/SPEED_LATENCY_TARGET.md). A model's time is fixed by its
+shapes, not by its weights, so the allocated widths are rewritten with sliced weights (nothing
+refitted: cheap) and timed against the original, interleaved, one intra-op thread, as users run
+it. While the measured time misses the goal by more than TOLERANCE, the goal in predicted
+milliseconds is scaled by measured ÷ predicted and the widths are allocated again, at most
+ROUNDS times; the widths measured closest to the goal win.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from ..data.calibration import Weights, fitted, session
+from ..errors import SnpError
+from ..plan import TimedStep, Widths
+from ..verify.verification import decode_feed, interleaved_medians, is_past
+
+log = logging.getLogger("onnxsnp")
+
+TOLERANCE = 0.03  # measured time within this share of the goal ends the check (the goal's 5 % less noise)
+ROUNDS = 4  # timed allocations at most: the first and three corrections
+TIMING_ROUNDS = 15  # interleaved runs of original and candidate per check ...
+TIMING_BUDGET_S = 6.0  # ... or fewer (at least MIN_TIMING_ROUNDS) once this is spent
+MIN_TIMING_ROUNDS = 5
+
+
+@dataclass(frozen=True)
+class Trial:
+    goal_predicted_ms: float  # the goal the allocation was given, in the latency model's milliseconds
+    predicted_ms: float  # what the latency model predicts for the allocated widths
+    before_ms: float  # the original's median, measured beside the candidate
+    after_ms: float  # the candidate's median
+    goal_ms: float  # the measured goal: the original's time ÷ the speedup, or the latency asked for
+
+    @property
+    def miss(self) -> float:
+        """How far the measured time is from the goal, as a share of it (+: too slow)."""
+        return self.after_ms / self.goal_ms - 1
+
+    def as_dict(self) -> dict:
+        return {"goal_predicted_ms": round(self.goal_predicted_ms, 4), "predicted_ms": round(self.predicted_ms, 4),
+                "measured_ms_before": round(self.before_ms, 4), "measured_ms_after": round(self.after_ms, 4),
+                "measured_speedup": round(self.before_ms / max(self.after_ms, 1e-12), 4),
+                "goal_ms": round(self.goal_ms, 4)}
+
+
+@dataclass(frozen=True)
+class Timed:
+    widths: Widths
+    trials: tuple[Trial, ...]
+    chosen: int  # the trial whose widths are kept
+    stopped: str  # why the check ended
+    step: TimedStep  # what was timed
+
+
+class Clock:
+    """Times candidates against the original (verification.interleaved_medians, after a warm-up);
+    the original's session is made once. On a model with a KV cache, `step` DECODE times one new
+    token after a prefill of the sample (each model stepping through its own, maybe narrower,
+    cache: verification.decode_feed); otherwise, and where the sample cannot be stepped, one run."""
+
+    def __init__(self, original: onnx.ModelProto, feed: dict[str, np.ndarray], weights: Weights | None = None,
+                 step: TimedStep = TimedStep.DECODE):
+        self._original = session(original, threads=1, weights=weights)
+        self._feed = feed
+        self.step = TimedStep.PREFILL
+        if step is TimedStep.DECODE and any(is_past(name, value) for name, value in feed.items()):
+            self._original_feed = decode_feed(self._original, feed)
+            if self._original_feed is not None:
+                self.step = TimedStep.DECODE
+        if self.step is TimedStep.PREFILL:
+            self._original_feed = fitted(self._original, feed)
+        self._original.run(None, self._original_feed)
+
+    def compare(self, candidate: onnx.ModelProto) -> tuple[float, float]:
+        """Median milliseconds per run (or per decode step): (original, candidate)."""
+        other = session(candidate, threads=1)
+        own = decode_feed(other, self._feed) if self.step is TimedStep.DECODE else fitted(other, self._feed)
+        if own is None:
+            raise SnpError("the pruned candidate's decode step could not be fed (its cache outputs do not match its "
+                           "past inputs): use --timed-step prefill")
+        feeds = [self._original_feed, own]
+        other.run(None, own)
+        before, after = interleaved_medians([self._original, other], feeds, TIMING_ROUNDS, TIMING_BUDGET_S,
+                                            MIN_TIMING_ROUNDS)
+        return before, after
+
+
+def timed_widths(goal_predicted_ms: float, measured_goal: Callable[[float], float],
+                 allocate: Callable[[float], Widths], predict: Callable[[Widths], float],
+                 build: Callable[[Widths], onnx.ModelProto], clock: Clock) -> Timed:
+    """Widths whose measured time meets the goal: `allocate(goal in predicted ms)` chooses widths,
+    `predict` is the latency model's time for them, `build` rewrites them (sliced weights),
+    `measured_goal(original's measured ms)` is the goal in measured milliseconds."""
+    trials: list[Trial] = []
+    found: list[Widths] = []
+    goal = goal_predicted_ms
+    stopped = f"{ROUNDS} timed allocations"
+    for _ in range(ROUNDS):
+        try:
+            widths = allocate(goal)
+        except SnpError as why:  # the corrected goal is out of reach: keep what was found
+            if not found:
+                raise
+            stopped = f"a corrected goal of {goal:.2f} predicted ms is out of reach ({why})"
+            break
+        if found and widths == found[-1]:
+            stopped = "the correction chose the same widths"
+            break
+        predicted = predict(widths)
+        before, after = clock.compare(build(widths))
+        trial = Trial(goal, predicted, before, after, measured_goal(before))
+        trials.append(trial)
+        found.append(widths)
+        log.info("timed allocation %d: predicted %.2f ms, measured (%s) %.2f -> %.2f ms (goal %.2f ms, %+.1f%%)",
+                 len(trials), predicted, clock.step.value, before, after, trial.goal_ms, 100 * trial.miss)
+        if abs(trial.miss) <= TOLERANCE:
+            stopped = f"measured within {TOLERANCE:.0%} of the goal"
+            break
+        goal = _next_goal(trials)
+        if not math.isfinite(goal) or goal <= 0:
+            stopped = "the measured time gives no usable correction"
+            break
+    chosen = min(range(len(trials)), key=lambda i: abs(math.log1p(trials[i].miss)))
+    return Timed(found[chosen], tuple(trials), chosen, stopped, clock.step)
+
+
+def _next_goal(trials: list[Trial]) -> float:
+    """Where to aim the latency model next. Once trials fall on both sides of the goal, between the
+    closest two (linear in the miss: allocations move in steps, and a block removal is a big one);
+    before that, measured ≈ c · predicted near the last plan, so the prediction is scaled to where
+    the measurement would meet the goal."""
+    slow = [t for t in trials if t.miss > 0]
+    fast = [t for t in trials if t.miss < 0]
+    if slow and fast:
+        a = min(slow, key=lambda t: t.miss)
+        b = max(fast, key=lambda t: t.miss)
+        share = a.miss / (a.miss - b.miss)
+        return a.goal_predicted_ms + share * (b.goal_predicted_ms - a.goal_predicted_ms)
+    last = trials[-1]
+    return last.goal_ms * last.predicted_ms / max(last.after_ms, 1e-12)

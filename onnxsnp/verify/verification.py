@@ -1,0 +1,307 @@
+"""Stage 7: prove the pruned model is sound before it is written, and measure its fidelity."""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import re
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+import onnx
+from onnx import shape_inference
+
+from ..data.calibration import Runner, Weights, fitted, session
+from ..errors import SnpError
+from ..io.loading import is_big, model_file
+
+log = logging.getLogger("onnxsnp")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """Pruned against original outputs on held-back calibration samples."""
+
+    samples: int
+    output_cosine: float  # mean over samples and outputs of the cosine of flattened outputs
+    max_abs_diff: float
+    top1_agreement: float | None  # for classifier-shaped outputs (samples, classes)
+    # the cosine after removing the original's mean over samples from both: outputs that share a
+    # large common part (a class token, a bias) score near 1 on plain cosine whatever the rest does
+    centred_cosine: float = 1.0
+    relative_error: float = 0.0  # mean over samples of ‖pruned − original‖ / ‖original‖
+    # language models (a `logits` output over `input_ids`): teacher-forced perplexity of the held-back
+    # text under the original and the pruned model, and the share of positions whose most likely next
+    # token is the original's; logits cosine says little there (0.96 for a model 3× as perplexed)
+    perplexity_before: float | None = None
+    perplexity_after: float | None = None
+    next_token_agreement: float | None = None
+    tokens: int | None = None  # positions those are measured on
+
+    @property
+    def perplexity_ratio(self) -> float | None:
+        if self.perplexity_before is None or self.perplexity_after is None:
+            return None
+        return self.perplexity_after / self.perplexity_before
+
+    def as_dict(self) -> dict:
+        data = {"samples": self.samples, "output_cosine": self.output_cosine,
+                "centred_cosine": self.centred_cosine, "relative_error": self.relative_error,
+                "max_abs_diff": self.max_abs_diff, "top1_agreement": self.top1_agreement}
+        if self.perplexity_before is not None:
+            data.update(perplexity_before=self.perplexity_before, perplexity_after=self.perplexity_after,
+                        perplexity_ratio=self.perplexity_ratio, next_token_agreement=self.next_token_agreement,
+                        tokens=self.tokens)
+        return data
+
+
+def language_model_fidelity(names: list[str], original: list[np.ndarray], pruned: list[np.ndarray],
+                            feed: dict[str, np.ndarray], mask_name: str | None) -> dict:
+    """Perplexity before and after and next-token agreement, where the model has a `logits` output
+    (samples, tokens, vocabulary) over an `input_ids` input; {} otherwise. Position t predicts
+    token t + 1; padded positions (the attention mask) are left out."""
+    ids = feed.get("input_ids")
+    if "logits" not in names or ids is None:
+        return {}
+    before, after = original[names.index("logits")], pruned[names.index("logits")]
+    if before.ndim != 3 or before.shape[:2] != ids.shape or ids.shape[1] < 2:
+        return {}
+    valid = np.ones(ids.shape, bool)
+    mask = feed.get(mask_name) if mask_name else None
+    if mask is not None and mask.shape == ids.shape:
+        valid = mask > 0
+    used = valid[:, :-1] & valid[:, 1:]
+    if not used.any():
+        return {}
+    def perplexity(logits: np.ndarray) -> float:
+        total = 0.0
+        for sample in range(len(ids)):  # sample by sample: a 49k-token vocabulary's float64 rows of
+            # every held-back sample at once took gigabytes
+            rows = logits[sample, :-1][used[sample]].astype(np.float64)
+            rows -= rows.max(axis=-1, keepdims=True)
+            targets = ids[sample, 1:][used[sample]]
+            total += float((rows[np.arange(len(rows)), targets] - np.log(np.exp(rows).sum(axis=-1))).sum())
+        return float(np.exp(-total / used.sum()))
+
+    agreement = float(sum((before[s, :-1][used[s]].argmax(-1) == after[s, :-1][used[s]].argmax(-1)).sum()
+                          for s in range(len(ids))) / used.sum())
+    return {"perplexity_before": perplexity(before), "perplexity_after": perplexity(after),
+            "next_token_agreement": agreement, "tokens": int(used.sum())}
+
+
+# onnxruntime registers these in the ONNX domain, where ONNX itself has no schema for them (the
+# checker would reject every model onnxruntime-genai's builder writes): checked as contrib ops
+_ORT_IN_ONNX_DOMAIN = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"}
+
+
+def check_structure(model: onnx.ModelProto) -> None:
+    """onnx.checker plus strict-enough shape inference; raises SnpError on failure."""
+    moved = [n for n in model.graph.node if n.domain in ("", "ai.onnx") and n.op_type in _ORT_IN_ONNX_DOMAIN]
+    if moved and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        moved = []  # no contrib domain to check them under: left to the checker as they are
+    try:
+        for node in moved:
+            node.domain = "com.microsoft"
+        _check_structure(model)
+    finally:
+        for node in moved:
+            node.domain = ""
+
+
+def _check_structure(model: onnx.ModelProto) -> None:
+    if is_big(model):  # the checker and shape inference take big models by path
+        with model_file(model) as path:
+            _check(lambda: onnx.checker.check_model(str(path)),
+                   lambda: shape_inference.infer_shapes_path(str(path), str(path.with_name("inferred.onnx")),
+                                                             check_type=True, strict_mode=True, data_prop=True))
+    else:
+        _check(lambda: onnx.checker.check_model(model),
+               lambda: shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True))
+
+
+def _check(checker, inference) -> None:
+    try:
+        checker()
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        raise SnpError(f"pruned model fails onnx.checker: {_line(exc)}") from None
+    try:
+        inference()
+    except Exception as exc:
+        raise SnpError(f"pruned model fails shape inference: {_line(exc)}") from None
+
+
+def run_outputs(model: onnx.ModelProto, feed: dict[str, np.ndarray], batch: int) -> list[np.ndarray]:
+    """The pruned model's outputs over `feed` (one session, built here)."""
+    return Runner(model, role="pruned model").outputs(feed, batch)
+
+
+_CHUNK_BYTES = 256 * 2**20  # float64 rows compared at a time
+
+
+def fidelity(original: list[np.ndarray], pruned: list[np.ndarray]) -> Fidelity:
+    if len(original) != len(pruned):
+        raise SnpError("pruned model has a different number of outputs")
+    cosines, centred, errors, max_diff, top1 = [], [], [], 0.0, None
+    for ref, got in zip(original, pruned):
+        if ref.shape != got.shape:
+            raise SnpError(f"pruned model output shape {got.shape} differs from the original {ref.shape}")
+        if ref.dtype.kind != "f":
+            continue
+        flat_ref = ref.reshape(ref.shape[0], -1) if ref.ndim else ref.reshape(1, 1)
+        flat_got = got.reshape(flat_ref.shape)
+        mean = flat_ref.mean(axis=0, dtype=np.float64) if len(flat_ref) > 1 else 0.0
+        # a few samples at a time in float64: a language model's logits over every held-back
+        # sample, copied whole, took gigabytes (SmolLM2's 49k vocabulary: 15 GB at 256 windows)
+        step = max(1, _CHUNK_BYTES // max(8 * flat_ref.shape[1], 1))
+        for start in range(0, len(flat_ref), step):
+            ref64 = flat_ref[start:start + step].astype(np.float64)
+            got64 = flat_got[start:start + step].astype(np.float64)
+            if not np.isfinite(got64).all():
+                raise SnpError("pruned model produces NaN or Inf")
+            max_diff = max(max_diff, float(np.abs(ref64 - got64).max()) if ref.size else 0.0)
+            cosines.append(_cosines(ref64, got64))
+            centred.append(_cosines(ref64 - mean, got64 - mean))
+            reference_norm = np.linalg.norm(ref64, axis=1)
+            errors.append(np.linalg.norm(got64 - ref64, axis=1) / np.maximum(reference_norm, 1e-300))
+        if top1 is None and ref.ndim == 2 and ref.shape[1] > 1:
+            top1 = float((ref.argmax(axis=1) == got.argmax(axis=1)).mean())
+    cosine = float(np.mean(np.concatenate(cosines))) if cosines else 1.0
+    samples = original[0].shape[0] if original and original[0].ndim else 1
+    return Fidelity(int(samples), cosine, max_diff, top1,
+                    float(np.mean(np.concatenate(centred))) if centred else 1.0,
+                    float(np.mean(np.concatenate(errors))) if errors else 0.0)
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine (1 where both rows are zero)."""
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return np.where(norms > 0, (a * b).sum(axis=1) / np.maximum(norms, 1e-300), 1.0)
+
+
+def _line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
+
+
+def latency(original: onnx.ModelProto, pruned: onnx.ModelProto, feed: dict[str, np.ndarray],
+            rounds: int = 10, budget_s: float = 1.0, original_weights: Weights | None = None) -> tuple[float, float]:
+    """Median milliseconds per run of both models on `feed`, one intra-op thread (a report
+    figure; tools/bench_speed.py is the careful measurement)."""
+    sessions = [session(original, threads=1, weights=original_weights), session(pruned, threads=1)]
+    feeds = [fitted(sess, feed) for sess in sessions]
+    for sess, own in zip(sessions, feeds):
+        sess.run(None, own)
+    return interleaved_medians(sessions, feeds, rounds, budget_s)
+
+
+def decode_latency(original: onnx.ModelProto, pruned: onnx.ModelProto, feed: dict[str, np.ndarray],
+                   rounds: int = 10, budget_s: float = 1.0, original_weights: Weights | None = None
+                   ) -> tuple[float, float] | None:
+    """A language model's cached decode step: median milliseconds of one new token after a
+    prefill of `feed`'s first sample (each model fed its own present outputs back as its past,
+    so a pruned model reads its narrower cache), one intra-op thread, interleaved; None where
+    the model takes no KV cache or its inputs cannot be stepped (see decode_feed)."""
+    if not any(is_past(name, value) for name, value in feed.items()):
+        return None
+    sessions = [session(original, threads=1, weights=original_weights), session(pruned, threads=1)]
+    try:
+        feeds = [decode_feed(sess, feed) for sess in sessions]
+    except Exception as exc:  # onnxruntime's own errors: a report figure never stops a prune
+        log.info("decode step not timed: %s", _line(exc))
+        return None
+    if any(own is None for own in feeds):
+        return None
+    try:
+        for sess, own in zip(sessions, feeds):
+            sess.run(None, own)
+    except Exception as exc:  # onnxruntime's own errors: a report figure never stops a prune
+        log.info("decode step not timed: %s", _line(exc))
+        return None
+    return interleaved_medians(sessions, feeds, rounds, budget_s)
+
+
+def decode_feed(sess, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+    """The last token of `feed`'s first sample as a decode step after a prefill of the tokens
+    before it (the same total length as the sample, which the model ran on: a longer one may pass
+    its rotary caches): past_* ← the prefill's present_* (matched by what follows the prefix:
+    ".0.key"), the token ids' and positions' last column, the mask of the whole sample; None for a
+    model without a past input, or with an input of another kind."""
+    first = {name: value[:1] for name, value in feed.items()}
+    past = [name for name, value in first.items() if is_past(name, value)]
+    tokens = {name: value for name, value in first.items() if name not in past}
+    if not past or any(v.ndim != 2 or v.dtype.kind not in "iu" or v.shape[1] < 2 for v in tokens.values()):
+        return None
+    prefill = fitted(sess, {**first, **{name: value[:, :-1] for name, value in tokens.items()}})
+    outputs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, prefill)))
+    presents = {re.sub(r"^present", "", name): value for name, value in outputs.items() if name.startswith("present")}
+    step: dict[str, np.ndarray] = {}
+    for name in past:
+        suffix = re.sub(r"^past(_key_values)?", "", name)
+        if suffix not in presents:
+            return None
+        step[name] = presents[suffix]
+    for name, value in tokens.items():
+        step[name] = value if "mask" in name.lower() else value[:, -1:]
+    return step
+
+
+def is_past(name: str, value: np.ndarray) -> bool:
+    return "past" in name.lower() and value.ndim >= 4
+
+
+def interleaved_rounds(measures: Sequence[Callable[[], T]], rounds: int, budget_s: float = math.inf,
+                       min_rounds: int = 5) -> list[list[T]]:
+    """What each measure returns, called once per round, round by round, so that the machine's slow
+    phases hit all alike; `rounds` rounds, or `min_rounds` once `budget_s` is spent. (tools/harness.py
+    times its benchmarks with this loop too.)"""
+    results: list[list[T]] = [[] for _ in measures]
+    started = time.perf_counter()
+    for done in range(rounds):
+        if done >= min_rounds and time.perf_counter() - started > budget_s:
+            break
+        for measure, bucket in zip(measures, results):
+            bucket.append(measure())
+    return results
+
+
+def run_ms(sess, feed: dict[str, np.ndarray]) -> float:
+    """Milliseconds of one run of `sess` on `feed`."""
+    start = time.perf_counter()
+    sess.run(None, feed)
+    return (time.perf_counter() - start) * 1000
+
+
+def interleaved_medians(sessions: list, feeds: list[dict[str, np.ndarray]], rounds: int, budget_s: float,
+                        min_rounds: int = 5) -> tuple[float, ...]:
+    """Median milliseconds per run of each (warmed-up) session, interleaved (`interleaved_rounds`)."""
+    measures = [functools.partial(run_ms, sess, own) for sess, own in zip(sessions, feeds)]
+    return tuple(statistics.median(times) for times in interleaved_rounds(measures, rounds, budget_s, min_rounds))
+
+
+def attention_error(batches: Iterable[tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]],
+                    probs: dict[str, tuple[str, np.ndarray]], mask_input: str | None = None) -> dict[str, float]:
+    """Per block: mean KL(P_original ‖ P_pruned) of its attention probabilities over the kept
+    heads and the query rows (padded rows left out). `batches` yields (inputs, original tensors,
+    pruned tensors); `probs` maps block names to their softmax output and kept heads."""
+    totals = {name: 0.0 for name in probs}
+    rows = {name: 0.0 for name in probs}
+    if not probs:
+        return {}
+    for inputs, want, got in batches:
+        token_mask = inputs.get(mask_input) if mask_input else None
+        for name, (tensor, heads) in probs.items():
+            p, q = want[tensor].astype(np.float64), got[tensor].astype(np.float64)
+            if p.ndim == 4 and p.shape[1] != q.shape[1]:  # whole heads removed: compare the kept ones
+                p = p[:, heads]
+            terms = (p * (np.log(p + 1e-12) - np.log(q + 1e-12))).sum(axis=-1)  # (B, H, N)
+            weights = np.ones_like(terms)
+            if token_mask is not None and terms.ndim == 3 and token_mask.shape == (terms.shape[0], terms.shape[2]):
+                weights = np.broadcast_to(token_mask[:, None, :] > 0, terms.shape).astype(np.float64)
+            totals[name] += float((terms * weights).sum())
+            rows[name] += float(weights.sum())
+    return {name: totals[name] / max(rows[name], 1.0) for name in probs}
