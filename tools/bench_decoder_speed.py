@@ -129,6 +129,16 @@ def profile_rows(label: str, original: Path, pruned: Path) -> list[str]:
     return rows
 
 
+def kept_notes(out: Path) -> str:
+    """The hand-written sections (from the first `## ` heading on) of the table's file: the
+    findings of profiles measured by hand stay when the table is regenerated."""
+    if not out.exists():
+        return ""
+    text = out.read_text()
+    start = text.find("\n## ")
+    return "" if start < 0 else text[start:].rstrip() + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--forms", default="genai-int4,dynamo")
@@ -162,6 +172,7 @@ def main() -> None:
                     print("\n".join(profiles[-11:]), flush=True)
     profiled = ("\n\nPer op type (onnxruntime's profiler, one prefill and the decode steps, one thread; the ten "
                 "op types that take longest):\n\n" + "\n".join(profiles)) if args.profile else ""
+    notes = kept_notes(args.out)
     args.out.write_text(f"""# Decoders: speed and size of pruned models
 
 Measured by `python tools/bench_decoder_speed.py --forms {args.forms} --ratios {args.ratios} --rounds {args.rounds}{' --profile' if args.profile else ''}`
@@ -172,7 +183,7 @@ on {cpu_name()} (onnxruntime CPU, one intra-op thread, one run on a shared machi
 
 The FLOPs column is onnxsnp's count for a prefill; its speedup in parentheses is the ideal a
 prefill or a decode step would reach if time followed FLOPs.{profiled}
-""")
+{notes}""")
     print(f"wrote {args.out}")
 
 

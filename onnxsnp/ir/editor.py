@@ -24,7 +24,7 @@ class Editor:
         self.nodes = {n.name: n for n in graph.nodes}
         self.tensors = graph.tensors()
         self.known: dict[str, np.ndarray] = {}  # values of the dequantizing chains this rewrite wrote
-        self.gathered: dict[tuple, gs.Variable] = {}  # (table, kept columns) → its Gather, made once
+        self.gathered: dict[tuple, gs.Variable] = {}  # (rotary table, kept columns) → its gathered table, made once
         self._count = 0
 
     def unique(self, base: str) -> str:
