@@ -124,13 +124,13 @@ def test_per_head_rotary_tables_cost_one_row_gather_and_one_transpose_per_layer(
     moved there, made once for all layers) and one Transpose that moves the dims axis alone to the
     end — shared by q and k where they keep the same dims — never a Gather along the last axis,
     which onnxruntime copies element by element (docs/DECODER_SPEED.md). The result equals the
-    zeroed original."""
+    masked original."""
     g = ModelGraph(dg.decoder_attention(kv_heads, "half"))
     calib = {k: np.repeat(v, 4, axis=0) if k == "x" else v for k, v in dg.feed(g.model, 6).items()}
     plan = make_plan(g, find_blocks(g), Ratios(0.5, 0.25, 0.0), "random", calib, batch=4, seed=1)  # its heads keep different pairs
     (keep,) = plan.attention
     assert len({tuple(row) for row in keep.qk}) > 1  # the case in question: the heads keep different pairs
-    pruned, zeroed = rewrite(g, plan), zeroed_original(g, plan)
+    pruned, zeroed = rewrite(g, plan), masked_original(g, plan)
     added = Counter(n.op_type for n in pruned.graph.node) - Counter(n.op_type for n in g.model.graph.node)
     tables, per_table = 2, 1 if kv_heads == dg.HEADS else 2  # cos and sin; q and k apart unless their heads match
     assert added == Counter({"Gather": tables * per_table, "Transpose": tables * (per_table + 1), "Squeeze": tables})
