@@ -15,19 +15,19 @@ import onnx
 from .data import calibration as calib_stage
 from .errors import SnpError
 from .ir.graph import ModelGraph
-from .score.allocation import Target, allocate, unit_costs, widths_plan
+from .score.allocation import allocate, unit_costs, widths_plan
 from .score.costs import CostKind, CostModel
 from .score.importance import Scorer
 from .io.loading import LoadedModel, load_model, weight_bytes
-from .rewrite.decoding import expose_stream_sums, kv_cache_bytes
-from .io.genai import NOTE as GENAI_NOTE, one_head_size
+from .rewrite.decoding import expose_stream_sums
+from .io.genai import one_head_size
 from .ir.activation_ranges import ActivationView, activation_view
 from .ir.dynamic import DynamicView, dynamic_view
 from .ir.nbits import FloatView, float_view
 from .ir.qoperator import QOperatorView, qdq_view
 from .ir.quant_form import unsupported
 from .match import Matches, NoMatch, find_blocks
-from .verify.observation import Observed, observe, verify
+from .verify.observation import Observed, observe, verify_pruned
 from .compensate.onepass import make_plan, one_pass, score  # noqa: F401 (make_plan, score: the API's plan without compensation)
 from .options import (SYNTHETIC_SAMPLES, Compensation, PruneOptions, make_options, resolve_ratios,  # noqa: F401
                       resolve_target)
@@ -37,14 +37,15 @@ from .progress import Steps, reporting, stage
 from .compensate.batches import Shards
 from .heap import release_heap
 from .compensate.halves import plan_segments
-from .plan import AttentionWidth, Propagation, TimedStep, Widths
+from .plan import AttentionWidth, Propagation, Widths
 from .compensate.reconstruction import Reconstruction, Reconstructor
-from .report.report import Report, block_reports, sensitivity_points, stats_fields
+from .report.assemble import Timing, build_report, timed_pair
+from .report.report import Report, sensitivity_points
 from .rewrite.rewriting import rewrite
 from .score.sensitivity import survey, survey_shard
 from .score.timed import Clock, timed_widths
-from .ir.stats import count_params, macs_from_shapes, stats_from_shapes
-from .verify.verification import check_structure, decode_latency, latency
+from .ir.stats import count_params, macs_from_shapes
+from .verify.verification import check_structure
 
 log = logging.getLogger("onnxsnp")
 
@@ -142,109 +143,97 @@ def prepare(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel, op
                     rounded, qoperator)
 
 
+@dataclass(frozen=True)
+class Compensated:
+    """What the compensate stage decided: the plan (and, on the one-pass route, the model it
+    already rewrote), with what the report says of how it got there."""
+    plan: PrunePlan
+    pruned: onnx.ModelProto | None  # None: the rewrite stage writes it
+    kept_pieces: tuple[str, ...]
+    ratios: Ratios  # the mean ratios (a budget's allocation differs per block)
+    searched: tuple = ()  # uniform shares the one-pass route tried for a budget
+    reconstruction: Reconstruction | None = None
+    allocation: dict | None = None
+
+
 def finish(prepared: Prepared, options: PruneOptions, work: ReconstructionWork | None = None) -> PruneResult:
     """Prune `prepared` as `options` say (`work`: a reconstruction already started on the same
     calibration batches, reused from an earlier budget)."""
-    p, ratios = prepared, options.ratios
-    g, matches, model, started, release_memory = p.g, p.matches, p.model, p.started, p.release_memory
+    p = prepared
     one_batch = {k: v[:p.fixed or 1] for k, v in p.holdout_feed.items()}
     with stage("profiling the input model"):
-        costs = None if options.target is None else _cost_model(g, matches, p.observed, options.target.kind, one_batch)
+        costs = None if options.target is None else _cost_model(p.g, p.matches, p.observed, options.target.kind,
+                                                                 one_batch)
+    compensated = _compensate(p, options, work, costs, one_batch)
+    p.release_memory()
+    with stage("rewriting the graph"):
+        pruned = _rewritten(p, compensated)
+    with stage(f"verifying the pruned model on {_count(p.holdout_feed)} held-back samples"):
+        verified = verify_pruned(p.observed, pruned, compensated.plan, p.probes, p.holdout_feed, p.batch, p.fixed,
+                                 p.mask, quantized_probabilities=p.qoperator is not None)
+    p.release_memory()
+    log.info("rewritten and verified (%s)", _since(p.started))
+    with stage("timing the original and the pruned model"):
+        timing = timed_pair(p.model, pruned, one_batch, p.g.constant) if options.measure_latency else Timing()
+    report = build_report(p, options, costs, compensated, pruned, verified, timing)
+    return PruneResult(pruned, report, p.external)
+
+
+def _compensate(p: Prepared, options: PruneOptions, work: ReconstructionWork | None, costs: CostModel | None,
+                one_batch: dict[str, np.ndarray]) -> Compensated:
+    """Block-by-block reconstruction where the model allows it, else the one-pass route."""
+    g, matches, ratios = p.g, p.matches, options.ratios
     route = _reconstruction_route(g, matches, options)
-    reconstruction, searched, kept_pieces, pruned, allocation = None, (), (), None, None
-    if route is None:
-        own = work is None  # made here: freed before the rewrite (its batches hold every calibration activation)
-        work = work or ReconstructionWork(prepared, options, restartable=False)  # one run: no copy of the first stream
-        reconstructor, shards = work.reconstructor, work.restart()
-        if options.target is None:
-            widths = uniform_widths(matches, ratios, _removed_layers(g, matches, ratios, p.fit_feed, p.batch, p.mask))
-        else:
-            widths, allocation = _allocate(matches, work, costs, options, one_batch)
-            ratios = _mean_ratios(matches, widths, ratios)
-            log.info("allocated by measured sensitivity on %d samples (%s)", allocation["samples"], _since(started))
-        if options.one_head_size:  # onnxruntime-genai's KV buffers (genai.py)
-            widths = one_head_size(widths)
-        try:
-            reconstruction = reconstructor.run(shards, widths, _progress(2 * len(matches.layers), options.progress))
-        finally:
-            if own:
-                work.close()
-        plan = PrunePlan(reconstruction.attention, reconstruction.ffn, reconstruction.scale_values,
-                         tuple(matches.layers[i] for i in widths.removed_layers), refits=reconstruction.refits)
-        kept_pieces = ("reconstruction",)
-        if own:
-            del work, reconstructor, shards
-        log.info("reconstructed block by block on %d samples, %d tokens (%s)", reconstruction.samples,
-                 reconstruction.tokens, _since(started))
-    else:
+    if route is not None:
         log.info("one-pass compensation: %s", route)
         chosen = one_pass(g, matches, ratios, options.criterion, options.compensation.value,
                           options.residual_criterion.value, options.target, p.observed, p.fit_feed, p.holdout_feed,
-                          p.batch, p.fixed, p.mask, options.seed, options.rescale_qk, options.progress, release_memory, costs)
-        plan, pruned, kept_pieces, ratios, searched = (chosen.plan, chosen.model, chosen.kept_pieces, chosen.ratios,
-                                                       chosen.searched)
-    release_memory()
-    with stage("rewriting the graph"):
-        if pruned is None:
-            pruned = rewrite(g, plan)
-            release_memory()
-        if p.dynamic is not None:
-            pruned = p.dynamic.requantize(pruned)
-        if p.rounded is not None:  # a static QDQ model's activation pairs back, calibrated again (activation_ranges.py)
-            # on the fitted samples only: the held-back ones judge the result
-            pruned = p.rounded.restore(p.qoperator.model if p.qoperator is not None else model, pruned, p.fit_feed,
-                                       p.batch)
-        if p.qoperator is not None:  # each QLinear op made again from its pattern (qoperator_fuse.py)
-            pruned = p.qoperator.fuse(pruned)
-        if p.view is not None:
-            pruned = p.view.requantize(pruned, {node: refit.gram for node, refit in plan.refits.items()
-                                                if refit.gram is not None})
-        check_structure(pruned)
-    # the softmax's heads are query heads (grouped-query attention: every query head of a kept group)
-    softmax_blocks = {keep.block.name: (p.probes[keep.block.name], keep.query_heads()) for keep in plan.attention
-                      if keep.block.name in p.probes and p.qoperator is None}  # QOperator: the probabilities are integers
-    with stage(f"verifying the pruned model on {_count(p.holdout_feed)} held-back samples"):
-        measured, attention_kl, pruned_shapes, attention_maps = verify(p.observed, pruned, softmax_blocks,
-                                                                       p.holdout_feed, p.batch, p.fixed, p.mask)
-    release_memory()
-    log.info("rewritten and verified (%s)", _since(started))
-    with stage("timing the original and the pruned model"):
-        speed = latency(model, pruned, one_batch, original_weights=g.constant) if options.measure_latency else (None, None)
-        decode = decode_latency(model, pruned, one_batch, original_weights=g.constant) if options.measure_latency else None
-    target = options.target
-    observed = p.observed
-    report = Report(criterion=options.criterion, compensation=options.compensation.value,
-                    compensation_kept=list(kept_pieces),
-                    ratios={"qk": round(ratios.qk, 4), "v": round(ratios.v, 4), "ffn": round(ratios.ffn, 4),
-                            "heads": ratios.heads, "residual": ratios.residual},
-                    calibration=p.source, calibration_samples=_count(p.fit_feed),
-                    holdout_samples=_count(p.holdout_feed),
-                    # a QOperator model was observed through its QDQ reading (the same products and weights)
-                    **stats_fields(stats_from_shapes(p.qoperator.model if p.qoperator is not None else model,
-                                                     observed.shapes, observed.shape_samples),
-                                   stats_from_shapes(pruned, pruned_shapes, observed.shape_samples)),
-                    fidelity=measured, blocks=block_reports(plan), skipped=matches.skipped,
-                    removed_blocks=[layer.name for layer in plan.removed_layers],
-                    residual_width=None if plan.stream is None else [plan.stream.width, len(plan.stream_keep)],
-                    target=None if target is None else _target_report(
-                        target, costs, plan, decode if decode and options.timed_step is TimedStep.DECODE else speed,
-                        searched, TimedStep.DECODE if decode and options.timed_step is TimedStep.DECODE
-                        else TimedStep.PREFILL),
-                    weight_bytes_before=weight_bytes(model), weight_bytes_after=weight_bytes(pruned),
-                    latency_ms_before=speed[0], latency_ms_after=speed[1],
-                    decode_ms_before=decode and decode[0], decode_ms_after=decode and decode[1],
-                    attention_kl={keep.block.name: attention_kl.get(keep.block.name) for keep in plan.attention},
-                    attention_maps=attention_maps,
-                    reconstruction=_reconstruction_report(reconstruction, options), allocation=allocation,
-                    seconds=round(time.perf_counter() - started, 2),
-                    requantized={k: round(v, 6) for k, v in p.view.errors.items()} if p.view is not None else None,
-                    requantized_feedback=({k: round(v, 6) for k, v in p.view.feedback.items()}
-                                          if p.view is not None else None),
-                    notes=[GENAI_NOTE] if options.one_head_size else [],
-                    kv_cache_bytes_before=kv_cache_bytes(g, [(b, b.groups, b.head_dim, b.head_dim) for b in matches.attention]),
-                    kv_cache_bytes_after=kv_cache_bytes(g, [(k.block, len(k.heads), k.qk.shape[1], k.v.shape[1])
-                                                            for k in plan.attention]))
-    return PruneResult(pruned, report, p.external)
+                          p.batch, p.fixed, p.mask, options.seed, options.rescale_qk, options.progress,
+                          p.release_memory, costs)
+        return Compensated(chosen.plan, chosen.model, tuple(chosen.kept_pieces), chosen.ratios, tuple(chosen.searched))
+    own = work is None  # made here: freed before the rewrite (its batches hold every calibration activation)
+    work = work or ReconstructionWork(p, options, restartable=False)  # one run: no copy of the first stream
+    reconstructor, shards = work.reconstructor, work.restart()
+    allocation = None
+    if options.target is None:
+        widths = uniform_widths(matches, ratios, _removed_layers(g, matches, ratios, p.fit_feed, p.batch, p.mask))
+    else:
+        widths, allocation = _allocate(matches, work, costs, options, one_batch)
+        ratios = _mean_ratios(matches, widths, ratios)
+        log.info("allocated by measured sensitivity on %d samples (%s)", allocation["samples"], _since(p.started))
+    if options.one_head_size:  # onnxruntime-genai's KV buffers (genai.py)
+        widths = one_head_size(widths)
+    try:
+        reconstruction = reconstructor.run(shards, widths, _progress(2 * len(matches.layers), options.progress))
+    finally:
+        if own:
+            work.close()
+    log.info("reconstructed block by block on %d samples, %d tokens (%s)", reconstruction.samples,
+             reconstruction.tokens, _since(p.started))
+    plan = PrunePlan(reconstruction.attention, reconstruction.ffn, reconstruction.scale_values,
+                     tuple(matches.layers[i] for i in widths.removed_layers), refits=reconstruction.refits)
+    return Compensated(plan, None, ("reconstruction",), ratios, (), reconstruction, allocation)
+
+
+def _rewritten(p: Prepared, compensated: Compensated) -> onnx.ModelProto:
+    """The plan applied to the graph, then the input's quantized form put back."""
+    plan, pruned = compensated.plan, compensated.pruned
+    if pruned is None:
+        pruned = rewrite(p.g, plan)
+        p.release_memory()
+    if p.dynamic is not None:
+        pruned = p.dynamic.requantize(pruned)
+    if p.rounded is not None:  # a static QDQ model's activation pairs back, calibrated again (activation_ranges.py)
+        # on the fitted samples only: the held-back ones judge the result
+        pruned = p.rounded.restore(p.qoperator.model if p.qoperator is not None else p.model, pruned, p.fit_feed,
+                                   p.batch)
+    if p.qoperator is not None:  # each QLinear op made again from its pattern (qoperator_fuse.py)
+        pruned = p.qoperator.fuse(pruned)
+    if p.view is not None:
+        pruned = p.view.requantize(pruned, {node: refit.gram for node, refit in plan.refits.items()
+                                            if refit.gram is not None})
+    check_structure(pruned)
+    return pruned
 
 
 class ReconstructionWork:
@@ -293,22 +282,6 @@ def _cost_model(g: ModelGraph, matches: Matches, observed: Observed, kind: CostK
         log.info("profiled the input model: %.2f ms per run, %.2f ms of it outside the nodes traced (%d runs)",
                  times.total_ms, times.overhead_ms, times.runs)
     return CostModel(g, matches, macs, count_params(g.model), times)
-
-
-def _target_report(target: Target, costs: CostModel, plan: PrunePlan, speed: tuple, searched,
-                   step: TimedStep) -> dict:
-    """The goal, what was tried, and for a latency budget the predicted and measured speedups
-    (`speed`: the medians of what `step` times)."""
-    report = {"kind": target.kind.value, "flag": target.flag, "value": target.value, "tried": list(searched)}
-    if target.kind is CostKind.LATENCY:
-        before, after = costs.original(target.kind), costs.cost(plan, target.kind)
-        report |= {"goal_ms": round(target.absolute(before), 4), "predicted_ms_before": round(before, 4),
-                   "predicted_ms_after": round(after, 4), "predicted_speedup": round(before / max(after, 1e-12), 4),
-                   "profile_runs": costs.times.runs, "threads": costs.times.threads}
-        if speed[0] is not None:
-            report["measured_speedup"] = round(speed[0] / max(speed[1], 1e-12), 4)
-            report["measured_step"] = step.value
-    return report
 
 
 def _allocate(matches: Matches, work: ReconstructionWork, costs: CostModel, options: PruneOptions,
@@ -412,16 +385,6 @@ def score_layers(scorer: Scorer, g: ModelGraph, feed: dict[str, np.ndarray], bat
     for inputs, acts in runner.batches(feed, scorer.tensors(), batch):
         scorer.update(acts, _count(inputs), inputs.get(mask) if mask else None)
     return scorer
-
-
-def _reconstruction_report(reconstruction: Reconstruction | None, options: PruneOptions) -> dict | None:
-    if reconstruction is None:
-        return None
-    return {"propagation": options.propagation.value, "selection": options.selection.value,
-            "reduction": options.reduction.value, "samples": reconstruction.samples,
-            "tokens": reconstruction.tokens,
-            "halves": [{"name": h.name, "ridge": h.ridge, "error_sliced": round(h.error_before, 6),
-                        "error_refitted": round(h.error_after, 6)} for h in reconstruction.halves]}
 
 
 def _progress(total: int, show: bool) -> Callable[[str], None]:

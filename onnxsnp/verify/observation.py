@@ -73,6 +73,28 @@ def _probe_run(model: onnx.ModelProto, role: str, probes: list[str], feed: dict[
             shapes)
 
 
+@dataclass(frozen=True)
+class Verified:
+    """The pruned model beside the original on the held-back samples."""
+
+    fidelity: Fidelity
+    attention_kl: dict[str, float]  # attention block → mean KL of its maps
+    shapes: dict[str, tuple[int, ...]]  # the pruned model's run-time shapes (for its FLOPs count)
+    maps: list[AttentionSample]  # a few maps, the heads that changed most
+
+
+def verify_pruned(observed: Observed, pruned: onnx.ModelProto, plan, probes: dict[str, str],
+                  feed: dict[str, np.ndarray], batch: int, fixed: int | None, mask_name: str | None,
+                  quantized_probabilities: bool = False) -> Verified:
+    """`verify` for the attention blocks `plan` kept (`probes`: block → its probabilities tensor);
+    `quantized_probabilities`: the softmax outputs are integers (QOperator), so maps are not compared."""
+    # the softmax's heads are query heads (grouped-query attention: every query head of a kept group)
+    softmax_blocks = {} if quantized_probabilities else {
+        keep.block.name: (probes[keep.block.name], keep.query_heads()) for keep in plan.attention
+        if keep.block.name in probes}
+    return Verified(*verify(observed, pruned, softmax_blocks, feed, batch, fixed, mask_name))
+
+
 def verify(observed: Observed, pruned: onnx.ModelProto, softmax_blocks: dict[str, tuple[str, np.ndarray]],
             feed: dict[str, np.ndarray], batch: int, fixed: int | None, mask_name: str | None
             ) -> tuple[Fidelity, dict[str, float], dict[str, tuple[int, ...]], list[AttentionSample]]:
