@@ -186,10 +186,7 @@ def _compensate(p: Prepared, options: PruneOptions, work: ReconstructionWork | N
     route = _reconstruction_route(g, matches, options)
     if route is not None:
         log.info("one-pass compensation: %s", route)
-        chosen = one_pass(g, matches, ratios, options.criterion, options.compensation.value,
-                          options.residual_criterion.value, options.target, p.observed, p.fit_feed, p.holdout_feed,
-                          p.batch, p.fixed, p.mask, options.seed, options.rescale_qk, options.progress,
-                          p.release_memory, costs)
+        chosen = one_pass(p, options, costs)
         return Compensated(chosen.plan, chosen.model, tuple(chosen.kept_pieces), chosen.ratios, tuple(chosen.searched))
     own = work is None  # made here: freed before the rewrite (its batches hold every calibration activation)
     work = work or ReconstructionWork(p, options, restartable=False)  # one run: no copy of the first stream

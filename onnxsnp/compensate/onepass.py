@@ -12,12 +12,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 
 from ..data import calibration as calib_stage
-from ..score.allocation import Target, search
+from ..score.allocation import search
 from ..score.costs import CostModel
 from ..data.calibration import Runner
 from .compensation import Collector, compensation_tensors, qk_rescaled
@@ -25,12 +26,15 @@ from ..errors import SnpError
 from ..ir.graph import ModelGraph
 from ..score.importance import Scorer
 from ..match import Matches, NoMatch
-from ..verify.observation import Observed
 from ..plan import PrunePlan, Ratios
 from ..match.residual import find_stream
 from ..rewrite.rewriting import rewrite
 from ..ir.stats import count_params, macs_from_shapes
 from ..verify.verification import fidelity, run_outputs
+
+if TYPE_CHECKING:  # the stage's input (pipeline imports this module)
+    from ..options import PruneOptions
+    from ..pipeline import Prepared
 
 log = logging.getLogger("onnxsnp")
 
@@ -44,23 +48,23 @@ class OnePass:
     searched: tuple[dict, ...]  # the allocations a target tried
 
 
-def one_pass(g: ModelGraph, matches: Matches, ratios: Ratios, criterion: str, compensate: str,
-             residual_criterion: str, target: Target | None, observed: Observed, score_feed: dict[str, np.ndarray],
-             holdout_feed: dict[str, np.ndarray], batch: int, fixed: int | None, mask: str | None, seed: int,
-             rescale_qk: bool, progress: bool, release_memory: Callable[[], None],
-             costs: CostModel | None = None) -> OnePass:
-    """`costs`: the cost model a target is met with (pipeline builds it: a latency one profiles)."""
-    scorer = _scorer(g, matches, ratios, criterion, residual_criterion)
+def one_pass(p: Prepared, options: PruneOptions, costs: CostModel | None = None) -> OnePass:
+    """The one-pass flow on what `pipeline.prepare` made; `costs`: the cost model a target is met
+    with (pipeline builds it: a latency one profiles)."""
+    g, matches, ratios, target, observed = p.g, p.matches, options.ratios, options.target, p.observed
+    compensate, release_memory = options.compensation.value, p.release_memory
+    score_feed, holdout_feed, batch, fixed, mask = p.fit_feed, p.holdout_feed, p.batch, p.fixed, p.mask
+    scorer = _scorer(g, matches, ratios, options.criterion, options.residual_criterion.value)
     # one session over the input model serves scoring, the compensation statistics and the selection
     extra = compensation_tensors(matches, scorer.stream, g) if compensate != "none" else []
     original = Runner(g.model, scorer.tensors() + extra, weights=g.constant)  # shares g's decoded weights
     # fitted on one part of the scoring samples, chosen on the rest, reported on the held-back ones
     fit_feed, select_feed = _split_off(score_feed, _count(holdout_feed), fixed)
-    score_outputs = _score_pass(scorer, original, score_feed, batch, progress, mask)
+    score_outputs = _score_pass(scorer, original, score_feed, batch, options.progress, mask)
     release_memory()
     searched: list[dict] = []
     if target is None:
-        plan = scorer.plan(ratios, seed)
+        plan = scorer.plan(ratios, options.seed)
     else:
         costs = costs or CostModel(g, matches, macs_from_shapes(g.model, observed.shapes, observed.shape_samples),
                                    count_params(g.model))
@@ -68,7 +72,7 @@ def one_pass(g: ModelGraph, matches: Matches, ratios: Ratios, criterion: str, co
         def measure(candidate: PrunePlan) -> float:
             return fidelity(observed.outputs, run_outputs(rewrite(g, candidate), holdout_feed, batch)).output_cosine
 
-        plan, ratios, searched = search(scorer, ratios, target, costs, measure, seed)
+        plan, ratios, searched = search(scorer, ratios, target, costs, measure, options.seed)
     kept_pieces: list[str] = []
     pruned = None
     if compensate != "none":
@@ -81,7 +85,8 @@ def one_pass(g: ModelGraph, matches: Matches, ratios: Ratios, criterion: str, co
         pieces = {"layernorm": (lambda p: replace(p, norm_corrections=corrections)) if corrections else None,
                   "refit": (lambda p: replace(p, refits=refits)) if refits else None,
                   "qk-rescale": ((lambda p: qk_rescaled(p, scorer.pairs))
-                                 if compensate == "lstsq" and rescale_qk and scorer.pairs_measured() else None)}
+                                 if compensate == "lstsq" and options.rescale_qk and scorer.pairs_measured()
+                                 else None)}
         del collector
         kept_pieces, pruned, plan = _keep_what_helps(g, plan, pieces, select_reference, select_feed, batch,
                                                      release_memory)
