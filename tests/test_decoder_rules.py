@@ -118,13 +118,14 @@ def test_qk_norm_keeps_each_head_whole_and_prunes_exactly(qk_norm, heads):
 
 
 @pytest.mark.parametrize("kv_heads", [2, 4])
-def test_per_head_rotary_tables_cost_one_row_gather_and_one_transpose_per_layer(kv_heads):
-    """Heads that keep different rotary pairs read cos/sin tables with their own heads axis: per
-    table and layer one Gather of whole rows (along the heads axis of the table with its dims
-    moved there, made once for all layers) and one Transpose that moves the dims axis alone to the
-    end — shared by q and k where they keep the same dims — never a Gather along the last axis,
-    which onnxruntime copies element by element (docs/DECODER_SPEED.md). The result equals the
-    masked original."""
+def test_per_head_rotary_tables_cost_one_gather_transpose_and_split_per_layer(kv_heads):
+    """Heads that keep different rotary pairs read cos/sin tables with their own heads axis. Every
+    node runs on each decode step (issue 28), so a layer's tables — cos and sin, q's and k's
+    unless their heads match — come from one Gather of whole rows (along the heads axis of cos
+    and sin side by side with their dims moved there: a Concat, a Squeeze and a Transpose made
+    once for all layers), one Transpose that moves the dims axis alone to the end and one Split;
+    never a Gather along the last axis, which onnxruntime copies element by element
+    (docs/DECODER_SPEED.md). The result equals the masked original, in prefill and decode."""
     g = ModelGraph(dg.decoder_attention(kv_heads, "half"))
     calib = {k: np.repeat(v, 4, axis=0) if k == "x" else v for k, v in dg.feed(g.model, 6).items()}
     plan = make_plan(g, find_blocks(g), Ratios(0.5, 0.25, 0.0), "random", calib, batch=4, seed=1)  # its heads keep different pairs
@@ -132,11 +133,15 @@ def test_per_head_rotary_tables_cost_one_row_gather_and_one_transpose_per_layer(
     assert len({tuple(row) for row in keep.qk}) > 1  # the case in question: the heads keep different pairs
     pruned, zeroed = rewrite(g, plan), masked_original(g, plan)
     added = Counter(n.op_type for n in pruned.graph.node) - Counter(n.op_type for n in g.model.graph.node)
-    tables, per_table = 2, 1 if kv_heads == dg.HEADS else 2  # cos and sin; q and k apart unless their heads match
-    assert added == Counter({"Gather": tables * per_table, "Transpose": tables * (per_table + 1), "Squeeze": tables})
-    gathers = [n for n in pruned.graph.node if n.op_type == "Gather"]
-    assert [a.i for n in gathers for a in n.attribute if a.name == "axis"] == [1] * len(gathers)  # (1, heads, N, d)
+    assert added == Counter({"Concat": 1, "Squeeze": 1, "Transpose": 2, "Gather": 1, "Split": 1})
+    (split,) = [n for n in pruned.graph.node if n.op_type == "Split"]
+    assert len(split.output) == (2 if kv_heads == dg.HEADS else 4)  # cos and sin; q and k apart unless their heads match
+    (gather,) = [n for n in pruned.graph.node if n.op_type == "Gather"]
+    assert [a.i for a in gather.attribute if a.name == "axis"] == [1]  # (1, heads, N, d)
     readers = {i: n for n in pruned.graph.node for i in n.input}
-    assert {tuple(readers[n.output[0]].attribute[0].ints) for n in gathers} == {(0, 1, 3, 2)}
-    feed = dg.feed(zeroed, 5)
-    np.testing.assert_allclose(run(pruned, dg.feed(pruned, 5))["y"], run(zeroed, feed)["y"], atol=1e-5)
+    assert list(readers[gather.output[0]].attribute[0].ints) == [0, 1, 3, 2]
+    want, got = run(zeroed, dg.feed(zeroed, 5)), run(pruned, dg.feed(pruned, 5))
+    np.testing.assert_allclose(got["y"], want["y"], atol=1e-5)
+    step = lambda model, out: dg.feed(model, 1, {"past_key": out["present_key"], "past_value": out["present_value"]},  # noqa: E731
+                                      seed=2)
+    np.testing.assert_allclose(run(pruned, step(pruned, got))["y"], run(zeroed, step(zeroed, want))["y"], atol=1e-5)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -207,3 +208,32 @@ def test_whole_key_value_groups_removed_through_the_whole_flow(tmp_path):
     assert all(b.heads_after == 4 for b in attention)  # two of three groups, two query heads each
     assert set(report.attention_kl) == {b.name for b in attention}
     assert all(value is not None and value >= 0 for value in report.attention_kl.values())
+
+
+@pytest.mark.parametrize("heads", [0.0, 0.5])
+def test_the_rewrite_adds_few_nodes_to_a_dynamo_decoder(decoder, tmp_path, heads):
+    """Every node runs on each decode step (issue 28). The rotary tables of a layer whose heads keep
+    different pairs cost one Gather, one Transpose and one Split (tests/test_decoder_rules.py). The dynamo export shares one shape tensor (a Concat of run-time sizes and constants) among
+    the q/k/v views and the repeat_kv Expands of every layer: the rewrite edits each such shape
+    once per new width, changing the constant piece in place, instead of a Concat per reader and
+    a Slice-Slice-Concat splice per second edit of the same shape (issue 28: every node runs
+    on each decode step). The result equals the masked original in prefill and decode."""
+    path = unshare(decoder("llama-dynamo"), tmp_path)
+    g = ModelGraph(onnx.load(str(path)))
+    feed = validate_calibration(calibration(100, 4), input_specs(g), "calibration")
+    plan = make_plan(g, find_blocks(g), Ratios(0.5, 0.25, 0.5, heads=heads), "random", feed, batch=2, seed=3)
+    pruned, zeroed = rewrite(g, plan), masked_original(g, plan)
+    before = {n.name for n in g.model.graph.node}
+    added = [n for n in pruned.graph.node if n.name not in before]
+    assert not [n for n in added if n.op_type == "Slice"]
+    concats = [tuple(n.input) for n in added if n.op_type == "Concat"]
+    values = {t.name: onnx.numpy_helper.to_array(t).tolist() for t in pruned.graph.initializer}
+    assert len({tuple(str(values.get(i, i)) for i in inputs) for inputs in concats}) == len(concats)  # no two alike
+    if heads == 0:  # q and k of a layer keep different pairs in each head
+        layers = len(plan.attention)
+        assert Counter(n.op_type for n in added if n.op_type != "Concat") == Counter(
+            {"Gather": layers, "Split": layers, "Transpose": layers + 1, "Squeeze": 1})
+    ids, next_ids = np.random.default_rng(0).integers(0, 100, (2, 6)), np.random.default_rng(1).integers(0, 100, (2, 1))
+    (want, want_step), (got, got_step) = prefill_and_step(zeroed, ids, next_ids), prefill_and_step(pruned, ids, next_ids)
+    np.testing.assert_allclose(got["logits"], want["logits"], atol=2e-5, rtol=1e-3)
+    np.testing.assert_allclose(got_step["logits"], want_step["logits"], atol=2e-5, rtol=1e-3)

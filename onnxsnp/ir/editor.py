@@ -25,6 +25,7 @@ class Editor:
         self.tensors = graph.tensors()
         self.known: dict[str, np.ndarray] = {}  # values of the dequantizing chains this rewrite wrote
         self.gathered: dict[tuple, gs.Variable] = {}  # (rotary table, kept columns) → its gathered table, made once
+        self.entries: dict[tuple[str, int, int], gs.Tensor] = {}  # (shape, position, value) → the edited shape
         self._count = 0
 
     def unique(self, base: str) -> str:
@@ -158,38 +159,69 @@ class Editor:
 
     def set_entry(self, reshape: str, position: int, value: int, input_index: int = 1) -> None:
         """Set entry `position` (counted from the end) of a Reshape's target shape to `value` (or of
-        another input holding sizes: Split's, Slice's bounds)."""
+        another input holding sizes: Split's, Slice's bounds). The edited shape is made once per
+        (shape, position, value): the exporters share one shape tensor among q, k, v and all
+        layers, and a node per reader would run on every decode step (issue 28)."""
         node = self.nodes[reshape]
         shape = node.inputs[input_index]
-        constant = shape.values if isinstance(shape, gs.Constant) else self.g.constant(shape.name)
+        key = (shape.name, position, value)
+        if key not in self.entries:
+            self.entries[key] = self._with_entry(shape, position, value, input_index == 1, reshape)
+        node.inputs[input_index] = self.entries[key]
+
+    def _with_entry(self, shape: gs.Tensor, position: int, value: int, runtime_ok: bool, reader: str) -> gs.Tensor:
+        constant = self._constant_value(shape)
         if constant is not None:
-            changed = constant.copy()
-            changed.reshape(-1)[position] = value
-            node.inputs[input_index] = self.constant(shape.name, changed)
-            return
-        if input_index != 1:
-            raise ValueError(f"input {input_index} of {reshape} is not a constant")
+            return self._constant_with_entry(shape, constant, position, value)
+        if not runtime_ok:
+            raise ValueError(f"the sizes {shape.name} of {reader} are not a constant")
         producer = shape.inputs[0] if shape.inputs else None
         if producer is not None and producer.op == "Concat":
-            sizes = [self.g.shapes.get(piece.name) for piece in producer.inputs]
-            if all(s is not None and len(s) == 1 and s[0] is not None for s in sizes):
-                ends = np.cumsum([s[0] for s in sizes])
+            sizes = [self._length(piece) for piece in producer.inputs]
+            if all(s is not None for s in sizes):
+                ends = np.cumsum(sizes)
                 index = int(ends[-1]) + position
-                piece = int(np.searchsorted(ends, index, side="right"))
-                if sizes[piece] == (1,):  # replace just that piece: the rest of the Concat is kept as is
-                    out = self.variable(shape.name, np.int64)
+                at = int(np.searchsorted(ends, index, side="right"))
+                piece = producer.inputs[at]
+                values = self._constant_value(piece)
+                if values is not None or sizes[at] == 1:  # replace that piece alone: the rest is kept as is
+                    if values is None:
+                        replaced = self.constant(shape.name, np.array([value], dtype=np.int64))
+                    else:  # a constant piece of several entries (or one edited before) keeps the others
+                        replaced = self._constant_with_entry(piece, values, index - int(ends[at]), value)
+                        if replaced is piece:
+                            return shape
                     inputs = list(producer.inputs)
-                    inputs[piece] = self.constant(shape.name, np.array([value], dtype=np.int64))
+                    inputs[at] = replaced
+                    out = self.variable(shape.name, np.int64)
                     self.add_node("Concat", inputs, [out], {"axis": 0})
-                    node.inputs[1] = out
-                    return
+                    return out
         # anything else: splice the entry in at run time
         parts = [self.slice(shape, 0, position), self.constant(shape.name, np.array([value], dtype=np.int64))]
         if position != -1:
             parts.append(self.slice(shape, position + 1, np.iinfo(np.int64).max))
         out = self.variable(shape.name, np.int64)
         self.add_node("Concat", parts, [out], {"axis": 0})
-        node.inputs[1] = out
+        return out
+
+    def _constant_value(self, tensor: gs.Tensor) -> np.ndarray | None:
+        """A tensor's value where it is a constant: one this rewrite made, or one of the model."""
+        return tensor.values if isinstance(tensor, gs.Constant) else self.g.constant(tensor.name)
+
+    def _constant_with_entry(self, tensor: gs.Tensor, values: np.ndarray, position: int, value: int) -> gs.Tensor:
+        if values.reshape(-1)[position] == value:
+            return tensor
+        changed = values.copy()
+        changed.reshape(-1)[position] = value
+        return self.constant(tensor.name, changed)
+
+    def _length(self, piece: gs.Tensor) -> int | None:
+        """Entries of a 1-D piece of a shape Concat, where known before running the model."""
+        values = self._constant_value(piece)
+        if values is not None:
+            return int(values.size)
+        shape = self.g.shapes.get(piece.name)
+        return shape[0] if shape is not None and len(shape) == 1 and isinstance(shape[0], int) else None
 
     def squeeze(self, tensor: gs.Tensor, axis: int) -> gs.Variable:
         out = self.variable(tensor.name)

@@ -12,77 +12,114 @@ from ..match.blocks import Rotary, RotaryStyle
 from ..plan import AttentionKeep, PrunePlan
 
 
-def slice_rotary_tables(editor: Editor, keep: AttentionKeep, rotary: Rotary) -> None:
+def slice_rotary_tables(editor: Editor, keep: AttentionKeep, rotaries: tuple[Rotary, ...]) -> None:
     """Every kept Q/K dim keeps its own angle: an op's caches (one column per pair, the same pairs
     in every head) are gathered to the kept pairs' columns — from the one cache all layers share,
     by a Gather of constants the runtime folds when it loads the model, so the file keeps one
     cache rather than a sliced copy per layer (60 copies grew a 86 MB int4 folder by 47 MB); a
     written-out embedding's tables (one column per dim, broadcast over the heads) are gathered
-    per head, to (…, kept heads, …, kept dims)."""
+    per head, to (…, kept heads, …, kept dims): all tables of the layer's q and k at once."""
     block = keep.block
-    positions = keep.qk if rotary.heads == block.groups else np.repeat(keep.qk, block.group_size, axis=0)
-    if rotary.shared:
-        row = positions[0]
-        pairs = row[0::2] // 2 if rotary.style is RotaryStyle.INTERLEAVED else row[row < block.head_dim // 2]
+    per_head: list[tuple[gs.Node, int, np.ndarray, int]] = []
+    for rotary in rotaries:
+        positions = keep.qk if rotary.heads == block.groups else np.repeat(keep.qk, block.group_size, axis=0)
+        if rotary.shared:
+            row = positions[0]
+            pairs = row[0::2] // 2 if rotary.style is RotaryStyle.INTERLEAVED else row[row < block.head_dim // 2]
+            for name, index in rotary.tables:
+                node = editor.nodes[name]
+                node.inputs[index] = _gathered(editor, node.inputs[index], pairs, "rotary_pairs")
+            continue
         for name, index in rotary.tables:
             node = editor.nodes[name]
-            table = node.inputs[index]
-            key = (table.name, tuple(int(p) for p in pairs))
-            if key not in editor.gathered:
-                columns = editor.constant("rotary_pairs", np.asarray(pairs, dtype=np.int64))
-                editor.gathered[key] = _node(editor, "Gather", [table, columns], {"axis": -1}, table)
-            node.inputs[index] = editor.gathered[key]
-        return
-    for name, index in rotary.tables:
-        node = editor.nodes[name]
-        node.inputs[index] = _per_head(editor, node.inputs[index], positions, rotary.heads_axis)
+            if (positions == positions[:1]).all():  # every head the same dims: no heads axis needed
+                node.inputs[index] = _gathered(editor, node.inputs[index], positions[0], "rotary_dims")
+            else:
+                per_head.append((node, index, positions, rotary.heads_axis))
+    _per_head_tables(editor, per_head)
 
 
-def _per_head(editor: Editor, table: gs.Tensor, positions: np.ndarray, heads_axis: int) -> gs.Tensor:
-    """The table's last axis gathered to `positions` (kept heads, kept dims), made once per table
-    and positions (q and k of a layer share it where they keep the same dims): one Gather where
-    every head keeps the same dims, else a table with its own heads axis, (…, kept heads, …, kept dims)."""
-    key = (table.name, heads_axis, positions.shape, positions.tobytes())
+def _gathered(editor: Editor, table: gs.Tensor, columns: np.ndarray, base: str) -> gs.Tensor:
+    """The table's last axis gathered to `columns`, made once per table and columns."""
+    key = (table.name, tuple(int(c) for c in columns))
     if key not in editor.gathered:
-        if (positions == positions[:1]).all():
-            editor.gathered[key] = _node(editor, "Gather", [table, editor.constant(
-                "rotary_dims", positions[0].astype(np.int64))], {"axis": -1}, table)
-        else:
-            editor.gathered[key] = _heads_table(editor, table, positions, heads_axis)
+        indices = editor.constant(base, np.asarray(columns, dtype=np.int64))
+        editor.gathered[key] = _node(editor, "Gather", [table, indices], {"axis": -1}, table)
     return editor.gathered[key]
 
 
-def _heads_table(editor: Editor, table: gs.Tensor, positions: np.ndarray, heads_axis: int) -> gs.Tensor:
-    """(…, heads, …, dims) from a table broadcast over the heads: a Gather of whole rows from the
-    table with its dims axis moved to where the heads go (made once for all layers), to (…,
-    heads, dims, …), then a Transpose that moves the dims axis alone to the end. A Gather along the
-    last axis copies element by element instead, and a Transpose that moves several axes has no
-    fast path: in a 128-token prefill of SmolLM2's shape (30 layers) onnxruntime took 50–70 ms for
-    the former and 20 ms for the latter's row Gathers and Transposes, 1.5 ms for this
-    (docs/DECODER_SPEED.md)."""
-    rank = len(editor.g.shapes.get(table.name) or ())
-    out_rank = max(rank, -heads_axis)
-    at = out_rank + heads_axis  # where the heads axis goes
-    rows = _node(editor, "Gather", [_dims_at(editor, table, rank, heads_axis, at),
-                                    editor.constant("rotary_dims", positions.astype(np.int64))],
-                 {"axis": at}, table)  # (…, heads, dims, …)
-    perm = [axis for axis in range(out_rank) if axis != at + 1] + [at + 1]
-    return _node(editor, "Transpose", [rows], {"perm": perm}, table)
+def _per_head_tables(editor: Editor, wanted: list[tuple[gs.Node, int, np.ndarray, int]]) -> None:
+    """Each (reader, input, positions, heads axis) gets its table with a heads axis, (…, heads, …,
+    dims). A layer's tables (cos and sin; q's and k's unless their heads match) come out of one
+    Gather of whole rows from the tables side by side with their dims axis moved to where the
+    heads go (made once for all layers), one Transpose that moves the dims axis alone to the end,
+    and a Split into the tables: 3 nodes a layer instead of a Gather and a Transpose per table —
+    each node costs a fixed time on every decode step (issue 28). A Gather along the last axis
+    copies element by element instead, and a Transpose that moves several axes has no fast path:
+    in a 128-token prefill of SmolLM2's shape (30 layers) onnxruntime took 50–70 ms for the
+    former and 20 ms for row Gathers and such Transposes, 1.5 ms for this (docs/DECODER_SPEED.md)."""
+    requests: dict[tuple, tuple[gs.Tensor, np.ndarray, int]] = {}
+    for node, index, positions, axis in wanted:
+        table = node.inputs[index]
+        requests.setdefault((table.name, axis, positions.shape, positions.tobytes()), (table, positions, axis))
+    todo = {key: request for key, request in requests.items() if key not in editor.gathered}
+    tables = list({table.name: table for table, _, _ in todo.values()}.values())
+    shapes = {tuple(editor.g.shapes.get(table.name) or ()) for table in tables}
+    together = len(todo) > 1 and len(shapes) == 1 and len({axis for _, _, axis in todo.values()}) == 1 \
+        and len({positions.shape[1] for _, positions, _ in todo.values()}) == 1
+    width = next(iter(shapes))[-1] if together and next(iter(shapes)) else None
+    if together and isinstance(width, int):
+        heads_axis = next(iter(todo.values()))[2]
+        rank = len(next(iter(shapes)))
+        at = max(rank, -heads_axis) + heads_axis  # where the heads axis goes
+        offset = {table.name: i * width for i, table in enumerate(tables)}  # the tables side by side
+        rows = np.concatenate([positions + offset[table.name] for table, positions, _ in todo.values()])
+        gathered = _node(editor, "Gather", [_dims_at(editor, tables, rank, heads_axis, at),
+                                            editor.constant("rotary_dims", rows.astype(np.int64))],
+                         {"axis": at}, tables[0])  # (…, heads, dims, …)
+        moved = _dims_last(editor, gathered, max(rank, -heads_axis), at, tables[0])
+        parts = [editor.variable(table.name, table.dtype) for table, _, _ in todo.values()]
+        sizes = np.array([len(positions) for _, positions, _ in todo.values()], dtype=np.int64)
+        if editor.graph.opset >= 13:
+            editor.add_node("Split", [moved, editor.constant("split", sizes)], parts, {"axis": at})
+        else:
+            editor.add_node("Split", [moved], parts, {"axis": at, "split": sizes.tolist()})
+        editor.gathered.update(zip(todo, parts))
+    else:
+        for key, (table, positions, axis) in todo.items():
+            rank = len(editor.g.shapes.get(table.name) or ())
+            at = max(rank, -axis) + axis
+            rows = _node(editor, "Gather", [_dims_at(editor, [table], rank, axis, at),
+                                            editor.constant("rotary_dims", positions.astype(np.int64))],
+                         {"axis": at}, table)
+            editor.gathered[key] = _dims_last(editor, rows, max(rank, -axis), at, table)
+    for node, index, positions, axis in wanted:
+        node.inputs[index] = editor.gathered[(node.inputs[index].name, axis, positions.shape, positions.tobytes())]
 
 
-def _dims_at(editor: Editor, table: gs.Tensor, rank: int, heads_axis: int, at: int) -> gs.Tensor:
-    """The table without the size-1 axis it broadcast over the heads with, its last (dims) axis
-    moved to `at`: shared by every layer that gathers from it."""
-    key = (table.name, heads_axis, "dims at the heads")
+def _dims_last(editor: Editor, rows: gs.Tensor, rank: int, at: int, like: gs.Tensor) -> gs.Tensor:
+    """(…, heads, dims, …) → (…, heads, …, dims): a Transpose that moves one axis, onnxruntime's fast path."""
+    perm = [axis for axis in range(rank) if axis != at + 1] + [at + 1]
+    return _node(editor, "Transpose", [rows], {"perm": perm}, like)
+
+
+def _dims_at(editor: Editor, tables: list[gs.Tensor], rank: int, heads_axis: int, at: int) -> gs.Tensor:
+    """The tables side by side along their last (dims) axis, without the size-1 axis they
+    broadcast over the heads with, that dims axis moved to `at`: shared by every layer that
+    gathers from them."""
+    key = (tuple(table.name for table in tables), heads_axis, "dims at the heads")
     if key not in editor.gathered:
-        squeezed, kept = table, rank
+        joined = tables[0]
+        if len(tables) > 1:
+            joined = _node(editor, "Concat", list(tables), {"axis": -1}, tables[0])
+        kept = rank
         if rank >= -heads_axis:  # drop the broadcast axis: the gathered heads take its place
             axes = np.array([rank + heads_axis], dtype=np.int64)
-            squeezed = _node(editor, "Squeeze", [table, editor.constant("axes", axes)], {}, table)
+            joined = _node(editor, "Squeeze", [joined, editor.constant("axes", axes)], {}, tables[0])
             kept = rank - 1
         perm = list(range(kept - 1))
         perm.insert(at, kept - 1)
-        editor.gathered[key] = _node(editor, "Transpose", [squeezed], {"perm": perm}, table)
+        editor.gathered[key] = _node(editor, "Transpose", [joined], {"perm": perm}, tables[0])
     return editor.gathered[key]
 
 

@@ -115,8 +115,7 @@ def _finish_attention(editor: Editor, keep: AttentionKeep) -> None:
     dq, dv, heads = keep.qk.shape[1], keep.v.shape[1], len(keep.query_heads())
     if block.fused is not None:
         _split_fused(editor, keep, dq, dv)
-    for rotary in block.rotary:
-        slice_rotary_tables(editor, keep, rotary)
+    slice_rotary_tables(editor, keep, tuple(block.rotary))
     scales = block.frozen_scales + block.constant_scales
     if block.q_fixed is None and dq != block.head_dim and block.attention_op is None and scales:
         # standard form where q can take sqrt(d'/d) exactly (a quantized q may not)
