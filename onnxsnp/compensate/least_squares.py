@@ -177,7 +177,13 @@ class Obs:
     """Greedy structured OBS over the input rows of one layer (see the module docstring).
 
     Rows are removed in `units` (arrays of row indices: one V neuron, a whole head, one FFN
-    neuron); `removed_loss` accumulates the loss each removal adds, in the units of the sums."""
+    neuron); `removed_loss` accumulates the loss each removal adds, in the units of the sums.
+
+    The inverse is updated lazily (SparseGPT's lazy batch updates): a removal of rows R changes it
+    by −H⁻¹[:, R]·(H⁻¹_RR)⁻¹·H⁻¹[R, :], kept as that product's two factors; the columns a removal
+    reads are the first inverse's less the factors so far, and its diagonal (the single costs) is
+    kept up to date. Rewriting the whole n×n inverse at every removal was a third of OBS's time
+    (32 removal rounds of a 1,536-wide fc2); the result is the same up to float64 rounding."""
 
     def __init__(self, equations: NormalEquations, prior: np.ndarray, ridge: float = DEFAULT_RIDGE):
         xx, xy, yy = equations.total()
@@ -185,12 +191,25 @@ class Obs:
         penalty = _penalty(gram, ridge)
         hessian = gram + penalty * np.eye(len(gram))
         try:
-            self.inverse = np.linalg.inv(hessian)
+            self._first = np.linalg.inv(hessian)
         except np.linalg.LinAlgError:
-            self.inverse = np.linalg.pinv(hessian)
-        self.weight = self.inverse @ (cross + penalty * prior)
+            self._first = np.linalg.pinv(hessian)
+        self.weight = self._first @ (cross + penalty * prior)
         self.alive = np.ones(len(gram), dtype=bool)
         self.removed_loss = 0.0
+        self._diagonal = np.diag(self._first).copy()
+        n = len(gram)
+        self._columns_removed = np.zeros((n, 0))  # H⁻¹[:, R] of every removal so far, side by side
+        self._solved_removed = np.zeros((0, n))  # (H⁻¹_RR)⁻¹·H⁻¹[R, :] of each, stacked
+
+    def _inverse_columns(self, rows: np.ndarray, of: np.ndarray | None = None) -> np.ndarray:
+        """The current inverse's columns `rows`, at rows `of` (all rows by default); rows already
+        removed are 0 there."""
+        every = of is None
+        of = np.arange(len(self.alive)) if every else of
+        columns = self._first[np.ix_(of, rows)] - self._columns_removed[of] @ self._solved_removed[:, rows]
+        columns[~self.alive[of]] = 0
+        return columns
 
     def costs(self, units: list[np.ndarray]) -> np.ndarray:
         """The loss each unit's removal would add now (with the rest refitted)."""
@@ -198,9 +217,9 @@ class Obs:
         for index, rows in enumerate(units):
             if len(rows) == 1:
                 row = rows[0]
-                result[index] = float(self.weight[row] @ self.weight[row]) / max(self.inverse[row, row], 1e-300)
+                result[index] = float(self.weight[row] @ self.weight[row]) / max(self._diagonal[row], 1e-300)
             else:
-                block = self.inverse[np.ix_(rows, rows)]
+                block = self._inverse_columns(rows, rows)
                 result[index] = float(np.sum(self.weight[rows] * np.linalg.solve(block, self.weight[rows])))
         return result
 
@@ -208,26 +227,28 @@ class Obs:
         """Per row, the loss of removing it alone (inf for rows already removed; a row still
         alive always costs less, even where its cost is not finite, so that the cheapest rows
         are always alive ones and every removal loop ends)."""
-        diagonal = np.maximum(np.diag(self.inverse), 1e-300)
+        diagonal = np.maximum(self._diagonal, 1e-300)
         cost = np.einsum("ij,ij->i", self.weight, self.weight) / diagonal
         return np.where(self.alive, np.nan_to_num(cost, nan=_HUGE, posinf=_HUGE), np.inf)
 
     def remove(self, rows: np.ndarray) -> float:
         """Remove rows together, refitting the rest; returns the loss added."""
         rows = np.asarray(rows)
-        block = self.inverse[np.ix_(rows, rows)]
+        columns = self._inverse_columns(rows)
+        block = columns[rows]
         try:
             solved_weight = np.linalg.solve(block, self.weight[rows])
-            solved_inverse = np.linalg.solve(block, self.inverse[rows])
+            solved_inverse = np.linalg.solve(block, columns.T)
         except np.linalg.LinAlgError:
             solved_weight = np.linalg.lstsq(block, self.weight[rows], rcond=None)[0]
-            solved_inverse = np.linalg.lstsq(block, self.inverse[rows], rcond=None)[0]
+            solved_inverse = np.linalg.lstsq(block, columns.T, rcond=None)[0]
         added = float(np.sum(self.weight[rows] * solved_weight))
-        self.weight -= self.inverse[:, rows] @ solved_weight
-        self.inverse -= self.inverse[:, rows] @ solved_inverse
+        self.weight -= columns @ solved_weight
+        self._diagonal -= np.einsum("ik,ki->i", columns, solved_inverse)
+        self._columns_removed = np.hstack([self._columns_removed, columns])
+        self._solved_removed = np.vstack([self._solved_removed, solved_inverse])
         self.weight[rows] = 0
-        self.inverse[rows] = 0
-        self.inverse[:, rows] = 0
+        self._diagonal[rows] = 0
         self.alive[rows] = False
         self.removed_loss += added
         return added

@@ -266,15 +266,16 @@ class Reconstructor:
 
     def _refit(self, name: str, equations: NormalEquations, keep: np.ndarray, prior: np.ndarray, linear) -> Refit:
         ridge = self._ridge_for(equations, keep, prior)
-        fit = solve(equations, keep, prior[keep], ridge)
         xx, xy, yy = equations.total()
         bias = self.g.constant(linear.bias).astype(np.float64).reshape(-1) if linear.bias is not None else None
         sliced = loss(xx, xy, yy, keep, prior[keep], bias if bias is not None else np.zeros(xy.shape[1]))
-        refit = Refit(fit.weight, fit.bias)
-        after = fit.loss
-        if linear.bias is None:  # no bias to put the fitted intercept into: refit without one
+        if linear.bias is None:  # no bias to put the fitted intercept into: refit without one (the
+            # solve with an intercept is not made at all: it was a third of a decoder's refit time)
             refit = Refit(solve_without_bias(equations, keep, prior[keep], ridge), None)
             after = loss(xx, xy, yy, keep, refit.weight, np.zeros(xy.shape[1]))
+        else:
+            fit = solve(equations, keep, prior[keep], ridge)
+            refit, after = Refit(fit.weight, fit.bias), fit.loss
         energy = max(yy, 1e-30)
         self.reports.append(HalfReport(name, int(equations.count), ridge, sliced / energy, after / energy))
         if self.keep_grams:

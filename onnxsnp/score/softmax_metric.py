@@ -28,12 +28,15 @@ import numpy as np
 from ..match import units
 from ..match import AttentionBlock
 
-CHUNK = 16  # head-samples per product
+CHUNK = 8  # head-samples per product
 # Queries per dense block of the causal triangle: a block's queries i ∈ [a, b) and all keys j < b,
 # the pairs above the diagonal carrying probability 0. Contiguous broadcasts instead of gathers over
-# the (i, j) pairs (those were 45 % of a SmolLM2 prune); 32 queries of 128 tokens cover 1.24× the
-# triangle, and 16 head-samples × 32 × 128 × d=64 float32 is 17 MB per product.
-QUERY_BLOCK = 32
+# the (i, j) pairs (those were 45 % of a SmolLM2 prune); 16 queries of 128 tokens cover 1.12× the
+# triangle, and 8 head-samples × 16 × 128 × d=64 float32 is 4 MB per product: built, scaled twice
+# and multiplied while it is still in cache. 16 × 32 × 128 × 64 (17 MB) made the sums 1.5× slower
+# (72 head-samples of 128 tokens, one BLAS thread on the shared 2-core machine: 115–125 ms against
+# 180–200 ms, the sums equal to 7e-8 of the largest F entry: float32 products grouped otherwise).
+QUERY_BLOCK = 16
 
 
 @dataclass
