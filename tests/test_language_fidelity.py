@@ -47,7 +47,7 @@ def test_models_without_logits_over_token_ids_have_none():
 
 
 def test_fidelity_in_chunks_of_samples_is_the_fidelity_of_the_whole(monkeypatch):
-    from onnxsnp import verification
+    from onnxsnp.verify import verification
 
     rng = np.random.default_rng(3)
     original = [rng.normal(size=(9, 5, 40)).astype(np.float32), rng.normal(size=(9, 7)).astype(np.float32)]

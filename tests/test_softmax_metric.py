@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from onnxsnp.match.blocks import Rotary, RotaryStyle
-from onnxsnp import softmax_metric
+from onnxsnp.score import softmax_metric
 from onnxsnp.score.softmax_metric import SoftmaxSums, _solve, add_sums, choose_pairs, removal_curve
 
 SAMPLES, HEADS, TOKENS, D, SCALE = 2, 3, 7, 4, 0.5

@@ -106,7 +106,7 @@ def test_without_ray_the_cli_says_how_to_get_it(tmp_path):
 def test_large_weights_travel_beside_the_protobuf(monkeypatch):
     """Weights over PORTABLE_MIN_BYTES go to the workers as arrays (no 2 GB protobuf limit)."""
     pytest.importorskip("ray")
-    from onnxsnp import distributed
+    from onnxsnp.compensate import distributed
 
     monkeypatch.setattr(distributed, "PORTABLE_MIN_BYTES", 4096)  # the shipped model's matrices count as large
     model = onnx.load(str(DIGITS))
