@@ -75,7 +75,7 @@ def package_config() -> dict:
 
     config = json.loads(Path(OlivePackageConfig.get_default_config_path()).read_text())
     config["passes"][PASS_NAME] = {
-        "module_path": f"onnxsnp.olive{PASS_NAME}",  # not __name__: that is __main__ under python -m
+        "module_path": f"onnxsnp.olive.{PASS_NAME}",  # not __name__: that is __main__ under python -m
         "supported_providers": ["*"], "supported_accelerators": ["*"], "supported_precisions": ["*"],
         "supported_algorithms": [], "supported_quantization_encodings": [],
         "dataset": "dataset_not_required",
