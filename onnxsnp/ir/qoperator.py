@@ -277,11 +277,16 @@ class _Names:
         self.initializers: list[onnx.TensorProto] = []
 
     def fresh(self, base: str) -> str:
-        name, index = base, 1
-        while name in self.used:
-            name, index = f"{base}_{index}", index + 1
-        self.used.add(name)
-        return name
+        return fresh_name(self.used, base)
+
+
+def fresh_name(used: set[str], base: str) -> str:
+    """`base`, or `base_N` with the first N not in `used`; the name is added to `used`."""
+    name, index = base, 1
+    while name in used:
+        name, index = f"{base}_{index}", index + 1
+    used.add(name)
+    return name
 
 
 def _stem(tensor: str) -> str:

@@ -18,7 +18,7 @@ from onnx import helper, numpy_helper
 
 from .dynamic import _in_order
 from ..errors import SnpError
-from .qoperator import MOVING, SPECS, QOperatorView, Rewritten, triples
+from .qoperator import MOVING, SPECS, QOperatorView, Rewritten, fresh_name, triples
 
 
 def fused(view: QOperatorView, pruned: onnx.ModelProto) -> onnx.ModelProto:
@@ -229,11 +229,7 @@ class _Constants:
                 self.add(f"{base}_zero_point", np.asarray(zero, dtype))]
 
     def fresh(self, base: str) -> str:
-        name, index = base, 1
-        while name in self.used:
-            name, index = f"{base}_{index}", index + 1
-        self.used.add(name)
-        return name
+        return fresh_name(self.used, base)
 
     def add(self, base: str, value: np.ndarray) -> str:
         name = self.fresh(base)
