@@ -303,7 +303,7 @@ def _allocate(matches: Matches, work: ReconstructionWork, costs: CostModel, opti
             timing = timed_widths(goal, lambda before: target.absolute(before), lambda g: allocate_for(g)[0],
                                   lambda w: costs.cost(widths_plan(matches, w), target.kind),
                                   lambda w: rewrite(p.g, widths_plan(matches, w)),
-                                  Clock(p.model, one_batch, p.g.constant, options.timed_step))
+                                  Clock(p.model, one_batch, p.g.constant, options.timed_step), total)
         if timing.widths != widths:
             widths, predicted = allocate_for(timing.trials[timing.chosen].goal_predicted_ms)
         log.info("timed the allocation %d time(s): %s", len(timing.trials), timing.stopped)

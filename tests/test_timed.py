@@ -39,7 +39,7 @@ def run(factor, reachable_ms: float = 0.0):
         return widths(int(goal))  # one unit per predicted millisecond, rounded down: within the goal
 
     return timed_widths(ORIGINAL_MS / SPEEDUP, lambda before: before / SPEEDUP, allocate,
-                        lambda w: float(w.ffn["ffn"]), lambda w: float(w.ffn["ffn"]), clock), clock
+                        lambda w: float(w.ffn["ffn"]), lambda w: float(w.ffn["ffn"]), clock, ORIGINAL_MS), clock
 
 
 def test_a_prediction_that_holds_is_timed_once():
@@ -90,3 +90,12 @@ def test_trials_on_both_sides_of_the_goal_are_interpolated():
     share = first.miss / (first.miss - second.miss)
     expected = first.goal_predicted_ms + share * (second.goal_predicted_ms - first.goal_predicted_ms)
     assert third.goal_predicted_ms == pytest.approx(expected)
+
+
+def test_a_correction_that_removes_nothing_is_never_timed():
+    # the first plan measures 4x too fast; the corrected goal lies beyond the unpruned model
+    timed, clock = run(0.25)
+    first = timed.trials[0]
+    assert first.goal_ms / first.after_ms > ORIGINAL_MS / first.goal_predicted_ms  # correction aims past the original
+    assert len(timed.trials) == clock.calls == 1 and "removes nothing" in timed.stopped
+    assert timed.widths == widths(int(ORIGINAL_MS / SPEEDUP))

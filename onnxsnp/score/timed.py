@@ -8,7 +8,8 @@ shapes, not by its weights, so the allocated widths are rewritten with sliced we
 refitted: cheap) and timed against the original, interleaved, one intra-op thread, as users run
 it. While the measured time misses the goal by more than TOLERANCE, the goal in predicted
 milliseconds is scaled by measured ÷ predicted and the widths are allocated again, at most
-ROUNDS times; the widths measured closest to the goal win.
+ROUNDS times; the widths measured closest to the goal win. A correction that would remove nothing
+is never timed: on a model made of per-op overhead, noise can put the unpruned model nearest the goal.
 """
 from __future__ import annotations
 
@@ -98,10 +99,11 @@ class Clock:
 
 def timed_widths(goal_predicted_ms: float, measured_goal: Callable[[float], float],
                  allocate: Callable[[float], Widths], predict: Callable[[Widths], float],
-                 build: Callable[[Widths], onnx.ModelProto], clock: Clock) -> Timed:
+                 build: Callable[[Widths], onnx.ModelProto], clock: Clock, original_predicted_ms: float) -> Timed:
     """Widths whose measured time meets the goal: `allocate(goal in predicted ms)` chooses widths,
     `predict` is the latency model's time for them, `build` rewrites them (sliced weights),
-    `measured_goal(original's measured ms)` is the goal in measured milliseconds."""
+    `measured_goal(original's measured ms)` is the goal in measured milliseconds;
+    `original_predicted_ms` is the latency model's time for the unpruned model."""
     trials: list[Trial] = []
     found: list[Widths] = []
     goal = goal_predicted_ms
@@ -118,6 +120,9 @@ def timed_widths(goal_predicted_ms: float, measured_goal: Callable[[float], floa
             stopped = "the correction chose the same widths"
             break
         predicted = predict(widths)
+        if found and predicted >= original_predicted_ms:
+            stopped = "the correction removes nothing"
+            break
         before, after = clock.compare(build(widths))
         trial = Trial(goal, predicted, before, after, measured_goal(before))
         trials.append(trial)
