@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import shape_inference
 
-from ..data.calibration import Runner, Weights, fitted, session
+from ..data.calibration import Runner, Weights, fitted, session, without_initializers
 from ..errors import SnpError
 from ..io.loading import is_big, model_file
 
@@ -78,14 +78,18 @@ def language_model_fidelity(names: list[str], original: list[np.ndarray], pruned
     used = valid[:, :-1] & valid[:, 1:]
     if not used.any():
         return {}
+    step = max(1, _BLOCK_VALUES // before.shape[2])  # positions at a time: their float64 rows stay in cache
+
     def perplexity(logits: np.ndarray) -> float:
         total = 0.0
-        for sample in range(len(ids)):  # sample by sample: a 49k-token vocabulary's float64 rows of
-            # every held-back sample at once took gigabytes
-            rows = logits[sample, :-1][used[sample]].astype(np.float64)
-            rows -= rows.max(axis=-1, keepdims=True)
-            targets = ids[sample, 1:][used[sample]]
-            total += float((rows[np.arange(len(rows)), targets] - np.log(np.exp(rows).sum(axis=-1))).sum())
+        for sample in range(len(ids)):
+            positions = np.flatnonzero(used[sample])
+            for start in range(0, len(positions), step):
+                at = positions[start:start + step]
+                rows = logits[sample, at].astype(np.float64)
+                rows -= rows.max(axis=-1, keepdims=True)
+                targets = ids[sample, at + 1]
+                total += float((rows[np.arange(len(rows)), targets] - np.log(np.exp(rows).sum(axis=-1))).sum())
         return float(np.exp(-total / used.sum()))
 
     agreement = float(sum((before[s, :-1][used[s]].argmax(-1) == after[s, :-1][used[s]].argmax(-1)).sum()
@@ -114,14 +118,37 @@ def check_structure(model: onnx.ModelProto) -> None:
 
 
 def _check_structure(model: onnx.ModelProto) -> None:
-    if is_big(model):  # the checker and shape inference take big models by path
+    def inference():
+        shape_inference.infer_shapes(weight_stubs(model), check_type=True, strict_mode=True, data_prop=True)
+
+    if is_big(model):  # the checker takes big models by path
         with model_file(model) as path:
-            _check(lambda: onnx.checker.check_model(str(path)),
-                   lambda: shape_inference.infer_shapes_path(str(path), str(path.with_name("inferred.onnx")),
-                                                             check_type=True, strict_mode=True, data_prop=True))
+            _check(lambda: onnx.checker.check_model(str(path)), inference)
     else:
-        _check(lambda: onnx.checker.check_model(model),
-               lambda: shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True))
+        _check(lambda: onnx.checker.check_model(model), inference)
+
+
+def weight_stubs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` whose larger initializers keep their name, type and dims but no data
+    (marked external), for shape inference: it reads shapes and the values of small integer
+    tensors only, and inferring on the whole model serialised, copied and parsed back every weight
+    (a 270 MB decoder: 1-2 s, as much again as the checker; a big model's path-based inference saw
+    the same stubs, its weights being external data). Integer tensors are kept whole: they may be
+    shapes that data propagation reads."""
+    light = without_initializers(model)
+    for tensor in model.graph.initializer:
+        if len(tensor.raw_data) >= 1024 and tensor.data_type not in _SHAPE_TYPES:
+            stub = light.graph.initializer.add()
+            stub.name, stub.data_type = tensor.name, tensor.data_type
+            stub.dims.extend(tensor.dims)
+            stub.data_location = onnx.TensorProto.EXTERNAL
+            stub.external_data.add(key="location", value="onnxsnp-shape-inference")
+        else:
+            light.graph.initializer.add().CopyFrom(tensor)
+    return light
+
+
+_SHAPE_TYPES = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
 
 
 def _check(checker, inference) -> None:
@@ -140,7 +167,12 @@ def run_outputs(model: onnx.ModelProto, feed: dict[str, np.ndarray], batch: int)
     return Runner(model, role="pruned model").outputs(feed, batch)
 
 
-_CHUNK_BYTES = 256 * 2**20  # float64 rows compared at a time
+# float64 values compared at a time: a block of columns (and of rows, where there are many) that
+# stays in cache. Whole rows at once (a language model's logits: 6 M values a sample) made several
+# float64 copies of hundreds of MB per output and page-faulted them in: 6 of the 10 s of a 4-layer
+# decoder's verification (docs/PRUNE_COST_DECODER.md)
+_BLOCK_VALUES = 2**18
+_MIN_COLUMNS = 256  # however many rows: narrower column slices cost more in strides than they save
 
 
 def fidelity(original: list[np.ndarray], pruned: list[np.ndarray]) -> Fidelity:
@@ -154,20 +186,11 @@ def fidelity(original: list[np.ndarray], pruned: list[np.ndarray]) -> Fidelity:
             continue
         flat_ref = ref.reshape(ref.shape[0], -1) if ref.ndim else ref.reshape(1, 1)
         flat_got = got.reshape(flat_ref.shape)
-        mean = flat_ref.mean(axis=0, dtype=np.float64) if len(flat_ref) > 1 else 0.0
-        # a few samples at a time in float64: a language model's logits over every held-back
-        # sample, copied whole, took gigabytes (SmolLM2's 49k vocabulary: 15 GB at 256 windows)
-        step = max(1, _CHUNK_BYTES // max(8 * flat_ref.shape[1], 1))
-        for start in range(0, len(flat_ref), step):
-            ref64 = flat_ref[start:start + step].astype(np.float64)
-            got64 = flat_got[start:start + step].astype(np.float64)
-            if not np.isfinite(got64).all():
-                raise SnpError("pruned model produces NaN or Inf")
-            max_diff = max(max_diff, float(np.abs(ref64 - got64).max()) if ref.size else 0.0)
-            cosines.append(_cosines(ref64, got64))
-            centred.append(_cosines(ref64 - mean, got64 - mean))
-            reference_norm = np.linalg.norm(ref64, axis=1)
-            errors.append(np.linalg.norm(got64 - ref64, axis=1) / np.maximum(reference_norm, 1e-300))
+        sums, output_max = _row_sums(flat_ref, flat_got)
+        max_diff = max(max_diff, output_max)
+        cosines.append(_cosines(*sums[0:3]))
+        centred.append(_cosines(*sums[3:6]))
+        errors.append(np.sqrt(sums[6]) / np.maximum(np.sqrt(sums[1]), 1e-300))
         if top1 is None and ref.ndim == 2 and ref.shape[1] > 1:
             top1 = float((ref.argmax(axis=1) == got.argmax(axis=1)).mean())
     cosine = float(np.mean(np.concatenate(cosines))) if cosines else 1.0
@@ -177,10 +200,39 @@ def fidelity(original: list[np.ndarray], pruned: list[np.ndarray]) -> Fidelity:
                     float(np.mean(np.concatenate(errors))) if errors else 0.0)
 
 
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise cosine (1 where both rows are zero)."""
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return np.where(norms > 0, (a * b).sum(axis=1) / np.maximum(norms, 1e-300), 1.0)
+def _row_sums(ref: np.ndarray, got: np.ndarray) -> tuple[np.ndarray, float]:
+    """Per row of the (rows, values) outputs, in float64: ref·got, ‖ref‖², ‖got‖², the same three
+    with the original's mean over rows taken from both, and ‖got − ref‖²; and max |got − ref|.
+    Accumulated over blocks of columns and rows (`_BLOCK_VALUES`)."""
+    rows, width = ref.shape
+    sums = np.zeros((7, rows))
+    max_diff = 0.0
+    columns = min(width, max(_MIN_COLUMNS, _BLOCK_VALUES // max(rows, 1)))
+    row_step = max(1, _BLOCK_VALUES // max(columns, 1))
+    for left in range(0, width, columns):
+        part_ref, part_got = ref[:, left:left + columns], got[:, left:left + columns]
+        mean = part_ref.mean(axis=0, dtype=np.float64) if rows > 1 else 0.0
+        for top in range(0, rows, row_step):
+            a = part_ref[top:top + row_step].astype(np.float64)
+            b = part_got[top:top + row_step].astype(np.float64)
+            if not np.isfinite(b).all():
+                raise SnpError("pruned model produces NaN or Inf")
+            here = slice(top, top + row_step)
+            diff = b - a
+            if diff.size:
+                max_diff = max(max_diff, float(np.abs(diff).max()))
+            sums[6, here] += np.einsum("ij,ij->i", diff, diff)
+            for offset, (x, y) in ((0, (a, b)), (3, (a - mean, b - mean))):
+                sums[offset, here] += np.einsum("ij,ij->i", x, y)
+                sums[offset + 1, here] += np.einsum("ij,ij->i", x, x)
+                sums[offset + 2, here] += np.einsum("ij,ij->i", y, y)
+    return sums, max_diff
+
+
+def _cosines(dot: np.ndarray, square_a: np.ndarray, square_b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine from a·b, ‖a‖² and ‖b‖² (1 where both rows are zero)."""
+    norms = np.sqrt(square_a) * np.sqrt(square_b)
+    return np.where(norms > 0, dot / np.maximum(norms, 1e-300), 1.0)
 
 
 def _line(exc: Exception) -> str:
