@@ -4,8 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from onnxsnp.compensate import least_squares
 from onnxsnp.compensate.least_squares import (FOLDS, RIDGE_GRID, NormalEquations, Obs, choose_ridge,
-                                   cross_validated_losses, loss, solve)
+                                   cross_validated_losses, loss, lower_inverse, solve, spd_inverse)
 
 INPUTS, OUTPUTS, TOKENS = 12, 5, 400
 
@@ -127,3 +128,50 @@ def test_obs_removes_the_redundant_input_first():
     equations.add(x, x @ weight, 0)
     costs = Obs(equations, weight, ridge=1e-6).single_costs()
     assert set(np.argsort(costs)[:2]) == {2, 5}
+
+
+@pytest.mark.parametrize("width", [1, 7, least_squares._TRIANGLE_BLOCK + 1, 3 * least_squares._TRIANGLE_BLOCK + 5])
+def test_the_cholesky_inverse_is_the_inverse_of_a_positive_definite_matrix(width):
+    """Widths on both sides of the block size, odd halves included; a Gram of correlated data
+    (condition ~1e4) with a small ridge, as OBS's Hessians are."""
+    rng = np.random.default_rng(width)
+    x = rng.standard_normal((3 * width + 10, width)) @ (np.eye(width) + rng.standard_normal((width, width)) / 4)
+    matrix = x.T @ x + 1e-3 * np.trace(x.T @ x) / width * np.eye(width)
+    inverse = spd_inverse(matrix)
+    scale = np.abs(np.linalg.inv(matrix)).max()
+    np.testing.assert_allclose(inverse, np.linalg.inv(matrix), rtol=0, atol=1e-10 * scale)
+    np.testing.assert_allclose(inverse @ matrix, np.eye(width), rtol=0, atol=1e-9)
+    lower = np.linalg.cholesky(matrix)
+    assert not np.triu(lower_inverse(lower), 1).any()  # exactly triangular: nothing above the diagonal
+
+
+def test_the_cholesky_inverse_refuses_a_matrix_that_is_not_positive_definite():
+    with pytest.raises(np.linalg.LinAlgError):
+        spd_inverse(np.diag([4.0, 4.0, -1.0]))
+
+
+def test_obs_falls_back_to_the_lu_inverse_where_the_hessian_is_not_positive_definite():
+    """A centred Gram with a negative direction larger than the ridge (sums no data can give,
+    as rounding in a near-singular Gram can): the Cholesky factor fails, the LU inverse is used."""
+    inputs = 3
+    equations = NormalEquations.empty(inputs, 2, folds=1)
+    equations.xx[0, :inputs, :inputs] = np.diag([4.0, 4.0, -1.0])  # uncentred: mean 0 (column sums 0)
+    equations.xx[0, inputs, inputs] = 10.0  # tokens
+    equations.xy[0, :inputs] = np.arange(6.0).reshape(3, 2)
+    prior = np.ones((inputs, 2))
+    obs = Obs(equations, prior, ridge=0.01)
+    hessian = np.diag([4.0, 4.0, -1.0]) + 0.01 * 7 / 3 * np.eye(inputs)
+    np.testing.assert_allclose(obs._first, np.linalg.inv(hessian), rtol=1e-12)
+    np.testing.assert_allclose(obs.weight, np.linalg.solve(hessian, equations.xy[0, :inputs] + 0.01 * 7 / 3 * prior),
+                               rtol=1e-12)
+
+
+def test_obs_takes_its_inverse_from_the_cholesky_factor():
+    x, y, weight, equations = problem(seed=2)
+    obs = Obs(equations, weight, ridge=1e-3)
+    xx, xy, _ = equations.total()
+    count = xx[-1, -1]
+    mean = xx[:-1, -1] / count
+    gram = xx[:-1, :-1] - count * np.outer(mean, mean)
+    hessian = gram + 1e-3 * np.mean(np.diag(gram)) * np.eye(INPUTS)
+    np.testing.assert_allclose(obs._first, np.linalg.inv(hessian), rtol=1e-10)

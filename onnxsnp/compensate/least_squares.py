@@ -171,6 +171,32 @@ def choose_ridge(equations: NormalEquations, keep: np.ndarray, prior: np.ndarray
 
 
 _HUGE = np.finfo(np.float64).max
+_TRIANGLE_BLOCK = 96  # below this width a triangular block is inverted by LAPACK directly
+
+
+def spd_inverse(matrix: np.ndarray) -> np.ndarray:
+    """The inverse of a symmetric positive definite matrix through its Cholesky factor L:
+    H⁻¹ = L⁻ᵀL⁻¹, L⁻¹ by blocks (`lower_inverse`). numpy's inv is an LU solve against the identity
+    (≈ 2.7 n³ flops, much of it triangular solves); this is ≈ 1.7 n³, nearly all of it matrix
+    products: 1.4-1.6× faster for OBS's 576- to 1,536-wide Hessians on one thread
+    (docs/PRUNE_COST_DECODER.md). numpy has no triangular solve, hence the blocks. Raises
+    LinAlgError where the matrix is not positive definite."""
+    inverse = lower_inverse(np.linalg.cholesky(matrix))
+    return inverse.T @ inverse
+
+
+def lower_inverse(lower: np.ndarray) -> np.ndarray:
+    """The inverse of a lower-triangular matrix: [[A, 0], [B, C]]⁻¹ = [[A⁻¹, 0], [−C⁻¹BA⁻¹, C⁻¹]]."""
+    n = len(lower)
+    if n <= _TRIANGLE_BLOCK:
+        return np.tril(np.linalg.inv(lower))  # LU's pivoting may leave rounding above the diagonal
+    half = n // 2
+    first, second = lower_inverse(lower[:half, :half]), lower_inverse(lower[half:, half:])
+    result = np.zeros_like(lower)
+    result[:half, :half] = first
+    result[half:, half:] = second
+    result[half:, :half] = -(second @ (lower[half:, :half] @ first))
+    return result
 
 
 class Obs:
@@ -191,9 +217,12 @@ class Obs:
         penalty = _penalty(gram, ridge)
         hessian = gram + penalty * np.eye(len(gram))
         try:
-            self._first = np.linalg.inv(hessian)
-        except np.linalg.LinAlgError:
-            self._first = np.linalg.pinv(hessian)
+            self._first = spd_inverse(hessian)
+        except np.linalg.LinAlgError:  # not positive definite (rounding in the Gram beyond the ridge)
+            try:
+                self._first = np.linalg.inv(hessian)
+            except np.linalg.LinAlgError:
+                self._first = np.linalg.pinv(hessian)
         self.weight = self._first @ (cross + penalty * prior)
         self.alive = np.ones(len(gram), dtype=bool)
         self.removed_loss = 0.0
