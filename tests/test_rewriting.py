@@ -117,3 +117,21 @@ def test_mapped_and_refitted_plan_rewrites_equal_to_its_masked_weights(exported,
     tolerance = 2e-2 if exporter.endswith("fp16") else 2e-5
     for want, got in zip(run(with_weights(g.model, plan_weights(g, plan)), feed), run(rewrite(g, plan), feed)):
         np.testing.assert_allclose(got, want, atol=tolerance, rtol=100 * tolerance)
+
+
+def test_initializers_keep_the_original_order_and_new_ones_follow_in_theirs():
+    from onnx import numpy_helper
+
+    from onnxsnp.rewrite.rewriting import _keep_initializer_order
+
+    def model(names):
+        graph = onnx.GraphProto()
+        graph.initializer.extend(numpy_helper.from_array(np.full(3, i, np.float32), n) for i, n in enumerate(names))
+        return onnx.ModelProto(graph=graph)
+
+    target = model(["c", "new_1", "a", "new_0", "b"])
+    values = {t.name: numpy_helper.to_array(t).copy() for t in target.graph.initializer}
+    _keep_initializer_order(model(["a", "b", "c"]), target)
+    assert [t.name for t in target.graph.initializer] == ["a", "b", "c", "new_1", "new_0"]
+    for tensor in target.graph.initializer:  # the messages moved whole
+        np.testing.assert_array_equal(numpy_helper.to_array(tensor), values[tensor.name])

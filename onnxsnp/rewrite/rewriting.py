@@ -235,14 +235,10 @@ def _keep_initializer_order(source: onnx.ModelProto, target: onnx.ModelProto) ->
     (1.32) fails to load some graphs it saved itself once their initializers are reordered
     ("Attempt to replace the existing tensor"), as graphsurgeon's export does."""
     order = {t.name: index for index, t in enumerate(source.graph.initializer)}
-    ranked = sorted(range(len(target.graph.initializer)),
-                    key=lambda i: (order.get(target.graph.initializer[i].name, len(order)), i))
-    if ranked != list(range(len(ranked))):
-        initializers = [target.graph.initializer[i] for i in ranked]
-        kept = onnx.GraphProto()
-        kept.initializer.extend(initializers)
-        del target.graph.initializer[:]
-        target.graph.initializer.extend(kept.initializer)
+    now = {t.name: index for index, t in enumerate(target.graph.initializer)}  # ties (new ones): as they are
+    # sorted in place: moves the messages, where copying them out and back in copied every weight
+    # twice (2.2 s of a 270 MB decoder's prune)
+    target.graph.initializer.sort(key=lambda t: (order.get(t.name, len(order)), now[t.name]))
 
 
 # Names onnxruntime's optimizer generates (Graph::GenerateNodeArgName: base, base_token_N): it
