@@ -175,3 +175,19 @@ def test_obs_takes_its_inverse_from_the_cholesky_factor():
     gram = xx[:-1, :-1] - count * np.outer(mean, mean)
     hessian = gram + 1e-3 * np.mean(np.diag(gram)) * np.eye(INPUTS)
     np.testing.assert_allclose(obs._first, np.linalg.inv(hessian), rtol=1e-10)
+
+
+def test_costs_of_units_in_one_batch_are_the_costs_unit_by_unit():
+    """Units of mixed sizes after a removal (the lazy factors in play), against each unit's own
+    block of the inverse solved alone."""
+    x, y, weight, equations = problem(seed=3)
+    obs = Obs(equations, weight, ridge=1e-3)
+    obs.remove(np.array([4, 7]))
+    units = [np.array([0, 1, 2]), np.array([3]), np.array([5, 6, 8]), np.array([9, 10]), np.array([11])]
+    one_by_one = [float(np.sum(obs.weight[rows] * np.linalg.solve(obs._inverse_columns(rows, rows), obs.weight[rows])))
+                  for rows in units]
+    np.testing.assert_allclose(obs.costs(units), one_by_one, rtol=1e-12)
+    # a single row's cost is the same block formula (its 1×1 block: the kept diagonal)
+    assert obs.costs([np.array([3])])[0] == pytest.approx(one_by_one[1], rel=1e-12)
+    with pytest.raises(np.linalg.LinAlgError):  # a unit holding a removed row: singular, as unit by unit
+        obs.costs([np.array([4, 5]), np.array([0, 1])])
