@@ -242,8 +242,10 @@ class Obs:
     def _inverse_columns(self, rows: np.ndarray, of: np.ndarray | None = None) -> np.ndarray:
         """The current inverse's columns `rows`, at rows `of` (all rows by default); rows already
         removed are 0 there."""
-        every = of is None
-        of = np.arange(len(self.alive)) if every else of
+        if of is None:  # all rows: slices, not fancy-indexed copies of the n × (rows removed) factor
+            columns = self._first[:, rows] - self._columns_removed @ self._solved_removed[:, rows]
+            columns[~self.alive] = 0
+            return columns
         columns = self._first[np.ix_(of, rows)] - self._columns_removed[of] @ self._solved_removed[:, rows]
         columns[~self.alive[of]] = 0
         return columns
