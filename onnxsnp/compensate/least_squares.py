@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..threads import one_blas_thread
+from ..threads import one_blas_thread, small_linear_algebra
 
 RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # λ relative to the mean diagonal of the kept inputs' Gram
 DEFAULT_RIDGE = 1e-2
@@ -288,8 +288,12 @@ class Obs:
         cost = np.einsum("ij,ij->i", self.weight, self.weight) / diagonal
         return np.where(self.alive, np.nan_to_num(cost, nan=_HUGE, posinf=_HUGE), np.inf)
 
+    @small_linear_algebra
     def remove(self, rows: np.ndarray) -> float:
-        """Remove rows together, refitting the rest; returns the loss added."""
+        """Remove rows together, refitting the rest; returns the loss added. On one BLAS thread
+        however wide the layer: its products are rank-|rows| updates, bound by memory, and 32
+        removals from a 1,536-wide fc2 took 1.5 s on two threads against 0.5 s on one on the
+        shared 2-core machine."""
         rows = np.asarray(rows)
         columns = self._inverse_columns(rows)
         block = columns[rows]
