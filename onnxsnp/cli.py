@@ -132,7 +132,7 @@ def matches_json(inspection) -> dict:
     """What inspect found, as plain data: blocks, whole layers, skipped candidates with reasons."""
     matches = inspection.matches
     return {"prunable": bool(matches.attention or matches.ffn),
-            "attention": [{"name": b.name, "form": b.form, "heads": b.heads, "kv_heads": b.groups,
+            "attention": [{"name": b.name, "form": b.form.value, "heads": b.heads, "kv_heads": b.groups,
                            "head_dim": b.head_dim, "rotary": bool(b.rotary), "kv_cache": bool(b.kv_caches),
                            "heads_fixed": b.heads_fixed, "qk_whole": b.qk_whole} for b in matches.attention],
             "ffn": [{"name": f.name, "activation": f.activation, "hidden": f.hidden, "gated": f.gate is not None}
@@ -360,7 +360,7 @@ def _check_not_inputs(inputs: frozenset[Path], target: Path, reports: list[Path]
 def format_matches(matches: Matches) -> str:
     lines = [f"{len(matches.attention)} attention block(s):"]
     for b in matches.attention:
-        lines.append(f"  {b.name:<44} {b.form:<10} heads {b.heads:<3} head dim {b.head_dim:<4} "
+        lines.append(f"  {b.name:<44} {b.form.value:<10} heads {b.heads:<3} head dim {b.head_dim:<4} "
                      f"q/k/v width {b.heads * b.head_dim}  out proj {b.out.node}")
         if b.heads_fixed:
             lines.append(f"    (whole heads cannot be removed: {b.heads_fixed})")
@@ -371,7 +371,7 @@ def format_matches(matches: Matches) -> str:
         lines.append(f"  {f.name:<44} {f.activation:<18} hidden {f.hidden}")
     lines.append(f"{len(matches.layers)} whole transformer block(s) removable with --blocks:")
     for index, layer in enumerate(matches.layers):
-        lines.append(f"  {index}: {layer.name} ({layer.norm}-norm)")
+        lines.append(f"  {index}: {layer.name} ({layer.norm.value}-norm)")
     if matches.skipped:
         lines.append(f"{len(matches.skipped)} skipped:")
         for s in matches.skipped:

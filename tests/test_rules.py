@@ -7,18 +7,21 @@ import pytest
 import graphs
 from onnxsnp.ir.graph import ModelGraph
 from onnxsnp.score.importance import Ratios
-from onnxsnp.match import find_blocks
+from onnxsnp.match import AttentionForm, find_blocks
 from onnxsnp.match.rules import ATTENTION_RULES
 from onnxsnp.pipeline import make_plan
 from onnxsnp.rewrite.rewriting import rewrite
 from oracle import masked_original
 
-FORMS = {"softmax": (graphs.softmax_attention, "separate"), "onnx-attention": (graphs.onnx_attention, "separate"),
-         "ort-attention": (graphs.ort_attention, "ort-attention"), "ort-mha": (graphs.ort_multi_head_attention, "ort-mha"),
-         "fused-matmul": (graphs.fused_matmul_scores, "separate"),
-         **{f"fused-{s.lower()}": (lambda s=s: graphs.fused_qkv(s), "fused-qkv") for s in ("Split", "Slice", "Gather")},
-         "fused-split-first": (lambda: graphs.fused_qkv(split_first=True), "fused-qkv"),
-         "activation-qdq": (lambda: graphs.softmax_attention(qdq="tensor"), "separate")}
+FORMS = {"softmax": (graphs.softmax_attention, AttentionForm.SEPARATE),
+         "onnx-attention": (graphs.onnx_attention, AttentionForm.SEPARATE),
+         "ort-attention": (graphs.ort_attention, AttentionForm.ORT_ATTENTION),
+         "ort-mha": (graphs.ort_multi_head_attention, AttentionForm.ORT_MHA),
+         "fused-matmul": (graphs.fused_matmul_scores, AttentionForm.SEPARATE),
+         **{f"fused-{s.lower()}": (lambda s=s: graphs.fused_qkv(s), AttentionForm.FUSED_QKV)
+            for s in ("Split", "Slice", "Gather")},
+         "fused-split-first": (lambda: graphs.fused_qkv(split_first=True), AttentionForm.FUSED_QKV),
+         "activation-qdq": (lambda: graphs.softmax_attention(qdq="tensor"), AttentionForm.SEPARATE)}
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -29,7 +32,7 @@ def test_each_rule_finds_its_form(form):
     matches = find_blocks(ModelGraph(model))
     assert not [s for s in matches.skipped if s.kind != "block"]  # a lone attention is no whole block
     (block,) = matches.attention
-    assert (block.form, block.heads, block.head_dim) == (kind, graphs.HEADS, graphs.HEAD_DIM)
+    assert (block.form, block.heads, block.head_dim) == (kind, graphs.HEADS, graphs.HEAD_DIM) and block.form is kind
     assert block.out.in_features == graphs.WIDTH
 
 

@@ -12,8 +12,9 @@ A case that fails writes its error message instead, so a change in what fails is
     PYTHONPATH=tests:tools python tools/prune_identity.py /tmp/after --models /tmp/identity-models
     python tools/prune_identity.py --compare /tmp/before /tmp/after
 
-`--models` keeps the exported decoder between the two runs: an export is not byte-stable across
-processes, and both runs must prune the same input.
+The hand-built graphs go through the stages the tests call (match, score and plan, rewrite: the
+whole pipeline wants shapes they do not declare). `--models` keeps the exported decoder between
+the two runs: an export is not byte-stable across processes, and both runs must prune the same input.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,41 +54,54 @@ def _llama_cases(folder: Path) -> dict[str, tuple[str, dict]]:
     return cases
 
 
-def _graph_cases(folder: Path) -> dict[str, tuple[str, dict]]:
+def _graph_cases() -> dict[str, tuple[onnx.ModelProto, dict]]:
+    """Every hand-built attention form, with its calibration feed (as the tests prune them)."""
     import decoder_graphs as dg
     import graphs
 
-    built = {"softmax": graphs.softmax_attention(), "softmax-qdq": graphs.softmax_attention("tensor"),
-             "fused-split": graphs.fused_qkv("Split"), "fused-gather": graphs.fused_qkv("Gather"),
-             "fused-slice": graphs.fused_qkv("Slice"), "fused-split-first": graphs.fused_qkv(split_first=True),
-             "fused-matmul": graphs.fused_matmul_scores(), "onnx-attention": graphs.onnx_attention(),
-             "ort-attention": graphs.ort_attention(), "ort-mha": graphs.ort_multi_head_attention(),
-             "decoder-half": dg.decoder_attention(), "decoder-interleaved": dg.decoder_attention(rotary="interleaved"),
-             "decoder-qknorm-head": dg.decoder_attention(qk_norm="head"),
-             "decoder-qknorm-all": dg.decoder_attention(qk_norm="all"),
-             "gqa-packed": dg.group_query_attention(), "gqa-separate": dg.group_query_attention(separate=True)}
-    folder.mkdir(parents=True, exist_ok=True)
-    cases = {}
-    for name, model in built.items():
-        path = folder / f"{name}.onnx"
-        onnx.save(model, str(path))
-        for criterion in ("snp", "random"):
-            cases[f"graph-{name}-{criterion}"] = (str(path), dict(ratio=0.5, criterion=criterion, calib_samples=8,
-                                                                 heads=0.5))
+    x = {"x": np.random.default_rng(0).standard_normal((4, graphs.TOKENS, graphs.WIDTH)).astype(np.float32)}
+    encoders = {"softmax": graphs.softmax_attention(), "softmax-qdq": graphs.softmax_attention("tensor"),
+                "fused-split": graphs.fused_qkv("Split"), "fused-gather": graphs.fused_qkv("Gather"),
+                "fused-slice": graphs.fused_qkv("Slice"), "fused-split-first": graphs.fused_qkv(split_first=True),
+                "fused-matmul": graphs.fused_matmul_scores(), "onnx-attention": graphs.onnx_attention(),
+                "ort-attention": graphs.ort_attention(), "ort-mha": graphs.ort_multi_head_attention()}
+    cases = {name: (model, x) for name, model in encoders.items()}
+    for name, kwargs in {"decoder-half": {}, "decoder-interleaved": {"rotary": "interleaved"},
+                         "decoder-qknorm-head": {"qk_norm": "head"}, "decoder-qknorm-all": {"qk_norm": "all"}}.items():
+        model = dg.decoder_attention(**kwargs)
+        feed = dg.feed(model, 6, style=kwargs.get("rotary", "half"))
+        cases[name] = (model, {k: np.repeat(v, 4, axis=0) if k == "x" else v for k, v in feed.items()})
+    for name, separate in (("gqa-packed", False), ("gqa-separate", True)):
+        model = dg.group_query_attention(separate)
+        feed = {k: np.repeat(v, 4, axis=0) if k in ("x", "seqlens_k") else v for k, v in dg.gqa_feed(model, 6).items()}
+        cases[name] = (model, feed)
     return cases
 
 
 def prune_all(out: Path, models: Path, only: str | None) -> None:
     from onnxsnp import SnpError, prune
+    from onnxsnp.ir.graph import ModelGraph
+    from onnxsnp.match import find_blocks
+    from onnxsnp.pipeline import make_plan
+    from onnxsnp.plan import Ratios
+    from onnxsnp.rewrite.rewriting import rewrite
 
     out.mkdir(parents=True, exist_ok=True)
-    cases = {**_vit_cases(), **_llama_cases(models), **_graph_cases(models / "graphs")}
-    for name, (path, keywords) in cases.items():
+    runs = {name: (lambda p=path, k=keywords: prune(p, **k)[0])
+            for name, (path, keywords) in {**_vit_cases(), **_llama_cases(models)}.items()}
+    for name, (model, feed) in _graph_cases().items():  # the stages the tests call: match, score and plan, rewrite
+        # GroupQueryAttention's scalar total_sequence_length cannot be split into scoring batches
+        for criterion in ("random",) if name.startswith("gqa") else ("snp", "random"):
+            def run(model=model, feed=feed, criterion=criterion):
+                g = ModelGraph(model)
+                plan = make_plan(g, find_blocks(g), Ratios(0.5, 0.25, 0.0, heads=0.5), criterion, feed, batch=1, seed=3)
+                return rewrite(g, plan)
+            runs[f"graph-{name}-{criterion}"] = run
+    for name, run in runs.items():
         if only and only not in name:
             continue
         try:
-            pruned, _ = prune(path, **keywords)
-            (out / f"{name}.onnx").write_bytes(pruned.SerializeToString())
+            (out / f"{name}.onnx").write_bytes(run().SerializeToString())
         except (SnpError, ValueError) as error:  # what fails, and how, must stay the same too
             (out / f"{name}.error").write_text(f"{type(error).__name__}: {error}\n")
         print(name, flush=True)
@@ -106,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path, nargs="?", help="folder for the pruned models")
     parser.add_argument("--models", type=Path, default=Path("/tmp/identity-models"),
-                        help="folder for the exported decoder and the hand-built graphs (kept between runs)")
+                        help="folder for the exported decoder (kept between runs)")
     parser.add_argument("--only", help="only the cases whose name contains this")
     parser.add_argument("--compare", type=Path, nargs=2, metavar=("BEFORE", "AFTER"))
     args = parser.parse_args(argv)

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field, replace
 import onnx
 
 from ..ir.graph import ModelGraph, attribute
-from .blocks import (AttentionBlock, FrozenScale, FusedQkv, KvCache, Linear, NoMatch, Rotary, ShapeEdit, Skipped,
-                     Width, block_name)
+from .blocks import (AttentionBlock, AttentionForm, FrozenScale, FusedQkv, KvCache, Linear, NoMatch, Rotary, ShapeEdit,
+                     Skipped, Width, block_name)
 from .decoder import check_kv_axis, kv_cache_join, rotary_producing
 from .layout import FUSED, MERGED, SPLIT, Axes, Path, path_shape_edits
 from .linear import linear_producing, linear_reading
@@ -72,7 +72,7 @@ class AttentionCore:
     scale: float | None = None  # that op's scale attribute, if it has one
     packed: Linear | None = None  # a [D, 3·H·d] q|k|v projection held inside the op
     packed_bias: str | None = None  # a [q | k | v] bias input of the op
-    form: str | None = None  # the block's form where it is the op's own
+    form: AttentionForm | None = None  # the block's form where it is the op's own
     kv_heads: int | None = None  # an op with grouped-query attention: its key/value heads
     kv_caches: tuple[KvCache, ...] = ()  # an op's own past inputs and present outputs
     rotary: Rotary | None = None  # an op's own rotary embedding
@@ -80,7 +80,9 @@ class AttentionCore:
 
 
 def assemble(g: ModelGraph, core: AttentionCore) -> AttentionBlock:
-    """The block around a core; NoMatch where any part of it cannot be pruned safely."""
+    """The block around a core; NoMatch where any part of it cannot be pruned safely. The
+    projections give its head layout (`_packed_block`, `_fused_block`, `_separate_block`); what
+    the steps after find is added to it in one `replace` at the end."""
     traces: tuple[_Trace, ...] = ()
     if core.packed is None:
         traces = tuple(_trace_to_linear(g, t, part) for t, part in zip((core.q, core.k, core.v),
@@ -104,39 +106,44 @@ def assemble(g: ModelGraph, core: AttentionCore) -> AttentionBlock:
     if out.in_features != block.heads * block.head_dim:
         raise NoMatch(f"output projection reads {out.in_features} features, attention gives "
                       f"{block.heads}×{block.head_dim}")
-    if core.form is not None:
-        block.form = core.form
-    if core.form == "ort-gqa":  # one head size for Q, K and V; the rotary cache shared by all heads
-        block.equal_widths = "GroupQueryAttention takes one head size for Q, K and V"
-        if core.rotary is not None:
-            block.pairs_shared = "GroupQueryAttention's rotary cache holds one column per pair for every head"
-            block.width_multiple = 16  # onnxruntime's kernels: "head_size shall be a multiple of 16" with rotary
-    if core.op is not None:
-        block.attention_op = core.op
-        block.scale = core.scale if core.scale is not None else block.head_dim ** -0.5
-    block.packed_bias = core.packed_bias
-    block.core_nodes = core.products
     region |= {t for node in merge_path for t in node.output}
-    seen = _shape_edits(g, block, traces, merge_path, region, core)
-    _decoder_parts(g, block, traces, seen, core)
-    _qk_norms(g, block, traces, seen)
-    _check_private(g, region, core, traces, merge_path, out, seen, block)
+    seen, edits, heads_lost = _shape_edits(g, block, traces, merge_path, region, core)
+    rotary, caches, rotary_edits = _decoder_parts(g, block, traces, seen, core)
+    qk_norms, norm_fixed, qk_whole = _qk_norms(g, traces, seen)
+    _check_private(g, region, core, traces, merge_path, out, seen, rotary, caches)
     scales = core.frozen + [scale for trace in traces[:2] for scale in trace.scales]
-    block.frozen_scales = [scale for scale in scales if not scale.constant]
-    block.constant_scales = [scale for scale in scales if scale.constant]
-    for scale in block.frozen_scales:
+    frozen = tuple(scale for scale in scales if not scale.constant)
+    for scale in frozen:
         _check_frozen_scale(g, scale, region, block.head_dim)
     quantized = [n.name for n in (traces[0].nodes if traces else []) if n.op_type == "QuantizeLinear"]
-    if quantized:
-        block.q_fixed = f"q is quantized at {quantized[0]}: rescaling its columns would change the rounding"
-    return block
+    scale = None  # an attention op's softmax scale, pinned when the Q/K width changes
+    if core.op is not None:
+        scale = core.scale if core.scale is not None else block.head_dim ** -0.5
+    gqa = core.form is AttentionForm.ORT_GQA  # one head size for Q, K and V; the rotary cache shared by all heads
+    shared = gqa and core.rotary is not None
+    own = len(rotary) == 2 and not any(r.shared for r in rotary)  # rotated q and k are tensors of the graph
+    return replace(
+        block, form=core.form if core.form is not None else block.form,
+        shape_edits=block.shape_edits + tuple(edits) + tuple(rotary_edits), frozen_scales=frozen,
+        constant_scales=tuple(s for s in scales if s.constant), attention_op=core.op, scale=scale,
+        packed_bias=core.packed_bias, core_nodes=core.products, heads_fixed=heads_lost or norm_fixed,
+        rotary=tuple(rotary), kv_caches=tuple(caches), qk_tensors=(rotary[0].output, rotary[1].output) if own else None,
+        qk_norms=qk_norms, qk_whole=qk_whole,
+        q_fixed=f"q is quantized at {quantized[0]}: rescaling its columns would change the rounding" if quantized
+        else None,
+        equal_widths="GroupQueryAttention takes one head size for Q, K and V" if gqa else None,
+        pairs_shared="GroupQueryAttention's rotary cache holds one column per pair for every head" if shared else None,
+        width_multiple=16 if shared else 1)  # onnxruntime's kernels: "head_size shall be a multiple of 16" with rotary
 
 
 def _shape_edits(g: ModelGraph, block: AttentionBlock, traces: tuple[_Trace, ...], merge_path: list[onnx.NodeProto],
-                 region: set[str], core: AttentionCore) -> dict[str, Axes]:
-    """Every Reshape entry on the block's paths that holds a pruned width (into the block); returns
-    where the tracked axes are in each tensor on the way."""
+                 region: set[str], core: AttentionCore) -> tuple[dict[str, Axes], list[ShapeEdit], str | None]:
+    """Every Reshape entry on the block's paths that holds a pruned width (into the block): where
+    the tracked axes are in each tensor on the way, the edits, and why whole heads cannot go
+    where a Reshape loses the heads axis (None where none does)."""
     seen: dict[str, Axes] = {}
+    edits: list[ShapeEdit] = []
+    lost: list[str] = []
     for trace, kind in zip(traces, ("q", "k", "v")):
         if block.fused is not None:  # from the (…, 3, H, d) reshape on: it is replaced, so not edited
             reshape = next(i for i, n in enumerate(trace.nodes) if n.name == block.fused.reshape)
@@ -148,17 +155,19 @@ def _shape_edits(g: ModelGraph, block: AttentionBlock, traces: tuple[_Trace, ...
         passes = frozenset(n.name for n in trace.nodes if n.op_type in ("Add", "Concat"))  # rotary, KV cache
         if trace.norm is not None:  # a QK-norm keeps every axis where it is
             passes |= {g.producer_of(trace.norm.output).name}
-        block.shape_edits += path_shape_edits(g, forward, Path.of(kind, block), block, region, start, seen, passes)
+        edits += path_shape_edits(g, forward, Path.of(kind, block), block, region, start, lost, seen, passes)
     start = SPLIT if core.heads is None else MERGED
     seen[core.output] = start
-    block.shape_edits += path_shape_edits(g, merge_path, Path.of("out", block), block, region, start, seen)
-    return seen
+    edits += path_shape_edits(g, merge_path, Path.of("out", block), block, region, start, lost, seen)
+    return seen, edits, lost[0] if lost else None
 
 
 def _decoder_parts(g: ModelGraph, block: AttentionBlock, traces: tuple[_Trace, ...], seen: dict[str, Axes],
-                   core: AttentionCore) -> None:
-    """The rotary embeddings and KV caches found on the way, with where their head axes are."""
+                   core: AttentionCore) -> tuple[list[Rotary], list[KvCache], list[ShapeEdit]]:
+    """The rotary embeddings and KV caches found on the way, with where their head axes are, and
+    the shape edits of the rotary embeddings' tables."""
     caches, rotary = list(core.kv_caches), [core.rotary] if core.rotary is not None else []
+    edits: list[ShapeEdit] = []
     for trace, kind in zip(traces, ("q", "k", "v")):
         count = Path.of(kind, block).count
         for node in trace.nodes:
@@ -178,30 +187,31 @@ def _decoder_parts(g: ModelGraph, block: AttentionBlock, traces: tuple[_Trace, .
                     raise NoMatch(f"{node.name} rotates {2 * trace.half} of {block.head_dim} head dims "
                                   "(partial rotary embeddings are not supported)")
                 rotary.append(replace(trace.rotary, heads=count, heads_axis=axes.heads))
-                block.shape_edits += trace.rotary_edits
+                edits += trace.rotary_edits
     if traces and (traces[0].rotary is None) != (traces[1].rotary is None):
         raise NoMatch("a rotary embedding on only one of q and k")
-    block.rotary, block.kv_caches = tuple(rotary), tuple(caches)
-    if len(rotary) == 2 and not any(r.shared for r in rotary):
-        block.qk_tensors = (rotary[0].output, rotary[1].output)
+    return rotary, caches, edits
 
 
-def _qk_norms(g: ModelGraph, block: AttentionBlock, traces: tuple[_Trace, ...], seen: dict[str, Axes]) -> None:
+def _qk_norms(g: ModelGraph, traces: tuple[_Trace, ...], seen: dict[str, Axes]
+              ) -> tuple[tuple[str, ...], str | None, str | None]:
     """A norm on q or k: per head (over the head dim: Qwen3, Gemma 3) whole heads may still go;
-    over all heads (OLMo 2) neither heads nor dims may, as either changes its statistic."""
+    over all heads (OLMo 2) neither heads nor dims may, as either changes its statistic. Returns
+    the norms' last nodes, why whole heads cannot go, and why Q/K keep their whole width."""
     norms = [(t.norm, kind) for t, kind in zip(traces, "qk") if t.norm is not None]
     if not norms:
-        return
+        return (), None, None
     if len(norms) == 1:
         raise NoMatch(f"a norm on only one of q and k ({norms[0][0].output})")
-    block.qk_norms = tuple(g.producer_of(norm.output).name for norm, _ in norms)
+    last = tuple(g.producer_of(norm.output).name for norm, _ in norms)
+    heads_fixed = None
     for norm, kind in norms:
-        axes = seen.get(block.qk_norms[0 if kind == "q" else 1])
+        axes = seen.get(last[0 if kind == "q" else 1])
         if axes is None or axes.dim != -1:
             raise NoMatch(f"{norm.output}: cannot tell which axis the QK-norm normalises")
         if axes.merged:
-            block.heads_fixed = block.heads_fixed or f"{norm.output} normalises q/k over all heads together"
-    block.qk_whole = f"{norms[0][0].output} normalises each head's q/k: a cut within a head would change its RMS"
+            heads_fixed = heads_fixed or f"{norm.output} normalises q/k over all heads together"
+    return last, heads_fixed, f"{norms[0][0].output} normalises each head's q/k: a cut within a head would change its RMS"
 
 
 def _packed_block(core: AttentionCore, out: Linear) -> AttentionBlock:
@@ -213,22 +223,23 @@ def _packed_block(core: AttentionCore, out: Linear) -> AttentionBlock:
     dim = linear.out_features // (core.heads + 2 * kv_heads)
     name = block_name(core.anchor.name, (linear, out))
     q_width, kv_width = core.heads * dim, kv_heads * dim
-    return AttentionBlock(name, core.form or "packed", core.heads, dim, linear, linear, linear, out,
+    return AttentionBlock(name, core.form or AttentionForm.PACKED, core.heads, dim, linear, linear, linear, out,
                           core.anchor.name, (0, q_width, q_width + kv_width), kv_heads=core.kv_heads)
 
 
 def _check_private(g: ModelGraph, region: set[str], core: AttentionCore, traces: tuple[_Trace, ...],
-                   merge: list[onnx.NodeProto], out: Linear, seen: dict[str, Axes], block: AttentionBlock) -> None:
+                   merge: list[onnx.NodeProto], out: Linear, seen: dict[str, Axes], rotary: list[Rotary],
+                   caches: list[KvCache]) -> None:
     """Pruning changes every tensor of the region: nothing outside the block may read one, but for
     reads of the sizes of axes the cut leaves alone; no graph output but a KV cache's present one."""
     inside = set(core.nodes) | {n.name for t in traces for n in t.nodes} | {n.name for n in merge} | {out.node}
     inside |= {n.name for n in g.consumers_of(out.input) if n.op_type == "Reshape"}  # flattening its tokens
-    inside |= {name for rotary in block.rotary for name in rotary.nodes}
+    inside |= {name for embedding in rotary for name in embedding.nodes}
     norm_nodes = {name for t in traces if t.norm is not None for name in t.norm.nodes}
     inside |= norm_nodes
     region |= {t for name in norm_nodes for t in g.node(name).output}
-    region |= {t for rotary in block.rotary for name in rotary.nodes if name in g.nodes for t in g.node(name).output}
-    outputs = set(g.graph_outputs) - {cache.present for cache in block.kv_caches}
+    region |= {t for embedding in rotary for name in embedding.nodes if name in g.nodes for t in g.node(name).output}
+    outputs = set(g.graph_outputs) - {cache.present for cache in caches}
     for tensor in region:
         if tensor in outputs:
             raise NoMatch(f"{tensor} is a graph output; pruning would change it")
@@ -387,7 +398,7 @@ def _separate_block(g: ModelGraph, name: str, core: AttentionCore, q: _Trace, k:
             raise NoMatch(f"{core.anchor.name}: the projections do not split evenly into {core.heads} heads")
         heads = core.heads
         if core.kv_heads is not None and core.kv_heads != heads:
-            return AttentionBlock(name, "separate", heads, dim, q.linear, k.linear, v.linear, out, core.anchor.name,
+            return AttentionBlock(name, AttentionForm.SEPARATE, heads, dim, q.linear, k.linear, v.linear, out, core.anchor.name,
                                   kv_heads=kv_heads)
     else:
         layouts = []
@@ -401,9 +412,9 @@ def _separate_block(g: ModelGraph, name: str, core: AttentionCore, q: _Trace, k:
         if len(set(layouts)) != 1 and not grouped:
             raise NoMatch(f"Q, K and V head layouts differ: {layouts}")
         if grouped:  # grouped-query attention: each key/value head serves heads / kv_heads query heads
-            return AttentionBlock(name, "separate", heads, dim, q.linear, k.linear, v.linear, out, core.anchor.name,
+            return AttentionBlock(name, AttentionForm.SEPARATE, heads, dim, q.linear, k.linear, v.linear, out, core.anchor.name,
                                   kv_heads=kv_heads)
-    return AttentionBlock(name, "separate", heads, dim, q.linear, k.linear, v.linear, out, core.anchor.name)
+    return AttentionBlock(name, AttentionForm.SEPARATE, heads, dim, q.linear, k.linear, v.linear, out, core.anchor.name)
 
 
 def _fused_block(g: ModelGraph, name: str, anchor: onnx.NodeProto, q: _Trace, k: _Trace, v: _Trace,
@@ -436,7 +447,7 @@ def _fused_block(g: ModelGraph, name: str, anchor: onnx.NodeProto, q: _Trace, k:
     fused = FusedQkv(reshape.name, tuple(parts[i].part_tensor for i in range(3)), tuple(n.name for n in replay), axis,
                      tuple(parts[i].nodes[parts[i].selector].op_type == "Gather" and
                            g.constant(parts[i].nodes[parts[i].selector].input[1]).ndim == 0 for i in range(3)))
-    return AttentionBlock(name, "fused-qkv", heads, dim, q.linear, k.linear, v.linear, out, anchor.name,
+    return AttentionBlock(name, AttentionForm.FUSED_QKV, heads, dim, q.linear, k.linear, v.linear, out, anchor.name,
                           (q.part * width, k.part * width, v.part * width), fused)
 
 
@@ -463,11 +474,10 @@ def _split_block(g: ModelGraph, name: str, anchor: onnx.NodeProto, q: _Trace, k:
     if kv_width % dim or heads % (kv_width // dim):
         raise NoMatch(f"{split.name}: {kv_width} key/value features do not group {heads} heads of {dim}")
     kv_heads = kv_width // dim
-    block = AttentionBlock(name, "fused-split", heads, dim, q.linear, k.linear, v.linear, out, anchor.name,
-                           (0, width, width + kv_width), kv_heads=kv_heads if kv_heads != heads else None)
     widths = {q.part: Width.QK_MERGED, k.part: Width.KV_QK_MERGED, v.part: Width.KV_V_MERGED}
-    block.shape_edits += [ShapeEdit(split.name, widths[part], part - 3) for part in range(3)]
-    return block
+    return AttentionBlock(name, AttentionForm.FUSED_SPLIT, heads, dim, q.linear, k.linear, v.linear, out, anchor.name,
+                          (0, width, width + kv_width), kv_heads=kv_heads if kv_heads != heads else None,
+                          shape_edits=tuple(ShapeEdit(split.name, widths[part], part - 3) for part in range(3)))
 
 
 def _region_tensors(q: _Trace, k: _Trace, v: _Trace, core: AttentionCore) -> set[str]:

@@ -12,7 +12,7 @@ import onnx
 
 from ..ir.graph import ModelGraph, attribute
 from .attention import SCALE_OPS, AttentionCore, activation_qdq, assemble, drop_overlapping, is_scalar
-from .blocks import AttentionBlock, FrozenScale, KvCache, Linear, NoMatch, Rotary, RotaryStyle, Skipped
+from .blocks import AttentionBlock, AttentionForm, FrozenScale, KvCache, Linear, NoMatch, Rotary, RotaryStyle, Skipped
 from .linear import linear_producing, matmul_linear
 
 # Ops allowed between Softmax and attn·V (dropout, the NaN guard of torch's SDPA export, casts).
@@ -94,7 +94,8 @@ class OrtAttention(AttentionRule):
                         anchor.input[0], None, int(weight.shape[0]), int(weight.shape[1]))
         return AttentionCore(anchor, anchor.input[0], anchor.input[0], anchor.input[0], anchor.output[0],
                              nodes={anchor.name}, products=(anchor.name, anchor.name), heads=heads, op=anchor.name,
-                             scale=attribute(anchor, "scale", None) or None, packed=packed, form="ort-attention")
+                             scale=attribute(anchor, "scale", None) or None, packed=packed,
+                             form=AttentionForm.ORT_ATTENTION)
 
 
 class OrtMultiHeadAttention(AttentionRule):
@@ -127,7 +128,8 @@ class OrtMultiHeadAttention(AttentionRule):
                 raise NoMatch("MultiHeadAttention bias is not a constant [q | k | v] vector")
         return AttentionCore(anchor, q.output, k.output, v.output, anchor.output[0], nodes={anchor.name},
                              products=(anchor.name, anchor.name), heads=heads, op=anchor.name,
-                             scale=attribute(anchor, "scale", None) or None, packed_bias=packed_bias, form="ort-mha")
+                             scale=attribute(anchor, "scale", None) or None, packed_bias=packed_bias,
+                             form=AttentionForm.ORT_MHA)
 
 
 class OrtGroupQueryAttention(AttentionRule):
@@ -161,7 +163,7 @@ class OrtGroupQueryAttention(AttentionRule):
             style = RotaryStyle.INTERLEAVED if attribute(anchor, "rotary_interleaved", 0) else RotaryStyle.HALF
             rotary = Rotary(style, anchor.name, "", "", ((anchor.name, 7), (anchor.name, 8)), shared=True)
         common = dict(nodes={anchor.name}, products=(anchor.name, anchor.name), heads=heads, op=anchor.name,
-                      scale=attribute(anchor, "scale", None) or None, form="ort-gqa", kv_heads=kv_heads,
+                      scale=attribute(anchor, "scale", None) or None, form=AttentionForm.ORT_GQA, kv_heads=kv_heads,
                       kv_caches=tuple(caches), rotary=rotary)
         if inputs[1] or inputs[2]:  # separate q, k, v
             return AttentionCore(anchor, inputs[0], inputs[1], inputs[2], anchor.output[0], **common)
