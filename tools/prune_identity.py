@@ -3,7 +3,7 @@ checks two such folders byte for byte. A refactor that must not change behaviour
 (on the parent commit) and after, then compares: any differing file names the case that changed.
 
 The matrix: the shipped ViT (models/digits_vit.onnx with its calibration) with every criterion,
-plus whole-block removal, a FLOPs target and head pruning; a tiny Llama decoder exported with
+plus whole-block removal, a FLOPs target, head and residual-channel pruning; a tiny Llama decoder exported with
 torch's dynamo exporter (the test suite's `llama-dynamo` fixture) the same way; and the hand-built
 graphs of every attention form of the test suite (tests/graphs.py, tests/decoder_graphs.py).
 A case that fails writes its error message instead, so a change in what fails is caught too.
@@ -35,6 +35,8 @@ def _vit_cases() -> dict[str, tuple[str, dict]]:
     cases["vit-blocks"] = (model, dict(ratio=0.25, calib=calib, blocks=1))
     cases["vit-target-flops"] = (model, dict(calib=calib, target_flops=0.6))
     cases["vit-heads"] = (model, dict(ratio=0.25, calib=calib, heads=0.5, compensate="bias"))
+    cases["vit-residual"] = (model, dict(ratio=0.25, calib=calib, residual=0.25))
+    cases["vit-residual-lstsq"] = (model, dict(ratio=0.25, calib=calib, residual=0.25, compensate="lstsq"))
     return cases
 
 
@@ -51,6 +53,7 @@ def _llama_cases(folder: Path) -> dict[str, tuple[str, dict]]:
     cases["llama-blocks"] = (str(path), dict(ratio=0.25, calib=calib, blocks=1))
     cases["llama-target-flops"] = (str(path), dict(calib=calib, target_flops=0.7))
     cases["llama-heads"] = (str(path), dict(ratio=0.25, calib=calib, heads=0.5))
+    cases["llama-residual"] = (str(path), dict(ratio=0.25, calib=calib, residual=0.25))
     return cases
 
 

@@ -202,9 +202,9 @@ class CostModel:
             scale(keep.block.fc2, inputs=factor)
         if plan.stream is not None:
             factor = len(plan.stream_keep) / plan.stream.width
-            for linear in plan.stream.readers.values():
+            for linear in plan.stream.readers:
                 scale(linear, inputs=factor)
-            for linear in plan.stream.writers.values():
+            for linear in plan.stream.writers:
                 scale(linear, outputs=factor)
         return fractions
 

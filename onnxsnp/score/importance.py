@@ -313,10 +313,10 @@ class Scorer:
         if self.residual_criterion == "activation":
             return self.channel_sum
         total = np.zeros(stream.width)
-        for linear in stream.readers.values():
+        for linear in stream.readers:
             rows = np.linalg.norm(input_weights(self.g, linear), axis=1)
             total += rows / max(np.sqrt((rows ** 2).mean()), 1e-30)
-        for linear in stream.writers.values():
+        for linear in stream.writers:
             columns = np.linalg.norm(output_weights(self.g, linear), axis=0)
             total += columns / max(np.sqrt((columns ** 2).mean()), 1e-30)
         return total
