@@ -138,7 +138,7 @@ def matches_json(inspection) -> dict:
             "ffn": [{"name": f.name, "activation": f.activation, "hidden": f.hidden, "gated": f.gate is not None}
                     for f in matches.ffn],
             "layers": [layer.name for layer in matches.layers],
-            "skipped": [{"kind": s.kind, "where": s.where, "reason": s.reason} for s in matches.skipped],
+            "skipped": [{"kind": s.kind.value, "where": s.where, "reason": s.reason} for s in matches.skipped],
             "reconstruction": inspection.reconstruction or "yes",
             "quantized_form": inspection.form.name.lower(), "weights": inspection.granularity,
             "unsupported": inspection.unsupported}
@@ -375,5 +375,5 @@ def format_matches(matches: Matches) -> str:
     if matches.skipped:
         lines.append(f"{len(matches.skipped)} skipped:")
         for s in matches.skipped:
-            lines.append(f"  {s.kind:<9} at {s.where}: {s.reason}")
+            lines.append(f"  {s.kind.value:<9} at {s.where}: {s.reason}")
     return "\n".join(lines)

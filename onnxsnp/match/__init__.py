@@ -2,11 +2,12 @@
 
 Attention is found by rules (`rules.py`), one per anchor op — a Softmax over Q·Kᵀ, the ONNX
 `Attention` op, onnxruntime's contrib attention ops — each reading the core of the attention;
-`attention.py` traces Q, K and V back to their projections and attn·V forward to the output
-projection, `layout.py` follows the head axes through the reshapes in between, `linear.py`
-recognises projections, `ffn.py` FFNs and `layers.py` whole transformer blocks. Every fact the
-rewriter needs ends up in a dataclass of `blocks.py`; a candidate that does not fit is reported
-as skipped, with the reason, and never pruned.
+`attention.py` assembles the block: `tracing.py` follows Q, K and V back to their projections
+and attn·V forward to the output projection, `layout.py` follows the head axes through the
+reshapes in between, `linear.py` recognises projections, `ffn.py` FFNs and `layers.py` whole
+transformer blocks. Every fact the rewriter needs ends up in a frozen dataclass of `blocks.py`
+(built once; later stages key dicts by it); a candidate that does not fit is reported as
+skipped, with the reason, and never pruned.
 """
 from __future__ import annotations
 

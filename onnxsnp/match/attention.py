@@ -1,6 +1,6 @@
 """From an attention core (what a rule found) to an `AttentionBlock`: Q, K and V traced back to
-their projections, attn·V forward to the output projection, the head layout read, and every
-tensor whose width changes checked to be private to the block."""
+their projections and attn·V forward to the output projection (`tracing.py`), the head layout
+read, and every tensor whose width changes checked to be private to the block."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -8,49 +8,14 @@ from dataclasses import dataclass, field, replace
 import onnx
 
 from ..ir.graph import ModelGraph, attribute
-from .blocks import (AttentionBlock, AttentionForm, FrozenScale, FusedQkv, KvCache, Linear, NoMatch, Rotary, ShapeEdit,
-                     Skipped, Width, block_name)
-from .decoder import check_kv_axis, kv_cache_join, rotary_producing
+from .blocks import (AttentionBlock, AttentionForm, Candidate, FrozenScale, FusedQkv, KvCache, Linear, NoMatch, Part,
+                     Rotary, ShapeEdit, Skipped, Width, block_name)
+from .decoder import check_kv_axis
 from .layout import FUSED, MERGED, SPLIT, Axes, Path, path_shape_edits
-from .linear import linear_producing, linear_reading
-from .norms import Norm, norm_writing
 from .shapes import head_layout, shape_entries, shape_source
+from .tracing import Trace, forward_to_linear, trace_to_linear
 
-# Ops that only move, reshape, select or cast data between a projection and the score MatMul
-# (Expand: grouped-query attention repeating key/value heads).
-_LAYOUT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Split", "Gather", "Slice", "Expand",
-               "Cast"}  # OLMo 2 casts rotated q/k to the compute type
-
-
-SCALE_OPS = {"Mul", "Div"}
-_QDQ = ("QuantizeLinear", "DequantizeLinear")
-
-
-def activation_qdq(g: ModelGraph, node: onnx.NodeProto) -> bool:
-    """Is `node` a per-tensor QuantizeLinear/DequantizeLinear of an activation? Such a pair is
-    element-wise with one scale, so it passes like Identity; a per-channel one is refused by name."""
-    if node.op_type not in _QDQ or g.is_constant(node.input[0]):
-        return False  # a weight's DequantizeLinear is part of the (constant) weight
-    if any(g.constant(t) is None or g.constant(t).size != 1 for t in node.input[1:3] if t):
-        raise NoMatch(f"{node.op_type} node {node.name} quantizes activations per channel")
-    return True
-
-# --- attention --------------------------------------------------------------------------------
-@dataclass
-class _Trace:
-    """What was passed on the way from a score operand back to its projection."""
-
-    linear: Linear
-    nodes: list[onnx.NodeProto]  # from the operand back to the projection (exclusive)
-    scales: list[FrozenScale]
-    part: int | None = None  # which of q/k/v a fused projection's selector took
-    part_tensor: str | None = None  # the selector's output on this path
-    selector: int | None = None  # the selector's index in `nodes`
-    rotary: Rotary | None = None  # a rotary embedding on the way (its Add is in `nodes`)
-    rotary_edits: list[ShapeEdit] = field(default_factory=list)
-    half: int | None = None  # the rotary's split point, where it is a literal
-    kv: KvCache | None = None  # a KV cache joined on the way (its Concat is in `nodes`)
-    norm: Norm | None = None  # a QK-norm on the way (its last node is in `nodes`)
+QKV = (Part.QUERY, Part.KEY, Part.VALUE)
 
 
 @dataclass
@@ -83,11 +48,11 @@ def assemble(g: ModelGraph, core: AttentionCore) -> AttentionBlock:
     """The block around a core; NoMatch where any part of it cannot be pruned safely. The
     projections give its head layout (`_packed_block`, `_fused_block`, `_separate_block`); what
     the steps after find is added to it in one `replace` at the end."""
-    traces: tuple[_Trace, ...] = ()
+    traces: tuple[Trace, ...] = ()
     if core.packed is None:
-        traces = tuple(_trace_to_linear(g, t, part) for t, part in zip((core.q, core.k, core.v),
-                                                                       ("query", "key", "value")))
-    out, merge_path = _forward_to_linear(g, core.output)
+        traces = tuple(trace_to_linear(g, t, part) for t, part in zip((core.q, core.k, core.v),
+                                                                       QKV))
+    out, merge_path = forward_to_linear(g, core.output)
     if core.packed is not None:
         block = _packed_block(core, out)
         region = {core.output, *core.region}
@@ -136,7 +101,7 @@ def assemble(g: ModelGraph, core: AttentionCore) -> AttentionBlock:
         width_multiple=16 if shared else 1)  # onnxruntime's kernels: "head_size shall be a multiple of 16" with rotary
 
 
-def _shape_edits(g: ModelGraph, block: AttentionBlock, traces: tuple[_Trace, ...], merge_path: list[onnx.NodeProto],
+def _shape_edits(g: ModelGraph, block: AttentionBlock, traces: tuple[Trace, ...], merge_path: list[onnx.NodeProto],
                  region: set[str], core: AttentionCore) -> tuple[dict[str, Axes], list[ShapeEdit], str | None]:
     """Every Reshape entry on the block's paths that holds a pruned width (into the block): where
     the tracked axes are in each tensor on the way, the edits, and why whole heads cannot go
@@ -144,7 +109,7 @@ def _shape_edits(g: ModelGraph, block: AttentionBlock, traces: tuple[_Trace, ...
     seen: dict[str, Axes] = {}
     edits: list[ShapeEdit] = []
     lost: list[str] = []
-    for trace, kind in zip(traces, ("q", "k", "v")):
+    for trace, kind in zip(traces, QKV):
         if block.fused is not None:  # from the (…, 3, H, d) reshape on: it is replaced, so not edited
             reshape = next(i for i, n in enumerate(trace.nodes) if n.name == block.fused.reshape)
             forward, start = list(reversed(trace.nodes[:reshape])), FUSED
@@ -158,17 +123,17 @@ def _shape_edits(g: ModelGraph, block: AttentionBlock, traces: tuple[_Trace, ...
         edits += path_shape_edits(g, forward, Path.of(kind, block), block, region, start, lost, seen, passes)
     start = SPLIT if core.heads is None else MERGED
     seen[core.output] = start
-    edits += path_shape_edits(g, merge_path, Path.of("out", block), block, region, start, lost, seen)
+    edits += path_shape_edits(g, merge_path, Path.of(Part.OUT, block), block, region, start, lost, seen)
     return seen, edits, lost[0] if lost else None
 
 
-def _decoder_parts(g: ModelGraph, block: AttentionBlock, traces: tuple[_Trace, ...], seen: dict[str, Axes],
+def _decoder_parts(g: ModelGraph, block: AttentionBlock, traces: tuple[Trace, ...], seen: dict[str, Axes],
                    core: AttentionCore) -> tuple[list[Rotary], list[KvCache], list[ShapeEdit]]:
     """The rotary embeddings and KV caches found on the way, with where their head axes are, and
     the shape edits of the rotary embeddings' tables."""
     caches, rotary = list(core.kv_caches), [core.rotary] if core.rotary is not None else []
     edits: list[ShapeEdit] = []
-    for trace, kind in zip(traces, ("q", "k", "v")):
+    for trace, kind in zip(traces, QKV):
         count = Path.of(kind, block).count
         for node in trace.nodes:
             axes = seen.get(node.name)
@@ -179,7 +144,7 @@ def _decoder_parts(g: ModelGraph, block: AttentionBlock, traces: tuple[_Trace, .
                 check_kv_axis(node, rank, (axes.dim, axes.heads))
                 caches.append(replace(trace.kv, heads_axis=axes.heads, dim_axis=axes.dim))
             if trace.rotary is not None and node.name == trace.rotary.node:
-                if kind == "v":
+                if kind is Part.VALUE:
                     raise NoMatch(f"a rotary embedding on V ({node.name})")
                 if axes is None or axes.merged or axes.heads is None or axes.dim != -1:
                     raise NoMatch(f"{node.name}: the rotary embedding is not applied per head")
@@ -193,12 +158,12 @@ def _decoder_parts(g: ModelGraph, block: AttentionBlock, traces: tuple[_Trace, .
     return rotary, caches, edits
 
 
-def _qk_norms(g: ModelGraph, traces: tuple[_Trace, ...], seen: dict[str, Axes]
+def _qk_norms(g: ModelGraph, traces: tuple[Trace, ...], seen: dict[str, Axes]
               ) -> tuple[tuple[str, ...], str | None, str | None]:
     """A norm on q or k: per head (over the head dim: Qwen3, Gemma 3) whole heads may still go;
     over all heads (OLMo 2) neither heads nor dims may, as either changes its statistic. Returns
     the norms' last nodes, why whole heads cannot go, and why Q/K keep their whole width."""
-    norms = [(t.norm, kind) for t, kind in zip(traces, "qk") if t.norm is not None]
+    norms = [(t.norm, kind) for t, kind in zip(traces, QKV[:2]) if t.norm is not None]
     if not norms:
         return (), None, None
     if len(norms) == 1:
@@ -206,7 +171,7 @@ def _qk_norms(g: ModelGraph, traces: tuple[_Trace, ...], seen: dict[str, Axes]
     last = tuple(g.producer_of(norm.output).name for norm, _ in norms)
     heads_fixed = None
     for norm, kind in norms:
-        axes = seen.get(last[0 if kind == "q" else 1])
+        axes = seen.get(last[0 if kind is Part.QUERY else 1])
         if axes is None or axes.dim != -1:
             raise NoMatch(f"{norm.output}: cannot tell which axis the QK-norm normalises")
         if axes.merged:
@@ -227,7 +192,7 @@ def _packed_block(core: AttentionCore, out: Linear) -> AttentionBlock:
                           core.anchor.name, (0, q_width, q_width + kv_width), kv_heads=core.kv_heads)
 
 
-def _check_private(g: ModelGraph, region: set[str], core: AttentionCore, traces: tuple[_Trace, ...],
+def _check_private(g: ModelGraph, region: set[str], core: AttentionCore, traces: tuple[Trace, ...],
                    merge: list[onnx.NodeProto], out: Linear, seen: dict[str, Axes], rotary: list[Rotary],
                    caches: list[KvCache]) -> None:
     """Pruning changes every tensor of the region: nothing outside the block may read one, but for
@@ -289,105 +254,7 @@ def _check_frozen_scale(g: ModelGraph, scale: FrozenScale, region: set[str], hea
         frontier += [t for t in node.input if t]
 
 
-def is_scalar(g: ModelGraph, tensor: str) -> bool:
-    value = g.constant(tensor)
-    if value is not None:
-        return value.size == 1
-    shape = g.shapes.get(tensor)
-    return shape is not None and all(d == 1 for d in shape)
-
-
-def _trace_to_linear(g: ModelGraph, tensor: str, part_name: str = "key") -> _Trace:
-    nodes: list[onnx.NodeProto] = []
-    scales: list[FrozenScale] = []
-    part: int | None = None
-    part_tensor: str | None = None
-    selector: int | None = None
-    trace = _Trace(None, nodes, scales)  # type: ignore[arg-type]  (the projection comes last)
-    for _ in range(24):
-        linear = linear_producing(g, tensor)
-        if linear is not None:
-            trace.linear, trace.part, trace.part_tensor, trace.selector = linear, part, part_tensor, selector
-            return trace
-        node = g.producer_of(tensor)
-        if node is None:
-            raise NoMatch(f"{tensor} does not come from a projection with constant weights")
-        rotary = rotary_producing(g, tensor) if node.op_type == "Add" else None
-        if rotary is not None:
-            if trace.rotary is not None:
-                raise NoMatch(f"two rotary embeddings on the way to the projection ({node.name})")
-            trace.rotary, trace.rotary_edits, trace.half = rotary
-            nodes.append(node)
-            tensor = trace.rotary.input
-            continue
-        joined = kv_cache_join(g, node, tensor, part_name) if node.op_type == "Concat" else None
-        if joined is not None:
-            if trace.kv is not None:
-                raise NoMatch(f"two KV caches on the way to the projection ({node.name})")
-            trace.kv, tensor = joined
-            nodes.append(node)
-            continue
-        norm = norm_writing(g, tensor) if part_name != "value" else None
-        if norm is not None:  # QK-norm: element-wise but for a statistic over the last axis
-            if trace.norm is not None:
-                raise NoMatch(f"two norms on the way to the projection ({node.name})")
-            trace.norm = norm
-            nodes.append(node)
-            tensor = norm.input
-            continue
-        if node.op_type in SCALE_OPS:
-            data, scale = node.input[0], node.input[1]
-            if not is_scalar(g, scale):
-                raise NoMatch(f"{node.name} scales by a non-scalar")
-            scales.append(FrozenScale(node.name, 1, scale, constant=g.is_constant(scale)))
-            nodes.append(node)
-            tensor = data
-            continue
-        if node.op_type not in _LAYOUT_OPS and not activation_qdq(g, node):
-            raise NoMatch(f"{node.op_type} node {node.name} between a projection and the scores")
-        if node.op_type in ("Split", "Gather", "Slice"):
-            if part is not None:
-                raise NoMatch(f"two selections on the way to the projection ({node.name})")
-            part, part_tensor, selector = _selected_part(g, node, tensor), tensor, len(nodes)
-        nodes.append(node)
-        tensor = node.input[0]
-    raise NoMatch("projection not found within 24 ops")
-
-
-def _selected_part(g: ModelGraph, node: onnx.NodeProto, tensor: str) -> int:
-    """Which of the 3 q/k/v parts a Split/Gather/Slice on the fused tensor picks."""
-    if node.op_type == "Split":
-        if len(node.output) != 3:
-            raise NoMatch(f"{node.name} splits into {len(node.output)} parts, not q/k/v")
-        return list(node.output).index(tensor)
-    if node.op_type == "Gather":
-        index = g.constant(node.input[1])
-        if index is None or index.size != 1:
-            raise NoMatch(f"{node.name} gathers a run-time index")
-        return int(index.reshape(-1)[0]) % 3
-    starts, ends = g.constant(node.input[1]), g.constant(node.input[2])
-    if starts is None or ends is None or starts.size != 1 or int(ends.reshape(-1)[0]) - int(starts.reshape(-1)[0]) != 1:
-        raise NoMatch(f"{node.name} is not a single-part slice")
-    return int(starts.reshape(-1)[0]) % 3
-
-
-def _forward_to_linear(g: ModelGraph, tensor: str) -> tuple[Linear, list[onnx.NodeProto]]:
-    path: list[onnx.NodeProto] = []
-    while len([n for n in path if n.op_type not in _QDQ]) < 8:  # a static QDQ model's pairs are not counted
-        linear = linear_reading(g, tensor)
-        if linear is not None:
-            return linear, path
-        consumers = g.consumers_of(tensor)
-        consumers = [c for c in consumers if c.op_type != "Shape"]
-        if len(consumers) != 1 or consumers[0].op_type not in ("Transpose", "Reshape", "Identity") and \
-                not activation_qdq(g, consumers[0]):
-            break
-        path.append(consumers[0])
-        tensor = consumers[0].output[0]
-    raise NoMatch("no output projection after attn·V")
-
-
-def _separate_block(g: ModelGraph, name: str, core: AttentionCore, q: _Trace, k: _Trace, v: _Trace,
+def _separate_block(g: ModelGraph, name: str, core: AttentionCore, q: Trace, k: Trace, v: Trace,
                     out: Linear) -> AttentionBlock:
     if q.part is not None or k.part is not None or v.part is not None:
         raise NoMatch("a selection (Split/Gather/Slice) on a separate projection")
@@ -417,7 +284,7 @@ def _separate_block(g: ModelGraph, name: str, core: AttentionCore, q: _Trace, k:
     return AttentionBlock(name, AttentionForm.SEPARATE, heads, dim, q.linear, k.linear, v.linear, out, core.anchor.name)
 
 
-def _fused_block(g: ModelGraph, name: str, anchor: onnx.NodeProto, q: _Trace, k: _Trace, v: _Trace,
+def _fused_block(g: ModelGraph, name: str, anchor: onnx.NodeProto, q: Trace, k: Trace, v: Trace,
                  out: Linear) -> AttentionBlock:
     """One projection for q, k and v: reshaped to (…, 3, H, d) (maybe permuted after), then one
     part taken by a Split, Slice or Gather along the 3-axis for each of q, k and v."""
@@ -451,7 +318,7 @@ def _fused_block(g: ModelGraph, name: str, anchor: onnx.NodeProto, q: _Trace, k:
                           (q.part * width, k.part * width, v.part * width), fused)
 
 
-def _split_block(g: ModelGraph, name: str, anchor: onnx.NodeProto, q: _Trace, k: _Trace, v: _Trace,
+def _split_block(g: ModelGraph, name: str, anchor: onnx.NodeProto, q: Trace, k: Trace, v: Trace,
                  out: Linear) -> AttentionBlock:
     """One projection for q, k and v split along its features into three parts (GPT-2's c_attn;
     onnxruntime-genai's qkv_proj before QK-norms, with grouped-query attention q | k | v of
@@ -461,9 +328,8 @@ def _split_block(g: ModelGraph, name: str, anchor: onnx.NodeProto, q: _Trace, k:
     rank = len(g.shapes.get(split.input[0]) or ())
     sizes = g.constant(split.input[1]) if len(split.input) > 1 and split.input[1] else None
     sizes = None if sizes is None else [int(s) for s in sizes.reshape(-1)]
-    parts = {q.part: "q", k.part: "k", v.part: "v"}
     if sizes is None or len(sizes) != 3 or sum(sizes) != q.linear.out_features or not rank or \
-            attribute(split, "axis", 0) not in (-1, rank - 1) or [parts[i] for i in range(3)] != ["q", "k", "v"] \
+            attribute(split, "axis", 0) not in (-1, rank - 1) or (q.part, k.part, v.part) != (0, 1, 2) \
             or sizes[1] != sizes[2] or sizes[0] % sizes[1]:
         raise NoMatch(f"{split.name} does not split the fused projection into q | k | v along its features")
     width, kv_width = sizes[0], sizes[1]
@@ -480,7 +346,7 @@ def _split_block(g: ModelGraph, name: str, anchor: onnx.NodeProto, q: _Trace, k:
                           shape_edits=tuple(ShapeEdit(split.name, widths[part], part - 3) for part in range(3)))
 
 
-def _region_tensors(q: _Trace, k: _Trace, v: _Trace, core: AttentionCore) -> set[str]:
+def _region_tensors(q: Trace, k: Trace, v: Trace, core: AttentionCore) -> set[str]:
     """Tensors from the projections to the core, whose width follows the pruned Q/K/V widths."""
     tensors = {core.q, core.k, core.v, core.output}
     for trace in (q, k, v):
@@ -499,4 +365,4 @@ def drop_overlapping(blocks: list[AttentionBlock], skipped: list[Skipped]) -> No
     for block in list(blocks):
         if any(owners[n] > 1 for n in {block.q.node, block.k.node, block.v.node, block.out.node}):
             blocks.remove(block)
-            skipped.append(Skipped(block.anchor, "attention", "its projections are shared with another attention"))
+            skipped.append(Skipped(block.anchor, Candidate.ATTENTION, "its projections are shared with another attention"))

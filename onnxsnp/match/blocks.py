@@ -115,6 +115,24 @@ class Rotary:
     shared: bool = False
 
 
+class Part(str, Enum):
+    """Which path of an attention: q, k or v from its projection to the scores (a KV cache holds
+    keys or values), or attn·V on to the output projection."""
+
+    QUERY = "query"
+    KEY = "key"
+    VALUE = "value"
+    OUT = "out"
+
+
+class Candidate(str, Enum):
+    """What a skipped candidate would have been."""
+
+    ATTENTION = "attention"
+    FFN = "ffn"
+    BLOCK = "block"  # a whole transformer block (attention + FFN), for --blocks
+
+
 @dataclass(frozen=True)
 class KvCache:
     """A KV cache: the past keys or values (a graph input) joined with this step's, and the joined
@@ -122,7 +140,7 @@ class KvCache:
 
     past: str
     present: str
-    part: str  # "key" or "value"
+    part: Part  # KEY or VALUE
     heads_axis: int = -3
     dim_axis: int = -1
 
@@ -218,7 +236,7 @@ class FfnBlock:
 @dataclass(frozen=True)
 class Skipped:
     where: str
-    kind: str
+    kind: Candidate
     reason: str
 
 

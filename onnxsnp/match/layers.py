@@ -7,7 +7,7 @@ from __future__ import annotations
 import onnx
 
 from ..ir.graph import ModelGraph, attribute
-from .blocks import AttentionBlock, FfnBlock, Layer, NoMatch, Placement, Skipped, common_scope
+from .blocks import AttentionBlock, Candidate, FfnBlock, Layer, NoMatch, Placement, Skipped, common_scope
 from .norms import channel_scale, normalized
 
 _SKIP_NORMS = ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
@@ -21,7 +21,7 @@ def match_layers(g: ModelGraph, attention: list[AttentionBlock], ffn: list[FfnBl
         try:
             layers.append(_layer(g, block, by_input))
         except NoMatch as why:
-            skipped.append(Skipped(block.name, "block", f"not removable as a whole block: {why}"))
+            skipped.append(Skipped(block.name, Candidate.BLOCK, f"not removable as a whole block: {why}"))
     return layers, skipped
 
 

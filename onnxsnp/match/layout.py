@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import onnx
 
 from ..ir.graph import ModelGraph, attribute
-from .blocks import AttentionBlock, NoMatch, ShapeEdit, Width
+from .blocks import AttentionBlock, NoMatch, Part, ShapeEdit, Width
 from .shapes import Entry, read_entries
 
 # element-wise: every axis stays where it is (activation QDQ is checked per tensor when traced)
@@ -44,13 +44,13 @@ class Path:
     count: int  # heads along the path
 
     @classmethod
-    def of(cls, kind: str, block: AttentionBlock) -> "Path":
-        """"q", "k" and "v" from the projections, "out" from attn·V to the output projection."""
+    def of(cls, part: Part, block: AttentionBlock) -> "Path":
+        """q, k and v from the projections, OUT from attn·V to the output projection."""
         groups = block.groups
-        return {"q": cls(Width.QK, Width.QK_MERGED, Width.HEADS, block.heads),
-                "k": cls(Width.QK, Width.KV_QK_MERGED, Width.KV_HEADS, groups),
-                "v": cls(Width.V, Width.KV_V_MERGED, Width.KV_HEADS, groups),
-                "out": cls(Width.V, Width.V_MERGED, Width.HEADS, block.heads)}[kind]
+        return {Part.QUERY: cls(Width.QK, Width.QK_MERGED, Width.HEADS, block.heads),
+                Part.KEY: cls(Width.QK, Width.KV_QK_MERGED, Width.KV_HEADS, groups),
+                Part.VALUE: cls(Width.V, Width.KV_V_MERGED, Width.KV_HEADS, groups),
+                Part.OUT: cls(Width.V, Width.V_MERGED, Width.HEADS, block.heads)}[part]
 
     def repeated(self, block: AttentionBlock) -> "Path":
         """After the key/value heads are repeated for the query heads."""

@@ -11,8 +11,9 @@ import networkx as nx
 import onnx
 
 from ..ir.graph import ModelGraph, attribute
-from .attention import SCALE_OPS, AttentionCore, activation_qdq, assemble, drop_overlapping, is_scalar
-from .blocks import AttentionBlock, AttentionForm, FrozenScale, KvCache, Linear, NoMatch, Rotary, RotaryStyle, Skipped
+from .attention import AttentionCore, assemble, drop_overlapping
+from .tracing import SCALE_OPS, activation_qdq, is_scalar
+from .blocks import AttentionBlock, AttentionForm, Candidate, FrozenScale, KvCache, Linear, NoMatch, Part, Rotary, RotaryStyle, Skipped
 from .linear import linear_producing, matmul_linear
 
 # Ops allowed between Softmax and attn·V (dropout, the NaN guard of torch's SDPA export, casts).
@@ -148,10 +149,10 @@ class OrtGroupQueryAttention(AttentionRule):
         if heads <= 0 or kv_heads <= 0 or heads % kv_heads:
             raise NoMatch(f"{heads} query heads do not group over {kv_heads} key/value heads")
         caches = []
-        for part, past, present in (("key", inputs[3], anchor.output[1] if len(anchor.output) > 1 else ""),
-                                    ("value", inputs[4], anchor.output[2] if len(anchor.output) > 2 else "")):
+        for part, past, present in ((Part.KEY, inputs[3], anchor.output[1] if len(anchor.output) > 1 else ""),
+                                    (Part.VALUE, inputs[4], anchor.output[2] if len(anchor.output) > 2 else "")):
             if past and (past in g.initializers or g.producer_of(past) is not None):
-                raise NoMatch(f"GroupQueryAttention's past {part} {past} is not a graph input")
+                raise NoMatch(f"GroupQueryAttention's past {part.value} {past} is not a graph input")
             if past or present:
                 caches.append(KvCache(past, present if present in g.graph_outputs else "", part))
         if any(g.consumers_of(c.present) for c in caches if c.present):
@@ -205,7 +206,7 @@ class RuleSet:
             try:
                 blocks.append(assemble(g, rule.core(g, node)))
             except NoMatch as why:
-                skipped.append(Skipped(node.name, "attention", str(why)))
+                skipped.append(Skipped(node.name, Candidate.ATTENTION, str(why)))
         drop_overlapping(blocks, skipped)
         return blocks, skipped
 
