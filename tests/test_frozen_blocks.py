@@ -16,10 +16,12 @@ import graphs
 from conftest import ROOT
 from onnxsnp.ir.graph import ModelGraph
 from onnxsnp.match import AttentionForm, Placement, blocks, find_blocks
+from onnxsnp.match.attention import AttentionCore
+from onnxsnp.match.blocks import Candidate, Part
 from onnxsnp.match.residual import ResidualStream, find_stream
 
 BLOCK_TYPES = [cls for _, cls in inspect.getmembers(blocks, inspect.isclass)
-               if dataclasses.is_dataclass(cls) and cls.__module__ == blocks.__name__] + [ResidualStream]
+               if dataclasses.is_dataclass(cls) and cls.__module__ == blocks.__name__] + [ResidualStream, AttentionCore]
 MODELS = {"shipped": lambda: onnx.load(str(ROOT / "models" / "digits_vit.onnx")),
           "fused-qkv": lambda: graphs.fused_qkv("Split"), "ort-attention": graphs.ort_attention,
           "decoder": dg.decoder_attention, "gqa": dg.group_query_attention}
@@ -27,7 +29,7 @@ MODELS = {"shipped": lambda: onnx.load(str(ROOT / "models" / "digits_vit.onnx"))
 
 def test_every_block_type_is_a_frozen_dataclass():
     names = {cls.__name__ for cls in BLOCK_TYPES}
-    assert {"AttentionBlock", "FfnBlock", "Layer", "Linear", "Matches", "Skipped", "ResidualStream"} <= names
+    assert {"AttentionBlock", "FfnBlock", "Layer", "Linear", "Matches", "Skipped", "ResidualStream", "AttentionCore"} <= names
     for cls in BLOCK_TYPES:
         params = cls.__dataclass_params__
         assert params.frozen and params.eq, f"{cls.__name__} must be a frozen dataclass compared by value"
@@ -65,10 +67,13 @@ def test_found_blocks_refuse_assignment_and_key_dicts_by_value(model):
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_forms_and_norm_placements_are_enums(model):
+def test_what_a_match_branches_on_is_an_enum(model):
+    """Forms, norm placements, cache parts and skipped candidates: members, never bare strings."""
     matches = find_blocks(ModelGraph(MODELS[model]()))
     assert matches.attention and all(isinstance(b.form, AttentionForm) for b in matches.attention)
     assert all(isinstance(layer.norm, Placement) for layer in matches.layers)
+    assert all(isinstance(c.part, Part) for b in matches.attention for c in b.kv_caches)
+    assert all(isinstance(s.kind, Candidate) for s in matches.skipped)
 
 
 def test_a_model_matched_twice_gives_equal_blocks():

@@ -56,7 +56,9 @@ def _unrounded(model: onnx.ModelProto, pairs: dict[str, tuple[str, str, str]]) -
     producers = {o: (i, n) for i, n in enumerate(model.graph.node) for o in n.output}
     bypass, dropped = {}, set()  # dropped: positions in the node list (nodes are unhashable messages)
     for index, node in enumerate(model.graph.node):
-        at, quantize = producers.get(node.input[0], (None, None)) if node.op_type == "DequantizeLinear" else (None, None)
+        if node.op_type != "DequantizeLinear":
+            continue
+        at, quantize = producers.get(node.input[0], (None, None))
         if quantize is not None and quantize.name in pairs:
             bypass[node.output[0]] = quantize.input[0]
             dropped |= {index, at}

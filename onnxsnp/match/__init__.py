@@ -19,9 +19,9 @@ from .layers import match_layers
 from .linear import linear_at, linear_producing, linear_reading
 from .rules import ATTENTION_RULES, AttentionRule, RuleSet
 
-__all__ = ["AttentionBlock", "AttentionForm", "AttentionRule", "FfnBlock", "FrozenScale", "FusedQkv", "Layer", "Linear", "Matches",
-           "NoMatch", "Placement", "RuleSet", "ShapeEdit", "Skipped", "Width", "find_blocks", "linear_at", "linear_producing",
-           "linear_reading"]
+__all__ = ["AttentionBlock", "AttentionForm", "AttentionRule", "FfnBlock", "FrozenScale", "FusedQkv", "Layer", "Linear",
+           "Matches", "NoMatch", "Placement", "RuleSet", "ShapeEdit", "Skipped", "Width", "find_blocks", "linear_at",
+           "linear_producing", "linear_reading"]
 
 
 def find_blocks(g: ModelGraph, rules: RuleSet = ATTENTION_RULES) -> Matches:

@@ -3,7 +3,7 @@ their projections and attn·V forward to the output projection (`tracing.py`), t
 read, and every tensor whose width changes checked to be private to the block."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import onnx
 
@@ -18,19 +18,19 @@ from .tracing import Trace, forward_to_linear, trace_to_linear
 QKV = (Part.QUERY, Part.KEY, Part.VALUE)
 
 
-@dataclass
+@dataclass(frozen=True)
 class AttentionCore:
     """What an attention rule reads out of the graph: where Q, K and V enter the core and where its
     output leaves. The rest (projections, head layout, shape edits) is found the same way for
-    every rule."""
+    every rule. Frozen like the blocks, though not hashable: it holds the anchor node."""
 
     anchor: onnx.NodeProto
     q: str
     k: str  # K or Kᵀ: the path tracking follows whichever layout the graph uses
     v: str
     output: str  # attn·V, heads split (…, N, d), or merged where `heads` is given
-    frozen: list[FrozenScale] = field(default_factory=list)  # scales between Q·Kᵀ and the softmax
-    nodes: set[str] = field(default_factory=set)  # the core's own nodes (scores, softmax, attn·V)
+    frozen: tuple[FrozenScale, ...] = ()  # scales between Q·Kᵀ and the softmax
+    nodes: frozenset[str] = frozenset()  # the core's own nodes (scores, softmax, attn·V)
     products: tuple[str, str] = ("", "")  # the Q·Kᵀ and attn·V nodes (an attention op: itself twice)
     heads: int | None = None  # given by an op that takes and gives merged heads (…, N, H·d)
     op: str | None = None  # an attention op whose scale (and head-count attributes) the rewrite sets
@@ -76,7 +76,7 @@ def assemble(g: ModelGraph, core: AttentionCore) -> AttentionBlock:
     rotary, caches, rotary_edits = _decoder_parts(g, block, traces, seen, core)
     qk_norms, norm_fixed, qk_whole = _qk_norms(g, traces, seen)
     _check_private(g, region, core, traces, merge_path, out, seen, rotary, caches)
-    scales = core.frozen + [scale for trace in traces[:2] for scale in trace.scales]
+    scales = list(core.frozen) + [scale for trace in traces[:2] for scale in trace.scales]
     frozen = tuple(scale for scale in scales if not scale.constant)
     for scale in frozen:
         _check_frozen_scale(g, scale, region, block.head_dim)

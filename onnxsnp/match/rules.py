@@ -46,8 +46,8 @@ class SoftmaxOverScores(AttentionRule):
         av = _probs_consumer(g, anchor.output[0])
         # everything between Q·Kᵀ and attn·V: scale, mask, softmax, the NaN guard
         between = (nx.descendants(g.dag, qk.name) & nx.ancestors(g.dag, av.name)) | {qk.name, av.name}
-        return AttentionCore(anchor, qk.input[0], qk.input[1], av.input[1], av.output[0], frozen, between,
-                             (qk.name, av.name))
+        return AttentionCore(anchor, qk.input[0], qk.input[1], av.input[1], av.output[0], tuple(frozen),
+                             frozenset(between), (qk.name, av.name))
 
 
 class OnnxAttention(AttentionRule):
@@ -66,7 +66,7 @@ class OnnxAttention(AttentionRule):
         if heads is not None and attribute(anchor, "kv_num_heads", heads) != heads:
             raise NoMatch("grouped-query Attention (kv_num_heads != q_num_heads)")
         scale = attribute(anchor, "scale", None)
-        return AttentionCore(anchor, *anchor.input[:3], anchor.output[0], nodes={anchor.name},
+        return AttentionCore(anchor, *anchor.input[:3], anchor.output[0], nodes=frozenset({anchor.name}),
                              products=(anchor.name, anchor.name), heads=heads, op=anchor.name,
                              scale=None if scale is None else float(scale))
 
@@ -94,8 +94,8 @@ class OrtAttention(AttentionRule):
         packed = Linear(anchor.name, anchor.input[1], 1, False, anchor.name if bias_name else None, bias_name, 2,
                         anchor.input[0], None, int(weight.shape[0]), int(weight.shape[1]))
         return AttentionCore(anchor, anchor.input[0], anchor.input[0], anchor.input[0], anchor.output[0],
-                             nodes={anchor.name}, products=(anchor.name, anchor.name), heads=heads, op=anchor.name,
-                             scale=attribute(anchor, "scale", None) or None, packed=packed,
+                             nodes=frozenset({anchor.name}), products=(anchor.name, anchor.name), heads=heads,
+                             op=anchor.name, scale=attribute(anchor, "scale", None) or None, packed=packed,
                              form=AttentionForm.ORT_ATTENTION)
 
 
@@ -127,7 +127,7 @@ class OrtMultiHeadAttention(AttentionRule):
             bias = g.constant(packed_bias)
             if bias is None or bias.shape != (3 * width,):
                 raise NoMatch("MultiHeadAttention bias is not a constant [q | k | v] vector")
-        return AttentionCore(anchor, q.output, k.output, v.output, anchor.output[0], nodes={anchor.name},
+        return AttentionCore(anchor, q.output, k.output, v.output, anchor.output[0], nodes=frozenset({anchor.name}),
                              products=(anchor.name, anchor.name), heads=heads, op=anchor.name,
                              scale=attribute(anchor, "scale", None) or None, packed_bias=packed_bias,
                              form=AttentionForm.ORT_MHA)
@@ -163,7 +163,7 @@ class OrtGroupQueryAttention(AttentionRule):
                 raise NoMatch("GroupQueryAttention's cos/sin caches are not constants")
             style = RotaryStyle.INTERLEAVED if attribute(anchor, "rotary_interleaved", 0) else RotaryStyle.HALF
             rotary = Rotary(style, anchor.name, "", "", ((anchor.name, 7), (anchor.name, 8)), shared=True)
-        common = dict(nodes={anchor.name}, products=(anchor.name, anchor.name), heads=heads, op=anchor.name,
+        common = dict(nodes=frozenset({anchor.name}), products=(anchor.name, anchor.name), heads=heads, op=anchor.name,
                       scale=attribute(anchor, "scale", None) or None, form=AttentionForm.ORT_GQA, kv_heads=kv_heads,
                       kv_caches=tuple(caches), rotary=rotary)
         if inputs[1] or inputs[2]:  # separate q, k, v
