@@ -8,9 +8,12 @@ torch's dynamo exporter (the test suite's `llama-dynamo` fixture) the same way; 
 graphs of every attention form of the test suite (tests/graphs.py, tests/decoder_graphs.py).
 A case that fails writes its error message instead, so a change in what fails is caught too.
 
-    PYTHONPATH=tests:tools python tools/prune_identity.py /tmp/before --models /tmp/identity-models
-    PYTHONPATH=tests:tools python tools/prune_identity.py /tmp/after --models /tmp/identity-models
-    python tools/prune_identity.py --compare /tmp/before /tmp/after
+    PYTHONPATH=tools python tests/prune_identity.py /tmp/before --models /tmp/identity-models
+    PYTHONPATH=tools python tests/prune_identity.py /tmp/after --models /tmp/identity-models
+    python tests/prune_identity.py --compare /tmp/before /tmp/after
+
+It lives with the tests (whose hand-built graphs it prunes; tools/ never imports the tests) and is
+no test itself: the "before" run needs the parent commit checked out.
 
 The hand-built graphs go through the stages the tests call (match, score and plan, rewrite: the
 whole pipeline wants shapes they do not declare). `--models` keeps the exported decoder between
