@@ -17,6 +17,7 @@ from onnxsnp.match import find_blocks
 from onnxsnp.match.norms import norm_reading, norm_writing
 from onnxsnp.match.residual import find_stream
 from onnxsnp.rewrite.rewriting import rewrite
+from onnxsnp.match.blocks import Candidate
 from oracle import masked_original, plan_for, unshare
 
 
@@ -93,5 +94,5 @@ def test_inspect_says_why_a_block_is_not_removable():
     model = graphs.softmax_attention()
     matches = find_blocks(ModelGraph(model))
     assert len(matches.attention) == 1 and not matches.layers
-    (block,) = [s for s in matches.skipped if s.kind == "block"]
+    (block,) = [s for s in matches.skipped if s.kind is Candidate.BLOCK]
     assert "not removable as a whole block" in block.reason and "residual Add" in block.reason

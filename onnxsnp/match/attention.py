@@ -50,8 +50,7 @@ def assemble(g: ModelGraph, core: AttentionCore) -> AttentionBlock:
     the steps after find is added to it in one `replace` at the end."""
     traces: tuple[Trace, ...] = ()
     if core.packed is None:
-        traces = tuple(trace_to_linear(g, t, part) for t, part in zip((core.q, core.k, core.v),
-                                                                       QKV))
+        traces = tuple(trace_to_linear(g, t, part) for t, part in zip((core.q, core.k, core.v), QKV))
     out, merge_path = forward_to_linear(g, core.output)
     if core.packed is not None:
         block = _packed_block(core, out)
