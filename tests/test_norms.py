@@ -63,7 +63,7 @@ def test_norms_are_read_as_one_piece(kind):
 def test_dinov2_is_matched_whole_and_prunes_like_zeroing(exported, tmp_path, family, attention, dynamic, exporter):
     path = exported(family, attention, dynamic, exporter)
     matches = find_blocks(ModelGraph(onnx.load(str(path))))
-    assert (len(matches.attention), len(matches.ffn), len(matches.layers), matches.skipped) == (2, 2, 2, [])
+    assert (len(matches.attention), len(matches.ffn), len(matches.layers), matches.skipped) == (2, 2, 2, ())
     unchanged, _ = prune(str(path), ratio=0.0, calib_samples=8)
     feed = feed_for(path, batch=2)
     for want, got in zip(run(path, feed), run(unchanged, feed)):
