@@ -132,13 +132,13 @@ def matches_json(inspection) -> dict:
     """What inspect found, as plain data: blocks, whole layers, skipped candidates with reasons."""
     matches = inspection.matches
     return {"prunable": bool(matches.attention or matches.ffn),
-            "attention": [{"name": b.name, "form": b.form, "heads": b.heads, "kv_heads": b.groups,
+            "attention": [{"name": b.name, "form": b.form.value, "heads": b.heads, "kv_heads": b.groups,
                            "head_dim": b.head_dim, "rotary": bool(b.rotary), "kv_cache": bool(b.kv_caches),
                            "heads_fixed": b.heads_fixed, "qk_whole": b.qk_whole} for b in matches.attention],
             "ffn": [{"name": f.name, "activation": f.activation, "hidden": f.hidden, "gated": f.gate is not None}
                     for f in matches.ffn],
             "layers": [layer.name for layer in matches.layers],
-            "skipped": [{"kind": s.kind, "where": s.where, "reason": s.reason} for s in matches.skipped],
+            "skipped": [{"kind": s.kind.value, "where": s.where, "reason": s.reason} for s in matches.skipped],
             "reconstruction": inspection.reconstruction or "yes",
             "quantized_form": inspection.form.name.lower(), "weights": inspection.granularity,
             "unsupported": inspection.unsupported}
@@ -360,7 +360,7 @@ def _check_not_inputs(inputs: frozenset[Path], target: Path, reports: list[Path]
 def format_matches(matches: Matches) -> str:
     lines = [f"{len(matches.attention)} attention block(s):"]
     for b in matches.attention:
-        lines.append(f"  {b.name:<44} {b.form:<10} heads {b.heads:<3} head dim {b.head_dim:<4} "
+        lines.append(f"  {b.name:<44} {b.form.value:<10} heads {b.heads:<3} head dim {b.head_dim:<4} "
                      f"q/k/v width {b.heads * b.head_dim}  out proj {b.out.node}")
         if b.heads_fixed:
             lines.append(f"    (whole heads cannot be removed: {b.heads_fixed})")
@@ -371,9 +371,9 @@ def format_matches(matches: Matches) -> str:
         lines.append(f"  {f.name:<44} {f.activation:<18} hidden {f.hidden}")
     lines.append(f"{len(matches.layers)} whole transformer block(s) removable with --blocks:")
     for index, layer in enumerate(matches.layers):
-        lines.append(f"  {index}: {layer.name} ({layer.norm}-norm)")
+        lines.append(f"  {index}: {layer.name} ({layer.norm.value}-norm)")
     if matches.skipped:
         lines.append(f"{len(matches.skipped)} skipped:")
         for s in matches.skipped:
-            lines.append(f"  {s.kind:<9} at {s.where}: {s.reason}")
+            lines.append(f"  {s.kind.value:<9} at {s.where}: {s.reason}")
     return "\n".join(lines)

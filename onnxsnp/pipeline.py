@@ -27,6 +27,7 @@ from .ir.nbits import FloatView, float_view
 from .ir.qoperator import QOperatorView, qdq_view
 from .ir.quant_form import unsupported
 from .match import Matches, NoMatch, find_blocks
+from .match.blocks import Candidate
 from .verify.observation import Observed, observe, verify_pruned
 from .compensate.onepass import make_plan, one_pass, score  # noqa: F401 (make_plan, score: the API's plan without compensation)
 from .options import (SYNTHETIC_SAMPLES, Compensation, PruneOptions, make_options, resolve_ratios,  # noqa: F401
@@ -113,11 +114,11 @@ def prepare(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel, op
     log.info("loaded and matched: %d attention, %d FFN, %d transformer blocks, %d skipped (%s)",
              len(matches.attention), len(matches.ffn), len(matches.layers), len(matches.skipped), _since(started))
     for skipped in matches.skipped:
-        log.debug("skipped %s at %s: %s", skipped.kind, skipped.where, skipped.reason)
+        log.debug("skipped %s at %s: %s", skipped.kind.value, skipped.where, skipped.reason)
     if not matches.attention and unsupported(model) is not None:
         raise SnpError(f"no prunable attention found ({unsupported(model)})")
     if not matches.attention:
-        why = "; ".join(f"{s.where}: {s.reason}" for s in matches.skipped if s.kind == "attention")[:300]
+        why = "; ".join(f"{s.where}: {s.reason}" for s in matches.skipped if s.kind is Candidate.ATTENTION)[:300]
         raise SnpError("no prunable attention found" + (f" ({why})" if why else " (no Softmax over Q·Kᵀ)"))
     _check_blocks(matches, options.ratios)
 

@@ -9,14 +9,14 @@ from conftest import feed_for, run
 from exports import FORM_IDS, FORMS, export_bert, export_dinov2, export_vit
 from onnxsnp import SnpError, prune
 from onnxsnp.ir.graph import ModelGraph
-from onnxsnp.match import find_blocks
+from onnxsnp.match import Placement, find_blocks
 
 
 @pytest.mark.parametrize("family,attention,dynamic,exporter", FORMS, ids=FORM_IDS)
 def test_every_form_exposes_its_transformer_blocks(exported, family, attention, dynamic, exporter):
     matches = find_blocks(ModelGraph(onnx.load(str(exported(family, attention, dynamic, exporter)))))
     assert len(matches.layers) == 2
-    assert {layer.norm for layer in matches.layers} == {"pre" if family == "vit" else "post"}
+    assert {layer.norm for layer in matches.layers} == {Placement.PRE if family == "vit" else Placement.POST}
 
 
 @pytest.mark.parametrize("family", ["vit", "dinov2"])  # dinov2: written-out LayerNorms, LayerScale

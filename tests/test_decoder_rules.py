@@ -12,7 +12,7 @@ import pytest
 import decoder_graphs as dg
 from onnxsnp.ir.graph import ModelGraph
 from onnxsnp.match import find_blocks
-from onnxsnp.match.blocks import RotaryStyle
+from onnxsnp.match.blocks import AttentionForm, Part, RotaryStyle
 from onnxsnp.pipeline import make_plan
 from onnxsnp.plan import Ratios
 from onnxsnp.rewrite.rewriting import rewrite
@@ -33,7 +33,7 @@ def test_decoder_attention_is_found(kv_heads, rotary):
     g = ModelGraph(dg.decoder_attention(kv_heads, rotary))
     (block,) = find_blocks(g).attention
     assert (block.heads, block.groups, block.head_dim) == (dg.HEADS, kv_heads, dg.HEAD_DIM)
-    assert [c.part for c in block.kv_caches] == ["key", "value"]
+    assert [c.part for c in block.kv_caches] == [Part.KEY, Part.VALUE]
     assert {c.present for c in block.kv_caches} == {"present_key", "present_value"}
     assert [r.style for r in block.rotary] == ([RotaryStyle(rotary)] * 2 if rotary else [])
     assert [r.heads for r in block.rotary] == ([dg.HEADS, kv_heads] if rotary else [])
@@ -79,7 +79,7 @@ def test_group_query_attention_op(separate, heads):
     rotary pairs in every head (its cos/sin caches are shared); prefill and decode equal the zeroed original."""
     g = ModelGraph(dg.group_query_attention(separate))
     (block,) = find_blocks(g).attention
-    assert (block.form, block.heads, block.groups, block.head_dim) == ("ort-gqa", dg.HEADS, 2, dg.GQA_DIM)
+    assert (block.form, block.heads, block.groups, block.head_dim) == (AttentionForm.ORT_GQA, dg.HEADS, 2, dg.GQA_DIM)
     assert block.equal_widths and block.pairs_shared and block.width_multiple == 16
     calib = {k: np.repeat(v, 4, axis=0) if k == "x" else v for k, v in dg.gqa_feed(g.model, 6).items()}
     calib["seqlens_k"] = np.repeat(calib["seqlens_k"], 4)

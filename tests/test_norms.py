@@ -17,6 +17,7 @@ from onnxsnp.match import find_blocks
 from onnxsnp.match.norms import norm_reading, norm_writing
 from onnxsnp.match.residual import find_stream
 from onnxsnp.rewrite.rewriting import rewrite
+from onnxsnp.match.blocks import Candidate
 from oracle import masked_original, plan_for, unshare
 
 
@@ -62,7 +63,7 @@ def test_norms_are_read_as_one_piece(kind):
 def test_dinov2_is_matched_whole_and_prunes_like_zeroing(exported, tmp_path, family, attention, dynamic, exporter):
     path = exported(family, attention, dynamic, exporter)
     matches = find_blocks(ModelGraph(onnx.load(str(path))))
-    assert (len(matches.attention), len(matches.ffn), len(matches.layers), matches.skipped) == (2, 2, 2, [])
+    assert (len(matches.attention), len(matches.ffn), len(matches.layers), matches.skipped) == (2, 2, 2, ())
     unchanged, _ = prune(str(path), ratio=0.0, calib_samples=8)
     feed = feed_for(path, batch=2)
     for want, got in zip(run(path, feed), run(unchanged, feed)):
@@ -93,5 +94,5 @@ def test_inspect_says_why_a_block_is_not_removable():
     model = graphs.softmax_attention()
     matches = find_blocks(ModelGraph(model))
     assert len(matches.attention) == 1 and not matches.layers
-    (block,) = [s for s in matches.skipped if s.kind == "block"]
+    (block,) = [s for s in matches.skipped if s.kind is Candidate.BLOCK]
     assert "not removable as a whole block" in block.reason and "residual Add" in block.reason

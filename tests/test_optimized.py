@@ -11,6 +11,7 @@ from exports import SESSION_FORMS, form_ids
 from onnxsnp import SnpError, prune
 from onnxsnp.score.importance import Ratios
 from onnxsnp.rewrite.rewriting import rewrite
+from onnxsnp.match.blocks import Candidate
 from oracle import masked_original, plan_for, unshare
 
 pytestmark = pytest.mark.slow
@@ -30,7 +31,7 @@ def test_ratio_zero_is_identical(exported, family, attention, dynamic, exporter)
 def test_half_ratio_prunes_every_block_and_shrinks_the_file(exported, family, attention, dynamic, exporter):
     path = exported(family, attention, dynamic, exporter)
     pruned, report = prune(str(path), ratio=0.5, calib_samples=16)
-    assert not [s for s in report.skipped if s.kind != "block"], report.skipped
+    assert not [s for s in report.skipped if s.kind is not Candidate.BLOCK], report.skipped
     assert [(b.heads, b.qk_dim_after, b.v_dim_after) for b in report.blocks if b.kind == "attention"] == [(4, 4, 4)] * 2
     assert [b.ffn_dim_after * 2 == b.ffn_dim_before for b in report.blocks if b.kind == "ffn"] == [True] * 2
     assert len(pruned.SerializeToString()) < path.stat().st_size and report.params_after < 0.75 * report.params_before

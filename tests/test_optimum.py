@@ -15,6 +15,7 @@ from onnxsnp.ir.graph import ModelGraph
 from onnxsnp.score.importance import Ratios
 from onnxsnp.match import find_blocks
 from onnxsnp.rewrite.rewriting import rewrite
+from onnxsnp.match.blocks import Candidate
 from oracle import masked_original, plan_for, unshare, zeroed_blocks
 
 pytestmark = pytest.mark.slow
@@ -34,7 +35,7 @@ def test_every_block_is_found_and_ratio_zero_is_identical(exported, family, atte
     matches = find_blocks(ModelGraph(onnx.load(str(path))))
     blocks = 2 * TOWERS.get(family, 1)
     assert (len(matches.attention), len(matches.ffn)) == (blocks, blocks)
-    assert not [s for s in matches.skipped if s.kind != "block"], matches.skipped
+    assert not [s for s in matches.skipped if s.kind is not Candidate.BLOCK], matches.skipped
     unchanged, report = prune_with_feed(path, ratio=0.0)
     feed = feed_for(path, batch=2)
     for want, got in zip(run(path, feed), run(unchanged, feed)):

@@ -11,6 +11,7 @@ from conftest import feed_for
 from onnxsnp.cli import main
 from onnxsnp.report.inspection import inspect_model
 from onnxsnp.ir.quant_form import QuantForm
+from onnxsnp.match import Placement
 
 quantization = pytest.importorskip("onnxruntime.quantization")
 
@@ -54,7 +55,7 @@ def test_whole_layers_are_matched_through_activation_pairs(quantized, name):
     rounded norm output too): attention and FFN still pair into transformer blocks, so the
     block-by-block reconstruction runs as on the float model."""
     found = inspect_model(quantized[name])
-    assert len(found.matches.layers) == 2 and [layer.norm for layer in found.matches.layers] == ["post"] * 2
+    assert len(found.matches.layers) == 2 and [layer.norm for layer in found.matches.layers] == [Placement.POST] * 2
     assert found.reconstruction is None
 
 

@@ -7,18 +7,22 @@ import pytest
 import graphs
 from onnxsnp.ir.graph import ModelGraph
 from onnxsnp.score.importance import Ratios
-from onnxsnp.match import find_blocks
+from onnxsnp.match import AttentionForm, find_blocks
 from onnxsnp.match.rules import ATTENTION_RULES
 from onnxsnp.pipeline import make_plan
 from onnxsnp.rewrite.rewriting import rewrite
+from onnxsnp.match.blocks import Candidate
 from oracle import masked_original
 
-FORMS = {"softmax": (graphs.softmax_attention, "separate"), "onnx-attention": (graphs.onnx_attention, "separate"),
-         "ort-attention": (graphs.ort_attention, "ort-attention"), "ort-mha": (graphs.ort_multi_head_attention, "ort-mha"),
-         "fused-matmul": (graphs.fused_matmul_scores, "separate"),
-         **{f"fused-{s.lower()}": (lambda s=s: graphs.fused_qkv(s), "fused-qkv") for s in ("Split", "Slice", "Gather")},
-         "fused-split-first": (lambda: graphs.fused_qkv(split_first=True), "fused-qkv"),
-         "activation-qdq": (lambda: graphs.softmax_attention(qdq="tensor"), "separate")}
+FORMS = {"softmax": (graphs.softmax_attention, AttentionForm.SEPARATE),
+         "onnx-attention": (graphs.onnx_attention, AttentionForm.SEPARATE),
+         "ort-attention": (graphs.ort_attention, AttentionForm.ORT_ATTENTION),
+         "ort-mha": (graphs.ort_multi_head_attention, AttentionForm.ORT_MHA),
+         "fused-matmul": (graphs.fused_matmul_scores, AttentionForm.SEPARATE),
+         **{f"fused-{s.lower()}": (lambda s=s: graphs.fused_qkv(s), AttentionForm.FUSED_QKV)
+            for s in ("Split", "Slice", "Gather")},
+         "fused-split-first": (lambda: graphs.fused_qkv(split_first=True), AttentionForm.FUSED_QKV),
+         "activation-qdq": (lambda: graphs.softmax_attention(qdq="tensor"), AttentionForm.SEPARATE)}
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -27,9 +31,9 @@ def test_each_rule_finds_its_form(form):
     model = make()
     graphs.run(model, np.zeros((1, graphs.TOKENS, graphs.WIDTH), np.float32))  # a valid graph
     matches = find_blocks(ModelGraph(model))
-    assert not [s for s in matches.skipped if s.kind != "block"]  # a lone attention is no whole block
+    assert not [s for s in matches.skipped if s.kind is not Candidate.BLOCK]  # a lone attention is no whole block
     (block,) = matches.attention
-    assert (block.form, block.heads, block.head_dim) == (kind, graphs.HEADS, graphs.HEAD_DIM)
+    assert (block.form, block.heads, block.head_dim) == (kind, graphs.HEADS, graphs.HEAD_DIM) and block.form is kind
     assert block.out.in_features == graphs.WIDTH
 
 
@@ -43,7 +47,7 @@ def test_every_rule_is_registered_by_its_anchor():
 def test_unsupported_op_is_refused_by_name(op_type):
     matches = find_blocks(ModelGraph(graphs.contrib_attention(op_type)))
     assert not matches.attention
-    (skipped,) = [s for s in matches.skipped if s.kind == "attention"]
+    (skipped,) = [s for s in matches.skipped if s.kind is Candidate.ATTENTION]
     assert op_type in skipped.reason and skipped.where.startswith(op_type)
 
 
@@ -52,7 +56,7 @@ def test_a_failed_match_says_why():
     softmax = next(n for n in model.graph.node if n.op_type == "Softmax")
     softmax.input[0] = "x"  # the softmax no longer reads Q·Kᵀ
     matches = find_blocks(ModelGraph(model))
-    assert [(s.where, s.reason) for s in matches.skipped if s.kind != "block"] == [(softmax.name, "no Q·Kᵀ MatMul before the softmax")]
+    assert [(s.where, s.reason) for s in matches.skipped if s.kind is not Candidate.BLOCK] == [(softmax.name, "no Q·Kᵀ MatMul before the softmax")]
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -86,6 +90,6 @@ def test_fused_matmul_scale_is_put_in_standard_form():
 def test_per_channel_activation_quantization_is_refused_by_name():
     model = graphs.softmax_attention(qdq="channel")
     matches = find_blocks(ModelGraph(model))
-    (skipped,) = [s for s in matches.skipped if s.kind != "block"]
+    (skipped,) = [s for s in matches.skipped if s.kind is not Candidate.BLOCK]
     dequantize = next(n.name for n in model.graph.node if n.op_type == "DequantizeLinear")
     assert not matches.attention and skipped.reason == f"DequantizeLinear node {dequantize} quantizes activations per channel"

@@ -15,6 +15,7 @@ from conftest import feed_for, run
 from onnxsnp import prune
 from onnxsnp.ir.graph import ModelGraph
 from onnxsnp.match import find_blocks
+from onnxsnp.match.blocks import Candidate
 
 pytest.importorskip("onnxruntime.quantization")
 
@@ -76,7 +77,7 @@ def test_matched_like_the_float_model(qdq):
     got = find_blocks(ModelGraph(onnx.load(str(quantized))))
     assert (len(got.attention), len(got.ffn)) == (len(want.attention), len(want.ffn)) == (2, 2)
     assert [b.head_dim for b in got.attention] == [HIDDEN // HEADS] * 2
-    assert not [s for s in got.skipped if s.kind != "block"]
+    assert not [s for s in got.skipped if s.kind is not Candidate.BLOCK]
     # the projections' biases are found behind their activation QDQ pairs, as int8 behind DequantizeLinear
     g = ModelGraph(onnx.load(str(quantized)))
     for block in got.attention:
@@ -88,7 +89,7 @@ def test_pruned_stays_static_qdq(qdq, tmp_path):
     source, quantized, per_channel = qdq
     original = onnx.load(str(quantized))
     pruned, report = prune(str(quantized), ratio=RATIO, calib=joined(calibration(source)))
-    assert not [s for s in report.skipped if s.kind != "block"]
+    assert not [s for s in report.skipped if s.kind is not Candidate.BLOCK]
     head_dim = HIDDEN // HEADS
     assert [b.qk_dim_after for b in report.blocks if b.kind == "attention"] == [round(head_dim * (1 - RATIO))] * 2
     # the same quantized form: every activation pair back, every weight still int8 behind

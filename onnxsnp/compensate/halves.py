@@ -38,8 +38,8 @@ def plan_segments(g: ModelGraph, matches: Matches) -> list[tuple[Half, Half]]:
     layers = matches.layers
     if not layers:
         raise NoMatch("no transformer block (attention + FFN on a residual stream) was found")
-    in_layers = {id(layer.attention) for layer in layers} | {id(layer.ffn) for layer in layers}
-    loose = [b.name for b in list(matches.attention) + list(matches.ffn) if id(b) not in in_layers]
+    in_layers = {layer.attention for layer in layers} | {layer.ffn for layer in layers}
+    loose = [b.name for b in matches.attention + matches.ffn if b not in in_layers]
     if loose:
         raise NoMatch(f"{loose[0]} is not part of a transformer block")
     for before, after in zip(layers, layers[1:]):

@@ -53,16 +53,18 @@ def _activation_pairs(model: onnx.ModelProto) -> dict[str, tuple[str, str, str]]
 def _unrounded(model: onnx.ModelProto, pairs: dict[str, tuple[str, str, str]]) -> onnx.ModelProto:
     """`model` with its activation pairs bypassed: what the quantizer calibrated, a float model.
     Measured through the pairs, a range that grew would be clipped by the pair before it."""
-    producers = {o: n for n in model.graph.node for o in n.output}
-    bypass, dropped = {}, set()
-    for node in model.graph.node:
-        quantize = producers.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+    producers = {o: (i, n) for i, n in enumerate(model.graph.node) for o in n.output}
+    bypass, dropped = {}, set()  # dropped: positions in the node list (nodes are unhashable messages)
+    for index, node in enumerate(model.graph.node):
+        if node.op_type != "DequantizeLinear":
+            continue
+        at, quantize = producers.get(node.input[0], (None, None))
         if quantize is not None and quantize.name in pairs:
             bypass[node.output[0]] = quantize.input[0]
-            dropped |= {id(node), id(quantize)}
+            dropped |= {index, at}
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    nodes = [n for n, kept in zip(copy.graph.node, model.graph.node) if id(kept) not in dropped]
+    nodes = [n for i, n in enumerate(copy.graph.node) if i not in dropped]
     for node in nodes:
         for index, tensor in enumerate(node.input):
             node.input[index] = bypass.get(tensor, tensor)

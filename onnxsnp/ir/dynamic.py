@@ -196,7 +196,7 @@ def _in_order(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
     """`nodes` topologically sorted (a DynamicQuantizeLinear made at its first reader's place may
     follow another reader that came first), stable otherwise."""
     produced = {o for n in nodes for o in n.output}
-    ready, done, order = set(), set(), []
+    ready, order = set(), []
     pending = list(nodes)
     while pending:
         rest = []
@@ -204,7 +204,6 @@ def _in_order(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
             if all(not t or t not in produced or t in ready for t in node.input):
                 order.append(node)
                 ready.update(node.output)
-                done.add(id(node))
             else:
                 rest.append(node)
         if len(rest) == len(pending):

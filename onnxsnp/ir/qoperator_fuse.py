@@ -32,7 +32,9 @@ def fused(view: QOperatorView, pruned: onnx.ModelProto) -> onnx.ModelProto:
         for t in node.input:
             readers.setdefault(t, []).append(node)
     outputs = {o.name for o in graph.output}
-    replaced: dict[int, onnx.NodeProto | None] = {}  # id of a node → what stands for it (None: dropped)
+    # a node's outputs → what stands for it (None: dropped); nodes are unhashable messages, and the
+    # outputs name one node (every tensor has one producer)
+    replaced: dict[tuple[str, ...], onnx.NodeProto | None] = {}
     for node in graph.node:
         rewritten = view.rewritten.get(node.name)
         if rewritten is not None and node.op_type == SPECS[rewritten.original.op_type].float_op:
@@ -40,17 +42,15 @@ def fused(view: QOperatorView, pruned: onnx.ModelProto) -> onnx.ModelProto:
             if made is None:
                 raise SnpError(f"{rewritten.original.op_type} node {node.name}: after pruning it is no longer "
                                "DequantizeLinear → op → QuantizeLinear, so it cannot be written in QOperator form")
-            replaced[id(node)] = made
+            replaced[tuple(node.output)] = made
             quantize = _only_quantize(node.output[0], readers, outputs)
             if quantize is not None:
-                replaced[id(quantize)] = None
+                replaced[tuple(quantize.output)] = None
     nodes = []
     for node in graph.node:
-        if id(node) in replaced:
-            if replaced[id(node)] is not None:
-                nodes.append(replaced[id(node)])
-            continue
-        nodes.append(node)
+        stand_in = replaced.get(tuple(node.output), node)
+        if stand_in is not None:
+            nodes.append(stand_in)
     for node in nodes:  # a shape read from the float tensor is the integer tensor's shape
         dequantize = producers.get(node.input[0]) if node.op_type == "Shape" else None
         if dequantize is not None and dequantize.op_type == "DequantizeLinear":

@@ -1,78 +1,43 @@
 """From an attention core (what a rule found) to an `AttentionBlock`: Q, K and V traced back to
-their projections, attn·V forward to the output projection, the head layout read, and every
-tensor whose width changes checked to be private to the block."""
+their projections and attn·V forward to the output projection (`tracing.py`), the head layout
+read, and every tensor whose width changes checked to be private to the block."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import onnx
 
 from ..ir.graph import ModelGraph, attribute
-from .blocks import (AttentionBlock, FrozenScale, FusedQkv, KvCache, Linear, NoMatch, Rotary, ShapeEdit, Skipped,
-                     Width, block_name)
-from .decoder import check_kv_axis, kv_cache_join, rotary_producing
+from .blocks import (AttentionBlock, AttentionForm, Candidate, FrozenScale, FusedQkv, KvCache, Linear, NoMatch, Part,
+                     Rotary, ShapeEdit, Skipped, Width, block_name)
+from .decoder import check_kv_axis
 from .layout import FUSED, MERGED, SPLIT, Axes, Path, path_shape_edits
-from .linear import linear_producing, linear_reading
-from .norms import Norm, norm_writing
 from .shapes import head_layout, shape_entries, shape_source
+from .tracing import Trace, forward_to_linear, trace_to_linear
 
-# Ops that only move, reshape, select or cast data between a projection and the score MatMul
-# (Expand: grouped-query attention repeating key/value heads).
-_LAYOUT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Split", "Gather", "Slice", "Expand",
-               "Cast"}  # OLMo 2 casts rotated q/k to the compute type
+QKV = (Part.QUERY, Part.KEY, Part.VALUE)
 
 
-SCALE_OPS = {"Mul", "Div"}
-_QDQ = ("QuantizeLinear", "DequantizeLinear")
-
-
-def activation_qdq(g: ModelGraph, node: onnx.NodeProto) -> bool:
-    """Is `node` a per-tensor QuantizeLinear/DequantizeLinear of an activation? Such a pair is
-    element-wise with one scale, so it passes like Identity; a per-channel one is refused by name."""
-    if node.op_type not in _QDQ or g.is_constant(node.input[0]):
-        return False  # a weight's DequantizeLinear is part of the (constant) weight
-    if any(g.constant(t) is None or g.constant(t).size != 1 for t in node.input[1:3] if t):
-        raise NoMatch(f"{node.op_type} node {node.name} quantizes activations per channel")
-    return True
-
-# --- attention --------------------------------------------------------------------------------
-@dataclass
-class _Trace:
-    """What was passed on the way from a score operand back to its projection."""
-
-    linear: Linear
-    nodes: list[onnx.NodeProto]  # from the operand back to the projection (exclusive)
-    scales: list[FrozenScale]
-    part: int | None = None  # which of q/k/v a fused projection's selector took
-    part_tensor: str | None = None  # the selector's output on this path
-    selector: int | None = None  # the selector's index in `nodes`
-    rotary: Rotary | None = None  # a rotary embedding on the way (its Add is in `nodes`)
-    rotary_edits: list[ShapeEdit] = field(default_factory=list)
-    half: int | None = None  # the rotary's split point, where it is a literal
-    kv: KvCache | None = None  # a KV cache joined on the way (its Concat is in `nodes`)
-    norm: Norm | None = None  # a QK-norm on the way (its last node is in `nodes`)
-
-
-@dataclass
+@dataclass(frozen=True)
 class AttentionCore:
     """What an attention rule reads out of the graph: where Q, K and V enter the core and where its
     output leaves. The rest (projections, head layout, shape edits) is found the same way for
-    every rule."""
+    every rule. Frozen like the blocks, though not hashable: it holds the anchor node."""
 
     anchor: onnx.NodeProto
     q: str
     k: str  # K or Kᵀ: the path tracking follows whichever layout the graph uses
     v: str
     output: str  # attn·V, heads split (…, N, d), or merged where `heads` is given
-    frozen: list[FrozenScale] = field(default_factory=list)  # scales between Q·Kᵀ and the softmax
-    nodes: set[str] = field(default_factory=set)  # the core's own nodes (scores, softmax, attn·V)
+    frozen: tuple[FrozenScale, ...] = ()  # scales between Q·Kᵀ and the softmax
+    nodes: frozenset[str] = frozenset()  # the core's own nodes (scores, softmax, attn·V)
     products: tuple[str, str] = ("", "")  # the Q·Kᵀ and attn·V nodes (an attention op: itself twice)
     heads: int | None = None  # given by an op that takes and gives merged heads (…, N, H·d)
     op: str | None = None  # an attention op whose scale (and head-count attributes) the rewrite sets
     scale: float | None = None  # that op's scale attribute, if it has one
     packed: Linear | None = None  # a [D, 3·H·d] q|k|v projection held inside the op
     packed_bias: str | None = None  # a [q | k | v] bias input of the op
-    form: str | None = None  # the block's form where it is the op's own
+    form: AttentionForm | None = None  # the block's form where it is the op's own
     kv_heads: int | None = None  # an op with grouped-query attention: its key/value heads
     kv_caches: tuple[KvCache, ...] = ()  # an op's own past inputs and present outputs
     rotary: Rotary | None = None  # an op's own rotary embedding
@@ -80,12 +45,13 @@ class AttentionCore:
 
 
 def assemble(g: ModelGraph, core: AttentionCore) -> AttentionBlock:
-    """The block around a core; NoMatch where any part of it cannot be pruned safely."""
-    traces: tuple[_Trace, ...] = ()
+    """The block around a core; NoMatch where any part of it cannot be pruned safely. The
+    projections give its head layout (`_packed_block`, `_fused_block`, `_separate_block`); what
+    the steps after find is added to it in one `replace` at the end."""
+    traces: tuple[Trace, ...] = ()
     if core.packed is None:
-        traces = tuple(_trace_to_linear(g, t, part) for t, part in zip((core.q, core.k, core.v),
-                                                                       ("query", "key", "value")))
-    out, merge_path = _forward_to_linear(g, core.output)
+        traces = tuple(trace_to_linear(g, t, part) for t, part in zip((core.q, core.k, core.v), QKV))
+    out, merge_path = forward_to_linear(g, core.output)
     if core.packed is not None:
         block = _packed_block(core, out)
         region = {core.output, *core.region}
@@ -104,40 +70,45 @@ def assemble(g: ModelGraph, core: AttentionCore) -> AttentionBlock:
     if out.in_features != block.heads * block.head_dim:
         raise NoMatch(f"output projection reads {out.in_features} features, attention gives "
                       f"{block.heads}×{block.head_dim}")
-    if core.form is not None:
-        block.form = core.form
-    if core.form == "ort-gqa":  # one head size for Q, K and V; the rotary cache shared by all heads
-        block.equal_widths = "GroupQueryAttention takes one head size for Q, K and V"
-        if core.rotary is not None:
-            block.pairs_shared = "GroupQueryAttention's rotary cache holds one column per pair for every head"
-            block.width_multiple = 16  # onnxruntime's kernels: "head_size shall be a multiple of 16" with rotary
-    if core.op is not None:
-        block.attention_op = core.op
-        block.scale = core.scale if core.scale is not None else block.head_dim ** -0.5
-    block.packed_bias = core.packed_bias
-    block.core_nodes = core.products
     region |= {t for node in merge_path for t in node.output}
-    seen = _shape_edits(g, block, traces, merge_path, region, core)
-    _decoder_parts(g, block, traces, seen, core)
-    _qk_norms(g, block, traces, seen)
-    _check_private(g, region, core, traces, merge_path, out, seen, block)
-    scales = core.frozen + [scale for trace in traces[:2] for scale in trace.scales]
-    block.frozen_scales = [scale for scale in scales if not scale.constant]
-    block.constant_scales = [scale for scale in scales if scale.constant]
-    for scale in block.frozen_scales:
+    seen, edits, heads_lost = _shape_edits(g, block, traces, merge_path, region, core)
+    rotary, caches, rotary_edits = _decoder_parts(g, block, traces, seen, core)
+    qk_norms, norm_fixed, qk_whole = _qk_norms(g, traces, seen)
+    _check_private(g, region, core, traces, merge_path, out, seen, rotary, caches)
+    scales = list(core.frozen) + [scale for trace in traces[:2] for scale in trace.scales]
+    frozen = tuple(scale for scale in scales if not scale.constant)
+    for scale in frozen:
         _check_frozen_scale(g, scale, region, block.head_dim)
     quantized = [n.name for n in (traces[0].nodes if traces else []) if n.op_type == "QuantizeLinear"]
-    if quantized:
-        block.q_fixed = f"q is quantized at {quantized[0]}: rescaling its columns would change the rounding"
-    return block
+    scale = None  # an attention op's softmax scale, pinned when the Q/K width changes
+    if core.op is not None:
+        scale = core.scale if core.scale is not None else block.head_dim ** -0.5
+    gqa = core.form is AttentionForm.ORT_GQA  # one head size for Q, K and V; the rotary cache shared by all heads
+    shared = gqa and core.rotary is not None
+    own = len(rotary) == 2 and not any(r.shared for r in rotary)  # rotated q and k are tensors of the graph
+    return replace(
+        block, form=core.form if core.form is not None else block.form,
+        shape_edits=block.shape_edits + tuple(edits) + tuple(rotary_edits), frozen_scales=frozen,
+        constant_scales=tuple(s for s in scales if s.constant), attention_op=core.op, scale=scale,
+        packed_bias=core.packed_bias, core_nodes=core.products, heads_fixed=heads_lost or norm_fixed,
+        rotary=tuple(rotary), kv_caches=tuple(caches), qk_tensors=(rotary[0].output, rotary[1].output) if own else None,
+        qk_norms=qk_norms, qk_whole=qk_whole,
+        q_fixed=f"q is quantized at {quantized[0]}: rescaling its columns would change the rounding" if quantized
+        else None,
+        equal_widths="GroupQueryAttention takes one head size for Q, K and V" if gqa else None,
+        pairs_shared="GroupQueryAttention's rotary cache holds one column per pair for every head" if shared else None,
+        width_multiple=16 if shared else 1)  # onnxruntime's kernels: "head_size shall be a multiple of 16" with rotary
 
 
-def _shape_edits(g: ModelGraph, block: AttentionBlock, traces: tuple[_Trace, ...], merge_path: list[onnx.NodeProto],
-                 region: set[str], core: AttentionCore) -> dict[str, Axes]:
-    """Every Reshape entry on the block's paths that holds a pruned width (into the block); returns
-    where the tracked axes are in each tensor on the way."""
+def _shape_edits(g: ModelGraph, block: AttentionBlock, traces: tuple[Trace, ...], merge_path: list[onnx.NodeProto],
+                 region: set[str], core: AttentionCore) -> tuple[dict[str, Axes], list[ShapeEdit], str | None]:
+    """Every Reshape entry on the block's paths that holds a pruned width (into the block): where
+    the tracked axes are in each tensor on the way, the edits, and why whole heads cannot go
+    where a Reshape loses the heads axis (None where none does)."""
     seen: dict[str, Axes] = {}
-    for trace, kind in zip(traces, ("q", "k", "v")):
+    edits: list[ShapeEdit] = []
+    lost: list[str] = []
+    for trace, kind in zip(traces, QKV):
         if block.fused is not None:  # from the (…, 3, H, d) reshape on: it is replaced, so not edited
             reshape = next(i for i, n in enumerate(trace.nodes) if n.name == block.fused.reshape)
             forward, start = list(reversed(trace.nodes[:reshape])), FUSED
@@ -148,18 +119,20 @@ def _shape_edits(g: ModelGraph, block: AttentionBlock, traces: tuple[_Trace, ...
         passes = frozenset(n.name for n in trace.nodes if n.op_type in ("Add", "Concat"))  # rotary, KV cache
         if trace.norm is not None:  # a QK-norm keeps every axis where it is
             passes |= {g.producer_of(trace.norm.output).name}
-        block.shape_edits += path_shape_edits(g, forward, Path.of(kind, block), block, region, start, seen, passes)
+        edits += path_shape_edits(g, forward, Path.of(kind, block), block, region, start, lost, seen, passes)
     start = SPLIT if core.heads is None else MERGED
     seen[core.output] = start
-    block.shape_edits += path_shape_edits(g, merge_path, Path.of("out", block), block, region, start, seen)
-    return seen
+    edits += path_shape_edits(g, merge_path, Path.of(Part.OUT, block), block, region, start, lost, seen)
+    return seen, edits, lost[0] if lost else None
 
 
-def _decoder_parts(g: ModelGraph, block: AttentionBlock, traces: tuple[_Trace, ...], seen: dict[str, Axes],
-                   core: AttentionCore) -> None:
-    """The rotary embeddings and KV caches found on the way, with where their head axes are."""
+def _decoder_parts(g: ModelGraph, block: AttentionBlock, traces: tuple[Trace, ...], seen: dict[str, Axes],
+                   core: AttentionCore) -> tuple[list[Rotary], list[KvCache], list[ShapeEdit]]:
+    """The rotary embeddings and KV caches found on the way, with where their head axes are, and
+    the shape edits of the rotary embeddings' tables."""
     caches, rotary = list(core.kv_caches), [core.rotary] if core.rotary is not None else []
-    for trace, kind in zip(traces, ("q", "k", "v")):
+    edits: list[ShapeEdit] = []
+    for trace, kind in zip(traces, QKV):
         count = Path.of(kind, block).count
         for node in trace.nodes:
             axes = seen.get(node.name)
@@ -170,7 +143,7 @@ def _decoder_parts(g: ModelGraph, block: AttentionBlock, traces: tuple[_Trace, .
                 check_kv_axis(node, rank, (axes.dim, axes.heads))
                 caches.append(replace(trace.kv, heads_axis=axes.heads, dim_axis=axes.dim))
             if trace.rotary is not None and node.name == trace.rotary.node:
-                if kind == "v":
+                if kind is Part.VALUE:
                     raise NoMatch(f"a rotary embedding on V ({node.name})")
                 if axes is None or axes.merged or axes.heads is None or axes.dim != -1:
                     raise NoMatch(f"{node.name}: the rotary embedding is not applied per head")
@@ -178,30 +151,31 @@ def _decoder_parts(g: ModelGraph, block: AttentionBlock, traces: tuple[_Trace, .
                     raise NoMatch(f"{node.name} rotates {2 * trace.half} of {block.head_dim} head dims "
                                   "(partial rotary embeddings are not supported)")
                 rotary.append(replace(trace.rotary, heads=count, heads_axis=axes.heads))
-                block.shape_edits += trace.rotary_edits
+                edits += trace.rotary_edits
     if traces and (traces[0].rotary is None) != (traces[1].rotary is None):
         raise NoMatch("a rotary embedding on only one of q and k")
-    block.rotary, block.kv_caches = tuple(rotary), tuple(caches)
-    if len(rotary) == 2 and not any(r.shared for r in rotary):
-        block.qk_tensors = (rotary[0].output, rotary[1].output)
+    return rotary, caches, edits
 
 
-def _qk_norms(g: ModelGraph, block: AttentionBlock, traces: tuple[_Trace, ...], seen: dict[str, Axes]) -> None:
+def _qk_norms(g: ModelGraph, traces: tuple[Trace, ...], seen: dict[str, Axes]
+              ) -> tuple[tuple[str, ...], str | None, str | None]:
     """A norm on q or k: per head (over the head dim: Qwen3, Gemma 3) whole heads may still go;
-    over all heads (OLMo 2) neither heads nor dims may, as either changes its statistic."""
-    norms = [(t.norm, kind) for t, kind in zip(traces, "qk") if t.norm is not None]
+    over all heads (OLMo 2) neither heads nor dims may, as either changes its statistic. Returns
+    the norms' last nodes, why whole heads cannot go, and why Q/K keep their whole width."""
+    norms = [(t.norm, kind) for t, kind in zip(traces, QKV[:2]) if t.norm is not None]
     if not norms:
-        return
+        return (), None, None
     if len(norms) == 1:
         raise NoMatch(f"a norm on only one of q and k ({norms[0][0].output})")
-    block.qk_norms = tuple(g.producer_of(norm.output).name for norm, _ in norms)
+    last = tuple(g.producer_of(norm.output).name for norm, _ in norms)
+    heads_fixed = None
     for norm, kind in norms:
-        axes = seen.get(block.qk_norms[0 if kind == "q" else 1])
+        axes = seen.get(last[0 if kind is Part.QUERY else 1])
         if axes is None or axes.dim != -1:
             raise NoMatch(f"{norm.output}: cannot tell which axis the QK-norm normalises")
         if axes.merged:
-            block.heads_fixed = block.heads_fixed or f"{norm.output} normalises q/k over all heads together"
-    block.qk_whole = f"{norms[0][0].output} normalises each head's q/k: a cut within a head would change its RMS"
+            heads_fixed = heads_fixed or f"{norm.output} normalises q/k over all heads together"
+    return last, heads_fixed, f"{norms[0][0].output} normalises each head's q/k: a cut within a head would change its RMS"
 
 
 def _packed_block(core: AttentionCore, out: Linear) -> AttentionBlock:
@@ -213,22 +187,23 @@ def _packed_block(core: AttentionCore, out: Linear) -> AttentionBlock:
     dim = linear.out_features // (core.heads + 2 * kv_heads)
     name = block_name(core.anchor.name, (linear, out))
     q_width, kv_width = core.heads * dim, kv_heads * dim
-    return AttentionBlock(name, core.form or "packed", core.heads, dim, linear, linear, linear, out,
+    return AttentionBlock(name, core.form or AttentionForm.PACKED, core.heads, dim, linear, linear, linear, out,
                           core.anchor.name, (0, q_width, q_width + kv_width), kv_heads=core.kv_heads)
 
 
-def _check_private(g: ModelGraph, region: set[str], core: AttentionCore, traces: tuple[_Trace, ...],
-                   merge: list[onnx.NodeProto], out: Linear, seen: dict[str, Axes], block: AttentionBlock) -> None:
+def _check_private(g: ModelGraph, region: set[str], core: AttentionCore, traces: tuple[Trace, ...],
+                   merge: list[onnx.NodeProto], out: Linear, seen: dict[str, Axes], rotary: list[Rotary],
+                   caches: list[KvCache]) -> None:
     """Pruning changes every tensor of the region: nothing outside the block may read one, but for
     reads of the sizes of axes the cut leaves alone; no graph output but a KV cache's present one."""
     inside = set(core.nodes) | {n.name for t in traces for n in t.nodes} | {n.name for n in merge} | {out.node}
     inside |= {n.name for n in g.consumers_of(out.input) if n.op_type == "Reshape"}  # flattening its tokens
-    inside |= {name for rotary in block.rotary for name in rotary.nodes}
+    inside |= {name for embedding in rotary for name in embedding.nodes}
     norm_nodes = {name for t in traces if t.norm is not None for name in t.norm.nodes}
     inside |= norm_nodes
     region |= {t for name in norm_nodes for t in g.node(name).output}
-    region |= {t for rotary in block.rotary for name in rotary.nodes if name in g.nodes for t in g.node(name).output}
-    outputs = set(g.graph_outputs) - {cache.present for cache in block.kv_caches}
+    region |= {t for embedding in rotary for name in embedding.nodes if name in g.nodes for t in g.node(name).output}
+    outputs = set(g.graph_outputs) - {cache.present for cache in caches}
     for tensor in region:
         if tensor in outputs:
             raise NoMatch(f"{tensor} is a graph output; pruning would change it")
@@ -278,105 +253,7 @@ def _check_frozen_scale(g: ModelGraph, scale: FrozenScale, region: set[str], hea
         frontier += [t for t in node.input if t]
 
 
-def is_scalar(g: ModelGraph, tensor: str) -> bool:
-    value = g.constant(tensor)
-    if value is not None:
-        return value.size == 1
-    shape = g.shapes.get(tensor)
-    return shape is not None and all(d == 1 for d in shape)
-
-
-def _trace_to_linear(g: ModelGraph, tensor: str, part_name: str = "key") -> _Trace:
-    nodes: list[onnx.NodeProto] = []
-    scales: list[FrozenScale] = []
-    part: int | None = None
-    part_tensor: str | None = None
-    selector: int | None = None
-    trace = _Trace(None, nodes, scales)  # type: ignore[arg-type]  (the projection comes last)
-    for _ in range(24):
-        linear = linear_producing(g, tensor)
-        if linear is not None:
-            trace.linear, trace.part, trace.part_tensor, trace.selector = linear, part, part_tensor, selector
-            return trace
-        node = g.producer_of(tensor)
-        if node is None:
-            raise NoMatch(f"{tensor} does not come from a projection with constant weights")
-        rotary = rotary_producing(g, tensor) if node.op_type == "Add" else None
-        if rotary is not None:
-            if trace.rotary is not None:
-                raise NoMatch(f"two rotary embeddings on the way to the projection ({node.name})")
-            trace.rotary, trace.rotary_edits, trace.half = rotary
-            nodes.append(node)
-            tensor = trace.rotary.input
-            continue
-        joined = kv_cache_join(g, node, tensor, part_name) if node.op_type == "Concat" else None
-        if joined is not None:
-            if trace.kv is not None:
-                raise NoMatch(f"two KV caches on the way to the projection ({node.name})")
-            trace.kv, tensor = joined
-            nodes.append(node)
-            continue
-        norm = norm_writing(g, tensor) if part_name != "value" else None
-        if norm is not None:  # QK-norm: element-wise but for a statistic over the last axis
-            if trace.norm is not None:
-                raise NoMatch(f"two norms on the way to the projection ({node.name})")
-            trace.norm = norm
-            nodes.append(node)
-            tensor = norm.input
-            continue
-        if node.op_type in SCALE_OPS:
-            data, scale = node.input[0], node.input[1]
-            if not is_scalar(g, scale):
-                raise NoMatch(f"{node.name} scales by a non-scalar")
-            scales.append(FrozenScale(node.name, 1, scale, constant=g.is_constant(scale)))
-            nodes.append(node)
-            tensor = data
-            continue
-        if node.op_type not in _LAYOUT_OPS and not activation_qdq(g, node):
-            raise NoMatch(f"{node.op_type} node {node.name} between a projection and the scores")
-        if node.op_type in ("Split", "Gather", "Slice"):
-            if part is not None:
-                raise NoMatch(f"two selections on the way to the projection ({node.name})")
-            part, part_tensor, selector = _selected_part(g, node, tensor), tensor, len(nodes)
-        nodes.append(node)
-        tensor = node.input[0]
-    raise NoMatch("projection not found within 24 ops")
-
-
-def _selected_part(g: ModelGraph, node: onnx.NodeProto, tensor: str) -> int:
-    """Which of the 3 q/k/v parts a Split/Gather/Slice on the fused tensor picks."""
-    if node.op_type == "Split":
-        if len(node.output) != 3:
-            raise NoMatch(f"{node.name} splits into {len(node.output)} parts, not q/k/v")
-        return list(node.output).index(tensor)
-    if node.op_type == "Gather":
-        index = g.constant(node.input[1])
-        if index is None or index.size != 1:
-            raise NoMatch(f"{node.name} gathers a run-time index")
-        return int(index.reshape(-1)[0]) % 3
-    starts, ends = g.constant(node.input[1]), g.constant(node.input[2])
-    if starts is None or ends is None or starts.size != 1 or int(ends.reshape(-1)[0]) - int(starts.reshape(-1)[0]) != 1:
-        raise NoMatch(f"{node.name} is not a single-part slice")
-    return int(starts.reshape(-1)[0]) % 3
-
-
-def _forward_to_linear(g: ModelGraph, tensor: str) -> tuple[Linear, list[onnx.NodeProto]]:
-    path: list[onnx.NodeProto] = []
-    while len([n for n in path if n.op_type not in _QDQ]) < 8:  # a static QDQ model's pairs are not counted
-        linear = linear_reading(g, tensor)
-        if linear is not None:
-            return linear, path
-        consumers = g.consumers_of(tensor)
-        consumers = [c for c in consumers if c.op_type != "Shape"]
-        if len(consumers) != 1 or consumers[0].op_type not in ("Transpose", "Reshape", "Identity") and \
-                not activation_qdq(g, consumers[0]):
-            break
-        path.append(consumers[0])
-        tensor = consumers[0].output[0]
-    raise NoMatch("no output projection after attn·V")
-
-
-def _separate_block(g: ModelGraph, name: str, core: AttentionCore, q: _Trace, k: _Trace, v: _Trace,
+def _separate_block(g: ModelGraph, name: str, core: AttentionCore, q: Trace, k: Trace, v: Trace,
                     out: Linear) -> AttentionBlock:
     if q.part is not None or k.part is not None or v.part is not None:
         raise NoMatch("a selection (Split/Gather/Slice) on a separate projection")
@@ -387,7 +264,7 @@ def _separate_block(g: ModelGraph, name: str, core: AttentionCore, q: _Trace, k:
             raise NoMatch(f"{core.anchor.name}: the projections do not split evenly into {core.heads} heads")
         heads = core.heads
         if core.kv_heads is not None and core.kv_heads != heads:
-            return AttentionBlock(name, "separate", heads, dim, q.linear, k.linear, v.linear, out, core.anchor.name,
+            return AttentionBlock(name, AttentionForm.SEPARATE, heads, dim, q.linear, k.linear, v.linear, out, core.anchor.name,
                                   kv_heads=kv_heads)
     else:
         layouts = []
@@ -401,12 +278,12 @@ def _separate_block(g: ModelGraph, name: str, core: AttentionCore, q: _Trace, k:
         if len(set(layouts)) != 1 and not grouped:
             raise NoMatch(f"Q, K and V head layouts differ: {layouts}")
         if grouped:  # grouped-query attention: each key/value head serves heads / kv_heads query heads
-            return AttentionBlock(name, "separate", heads, dim, q.linear, k.linear, v.linear, out, core.anchor.name,
+            return AttentionBlock(name, AttentionForm.SEPARATE, heads, dim, q.linear, k.linear, v.linear, out, core.anchor.name,
                                   kv_heads=kv_heads)
-    return AttentionBlock(name, "separate", heads, dim, q.linear, k.linear, v.linear, out, core.anchor.name)
+    return AttentionBlock(name, AttentionForm.SEPARATE, heads, dim, q.linear, k.linear, v.linear, out, core.anchor.name)
 
 
-def _fused_block(g: ModelGraph, name: str, anchor: onnx.NodeProto, q: _Trace, k: _Trace, v: _Trace,
+def _fused_block(g: ModelGraph, name: str, anchor: onnx.NodeProto, q: Trace, k: Trace, v: Trace,
                  out: Linear) -> AttentionBlock:
     """One projection for q, k and v: reshaped to (…, 3, H, d) (maybe permuted after), then one
     part taken by a Split, Slice or Gather along the 3-axis for each of q, k and v."""
@@ -436,11 +313,11 @@ def _fused_block(g: ModelGraph, name: str, anchor: onnx.NodeProto, q: _Trace, k:
     fused = FusedQkv(reshape.name, tuple(parts[i].part_tensor for i in range(3)), tuple(n.name for n in replay), axis,
                      tuple(parts[i].nodes[parts[i].selector].op_type == "Gather" and
                            g.constant(parts[i].nodes[parts[i].selector].input[1]).ndim == 0 for i in range(3)))
-    return AttentionBlock(name, "fused-qkv", heads, dim, q.linear, k.linear, v.linear, out, anchor.name,
+    return AttentionBlock(name, AttentionForm.FUSED_QKV, heads, dim, q.linear, k.linear, v.linear, out, anchor.name,
                           (q.part * width, k.part * width, v.part * width), fused)
 
 
-def _split_block(g: ModelGraph, name: str, anchor: onnx.NodeProto, q: _Trace, k: _Trace, v: _Trace,
+def _split_block(g: ModelGraph, name: str, anchor: onnx.NodeProto, q: Trace, k: Trace, v: Trace,
                  out: Linear) -> AttentionBlock:
     """One projection for q, k and v split along its features into three parts (GPT-2's c_attn;
     onnxruntime-genai's qkv_proj before QK-norms, with grouped-query attention q | k | v of
@@ -450,9 +327,8 @@ def _split_block(g: ModelGraph, name: str, anchor: onnx.NodeProto, q: _Trace, k:
     rank = len(g.shapes.get(split.input[0]) or ())
     sizes = g.constant(split.input[1]) if len(split.input) > 1 and split.input[1] else None
     sizes = None if sizes is None else [int(s) for s in sizes.reshape(-1)]
-    parts = {q.part: "q", k.part: "k", v.part: "v"}
     if sizes is None or len(sizes) != 3 or sum(sizes) != q.linear.out_features or not rank or \
-            attribute(split, "axis", 0) not in (-1, rank - 1) or [parts[i] for i in range(3)] != ["q", "k", "v"] \
+            attribute(split, "axis", 0) not in (-1, rank - 1) or (q.part, k.part, v.part) != (0, 1, 2) \
             or sizes[1] != sizes[2] or sizes[0] % sizes[1]:
         raise NoMatch(f"{split.name} does not split the fused projection into q | k | v along its features")
     width, kv_width = sizes[0], sizes[1]
@@ -463,14 +339,13 @@ def _split_block(g: ModelGraph, name: str, anchor: onnx.NodeProto, q: _Trace, k:
     if kv_width % dim or heads % (kv_width // dim):
         raise NoMatch(f"{split.name}: {kv_width} key/value features do not group {heads} heads of {dim}")
     kv_heads = kv_width // dim
-    block = AttentionBlock(name, "fused-split", heads, dim, q.linear, k.linear, v.linear, out, anchor.name,
-                           (0, width, width + kv_width), kv_heads=kv_heads if kv_heads != heads else None)
     widths = {q.part: Width.QK_MERGED, k.part: Width.KV_QK_MERGED, v.part: Width.KV_V_MERGED}
-    block.shape_edits += [ShapeEdit(split.name, widths[part], part - 3) for part in range(3)]
-    return block
+    return AttentionBlock(name, AttentionForm.FUSED_SPLIT, heads, dim, q.linear, k.linear, v.linear, out, anchor.name,
+                          (0, width, width + kv_width), kv_heads=kv_heads if kv_heads != heads else None,
+                          shape_edits=tuple(ShapeEdit(split.name, widths[part], part - 3) for part in range(3)))
 
 
-def _region_tensors(q: _Trace, k: _Trace, v: _Trace, core: AttentionCore) -> set[str]:
+def _region_tensors(q: Trace, k: Trace, v: Trace, core: AttentionCore) -> set[str]:
     """Tensors from the projections to the core, whose width follows the pruned Q/K/V widths."""
     tensors = {core.q, core.k, core.v, core.output}
     for trace in (q, k, v):
@@ -489,4 +364,4 @@ def drop_overlapping(blocks: list[AttentionBlock], skipped: list[Skipped]) -> No
     for block in list(blocks):
         if any(owners[n] > 1 for n in {block.q.node, block.k.node, block.v.node, block.out.node}):
             blocks.remove(block)
-            skipped.append(Skipped(block.anchor, "attention", "its projections are shared with another attention"))
+            skipped.append(Skipped(block.anchor, Candidate.ATTENTION, "its projections are shared with another attention"))

@@ -2,10 +2,12 @@
 
 Every fact later stages need about a block ends up in one of these dataclasses; a candidate
 that does not fit raises `NoMatch` with a reason that names the node (shown by `inspect`).
+They are frozen and hashable: a block is built once (attention.assemble adds what its later
+steps find with `dataclasses.replace`), and later stages key their dicts by the block itself.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from enum import Enum
 
 
@@ -113,6 +115,24 @@ class Rotary:
     shared: bool = False
 
 
+class Part(str, Enum):
+    """Which path of an attention: q, k or v from its projection to the scores (a KV cache holds
+    keys or values), or attn·V on to the output projection."""
+
+    QUERY = "query"
+    KEY = "key"
+    VALUE = "value"
+    OUT = "out"
+
+
+class Candidate(str, Enum):
+    """What a skipped candidate would have been."""
+
+    ATTENTION = "attention"
+    FFN = "ffn"
+    BLOCK = "block"  # a whole transformer block (attention + FFN), for --blocks
+
+
 @dataclass(frozen=True)
 class KvCache:
     """A KV cache: the past keys or values (a graph input) joined with this step's, and the joined
@@ -120,15 +140,34 @@ class KvCache:
 
     past: str
     present: str
-    part: str  # "key" or "value"
+    part: Part  # KEY or VALUE
     heads_axis: int = -3
     dim_axis: int = -1
 
 
-@dataclass
+class AttentionForm(str, Enum):
+    """How a block's projections and core are laid out in the graph (shown by `inspect`)."""
+
+    SEPARATE = "separate"  # a Linear each for q, k and v
+    FUSED_QKV = "fused-qkv"  # one projection reshaped to (…, 3, H, d), q, k, v selected along the 3-axis
+    FUSED_SPLIT = "fused-split"  # one projection split along its features into q | k | v
+    PACKED = "packed"  # q|k|v packed in one projection an attention op reads
+    ORT_ATTENTION = "ort-attention"  # com.microsoft.Attention
+    ORT_MHA = "ort-mha"  # com.microsoft.MultiHeadAttention
+    ORT_GQA = "ort-gqa"  # com.microsoft.GroupQueryAttention
+
+
+class Placement(str, Enum):
+    """Where a transformer block's norms sit relative to its residual joins."""
+
+    PRE = "pre"  # x + f(LN(x))
+    POST = "post"  # LN(x + f(x))
+
+
+@dataclass(frozen=True)
 class AttentionBlock:
     name: str
-    form: str  # "separate" (q/k/v Linear each), "fused-qkv", or "ort-attention" (com.microsoft.Attention)
+    form: AttentionForm
     heads: int
     head_dim: int
     q: Linear
@@ -138,9 +177,9 @@ class AttentionBlock:
     anchor: str  # the Softmax, or the Attention op that holds the whole core
     column_offsets: tuple[int, int, int] = (0, 0, 0)  # where q, k, v start in a fused weight
     fused: FusedQkv | None = None
-    shape_edits: list[ShapeEdit] = field(default_factory=list)
-    frozen_scales: list[FrozenScale] = field(default_factory=list)
-    constant_scales: list[FrozenScale] = field(default_factory=list)  # fixed ones on the Q·Kᵀ path
+    shape_edits: tuple[ShapeEdit, ...] = ()
+    frozen_scales: tuple[FrozenScale, ...] = ()
+    constant_scales: tuple[FrozenScale, ...] = ()  # fixed ones on the Q·Kᵀ path
     attention_op: str | None = None  # an ONNX Attention node whose scale must be pinned
     scale: float | None = None  # that op's original softmax scale
     packed_bias: str | None = None  # com.microsoft.MultiHeadAttention's [q | k | v] bias input
@@ -181,7 +220,7 @@ class AttentionBlock:
         return self.out.input
 
 
-@dataclass
+@dataclass(frozen=True)
 class FfnBlock:
     name: str
     fc1: Linear
@@ -194,14 +233,14 @@ class FfnBlock:
         return self.fc1.out_features
 
 
-@dataclass
+@dataclass(frozen=True)
 class Skipped:
     where: str
-    kind: str
+    kind: Candidate
     reason: str
 
 
-@dataclass
+@dataclass(frozen=True)
 class Layer:
     """A whole transformer block: attention and FFN joined to the residual stream, from the stream
     tensor it reads to the one it writes. Removing it makes the output the input."""
@@ -211,28 +250,29 @@ class Layer:
     ffn: FfnBlock
     input: str
     output: str
-    norm: str  # "pre" (x + f(LN(x))) or "post" (LN(x + f(x)))
+    norm: Placement
     middle: str = ""  # the stream between the attention and the FFN (after the attention's join)
     renorm: str = ""  # a pre-norm SkipLayerNormalization joining the FFN: its normalised output must be
     #                   recomputed from `input` when the block goes (the next block's norm lives in it)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Matches:
-    attention: list[AttentionBlock]
-    ffn: list[FfnBlock]
-    skipped: list[Skipped]
-    layers: list[Layer] = field(default_factory=list)
+    attention: tuple[AttentionBlock, ...]
+    ffn: tuple[FfnBlock, ...]
+    skipped: tuple[Skipped, ...]
+    layers: tuple[Layer, ...] = ()
 
 
-def unique_names(blocks: list) -> None:
-    """Flat-named exports can give two blocks the same name; number the repeats."""
+def unique_names(blocks: list) -> list:
+    """Flat-named exports can give two blocks the same name: the blocks with the repeats numbered."""
     seen: dict[str, int] = {}
+    named = []
     for block in blocks:
         count = seen.get(block.name, 0)
         seen[block.name] = count + 1
-        if count:
-            block.name = f"{block.name}#{count}"
+        named.append(replace(block, name=f"{block.name}#{count}") if count else block)
+    return named
 
 
 def block_name(node_name: str, linears: tuple[Linear, Linear]) -> str:

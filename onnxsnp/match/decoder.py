@@ -13,7 +13,7 @@ from __future__ import annotations
 import onnx
 
 from ..ir.graph import ModelGraph, attribute
-from .blocks import KvCache, NoMatch, Rotary, RotaryStyle, ShapeEdit, Width
+from .blocks import KvCache, NoMatch, Part, Rotary, RotaryStyle, ShapeEdit, Width
 from .shapes import read_entries
 
 _BIG = 2 ** 31  # a Slice end at or past this means "to the end"
@@ -125,7 +125,7 @@ def _bounds(g: ModelGraph, node: onnx.NodeProto, rank: int, step: int = 1) -> tu
     return values[0], values[1]
 
 
-def kv_cache_join(g: ModelGraph, node: onnx.NodeProto, tensor: str, part: str) -> tuple[KvCache, str] | None:
+def kv_cache_join(g: ModelGraph, node: onnx.NodeProto, tensor: str, part: Part) -> tuple[KvCache, str] | None:
     """(the cache, this step's tensor) if `node` is Concat(past, new) producing `tensor`, past a
     graph input; None otherwise."""
     if node.op_type != "Concat" or len(node.input) != 2:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import onnx
 
 from ..ir.graph import ModelGraph
-from .blocks import FfnBlock, Linear, NoMatch, Skipped, block_name, common_scope
+from .blocks import Candidate, FfnBlock, Linear, NoMatch, Skipped, block_name, common_scope
 from .linear import bias_activation_fc1, linear_at, linear_producing
 from .norms import norm_writing
 
@@ -24,7 +24,7 @@ def match_ffns(g: ModelGraph, taken: set[str]) -> tuple[list[FfnBlock], list[Ski
             found = _ffn_before(g, fc2, taken)
         except NoMatch as why:
             if _looks_like_ffn(g, fc2):
-                skipped.append(Skipped(node.name, "ffn", str(why)))
+                skipped.append(Skipped(node.name, Candidate.FFN, str(why)))
             continue
         if found is not None:
             blocks.append(found)
@@ -34,7 +34,7 @@ def match_ffns(g: ModelGraph, taken: set[str]) -> tuple[list[FfnBlock], list[Ski
         for node in (block.fc1.node, block.fc2.node):
             uses[node] = uses.get(node, 0) + 1
     kept = [b for b in blocks if uses[b.fc1.node] == 1 and uses[b.fc2.node] == 1]
-    skipped += [Skipped(b.fc2.node, "ffn", "shares a layer with another FFN (a chained MLP)")
+    skipped += [Skipped(b.fc2.node, Candidate.FFN, "shares a layer with another FFN (a chained MLP)")
                 for b in blocks if b not in kept]
     return kept, skipped
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..ir.graph import ModelGraph, attribute
-from .blocks import AttentionBlock, FfnBlock, Linear, ShapeEdit, Width
+from .blocks import AttentionBlock, AttentionForm, FfnBlock, Linear, ShapeEdit, Width
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ def attention_groups(g: ModelGraph | None, block: AttentionBlock) -> tuple[Group
         node = g.node(block.attention_op)
         attributes = [AttributeEdit(block.attention_op, name, (Width.KV_HEADS if name == "kv_num_heads" else Width.HEADS,))
                       for name in ("num_heads", "q_num_heads", "kv_num_heads") if attribute(node, name) is not None]
-        if block.form == "ort-attention":
+        if block.form is AttentionForm.ORT_ATTENTION:
             attributes.append(AttributeEdit(block.attention_op, "qkv_hidden_sizes",
                                             (Width.QK_MERGED, Width.QK_MERGED, Width.V_MERGED)))
     return group(f"{block.name}/qk", width, qk, tuple(attributes)), group(f"{block.name}/v", width, v)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import onnx
 
 from ..ir.graph import ModelGraph, attribute
-from .blocks import AttentionBlock, FfnBlock, Layer, NoMatch, Skipped, common_scope
+from .blocks import AttentionBlock, Candidate, FfnBlock, Layer, NoMatch, Placement, Skipped, common_scope
 from .norms import channel_scale, normalized
 
 _SKIP_NORMS = ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
@@ -21,7 +21,7 @@ def match_layers(g: ModelGraph, attention: list[AttentionBlock], ffn: list[FfnBl
         try:
             layers.append(_layer(g, block, by_input))
         except NoMatch as why:
-            skipped.append(Skipped(block.name, "block", f"not removable as a whole block: {why}"))
+            skipped.append(Skipped(block.name, Candidate.BLOCK, f"not removable as a whole block: {why}"))
     return layers, skipped
 
 
@@ -30,13 +30,13 @@ def _layer(g: ModelGraph, block: AttentionBlock, by_input: dict[str, FfnBlock]) 
     # pre-norm blocks read LN(x); post-norm blocks read x and normalise after the join; OLMo 2
     # reads x and normalises each sub-block's output before adding it (x + LN(f(x))), like pre
     if block.q.input == _normalized(g, stream_in) or block.q.input == stream_in and sandwiched:
-        norm = "pre"
+        norm = Placement.PRE
     elif block.q.input == stream_in:
-        norm = "post"
+        norm = Placement.POST
     else:
         raise NoMatch(f"{block.q.node} reads neither the stream it is added to nor that stream normalised")
     after_attention = _joined(g, first, norm)
-    mlp = by_input.get(after_attention if norm == "post" else _normalized(g, after_attention) or "")
+    mlp = by_input.get(after_attention if norm is Placement.POST else _normalized(g, after_attention) or "")
     if mlp is None and sandwiched:
         mlp = by_input.get(after_attention)
     if mlp is None:
@@ -45,7 +45,7 @@ def _layer(g: ModelGraph, block: AttentionBlock, by_input: dict[str, FfnBlock]) 
     if into != after_attention:
         raise NoMatch(f"{mlp.name} is added to {into}, not to the stream after the attention")
     name = common_scope(block.name + "/x", mlp.name + "/x") or block.name
-    renorm = second.name if second.op_type in _SKIP_NORMS and norm == "pre" else ""
+    renorm = second.name if second.op_type in _SKIP_NORMS and norm is Placement.PRE else ""
     return Layer(name, block, mlp, stream_in, _joined(g, second, norm), norm, after_attention, renorm)
 
 
@@ -77,16 +77,16 @@ def _residual_join(g: ModelGraph, branch: str | None, writer: str) -> tuple[str,
     return others[0], readers[0], sandwiched
 
 
-def _joined(g: ModelGraph, join: onnx.NodeProto, norm: str) -> str:
+def _joined(g: ModelGraph, join: onnx.NodeProto, norm: Placement) -> str:
     """The stream after a join: the Add's output (pre-norm) or the normalised sum (post-norm)."""
     if join.op_type in _SKIP_NORMS:
-        if norm == "post":
+        if norm is Placement.POST:
             return join.output[0]
         if len(join.output) > 3 and join.output[3]:  # pre-norm: the sum is its output 3
             return join.output[3]
         raise NoMatch(f"{join.name} adds to the stream and normalises in one op without writing the sum, "
                       "so the stream after the block is no tensor")
-    if norm == "pre":
+    if norm is Placement.PRE:
         return past_cast(g, join.output[0])
     after = normalized(g, join.output[0])
     if after is None:

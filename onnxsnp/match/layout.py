@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import onnx
 
 from ..ir.graph import ModelGraph, attribute
-from .blocks import AttentionBlock, NoMatch, ShapeEdit, Width
+from .blocks import AttentionBlock, NoMatch, Part, ShapeEdit, Width
 from .shapes import Entry, read_entries
 
 # element-wise: every axis stays where it is (activation QDQ is checked per tensor when traced)
@@ -44,13 +44,13 @@ class Path:
     count: int  # heads along the path
 
     @classmethod
-    def of(cls, kind: str, block: AttentionBlock) -> "Path":
-        """"q", "k" and "v" from the projections, "out" from attn·V to the output projection."""
+    def of(cls, part: Part, block: AttentionBlock) -> "Path":
+        """q, k and v from the projections, OUT from attn·V to the output projection."""
         groups = block.groups
-        return {"q": cls(Width.QK, Width.QK_MERGED, Width.HEADS, block.heads),
-                "k": cls(Width.QK, Width.KV_QK_MERGED, Width.KV_HEADS, groups),
-                "v": cls(Width.V, Width.KV_V_MERGED, Width.KV_HEADS, groups),
-                "out": cls(Width.V, Width.V_MERGED, Width.HEADS, block.heads)}[kind]
+        return {Part.QUERY: cls(Width.QK, Width.QK_MERGED, Width.HEADS, block.heads),
+                Part.KEY: cls(Width.QK, Width.KV_QK_MERGED, Width.KV_HEADS, groups),
+                Part.VALUE: cls(Width.V, Width.KV_V_MERGED, Width.KV_HEADS, groups),
+                Part.OUT: cls(Width.V, Width.V_MERGED, Width.HEADS, block.heads)}[part]
 
     def repeated(self, block: AttentionBlock) -> "Path":
         """After the key/value heads are repeated for the query heads."""
@@ -64,13 +64,13 @@ FUSED = Axes(False, -1, -2, -3)  # (…, 3, H, d): a fused projection after its 
 
 
 def path_shape_edits(g: ModelGraph, forward: list[onnx.NodeProto], kind: Path, block: AttentionBlock,
-                     region: set[str], start: Axes, seen: dict[str, Axes] | None = None,
+                     region: set[str], start: Axes, lost: list[str], seen: dict[str, Axes] | None = None,
                      passes: frozenset[str] = frozenset()) -> list[ShapeEdit]:
     """Follow the tracked axes from `start` along `forward` and list the Reshape entries that hold
     a pruned width; `seen` gets the axes of every tensor on the way (and of each node's first
     input, as `seen[node name]`). `passes`: nodes known to keep every axis where it is (a rotary
-    embedding's Add, a KV cache's Concat). Where the heads axis cannot be followed, whole-head
-    pruning is marked impossible for the block (`block.heads_fixed`)."""
+    embedding's Add, a KV cache's Concat). Where the heads axis cannot be followed, `lost` gets the
+    reason (whole heads cannot be removed in the block: its `heads_fixed`)."""
     axes, edits = start, []
     for node in forward:
         if seen is not None:
@@ -91,7 +91,7 @@ def path_shape_edits(g: ModelGraph, forward: list[onnx.NodeProto], kind: Path, b
             if axes.repeat is not None:
                 axes, kind = _repeat_merged(g, node, axes, kind, block, region, edits)
             else:
-                axes = _reshaped(g, node, axes, kind, block, region, edits)
+                axes = _reshaped(g, node, axes, kind, block, region, edits, lost)
         elif node.op_type not in _PASS:
             raise NoMatch(f"{node.op_type} node {node.name} on a pruned path")
         if seen is not None:
@@ -219,7 +219,7 @@ def _selected(g: ModelGraph, node: onnx.NodeProto, axes: Axes) -> Axes:
 
 
 def _reshaped(g: ModelGraph, node: onnx.NodeProto, axes: Axes, kind: Path, block: AttentionBlock,
-              region: set[str], edits: list[ShapeEdit]) -> Axes:
+              region: set[str], edits: list[ShapeEdit], lost: list[str]) -> Axes:
     d, merged = block.head_dim, kind.count * block.head_dim
     position = axes.dim
     entries = read_entries(g, node.input[1], region)
@@ -248,7 +248,7 @@ def _reshaped(g: ModelGraph, node: onnx.NodeProto, axes: Axes, kind: Path, block
             edits.append(ShapeEdit(node.name, kind.merged, -1))
         return MERGED
     edits += _heads_entry(node, entries, axes.heads, kind)
-    heads_at = _heads_after(node, entries, axes.heads, position, block, kind)
+    heads_at = _heads_after(node, entries, axes.heads, position, kind, lost)
     if entry.value == d and not entry.follows:
         edits.append(ShapeEdit(node.name, kind.dim, position))
     elif not entry.follows and entry.value != -1:
@@ -289,14 +289,14 @@ def _heads_entry(node: onnx.NodeProto, entries: list[Entry], heads_at: int | Non
 
 
 def _heads_after(node: onnx.NodeProto, entries: list[Entry], heads_at: int | None,
-                 position: int, block: AttentionBlock, kind: Path) -> int | None:
+                 position: int, kind: Path, lost: list[str]) -> int | None:
     """Where the heads axis is after a Reshape that keeps the head dim; None once it is lost
-    (merged with another axis), which rules out removing whole heads in this block."""
+    (merged with another axis), which rules out removing whole heads in this block (`lost` says why)."""
     if heads_at is not None and len(entries) >= -heads_at:
         entry = entries[heads_at]
         if entry.follows or entry.value in (kind.count, -1):
             return heads_at
     literal = [e for i, e in enumerate(entries) if i - len(entries) != position and not e.follows and e.value not in (-1, 0)]
     if any(e.value == kind.count for e in literal) or heads_at is not None:
-        block.heads_fixed = block.heads_fixed or f"{node.name} reshapes the heads axis in a way onnxsnp cannot follow"
+        lost.append(f"{node.name} reshapes the heads axis in a way onnxsnp cannot follow")
     return None

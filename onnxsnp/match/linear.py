@@ -11,6 +11,8 @@ layer, and their last entry holds its width (`Linear.in_reshape`/`out_reshape`).
 """
 from __future__ import annotations
 
+from enum import Enum
+
 import onnx
 
 from ..ir.graph import ModelGraph, attribute
@@ -154,9 +156,16 @@ def _bias_index(g: ModelGraph, add: onnx.NodeProto, product: str, width: int) ->
     return None
 
 
-def _keeps_last_axis(g: ModelGraph, reshape: onnx.NodeProto, width: int) -> str | None:
-    """'edit' if `reshape` only regroups the leading axes of a tensor whose last axis is `width`
-    and writes that width as a literal; 'free' if it infers it (-1); None if it is something else."""
+class LastEntry(Enum):
+    """How a Reshape that only regroups the leading axes writes the last one (the layer's width)."""
+
+    LITERAL = "literal"  # as the number: the entry is edited when the width is cut
+    FOLLOWS = "follows"  # inferred (-1) or read from the input's own width: it follows the cut
+
+
+def _keeps_last_axis(g: ModelGraph, reshape: onnx.NodeProto, width: int) -> LastEntry | None:
+    """How `reshape` writes the last axis if it only regroups the leading axes of a tensor whose
+    last axis is `width`; None if it is something else."""
     before, after = g.shapes.get(reshape.input[0]), g.shapes.get(reshape.output[0])
     if not before or not after or before[-1] != width or after[-1] != width:
         return None
@@ -166,14 +175,14 @@ def _keeps_last_axis(g: ModelGraph, reshape: onnx.NodeProto, width: int) -> str 
         last = read[-1] if read else None
         if last is None or last.value != width:
             return None
-        return "free" if last.follows else "edit"  # read from the input's own width, or a literal
+        return LastEntry.FOLLOWS if last.follows else LastEntry.LITERAL
     if shape.ndim != 1:
         return None
     entries = [int(x) for x in shape]
     if entries[-1] == width:
-        return "edit"
+        return LastEntry.LITERAL
     if entries[-1] == -1 and entries.count(-1) == 1 and 0 not in entries[:-1]:
-        return "free"
+        return LastEntry.FOLLOWS
     return None
 
 
@@ -183,7 +192,7 @@ def _before_flatten(g: ModelGraph, tensor: str, width: int) -> tuple[str, str | 
     kind = _keeps_last_axis(g, node, width) if node is not None and node.op_type == "Reshape" else None
     if kind is None or len(g.shapes.get(tensor) or ()) != 2:
         return tensor, None
-    return node.input[0], node.name if kind == "edit" else None
+    return node.input[0], node.name if kind is LastEntry.LITERAL else None
 
 
 def _after_unflatten(g: ModelGraph, tensor: str, width: int) -> tuple[str, str | None]:
@@ -195,4 +204,4 @@ def _after_unflatten(g: ModelGraph, tensor: str, width: int) -> tuple[str, str |
     kind = _keeps_last_axis(g, readers[0], width)
     if kind is None:
         return tensor, None
-    return readers[0].output[0], readers[0].name if kind == "edit" else None
+    return readers[0].output[0], readers[0].name if kind is LastEntry.LITERAL else None

@@ -23,15 +23,28 @@ _SKIP_NORMS = ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
 _TOKEN_OPS = {"Gather", "Slice", "ReduceMean", "Identity", "Squeeze", "Unsqueeze"}
 
 
-@dataclass
+@dataclass(frozen=True)
 class ResidualStream:
     width: int
-    tensors: set[str] = field(default_factory=set)  # last axis = residual channel
-    readers: dict[str, Linear] = field(default_factory=dict)  # keep input rows (by node)
-    writers: dict[str, Linear] = field(default_factory=dict)  # keep output columns and bias
-    sliced_inputs: set[tuple[str, int]] = field(default_factory=set)  # (node, input): constants cut on the last axis
-    convs: set[str] = field(default_factory=set)  # patch-embedding Conv nodes: output channels
-    channel_entries: set[str] = field(default_factory=set)  # Reshapes whose entry -2 is the channel count
+    tensors: frozenset[str]  # last axis = residual channel
+    readers: tuple[Linear, ...]  # keep input rows
+    writers: tuple[Linear, ...]  # keep output columns and bias
+    sliced_inputs: frozenset[tuple[str, int]]  # (node, input): constants cut on the last axis
+    convs: frozenset[str]  # patch-embedding Conv nodes: output channels
+    channel_entries: frozenset[str]  # Reshapes whose entry -2 is the channel count
+
+
+@dataclass
+class _Found:
+    """What the spreading has found so far; `find_stream` freezes it into a ResidualStream."""
+
+    width: int
+    tensors: set[str] = field(default_factory=set)
+    readers: dict[str, Linear] = field(default_factory=dict)  # by node: a layer found twice is kept once
+    writers: dict[str, Linear] = field(default_factory=dict)
+    sliced_inputs: set[tuple[str, int]] = field(default_factory=set)
+    convs: set[str] = field(default_factory=set)
+    channel_entries: set[str] = field(default_factory=set)
 
 
 def stream_group(g: ModelGraph, stream: ResidualStream) -> Group:
@@ -39,9 +52,9 @@ def stream_group(g: ModelGraph, stream: ResidualStream) -> Group:
     output columns, the constants cut on their last axis, the patch Conv's filters and the
     Reshape entries that hold the width."""
     parts: list = [WeightAxis(node, index, -1) for node, index in sorted(stream.sliced_inputs)]
-    for linear in stream.readers.values():
+    for linear in stream.readers:
         parts += reads(linear, Width.CHANNELS)
-    for linear in stream.writers.values():
+    for linear in stream.writers:
         parts += writes(linear, 0, Width.CHANNELS)
     for name in sorted(stream.convs):
         conv = g.node(name)
@@ -55,7 +68,7 @@ def find_stream(g: ModelGraph, matches: Matches) -> ResidualStream:
     if not matches.layers:
         raise NoMatch("no transformer blocks on a residual stream were found")
     width = matches.layers[0].attention.q.in_features
-    stream = ResidualStream(width)
+    stream = _Found(width)
     queue = [t for layer in matches.layers for t in (layer.input, layer.output)]
     edited = {e.reshape for b in matches.attention for e in b.shape_edits if e.width.endswith("_merged")}
     outputs = set(g.graph_outputs)
@@ -69,10 +82,12 @@ def find_stream(g: ModelGraph, matches: Matches) -> ResidualStream:
         queue += _producer(g, tensor, stream)
         for reader in g.consumers_of(tensor):
             queue += _consumer(g, reader, tensor, stream, edited)
-    return stream
+    return ResidualStream(width, frozenset(stream.tensors), tuple(stream.readers.values()),
+                          tuple(stream.writers.values()), frozenset(stream.sliced_inputs), frozenset(stream.convs),
+                          frozenset(stream.channel_entries))
 
 
-def _producer(g: ModelGraph, tensor: str, stream: ResidualStream) -> list[str]:
+def _producer(g: ModelGraph, tensor: str, stream: _Found) -> list[str]:
     """Classify what writes a stream tensor; return further stream tensors to visit."""
     linear = linear_producing(g, tensor)
     if linear is not None:
@@ -115,7 +130,7 @@ def _producer(g: ModelGraph, tensor: str, stream: ResidualStream) -> list[str]:
     raise NoMatch(f"{node.op_type} node {node.name} writes the residual stream")
 
 
-def _consumer(g: ModelGraph, node: onnx.NodeProto, tensor: str, stream: ResidualStream,
+def _consumer(g: ModelGraph, node: onnx.NodeProto, tensor: str, stream: _Found,
               edited: set[str]) -> list[str]:
     """Classify a reader of a stream tensor; return further stream tensors to visit."""
     if node.op_type in ("MatMul", "Gemm", "FusedMatMul") and node.input[0] == tensor:
@@ -150,7 +165,7 @@ def _consumer(g: ModelGraph, node: onnx.NodeProto, tensor: str, stream: Residual
     raise NoMatch(f"{node.op_type} node {node.name} reads the residual stream")
 
 
-def _elementwise_inputs(g: ModelGraph, node: onnx.NodeProto, stream: ResidualStream) -> list[str]:
+def _elementwise_inputs(g: ModelGraph, node: onnx.NodeProto, stream: _Found) -> list[str]:
     found = []
     for index, part in enumerate(node.input):
         value = g.constant(part)
@@ -163,11 +178,11 @@ def _elementwise_inputs(g: ModelGraph, node: onnx.NodeProto, stream: ResidualStr
     return found
 
 
-def _norm(norm: Norm, stream: ResidualStream) -> None:
+def _norm(norm: Norm, stream: _Found) -> None:
     stream.sliced_inputs.update(norm.channel_inputs)  # γ and β: one entry per channel
 
 
-def _skip_norm(g: ModelGraph, node: onnx.NodeProto, stream: ResidualStream) -> list[str]:
+def _skip_norm(g: ModelGraph, node: onnx.NodeProto, stream: _Found) -> list[str]:
     """SkipLayerNormalization(x, skip, γ, β, bias): adds and normalises; both outputs it writes
     (0: normalised, 3: the sum) carry the stream."""
     for index in range(2, len(node.input)):
@@ -234,7 +249,7 @@ def _feeds_only(g: ModelGraph, tensor: str, reshapes: set[str]) -> bool:
     return True
 
 
-def _patch_embedding(g: ModelGraph, transpose: onnx.NodeProto, stream: ResidualStream) -> list[str]:
+def _patch_embedding(g: ModelGraph, transpose: onnx.NodeProto, stream: _Found) -> list[str]:
     """Conv (B, C, h, w) → Reshape/Flatten (B, C, h·w) → Transpose (B, h·w, C)."""
     flat = g.producer_of(transpose.input[0])
     if flat is None or flat.op_type not in ("Reshape", "Flatten"):

@@ -11,8 +11,9 @@ import networkx as nx
 import onnx
 
 from ..ir.graph import ModelGraph, attribute
-from .attention import SCALE_OPS, AttentionCore, activation_qdq, assemble, drop_overlapping, is_scalar
-from .blocks import AttentionBlock, FrozenScale, KvCache, Linear, NoMatch, Rotary, RotaryStyle, Skipped
+from .attention import AttentionCore, assemble, drop_overlapping
+from .tracing import SCALE_OPS, activation_qdq, is_scalar
+from .blocks import AttentionBlock, AttentionForm, Candidate, FrozenScale, KvCache, Linear, NoMatch, Part, Rotary, RotaryStyle, Skipped
 from .linear import linear_producing, matmul_linear
 
 # Ops allowed between Softmax and attn·V (dropout, the NaN guard of torch's SDPA export, casts).
@@ -45,8 +46,8 @@ class SoftmaxOverScores(AttentionRule):
         av = _probs_consumer(g, anchor.output[0])
         # everything between Q·Kᵀ and attn·V: scale, mask, softmax, the NaN guard
         between = (nx.descendants(g.dag, qk.name) & nx.ancestors(g.dag, av.name)) | {qk.name, av.name}
-        return AttentionCore(anchor, qk.input[0], qk.input[1], av.input[1], av.output[0], frozen, between,
-                             (qk.name, av.name))
+        return AttentionCore(anchor, qk.input[0], qk.input[1], av.input[1], av.output[0], tuple(frozen),
+                             frozenset(between), (qk.name, av.name))
 
 
 class OnnxAttention(AttentionRule):
@@ -65,7 +66,7 @@ class OnnxAttention(AttentionRule):
         if heads is not None and attribute(anchor, "kv_num_heads", heads) != heads:
             raise NoMatch("grouped-query Attention (kv_num_heads != q_num_heads)")
         scale = attribute(anchor, "scale", None)
-        return AttentionCore(anchor, *anchor.input[:3], anchor.output[0], nodes={anchor.name},
+        return AttentionCore(anchor, *anchor.input[:3], anchor.output[0], nodes=frozenset({anchor.name}),
                              products=(anchor.name, anchor.name), heads=heads, op=anchor.name,
                              scale=None if scale is None else float(scale))
 
@@ -93,8 +94,9 @@ class OrtAttention(AttentionRule):
         packed = Linear(anchor.name, anchor.input[1], 1, False, anchor.name if bias_name else None, bias_name, 2,
                         anchor.input[0], None, int(weight.shape[0]), int(weight.shape[1]))
         return AttentionCore(anchor, anchor.input[0], anchor.input[0], anchor.input[0], anchor.output[0],
-                             nodes={anchor.name}, products=(anchor.name, anchor.name), heads=heads, op=anchor.name,
-                             scale=attribute(anchor, "scale", None) or None, packed=packed, form="ort-attention")
+                             nodes=frozenset({anchor.name}), products=(anchor.name, anchor.name), heads=heads,
+                             op=anchor.name, scale=attribute(anchor, "scale", None) or None, packed=packed,
+                             form=AttentionForm.ORT_ATTENTION)
 
 
 class OrtMultiHeadAttention(AttentionRule):
@@ -125,9 +127,10 @@ class OrtMultiHeadAttention(AttentionRule):
             bias = g.constant(packed_bias)
             if bias is None or bias.shape != (3 * width,):
                 raise NoMatch("MultiHeadAttention bias is not a constant [q | k | v] vector")
-        return AttentionCore(anchor, q.output, k.output, v.output, anchor.output[0], nodes={anchor.name},
+        return AttentionCore(anchor, q.output, k.output, v.output, anchor.output[0], nodes=frozenset({anchor.name}),
                              products=(anchor.name, anchor.name), heads=heads, op=anchor.name,
-                             scale=attribute(anchor, "scale", None) or None, packed_bias=packed_bias, form="ort-mha")
+                             scale=attribute(anchor, "scale", None) or None, packed_bias=packed_bias,
+                             form=AttentionForm.ORT_MHA)
 
 
 class OrtGroupQueryAttention(AttentionRule):
@@ -146,10 +149,10 @@ class OrtGroupQueryAttention(AttentionRule):
         if heads <= 0 or kv_heads <= 0 or heads % kv_heads:
             raise NoMatch(f"{heads} query heads do not group over {kv_heads} key/value heads")
         caches = []
-        for part, past, present in (("key", inputs[3], anchor.output[1] if len(anchor.output) > 1 else ""),
-                                    ("value", inputs[4], anchor.output[2] if len(anchor.output) > 2 else "")):
+        for part, past, present in ((Part.KEY, inputs[3], anchor.output[1] if len(anchor.output) > 1 else ""),
+                                    (Part.VALUE, inputs[4], anchor.output[2] if len(anchor.output) > 2 else "")):
             if past and (past in g.initializers or g.producer_of(past) is not None):
-                raise NoMatch(f"GroupQueryAttention's past {part} {past} is not a graph input")
+                raise NoMatch(f"GroupQueryAttention's past {part.value} {past} is not a graph input")
             if past or present:
                 caches.append(KvCache(past, present if present in g.graph_outputs else "", part))
         if any(g.consumers_of(c.present) for c in caches if c.present):
@@ -160,8 +163,8 @@ class OrtGroupQueryAttention(AttentionRule):
                 raise NoMatch("GroupQueryAttention's cos/sin caches are not constants")
             style = RotaryStyle.INTERLEAVED if attribute(anchor, "rotary_interleaved", 0) else RotaryStyle.HALF
             rotary = Rotary(style, anchor.name, "", "", ((anchor.name, 7), (anchor.name, 8)), shared=True)
-        common = dict(nodes={anchor.name}, products=(anchor.name, anchor.name), heads=heads, op=anchor.name,
-                      scale=attribute(anchor, "scale", None) or None, form="ort-gqa", kv_heads=kv_heads,
+        common = dict(nodes=frozenset({anchor.name}), products=(anchor.name, anchor.name), heads=heads, op=anchor.name,
+                      scale=attribute(anchor, "scale", None) or None, form=AttentionForm.ORT_GQA, kv_heads=kv_heads,
                       kv_caches=tuple(caches), rotary=rotary)
         if inputs[1] or inputs[2]:  # separate q, k, v
             return AttentionCore(anchor, inputs[0], inputs[1], inputs[2], anchor.output[0], **common)
@@ -203,7 +206,7 @@ class RuleSet:
             try:
                 blocks.append(assemble(g, rule.core(g, node)))
             except NoMatch as why:
-                skipped.append(Skipped(node.name, "attention", str(why)))
+                skipped.append(Skipped(node.name, Candidate.ATTENTION, str(why)))
         drop_overlapping(blocks, skipped)
         return blocks, skipped
 

@@ -198,7 +198,7 @@ def block_reports(plan: PrunePlan) -> list[BlockReport]:
     rows = []
     for keep in plan.attention:
         b = keep.block
-        rows.append(BlockReport(b.name, "attention", b.form, b.heads, len(keep.query_heads()), b.head_dim,
+        rows.append(BlockReport(b.name, "attention", b.form.value, b.heads, len(keep.query_heads()), b.head_dim,
                                 int(keep.qk.shape[1]), b.head_dim, int(keep.v.shape[1])))
     for keep in plan.ffn:
         b = keep.block

@@ -8,7 +8,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..ir.editor import Editor
-from ..match.blocks import Rotary, RotaryStyle
+from ..match.blocks import Part, Rotary, RotaryStyle
 from ..plan import AttentionKeep, PrunePlan
 
 
@@ -134,7 +134,7 @@ def kv_cache_shapes(plan: PrunePlan) -> dict[str, dict[int, int]]:
     shapes: dict[str, dict[int, int]] = {}
     for keep in plan.attention:  # unchanged ones too: a symbolic head size (onnxruntime-genai's) is resolved
         for cache in keep.block.kv_caches:
-            width = keep.qk.shape[1] if cache.part == "key" else keep.v.shape[1]
+            width = keep.qk.shape[1] if cache.part is Part.KEY else keep.v.shape[1]
             sizes = {cache.heads_axis: len(keep.heads), cache.dim_axis: width}
             for name in (cache.past, cache.present):
                 if name:
@@ -150,7 +150,7 @@ def kv_cache_bytes(g, widths: list[tuple]) -> int:
     for block, heads, qk, v in widths:
         for cache in block.kv_caches:
             size = onnx.helper.tensor_dtype_to_np_dtype(types.get(cache.present, onnx.TensorProto.FLOAT)).itemsize
-            total += heads * (qk if cache.part == "key" else v) * size
+            total += heads * (qk if cache.part is Part.KEY else v) * size
     return total
 
 

@@ -38,7 +38,7 @@ class CostModel:
         self.macs_total = sum(macs.values())
         self.times = times  # profiling.NodeTimes, for CostKind.LATENCY
         self._work: dict[str, tuple] | None = None  # the non-product nodes each cut reaches (built when needed)
-        self.layer_nodes = {id(layer): self._nodes_of(layer) for layer in matches.layers}
+        self.layer_nodes = {layer: self._nodes_of(layer) for layer in matches.layers}
         self.readers: dict[str, set[str]] = {}  # float initializer → nodes reading it (through Identity)
         for node in g.model.graph.node:
             if node.op_type == "Identity":
@@ -202,14 +202,14 @@ class CostModel:
             scale(keep.block.fc2, inputs=factor)
         if plan.stream is not None:
             factor = len(plan.stream_keep) / plan.stream.width
-            for linear in plan.stream.readers.values():
+            for linear in plan.stream.readers:
                 scale(linear, inputs=factor)
-            for linear in plan.stream.writers.values():
+            for linear in plan.stream.writers:
                 scale(linear, outputs=factor)
         return fractions
 
     def _removed(self, plan: PrunePlan) -> set[str]:
-        return set().union(*(self.layer_nodes[id(layer)] for layer in plan.removed_layers))
+        return set().union(*(self.layer_nodes[layer] for layer in plan.removed_layers))
 
     def _nodes_of(self, layer: Layer) -> set[str]:
         start, end = self.g.producer.get(layer.input), self.g.producer.get(layer.output)

@@ -269,10 +269,10 @@ class Scorer:
     def plan(self, ratios: Ratios, seed: int = 0) -> PrunePlan:
         rng = np.random.default_rng(seed)
         removed = self.removed_layers(ratios)
-        gone = {id(layer.attention) for layer in removed} | {id(layer.ffn) for layer in removed}
+        gone = {layer.attention for layer in removed} | {layer.ffn for layer in removed}
         attention = []
         for block in self.matches.attention:
-            if id(block) in gone:
+            if block in gone:
                 continue
             qk_scores, v_scores = self._attention_scores(block, rng)
             heads = np.arange(block.groups)  # key/value heads, each with its query heads
@@ -285,7 +285,7 @@ class Scorer:
             attention.append(AttentionKeep(block, qk, _top_per_head(v_scores[heads], v_kept), heads))
         ffn = []
         for block in self.matches.ffn:
-            if id(block) in gone:
+            if block in gone:
                 continue
             scores = self._ffn_scores(block, rng)
             keep = np.sort(np.argsort(-scores, kind="stable")[:kept_count(block.hidden, ratios.ffn, ratios.align)])
@@ -313,10 +313,10 @@ class Scorer:
         if self.residual_criterion == "activation":
             return self.channel_sum
         total = np.zeros(stream.width)
-        for linear in stream.readers.values():
+        for linear in stream.readers:
             rows = np.linalg.norm(input_weights(self.g, linear), axis=1)
             total += rows / max(np.sqrt((rows ** 2).mean()), 1e-30)
-        for linear in stream.writers.values():
+        for linear in stream.writers:
             columns = np.linalg.norm(output_weights(self.g, linear), axis=0)
             total += columns / max(np.sqrt((columns ** 2).mean()), 1e-30)
         return total

@@ -25,6 +25,7 @@ from .criteria import input_weights
 from .importance import PairStatistics, query_key, query_key_tensors
 from ..compensate.least_squares import DEFAULT_RIDGE, NormalEquations, Obs, solve
 from ..plan import AttentionKeep, selection_map
+from ..match.blocks import Placement
 from ..compensate.projection import cholesky, project_pairs, project_values
 from ..compensate.batches import Batch, Shard, branch_rms, norm_weights, split_batches, tokens as _tokens
 from ..compensate.reconstruction import QK_RIDGE, Reconstructor
@@ -88,7 +89,7 @@ def survey(reconstructor: Reconstructor, shard: Shard) -> list[LayerSensitivity]
     for (layer, (qk, v, heads, energy_attention, _), (ffn_curve, energy_ffn), block) in results:
         # a decoder's errors are weighed per token as its next RMSNorm divides them (norm_weights), so
         # each half's own weighted stream energy is the scale, as for post-norm blocks
-        own = layer.norm == "post" or layer.attention.causal
+        own = layer.norm is Placement.POST or layer.attention.causal
         scale_attention = 1.0 / max(energy_attention if own else final, 1e-30)
         scale_ffn = 1.0 / max(energy_ffn if own else final, 1e-30)
         curves.append(LayerSensitivity(layer.name, _scaled(qk, scale_attention), _scaled(v, scale_attention),
