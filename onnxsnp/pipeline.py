@@ -25,6 +25,7 @@ from .ir.activation_ranges import ActivationView, activation_view
 from .ir.dynamic import DynamicView, dynamic_view
 from .ir.nbits import FloatView, float_view
 from .ir.qoperator import QOperatorView, qdq_view
+from .ir.qoperator_fuse import fused
 from .ir.quant_form import unsupported
 from .match import Matches, NoMatch, find_blocks
 from .match.blocks import Candidate
@@ -226,7 +227,7 @@ def _rewritten(p: Prepared, compensated: Compensated) -> onnx.ModelProto:
         pruned = p.rounded.restore(p.qoperator.model if p.qoperator is not None else p.model, pruned, p.fit_feed,
                                    p.batch)
     if p.qoperator is not None:  # each QLinear op made again from its pattern (qoperator_fuse.py)
-        pruned = p.qoperator.fuse(pruned)
+        pruned = fused(p.qoperator, pruned)
     if p.view is not None:
         pruned = p.view.requantize(pruned, {node: refit.gram for node, refit in plan.refits.items()
                                             if refit.gram is not None})

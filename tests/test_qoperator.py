@@ -15,6 +15,7 @@ from onnxsnp import prune
 from onnxsnp.cli import main
 from onnxsnp.ir.graph import ModelGraph
 from onnxsnp.ir.qoperator import qdq_view
+from onnxsnp.ir.qoperator_fuse import fused
 from test_static_qdq import GOAL_MARGIN, RATIO, calibration, cosine, joined
 
 pytest.importorskip("onnxruntime.quantization")
@@ -57,7 +58,7 @@ def test_reading_as_qdq_and_back_is_exact(qoperator):
     original = onnx.load(str(quantized))
     view = qdq_view(original)
     assert not qlinear_ops(view.model)
-    back = view.fuse(view.model)
+    back = fused(view, view.model)
     onnx.checker.check_model(back)
     assert qlinear_ops(back) == qlinear_ops(original)
     feed = feed_for(source, batch=2)

@@ -10,6 +10,7 @@ from onnx import helper, numpy_helper
 from conftest import run
 from onnxsnp.errors import SnpError
 from onnxsnp.ir.qoperator import qdq_view
+from onnxsnp.ir.qoperator_fuse import fused
 
 pytest.importorskip("onnxruntime.quantization")
 
@@ -53,7 +54,7 @@ def test_reading_and_fusing_back_are_exact(qoperator):
     view = qdq_view(qoperator)
     assert not {n.op_type for n in view.model.graph.node if n.op_type.startswith("QLinear")}
     assert {"MatMul", "Add", "Softmax", "Reshape", "Transpose"} <= {n.op_type for n in view.model.graph.node}
-    back = view.fuse(view.model)
+    back = fused(view, view.model)
     onnx.checker.check_model(back)
     assert sorted(n.op_type for n in back.graph.node) == sorted(n.op_type for n in qoperator.graph.node)
     x = {"x": np.random.default_rng(2).standard_normal((5, 8)).astype(np.float32)}

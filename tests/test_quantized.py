@@ -25,7 +25,7 @@ def test_new_values_are_quantized_again_with_the_same_scheme(style):
     import onnx_graphsurgeon as gs
 
     import graphs
-    from onnxsnp.ir.editor import Editor
+    from onnxsnp.rewrite.editor import Editor
     from quantize import quantize_weights
 
     model = quantize_weights(graphs.softmax_attention(), style)

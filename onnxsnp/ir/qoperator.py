@@ -85,10 +85,7 @@ class QOperatorView:
 
     model: onnx.ModelProto
     rewritten: dict[str, Rewritten]  # by name (the QLinear op's and its float op's)
-
-    def fuse(self, pruned: onnx.ModelProto) -> onnx.ModelProto:
-        from .qoperator_fuse import fused
-        return fused(self, pruned)
+    # turned back by qoperator_fuse.fused(view, pruned), which imports this module (not the reverse: no cycle)
 
 
 def qdq_view(model: onnx.ModelProto) -> QOperatorView | None:

@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..ir.editor import Editor
+from .editor import Editor
 from ..match.blocks import Part, Rotary, RotaryStyle
 from ..plan import AttentionKeep, PrunePlan
 

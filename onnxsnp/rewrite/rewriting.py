@@ -17,7 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .decoding import kv_cache_shapes, set_kv_cache_shapes, slice_rotary_tables
-from ..ir.editor import Editor
+from .editor import Editor
 from ..ir.graph import ModelGraph
 from ..compensate.masking import mapped_columns
 from ..plan import AttentionKeep, PrunePlan

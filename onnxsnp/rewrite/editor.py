@@ -11,10 +11,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .graph import ModelGraph
+from ..ir.graph import ModelGraph
 from ..match import Linear
 from ..match.groups import Cut
-from .quantized import chain_behind, requantized, rescaled, sliced
+from ..ir.quantized import chain_behind, requantized, rescaled, sliced
 
 
 class Editor:
