@@ -4,25 +4,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import forms
 import graphs
 from onnxsnp.ir.graph import ModelGraph
 from onnxsnp.score.importance import Ratios
-from onnxsnp.match import AttentionForm, find_blocks
+from onnxsnp.match import find_blocks
 from onnxsnp.match.rules import ATTENTION_RULES
 from onnxsnp.pipeline import make_plan
 from onnxsnp.rewrite.rewriting import rewrite
 from onnxsnp.match.blocks import Candidate
 from oracle import masked_original
 
-FORMS = {"softmax": (graphs.softmax_attention, AttentionForm.SEPARATE),
-         "onnx-attention": (graphs.onnx_attention, AttentionForm.SEPARATE),
-         "ort-attention": (graphs.ort_attention, AttentionForm.ORT_ATTENTION),
-         "ort-mha": (graphs.ort_multi_head_attention, AttentionForm.ORT_MHA),
-         "fused-matmul": (graphs.fused_matmul_scores, AttentionForm.SEPARATE),
-         **{f"fused-{s.lower()}": (lambda s=s: graphs.fused_qkv(s), AttentionForm.FUSED_QKV)
-            for s in ("Split", "Slice", "Gather")},
-         "fused-split-first": (lambda: graphs.fused_qkv(split_first=True), AttentionForm.FUSED_QKV),
-         "activation-qdq": (lambda: graphs.softmax_attention(qdq="tensor"), AttentionForm.SEPARATE)}
+FORMS = {name: (form.build, form.form) for name, form in forms.FORMS.items()  # the one registry (tests/forms.py)
+         if form.family is forms.Family.ENCODER}
 
 
 @pytest.mark.parametrize("form", FORMS)
