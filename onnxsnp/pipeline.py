@@ -21,7 +21,7 @@ from .score.importance import Scorer
 from .io.loading import LoadedModel, load_model, weight_bytes
 from .rewrite.decoding import expose_stream_sums
 from .io.genai import one_head_size
-from .ir.activation_ranges import ActivationView, activation_view
+from .data.activation_ranges import ActivationView, activation_view
 from .ir.dynamic import DynamicView, dynamic_view
 from .ir.nbits import FloatView, float_view
 from .ir.qoperator import QOperatorView, qdq_view

@@ -91,7 +91,8 @@ def test_pruned_decoder_equals_masked_original_through_the_cache(decoder, tmp_pa
 
 @pytest.mark.parametrize("form", ["llama-dynamo", "llama-optimum", "gpt2-optimum"])
 def test_the_timed_decode_step_is_the_last_position_of_the_prefill(decoder, form):
-    from onnxsnp.verify.verification import decode_feed, session
+    from onnxsnp.data.calibration import session
+    from onnxsnp.data.timing import decode_feed
 
     model = onnx.load(str(decoder(form)))
     ids = np.random.default_rng(2).integers(3, 100, (2, 9))

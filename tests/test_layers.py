@@ -49,14 +49,8 @@ EXCEPTIONS = {
     ("onnxsnp.score.sensitivity", "onnxsnp.compensate.least_squares"): "DESIGN: as above (refits)",
     ("onnxsnp.score.sensitivity", "onnxsnp.compensate.projection"): "DESIGN: as above (projected pairs)",
     ("onnxsnp.score.sensitivity", "onnxsnp.compensate.reconstruction"): "DESIGN: as above (the reconstructor)",
-    ("onnxsnp.score.timed", "onnxsnp.verify.verification"):
-        "PENDING: timed latency budgets use verify's interleaved timing loop; fix: move the loop below both",
     ("onnxsnp.data.calib_data", "onnxsnp.option_schema"):
         "DESIGN: raw calibration's defaults (text length, image size, …) are declared once, in the option schema",
-    ("onnxsnp.ir.activation_ranges", "onnxsnp.data.calibration"):
-        "PENDING: the static-QDQ view recalibrates ranges with a Runner; fix: move the module to data/",
-    ("onnxsnp.ir.stats", "onnxsnp.data.calibration"):
-        "PENDING: node_macs reads run-time shapes with capture(); fix: move the run-time part to verify/",
 }
 
 

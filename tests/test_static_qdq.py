@@ -156,7 +156,7 @@ def test_activation_ranges_follow_the_pruned_model(qdq):
     is calibrated again, its range set where the quantizer set it relative to the float range it
     saw (MinMax: on it), now the pruned model's — up to the 2 % a range may move and keep its
     pair (activation_ranges.MOVED) and half a step of rounding the zero point."""
-    from onnxsnp.ir.activation_ranges import MOVED, _activation_pairs, _ranges
+    from onnxsnp.data.activation_ranges import MOVED, _activation_pairs, _ranges
     from onnxsnp.pipeline import _split
 
     source, quantized, _ = qdq

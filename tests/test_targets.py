@@ -15,7 +15,8 @@ from onnxsnp.score.importance import Ratios
 from onnxsnp.match import find_blocks
 from onnxsnp.pipeline import make_plan
 from onnxsnp.rewrite.rewriting import rewrite
-from onnxsnp.ir.stats import count_macs, count_params, node_macs
+from onnxsnp.ir.stats import count_params
+from onnxsnp.verify.observation import count_macs, node_macs
 from onnxsnp.score.timed import ROUNDS
 
 

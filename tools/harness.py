@@ -2,7 +2,7 @@
 
 Timing: one intra-op thread (two threads on these machines flip between a fast and a slow phase),
 a warm-up, then the models run round by round, interleaved, so that a slow phase of the machine
-hits all of them alike (onnxsnp.verify.verification.interleaved_rounds, the loop the pruner's own timed
+hits all of them alike (onnxsnp.data.timing.interleaved_rounds, the loop the pruner's own timed
 checks use). Median and minimum per model; speedups are ratios of medians.
 
 Tables: each tool writes a markdown page under docs/ whose first lines say the command that
@@ -46,7 +46,7 @@ def rounds(measures: Sequence[Callable[[], T]], runs: int, warmup: int = 3) -> l
     """What each measure returns over `runs` interleaved rounds, after `warmup` rounds left out."""
     # imported here: a tool that only needs the paths (bench_pair_sums, which times other checkouts'
     # onnxsnp in child processes) does not load the installed one
-    from onnxsnp.verify.verification import interleaved_rounds
+    from onnxsnp.data.timing import interleaved_rounds
 
     return [values[warmup:] for values in interleaved_rounds(measures, warmup + runs)]
 
@@ -54,7 +54,7 @@ def rounds(measures: Sequence[Callable[[], T]], runs: int, warmup: int = 3) -> l
 def interleaved(paths: list[str | Path], feed: dict[str, np.ndarray], runs: int = 30, warmup: int = 3,
                 threads: int = 1) -> list[dict[str, float]]:
     """Per model: median and min latency in milliseconds over `runs` interleaved rounds."""
-    from onnxsnp.verify.verification import run_ms
+    from onnxsnp.data.timing import run_ms
 
     times = rounds([partial(run_ms, session(path, threads), feed) for path in paths], runs, warmup)
     return [{"median_ms": statistics.median(t), "min_ms": min(t)} for t in times]

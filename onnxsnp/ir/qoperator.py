@@ -10,7 +10,7 @@ int32 bias is dequantized with a_scale·b_scale). Ops that only move integers (R
 Split, an embedding's Gather…) keep their input's scale, so they are the same float op between a
 DequantizeLinear and a QuantizeLinear with that scale — the form quantize_static's QDQ format
 writes. `qdq_view` rewrites the model that way; pruning then takes the static QDQ path
-(activation_ranges.py: activation pairs bypassed, put back and calibrated again; quantized.py:
+(data/activation_ranges.py: activation pairs bypassed, put back and calibrated again; quantized.py:
 integer weights sliced or quantized again with their scheme), and `QOperatorView.fuse` turns every
 rewritten pattern back into its QLinear op (qoperator_fuse.py), so the written file is in QOperator
 form again. The rewrite is exact: on onnxruntime the view computes what the QLinear kernels do, up

@@ -1,12 +1,12 @@
 """Size and compute of a model: parameters, and MACs of MatMul/Gemm/Conv (and onnxruntime's fused
-and quantized forms of them: FusedMatMul, MatMulNBits, MatMulInteger) and attention ops."""
+and quantized forms of them: FusedMatMul, MatMulNBits, MatMulInteger) and attention ops, from
+run-time shapes given (running the model for them is verify/observation.py's `node_macs`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from ..data.calibration import capture
 from .graph import attribute
 
 
@@ -52,11 +52,6 @@ def count_params(model: onnx.ModelProto) -> int:
     return total
 
 
-def count_macs(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> int:
-    """MACs of MatMul, Gemm, Conv and attention ops per sample of `feed`."""
-    return sum(node_macs(model, feed).values())
-
-
 def shape_tensors(model: onnx.ModelProto) -> list[str]:
     """The run-time tensors whose shapes `macs_from_shapes` needs."""
     initializers = {t.name for t in model.graph.initializer}
@@ -64,19 +59,6 @@ def shape_tensors(model: onnx.ModelProto) -> list[str]:
                                                                     n.input[:3] if "Attention" in n.op_type else
                                                                     (n.input[0], n.input[_weight(n)], n.output[0]))
                               if t not in initializers))
-
-
-def node_macs(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, int]:
-    """MACs per sample of `feed` of each MatMul, Gemm, Conv and attention node, by node name.
-
-    Shapes are read from one onnxruntime run rather than from ONNX shape inference, which
-    loses track of dynamic exports' Shape→Gather→Concat reshapes."""
-    wanted = shape_tensors(model)
-    samples = next(iter(feed.values())).shape[0]
-    shapes = {}
-    for _, values in capture(model, wanted, feed, samples):
-        shapes.update({name: value.shape for name, value in values.items()})
-    return macs_from_shapes(model, shapes, samples)
 
 
 def macs_from_shapes(model: onnx.ModelProto, run_shapes: dict[str, tuple[int, ...]], samples: int) -> dict[str, int]:
@@ -132,10 +114,6 @@ def _linear_macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> in
         return outputs * (a[0] if attribute(node, "transA", 0) else a[-1])
     # Conv: weight is (C_out, C_in / group, k…): each output element reads prod(weight[1:]) inputs
     return outputs * int(np.prod(b[1:], dtype=np.int64))
-
-
-def model_stats(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> ModelStats:
-    return ModelStats(count_params(model), count_macs(model, feed))
 
 
 def stats_from_shapes(model: onnx.ModelProto, run_shapes: dict[str, tuple[int, ...]], samples: int) -> ModelStats:

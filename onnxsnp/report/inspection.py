@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ..ir.activation_ranges import activation_view
+from ..data.activation_ranges import activation_view
 from ..rewrite.decoding import expose_stream_sums
 from ..io.genai import genai_folder
 from ..ir.graph import ModelGraph

@@ -22,9 +22,9 @@ import numpy as np
 import onnx
 
 from ..data.calibration import Weights, fitted, session
+from ..data.timing import decode_feed, interleaved_medians, is_past
 from ..errors import SnpError
 from ..plan import TimedStep, Widths
-from ..verify.verification import decode_feed, interleaved_medians, is_past
 
 log = logging.getLogger("onnxsnp")
 
@@ -65,10 +65,10 @@ class Timed:
 
 
 class Clock:
-    """Times candidates against the original (verification.interleaved_medians, after a warm-up);
+    """Times candidates against the original (data/timing.py's interleaved_medians, after a warm-up);
     the original's session is made once. On a model with a KV cache, `step` DECODE times one new
     token after a prefill of the sample (each model stepping through its own, maybe narrower,
-    cache: verification.decode_feed); otherwise, and where the sample cannot be stepped, one run."""
+    cache: timing.decode_feed); otherwise, and where the sample cannot be stepped, one run."""
 
     def __init__(self, original: onnx.ModelProto, feed: dict[str, np.ndarray], weights: Weights | None = None,
                  step: TimedStep = TimedStep.DECODE):

@@ -10,9 +10,9 @@ import numpy as np
 import onnx
 
 from ..data import calibration as calib_stage
-from ..data.calibration import Runner
+from ..data.calibration import Runner, capture
 from .attention_maps import AttentionSample, sample_maps
-from ..ir.stats import shape_tensors
+from ..ir.stats import ModelStats, count_params, macs_from_shapes, shape_tensors
 from .verification import Fidelity, attention_error, fidelity, language_model_fidelity
 
 
@@ -112,3 +112,25 @@ def verify(observed: Observed, pruned: onnx.ModelProto, softmax_blocks: dict[str
     inputs = {k: v[:len(next(iter(maps.values())))] for k, v in feed.items()}
     return (measured, attention_error([(inputs, observed.maps, maps)], softmax_blocks, mask_name), shapes,
             sample_maps(inputs, observed.maps, maps, softmax_blocks, mask_name))
+
+
+def node_macs(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, int]:
+    """MACs per sample of `feed` of each MatMul, Gemm, Conv and attention node, by node name.
+
+    Shapes are read from one onnxruntime run rather than from ONNX shape inference, which
+    loses track of dynamic exports' Shape→Gather→Concat reshapes."""
+    wanted = shape_tensors(model)
+    samples = next(iter(feed.values())).shape[0]
+    shapes = {}
+    for _, values in capture(model, wanted, feed, samples):
+        shapes.update({name: value.shape for name, value in values.items()})
+    return macs_from_shapes(model, shapes, samples)
+
+
+def count_macs(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> int:
+    """MACs of MatMul, Gemm, Conv and attention ops per sample of `feed`."""
+    return sum(node_macs(model, feed).values())
+
+
+def model_stats(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> ModelStats:
+    return ModelStats(count_params(model), count_macs(model, feed))

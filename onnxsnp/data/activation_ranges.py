@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..data.calibration import Runner
+from .calibration import Runner
 
 # a range whose ends moved less than this (relative to its width) keeps its parameters: a
 # calibration on other samples of the same data moves it about that much, and a rounding step
