@@ -21,10 +21,10 @@ from .score.importance import Scorer
 from .io.loading import LoadedModel, load_model, weight_bytes
 from .rewrite.decoding import expose_stream_sums
 from .io.genai import one_head_size
-from .data.activation_ranges import ActivationView, activation_view
-from .ir.dynamic import DynamicView, dynamic_view
-from .ir.nbits import FloatView, float_view
-from .ir.qoperator import QOperatorView, qdq_view
+from .data.activation_ranges import activation_view
+from .ir.dynamic import dynamic_view
+from .ir.nbits import float_view
+from .ir.qoperator import qdq_view
 from .ir.qoperator_fuse import fused
 from .ir.quant_form import unsupported
 from .match import Matches, NoMatch, find_blocks
@@ -34,13 +34,15 @@ from .compensate.onepass import make_plan, one_pass, score  # noqa: F401 (make_p
 from .options import (SYNTHETIC_SAMPLES, Compensation, PruneOptions, make_options, resolve_ratios,  # noqa: F401
                       resolve_target)
 from .plan import PrunePlan, Ratios, kept_count
+from .data.prepared import Prepared
+from .compensate.compensated import Compensated
 from .score.profiling import profile_nodes
 from .progress import Steps, reporting, stage
 from .compensate.batches import Shards
 from .heap import release_heap
 from .compensate.halves import plan_segments
 from .plan import AttentionWidth, Propagation, Widths
-from .compensate.reconstruction import Reconstruction, Reconstructor
+from .compensate.reconstruction import Reconstructor
 from .report.assemble import Timing, build_report, timed_pair
 from .report.report import Report, sensitivity_points
 from .rewrite.rewriting import rewrite
@@ -69,30 +71,6 @@ def prune_model(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel
     """`calib_label`: how the report names calibration arrays made from raw data."""
     with reporting(options.progress):
         return finish(prepare(model_or_path, options, calib=calib, calib_label=calib_label), options)
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """What pruning at any budget starts from: the model, what matched, the calibration split and
-    the original model observed on the held-back samples (`onnxsnp sweep` shares it across budgets)."""
-    model: onnx.ModelProto
-    external: bool
-    g: ModelGraph
-    matches: Matches
-    source: str  # how the report names the calibration data
-    fit_feed: dict[str, np.ndarray]
-    holdout_feed: dict[str, np.ndarray]
-    batch: int
-    fixed: int | None  # the model's fixed batch size, if it has one
-    mask: str | None
-    probes: dict[str, str]  # attention block → its probabilities tensor
-    observed: object  # observation.Observation of the original on holdout_feed
-    release_memory: Callable[[], None]
-    started: float
-    view: FloatView | None  # MatMulNBits read as float MatMuls: quantized again after the rewrite
-    dynamic: DynamicView | None = None  # quantize_dynamic's layers read as DequantizeLinear → MatMul: made dynamic again
-    rounded: ActivationView | None = None  # static QDQ activation pairs bypassed: put back and calibrated again
-    qoperator: QOperatorView | None = None  # QLinear ops read as static QDQ: fused back after the rewrite
 
 
 def prepare(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel, options: PruneOptions, *,
@@ -143,19 +121,6 @@ def prepare(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel, op
     return Prepared(model, external, g, matches, calib_label or source, fit_feed, holdout_feed, batch, fixed,
                     calib_stage.token_mask_input(specs), probes, observed, release_memory, started, view, dynamic,
                     rounded, qoperator)
-
-
-@dataclass(frozen=True)
-class Compensated:
-    """What the compensate stage decided: the plan (and, on the one-pass route, the model it
-    already rewrote), with what the report says of how it got there."""
-    plan: PrunePlan
-    pruned: onnx.ModelProto | None  # None: the rewrite stage writes it
-    kept_pieces: tuple[str, ...]
-    ratios: Ratios  # the mean ratios (a budget's allocation differs per block)
-    searched: tuple = ()  # uniform shares the one-pass route tried for a budget
-    reconstruction: Reconstruction | None = None
-    allocation: dict | None = None
 
 
 def finish(prepared: Prepared, options: PruneOptions, work: ReconstructionWork | None = None) -> PruneResult:

@@ -32,9 +32,9 @@ from ..rewrite.rewriting import rewrite
 from ..ir.stats import count_params, macs_from_shapes
 from ..verify.verification import fidelity, run_outputs
 
-if TYPE_CHECKING:  # the stage's input (pipeline imports this module)
+if TYPE_CHECKING:  # the stage's inputs, typing only
     from ..options import PruneOptions
-    from ..pipeline import Prepared
+    from ..data.prepared import Prepared
 
 log = logging.getLogger("onnxsnp")
 

@@ -16,10 +16,11 @@ from ..score.costs import CostKind, CostModel
 from ..verify.verification import decode_latency, latency
 from .report import Report, block_reports, stats_fields
 
-if TYPE_CHECKING:  # the stages' boundary types (pipeline imports this module)
+if TYPE_CHECKING:  # the stages' boundary types, typing only
     from ..compensate.reconstruction import Reconstruction
     from ..options import PruneOptions
-    from ..pipeline import Compensated, Prepared
+    from ..compensate.compensated import Compensated
+    from ..data.prepared import Prepared
     from ..score.allocation import Target
     from ..verify.observation import Verified
 
