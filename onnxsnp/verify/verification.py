@@ -152,15 +152,14 @@ def fidelity(original: list[np.ndarray], pruned: list[np.ndarray]) -> Fidelity:
             raise SnpError(f"pruned model output shape {got.shape} differs from the original {ref.shape}")
         if ref.dtype.kind != "f":
             continue
-        flat_ref = ref.reshape(ref.shape[0], -1) if ref.ndim else ref.reshape(1, 1)
-        flat_got = got.reshape(flat_ref.shape)
-        mean = flat_ref.mean(axis=0, dtype=np.float64) if len(flat_ref) > 1 else 0.0
+        rows, width = (ref.shape[0], int(np.prod(ref.shape[1:]))) if ref.ndim else (1, 1)
+        mean = _sample_mean(ref, rows, width) if rows > 1 else 0.0
         # a few samples at a time in float64: a language model's logits over every held-back
         # sample, copied whole, took gigabytes (SmolLM2's 49k vocabulary: 15 GB at 256 windows)
-        step = max(1, _CHUNK_BYTES // max(8 * flat_ref.shape[1], 1))
-        for start in range(0, len(flat_ref), step):
-            ref64 = flat_ref[start:start + step].astype(np.float64)
-            got64 = flat_got[start:start + step].astype(np.float64)
+        step = max(1, _CHUNK_BYTES // max(8 * width, 1))
+        for start in range(0, rows, step):
+            ref64 = _rows(ref, start, start + step, width).astype(np.float64)
+            got64 = _rows(got, start, start + step, width).astype(np.float64)
             if not np.isfinite(got64).all():
                 raise SnpError("pruned model produces NaN or Inf")
             max_diff = max(max_diff, float(np.abs(ref64 - got64).max()) if ref.size else 0.0)
@@ -169,12 +168,33 @@ def fidelity(original: list[np.ndarray], pruned: list[np.ndarray]) -> Fidelity:
             reference_norm = np.linalg.norm(ref64, axis=1)
             errors.append(np.linalg.norm(got64 - ref64, axis=1) / np.maximum(reference_norm, 1e-300))
         if top1 is None and ref.ndim == 2 and ref.shape[1] > 1:
-            top1 = float((ref.argmax(axis=1) == got.argmax(axis=1)).mean())
+            top1 = float((ref[:].argmax(axis=1) == got[:].argmax(axis=1)).mean())
     cosine = float(np.mean(np.concatenate(cosines))) if cosines else 1.0
     samples = original[0].shape[0] if original and original[0].ndim else 1
     return Fidelity(int(samples), cosine, max_diff, top1,
                     float(np.mean(np.concatenate(centred))) if centred else 1.0,
                     float(np.mean(np.concatenate(errors))) if errors else 0.0)
+
+
+def _rows(array, start: int, stop: int, width: int) -> np.ndarray:
+    """Samples start…stop of an output (an array or spill.OnDisk), one flattened row each."""
+    if not array.ndim:
+        return np.asarray(array).reshape(1, 1)
+    part = np.asarray(array[start:stop])
+    return part.reshape(len(part), width)
+
+
+def _sample_mean(array, rows: int, width: int) -> np.ndarray:
+    """The mean over samples in float64. An output on disk is read a chunk at a time and summed
+    sample by sample, in order: what numpy's mean over the first axis adds, so bit for bit the same."""
+    if isinstance(array, np.ndarray):
+        return array.reshape(rows, width).mean(axis=0, dtype=np.float64)
+    total = np.zeros(width, np.float64)
+    step = max(1, _CHUNK_BYTES // max(8 * width, 1))
+    for start in range(0, rows, step):
+        for row in _rows(array, start, start + step, width):
+            total += row
+    return np.true_divide(total, rows)
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
