@@ -235,14 +235,10 @@ def _keep_initializer_order(source: onnx.ModelProto, target: onnx.ModelProto) ->
     (1.32) fails to load some graphs it saved itself once their initializers are reordered
     ("Attempt to replace the existing tensor"), as graphsurgeon's export does."""
     order = {t.name: index for index, t in enumerate(source.graph.initializer)}
-    ranked = sorted(range(len(target.graph.initializer)),
-                    key=lambda i: (order.get(target.graph.initializer[i].name, len(order)), i))
-    if ranked != list(range(len(ranked))):
-        initializers = [target.graph.initializer[i] for i in ranked]
-        kept = onnx.GraphProto()
-        kept.initializer.extend(initializers)
-        del target.graph.initializer[:]
-        target.graph.initializer.extend(kept.initializer)
+    # sorted in place (a stable sort: new ones keep their order): copied out and back, every
+    # weight was held twice by the model's protobuf arena, whose freed parts stay until it goes
+    # (SmolLM2-135M: 0.41 GB more for the rest of the run)
+    target.graph.initializer.sort(key=lambda tensor: order.get(tensor.name, len(order)))
 
 
 # Names onnxruntime's optimizer generates (Graph::GenerateNodeArgName: base, base_token_N): it
