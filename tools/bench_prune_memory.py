@@ -55,7 +55,7 @@ def prune_child(model: str, calib: str, save: str) -> None:
     from onnxsnp.compensate import batches
     from onnxsnp.options import make_options
 
-    tag, peaks, stop = ["loading"], {}, threading.Event()
+    tag, peaks, stop = ["between stages, before the reconstruction"], {}, threading.Event()
 
     def sample() -> None:  # VmRSS from /proc (Linux): no dependency beyond the project's
         while not stop.is_set():
