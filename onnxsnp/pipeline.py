@@ -135,6 +135,10 @@ def finish(prepared: Prepared, options: PruneOptions, work: ReconstructionWork |
     p.release_memory()
     with stage("rewriting the graph"):
         pruned = _rewritten(p, compensated)
+    # the original's decoded weights are not read again before the timing (which decodes what it
+    # runs): freed, the verification's session for the pruned model takes their place
+    p.g.forget_constants()
+    p.release_memory()
     with stage(f"verifying the pruned model on {_count(p.holdout_feed)} held-back samples"):
         verified = verify_pruned(p.observed, pruned, compensated.plan, p.probes, p.holdout_feed, p.batch, p.fixed,
                                  p.mask, quantized_probabilities=p.qoperator is not None)

@@ -111,6 +111,11 @@ class ModelGraph:
         self._constants[tensor] = value
         return value
 
+    def forget_constants(self) -> None:
+        """Drop the decoded values (they are decoded again when asked for): the graph's
+        initializers decoded once more are a second copy of the weights beside the protobuf's."""
+        self._constants = {}
+
     def is_constant(self, tensor: str) -> bool:
         return self.constant(tensor) is not None
 

@@ -12,6 +12,7 @@ import onnx
 from ..data import calibration as calib_stage
 from ..data.calibration import Runner, capture
 from .attention_maps import AttentionSample, sample_maps
+from .spill import Outputs
 from ..ir.stats import ModelStats, count_params, macs_from_shapes, shape_tensors
 from .verification import Fidelity, attention_error, fidelity, language_model_fidelity
 
@@ -52,25 +53,27 @@ def _probe_run(model: onnx.ModelProto, role: str, probes: list[str], feed: dict[
     parts = [({k: v[:step] for k, v in feed.items()}, step, probes + shape_names),  # also the shapes
              ({k: v[step:probed] for k, v in feed.items()}, step, probes)]
     rest = {k: v[probed:] for k, v in feed.items()}
-    per_batch, maps, shapes, values = [], {name: [] for name in probes}, {}, None
-    runner = Runner(model, probes + shape_names, role=role, weights=weights)
-    for part, size, extra in parts:
-        if not _count(part):
-            continue
-        names = list(dict.fromkeys(runner.output_names + extra))
-        for _, values in runner.batches(part, names, size):
-            # copies: a kept view pins onnxruntime's buffers
-            per_batch.append([np.array(values[name]) for name in runner.output_names])
-            for name in probes:
-                maps[name].append(np.array(values[name]))
-            shapes = shapes or {name: values[name].shape for name in shape_names}
-    del runner, values
-    if _count(rest):
-        runner = Runner(model, role=role, weights=weights)
-        for _, values in runner.batches(rest, runner.output_names, batch):
-            per_batch.append([np.array(values[name]) for name in runner.output_names])
-    return ({name: np.concatenate(chunks) for name, chunks in maps.items()}, calib_stage.join_outputs(per_batch),
-            shapes)
+    outputs, maps, shapes, values = Outputs(_count(feed)), {name: [] for name in probes}, {}, None
+    try:
+        runner = Runner(model, probes + shape_names, role=role, weights=weights)
+        for part, size, extra in parts:
+            if not _count(part):
+                continue
+            names = list(dict.fromkeys(runner.output_names + extra))
+            for _, values in runner.batches(part, names, size):
+                outputs.add([values[name] for name in runner.output_names])
+                for name in probes:
+                    maps[name].append(np.array(values[name]))  # a copy: a kept view pins onnxruntime's buffers
+                shapes = shapes or {name: values[name].shape for name in shape_names}
+        del runner, values
+        if _count(rest):
+            runner = Runner(model, role=role, weights=weights)
+            for _, values in runner.batches(rest, runner.output_names, batch):
+                outputs.add([values[name] for name in runner.output_names])
+    except BaseException:
+        outputs.close()
+        raise
+    return {name: np.concatenate(chunks) for name, chunks in maps.items()}, outputs.joined(), shapes
 
 
 @dataclass(frozen=True)

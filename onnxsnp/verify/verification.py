@@ -78,9 +78,10 @@ def language_model_fidelity(names: list[str], original: list[np.ndarray], pruned
         total = 0.0
         for sample in range(len(ids)):
             positions = np.flatnonzero(used[sample])
+            values = logits[sample]  # one sample read once (a spilled output is read from disk)
             for start in range(0, len(positions), step):
                 at = positions[start:start + step]
-                rows = logits[sample, at].astype(np.float64)
+                rows = values[at].astype(np.float64)
                 rows -= rows.max(axis=-1, keepdims=True)
                 targets = ids[sample, at + 1]
                 total += float((rows[np.arange(len(rows)), targets] - np.log(np.exp(rows).sum(axis=-1))).sum())
@@ -167,6 +168,7 @@ def run_outputs(model: onnx.ModelProto, feed: dict[str, np.ndarray], batch: int)
 # decoder's verification (docs/PRUNE_COST_DECODER.md)
 _BLOCK_VALUES = 2**18
 _MIN_COLUMNS = 256  # however many rows: narrower column slices cost more in strides than they save
+_CHUNK_BYTES = 256 * 2**20  # samples read at a time (from disk, where the outputs were spilled)
 
 
 def fidelity(original: list[np.ndarray], pruned: list[np.ndarray]) -> Fidelity:
@@ -178,15 +180,20 @@ def fidelity(original: list[np.ndarray], pruned: list[np.ndarray]) -> Fidelity:
             raise SnpError(f"pruned model output shape {got.shape} differs from the original {ref.shape}")
         if ref.dtype.kind != "f":
             continue
-        flat_ref = ref.reshape(ref.shape[0], -1) if ref.ndim else ref.reshape(1, 1)
-        flat_got = got.reshape(flat_ref.shape)
-        sums, output_max = _row_sums(flat_ref, flat_got)
-        max_diff = max(max_diff, output_max)
-        cosines.append(_cosines(*sums[0:3]))
-        centred.append(_cosines(*sums[3:6]))
-        errors.append(np.sqrt(sums[6]) / np.maximum(np.sqrt(sums[1]), 1e-300))
+        rows, width = (ref.shape[0], int(np.prod(ref.shape[1:]))) if ref.ndim else (1, 1)
+        mean = _sample_mean(ref, rows, width) if rows > 1 else np.zeros(width)
+        # a few samples at a time: a language model's logits over every held-back sample may live
+        # on disk (spill.py), and whole float64 copies of them took gigabytes
+        step = max(1, _CHUNK_BYTES // max(4 * width, 1))
+        for start in range(0, rows, step):
+            sums, output_max = _row_sums(_rows(ref, start, start + step, width),
+                                         _rows(got, start, start + step, width), mean)
+            max_diff = max(max_diff, output_max)
+            cosines.append(_cosines(*sums[0:3]))
+            centred.append(_cosines(*sums[3:6]))
+            errors.append(np.sqrt(sums[6]) / np.maximum(np.sqrt(sums[1]), 1e-300))
         if top1 is None and ref.ndim == 2 and ref.shape[1] > 1:
-            top1 = float((ref.argmax(axis=1) == got.argmax(axis=1)).mean())
+            top1 = float((ref[:].argmax(axis=1) == got[:].argmax(axis=1)).mean())
     cosine = float(np.mean(np.concatenate(cosines))) if cosines else 1.0
     samples = original[0].shape[0] if original and original[0].ndim else 1
     return Fidelity(int(samples), cosine, max_diff, top1,
@@ -194,10 +201,10 @@ def fidelity(original: list[np.ndarray], pruned: list[np.ndarray]) -> Fidelity:
                     float(np.mean(np.concatenate(errors))) if errors else 0.0)
 
 
-def _row_sums(ref: np.ndarray, got: np.ndarray) -> tuple[np.ndarray, float]:
+def _row_sums(ref: np.ndarray, got: np.ndarray, mean: np.ndarray) -> tuple[np.ndarray, float]:
     """Per row of the (rows, values) outputs, in float64: ref·got, ‖ref‖², ‖got‖², the same three
-    with the original's mean over rows taken from both, and ‖got − ref‖²; and max |got − ref|.
-    Accumulated over blocks of columns and rows (`_BLOCK_VALUES`)."""
+    with `mean` (the original's over all its rows) taken from both, and ‖got − ref‖²; and
+    max |got − ref|. Accumulated over blocks of columns and rows (`_BLOCK_VALUES`)."""
     rows, width = ref.shape
     sums = np.zeros((7, rows))
     max_diff = 0.0
@@ -205,7 +212,7 @@ def _row_sums(ref: np.ndarray, got: np.ndarray) -> tuple[np.ndarray, float]:
     row_step = max(1, _BLOCK_VALUES // max(columns, 1))
     for left in range(0, width, columns):
         part_ref, part_got = ref[:, left:left + columns], got[:, left:left + columns]
-        mean = part_ref.mean(axis=0, dtype=np.float64) if rows > 1 else 0.0
+        part_mean = mean[left:left + columns]
         for top in range(0, rows, row_step):
             a = part_ref[top:top + row_step].astype(np.float64)
             b = part_got[top:top + row_step].astype(np.float64)
@@ -216,7 +223,7 @@ def _row_sums(ref: np.ndarray, got: np.ndarray) -> tuple[np.ndarray, float]:
             if diff.size:
                 max_diff = max(max_diff, float(np.abs(diff).max()))
             sums[6, here] += np.einsum("ij,ij->i", diff, diff)
-            for offset, (x, y) in ((0, (a, b)), (3, (a - mean, b - mean))):
+            for offset, (x, y) in ((0, (a, b)), (3, (a - part_mean, b - part_mean))):
                 sums[offset, here] += np.einsum("ij,ij->i", x, y)
                 sums[offset + 1, here] += np.einsum("ij,ij->i", x, x)
                 sums[offset + 2, here] += np.einsum("ij,ij->i", y, y)
@@ -227,6 +234,27 @@ def _cosines(dot: np.ndarray, square_a: np.ndarray, square_b: np.ndarray) -> np.
     """Row-wise cosine from a·b, ‖a‖² and ‖b‖² (1 where both rows are zero)."""
     norms = np.sqrt(square_a) * np.sqrt(square_b)
     return np.where(norms > 0, dot / np.maximum(norms, 1e-300), 1.0)
+
+
+def _rows(array, start: int, stop: int, width: int) -> np.ndarray:
+    """Samples start…stop of an output (an array or spill.OnDisk), one flattened row each."""
+    if not array.ndim:
+        return np.asarray(array).reshape(1, 1)
+    part = np.asarray(array[start:stop])
+    return part.reshape(len(part), width)
+
+
+def _sample_mean(array, rows: int, width: int) -> np.ndarray:
+    """The mean over samples in float64. An output on disk is read a chunk at a time and summed
+    sample by sample, in order: what numpy's mean over the first axis adds, so bit for bit the same."""
+    if isinstance(array, np.ndarray):
+        return array.reshape(rows, width).mean(axis=0, dtype=np.float64)
+    total = np.zeros(width, np.float64)
+    step = max(1, _CHUNK_BYTES // max(8 * width, 1))
+    for start in range(0, rows, step):
+        for row in _rows(array, start, start + step, width):
+            total += row
+    return np.true_divide(total, rows)
 
 
 def _line(exc: Exception) -> str:
