@@ -28,6 +28,7 @@ from ..score.importance import PairStatistics, _as_tokens, query_key, query_key_
 from ..score.softmax_metric import softmax_scale
 from .least_squares import FOLDS, NormalEquations
 from ..match import Matches
+from ..match.units import unit_of_dim
 from .segments import SegmentRunner, cut
 
 CACHE_BYTES = 2 * 2**30  # a refitted layer's inputs are kept for the next stream up to this size
@@ -258,7 +259,8 @@ class Shard:
             if not pairs_needed:
                 return
             statistics = PairStatistics.empty(block.heads, block.head_dim,
-                                              causal_scale=softmax_scale(block) if block.causal else None)
+                                              causal_scale=softmax_scale(block) if block.causal else None,
+                                   units=unit_of_dim(block))
             q, k = query_key(self.g, block, values, item.samples)
             if self.sequential:  # the pruned model's q and k, the original scores
                 pruned = {half.residual: item.pruned}

@@ -91,10 +91,11 @@ class PairStatistics:
 
     @classmethod
     def empty(cls, heads: int, d: int, energy: float = DEFAULT_ENERGY,
-              causal_scale: float | None = None) -> "PairStatistics":
+              causal_scale: float | None = None, units: np.ndarray | None = None) -> "PairStatistics":
+        """`units`: each head dim's unit (match.units.unit_of_dim), for the softmax's sums over units."""
         return cls(np.zeros((heads, d)), np.zeros((heads, d, d)), np.zeros((heads, d)), 0, energy,
                    np.zeros((heads, d, d)), np.zeros((heads, d, d)), causal_scale,
-                   None if causal_scale is None else SoftmaxSums.empty(heads, d))
+                   None if causal_scale is None else SoftmaxSums.empty(heads, d, units))
 
     @small_linear_algebra
     def add(self, q: np.ndarray, k: np.ndarray, token_mask: np.ndarray | None = None,
@@ -142,7 +143,7 @@ class PairStatistics:
         if other.softmax is not None:
             if self.softmax is None:
                 self.causal_scale = other.causal_scale
-                self.softmax = SoftmaxSums.empty(*self.scores.shape)
+                self.softmax = SoftmaxSums.empty(*self.scores.shape, other.softmax.units)
             self.softmax.merge(other.softmax)
 
     def mean_scores(self) -> np.ndarray:
