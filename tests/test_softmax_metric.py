@@ -217,3 +217,23 @@ def test_sums_over_rotary_units_are_the_dim_sums_summed_per_pair(style):
         a, b = choose_pairs(rotary, by_units, kept, 1e-2), choose_pairs(rotary, by_dims, kept, 1e-2)
         np.testing.assert_array_equal(a.qk, b.qk)
         np.testing.assert_allclose(a.factors, b.factors, rtol=1e-4)
+
+
+def test_pair_statistics_keep_the_softmax_sums_over_units_through_a_merge():
+    """The reconstruction's statistics (PairStatistics with the block's units) sum per batch into an
+    empty total: the total's softmax sums are over units too, and equal to one batch's sums added."""
+    from onnxsnp.score.importance import PairStatistics
+
+    heads, samples, tokens, d = 2, 2, 12, 8
+    rng = np.random.default_rng(4)
+    q, k = rng.standard_normal((2, samples, tokens, heads * d)).astype(np.float32)
+    of = np.arange(d) % (d // 2)
+    total = PairStatistics.empty(heads, d)
+    for _ in range(2):
+        batch = PairStatistics.empty(heads, d, causal_scale=SCALE, units=of)
+        batch.add(q, k)
+        total.merge(batch)
+    assert total.softmax.fisher.shape == (heads, d // 2, d // 2)
+    np.testing.assert_array_equal(total.softmax.units, of)
+    np.testing.assert_allclose(total.softmax.fisher, 2 * batch.softmax.fisher)
+    assert total.softmax.queries == 2 * samples * tokens
