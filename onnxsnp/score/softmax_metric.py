@@ -32,10 +32,11 @@ CHUNK = 8  # head-samples per product
 # Queries per dense block of the causal triangle: a block's queries i ∈ [a, b) and all keys j < b,
 # the pairs above the diagonal carrying probability 0. Contiguous broadcasts instead of gathers over
 # the (i, j) pairs (those were 45 % of a SmolLM2 prune); 16 queries of 128 tokens cover 1.12× the
-# triangle, and 8 head-samples × 16 × 128 × d=64 float32 is 4 MB per product: built, scaled twice
-# and multiplied while it is still in cache. 16 × 32 × 128 × 64 (17 MB) made the sums 1.5× slower
-# (72 head-samples of 128 tokens, one BLAS thread on the shared 2-core machine: 115–125 ms against
-# 180–200 ms, the sums equal to 7e-8 of the largest F entry: float32 products grouped otherwise).
+# triangle, and 8 head-samples × 16 × 128 × d=64 float32 was 4 MB per product (now 8 × 33 rows of
+# 16 × 128 for 32 rotary units and the score spread, 2 MB): built, scaled and multiplied while it is
+# still in cache. 16 × 32 × 128 × 64 (17 MB) made the sums 1.5× slower (72 head-samples of 128
+# tokens, one BLAS thread on the shared 2-core machine: 115–125 ms against 180–200 ms, the sums
+# equal to 7e-8 of the largest F entry: float32 products grouped otherwise).
 QUERY_BLOCK = 16
 
 
