@@ -237,3 +237,25 @@ def test_pair_statistics_keep_the_softmax_sums_over_units_through_a_merge():
     np.testing.assert_array_equal(total.softmax.units, of)
     np.testing.assert_allclose(total.softmax.fisher, 2 * batch.softmax.fisher)
     assert total.softmax.queries == 2 * samples * tokens
+
+
+def test_softmax_only_statistics_gather_the_same_softmax_sums_and_no_scores():
+    """Where the softmax's sums choose the pairs (PairSums.SOFTMAX), SNP's scores are not computed:
+    the softmax's sums are those of the full statistics, the scores stay zero and say so."""
+    from onnxsnp.score.importance import PairStatistics
+
+    heads, samples, tokens, d = 2, 2, 12, 8
+    rng = np.random.default_rng(6)
+    q, k = rng.standard_normal((2, samples, tokens, heads * d)).astype(np.float32)
+    q_hat, k_hat = q + 0.1 * rng.standard_normal(q.shape), k + 0.1 * rng.standard_normal(k.shape)
+    full = PairStatistics.empty(heads, d, causal_scale=SCALE)
+    only = PairStatistics.empty(heads, d, causal_scale=SCALE, softmax_only=True)
+    for statistics in (full, only):
+        statistics.add(q_hat, k_hat, None, q, k)
+    np.testing.assert_array_equal(only.softmax.fisher, full.softmax.fisher)
+    np.testing.assert_array_equal(only.softmax.cross, full.softmax.cross)
+    assert only.count == full.count == samples
+    assert np.abs(full.scores).sum() > 0 and not only.scores.any()
+    total = PairStatistics.empty(heads, d)
+    total.merge(only)
+    assert total.softmax_only

@@ -108,7 +108,7 @@ def _attention(r: Reconstructor, shard: Shard, layer, half):
     batches = shard.batches
     d, heads = block.head_dim, block.heads
     pairs = PairStatistics.empty(heads, d, causal_scale=softmax_scale(block) if block.causal else None,
-                                   units=unit_of_dim(block))
+                           units=unit_of_dim(block))
     equations = NormalEquations.empty(block.out.in_features, block.out.out_features)
     branches: list[np.ndarray] = []
     energy = [0.0]
