@@ -183,3 +183,79 @@ def test_the_removal_curve_is_the_error_left_along_the_chosen_pairs(rotary):
     for kept in range(2 if rotary else 1, D, 2 if rotary else 1):
         assert curve[kept] == pytest.approx(choose_pairs(attention, sums, kept, ridge=1e-2).error_rescaled - full,
                                             abs=1e-9)
+
+
+@pytest.mark.parametrize("style", [RotaryStyle.HALF, RotaryStyle.INTERLEAVED])
+def test_sums_over_rotary_units_are_the_dim_sums_summed_per_pair(style):
+    """Sums kept over units (a rotary pair's two dims summed before the products) equal the
+    float64 reference over dims summed into units afterwards, and choose the same pairs with the
+    same rescale as the sums over dims."""
+    heads, samples, tokens, d = 2, 2, 45, 8
+    rng = np.random.default_rng(11)
+    q_hat, k_hat = rng.standard_normal((2, samples * heads, tokens, d))
+    q_hat[..., 0], k_hat[..., 0] = 40.0, 40.0 + 0.01 * rng.standard_normal((samples * heads, tokens))
+    q, k = q_hat + 0.1 * rng.standard_normal(q_hat.shape), k_hat + 0.1 * rng.standard_normal(k_hat.shape)
+    mask = np.ones((samples, tokens))
+    mask[1, tokens - 6:] = 0
+    of = np.arange(d) // 2 if style is RotaryStyle.INTERLEAVED else np.arange(d) % (d // 2)
+    to_units = (of[:, None] == np.arange(d // 2)[None, :]).astype(float)
+    by_units, by_dims = SoftmaxSums.empty(heads, d, of), SoftmaxSums.empty(heads, d)
+    add_sums(by_units, q_hat, k_hat, q, k, mask, SCALE)
+    add_sums(by_dims, q_hat, k_hat, q, k, mask, SCALE)
+    fisher, cross, energy = reference_sums(q_hat, k_hat, q, k, mask, SCALE, heads)
+    for head in range(heads):
+        want = to_units.T @ fisher[head] @ to_units
+        rest = np.abs(want[1:, 1:]).max()
+        np.testing.assert_allclose(by_units.fisher[head], want, atol=1e-4 * rest)
+        np.testing.assert_allclose(by_units.cross[head], cross[head] @ to_units, atol=1e-4 * rest)
+    np.testing.assert_allclose(by_units.energy, energy, rtol=1e-4)
+    assert by_units.queries == by_dims.queries == int(mask.sum())
+    rotary = SimpleNamespace(head_dim=d, heads=heads, groups=heads, group_size=1,
+                             rotary=(Rotary(style, "", "", "", ()),), width_multiple=1, pairs_shared=None,
+                             qk_whole=None)
+    for kept in (2, 4, 6):
+        a, b = choose_pairs(rotary, by_units, kept, 1e-2), choose_pairs(rotary, by_dims, kept, 1e-2)
+        np.testing.assert_array_equal(a.qk, b.qk)
+        np.testing.assert_allclose(a.factors, b.factors, rtol=1e-4)
+
+
+def test_pair_statistics_keep_the_softmax_sums_over_units_through_a_merge():
+    """The reconstruction's statistics (PairStatistics with the block's units) sum per batch into an
+    empty total: the total's softmax sums are over units too, and equal to one batch's sums added."""
+    from onnxsnp.score.importance import PairStatistics
+
+    heads, samples, tokens, d = 2, 2, 12, 8
+    rng = np.random.default_rng(4)
+    q, k = rng.standard_normal((2, samples, tokens, heads * d)).astype(np.float32)
+    of = np.arange(d) % (d // 2)
+    total = PairStatistics.empty(heads, d)
+    for _ in range(2):
+        batch = PairStatistics.empty(heads, d, causal_scale=SCALE, units=of)
+        batch.add(q, k)
+        total.merge(batch)
+    assert total.softmax.fisher.shape == (heads, d // 2, d // 2)
+    np.testing.assert_array_equal(total.softmax.units, of)
+    np.testing.assert_allclose(total.softmax.fisher, 2 * batch.softmax.fisher)
+    assert total.softmax.queries == 2 * samples * tokens
+
+
+def test_softmax_only_statistics_gather_the_same_softmax_sums_and_no_scores():
+    """Where the softmax's sums choose the pairs (PairSums.SOFTMAX), SNP's scores are not computed:
+    the softmax's sums are those of the full statistics, the scores stay zero and say so."""
+    from onnxsnp.score.importance import PairStatistics
+
+    heads, samples, tokens, d = 2, 2, 12, 8
+    rng = np.random.default_rng(6)
+    q, k = rng.standard_normal((2, samples, tokens, heads * d)).astype(np.float32)
+    q_hat, k_hat = q + 0.1 * rng.standard_normal(q.shape), k + 0.1 * rng.standard_normal(k.shape)
+    full = PairStatistics.empty(heads, d, causal_scale=SCALE)
+    only = PairStatistics.empty(heads, d, causal_scale=SCALE, softmax_only=True)
+    for statistics in (full, only):
+        statistics.add(q_hat, k_hat, None, q, k)
+    np.testing.assert_array_equal(only.softmax.fisher, full.softmax.fisher)
+    np.testing.assert_array_equal(only.softmax.cross, full.softmax.cross)
+    assert only.count == full.count == samples
+    assert np.abs(full.scores).sum() > 0 and not only.scores.any()
+    total = PairStatistics.empty(heads, d)
+    total.merge(only)
+    assert total.softmax_only

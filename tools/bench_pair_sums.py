@@ -53,7 +53,10 @@ def best(run):
     return min(times)
 
 
-sums = SoftmaxSums.empty(heads, d)
+try:  # the prune's sums are over rotary pairs (rotate_half) where the checkout keeps them so
+    sums = SoftmaxSums.empty(heads, d, np.arange(d) % (d // 2))
+except TypeError:  # an older checkout: over dims
+    sums = SoftmaxSums.empty(heads, d)
 print(f"add_sums {best(lambda: add_sums(sums, q_hat, k_hat, q, k, None, 0.125)):.3f} s, "
       f"choose_ridge {best(lambda: choose_ridge(equations, keep, prior)):.3f} s")
 """

@@ -24,10 +24,11 @@ import numpy as np
 
 from ..ir.graph import ModelGraph, attribute
 from ..heap import release_heap
-from ..score.importance import PairStatistics, _as_tokens, query_key, query_key_tensors, rotary_tables
+from ..score.importance import PairStatistics, PairSums, _as_tokens, query_key, query_key_tensors, rotary_tables
 from ..score.softmax_metric import softmax_scale
 from .least_squares import FOLDS, NormalEquations
 from ..match import Matches
+from ..match.units import unit_of_dim
 from .segments import SegmentRunner, cut
 
 CACHE_BYTES = 2 * 2**30  # a refitted layer's inputs are kept for the next stream up to this size
@@ -242,10 +243,11 @@ class Shard:
         self.targets(self.half(number), [])
 
     @_pass
-    def attention_targets(self, number: int, pairs_needed: bool = True) -> AttentionSums:
+    def attention_targets(self, number: int, pairs_needed: PairSums = PairSums.ALL) -> AttentionSums:
         """The targets of attention half `number`, with every batch's Q/K pair statistics: SNP's
         scores on the pruned model's q and k (sequential) against the original scores — not
-        gathered where no pair is cut (`pairs_needed` False: they cost seconds per layer)."""
+        gathered where no pair is cut (PairSums.NONE: they cost seconds per layer), only the
+        softmax's sums where those choose the pairs (PairSums.SOFTMAX)."""
         half = self.half(number)
         block = self.matches.layers[number // 2].attention
         scales = [s.tensor for s in block.frozen_scales]
@@ -255,10 +257,12 @@ class Shard:
         def score(item: Batch, values: dict[str, np.ndarray]) -> None:
             if scales:
                 scale_values.append((item.index, {t: np.array(values[t]) for t in scales}))
-            if not pairs_needed:
+            if pairs_needed is PairSums.NONE:
                 return
             statistics = PairStatistics.empty(block.heads, block.head_dim,
-                                              causal_scale=softmax_scale(block) if block.causal else None)
+                                              causal_scale=softmax_scale(block) if block.causal else None,
+                                              units=unit_of_dim(block),
+                                              softmax_only=pairs_needed is PairSums.SOFTMAX)
             q, k = query_key(self.g, block, values, item.samples)
             if self.sequential:  # the pruned model's q and k, the original scores
                 pruned = {half.residual: item.pruned}
@@ -345,7 +349,7 @@ class Shards(Protocol):
     def counts(self) -> tuple[int, int]: ...
     def advance_original(self, number: int) -> None: ...
     def ffn_targets(self, number: int) -> None: ...
-    def attention_targets(self, number: int, pairs_needed: bool = True) -> list[AttentionSums]: ...
+    def attention_targets(self, number: int, pairs_needed: PairSums = PairSums.ALL) -> list[AttentionSums]: ...
     def equations(self, number: int, weights: dict[Slot, np.ndarray]) -> list[NormalEquations]: ...
     def transform_cache(self, inner: np.ndarray) -> None: ...
     def finish(self, number: int, weights: dict[Slot, np.ndarray]) -> None: ...
@@ -362,7 +366,7 @@ class LocalShards:
     def __getattr__(self, name: str):  # prepare, restart, counts, advance_original, ffn_targets, …
         return getattr(self.shard, name)
 
-    def attention_targets(self, number: int, pairs_needed: bool = True) -> list[AttentionSums]:
+    def attention_targets(self, number: int, pairs_needed: PairSums = PairSums.ALL) -> list[AttentionSums]:
         return [self.shard.attention_targets(number, pairs_needed)]
 
     def equations(self, number: int, weights: dict[Slot, np.ndarray]) -> list[NormalEquations]:

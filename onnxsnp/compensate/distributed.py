@@ -23,6 +23,7 @@ from onnx import numpy_helper
 from ..data.calibration import without_initializers
 from .batches import AttentionSums, Shard, Slot, Workers, owner
 from ..errors import SnpError
+from ..score.importance import PairSums
 from .halves import original_weights, plan_segments
 from .least_squares import FOLDS, NormalEquations
 from ..threads import threads_for
@@ -94,7 +95,7 @@ class ShardWorker:
         with self._threads(number):
             self.shard.ffn_targets(number)
 
-    def attention_targets(self, number, pairs_needed=True):
+    def attention_targets(self, number, pairs_needed=PairSums.ALL):
         with self._threads(number):
             return self.shard.attention_targets(number, pairs_needed)
 
@@ -156,7 +157,7 @@ class RayShards:
     def ffn_targets(self, number: int) -> None:
         self._all("ffn_targets", number)
 
-    def attention_targets(self, number: int, pairs_needed: bool = True) -> list[AttentionSums]:
+    def attention_targets(self, number: int, pairs_needed: PairSums = PairSums.ALL) -> list[AttentionSums]:
         return self._all("attention_targets", number, pairs_needed)
 
     def equations(self, number: int, weights: dict[Slot, np.ndarray]) -> list[NormalEquations]:

@@ -32,7 +32,7 @@ from ..ir.graph import ModelGraph
 from ..match import units
 from .halves import original_weights, plan_segments
 from ..score.criteria import criterion as criterion_named, input_weights
-from ..score.importance import PairStatistics
+from ..score.importance import PairStatistics, PairSums
 from .batches import LocalShards, Shard, Shards, Slot, Workers, merged_equations, merged_pairs, split_batches
 from .least_squares import (DEFAULT_RIDGE, NormalEquations, Obs, activation_norms, choose_ridge, loss, solve,
                             solve_without_bias)
@@ -154,7 +154,8 @@ class Reconstructor:
         block = layer.attention
         width = self.widths.attention[block.name]
         cut = units.rounded(block, width.qk) < block.head_dim
-        pairs, scale_values = merged_pairs(shards.attention_targets(number, cut), block.heads, block.head_dim)
+        needed = PairSums.NONE if not cut else PairSums.SOFTMAX if self._by_softmax(block) else PairSums.ALL
+        pairs, scale_values = merged_pairs(shards.attention_targets(number, needed), block.heads, block.head_dim)
         self.scale_values.update(scale_values)
         d, every = block.head_dim, np.arange(block.groups)
         qk, q_map, k_map = self._reduce_pairs(block, pairs, width.qk)
@@ -187,11 +188,10 @@ class Reconstructor:
         d = block.head_dim
         if units.rounded(block, kept) == d:  # nothing cut (a QK-norm keeps whole heads): no statistics were gathered
             return np.tile(np.arange(d), (block.groups, 1)), None, None
-        if self.reduction is Reduction.PROJECT and self.criterion.selects_by_refit and not block.rotary \
-                and block.group_size == 1:  # a rotation of q/k directions would break a rotary embedding
+        if self._projects_pairs(block):
             q_map, k_map = project_pairs(pairs, kept)
             return np.tile(np.arange(kept), (block.heads, 1)), q_map, k_map
-        if pairs.softmax is not None and self.criterion.pairs_by_softmax and self.selection is Selection.OBS:
+        if self._by_softmax(block):
             choice = choose_pairs(block, pairs.softmax, kept, QK_RIDGE)
             self.reports.append(HalfReport(f"{block.name} (scores)", pairs.softmax.queries, QK_RIDGE,
                                            choice.error_sliced, choice.error_rescaled))
@@ -204,6 +204,15 @@ class Reconstructor:
             factors = pairs.rescales(AttentionKeep(block, qk, qk, every), QK_RIDGE)
             return qk, selection_map(qk, d, factors), None
         return qk, None, None
+
+    def _projects_pairs(self, block) -> bool:
+        return (self.reduction is Reduction.PROJECT and self.criterion.selects_by_refit and not block.rotary
+                and block.group_size == 1)  # a rotation of q/k directions would break a rotary embedding
+
+    def _by_softmax(self, block) -> bool:
+        """Whether the softmax's sums alone choose and rescale the Q/K pairs (_reduce_pairs)."""
+        return (block.causal and self.criterion.pairs_by_softmax and self.selection is Selection.OBS
+                and not self._projects_pairs(block))
 
     def _choose_pairs(self, block, pairs: PairStatistics, kept: int) -> np.ndarray:
         """Kept Q/K pairs per head, (heads, kept), ascending."""

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from enum import Enum
+
 import numpy as np
 
 from ..match import units
@@ -72,6 +74,15 @@ def _gram_roots(gram_q: np.ndarray, gram_k: np.ndarray,
 
 
 # --- accumulating scores over calibration batches ----------------------------------------------------
+class PairSums(Enum):
+    """Which Q/K pair statistics a pass gathers."""
+
+    NONE = "none"  # no pair is cut
+    SOFTMAX = "softmax"  # only the softmax's sums: the pairs are chosen by them (softmax_metric), and
+    # SNP's scores (a per-sample eigendecomposition, Grams) would be computed for nothing
+    ALL = "all"
+
+
 @dataclass
 class PairStatistics:
     """Per head, summed over calibration samples: SNP's pair scores, and the least-squares system
@@ -88,13 +99,18 @@ class PairStatistics:
     gram_k: np.ndarray | None = None
     causal_scale: float | None = None  # causal attention's softmax scale: the softmax's sums are kept too
     softmax: SoftmaxSums | None = None  # causal attention: the score error as the softmax sees it
+    softmax_only: bool = False  # PairSums.SOFTMAX: SNP's scores and Grams are left at zero
 
     @classmethod
     def empty(cls, heads: int, d: int, energy: float = DEFAULT_ENERGY,
-              causal_scale: float | None = None) -> "PairStatistics":
+              causal_scale: float | None = None, units: np.ndarray | None = None,
+              softmax_only: bool = False) -> "PairStatistics":
+        """`units`: each head dim's unit (match.units.unit_of_dim), for the softmax's sums over units;
+        `softmax_only` (with `causal_scale`): only the softmax's sums are gathered."""
         return cls(np.zeros((heads, d)), np.zeros((heads, d, d)), np.zeros((heads, d)), 0, energy,
                    np.zeros((heads, d, d)), np.zeros((heads, d, d)), causal_scale,
-                   None if causal_scale is None else SoftmaxSums.empty(heads, d))
+                   None if causal_scale is None else SoftmaxSums.empty(heads, d, units),
+                   softmax_only and causal_scale is not None)
 
     @small_linear_algebra
     def add(self, q: np.ndarray, k: np.ndarray, token_mask: np.ndarray | None = None,
@@ -109,27 +125,33 @@ class PairStatistics:
             tensors = [t * weights for t in tensors]
         # Grams in float32 (fp16 ones overflow; float64 products cost 7× more), factored in float64
         stacks = [_per_head(t.astype(np.float32, copy=False), heads, d) for t in tensors]
+        samples = q.shape[0]
+        self.count += samples
+        if not self.softmax_only:
+            self._add_scores(stacks, samples, q_original is not None)
+        if self.softmax is not None:
+            originals = (stacks[2], stacks[3]) if q_original is not None else (stacks[0], stacks[1])
+            matching = token_mask is not None and token_mask.shape[:2] == q.shape[:2]
+            add_sums(self.softmax, stacks[0], stacks[1], *originals, token_mask if matching else None,
+                     self.causal_scale)
+
+    def _add_scores(self, stacks: list[np.ndarray], samples: int, originals: bool) -> None:
+        """SNP's pair scores and the Grams of the rescale (`rescales`), from (samples·heads, N, d) stacks."""
+        heads, d = self.scores.shape
         gram_q = (np.swapaxes(stacks[0], -1, -2) @ stacks[0]).astype(np.float64)
         gram_k = (np.swapaxes(stacks[1], -1, -2) @ stacks[1]).astype(np.float64)
-        samples = q.shape[0]
         scores = pair_scores_from_grams(gram_q, gram_k, self.energy, (stacks[0], stacks[1]))
         self.scores += scores.reshape(samples, heads, d).sum(axis=0)
         self.gram += (gram_q * gram_k).reshape(samples, heads, d, d).sum(axis=0)
         self.gram_q += gram_q.reshape(samples, heads, d, d).sum(axis=0)
         self.gram_k += gram_k.reshape(samples, heads, d, d).sum(axis=0)
-        if q_original is None:
+        if not originals:
             cross = (gram_q * gram_k).sum(axis=-1)
         else:
             cross_q = (np.swapaxes(stacks[0], -1, -2) @ stacks[2]).astype(np.float64)
             cross_k = (np.swapaxes(stacks[1], -1, -2) @ stacks[3]).astype(np.float64)
             cross = (cross_q * cross_k).sum(axis=-1)
         self.cross += cross.reshape(samples, heads, d).sum(axis=0)
-        self.count += samples
-        if self.softmax is not None:
-            originals = (stacks[2], stacks[3]) if q_original is not None else (stacks[0], stacks[1])
-            matching = token_mask is not None and token_mask.shape[:2] == q.shape[:2]
-            add_sums(self.softmax, stacks[0], stacks[1], *originals, token_mask if matching else None,
-                     self.causal_scale)
 
     def merge(self, other: "PairStatistics") -> None:
         """Add `other`'s sums (another batch's, or another shard's) to these."""
@@ -139,10 +161,11 @@ class PairStatistics:
         self.gram_q += other.gram_q
         self.gram_k += other.gram_k
         self.count += other.count
+        self.softmax_only = self.softmax_only or other.softmax_only  # its scores are zeros, not measured
         if other.softmax is not None:
             if self.softmax is None:
                 self.causal_scale = other.causal_scale
-                self.softmax = SoftmaxSums.empty(*self.scores.shape)
+                self.softmax = SoftmaxSums.empty(*self.scores.shape, other.softmax.units)
             self.softmax.merge(other.softmax)
 
     def mean_scores(self) -> np.ndarray:

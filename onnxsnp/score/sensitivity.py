@@ -26,6 +26,7 @@ from .importance import PairStatistics, query_key, query_key_tensors
 from ..compensate.least_squares import DEFAULT_RIDGE, NormalEquations, Obs, solve
 from ..plan import AttentionKeep, selection_map
 from ..match.blocks import Placement
+from ..match.units import unit_of_dim
 from ..compensate.projection import cholesky, project_pairs, project_values
 from ..compensate.batches import Batch, Shard, branch_rms, norm_weights, split_batches, tokens as _tokens
 from ..compensate.reconstruction import QK_RIDGE, Reconstructor
@@ -106,7 +107,8 @@ def _attention(r: Reconstructor, shard: Shard, layer, half):
     block = layer.attention
     batches = shard.batches
     d, heads = block.head_dim, block.heads
-    pairs = PairStatistics.empty(heads, d, causal_scale=softmax_scale(block) if block.causal else None)
+    pairs = PairStatistics.empty(heads, d, causal_scale=softmax_scale(block) if block.causal else None,
+                           units=unit_of_dim(block))
     equations = NormalEquations.empty(block.out.in_features, block.out.out_features)
     branches: list[np.ndarray] = []
     energy = [0.0]

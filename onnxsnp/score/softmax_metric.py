@@ -32,25 +32,31 @@ CHUNK = 8  # head-samples per product
 # Queries per dense block of the causal triangle: a block's queries i ∈ [a, b) and all keys j < b,
 # the pairs above the diagonal carrying probability 0. Contiguous broadcasts instead of gathers over
 # the (i, j) pairs (those were 45 % of a SmolLM2 prune); 16 queries of 128 tokens cover 1.12× the
-# triangle, and 8 head-samples × 16 × 128 × d=64 float32 is 4 MB per product: built, scaled twice
-# and multiplied while it is still in cache. 16 × 32 × 128 × 64 (17 MB) made the sums 1.5× slower
-# (72 head-samples of 128 tokens, one BLAS thread on the shared 2-core machine: 115–125 ms against
-# 180–200 ms, the sums equal to 7e-8 of the largest F entry: float32 products grouped otherwise).
+# triangle, and 8 head-samples × 16 × 128 × d=64 float32 was 4 MB per product (now 8 × 33 rows of
+# 16 × 128 for 32 rotary units and the score spread, 2 MB): built, scaled and multiplied while it is
+# still in cache. 16 × 32 × 128 × 64 (17 MB) made the sums 1.5× slower (72 head-samples of 128
+# tokens, one BLAS thread on the shared 2-core machine: 115–125 ms against 180–200 ms, the sums
+# equal to 7e-8 of the largest F entry: float32 products grouped otherwise).
 QUERY_BLOCK = 16
 
 
 @dataclass
 class SoftmaxSums:
-    """Per query head, summed over calibration queries (see the module docstring)."""
+    """Per query head, summed over calibration queries (see the module docstring). With `units`
+    (each head dim's unit, match.units.unit_of_dim) F and c are over units, not dims: every later
+    use sums them so (a rotary pair shares one factor), and the products are 4× smaller."""
 
-    fisher: np.ndarray  # (heads, d, d) F
-    cross: np.ndarray  # (heads, d) c
+    fisher: np.ndarray  # (heads, d or units, d or units) F
+    cross: np.ndarray  # (heads, d or units) c
     energy: np.ndarray  # (heads,) Σ_i Var_{P_i}(s_i): the cost of removing every pair
     queries: int = 0
+    units: np.ndarray | None = None  # (d,) the unit of every dim where F and c are over units
 
     @classmethod
-    def empty(cls, heads: int, d: int) -> "SoftmaxSums":
-        return cls(np.zeros((heads, d, d)), np.zeros((heads, d)), np.zeros(heads))
+    def empty(cls, heads: int, d: int, units: np.ndarray | None = None) -> "SoftmaxSums":
+        width = d if units is None else int(units.max()) + 1
+        return cls(np.zeros((heads, width, width)), np.zeros((heads, width)), np.zeros(heads), 0,
+                   None if units is None else np.asarray(units))
 
     def merge(self, other: "SoftmaxSums") -> None:
         self.fisher += other.fisher
@@ -67,17 +73,23 @@ def add_sums(sums: SoftmaxSums, q_hat: np.ndarray, k_hat: np.ndarray, q: np.ndar
              token_mask: np.ndarray | None, scale: float) -> None:
     """Add one batch: (samples·heads, N, d) stacks of the pruned model's q̂, k̂ and the original
     q, k (rotated, k repeated per query head), in (sample, head) order; `token_mask` (samples, N)."""
-    heads, d = sums.cross.shape
+    heads, width = sums.cross.shape
+    d = q.shape[-1]
     count, n = q.shape[0], q.shape[1]
+    of = np.arange(d) if sums.units is None else sums.units
+    # each unit's dims, (units, dims a unit): a unit's score term is the sum of its dims'
+    members = np.argsort(of, kind="stable").reshape(width, -1)
+    size = members.shape[1]
     valid = np.ones((count // heads, n), bool) if token_mask is None else token_mask[:, :n] > 0
     valid = np.repeat(valid, heads, axis=0)  # (samples·heads, N)
-    fisher = np.zeros((count, d, d))
-    cross = np.zeros((count, d))
-    energy = np.zeros(count)
+    # one product gives F, c and the energy: Z·Zᵀ with Z's rows √P_ij·(x_iju − x̄_iu) for every unit u
+    # and √P_ij·(s_ij − μ_i) last, over the (i, j) pairs of a block of queries
+    products = np.zeros((count, width + 1, width + 1))
     causal = np.tril(np.ones((n, n), bool))[None]  # causal: query i sees keys j ≤ i
     for start in range(0, count, CHUNK):
         part = slice(start, min(start + CHUNK, count))
         qh, kh = q_hat[part].astype(np.float32), k_hat[part].astype(np.float32)
+        chunk = len(qh)
         scores = scale * (q[part].astype(np.float32) @ np.swapaxes(k[part].astype(np.float32), -1, -2))
         seen = causal & valid[part][:, None, :]
         scores = np.where(seen, scores, -np.inf)
@@ -87,29 +99,35 @@ def add_sums(sums: SoftmaxSums, q_hat: np.ndarray, k_hat: np.ndarray, q: np.ndar
         probs = weights / np.maximum(weights.sum(axis=-1, keepdims=True), 1e-30)
         probs *= valid[part][:, :, None]  # padded queries count for nothing
         finite = np.where(seen, scores, 0.0)
-        mean_keys = probs @ kh  # m_i = Σ_j P_ij k̂_j
         mean_score = (probs * finite).sum(axis=-1)  # μ_i
         roots = np.sqrt(probs)  # 0 above the diagonal, for padded keys and queries: those add nothing
+        # x_iju − x̄_iu = Σ_{a∈u} q̂_ia·(k̂_ja − m_ia) as one small product per unit: [q̂_iu, −Σ q̂_iu∘(m_i − c)]
+        # · [k̂_ju − c, 1]. Keys centred on their mean c first (the same value in exact arithmetic):
+        # a sink's large, nearly constant score terms would otherwise cancel in float32 and leave
+        # noise larger than the other pairs' terms
+        centred = kh - kh.mean(axis=1, keepdims=True)
+        shifted = probs @ centred  # m_i − c, m_i = Σ_j P_ij k̂_j
+        left = np.empty((chunk, width, n, size + 1), np.float32)
+        left[..., :size] = qh[:, :, members].transpose(0, 2, 1, 3)
+        left[..., size] = -(qh * shifted)[:, :, members].sum(axis=-1).transpose(0, 2, 1)
+        right = np.ones((chunk, width, size + 1, n), np.float32)
+        right[:, :, :size] = centred[:, :, members].transpose(0, 2, 3, 1)
         # one buffer for every block: a fresh array of this size is page-faulted in on each write
-        buffer = np.empty((len(qh), min(QUERY_BLOCK, n) * n * d), np.float32)
+        buffer = np.empty((chunk, width + 1, min(QUERY_BLOCK, n) * n), np.float32)
         for first in range(0, n, QUERY_BLOCK):
             last = min(first + QUERY_BLOCK, n)
-            root = roots[:, first:last, :last]  # (chunk, queries, keys)
-            z = buffer[:, :(last - first) * last * d].reshape(len(qh), last - first, last, d)
-            # centred before the products (Cov = E[(x − x̄)(y − ȳ)]): a sink's large, nearly constant
-            # score terms would otherwise cancel in float32 and leave noise larger than the rest
-            np.subtract(kh[:, None, :last], mean_keys[:, first:last, None], out=z)  # k̂_j − m_i
-            z *= root[..., None]
-            z *= qh[:, first:last, None]  # √P_ij · q̂_i ∘ (k̂_j − m_i)
-            z = z.reshape(len(qh), -1, d)
-            score_spread = (root * (finite[:, first:last, :last] - mean_score[:, first:last, None])).reshape(
-                len(z), -1)  # √P_ij · (s_ij − μ_i)
-            fisher[part] += scale ** 2 * (np.swapaxes(z, -1, -2) @ z)
-            cross[part] += scale * (np.swapaxes(z, -1, -2) @ score_spread[..., None])[..., 0]
-            energy[part] += (score_spread ** 2).sum(axis=-1)
-    sums.fisher += fisher.reshape(-1, heads, d, d).sum(axis=0)
-    sums.cross += cross.reshape(-1, heads, d).sum(axis=0)
-    sums.energy += energy.reshape(-1, heads).sum(axis=0)
+            rows = (last - first) * last
+            np.matmul(left[:, :, first:last], right[:, :, :, :last],
+                      out=buffer[:, :width, :rows].reshape(chunk, width, last - first, last))
+            np.subtract(finite[:, first:last, :last], mean_score[:, first:last, None],
+                        out=buffer[:, width, :rows].reshape(chunk, last - first, last))
+            block = buffer[:, :, :rows]
+            block.reshape(chunk, width + 1, last - first, last)[...] *= roots[:, None, first:last, :last]
+            products[part] += block @ np.swapaxes(block, -1, -2)
+    products = products.reshape(-1, heads, width + 1, width + 1).sum(axis=0)
+    sums.fisher += scale ** 2 * products[:, :width, :width]
+    sums.cross += scale * products[:, :width, width]
+    sums.energy += products[:, width, width]
     sums.queries += int(valid[::heads].sum())
 
 
@@ -138,14 +156,15 @@ def _solve(fisher: np.ndarray, cross: np.ndarray, kept: np.ndarray, penalty: flo
 def _unit_sums(block: AttentionBlock, sums: SoftmaxSums, ridge: float):
     """Per key/value group: F and c over units (a rotary pair is one unit, one factor), the energy,
     and the ridge penalty of each group."""
-    d, r = block.head_dim, block.group_size
-    fisher = sums.fisher.reshape(block.groups, r, d, d).sum(axis=1)
-    cross = sums.cross.reshape(block.groups, r, d).sum(axis=1)
+    d, r, width = block.head_dim, block.group_size, sums.cross.shape[-1]
+    fisher = sums.fisher.reshape(block.groups, r, width, width).sum(axis=1)
+    cross = sums.cross.reshape(block.groups, r, width).sum(axis=1)
     energy = sums.energy.reshape(block.groups, r).sum(axis=1)
-    to_units = units.unit_matrix(block, np.arange(d))  # (d, units)
-    unit_fisher = to_units.T @ fisher @ to_units
-    penalties = [ridge * max(float(np.mean(np.diag(f))), 1e-30) for f in unit_fisher]
-    return unit_fisher, cross @ to_units, energy, penalties
+    if sums.units is None:  # over dims: summed into units here
+        to_units = units.unit_matrix(block, np.arange(d))  # (d, units)
+        fisher, cross = to_units.T @ fisher @ to_units, cross @ to_units
+    penalties = [ridge * max(float(np.mean(np.diag(f))), 1e-30) for f in fisher]
+    return fisher, cross, energy, penalties
 
 
 def _removals(block: AttentionBlock, unit_fisher, unit_cross, penalties, count: int):
