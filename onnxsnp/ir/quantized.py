@@ -6,8 +6,8 @@ run along the cut axis — so the written file stays quantized. New values (refi
 rescaled q columns) are quantized again with the same scheme: the same integer type, per
 tensor or per channel along the same axis, with a zero point only where the original had a
 non-zero one; a refitted weight whose inputs' Gram is known is rounded with error feedback
-(feedback.py) on that scheme. The original chain is never edited: a copy feeds the pruned layer, so a weight
-other layers share keeps its value.
+(feedback.py) on that scheme. The original chain is never edited: a copy feeds the pruned
+layer, so a weight other layers share keeps its value.
 """
 from __future__ import annotations
 
