@@ -204,6 +204,13 @@ def _rewritten(p: Prepared, compensated: Compensated) -> onnx.ModelProto:
     return pruned
 
 
+def _quantized_weights(p: Prepared) -> bool:
+    """Whether refitted weights are quantized again after the rewrite: their refits then keep
+    their inputs' Gram, for rounding with error feedback (feedback.py)."""
+    return any(view is not None for view in (p.view, p.dynamic, p.rounded, p.qoperator)) or \
+        any(node.op_type == "DequantizeLinear" for node in p.model.graph.node)
+
+
 class ReconstructionWork:
     """The block-by-block reconstruction's calibration batches (the first block's input, computed
     once, held here or by --workers) and the sensitivity survey of a --target-* allocation
@@ -214,7 +221,7 @@ class ReconstructionWork:
         self.prepared = p
         self.reconstructor = Reconstructor(p.g, p.matches, options.criterion, options.selection, options.propagation,
                                            rescale_qk=options.rescale_qk, seed=options.seed,
-                                           reduction=options.reduction, keep_grams=p.view is not None)
+                                           reduction=options.reduction, keep_grams=_quantized_weights(p))
         self.batch = p.fixed or RECONSTRUCTION_BATCH
         self.shards = self.reconstructor.prepare(p.fit_feed, self.batch, p.mask, options.workers, restartable)
         self._curves = None

@@ -83,7 +83,7 @@ class Refit:
     weight: np.ndarray
     bias: np.ndarray | None
     # Σ x xᵀ of the kept inputs over the calibration tokens, kept where the weight is quantized again
-    # after the rewrite (MatMulNBits): the quantizer then follows X·W, not W (nbits.py)
+    # after the rewrite (int8, MatMulNBits): rounding then follows X·W, not W (feedback.py)
     gram: np.ndarray | None = None
 
 

@@ -94,3 +94,54 @@ def test_pruned_equals_masked_original(exported, family, attention, dynamic, exp
     # unoptimized: onnxruntime turns DequantizeLinear → MatMul into MatMulNBits, which rounds the activations
     for want, got in zip(run(masked_original(g, plan), feed, optimize=False), run(pruned, feed, optimize=False)):
         np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-3)
+
+
+def _written(style: str, values: np.ndarray | None = None, gram: np.ndarray | None = None, rows: int = 0):
+    """(the weight the graph computes, its integers, its scale and zero point values) after
+    `values` (default: random) is written into the first MatMul weight of a `style` int8 graph."""
+    import onnx_graphsurgeon as gs
+
+    import graphs
+    from onnxsnp.ir.editor import Editor
+    from quantize import quantize_weights
+
+    model = quantize_weights(graphs.softmax_attention(), style)
+    g = ModelGraph(model)
+    graph = gs.import_onnx(model)
+    editor = Editor(g, graph)
+    matmul = next(n for n in graph.nodes if n.op == "MatMul" and g.is_constant(n.inputs[1].name))
+    if values is None:
+        return editor.current(matmul, 1).shape
+    editor.write(matmul, 1, values, gram, rows)
+    nodes = [matmul.inputs[1].inputs[0]]
+    while not isinstance(nodes[-1].inputs[0], gs.Constant):
+        nodes.append(nodes[-1].inputs[0].inputs[0])
+    parameters = [t.values for n in nodes for t in n.inputs[1:] if isinstance(t, gs.Constant)]
+    return editor.current(matmul, 1), nodes[-1].inputs[0].values, parameters
+
+
+@pytest.mark.parametrize("rows", [0, 1])
+@pytest.mark.parametrize("style", ["dq-tensor", "dq-channel", "cast-tensor", "cast-channel"])
+def test_a_refitted_int8_weight_with_its_gram_keeps_its_outputs_closer(style, rows):
+    """A refit's weights written with the Gram of the inputs along `rows`: the same scale and zero
+    point as rounding to nearest (the scheme is the range's), round-to-nearest's levels where H ∝ I
+    (no row's error has anywhere to go), and on correlated inputs outputs X·W closer to the float
+    ones than rounding to nearest gives."""
+    shape = _written(style)
+    rng = np.random.default_rng(6)
+    target = rng.standard_normal(shape).astype(np.float32)
+    width = shape[rows]
+    # inputs sharing a few strong directions (as a transformer's hidden units do): rounding errors
+    # of different rows add up in X·W, and error feedback has something to cancel
+    inputs = rng.standard_normal((512, 3)) @ rng.standard_normal((3, width)) * 3 + 0.3 * rng.standard_normal((512, width))
+    nearest, nearest_integers, nearest_parameters = _written(style, target)
+    _, same_integers, same_parameters = _written(style, target, 5.0 * np.eye(width), rows)
+    fed, _, fed_parameters = _written(style, target, inputs.T @ inputs, rows)
+    np.testing.assert_array_equal(same_integers, nearest_integers)
+    for got, want in zip(fed_parameters + same_parameters, nearest_parameters * 2):
+        np.testing.assert_array_equal(got, want)
+
+    def output_error(weight):  # ‖X·ΔW‖ with X reading axis `rows` of the weight
+        return np.linalg.norm(inputs @ np.moveaxis(weight - target, rows, 0).reshape(width, -1))
+
+    assert output_error(fed) < 0.8 * output_error(nearest)

@@ -79,7 +79,7 @@ class Reconstructor:
                  ridge: float | None = None, rescale_qk: bool = True, seed: int = 0,
                  reduction: Reduction = Reduction.PROJECT, keep_grams: bool = False):
         self.reduction = reduction
-        self.keep_grams = keep_grams  # a refit's input Gram goes with it (for block-quantized weights)
+        self.keep_grams = keep_grams  # a refit's input Gram goes with it (for quantized weights)
         self.g, self.matches = g, matches
         self.criterion, self.selection, self.propagation = criterion_named(criterion), selection, propagation
         self.ridge, self.rescale_qk = ridge, rescale_qk

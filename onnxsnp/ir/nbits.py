@@ -8,12 +8,9 @@ its original packed tensors back (bit for bit), a sliced or refitted one is quan
 the same bits and block size (symmetric, or with zero points where the original had them), and
 the error that adds is measured and reported.
 
-A refitted weight (output projection, fc2) is fresh float values: rounded to the nearest level
-it gets a full quantization error of its own on top of the original's, which the refit cannot
-see. Where the refit's Gram of its inputs H = Σ x xᵀ is given, it is quantized with error
-feedback instead (GPTQ, Frantar et al., arXiv 2210.17323): input rows in order, each row's
-rounding error spread over the rows not yet rounded through H⁻¹, so that X·W_q follows X·W
-rather than W_q following W.
+A refitted weight (output projection, fc2) is fresh float values: where the refit's Gram of its
+inputs is given, it is quantized with error feedback (feedback.py) rather than rounded to the
+nearest level.
 """
 from __future__ import annotations
 
@@ -25,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .feedback import fed_back, inverse_factor
 from .graph import attribute
 
 _OP = "MatMulNBits"
@@ -219,40 +217,31 @@ def _rounded(weight: np.ndarray, bits: int, block: int, zero_points: bool
     return values, scale, zero
 
 
-DAMPING = 0.01  # of H's mean diagonal, as GPTQ: keeps H⁻¹ defined where inputs are (nearly) dependent
-
-
 def _error_feedback(weight: np.ndarray, gram: np.ndarray, bits: int, block: int, zero_points: bool
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """GPTQ over the input rows in order, a block's scale and zero point taken from its rows as
-    the earlier rows' errors left them; the same outputs as `_rounded`."""
+    """GPTQ over the input rows in order (feedback.py), a block's scale and zero point taken from
+    its rows as the earlier rows' errors left them; the same outputs as `_rounded`."""
     k, n = weight.shape
     blocks = -(-k // block)
     top = 2 ** bits - 1
-    w = weight.astype(np.float64).copy()
-    h = gram.astype(np.float64).copy()
-    dead = np.diag(h) <= 0  # inputs that never fire: nothing to feed back through
-    h[dead, dead] = 1.0
-    h[np.diag_indices(k)] += DAMPING * np.mean(np.diag(h))
-    try:  # U: the upper Cholesky factor of H⁻¹ (H⁻¹ = UᵀU); its rows carry each row's error forward
-        u = np.linalg.cholesky(np.linalg.inv(h)).T
-    except np.linalg.LinAlgError:
+    factor = inverse_factor(gram)
+    if factor is None:
         return _rounded(weight, bits, block, zero_points)
     values = np.zeros((n, blocks, block))
     scale = np.ones((n, blocks), np.float32)
     zero = np.zeros((n, blocks))
-    for b in range(blocks):
-        start, end = b * block, min(k, (b + 1) * block)
-        scale[:, b], zero[:, b] = (part[:, 0] for part in _levels(w[start:end].T[:, None, :].astype(np.float32),
-                                                                   bits, zero_points))
-        s, z = scale[:, b].astype(np.float64), zero[:, b]
-        errors = np.zeros((end - start, n))
-        for row in range(start, end):
-            q = np.clip(np.round(w[row] / s) + z, 0, top)
-            values[:, b, row - start] = q
-            errors[row - start] = (w[row] - (q - z) * s) / u[row, row]
-            w[row + 1:end] -= np.outer(u[row, row + 1:end], errors[row - start])
-        w[end:] -= u[start:end, end:].T @ errors  # lazily, a block at a time
+
+    def starting(start: int, end: int, rows: np.ndarray) -> None:
+        scale[:, start // block], zero[:, start // block] = (
+            part[:, 0] for part in _levels(rows.T[:, None, :].astype(np.float32), bits, zero_points))
+
+    def rounded(row: int, value: np.ndarray) -> np.ndarray:
+        s, z = scale[:, row // block].astype(np.float64), zero[:, row // block]
+        q = np.clip(np.round(value / s) + z, 0, top)
+        values[:, row // block, row % block] = q
+        return (q - z) * s
+
+    fed_back(weight, factor, rounded, block, starting)
     if k < blocks * block:  # the last block's padding: the level of zero
         values[:, -1, k - (blocks - 1) * block:] = zero[:, -1:]
     return values, scale, zero

@@ -5,8 +5,9 @@ Cutting such a weight slices the integer tensor — and a per-channel scale and 
 run along the cut axis — so the written file stays quantized. New values (refitted weights,
 rescaled q columns) are quantized again with the same scheme: the same integer type, per
 tensor or per channel along the same axis, with a zero point only where the original had a
-non-zero one. The original chain is never edited: a copy feeds the pruned layer, so a weight
-other layers share keeps its value.
+non-zero one; a refitted weight whose inputs' Gram is known is rounded with error feedback
+(feedback.py) on that scheme. The original chain is never edited: a copy feeds the pruned
+layer, so a weight other layers share keeps its value.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
+
+from .feedback import fed_back, inverse_factor
 
 _CHAIN_OPS = {"DequantizeLinear", "Cast", "Mul", "Sub", "Identity"}
 
@@ -126,9 +129,11 @@ def _scheme(chain: Chain, rank: int) -> _Scheme | None:
     return None if axis == -1 else _Scheme(scale, zero, axis)
 
 
-def requantized(chain: Chain, values: np.ndarray, editor) -> tuple[gs.Tensor, np.ndarray] | None:
+def requantized(chain: Chain, values: np.ndarray, editor, gram: np.ndarray | None = None, rows: int = 0
+                ) -> tuple[gs.Tensor, np.ndarray] | None:
     """A copy of `chain` computing `values` quantized with the chain's scheme, and the values it
-    computes; None where the scheme is not one of the two known ones."""
+    computes; None where the scheme is not one of the two known ones. `gram`: Σ x xᵀ of the
+    inputs that axis `rows` of `values` reads (a refit's), for rounding with error feedback."""
     source = constant_value(chain.source)
     scheme = _scheme(chain, values.ndim)
     if scheme is None or source.ndim != values.ndim:
@@ -146,7 +151,11 @@ def requantized(chain: Chain, values: np.ndarray, editor) -> tuple[gs.Tensor, np
     else:  # symmetric around zero
         scale = np.maximum(np.maximum(-low, high) / high_q, np.finfo(np.float32).tiny)
         zero = np.zeros_like(scale)
-    quantized = np.clip(np.round(values / scale) + zero, low_q, high_q)
+    factor = inverse_factor(gram) if gram is not None and gram.shape == (values.shape[rows],) * 2 else None
+    if factor is None:
+        quantized = np.clip(np.round(values / scale) + zero, low_q, high_q)
+    else:
+        quantized = _fed_back(values, factor, rows, scale, zero, (low_q, high_q))
     computed = ((quantized - zero) * scale).astype(values.dtype)
     replace = {scheme.scale: scale.reshape(scale_old.shape).astype(scale_old.dtype)}
     if scheme.zero is not None:
@@ -158,6 +167,22 @@ def requantized(chain: Chain, values: np.ndarray, editor) -> tuple[gs.Tensor, np
                   else tensor for index, tensor in enumerate(node.inputs)]
         current = _copy(editor, node, inputs)
     return current, computed
+
+
+def _fed_back(values: np.ndarray, factor: np.ndarray, rows: int, scale: np.ndarray, zero: np.ndarray,
+              bounds: tuple[int, int]) -> np.ndarray:
+    """The levels of `values` rounded with error feedback along axis `rows` (feedback.py), with
+    the scale and zero point the range gave: the scheme stays that of nearest rounding."""
+    levels = np.zeros(np.moveaxis(values, rows, 0).shape)
+    row_scale = np.moveaxis(np.broadcast_to(scale, values.shape), rows, 0)
+    row_zero = np.moveaxis(np.broadcast_to(zero, values.shape), rows, 0)
+
+    def rounded(row: int, value: np.ndarray) -> np.ndarray:
+        levels[row] = np.clip(np.round(value / row_scale[row]) + row_zero[row], *bounds)
+        return (levels[row] - row_zero[row]) * row_scale[row]
+
+    fed_back(np.moveaxis(values, rows, 0), factor, rounded)
+    return np.moveaxis(levels, 0, rows)
 
 
 def _integer_range(source: np.ndarray) -> tuple[int, int]:

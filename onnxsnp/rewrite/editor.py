@@ -100,21 +100,26 @@ class Editor:
             node.inputs[index], self.known[exact.name] = exact, values
         return True
 
-    def write(self, node: gs.Node, index: int, values: np.ndarray) -> None:
-        """Give a constant input new values; a quantized weight is quantized again with its scheme."""
+    def write(self, node: gs.Node, index: int, values: np.ndarray, gram: np.ndarray | None = None,
+              rows: int = 0) -> None:
+        """Give a constant input new values; a quantized weight is quantized again with its scheme
+        (with error feedback where `gram`, Σ x xᵀ of the inputs along axis `rows`, is given)."""
         chain = None if isinstance(node.inputs[index], gs.Constant) else chain_behind(node.inputs[index])
-        written = None if chain is None else requantized(chain, values, self)
+        written = None if chain is None else requantized(chain, values, self, gram, rows)
         if written is None:
             self.replace_input(node, index, values)
             return
         node.inputs[index], self.known[written[0].name] = written
 
     # --- linear layers -------------------------------------------------------------------
-    def set_weights(self, linear: Linear, weight: np.ndarray, bias: np.ndarray | None) -> None:
-        """Replace a projection's weight (given [in, out]) and bias, keeping their dtypes."""
+    def set_weights(self, linear: Linear, weight: np.ndarray, bias: np.ndarray | None,
+                    gram: np.ndarray | None = None) -> None:
+        """Replace a projection's weight (given [in, out]) and bias, keeping their dtypes; `gram`:
+        Σ x xᵀ of its inputs, where a quantized weight is rounded with error feedback."""
         node = self.nodes[linear.node]
         dtype = self.current(node, linear.weight_index).dtype
-        self.write(node, linear.weight_index, (weight.T if linear.transposed else weight).astype(dtype))
+        self.write(node, linear.weight_index, (weight.T if linear.transposed else weight).astype(dtype), gram,
+                   1 if linear.transposed else 0)
         if bias is not None and linear.bias is not None:
             bias_node = self.nodes[linear.bias_node]
             current = self.current(bias_node, linear.bias_index)

@@ -91,7 +91,7 @@ def _refit(editor: Editor, plan: PrunePlan) -> frozenset[tuple[str, int, int]]:
     for linear in linears:
         refit = plan.refits.get(linear.node)
         if refit is not None:
-            editor.set_weights(linear, refit.weight, refit.bias)
+            editor.set_weights(linear, refit.weight, refit.bias, refit.gram)
             done.add((linear.node, linear.weight_index, 1 if linear.transposed else 0))
     return frozenset(done)
 
