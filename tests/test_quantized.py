@@ -102,7 +102,7 @@ def _written(style: str, values: np.ndarray | None = None, gram: np.ndarray | No
     import onnx_graphsurgeon as gs
 
     import graphs
-    from onnxsnp.ir.editor import Editor
+    from onnxsnp.rewrite.editor import Editor
     from quantize import quantize_weights
 
     model = quantize_weights(graphs.softmax_attention(), style)
