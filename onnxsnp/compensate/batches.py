@@ -95,9 +95,10 @@ def sandwich_target(missing: np.ndarray, branch: np.ndarray, gamma: np.ndarray, 
     error in b reaches the stream. The norm undoes any change of the branch's size: a target off
     that sphere is met at another scale, the branch's own signal with it (Gemma 3 270M, where the
     stream's drift mapped through the norm outweighed the branch: layer 2's attention kept a
-    relative error of 0.61 after its refit, 0.23 with the target on the sphere; perplexity at
-    --ratio 0.25 1.17× instead of 1.24×, docs/DECODERS_GEMMA3.md). Channels whose γ is small
-    next to the others cannot carry a correction: their target stays the original branch."""
+    relative error of 0.60 after its refit, 0.23 with the target on the sphere; perplexity at
+    --ratio 0.25 1.17× instead of 1.25× on the same windows, docs/DECODERS_GEMMA3.md). Channels
+    whose γ is small next to the others cannot carry a correction: their target stays the original
+    branch."""
     scale = branch_rms(branch, eps)
     usable = np.abs(gamma) >= 0.1 * np.median(np.abs(gamma))
     wanted = np.where(usable, missing * scale / np.where(usable, gamma, 1.0), branch)
