@@ -238,3 +238,35 @@ def test_a_sandwich_normed_branch_is_refitted_towards_what_the_sum_misses(drift)
     before = np.abs(pruned + gamma * branch / branch_rms(branch, eps) - target)[..., usable].mean()
     after = np.abs(back - target)[..., usable].mean()
     assert after <= 1e-5 if drift == 0 else after < 0.5 * before  # the norm's own rms moves with the correction
+
+
+def test_a_sandwich_normed_target_stays_on_the_branchs_sphere():
+    """x + γ·b/rms(b): the norm undoes any change of b's size, so a target far from b (a large drift
+    mapped back through the linearised norm) is met on the sphere ‖u‖ = ‖b‖, nearest in the
+    stream's metric γ² — what the stream gains from the branch put back through the norm. The
+    linearised target itself, put through the norm, lands farther from the sum."""
+    from onnxsnp.compensate.batches import branch_rms, on_sphere, sandwich_target
+
+    rng = np.random.default_rng(1)
+    tokens, width, eps, drift = 32, 24, 1e-6, 1.0
+    gamma = rng.uniform(0.2, 5.0, width).astype(np.float32)
+    branch = rng.standard_normal((1, tokens, width)).astype(np.float32)
+    original = rng.standard_normal((1, tokens, width)).astype(np.float32) * 5
+    target = gamma * branch / branch_rms(branch, eps) + original
+    pruned = original + drift * rng.standard_normal(original.shape).astype(np.float32)
+    mapped, _ = sandwich_target(target - pruned, branch, gamma, eps, 1, None, None)
+    np.testing.assert_allclose(branch_rms(mapped, 0.0), branch_rms(branch, 0.0), rtol=1e-5)
+
+    def stream_error(u):  # ‖pruned + γ·u/rms(u) − target‖² per token
+        return np.square(pruned + gamma * u / branch_rms(u, eps) - target).sum(-1)
+
+    linearised = branch + (target - pruned - gamma * branch / branch_rms(branch, eps)) * branch_rms(branch, eps) / gamma
+    assert stream_error(mapped).sum() < stream_error(linearised).sum()
+    # nearest on the sphere in the γ² metric: no nearby point of the sphere is nearer
+    wanted = linearised[0, :1].astype(np.float64)
+    best = on_sphere(wanted, branch[0, :1], gamma)
+    radius = np.linalg.norm(branch[0, :1])
+    for _ in range(200):
+        other = best + 0.05 * rng.standard_normal(best.shape)
+        other *= radius / np.linalg.norm(other)
+        assert np.sum(np.square(gamma * (other - wanted))) >= np.sum(np.square(gamma * (best - wanted))) - 1e-6
