@@ -9,6 +9,15 @@ import pytest
 from onnxsnp.io.writing import Moves, publish, write_text_atomically
 
 
+@pytest.fixture(autouse=True)
+def interruptible():
+    """Ctrl-C as in a terminal: a shell that starts a job in the background without job control
+    (nohup'd CI, `cmd &` in a script) hands it SIGINT ignored, and Python then keeps it ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _hidden(folder):
     return [p.name for p in folder.iterdir() if p.name.startswith(".")]
 
