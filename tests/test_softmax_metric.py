@@ -92,6 +92,18 @@ def reference_sums(q_hat, k_hat, q, k, mask, scale, heads):
     return fisher, cross, energy
 
 
+def _sink_inputs(seed: int, heads: int, samples: int, tokens: int, d: int):
+    """Queries and keys (and their unrotated forms) with a sink pair: dim 0 a large, nearly
+    constant score term on every key; the second sample's last 6 tokens padded."""
+    rng = np.random.default_rng(seed)
+    q_hat, k_hat = rng.standard_normal((2, samples * heads, tokens, d))
+    q_hat[..., 0], k_hat[..., 0] = 40.0, 40.0 + 0.01 * rng.standard_normal((samples * heads, tokens))
+    q, k = q_hat + 0.1 * rng.standard_normal(q_hat.shape), k_hat + 0.1 * rng.standard_normal(k_hat.shape)
+    mask = np.ones((samples, tokens))
+    mask[1, tokens - 6:] = 0
+    return q_hat, k_hat, q, k, mask
+
+
 @pytest.mark.parametrize("query_block", [7, 32])
 def test_sums_keep_float64_precision_beside_a_sink(monkeypatch, query_block):
     """float32 products, centred first: a sink pair (a large, nearly constant score term on every
@@ -99,12 +111,7 @@ def test_sums_keep_float64_precision_beside_a_sink(monkeypatch, query_block):
     padding, and query blocks that do and do not divide the tokens."""
     monkeypatch.setattr(softmax_metric, "QUERY_BLOCK", query_block)
     heads, samples, tokens, d = 2, 2, 45, 8
-    rng = np.random.default_rng(5)
-    q_hat, k_hat = rng.standard_normal((2, samples * heads, tokens, d))
-    q_hat[..., 0], k_hat[..., 0] = 40.0, 40.0 + 0.01 * rng.standard_normal((samples * heads, tokens))
-    q, k = q_hat + 0.1 * rng.standard_normal(q_hat.shape), k_hat + 0.1 * rng.standard_normal(k_hat.shape)
-    mask = np.ones((samples, tokens))
-    mask[1, tokens - 6:] = 0
+    q_hat, k_hat, q, k, mask = _sink_inputs(5, heads, samples, tokens, d)
     sums = SoftmaxSums.empty(heads, d)
     add_sums(sums, q_hat, k_hat, q, k, mask, SCALE)
     fisher, cross, energy = reference_sums(q_hat, k_hat, q, k, mask, SCALE, heads)
@@ -191,12 +198,7 @@ def test_sums_over_rotary_units_are_the_dim_sums_summed_per_pair(style):
     float64 reference over dims summed into units afterwards, and choose the same pairs with the
     same rescale as the sums over dims."""
     heads, samples, tokens, d = 2, 2, 45, 8
-    rng = np.random.default_rng(11)
-    q_hat, k_hat = rng.standard_normal((2, samples * heads, tokens, d))
-    q_hat[..., 0], k_hat[..., 0] = 40.0, 40.0 + 0.01 * rng.standard_normal((samples * heads, tokens))
-    q, k = q_hat + 0.1 * rng.standard_normal(q_hat.shape), k_hat + 0.1 * rng.standard_normal(k_hat.shape)
-    mask = np.ones((samples, tokens))
-    mask[1, tokens - 6:] = 0
+    q_hat, k_hat, q, k, mask = _sink_inputs(11, heads, samples, tokens, d)
     of = np.arange(d) // 2 if style is RotaryStyle.INTERLEAVED else np.arange(d) % (d // 2)
     to_units = (of[:, None] == np.arange(d // 2)[None, :]).astype(float)
     by_units, by_dims = SoftmaxSums.empty(heads, d, of), SoftmaxSums.empty(heads, d)
