@@ -135,3 +135,41 @@ def test_initializers_keep_the_original_order_and_new_ones_follow_in_theirs():
     assert [t.name for t in target.graph.initializer] == ["a", "b", "c", "new_1", "new_0"]
     for tensor in target.graph.initializer:  # the messages moved whole
         np.testing.assert_array_equal(numpy_helper.to_array(tensor), values[tensor.name])
+
+
+def test_export_writes_the_bytes_graphsurgeons_export_writes():
+    """rewriting._export (each weight copied once) against gs.export_onnx on a graph with weights
+    loaded lazily, edited in numpy, added, and of other types (fp16, bf16 kept as stored, int64)."""
+    import onnx_graphsurgeon as gs
+    from onnx import helper, numpy_helper
+
+    from onnxsnp.rewrite.rewriting import _export
+
+    rng = np.random.default_rng(0)
+    bf16 = helper.make_tensor("bf16", onnx.TensorProto.BFLOAT16, [2, 3], rng.integers(0, 2**15, 6).tolist())
+    initializers = [numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "w"),
+                    numpy_helper.from_array(rng.standard_normal(3).astype(np.float16), "h"),
+                    numpy_helper.from_array(np.array([1, 3], np.int64), "shape"), bf16]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Cast", ["h"], ["h32"], to=1),
+             helper.make_node("Add", ["y", "h32"], ["z"]), helper.make_node("Reshape", ["z", "shape"], ["r"]),
+             helper.make_node("Cast", ["bf16"], ["b32"], to=1), helper.make_node("Identity", ["b32"], ["b"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [1, 4])],
+                              [helper.make_tensor_value_info("r", 1, [1, 3]), helper.make_tensor_value_info("b", 1, None)],
+                              initializers)
+    model = helper.make_model(graph)
+
+    def edited() -> gs.Graph:
+        g = gs.import_onnx(model)
+        tensors = g.tensors()
+        tensors["w"].values = tensors["w"].values[:, :3] * 2  # edited: a numpy array now
+        tensors["new"] = gs.Constant("new", rng.standard_normal(3).astype(np.float32))
+        g.nodes.append(gs.Node("Cast", inputs=[tensors["new"]], outputs=[gs.Variable("n32", np.float32)],
+                               attrs={"to": 1}))
+        return g
+
+    want = gs.export_onnx(edited(), do_type_check=False)
+    rng = np.random.default_rng(0)
+    rng.standard_normal((4, 3)), rng.standard_normal(3), rng.integers(0, 2**15, 6)  # the same draws again
+    got = _export(edited())
+    assert len(got.graph.initializer) == 5
+    assert got.SerializeToString() == want.SerializeToString()

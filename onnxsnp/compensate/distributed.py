@@ -23,6 +23,7 @@ from onnx import numpy_helper
 from ..data.calibration import without_initializers
 from .batches import AttentionSums, Shard, Slot, Workers, owner
 from ..errors import SnpError
+from ..ir.sizes import raw_bytes
 from ..score.importance import PairSums
 from .halves import original_weights, plan_segments
 from .least_squares import FOLDS, NormalEquations
@@ -46,7 +47,7 @@ def portable(model: onnx.ModelProto) -> tuple[bytes, dict[str, np.ndarray]]:
     light = without_initializers(model)
     weights = {}
     for tensor in model.graph.initializer:
-        if len(tensor.raw_data) >= PORTABLE_MIN_BYTES:
+        if raw_bytes(tensor) >= PORTABLE_MIN_BYTES:
             weights[tensor.name] = numpy_helper.to_array(tensor)
             stub = light.graph.initializer.add()  # keeps the initializers' order
             stub.name, stub.data_type = tensor.name, tensor.data_type

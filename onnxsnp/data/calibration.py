@@ -15,6 +15,7 @@ from onnx import helper, numpy_helper
 
 from ..progress import steps
 from ..errors import SnpError
+from ..ir.sizes import raw_bytes
 from ..ir.graph import ModelGraph, attribute
 
 # onnxruntime logs run-time failures straight to stderr; onnxsnp reports them itself, in one line
@@ -324,7 +325,7 @@ def add_initializers(graph: onnx.GraphProto, tensors: Iterable[onnx.TensorProto]
     values are returned as OrtValues for `SessionOptions.add_external_initializers`."""
     names, values = [], []
     for tensor in tensors:
-        if (tensor.data_type in _IN_MEMORY_TYPES and len(tensor.raw_data) >= _IN_MEMORY_MIN_BYTES
+        if (tensor.data_type in _IN_MEMORY_TYPES and raw_bytes(tensor) >= _IN_MEMORY_MIN_BYTES
                 and tensor.data_location != onnx.TensorProto.EXTERNAL):
             stub = graph.initializer.add()
             stub.name, stub.data_type = tensor.name, tensor.data_type

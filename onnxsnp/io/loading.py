@@ -12,6 +12,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from ..errors import SnpError
+from ..ir.sizes import raw_bytes
 
 
 @dataclass
@@ -27,7 +28,7 @@ PROTOBUF_LIMIT = 2**31 - 2**26
 
 
 def weight_bytes(model: onnx.ModelProto) -> int:
-    return sum(len(t.raw_data) for t in model.graph.initializer)
+    return sum(raw_bytes(t) for t in model.graph.initializer)
 
 
 def is_big(model: onnx.ModelProto) -> bool:

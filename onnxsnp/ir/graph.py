@@ -14,6 +14,7 @@ import onnx
 from onnx import numpy_helper, shape_inference
 
 from ..errors import SnpError
+from .sizes import raw_bytes
 from .standins import replace_contrib_ops
 
 # The legacy exporter de-duplicates identical initializers by routing one through Identity nodes.
@@ -159,7 +160,7 @@ def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     graph.value_info.extend(model.graph.value_info)
     declared = {i.name for i in model.graph.input}
     for tensor in model.graph.initializer:
-        if len(tensor.raw_data) <= 4096:
+        if raw_bytes(tensor) <= 4096:
             graph.initializer.append(tensor)
         elif tensor.name not in declared:
             graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))

@@ -15,6 +15,8 @@ import re
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, dtype_to_onnx
+from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 
 from .decoding import kv_cache_shapes, set_kv_cache_shapes, slice_rotary_tables
 from .editor import Editor
@@ -52,7 +54,7 @@ def rewrite(g: ModelGraph, plan: PrunePlan) -> onnx.ModelProto:
         if layer.renorm:
             _renormalize(editor, layer.renorm, layer.input)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    model = gs.export_onnx(graph, do_type_check=False)
+    model = _export(graph)
     del model.graph.value_info[:]  # shapes recorded by the exporter are stale where widths changed
     _keep_initializer_order(g.model, model)
     _keep_io_types(g.model, model)
@@ -60,6 +62,39 @@ def rewrite(g: ModelGraph, plan: PrunePlan) -> onnx.ModelProto:
     _rename_generated_initializers(model)
     _copy_metadata(g.model, model)
     return model
+
+
+def _export(graph: gs.Graph) -> onnx.ModelProto:
+    """gs.export_onnx with every weight copied into the model once. The exporter puts each
+    initializer's TensorProto in a GraphProto (a copy) that make_model copies into the model (a
+    second): every weight held three times at once and copied twice, 2.3 GB of page faults on a
+    270 MB decoder (docs/PRUNE_COST_DECODER.md). Here the graph is exported with data-less stand-ins
+    (name, type, dims) and each initializer then copied from the exporter's own TensorProto of that
+    constant, one at a time: the same bytes."""
+    constants = {name: tensor for name, tensor in graph.tensors().items()
+                 if isinstance(tensor, gs.Constant) and not isinstance(tensor._values, SparseValues)}
+    values = {name: tensor._values for name, tensor in constants.items()}
+    try:
+        for name, tensor in constants.items():
+            full = values[name]
+            source = full.tensor if isinstance(full, LazyValues) else None
+            stub = onnx.TensorProto(name=name, data_type=source.data_type if source is not None else
+                                    _onnx_type(tensor))
+            stub.dims.extend(tensor.shape)
+            tensor._values = LazyValues(stub)
+        model = gs.export_onnx(graph, do_type_check=False)
+    finally:
+        for name, tensor in constants.items():
+            tensor._values = values[name]
+    for initializer in model.graph.initializer:
+        tensor = constants.get(initializer.name)
+        if tensor is not None:
+            initializer.CopyFrom(OnnxExporter.export_tensor_proto(tensor))
+    return model
+
+
+def _onnx_type(tensor: gs.Constant) -> int:
+    return dtype_to_onnx(tensor.export_dtype)
 
 
 def plan_cuts(g: ModelGraph, plan: PrunePlan) -> list[Cut]:

@@ -13,6 +13,7 @@ from ..data.calibration import Runner, Weights, fitted, session, without_initial
 from ..data.timing import decode_feed, interleaved_medians, is_past
 from ..errors import SnpError
 from ..io.loading import is_big, model_file
+from ..ir.sizes import raw_bytes
 
 log = logging.getLogger("onnxsnp")
 
@@ -132,7 +133,7 @@ def weight_stubs(model: onnx.ModelProto) -> onnx.ModelProto:
     shapes that data propagation reads."""
     light = without_initializers(model)
     for tensor in model.graph.initializer:
-        if len(tensor.raw_data) >= 1024 and tensor.data_type not in _SHAPE_TYPES:
+        if raw_bytes(tensor) >= 1024 and tensor.data_type not in _SHAPE_TYPES:
             stub = light.graph.initializer.add()
             stub.name, stub.data_type = tensor.name, tensor.data_type
             stub.dims.extend(tensor.dims)
