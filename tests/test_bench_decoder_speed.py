@@ -18,10 +18,11 @@ def test_ratios_and_flops_budgets_become_prunes_in_order():
     assert len({c.stem for c in listed}) == 3  # one file each
 
 
-@pytest.mark.parametrize("ratios, flops", [("", ""), ("x", ""), ("", "1.5"), ("0", "")])
-def test_a_bad_cut_is_a_one_line_exit(ratios, flops):
+@pytest.mark.parametrize("ratios, flops, speedups", [("", "", ""), ("x", "", ""), ("", "1.5", ""), ("0", "", ""),
+                                                     ("", "", "0.9")])
+def test_a_bad_cut_is_a_one_line_exit(ratios, flops, speedups):
     with pytest.raises(SystemExit) as stopped:
-        bench.cuts(ratios, flops)
+        bench.cuts(ratios, flops, speedups)
     assert "bench_decoder_speed" in str(stopped.value)
 
 
@@ -43,3 +44,12 @@ def test_a_row_sets_each_speedup_beside_the_flops_cut():
     assert cells[5] == "10.00 → 10.00 (1.00×, 0.80)"  # decode not faster: 1 ÷ 1.25
     assert cells[6] == "2.0 → 1.5 MB (0.75×)" and cells[7] == "4.0 → 2.0 KiB"
     assert len(cells) == len(bench.HEADER[1].strip("|").split("|"))
+
+
+def test_a_speedup_goal_row_says_where_the_decode_step_landed():
+    goal, decode = 1.25, 10.0
+    (cut,) = bench.cuts("", "", str(goal))
+    assert cut.args == ["--target-speedup", str(goal)]
+    row = bench.table_row("dynamo", cut, 1, (1000, 800), (100.0, decode, 4096), (80.0, decode / (goal * 1.04), 2048),
+                          (2_000_000, 1_500_000))
+    assert f"goal {goal:.2f}×, +4.0%" in row.split("|")[6]  # 4 % faster than asked
