@@ -53,3 +53,13 @@ def test_a_speedup_goal_row_says_where_the_decode_step_landed():
     row = bench.table_row("dynamo", cut, 1, (1000, 800), (100.0, decode, 4096), (80.0, decode / (goal * 1.04), 2048),
                           (2_000_000, 1_500_000))
     assert f"goal {goal:.2f}×, +4.0%" in row.split("|")[6]  # 4 % faster than asked
+
+
+def test_the_calibration_prompts_are_as_long_as_the_timed_prefill(tmp_path):
+    import numpy as np
+
+    samples = 3
+    path = bench.prompts(tmp_path, samples)
+    ids = np.load(path)["input_ids"]
+    assert ids.shape == (samples, bench.PROMPT) and ids.min() >= 0 and ids.max() < bench.SHAPE["vocab"]
+    assert bench.prompts(tmp_path, samples) == path  # made once, reused

@@ -1,12 +1,14 @@
 """Pruned decoders' speed and size as deployed → docs/DECODER_SPEED.md.
 
 A Llama with SmolLM2-135M's shape (30 layers, hidden 576, 9 query / 3 key-value heads, SwiGLU
-1536, 49,152 tokens, output projection not tied; random weights: speed and size do not depend on their
-values), built locally (tools/decoder_export.py) and written by onnxruntime-genai's model builder
-(`-p int4 -e cpu`, a folder) and/or by torch's dynamo exporter (fp32, with a KV cache), is pruned
-at each FLOPs budget (`--target-flops`) and/or `--ratio` (synthetic calibration: the cut, not the
-fidelity, is measured here) and timed with onnxruntime at each intra-op thread count, the original
-and the pruned model at every thread count interleaved round by round (medians of the rounds):
+1536, 49,152 tokens, output projection not tied; random weights: speed and size do not depend on
+their values), built locally (tools/decoder_export.py) and written by onnxruntime-genai's model
+builder (`-p int4 -e cpu`, a folder) and/or by torch's dynamo exporter (fp32, with a KV cache), is
+pruned at each FLOPs budget (`--target-flops`), `--ratio` and decode-step `--target-speedup`
+(calibration: 16 prompts of random tokens, as long as the prefill timed, so that the FLOPs count
+is the prefill's; the cut, not the fidelity, is measured here) and timed with onnxruntime at each
+intra-op thread count, the original and the pruned model at every thread count interleaved round
+by round (medians of the rounds):
 
 - prefill: one prompt of 128 tokens with an empty cache;
 - decode: 64 single-token steps, each feeding the previous step's `present.*` back, per token.
@@ -68,6 +70,17 @@ def build(form: str, folder: Path) -> Path:
         export_dynamo(T.AutoModelForCausalLM.from_pretrained(source), out)
     done.touch()
     return out
+
+
+def prompts(folder: Path, samples: int) -> Path:
+    """Calibration for every prune: `samples` random prompts of the timed prefill's length, so that
+    the report's FLOPs count (and the cut the speedups are set against) is that of the prefill
+    timed — attention's products grow with the square of the length, and a budget that removes
+    heads cuts them more than the rest."""
+    path = folder / f"prompts-{samples}x{PROMPT}.npz"
+    if not path.exists():
+        np.savez(path, input_ids=np.random.default_rng(1).integers(3, SHAPE["vocab"], (samples, PROMPT)))
+    return path
 
 
 def size(path: Path) -> int:
@@ -233,8 +246,8 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2", help="intra-op thread counts, each timed interleaved")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--samples", type=int, default=16,
-                        help="synthetic calibration samples per prune (--calib-samples): the widths, not the "
-                             "weights, set the speed, and fewer samples make the survey and refit cheaper")
+                        help="calibration prompts per prune (random tokens, the prefill's length): the widths, "
+                             "not the weights, set the speed, and fewer prompts make the survey and refit cheaper")
     parser.add_argument("--work", type=Path, help="keep the exports and prunes here (reused when present); "
                                                   "default a temporary folder")
     parser.add_argument("--profile", action="store_true", help="onnxruntime's profiler per op type, too")
@@ -248,6 +261,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.work or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
+        calib = prompts(folder, args.samples)
         for form in args.forms.split(","):
             original = build(form, folder)
             for cut in listed:
@@ -257,7 +271,7 @@ def main() -> None:
                 if not (report.exists() and pruned.exists()):
                     for stale in (pruned, report):  # a prune stopped half-way: start it again
                         shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
-                    assert onnxsnp_main([str(original), str(pruned), *cut.args, "--calib-samples", str(args.samples), "-q",
+                    assert onnxsnp_main([str(original), str(pruned), *cut.args, "--calib", str(calib), "-q",
                                          "--report", str(report)]) == 0
                 data = json.loads(report.read_text())
                 before, after = timings([original, pruned], args.rounds, threads)
