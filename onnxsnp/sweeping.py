@@ -124,14 +124,15 @@ def markdown(result: SweepResult) -> str:
                     else f"{_num(row.centred_cosine)} | {_num(row.top1_agreement)}")
         decode = ""
         if cached:  # what generation repeats per token, and the cache it reads
-            decode_speedup = row.decode_ms_before / row.decode_ms_after if row.decode_ms_before and row.decode_ms_after \
-                else None
+            decode_speedup = (row.decode_ms_before / row.decode_ms_after
+                              if row.decode_ms_before and row.decode_ms_after else None)
             kv = f"{row.kv_cache_bytes_after:,} B ({row.kv_cache_bytes_after / row.kv_cache_bytes_before:.1%})" \
                 if row.kv_cache_bytes_before else "—"
             decode = f"{_num(row.decode_ms_after)} | {_num(decode_speedup, '×')} | {kv} | "
         lines_.append(f"| {row.goal:g} × {result.kind} | {row.file} | {_ratio(row.flops_after, row.flops_before)} | "
                       f"{_ratio(row.params_after, row.params_before)} | {size} | {_num(row.latency_ms_after)} | "
-                      f"{_num(row.speedup, '×')} | {decode}{_num(row.output_cosine)} | {fidelity} | {row.seconds:.1f} |")
+                      f"{_num(row.speedup, '×')} | {decode}{_num(row.output_cosine)} | {fidelity} | "
+                      f"{row.seconds:.1f} |")
     return "\n".join(lines_) + "\n"
 
 

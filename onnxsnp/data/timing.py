@@ -52,8 +52,8 @@ def prompt_tokens(feed: dict[str, np.ndarray]) -> int | None:
     length); None for a model without a past input, whose run is not a prefill."""
     if not any(is_past(name, value) for name, value in feed.items()):
         return None
-    ids = [value for name, value in feed.items()
-           if value.ndim == 2 and value.dtype.kind in "iu" and "mask" not in name.lower() and "position" not in name.lower()]
+    ids = [value for name, value in feed.items() if value.ndim == 2 and value.dtype.kind in "iu"
+           and not any(word in name.lower() for word in ("mask", "position"))]
     return int(ids[0].shape[1]) if ids else None
 
 

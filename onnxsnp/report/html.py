@@ -40,7 +40,8 @@ def _overview(report: Report) -> str:
             ("FLOPs per sample", f"{report.flops_before:,}", f"{report.flops_after:,}"),
             ("weights (bytes)", f"{report.weight_bytes_before:,}", f"{report.weight_bytes_after:,}")]
     if report.kv_cache_bytes_before:
-        rows.append(("KV cache per token (bytes)", f"{report.kv_cache_bytes_before:,}", f"{report.kv_cache_bytes_after:,}"))
+        rows.append(("KV cache per token (bytes)", f"{report.kv_cache_bytes_before:,}",
+                     f"{report.kv_cache_bytes_after:,}"))
     rows += [(what, before, after) for what, before, after, _ in report.speed_rows()]
     f = report.fidelity
     measures = [f"output cosine {f.output_cosine:.4f}", f"centred cosine {f.centred_cosine:.4f}",
