@@ -44,6 +44,10 @@ class SweepRow:
     weight_bytes_after: int = 0
     perplexity_ratio: float | None = None  # a language model's
     next_token_agreement: float | None = None
+    decode_ms_before: float | None = None  # a language model's cached decode step, one thread
+    decode_ms_after: float | None = None
+    kv_cache_bytes_before: int = 0  # a decoder's KV cache per token
+    kv_cache_bytes_after: int = 0
 
     @property
     def speedup(self) -> float | None:
@@ -97,7 +101,9 @@ def sweep(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel, goal
                                  report.params_after, report.latency_ms_before, report.latency_ms_after,
                                  fidelity.output_cosine, fidelity.centred_cosine, fidelity.top1_agreement,
                                  round(time.perf_counter() - begun, 2), report.weight_bytes_before,
-                                 report.weight_bytes_after, fidelity.perplexity_ratio, fidelity.next_token_agreement))
+                                 report.weight_bytes_after, fidelity.perplexity_ratio, fidelity.next_token_agreement,
+                                 report.decode_ms_before, report.decode_ms_after, report.kv_cache_bytes_before,
+                                 report.kv_cache_bytes_after))
     finally:
         if work is not None:
             work.close()
@@ -106,7 +112,9 @@ def sweep(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel, goal
 
 def markdown(result: SweepResult) -> str:
     language = any(row.perplexity_ratio is not None for row in result.rows)
-    head = ("| target | file | FLOPs | params | size | latency ms | speedup | output cosine | "
+    cached = any(row.decode_ms_after is not None or row.kv_cache_bytes_before for row in result.rows)
+    head = (f"| target | file | FLOPs | params | size | {'prefill' if cached else 'latency'} ms | speedup | "
+            + ("decode ms/token | decode speedup | KV cache/token | " if cached else "") + "output cosine | "
             + ("perplexity × | next-token agreement |" if language else "centred cosine | top-1 agreement |")
             + " seconds |")
     lines_ = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -114,9 +122,17 @@ def markdown(result: SweepResult) -> str:
         size = f"{row.weight_bytes_after / row.weight_bytes_before:.1%}" if row.weight_bytes_before else "—"
         fidelity = (f"{_num(row.perplexity_ratio, '×')} | {_num(row.next_token_agreement)}" if language
                     else f"{_num(row.centred_cosine)} | {_num(row.top1_agreement)}")
+        decode = ""
+        if cached:  # what generation repeats per token, and the cache it reads
+            decode_speedup = (row.decode_ms_before / row.decode_ms_after
+                              if row.decode_ms_before and row.decode_ms_after else None)
+            kv = f"{row.kv_cache_bytes_after:,} B ({row.kv_cache_bytes_after / row.kv_cache_bytes_before:.1%})" \
+                if row.kv_cache_bytes_before else "—"
+            decode = f"{_num(row.decode_ms_after)} | {_num(decode_speedup, '×')} | {kv} | "
         lines_.append(f"| {row.goal:g} × {result.kind} | {row.file} | {_ratio(row.flops_after, row.flops_before)} | "
                       f"{_ratio(row.params_after, row.params_before)} | {size} | {_num(row.latency_ms_after)} | "
-                      f"{_num(row.speedup, '×')} | {_num(row.output_cosine)} | {fidelity} | {row.seconds:.1f} |")
+                      f"{_num(row.speedup, '×')} | {decode}{_num(row.output_cosine)} | {fidelity} | "
+                      f"{row.seconds:.1f} |")
     return "\n".join(lines_) + "\n"
 
 

@@ -1,6 +1,6 @@
 """Which ops of a pruned decoder do not shrink with its cut: onnxruntime's profiler, one intra-op
-thread, per op type, a prefill apart from the cached decode steps, original vs pruned; and the
-time of the nodes the rewrite added (their names carry `__snp`).
+thread, per op type, a prefill apart from the cached decode steps, original vs pruned (run in turn,
+repeat by repeat); and the time of the nodes the rewrite added (their names carry `__snp`).
 
     python tools/profile_decoder_ops.py ORIGINAL.onnx PRUNED.onnx [--prompt 128] [--steps 64] [--repeats 3]
 
@@ -38,22 +38,29 @@ class OpTimes:
     added: collections.Counter  # (phase, op type) of the nodes the rewrite added
 
 
-def op_times(path: Path, prompt: int, steps: int, repeats: int) -> OpTimes:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = options.inter_op_num_threads = 1
-    options.enable_profiling = True
-    options.profile_file_prefix = str(Path(tempfile.mkdtemp()) / path.stem)
-    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    model = onnx.load(str(path), load_external_data=False)
-    names = [o.name for o in sess.get_outputs()]
-    vocab = sess.get_outputs()[0].shape[-1] if isinstance(sess.get_outputs()[0].shape[-1], int) else 100
-    ids = np.random.default_rng(0).integers(3, vocab, (1, prompt))
+def op_times(paths: list[Path], prompt: int, steps: int, repeats: int) -> list[OpTimes]:
+    """Each model's kernel times, the models run in turn repeat by repeat (a slow phase of a shared
+    machine hits them alike, as in the benchmarks' interleaved rounds)."""
+    runs = []
+    for path in paths:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tempfile.mkdtemp()) / path.stem)
+        sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        runs.append((sess, onnx.load(str(path), load_external_data=False), [o.name for o in sess.get_outputs()]))
+    first = runs[0][0].get_outputs()[0].shape[-1]
+    ids = np.random.default_rng(0).integers(3, first if isinstance(first, int) else 100, (1, prompt))
     for _ in range(repeats):
-        out = dict(zip(names, sess.run(None, step_feed(model, ids))))
-        for _ in range(steps):
-            past = {n.replace("present", "past_key_values"): v for n, v in out.items() if n.startswith("present")}
-            out = dict(zip(names, sess.run(None, step_feed(model, np.array([[1]]), past))))
-    events = json.loads(Path(sess.end_profiling()).read_text())
+        for sess, model, names in runs:
+            out = dict(zip(names, sess.run(None, step_feed(model, ids))))
+            for _ in range(steps):
+                past = {n.replace("present", "past_key_values"): v for n, v in out.items() if n.startswith("present")}
+                out = dict(zip(names, sess.run(None, step_feed(model, np.array([[1]]), past))))
+    return [_by_op(json.loads(Path(sess.end_profiling()).read_text()), steps, repeats) for sess, _, _ in runs]
+
+
+def _by_op(events: list[dict], steps: int, repeats: int) -> OpTimes:
     starts = [e["ts"] for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
     prefill, decode, added = collections.Counter(), collections.Counter(), collections.Counter()
     for event in events:
@@ -76,7 +83,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--top", type=int, default=12)
     args = parser.parse_args()
-    before, after = (op_times(p, args.prompt, args.steps, args.repeats) for p in (args.original, args.pruned))
+    before, after = op_times([args.original, args.pruned], args.prompt, args.steps, args.repeats)
     for phase in ("prefill", "decode"):
         a, b = getattr(before, phase), getattr(after, phase)
         total_a, total_b = sum(a.values()), sum(b.values())

@@ -47,6 +47,16 @@ def is_past(name: str, value: np.ndarray) -> bool:
     return "past" in name.lower() and value.ndim >= 4
 
 
+def prompt_tokens(feed: dict[str, np.ndarray]) -> int | None:
+    """The tokens a run of a language model with a KV cache prefills on `feed` (its token ids'
+    length); None for a model without a past input, whose run is not a prefill."""
+    if not any(is_past(name, value) for name, value in feed.items()):
+        return None
+    ids = [value for name, value in feed.items() if value.ndim == 2 and value.dtype.kind in "iu"
+           and not any(word in name.lower() for word in ("mask", "position"))]
+    return int(ids[0].shape[1]) if ids else None
+
+
 def interleaved_rounds(measures: Sequence[Callable[[], T]], rounds: int, budget_s: float = math.inf,
                        min_rounds: int = 5) -> list[list[T]]:
     """What each measure returns, called once per round, round by round, so that the machine's slow

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import onnx
 
+from ..data.timing import prompt_tokens
 from ..io.genai import NOTE as GENAI_NOTE
 from ..io.loading import weight_bytes
 from ..ir.stats import stats_from_shapes
@@ -32,11 +33,12 @@ class Timing:
 
     run_ms: tuple[float, float] | tuple[None, None] = (None, None)
     decode_ms: tuple[float, float] | None = None
+    prefill_tokens: int | None = None  # a language model with a KV cache: the run is a prefill of these
 
 
 def timed_pair(original: onnx.ModelProto, pruned: onnx.ModelProto, one_batch, weights) -> Timing:
     return Timing(latency(original, pruned, one_batch, original_weights=weights),
-                  decode_latency(original, pruned, one_batch, original_weights=weights))
+                  decode_latency(original, pruned, one_batch, original_weights=weights), prompt_tokens(one_batch))
 
 
 def build_report(p: Prepared, options: PruneOptions, costs: CostModel | None, compensated: Compensated,
@@ -62,6 +64,7 @@ def build_report(p: Prepared, options: PruneOptions, costs: CostModel | None, co
         weight_bytes_before=weight_bytes(p.model), weight_bytes_after=weight_bytes(pruned),
         latency_ms_before=speed[0], latency_ms_after=speed[1],
         decode_ms_before=decode and decode[0], decode_ms_after=decode and decode[1],
+        prefill_tokens=timing.prefill_tokens,
         attention_kl={keep.block.name: verified.attention_kl.get(keep.block.name) for keep in plan.attention},
         attention_maps=verified.maps,
         reconstruction=reconstruction_report(compensated.reconstruction, options),

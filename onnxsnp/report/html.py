@@ -39,8 +39,10 @@ def _overview(report: Report) -> str:
     rows = [("parameters", f"{report.params_before:,}", f"{report.params_after:,}"),
             ("FLOPs per sample", f"{report.flops_before:,}", f"{report.flops_after:,}"),
             ("weights (bytes)", f"{report.weight_bytes_before:,}", f"{report.weight_bytes_after:,}")]
-    if report.latency_ms_before is not None and report.latency_ms_after is not None:
-        rows.append(("latency, 1 thread (ms)", f"{report.latency_ms_before:.2f}", f"{report.latency_ms_after:.2f}"))
+    if report.kv_cache_bytes_before:
+        rows.append(("KV cache per token (bytes)", f"{report.kv_cache_bytes_before:,}",
+                     f"{report.kv_cache_bytes_after:,}"))
+    rows += [(what, before, after) for what, before, after, _ in report.speed_rows()]
     f = report.fidelity
     measures = [f"output cosine {f.output_cosine:.4f}", f"centred cosine {f.centred_cosine:.4f}",
                 f"relative error {f.relative_error:.4f}"]

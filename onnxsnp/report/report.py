@@ -63,6 +63,7 @@ class Report:
     notes: list[str] = field(default_factory=list)  # constraints the model's form put on the widths
     kv_cache_bytes_before: int = 0  # a decoder's KV cache per token (keys and values of every layer); 0: none
     kv_cache_bytes_after: int = 0
+    prefill_tokens: int | None = None  # a language model with a KV cache: latency_ms_* time a prefill of these
 
     @property
     def flops_before(self) -> int:
@@ -76,6 +77,12 @@ class Report:
         data = asdict(self)
         data["fidelity"] = self.fidelity.as_dict()
         data["flops_before"], data["flops_after"] = self.flops_before, self.flops_after
+        for when in ("before", "after"):  # what a language model's users compare: tokens a second
+            prefill, decode = getattr(self, f"latency_ms_{when}"), getattr(self, f"decode_ms_{when}")
+            if self.prefill_tokens and prefill:
+                data[f"prefill_tokens_per_s_{when}"] = round(1000 * self.prefill_tokens / prefill, 2)
+            if decode:
+                data[f"decode_tokens_per_s_{when}"] = round(1000 / decode, 2)
         return data
 
     def compensation_summary(self) -> str:
@@ -85,6 +92,22 @@ class Report:
                     f"{r['selection']} selection; {r['samples']} samples, {r['tokens']} tokens)")
         applied = ", ".join(self.compensation_kept) or "nothing helped"
         return f"{self.compensation} ({applied})" if self.compensation != "none" else "none"
+
+    def speed_rows(self) -> list[tuple[str, str, str, str]]:
+        """(what, before, after, change) of the timings, one thread: a run of one sample; for a
+        language model with a KV cache that run is a prefill, shown with its tokens a second
+        beside the cached decode step's."""
+        rows = []
+        for label, tokens, before, after in (("latency", None, self.latency_ms_before, self.latency_ms_after),
+                                             ("decode step", 1, self.decode_ms_before, self.decode_ms_after)):
+            if before is None or after is None:
+                continue
+            if tokens is None and self.prefill_tokens:
+                label, tokens = f"prefill, {self.prefill_tokens} tokens", self.prefill_tokens
+            rate = (lambda ms: f" ({1000 * tokens / ms:,.0f} tokens/s)") if tokens else (lambda ms: "")
+            rows.append((f"{label}, 1 thread", f"{before:.2f} ms{rate(before)}", f"{after:.2f} ms{rate(after)}",
+                         f"{before / max(after, 1e-9):.2f}x faster"))
+        return rows
 
     def table(self) -> str:
         attention = [b for b in self.blocks if b.kind == "attention"]
@@ -110,13 +133,7 @@ class Report:
         if self.kv_cache_bytes_before:
             rows.append(("KV cache/token", _size(self.kv_cache_bytes_before), _size(self.kv_cache_bytes_after),
                          _pct(self.kv_cache_bytes_before, self.kv_cache_bytes_after)))
-        if self.latency_ms_before is not None and self.latency_ms_after is not None:
-            rows.append(("latency, 1 thread", f"{self.latency_ms_before:.2f} ms", f"{self.latency_ms_after:.2f} ms",
-                         f"{self.latency_ms_before / max(self.latency_ms_after, 1e-9):.2f}x faster"))
-        if self.decode_ms_before is not None and self.decode_ms_after is not None:
-            rows.append(("decode step, 1 thread", f"{self.decode_ms_before:.2f} ms ({1000 / self.decode_ms_before:.0f}"
-                         " tokens/s)", f"{self.decode_ms_after:.2f} ms ({1000 / self.decode_ms_after:.0f} tokens/s)",
-                         f"{self.decode_ms_before / max(self.decode_ms_after, 1e-9):.2f}x faster"))
+        rows += self.speed_rows()
         width = [max(len(r[i]) for r in rows) for i in range(4)]
         lines.append("")
         lines += ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, width)))
