@@ -15,7 +15,7 @@ import onnx
 from .data import calibration as calib_stage
 from .errors import SnpError
 from .ir.graph import ModelGraph
-from .score.allocation import allocate, unit_costs, widths_plan
+from .score.allocation import allocate, part_losses, unit_costs, widths_plan
 from .score.costs import CostKind, CostModel
 from .score.importance import Scorer
 from .io.loading import LoadedModel, load_model, weight_bytes
@@ -291,8 +291,10 @@ def _allocate(matches: Matches, work: ReconstructionWork, costs: CostModel, opti
                           "qk_loss_half": round(c.qk.at(layer.attention.head_dim / 2), 6),
                           "v_loss_half": round(c.v.at(layer.attention.head_dim / 2), 6),
                           "ffn_loss_half": round(c.ffn.at(layer.ffn.hidden / 2), 6),
+                          "loss_by_part": {part.value: round(x, 6) for part, x in by_part.items()},
                           **sensitivity_points(layer, c)}
-                         for layer, c, loss in zip(matches.layers, curves, predicted)]}
+                         for layer, c, loss, by_part in zip(matches.layers, curves, predicted,
+                                                            part_losses(curves, matches, widths))]}
     if timing is not None:
         report["timed"] = {"trials": [t.as_dict() for t in timing.trials], "chosen": timing.chosen,
                            "stopped": timing.stopped, "step": timing.step.value}
