@@ -310,7 +310,8 @@ def _mean_ratios(matches: Matches, widths: Widths, ratios: Ratios) -> Ratios:
     return replace(ratios, qk=removed([w.qk for w in attention], [b.head_dim for b in matches.attention]),
                    v=removed([w.v for w in attention], [b.head_dim for b in matches.attention]),
                    ffn=removed([widths.ffn[b.name] for b in matches.ffn], [b.hidden for b in matches.ffn]),
-                   heads=removed([w.heads for w in attention], [b.heads for b in matches.attention]))
+                   # widths count heads as key/value groups (each with its query heads)
+                   heads=removed([w.heads for w in attention], [b.groups for b in matches.attention]))
 
 
 def _reconstruction_route(g: ModelGraph, matches: Matches, options: PruneOptions) -> str | None:
