@@ -37,6 +37,18 @@ def test_uniform_ratios_report_each_parts_share_of_the_measured_cut():
     assert all(isinstance(b.kind, BlockKind) for b in report.blocks)
 
 
+def test_a_removed_block_and_residual_channels_are_parts_of_their_own():
+    """--blocks and --residual: the removed block is credited whole, the residual cut last (it
+    scales what the other parts kept), and the parts still sum to the measured cut."""
+    _, report = prune(str(DIGITS), calib=str(DIGITS_CALIB), ratio=0.2, residual=0.25, blocks=1, measure_latency=False)
+    assert len(report.removed_blocks) == 1 and report.residual_width is not None
+    assert [c.part for c in report.cut] == [CutPart.BLOCKS, CutPart.QK, CutPart.V, CutPart.FFN, CutPart.RESIDUAL]
+    assert sum(c.flops_removed for c in report.cut) == pytest.approx(report.flops_before - report.flops_after,
+                                                                     abs=len(report.cut))
+    # one of the four equal blocks: under a fourth of the model, which also embeds and classifies
+    assert 0 < report.cut[0].flops_removed / report.flops_before < 0.25 and "whole blocks" in report.table()
+
+
 def test_ratio_zero_reports_no_cut():
     _, report = prune(str(DIGITS), calib=str(DIGITS_CALIB), ratio=0.0, measure_latency=False)
     assert report.cut == [] and "FLOPs cut by part" not in report.table()
