@@ -15,7 +15,7 @@ import onnx
 from .data import calibration as calib_stage
 from .errors import SnpError
 from .ir.graph import ModelGraph
-from .score.allocation import allocate, unit_costs, widths_plan
+from .score.allocation import allocate, part_losses, unit_costs, widths_plan
 from .score.costs import CostKind, CostModel
 from .score.importance import Scorer
 from .io.loading import LoadedModel, load_model, weight_bytes
@@ -291,8 +291,10 @@ def _allocate(matches: Matches, work: ReconstructionWork, costs: CostModel, opti
                           "qk_loss_half": round(c.qk.at(layer.attention.head_dim / 2), 6),
                           "v_loss_half": round(c.v.at(layer.attention.head_dim / 2), 6),
                           "ffn_loss_half": round(c.ffn.at(layer.ffn.hidden / 2), 6),
+                          "loss_by_part": {part.value: round(x, 6) for part, x in by_part.items()},
                           **sensitivity_points(layer, c)}
-                         for layer, c, loss in zip(matches.layers, curves, predicted)]}
+                         for layer, c, loss, by_part in zip(matches.layers, curves, predicted,
+                                                            part_losses(curves, matches, widths))]}
     if timing is not None:
         report["timed"] = {"trials": [t.as_dict() for t in timing.trials], "chosen": timing.chosen,
                            "stopped": timing.stopped, "step": timing.step.value}
@@ -308,7 +310,8 @@ def _mean_ratios(matches: Matches, widths: Widths, ratios: Ratios) -> Ratios:
     return replace(ratios, qk=removed([w.qk for w in attention], [b.head_dim for b in matches.attention]),
                    v=removed([w.v for w in attention], [b.head_dim for b in matches.attention]),
                    ffn=removed([widths.ffn[b.name] for b in matches.ffn], [b.hidden for b in matches.ffn]),
-                   heads=removed([w.heads for w in attention], [b.heads for b in matches.attention]))
+                   # widths count heads as key/value groups (each with its query heads)
+                   heads=removed([w.heads for w in attention], [b.groups for b in matches.attention]))
 
 
 def _reconstruction_route(g: ModelGraph, matches: Matches, options: PruneOptions) -> str | None:

@@ -1,15 +1,17 @@
 """Global allocation: measured curves, unit costs, and the greedy choice of widths."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnx
 import pytest
 
 from conftest import ROOT
 from onnxsnp import SnpError, prune
-from onnxsnp.score.allocation import allocate, unit_costs
+from onnxsnp.score.allocation import allocate, part_losses, unit_costs
 from onnxsnp.data.calibration import Runner
-from onnxsnp.score.costs import CostModel
+from onnxsnp.score.costs import CostModel, CutPart
 from onnxsnp.ir.graph import ModelGraph
 from onnxsnp.match import find_blocks
 from onnxsnp.plan import AttentionKeep, FfnKeep, PrunePlan
@@ -86,6 +88,54 @@ def test_an_unreachable_budget_fails_cleanly(digits):
     total = costs.macs_total * 2
     with pytest.raises(SnpError, match="budget"):
         allocate(_curves(matches, [1.0] * 4), matches, units, total, 0.01 * total)
+
+
+@pytest.mark.parametrize("kind", ["flops", "params"])
+def test_the_cut_splits_by_part_as_the_unit_costs_count_it(digits, kind):
+    """Block 0 removed; in block 1 one head fewer, then Q/K pairs and V neurons within the three
+    kept heads, and FFN neurons: each part is credited what its units cost (unit_costs, from the
+    same cost model), and the parts sum to the plan's whole cut."""
+    g, matches, costs = digits
+    units = unit_costs(costs, matches, kind)
+    block, mlp = matches.layers[1].attention, matches.layers[1].ffn
+    d, heads, qk, v, hidden = block.head_dim, block.groups - 1, block.head_dim - 6, block.head_dim - 4, mlp.hidden - 56
+    attention = tuple(AttentionKeep(b, np.tile(np.arange(qk), (heads, 1)), np.tile(np.arange(v), (heads, 1)),
+                                    np.arange(heads)) if b is block else
+                      AttentionKeep(b, np.tile(np.arange(d), (b.groups, 1)), np.tile(np.arange(d), (b.groups, 1)),
+                                    np.arange(b.groups)) for b in matches.attention)
+    ffn = tuple(FfnKeep(b, np.arange(hidden if b is mlp else b.hidden)) for b in matches.ffn)
+    plan = PrunePlan(attention, ffn, removed_layers=(matches.layers[0],))
+    removed = costs.removed_by_part(plan, kind)
+    u0, u1 = units[0], units[1]
+    first = matches.layers[0]
+    whole_first = (first.attention.groups * (first.attention.head_dim * (u0.qk + u0.v) + u0.head)
+                   + first.ffn.hidden * u0.ffn + u0.rest)
+    expected = {CutPart.BLOCKS: whole_first, CutPart.HEADS: d * (u1.qk + u1.v) + u1.head,
+                CutPart.QK: heads * (d - qk) * u1.qk, CutPart.V: heads * (d - v) * u1.v,
+                CutPart.FFN: (mlp.hidden - hidden) * u1.ffn, CutPart.RESIDUAL: 0.0}
+    scale = costs.original(kind)
+    for part in CutPart:
+        assert removed[part] == pytest.approx(expected[part], abs=1e-9 * scale), part
+    assert sum(removed.values()) == pytest.approx(scale - costs.cost(plan, kind), abs=1e-9 * scale)
+
+
+def test_the_allocations_loss_splits_by_part(digits):
+    """part_losses are the terms of the loss the allocation predicted per block: they sum to it,
+    and a removed block's loss is its whole-block loss."""
+    g, matches, costs = digits
+    units = unit_costs(costs, matches, "flops")
+    total = costs.macs_total * 2
+    curves = _curves(matches, [1.0, 50.0, 1.0, 50.0])
+    curves[0] = replace(curves[0], block=1e-3)  # block 0 loses least removed whole
+    for blocks in (0, 1):
+        widths, predicted = allocate(curves, matches, units, total, 0.6 * total, max_blocks=blocks)
+        assert widths.removed_layers == tuple(range(blocks))
+        split = part_losses(curves, matches, widths)
+        assert [sum(parts.values()) for parts in split] == pytest.approx(predicted, rel=1e-12)
+        for i, parts in enumerate(split):
+            assert (set(parts) == {CutPart.BLOCKS}) == (i in widths.removed_layers)
+        assert any(parts.get(CutPart.QK, 0) > 0 for parts in split) and any(parts.get(CutPart.FFN, 0) > 0
+                                                                          for parts in split)
 
 
 @pytest.mark.slow  # a sensitivity survey of the shipped model: seconds

@@ -171,6 +171,11 @@ def test_a_flops_budget_on_a_decoder_is_allocated_by_measured_loss(decoder, form
     assert report.reconstruction is not None and report.allocation is not None
     assert len(report.allocation["layers"]) == 2
     assert report.flops_after / report.flops_before == pytest.approx(goal, abs=0.03)
+    attention = [b for b in report.blocks if b.kind == "attention"]  # the mean heads removed, query heads counted
+    assert report.ratios["heads"] == pytest.approx(1 - sum(b.heads_after for b in attention)
+                                                   / sum(b.heads for b in attention), abs=1e-4)
+    assert sum(c.flops_removed for c in report.cut) == pytest.approx(report.flops_before - report.flops_after,
+                                                                     abs=len(report.cut))
     for block in report.blocks:
         if block.kind == "attention":
             assert block.qk_dim_after % 2 == 0  # whole rotary pairs

@@ -53,6 +53,15 @@ def test_html_has_the_summary_fidelity_and_a_kept_width_bar_per_group_and_block(
     assert len({value for value in kept["ffn"]}) > 1  # the allocation gave the blocks different widths
 
 
+@pytest.mark.slow  # a FLOPs-target run with its survey: seconds
+def test_html_says_how_the_cut_was_shared(run):
+    text, report, _ = run
+    parts = re.search(r"<p>FLOPs cut by part \(cost model\): ([^<]+)\.</p>", text).group(1)
+    assert report["cut"]
+    for c in report["cut"]:
+        assert f"({c['share']:.1%})" in parts
+
+
 @pytest.mark.slow  # a FLOPs-target run with its survey, and a browser: seconds
 def test_html_shows_the_measured_sensitivity_and_the_refit(run):
     text, report, _ = run

@@ -10,12 +10,12 @@ import onnx
 from ..data.timing import prompt_tokens
 from ..io.genai import NOTE as GENAI_NOTE
 from ..io.loading import weight_bytes
-from ..ir.stats import stats_from_shapes
+from ..ir.stats import count_params, macs_from_shapes, stats_from_shapes
 from ..plan import PrunePlan, TimedStep
 from ..rewrite.decoding import kv_cache_bytes
 from ..score.costs import CostKind, CostModel
 from ..verify.verification import decode_latency, latency
-from .report import Report, block_reports, stats_fields
+from .report import Report, block_reports, cut_shares, stats_fields
 
 if TYPE_CHECKING:  # the stages' boundary types, typing only
     from ..compensate.reconstruction import Reconstruction
@@ -48,6 +48,10 @@ def build_report(p: Prepared, options: PruneOptions, costs: CostModel | None, co
     step = TimedStep.DECODE if decode and options.timed_step is TimedStep.DECODE else TimedStep.PREFILL
     # a QOperator model was observed through its QDQ reading (the same products and weights)
     observed_model = p.qoperator.model if p.qoperator is not None else p.model
+    # the cut split by part is counted by the cost model a --target-* allocation spends (its
+    # FLOPs whatever its kind), or one made for the split
+    costs = costs or CostModel(p.g, p.matches, macs_from_shapes(p.g.model, observed.shapes, observed.shape_samples),
+                               count_params(p.g.model))
     return Report(
         criterion=options.criterion, compensation=options.compensation.value,
         compensation_kept=list(compensated.kept_pieces),
@@ -72,6 +76,7 @@ def build_report(p: Prepared, options: PruneOptions, costs: CostModel | None, co
         requantized={k: round(v, 6) for k, v in p.view.errors.items()} if p.view is not None else None,
         requantized_feedback={k: round(v, 6) for k, v in p.view.feedback.items()} if p.view is not None else None,
         notes=[GENAI_NOTE] if options.one_head_size else [],
+        cut=cut_shares(costs, plan, compensated.allocation),
         kv_cache_bytes_before=kv_cache_bytes(p.g, [(b, b.groups, b.head_dim, b.head_dim)
                                                    for b in p.matches.attention]),
         kv_cache_bytes_after=kv_cache_bytes(p.g, [(k.block, len(k.heads), k.qk.shape[1], k.v.shape[1])

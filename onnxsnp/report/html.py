@@ -6,7 +6,7 @@ from __future__ import annotations
 import html
 
 from .html_charts import bars, colour_bar, heatmap, legend, lines, series_colours, tint
-from .report import Report, latency_lines, target_name
+from .report import BlockKind, Report, latency_lines, target_name
 
 _COLOURS = {"q/k": "#1f77b4", "v": "#ff7f0e", "heads": "#2ca02c", "ffn": "#d62728"}
 _REFIT_COLOURS = {"sliced": "#7f7f7f", "refitted": "#17becf"}
@@ -63,6 +63,7 @@ def _overview(report: Report) -> str:
 calibration {html.escape(report.calibration)} ({report.calibration_samples} samples fitted,
 {report.holdout_samples} held back){target}</p>
 {_table(["", "before", "after"], rows)}
+{f"<p>FLOPs cut by part (cost model): {html.escape(report.cut_summary())}.</p>" if report.cut else ""}
 <p>Fidelity on {f.samples} held-back samples{synthetic}: {html.escape(", ".join(measures))}.
 <span class="note">Centred cosine compares the outputs after removing the original's mean over samples
 (plain cosine stays near 1 when outputs share a large common part); relative error is
@@ -73,7 +74,7 @@ calibration {html.escape(report.calibration)} ({report.calibration_samples} samp
 def _widths(report: Report) -> str:
     rows = []
     for b in report.blocks:
-        if b.kind == "attention":
+        if b.kind is BlockKind.ATTENTION:
             rows.append((b.name, _kept(b.heads_after, b.heads, "heads"), _kept(b.qk_dim_after, b.qk_dim_before, "q/k"),
                          _kept(b.v_dim_after, b.v_dim_before, "v"), "<td></td>"))
         else:

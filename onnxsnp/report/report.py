@@ -2,20 +2,27 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 
 import numpy as np
 
 from ..verify.attention_maps import AttentionSample
 from ..plan import PrunePlan
 from ..match import Layer, Skipped
+from ..score.costs import CostModel, CutPart
 from ..ir.stats import ModelStats
 from ..verify.verification import Fidelity
+
+
+class BlockKind(str, Enum):
+    ATTENTION = "attention"
+    FFN = "ffn"
 
 
 @dataclass
 class BlockReport:
     name: str
-    kind: str  # "attention" or "ffn"
+    kind: BlockKind
     form: str
     heads: int | None = None  # before pruning
     heads_after: int | None = None
@@ -25,6 +32,44 @@ class BlockReport:
     v_dim_after: int | None = None
     ffn_dim_before: int | None = None
     ffn_dim_after: int | None = None
+
+
+PART_NAMES = {CutPart.BLOCKS: "whole blocks", CutPart.HEADS: "whole heads", CutPart.QK: "Q/K pairs",
+              CutPart.V: "V/O neurons", CutPart.FFN: "FFN neurons", CutPart.RESIDUAL: "residual channels"}
+ATTENTION_PARTS = (CutPart.HEADS, CutPart.QK, CutPart.V)
+
+
+@dataclass
+class CutShare:
+    """One part's share of the FLOPs cut, from the cost model the allocation spends (costs.py)."""
+
+    part: CutPart
+    flops_removed: int
+    share: float  # of the cut the cost model counts for the plan (the parts sum to it)
+    # a --target-* allocation: the loss it predicted for this part from the measured sensitivity
+    # curves, summed over blocks, and that loss per GFLOP removed
+    loss: float | None = None
+    loss_per_gflop: float | None = None
+
+
+def cut_shares(costs: CostModel, plan: PrunePlan, allocation: dict | None = None) -> list[CutShare]:
+    """The parts that removed FLOPs, with their shares of the cut and, where a measured
+    allocation ran, their loss per FLOP."""
+    removed = costs.removed_by_part(plan)
+    total = sum(removed.values())
+    losses = {part: 0.0 for part in CutPart}
+    for layer in (allocation or {}).get("layers", []):
+        for part, loss in layer.get("loss_by_part", {}).items():
+            losses[CutPart(part)] += loss
+    measured = bool(allocation and allocation.get("layers"))
+    rows = []
+    for part, flops in removed.items():
+        if round(flops) <= 0:
+            continue
+        loss = round(losses[part], 6) if measured else None
+        rows.append(CutShare(part, int(round(flops)), round(flops / total, 4), loss,
+                             None if loss is None else float(f"{losses[part] / (flops / 1e9):.4g}")))
+    return rows
 
 
 @dataclass
@@ -64,6 +109,7 @@ class Report:
     kv_cache_bytes_before: int = 0  # a decoder's KV cache per token (keys and values of every layer); 0: none
     kv_cache_bytes_after: int = 0
     prefill_tokens: int | None = None  # a language model with a KV cache: latency_ms_* time a prefill of these
+    cut: list[CutShare] = field(default_factory=list)  # how the FLOPs cut was shared between the parts
 
     @property
     def flops_before(self) -> int:
@@ -109,9 +155,36 @@ class Report:
                          f"{before / max(after, 1e-9):.2f}x faster"))
         return rows
 
+    def cut_summary(self) -> str:
+        """One line: each part's FLOPs removed and share of the cut."""
+        return ", ".join(f"{PART_NAMES[c.part]} {_num(c.flops_removed)} ({c.share:.1%})" for c in self.cut)
+
+    def cut_lines(self) -> list[str]:
+        """The FLOPs cut by part; with a measured allocation, each part's loss per GFLOP, and
+        whether attention was cut at a higher loss per FLOP than the FFNs."""
+        if not self.cut:
+            return []
+        total = sum(c.flops_removed for c in self.cut)
+        if self.cut[0].loss is None:
+            return [f"FLOPs cut by part (cost model, {_num(total)} in all): {self.cut_summary()}"]
+        rows = [("FLOPs cut by part", "removed", "share", "loss", "loss/GFLOP")]
+        rows += [(PART_NAMES[c.part], _num(c.flops_removed), f"{c.share:.1%}", f"{c.loss:.4g}", f"{c.loss_per_gflop:.4g}")
+                 for c in self.cut]
+        width = [max(len(r[i]) for r in rows) for i in range(5)]
+        lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, width)))
+                 for r in rows]
+        lines.append(f"  (cost model, {_num(total)} FLOPs in all; loss: the allocation's prediction from "
+                     f"the sensitivity curves measured on {self.allocation['samples']} samples)")
+        attention = [c for c in self.cut if c.part in ATTENTION_PARTS]
+        ffn = next((c for c in self.cut if c.part is CutPart.FFN), None)
+        if attention and ffn and ffn.loss_per_gflop:
+            per_gflop = sum(c.loss for c in attention) / (sum(c.flops_removed for c in attention) / 1e9)
+            lines.append(f"  attention was cut at {per_gflop / ffn.loss_per_gflop:.2f}x the FFNs' loss per FLOP")
+        return [""] + lines
+
     def table(self) -> str:
-        attention = [b for b in self.blocks if b.kind == "attention"]
-        ffn = [b for b in self.blocks if b.kind == "ffn"]
+        attention = [b for b in self.blocks if b.kind is BlockKind.ATTENTION]
+        ffn = [b for b in self.blocks if b.kind is BlockKind.FFN]
         lines = [f"blocks found: {len(attention)} attention, {len(ffn)} FFN"
                  + (f"; {len(self.skipped)} skipped (run `onnxsnp inspect` for why)" if self.skipped else "")]
         if self.residual_width:
@@ -138,6 +211,7 @@ class Report:
         lines.append("")
         lines += ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, width)))
                   for r in rows]
+        lines += self.cut_lines()
         top1 = f", top-1 agreement {f.top1_agreement:.1%}" if f.top1_agreement is not None else ""
         held = (f"{f.samples} synthetic held-back samples (no --calib: this cannot judge the model on real data)"
                 if self.calibration == "synthetic" else f"{f.samples} held-back samples")
@@ -215,11 +289,11 @@ def block_reports(plan: PrunePlan) -> list[BlockReport]:
     rows = []
     for keep in plan.attention:
         b = keep.block
-        rows.append(BlockReport(b.name, "attention", b.form.value, b.heads, len(keep.query_heads()), b.head_dim,
+        rows.append(BlockReport(b.name, BlockKind.ATTENTION, b.form.value, b.heads, len(keep.query_heads()), b.head_dim,
                                 int(keep.qk.shape[1]), b.head_dim, int(keep.v.shape[1])))
     for keep in plan.ffn:
         b = keep.block
-        rows.append(BlockReport(b.name, "ffn", b.activation, ffn_dim_before=b.hidden, ffn_dim_after=len(keep.hidden)))
+        rows.append(BlockReport(b.name, BlockKind.FFN, b.activation, ffn_dim_before=b.hidden, ffn_dim_after=len(keep.hidden)))
     return rows
 
 

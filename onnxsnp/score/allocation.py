@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .costs import CostKind, CostModel
+from .costs import CostKind, CostModel, CutPart
 from ..errors import SnpError
 from .importance import Scorer
 from ..match import Layer, Matches
@@ -215,11 +215,10 @@ def allocate(curves: list, matches: Matches, units: list[UnitCosts], total: floa
         return 0.0 if s.removed else s.heads * (s.qk * u.qk + s.v * u.v + u.head) + s.ffn * u.ffn + u.rest
 
     def layer_loss(i: int, s: _State) -> float:
-        c, block = curves[i], layers[i].attention
         if s.removed:
-            return c.block
-        share = s.heads / block.groups
-        return c.heads.at(s.heads) + share * (c.qk.at(s.qk) + c.v.at(s.v)) + c.ffn.at(s.ffn)
+            return curves[i].block
+        heads, share, qk, v, ffn = _loss_terms(curves[i], layers[i].attention, s)
+        return heads + share * (qk + v) + ffn
 
     fixed = total - sum(layer_cost(i, s) for i, s in enumerate(states))
     current = total
@@ -248,6 +247,28 @@ def allocate(curves: list, matches: Matches, units: list[UnitCosts], total: floa
                     tuple(i for i, s in enumerate(states) if s.removed))
     assert abs(fixed + sum(layer_cost(i, s) for i, s in enumerate(states)) - current) < 1e-6 * max(total, 1)
     return widths, [layer_loss(i, s) for i, s in enumerate(states)]
+
+
+def _loss_terms(curve, block, s: _State) -> tuple[float, float, float, float, float]:
+    """A kept block's predicted loss, by group: (heads, kept share of heads, Q/K, V, FFN); a
+    block's Q/K and V losses scale with the share of heads it keeps."""
+    return (curve.heads.at(s.heads), s.heads / block.groups, curve.qk.at(s.qk), curve.v.at(s.v),
+            curve.ffn.at(s.ffn))
+
+
+def part_losses(curves: list, matches: Matches, widths) -> list[dict[CutPart, float]]:
+    """Per transformer block, the loss the allocation predicts for `widths` (reconstruction.Widths)
+    split by the part of the cut it comes from (layer_loss's terms: they sum to its loss)."""
+    result = []
+    for i, (layer, curve) in enumerate(zip(matches.layers, curves)):
+        if i in widths.removed_layers:
+            result.append({CutPart.BLOCKS: curve.block})
+            continue
+        w = widths.attention[layer.attention.name]
+        heads, share, qk, v, ffn = _loss_terms(curve, layer.attention,
+                                               _State(w.heads, w.qk, w.v, widths.ffn[layer.ffn.name]))
+        result.append({CutPart.HEADS: heads, CutPart.QK: share * qk, CutPart.V: share * v, CutPart.FFN: ffn})
+    return result
 
 
 def _moves(layer: Layer, s: _State, align: int, allow_heads: bool, blocks_left: int) -> list[_State]:

@@ -14,6 +14,7 @@ time.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from enum import Enum
 
 import networkx as nx
@@ -28,6 +29,17 @@ class CostKind(str, Enum):
     FLOPS = "flops"
     PARAMS = "params"
     LATENCY = "latency"  # milliseconds per run of one sample (profiling.NodeTimes)
+
+
+class CutPart(str, Enum):
+    """A part of a cut, in the order removed_by_part applies them."""
+
+    BLOCKS = "blocks"  # whole transformer blocks removed
+    HEADS = "heads"  # whole heads (key/value groups with their query heads) at full width
+    QK = "qk"  # Q/K pairs within the kept heads
+    V = "v"  # V neurons within the kept heads, with the output projection's rows they feed
+    FFN = "ffn"  # FFN hidden neurons
+    RESIDUAL = "residual"  # residual-stream channels
 
 
 class CostModel:
@@ -63,6 +75,28 @@ class CostModel:
     def flops(self, plan: PrunePlan) -> float:
         scale = self._product_scales(plan)
         return sum(self.node_macs[name] * factor for name, factor in scale.items() if name in self.node_macs) * 2
+
+    def removed_by_part(self, plan: PrunePlan, kind: CostKind | str = CostKind.FLOPS) -> dict[CutPart, float]:
+        """What `plan` saves, split by part: the parts applied one after another in CutPart's order,
+        each credited with what it saves beyond those before (a head removed is credited whole, its
+        pairs and neurons included; the residual cut, which scales what the others kept, comes last).
+        The parts telescope: they sum to original - cost(plan)."""
+        def full_width(keep: AttentionKeep, heads: int) -> np.ndarray:
+            return np.tile(np.arange(keep.block.head_dim), (heads, 1))
+
+        base = replace(plan, attention=tuple(replace(k, qk=full_width(k, k.block.groups), v=full_width(k, k.block.groups),
+                                                     heads=np.arange(k.block.groups)) for k in plan.attention),
+                       ffn=tuple(replace(k, hidden=np.arange(k.block.hidden)) for k in plan.ffn),
+                       removed_layers=(), stream=None, stream_keep=None)
+        blocks = replace(base, removed_layers=plan.removed_layers)
+        heads = replace(blocks, attention=tuple(replace(k, qk=full_width(k, len(k.heads)), v=full_width(k, len(k.heads)))
+                                                for k in plan.attention))
+        qk = replace(heads, attention=tuple(replace(k, v=full_width(k, len(k.heads))) for k in plan.attention))
+        v = replace(qk, attention=plan.attention)
+        ffn = replace(v, ffn=plan.ffn)
+        steps = (base, blocks, heads, qk, v, ffn, plan)
+        costs = [self.original(kind)] + [self.cost(step, kind) for step in steps[1:]]
+        return {part: costs[i] - costs[i + 1] for i, part in enumerate(CutPart)}
 
     def latency(self, plan: PrunePlan) -> float:
         """Milliseconds per run: every profiled node's time scaled by the share of its work the plan
