@@ -67,6 +67,7 @@ FORMS: dict[str, GraphForm] = {
     "fused-matmul": GraphForm(graphs.fused_matmul_scores, AttentionForm.SEPARATE, Family.ENCODER),
     **{f"fused-{s.lower()}": GraphForm(lambda s=s: graphs.fused_qkv(s), AttentionForm.FUSED_QKV, Family.ENCODER)
        for s in ("Split", "Slice", "Gather")},
+    "fused-split-features": GraphForm(graphs.fused_split, AttentionForm.FUSED_SPLIT, Family.ENCODER),
     "fused-split-first": GraphForm(lambda: graphs.fused_qkv(split_first=True), AttentionForm.FUSED_QKV, Family.ENCODER),
     "activation-qdq": GraphForm(lambda: graphs.softmax_attention(qdq="tensor"), AttentionForm.SEPARATE, Family.ENCODER),
     "decoder-gqa-half": GraphForm(lambda: dg.decoder_attention(2, "half"), AttentionForm.SEPARATE, Family.DECODER,
@@ -88,9 +89,9 @@ FORMS: dict[str, GraphForm] = {
                                   Ratios(0.6, 0.2, 0.0)),
 }
 
-# AttentionForm members no hand-built graph makes yet, each with where it is covered (or why it is not).
+# AttentionForm members no hand-built graph makes, each with why.
 EXPORT_ONLY = {
-    AttentionForm.FUSED_SPLIT: "GPT-2's fused c_attn split along its features (tests/test_decoders.py, gpt2-optimum, slow)",
-    AttentionForm.PACKED: "match/attention.py's fallback for a packed q|k|v op whose rule names no form; "
-                          "the packed rules tested name theirs (ort-attention, ort-gqa-packed above)",
+    AttentionForm.PACKED: "no rule makes it: match/attention.py's _packed_block falls back to it for a core with a "
+                          "packed q|k|v projection and no form, and both rules that read a packed projection name "
+                          "theirs (ORT_ATTENTION, ORT_GQA: ort-attention, ort-gqa-packed above)",
 }

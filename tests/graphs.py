@@ -108,6 +108,19 @@ def fused_qkv(selector: str = "Split", split_first: bool = False) -> onnx.ModelP
     return b.model(b.linear(context, WIDTH, WIDTH))
 
 
+def fused_split() -> onnx.ModelProto:
+    """One [D, 3D] projection split along its features into q | k | v (GPT-2's c_attn), each
+    part split into heads on its own."""
+    b = Builder(opset=18)
+    qkv = b.linear("x", WIDTH, 3 * WIDTH)
+    parts = b.op("Split", [qkv, b.const(np.array([WIDTH] * 3, dtype=np.int64))], outputs=3, axis=-1)
+    q, k, v = (b.split_heads(p) for p in parts)
+    scores = b.op("MatMul", [q, b.op("Transpose", [k], perm=[0, 1, 3, 2])])
+    probs = b.op("Softmax", [b.op("Mul", [scores, b.const(np.array(HEAD_DIM ** -0.5, dtype=np.float32))])], axis=-1)
+    context = b.merge_heads(b.op("MatMul", [probs, v]))
+    return b.model(b.linear(context, WIDTH, WIDTH))
+
+
 def fused_matmul_scores() -> onnx.ModelProto:
     """Separate projections; the scores as com.microsoft.FusedMatMul(q, k, transB=1, alpha=1/√d)."""
     b = Builder()

@@ -155,7 +155,8 @@ def test_activation_ranges_follow_the_pruned_model(qdq):
     """Pruning moves activations (projected Q/K carry what the cut dimensions carried): each pair
     is calibrated again, its range set where the quantizer set it relative to the float range it
     saw (MinMax: on it), now the pruned model's — up to the 2 % a range may move and keep its
-    pair (activation_ranges.MOVED) and half a step of rounding the zero point."""
+    pair (activation_ranges.MOVED) and half a step of rounding the zero point. An asymmetric pair
+    keeps its zero point: its one scale covers both ends and meets one of them."""
     from onnxsnp.data.activation_ranges import MOVED, _activation_pairs, _ranges
     from onnxsnp.pipeline import _split
 
@@ -189,9 +190,13 @@ def test_activation_ranges_follow_the_pruned_model(qdq):
         if abs(low0 + high0 + step0) <= 1e-2 * step0:  # a symmetric pair (signed, zero point 0) scales as a whole
             reach = max(-a1, b1) / max(-a0, b0)
             want_low, want_high = low0 * reach, high0 * reach
+            assert abs(low1 - want_low) <= step and abs(high1 - want_high) <= step, \
+                (name, (low1, high1), (want_low, want_high), (low0, high0, a0, b0, a1, b1))
         else:  # each end where it was relative to the float range (an end at zero stays at zero)
             want_low = low0 * a1 / a0 if a0 < 0 else low1
             want_high = high0 * b1 / b0 if b0 > 0 else high1
-        assert abs(low1 - want_low) <= step and abs(high1 - want_high) <= step, \
-            (name, (low1, high1), (want_low, want_high), (low0, high0, a0, b0, a1, b1))
+            if 0 < round(-low0 / step0) < round((high0 - low0) / step0):  # a zero point inside the levels is kept
+                assert round(-low0 / step0) == round(-low1 / step)
+            assert low1 <= want_low + step and high1 >= want_high - step, (name, (low1, high1), (want_low, want_high))
+            assert min(abs(low1 - want_low), abs(high1 - want_high)) <= step, (name, (low1, high1), (want_low, want_high))
     assert moved  # some ranges did move

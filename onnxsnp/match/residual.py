@@ -9,14 +9,14 @@ pruning with the reason — a half-pruned stream is never written.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields, replace
 
 import onnx
 
 from ..ir.graph import ModelGraph, attribute
 from . import Linear, Matches, NoMatch, ShapeEdit, Width, linear_at, linear_producing
 from .groups import Group, WeightAxis, group, reads, writes
-from .norms import Norm, norm_reading, norm_writing
+from .norms import norm_reading, norm_writing
 
 _SKIP_NORMS = ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
 
@@ -34,17 +34,20 @@ class ResidualStream:
     channel_entries: frozenset[str]  # Reshapes whose entry -2 is the channel count
 
 
-@dataclass
-class _Found:
-    """What the spreading has found so far; `find_stream` freezes it into a ResidualStream."""
+@dataclass(frozen=True)
+class _Step:
+    """What classifying one writer or reader of a stream tensor found: further stream tensors to
+    visit and the parts to cut (`find_stream` gathers them into a ResidualStream)."""
 
-    width: int
-    tensors: set[str] = field(default_factory=set)
-    readers: dict[str, Linear] = field(default_factory=dict)  # by node: a layer found twice is kept once
-    writers: dict[str, Linear] = field(default_factory=dict)
-    sliced_inputs: set[tuple[str, int]] = field(default_factory=set)
-    convs: set[str] = field(default_factory=set)
-    channel_entries: set[str] = field(default_factory=set)
+    tensors: tuple[str, ...] = ()
+    readers: tuple[Linear, ...] = ()
+    writers: tuple[Linear, ...] = ()
+    sliced_inputs: tuple[tuple[str, int], ...] = ()
+    convs: tuple[str, ...] = ()
+    channel_entries: tuple[str, ...] = ()
+
+    def __add__(self, other: _Step) -> _Step:
+        return _Step(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
 
 def stream_group(g: ModelGraph, stream: ResidualStream) -> Group:
@@ -68,131 +71,126 @@ def find_stream(g: ModelGraph, matches: Matches) -> ResidualStream:
     if not matches.layers:
         raise NoMatch("no transformer blocks on a residual stream were found")
     width = matches.layers[0].attention.q.in_features
-    stream = _Found(width)
     queue = [t for layer in matches.layers for t in (layer.input, layer.output)]
     edited = {e.reshape for b in matches.attention for e in b.shape_edits if e.width.endswith("_merged")}
     outputs = set(g.graph_outputs)
+    tensors: set[str] = set()
+    readers: dict[str, Linear] = {}  # by node, in the order found: a layer found twice is kept once
+    writers: dict[str, Linear] = {}
+    found = _Step()  # the constants, convs and entries to cut
     while queue:
         tensor = queue.pop()
-        if tensor in stream.tensors:
+        if tensor in tensors:
             continue
         if tensor in outputs:
             raise NoMatch(f"the residual stream is a model output ({tensor}): its width must not change")
-        stream.tensors.add(tensor)
-        queue += _producer(g, tensor, stream)
-        for reader in g.consumers_of(tensor):
-            queue += _consumer(g, reader, tensor, stream, edited)
-    return ResidualStream(width, frozenset(stream.tensors), tuple(stream.readers.values()),
-                          tuple(stream.writers.values()), frozenset(stream.sliced_inputs), frozenset(stream.convs),
-                          frozenset(stream.channel_entries))
+        tensors.add(tensor)
+        for step in [_producer(g, tensor, width)] + [_consumer(g, r, tensor, width, edited)
+                                                     for r in g.consumers_of(tensor)]:
+            queue += step.tensors
+            readers.update((r.node, r) for r in step.readers)
+            writers.update((w.node, w) for w in step.writers)
+            found += replace(step, tensors=(), readers=(), writers=())
+    return ResidualStream(width, frozenset(tensors), tuple(readers.values()), tuple(writers.values()),
+                          frozenset(found.sliced_inputs), frozenset(found.convs), frozenset(found.channel_entries))
 
 
-def _producer(g: ModelGraph, tensor: str, stream: _Found) -> list[str]:
-    """Classify what writes a stream tensor; return further stream tensors to visit."""
+def _producer(g: ModelGraph, tensor: str, width: int) -> _Step:
+    """Classify what writes a stream tensor of `width` channels."""
     linear = linear_producing(g, tensor)
     if linear is not None:
-        if linear.out_features != stream.width:
-            raise NoMatch(f"{linear.node} writes {linear.out_features} features into a {stream.width}-wide stream")
-        stream.writers[linear.node] = linear
-        return []
+        if linear.out_features != width:
+            raise NoMatch(f"{linear.node} writes {linear.out_features} features into a {width}-wide stream")
+        return _Step(writers=(linear,))
     norm = norm_writing(g, tensor)
     if norm is not None:
-        _norm(norm, stream)
-        return [norm.input]
+        return _Step((norm.input,), sliced_inputs=tuple(norm.channel_inputs))  # γ and β: one entry per channel
     node = g.producer_of(tensor)
     if node is None:
         raise NoMatch(f"the residual stream comes straight from the model input {tensor}")
     if node.op_type in ("Add", "Mul"):  # residual joins, position embedding, LayerScale
-        return _elementwise_inputs(g, node, stream)
+        return _elementwise_inputs(g, node, width)
     if node.op_type in _SKIP_NORMS:
-        return _skip_norm(g, node, stream)
+        return _skip_norm(g, node)
     if node.op_type == "Concat" and attribute(node, "axis") in (1, -2):
-        found = []
+        found, sliced = [], []
         for index, part in enumerate(node.input):
             source = g.producer_of(part)
             if source is not None and source.op_type == "Expand" and g.is_constant(source.input[0]):
-                stream.sliced_inputs.add((source.name, 0))  # the class token, broadcast over the batch
+                sliced.append((source.name, 0))  # the class token, broadcast over the batch
             elif g.is_constant(part):
-                stream.sliced_inputs.add((node.name, index))
+                sliced.append((node.name, index))
             else:
                 found.append(part)
-        return found
+        return _Step(tuple(found), sliced_inputs=tuple(sliced))
     if node.op_type == "Gather" and g.is_constant(node.input[0]) and attribute(node, "axis", 0) == 0:
         table = g.constant(node.input[0])
-        if table.ndim != 2 or table.shape[1] != stream.width:
-            raise NoMatch(f"{node.name} looks up a table that is not {stream.width} wide")
-        stream.sliced_inputs.add((node.name, 0))  # token / position / segment embedding table
-        return []
+        if table.ndim != 2 or table.shape[1] != width:
+            raise NoMatch(f"{node.name} looks up a table that is not {width} wide")
+        return _Step(sliced_inputs=((node.name, 0),))  # token / position / segment embedding table
     if node.op_type in _TOKEN_OPS:
-        return [node.input[0]]
+        return _Step((node.input[0],))
     if node.op_type == "Transpose" and list(attribute(node, "perm", [])) == [0, 2, 1]:
-        return _patch_embedding(g, node, stream)
+        return _patch_embedding(g, node, width)
     raise NoMatch(f"{node.op_type} node {node.name} writes the residual stream")
 
 
-def _consumer(g: ModelGraph, node: onnx.NodeProto, tensor: str, stream: _Found,
-              edited: set[str]) -> list[str]:
-    """Classify a reader of a stream tensor; return further stream tensors to visit."""
+def _consumer(g: ModelGraph, node: onnx.NodeProto, tensor: str, width: int, edited: set[str]) -> _Step:
+    """Classify a reader of a stream tensor of `width` channels."""
     if node.op_type in ("MatMul", "Gemm", "FusedMatMul") and node.input[0] == tensor:
         linear = linear_at(g, node)
-        if linear is None or linear.in_features != stream.width:
+        if linear is None or linear.in_features != width:
             raise NoMatch(f"{node.name} reads the residual stream but is not a projection with constant weights")
-        stream.readers[linear.node] = linear
-        return []
+        return _Step(readers=(linear,))
     if node.op_type == "Reshape":  # tokens flattened for 2-D products: every reader must be one
         readers = [linear_at(g, c) if c.op_type in ("MatMul", "Gemm", "FusedMatMul") else None
                    for c in g.consumers_of(node.output[0])]
-        if not readers or any(r is None or r.input != tensor or r.in_features != stream.width for r in readers):
+        if not readers or any(r is None or r.input != tensor or r.in_features != width for r in readers):
             raise NoMatch(f"Reshape node {node.name} reads the residual stream")
-        stream.readers.update({r.node: r for r in readers})
-        return []
+        return _Step(readers=tuple(readers))
     norm = norm_reading(g, tensor, node)
     if norm is not None:
-        _norm(norm, stream)
-        return [norm.output]
+        return _Step((norm.output,), sliced_inputs=tuple(norm.channel_inputs))  # γ and β: one entry per channel
     if node.op_type in ("Add", "Mul"):
-        return [node.output[0]] + _elementwise_inputs(g, node, stream)
+        return _Step((node.output[0],)) + _elementwise_inputs(g, node, width)
     if node.op_type in _SKIP_NORMS:
-        return [t for t in node.output if t] + _skip_norm(g, node, stream)
+        return _Step(tuple(t for t in node.output if t)) + _skip_norm(g, node)
     if node.op_type in _TOKEN_OPS and node.input[0] == tensor:
         _token_axis_only(g, node, tensor)
-        return [node.output[0]]
+        return _Step((node.output[0],))
     if node.op_type == "Concat" and attribute(node, "axis") in (1, -2):
-        return [node.output[0]]
+        return _Step((node.output[0],))
     if node.op_type == "Shape":
         _shape_reads_ok(g, node, tensor, edited)
-        return []
+        return _Step()
     raise NoMatch(f"{node.op_type} node {node.name} reads the residual stream")
 
 
-def _elementwise_inputs(g: ModelGraph, node: onnx.NodeProto, stream: _Found) -> list[str]:
-    found = []
+def _elementwise_inputs(g: ModelGraph, node: onnx.NodeProto, width: int) -> _Step:
+    found, sliced = [], []
     for index, part in enumerate(node.input):
         value = g.constant(part)
         if value is None:
             found.append(part)
-        elif value.ndim and value.shape[-1] == stream.width:
-            stream.sliced_inputs.add((node.name, index))  # e.g. the position embedding
+        elif value.ndim and value.shape[-1] == width:
+            sliced.append((node.name, index))  # e.g. the position embedding
         elif value.size != 1:
             raise NoMatch(f"{node.name} adds a constant that does not follow the channels")
-    return found
+    return _Step(tuple(found), sliced_inputs=tuple(sliced))
 
 
-def _norm(norm: Norm, stream: _Found) -> None:
-    stream.sliced_inputs.update(norm.channel_inputs)  # γ and β: one entry per channel
-
-
-def _skip_norm(g: ModelGraph, node: onnx.NodeProto, stream: _Found) -> list[str]:
+def _skip_norm(g: ModelGraph, node: onnx.NodeProto) -> _Step:
     """SkipLayerNormalization(x, skip, γ, β, bias): adds and normalises; both outputs it writes
     (0: normalised, 3: the sum) carry the stream."""
+    sliced = []
     for index in range(2, len(node.input)):
         if node.input[index]:
             if not g.is_constant(node.input[index]):
                 raise NoMatch(f"{node.name} has a run-time scale or bias")
-            stream.sliced_inputs.add((node.name, index))
+            sliced.append((node.name, index))
     if any(node.output[1:3]):
         raise NoMatch(f"{node.name} writes the mean or variance of the residual stream")
-    return [t for t in node.input[:2]]
+    return _Step(tuple(node.input[:2]), sliced_inputs=tuple(sliced))
 
 
 def _token_axis_only(g: ModelGraph, node: onnx.NodeProto, tensor: str) -> None:
@@ -249,7 +247,7 @@ def _feeds_only(g: ModelGraph, tensor: str, reshapes: set[str]) -> bool:
     return True
 
 
-def _patch_embedding(g: ModelGraph, transpose: onnx.NodeProto, stream: _Found) -> list[str]:
+def _patch_embedding(g: ModelGraph, transpose: onnx.NodeProto, width: int) -> _Step:
     """Conv (B, C, h, w) → Reshape/Flatten (B, C, h·w) → Transpose (B, h·w, C)."""
     flat = g.producer_of(transpose.input[0])
     if flat is None or flat.op_type not in ("Reshape", "Flatten"):
@@ -260,14 +258,14 @@ def _patch_embedding(g: ModelGraph, transpose: onnx.NodeProto, stream: _Found) -
     if len(g.consumers_of(conv.output[0])) != 1 and not all(
             c.op_type == "Shape" for c in g.consumers_of(conv.output[0]) if c.name != flat.name):
         raise NoMatch(f"{conv.name}'s output has other readers")
-    if g.constant(conv.input[1]).shape[0] != stream.width:
+    if g.constant(conv.input[1]).shape[0] != width:
         raise NoMatch(f"{conv.name} has {g.constant(conv.input[1]).shape[0]} output channels")
-    stream.convs.add(conv.name)
+    entries: tuple[str, ...] = ()
     if flat.op_type == "Reshape":
         shape = g.constant(flat.input[1])
         if shape is not None:
-            if shape.size != 3 or int(shape[1]) not in (stream.width, 0):
+            if shape.size != 3 or int(shape[1]) not in (width, 0):
                 raise NoMatch(f"{flat.name} does not reshape to (B, C, h·w)")
-            if int(shape[1]) == stream.width:
-                stream.channel_entries.add(flat.name)
-    return []
+            if int(shape[1]) == width:
+                entries = (flat.name,)
+    return _Step(convs=(conv.name,), channel_entries=entries)

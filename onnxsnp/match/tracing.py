@@ -3,7 +3,7 @@
 QK-norm, a q/k/v selector), and from attn·V forward to the output projection."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import onnx
 
@@ -33,18 +33,18 @@ def activation_qdq(g: ModelGraph, node: onnx.NodeProto) -> bool:
     return True
 
 
-@dataclass
+@dataclass(frozen=True)
 class Trace:
     """What was passed on the way from a score operand back to its projection."""
 
     linear: Linear
-    nodes: list[onnx.NodeProto]  # from the operand back to the projection (exclusive)
-    scales: list[FrozenScale]
+    nodes: tuple[onnx.NodeProto, ...]  # from the operand back to the projection (exclusive)
+    scales: tuple[FrozenScale, ...]
     part: int | None = None  # which of q/k/v a fused projection's selector took
     part_tensor: str | None = None  # the selector's output on this path
     selector: int | None = None  # the selector's index in `nodes`
     rotary: Rotary | None = None  # a rotary embedding on the way (its Add is in `nodes`)
-    rotary_edits: list[ShapeEdit] = field(default_factory=list)
+    rotary_edits: tuple[ShapeEdit, ...] = ()
     half: int | None = None  # the rotary's split point, where it is a literal
     kv: KvCache | None = None  # a KV cache joined on the way (its Concat is in `nodes`)
     norm: Norm | None = None  # a QK-norm on the way (its last node is in `nodes`)
@@ -66,35 +66,37 @@ def trace_to_linear(g: ModelGraph, tensor: str, path: Part) -> Trace:
     part: int | None = None
     part_tensor: str | None = None
     selector: int | None = None
-    trace = Trace(None, nodes, scales)  # type: ignore[arg-type]  (the projection comes last)
+    rotary_found: tuple[Rotary, tuple[ShapeEdit, ...], int | None] | None = None  # each at most once on the way
+    kv: KvCache | None = None
+    norm: Norm | None = None
     for _ in range(24):
         linear = linear_producing(g, tensor)
         if linear is not None:
-            trace.linear, trace.part, trace.part_tensor, trace.selector = linear, part, part_tensor, selector
-            return trace
+            rotary, edits, half = rotary_found or (None, (), None)
+            return Trace(linear, tuple(nodes), tuple(scales), part, part_tensor, selector, rotary, edits, half, kv, norm)
         node = g.producer_of(tensor)
         if node is None:
             raise NoMatch(f"{tensor} does not come from a projection with constant weights")
-        rotary = rotary_producing(g, tensor) if node.op_type == "Add" else None
-        if rotary is not None:
-            if trace.rotary is not None:
+        rotated = rotary_producing(g, tensor) if node.op_type == "Add" else None
+        if rotated is not None:
+            if rotary_found is not None:
                 raise NoMatch(f"two rotary embeddings on the way to the projection ({node.name})")
-            trace.rotary, trace.rotary_edits, trace.half = rotary
+            rotary_found = (rotated[0], tuple(rotated[1]), rotated[2])
             nodes.append(node)
-            tensor = trace.rotary.input
+            tensor = rotated[0].input
             continue
         joined = kv_cache_join(g, node, tensor, path) if node.op_type == "Concat" else None
         if joined is not None:
-            if trace.kv is not None:
+            if kv is not None:
                 raise NoMatch(f"two KV caches on the way to the projection ({node.name})")
-            trace.kv, tensor = joined
+            kv, tensor = joined
             nodes.append(node)
             continue
-        norm = norm_writing(g, tensor) if path is not Part.VALUE else None
-        if norm is not None:  # QK-norm: element-wise but for a statistic over the last axis
-            if trace.norm is not None:
+        found_norm = norm_writing(g, tensor) if path is not Part.VALUE else None
+        if found_norm is not None:  # QK-norm: element-wise but for a statistic over the last axis
+            if norm is not None:
                 raise NoMatch(f"two norms on the way to the projection ({node.name})")
-            trace.norm = norm
+            norm = found_norm
             nodes.append(node)
             tensor = norm.input
             continue
