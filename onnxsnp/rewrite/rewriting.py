@@ -15,8 +15,11 @@ import re
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, dtype_to_onnx
-from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
+try:  # graphsurgeon's internals, for the one-copy export; a version without them takes its public export
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, dtype_to_onnx
+    from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
+except ImportError:  # pragma: no cover - depends on the installed graphsurgeon
+    OnnxExporter = None
 
 from .decoding import kv_cache_shapes, set_kv_cache_shapes, slice_rotary_tables
 from .editor import Editor
@@ -71,6 +74,8 @@ def _export(graph: gs.Graph) -> onnx.ModelProto:
     270 MB decoder (docs/PRUNE_COST_DECODER.md). Here the graph is exported with data-less stand-ins
     (name, type, dims) and each initializer then copied from the exporter's own TensorProto of that
     constant, one at a time: the same bytes."""
+    if OnnxExporter is None:
+        return gs.export_onnx(graph, do_type_check=False)
     constants = {name: tensor for name, tensor in graph.tensors().items()
                  if isinstance(tensor, gs.Constant) and not isinstance(tensor._values, SparseValues)}
     values = {name: tensor._values for name, tensor in constants.items()}
