@@ -270,7 +270,8 @@ def _allocate(matches: Matches, work: ReconstructionWork, costs: CostModel, opti
     units = unit_costs(costs, matches, target.kind)
 
     def allocate_for(goal: float) -> tuple[Widths, list[float]]:
-        return allocate(curves, matches, units, total, goal, ratios.align, ratios.heads, ratios.blocks)
+        return allocate(curves, matches, units, total, goal, ratios.align, ratios.heads, ratios.blocks,
+                        options.one_head_size)
 
     goal = target.absolute(total)
     widths, predicted = allocate_for(goal)

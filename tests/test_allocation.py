@@ -82,6 +82,33 @@ def test_allocation_cuts_where_it_costs_least(digits):
     assert costs.cost(plan, "flops") <= 0.6 * total
 
 
+def _plan(matches, widths) -> PrunePlan:
+    return PrunePlan(tuple(AttentionKeep(b, np.tile(np.arange(w.qk), (w.heads, 1)), np.tile(np.arange(w.v), (w.heads, 1)),
+                                         np.arange(w.heads)) for b in matches.attention
+                           for w in [widths.attention[b.name]]),
+                     tuple(FfnKeep(b, np.arange(widths.ffn[b.name])) for b in matches.ffn))
+
+
+def test_one_head_size_allocation_meets_the_budget_with_one_attention_width(digits):
+    """onnxruntime-genai folders hold one head size: the allocation moves every block's attention
+    together, so the widths it returns are the folder's (genai.one_head_size changes nothing) and
+    still meet the budget, where block-by-block widths widened afterwards cost more than it."""
+    from onnxsnp.io.genai import one_head_size
+
+    g, matches, costs = digits
+    units = unit_costs(costs, matches, "flops")
+    total = costs.macs_total * 2
+    curves = _curves(matches, [1.0, 50.0, 1.0, 50.0])
+    widths, _ = allocate(curves, matches, units, total, 0.6 * total, one_head_size=True)
+    assert len({(w.heads, w.qk, w.v) for w in widths.attention.values()}) == 1
+    assert all(w.qk == w.v for w in widths.attention.values())
+    assert one_head_size(widths) == widths
+    assert costs.cost(_plan(matches, widths), "flops") <= 0.6 * total
+    free, _ = allocate(curves, matches, units, total, 0.6 * total)
+    assert free != one_head_size(free)  # the blocks' own widths differ: widening them is what fell short
+    assert costs.cost(_plan(matches, one_head_size(free)), "flops") > 0.6 * total
+
+
 def test_an_unreachable_budget_fails_cleanly(digits):
     g, matches, costs = digits
     units = unit_costs(costs, matches, "flops")

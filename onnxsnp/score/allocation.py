@@ -192,13 +192,16 @@ class _State:
 
 
 def allocate(curves: list, matches: Matches, units: list[UnitCosts], total: float, goal: float,
-             align: int = 1, heads_ratio: float | None = None, max_blocks: int = 0):
+             align: int = 1, heads_ratio: float | None = None, max_blocks: int = 0, one_head_size: bool = False):
     """Widths meeting `goal` (total cost after pruning) with the least predicted loss: starting
     from the full model, repeatedly take the move — fewer Q/K pairs, V neurons or FFN neurons in
     one block, one head fewer, or a whole block removed — that adds the least measured loss per
     unit of cost saved (curves: sensitivity.LayerSensitivity per block, in one unit). A head
     costs its kept pairs and neurons; a block's Q/K and V losses scale with the heads it keeps.
     `heads_ratio` (--heads): that share of every block's heads removed first, and no more.
+    `one_head_size` (onnxruntime-genai folders: one KV-cache shape for the model): attention moves
+    change every block at once, Q/K and V to the same per-head width, so that the budget is met by
+    the widths the folder can hold (widened afterwards, a budget fell short by a third).
     Returns (reconstruction.Widths, predicted loss per block)."""
     from ..plan import kept_count
 
@@ -223,23 +226,32 @@ def allocate(curves: list, matches: Matches, units: list[UnitCosts], total: floa
     fixed = total - sum(layer_cost(i, s) for i, s in enumerate(states))
     current = total
     while current > goal:
-        best = None
+        moves = []  # (added loss per cost saved, the new states, cost saved, added loss)
+        blocks_left = max_blocks - sum(x.removed for x in states)
         for i, s in enumerate(states):
             if s.removed:
                 continue
-            for candidate in _moves(layers[i], s, align, allow_heads, max_blocks - sum(x.removed for x in states)):
+            for candidate in _moves(layers[i], s, align, allow_heads and not one_head_size, blocks_left,
+                                    attention=not one_head_size):
                 saved = layer_cost(i, s) - layer_cost(i, candidate)
-                if saved <= 0:
-                    continue
-                added = max(layer_loss(i, candidate) - layer_loss(i, s), 0.0)
-                score = added / saved
-                if best is None or score < best[0]:
-                    best = (score, i, candidate, saved)
-        if best is None:
+                if saved > 0:
+                    added = max(layer_loss(i, candidate) - layer_loss(i, s), 0.0)
+                    moves.append((added / saved, states[:i] + [candidate] + states[i + 1:], saved, added))
+        for moved in (_tied_moves(layers, states, align, allow_heads) if one_head_size else ()):
+            saved = sum(layer_cost(i, s) - layer_cost(i, m) for i, (s, m) in enumerate(zip(states, moved)))
+            if saved > 0:
+                added = max(sum(layer_loss(i, m) - layer_loss(i, s) for i, (s, m) in enumerate(zip(states, moved))), 0.0)
+                moves.append((added / saved, moved, saved, added))
+        if not moves:
             raise SnpError(f"the budget cannot be met: at most {1 - MIN_KEPT:.0%} of each group is removed "
                            f"({current / total:.0%} of the cost remains); aim higher or allow --blocks")
-        _, i, candidate, saved = best
-        states[i] = candidate
+        best = min(moves, key=lambda m: m[0])
+        if one_head_size and best[2] >= current - goal:
+            # a move of every block's attention at once is coarse: where the cheapest move per cost
+            # would finish the budget, finish it with the move that adds least (often an FFN step),
+            # not overshoot by a whole attention width
+            best = min((m for m in moves if m[2] >= current - goal), key=lambda m: m[3])
+        _, states, saved, _ = best
         current -= saved
     widths = Widths({l.attention.name: AttentionWidth(s.heads if not s.removed else l.attention.groups, s.qk, s.v)
                      for l, s in zip(layers, states)},
@@ -271,14 +283,46 @@ def part_losses(curves: list, matches: Matches, widths) -> list[dict[CutPart, fl
     return result
 
 
-def _moves(layer: Layer, s: _State, align: int, allow_heads: bool, blocks_left: int) -> list[_State]:
-    """Every state one move (of up to LOOKAHEAD steps) away."""
+def _qk_step(layer: Layer, align: int) -> int:
+    block = layer.attention
+    return math.lcm(max(align, block.head_dim // 16), units_of.unit_size(block), block.width_multiple)  # whole rotary pairs
+
+
+def _tied_moves(layers: list[Layer], states: list[_State], align: int, allow_heads: bool) -> list[list[_State]]:
+    """Every kept block's attention one move (of up to LOOKAHEAD steps) narrower at once: one
+    per-head width for Q/K and V (a step every block's Q/K and V allow), or one head fewer."""
+    kept = [(layer, s) for layer, s in zip(layers, states) if not s.removed]
+    if not kept:
+        return []
+    found = []
+    if not any(layer.attention.qk_whole for layer, _ in kept):
+        step = math.lcm(*(math.lcm(_qk_step(layer, align), max(align, layer.attention.head_dim // 16))
+                          for layer, _ in kept))
+        size, floor = kept[0][1].qk, max(int(np.ceil(MIN_KEPT * layer.attention.head_dim)) for layer, _ in kept)
+        for steps in range(1, LOOKAHEAD + 1):
+            if size - steps * step < floor:
+                break
+            found.append([replace(s, qk=size - steps * step, v=size - steps * step) for s in states])
+    heads = kept[0][1].heads
+    if allow_heads and heads > 1 and all(layer.attention.heads_fixed is None for layer, _ in kept):
+        found.append([replace(s, heads=heads - 1) for s in states])  # removed blocks too: one size in the widths
+    return found
+
+
+def _moves(layer: Layer, s: _State, align: int, allow_heads: bool, blocks_left: int,
+           attention: bool = True) -> list[_State]:
+    """Every state one move (of up to LOOKAHEAD steps) away; `attention` False: the FFN's and
+    the block's only (the attention moves with every block's, _tied_moves)."""
     block, ffn = layer.attention, layer.ffn
     d = block.head_dim
     found = []
-    qk_step = math.lcm(max(align, d // 16), units_of.unit_size(block), block.width_multiple)  # whole rotary pairs
-    fields = (("qk", d, qk_step), ("v", d, max(align, d // 16)), ("ffn", ffn.hidden, max(align, ffn.hidden // 64)))
-    for field_name, width, step in fields[1:] if block.qk_whole else fields:
+    fields = (("qk", d, _qk_step(layer, align)), ("v", d, max(align, d // 16)),
+              ("ffn", ffn.hidden, max(align, ffn.hidden // 64)))
+    if not attention:
+        fields = fields[2:]
+    elif block.qk_whole:
+        fields = fields[1:]
+    for field_name, width, step in fields:
         floor = max(1, int(np.ceil(MIN_KEPT * width)))
         for steps in range(1, LOOKAHEAD + 1):
             value = getattr(s, field_name) - steps * step
