@@ -318,17 +318,20 @@ def _moves(layer: Layer, s: _State, align: int, allow_heads: bool, blocks_left: 
     found = []
     fields = (("qk", d, _qk_step(layer, align)), ("v", d, max(align, d // 16)),
               ("ffn", ffn.hidden, max(align, ffn.hidden // 64)))
-    if not attention:
+    if not attention or (block.equal_widths and block.qk_whole):
         fields = fields[2:]
+    elif block.equal_widths:  # one head size for Q/K and V (an attention op's): both move, as the reconstruction keeps them
+        fields = ((("qk", "v"), d, math.lcm(fields[0][2], fields[1][2])),) + fields[2:]
     elif block.qk_whole:
         fields = fields[1:]
-    for field_name, width, step in fields:
+    for names, width, step in fields:
+        names = names if isinstance(names, tuple) else (names,)
         floor = max(1, int(np.ceil(MIN_KEPT * width)))
         for steps in range(1, LOOKAHEAD + 1):
-            value = getattr(s, field_name) - steps * step
+            value = getattr(s, names[0]) - steps * step
             if value < floor:
                 break
-            found.append(replace(s, **{field_name: value}))
+            found.append(replace(s, **{name: value for name in names}))
     if allow_heads and block.heads_fixed is None and s.heads > 1:
         found.append(replace(s, heads=s.heads - 1))
     if blocks_left > 0:
