@@ -103,7 +103,9 @@ def test_one_head_size_allocation_meets_the_budget_with_one_attention_width(digi
     assert len({(w.heads, w.qk, w.v) for w in widths.attention.values()}) == 1
     assert all(w.qk == w.v for w in widths.attention.values())
     assert one_head_size(widths) == widths
-    assert costs.cost(_plan(matches, widths), "flops") <= 0.6 * total
+    cost = costs.cost(_plan(matches, widths), "flops")
+    ffn_step = max(u.ffn * max(1, layer.ffn.hidden // 64) for u, layer in zip(units, matches.layers))
+    assert 0.6 * total - ffn_step <= cost <= 0.6 * total  # a coarse last move's overshoot given back to the FFNs
     free, _ = allocate(curves, matches, units, total, 0.6 * total)
     assert free != one_head_size(free)  # the blocks' own widths differ: widening them is what fell short
     assert costs.cost(_plan(matches, one_head_size(free)), "flops") > 0.6 * total

@@ -246,13 +246,26 @@ def allocate(curves: list, matches: Matches, units: list[UnitCosts], total: floa
             raise SnpError(f"the budget cannot be met: at most {1 - MIN_KEPT:.0%} of each group is removed "
                            f"({current / total:.0%} of the cost remains); aim higher or allow --blocks")
         best = min(moves, key=lambda m: m[0])
-        if one_head_size and best[2] >= current - goal:
-            # a move of every block's attention at once is coarse: where the cheapest move per cost
-            # would finish the budget, finish it with the move that adds least (often an FFN step),
-            # not overshoot by a whole attention width
-            best = min((m for m in moves if m[2] >= current - goal), key=lambda m: m[3])
         _, states, saved, _ = best
         current -= saved
+    if one_head_size or any(layer.attention.equal_widths for layer in layers):
+        # attention moves that take Q/K and V (and every block) at once are coarse, so the last
+        # one may overshoot the budget far: FFN neurons are given back while it still holds
+        while True:
+            refills = []
+            for i, (layer, st) in enumerate(zip(layers, states)):
+                step = _ffn_step(layer, align)
+                if st.removed or st.ffn + step > layer.ffn.hidden:
+                    continue
+                wider = replace(st, ffn=st.ffn + step)
+                added = layer_cost(i, wider) - layer_cost(i, st)
+                if 0 < added and current + added <= goal:
+                    refills.append(((layer_loss(i, st) - layer_loss(i, wider)) / added, i, wider, added))
+            if not refills:
+                break
+            _, i, wider, added = max(refills, key=lambda r: r[0])
+            states[i] = wider
+            current += added
     widths = Widths({l.attention.name: AttentionWidth(s.heads if not s.removed else l.attention.groups, s.qk, s.v)
                      for l, s in zip(layers, states)},
                     {l.ffn.name: s.ffn for l, s in zip(layers, states)},
@@ -288,6 +301,10 @@ def _qk_step(layer: Layer, align: int) -> int:
     return math.lcm(max(align, block.head_dim // 16), units_of.unit_size(block), block.width_multiple)  # whole rotary pairs
 
 
+def _ffn_step(layer: Layer, align: int) -> int:
+    return max(align, layer.ffn.hidden // 64)
+
+
 def _tied_moves(layers: list[Layer], states: list[_State], align: int, allow_heads: bool) -> list[list[_State]]:
     """Every kept block's attention one move (of up to LOOKAHEAD steps) narrower at once: one
     per-head width for Q/K and V (a step every block's Q/K and V allow), or one head fewer."""
@@ -317,7 +334,7 @@ def _moves(layer: Layer, s: _State, align: int, allow_heads: bool, blocks_left: 
     d = block.head_dim
     found = []
     fields = (("qk", d, _qk_step(layer, align)), ("v", d, max(align, d // 16)),
-              ("ffn", ffn.hidden, max(align, ffn.hidden // 64)))
+              ("ffn", ffn.hidden, _ffn_step(layer, align)))
     if not attention or (block.equal_widths and block.qk_whole):
         fields = fields[2:]
     elif block.equal_widths:  # one head size for Q/K and V (an attention op's): both move, as the reconstruction keeps them
