@@ -63,3 +63,45 @@ def test_the_calibration_prompts_are_as_long_as_the_timed_prefill(tmp_path):
     ids = np.load(path)["input_ids"]
     assert ids.shape == (samples, bench.PROMPT) and ids.min() >= 0 and ids.max() < bench.SHAPE["vocab"]
     assert bench.prompts(tmp_path, samples) == path  # made once, reused
+
+
+def test_the_cpu_clock_times_one_thread_only():
+    import time
+
+    assert bench.clock("wall", (1, 2)) is time.perf_counter
+    assert bench.clock("cpu", (1,)) is time.thread_time
+    for name, threads in (("cpu", (1, 2)), ("cpu", (2,)), ("gpu", (1,))):
+        with pytest.raises(SystemExit) as stopped:
+            bench.clock(name, threads)
+        assert "bench_decoder_speed" in str(stopped.value)
+
+
+def test_a_one_thread_sessions_kernels_run_on_the_callers_cpu_clock(tmp_path):
+    """--clock cpu rests on this: with one intra-op thread onnxruntime runs the kernels on the thread
+    that calls run(), so its CPU time grows with their work (on another thread it would stay ~0)."""
+    import time
+
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    width, chained = 256, 8
+    weight = numpy_helper.from_array(np.eye(width, dtype=np.float32), "w")
+
+    def session(count: int):
+        nodes = [helper.make_node("MatMul", [f"x{i}", "w"], [f"x{i + 1}"]) for i in range(count)]
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x0", onnx.TensorProto.FLOAT, [width, width])],
+                                  [helper.make_tensor_value_info(f"x{count}", onnx.TensorProto.FLOAT, [width, width])],
+                                  [weight])
+        onnx.save(helper.make_model(graph), tmp_path / f"chain{count}.onnx")
+        return bench.session(tmp_path / f"chain{count}.onnx", 1)
+
+    feed = {"x0": np.ones((width, width), np.float32)}
+    spent = []
+    for sess in (session(1), session(chained)):
+        sess.run(None, feed)
+        started = time.thread_time()
+        for _ in range(10):
+            sess.run(None, feed)
+        spent.append(time.thread_time() - started)
+    assert spent[1] > chained / 3 * spent[0] > 0
