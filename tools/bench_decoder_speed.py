@@ -17,11 +17,13 @@ Size: the bytes of the model files (a genai folder: every file); KV cache: bytes
 `present.*` (keys and values of every layer, float32).
 
     python tools/bench_decoder_speed.py [--forms genai-int4,dynamo] [--flops 0.8,0.65,0.5] [--ratios 0.25,0.44]
-        [--speedups 1.3] [--speedup-forms dynamo] [--threads 1,2] [--rounds 5] [--samples 16] [--work DIR] [--profile]
+        [--speedups 1.3] [--speedup-forms dynamo] [--threads 1,2] [--clock wall|cpu] [--rounds 5] [--samples 16]
+        [--work DIR] [--profile]
 
 `--work DIR` keeps the exports and the pruned models (a second run reuses them: only the timing is
 repeated). `--profile` adds onnxruntime's profiler per op type (a prefill and the decode steps, one
-thread): which ops shrink with the cut and which do not.
+thread): which ops shrink with the cut and which do not. `--clock cpu` times a one-thread session by
+the calling thread's CPU time (on a machine other jobs share; `--threads 1` only).
 """
 from __future__ import annotations
 
