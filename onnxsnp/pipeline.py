@@ -265,10 +265,11 @@ def _profiled(p: Prepared, one_batch: dict[str, np.ndarray], step: TimedStep
               ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """The model and feed the latency model's node times are measured on: the model as deployed
     where the matcher reads MatMulNBits as float MatMuls (the view keeps every node's name and
-    output, so its times trace back; its float products run at another speed than the int4 ones,
-    so its op mix is not the folder's), and on a model with a KV cache whose decode step the
-    budget's clock times, that step (a decode step of an int4 folder spends a fifth of its time in
-    GroupQueryAttention, its prefill 6-7 %: docs/DECODER_SPEED.md)."""
+    output, so its times trace back; the float products run at another speed than the int4 ones —
+    a decode step of an int4 folder spends a fifth of its time in GroupQueryAttention, the float
+    view far less), and on a model with a KV cache whose decode step the budget's clock times, that
+    step (a prefill spends its time elsewhere: attention's share of it is a third of a decode
+    step's; docs/DECODER_SPEED.md)."""
     model = p.model if p.view is not None and p.dynamic is None and p.rounded is None and p.qoperator is None \
         else p.g.model
     if step is TimedStep.DECODE and any(is_past(name, value) for name, value in one_batch.items()):
@@ -300,7 +301,7 @@ def _allocate(matches: Matches, work: ReconstructionWork, costs: CostModel, opti
         with stage("timing the allocated widths against the original"):
             timing = timed_widths(goal, lambda before: target.absolute(before), lambda g: allocate_for(g)[0],
                                   lambda w: costs.cost(widths_plan(matches, w), target.kind),
-                                  lambda w: _timed_candidate(p, rewrite(p.g, widths_plan(matches, w))),
+                                  lambda w: rewrite(p.g, widths_plan(matches, w)),
                                   Clock(p.model, one_batch, p.g.constant, options.timed_step), total)
         if timing.widths != widths:
             widths, predicted = allocate_for(timing.trials[timing.chosen].goal_predicted_ms)
@@ -319,15 +320,6 @@ def _allocate(matches: Matches, work: ReconstructionWork, costs: CostModel, opti
         report["timed"] = {"trials": [t.as_dict() for t in timing.trials], "chosen": timing.chosen,
                            "stopped": timing.stopped, "step": timing.step.value}
     return widths, report
-
-
-def _timed_candidate(p: Prepared, pruned: onnx.ModelProto) -> onnx.ModelProto:
-    """A rewrite of the float view in the form the clock's original runs in: MatMulNBits put back
-    (rounded to nearest: the time does not depend on the values). Timed as float MatMuls, an int4
-    folder's candidate ran 2.1-2.5x slower than the int4 original, so the check corrected towards
-    a goal out of reach and kept its first allocation. Views whose form is only restored with
-    calibration (static QDQ activations, QOperator) are still timed as their float rewrite."""
-    return p.view.requantize(pruned) if p.view is not None else pruned
 
 
 def _mean_ratios(matches: Matches, widths: Widths, ratios: Ratios) -> Ratios:
