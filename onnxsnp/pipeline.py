@@ -29,16 +29,14 @@ from .ir.qoperator_fuse import fused
 from .ir.quant_form import unsupported
 from .match import Matches, NoMatch, find_blocks
 from .match.blocks import Candidate
-from .verify.observation import observe, verify_pruned
+from .verify.observation import Observed, observe, verify_pruned
 from .compensate.onepass import make_plan, one_pass, score  # noqa: F401 (make_plan, score: the API's plan without compensation)
 from .options import (SYNTHETIC_SAMPLES, Compensation, PruneOptions, make_options, resolve_ratios,  # noqa: F401
                       resolve_target)
-from .plan import PrunePlan, Ratios, TimedStep, kept_count
+from .plan import PrunePlan, Ratios, kept_count
 from .data.prepared import Prepared
 from .compensate.compensated import Compensated
 from .score.profiling import profile_nodes
-from .data.calibration import session
-from .data.timing import decode_feed, is_past
 from .progress import Steps, reporting, stage
 from .compensate.batches import Shards
 from .heap import release_heap
@@ -131,7 +129,8 @@ def finish(prepared: Prepared, options: PruneOptions, work: ReconstructionWork |
     p = prepared
     one_batch = {k: v[:p.fixed or 1] for k, v in p.holdout_feed.items()}
     with stage("profiling the input model"):
-        costs = None if options.target is None else _cost_model(p, options.target.kind, one_batch, options.timed_step)
+        costs = None if options.target is None else _cost_model(p.g, p.matches, p.observed, options.target.kind,
+                                                                 one_batch)
     compensated = _compensate(p, options, work, costs, one_batch)
     p.release_memory()
     with stage("rewriting the graph"):
@@ -248,35 +247,16 @@ class ReconstructionWork:
         self.shards.close()
 
 
-def _cost_model(p: Prepared, kind: CostKind, one_batch: dict[str, np.ndarray], step: TimedStep) -> CostModel:
+def _cost_model(g: ModelGraph, matches: Matches, observed: Observed, kind: CostKind,
+                one_batch: dict[str, np.ndarray]) -> CostModel:
     """The cost model a --target-* budget is spent with; a latency budget profiles the original
-    model once on one sample (profiling.py), as its clock will time it (`_profiled`)."""
-    macs = macs_from_shapes(p.g.model, p.observed.shapes, p.observed.shape_samples)
-    times = None
-    if kind is CostKind.LATENCY:
-        model, feed = _profiled(p, one_batch, step)
-        times = profile_nodes(p.g, feed, macs, weights=p.g.constant, model=model)
+    model once on one sample (profiling.py)."""
+    macs = macs_from_shapes(g.model, observed.shapes, observed.shape_samples)
+    times = profile_nodes(g, one_batch, macs, weights=g.constant) if kind is CostKind.LATENCY else None
+    if times is not None:
         log.info("profiled the input model: %.2f ms per run, %.2f ms of it outside the nodes traced (%d runs)",
                  times.total_ms, times.overhead_ms, times.runs)
-    return CostModel(p.g, p.matches, macs, count_params(p.g.model), times)
-
-
-def _profiled(p: Prepared, one_batch: dict[str, np.ndarray], step: TimedStep
-              ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """The model and feed the latency model's node times are measured on: the model as deployed
-    where the matcher reads MatMulNBits as float MatMuls (the view keeps every node's name and
-    output, so its times trace back; the float products run at another speed than the int4 ones —
-    a decode step of an int4 folder spends a fifth of its time in GroupQueryAttention, the float
-    view far less), and on a model with a KV cache whose decode step the budget's clock times, that
-    step (a prefill spends its time elsewhere: attention's share of it is a third of a decode
-    step's; docs/DECODER_SPEED.md)."""
-    model = p.model if p.view is not None and p.dynamic is None and p.rounded is None and p.qoperator is None \
-        else p.g.model
-    if step is TimedStep.DECODE and any(is_past(name, value) for name, value in one_batch.items()):
-        stepped = decode_feed(session(model, threads=1, weights=p.g.constant), one_batch)
-        if stepped is not None:
-            return model, stepped
-    return model, one_batch
+    return CostModel(g, matches, macs, count_params(g.model), times)
 
 
 def _allocate(matches: Matches, work: ReconstructionWork, costs: CostModel, options: PruneOptions,

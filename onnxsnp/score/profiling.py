@@ -59,12 +59,8 @@ class NodeTimes:
 
 
 def profile_nodes(g: ModelGraph, feed: dict[str, np.ndarray], macs: dict[str, int], threads: int = 1,
-                  runs: int = PROFILE_RUNS, weights: Weights | None = None,
-                  model: onnx.ModelProto | None = None) -> NodeTimes:
-    """Each original node's time per run on `feed` (one sample), profiled after a warm-up; `model`:
-    the one run, if not `g`'s own (the deployed form of a view `g` reads, with the same node and
-    tensor names)."""
-    model = g.model if model is None else model
+                  runs: int = PROFILE_RUNS, weights: Weights | None = None) -> NodeTimes:
+    """Each original node's time per run on `feed` (one sample), profiled after a warm-up."""
     with tempfile.TemporaryDirectory(prefix="onnxsnp_profile_") as folder:
         optimized = Path(folder) / "optimized.onnx"
 
@@ -79,13 +75,13 @@ def profile_nodes(g: ModelGraph, feed: dict[str, np.ndarray], macs: dict[str, in
                                              "1024")
             options.inter_op_num_threads = 1
 
-        sess = session(model, threads=threads, weights=weights, configure=configure)
+        sess = session(g.model, threads=threads, weights=weights, configure=configure)
         for _ in range(WARMUP_RUNS + runs):
             sess.run(None, feed)
         events = json.loads(Path(sess.end_profiling()).read_text())
         fused = onnx.load(str(optimized), load_external_data=False) if optimized.exists() else None
         del sess
-    run_ms = _plain_run_ms(model, feed, threads, runs, weights)
+    run_ms = _plain_run_ms(g, feed, threads, runs, weights)
     per_node = _node_times(events, runs)
     tracer = _Tracer(g, fused)
     node_ms: dict[str, float] = defaultdict(float)
@@ -104,10 +100,10 @@ def profile_nodes(g: ModelGraph, feed: dict[str, np.ndarray], macs: dict[str, in
     return NodeTimes(node_ms, max(run_ms - traced * factor, 0.0), threads, runs, dispatch)
 
 
-def _plain_run_ms(model: onnx.ModelProto, feed: dict[str, np.ndarray], threads: int, runs: int,
+def _plain_run_ms(g: ModelGraph, feed: dict[str, np.ndarray], threads: int, runs: int,
                   weights: Weights | None) -> float:
     """The median run time without the profiler, as users run the model."""
-    sess = session(model, threads=threads, weights=weights)
+    sess = session(g.model, threads=threads, weights=weights)
     times = []
     for done in range(WARMUP_RUNS + runs):
         started = time.perf_counter()
