@@ -80,7 +80,7 @@ def gains(g: ModelGraph, keep: AttentionKeep, zeroed: bool, q_factor: float = 1.
     if zeroed:
         for slot in norm.epsilons:
             epsilon = g.constant(g.node(slot[0]).input[slot[1]])
-            found.append((slot, (epsilon * (kept / d)).astype(epsilon.dtype)))
+            found.append((slot, np.asarray(epsilon * (kept / d), dtype=epsilon.dtype)))  # an array, even 0-d
     return found
 
 
