@@ -7,7 +7,10 @@ head's RMSNorm is then computed
   removed dims' values are what the cut saves computing);
 - `sliced`: over the kept dims (what the pruned graph does with `--qk-norm-cut sliced`);
 - `calibrated`: over the kept dims, γ times √(mean ms_kept/ms_full) per head over the calibration
-  tokens (`--qk-norm-cut calibrated`'s factor, compensate/qk_norm.py).
+  tokens (`--qk-norm-cut calibrated`'s factor, compensate/qk_norm.py);
+- `affine`: over the kept dims, then ms_full estimated per head as a·ms_kept + b, a and b fitted by
+  least squares on a second pass over the calibration windows (b ≥ 0; a graph could take it exactly
+  as γ/√a and a per-head ε' = (b + ε)/a). Measured worse than `calibrated`, so not built.
 
 No refit, no Q/K rescale: this isolates what the norm's changed statistic costs and what the
 factor wins back. Held-out perplexity and next-token agreement with the original → stdout.
@@ -61,6 +64,15 @@ def main() -> None:
                 return None
             if mode is None:
                 return None
+            if mode == "fit":
+                kept = state["kept"][index]
+                ms_full = x.pow(2).mean(-1).double()  # (B, H, T)
+                ms_kept = ((x * kept).pow(2).sum(-1) / kept.sum()).double()
+                sums = state["sums"][index][part]
+                for key, value in (("kk", ms_kept * ms_kept), ("kf", ms_kept * ms_full), ("k", ms_kept),
+                                   ("f", ms_full), ("n", torch.ones_like(ms_kept))):
+                    sums[key] = sums.get(key, 0) + value.sum(dim=(0, 2))
+                return None
             kept = state["kept"][index]  # (d,) bool
             weight = 1.0 + module.weight.float()
             if mode == "exact":
@@ -70,6 +82,9 @@ def main() -> None:
             y = xk * torch.rsqrt(ms + module.eps) * weight
             if mode == "calibrated":
                 y = y * state["factor"][index][part].view(1, -1, 1, 1)
+            if mode == "affine":
+                a, b = state["affine"][index][part]
+                y = xk * torch.rsqrt(a.view(1, -1, 1, 1) * ms + b.view(1, -1, 1, 1) + module.eps) * weight
             return y.type_as(output)
         return forward
 
@@ -113,8 +128,24 @@ def main() -> None:
             kept.append(mask)
             factors.append([torch.sqrt((share * mask.double()).sum(-1) / (mask.sum() * tokens)).float()
                             for share, tokens in zip(state["share"][index], state["tokens"][index])])
-        state.update(kept=kept, factor=factors)
-        for mode in ("exact", "sliced", "calibrated"):
+        state.update(kept=kept, factor=factors, mode="fit", sums=[[{}, {}] for _ in norms])
+        with torch.no_grad():
+            for window in calibration:
+                model(window[None])
+        affine = []
+        for index in range(len(norms)):
+            pair = []
+            for sums in state["sums"][index]:
+                n, k, f, kk, kf = sums["n"], sums["k"], sums["f"], sums["kk"], sums["kf"]
+                det = n * kk - k * k
+                a = (n * kf - k * f) / det
+                b = (f - a * k) / n
+                b = torch.clamp(b, min=0.0)
+                a = torch.where(b > 0, a, kf / kk)  # through the origin where the offset would go negative
+                pair.append((a.float(), b.float()))
+            affine.append(pair)
+        state["affine"] = affine
+        for mode in ("exact", "sliced", "calibrated", "affine"):
             state["mode"] = mode
             picked, best = scores(heldout)
             value = float(np.exp(-picked.mean()))
