@@ -16,6 +16,7 @@ from typing import Optional, Union
 
 from .data.calib_images import RESAMPLING
 from .score.criteria import CRITERIA
+from .match.blocks import QkNormCut
 from .plan import Propagation, Reduction, Selection, TimedStep
 
 
@@ -140,6 +141,12 @@ OPTIONS: tuple[OptionSpec, ...] = (
                "project: a head's kept Q/K pairs and V neurons become its best directions for the attention scores "
                "and the value path; select: a choice of its neurons (the paper's SNP; Q/K pairs rescaled)",
                value=Reduction),
+    OptionSpec("qk_norm_cut", QkNormCut.OFF,
+               "Q/K dims within the heads of a per-head QK-norm (Qwen3, Gemma 3): off keeps each head's Q/K whole "
+               "(whole key/value groups may still go); sliced cuts them, the norm's mean square then taken over the "
+               "kept dims; calibrated also rescales each head's norm weight by the calibration's mean ratio of the "
+               "kept dims' mean square to the full one (needs --compensate lstsq with the block-by-block "
+               "reconstruction); measured in docs/DECODER_FAMILIES.md", value=QkNormCut),
     OptionSpec("criterion", "snp", "neuron scoring: snp, snp-paper, l2 or random", value=str, choices=CRITERIA),
     OptionSpec("calib", None, "calibration arrays keyed by model input name, first axis = samples (default: "
                               "synthetic inputs, with a warning)", value=str, group=Group.CALIB, metavar="FILE.npz"),

@@ -14,6 +14,7 @@ from .errors import SnpError
 from .score.criteria import CRITERIA
 from .option_schema import Compensation, Group, ResidualCriterion, defaults  # noqa: F401 (Compensation re-exported)
 from .plan import Ratios
+from .match.blocks import QkNormCut
 from .plan import Propagation, Reduction, Selection, TimedStep
 
 
@@ -40,6 +41,7 @@ class PruneOptions:
     one_head_size: bool  # every attention keeps the same heads and per-head width, Q/K = V (genai.py)
     workers: Workers  # where the reconstruction's calibration batches are held (distributed.py)
     timed_step: TimedStep  # what a latency budget times on a model with a KV cache
+    qk_norm_cut: QkNormCut  # Q/K dims within the heads of a per-head QK-norm (match/qk_norm.py)
 
 
 _DEFAULTS = defaults(Group.PRUNE)
@@ -78,7 +80,8 @@ def make_options(ratio: float = _DEFAULTS["ratio"], **keywords) -> PruneOptions:
         residual_criterion=_member(ResidualCriterion, v.residual_criterion, "--residual-criterion"),
         calib_samples=v.calib_samples, seed=v.seed, batch_size=v.batch_size, rescale_qk=v.rescale_qk,
         progress=v.progress, measure_latency=v.measure_latency, one_head_size=bool(v.one_head_size),
-        workers=Workers(v.workers, v.ray_address), timed_step=_member(TimedStep, v.timed_step, "--timed-step"))
+        workers=Workers(v.workers, v.ray_address), timed_step=_member(TimedStep, v.timed_step, "--timed-step"),
+        qk_norm_cut=_member(QkNormCut, v.qk_norm_cut, "--qk-norm-cut"))
 
 
 def _member(kind: type[Enum], value, flag: str):

@@ -28,7 +28,8 @@ from .ir.qoperator import qdq_view
 from .ir.qoperator_fuse import fused
 from .ir.quant_form import unsupported
 from .match import Matches, NoMatch, find_blocks
-from .match.blocks import Candidate
+from .match.blocks import Candidate, QkNormCut
+from .match.qk_norm import released
 from .verify.observation import Observed, observe, verify_pruned
 from .compensate.onepass import make_plan, one_pass, score  # noqa: F401 (make_plan, score: the API's plan without compensation)
 from .options import (SYNTHETIC_SAMPLES, Compensation, PruneOptions, make_options, resolve_ratios,  # noqa: F401
@@ -89,7 +90,7 @@ def prepare(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel, op
         rounded = activation_view(read) if dynamic is None else None  # static QDQ: float activations
         read = dynamic.model if dynamic is not None else rounded.model if rounded is not None else read
         g = ModelGraph(expose_stream_sums(read))
-        matches = find_blocks(g)
+        matches = released(find_blocks(g), options.qk_norm_cut)  # Q/K within QK-normed heads, where asked
     log.info("loaded and matched: %d attention, %d FFN, %d transformer blocks, %d skipped (%s)",
              len(matches.attention), len(matches.ffn), len(matches.layers), len(matches.skipped), _since(started))
     for skipped in matches.skipped:
@@ -155,6 +156,8 @@ def _compensate(p: Prepared, options: PruneOptions, work: ReconstructionWork | N
     """Block-by-block reconstruction where the model allows it, else the one-pass route."""
     g, matches, ratios = p.g, p.matches, options.ratios
     route = _reconstruction_route(g, matches, options)
+    if route is not None and options.qk_norm_cut is QkNormCut.CALIBRATED and any(b.qk_norm for b in matches.attention):
+        raise SnpError(f"--qk-norm-cut calibrated needs the block-by-block reconstruction, not used here: {route}")
     if route is not None:
         log.info("one-pass compensation: %s", route)
         chosen = one_pass(p, options, costs)

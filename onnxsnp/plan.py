@@ -45,6 +45,9 @@ class AttentionKeep:
     q_map: np.ndarray | None = None  # (kept heads, head_dim, kept pairs): what the kept q positions hold
     k_map: np.ndarray | None = None
     v_map: np.ndarray | None = None  # (kept heads, head_dim, kept V)
+    # a per-head QK-norm cut within the heads (compensate/qk_norm.py): each head's γ factor for the
+    # changed statistic, q's over all query heads and k's over all key/value heads (None: 1)
+    norm_scales: tuple[np.ndarray, np.ndarray] | None = None
 
     def qk_columns(self) -> np.ndarray:
         return head_columns(self.heads, self.qk, self.block.head_dim)

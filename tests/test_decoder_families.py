@@ -4,7 +4,8 @@ GELU(tanh)-gated MLP, norms on each sub-block's output, sliding-window and globa
 OLMo 2 (one RMSNorm over all heads' q and k, norms after each sub-block and none before). Every
 block is matched; a QK-norm keeps each head's q/k whole (a cut within a head would change its
 RMS), so heads go whole or not at all; the pruned model equals the original with the removed
-units zeroed, and its cached decode equals an uncached run. onnxruntime-genai's builder writes
+units zeroed, and its cached decode equals an uncached run (with `--qk-norm-cut`, Q/K dims within
+a per-head norm's heads go too: compensate/qk_norm.py). onnxruntime-genai's builder writes
 Qwen3 with its q|k|v projection split before the norms and GroupQueryAttention after them; a
 pruned folder generates with onnxruntime-genai what the pruned file computes."""
 from __future__ import annotations
@@ -101,6 +102,24 @@ def test_pruned_family_decodes_through_its_cache_as_it_runs_uncached(family_mode
     # the report's KV cache per token is what the pruned model's present outputs hold per token
     held = sum(v[0].nbytes // v.shape[2] for name, v in whole.items() if name.startswith("present"))
     assert report.kv_cache_bytes_after == held < report.kv_cache_bytes_before
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("cut", ["sliced", "calibrated"])
+def test_qk_dims_within_the_heads_go_where_asked_and_the_cache_still_decodes(family_model, family, cut):
+    """--qk-norm-cut: a per-head QK-norm's heads (Qwen3, Gemma 3) lose Q/K dims too, γ written per
+    head (compensate/qk_norm.py); OLMo 2's norm over all heads keeps them whole. The block-by-block
+    reconstruction runs on the cut, and a cached step equals an uncached run of the pruned model."""
+    pruned, report = prune(str(family_model(family)), ratio=0.5, calib=calibration(100, 32, 12),
+                           qk_norm_cut=cut, measure_latency=False)
+    assert report.reconstruction is not None
+    for block in report.blocks:
+        if block.kind == "attention":
+            assert (block.qk_dim_after < block.qk_dim_before) == HEADS_ALLOWED[family]
+    ids = _ids(2, 8)
+    _, step = prefill_and_step(pruned, ids[:, :7], ids[:, 7:])
+    whole = run(pruned, step_feed(pruned, ids))
+    np.testing.assert_allclose(step["logits"][:, -1], whole["logits"][:, -1], atol=1e-4, rtol=1e-3)
 
 
 @pytest.fixture(scope="session")

@@ -86,7 +86,8 @@ NON_DEFAULT = {"ratio": "0.3", "qk_ratio": "0.25", "v_ratio": "0.2", "ffn_ratio"
                "residual": "0.1", "residual_criterion": "activation", "blocks": "1", "target_flops": "0.6",
                "target_params": None, "target_speedup": None, "target_latency": None, "timed_step": "prefill", "align": "8",
                "compensate": "bias", "reconstruct": "off", "selection": "criterion", "reduction": "select",
-               "criterion": "l2", "calib_samples": "16", "seed": "3", "workers": "2", "ray_address": "auto"}
+               "criterion": "l2", "calib_samples": "16", "seed": "3", "workers": "2", "ray_address": "auto",
+               "qk_norm_cut": "sliced"}
 
 
 def test_every_option_given_on_the_command_line_reaches_the_prune():

@@ -24,10 +24,12 @@ import numpy as np
 
 from ..ir.graph import ModelGraph, attribute
 from ..heap import release_heap
-from ..score.importance import PairStatistics, PairSums, _as_tokens, query_key, query_key_tensors, rotary_tables
+from ..score.importance import (PairStatistics, PairSums, _as_tokens, projected, query_key, query_key_tensors,
+                                rotary_tables)
 from ..score.softmax_metric import softmax_scale
 from .least_squares import FOLDS, NormalEquations
 from ..match import Matches
+from ..match.blocks import QkNormCut
 from ..match.units import unit_of_dim
 from .segments import SegmentRunner, cut
 
@@ -291,6 +293,7 @@ class Shard:
         scales = [s.tensor for s in block.frozen_scales]
         tables = rotary_tables(self.g, block)  # a written-out rotary embedding's cos/sin, to rotate q̂, k̂ alike
         pairs, scale_values = [], []
+        calibrated = block.qk_norm is not None and block.qk_norm.cut is QkNormCut.CALIBRATED
 
         def score(item: Batch, values: dict[str, np.ndarray]) -> None:
             if scales:
@@ -312,6 +315,11 @@ class Shard:
                 statistics.add(q_hat, k_hat, item.mask, q, k)
             else:
                 statistics.add(q, k, item.mask)
+            if calibrated:  # q and k before their per-head norms, as the pruned model computes them
+                inputs = {half.residual: item.pruned}
+                if half.projection_inputs is not None:
+                    inputs = self.run(half.projection_inputs, item, inputs, {}, list(half.projection_inputs.segment.outputs))
+                statistics.add_norm_energy(*projected(self.g, block, inputs, item.samples), block.head_dim, item.mask)
             pairs.append((item.index, statistics))
 
         self.targets(half, query_key_tensors(block) + scales + tables, score)

@@ -25,6 +25,7 @@ from ..ir.graph import ModelGraph
 from ..match import AttentionBlock, FfnBlock, Linear
 from ..match.groups import Group, attention_groups, ffn_group
 from ..plan import AttentionKeep, FfnKeep, PrunePlan, Refit, head_columns
+from .qk_norm import cuts_within, gains, slots as norm_slots
 
 Slot = tuple[str, int]  # (node name, input index)
 
@@ -47,9 +48,10 @@ def mapped_columns(g: ModelGraph, keep: AttentionKeep) -> list[ColumnWrite]:
     d = block.head_dim
     qk_group, v_group = attention_groups(None, block)
     writes = []
+    in_norm = block.qk_norm is not None and block.qk_whole is None  # the Q/K rescale goes into the norms' γ (qk_norm.py)
     for group, mapping, kept, part in ((qk_group, keep.q_map, keep.qk, 0), (qk_group, keep.k_map, keep.qk, 1),
                                        (v_group, keep.v_map, keep.v, 2)):
-        if mapping is None:
+        if mapping is None or in_norm and part < 2:
             continue
         for weight in _part_axes(group, block, part):
             value = g.constant(g.node(weight.node).input[weight.index]).astype(np.float64)
@@ -94,7 +96,7 @@ def _slots(*groups: Group) -> list[Slot]:
 
 def attention_slots(block: AttentionBlock) -> list[Slot]:
     """Every weight a plan for this attention block may change: those of its dependency groups."""
-    return _slots(*attention_groups(None, block))
+    return _slots(*attention_groups(None, block)) + norm_slots(block)
 
 
 def ffn_slots(block: FfnBlock) -> list[Slot]:
@@ -174,6 +176,9 @@ class Weights:
             self.write(column)
         qk, _ = attention_groups(None, block)
         self.zero_units(qk, np.setdiff1d(np.arange(qk.size), keep.qk_columns()))
+        if cuts_within(keep):  # a per-head QK-norm's γ and ε, as the zeroed dims need them
+            for slot, value in gains(self.g, keep, zeroed=True):
+                self.values[slot] = value
         self.set_inputs(block.out, keep.out_rows(), refit)
 
     def apply_ffn(self, keep: FfnKeep, refit: Refit | None = None) -> None:

@@ -41,6 +41,7 @@ from ..match import Layer, Matches
 from ..plan import (AttentionKeep, AttentionWidth, FfnKeep, Propagation, Reduction, Refit, Selection, Widths,
                    selection_map)
 from .projection import project_pairs, project_values
+from .qk_norm import calibrated_norm
 from ..score.softmax_metric import choose_pairs
 from ..threads import small_linear_algebra, threads_for
 
@@ -159,10 +160,11 @@ class Reconstructor:
         self.scale_values.update(scale_values)
         d, every = block.head_dim, np.arange(block.groups)
         qk, q_map, k_map = self._reduce_pairs(block, pairs, width.qk)
+        norm_scales = calibrated_norm(block, pairs, qk)
         if block.equal_widths:  # one head size for Q/K and V (an attention op's)
             width = AttentionWidth(width.heads, qk.shape[1], qk.shape[1])
         self.weights.apply_attention(AttentionKeep(block, qk, np.tile(np.arange(d), (block.groups, 1)), every,
-                                                   q_map, k_map))  # V and the output projection come next
+                                                   q_map, k_map, norm_scales=norm_scales))  # V and the output projection come next
         equations = self._equations(number, shards, block.out)
         prior = input_weights(self.g, block.out)
         projecting = self.reduction is Reduction.PROJECT and width.v < d and block.group_size == 1
@@ -173,7 +175,7 @@ class Reconstructor:
             equations = equations.transformed(transform)
             shards.transform_cache(transform[:-1, :-1])
         keep = AttentionKeep(block, qk[heads], v, heads, None if q_map is None else q_map[heads],
-                             None if k_map is None else k_map[heads], v_map)
+                             None if k_map is None else k_map[heads], v_map, norm_scales)
         refit = self._refit(f"{layer.name} (attention)", equations, keep.out_rows(), prior, block.out)
         self.weights.apply_attention(keep, refit)
         self.keeps_attention.append(keep)
@@ -207,7 +209,8 @@ class Reconstructor:
 
     def _projects_pairs(self, block) -> bool:
         return (self.reduction is Reduction.PROJECT and self.criterion.selects_by_refit and not block.rotary
-                and block.group_size == 1)  # a rotation of q/k directions would break a rotary embedding
+                and block.group_size == 1  # a rotation of q/k directions would break a rotary embedding
+                and block.qk_norm is None)  # and a per-head QK-norm's γ takes a rescale, not a rotation
 
     def _by_softmax(self, block) -> bool:
         """Whether the softmax's sums alone choose and rescale the Q/K pairs (_reduce_pairs)."""

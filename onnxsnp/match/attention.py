@@ -9,9 +9,10 @@ import onnx
 
 from ..ir.graph import ModelGraph, attribute
 from .blocks import (AttentionBlock, AttentionForm, Candidate, FrozenScale, FusedQkv, KvCache, Linear, NoMatch, Part,
-                     Rotary, ShapeEdit, Skipped, Width, block_name)
+                     QkNorm, Rotary, ShapeEdit, Skipped, Width, block_name)
 from .decoder import check_kv_axis
 from .layout import FUSED, MERGED, SPLIT, Axes, Path, path_shape_edits
+from .qk_norm import qk_norm_parts
 from .shapes import head_layout, shape_entries, shape_source
 from .tracing import Trace, forward_to_linear, trace_to_linear
 
@@ -73,7 +74,7 @@ def assemble(g: ModelGraph, core: AttentionCore) -> AttentionBlock:
     region |= {t for node in merge_path for t in node.output}
     seen, edits, heads_lost = _shape_edits(g, block, traces, merge_path, region, core)
     rotary, caches, rotary_edits = _decoder_parts(g, block, traces, seen, core)
-    qk_norms, norm_fixed, qk_whole = _qk_norms(g, traces, seen)
+    qk_norms, norm_fixed, qk_whole, qk_norm = _qk_norms(g, traces, seen, block.head_dim)
     _check_private(g, region, core, traces, merge_path, out, seen, rotary, caches)
     scales = list(core.frozen) + [scale for trace in traces[:2] for scale in trace.scales]
     frozen = tuple(scale for scale in scales if not scale.constant)
@@ -92,7 +93,7 @@ def assemble(g: ModelGraph, core: AttentionCore) -> AttentionBlock:
         constant_scales=tuple(s for s in scales if s.constant), attention_op=core.op, scale=scale,
         packed_bias=core.packed_bias, core_nodes=core.products, heads_fixed=heads_lost or norm_fixed,
         rotary=tuple(rotary), kv_caches=tuple(caches), qk_tensors=(rotary[0].output, rotary[1].output) if own else None,
-        qk_norms=qk_norms, qk_whole=qk_whole,
+        qk_norms=qk_norms, qk_whole=qk_whole, qk_norm=qk_norm,
         q_fixed=f"q is quantized at {quantized[0]}: rescaling its columns would change the rounding" if quantized
         else None,
         equal_widths="GroupQueryAttention takes one head size for Q, K and V" if gqa else None,
@@ -157,25 +158,35 @@ def _decoder_parts(g: ModelGraph, block: AttentionBlock, traces: tuple[Trace, ..
     return rotary, caches, edits
 
 
-def _qk_norms(g: ModelGraph, traces: tuple[Trace, ...], seen: dict[str, Axes]
-              ) -> tuple[tuple[str, ...], str | None, str | None]:
+def _qk_norms(g: ModelGraph, traces: tuple[Trace, ...], seen: dict[str, Axes], head_dim: int
+              ) -> tuple[tuple[str, ...], str | None, str | None, QkNorm | None]:
     """A norm on q or k: per head (over the head dim: Qwen3, Gemma 3) whole heads may still go;
     over all heads (OLMo 2) neither heads nor dims may, as either changes its statistic. Returns
-    the norms' last nodes, why whole heads cannot go, and why Q/K keep their whole width."""
+    the norms' last nodes, why whole heads cannot go, why Q/K keep their whole width (by default:
+    a per-head norm's dims may be cut with QkNormCut, match/qk_norm.py) and the per-head norm's
+    parts where a cut within the heads can rescale it."""
     norms = [(t.norm, kind) for t, kind in zip(traces, QKV[:2]) if t.norm is not None]
     if not norms:
-        return (), None, None
+        return (), None, None, None
     if len(norms) == 1:
         raise NoMatch(f"a norm on only one of q and k ({norms[0][0].output})")
     last = tuple(g.producer_of(norm.output).name for norm, _ in norms)
     heads_fixed = None
+    found = []
     for norm, kind in norms:
         axes = seen.get(last[0 if kind is Part.QUERY else 1])
         if axes is None or axes.dim != -1:
             raise NoMatch(f"{norm.output}: cannot tell which axis the QK-norm normalises")
         if axes.merged:
             heads_fixed = heads_fixed or f"{norm.output} normalises q/k over all heads together"
-    return last, heads_fixed, f"{norms[0][0].output} normalises each head's q/k: a cut within a head would change its RMS"
+        found.append(axes)
+    whole = f"{norms[0][0].output} normalises each head's q/k: a cut within a head would change its RMS"
+    if heads_fixed is not None:
+        return last, heads_fixed, whole, None
+    parts = qk_norm_parts(g, [norm for norm, _ in norms], found, head_dim)
+    if isinstance(parts, str):
+        return last, None, f"{whole} ({parts})", None
+    return last, None, whole, parts
 
 
 def _packed_block(core: AttentionCore, out: Linear) -> AttentionBlock:

@@ -157,6 +157,28 @@ class AttentionForm(str, Enum):
     ORT_GQA = "ort-gqa"  # com.microsoft.GroupQueryAttention
 
 
+class QkNormCut(str, Enum):
+    """Q/K dims within a head under a per-head QK-norm (compensate/qk_norm.py): kept whole (off), or
+    cut with the norm's statistic over the kept dims as it falls (sliced) or with each head's norm
+    weight rescaled by the calibration's mean ratio of the kept dims' mean square to the full one
+    (calibrated)."""
+    OFF = "off"
+    SLICED = "sliced"
+    CALIBRATED = "calibrated"
+
+
+@dataclass(frozen=True)
+class QkNorm:
+    """A written-out per-head RMSNorm on q and k: where each one's weight γ (one entry per head dim)
+    and ε sit, and the heads axis of the tensor it normalises, so that a cut within the heads can
+    write γ per head and keep the statistic's scale (compensate/qk_norm.py)."""
+
+    gains: tuple[tuple[str, int], tuple[str, int]]  # (node, input) of q's and k's γ
+    epsilons: tuple[tuple[str, int], tuple[str, int]]  # (node, input) of q's and k's ε
+    heads_axes: tuple[int, int]  # the heads axis of normalised q and k, counted from the end
+    cut: QkNormCut = QkNormCut.OFF
+
+
 class Placement(str, Enum):
     """Where a transformer block's norms sit relative to its residual joins."""
 
@@ -199,6 +221,7 @@ class AttentionBlock:
     # the projection and the scores; cutting dims within a head would change its statistic
     qk_norms: tuple[str, ...] = ()  # the norms' last nodes
     qk_whole: str | None = None  # why Q/K keep their whole per-head width, if they must
+    qk_norm: QkNorm | None = None  # a per-head QK-norm whose γ a cut within the heads can rescale
 
     @property
     def groups(self) -> int:

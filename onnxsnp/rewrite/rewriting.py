@@ -25,6 +25,7 @@ from .decoding import kv_cache_shapes, set_kv_cache_shapes, slice_rotary_tables
 from .editor import Editor
 from ..ir.graph import ModelGraph
 from ..compensate.masking import mapped_columns
+from ..compensate.qk_norm import cuts_within, gains
 from ..plan import AttentionKeep, PrunePlan
 from ..match import Width
 from ..match.groups import Cut, attention_groups, ffn_group
@@ -157,7 +158,14 @@ def _finish_attention(editor: Editor, keep: AttentionKeep) -> None:
         _split_fused(editor, keep, dq, dv)
     slice_rotary_tables(editor, keep, tuple(block.rotary))
     scales = block.frozen_scales + block.constant_scales
-    if block.q_fixed is None and dq != block.head_dim and block.attention_op is None and scales:
+    if cuts_within(keep):  # a per-head QK-norm: γ per head carries the rescale (and the standard form's factor)
+        standard = block.attention_op is None and bool(scales)
+        for (name, index), value in gains(editor.g, keep, zeroed=False,
+                                          q_factor=math.sqrt(dq / block.head_dim) if standard else 1.0):
+            editor.write(editor.nodes[name], index, value)
+        if standard:
+            _standard_scale(editor, scales[0], math.sqrt(block.head_dim / dq))
+    elif block.q_fixed is None and dq != block.head_dim and block.attention_op is None and scales:
         # standard form where q can take sqrt(d'/d) exactly (a quantized q may not)
         if _scale_q(editor, keep, np.full((heads, dq), math.sqrt(dq / block.head_dim)), exact_only=True):
             _standard_scale(editor, scales[0], math.sqrt(block.head_dim / dq))

@@ -18,6 +18,7 @@ from ..match import AttentionBlock, FfnBlock, Layer, Linear, Matches
 from ..plan import AttentionKeep, FfnKeep, PrunePlan, Ratios, head_columns, kept_count  # noqa: F401 (re-exported)
 from .criteria import Criterion, criterion as criterion_named, input_weights, output_weights
 from ..match.residual import ResidualStream
+from ..match.qk_norm import norm_energy, normalized
 from .softmax_metric import SoftmaxSums, add_sums
 
 DEFAULT_ENERGY = 0.9  # γ: the smallest number of singular components covering this share of Σσ²
@@ -100,6 +101,10 @@ class PairStatistics:
     causal_scale: float | None = None  # causal attention's softmax scale: the softmax's sums are kept too
     softmax: SoftmaxSums | None = None  # causal attention: the score error as the softmax sees it
     softmax_only: bool = False  # PairSums.SOFTMAX: SNP's scores and Grams are left at zero
+    # a per-head QK-norm cut within the heads (QkNormCut.CALIBRATED): Σ_t x_j²/ms(x) before the norm,
+    # q's (heads, d) and k's (key/value heads, d), and the tokens summed (match.qk_norm.norm_energy)
+    norm_energy: tuple[np.ndarray, np.ndarray] | None = None
+    norm_tokens: float = 0.0
 
     @classmethod
     def empty(cls, heads: int, d: int, energy: float = DEFAULT_ENERGY,
@@ -162,11 +167,22 @@ class PairStatistics:
         self.gram_k += other.gram_k
         self.count += other.count
         self.softmax_only = self.softmax_only or other.softmax_only  # its scores are zeros, not measured
+        if other.norm_energy is not None:
+            mine = self.norm_energy or (0.0, 0.0)
+            self.norm_energy = (mine[0] + other.norm_energy[0], mine[1] + other.norm_energy[1])
+            self.norm_tokens += other.norm_tokens
         if other.softmax is not None:
             if self.softmax is None:
                 self.causal_scale = other.causal_scale
                 self.softmax = SoftmaxSums.empty(*self.scores.shape, other.softmax.units)
             self.softmax.merge(other.softmax)
+
+    def add_norm_energy(self, q: np.ndarray, k: np.ndarray, d: int, token_mask: np.ndarray | None) -> None:
+        """q's and k's values before a per-head QK-norm, (samples, tokens, heads·d) (k: its own heads)."""
+        (energy_q, tokens), (energy_k, _) = norm_energy(q, d, token_mask), norm_energy(k, d, token_mask)
+        mine = self.norm_energy or (0.0, 0.0)
+        self.norm_energy = (mine[0] + energy_q, mine[1] + energy_k)
+        self.norm_tokens += tokens
 
     def mean_scores(self) -> np.ndarray:
         return self.scores / max(self.count, 1)
@@ -384,6 +400,8 @@ def query_key(g: ModelGraph, block: AttentionBlock, acts: dict[str, np.ndarray],
         if block.packed_bias is not None:  # biases added inside MultiHeadAttention
             bias = g.constant(block.packed_bias).astype(np.float64)
             q, k = q + bias[:width], k + bias[width:2 * width]
+        if block.qk_norm is not None:  # a per-head QK-norm between the projections and the rotary embedding
+            q, k = normalized(g, block, q, 0), normalized(g, block, k, 1)
         if block.rotary:  # an op's own embedding serves q and k alike
             rotaries = block.rotary if len(block.rotary) == 2 else block.rotary * 2
             q, k = (rotate(g, block, x, rotary, acts) for x, rotary in zip((q, k), rotaries))
@@ -391,6 +409,16 @@ def query_key(g: ModelGraph, block: AttentionBlock, acts: dict[str, np.ndarray],
         d = block.head_dim
         k = np.repeat(k.reshape(*k.shape[:-1], block.groups, d), block.group_size, axis=-2).reshape(*k.shape[:-1], -1)
     return q, k
+
+
+def projected(g: ModelGraph, block: AttentionBlock, acts: dict[str, np.ndarray], samples: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """q and k as their projections give them, from the projections' inputs (before a norm or a
+    rotary embedding): (samples, tokens, heads·d) and (samples, tokens, key/value heads·d)."""
+    d = block.head_dim
+    q_off, k_off, _ = block.column_offsets
+    return (projection_values(g, block.q, acts, samples, q_off, block.heads * d, True),
+            projection_values(g, block.k, acts, samples, k_off, block.groups * d, True))
 
 
 def _merged_heads(x: np.ndarray, heads_axis: int, samples: int) -> np.ndarray:
