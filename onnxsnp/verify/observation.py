@@ -54,8 +54,10 @@ def _probe_run(model: onnx.ModelProto, role: str, probes: list[str], feed: dict[
              ({k: v[step:probed] for k, v in feed.items()}, step, probes)]
     rest = {k: v[probed:] for k, v in feed.items()}
     outputs, maps, shapes, values = Outputs(_count(feed)), {name: [] for name in probes}, {}, None
+    # without decoded weights to share, both sessions read the weights from one file (weight_file.py)
+    written = calib_stage.weight_file(model) if weights is None else None
     try:
-        runner = Runner(model, probes + shape_names, role=role, weights=weights)
+        runner = Runner(model, probes + shape_names, role=role, weights=weights, weight_file=written)
         for part, size, extra in parts:
             if not _count(part):
                 continue
@@ -67,12 +69,15 @@ def _probe_run(model: onnx.ModelProto, role: str, probes: list[str], feed: dict[
                 shapes = shapes or {name: values[name].shape for name in shape_names}
         del runner, values
         if _count(rest):
-            runner = Runner(model, role=role, weights=weights)
+            runner = Runner(model, role=role, weights=weights, weight_file=written)
             for _, values in runner.batches(rest, runner.output_names, batch):
                 outputs.add([values[name] for name in runner.output_names])
     except BaseException:
         outputs.close()
         raise
+    finally:
+        if written is not None:
+            written.close()
     return {name: np.concatenate(chunks) for name, chunks in maps.items()}, outputs.joined(), shapes
 
 
