@@ -108,11 +108,16 @@ def prepare(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel, op
     fit_feed, holdout_feed = _split(feed, fixed)
     probes = {block.name: g.node(block.anchor).output[0] for block in matches.attention
               if g.node(block.anchor).op_type == "Softmax"}  # attention probabilities, for the report
+    # the matching decoded every weight (a second copy beside the protobuf's): dropped until the
+    # reconstruction asks for them again, so that the input model's session below, which reads
+    # its weights from a file of its own (weight_file.py), does not sit beside them
+    g.forget_constants()
+    release_memory()
     with stage(f"running the input model on {_count(holdout_feed)} held-back samples"):
         # a QOperator model through its exact QDQ reading: the attention probabilities and the
         # tensors the costs are counted on are float tensors there
         observed = observe(qoperator.model if qoperator is not None else model, sorted(set(probes.values())),
-                           holdout_feed, batch, fixed, g.constant)
+                           holdout_feed, batch, fixed)
     for seen in (dynamic, rounded):  # a --target-* budget counts the view's MatMuls
         if seen is not None:
             observed.shapes.update(seen.view_shapes(observed.shapes))

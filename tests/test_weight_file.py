@@ -131,3 +131,40 @@ def test_a_session_from_the_weight_file_holds_the_weights_about_once():
     grown = json.loads(run.stdout.strip().splitlines()[-1])
     assert grown["in memory"] > 1.6  # the decoded arrays and onnxruntime's packed copies
     assert grown["file"] < 1.3  # measured 1.0-1.1 (the packed weights and the session's own state)
+
+
+def test_a_prune_whose_sessions_read_their_weights_from_files_writes_the_same_model(monkeypatch):
+    """The whole pipeline with every session over undecoded weights taking the file route (the
+    threshold at 0: the shipped ViT is far below it): the same pruned bytes and the same fidelity;
+    the input model observed from a file, after the matching's decoded weights were dropped."""
+    import onnxsnp.pipeline as pipeline
+    from onnxsnp.options import make_options
+
+    model, calib = ROOT / "models" / "digits_vit.onnx", ROOT / "models" / "digits_vit_calib.npz"
+    options = make_options(ratio=0.5, measure_latency=False)
+    expected = pipeline.prune_model(str(model), options, calib=str(calib))
+    events = []
+    forget, observe, written = pipeline.ModelGraph.forget_constants, pipeline.observe, calibration.WeightFile.__init__
+
+    def forgetting(self):
+        events.append("forget")
+        forget(self)
+
+    def observing(*args, **kwargs):
+        events.append("observe")
+        return observe(*args, **kwargs)
+
+    def writing(self, *args, **kwargs):
+        events.append("file")
+        written(self, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline.ModelGraph, "forget_constants", forgetting)
+    monkeypatch.setattr(pipeline, "observe", observing)
+    monkeypatch.setattr(calibration.WeightFile, "__init__", writing)
+    monkeypatch.setattr(calibration, "FILE_SESSION_BYTES", 0)
+    got = pipeline.prune_model(str(model), options, calib=str(calib))
+    assert got.model.SerializeToString() == expected.model.SerializeToString()
+    assert got.report.fidelity == expected.report.fidelity
+    first = events.index("observe")
+    assert events[first - 1:first + 2] == ["forget", "observe", "file"]  # dropped, then read from a file
+    assert events.count("file") >= 2  # the input model's observation and the pruned model's verification

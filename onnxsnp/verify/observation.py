@@ -35,7 +35,9 @@ class Observed:
 
 
 def observe(model: onnx.ModelProto, probes: list[str], feed: dict[str, np.ndarray], batch: int,
-             fixed: int | None, weights: calib_stage.Weights) -> Observed:
+             fixed: int | None, weights: calib_stage.Weights | None = None) -> Observed:
+    """`weights`: decoded arrays for the session to share; without them a large model's session
+    reads its weights from a file (calibration.session)."""
     maps, outputs, shapes = _probe_run(model, "input model", probes, feed, batch, fixed, weights)
     return Observed(outputs, maps, shapes, fixed or 1)
 
@@ -70,6 +72,8 @@ def _probe_run(model: onnx.ModelProto, role: str, probes: list[str], feed: dict[
         del runner, values
         if _count(rest):
             runner = Runner(model, role=role, weights=weights, weight_file=written)
+            if written is not None:
+                written.close()  # read while the session was built: the disk space goes now
             for _, values in runner.batches(rest, runner.output_names, batch):
                 outputs.add([values[name] for name in runner.output_names])
     except BaseException:
