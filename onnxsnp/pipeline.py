@@ -137,8 +137,11 @@ def finish(prepared: Prepared, options: PruneOptions, work: ReconstructionWork |
         costs = None if options.target is None else _cost_model(p.g, p.matches, p.observed, options.target.kind,
                                                                  one_batch)
     compensated = _compensate(p, options, work, costs, one_batch)
+    # the weights decoded for the reconstruction: the rewrite decodes again the ones it slices,
+    # one at a time, and keeps none (only their slices go into the pruned model)
+    p.g.forget_constants()
     p.release_memory()
-    with stage("rewriting the graph"):
+    with stage("rewriting the graph"), p.g.decoding_once():
         pruned = _rewritten(p, compensated)
     # the original's decoded weights are not read again before the timing (which decodes what it
     # runs): freed, the verification's session for the pruned model takes their place
