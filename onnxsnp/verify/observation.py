@@ -60,11 +60,7 @@ def _probe_run(model: onnx.ModelProto, role: str, probes: list[str], feed: dict[
     # without decoded weights to share, both sessions read the weights from one file (weight_file.py)
     written = calib_stage.weight_file(model) if weights is None else None
     try:
-        # a few samples, one at a time, with many tensors added as outputs: without a memory arena,
-        # which would keep the largest run's worth of memory while the session lives (measured on
-        # SmolLM2-135M's verification: 146 MB less at the peak; the outputs are the same)
-        runner = Runner(model, probes + shape_names, role=role, weights=weights, weight_file=written,
-                        configure=_without_arena)
+        runner = Runner(model, probes + shape_names, role=role, weights=weights, weight_file=written)
         for part, size, shaped in parts:
             if not _count(part):
                 continue
@@ -89,10 +85,6 @@ def _probe_run(model: onnx.ModelProto, role: str, probes: list[str], feed: dict[
         if written is not None:
             written.close()
     return {name: np.concatenate(chunks) for name, chunks in maps.items()}, outputs.joined(), shapes
-
-
-def _without_arena(options) -> None:
-    options.enable_cpu_mem_arena = False
 
 
 def _shapes(runner: Runner, feed: dict[str, np.ndarray], names: list[str], size: int) -> dict[str, tuple[int, ...]]:
