@@ -169,34 +169,3 @@ def test_a_prune_whose_sessions_read_their_weights_from_files_writes_the_same_mo
     assert events[first - 1:first + 2] == ["forget", "observe", "file"]  # dropped, then read from a file
     assert events.count("file") >= 2  # the input model's observation and the pruned model's verification
 
-
-def test_the_probed_samples_fetch_the_shapes_a_few_at_a_time(monkeypatch):
-    """The first samples' session has every shape tensor added as an output: fetched all in one
-    run, their values lived to its end and the session's arena kept that much (309 MB of values on
-    SmolLM2-135M). The shapes are the same read a few at a time, and so are the outputs."""
-    from onnxsnp.ir.stats import shape_tensors
-    from onnxsnp.verify import observation
-
-    model = _chain(64, 6)
-    feed = {"x": np.random.default_rng(3).standard_normal((20, 64)).astype(np.float32)}
-    names = shape_tensors(model)
-    monkeypatch.setattr(observation, "SHAPE_FETCH", 4)
-    assert len(names) > 2 * observation.SHAPE_FETCH  # several runs for the shapes
-    fetched = []
-    batches = calibration.Runner.batches
-
-    def recording(self, feed, tensors, batch, progress=False):
-        fetched.append(len(tensors))
-        return batches(self, feed, tensors, batch, progress)
-
-    monkeypatch.setattr(calibration.Runner, "batches", recording)
-    maps, outputs, shapes = _probe_run(model, "input model", ["r0"], feed, 8, None)
-    assert max(fetched) <= max(observation.SHAPE_FETCH, 2)  # y and r0, or a group of shapes
-    whole = calibration.session(model, extra_outputs=names)
-    values = whole.run(names, {"x": feed["x"][:1]})
-    assert shapes == {name: value.shape for name, value in zip(names, values)}
-    # as the same session fetching everything at once gives them (the probed samples, one at a time)
-    every = calibration.session(model, extra_outputs=["r0"] + names)
-    runs = [every.run(None, {"x": feed["x"][i:i + 1]}) for i in range(16)]
-    np.testing.assert_array_equal(outputs[0][:16], np.concatenate([run[0] for run in runs]))
-    np.testing.assert_array_equal(maps["r0"], np.concatenate([run[1] for run in runs]))

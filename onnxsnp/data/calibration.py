@@ -399,14 +399,13 @@ class Runner:
     much as a few batches, so each model gets one Runner that every stage shares."""
 
     def __init__(self, model: onnx.ModelProto, tensors: Iterable[str] = (), threads: int = 0,
-                 role: str = "input model", weights: Weights | None = None, weight_file: WeightFile | None = None,
-                 configure: Callable[[ort.SessionOptions], None] | None = None):
+                 role: str = "input model", weights: Weights | None = None, weight_file: WeightFile | None = None):
         self.role = role
         state = cache_outputs(model)  # a decoder's present keys/values: its state, not its result
         self.output_names = [o.name for o in model.graph.output if o.name not in state]
         added = [t for t in dict.fromkeys(tensors) if t not in set(self.output_names)]
         try:
-            self.session = session(model, threads, added, weights, configure, weight_file)
+            self.session = session(model, threads, added, weights, weight_file=weight_file)
         except Exception as exc:
             verb = "cannot run" if role == "input model" else "rejects"
             raise SnpError(f"onnxruntime {verb} the {role}: {_first_line(exc)}") from None

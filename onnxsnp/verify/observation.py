@@ -22,7 +22,6 @@ def _count(feed: dict[str, np.ndarray]) -> int:
 
 
 MAP_SAMPLES = 16  # held-back samples whose attention maps are compared (they are kept in memory)
-SHAPE_FETCH = 32  # run-time shapes read per run (a run keeps every tensor it fetches to its end)
 
 
 @dataclass
@@ -53,24 +52,23 @@ def _probe_run(model: onnx.ModelProto, role: str, probes: list[str], feed: dict[
     shape_names = shape_tensors(model)
     step = fixed or 1
     probed = max(step, MAP_SAMPLES // step * step)
-    parts = [({k: v[:step] for k, v in feed.items()}, step, True),  # also the shapes
-             ({k: v[step:probed] for k, v in feed.items()}, step, False)]
+    parts = [({k: v[:step] for k, v in feed.items()}, step, probes + shape_names),  # also the shapes
+             ({k: v[step:probed] for k, v in feed.items()}, step, probes)]
     rest = {k: v[probed:] for k, v in feed.items()}
     outputs, maps, shapes, values = Outputs(_count(feed)), {name: [] for name in probes}, {}, None
     # without decoded weights to share, both sessions read the weights from one file (weight_file.py)
     written = calib_stage.weight_file(model) if weights is None else None
     try:
         runner = Runner(model, probes + shape_names, role=role, weights=weights, weight_file=written)
-        for part, size, shaped in parts:
+        for part, size, extra in parts:
             if not _count(part):
                 continue
-            names = list(dict.fromkeys(runner.output_names + probes))
+            names = list(dict.fromkeys(runner.output_names + extra))
             for _, values in runner.batches(part, names, size):
                 outputs.add([values[name] for name in runner.output_names])
                 for name in probes:
                     maps[name].append(np.array(values[name]))  # a copy: a kept view pins onnxruntime's buffers
-            if shaped:
-                shapes = _shapes(runner, part, shape_names, size)
+                shapes = shapes or {name: values[name].shape for name in shape_names}
         del runner, values
         if _count(rest):
             runner = Runner(model, role=role, weights=weights, weight_file=written)
@@ -85,19 +83,6 @@ def _probe_run(model: onnx.ModelProto, role: str, probes: list[str], feed: dict[
         if written is not None:
             written.close()
     return {name: np.concatenate(chunks) for name, chunks in maps.items()}, outputs.joined(), shapes
-
-
-def _shapes(runner: Runner, feed: dict[str, np.ndarray], names: list[str], size: int) -> dict[str, tuple[int, ...]]:
-    """The shapes of `names` on `feed` (one batch), SHAPE_FETCH tensors a run: fetched together,
-    every tensor's value lives to the run's end and onnxruntime's memory arena keeps that much for
-    the session's life (SmolLM2-135M: 513 tensors, 309 MB for one sample). The outputs of a run do
-    not depend on what else it fetches (same session, same kernels)."""
-    shapes = {}
-    for start in range(0, len(names), SHAPE_FETCH):
-        group = names[start:start + SHAPE_FETCH]
-        for _, values in runner.batches(feed, group, size):
-            shapes.update((name, values[name].shape) for name in group)
-    return shapes
 
 
 @dataclass(frozen=True)
