@@ -109,11 +109,16 @@ def prepare(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel, op
     fit_feed, holdout_feed = _split(feed, fixed)
     probes = {block.name: g.node(block.anchor).output[0] for block in matches.attention
               if g.node(block.anchor).op_type == "Softmax"}  # attention probabilities, for the report
+    # the matching decoded every weight (a second copy beside the protobuf's): dropped until the
+    # reconstruction asks for them again, so that the input model's session below, which reads
+    # its weights from a file of its own (weight_file.py), does not sit beside them
+    g.forget_constants()
+    release_memory()
     with stage(f"running the input model on {_count(holdout_feed)} held-back samples"):
         # a QOperator model through its exact QDQ reading: the attention probabilities and the
         # tensors the costs are counted on are float tensors there
         observed = observe(qoperator.model if qoperator is not None else model, sorted(set(probes.values())),
-                           holdout_feed, batch, fixed, g.constant)
+                           holdout_feed, batch, fixed)
     for seen in (dynamic, rounded):  # a --target-* budget counts the view's MatMuls
         if seen is not None:
             observed.shapes.update(seen.view_shapes(observed.shapes))
@@ -133,8 +138,11 @@ def finish(prepared: Prepared, options: PruneOptions, work: ReconstructionWork |
         costs = None if options.target is None else _cost_model(p.g, p.matches, p.observed, options.target.kind,
                                                                  one_batch)
     compensated = _compensate(p, options, work, costs, one_batch)
+    # the weights decoded for the reconstruction: the rewrite decodes again the ones it slices,
+    # one at a time, and keeps none (only their slices go into the pruned model)
+    p.g.forget_constants()
     p.release_memory()
-    with stage("rewriting the graph"):
+    with stage("rewriting the graph"), p.g.decoding_once():
         pruned = _rewritten(p, compensated)
     # the original's decoded weights are not read again before the timing (which decodes what it
     # runs): freed, the verification's session for the pruned model takes their place

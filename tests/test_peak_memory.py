@@ -40,3 +40,21 @@ def test_forgotten_constants_are_decoded_again_the_same():
     assert again is not first  # decoded anew: the first copy was not kept
     np.testing.assert_array_equal(again, weight)
     assert g.constant("x") is None  # still nothing for a run-time tensor
+
+
+def test_decoding_once_keeps_no_large_initializer_and_every_small_one():
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 512])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 512])
+    large = np.arange(512 * 512, dtype=np.float32).reshape(512, 512)  # 1 MiB: at the default bound
+    small = np.ones(512, np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])],
+                              "g", [x], [y], [numpy_helper.from_array(large, "w"), numpy_helper.from_array(small, "b")])
+    g = ModelGraph(helper.make_model(graph))
+    with g.decoding_once():
+        first, again = g.constant("w"), g.constant("w")
+        assert first is not again  # not kept: decoded for each ask
+        np.testing.assert_array_equal(again, large)
+        assert g.constant("b") is g.constant("b")  # small ones are kept
+        assert g.constant("m") is None
+    assert "w" not in g._constants
+    assert g.constant("w") is g.constant("w")  # kept again outside

@@ -17,6 +17,7 @@ from ..progress import steps
 from ..errors import SnpError
 from ..ir.sizes import raw_bytes
 from ..ir.graph import ModelGraph, attribute
+from .weight_file import WeightFile
 
 # onnxruntime logs run-time failures straight to stderr; onnxsnp reports them itself, in one line
 ort.set_default_logger_severity(4)
@@ -251,26 +252,72 @@ def token_mask_input(specs: list[InputSpec]) -> str | None:
 _IN_MEMORY_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
                     onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
 _IN_MEMORY_MIN_BYTES = 1024
+# a model without decoded arrays whose weights reach this size reads them from a file (weight_file.py)
+FILE_SESSION_BYTES = 16 * 2**20
 
 
 Weights = Callable[[str], "np.ndarray | None"]  # an initializer's decoded value, by name
 
 
 def session(model: onnx.ModelProto, threads: int = 0, extra_outputs: Iterable[str] = (),
-            weights: Weights | None = None, configure: Callable[[ort.SessionOptions], None] | None = None
-            ) -> ort.InferenceSession:
+            weights: Weights | None = None, configure: Callable[[ort.SessionOptions], None] | None = None,
+            weight_file: WeightFile | None = None) -> ort.InferenceSession:
     """An onnxruntime session over `model`, with `extra_outputs` added as graph outputs.
 
     The model is not serialised with its weights: onnxruntime gets a weight-free copy of the
-    graph and the weights as in-memory external initializers. That skips serialising and
-    re-parsing every weight for each session, leaves `model` untouched, and works the same for
-    models above protobuf's 2 GB limit. `weights` may supply already decoded arrays (ModelGraph
-    keeps them), which the session then shares instead of decoding its own copy."""
+    graph and the weights apart, which skips serialising and re-parsing every weight for each
+    session, leaves `model` untouched, and works the same for models above protobuf's 2 GB limit.
+    `weights` may supply already decoded arrays (ModelGraph keeps them), which the session then
+    shares as in-memory external initializers. Without them, a model above FILE_SESSION_BYTES
+    reads its weights from a temporary file (`weight_file`, written here if not given): a session
+    that owns its weights frees each one it pre-packs, one over arrays decoded for it alone holds
+    both (weight_file.py)."""
+    if weights is None and (weight_file is not None or _file_worthy(model)):
+        light = without_initializers(model)
+        _add_outputs(light, extra_outputs)
+        if weight_file is not None:
+            return weight_file.session(light, _session_options(threads, configure=configure))
+        with WeightFile(model, _in_file) as written:
+            return written.session(light, _session_options(threads, configure=configure))
     graph_only, names, values = _without_weights(model, weights)
-    existing = {o.name for o in graph_only.graph.output}
-    graph_only.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in dict.fromkeys(extra_outputs)
-                                   if t not in existing)
+    _add_outputs(graph_only, extra_outputs)
     return light_session(graph_only, names, values, threads, configure=configure)
+
+
+def weight_file(model: onnx.ModelProto) -> WeightFile | None:
+    """`model`'s weights written once for several sessions without decoded arrays (None for a
+    model small enough to hand over in memory)."""
+    return WeightFile(model, _in_file) if _file_worthy(model) else None
+
+
+def _file_worthy(model: onnx.ModelProto) -> bool:
+    return sum(raw_bytes(t) for t in model.graph.initializer if _in_file(t)) >= FILE_SESSION_BYTES
+
+
+def _in_file(tensor: onnx.TensorProto) -> bool:
+    """The initializers a session gets apart from the graph (the others stay in it)."""
+    return (tensor.data_type in _IN_MEMORY_TYPES and tensor.data_location != onnx.TensorProto.EXTERNAL
+            and raw_bytes(tensor) >= _IN_MEMORY_MIN_BYTES)  # as add_initializers chooses
+
+
+def _add_outputs(light: onnx.ModelProto, extra_outputs: Iterable[str]) -> None:
+    existing = {o.name for o in light.graph.output}
+    light.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in dict.fromkeys(extra_outputs)
+                              if t not in existing)
+
+
+def _session_options(threads: int = 0, segment: bool = False,
+                     configure: Callable[[ort.SessionOptions], None] | None = None) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # failures are reported by onnxsnp, in one line
+    if threads:
+        options.intra_op_num_threads = threads
+    if segment:
+        options.enable_cpu_mem_arena = False
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if configure is not None:
+        configure(options)
+    return options
 
 
 def light_session(light: onnx.ModelProto, names: list[str], values: list[ort.OrtValue], threads: int = 0,
@@ -282,13 +329,7 @@ def light_session(light: onnx.ModelProto, names: list[str], values: list[ort.Ort
     keep a run's worth of memory for as long as they live, so allocations go straight to the
     heap instead; and their threads do not spin after a run, where numpy work follows at once
     on the same cores."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 4  # failures are reported by onnxsnp, in one line
-    if threads:
-        options.intra_op_num_threads = threads
-    if segment:
-        options.enable_cpu_mem_arena = False
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options = _session_options(threads, segment)
     if names:
         options.add_external_initializers(names, values)
     if configure is not None:
@@ -325,8 +366,7 @@ def add_initializers(graph: onnx.GraphProto, tensors: Iterable[onnx.TensorProto]
     values are returned as OrtValues for `SessionOptions.add_external_initializers`."""
     names, values = [], []
     for tensor in tensors:
-        if (tensor.data_type in _IN_MEMORY_TYPES and raw_bytes(tensor) >= _IN_MEMORY_MIN_BYTES
-                and tensor.data_location != onnx.TensorProto.EXTERNAL):
+        if _in_file(tensor):
             stub = graph.initializer.add()
             stub.name, stub.data_type = tensor.name, tensor.data_type
             stub.dims.extend(tensor.dims)
@@ -359,13 +399,13 @@ class Runner:
     much as a few batches, so each model gets one Runner that every stage shares."""
 
     def __init__(self, model: onnx.ModelProto, tensors: Iterable[str] = (), threads: int = 0,
-                 role: str = "input model", weights: Weights | None = None):
+                 role: str = "input model", weights: Weights | None = None, weight_file: WeightFile | None = None):
         self.role = role
         state = cache_outputs(model)  # a decoder's present keys/values: its state, not its result
         self.output_names = [o.name for o in model.graph.output if o.name not in state]
         added = [t for t in dict.fromkeys(tensors) if t not in set(self.output_names)]
         try:
-            self.session = session(model, threads, added, weights)
+            self.session = session(model, threads, added, weights, weight_file=weight_file)
         except Exception as exc:
             verb = "cannot run" if role == "input model" else "rejects"
             raise SnpError(f"onnxruntime {verb} the {role}: {_first_line(exc)}") from None

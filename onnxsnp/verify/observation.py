@@ -35,7 +35,9 @@ class Observed:
 
 
 def observe(model: onnx.ModelProto, probes: list[str], feed: dict[str, np.ndarray], batch: int,
-             fixed: int | None, weights: calib_stage.Weights) -> Observed:
+             fixed: int | None, weights: calib_stage.Weights | None = None) -> Observed:
+    """`weights`: decoded arrays for the session to share; without them a large model's session
+    reads its weights from a file (calibration.session)."""
     maps, outputs, shapes = _probe_run(model, "input model", probes, feed, batch, fixed, weights)
     return Observed(outputs, maps, shapes, fixed or 1)
 
@@ -54,8 +56,10 @@ def _probe_run(model: onnx.ModelProto, role: str, probes: list[str], feed: dict[
              ({k: v[step:probed] for k, v in feed.items()}, step, probes)]
     rest = {k: v[probed:] for k, v in feed.items()}
     outputs, maps, shapes, values = Outputs(_count(feed)), {name: [] for name in probes}, {}, None
+    # without decoded weights to share, both sessions read the weights from one file (weight_file.py)
+    written = calib_stage.weight_file(model) if weights is None else None
     try:
-        runner = Runner(model, probes + shape_names, role=role, weights=weights)
+        runner = Runner(model, probes + shape_names, role=role, weights=weights, weight_file=written)
         for part, size, extra in parts:
             if not _count(part):
                 continue
@@ -67,12 +71,17 @@ def _probe_run(model: onnx.ModelProto, role: str, probes: list[str], feed: dict[
                 shapes = shapes or {name: values[name].shape for name in shape_names}
         del runner, values
         if _count(rest):
-            runner = Runner(model, role=role, weights=weights)
+            runner = Runner(model, role=role, weights=weights, weight_file=written)
+            if written is not None:
+                written.close()  # read while the session was built: the disk space goes now
             for _, values in runner.batches(rest, runner.output_names, batch):
                 outputs.add([values[name] for name in runner.output_names])
     except BaseException:
         outputs.close()
         raise
+    finally:
+        if written is not None:
+            written.close()
     return {name: np.concatenate(chunks) for name, chunks in maps.items()}, outputs.joined(), shapes
 
 
