@@ -40,6 +40,7 @@ from .compensate.compensated import Compensated
 from .score.profiling import profile_nodes
 from .progress import Steps, reporting, stage
 from .compensate.batches import Shards
+from .compensate.least_squares import FOLDS
 from .heap import release_heap
 from .compensate.halves import plan_segments
 from .plan import AttentionWidth, Propagation, Widths
@@ -222,6 +223,14 @@ def _quantized_weights(p: Prepared) -> bool:
         any(node.op_type == "DequantizeLinear" for node in p.model.graph.node)
 
 
+def reconstruction_batch(samples: int) -> int:
+    """Samples per segment run: RECONSTRUCTION_BATCH, or fewer where that would leave fewer than
+    FOLDS batches — the refits' ridge is chosen by cross-validation over folds of whole batches, and
+    with fewer it was not chosen at all (64 windows of SmolLM2 made 2 batches: every refit took the
+    default ridge)."""
+    return max(1, min(RECONSTRUCTION_BATCH, samples // FOLDS))
+
+
 class ReconstructionWork:
     """The block-by-block reconstruction's calibration batches (the first block's input, computed
     once, held here or by --workers) and the sensitivity survey of a --target-* allocation
@@ -233,7 +242,7 @@ class ReconstructionWork:
         self.reconstructor = Reconstructor(p.g, p.matches, options.criterion, options.selection, options.propagation,
                                            rescale_qk=options.rescale_qk, seed=options.seed,
                                            reduction=options.reduction, keep_grams=_quantized_weights(p))
-        self.batch = p.fixed or RECONSTRUCTION_BATCH
+        self.batch = p.fixed or reconstruction_batch(_count(p.fit_feed))
         self.shards = self.reconstructor.prepare(p.fit_feed, self.batch, p.mask, options.workers, restartable)
         self._curves = None
         self.runs = 0

@@ -191,3 +191,20 @@ def test_costs_of_units_in_one_batch_are_the_costs_unit_by_unit():
     assert obs.costs([np.array([3])])[0] == pytest.approx(one_by_one[1], rel=1e-12)
     with pytest.raises(np.linalg.LinAlgError):  # a unit holding a removed row: singular, as unit by unit
         obs.costs([np.array([4, 5]), np.array([0, 1])])
+
+
+def test_reconstruction_batches_leave_every_fold_some_samples():
+    """The refits' ridge is cross-validated over FOLDS folds of whole batches: any calibration set
+    of at least FOLDS samples is cut into at least FOLDS batches (64 windows of a decoder made two
+    batches of 32 before, and every refit took the default ridge), and no batch is larger than
+    RECONSTRUCTION_BATCH."""
+    from onnxsnp.compensate.batches import owner, split_batches
+    from onnxsnp.pipeline import RECONSTRUCTION_BATCH, reconstruction_batch
+
+    for samples in range(1, 8 * RECONSTRUCTION_BATCH):
+        batch = reconstruction_batch(samples)
+        assert 1 <= batch <= RECONSTRUCTION_BATCH
+        batches = split_batches({"x": np.zeros((samples, 2))}, batch)
+        if samples >= FOLDS:
+            assert {owner(index, FOLDS) for index in range(len(batches))} == set(range(FOLDS))
+    assert reconstruction_batch(8 * RECONSTRUCTION_BATCH) == RECONSTRUCTION_BATCH
