@@ -201,6 +201,15 @@ def _rewritten(p: Prepared, compensated: Compensated) -> onnx.ModelProto:
     if pruned is None:
         pruned = rewrite(p.g, plan)
         p.release_memory()
+    pruned = _in_input_form(p, pruned, {node: refit.gram for node, refit in plan.refits.items()
+                                        if refit.gram is not None})
+    check_structure(pruned)
+    return pruned
+
+
+def _in_input_form(p: Prepared, pruned: onnx.ModelProto, grams: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A rewrite of the float view in the input's quantized form again (as written, and as timed:
+    a float candidate timed against an int4 or int8 original measures the quantization, not the cut)."""
     if p.dynamic is not None:
         pruned = p.dynamic.requantize(pruned)
     if p.rounded is not None:  # a static QDQ model's activation pairs back, calibrated again (activation_ranges.py)
@@ -210,9 +219,7 @@ def _rewritten(p: Prepared, compensated: Compensated) -> onnx.ModelProto:
     if p.qoperator is not None:  # each QLinear op made again from its pattern (qoperator_fuse.py)
         pruned = fused(p.qoperator, pruned)
     if p.view is not None:
-        pruned = p.view.requantize(pruned, {node: refit.gram for node, refit in plan.refits.items()
-                                            if refit.gram is not None})
-    check_structure(pruned)
+        pruned = p.view.requantize(pruned, grams)
     return pruned
 
 
@@ -290,8 +297,11 @@ def _allocate(matches: Matches, work: ReconstructionWork, costs: CostModel, opti
     units = unit_costs(costs, matches, target.kind)
 
     def allocate_for(goal: float) -> tuple[Widths, list[float]]:
-        return allocate(curves, matches, units, total, goal, ratios.align, ratios.heads, ratios.blocks,
-                        options.one_head_size)
+        widths, predicted = allocate(curves, matches, units, total, goal, ratios.align, ratios.heads, ratios.blocks,
+                                     options.one_head_size)
+        # the widths the folder will hold, so that a timed candidate is the model that is written
+        # (one op's kernel reads the widest head; a narrower V left in a candidate broke its rotary check)
+        return (one_head_size(widths) if options.one_head_size else widths), predicted
 
     goal = target.absolute(total)
     widths, predicted = allocate_for(goal)
@@ -301,7 +311,7 @@ def _allocate(matches: Matches, work: ReconstructionWork, costs: CostModel, opti
         with stage("timing the allocated widths against the original"):
             timing = timed_widths(goal, lambda before: target.absolute(before), lambda g: allocate_for(g)[0],
                                   lambda w: costs.cost(widths_plan(matches, w), target.kind),
-                                  lambda w: rewrite(p.g, widths_plan(matches, w)),
+                                  lambda w: _in_input_form(p, rewrite(p.g, widths_plan(matches, w)), {}),
                                   Clock(p.model, one_batch, p.g.constant, options.timed_step), total)
         if timing.widths != widths:
             widths, predicted = allocate_for(timing.trials[timing.chosen].goal_predicted_ms)

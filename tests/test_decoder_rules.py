@@ -17,6 +17,8 @@ from onnxsnp.pipeline import make_plan
 from onnxsnp.plan import Ratios
 from onnxsnp.rewrite.rewriting import rewrite
 from onnxsnp.match.units import unit_of_dim
+from onnxsnp.plan import AttentionWidth, Widths
+from onnxsnp.score.allocation import widths_plan
 from oracle import masked_original
 
 VARIANTS = [(2, "half"), (1, "half"), (4, "half"), (2, "interleaved"), (2, None)]
@@ -95,6 +97,26 @@ def test_group_query_attention_op(separate, heads):
     np.testing.assert_allclose(run(pruned, step(pruned, got))["y"], run(zeroed, step(zeroed, want))["y"], atol=1e-5)
     attributes = {a.name: a.i for n in pruned.graph.node if n.op_type == "GroupQueryAttention" for a in n.attribute}
     assert (attributes["num_heads"], attributes["kv_num_heads"]) == (2 * len(keep.heads), len(keep.heads))
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_a_shape_only_plan_keeps_whole_rotary_pairs(separate):
+    """The plan a timed candidate and the cost model are built from (widths only, no scores) keeps
+    whole rotary pairs: under rotate_half a head's first dims are not pairs, and a GroupQueryAttention
+    fed the first half's columns only refused to run (its caches wider than its kept pairs)."""
+    g = ModelGraph(dg.group_query_attention(separate))
+    matches = find_blocks(g)
+    (block,) = matches.attention
+    kept = dg.GQA_DIM // 2
+    widths = Widths({block.name: AttentionWidth(block.groups, kept, kept)},
+                    {b.name: b.hidden for b in matches.ffn})
+    (keep,) = widths_plan(matches, widths).attention
+    units = unit_of_dim(block)[keep.qk]
+    assert keep.qk.shape == (block.groups, kept)
+    assert all(Counter(row.tolist()) == {u: 2 for u in set(row.tolist())} for row in units)  # both dims of each pair
+    pruned = rewrite(g, widths_plan(matches, widths))
+    out = run(pruned, dg.gqa_feed(pruned, 5))
+    assert out["y"].shape == (1, 5, dg.HEADS * dg.GQA_DIM)
 
 
 @pytest.mark.parametrize("qk_norm", ["head", "all"])

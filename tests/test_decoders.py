@@ -196,6 +196,29 @@ def test_a_flops_budget_on_a_genai_folder_is_met_with_one_head_size(decoder):
     assert all(b.qk_dim_after == b.v_dim_after for b in attention)
 
 
+def test_a_speedup_budget_on_an_int4_folder_times_int4_candidates(decoder, monkeypatch):
+    """--target-speedup on a MatMulNBits folder times each candidate in the form it will be written
+    (a float rewrite timed against the int4 original measured the dequantization, 0.4x, and sent the
+    correction after a goal it could not reach); its Q/K cuts keep whole rotary pairs (the candidate
+    with the first dims of each head had made GroupQueryAttention refuse its rotary caches)."""
+    from onnxsnp.score import timed
+
+    timed_ops = []
+    compare = timed.Clock.compare
+
+    def recording(self, candidate):
+        timed_ops.append(Counter(n.op_type for n in candidate.graph.node))
+        return compare(self, candidate)
+
+    monkeypatch.setattr(timed.Clock, "compare", recording)
+    folder = decoder("llama-genai-int4")
+    original = Counter(n.op_type for n in onnx.load(str(folder), load_external_data=False).graph.node)
+    pruned, report = prune(str(folder), target_speedup=1.1, one_head_size=True, calib=calibration(100, 32, 12))
+    assert timed_ops and report.allocation["timed"]["step"] == "decode"
+    assert all(ops["MatMulNBits"] == original["MatMulNBits"] and ops["MatMul"] == original["MatMul"]
+               for ops in timed_ops)
+
+
 @pytest.mark.parametrize("step", ["decode", "prefill"])
 def test_a_speedup_budget_on_a_decoder_times_the_step_asked_for(tmp_path, step):
     """--target-speedup on a model with a KV cache times the cached decode step by default (what

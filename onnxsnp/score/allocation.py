@@ -161,14 +161,17 @@ def unit_costs(costs: CostModel, matches: Matches, kind: CostKind | str) -> list
 
 def widths_plan(matches: Matches, widths) -> PrunePlan:
     """A plan with the shapes of `widths` (reconstruction.Widths), keeping the first units of each
-    group: what the cost model and the clock need (timed.py), not what pruning would keep."""
+    group: what the cost model and the clock need (timed.py), not what pruning would keep. Q/K keep
+    whole units (rotary pairs: under rotate_half the first dims of a head are not pairs), so that a
+    timed candidate's rotary caches are what a pruned model's would be."""
+    from ..match.units import dims_of, unit_size
     from ..plan import AttentionKeep, FfnKeep
 
     attention = []
     for b in matches.attention:
         w = widths.attention[b.name]
-        attention.append(AttentionKeep(b, np.tile(np.arange(w.qk), (w.heads, 1)), np.tile(np.arange(w.v), (w.heads, 1)),
-                                       np.arange(w.heads)))
+        qk = dims_of(b, np.tile(np.arange(w.qk // unit_size(b)), (w.heads, 1)))
+        attention.append(AttentionKeep(b, qk, np.tile(np.arange(w.v), (w.heads, 1)), np.arange(w.heads)))
     ffn = tuple(FfnKeep(b, np.arange(widths.ffn[b.name])) for b in matches.ffn)
     return PrunePlan(tuple(attention), ffn, removed_layers=tuple(matches.layers[i] for i in widths.removed_layers))
 
