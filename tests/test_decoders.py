@@ -279,3 +279,56 @@ def test_the_rewrite_adds_few_nodes_to_a_dynamo_decoder(decoder, tmp_path, heads
     (want, want_step), (got, got_step) = prefill_and_step(zeroed, ids, next_ids), prefill_and_step(pruned, ids, next_ids)
     np.testing.assert_allclose(got["logits"], want["logits"], atol=2e-5, rtol=1e-3)
     np.testing.assert_allclose(got_step["logits"], want_step["logits"], atol=2e-5, rtol=1e-3)
+
+
+@pytest.mark.parametrize("number", [0, 1, 3])
+def test_a_half_blocks_cut_is_carried_to_the_last_stream_as_the_whole_model_carries_it(decoder, number):
+    """The survey's downstream factor (score/downstream.py) reads a cut's error in the last residual
+    stream from half-block runs carried through every later half: that error is the one the whole
+    model, with the same weights edited, has in its last stream (an added graph output)."""
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from onnxsnp.compensate.batches import tokens
+    from onnxsnp.options import make_options
+    from onnxsnp.pipeline import ReconstructionWork, prepare as prepare_model
+    from onnxsnp.score.downstream import Downstream, relative_error
+    from onnxsnp.score.sensitivity import survey_shard
+
+    options = make_options(target_flops=0.7)
+    p = prepare_model(str(decoder("llama-dynamo")), options, calib=calibration(100, 32, 12))
+    work = ReconstructionWork(p, options, restartable=False)
+    r = work.reconstructor
+    shard = survey_shard(r, p.fit_feed, work.batch, p.mask, 256)
+    reach = Downstream(shard)
+    halves = [h for pair in r.halves for h in pair]
+    starts = [item.original for item in shard.batches]
+    for half in halves[:number]:  # the original streams at half `number`'s input
+        end = half.segment.outputs[0]
+        starts = [shard.run_half(half, item, s, shard.original, [end])[end] for item, s in zip(shard.batches, starts)]
+    layer = p.matches.layers[number // 2]
+    linear = layer.attention.out if number % 2 == 0 else layer.ffn.fc2
+    assert reach.last_error(number, starts, shard.original) == pytest.approx(0.0, abs=1e-10)
+    rows = np.arange(linear.in_features)[::2]  # every other input row of the refitted layer, as sliced
+    r.weights.set_inputs(linear, rows, None)
+    measured = reach.last_error(number, starts, r.weights.values)
+    assert measured > 1e-6
+
+    slot = (linear.node, linear.weight_index)
+    model = onnx.ModelProto()
+    model.CopyFrom(p.g.model)
+    name = p.g.node(linear.node).input[linear.weight_index]
+    initializer = next(i for i in model.graph.initializer if i.name == name)
+    initializer.CopyFrom(numpy_helper.from_array(r.weights.values[slot].astype(np.float32), name))
+    last = halves[-1].segment.outputs[0]
+    outputs = []
+    for graph in (p.g.model, model):
+        extended = onnx.ModelProto()
+        extended.CopyFrom(graph)
+        extended.graph.output.append(onnx.helper.make_tensor_value_info(last, onnx.TensorProto.FLOAT, None))
+        session = ort.InferenceSession(extended.SerializeToString(), providers=["CPUExecutionProvider"])
+        feed = {i.name: p.fit_feed[i.name] for i in session.get_inputs() if i.name in p.fit_feed}
+        outputs.append(session.run([last], feed)[0])
+    count = len(tokens(outputs[0], outputs[0].shape[0], p.fit_feed.get(p.mask) if p.mask else None))
+    whole, _ = relative_error(outputs[1], outputs[0], outputs[0].shape[0], p.fit_feed.get(p.mask) if p.mask else None)
+    assert measured == pytest.approx(whole / count, rel=1e-3)

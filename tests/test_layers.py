@@ -46,6 +46,9 @@ EXCEPTIONS = {
     ("onnxsnp.score.sensitivity", "onnxsnp.compensate.least_squares"): "DESIGN: as above (refits)",
     ("onnxsnp.score.sensitivity", "onnxsnp.compensate.projection"): "DESIGN: as above (projected pairs)",
     ("onnxsnp.score.sensitivity", "onnxsnp.compensate.reconstruction"): "DESIGN: as above (the reconstructor)",
+    ("onnxsnp.score.downstream", "onnxsnp.compensate.batches"):
+        "DESIGN: the survey's measured cut per half is carried to the last stream on the same batches",
+    ("onnxsnp.score.downstream", "onnxsnp.compensate.least_squares"): "DESIGN: as above (the cut's refit)",
     ("onnxsnp.data.calib_data", "onnxsnp.option_schema"):
         "DESIGN: raw calibration's defaults (text length, image size, …) are declared once, in the option schema",
 }

@@ -30,6 +30,7 @@ from ..match.units import unit_of_dim
 from ..compensate.projection import cholesky, project_pairs, project_values
 from ..compensate.batches import Batch, Shard, branch_rms, norm_weights, split_batches, tokens as _tokens
 from ..compensate.reconstruction import QK_RIDGE, Reconstructor
+from .downstream import TRIAL_KEPT, Downstream, Trial, trial_refit
 from .softmax_metric import choose_pairs, removal_curve, softmax_scale
 
 CURVE_STEPS = 16  # points measured along each curve (between them the loss is interpolated)
@@ -71,28 +72,38 @@ def survey_shard(reconstructor: Reconstructor, feed: dict[str, np.ndarray], batc
 
 
 def survey(reconstructor: Reconstructor, shard: Shard) -> list[LayerSensitivity]:
-    """The curves of every transformer block, on the batches of `shard` (survey_shard)."""
+    """The curves of every transformer block, on the batches of `shard` (survey_shard); a
+    decoder's in the unit of its last stream (downstream.py)."""
     chosen = shard.batches
     layers = reconstructor.matches.layers
+    decoder = all(layer.attention.causal for layer in layers)
+    reach = Downstream(shard) if decoder else None
     results, energies = [], []
-    for layer, (attention, ffn) in zip(layers, reconstructor.halves):
-        attention_part = _attention(reconstructor, shard, layer, attention)
+    for index, (layer, (attention, ffn)) in enumerate(zip(layers, reconstructor.halves)):
         start = [item.original for item in chosen]
+        attention_part = _attention(reconstructor, shard, layer, attention)
+        middle = [item.original for item in chosen]
         ffn_part = _ffn(reconstructor, shard, layer, ffn)
         block = sum(_energy(_tokens(item.original - before, item.samples, item.mask), _weights(layer, item))
-                    for item, before in zip(chosen, start))
+                    for item, before in zip(chosen, middle))
         # the attention half's own change is part of the block's too
         block += attention_part[-1]
-        energies.append((attention_part[-2], ffn_part[-1]))
-        results.append((layer, attention_part, ffn_part, block))
+        energies.append((attention_part[-2], ffn_part[1]))
+        results.append((index, layer, attention_part, ffn_part, block, start, middle))
     final = energies[-1][1]
     curves = []
-    for (layer, (qk, v, heads, energy_attention, _), (ffn_curve, energy_ffn), block) in results:
+    for (index, layer, (qk, v, heads, v_trial, energy_attention, _), (ffn_curve, energy_ffn, ffn_trial), block,
+         start, middle) in results:
         # a decoder's errors are weighed per token as its next RMSNorm divides them (norm_weights), so
         # each half's own weighted stream energy is the scale, as for post-norm blocks
         own = layer.norm is Placement.POST or layer.attention.causal
         scale_attention = 1.0 / max(energy_attention if own else final, 1e-30)
         scale_ffn = 1.0 / max(energy_ffn if own else final, 1e-30)
+        if reach is not None:  # then to the last stream's error, by one measured cut per half
+            scale_attention *= reach.factor(reconstructor, 2 * index, start, v_trial,
+                                            v.at(v_trial.width) * scale_attention if v_trial else 0.0)
+            scale_ffn *= reach.factor(reconstructor, 2 * index + 1, middle, ffn_trial,
+                                      ffn_curve.at(ffn_trial.width) * scale_ffn if ffn_trial else 0.0)
         curves.append(LayerSensitivity(layer.name, _scaled(qk, scale_attention), _scaled(v, scale_attention),
                                        _scaled(heads, scale_attention), _scaled(ffn_curve, scale_ffn),
                                        block * scale_ffn))
@@ -175,11 +186,12 @@ def _attention(r: Reconstructor, shard: Shard, layer, half):
         alive.pop(best)
         head_loss.append(obs.removed_loss)
     head_curve = Curve(np.arange(1, heads + 1, dtype=float), np.array(head_loss[::-1]))
-    return qk, v, head_curve, energy[0], _half_change(batches, starts)
+    return qk, v, head_curve, None, energy[0], _half_change(batches, starts)
 
 
 def _decoder_attention(r: Reconstructor, shard: Shard, layer, half, pairs: PairStatistics,
-                       equations: NormalEquations, prior: np.ndarray, starts, branches) -> tuple[Curve, Curve, Curve]:
+                       equations: NormalEquations, prior: np.ndarray, starts, branches
+                       ) -> tuple[Curve, Curve, Curve, Trial | None]:
     """Q/K, V and head curves of causal attention, in the units the reconstruction removes: Q/K
     pairs (whole rotary pairs) along the softmax metric's removal path, V neurons and heads as
     key/value groups (a V neuron or a head takes its output-projection rows in every query head
@@ -211,6 +223,8 @@ def _decoder_attention(r: Reconstructor, shard: Shard, layer, half, pairs: PairS
     # V: one neuron fewer in every group a round, each group's cheapest by its rows' single costs
     obs = Obs(equations, prior, DEFAULT_RIDGE)
     v_loss = {d: 0.0}
+    trial_width = max(1, int(round(TRIAL_KEPT * d)))
+    trial = None
     for width in range(d - 1, 0, -1):
         single = obs.single_costs()
         gone = []
@@ -220,6 +234,9 @@ def _decoder_attention(r: Reconstructor, shard: Shard, layer, half, pairs: PairS
             gone.append(rows(g, [alive[int(np.argmin(costs))]]))
         obs.remove(np.concatenate(gone))
         v_loss[width] = obs.removed_loss
+        if width == trial_width:  # the measured cut (downstream.py): these rows, refitted
+            kept_rows = np.flatnonzero(obs.alive)
+            trial = Trial(block.out, kept_rows, trial_refit(equations, block.out, kept_rows, prior), float(width))
     v = Curve(np.arange(1, d + 1, dtype=float), np.array([v_loss[w] for w in range(1, d + 1)]))
 
     # heads: whole key/value groups, structured OBS
@@ -230,7 +247,7 @@ def _decoder_attention(r: Reconstructor, shard: Shard, layer, half, pairs: PairS
         obs.remove(rows(alive.pop(best), np.arange(d)))
         head_loss.append(obs.removed_loss)
     heads = Curve(np.arange(1, groups + 1, dtype=float), np.array(head_loss[::-1]))
-    return qk, v, heads
+    return qk, v, heads, trial
 
 
 def _ffn(r: Reconstructor, shard: Shard, layer, half):
@@ -245,15 +262,20 @@ def _ffn(r: Reconstructor, shard: Shard, layer, half):
         energy[0] += _energy(_tokens(item.target, item.samples, item.mask), _weights(layer, item)) * to_branch
 
     shard.targets(half, [block.fc2.input], collect)
-    obs = Obs(equations, input_weights(r.g, block.fc2), DEFAULT_RIDGE)
+    prior = input_weights(r.g, block.fc2)
+    obs = Obs(equations, prior, DEFAULT_RIDGE)
     hidden = block.hidden
     kept, losses = [hidden], [0.0]
     step = max(1, hidden // (2 * CURVE_STEPS))
+    trial = None
     while obs.alive.sum() > step:
         obs.remove(np.argsort(obs.single_costs(), kind="stable")[:step])
         kept.append(int(obs.alive.sum()))
         losses.append(obs.removed_loss)
-    return Curve(np.array(kept[::-1], dtype=float), np.array(losses[::-1])), energy[0]
+        if trial is None and kept[-1] <= TRIAL_KEPT * hidden:  # the measured cut (downstream.py)
+            rows = np.flatnonzero(obs.alive)
+            trial = Trial(block.fc2, rows, trial_refit(equations, block.fc2, rows, prior), float(kept[-1]))
+    return Curve(np.array(kept[::-1], dtype=float), np.array(losses[::-1])), energy[0], trial
 
 
 def _points(width: int) -> np.ndarray:
