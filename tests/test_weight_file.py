@@ -4,10 +4,6 @@ session exists; and the memory it saves: a session that owns its weights frees e
 pre-packs."""
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -94,43 +90,6 @@ def test_the_verification_of_a_model_without_shared_weights_reads_them_from_a_fi
     assert len(made) == 2 and made[0] is made[1]  # the probed samples' session and the rest's: one file
     assert maps["r0"].shape == (16, 64)  # the probes of the first MAP_SAMPLES samples
     np.testing.assert_array_equal(outputs[0], expected[0])
-
-
-_MEASURE = textwrap.dedent("""
-    import json, sys
-    import onnx
-    from onnxsnp.data import calibration
-    from onnxsnp.heap import release_heap
-    sys.path.insert(0, sys.argv[1])
-    from test_weight_file import _chain
-
-    def rss():
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) * 1024
-
-    model = _chain(2048, 6)  # 96 MiB of MatMul weights
-    weights = sum(t.ByteSize() for t in model.graph.initializer)
-    grown = {}
-    for route, shared in (("in memory", lambda name: None), ("file", None)):
-        release_heap()
-        before = rss()
-        session = calibration.session(model, weights=shared)
-        release_heap()
-        grown[route] = (rss() - before) / weights
-        del session
-    print(json.dumps(grown))
-""")
-
-
-def test_a_session_from_the_weight_file_holds_the_weights_about_once():
-    """The saving measured: arrays decoded for a session and its pre-packed copies are the weights
-    twice; a session that owns its weights keeps only what it pre-packed. In a fresh process (the
-    heap of earlier tests would blur the figures)."""
-    run = subprocess.run([sys.executable, "-c", _MEASURE, str(ROOT / "tests")], capture_output=True, text=True,
-                         check=True, cwd=ROOT)
-    grown = json.loads(run.stdout.strip().splitlines()[-1])
-    assert grown["in memory"] > 1.6  # the decoded arrays and onnxruntime's packed copies
-    assert grown["file"] < 1.3  # measured 1.0-1.1 (the packed weights and the session's own state)
 
 
 def test_a_prune_whose_sessions_read_their_weights_from_files_writes_the_same_model(monkeypatch):
