@@ -200,6 +200,9 @@ def main() -> None:
                                        "\"windows\": N calibrates that run on N windows)")
     parser.add_argument("--smoke", action="store_true", help="one run, few windows: checks that the bench runs")
     parser.add_argument("--code", type=Path, help="measure the onnxsnp of this checkout instead (a git worktree)")
+    parser.add_argument("--against", type=Path, action="append", default=[],
+                        help="also score this ONNX file, unpruned, against the original on the held-out windows "
+                             "(e.g. the original's int4 or int8 download: a scale for the pruned rows)")
     args = parser.parse_args()
     from tokenizers import Tokenizer
 
@@ -218,6 +221,12 @@ def main() -> None:
     base = float(np.exp(-reference_picked.mean()))
     rows = [f"| original | – | {base:.2f} | 1.00× | 100.0 % | – |"]
     print(rows[-1], flush=True)
+    for other in args.against:  # the same tokens through another file of the same model, nothing pruned
+        picked, best = scores(onnx.load(str(other)), heldout)
+        value = float(np.exp(-picked.mean()))
+        rows.append(f"| unpruned `{other}` | – | {value:.2f} | {value / base:.2f}× | "
+                    f"{float((best == reference).mean()):.1%} | – |")
+        print(rows[-1], flush=True)
     layers: list[str] = []
     for label, extra in runs:
         started = time.time()
