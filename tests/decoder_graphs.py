@@ -122,10 +122,13 @@ def feed(model: onnx.ModelProto, tokens: int, past: dict[str, np.ndarray] | None
 GQA_DIM = 32  # onnxruntime's GroupQueryAttention with rotary takes head sizes in multiples of 16
 
 
-def group_query_attention(separate: bool = False, seed: int = 0) -> onnx.ModelProto:
+def group_query_attention(separate: bool = False, seed: int = 0, window: int = 0, ring: bool = False
+                          ) -> onnx.ModelProto:
     """com.microsoft.GroupQueryAttention (4 query heads over 2 key/value heads of 32 dims) with its
     own rotary caches and KV cache, on a packed q|k|v projection (or three), as onnxruntime-genai's
-    builder writes it; seqlens_k and total_sequence_length are graph inputs."""
+    builder writes it; seqlens_k and total_sequence_length are graph inputs. `window`: a sliding
+    window of that many positions, its cache a ring buffer of that capacity with `ring` (what the
+    builder writes for Gemma 3's local layers)."""
     b = Builder(seed, opset=18)
     width, kv = HEADS * GQA_DIM, 2 * GQA_DIM
     if separate:
@@ -139,7 +142,8 @@ def group_query_attention(separate: bool = False, seed: int = 0) -> onnx.ModelPr
     b.nodes.append(helper.make_node(
         "GroupQueryAttention", qkv + ["past_key", "past_value", "seqlens_k", "total_sequence_length", cos, sin],
         ["context", "present_key", "present_value"], name="gqa", domain="com.microsoft", num_heads=HEADS,
-        kv_num_heads=2, do_rotary=1))
+        kv_num_heads=2, do_rotary=1, **({"local_window_size": window} if window else {}),
+        **({"sliding_window_cache": 1} if ring else {})))
     b.nodes.append(helper.make_node("Identity", [b.linear("context", width, width)], ["y"], name="output"))
     cache = [1, 2, None, GQA_DIM]
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, width]),

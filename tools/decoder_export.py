@@ -44,6 +44,26 @@ def tiny_qwen3(vocab: int = 300, hidden: int = 128, layers: int = 2, heads: int 
     return model
 
 
+def tiny_gemma3(vocab: int = 300, hidden: int = 128, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                head_dim: int = 32, intermediate: int = 256, positions: int = 128, seed: int = 0):
+    """A Gemma 3 text decoder: QK-norm, a GELU(tanh)-gated MLP, norms before and after each sub-block,
+    a sliding-window layer and a global one (each with its own rotary base), scaled embeddings."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    config = T.Gemma3TextConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                                num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                                intermediate_size=intermediate, max_position_embeddings=positions, sliding_window=4,
+                                layer_types=["sliding_attention", "full_attention"][:layers],
+                                bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    model = T.Gemma3ForCausalLM(config).eval()
+    with torch.no_grad():  # trained norm weights are not all zero (Gemma's norms scale by 1 + w)
+        for name, parameter in model.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.uniform_(-0.5, 0.5)
+    return model
+
+
 def train_tokenizer(texts: list[str], vocab: int):
     """A byte-level BPE tokenizer (GPT-2 style) with <s>, </s>, <pad> as ids 0, 1, 2."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -111,7 +131,8 @@ def export_dynamo(model, path: Path) -> Path:
 
 def export_genai(folder: Path, out: Path, precision: str = "fp32") -> Path:
     """onnxruntime-genai's model builder on a local folder: out/model.onnx and out/genai_config.json."""
-    done = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(folder), "-o", str(out),
+    builder = Path(__file__).with_name("genai_builder.py")  # the builder, given Gemma 3's rotary bases as it reads them
+    done = subprocess.run([sys.executable, str(builder), "-i", str(folder), "-o", str(out),
                            "-p", precision, "-e", "cpu", "-c", str(out.parent / f"{out.name}-cache")],
                           capture_output=True, text=True)
     if done.returncode:

@@ -6,22 +6,30 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxsnp.data.calibration import input_specs
+from onnxsnp.data.calibration import InputSpec, empty_cache, input_specs
 from onnxsnp.ir.graph import ModelGraph
 
 
-def cache_inputs(model: onnx.ModelProto) -> dict[str, tuple]:
-    """The past inputs' shapes, with the head size onnxsnp reads from the graph where it is symbolic."""
-    return {spec.name: spec.shape for spec in input_specs(ModelGraph(model)) if spec.name.startswith("past")}
+def cache_inputs(model: onnx.ModelProto) -> dict[str, InputSpec]:
+    """The past inputs, with the head size onnxsnp reads from the graph where it is symbolic and a
+    ring buffer's capacity (onnxruntime-genai's sliding-window layers)."""
+    return {spec.name: spec for spec in input_specs(ModelGraph(model)) if spec.name.startswith("past")}
 
 
-def step_feed(model: onnx.ModelProto, ids: np.ndarray, past: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    """input_ids `ids` after the cached positions (none: prefill); mask and positions to match."""
+def step_feed(model: onnx.ModelProto, ids: np.ndarray, past: dict[str, np.ndarray] | None = None,
+              start: int | None = None) -> dict[str, np.ndarray]:
+    """input_ids `ids` after `start` cached positions (none: prefill); mask and positions to match.
+    Without `start`, the cached positions are read off a cache that grows with them (a ring
+    buffer's length is its capacity, not the positions it has seen)."""
     names = {i.name for i in model.graph.input}
     batch, seq = ids.shape
+    caches = cache_inputs(model)
     if past is None:
-        past = {name: np.zeros((batch, dims[1], 0, dims[3]), np.float32) for name, dims in cache_inputs(model).items()}
-    start = next(iter(past.values())).shape[2] if past else 0
+        past = {name: empty_cache(spec, batch) for name, spec in caches.items()}
+        start = 0
+    if start is None:
+        growing = [value.shape[2] for name, value in past.items() if not (name in caches and caches[name].capacity)]
+        start = growing[0] if growing else 0
     feed = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((batch, start + seq), np.int64), **past}
     if "position_ids" in names:
         feed["position_ids"] = np.tile(np.arange(start, start + seq), (batch, 1)).astype(np.int64)
@@ -53,7 +61,7 @@ def greedy(model: onnx.ModelProto, prompt: list[int], steps: int) -> list[int]:
     tokens, past = list(prompt), None
     ids = np.array([prompt])
     for _ in range(steps):
-        out = dict(zip(names, session.run(None, step_feed(model, ids, past))))
+        out = dict(zip(names, session.run(None, step_feed(model, ids, past, len(tokens) - ids.shape[1]))))
         past = {name.replace("present", "past_key_values"): value for name, value in out.items()
                 if name.startswith("present")}
         tokens.append(int(out["logits"][0, -1].argmax()))

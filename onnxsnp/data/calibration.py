@@ -31,6 +31,9 @@ class InputSpec:
     name: str
     dtype: np.dtype
     shape: tuple[int | str | None, ...]
+    # a ring-buffer KV cache (GroupQueryAttention's sliding_window_cache): its past axis is this
+    # many slots even before the first token; 0 for a cache that grows from empty
+    capacity: int = 0
 
 
 class SyntheticDataWarning(UserWarning):
@@ -47,26 +50,32 @@ def input_specs(g: ModelGraph) -> list[InputSpec]:
         dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
         shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
                       for d in tensor_type.shape.dim)
+        capacity = 0
         if info.name in caches and len(shape) == 4:  # heads and head size an attention op implies
-            shape = tuple(known if known is not None else dim for dim, known in zip(shape, caches[info.name]))
-        specs.append(InputSpec(info.name, np.dtype(dtype), shape))
+            known_shape, capacity = caches[info.name]
+            shape = tuple(known if known is not None else dim for dim, known in zip(shape, known_shape))
+        specs.append(InputSpec(info.name, np.dtype(dtype), shape, capacity))
     return specs
 
 
-def _op_cache_shapes(g: ModelGraph) -> dict[str, tuple[int | None, ...]]:
+def _op_cache_shapes(g: ModelGraph) -> dict[str, tuple[tuple[int | None, ...], int]]:
     """(batch, kv heads, past, head size) of the past inputs of GroupQueryAttention ops, whose
-    declared head size onnxruntime-genai leaves symbolic."""
+    declared head size onnxruntime-genai leaves symbolic, and each one's ring-buffer capacity: a
+    sliding-window layer written with `sliding_window_cache` (onnxruntime-genai's Gemma 3) keeps
+    `local_window_size` slots and refuses a smaller past, even an empty one."""
     shapes = {}
     for node in g.nodes_of_type("GroupQueryAttention"):
-        heads, kv_heads = attribute(node, "num_heads", 0), attribute(node, "kv_num_heads", 0)
-        packed = g.dim(node.input[0], -1)
-        if not heads or not kv_heads or not packed or len(node.input) < 5:
+        if len(node.input) < 5:
             continue
+        heads, kv_heads = attribute(node, "num_heads", 0), attribute(node, "kv_num_heads", 0)
+        packed = g.dim(node.input[0], -1)  # unknown where a MatMulNBits makes it
         separate = len(node.input) > 2 and node.input[1]
-        size = packed // heads if separate else packed // (heads + 2 * kv_heads)
+        size = (packed // heads if separate else packed // (heads + 2 * kv_heads)) if heads and kv_heads and packed \
+            else None
+        window = attribute(node, "local_window_size", -1) if attribute(node, "sliding_window_cache", 0) else 0
         for past in node.input[3:5]:
             if past:
-                shapes[past] = (None, kv_heads, None, size)
+                shapes[past] = ((None, kv_heads or None, None, size), max(window, 0))
     return shapes
 
 
@@ -148,8 +157,12 @@ def is_past_cache(spec: InputSpec) -> bool:
 
 
 def empty_cache(spec: InputSpec, samples: int) -> np.ndarray:
-    """An empty KV cache for `samples` prefill samples: every dynamic axis after the batch is 0."""
-    return np.zeros([samples] + [d if isinstance(d, int) and d > 0 else 0 for d in spec.shape[1:]], dtype=spec.dtype)
+    """An empty KV cache for `samples` prefill samples: every dynamic axis after the batch is 0 (a
+    ring buffer's past axis: its capacity of zero slots, which the attention mask leaves unread)."""
+    shape = [samples] + [d if isinstance(d, int) and d > 0 else 0 for d in spec.shape[1:]]
+    if spec.capacity and len(shape) == 4:  # (batch, kv heads, past, head size)
+        shape[2] = spec.capacity
+    return np.zeros(shape, dtype=spec.dtype)
 
 
 def fill_absent_inputs(arrays: dict[str, np.ndarray], specs: list[InputSpec]) -> dict[str, np.ndarray]:
@@ -227,6 +240,9 @@ def _vocabulary_size(g: ModelGraph, name: str) -> int | None:
                     table = g.constant(node.input[0])
                 elif node.op_type == "EmbedLayerNormalization" and node.input[0] == tensor:
                     table = g.constant(node.input[2])  # com.microsoft: (ids, segment ids, word table, …)
+                elif node.op_type == "GatherBlockQuantized" and node.input[1] == tensor and \
+                        attribute(node, "gather_axis", 0) == 0:
+                    table = g.constant(node.input[2])  # com.microsoft: (packed table, ids, scales (vocab, blocks))
                 if table is not None and table.ndim == 2:
                     return int(table.shape[0])
                 next_frontier += list(node.output)
@@ -453,13 +469,14 @@ def cache_outputs(model: onnx.ModelProto) -> set[str]:
 
 
 def fitted(sess: ort.InferenceSession, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """`feed` with every empty input (a KV cache at past length 0) in the shape this session
-    declares: a pruned decoder's caches are narrower than the original's."""
+    """`feed` with every empty input (a KV cache at past length 0, or a ring buffer's zero slots)
+    in the shape this session declares: a pruned decoder's caches are narrower than the original's."""
     declared = {i.name: i.shape for i in sess.get_inputs()}
     result = dict(feed)
     for name, value in feed.items():
         shape = declared.get(name)
-        if value.size == 0 and shape is not None and len(shape) == value.ndim:
+        empty = value.size == 0 or (value.ndim >= 4 and not value.any())
+        if empty and shape is not None and len(shape) == value.ndim:
             result[name] = np.zeros([d if isinstance(d, int) else n for d, n in zip(shape, value.shape)], value.dtype)
     return result
 
