@@ -7,13 +7,15 @@ and tiny models' run times are dispatch overhead, not a speed measurement):
   Llama (no QK-norm, for comparison), Qwen3 (QK-norm per head), Gemma 3 (QK-norm, GELU(tanh)-gated
   MLP, sandwich norms, a sliding-window and a global layer) and OLMo 2 (one norm over all heads'
   q and k, norms after each sub-block);
-- onnxruntime-genai's model builder (fp32 and int4) on a Qwen3 folder (tools/decoder_export.py).
+- onnxruntime-genai's model builder (fp32 and int4) on a Qwen3 and a Gemma 3 folder
+  (tools/decoder_export.py; Gemma 3 through tools/genai_builder.py).
 
 For each: blocks matched (attention / FFN / whole layers) and skipped; then `--ratio 0.25` and
 `--ratio 0.5 --heads 0.5` (synthetic calibration): the kept widths of the first attention, the
 measured FLOPs cut, and whether a cached decode step of the pruned model gives the logits of an
 uncached run (max |difference| over a prefill of 7 tokens then 1, against 8 at once; Gemma 3's
-sliding window is 4, so its local layer's mask and cache are exercised).
+sliding window is 4, so its local layer's mask and cache are exercised: in the genai folders a
+ring buffer of 4 slots).
 
     python tools/bench_decoder_families.py [--out docs/DECODER_FAMILIES.md]
 """
@@ -39,13 +41,15 @@ CUTS = [("--ratio 0.25", {"ratio": 0.25}), ("--ratio 0.5 --heads 0.5", {"ratio":
 
 
 def models(folder: Path) -> list[tuple[str, Path]]:
-    from decoder_export import export_genai, save_folder, tiny_qwen3
+    from decoder_export import export_genai, save_folder, tiny_gemma3, tiny_qwen3
 
     found = [(f"{family} (optimum)", export_optimum(folder / family, family, "optimum"))
              for family in ("llama", "qwen3", "gemma3", "olmo2")]
-    source = save_folder(tiny_qwen3(), folder / "qwen3-source")
-    found += [(f"qwen3 (genai {precision})", export_genai(source, folder / f"genai-{precision}", precision) / "model.onnx")
-              for precision in ("fp32", "int4")]
+    for family, tiny in (("qwen3", tiny_qwen3), ("gemma3", tiny_gemma3)):
+        source = save_folder(tiny(), folder / f"{family}-source")
+        found += [(f"{family} (genai {precision})",
+                   export_genai(source, folder / f"{family}-genai-{precision}", precision) / "model.onnx")
+                  for precision in ("fp32", "int4")]
     return found
 
 
@@ -78,18 +82,22 @@ def main() -> None:
                             f"−{1 - report.flops_after / report.flops_before:.1%} | "
                             f"{decode_gap(result.model, vocab):.1e} |")
                 print(rows[-1], flush=True)
+    # the page's later sections (measured by other tools) are kept as they are
+    previous = args.out.read_text() if args.out.exists() else ""
+    kept = previous[previous.index("\n## "):] if "\n## " in previous else ""
     args.out.write_text(f"""# Decoder families: what is matched and pruned
 
 Measured by `python tools/bench_decoder_families.py` (CPU, one run). {__doc__.split(chr(10), 2)[2].split("    python")[0].strip()}
 
 {chr(10).join(rows)}
 
-A QK-norm (an RMSNorm over each head's q and k: Qwen3, Gemma 3) keeps every Q/K dim of a kept head:
-removing dims would change the statistic the norm divides by. Whole key/value groups (with their
-query heads) can still go. OLMo 2 normalises q and k over all heads at once, so its heads stay too;
+By default a QK-norm (an RMSNorm over each head's q and k: Qwen3, Gemma 3) keeps every Q/K dim of a
+kept head: removing dims changes the statistic the norm divides by. Whole key/value groups (with their
+query heads) can still go. `--qk-norm-cut sliced|calibrated` cuts Q/K dims within such heads too (see
+"Q/K within QK-normed heads" below). OLMo 2 normalises q and k over all heads at once, so its heads stay too;
 V and the output projection are cut in every family. onnxruntime-genai's GroupQueryAttention takes
 one head size for Q/K and V, so with a QK-norm a genai folder's attention is cut by whole groups only.
-""")
+{kept}""")
     print(f"wrote {args.out}")
 
 
