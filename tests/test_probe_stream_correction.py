@@ -76,3 +76,15 @@ def test_rms_norm_matches_its_definition():
     want = stream / np.sqrt((stream ** 2).mean(-1, keepdims=True) + 1e-5) * gamma
     np.testing.assert_allclose(probe.rms_norm(stream, gamma), want, rtol=1e-12)
     assert pytest.approx(float(np.sqrt((probe.rms_norm(stream, np.ones(WIDTH)) ** 2).mean(-1)).mean()), rel=1e-3) == 1.0
+
+
+def test_the_linear_bound_takes_back_a_linear_error_and_not_noise():
+    rng = np.random.default_rng(4)
+    original = streams()
+    distorted = original @ (np.eye(WIDTH) + 0.1 * rng.standard_normal((WIDTH, WIDTH)))
+    bound = probe.linear_bound(distorted[:12], original[:12], distorted[12:], original[12:], grid=(1e-4,))[1e-4]
+    assert bound[0] > 0.01 and bound[1] < 1e-4 * bound[0] and bound[3] < 1e-3 * bound[2]
+    noisy = original + 0.3 * rng.standard_normal(original.shape)
+    before, after, held_before, held_after = probe.linear_bound(noisy[:12], original[:12], noisy[12:],
+                                                                original[12:], grid=(1e-4,))[1e-4]
+    assert after < before and held_after > 0.5 * held_before  # noise: a map fits little of it

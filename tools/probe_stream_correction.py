@@ -7,6 +7,7 @@ held-out windows with the bench's perplexity and next-token agreement (logits = 
 embedding times the stream, as the graph's lm_head).
 
     python tools/probe_stream_correction.py PRUNED.onnx [--build build/real] [--calibration 64] [--heldout 32]
+        [--layers 6 14 22]
 
 Variants: a full d×d matrix + bias after the norm (a MatMul + Add before the lm_head, 2d² FLOPs
 per token) or before it (the stream, then the norm; each token weighted by 1/its mean square,
@@ -35,22 +36,30 @@ def final_tensors(model: onnx.ModelProto) -> tuple[str, str]:
     return stream, normed
 
 
-def collect(path: Path, windows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """{"cal_stream", "cal_normed", "held_stream", "held_normed"}: (windows, tokens, d) each."""
+def stream_after(model: onnx.ModelProto, layer: int) -> str:
+    """The residual stream after decoder layer `layer`: the input of the next layer's first RMSNorm
+    (the RMSNorms' Pow nodes in graph order, two a layer, as this export has them)."""
+    return [node for node in model.graph.node if node.op_type == "Pow"][2 * (layer + 1)].input[0]
+
+
+def collect(path: Path, windows: dict[str, np.ndarray], layers: tuple[int, ...] = ()) -> dict[str, np.ndarray]:
+    """{"cal_stream", "cal_normed", "held_stream", "held_normed"} and, per layer of `layers`,
+    "cal_<layer>", "held_<layer>" (the stream after it): (windows, tokens, d) each."""
     import onnxruntime as ort
     from decoders import step_feed
 
     from onnxsnp.data.calibration import fitted
 
     model = onnx.load(str(path))
-    names = final_tensors(model)
+    names = final_tensors(model) + tuple(stream_after(model, layer) for layer in layers)
+    kinds = ("stream", "normed") + tuple(str(layer) for layer in layers)
     for name in names:
         model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     result = {}
     for key, ids in windows.items():
         parts = [session.run(list(names), fitted(session, step_feed(model, ids[i:i + 2]))) for i in range(0, len(ids), 2)]
-        for index, kind in enumerate(("stream", "normed")):
+        for index, kind in enumerate(kinds):
             result[f"{key}_{kind}"] = np.concatenate([p[index] for p in parts]).astype(np.float32)
     return result
 
@@ -96,6 +105,23 @@ def fit_diagonal(x: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None
     return scale(xx.sum(0), xy.sum(0), chosen), chosen
 
 
+def linear_bound(x: np.ndarray, y: np.ndarray, x_held: np.ndarray, y_held: np.ndarray,
+                 grid: tuple[float, ...] = RIDGE_GRID) -> dict[float, tuple[float, float, float, float]]:
+    """Per λ: the relative error ‖y − x‖²/‖y‖² on the fitting windows and on held-out ones, each
+    before and after a map x A + b fitted on the fitting windows alone. Position 0 is left out
+    (the attention sink's stream) and each token is put in the unit of its original stream."""
+    def tokens(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        a, b = a[:, 1:].astype(np.float64), b[:, 1:].astype(np.float64)
+        unit = 1.0 / np.sqrt(np.mean(b ** 2, axis=-1, keepdims=True))
+        return a * unit, b * unit
+
+    (x, y), (x_held, y_held) = tokens(x, y), tokens(x_held, y_held)
+    relative = lambda a, b: float(np.sum((a - b) ** 2) / np.sum(b ** 2))  # noqa: E731
+    _, _, _, every = fit_full(x, y, grid=grid)
+    return {ridge: (relative(x, y), relative(x @ weight + bias, y), relative(x_held, y_held),
+                    relative(x_held @ weight + bias, y_held)) for ridge, (weight, bias) in every.items()}
+
+
 def rms_norm(stream: np.ndarray, gamma: np.ndarray, eps: float = 1e-5) -> np.ndarray:
     return stream / np.sqrt(np.mean(np.square(stream, dtype=np.float64), axis=-1, keepdims=True) + eps) * gamma
 
@@ -124,6 +150,8 @@ def main() -> None:
     parser.add_argument("--build", type=Path, default=bench.BUILD)
     parser.add_argument("--calibration", type=int, default=64)
     parser.add_argument("--heldout", type=int, default=32)
+    parser.add_argument("--layers", type=int, nargs="*", default=[],
+                        help="also: how much of the stream's error after these layers a fitted linear map takes back")
     args = parser.parse_args()
     source = bench.smollm2(args.build)
     tokenizer = Tokenizer.from_file(str(source.parent / "tokenizer.json"))
@@ -132,7 +160,15 @@ def main() -> None:
                "held": stream_windows(tokenizer, heldout_texts, bench.WINDOW, args.heldout)}
     weights = load_file(str(source.parent / "model.safetensors"))
     embedding, gamma = weights["model.embed_tokens.weight"], weights["model.norm.weight"].astype(np.float64)
-    original, pruned = collect(source, windows), collect(args.pruned, windows)
+    layers = tuple(args.layers)
+    original, pruned = collect(source, windows, layers), collect(args.pruned, windows, layers)
+    if layers:
+        print("| stream | λ | calibration: error → after the map | held-out: error → after the map |\n|---|---|---|---|")
+    for layer in layers:
+        bound = linear_bound(pruned[f"cal_{layer}"], original[f"cal_{layer}"], pruned[f"held_{layer}"],
+                             original[f"held_{layer}"])
+        for ridge, (before, after, held_before, held_after) in bound.items():
+            print(f"| after layer {layer} | {ridge:g} | {before:.4f} → {after:.4f} | {held_before:.4f} → {held_after:.4f} |")
     ids = windows["held"]
     reference_picked, reference = next_token_scores(original["held_normed"], embedding, ids)
     base = float(np.exp(-reference_picked.mean()))
