@@ -437,7 +437,7 @@ def _load(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel) -> t
         return model, False
     if isinstance(model_or_path, LoadedModel):  # loaded by the caller for us to annotate
         return model_or_path.model, model_or_path.external_data
-    loaded = load_model(model_or_path)
+    loaded = load_model(model_or_path, lazy=True)  # the weights read from their file where asked (external.py)
     return loaded.model, loaded.external_data
 
 

@@ -15,14 +15,16 @@ import re
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 try:  # graphsurgeon's internals, for the one-copy export; a version without them takes its public export
     from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, dtype_to_onnx
-    from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
+    from onnx_graphsurgeon.ir.tensor import SparseValues
 except ImportError:  # pragma: no cover - depends on the installed graphsurgeon
     OnnxExporter = None
 
 from .decoding import kv_cache_shapes, set_kv_cache_shapes, slice_rotary_tables
 from .editor import Editor
+from ..ir import external
 from ..ir.graph import ModelGraph
 from ..compensate.masking import mapped_columns
 from ..compensate.qk_norm import cuts_within, gains
@@ -35,6 +37,7 @@ from ..match.residual import stream_group
 def rewrite(g: ModelGraph, plan: PrunePlan) -> onnx.ModelProto:
     """Return a new model with the plan applied; `g.model` is left as it was."""
     graph = gs.import_onnx(g.model)
+    _read_lazily(graph)
     editor = Editor(g, graph)
     changed = [keep for keep in plan.attention if keep.changes_something()]
     for keep in changed:
@@ -59,6 +62,7 @@ def rewrite(g: ModelGraph, plan: PrunePlan) -> onnx.ModelProto:
             _renormalize(editor, layer.renorm, layer.input)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     model = _export(graph)
+    external.materialize(model)  # the input's weights still in its data file, now copied in: a whole model
     del model.graph.value_info[:]  # shapes recorded by the exporter are stale where widths changed
     _keep_initializer_order(g.model, model)
     _keep_io_types(g.model, model)
@@ -66,6 +70,26 @@ def rewrite(g: ModelGraph, plan: PrunePlan) -> onnx.ModelProto:
     _rename_generated_initializers(model)
     _copy_metadata(g.model, model)
     return model
+
+
+class _FromFile(LazyValues):
+    """graphsurgeon's lazy values of a lazy stub (ir/external.py): decoded from the input's data
+    file where the editor asks for them; exported as the stub, made whole after the export."""
+
+    def load(self):
+        if self.tensor.data_type in external.PLAIN:
+            return external.to_array(self.tensor)
+        return LazyValues(external.inline(self.tensor)).load()
+
+
+def _read_lazily(graph: gs.Graph) -> None:
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant) and type(tensor._values) is LazyValues and \
+                external.is_lazy(tensor._values.tensor):
+            tensor._values = _FromFile(tensor._values.tensor)
+            # decoded and exported again, a constant would otherwise be marked external with its
+            # bytes in the protobuf (the exporter copies the import's data location)
+            tensor.data_location = None
 
 
 def _export(graph: gs.Graph) -> onnx.ModelProto:

@@ -13,6 +13,7 @@ from ..data.calibration import Runner, Weights, fitted, session, without_initial
 from ..data.timing import decode_feed, interleaved_medians, is_past
 from ..errors import SnpError
 from ..io.loading import is_big, model_file
+from ..ir import external
 from ..ir.sizes import raw_bytes
 
 log = logging.getLogger("onnxsnp")
@@ -140,7 +141,7 @@ def weight_stubs(model: onnx.ModelProto) -> onnx.ModelProto:
             stub.data_location = onnx.TensorProto.EXTERNAL
             stub.external_data.add(key="location", value="onnxsnp-shape-inference")
         else:
-            light.graph.initializer.add().CopyFrom(tensor)
+            light.graph.initializer.add().CopyFrom(external.inline(tensor))
     return light
 
 
