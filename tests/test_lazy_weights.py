@@ -49,7 +49,12 @@ def test_a_short_data_file_fails_at_load(tmp_path):
         load_model(path, lazy=True)
 
 
-def test_pruning_from_the_path_gives_the_whole_models_pruned_bytes(exported, tmp_path):
+@pytest.mark.parametrize("spill_above", [external.SPILL_MIN_BYTES, 0])
+def test_pruning_from_the_path_gives_the_whole_models_pruned_bytes(exported, tmp_path, monkeypatch, spill_above):
+    """`spill_above` 0: every pruned weight goes through the rewrite's file (external.Spill)."""
+    monkeypatch.setattr(external, "SPILL_MIN_BYTES", spill_above)
+    spilled = []
+    monkeypatch.setattr(external.Spill, "put", _counting(external.Spill.put, spilled))
     source = exported("vit", "manual", True, "dynamo")
     assert (source.parent / f"{source.name}.data").exists()
     assert external.has_lazy(load_model(source, lazy=True).model)
@@ -58,3 +63,14 @@ def test_pruning_from_the_path_gives_the_whole_models_pruned_bytes(exported, tmp
     from_whole = prune_model(load_model(source).model, options).model
     assert not external.has_lazy(from_path)
     assert from_path.SerializeToString() == from_whole.SerializeToString()
+    assert spilled  # the path's prune went through the spill, the whole model's did not
+    if spill_above == 0:
+        assert sum(external.is_lazy(stub) for stub in spilled) > len(spilled) // 2
+
+
+def _counting(put, stubs: list):
+    def counted(self, tensor):
+        stub = put(self, tensor)
+        stubs.append(stub)
+        return stub
+    return counted

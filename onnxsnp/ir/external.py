@@ -12,8 +12,11 @@ unconverted fails loudly instead of reading something else.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -59,10 +62,14 @@ def inline(tensor: onnx.TensorProto) -> onnx.TensorProto:
 
 def _fill(tensor: onnx.TensorProto) -> None:
     raw = raw_data(tensor)
+    unset = any(entry.key == _UNSET for entry in tensor.external_data)
     tensor.raw_data = raw
     del raw
     del tensor.external_data[:]
-    tensor.data_location = onnx.TensorProto.DEFAULT
+    if unset:
+        tensor.ClearField("data_location")
+    else:
+        tensor.data_location = onnx.TensorProto.DEFAULT  # as onnx's loader leaves it
 
 
 # types numpy_helper.to_array reads from raw_data as np.frombuffer(raw, dtype).reshape(dims)
@@ -91,3 +98,50 @@ def materialize(model: onnx.ModelProto) -> None:
 
 def has_lazy(model: onnx.ModelProto) -> bool:
     return any(is_lazy(tensor) for tensor in model.graph.initializer)
+
+
+# a spilled tensor that had no data_location field (external_data's keys are free-form)
+_UNSET = "onnxsnp_no_data_location"
+_SPILLABLE = {"name", "data_type", "dims", "raw_data", "data_location"}
+SPILL_MIN_BYTES = 2**20  # smaller tensors stay in the protobuf: a file read each is not worth it
+
+
+class Spill:
+    """A temporary data file that a model's larger initializers are moved into as they are made,
+    each leaving a lazy stub: the pruned model held without its weights while its sessions are
+    built from the file, and made whole (`materialize`) once they are gone."""
+
+    def __init__(self):
+        self._folder = tempfile.TemporaryDirectory(prefix="onnxsnp-pruned-")
+        self.path = Path(self._folder.name) / "weights.bin"
+        self._data = open(self.path, "wb")
+
+    def put(self, tensor: onnx.TensorProto) -> onnx.TensorProto:
+        """`tensor` itself (small, lazy already, or not in raw_data), or a lazy stub of it whose
+        bytes are appended to the file."""
+        fields = {field.name for field, _ in tensor.ListFields()}
+        if is_lazy(tensor) or not fields <= _SPILLABLE or "raw_data" not in fields or \
+                raw_bytes_declared(tensor) < SPILL_MIN_BYTES:
+            return tensor
+        raw = tensor.raw_data
+        offset = self._data.tell()
+        self._data.write(raw)
+        self._data.flush()  # readable at once by whoever decodes the stub
+        stub = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
+                                data_location=onnx.TensorProto.EXTERNAL)
+        for key, value in (("location", str(self.path)), ("offset", str(offset)), ("length", str(len(raw)))):
+            stub.external_data.add(key=key, value=value)
+        if "data_location" not in fields:  # made whole, it is then left unset again: the same bytes
+            stub.external_data.add(key=_UNSET, value="1")
+        return stub
+
+    def close(self) -> None:
+        self._data.close()
+        self._folder.cleanup()
+
+
+def raw_bytes_declared(tensor: onnx.TensorProto) -> int:
+    """What `tensor`'s dims and plain type declare (0 for other types: they stay where they are)."""
+    if tensor.data_type not in PLAIN:
+        return 0
+    return math.prod(tensor.dims) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize

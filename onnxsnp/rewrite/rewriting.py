@@ -34,8 +34,11 @@ from ..match.groups import Cut, attention_groups, ffn_group
 from ..match.residual import stream_group
 
 
-def rewrite(g: ModelGraph, plan: PrunePlan) -> onnx.ModelProto:
-    """Return a new model with the plan applied; `g.model` is left as it was."""
+def rewrite(g: ModelGraph, plan: PrunePlan, spill: external.Spill | None = None) -> onnx.ModelProto:
+    """Return a new model with the plan applied; `g.model` is left as it was. With `spill`, its
+    larger new weights go to that file as they are exported, and the ones it keeps unchanged from
+    a lazily loaded input stay in the input's file: a model of lazy stubs (external.py), for the
+    caller to make whole."""
     graph = gs.import_onnx(g.model)
     _read_lazily(graph)
     editor = Editor(g, graph)
@@ -61,8 +64,9 @@ def rewrite(g: ModelGraph, plan: PrunePlan) -> onnx.ModelProto:
         if layer.renorm:
             _renormalize(editor, layer.renorm, layer.input)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    model = _export(graph)
-    external.materialize(model)  # the input's weights still in its data file, now copied in: a whole model
+    model = _export(graph, spill)
+    if spill is None:
+        external.materialize(model)  # the input's weights still in its data file, now copied in: a whole model
     del model.graph.value_info[:]  # shapes recorded by the exporter are stale where widths changed
     _keep_initializer_order(g.model, model)
     _keep_io_types(g.model, model)
@@ -92,13 +96,14 @@ def _read_lazily(graph: gs.Graph) -> None:
             tensor.data_location = None
 
 
-def _export(graph: gs.Graph) -> onnx.ModelProto:
+def _export(graph: gs.Graph, spill: external.Spill | None = None) -> onnx.ModelProto:
     """gs.export_onnx with every weight copied into the model once. The exporter puts each
     initializer's TensorProto in a GraphProto (a copy) that make_model copies into the model (a
     second): every weight held three times at once and copied twice, 2.3 GB of page faults on a
     270 MB decoder (docs/PRUNE_COST_DECODER.md). Here the graph is exported with data-less stand-ins
     (name, type, dims) and each initializer then copied from the exporter's own TensorProto of that
-    constant, one at a time: the same bytes."""
+    constant, one at a time: the same bytes. With `spill`, each larger one goes to its file instead
+    (rewrite)."""
     if OnnxExporter is None:
         return gs.export_onnx(graph, do_type_check=False)
     constants = {name: tensor for name, tensor in graph.tensors().items()
@@ -119,7 +124,9 @@ def _export(graph: gs.Graph) -> onnx.ModelProto:
     for initializer in model.graph.initializer:
         tensor = constants.get(initializer.name)
         if tensor is not None:
-            initializer.CopyFrom(OnnxExporter.export_tensor_proto(tensor))
+            exported = OnnxExporter.export_tensor_proto(tensor)
+            initializer.CopyFrom(spill.put(exported) if spill is not None else exported)
+            del exported
     return model
 
 
