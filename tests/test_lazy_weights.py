@@ -74,3 +74,20 @@ def _counting(put, stubs: list):
         stubs.append(stub)
         return stub
     return counted
+
+
+def test_a_decoder_with_a_flops_target_prunes_to_the_same_bytes_from_its_path(tmp_path):
+    """The survey reads weights the rewrite then exports from their decoded arrays (rotary tables,
+    norms): exported with the data location a whole load gives them (prune_identity's
+    llama-target-flops case)."""
+    from decoder_export import export_dynamo, tiny_llama
+    from decoders import calibration
+
+    path = tmp_path / "llama.onnx"
+    export_dynamo(tiny_llama(), path)
+    assert external.has_lazy(load_model(path, lazy=True).model)
+    options = make_options(target_flops=0.7, progress=False)
+    calib = calibration(100)
+    from_path = prune_model(path, options, calib=calib).model
+    from_whole = prune_model(load_model(path).model, options, calib=calib).model
+    assert from_path.SerializeToString() == from_whole.SerializeToString()

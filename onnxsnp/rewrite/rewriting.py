@@ -92,8 +92,9 @@ def _read_lazily(graph: gs.Graph) -> None:
                 external.is_lazy(tensor._values.tensor):
             tensor._values = _FromFile(tensor._values.tensor)
             # decoded and exported again, a constant would otherwise be marked external with its
-            # bytes in the protobuf (the exporter copies the import's data location)
-            tensor.data_location = None
+            # bytes in the protobuf (the exporter copies the import's data location); DEFAULT, as
+            # the import of the whole model (onnx's loader sets it) leaves it: the same bytes
+            tensor.data_location = onnx.TensorProto.DEFAULT
 
 
 def _export(graph: gs.Graph, spill: external.Spill | None = None) -> onnx.ModelProto:
