@@ -12,6 +12,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from ..errors import SnpError
+from ..ir import external
 from ..ir.sizes import raw_bytes
 
 
@@ -43,6 +44,7 @@ def model_file(model: onnx.ModelProto) -> Iterator[Path]:
         path = Path(folder) / "model.onnx"
         copy = onnx.ModelProto()
         copy.CopyFrom(model)  # saving with external data empties the tensors it writes out
+        external.materialize(copy)  # onnx's writer would write a stub still in its file as empty
         onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location="model.onnx.data", size_threshold=1024)
         del copy
