@@ -51,7 +51,7 @@ def _calibration(model: Model | LoadedModel, calib: Calibration, chosen: PruneOp
     if isinstance(model, onnx.ModelProto):
         path, loaded = Path("model.onnx"), model
     else:
-        model = model if isinstance(model, LoadedModel) else load_model(model)
+        model = model if isinstance(model, LoadedModel) else load_model(model, lazy=True)
         path, loaded = Path(model.path), model.model
     made = load_raw_calibration(path, ModelGraph(loaded), request, chosen.calib_samples, chosen.seed)
     return model, made.arrays, made.label
@@ -113,7 +113,7 @@ def sweep(model: Model, targets: tuple[float, ...] | list[float], out: str | os.
     for goal in goals[1:]:  # every budget checked before any work
         options(**keywords, **{budgets[kind]: goal})
     if not isinstance(model, onnx.ModelProto):
-        model = load_model(model)
+        model = load_model(model, lazy=True)
     model, calib, label = _calibration(model, calib, first, raw)
     folder = Path(out)
     if folder.exists() and not folder.is_dir():

@@ -236,7 +236,7 @@ def _run_sweep(args: argparse.Namespace, written: list[Path]) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     names = {goal: folder / f"target_{goal:g}.onnx" for goal in goals}
     _check_outputs([(path, "output") for path in names.values()])
-    loaded = load_model(source)
+    loaded = load_model(source, lazy=True)
     for path in names.values():
         _check_not_inputs(loaded.files, path, [])
 
@@ -281,7 +281,7 @@ def _run_prune(args: argparse.Namespace, written: list[Path]) -> int:
     if folder is not None:
         _check_output_folder(target, folder)
     gate = FidelityGate(args.min_fidelity, args.max_perplexity_ratio)
-    loaded = load_model(source)
+    loaded = load_model(source, lazy=True)
     _check_not_inputs(loaded.files, target, reports)
     result = _with_calibration(args, source, loaded.model, lambda calib, label: prune_model(
         loaded, options, calib=calib, calib_label=label))

@@ -14,6 +14,7 @@ import onnx
 
 from .data import calibration as calib_stage
 from .errors import SnpError
+from .ir import external
 from .ir.graph import ModelGraph
 from .score.allocation import allocate, part_losses, unit_costs, widths_plan
 from .score.costs import CostKind, CostModel
@@ -143,21 +144,39 @@ def finish(prepared: Prepared, options: PruneOptions, work: ReconstructionWork |
     # one at a time, and keeps none (only their slices go into the pruned model)
     p.g.forget_constants()
     p.release_memory()
-    with stage("rewriting the graph"), p.g.decoding_once():
-        pruned = _rewritten(p, compensated)
-    # the original's decoded weights are not read again before the timing (which decodes what it
-    # runs): freed, the verification's session for the pruned model takes their place
-    p.g.forget_constants()
-    p.release_memory()
-    with stage(f"verifying the pruned model on {_count(p.holdout_feed)} held-back samples"):
-        verified = verify_pruned(p.observed, pruned, compensated.plan, p.probes, p.holdout_feed, p.batch, p.fixed,
-                                 p.mask, quantized_probabilities=p.qoperator is not None)
-    p.release_memory()
-    log.info("rewritten and verified (%s)", _since(p.started))
-    with stage("timing the original and the pruned model"):
-        timing = timed_pair(p.model, pruned, one_batch, p.g.constant) if options.measure_latency else Timing()
-    report = build_report(p, options, costs, compensated, pruned, verified, timing)
+    # a lazily loaded float model's pruned weights go to a file as the rewrite makes them: the
+    # pruned model is held without them while its sessions read them from there, and made whole
+    # at the end, once those sessions are gone (external.py)
+    spill = external.Spill() if _spillable(p, compensated) else None
+    try:
+        with stage("rewriting the graph"), p.g.decoding_once():
+            pruned = _rewritten(p, compensated, spill)
+        # the original's decoded weights are not read again before the timing (which decodes what
+        # it runs): freed, the verification's session for the pruned model takes their place
+        p.g.forget_constants()
+        p.release_memory()
+        with stage(f"verifying the pruned model on {_count(p.holdout_feed)} held-back samples"):
+            verified = verify_pruned(p.observed, pruned, compensated.plan, p.probes, p.holdout_feed, p.batch,
+                                     p.fixed, p.mask, quantized_probabilities=p.qoperator is not None)
+        p.release_memory()
+        log.info("rewritten and verified (%s)", _since(p.started))
+        with stage("timing the original and the pruned model"):
+            timing = timed_pair(p.model, pruned, one_batch, p.g.constant) if options.measure_latency else Timing()
+        report = build_report(p, options, costs, compensated, pruned, verified, timing)
+        p.release_memory()
+        with stage("reading the pruned weights back"):
+            external.materialize(pruned)
+    finally:
+        if spill is not None:
+            spill.close()
     return PruneResult(pruned, report, p.external)
+
+
+def _spillable(p: Prepared, compensated: Compensated) -> bool:
+    """Whether the rewrite's weights go to a file (finish): for the reconstruction's rewrite of a
+    lazily loaded float model (a quantized form put back reads the weights from the protobuf)."""
+    return compensated.pruned is None and all(view is None for view in (p.view, p.dynamic, p.rounded, p.qoperator)) \
+        and external.has_lazy(p.g.model)
 
 
 def _compensate(p: Prepared, options: PruneOptions, work: ReconstructionWork | None, costs: CostModel | None,
@@ -195,11 +214,11 @@ def _compensate(p: Prepared, options: PruneOptions, work: ReconstructionWork | N
     return Compensated(plan, None, ("reconstruction",), ratios, (), reconstruction, allocation)
 
 
-def _rewritten(p: Prepared, compensated: Compensated) -> onnx.ModelProto:
+def _rewritten(p: Prepared, compensated: Compensated, spill: external.Spill | None = None) -> onnx.ModelProto:
     """The plan applied to the graph, then the input's quantized form put back."""
     plan, pruned = compensated.plan, compensated.pruned
     if pruned is None:
-        pruned = rewrite(p.g, plan)
+        pruned = rewrite(p.g, plan, spill)
         p.release_memory()
     pruned = _in_input_form(p, pruned, {node: refit.gram for node, refit in plan.refits.items()
                                         if refit.gram is not None})
@@ -437,7 +456,7 @@ def _load(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel) -> t
         return model, False
     if isinstance(model_or_path, LoadedModel):  # loaded by the caller for us to annotate
         return model_or_path.model, model_or_path.external_data
-    loaded = load_model(model_or_path)
+    loaded = load_model(model_or_path, lazy=True)  # the weights read from their file where asked (external.py)
     return loaded.model, loaded.external_data
 
 

@@ -23,6 +23,7 @@ from onnx import numpy_helper
 from ..data.calibration import without_initializers
 from .batches import AttentionSums, Shard, Slot, Workers, owner
 from ..errors import SnpError
+from ..ir import external
 from ..ir.sizes import raw_bytes
 from ..score.importance import PairSums
 from .halves import original_weights, plan_segments
@@ -48,12 +49,12 @@ def portable(model: onnx.ModelProto) -> tuple[bytes, dict[str, np.ndarray]]:
     weights = {}
     for tensor in model.graph.initializer:
         if raw_bytes(tensor) >= PORTABLE_MIN_BYTES:
-            weights[tensor.name] = numpy_helper.to_array(tensor)
+            weights[tensor.name] = external.to_array(tensor)
             stub = light.graph.initializer.add()  # keeps the initializers' order
             stub.name, stub.data_type = tensor.name, tensor.data_type
             stub.dims.extend(tensor.dims)
         else:
-            light.graph.initializer.add().CopyFrom(tensor)
+            light.graph.initializer.add().CopyFrom(external.inline(tensor))
     return light.SerializeToString(), weights
 
 

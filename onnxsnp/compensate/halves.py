@@ -82,6 +82,10 @@ def plan_segments(g: ModelGraph, matches: Matches) -> list[tuple[Half, Half]]:
 
 
 def original_weights(g: ModelGraph, halves: list[tuple[Half, Half]]) -> dict[Slot, np.ndarray]:
-    """The original value of every slot the half-blocks' segments read."""
-    weights = Weights(g, [s for a, f in halves for s in a.segment.slots + f.segment.slots])
-    return {slot: weights.original(slot) for slot in weights.values}
+    """The original value of every slot the half-blocks' segments read, decoded where asked
+    (one half's slots at a time, each batch's run reading them again) and not kept."""
+    return Weights(g, all_slots(halves)).values
+
+
+def all_slots(halves: list[tuple[Half, Half]]) -> list[Slot]:
+    return list(dict.fromkeys(s for a, f in halves for s in a.segment.slots + f.segment.slots))

@@ -103,27 +103,59 @@ def ffn_slots(block: FfnBlock) -> list[Slot]:
     return _slots(ffn_group(block))
 
 
+class _Current(dict):
+    """The edited arrays by slot (what it holds and iterates); any other slot of `weights.slots`
+    reads its original, decoded where asked and not kept: a reconstruction holds the weights it
+    changed, not every original beside them (docs/SCALING.md, "Sixth round")."""
+
+    def __init__(self, weights: Weights, edited=()):
+        super().__init__(edited)
+        self._weights = weights
+
+    def __missing__(self, slot: Slot) -> np.ndarray:
+        if slot in self._weights.slots:
+            return self._weights.original(slot)
+        raise KeyError(slot)
+
+    def __contains__(self, slot) -> bool:
+        return dict.__contains__(self, slot) or slot in self._weights.slots
+
+
 class Weights:
-    """Full-width weight arrays by slot, copied from the graph on first change."""
+    """Full-width weight arrays by slot, copied from the graph on first change. `values[slot]`
+    is the current array of any slot given (the original where unchanged)."""
 
     def __init__(self, g: ModelGraph, slots: Iterable[Slot] = ()):
         self.g = g
-        self.values: dict[Slot, np.ndarray] = {}
-        for slot in slots:
-            self.values[slot] = self.original(slot)
+        self.slots = frozenset(slots)
+        self._values = _Current(self)
+
+    @property
+    def values(self) -> _Current:
+        return self._values
+
+    @values.setter
+    def values(self, edited: dict[Slot, np.ndarray]) -> None:  # a saved copy of `values` put back
+        self._values = _Current(self, edited)
 
     def original(self, slot: Slot) -> np.ndarray:
         node, index = slot
-        value = self.g.constant(self.g.node(node).input[index])
+        with self.g.decoding_once():  # read again where asked: a large weight is not kept by the graph
+            value = self.g.constant(self.g.node(node).input[index])
         assert value is not None, f"{slot} is not a constant"
         return value
 
     def editable(self, slot: Slot) -> np.ndarray:
-        value = self.values.get(slot)
-        if value is None or value is self.original(slot):
+        value = self._values.get(slot)
+        if value is None:
             value = self.original(slot).copy()
-            self.values[slot] = value
+            self._values[slot] = value
         return value
+
+    def forget(self, slots: Iterable[Slot]) -> None:
+        """Changes to `slots` dropped (what is read of them again is the original)."""
+        for slot in slots:
+            self._values.pop(slot, None)
 
     # --- edits --------------------------------------------------------------------------------
     def zero_units(self, group: Group, removed: np.ndarray) -> None:

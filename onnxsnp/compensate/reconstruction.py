@@ -30,7 +30,7 @@ import numpy as np
 from ..errors import SnpError
 from ..ir.graph import ModelGraph
 from ..match import units
-from .halves import original_weights, plan_segments
+from .halves import all_slots, original_weights, plan_segments
 from ..score.criteria import criterion as criterion_named, input_weights
 from ..score.importance import PairStatistics, PairSums
 from .batches import LocalShards, Shard, Shards, Slot, Workers, merged_equations, merged_pairs, split_batches
@@ -88,17 +88,22 @@ class Reconstructor:
         self.rng = np.random.default_rng(seed)
         self.halves = plan_segments(g, matches)
         self.original = original_weights(g, self.halves)
-        self.weights = Weights(g, list(self.original))
+        self.weights = Weights(g, all_slots(self.halves))
         self.keeps_attention: list[AttentionKeep] = []
         self.keeps_ffn: list[FfnKeep] = []
         self.refits: dict[str, Refit] = {}
         self.scale_values: dict[str, np.ndarray] = {}
         self.reports: list[HalfReport] = []
+        # the slots no half after half-block n reads: their changed weights are dropped after it
+        # (the plan keeps the cuts and refits; the passes need only the current half's weights)
+        last = {slot: number for number, half in enumerate(h for pair in self.halves for h in pair)
+                for slot in half.segment.slots}
+        self._done = [[slot for slot, at in last.items() if at == number] for number in range(2 * len(self.halves))]
 
     def restart(self) -> None:
         """Forget a run (kept widths, refits, edited weights), so that another can start from the
         batches' first stream as `prepare` left it (Shards.restart)."""
-        self.weights = Weights(self.g, list(self.weights.values))
+        self.weights = Weights(self.g, self.weights.slots)
         self.rng = np.random.default_rng(self.seed)
         self.keeps_attention, self.keeps_ffn, self.reports = [], [], []
         self.refits, self.scale_values = {}, {}
@@ -117,7 +122,8 @@ class Reconstructor:
 
             shards = RayShards(self.g.model, sequential, workers)
         try:
-            shards.prepare(parts, mask_name, restartable)
+            with self.g.decoding_once():  # the embeddings' weights decoded for the prefix's run, not kept
+                shards.prepare(parts, mask_name, restartable)
         except BaseException:
             shards.close()
             raise
@@ -136,9 +142,11 @@ class Reconstructor:
                 continue
             with threads_for(layer.attention.out.in_features):
                 self._attention_half(layer, 2 * index, shards)
+            self.weights.forget(self._done[2 * index])
             progress(layer.name)
             with threads_for(layer.ffn.fc2.in_features):
                 self._ffn_half(layer, 2 * index + 1, shards)
+            self.weights.forget(self._done[2 * index + 1])
         samples, tokens = shards.counts()
         return Reconstruction(tuple(self.keeps_attention), tuple(self.keeps_ffn), dict(self.refits),
                               dict(self.scale_values), tuple(self.reports), samples, tokens)

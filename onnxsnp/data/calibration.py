@@ -15,6 +15,7 @@ from onnx import helper, numpy_helper
 
 from ..progress import steps
 from ..errors import SnpError
+from ..ir import external
 from ..ir.sizes import raw_bytes
 from ..ir.graph import ModelGraph, attribute
 from .weight_file import WeightFile
@@ -312,7 +313,8 @@ def _file_worthy(model: onnx.ModelProto) -> bool:
 
 def _in_file(tensor: onnx.TensorProto) -> bool:
     """The initializers a session gets apart from the graph (the others stay in it)."""
-    return (tensor.data_type in _IN_MEMORY_TYPES and tensor.data_location != onnx.TensorProto.EXTERNAL
+    return (tensor.data_type in _IN_MEMORY_TYPES
+            and (tensor.data_location != onnx.TensorProto.EXTERNAL or external.is_lazy(tensor))
             and raw_bytes(tensor) >= _IN_MEMORY_MIN_BYTES)  # as add_initializers chooses
 
 
@@ -391,10 +393,10 @@ def add_initializers(graph: onnx.GraphProto, tensors: Iterable[onnx.TensorProto]
             names.append(tensor.name)
             value = weights(tensor.name) if weights is not None else None
             if value is None:
-                value = numpy_helper.to_array(tensor)
+                value = external.to_array(tensor)  # from the input's data file where lazy
             values.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)))
         else:
-            graph.initializer.add().CopyFrom(tensor)
+            graph.initializer.add().CopyFrom(external.inline(tensor))
     return names, values
 
 

@@ -22,6 +22,8 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
+from ..ir import external
+
 DATA = "weights.bin"
 ALIGN = 64  # byte offset of each weight in the data file (onnxruntime reads them unaligned too)
 
@@ -42,7 +44,7 @@ class WeightFile:
                     if in_file(tensor):
                         self.stubs.append(self._write(data, tensor))
                     else:
-                        self.stubs.append(tensor)
+                        self.stubs.append(external.inline(tensor))  # a lazy one whole: the graph keeps it
         except BaseException:
             self.close()
             raise
@@ -53,7 +55,7 @@ class WeightFile:
         offset = -data.tell() % ALIGN
         data.write(b"\0" * offset)
         offset = data.tell()
-        raw = tensor.raw_data  # a copy of this one weight (in_file chooses tensors with raw_data)
+        raw = external.raw_data(tensor)  # a copy of this one weight (from the input's data file where lazy)
         data.write(raw)
         stub = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
                                 data_location=onnx.TensorProto.EXTERNAL)

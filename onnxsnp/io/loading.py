@@ -12,6 +12,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from ..errors import SnpError
+from ..ir import external
 from ..ir.sizes import raw_bytes
 
 
@@ -43,14 +44,20 @@ def model_file(model: onnx.ModelProto) -> Iterator[Path]:
         path = Path(folder) / "model.onnx"
         copy = onnx.ModelProto()
         copy.CopyFrom(model)  # saving with external data empties the tensors it writes out
+        external.materialize(copy)  # onnx's writer would write a stub still in its file as empty
         onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location="model.onnx.data", size_threshold=1024)
         del copy
         yield path
 
 
-def load_model(path: str | os.PathLike) -> LoadedModel:
-    """Load `path` and its external data. Raises SnpError for anything that is not a usable model."""
+def load_model(path: str | os.PathLike, lazy: bool = False) -> LoadedModel:
+    """Load `path` and its external data. Raises SnpError for anything that is not a usable model.
+
+    `lazy`: a float model's external weights stay in their file, read where asked for
+    (ir/external.py): the prune's stages decode what they use from there, and the protobuf no
+    longer holds a copy of every weight for the whole run. Models with quantized operators are
+    read whole (their views read initializers directly)."""
     path = Path(path)
     if not path.exists():
         raise SnpError(f"input file not found: {path}")
@@ -72,10 +79,44 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
                  for entry in t.external_data if entry.key == "location"}
     files = frozenset({path.resolve()} | {(path.parent / location).resolve() for location in locations})
     try:
-        onnx.load_external_data_for_model(model, str(path.parent))
+        if lazy and locations and _float_only(model):
+            _point_at_files(model, path.parent.resolve())
+        else:
+            onnx.load_external_data_for_model(model, str(path.parent))
     except (OSError, ValueError) as exc:
         raise SnpError(f"external data of {path} could not be read: {_line(exc)}") from None
     return LoadedModel(model, path, bool(locations), files)
+
+
+_QUANTIZED = ("Quant", "Integer", "QLinear", "NBits", "QOrdered", "QAttention", "QGemm", "QEmbed")
+
+
+def _float_only(model: onnx.ModelProto) -> bool:
+    """Standard operators only, none of them quantized (what the lazy route is checked on)."""
+    return all(node.domain in ("", "ai.onnx") and not any(word in node.op_type for word in _QUANTIZED)
+               for node in model.graph.node)
+
+
+def _point_at_files(model: onnx.ModelProto, folder: Path) -> None:
+    """Each external initializer's location made absolute (external.is_lazy's marker), after
+    checking that its bytes are in the file: a missing or short file fails here, as a whole load
+    would have."""
+    sizes: dict[Path, int] = {}
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = (folder / info["location"]).resolve()
+        if folder not in location.parents:
+            raise ValueError(f"{tensor.name}: external data outside the model's folder ({info['location']})")
+        if location not in sizes:
+            sizes[location] = location.stat().st_size  # OSError for a missing file
+        end = int(info.get("offset", 0)) + int(info.get("length", raw_bytes(tensor)))
+        if end > sizes[location]:
+            raise ValueError(f"{tensor.name} ends past the end of {location.name}")
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = str(location)
 
 
 def _line(exc: Exception) -> str:

@@ -16,6 +16,7 @@ import onnx
 from onnx import numpy_helper, shape_inference
 
 from ..errors import SnpError
+from . import external
 from .sizes import raw_bytes
 from .standins import replace_contrib_ops
 
@@ -103,7 +104,7 @@ class ModelGraph:
         value: np.ndarray | None = None
         source = self.initializer_behind(tensor)
         if source is not None:
-            value = numpy_helper.to_array(self.initializers[source])
+            value = external.to_array(self.initializers[source])  # from the data file where lazy
         else:
             node = self.producer_of(tensor)
             if node is not None and node.op_type == "Constant":
@@ -177,7 +178,7 @@ def _without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
     declared = {i.name for i in model.graph.input}
     for tensor in model.graph.initializer:
         if raw_bytes(tensor) <= 4096:
-            graph.initializer.append(tensor)
+            graph.initializer.append(external.inline(tensor))
         elif tensor.name not in declared:
             graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
     light.functions.extend(model.functions)

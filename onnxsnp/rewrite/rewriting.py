@@ -15,14 +15,16 @@ import re
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 try:  # graphsurgeon's internals, for the one-copy export; a version without them takes its public export
     from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, dtype_to_onnx
-    from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
+    from onnx_graphsurgeon.ir.tensor import SparseValues
 except ImportError:  # pragma: no cover - depends on the installed graphsurgeon
     OnnxExporter = None
 
 from .decoding import kv_cache_shapes, set_kv_cache_shapes, slice_rotary_tables
 from .editor import Editor
+from ..ir import external
 from ..ir.graph import ModelGraph
 from ..compensate.masking import mapped_columns
 from ..compensate.qk_norm import cuts_within, gains
@@ -32,9 +34,13 @@ from ..match.groups import Cut, attention_groups, ffn_group
 from ..match.residual import stream_group
 
 
-def rewrite(g: ModelGraph, plan: PrunePlan) -> onnx.ModelProto:
-    """Return a new model with the plan applied; `g.model` is left as it was."""
+def rewrite(g: ModelGraph, plan: PrunePlan, spill: external.Spill | None = None) -> onnx.ModelProto:
+    """Return a new model with the plan applied; `g.model` is left as it was. With `spill`, its
+    larger new weights go to that file as they are exported, and the ones it keeps unchanged from
+    a lazily loaded input stay in the input's file: a model of lazy stubs (external.py), for the
+    caller to make whole."""
     graph = gs.import_onnx(g.model)
+    _read_lazily(graph)
     editor = Editor(g, graph)
     changed = [keep for keep in plan.attention if keep.changes_something()]
     for keep in changed:
@@ -58,7 +64,9 @@ def rewrite(g: ModelGraph, plan: PrunePlan) -> onnx.ModelProto:
         if layer.renorm:
             _renormalize(editor, layer.renorm, layer.input)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    model = _export(graph)
+    model = _export(graph, spill)
+    if spill is None:
+        external.materialize(model)  # the input's weights still in its data file, now copied in: a whole model
     del model.graph.value_info[:]  # shapes recorded by the exporter are stale where widths changed
     _keep_initializer_order(g.model, model)
     _keep_io_types(g.model, model)
@@ -68,13 +76,35 @@ def rewrite(g: ModelGraph, plan: PrunePlan) -> onnx.ModelProto:
     return model
 
 
-def _export(graph: gs.Graph) -> onnx.ModelProto:
+class _FromFile(LazyValues):
+    """graphsurgeon's lazy values of a lazy stub (ir/external.py): decoded from the input's data
+    file where the editor asks for them; exported as the stub, made whole after the export."""
+
+    def load(self):
+        if self.tensor.data_type in external.PLAIN:
+            return external.to_array(self.tensor)
+        return LazyValues(external.inline(self.tensor)).load()
+
+
+def _read_lazily(graph: gs.Graph) -> None:
+    for tensor in graph.tensors().values():
+        if isinstance(tensor, gs.Constant) and type(tensor._values) is LazyValues and \
+                external.is_lazy(tensor._values.tensor):
+            tensor._values = _FromFile(tensor._values.tensor)
+            # decoded and exported again, a constant would otherwise be marked external with its
+            # bytes in the protobuf (the exporter copies the import's data location); DEFAULT, as
+            # the import of the whole model (onnx's loader sets it) leaves it: the same bytes
+            tensor.data_location = onnx.TensorProto.DEFAULT
+
+
+def _export(graph: gs.Graph, spill: external.Spill | None = None) -> onnx.ModelProto:
     """gs.export_onnx with every weight copied into the model once. The exporter puts each
     initializer's TensorProto in a GraphProto (a copy) that make_model copies into the model (a
     second): every weight held three times at once and copied twice, 2.3 GB of page faults on a
     270 MB decoder (docs/PRUNE_COST_DECODER.md). Here the graph is exported with data-less stand-ins
     (name, type, dims) and each initializer then copied from the exporter's own TensorProto of that
-    constant, one at a time: the same bytes."""
+    constant, one at a time: the same bytes. With `spill`, each larger one goes to its file instead
+    (rewrite)."""
     if OnnxExporter is None:
         return gs.export_onnx(graph, do_type_check=False)
     constants = {name: tensor for name, tensor in graph.tensors().items()
@@ -95,7 +125,9 @@ def _export(graph: gs.Graph) -> onnx.ModelProto:
     for initializer in model.graph.initializer:
         tensor = constants.get(initializer.name)
         if tensor is not None:
-            initializer.CopyFrom(OnnxExporter.export_tensor_proto(tensor))
+            exported = OnnxExporter.export_tensor_proto(tensor)
+            initializer.CopyFrom(spill.put(exported) if spill is not None else exported)
+            del exported
     return model
 
 

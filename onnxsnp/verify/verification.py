@@ -13,6 +13,7 @@ from ..data.calibration import Runner, Weights, fitted, session, without_initial
 from ..data.timing import decode_feed, interleaved_medians, is_past
 from ..errors import SnpError
 from ..io.loading import is_big, model_file
+from ..ir import external
 from ..ir.sizes import raw_bytes
 
 log = logging.getLogger("onnxsnp")
@@ -117,11 +118,32 @@ def _check_structure(model: onnx.ModelProto) -> None:
     def inference():
         shape_inference.infer_shapes(weight_stubs(model), check_type=True, strict_mode=True, data_prop=True)
 
-    if is_big(model):  # the checker takes big models by path
+    if external.has_lazy(model):  # weights still in files (external.py): the checker takes relative locations only
+        _check(lambda: onnx.checker.check_model(_checkable(model)), inference)
+    elif is_big(model):  # the checker takes big models by path
         with model_file(model) as path:
             _check(lambda: onnx.checker.check_model(str(path)), inference)
     else:
         _check(lambda: onnx.checker.check_model(model), inference)
+
+
+def _checkable(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` (weights still in files: external.py) for the checker, which takes relative data
+    locations only, and no links to them: each such weight a typed graph input instead, its stub's
+    length checked here against its dims."""
+    light = without_initializers(model)
+    declared = {info.name for info in model.graph.input}
+    for tensor in model.graph.initializer:
+        if not external.is_lazy(tensor):
+            light.graph.initializer.add().CopyFrom(tensor)
+            continue
+        if raw_bytes(tensor) != external.raw_bytes_declared(tensor) and external.raw_bytes_declared(tensor):
+            raise SnpError(f"pruned model fails onnx.checker: {tensor.name} holds {raw_bytes(tensor)} bytes, "
+                           f"its dims {external.raw_bytes_declared(tensor)}")
+        if tensor.name not in declared:
+            light.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type,
+                                                                        list(tensor.dims)))
+    return light
 
 
 def weight_stubs(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -140,7 +162,7 @@ def weight_stubs(model: onnx.ModelProto) -> onnx.ModelProto:
             stub.data_location = onnx.TensorProto.EXTERNAL
             stub.external_data.add(key="location", value="onnxsnp-shape-inference")
         else:
-            light.graph.initializer.add().CopyFrom(tensor)
+            light.graph.initializer.add().CopyFrom(external.inline(tensor))
     return light
 
 
