@@ -198,7 +198,10 @@ def quantize_dynamic_form(form: str, source: Path, target: Path) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=form.endswith("channel"))
+    # the model loaded, not its path: given a path the quantizer writes a shape-inferred copy
+    # beside it (the shared build folder, where two runs at once raced on the one name)
+    quantize_dynamic(onnx.load(str(source)), str(target), weight_type=QuantType.QInt8,
+                     per_channel=form.endswith("channel"))
     return target
 
 
