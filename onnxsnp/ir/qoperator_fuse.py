@@ -89,7 +89,8 @@ def _qlinear(node: onnx.NodeProto, rewritten: Rewritten, producers, readers, out
             # dims gathered per head): quantized with the original input's scale and zero point,
             # which gives the integers the original selected from
             scale, zero = original.input[first + 1], original.input[first + 2]
-            if scale not in constants.initializers or zero and zero not in constants.initializers:
+            if scale not in constants.initializers or zero and zero not in constants.initializers or \
+                    (scale, zero) not in _selected_from(node.input[position], producers):
                 return None
             integer = fresh_name(constants.used, f"{node.input[position]}_quantized")
             added.append(helper.make_node("QuantizeLinear", [node.input[position], scale] + ([zero] if zero else []),
@@ -114,6 +115,28 @@ def _qlinear(node: onnx.NodeProto, rewritten: Rewritten, producers, readers, out
     made = helper.make_node(original.op_type, inputs, [out], name=original.name, domain=original.domain)
     made.attribute.extend(original.attribute)
     return made
+
+
+def _selected_from(tensor: str, producers) -> set[tuple[str, str]]:
+    """The (scale, zero point) names of the DequantizeLinear ops whose values `tensor` only
+    selects or moves (through MOVING ops and Concat); empty where anything computes on the way."""
+    found, pending, seen = set(), [tensor], set()
+    while pending:
+        current = pending.pop()
+        node = producers.get(current)
+        if current in seen:
+            continue
+        seen.add(current)
+        if node is None:
+            return set()
+        if node.op_type == "DequantizeLinear":
+            found.add((node.input[1], node.input[2] if len(node.input) > 2 else ""))
+        elif node.op_type in MOVING or node.op_type == "Concat":
+            data = node.input if node.op_type == "Concat" else node.input[:1]  # the others: indices, shapes
+            pending.extend(t for t in data if t)
+        else:
+            return set()
+    return found
 
 
 def _bias(tensor: str, a_scale: str, b_scale: str, producers, constants: "_Constants", name: str) -> str | None:
