@@ -72,6 +72,6 @@ def test_unknown_qlinear_op_is_refused_by_node(qoperator):
     model = onnx.ModelProto()
     model.CopyFrom(qoperator)
     softmax = next(n for n in model.graph.node if n.op_type == "QLinearSoftmax")
-    softmax.op_type = "QLinearSigmoid"
-    with pytest.raises(SnpError, match=f"^QLinearSigmoid node {softmax.name}: "):
+    softmax.op_type = "QLinearLeakyRelu"
+    with pytest.raises(SnpError, match=f"^QLinearLeakyRelu node {softmax.name}: "):
         qdq_view(model)

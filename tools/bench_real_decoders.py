@@ -212,6 +212,63 @@ def texts() -> tuple[list[str], list[str]]:
     return items[0::2], items[1::2]
 
 
+QUANTIZED = ("dynamic", "dynamic-channel")
+
+
+def quantize_dynamic_form(form: str, source: Path, target: Path) -> Path:
+    """`source` as onnxruntime's quantize_dynamic writes it: int8 weights (MatMuls, and the
+    embedding's Gather), per tensor or per output channel, full range, no other options."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # the model loaded, not its path: given a path the quantizer writes a shape-inferred copy
+    # beside it (the shared build folder, where two runs at once raced on the one name)
+    quantize_dynamic(onnx.load(str(source)), str(target), weight_type=QuantType.QInt8,
+                     per_channel=form.endswith("channel"))
+    return target
+
+
+def fidelity(model: onnx.ModelProto, heldout: np.ndarray, reference: tuple[float, np.ndarray]) -> tuple[float, float]:
+    """(perplexity ÷ the float original's, next-token agreement with it) on the held-out windows."""
+    picked, best = scores(model, heldout)
+    return float(np.exp(-picked.mean())) / reference[0], float((best == reference[1]).mean())
+
+
+def quantized_table(args, source: Path, calib: dict[str, np.ndarray], heldout: np.ndarray,
+                    reference: tuple[float, np.ndarray], runs: list, out: Path) -> None:
+    """prune(int8) against quantize(prune(fp32)), both scored against the float original."""
+    scratch = args.scratch
+    quantized = quantize_dynamic_form(args.quantize, source, scratch / f"{args.model}-{args.quantize}.onnx")
+    ratio, agreement = fidelity(onnx.load(str(quantized)), heldout, reference)
+    rows = [f"| {args.quantize} unpruned | – | – | – | {ratio:.3f}× | {agreement:.1%} | – | – | – |"]
+    print(rows[-1], flush=True)
+    for label, extra in runs:
+        options = make_options(measure_latency=False, **extra)
+        started = time.time()
+        pruned = prune_model(str(quantized), options, calib=calib)
+        ours, took = fidelity(pruned.model, heldout, reference), time.time() - started
+        ours_cut = 1 - pruned.report.flops_after / pruned.report.flops_before
+        del pruned  # one pruned model in memory at a time
+        float_pruned = prune_model(str(source), options, calib=calib)
+        plain = fidelity(float_pruned.model, heldout, reference)  # prune(fp32) itself, not quantized
+        path = scratch / f"{args.model}-pruned-float.onnx"
+        onnx.save(float_pruned.model, str(path), save_as_external_data=True, location=path.name + ".data")
+        cut = 1 - float_pruned.report.flops_after / float_pruned.report.flops_before
+        theirs = fidelity(onnx.load(str(quantize_dynamic_form(args.quantize, path, scratch / f"{args.model}-pruned-int8.onnx"))),
+                          heldout, reference)
+        rows.append(f"| {label} | −{ours_cut:.1%} (float prune −{cut:.1%}) | {plain[0]:.3f}× | {plain[1]:.1%} | "
+                    f"{ours[0]:.3f}× | {ours[1]:.1%} | {theirs[0]:.3f}× | {theirs[1]:.1%} | {took:.0f} s |")
+        print(rows[-1], flush=True)
+    table = ["| options | FLOPs | prune(fp32): perplexity × float | agreement | prune(int8): perplexity × float | "
+             "agreement | quantize(prune(fp32)): perplexity × float | agreement | prune(int8) time |",
+             "|---|---|---|---|---|---|---|---|---|"] + rows
+    out.write_text(f"# {args.model}, {args.quantize} int8: prune(int8) against quantize(prune(fp32))\n\n"
+                   f"Measured by `python tools/bench_real_decoders.py --model {args.model} --quantize {args.quantize} "
+                   f"--calibration {len(calib['input_ids'])} --heldout {len(heldout)}` (CPU, one run); scores against "
+                   f"the float original (perplexity {reference[0]:.2f}).\n\n" + "\n".join(table) + "\n")
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="smollm2")
@@ -226,6 +283,11 @@ def main() -> None:
     parser.add_argument("--against", type=Path, action="append", default=[],
                         help="also score this ONNX file, unpruned, against the original on the held-out windows "
                              "(e.g. the original's int4 or int8 download: a scale for the pruned rows)")
+    parser.add_argument("--quantize", choices=QUANTIZED, help="prune the model quantized in this form (onnxruntime's "
+                        "quantize_dynamic, int8 weights, per tensor or per channel) and set it against pruning the "
+                        "float model, then quantizing it the same way (docs/QUANTIZED.md)")
+    parser.add_argument("--scratch", type=Path, default=Path("/tmp/bench-real-quantized"),
+                        help="where --quantize writes its int8 models")
     args = parser.parse_args()
     from tokenizers import Tokenizer
 
@@ -242,6 +304,8 @@ def main() -> None:
     runs = json.loads(args.runs) if args.runs else [r for r in default_runs if r[0] == "--ratio 0.25"] if args.smoke else default_runs
     reference_picked, reference = scores(onnx.load(str(source)), heldout)
     base = float(np.exp(-reference_picked.mean()))
+    if args.quantize:  # the int8 table of docs/QUANTIZED.md instead
+        return quantized_table(args, source, calib, heldout, (base, reference), runs, out)
     rows = [f"| original | – | {base:.2f} | 1.00× | 100.0 % | – |"]
     print(rows[-1], flush=True)
     for other in args.against:  # the same tokens through another file of the same model, nothing pruned

@@ -26,7 +26,7 @@ for bit.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -95,13 +95,18 @@ def _ranges(model: onnx.ModelProto, tensors: list[str], feed: dict[str, np.ndarr
 
 
 def recalibrated(original: onnx.ModelProto, pruned: onnx.ModelProto, feed: dict[str, np.ndarray],
-                 batch: int) -> onnx.ModelProto:
+                 batch: int, stands_for: dict[str, str] | None = None) -> onnx.ModelProto:
     """`pruned` with the activation pairs it shares (by QuantizeLinear name) with `original`
-    rescaled to the ranges its activations have on `feed` (see the module docstring)."""
+    rescaled to the ranges its activations have on `feed` (see the module docstring);
+    `stands_for`: activation → the tensor whose range is measured for it (a KV cache's past
+    input: its present)."""
     before, after = _activation_pairs(original), _activation_pairs(pruned)
     shared = sorted(set(before) & set(after))
     if not shared or not feed:
         return pruned
+    if stands_for:
+        before = {n: (stands_for.get(t, t), *rest) for n, (t, *rest) in before.items()}
+        after = {n: (stands_for.get(t, t), *rest) for n, (t, *rest) in after.items()}
     old = _ranges(original, sorted({before[n][0] for n in shared}), feed, batch, "input model")
     new = _ranges(pruned, sorted({after[n][0] for n in shared}), feed, batch, "pruned model")
     initializers = {t.name: t for t in pruned.graph.initializer}
@@ -159,10 +164,18 @@ class ActivationView:
 
     model: onnx.ModelProto  # pairs bypassed
     pairs: list[tuple[onnx.NodeProto, onnx.NodeProto, tuple[str, ...]]]  # Q, DQ, readers of the float tensor
+    # a pair before a graph output (a decoder's present key or value): the view's tensor takes the
+    # output's name, so the view's outputs stay the model's; graph output → the float tensor's name
+    renamed: dict[str, str] = field(default_factory=dict)
+    # a past key or value input's pair → the float present it continues: calibration feeds start
+    # with empty caches, and in decoding the past is the last step's present, so its range is that one's
+    past: dict[str, str] = field(default_factory=dict)
 
     def view_shapes(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         """Run-time shapes of the view's unrounded tensors from the model's rounded ones."""
-        return {q.input[0]: shapes[d.output[0]] for q, d, _ in self.pairs if d.output[0] in shapes}
+        outputs = set(self.renamed)
+        return {d.output[0] if d.output[0] in outputs else q.input[0]: shapes[d.output[0]]
+                for q, d, _ in self.pairs if d.output[0] in shapes}
 
     def restore(self, original: onnx.ModelProto, pruned: onnx.ModelProto, feed: dict[str, np.ndarray],
                 batch: int) -> onnx.ModelProto:
@@ -172,6 +185,7 @@ class ActivationView:
         model = onnx.ModelProto()
         model.CopyFrom(pruned)
         graph = model.graph
+        _rename(graph, self.renamed, outputs=False)  # the float tensor its own name again, the DQ's output the model's
         produced = {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
         after: dict[str, list[onnx.NodeProto]] = {}
         rounded = {}
@@ -195,7 +209,7 @@ class ActivationView:
         have = {t.name for t in graph.initializer}
         needed = {t for n in ordered for t in n.input}
         graph.initializer.extend([t for t in original.graph.initializer if t.name in needed and t.name not in have])
-        return recalibrated(original, model, feed, batch)
+        return recalibrated(original, model, feed, batch, self.past)
 
 
 def _copy_node(node: onnx.NodeProto) -> onnx.NodeProto:
@@ -215,15 +229,41 @@ def activation_view(model: onnx.ModelProto) -> ActivationView | None:
         for tensor in node.input:
             readers.setdefault(tensor, []).append(node.name)
     outputs = {o.name for o in model.graph.output}
-    found = []
+    found, renamed = [], {}
     for node in model.graph.node:
         quantize = producers.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
         if quantize is not None and quantize.name in pairs and readers.get(quantize.output[0]) == [node.name]:
-            if quantize.input[0] in outputs or node.output[0] in outputs:
+            cache = node.output[0] in outputs and quantize.input[0] in producers and \
+                producers[quantize.input[0]].op_type == "Concat"  # a decoder's present key or value
+            if quantize.input[0] in outputs or node.output[0] in outputs and not cache:
                 continue  # a model output: left in place, so the view's outputs are the model's
+            if cache:  # bypassed all the same: the matcher sees the cache's Concat; the view renames (`renamed`)
+                renamed[node.output[0]] = quantize.input[0]
             direct = tuple(r for r in readers.get(quantize.input[0], []) if r != quantize.name)
             found.append((quantize, node, direct))
     if not found:
         return None
     kept = {q.name: pairs[q.name] for q, _, _ in found}
-    return ActivationView(_unrounded(model, kept), [(_copy_node(q), _copy_node(d), r) for q, d, r in found])
+    view = _unrounded(model, kept)
+    _rename(view.graph, {tensor: output for output, tensor in renamed.items()}, outputs=True)
+    inputs, presents = {i.name for i in model.graph.input}, set(renamed.values())
+    past = {q.input[0]: concat.output[0] for q, d, _ in found if q.input[0] in inputs
+            for concat in model.graph.node if concat.op_type == "Concat" and d.output[0] in concat.input
+            and concat.output[0] in presents}
+    return ActivationView(view, [(_copy_node(q), _copy_node(d), r) for q, d, r in found], renamed, past)
+
+
+def _rename(graph: onnx.GraphProto, names: dict[str, str], outputs: bool) -> None:
+    """Every node's inputs and outputs (and, with `outputs`, the graph's outputs) renamed by `names`."""
+    if not names:
+        return
+    for node in graph.node:
+        for index, tensor in enumerate(node.input):
+            node.input[index] = names.get(tensor, tensor)
+        for index, tensor in enumerate(node.output):
+            node.output[index] = names.get(tensor, tensor)
+    for info in graph.value_info:
+        info.name = names.get(info.name, info.name)
+    if outputs:
+        for output in graph.output:
+            output.name = names.get(output.name, output.name)

@@ -461,10 +461,34 @@ def cache_outputs(model: onnx.ModelProto) -> set[str]:
     """The graph outputs that are a decoder's KV cache: a Concat of a graph input (the past) with
     this step's keys or values, or the present outputs of an attention op."""
     graph_inputs = {i.name for i in model.graph.input}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for t in node.input:
+            readers.setdefault(t, []).append(node)
+
+    rounding = ("QuantizeLinear", "DequantizeLinear")  # how a static int8 model rounds a cache
+
+    def source(tensor: str) -> str:
+        """What `tensor` rounds, through up to two rounding ops."""
+        for _ in range(2):
+            node = producers.get(tensor)
+            if node is None or node.op_type not in rounding:
+                break
+            tensor = node.input[0]
+        return tensor
+
+    def rounded(tensor: str) -> set[str]:
+        """`tensor` and what it is rounded into, through up to two rounding ops."""
+        found = {tensor}
+        for _ in range(2):
+            found |= {o for t in found for n in readers.get(t, []) if n.op_type in rounding for o in n.output}
+        return found
+
     found = set()
     for node in model.graph.node:
-        if node.op_type == "Concat" and any(t in graph_inputs for t in node.input):
-            found.add(node.output[0])
+        if node.op_type in ("Concat", "QLinearConcat") and any(source(t) in graph_inputs for t in node.input):
+            found |= rounded(node.output[0])
         elif node.op_type in ("GroupQueryAttention", "MultiHeadAttention", "Attention"):
             found.update(node.output[1:])
     return found & {o.name for o in model.graph.output}

@@ -50,6 +50,8 @@ SPECS: dict[str, QLinearSpec] = {
                                kept_attributes=("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides")),
     "QGemm": QLinearSpec("Gemm", (0, 3), 7, bias=6, kept_attributes=("transA", "transB")),
     "QLinearConcat": QLinearSpec("Concat", (), 0, kept_attributes=("axis",)),  # triples from input 2 on
+    # com.microsoft QLinearSigmoid(X, X_scale, X_zero, Y_scale, Y_zero): a SwiGLU's gate (decoder LMs)
+    "QLinearSigmoid": QLinearSpec("Sigmoid", (0,), 3),
 }
 
 # ops that only move or select integers: the output keeps the input's scale and zero point
@@ -205,7 +207,7 @@ def _bias(node: onnx.NodeProto, initializers: dict[str, onnx.TensorProto], names
 def _refuse_unknown(model: onnx.ModelProto) -> None:
     """SnpError naming the first QLinear op, or reader of an integer activation, the rewrite
     would not reproduce exactly."""
-    quantized_ops = {"QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearLeakyRelu", "QLinearSigmoid",
+    quantized_ops = {"QLinearAveragePool", "QLinearGlobalAveragePool", "QLinearLeakyRelu",
                      "QLinearReduceMean", "QLinearWhere", "QAttention", "QEmbedLayerNormalization", "QLinearConvTranspose"}
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
     for node in model.graph.node:

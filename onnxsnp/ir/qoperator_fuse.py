@@ -35,10 +35,11 @@ def fused(view: QOperatorView, pruned: onnx.ModelProto) -> onnx.ModelProto:
     # a node's outputs → what stands for it (None: dropped); nodes are unhashable messages, and the
     # outputs name one node (every tensor has one producer)
     replaced: dict[tuple[str, ...], onnx.NodeProto | None] = {}
+    added: list[onnx.NodeProto] = []  # QuantizeLinear ops a QLinear op made again reads
     for node in graph.node:
         rewritten = view.rewritten.get(node.name)
         if rewritten is not None and node.op_type == SPECS[rewritten.original.op_type].float_op:
-            made = _qlinear(node, rewritten, producers, readers, outputs, constants)
+            made = _qlinear(node, rewritten, producers, readers, outputs, constants, added)
             if made is None:
                 raise SnpError(f"{rewritten.original.op_type} node {node.name}: after pruning it is no longer "
                                "DequantizeLinear → op → QuantizeLinear, so it cannot be written in QOperator form")
@@ -46,7 +47,7 @@ def fused(view: QOperatorView, pruned: onnx.ModelProto) -> onnx.ModelProto:
             quantize = _only_quantize(node.output[0], readers, outputs)
             if quantize is not None:
                 replaced[tuple(quantize.output)] = None
-    nodes = []
+    nodes = list(added)
     for node in graph.node:
         stand_in = replaced.get(tuple(node.output), node)
         if stand_in is not None:
@@ -66,8 +67,9 @@ def fused(view: QOperatorView, pruned: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _qlinear(node: onnx.NodeProto, rewritten: Rewritten, producers, readers, outputs,
-             constants: "_Constants") -> onnx.NodeProto | None:
-    """The QLinear op standing for float `node` again; None where it is no longer in that shape."""
+             constants: "_Constants", added: list[onnx.NodeProto]) -> onnx.NodeProto | None:
+    """The QLinear op standing for float `node` again (QuantizeLinear ops it needs go to `added`);
+    None where it is no longer in that shape."""
     original = rewritten.original
     spec = SPECS[original.op_type]
     firsts = triples(original)
@@ -83,7 +85,18 @@ def _qlinear(node: onnx.NodeProto, rewritten: Rewritten, producers, readers, out
         # as the float it stands for: quantized again in the original's integer type
         value = constants.value(node.input[position], producers)
         if value is None:
-            return None
+            # a run-time tensor the rewrite selected from one the op read (a rotary table's
+            # dims gathered per head): quantized with the original input's scale and zero point,
+            # which gives the integers the original selected from
+            scale, zero = original.input[first + 1], original.input[first + 2]
+            if scale not in constants.initializers or zero and zero not in constants.initializers or \
+                    (scale, zero) not in _selected_from(node.input[position], producers):
+                return None
+            integer = fresh_name(constants.used, f"{node.input[position]}_quantized")
+            added.append(helper.make_node("QuantizeLinear", [node.input[position], scale] + ([zero] if zero else []),
+                                          [integer], name=fresh_name(constants.used, f"{integer}/QuantizeLinear")))
+            inputs[first:first + 3] = [integer, scale, zero]
+            continue
         inputs[first:first + 3] = constants.quantized(f"{original.input[first]}_requantized", value,
                                                       np.dtype(rewritten.zero_types[position]))
     if spec.output is not None:
@@ -102,6 +115,28 @@ def _qlinear(node: onnx.NodeProto, rewritten: Rewritten, producers, readers, out
     made = helper.make_node(original.op_type, inputs, [out], name=original.name, domain=original.domain)
     made.attribute.extend(original.attribute)
     return made
+
+
+def _selected_from(tensor: str, producers) -> set[tuple[str, str]]:
+    """The (scale, zero point) names of the DequantizeLinear ops whose values `tensor` only
+    selects or moves (through MOVING ops and Concat); empty where anything computes on the way."""
+    found, pending, seen = set(), [tensor], set()
+    while pending:
+        current = pending.pop()
+        node = producers.get(current)
+        if current in seen:
+            continue
+        seen.add(current)
+        if node is None:
+            return set()
+        if node.op_type == "DequantizeLinear":
+            found.add((node.input[1], node.input[2] if len(node.input) > 2 else ""))
+        elif node.op_type in MOVING or node.op_type == "Concat":
+            data = node.input if node.op_type == "Concat" else node.input[:1]  # the others: indices, shapes
+            pending.extend(t for t in data if t)
+        else:
+            return set()
+    return found
 
 
 def _bias(tensor: str, a_scale: str, b_scale: str, producers, constants: "_Constants", name: str) -> str | None:
