@@ -288,6 +288,8 @@ def main() -> None:
                         "float model, then quantizing it the same way (docs/QUANTIZED.md)")
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/bench-real-quantized"),
                         help="where --quantize writes its int8 models")
+    parser.add_argument("--reports", type=Path, help="write each run's reconstruction report (per-layer "
+                                                     "`reconstruction.halves`) to DIR/<run number>.json")
     args = parser.parse_args()
     from tokenizers import Tokenizer
 
@@ -331,6 +333,11 @@ def main() -> None:
         rows.append(f"| {label} | −{1 - report.flops_after / report.flops_before:.1%} | {value:.2f} | "
                     f"{value / base:.2f}× | {agreement:.1%} | {time.time() - started:.0f} s |")
         print(rows[-1], flush=True)
+        if args.reports:  # to compare criteria layer by layer without rerunning them
+            args.reports.mkdir(parents=True, exist_ok=True)
+            (args.reports / f"{len(rows) - 1}.json").write_text(json.dumps(
+                {"label": label, "options": extra, "flops_before": report.flops_before,
+                 "flops_after": report.flops_after, "reconstruction": report.reconstruction}, default=str))
         if not layers and report.reconstruction and len(extra) == 1:  # the first default run, layer by layer
             layers = [f"Per layer, `{label}`: the relative error of each half-block's output (the softmax's score "
                       "error for Q/K, then the attention and FFN refits), with the weights as sliced and after the "
