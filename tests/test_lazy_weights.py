@@ -76,6 +76,7 @@ def _counting(put, stubs: list):
     return counted
 
 
+@pytest.mark.slow  # torch exports the decoder
 def test_a_decoder_with_a_flops_target_prunes_to_the_same_bytes_from_its_path(tmp_path):
     """The survey reads weights the rewrite then exports from their decoded arrays (rotary tables,
     norms): exported with the data location a whole load gives them (prune_identity's
