@@ -104,7 +104,8 @@ def test_a_ring_buffer_cache_is_fed_its_capacity_of_unread_zero_slots():
     slots that GroupQueryAttention refuses to see smaller, even at prefill: the calibration feed
     gives it that many zeros, which the attention mask leaves unread (the prefill equals the same
     window over a cache that grows from empty)."""
-    from onnxsnp.data.calibration import empty_cache, input_specs
+    from onnxsnp.data.calibration import input_specs
+    from onnxsnp.data.kv_cache import empty_cache
 
     ring, growing = dg.group_query_attention(window=4, ring=True), dg.group_query_attention(window=4)
     specs = {spec.name: spec for spec in input_specs(ModelGraph(ring))}

@@ -13,7 +13,7 @@ import pytest
 
 import decoder_graphs as dg
 from onnxsnp.data.activation_ranges import activation_view
-from onnxsnp.data.calibration import cache_outputs
+from onnxsnp.data.kv_cache import cache_outputs
 from onnxsnp.ir.graph import ModelGraph
 from onnxsnp.match import find_blocks
 

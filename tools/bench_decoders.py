@@ -36,7 +36,7 @@ from harness import DOCS
 
 from decoders import genai_generate, greedy, step_feed
 
-from onnxsnp.data.calibration import fitted
+from onnxsnp.data.kv_cache import fitted
 from onnxsnp.io.genai import genai_folder, pruned_config, write_folder
 from onnxsnp.options import make_options
 from onnxsnp.pipeline import prune_model

@@ -190,7 +190,7 @@ def scores(model: onnx.ModelProto, ids: np.ndarray) -> tuple[np.ndarray, np.ndar
     batch (a 262k vocabulary's logits for every window would not fit)."""
     import onnxruntime as ort
 
-    from onnxsnp.data.calibration import fitted
+    from onnxsnp.data.kv_cache import fitted
 
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     picked, best = [], []

@@ -6,7 +6,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxsnp.data.calibration import InputSpec, empty_cache, input_specs
+from onnxsnp.data.calibration import InputSpec, input_specs
+from onnxsnp.data.kv_cache import empty_cache
 from onnxsnp.ir.graph import ModelGraph
 
 

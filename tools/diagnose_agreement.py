@@ -49,7 +49,7 @@ def main() -> None:
     import bench_real_decoders as bench
     from decoders import step_feed
     from onnxsnp.data.calib_text import stream_windows
-    from onnxsnp.data.calibration import fitted
+    from onnxsnp.data.kv_cache import fitted
     from onnxsnp.ir.graph import ModelGraph
     from onnxsnp.match import find_blocks
 

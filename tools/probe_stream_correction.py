@@ -48,7 +48,7 @@ def collect(path: Path, windows: dict[str, np.ndarray], layers: tuple[int, ...] 
     import onnxruntime as ort
     from decoders import step_feed
 
-    from onnxsnp.data.calibration import fitted
+    from onnxsnp.data.kv_cache import fitted
 
     model = onnx.load(str(path))
     names = final_tensors(model) + tuple(stream_after(model, layer) for layer in layers)

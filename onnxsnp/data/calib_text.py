@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .calibration import InputSpec, ObviousInput, is_past_cache
+from .calibration import InputSpec, ObviousInput
+from .kv_cache import is_past_cache
 from ..errors import SnpError
 
 TOKENIZER_FILE = "tokenizer.json"

@@ -13,7 +13,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from .calibration import fitted
+from .kv_cache import fitted
 
 T = TypeVar("T")
 

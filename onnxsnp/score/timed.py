@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ..data.calibration import Weights, fitted, session
+from ..data.calibration import Weights, session
+from ..data.kv_cache import fitted
 from ..data.timing import decode_feed, interleaved_medians, is_past
 from ..errors import SnpError
 from ..plan import TimedStep, Widths

@@ -9,7 +9,8 @@ import numpy as np
 import onnx
 from onnx import shape_inference
 
-from ..data.calibration import Runner, Weights, fitted, session, without_initializers
+from ..data.calibration import Runner, Weights, session, without_initializers
+from ..data.kv_cache import fitted
 from ..data.timing import decode_feed, interleaved_medians, is_past
 from ..errors import SnpError
 from ..io.loading import is_big, model_file
