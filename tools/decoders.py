@@ -24,11 +24,11 @@ def step_feed(model: onnx.ModelProto, ids: np.ndarray, past: dict[str, np.ndarra
     buffer's length is its capacity, not the positions it has seen)."""
     names = {i.name for i in model.graph.input}
     batch, seq = ids.shape
-    caches = cache_inputs(model)
     if past is None:
-        past = {name: empty_cache(spec, batch) for name, spec in caches.items()}
+        past = {name: empty_cache(spec, batch) for name, spec in cache_inputs(model).items()}
         start = 0
-    if start is None:
+    if start is None:  # read off the graph only here: greedy decoding passes its position every step
+        caches = cache_inputs(model)
         growing = [value.shape[2] for name, value in past.items() if not (name in caches and caches[name].capacity)]
         start = growing[0] if growing else 0
     feed = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((batch, start + seq), np.int64), **past}
