@@ -13,6 +13,8 @@ penalised: solving with it free is ridge regression on centred data.
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -144,24 +146,60 @@ def cross_validated_losses(equations: NormalEquations, keep: np.ndarray, prior: 
 
     A solve per fold and λ: one eigendecomposition per fold for every λ ((G + pI)⁻¹ =
     V·diag(1/(e + p))·Vᵀ) was measured slower for this 5-value grid (tools/bench_pair_sums.py:
-    numpy's eigh of a 1,152-wide Gram costs more than five LU solves)."""
-    errors = np.zeros(len(grid))
+    numpy's eigh of a 1,152-wide Gram costs more than five LU solves).
+
+    The folds are independent: they run side by side on `_fold_workers()` threads (numpy releases
+    the GIL in its solves and products), each on one BLAS thread. OpenBLAS's own threads on one
+    solve at a time cost 2.3-2.6× the CPU seconds and wall time of one thread on the shared
+    2-core machine (SmolLM2's fc2, 1,152 × 576 kept: 5.3-6.1 s against 2.3 s for the 20 solves,
+    load 12; docs/PRUNE_COST_DECODER.md): a solve is many small panel steps at which the threads
+    wait for each other, while whole folds never do. The losses are added in fold order, as
+    before."""
     rows = np.r_[keep, equations.inputs]
-    for fold in range(equations.xx.shape[0]):
-        gram, cross, mean_x, mean_y = _centred(*equations.total(fold)[:2])
-        gram, cross = gram[np.ix_(keep, keep)], cross[keep]
-        scale = max(float(np.mean(np.diag(gram))), 1e-30)
-        # the held-out fold's sums over the kept rows, taken once for every λ
-        held = (equations.xx[fold][np.ix_(rows, rows)], equations.xy[fold][rows], float(equations.yy[fold]))
-        for index, ridge in enumerate(grid):
-            penalty = ridge * scale
-            try:
-                weight = np.linalg.solve(gram + penalty * np.eye(len(keep)), cross + penalty * prior)
-            except np.linalg.LinAlgError:
-                errors[index] = np.inf
-                continue
-            errors[index] += _loss(*held, weight, mean_y - mean_x[keep] @ weight)
+    folds = range(equations.xx.shape[0])
+
+    def held_out(fold: int) -> np.ndarray:
+        return _fold_losses(equations, keep, prior, grid, rows, fold)
+
+    with one_blas_thread():
+        workers = min(_fold_workers(), len(folds))
+        if workers > 1:
+            with ThreadPoolExecutor(workers) as pool:
+                per_fold = list(pool.map(held_out, folds))
+        else:
+            per_fold = [held_out(fold) for fold in folds]
+    errors = np.zeros(len(grid))
+    for losses in per_fold:
+        errors += losses
     return errors
+
+
+def _fold_workers() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _fold_losses(equations: NormalEquations, keep: np.ndarray, prior: np.ndarray, grid: tuple[float, ...],
+                 rows: np.ndarray, fold: int) -> np.ndarray:
+    """Per λ of `grid`, fold `fold`'s held-out loss of the refit on the other folds."""
+    losses = np.zeros(len(grid))
+    gram, cross, mean_x, mean_y = _centred(*equations.total(fold)[:2])
+    gram, cross = gram[np.ix_(keep, keep)], cross[keep]
+    scale = max(float(np.mean(np.diag(gram))), 1e-30)
+    # the held-out fold's sums over the kept rows, taken once for every λ
+    held = (equations.xx[fold][np.ix_(rows, rows)], equations.xy[fold][rows], float(equations.yy[fold]))
+    for index, ridge in enumerate(grid):
+        penalty = ridge * scale
+        try:
+            weight = np.linalg.solve(gram + penalty * np.eye(len(keep)), cross + penalty * prior)
+        except np.linalg.LinAlgError:
+            losses[index] = np.inf
+            continue
+        losses[index] = _loss(*held, weight, mean_y - mean_x[keep] @ weight)
+    return losses
 
 
 def choose_ridge(equations: NormalEquations, keep: np.ndarray, prior: np.ndarray,
