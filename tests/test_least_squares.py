@@ -100,6 +100,18 @@ def test_cross_validated_losses_are_those_of_a_solve_per_fold_and_ridge(seed):
     assert choose_ridge(equations, keep, prior) == RIDGE_GRID[int(np.argmin(want))]
 
 
+def test_cross_validated_losses_on_a_fold_pool_equal_one_fold_at_a_time(monkeypatch):
+    """The folds run side by side on threads; the losses are those of one fold after the other,
+    bit for bit (each fold on one BLAS thread either way, the sums added in fold order)."""
+    _, _, weight, equations = problem(seed=4)
+    keep = np.array([1, 2, 4, 6, 9, 10, 11])
+    prior = weight[keep] - 0.2
+    monkeypatch.setattr(least_squares, "_fold_workers", lambda: 1)
+    one_at_a_time = cross_validated_losses(equations, keep, prior)
+    monkeypatch.setattr(least_squares, "_fold_workers", lambda: FOLDS)
+    np.testing.assert_array_equal(cross_validated_losses(equations, keep, prior), one_at_a_time)
+
+
 @pytest.mark.parametrize("unit", [1, 3])
 def test_obs_removal_equals_refit_of_the_rest(unit):
     x, y, weight, equations = problem(seed=1)

@@ -48,12 +48,16 @@ TARGETS = [
     ("onnxsnp.compensate.batches.Shard", "finish"),
     ("onnxsnp.compensate.batches.Shard", "targets"),
     ("onnxsnp.compensate.batches.Shard", "equations"),
+    ("onnxsnp.compensate.batches.Shard", "prepare"),
+    ("onnxsnp.compensate.batches.Shard", "attention_targets"),
     ("onnxsnp.heap", "release_heap"),
     ("onnxsnp.data.calibration", "join_outputs"),
     ("onnx", "save_model"),
 ]
 totals: dict[str, list[float]] = {}  # label → [user, system, faults, wall, calls]
 stack: list[list[float]] = []  # per active wrapped call: what its wrapped callees used
+callers: list[str] = []  # the labels of the active wrapped calls
+BY_CALLER = {"InferenceSession.run", "InferenceSession.__init__"}  # split by the wrapped function calling them
 
 
 def _now() -> tuple[float, float, float, float]:
@@ -70,14 +74,17 @@ def _wrap(owner, name: str, label: str) -> None:
             return original(*args, **kwargs)  # folds): its CPU counts toward the caller in the main thread
         start = _now()
         stack.append([0.0, 0.0, 0.0, 0.0])
+        shown = f"{label} < {callers[-1]}" if label in BY_CALLER and callers else label
+        callers.append(label)
         try:
             return original(*args, **kwargs)
         finally:
             used = [e - s for e, s in zip(_now(), start)]
             callees = stack.pop()
+            callers.pop()
             if stack:
                 stack[-1] = [a + b for a, b in zip(stack[-1], used)]
-            row = totals.setdefault(label, [0.0, 0.0, 0.0, 0.0, 0])
+            row = totals.setdefault(shown, [0.0, 0.0, 0.0, 0.0, 0])
             for i in range(4):
                 row[i] += used[i] - callees[i]
             row[4] += 1
@@ -103,10 +110,10 @@ def _report(start: tuple[float, float, float, float], imported: tuple[float, flo
     out = sys.stderr
     print(f"imports: user {imported[0] - start[0]:.2f} s, system {imported[1] - start[1]:.2f} s, "
           f"faults {imported[2] - start[2]:.0f}", file=out)
-    print(f"{'function (exclusive)':45s} {'calls':>5s} {'wall s':>7s} {'user s':>7s} {'sys s':>7s} {'faults':>9s}",
+    print(f"{'function (exclusive; a run < its wrapped caller)':58s} {'calls':>5s} {'wall s':>7s} {'user s':>7s} {'sys s':>7s} {'faults':>9s}",
           file=out)
     for label, (user, system, faults, wall, calls) in sorted(totals.items(), key=lambda kv: -(kv[1][0] + kv[1][1])):
-        print(f"{label:45s} {calls:5d} {wall:7.2f} {user:7.2f} {system:7.2f} {faults:9.0f}", file=out)
+        print(f"{label:58s} {calls:5d} {wall:7.2f} {user:7.2f} {system:7.2f} {faults:9.0f}", file=out)
     print(f"whole process: wall {end[3] - start[3]:.2f} s, user {end[0] - start[0]:.2f} s, "
           f"system {end[1] - start[1]:.2f} s, faults {end[2] - start[2]:.0f}", file=out)
 
