@@ -184,22 +184,54 @@ def _fold_workers() -> int:
 
 def _fold_losses(equations: NormalEquations, keep: np.ndarray, prior: np.ndarray, grid: tuple[float, ...],
                  rows: np.ndarray, fold: int) -> np.ndarray:
-    """Per λ of `grid`, fold `fold`'s held-out loss of the refit on the other folds."""
+    """Per λ of `grid`, fold `fold`'s held-out loss of the refit on the other folds.
+
+    The other folds' sums are added over the kept rows only (`rows`: those and the intercept's),
+    and each λ's system is the Gram with the penalty added to a copy's diagonal: the numbers of
+    `total`, `_centred` and `+ penalty · I` on the whole matrices, element for element, without
+    their full-width copies (two folds side by side would hold them twice)."""
     losses = np.zeros(len(grid))
-    gram, cross, mean_x, mean_y = _centred(*equations.total(fold)[:2])
-    gram, cross = gram[np.ix_(keep, keep)], cross[keep]
+    others = [f for f in range(equations.xx.shape[0]) if f != fold]
+    block = np.ix_(rows, rows)
+    xx, xy = equations.xx[others[0]][block], equations.xy[others[0]][rows]  # fancy indexing: copies
+    for other in others[1:]:  # in fold order, as `total` adds them
+        xx += equations.xx[other][block]
+        xy += equations.xy[other][rows]
+    gram, cross, mean_x, mean_y = _centred_in_place(xx, xy)
     scale = max(float(np.mean(np.diag(gram))), 1e-30)
     # the held-out fold's sums over the kept rows, taken once for every λ
-    held = (equations.xx[fold][np.ix_(rows, rows)], equations.xy[fold][rows], float(equations.yy[fold]))
+    held = (equations.xx[fold][block], equations.xy[fold][rows], float(equations.yy[fold]))
+    diagonal = np.diag_indices(len(keep))
+    unpenalised = gram[diagonal]  # a copy: put back after each λ (x + p − p need not be x)
     for index, ridge in enumerate(grid):
         penalty = ridge * scale
+        gram[diagonal] += penalty
         try:
-            weight = np.linalg.solve(gram + penalty * np.eye(len(keep)), cross + penalty * prior)
+            weight = np.linalg.solve(gram, cross + penalty * prior)
         except np.linalg.LinAlgError:
             losses[index] = np.inf
             continue
-        losses[index] = _loss(*held, weight, mean_y - mean_x[keep] @ weight)
+        finally:
+            gram[diagonal] = unpenalised
+        losses[index] = _loss(*held, weight, mean_y - mean_x @ weight)
     return losses
+
+
+def _centred_in_place(xx: np.ndarray, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`_centred`'s numbers, element for element, written over views of `xx` and `xy`."""
+    n = xx.shape[0] - 1
+    count = max(xx[n, n], 1.0)
+    mean_x, mean_y = xx[:n, n] / count, xy[n] / count
+    product = np.outer(mean_x, mean_x)
+    product *= count
+    gram = xx[:n, :n]
+    gram -= product
+    del product
+    product = np.outer(mean_x, mean_y)
+    product *= count
+    cross = xy[:n]
+    cross -= product
+    return gram, cross, mean_x, mean_y
 
 
 def choose_ridge(equations: NormalEquations, keep: np.ndarray, prior: np.ndarray,
