@@ -314,13 +314,18 @@ def _allocate(matches: Matches, work: ReconstructionWork, costs: CostModel, opti
     with stage("measuring how much each block loses at each width"):
         curves = work.curves()
     units = unit_costs(costs, matches, target.kind)
+    # a latency budget's loss bound: no attention or block move that loses more per FLOP than the FFNs
+    flops = unit_costs(costs, matches, CostKind.FLOPS) if target.kind is CostKind.LATENCY else None
 
-    def allocate_for(goal: float) -> tuple[Widths, list[float]]:
+    def allocate_for(goal: float, fixed: Widths | None = None) -> tuple[Widths, list[float]]:
         widths, predicted = allocate(curves, matches, units, total, goal, ratios.align, ratios.heads, ratios.blocks,
-                                     options.one_head_size)
+                                     options.one_head_size, flops, fixed)
         # the widths the folder will hold, so that a timed candidate is the model that is written
         # (one op's kernel reads the widest head; a narrower V left in a candidate broke its rotary check)
         return (one_head_size(widths) if options.one_head_size else widths), predicted
+
+    def predicted_losses(w: Widths) -> list[float]:
+        return [sum(parts.values()) for parts in part_losses(curves, matches, w)]
 
     goal = target.absolute(total)
     widths, predicted = allocate_for(goal)
@@ -328,12 +333,13 @@ def _allocate(matches: Matches, work: ReconstructionWork, costs: CostModel, opti
     if target.kind is CostKind.LATENCY:
         p = work.prepared
         with stage("timing the allocated widths against the original"):
-            timing = timed_widths(goal, lambda before: target.absolute(before), lambda g: allocate_for(g)[0],
+            timing = timed_widths(goal, lambda before: target.absolute(before), lambda g, f: allocate_for(g, f)[0],
                                   lambda w: costs.cost(widths_plan(matches, w), target.kind),
                                   lambda w: _in_input_form(p, rewrite(p.g, widths_plan(matches, w)), {}),
-                                  Clock(p.model, one_batch, p.g.constant, options.timed_step), total)
+                                  Clock(p.model, one_batch, p.g.constant, options.timed_step), total,
+                                  lambda w: sum(predicted_losses(w)))
         if timing.widths != widths:
-            widths, predicted = allocate_for(timing.trials[timing.chosen].goal_predicted_ms)
+            widths, predicted = timing.widths, predicted_losses(timing.widths)
         log.info("timed the allocation %d time(s): %s", len(timing.trials), timing.stopped)
     report = {"kind": target.kind.value, "goal": goal, "original": total,
               "samples": min(SURVEY_SAMPLES, _count(work.prepared.fit_feed)),

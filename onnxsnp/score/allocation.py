@@ -109,6 +109,8 @@ def search(scorer: Scorer, base: Ratios, target: Target, costs: CostModel,
 # --- global allocation over measured curves -----------------------------------------------------
 LOOKAHEAD = 4  # steps a move may take at once (a curve can be flat before it falls)
 MIN_KEPT = 0.05  # every group keeps at least this share of its units
+# a latency budget's moves other than FFN cuts lose at most this × the FFN's loss per FLOP at the margin
+LOSS_BOUND = 1.0
 
 
 @dataclass(frozen=True)
@@ -195,7 +197,8 @@ class _State:
 
 
 def allocate(curves: list, matches: Matches, units: list[UnitCosts], total: float, goal: float,
-             align: int = 1, heads_ratio: float | None = None, max_blocks: int = 0, one_head_size: bool = False):
+             align: int = 1, heads_ratio: float | None = None, max_blocks: int = 0, one_head_size: bool = False,
+             flops: list[UnitCosts] | None = None, fixed: Widths | None = None):
     """Widths meeting `goal` (total cost after pruning) with the least predicted loss: starting
     from the full model, repeatedly take the move — fewer Q/K pairs, V neurons or FFN neurons in
     one block, one head fewer, or a whole block removed — that adds the least measured loss per
@@ -205,20 +208,34 @@ def allocate(curves: list, matches: Matches, units: list[UnitCosts], total: floa
     `one_head_size` (onnxruntime-genai folders: one KV-cache shape for the model): attention moves
     change every block at once, Q/K and V to the same per-head width, so that the budget is met by
     the widths the folder can hold (widened afterwards, a budget fell short by a third).
+    `flops` (a latency budget: the FLOPs unit costs): the loss bound — a move other than an FFN
+    cut is refused while its loss per FLOP saved exceeds LOSS_BOUND × the cheapest FFN move's
+    (what the FLOPs allocation would have taken instead): per millisecond of a decode step a key/value
+    group can look cheap that per FLOP loses far more than the FFN neurons (docs/DECODER_SPEED.md).
+    `fixed`: the attention widths and removed blocks are these, and only FFN neurons move (the
+    timed search, timed.py, once it has chosen the attention).
     Returns (reconstruction.Widths, predicted loss per block)."""
     from ..plan import kept_count
 
     layers = matches.layers
-    allow_heads = not heads_ratio
-    # heads are key/value groups (each with its query heads), as the reconstruction removes them
-    states = [_State(kept_count(l.attention.groups, heads_ratio) if heads_ratio and l.attention.heads_fixed is None
-                     else l.attention.groups, l.attention.head_dim, l.attention.head_dim, l.ffn.hidden) for l in layers]
-    total = total - sum((units[i].qk * l.attention.head_dim + units[i].v * l.attention.head_dim + units[i].head)
-                        * (l.attention.groups - s.heads) for i, (l, s) in enumerate(zip(layers, states)))
+    allow_heads = not heads_ratio and fixed is None
+    attention_moves = fixed is None
 
-    def layer_cost(i: int, s: _State) -> float:
-        u = units[i]
+    def layer_cost(i: int, s: _State, per: list[UnitCosts] = units) -> float:
+        u = per[i]
         return 0.0 if s.removed else s.heads * (s.qk * u.qk + s.v * u.v + u.head) + s.ffn * u.ffn + u.rest
+
+    whole = [_State(l.attention.groups, l.attention.head_dim, l.attention.head_dim, l.ffn.hidden) for l in layers]
+    fixed_cost = total - sum(layer_cost(i, s) for i, s in enumerate(whole))
+    if fixed is not None:
+        states = [_State(fixed.attention[l.attention.name].heads, fixed.attention[l.attention.name].qk,
+                         fixed.attention[l.attention.name].v, l.ffn.hidden, i in fixed.removed_layers)
+                  for i, l in enumerate(layers)]
+        max_blocks = sum(s.removed for s in states)
+    else:
+        # heads are key/value groups (each with its query heads), as the reconstruction removes them
+        states = [replace(s, heads=kept_count(l.attention.groups, heads_ratio))
+                  if heads_ratio and l.attention.heads_fixed is None else s for l, s in zip(layers, whole)]
 
     def layer_loss(i: int, s: _State) -> float:
         if s.removed:
@@ -226,30 +243,35 @@ def allocate(curves: list, matches: Matches, units: list[UnitCosts], total: floa
         heads, share, qk, v, ffn = _loss_terms(curves[i], layers[i].attention, s)
         return heads + share * (qk + v) + ffn
 
-    fixed = total - sum(layer_cost(i, s) for i, s in enumerate(states))
-    current = total
+    current = fixed_cost + sum(layer_cost(i, s) for i, s in enumerate(states))
     while current > goal:
-        moves = []  # (added loss per cost saved, the new states, cost saved, added loss)
+        moves = []  # (added loss per cost saved, the new states, cost saved, added loss, FLOPs saved, an FFN move)
         blocks_left = max_blocks - sum(x.removed for x in states)
         for i, s in enumerate(states):
             if s.removed:
                 continue
             for candidate in _moves(layers[i], s, align, allow_heads and not one_head_size, blocks_left,
-                                    attention=not one_head_size):
+                                    attention=attention_moves and not one_head_size):
                 saved = layer_cost(i, s) - layer_cost(i, candidate)
                 if saved > 0:
                     added = max(layer_loss(i, candidate) - layer_loss(i, s), 0.0)
-                    moves.append((added / saved, states[:i] + [candidate] + states[i + 1:], saved, added))
-        for moved in (_tied_moves(layers, states, align, allow_heads) if one_head_size else ()):
+                    cut = layer_cost(i, s, flops) - layer_cost(i, candidate, flops) if flops else 0.0
+                    moves.append((added / saved, states[:i] + [candidate] + states[i + 1:], saved, added, cut,
+                                  candidate == replace(s, ffn=candidate.ffn)))
+        for moved in (_tied_moves(layers, states, align, allow_heads) if one_head_size and attention_moves else ()):
             saved = sum(layer_cost(i, s) - layer_cost(i, m) for i, (s, m) in enumerate(zip(states, moved)))
             if saved > 0:
                 added = max(sum(layer_loss(i, m) - layer_loss(i, s) for i, (s, m) in enumerate(zip(states, moved))), 0.0)
-                moves.append((added / saved, moved, saved, added))
+                cut = sum(layer_cost(i, s, flops) - layer_cost(i, m, flops)
+                          for i, (s, m) in enumerate(zip(states, moved))) if flops else 0.0
+                moves.append((added / saved, moved, saved, added, cut, False))
+        if flops:
+            moves = _loss_bounded(moves)
         if not moves:
             raise SnpError(f"the budget cannot be met: at most {1 - MIN_KEPT:.0%} of each group is removed "
                            f"({current / total:.0%} of the cost remains); aim higher or allow --blocks")
         best = min(moves, key=lambda m: m[0])
-        _, states, saved, _ = best
+        states, saved = best[1], best[2]
         current -= saved
     if one_head_size or any(layer.attention.equal_widths for layer in layers):
         # attention moves that take Q/K and V (and every block) at once are coarse, so the last
@@ -273,8 +295,19 @@ def allocate(curves: list, matches: Matches, units: list[UnitCosts], total: floa
                      for l, s in zip(layers, states)},
                     {l.ffn.name: s.ffn for l, s in zip(layers, states)},
                     tuple(i for i, s in enumerate(states) if s.removed))
-    assert abs(fixed + sum(layer_cost(i, s) for i, s in enumerate(states)) - current) < 1e-6 * max(total, 1)
+    assert abs(fixed_cost + sum(layer_cost(i, s) for i, s in enumerate(states)) - current) < 1e-6 * max(total, 1)
     return widths, [layer_loss(i, s) for i, s in enumerate(states)]
+
+
+def _loss_bounded(moves: list[tuple]) -> list[tuple]:
+    """The moves the loss bound allows: every FFN move, and another (fewer heads or pairs, a
+    block) only where its loss per FLOP saved is at most LOSS_BOUND × the cheapest FFN move's
+    (the FFN's loss per FLOP at the margin). Without FFN moves left, every move."""
+    margin = [m[3] / m[4] for m in moves if m[5] and m[4] > 0]
+    if not margin:
+        return moves
+    limit = LOSS_BOUND * min(margin)
+    return [m for m in moves if m[5] or (m[4] > 0 and m[3] / m[4] <= limit)]
 
 
 def _loss_terms(curve, block, s: _State) -> tuple[float, float, float, float, float]:
