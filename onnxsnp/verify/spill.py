@@ -83,9 +83,12 @@ class Outputs:
         self.arrays: list[OnDisk] | None = None
         self.spill: Spill | None = None
 
-    def add(self, values: list[np.ndarray]) -> None:
+    def add(self, values: list[np.ndarray], samples: int | None = None) -> None:
+        """One batch's values; `samples`: the batch's samples (default: the first value's rows).
+        Only values laid out one row per sample go to disk (attention maps of (samples × heads,
+        queries, keys) stay in memory)."""
         if self.filled == 0 and self.arrays is None:
-            rows = max(len(values[0]) if values and values[0].ndim else 1, 1)
+            rows = samples or max(len(values[0]) if values and values[0].ndim else 1, 1)
             expected = sum(v.nbytes for v in values if v.ndim) * self.total // rows
             if expected > SPILL_BYTES and all(v.ndim and len(v) == rows for v in values):
                 self.spill = Spill()
@@ -103,7 +106,7 @@ class Outputs:
         except BaseException:
             self.spill.close()
             raise
-        self.filled += len(values[0])
+        self.filled += samples or len(values[0])
 
     def close(self) -> None:
         """The spilled files removed (after an error: nothing will read them)."""

@@ -328,20 +328,35 @@ def attention_error(batches: Iterable[tuple[dict[str, np.ndarray], dict[str, np.
     """Per block: mean KL(P_original ‖ P_pruned) of its attention probabilities over the kept
     heads and the query rows (padded rows left out). `batches` yields (inputs, original tensors,
     pruned tensors); `probs` maps block names to their softmax output and kept heads."""
-    totals = {name: 0.0 for name in probs}
-    rows = {name: 0.0 for name in probs}
-    if not probs:
-        return {}
+    terms = AttentionTerms(probs, mask_input)
     for inputs, want, got in batches:
-        token_mask = inputs.get(mask_input) if mask_input else None
-        for name, (tensor, heads) in probs.items():
-            p, q = want[tensor].astype(np.float64), got[tensor].astype(np.float64)
+        terms.add(inputs, want, got)
+    return terms.means()
+
+
+class AttentionTerms:
+    """attention_error fed a batch at a time, so that neither model's maps need be held whole:
+    each batch leaves its per-row KL terms (samples × heads × queries, float64: a few KB a block)
+    and the sums are taken at the end over all of them at once, the same sums for any batching."""
+
+    def __init__(self, probs: dict[str, tuple[str, np.ndarray]], mask_input: str | None = None):
+        self.probs, self.mask_input = probs, mask_input
+        self.terms: dict[str, list[np.ndarray]] = {name: [] for name in probs}
+        self.weights: dict[str, list[np.ndarray]] = {name: [] for name in probs}
+
+    def add(self, inputs: dict[str, np.ndarray], want: dict, got: dict[str, np.ndarray]) -> None:
+        token_mask = inputs.get(self.mask_input) if self.mask_input else None
+        for name, (tensor, heads) in self.probs.items():
+            p, q = np.asarray(want[tensor]).astype(np.float64), got[tensor].astype(np.float64)
             if p.ndim == 4 and p.shape[1] != q.shape[1]:  # whole heads removed: compare the kept ones
                 p = p[:, heads]
             terms = (p * (np.log(p + 1e-12) - np.log(q + 1e-12))).sum(axis=-1)  # (B, H, N)
             weights = np.ones_like(terms)
             if token_mask is not None and terms.ndim == 3 and token_mask.shape == (terms.shape[0], terms.shape[2]):
                 weights = np.broadcast_to(token_mask[:, None, :] > 0, terms.shape).astype(np.float64)
-            totals[name] += float((terms * weights).sum())
-            rows[name] += float(weights.sum())
-    return {name: totals[name] / max(rows[name], 1.0) for name in probs}
+            self.terms[name].append((terms * weights).ravel())
+            self.weights[name].append(weights.ravel())
+
+    def means(self) -> dict[str, float]:
+        return {name: float(np.concatenate(self.terms[name]).sum()) / max(float(np.concatenate(self.weights[name]).sum()), 1.0)
+                if self.terms[name] else 0.0 for name in self.probs}
