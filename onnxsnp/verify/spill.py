@@ -44,6 +44,10 @@ class OnDisk:
     def __len__(self) -> int:
         return self.shape[0]
 
+    def rows(self, start: int, stop: int) -> Rows:
+        """Samples start…stop, one flattened row each, read a block at a time (verification.fidelity)."""
+        return Rows(self, start, stop)
+
     def __getitem__(self, key):
         first, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
         if not isinstance(first, (int, np.integer, slice)):
@@ -54,6 +58,27 @@ class OnDisk:
         if not rest:
             return values
         return values[rest] if isinstance(first, (int, np.integer)) else values[(slice(None), *rest)]
+
+
+class Rows:
+    """Samples start…stop of an OnDisk, flattened to one row each, read block by block: slicing
+    `[rows, columns]` (two slices) reads just that block from the file."""
+
+    def __init__(self, array: OnDisk, start: int, stop: int):
+        self.array, self.start = array, start
+        count = max(0, min(stop, len(array)) - start)
+        self.shape = (count, int(np.prod(array.shape[1:], dtype=np.int64)))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        rows, columns = key
+        top, bottom, _ = rows.indices(self.shape[0])
+        mapped = np.load(self.array.path, mmap_mode="r")
+        values = np.array(mapped[self.start + top:self.start + max(top, bottom)].reshape(-1, self.shape[1])[:, columns])
+        del mapped  # as OnDisk.__getitem__: the pages read leave with the mapping
+        return values
 
 
 class Spill:

@@ -192,7 +192,9 @@ def run_outputs(model: onnx.ModelProto, feed: dict[str, np.ndarray], batch: int)
 # decoder's verification (docs/PRUNE_COST_DECODER.md)
 _BLOCK_VALUES = 2**18
 _MIN_COLUMNS = 256  # however many rows: narrower column slices cost more in strides than they save
-_CHUNK_BYTES = 256 * 2**20  # samples read at a time (from disk, where the outputs were spilled)
+# samples whose statistics are summed together (from disk, where the outputs were spilled, each
+# (_BLOCK_VALUES) block is read as it is summed: docs/SCALING.md, "Seventh round")
+_CHUNK_BYTES = 256 * 2**20
 
 
 def fidelity(original: list[np.ndarray], pruned: list[np.ndarray]) -> Fidelity:
@@ -235,11 +237,10 @@ def _row_sums(ref: np.ndarray, got: np.ndarray, mean: np.ndarray) -> tuple[np.nd
     columns = min(width, max(_MIN_COLUMNS, _BLOCK_VALUES // max(rows, 1)))
     row_step = max(1, _BLOCK_VALUES // max(columns, 1))
     for left in range(0, width, columns):
-        part_ref, part_got = ref[:, left:left + columns], got[:, left:left + columns]
         part_mean = mean[left:left + columns]
         for top in range(0, rows, row_step):
-            a = part_ref[top:top + row_step].astype(np.float64)
-            b = part_got[top:top + row_step].astype(np.float64)
+            a = ref[top:top + row_step, left:left + columns].astype(np.float64)
+            b = got[top:top + row_step, left:left + columns].astype(np.float64)
             if not np.isfinite(b).all():
                 raise SnpError("pruned model produces NaN or Inf")
             here = slice(top, top + row_step)
@@ -260,12 +261,15 @@ def _cosines(dot: np.ndarray, square_a: np.ndarray, square_b: np.ndarray) -> np.
     return np.where(norms > 0, dot / np.maximum(norms, 1e-300), 1.0)
 
 
-def _rows(array, start: int, stop: int, width: int) -> np.ndarray:
-    """Samples start…stop of an output (an array or spill.OnDisk), one flattened row each."""
+def _rows(array, start: int, stop: int, width: int):
+    """Samples start…stop of an output, one flattened row each: of an array, a view; of a
+    spill.OnDisk, its `rows` (blocks read from disk as they are sliced, not the samples whole)."""
     if not array.ndim:
         return np.asarray(array).reshape(1, 1)
-    part = np.asarray(array[start:stop])
-    return part.reshape(len(part), width)
+    if isinstance(array, np.ndarray):
+        part = array[start:stop]
+        return part.reshape(len(part), width)
+    return array.rows(start, stop)
 
 
 def _sample_mean(array, rows: int, width: int) -> np.ndarray:
@@ -274,10 +278,8 @@ def _sample_mean(array, rows: int, width: int) -> np.ndarray:
     if isinstance(array, np.ndarray):
         return array.reshape(rows, width).mean(axis=0, dtype=np.float64)
     total = np.zeros(width, np.float64)
-    step = max(1, _CHUNK_BYTES // max(8 * width, 1))
-    for start in range(0, rows, step):
-        for row in _rows(array, start, start + step, width):
-            total += row
+    for start in range(rows):  # one sample read at a time
+        total += array[start].reshape(width)
     return np.true_divide(total, rows)
 
 
