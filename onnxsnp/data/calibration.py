@@ -241,8 +241,9 @@ Weights = Callable[[str], "np.ndarray | None"]  # an initializer's decoded value
 
 def session(model: onnx.ModelProto, threads: int = 0, extra_outputs: Iterable[str] = (),
             weights: Weights | None = None, configure: Callable[[ort.SessionOptions], None] | None = None,
-            weight_file: WeightFile | None = None) -> ort.InferenceSession:
-    """An onnxruntime session over `model`, with `extra_outputs` added as graph outputs.
+            weight_file: WeightFile | None = None, shapes_of: Iterable[str] = ()) -> ort.InferenceSession:
+    """An onnxruntime session over `model`, with `extra_outputs` added as graph outputs, and the
+    shapes of the tensors `shapes_of` as outputs named `shape_output(tensor)` (see `_add_shapes`).
 
     The model is not serialised with its weights: onnxruntime gets a weight-free copy of the
     graph and the weights apart, which skips serialising and re-parsing every weight for each
@@ -252,15 +253,20 @@ def session(model: onnx.ModelProto, threads: int = 0, extra_outputs: Iterable[st
     reads its weights from a temporary file (`weight_file`, written here if not given): a session
     that owns its weights frees each one it pre-packs, one over arrays decoded for it alone holds
     both (weight_file.py)."""
+    shapes_of = list(dict.fromkeys(shapes_of))
+    if shapes_of:
+        configure = _shapes_first(configure)
     if weights is None and (weight_file is not None or _file_worthy(model)):
         light = without_initializers(model)
         _add_outputs(light, extra_outputs)
+        _add_shapes(light, shapes_of)
         if weight_file is not None:
             return weight_file.session(light, _session_options(threads, configure=configure))
         with WeightFile(model, _in_file) as written:
             return written.session(light, _session_options(threads, configure=configure))
     graph_only, names, values = _without_weights(model, weights)
     _add_outputs(graph_only, extra_outputs)
+    _add_shapes(graph_only, shapes_of)
     return light_session(graph_only, names, values, threads, configure=configure)
 
 
@@ -285,6 +291,38 @@ def _add_outputs(light: onnx.ModelProto, extra_outputs: Iterable[str]) -> None:
     existing = {o.name for o in light.graph.output}
     light.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in dict.fromkeys(extra_outputs)
                               if t not in existing)
+
+
+def shape_output(tensor: str) -> str:
+    """The output that `session(shapes_of=...)` adds for `tensor`'s shape."""
+    return f"{tensor}::onnxsnp_shape"
+
+
+def _add_shapes(light: onnx.ModelProto, tensors: Iterable[str]) -> None:
+    """A Shape node per tensor, its output a graph output: a run hands back a few int64s instead
+    of the tensor. onnxruntime keeps every graph output of a run alive to its end (fetched or
+    not), so the hundreds of tensors whose shapes the FLOPs count needs, added as outputs
+    themselves, held a whole forward pass's activations at once: 405 MB for one 128-token window
+    of SmolLM2-135M (docs/SCALING.md, "Seventh round")."""
+    existing = {o.name for o in light.graph.output}
+    for tensor in dict.fromkeys(tensors):
+        name = shape_output(tensor)
+        if name not in existing:
+            light.graph.node.append(helper.make_node("Shape", [tensor], [name], name=name))
+            light.graph.output.append(helper.make_empty_tensor_value_info(name))
+
+
+def _shapes_first(configure: Callable[[ort.SessionOptions], None] | None) -> Callable[[ort.SessionOptions], None]:
+    """`configure` and onnxruntime's priority-based node order. Its default order is a reverse
+    depth-first walk from the graph's outputs that ran every added Shape node after the whole
+    forward pass, so that each measured tensor lived to the end of the run anyway (SmolLM2-135M,
+    one window: 282 MB more than the run; priority-based: 94 MB). The order changes no value:
+    the nodes and their kernels are the same, run one at a time."""
+    def configured(options: ort.SessionOptions) -> None:
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+        if configure is not None:
+            configure(options)
+    return configured
 
 
 def _session_options(threads: int = 0, segment: bool = False,
@@ -380,17 +418,20 @@ class Runner:
     much as a few batches, so each model gets one Runner that every stage shares."""
 
     def __init__(self, model: onnx.ModelProto, tensors: Iterable[str] = (), threads: int = 0,
-                 role: str = "input model", weights: Weights | None = None, weight_file: WeightFile | None = None):
+                 role: str = "input model", weights: Weights | None = None, weight_file: WeightFile | None = None,
+                 shapes_of: Iterable[str] = ()):
+        """`shapes_of`: tensors whose shapes (not values) the runs may fetch, as `shape_output(t)`."""
         self.role = role
         state = cache_outputs(model)  # a decoder's present keys/values: its state, not its result
         self.output_names = [o.name for o in model.graph.output if o.name not in state]
         added = [t for t in dict.fromkeys(tensors) if t not in set(self.output_names)]
         try:
-            self.session = session(model, threads, added, weights, weight_file=weight_file)
+            shapes_of = list(dict.fromkeys(shapes_of))
+            self.session = session(model, threads, added, weights, weight_file=weight_file, shapes_of=shapes_of)
         except Exception as exc:
             verb = "cannot run" if role == "input model" else "rejects"
             raise SnpError(f"onnxruntime {verb} the {role}: {_first_line(exc)}") from None
-        self.available = set(self.output_names) | set(added)
+        self.available = set(self.output_names) | set(added) | {shape_output(t) for t in shapes_of}
 
     def batches(self, feed: dict[str, np.ndarray], tensors: list[str], batch: int, progress: bool = False
                 ) -> Iterator[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:

@@ -4,24 +4,25 @@ added as outputs run in small batches in a session of their own, the rest in one
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 
 from ..data import calibration as calib_stage
-from ..data.calibration import Runner, capture
+from ..data.calibration import Runner, capture, shape_output
 from .attention_maps import AttentionSample, sample_maps
 from .spill import Outputs
 from ..ir.stats import ModelStats, count_params, macs_from_shapes, shape_tensors
-from .verification import Fidelity, attention_error, fidelity, language_model_fidelity
+from .verification import AttentionTerms, Fidelity, fidelity, language_model_fidelity
 
 
 def _count(feed: dict[str, np.ndarray]) -> int:
     return next(iter(feed.values())).shape[0]
 
 
-MAP_SAMPLES = 16  # held-back samples whose attention maps are compared (they are kept in memory)
+MAP_SAMPLES = 16  # held-back samples whose attention maps are compared (the original's are kept)
 
 
 @dataclass
@@ -29,7 +30,7 @@ class Observed:
     """The input model on the held-back samples."""
 
     outputs: list[np.ndarray]
-    maps: dict[str, np.ndarray]  # softmax outputs of the first MAP_SAMPLES samples
+    maps: dict  # softmax outputs of the first MAP_SAMPLES samples (arrays, or spill.OnDisk above SPILL_BYTES)
     shapes: dict[str, tuple[int, ...]]  # of stats.shape_tensors, on `shape_samples` samples
     shape_samples: int
 
@@ -42,47 +43,63 @@ def observe(model: onnx.ModelProto, probes: list[str], feed: dict[str, np.ndarra
     return Observed(outputs, maps, shapes, fixed or 1)
 
 
+MapsSeen = Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], None]  # (inputs, probes) of one batch
+
+
 def _probe_run(model: onnx.ModelProto, role: str, probes: list[str], feed: dict[str, np.ndarray], batch: int,
-               fixed: int | None, weights: calib_stage.Weights | None = None) -> tuple[dict[str, np.ndarray], list[np.ndarray], dict[str, tuple[int, ...]]]:
+               fixed: int | None, weights: calib_stage.Weights | None = None, maps_seen: MapsSeen | None = None
+               ) -> tuple[dict, list, dict[str, tuple[int, ...]]]:
     """The outputs of `model` over `feed`, the `probes` over the first MAP_SAMPLES samples and the
     shapes of stats.shape_tensors on the first sample(s). Probed samples run at the smallest batch
     the model takes, in a session of their own: onnxruntime keeps every graph output of a run alive
     to its end, so the many added outputs would cost a batch's worth each in the bulk runs (DeiT-S,
-    batches of 8: 0.6 GB more than the model's own outputs need)."""
+    batches of 8: 0.6 GB more than the model's own outputs need). The shapes come from Shape nodes
+    (calibration.shape_output), not from the tensors themselves (a whole forward pass held at once).
+
+    The probes' values are kept (on disk above spill.SPILL_BYTES, as the outputs) and returned,
+    or, with `maps_seen`, handed to it batch by batch and not kept (the pruned model's maps are
+    compared with the original's as they come: verify)."""
     shape_names = shape_tensors(model)
     step = fixed or 1
-    probed = max(step, MAP_SAMPLES // step * step)
-    parts = [({k: v[:step] for k, v in feed.items()}, step, probes + shape_names),  # also the shapes
-             ({k: v[step:probed] for k, v in feed.items()}, step, probes)]
+    probed = min(max(step, MAP_SAMPLES // step * step), _count(feed))
+    parts = [({k: v[:step] for k, v in feed.items()}, step, True),  # also the shapes
+             ({k: v[step:probed] for k, v in feed.items()}, step, False)]
     rest = {k: v[probed:] for k, v in feed.items()}
-    outputs, maps, shapes, values = Outputs(_count(feed)), {name: [] for name in probes}, {}, None
+    outputs, maps, shapes = Outputs(_count(feed)), Outputs(probed), {}
     # without decoded weights to share, both sessions read the weights from one file (weight_file.py)
     written = calib_stage.weight_file(model) if weights is None else None
     try:
-        runner = Runner(model, probes + shape_names, role=role, weights=weights, weight_file=written)
-        for part, size, extra in parts:
+        runner = Runner(model, probes, role=role, weights=weights, weight_file=written, shapes_of=shape_names)
+        for part, size, with_shapes in parts:
             if not _count(part):
                 continue
-            names = list(dict.fromkeys(runner.output_names + extra))
-            for _, values in runner.batches(part, names, size):
-                outputs.add([values[name] for name in runner.output_names])
-                for name in probes:
-                    maps[name].append(np.array(values[name]))  # a copy: a kept view pins onnxruntime's buffers
-                shapes = shapes or {name: values[name].shape for name in shape_names}
-        del runner, values
+            shape_outputs = [shape_output(name) for name in shape_names] if with_shapes else []
+            names = list(dict.fromkeys(runner.output_names + probes + shape_outputs))
+            for inputs, values in runner.batches(part, names, size):
+                outputs.add([values[name] for name in runner.output_names], _count(inputs))
+                if maps_seen is not None:
+                    maps_seen(inputs, {name: values[name] for name in probes})
+                elif probes:  # copied (a kept view pins onnxruntime's buffers), or written to disk
+                    maps.add([values[name] for name in probes], _count(inputs))
+                shapes = shapes or {name: tuple(int(d) for d in values[shape_output(name)]) for name in shape_names}
+                del values  # before the next run: a run's fetched buffers are not reused while held
+        del runner
         if _count(rest):
             runner = Runner(model, role=role, weights=weights, weight_file=written)
             if written is not None:
                 written.close()  # read while the session was built: the disk space goes now
-            for _, values in runner.batches(rest, runner.output_names, batch):
-                outputs.add([values[name] for name in runner.output_names])
+            for inputs, values in runner.batches(rest, runner.output_names, batch):
+                outputs.add([values[name] for name in runner.output_names], _count(inputs))
+                del values
     except BaseException:
         outputs.close()
+        maps.close()
         raise
     finally:
         if written is not None:
             written.close()
-    return {name: np.concatenate(chunks) for name, chunks in maps.items()}, outputs.joined(), shapes
+    kept = dict(zip(probes, maps.joined())) if maps_seen is None and probes else {}
+    return kept, outputs.joined(), shapes
 
 
 @dataclass(frozen=True)
@@ -113,17 +130,30 @@ def verify(observed: Observed, pruned: onnx.ModelProto, softmax_blocks: dict[str
     """Output fidelity, per-block attention-map error, run-time shapes and a few maps of the
     pruned model beside the original's (the heads that changed most) on the held-back samples."""
     probes = sorted({tensor for tensor, _ in softmax_blocks.values()})
-    maps, outputs, shapes = _probe_run(pruned, "pruned model", probes, feed, batch, fixed)
+    terms, first, seen = AttentionTerms(softmax_blocks, mask_name), {}, [0]
+
+    def compare(inputs: dict[str, np.ndarray], maps: dict[str, np.ndarray]) -> None:
+        """One probed batch of the pruned model's maps against the original's (read from disk
+        where they were spilled); only the first sample's are kept, for the report's maps."""
+        start, count = seen[0], _count(inputs)
+        rows = {name: len(value) // count for name, value in maps.items()}  # per sample: 1, or heads where (B·H, N, N)
+        terms.add(inputs, {name: observed.maps[name][start * rows[name]:(start + count) * rows[name]]
+                           for name in maps}, maps)
+        if start == 0:
+            first.update({name: np.array(value[:rows[name]]) for name, value in maps.items()})
+        seen[0] += count
+
+    _, outputs, shapes = _probe_run(pruned, "pruned model", probes, feed, batch, fixed,
+                                    maps_seen=compare if probes else None)
     measured = fidelity(observed.outputs, outputs)
     language = language_model_fidelity([o.name for o in pruned.graph.output], observed.outputs, outputs, feed,
                                        mask_name)
     if language:
         measured = dataclasses.replace(measured, **language)
-    if not maps:
+    if not probes:
         return measured, {}, shapes, []
-    inputs = {k: v[:len(next(iter(maps.values())))] for k, v in feed.items()}
-    return (measured, attention_error([(inputs, observed.maps, maps)], softmax_blocks, mask_name), shapes,
-            sample_maps(inputs, observed.maps, maps, softmax_blocks, mask_name))
+    inputs = {k: v[:seen[0]] for k, v in feed.items()}
+    return measured, terms.means(), shapes, sample_maps(inputs, observed.maps, first, softmax_blocks, mask_name)
 
 
 def node_macs(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> dict[str, int]:

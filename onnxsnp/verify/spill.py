@@ -44,6 +44,10 @@ class OnDisk:
     def __len__(self) -> int:
         return self.shape[0]
 
+    def rows(self, start: int, stop: int) -> Rows:
+        """Samples start…stop, one flattened row each, read a block at a time (verification.fidelity)."""
+        return Rows(self, start, stop)
+
     def __getitem__(self, key):
         first, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
         if not isinstance(first, (int, np.integer, slice)):
@@ -54,6 +58,27 @@ class OnDisk:
         if not rest:
             return values
         return values[rest] if isinstance(first, (int, np.integer)) else values[(slice(None), *rest)]
+
+
+class Rows:
+    """Samples start…stop of an OnDisk, flattened to one row each, read block by block: slicing
+    `[rows, columns]` (two slices) reads just that block from the file."""
+
+    def __init__(self, array: OnDisk, start: int, stop: int):
+        self.array, self.start = array, start
+        count = max(0, min(stop, len(array)) - start)
+        self.shape = (count, int(np.prod(array.shape[1:], dtype=np.int64)))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        rows, columns = key
+        top, bottom, _ = rows.indices(self.shape[0])
+        mapped = np.load(self.array.path, mmap_mode="r")
+        values = np.array(mapped[self.start + top:self.start + max(top, bottom)].reshape(-1, self.shape[1])[:, columns])
+        del mapped  # as OnDisk.__getitem__: the pages read leave with the mapping
+        return values
 
 
 class Spill:
@@ -83,9 +108,12 @@ class Outputs:
         self.arrays: list[OnDisk] | None = None
         self.spill: Spill | None = None
 
-    def add(self, values: list[np.ndarray]) -> None:
+    def add(self, values: list[np.ndarray], samples: int | None = None) -> None:
+        """One batch's values; `samples`: the batch's samples (default: the first value's rows).
+        Only values laid out one row per sample go to disk (attention maps of (samples × heads,
+        queries, keys) stay in memory)."""
         if self.filled == 0 and self.arrays is None:
-            rows = max(len(values[0]) if values and values[0].ndim else 1, 1)
+            rows = samples or max(len(values[0]) if values and values[0].ndim else 1, 1)
             expected = sum(v.nbytes for v in values if v.ndim) * self.total // rows
             if expected > SPILL_BYTES and all(v.ndim and len(v) == rows for v in values):
                 self.spill = Spill()
@@ -103,7 +131,7 @@ class Outputs:
         except BaseException:
             self.spill.close()
             raise
-        self.filled += len(values[0])
+        self.filled += samples or len(values[0])
 
     def close(self) -> None:
         """The spilled files removed (after an error: nothing will read them)."""

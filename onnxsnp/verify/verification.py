@@ -192,7 +192,9 @@ def run_outputs(model: onnx.ModelProto, feed: dict[str, np.ndarray], batch: int)
 # decoder's verification (docs/PRUNE_COST_DECODER.md)
 _BLOCK_VALUES = 2**18
 _MIN_COLUMNS = 256  # however many rows: narrower column slices cost more in strides than they save
-_CHUNK_BYTES = 256 * 2**20  # samples read at a time (from disk, where the outputs were spilled)
+# samples whose statistics are summed together (from disk, where the outputs were spilled, each
+# (_BLOCK_VALUES) block is read as it is summed: docs/SCALING.md, "Seventh round")
+_CHUNK_BYTES = 256 * 2**20
 
 
 def fidelity(original: list[np.ndarray], pruned: list[np.ndarray]) -> Fidelity:
@@ -235,11 +237,10 @@ def _row_sums(ref: np.ndarray, got: np.ndarray, mean: np.ndarray) -> tuple[np.nd
     columns = min(width, max(_MIN_COLUMNS, _BLOCK_VALUES // max(rows, 1)))
     row_step = max(1, _BLOCK_VALUES // max(columns, 1))
     for left in range(0, width, columns):
-        part_ref, part_got = ref[:, left:left + columns], got[:, left:left + columns]
         part_mean = mean[left:left + columns]
         for top in range(0, rows, row_step):
-            a = part_ref[top:top + row_step].astype(np.float64)
-            b = part_got[top:top + row_step].astype(np.float64)
+            a = ref[top:top + row_step, left:left + columns].astype(np.float64)
+            b = got[top:top + row_step, left:left + columns].astype(np.float64)
             if not np.isfinite(b).all():
                 raise SnpError("pruned model produces NaN or Inf")
             here = slice(top, top + row_step)
@@ -260,12 +261,15 @@ def _cosines(dot: np.ndarray, square_a: np.ndarray, square_b: np.ndarray) -> np.
     return np.where(norms > 0, dot / np.maximum(norms, 1e-300), 1.0)
 
 
-def _rows(array, start: int, stop: int, width: int) -> np.ndarray:
-    """Samples start…stop of an output (an array or spill.OnDisk), one flattened row each."""
+def _rows(array, start: int, stop: int, width: int):
+    """Samples start…stop of an output, one flattened row each: of an array, a view; of a
+    spill.OnDisk, its `rows` (blocks read from disk as they are sliced, not the samples whole)."""
     if not array.ndim:
         return np.asarray(array).reshape(1, 1)
-    part = np.asarray(array[start:stop])
-    return part.reshape(len(part), width)
+    if isinstance(array, np.ndarray):
+        part = array[start:stop]
+        return part.reshape(len(part), width)
+    return array.rows(start, stop)
 
 
 def _sample_mean(array, rows: int, width: int) -> np.ndarray:
@@ -274,10 +278,8 @@ def _sample_mean(array, rows: int, width: int) -> np.ndarray:
     if isinstance(array, np.ndarray):
         return array.reshape(rows, width).mean(axis=0, dtype=np.float64)
     total = np.zeros(width, np.float64)
-    step = max(1, _CHUNK_BYTES // max(8 * width, 1))
-    for start in range(0, rows, step):
-        for row in _rows(array, start, start + step, width):
-            total += row
+    for start in range(rows):  # one sample read at a time
+        total += array[start].reshape(width)
     return np.true_divide(total, rows)
 
 
@@ -328,20 +330,35 @@ def attention_error(batches: Iterable[tuple[dict[str, np.ndarray], dict[str, np.
     """Per block: mean KL(P_original ‖ P_pruned) of its attention probabilities over the kept
     heads and the query rows (padded rows left out). `batches` yields (inputs, original tensors,
     pruned tensors); `probs` maps block names to their softmax output and kept heads."""
-    totals = {name: 0.0 for name in probs}
-    rows = {name: 0.0 for name in probs}
-    if not probs:
-        return {}
+    terms = AttentionTerms(probs, mask_input)
     for inputs, want, got in batches:
-        token_mask = inputs.get(mask_input) if mask_input else None
-        for name, (tensor, heads) in probs.items():
-            p, q = want[tensor].astype(np.float64), got[tensor].astype(np.float64)
+        terms.add(inputs, want, got)
+    return terms.means()
+
+
+class AttentionTerms:
+    """attention_error fed a batch at a time, so that neither model's maps need be held whole:
+    each batch leaves its per-row KL terms (samples × heads × queries, float64: a few KB a block)
+    and the sums are taken at the end over all of them at once, the same sums for any batching."""
+
+    def __init__(self, probs: dict[str, tuple[str, np.ndarray]], mask_input: str | None = None):
+        self.probs, self.mask_input = probs, mask_input
+        self.terms: dict[str, list[np.ndarray]] = {name: [] for name in probs}
+        self.weights: dict[str, list[np.ndarray]] = {name: [] for name in probs}
+
+    def add(self, inputs: dict[str, np.ndarray], want: dict, got: dict[str, np.ndarray]) -> None:
+        token_mask = inputs.get(self.mask_input) if self.mask_input else None
+        for name, (tensor, heads) in self.probs.items():
+            p, q = np.asarray(want[tensor]).astype(np.float64), got[tensor].astype(np.float64)
             if p.ndim == 4 and p.shape[1] != q.shape[1]:  # whole heads removed: compare the kept ones
                 p = p[:, heads]
             terms = (p * (np.log(p + 1e-12) - np.log(q + 1e-12))).sum(axis=-1)  # (B, H, N)
             weights = np.ones_like(terms)
             if token_mask is not None and terms.ndim == 3 and token_mask.shape == (terms.shape[0], terms.shape[2]):
                 weights = np.broadcast_to(token_mask[:, None, :] > 0, terms.shape).astype(np.float64)
-            totals[name] += float((terms * weights).sum())
-            rows[name] += float(weights.sum())
-    return {name: totals[name] / max(rows[name], 1.0) for name in probs}
+            self.terms[name].append((terms * weights).ravel())
+            self.weights[name].append(weights.ravel())
+
+    def means(self) -> dict[str, float]:
+        return {name: float(np.concatenate(self.terms[name]).sum()) / max(float(np.concatenate(self.weights[name]).sum()), 1.0)
+                if self.terms[name] else 0.0 for name in self.probs}
