@@ -269,6 +269,28 @@ def quantized_table(args, source: Path, calib: dict[str, np.ndarray], heldout: n
     print(f"wrote {out}")
 
 
+ORACLES = ("heldout-text", "in-sample")
+
+
+def oracle_calibration(tokenizer, heldout_texts: list[str], heldout: np.ndarray, count: int, kind: str) -> np.ndarray:
+    """An ORACLE calibration, for diagnosis only (never a product default): `count` windows of the
+    held-out text itself. "heldout-text": windows of the held-out topics that are not the scored
+    windows (how much the texts' difference costs); "in-sample": every scored window plus others
+    of the held-out text up to `count` (an upper bound on what generalising could buy). The scored
+    windows sit among the first seven eighths, which the pruner fits on (it holds the last eighth
+    back for its verification); windows in stream order, as stream_windows gives them."""
+    every = stream_windows(tokenizer, heldout_texts, WINDOW)
+    scored = [int(np.flatnonzero((every == row).all(axis=1))[0]) for row in heldout]
+    others = np.setdiff1d(np.arange(len(every)), scored)
+    if kind == "heldout-text":
+        picked = others[np.unique(np.linspace(0, len(others) - 1, count).round().astype(int))]
+        return every[picked]
+    held_back = count // 8  # the pruner's verification windows (pipeline._split): not scored ones
+    extra = others[np.unique(np.linspace(0, len(others) - 1, count - len(scored)).round().astype(int))]
+    fitted = np.sort(np.r_[scored, extra[:len(extra) - held_back]])
+    return every[np.r_[fitted, extra[len(extra) - held_back:]]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="smollm2")
@@ -288,6 +310,9 @@ def main() -> None:
                         "float model, then quantizing it the same way (docs/QUANTIZED.md)")
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/bench-real-quantized"),
                         help="where --quantize writes its int8 models")
+    parser.add_argument("--oracle", choices=ORACLES, help="DIAGNOSIS ONLY: calibrate on the held-out text "
+                        "(\"heldout-text\": its other windows; \"in-sample\": the scored windows themselves and "
+                        "others): an upper bound, not a measurement of the tool (oracle_calibration)")
     parser.add_argument("--reports", type=Path, help="write each run's reconstruction report (per-layer "
                                                      "`reconstruction.halves`) to DIR/<run number>.json")
     args = parser.parse_args()
@@ -302,6 +327,9 @@ def main() -> None:
     # what `--calib-text` makes of a text file for a model with a KV cache (Gemma's <bos> first in each)
     calibration = stream_windows(tokenizer, calibration_texts, WINDOW, count)
     heldout = stream_windows(tokenizer, heldout_texts, WINDOW, held)
+    if args.oracle:
+        calibration = oracle_calibration(tokenizer, heldout_texts, heldout, count, args.oracle)
+        print(f"ORACLE calibration ({args.oracle}): {len(calibration)} windows of the held-out text", flush=True)
     calib = {"input_ids": calibration, "attention_mask": np.ones_like(calibration)}
     runs = json.loads(args.runs) if args.runs else [r for r in default_runs if r[0] == "--ratio 0.25"] if args.smoke else default_runs
     reference_picked, reference = scores(onnx.load(str(source)), heldout)
@@ -351,12 +379,14 @@ def main() -> None:
                        for h in report.reconstruction["halves"]]
     table = ["| options | FLOPs | perplexity | × original | next-token agreement | prune time |",
              "|---|---|---|---|---|---|"] + rows
+    oracle = (f"**ORACLE** (`--oracle {args.oracle}`): calibrated on the held-out text itself, a diagnosis, not a "
+              "measurement of the tool.\n\n") if args.oracle else ""
     smoke = "**Smoke run** (`--smoke`): a few windows, to check that the bench runs; not a measurement.\n\n"
     out.write_text(f"""# Decoders: fidelity on a real pretrained LM ({title})
 
 Measured by `python tools/bench_real_decoders.py --model {args.model}` (CPU, one run). {__doc__.split(chr(10), 2)[2].split("    pip")[0].strip()}
 
-{smoke if args.smoke else ""}Calibration: {len(calibration)} windows ({calibration.size:,} tokens); held-out: {len(heldout)} windows
+{smoke if args.smoke else ""}{oracle}Calibration: {len(calibration)} windows ({calibration.size:,} tokens); held-out: {len(heldout)} windows
 ({heldout.size:,} tokens). "FLOPs" is the measured cut of a prefill.
 
 {NOTES.get(args.model, "")}{chr(10).join(table)}
