@@ -111,6 +111,13 @@ LOOKAHEAD = 4  # steps a move may take at once (a curve can be flat before it fa
 MIN_KEPT = 0.05  # every group keeps at least this share of its units
 # a latency budget's moves other than FFN cuts lose at most this × the FFN's loss per FLOP at the margin
 LOSS_BOUND = 1.0
+# A decoder's key/value group removed costs far more than its curve predicts: the curve is the
+# o_proj refit's in-layer loss, and what a group carries (positions, sinks) is read by every later
+# layer. SmolLM2-135M (3 groups, 24 calibration windows): one group fewer in every layer, 7.4 % of
+# the FLOPs, cost 1.85x perplexity (fp32) and 1.53x (genai int4), where the uniform --ratio 0.44
+# (no groups) cost 1.77x for 30.8 %; the allocation that took a group at --target-flops 0.65 cost
+# 3.37x against that (7.57x on 64 windows). docs/DECODERS_REAL.md.
+DECODER_GROUPS_ALLOCATED = False
 
 
 @dataclass(frozen=True)
@@ -214,11 +221,14 @@ def allocate(curves: list, matches: Matches, units: list[UnitCosts], total: floa
     group can look cheap that per FLOP loses far more than the FFN neurons (docs/DECODER_SPEED.md).
     `fixed`: the attention widths and removed blocks are these, and only FFN neurons move (the
     timed search, timed.py, once it has chosen the attention).
+    A causal decoder's whole heads (key/value groups) are not allocated (DECODER_GROUPS_ALLOCATED):
+    only --heads removes them.
     Returns (reconstruction.Widths, predicted loss per block)."""
     from ..plan import kept_count
 
     layers = matches.layers
-    allow_heads = not heads_ratio and fixed is None
+    allow_heads = not heads_ratio and fixed is None and (DECODER_GROUPS_ALLOCATED
+                                                         or not any(l.attention.causal for l in layers))
     attention_moves = fixed is None
 
     def layer_cost(i: int, s: _State, per: list[UnitCosts] = units) -> float:
