@@ -47,7 +47,7 @@ from .compensate.halves import plan_segments
 from .plan import AttentionWidth, Propagation, Widths
 from .compensate.reconstruction import Reconstructor
 from .report.assemble import Timing, build_report, timed_pair
-from .report.report import Report, sensitivity_points
+from .report.report import Report, allocation_layer
 from .rewrite.rewriting import rewrite
 from .score.sensitivity import survey, survey_shard
 from .score.timed import Clock, timed_widths
@@ -343,14 +343,8 @@ def _allocate(matches: Matches, work: ReconstructionWork, costs: CostModel, opti
         log.info("timed the allocation %d time(s): %s", len(timing.trials), timing.stopped)
     report = {"kind": target.kind.value, "goal": goal, "original": total,
               "samples": min(SURVEY_SAMPLES, _count(work.prepared.fit_feed)),
-              "layers": [{"name": layer.name, "predicted_loss": round(loss, 6), "block_loss": round(c.block, 6),
-                          "qk_loss_half": round(c.qk.at(layer.attention.head_dim / 2), 6),
-                          "v_loss_half": round(c.v.at(layer.attention.head_dim / 2), 6),
-                          "ffn_loss_half": round(c.ffn.at(layer.ffn.hidden / 2), 6),
-                          "loss_by_part": {part.value: round(x, 6) for part, x in by_part.items()},
-                          **sensitivity_points(layer, c)}
-                         for layer, c, loss, by_part in zip(matches.layers, curves, predicted,
-                                                            part_losses(curves, matches, widths))]}
+              "layers": [allocation_layer(*parts) for parts in zip(matches.layers, curves, predicted,
+                                                                   part_losses(curves, matches, widths))]}
     if timing is not None:
         report["timed"] = {"trials": [t.as_dict() for t in timing.trials], "chosen": timing.chosen,
                            "stopped": timing.stopped, "step": timing.step.value}

@@ -14,8 +14,9 @@ from onnxsnp.data.calibration import Runner
 from onnxsnp.ir.graph import ModelGraph
 from onnxsnp.ir.stats import count_params, macs_from_shapes, shape_tensors
 from onnxsnp.match import find_blocks
+from onnxsnp.match.blocks import KvCache, Part
 from onnxsnp.plan import AttentionWidth, Widths
-from onnxsnp.score.allocation import LOSS_BOUND, allocate, unit_costs
+from onnxsnp.score.allocation import DECODER_GROUPS_ALLOCATED, LOSS_BOUND, allocate, unit_costs
 from onnxsnp.score.costs import CostModel
 from onnxsnp.score.sensitivity import Curve, LayerSensitivity
 
@@ -120,3 +121,23 @@ def test_fixed_attention_moves_only_the_ffn(digits):
     cost = total - whole + sum(u.rest for u in flops[1:]) + attention + kept
     step = max(u.ffn * max(1, l.ffn.hidden // 64) for l, u in zip(layers, flops))
     assert 0.5 * total - 4 * step <= cost <= 0.5 * total
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_decoders_whole_groups_are_left_to_heads(digits, causal):
+    """Heads that their curves call nearly free: an encoder's allocation takes them, a causal
+    decoder's does not (DECODER_GROUPS_ALLOCATED: a key/value group's in-layer curve was measured to
+    miss what removing it costs downstream) and meets the budget with the other moves."""
+    matches, flops, total = digits
+    if causal:
+        # a KV cache makes the block a decoder's (AttentionBlock.causal); the allocation reads no more of it
+        cache = (KvCache("past", "present", Part.KEY),)
+        layers = tuple(replace(l, attention=replace(l.attention, kv_caches=cache)) for l in matches.layers)
+        matches = replace(matches, layers=layers, attention=tuple(l.attention for l in layers))
+    curves = [replace(c, heads=Curve(c.heads.kept, c.heads.loss * 1e-6))
+              for c in _curves(matches, flops, attention_per_flop=1.0)]
+    goal = total - 0.25 * sum(l.ffn.hidden * u.ffn for l, u in zip(matches.layers, flops))
+    widths, _ = allocate(curves, matches, flops, total, goal)
+    kept_heads = [widths.attention[l.attention.name].heads for l in matches.layers]
+    groups = [l.attention.groups for l in matches.layers]
+    assert (kept_heads == groups) == (causal and not DECODER_GROUPS_ALLOCATED)

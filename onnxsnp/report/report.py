@@ -317,6 +317,17 @@ def sensitivity_points(layer: Layer, curves) -> dict:
                           for group, width in widths.items()}}}
 
 
+def allocation_layer(layer: Layer, curves, predicted: float, by_part: dict) -> dict:
+    """One transformer block's line of the allocation report: its predicted loss, by part, and
+    its curves at half width and at CURVE_FRACTIONS."""
+    return {"name": layer.name, "predicted_loss": round(predicted, 6), "block_loss": round(curves.block, 6),
+            "qk_loss_half": round(curves.qk.at(layer.attention.head_dim / 2), 6),
+            "v_loss_half": round(curves.v.at(layer.attention.head_dim / 2), 6),
+            "ffn_loss_half": round(curves.ffn.at(layer.ffn.hidden / 2), 6),
+            "loss_by_part": {part.value: round(x, 6) for part, x in by_part.items()},
+            **sensitivity_points(layer, curves)}
+
+
 def stats_fields(before: ModelStats, after: ModelStats) -> dict[str, int]:
     return {"params_before": before.params, "params_after": after.params,
             "macs_before": before.macs, "macs_after": after.macs}
