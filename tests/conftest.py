@@ -24,6 +24,28 @@ def pytest_collection_modifyitems(items):
 
 
 @pytest.fixture(scope="session")
+def digits_costs():
+    """The shipped digits ViT: (its graph, its blocks, its cost model measured on one calibration
+    sample), for the allocation tests."""
+    import onnx
+
+    from onnxsnp.data.calibration import Runner
+    from onnxsnp.ir.graph import ModelGraph
+    from onnxsnp.ir.stats import count_params, macs_from_shapes, shape_tensors
+    from onnxsnp.match import find_blocks
+    from onnxsnp.score.costs import CostModel
+
+    g = ModelGraph(onnx.load(str(ROOT / "models" / "digits_vit.onnx")))
+    matches = find_blocks(g)
+    names = shape_tensors(g.model)
+    feed = {"pixel_values": np.load(ROOT / "models" / "digits_vit_calib.npz")["pixel_values"][:1]}
+    (_, values), = list(Runner(g.model, names).batches(feed, names, 1))
+    costs = CostModel(g, matches, macs_from_shapes(g.model, {n: values[n].shape for n in names}, 1),
+                      count_params(g.model))
+    return g, matches, costs
+
+
+@pytest.fixture(scope="session")
 def torch():
     """torch itself, for tests that build or run a model in it; skipped where it is not installed."""
     return pytest.importorskip("torch")

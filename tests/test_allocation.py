@@ -10,28 +10,17 @@ import pytest
 from conftest import ROOT
 from onnxsnp import SnpError, prune
 from onnxsnp.score.allocation import allocate, part_losses, unit_costs
-from onnxsnp.data.calibration import Runner
-from onnxsnp.score.costs import CostModel, CutPart
-from onnxsnp.ir.graph import ModelGraph
-from onnxsnp.match import find_blocks
+from onnxsnp.score.costs import CutPart
 from onnxsnp.plan import AttentionKeep, FfnKeep, PrunePlan
 from onnxsnp.score.sensitivity import Curve, LayerSensitivity
-from onnxsnp.ir.stats import count_params, macs_from_shapes, shape_tensors
 
 DIGITS = ROOT / "models" / "digits_vit.onnx"
 DIGITS_CALIB = ROOT / "models" / "digits_vit_calib.npz"
 
 
 @pytest.fixture(scope="module")
-def digits():
-    g = ModelGraph(onnx.load(str(DIGITS)))
-    matches = find_blocks(g)
-    names = shape_tensors(g.model)
-    feed = {"pixel_values": np.load(DIGITS_CALIB)["pixel_values"][:1]}
-    (_, values), = list(Runner(g.model, names).batches(feed, names, 1))
-    costs = CostModel(g, matches, macs_from_shapes(g.model, {n: values[n].shape for n in names}, 1),
-                      count_params(g.model))
-    return g, matches, costs
+def digits(digits_costs):
+    return digits_costs
 
 
 def _curves(matches, steepness: list[float]) -> list[LayerSensitivity]:

@@ -6,35 +6,20 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
-import onnx
 import pytest
 
-from conftest import ROOT
-from onnxsnp.data.calibration import Runner
-from onnxsnp.ir.graph import ModelGraph
-from onnxsnp.ir.stats import count_params, macs_from_shapes, shape_tensors
-from onnxsnp.match import find_blocks
 from onnxsnp.match.blocks import KvCache, Part
 from onnxsnp.plan import AttentionWidth, Widths
 from onnxsnp.score.allocation import DECODER_GROUPS_ALLOCATED, LOSS_BOUND, allocate, unit_costs
-from onnxsnp.score.costs import CostModel
 from onnxsnp.score.sensitivity import Curve, LayerSensitivity
 
-DIGITS = ROOT / "models" / "digits_vit.onnx"
-DIGITS_CALIB = ROOT / "models" / "digits_vit_calib.npz"
 FFN_STEEP = 1.0  # an FFN's loss with every neuron gone (linear in the neurons removed)
 MS_PER_FLOP = 20.0  # how much more an attention unit weighs in the fake latency units than in FLOPs
 
 
 @pytest.fixture(scope="module")
-def digits():
-    g = ModelGraph(onnx.load(str(DIGITS)))
-    matches = find_blocks(g)
-    names = shape_tensors(g.model)
-    feed = {"pixel_values": np.load(DIGITS_CALIB)["pixel_values"][:1]}
-    (_, values), = list(Runner(g.model, names).batches(feed, names, 1))
-    costs = CostModel(g, matches, macs_from_shapes(g.model, {n: values[n].shape for n in names}, 1),
-                      count_params(g.model))
+def digits(digits_costs):
+    _, matches, costs = digits_costs
     return matches, unit_costs(costs, matches, "flops"), costs.macs_total * 2
 
 
