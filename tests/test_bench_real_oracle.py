@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
@@ -14,6 +15,7 @@ import bench_real_decoders  # noqa: E402
 from onnxsnp.data.calib_text import stream_windows  # noqa: E402
 
 WINDOW = bench_real_decoders.WINDOW
+pytestmark = pytest.mark.slow  # a tokenizers vocabulary: not in the fast tier's install
 
 
 def _tokenizer(words: list[str]):
