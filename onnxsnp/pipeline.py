@@ -347,7 +347,7 @@ def _allocate(matches: Matches, work: ReconstructionWork, costs: CostModel, opti
                                                                    part_losses(curves, matches, widths))]}
     if timing is not None:
         report["timed"] = {"trials": [t.as_dict() for t in timing.trials], "chosen": timing.chosen,
-                           "stopped": timing.stopped, "step": timing.step.value}
+                           "stopped": timing.stopped, "step": timing.step.value, "clock": timing.base.value}
     return widths, report
 
 

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from onnxsnp.data.timing import prompt_tokens
+from onnxsnp.data.timing import TimeBase, prompt_tokens
 from onnxsnp.report.html import render as render_html
 from onnxsnp.report.report import Report
 from onnxsnp.sweeping import SweepResult, SweepRow, markdown
@@ -19,7 +19,7 @@ PREFILL_MS, DECODE_MS = (40.0, 25.0), (8.0, 5.0)  # before, after
 KV = (46080, 34560)  # bytes per token
 
 
-def report(prefill_tokens: int | None = PROMPT, decode: bool = True) -> Report:
+def report(prefill_tokens: int | None = PROMPT, decode: bool = True, clock: TimeBase | None = None) -> Report:
     fidelity = Fidelity(4, 0.99, 0.1, None, perplexity_before=20.0, perplexity_after=21.0, next_token_agreement=0.9,
                         tokens=4 * (PROMPT - 1))
     return Report(criterion="magnitude", compensation="lstsq", compensation_kept=[], ratios={"qk": 0.25},
@@ -27,7 +27,8 @@ def report(prefill_tokens: int | None = PROMPT, decode: bool = True) -> Report:
                   params_after=80, macs_before=1000, macs_after=800, fidelity=fidelity, blocks=[],
                   latency_ms_before=PREFILL_MS[0], latency_ms_after=PREFILL_MS[1],
                   decode_ms_before=DECODE_MS[0] if decode else None, decode_ms_after=DECODE_MS[1] if decode else None,
-                  kv_cache_bytes_before=KV[0], kv_cache_bytes_after=KV[1], prefill_tokens=prefill_tokens)
+                  kv_cache_bytes_before=KV[0], kv_cache_bytes_after=KV[1], prefill_tokens=prefill_tokens,
+                  latency_clock=clock and clock.value)
 
 
 def test_the_table_shows_prefill_and_decode_in_milliseconds_and_tokens_a_second():
@@ -40,6 +41,14 @@ def test_the_table_shows_prefill_and_decode_in_milliseconds_and_tokens_a_second(
     assert f"{PREFILL_MS[0] / PREFILL_MS[1]:.2f}x faster" in prefill
     assert f"({1000 / DECODE_MS[0]:.0f} tokens/s)" in decode and f"({1000 / DECODE_MS[1]:.0f} tokens/s)" in decode
     assert "KV cache/token" in table
+
+
+@pytest.mark.parametrize("clock", list(TimeBase))
+def test_the_timings_say_when_they_count_the_threads_cpu_time(clock):
+    table, data = report(clock=clock).table(), report(clock=clock).as_dict()
+    cpu = ", CPU time" if clock is TimeBase.THREAD_CPU else ""
+    assert f"prefill, {PROMPT} tokens, 1 thread{cpu} " in table and f"decode step, 1 thread{cpu} " in table
+    assert data["latency_clock"] == clock.value
 
 
 def test_a_model_without_a_cache_keeps_its_latency_line():

@@ -4,6 +4,7 @@ import math
 
 import pytest
 
+from onnxsnp.data.timing import TimeBase
 from onnxsnp.errors import SnpError
 from onnxsnp.plan import AttentionWidth, TimedStep, Widths
 from onnxsnp.score.timed import ROUNDS, TOLERANCE, decision, timed_widths
@@ -20,6 +21,7 @@ class FakeClock:
     """Measures a candidate (its predicted ms, passed through `build`) at `factor` × predicted."""
 
     step = TimedStep.PREFILL
+    base = TimeBase.THREAD_CPU
 
     def __init__(self, factor):
         self.factor = factor
@@ -47,6 +49,7 @@ def test_a_prediction_that_holds_is_timed_once():
     assert clock.calls == 1 and len(timed.trials) == 1 and timed.chosen == 0
     assert timed.widths == widths(int(ORIGINAL_MS / SPEEDUP))
     assert abs(timed.trials[0].miss) <= TOLERANCE and "within" in timed.stopped
+    assert timed.base is clock.base  # the report says what the trials' milliseconds count
 
 
 @pytest.mark.parametrize("factor", [0.8, 1.25])
@@ -123,6 +126,7 @@ def _measure(w: Widths) -> float:
 
 class WidthsClock:
     step = TimedStep.DECODE
+    base = TimeBase.THREAD_CPU
 
     def __init__(self):
         self.timed = []

@@ -1,6 +1,6 @@
 """Timing onnxruntime sessions against each other: the interleaved loop (the report's latency
-figures, the timed --target-latency budgets and tools/harness.py's benchmarks all use it) and
-the cached decode step a language model is timed on."""
+figures, the timed --target-latency budgets and tools/harness.py's benchmarks all use it), the
+clock they read, and the cached decode step a language model is timed on."""
 from __future__ import annotations
 
 import functools
@@ -9,6 +9,7 @@ import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from enum import Enum
 from typing import TypeVar
 
 import numpy as np
@@ -16,6 +17,30 @@ import numpy as np
 from .kv_cache import fitted
 
 T = TypeVar("T")
+
+
+class TimeBase(Enum):
+    """What a timing's milliseconds count (the value: how a report says it)."""
+    THREAD_CPU = "CPU time of the calling thread"
+    WALL = "wall time"
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        return time.thread_time if self is TimeBase.THREAD_CPU else time.perf_counter
+
+
+def time_base(threads: int) -> TimeBase:
+    """How a session with `threads` intra-op threads is timed. With one, onnxruntime runs every
+    kernel on the thread that calls run() (no pool: measured, the process's CPU time during a
+    decode step of SmolLM2's int4 folder was the calling thread's within 0.1 %), so that
+    thread's CPU time is the run's work without the slices other jobs of a loaded machine took
+    from it: with two CPU-bound jobs beside it on 2 cores, the step's wall median went 12.2 -> 36.1
+    ms and its CPU time 8.15 -> 8.16 ms (docs/DECODER_SPEED.md). It is the latency an idle machine
+    would give, and what the timed budgets compare; memory-bandwidth contention stays in it. With
+    more threads the work runs on others, and where the platform's thread clock is not exact
+    (Windows: GetThreadTimes counts scheduler ticks of ~15 ms), wall time is used."""
+    exact = time.get_clock_info("thread_time").implementation.startswith("clock_gettime")
+    return TimeBase.THREAD_CPU if threads == 1 and exact else TimeBase.WALL
 
 
 def decode_feed(sess, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
@@ -72,15 +97,16 @@ def interleaved_rounds(measures: Sequence[Callable[[], T]], rounds: int, budget_
     return results
 
 
-def run_ms(sess, feed: dict[str, np.ndarray]) -> float:
-    """Milliseconds of one run of `sess` on `feed`."""
-    start = time.perf_counter()
+def run_ms(sess, feed: dict[str, np.ndarray], clock: Callable[[], float] = time.perf_counter) -> float:
+    """Milliseconds of one run of `sess` on `feed`, on `clock` (seconds)."""
+    start = clock()
     sess.run(None, feed)
-    return (time.perf_counter() - start) * 1000
+    return (clock() - start) * 1000
 
 
 def interleaved_medians(sessions: list, feeds: list[dict[str, np.ndarray]], rounds: int, budget_s: float,
-                        min_rounds: int = 5) -> tuple[float, ...]:
-    """Median milliseconds per run of each (warmed-up) session, interleaved (`interleaved_rounds`)."""
-    measures = [functools.partial(run_ms, sess, own) for sess, own in zip(sessions, feeds)]
+                        min_rounds: int = 5, base: TimeBase = TimeBase.WALL) -> tuple[float, ...]:
+    """Median milliseconds per run of each (warmed-up) session, interleaved (`interleaved_rounds`),
+    counted in `base` (the budget is always wall time: it bounds how long the timing takes)."""
+    measures = [functools.partial(run_ms, sess, own, base.clock) for sess, own in zip(sessions, feeds)]
     return tuple(statistics.median(times) for times in interleaved_rounds(measures, rounds, budget_s, min_rounds))

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import onnx
 
-from ..data.timing import prompt_tokens
+from ..data.timing import TimeBase, prompt_tokens, time_base
 from ..io.genai import NOTE as GENAI_NOTE
 from ..io.loading import weight_bytes
 from ..ir.stats import count_params, macs_from_shapes, stats_from_shapes
@@ -29,16 +29,18 @@ if TYPE_CHECKING:  # the stages' boundary types, typing only
 @dataclass(frozen=True)
 class Timing:
     """One intra-op thread, original and pruned interleaved: a run of one sample, and a language
-    model's cached decode step (None where not measured)."""
+    model's cached decode step (None where not measured), in `base`'s milliseconds."""
 
     run_ms: tuple[float, float] | tuple[None, None] = (None, None)
     decode_ms: tuple[float, float] | None = None
     prefill_tokens: int | None = None  # a language model with a KV cache: the run is a prefill of these
+    base: TimeBase | None = None  # what the milliseconds count (None: nothing timed)
 
 
 def timed_pair(original: onnx.ModelProto, pruned: onnx.ModelProto, one_batch, weights) -> Timing:
     return Timing(latency(original, pruned, one_batch, original_weights=weights),
-                  decode_latency(original, pruned, one_batch, original_weights=weights), prompt_tokens(one_batch))
+                  decode_latency(original, pruned, one_batch, original_weights=weights), prompt_tokens(one_batch),
+                  time_base(1))
 
 
 def build_report(p: Prepared, options: PruneOptions, costs: CostModel | None, compensated: Compensated,
@@ -68,7 +70,7 @@ def build_report(p: Prepared, options: PruneOptions, costs: CostModel | None, co
         weight_bytes_before=weight_bytes(p.model), weight_bytes_after=weight_bytes(pruned),
         latency_ms_before=speed[0], latency_ms_after=speed[1],
         decode_ms_before=decode and decode[0], decode_ms_after=decode and decode[1],
-        prefill_tokens=timing.prefill_tokens,
+        prefill_tokens=timing.prefill_tokens, latency_clock=timing.base and timing.base.value,
         attention_kl={keep.block.name: verified.attention_kl.get(keep.block.name) for keep in plan.attention},
         attention_maps=verified.maps,
         reconstruction=reconstruction_report(compensated.reconstruction, options),

@@ -6,6 +6,7 @@ from enum import Enum
 
 import numpy as np
 
+from ..data.timing import TimeBase
 from ..verify.attention_maps import AttentionSample
 from ..plan import PrunePlan
 from ..match import Layer, Skipped
@@ -110,6 +111,7 @@ class Report:
     kv_cache_bytes_after: int = 0
     prefill_tokens: int | None = None  # a language model with a KV cache: latency_ms_* time a prefill of these
     cut: list[CutShare] = field(default_factory=list)  # how the FLOPs cut was shared between the parts
+    latency_clock: str | None = None  # what latency_ms_* and decode_ms_* count (data/timing.py's TimeBase)
 
     @property
     def flops_before(self) -> int:
@@ -142,8 +144,9 @@ class Report:
     def speed_rows(self) -> list[tuple[str, str, str, str]]:
         """(what, before, after, change) of the timings, one thread: a run of one sample; for a
         language model with a KV cache that run is a prefill, shown with its tokens a second
-        beside the cached decode step's."""
+        beside the cached decode step's; `, CPU time` where they count the calling thread's CPU time."""
         rows = []
+        clock = ", CPU time" if self.latency_clock == TimeBase.THREAD_CPU.value else ""
         for label, tokens, before, after in (("latency", None, self.latency_ms_before, self.latency_ms_after),
                                              ("decode step", 1, self.decode_ms_before, self.decode_ms_after)):
             if before is None or after is None:
@@ -151,7 +154,7 @@ class Report:
             if tokens is None and self.prefill_tokens:
                 label, tokens = f"prefill, {self.prefill_tokens} tokens", self.prefill_tokens
             rate = (lambda ms: f" ({1000 * tokens / ms:,.0f} tokens/s)") if tokens else (lambda ms: "")
-            rows.append((f"{label}, 1 thread", f"{before:.2f} ms{rate(before)}", f"{after:.2f} ms{rate(after)}",
+            rows.append((f"{label}, 1 thread{clock}", f"{before:.2f} ms{rate(before)}", f"{after:.2f} ms{rate(after)}",
                          f"{before / max(after, 1e-9):.2f}x faster"))
         return rows
 
@@ -269,6 +272,7 @@ def latency_lines(target: dict, timed: dict | None = None) -> list[str]:
     if timed:
         checks = ", ".join(f"{t['measured_speedup']:.2f}x" for t in timed["trials"])
         step = " per decode step" if timed.get("step") == "decode" else ""
+        step += f" ({timed['clock']})" if timed.get("clock") else ""
         lines.append(f"timed before the reconstruction: {checks} measured{step} (kept #{timed['chosen'] + 1}; "
                      f"{timed['stopped']})")
     measured = target.get("measured_speedup")

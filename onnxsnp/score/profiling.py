@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 
 from ..data.calibration import Weights, session
+from ..data.timing import time_base
 from ..ir.graph import ModelGraph
 
 PROFILE_RUNS = 5  # timed runs after the warm-up; each node's time is its median over them
@@ -102,14 +103,17 @@ def profile_nodes(g: ModelGraph, feed: dict[str, np.ndarray], macs: dict[str, in
 
 def _plain_run_ms(g: ModelGraph, feed: dict[str, np.ndarray], threads: int, runs: int,
                   weights: Weights | None) -> float:
-    """The median run time without the profiler, as users run the model."""
+    """The median run time without the profiler, as users run the model, on the clock the timed
+    checks read (time_base: the calling thread's CPU time for one thread), so that the latency
+    model's milliseconds and the measured ones are the same kind."""
     sess = session(g.model, threads=threads, weights=weights)
+    clock = time_base(threads).clock
     times = []
     for done in range(WARMUP_RUNS + runs):
-        started = time.perf_counter()
+        started = clock()
         sess.run(None, feed)
         if done >= WARMUP_RUNS:
-            times.append((time.perf_counter() - started) * 1000)
+            times.append((clock() - started) * 1000)
     return statistics.median(times)
 
 

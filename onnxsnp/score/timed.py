@@ -6,7 +6,8 @@ some ops shrink with no cut), so an allocation can run faster or slower than pre
 at `--target-speedup 2` ran 2.19× (docs/SPEED_LATENCY_TARGET.md). A model's time is fixed by its
 shapes, not by its weights, so the allocated widths are rewritten with sliced weights (nothing
 refitted: cheap) and timed against the original, interleaved, one intra-op thread, as users run
-it. While the measured time misses the goal by more than TOLERANCE, the goal in predicted
+it, on the calling thread's CPU clock (data/timing.py's time_base: on a loaded machine the wall
+clock moved the original's own decode step 3.3x between checks, and the search chased that). While the measured time misses the goal by more than TOLERANCE, the goal in predicted
 milliseconds is scaled by measured ÷ predicted and the widths are allocated again, at most
 ROUNDS times; the widths measured closest to the goal win. A correction that would remove nothing
 is never timed: on a model made of per-op overhead, noise can put the unpruned model nearest the goal.
@@ -33,7 +34,7 @@ import onnx
 
 from ..data.calibration import Weights, session
 from ..data.kv_cache import fitted
-from ..data.timing import decode_feed, interleaved_medians, is_past
+from ..data.timing import TimeBase, decode_feed, interleaved_medians, is_past, time_base
 from ..errors import SnpError
 from ..plan import TimedStep, Widths
 
@@ -74,6 +75,7 @@ class Timed:
     chosen: int  # the trial whose widths are kept
     stopped: str  # why the check ended
     step: TimedStep  # what was timed
+    base: TimeBase  # what its milliseconds count
 
 
 class Clock:
@@ -86,6 +88,7 @@ class Clock:
                  step: TimedStep = TimedStep.DECODE):
         self._original = session(original, threads=1, weights=weights)
         self._feed = feed
+        self.base = time_base(1)
         self.step = TimedStep.PREFILL
         if step is TimedStep.DECODE and any(is_past(name, value) for name, value in feed.items()):
             self._original_feed = decode_feed(self._original, feed)
@@ -105,7 +108,7 @@ class Clock:
         feeds = [self._original_feed, own]
         other.run(None, own)
         before, after = interleaved_medians([self._original, other], feeds, TIMING_ROUNDS, TIMING_BUDGET_S,
-                                            MIN_TIMING_ROUNDS)
+                                            MIN_TIMING_ROUNDS, self.base)
         return before, after
 
 
@@ -155,7 +158,7 @@ def timed_widths(goal_predicted_ms: float, measured_goal: Callable[[float], floa
             stopped = "the measured time gives no usable correction"
             break
     chosen = min(range(len(trials)), key=lambda i: abs(math.log1p(trials[i].miss)))
-    return Timed(found[chosen], tuple(trials), chosen, stopped, clock.step)
+    return Timed(found[chosen], tuple(trials), chosen, stopped, clock.step, clock.base)
 
 
 def decision(widths: Widths) -> tuple:

@@ -11,7 +11,7 @@ from onnx import shape_inference
 
 from ..data.calibration import Runner, Weights, session, without_initializers
 from ..data.kv_cache import fitted
-from ..data.timing import decode_feed, interleaved_medians, is_past
+from ..data.timing import decode_feed, interleaved_medians, is_past, time_base
 from ..errors import SnpError
 from ..io.loading import is_big, model_file
 from ..ir import external
@@ -290,13 +290,14 @@ def _line(exc: Exception) -> str:
 
 def latency(original: onnx.ModelProto, pruned: onnx.ModelProto, feed: dict[str, np.ndarray],
             rounds: int = 10, budget_s: float = 1.0, original_weights: Weights | None = None) -> tuple[float, float]:
-    """Median milliseconds per run of both models on `feed`, one intra-op thread (a report
-    figure; tools/bench_speed.py is the careful measurement)."""
+    """Median milliseconds per run of both models on `feed`, one intra-op thread, on the clock
+    data/timing.py's time_base(1) gives (a report figure; tools/bench_speed.py is the careful
+    measurement)."""
     sessions = [session(original, threads=1, weights=original_weights), session(pruned, threads=1)]
     feeds = [fitted(sess, feed) for sess in sessions]
     for sess, own in zip(sessions, feeds):
         sess.run(None, own)
-    return interleaved_medians(sessions, feeds, rounds, budget_s)
+    return interleaved_medians(sessions, feeds, rounds, budget_s, base=time_base(1))
 
 
 def decode_latency(original: onnx.ModelProto, pruned: onnx.ModelProto, feed: dict[str, np.ndarray],
@@ -304,7 +305,8 @@ def decode_latency(original: onnx.ModelProto, pruned: onnx.ModelProto, feed: dic
                    ) -> tuple[float, float] | None:
     """A language model's cached decode step: median milliseconds of one new token after a
     prefill of `feed`'s first sample (each model fed its own present outputs back as its past,
-    so a pruned model reads its narrower cache), one intra-op thread, interleaved; None where
+    so a pruned model reads its narrower cache), one intra-op thread, interleaved, on the clock
+    of `latency`; None where
     the model takes no KV cache or its inputs cannot be stepped (see decode_feed)."""
     if not any(is_past(name, value) for name, value in feed.items()):
         return None
@@ -322,7 +324,7 @@ def decode_latency(original: onnx.ModelProto, pruned: onnx.ModelProto, feed: dic
     except Exception as exc:  # onnxruntime's own errors: a report figure never stops a prune
         log.info("decode step not timed: %s", _line(exc))
         return None
-    return interleaved_medians(sessions, feeds, rounds, budget_s)
+    return interleaved_medians(sessions, feeds, rounds, budget_s, base=time_base(1))
 
 
 def attention_error(batches: Iterable[tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]],
