@@ -42,6 +42,7 @@ import harness
 from harness import DOCS
 
 from onnxsnp.data.calib_text import stream_windows
+from onnxsnp.io.genai import genai_folder, pruned_config, write_folder
 from onnxsnp.options import make_options
 from onnxsnp.pipeline import prune_model
 
@@ -315,6 +316,8 @@ def main() -> None:
                         "others): an upper bound, not a measurement of the tool (oracle_calibration)")
     parser.add_argument("--reports", type=Path, help="write each run's reconstruction report (per-layer "
                                                      "`reconstruction.halves`) to DIR/<run number>.json")
+    parser.add_argument("--keep", type=Path, help="write each run's pruned model to DIR/<run number>/model.onnx "
+                                                  "(a genai folder: the folder; to time it again: tools/time_decode_step.py)")
     args = parser.parse_args()
     from tokenizers import Tokenizer
 
@@ -368,8 +371,15 @@ def main() -> None:
                 {"label": label, "options": extra, "flops_before": report.flops_before,
                  "flops_after": report.flops_after, "reconstruction": report.reconstruction,
                  "target": report.target, "timed": (report.allocation or {}).get("timed"),
-                 "decode_ms": [report.decode_ms_before, report.decode_ms_after], "cut": report.cut_lines()},
+                 "decode_ms": [report.decode_ms_before, report.decode_ms_after], "clock": report.latency_clock, "cut": report.cut_lines()},
                 default=str))
+        if args.keep:  # what the CLI writes: a genai folder (its config's head size) or a model file
+            kept = args.keep / str(len(rows) - 1)
+            if (genai := genai_folder(source.parent)) is not None:
+                write_folder(genai, kept, result.model, pruned_config(genai, result.model), True)
+            else:
+                kept.mkdir(parents=True, exist_ok=True)
+                onnx.save(result.model, str(kept / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
         if not layers and report.reconstruction and len(extra) == 1:  # the first default run, layer by layer
             layers = [f"Per layer, `{label}`: the relative error of each half-block's output (the softmax's score "
                       "error for Q/K, then the attention and FFN refits), with the weights as sliced and after the "
