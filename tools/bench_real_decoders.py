@@ -375,6 +375,7 @@ def main() -> None:
                 default=str))
         if args.keep:  # what the CLI writes: a genai folder (its config's head size) or a model file
             kept = args.keep / str(len(rows) - 1)
+            kept.parent.mkdir(parents=True, exist_ok=True)
             if (genai := genai_folder(source.parent)) is not None:
                 write_folder(genai, kept, result.model, pruned_config(genai, result.model), True)
             else:
