@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import statistics
 import tempfile
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path

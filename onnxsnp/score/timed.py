@@ -7,7 +7,8 @@ at `--target-speedup 2` ran 2.19× (docs/SPEED_LATENCY_TARGET.md). A model's tim
 shapes, not by its weights, so the allocated widths are rewritten with sliced weights (nothing
 refitted: cheap) and timed against the original, interleaved, one intra-op thread, as users run
 it, on the calling thread's CPU clock (data/timing.py's time_base: on a loaded machine the wall
-clock moved the original's own decode step 3.3x between checks, and the search chased that). While the measured time misses the goal by more than TOLERANCE, the goal in predicted
+clock moved the original's own decode step 3.3x between checks, and the search chased that).
+While the measured time misses the goal by more than TOLERANCE, the goal in predicted
 milliseconds is scaled by measured ÷ predicted and the widths are allocated again, at most
 ROUNDS times; the widths measured closest to the goal win. A correction that would remove nothing
 is never timed: on a model made of per-op overhead, noise can put the unpruned model nearest the goal.
