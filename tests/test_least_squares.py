@@ -177,7 +177,27 @@ def test_a_ridges_losses_do_not_depend_on_the_others_evaluated_with_it(seed):
     for indices in ([2], [1, 2, 3], [0, 4], [3, 1]):
         np.testing.assert_array_equal(
             cross_validated_losses(equations, keep, prior, tuple(RIDGE_GRID[i] for i in indices)), whole[indices])
-    assert choose_ridge(equations, keep, prior) == RIDGE_GRID[int(np.argmin(whole))]
+    for start in (None, *RIDGE_GRID, 0.5):  # any start: the previous choice, none, a λ off the grid
+        assert choose_ridge(equations, keep, prior, start=start) == RIDGE_GRID[int(np.argmin(whole))]
+
+
+def test_the_ridge_choice_starting_at_its_answer_evaluates_only_its_neighbours(monkeypatch):
+    """A start at the chosen λ (the previous layer's choice, when layers agree) costs the solves
+    of that λ and its neighbours on the grid, nothing more."""
+    _, _, weight, equations = problem(0, noise=0.5)
+    keep = np.arange(INPUTS)
+    whole = cross_validated_losses(equations, keep, weight)
+    chosen = int(np.argmin(whole))
+    asked = []
+    original = least_squares.cross_validated_losses
+
+    def counting(equations, keep, prior, grid=RIDGE_GRID):
+        asked.extend(grid)
+        return original(equations, keep, prior, grid)
+
+    monkeypatch.setattr(least_squares, "cross_validated_losses", counting)
+    assert choose_ridge(equations, keep, weight, start=RIDGE_GRID[chosen]) == RIDGE_GRID[chosen]
+    assert sorted(asked) == list(RIDGE_GRID[max(0, chosen - 1):chosen + 2])
 
 
 @pytest.mark.parametrize("unit", [1, 3])
