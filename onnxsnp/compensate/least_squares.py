@@ -256,10 +256,11 @@ def unimodal_argmin(evaluate: Callable[[list[int]], np.ndarray], size: int, star
 
     On SmolLM2 (32 calibration windows) the cross-validated ridge curve was strictly unimodal at
     all 60 refits, its least at the grid's top in 58 (docs/PRUNE_COST_DECODER.md, sixth round):
-    from the previous layer's choice, 126 of the 300 solves per fold. Where the
-    values seen contradict a unimodal curve — `start` above both neighbours, a tie, a value that
+    from the previous layer's choice, 126 of the 300 λs (a solve per fold each) were evaluated.
+    Where the values seen contradict a unimodal curve — `start` above both neighbours, a tie, a value that
     is not finite (a singular fold) — every value is evaluated and np.argmin taken, as before. A
-    curve that dips twice beyond the values seen is not detected: the walk returns the local least."""
+    curve that dips twice beyond the values seen is not detected: the walk returns the local least
+    (which then depends on `start`)."""
     known: dict[int, float] = {}
 
     def see(indices) -> bool:
