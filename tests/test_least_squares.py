@@ -6,7 +6,8 @@ import pytest
 
 from onnxsnp.compensate import least_squares
 from onnxsnp.compensate.least_squares import (FOLDS, RIDGE_GRID, NormalEquations, Obs, choose_ridge,
-                                   cross_validated_losses, loss, lower_inverse, solve, spd_inverse)
+                                   cross_validated_losses, loss, lower_inverse, solve, spd_inverse,
+                                   unimodal_argmin)
 
 INPUTS, OUTPUTS, TOKENS = 12, 5, 400
 
@@ -110,6 +111,93 @@ def test_cross_validated_losses_on_a_fold_pool_equal_one_fold_at_a_time(monkeypa
     one_at_a_time = cross_validated_losses(equations, keep, prior)
     monkeypatch.setattr(least_squares, "_fold_workers", lambda: FOLDS)
     np.testing.assert_array_equal(cross_validated_losses(equations, keep, prior), one_at_a_time)
+
+
+class Counted:
+    """`unimodal_argmin`'s `evaluate` over fixed values, recording which indices it was asked for."""
+
+    def __init__(self, values):
+        self.values, self.asked = np.asarray(values, dtype=float), []
+
+    def __call__(self, indices):
+        self.asked += list(indices)
+        return self.values[indices]
+
+
+def valley(size: int, least: int, rng) -> np.ndarray:
+    """Distinct values falling strictly to index `least`, then rising strictly."""
+    steps = rng.uniform(0.1, 2.0, size)
+    return np.array([steps[min(i, least):max(i, least)].sum() for i in range(size)]) + rng.uniform(-5, 5)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 7])
+def test_the_walk_finds_a_valleys_least_from_any_start_evaluating_each_value_once(size):
+    """On a curve falling then rising, wherever its least and the start: np.argmin's index, each
+    value evaluated at most once, and only the start's neighbours and the path down to the least's
+    far neighbour."""
+    rng = np.random.default_rng(size)
+    for least in range(size):
+        for start in range(size):
+            values = Counted(valley(size, least, rng))
+            assert unimodal_argmin(values, size, start) == least == int(np.argmin(values.values))
+            assert len(values.asked) == len(set(values.asked))
+            low, high = max(0, min(start, least) - 1), min(size - 1, max(start, least) + 1)
+            assert sorted(values.asked) == list(range(low, high + 1))
+
+
+@pytest.mark.parametrize("values, start", [
+    ([0.0, 5.0, 9.0, 1.0, 3.0], 2),  # the start above both neighbours: a peak
+    ([4.0, 3.0, 3.0, 1.0, 2.0], 2),  # a tie among the values seen
+    ([4.0, np.inf, 3.0, 1.0, 2.0], 2),  # a singular fold's loss
+    ([4.0, 3.0, 2.0, np.inf, 0.5], 2),
+    ([np.inf, np.inf, np.inf, np.inf, np.inf], 2),
+])
+def test_the_walk_evaluates_the_whole_grid_where_the_values_seen_are_not_one_valley(values, start):
+    counted = Counted(values)
+    assert unimodal_argmin(counted, len(values), start) == int(np.argmin(values))
+    assert sorted(counted.asked) == list(range(len(values)))
+
+
+def test_the_walk_returns_the_local_least_where_a_second_dip_lies_beyond_the_values_seen():
+    """The limit the docstring states: a dip the walk never looks at is not found."""
+    values = [1.0, 5.0, 3.0, 2.0, 4.0]
+    counted = Counted(values)
+    assert unimodal_argmin(counted, len(values), 2) == 3
+    assert 0 not in counted.asked
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_a_ridges_losses_do_not_depend_on_the_others_evaluated_with_it(seed):
+    """What makes the walk's choice the whole grid's: each λ's cross-validated loss is the same
+    number, bit for bit, whichever λs are evaluated in the same call."""
+    _, _, weight, equations = problem(seed, noise=0.5)
+    keep = np.array([0, 1, 3, 4, 6, 8, 10, 11])
+    prior = weight[keep] * 0.8
+    whole = cross_validated_losses(equations, keep, prior)
+    for indices in ([2], [1, 2, 3], [0, 4], [3, 1]):
+        np.testing.assert_array_equal(
+            cross_validated_losses(equations, keep, prior, tuple(RIDGE_GRID[i] for i in indices)), whole[indices])
+    for start in (None, *RIDGE_GRID, 0.5):  # any start: the previous choice, none, a λ off the grid
+        assert choose_ridge(equations, keep, prior, start=start) == RIDGE_GRID[int(np.argmin(whole))]
+
+
+def test_the_ridge_choice_starting_at_its_answer_evaluates_only_its_neighbours(monkeypatch):
+    """A start at the chosen λ (the previous layer's choice, when layers agree) costs the solves
+    of that λ and its neighbours on the grid, nothing more."""
+    _, _, weight, equations = problem(0, noise=0.5)
+    keep = np.arange(INPUTS)
+    whole = cross_validated_losses(equations, keep, weight)
+    chosen = int(np.argmin(whole))
+    asked = []
+    original = least_squares.cross_validated_losses
+
+    def counting(equations, keep, prior, grid=RIDGE_GRID):
+        asked.extend(grid)
+        return original(equations, keep, prior, grid)
+
+    monkeypatch.setattr(least_squares, "cross_validated_losses", counting)
+    assert choose_ridge(equations, keep, weight, start=RIDGE_GRID[chosen]) == RIDGE_GRID[chosen]
+    assert sorted(asked) == list(RIDGE_GRID[max(0, chosen - 1):chosen + 2])
 
 
 @pytest.mark.parametrize("unit", [1, 3])

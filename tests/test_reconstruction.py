@@ -270,3 +270,27 @@ def test_a_sandwich_normed_target_stays_on_the_branchs_sphere():
         other = best + 0.05 * rng.standard_normal(best.shape)
         other *= radius / np.linalg.norm(other)
         assert np.sum(np.square(gamma * (other - wanted))) >= np.sum(np.square(gamma * (best - wanted))) - 1e-6
+
+
+def test_the_ridge_walk_starts_at_the_last_choice_for_inputs_of_the_same_width(monkeypatch):
+    """Each refit's ridge walk starts where the last refit of inputs as wide chose (an o_proj after
+    the previous layer's o_proj, an fc2 after its fc2); the first of a width starts nowhere."""
+    from onnxsnp.compensate import reconstruction
+    from onnxsnp.compensate.least_squares import RIDGE_GRID, NormalEquations
+
+    g = ModelGraph(onnx.load(str(DIGITS)))
+    reconstructor = Reconstructor(g, find_blocks(g))
+    starts, answers = [], iter(RIDGE_GRID)
+
+    def choose(equations, keep, prior, start=None):
+        starts.append((equations.inputs, start))
+        return next(answers)
+
+    monkeypatch.setattr(reconstruction, "choose_ridge", choose)
+    chosen = [reconstructor._ridge_for(NormalEquations.empty(width, 2), np.arange(width), np.zeros((width, 2)))
+              for width in (4, 6, 4, 4, 6)]
+    assert chosen == list(RIDGE_GRID)
+    assert starts == [(4, None), (6, None), (4, chosen[0]), (4, chosen[2]), (6, chosen[1])]
+    fixed = Reconstructor(g, find_blocks(g), ridge=0.5)
+    assert fixed._ridge_for(NormalEquations.empty(4, 2), np.arange(4), np.zeros((4, 2))) == 0.5
+    assert len(starts) == 5  # a fixed ridge chooses nothing

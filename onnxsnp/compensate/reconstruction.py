@@ -84,6 +84,7 @@ class Reconstructor:
         self.g, self.matches = g, matches
         self.criterion, self.selection, self.propagation = criterion_named(criterion), selection, propagation
         self.ridge, self.rescale_qk = ridge, rescale_qk
+        self._ridge_starts: dict[int, float] = {}  # input width → the last ridge chosen (_ridge_for)
         self.seed = seed
         self.rng = np.random.default_rng(seed)
         self.halves = plan_segments(g, matches)
@@ -282,7 +283,15 @@ class Reconstructor:
         return equations
 
     def _ridge_for(self, equations: NormalEquations, keep: np.ndarray, prior: np.ndarray) -> float:
-        return self.ridge if self.ridge is not None else choose_ridge(equations, keep, prior[keep])
+        if self.ridge is not None:
+            return self.ridge
+        # the walk over the ridge grid starts at the last choice for inputs of this width (a
+        # decoder's o_proj, its fc2): layer after layer they choose alike, and the walk then
+        # evaluates 2-3 λs of 5; on a curve falling then rising (60 of 60 on SmolLM2) the choice
+        # does not depend on the start (choose_ridge)
+        ridge = choose_ridge(equations, keep, prior[keep], start=self._ridge_starts.get(equations.inputs))
+        self._ridge_starts[equations.inputs] = ridge
+        return ridge
 
     def _refit(self, name: str, equations: NormalEquations, keep: np.ndarray, prior: np.ndarray, linear) -> Refit:
         ridge = self._ridge_for(equations, keep, prior)
