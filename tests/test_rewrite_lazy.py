@@ -1,7 +1,8 @@
-"""The rewrite's weights not held twice (rewrite/lazy.py) and the reconstruction's refits held in
+"""The rewrite's weights not held twice (rewrite/lazy.py), the reconstruction's refits held in
 their weights' dtypes: a weight read for its slice stays lazy, a large new weight goes to the
 spill file as the editor makes it and reads back as made, and the refits held at the stored
-width rewrite to the same bytes as refits held in float64."""
+width rewrite to the same bytes as refits held in float64; and a large prune fixes glibc's mmap
+threshold (heap.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -105,3 +106,29 @@ def test_refits_are_held_in_their_weights_dtypes_and_rewrite_as_float64_ones(exp
     for node, refit in plan.refits.items():
         np.testing.assert_array_equal(refit.weight, wide.refits[node].weight.astype(np.float32))
     assert rewrite(g, plan).SerializeToString() == rewrite(g, wide).SerializeToString()
+
+
+def test_a_large_prune_fixes_the_heaps_mmap_threshold_unless_the_user_set_one(monkeypatch):
+    """pipeline._memory_releaser: above TRIM_ABOVE_BYTES, mallopt(M_MMAP_THRESHOLD, 128 KiB), so
+    that glibc stops raising the threshold (heap.py); a smaller model, or a threshold the user
+    set in the environment, leaves the allocator as it is."""
+    from onnxsnp import heap, pipeline
+
+    calls = []
+
+    class Libc:
+        def mallopt(self, parameter, value):
+            calls.append((parameter, value))
+
+        def malloc_trim(self, pad):
+            pass
+
+    monkeypatch.setattr(heap, "_libc", lambda: Libc())
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    pipeline._memory_releaser(pipeline.TRIM_ABOVE_BYTES)
+    assert calls == []
+    pipeline._memory_releaser(pipeline.TRIM_ABOVE_BYTES + 1)
+    assert calls == [(heap.M_MMAP_THRESHOLD, heap.MMAP_THRESHOLD_BYTES)]
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    pipeline._memory_releaser(pipeline.TRIM_ABOVE_BYTES + 1)
+    assert len(calls) == 1
