@@ -42,7 +42,7 @@ from .score.profiling import profile_nodes
 from .progress import Steps, reporting, stage
 from .compensate.batches import Shards
 from .compensate.least_squares import FOLDS
-from .heap import release_heap
+from .heap import fix_mmap_threshold, release_heap
 from .compensate.halves import plan_segments
 from .plan import AttentionWidth, Propagation, Widths
 from .compensate.reconstruction import Reconstructor
@@ -484,7 +484,10 @@ def _memory_releaser(model_bytes: int) -> Callable[[], None]:
         gc.collect()  # onnx-graphsurgeon graphs are reference cycles: they hold sliced weights until collected
         release_heap()
 
-    return release if model_bytes > TRIM_ABOVE_BYTES else (lambda: None)
+    if model_bytes <= TRIM_ABOVE_BYTES:
+        return lambda: None
+    fix_mmap_threshold()  # and large blocks given back as they are freed, within a stage too (heap.py)
+    return release
 
 
 def _since(started: float) -> str:

@@ -11,9 +11,10 @@ fidelity line and fits on the rest.
     (bench_prune_decoder.decoder_pass), its ru_maxrss;
 (b) `prune_model(MODEL, ratio 0.25, calib=windows)` in a fresh process whose resident memory is
     sampled every 50 ms by a thread, each sample tagged with the pipeline stage running
-    (pipeline.stage's names; the reconstruction's passes by their Shard method), and its
-    ru_maxrss. `--code DIR` runs (b) with another checkout's onnxsnp (e.g. a worktree of master),
-    so that before and after are measured on the same machine; `--save PATH` writes the pruned
+    (pipeline.stage's names; the reconstruction's passes by their Shard method): each stage's peak
+    and its first and last samples; and the process's ru_maxrss. `--code DIR` runs (b) with
+    another checkout's onnxsnp (e.g. a worktree of master), so that before and after are measured
+    on the same machine; `--save PATH` writes the pruned
     model (to compare before and after byte for byte).
 
     python tools/bench_prune_memory.py [--windows 64] [--model PATH] [--code DIR] [--save PATH]
@@ -61,7 +62,8 @@ def prune_child(model: str, calib: str, save: str) -> None:
         while not stop.is_set():
             with open("/proc/self/status") as status:
                 rss = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
-            peaks[tag[0]] = max(peaks.get(tag[0], 0.0), rss)
+            seen = peaks.setdefault(tag[0], [rss, rss, rss])  # peak, first sample, last sample
+            seen[0], seen[2] = max(seen[0], rss), rss
             time.sleep(0.05)
 
     threading.Thread(target=sample, daemon=True).start()
@@ -147,9 +149,11 @@ def main() -> None:
     result = json.loads(run.stdout.strip().splitlines()[-1])
     print(f"onnxsnp ({code}) on {len(ids)} windows ({result['held_out']} held back): {result['seconds']:.0f} s, "
           f"peak RSS {result['peak_mb']:.0f} MB, perplexity {result['perplexity'][0]:.3f} → {result['perplexity'][1]:.3f}")
-    print("| stage | peak RSS MB |\n|---|---|")
-    for name, peak in sorted(result["stages"].items(), key=lambda item: -item[1]):
-        print(f"| {name} | {peak:.0f} |")
+    # first and last: the samples at a stage's start and end (what the stage found, what it left;
+    # a stage entered several times, as the passes are: its first entry and its last)
+    print("| stage | peak RSS MB | first sample | last sample |\n|---|---|---|---|")
+    for name, (peak, first, last) in sorted(result["stages"].items(), key=lambda item: -item[1][0]):
+        print(f"| {name} | {peak:.0f} | {first:.0f} | {last:.0f} |")
 
 
 if __name__ == "__main__":

@@ -11,16 +11,19 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..ir import external
 from ..ir.graph import ModelGraph
 from ..match import Linear
 from ..match.groups import Cut
 from ..ir.quantized import chain_behind, requantized, rescaled, sliced
+from .lazy import read, to_file
 
 
 class Editor:
-    def __init__(self, g: ModelGraph, graph: gs.Graph):
+    def __init__(self, g: ModelGraph, graph: gs.Graph, spill: external.Spill | None = None):
         self.g = g
         self.graph = graph
+        self.spill = spill  # where the larger new constants go as they are made (lazy.py)
         self.nodes = {n.name: n for n in graph.nodes}
         self.tensors = graph.tensors()
         self.known: dict[str, np.ndarray] = {}  # values of the dequantizing chains this rewrite wrote
@@ -39,6 +42,8 @@ class Editor:
     def constant(self, base: str, values: np.ndarray) -> gs.Constant:
         values = np.asarray(values)  # (np.ascontiguousarray would turn a scalar into shape (1,))
         tensor = gs.Constant(self.unique(base), values if values.flags.c_contiguous else values.copy())
+        if self.spill is not None:
+            to_file(tensor, self.spill)
         self.tensors[tensor.name] = tensor
         return tensor
 
@@ -59,11 +64,19 @@ class Editor:
         return value
 
     def current(self, node: gs.Node, index: int) -> np.ndarray:
-        """The value a node input holds now: edits made earlier in this rewrite included."""
+        """The value a node input holds now: edits made earlier in this rewrite included. A weight
+        is decoded for the caller and not kept (lazy.py): asked again, it is decoded again."""
         tensor = node.inputs[index]
         if tensor.name in self.known:
             return self.known[tensor.name]
-        return tensor.values if isinstance(tensor, gs.Constant) else self.value(tensor.name)
+        return read(tensor) if isinstance(tensor, gs.Constant) else self.value(tensor.name)
+
+    def shape(self, node: gs.Node, index: int) -> tuple[int, ...]:
+        """The shape of what `current` would return, without decoding a constant for it."""
+        tensor = node.inputs[index]
+        if tensor.name not in self.known and isinstance(tensor, gs.Constant):
+            return tuple(tensor.shape)
+        return self.current(node, index).shape
 
     def replace_input(self, node: gs.Node, index: int, values: np.ndarray) -> None:
         node.inputs[index] = self.constant(node.inputs[index].name, values)
@@ -138,7 +151,7 @@ class Editor:
         for (node, index, axis), parts in spans.items():
             if (node, index, axis) in done:
                 continue
-            kept = np.ones(self.current(self.nodes[node], index).shape[axis], dtype=bool)
+            kept = np.ones(self.shape(self.nodes[node], index)[axis], dtype=bool)
             for weight, cut in parts:
                 kept[weight.indices(np.arange(cut.group.size)).reshape(-1)] = False
                 kept[weight.indices(cut.keep).reshape(-1)] = True

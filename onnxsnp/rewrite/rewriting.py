@@ -16,14 +16,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
-try:  # graphsurgeon's internals, for the one-copy export; a version without them takes its public export
-    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, dtype_to_onnx
-    from onnx_graphsurgeon.ir.tensor import SparseValues
-except ImportError:  # pragma: no cover - depends on the installed graphsurgeon
-    OnnxExporter = None
 
 from .decoding import kv_cache_shapes, set_kv_cache_shapes, slice_rotary_tables
 from .editor import Editor
+from .lazy import FromFile, OnnxExporter, SparseValues, onnx_type
 from ..ir import external
 from ..ir.graph import ModelGraph
 from ..compensate.masking import mapped_columns
@@ -36,12 +32,12 @@ from ..match.residual import stream_group
 
 def rewrite(g: ModelGraph, plan: PrunePlan, spill: external.Spill | None = None) -> onnx.ModelProto:
     """Return a new model with the plan applied; `g.model` is left as it was. With `spill`, its
-    larger new weights go to that file as they are exported, and the ones it keeps unchanged from
+    larger new weights go to that file as the editor makes them (lazy.py), and the ones it keeps unchanged from
     a lazily loaded input stay in the input's file: a model of lazy stubs (external.py), for the
     caller to make whole."""
     graph = gs.import_onnx(g.model)
     _read_lazily(graph)
-    editor = Editor(g, graph)
+    editor = Editor(g, graph, spill)
     changed = [keep for keep in plan.attention if keep.changes_something()]
     for keep in changed:
         _freeze_scales(editor, keep, plan.scale_values)
@@ -76,21 +72,11 @@ def rewrite(g: ModelGraph, plan: PrunePlan, spill: external.Spill | None = None)
     return model
 
 
-class _FromFile(LazyValues):
-    """graphsurgeon's lazy values of a lazy stub (ir/external.py): decoded from the input's data
-    file where the editor asks for them; exported as the stub, made whole after the export."""
-
-    def load(self):
-        if self.tensor.data_type in external.PLAIN:
-            return external.to_array(self.tensor)
-        return LazyValues(external.inline(self.tensor)).load()
-
-
 def _read_lazily(graph: gs.Graph) -> None:
     for tensor in graph.tensors().values():
         if isinstance(tensor, gs.Constant) and type(tensor._values) is LazyValues and \
                 external.is_lazy(tensor._values.tensor):
-            tensor._values = _FromFile(tensor._values.tensor)
+            tensor._values = FromFile(tensor._values.tensor)
             # decoded and exported again, a constant would otherwise be marked external with its
             # bytes in the protobuf (the exporter copies the import's data location); DEFAULT, as
             # the import of the whole model (onnx's loader sets it) leaves it: the same bytes
@@ -115,7 +101,7 @@ def _export(graph: gs.Graph, spill: external.Spill | None = None) -> onnx.ModelP
             full = values[name]
             source = full.tensor if isinstance(full, LazyValues) else None
             stub = onnx.TensorProto(name=name, data_type=source.data_type if source is not None else
-                                    _onnx_type(tensor))
+                                    onnx_type(tensor))
             stub.dims.extend(tensor.shape)
             tensor._values = LazyValues(stub)
         model = gs.export_onnx(graph, do_type_check=False)
@@ -129,10 +115,6 @@ def _export(graph: gs.Graph, spill: external.Spill | None = None) -> onnx.ModelP
             initializer.CopyFrom(spill.put(exported) if spill is not None else exported)
             del exported
     return model
-
-
-def _onnx_type(tensor: gs.Constant) -> int:
-    return dtype_to_onnx(tensor.export_dtype)
 
 
 def plan_cuts(g: ModelGraph, plan: PrunePlan) -> list[Cut]:
