@@ -271,6 +271,9 @@ def quantized_table(args, source: Path, calib: dict[str, np.ndarray], heldout: n
 
 
 ORACLES = ("heldout-text", "in-sample")
+# the split oracles (tools/oracle_split.py): what to keep chosen on one set, the rescales and refits
+# fitted on the other; "in-sample" is the set --oracle in-sample calibrates on
+SPLITS = {"choose-calibration": ("calibration", "in-sample"), "choose-in-sample": ("in-sample", "calibration")}
 
 
 def oracle_calibration(tokenizer, heldout_texts: list[str], heldout: np.ndarray, count: int, kind: str) -> np.ndarray:
@@ -292,6 +295,23 @@ def oracle_calibration(tokenizer, heldout_texts: list[str], heldout: np.ndarray,
     return every[np.r_[fitted, extra[len(extra) - held_back:]]]
 
 
+def split_prune(source: Path, options, split: tuple[dict, dict], heldout: np.ndarray,
+                reference: tuple[float, np.ndarray]):
+    """ORACLE (tools/oracle_split.py): prune on the first set recording what is kept (its fidelity
+    printed, a check against the unsplit row), then on the second set keeping exactly that."""
+    from oracle_split import Choices, forcing, recording
+
+    choices = Choices()
+    with recording(choices):
+        first = prune_model(str(source), options, calib=split[0])
+    ratio, agreement = fidelity(first.model, heldout, reference)
+    print(f"ORACLE split, first prune (choices and refits on the first set): perplexity {ratio:.3f}x, "
+          f"agreement {agreement:.1%}; {choices.count()} choices recorded", flush=True)
+    del first
+    with forcing(choices):
+        return prune_model(str(source), options, calib=split[1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="smollm2")
@@ -311,9 +331,11 @@ def main() -> None:
                         "float model, then quantizing it the same way (docs/QUANTIZED.md)")
     parser.add_argument("--scratch", type=Path, default=Path("/tmp/bench-real-quantized"),
                         help="where --quantize writes its int8 models")
-    parser.add_argument("--oracle", choices=ORACLES, help="DIAGNOSIS ONLY: calibrate on the held-out text "
-                        "(\"heldout-text\": its other windows; \"in-sample\": the scored windows themselves and "
-                        "others): an upper bound, not a measurement of the tool (oracle_calibration)")
+    parser.add_argument("--oracle", choices=ORACLES + tuple(SPLITS), help="DIAGNOSIS ONLY: calibrate on the "
+                        "held-out text (\"heldout-text\": its other windows; \"in-sample\": the scored windows "
+                        "themselves and others): an upper bound, not a measurement of the tool (oracle_calibration); "
+                        "\"choose-calibration\": what to keep chosen on the calibration windows, the rescales and "
+                        "refits fitted in-sample; \"choose-in-sample\": the reverse (tools/oracle_split.py)")
     parser.add_argument("--reports", type=Path, help="write each run's reconstruction report (per-layer "
                                                      "`reconstruction.halves`) to DIR/<run number>.json")
     parser.add_argument("--keep", type=Path, help="write each run's pruned model to DIR/<run number>/model.onnx "
@@ -330,7 +352,14 @@ def main() -> None:
     # what `--calib-text` makes of a text file for a model with a KV cache (Gemma's <bos> first in each)
     calibration = stream_windows(tokenizer, calibration_texts, WINDOW, count)
     heldout = stream_windows(tokenizer, heldout_texts, WINDOW, held)
-    if args.oracle:
+    split = None
+    if args.oracle in SPLITS:  # two prunes a run: choices from the first, rescales and refits from the second
+        sets = {"calibration": calibration,
+                "in-sample": oracle_calibration(tokenizer, heldout_texts, heldout, count, "in-sample")}
+        split = tuple({"input_ids": sets[n], "attention_mask": np.ones_like(sets[n])} for n in SPLITS[args.oracle])
+        print(f"ORACLE split ({args.oracle}): kept units chosen on the {SPLITS[args.oracle][0]} windows, rescales "
+              f"and refits on the {SPLITS[args.oracle][1]} windows", flush=True)
+    elif args.oracle:
         calibration = oracle_calibration(tokenizer, heldout_texts, heldout, count, args.oracle)
         print(f"ORACLE calibration ({args.oracle}): {len(calibration)} windows of the held-out text", flush=True)
     calib = {"input_ids": calibration, "attention_mask": np.ones_like(calibration)}
@@ -357,7 +386,11 @@ def main() -> None:
             "input_ids": (ids := stream_windows(tokenizer, calibration_texts, WINDOW, extra["windows"])),
             "attention_mask": np.ones_like(ids)}
         # the written model is timed only where a run asks for it (`"measure_latency": true`: a speedup goal's landing)
-        result = prune_model(str(source), make_options(**{"measure_latency": False, **folder, **options}), calib=own)
+        made = make_options(**{"measure_latency": False, **folder, **options})
+        if split:
+            result = split_prune(source, made, split, heldout, (base, reference))
+        else:
+            result = prune_model(str(source), made, calib=own)
         picked, best = scores(result.model, heldout)
         report = result.report
         agreement = float((best == reference).mean())
@@ -390,8 +423,9 @@ def main() -> None:
                        for h in report.reconstruction["halves"]]
     table = ["| options | FLOPs | perplexity | × original | next-token agreement | prune time |",
              "|---|---|---|---|---|---|"] + rows
-    oracle = (f"**ORACLE** (`--oracle {args.oracle}`): calibrated on the held-out text itself, a diagnosis, not a "
-              "measurement of the tool.\n\n") if args.oracle else ""
+    oracle = (f"**ORACLE** (`--oracle {args.oracle}`): calibrated on the held-out text itself"
+              f"{' (kept units chosen on the %s windows, refits on the %s windows)' % SPLITS[args.oracle] if split else ''}"
+              ", a diagnosis, not a measurement of the tool.\n\n") if args.oracle else ""
     smoke = "**Smoke run** (`--smoke`): a few windows, to check that the bench runs; not a measurement.\n\n"
     out.write_text(f"""# Decoders: fidelity on a real pretrained LM ({title})
 

@@ -203,7 +203,7 @@ class Reconstructor:
             q_map, k_map = project_pairs(pairs, kept)
             return np.tile(np.arange(kept), (block.heads, 1)), q_map, k_map
         if self._by_softmax(block):
-            choice = choose_pairs(block, pairs.softmax, kept, QK_RIDGE)
+            choice = self._pair_choice(block, pairs.softmax, kept)
             self.reports.append(HalfReport(f"{block.name} (scores)", pairs.softmax.queries, QK_RIDGE,
                                            choice.error_sliced, choice.error_rescaled))
             log.debug("%s: softmax score error %.4f as sliced, %.4f rescaled", block.name, choice.error_sliced,
@@ -215,6 +215,11 @@ class Reconstructor:
             factors = pairs.rescales(AttentionKeep(block, qk, qk, every), QK_RIDGE)
             return qk, selection_map(qk, d, factors), None
         return qk, None, None
+
+    def _pair_choice(self, block, sums, kept: int):
+        """Kept Q/K pairs and their rescale by the softmax's score error (a seam: a diagnosis
+        fixes the choice and fits only the rescale, tools/oracle_split.py)."""
+        return choose_pairs(block, sums, kept, QK_RIDGE)
 
     def _projects_pairs(self, block) -> bool:
         return (self.reduction is Reduction.PROJECT and self.criterion.selects_by_refit and not block.rotary
@@ -257,22 +262,25 @@ class Reconstructor:
         shards.ffn_targets(number)
         equations = self._equations(number, shards, block.fc2)
         prior = input_weights(self.g, block.fc2)
-        if self.selection is Selection.OBS and self.criterion.selects_by_refit:
-            obs = Obs(equations, prior, self.ridge or DEFAULT_RIDGE)
-            step = max(1, -(-(block.hidden - kept) // 32))  # at most 32 removal rounds
-            while obs.alive.sum() > kept:
-                count = min(step, int(obs.alive.sum()) - kept)
-                obs.remove(np.argsort(obs.single_costs(), kind="stable")[:count])
-            hidden = np.flatnonzero(obs.alive)
-        else:
-            scores = self.criterion.ffn_scores(self.g, block, lambda: activation_norms(equations), self.rng)
-            hidden = np.sort(np.argsort(-scores, kind="stable")[:kept])
+        hidden = self._choose_hidden(block, equations, prior, kept)
         refit = self._refit(f"{layer.name} (ffn)", equations, hidden, prior, block.fc2)
         keep = FfnKeep(block, hidden)
         self.weights.apply_ffn(keep, refit)
         self.keeps_ffn.append(keep)
         self.refits[block.fc2.node] = self._as_stored(refit, block.fc2)
         shards.finish(number, self._weights_for(number, block.fc2))
+
+    def _choose_hidden(self, block, equations: NormalEquations, prior: np.ndarray, kept: int) -> np.ndarray:
+        """Kept FFN neurons (ascending): by what the refit can do without (OBS) or by scores."""
+        if self.selection is Selection.OBS and self.criterion.selects_by_refit:
+            obs = Obs(equations, prior, self.ridge or DEFAULT_RIDGE)
+            step = max(1, -(-(block.hidden - kept) // 32))  # at most 32 removal rounds
+            while obs.alive.sum() > kept:
+                count = min(step, int(obs.alive.sum()) - kept)
+                obs.remove(np.argsort(obs.single_costs(), kind="stable")[:count])
+            return np.flatnonzero(obs.alive)
+        scores = self.criterion.ffn_scores(self.g, block, lambda: activation_norms(equations), self.rng)
+        return np.sort(np.argsort(-scores, kind="stable")[:kept])
 
     # --- refits ------------------------------------------------------------------------------------
     def _equations(self, number: int, shards: Shards, linear) -> NormalEquations:

@@ -210,15 +210,22 @@ def removal_curve(block: AttentionBlock, sums: SoftmaxSums, ridge: float) -> np.
     return np.interp(np.arange(block.head_dim + 1), np.array(kept_dims[::-1]), np.array(errors[::-1]))
 
 
-def choose_pairs(block: AttentionBlock, sums: SoftmaxSums, kept: int, ridge: float) -> PairChoice:
+def choose_pairs(block: AttentionBlock, sums: SoftmaxSums, kept: int, ridge: float,
+                 fixed: np.ndarray | None = None) -> PairChoice:
     """`kept` Q/K dims per key/value group (rounded to whole units), removed one unit at a time where
-    the best rescale of the rest leaves the softmax's score error lowest; the rest rescaled."""
+    the best rescale of the rest leaves the softmax's score error lowest; the rest rescaled.
+    `fixed`: kept dims (groups, dims) chosen elsewhere: only the rescale is fitted on `sums` (a
+    diagnosis separates the choice from the rescale with it)."""
     unit_fisher, unit_cross, energy, penalties = _unit_sums(block, sums, ridge)
-    count = units.rounded(block, kept) // units.unit_size(block)
-    alive = [list(range(unit_fisher.shape[-1])) for _ in range(block.groups)]
-    for alive in _removals(block, unit_fisher, unit_cross, penalties, count):
-        pass
-    kept_units = np.array(alive)
+    if fixed is not None:
+        of = units.unit_of_dim(block)
+        kept_units = np.array([np.unique(of[row]) for row in fixed])
+    else:
+        count = units.rounded(block, kept) // units.unit_size(block)
+        alive = [list(range(unit_fisher.shape[-1])) for _ in range(block.groups)]
+        for alive in _removals(block, unit_fisher, unit_cross, penalties, count):
+            pass
+        kept_units = np.array(alive)
     qk = units.dims_of(block, kept_units)
     betas, rescaled = _left(unit_fisher, unit_cross, energy, penalties, kept_units)
     sliced = sum(float(np.ones(len(k)) @ unit_fisher[g][np.ix_(k, k)] @ np.ones(len(k))
