@@ -142,9 +142,9 @@ def kernel_times(path: Path) -> collections.Counter:
     names = [o.name for o in sess.get_outputs()]
     out = dict(zip(names, sess.run(None, step_feed(model, np.random.default_rng(0).integers(3, SHAPE["vocab"],
                                                                                           (1, PROMPT))))))
-    for _ in range(STEPS):
+    for step in range(STEPS):  # the position passed, as in `timings`
         past = {n.replace("present", "past_key_values"): v for n, v in out.items() if n.startswith("present")}
-        out = dict(zip(names, sess.run(None, step_feed(model, np.array([[1]]), past))))
+        out = dict(zip(names, sess.run(None, step_feed(model, np.array([[1]]), past, PROMPT + step))))
     times: collections.Counter = collections.Counter()
     for event in json.loads(Path(sess.end_profiling()).read_text()):
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):

@@ -88,9 +88,9 @@ def op_times(paths: list[Path], prompt: int, steps: int, repeats: int, threads: 
     for _ in range(repeats):
         for sess, model, names in runs:
             out = dict(zip(names, sess.run(None, step_feed(model, ids))))
-            for _ in range(steps):
+            for step in range(steps):  # the position passed: read off the graph every step it costs more than a step
                 past = {n.replace("present", "past_key_values"): v for n, v in out.items() if n.startswith("present")}
-                out = dict(zip(names, sess.run(None, step_feed(model, np.array([[1]]), past))))
+                out = dict(zip(names, sess.run(None, step_feed(model, np.array([[1]]), past, prompt + step))))
     return [_by_op(json.loads(Path(sess.end_profiling()).read_text()), steps, repeats,
                    node_groups(model) if by == "node" else None) for sess, model, _ in runs]
 
