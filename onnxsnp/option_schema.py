@@ -181,8 +181,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
                value=str, group=Group.RAW, choices=tuple(RESAMPLING), requires="calib_images"),
     OptionSpec("seed", 0, "seed for synthetic data, the choice of samples and --criterion random", value=int),
     OptionSpec("workers", 1, "hold the calibration batches of the block-by-block reconstruction on N Ray worker "
-                             "processes (1-4; needs pip install 'onnxsnp[ray]'); the result is the same as with one "
-                             "process. 1: this process, no Ray", value=int, metavar="N"),
+                             "processes (at most one per calibration batch; needs pip install 'onnxsnp[ray]'); the "
+                             "result is the same as with one process. 1: this process, no Ray", value=int, metavar="N"),
     OptionSpec("ray_address", None, "run the --workers on this existing Ray cluster (e.g. auto, or ray://head:10001) "
                                     "instead of a Ray instance started for the run", value=str, metavar="ADDR"),
     OptionSpec("batch_size", None, "samples per onnxruntime run over the calibration data (default: "

@@ -8,7 +8,6 @@ from enum import Enum
 from types import SimpleNamespace
 
 from .compensate.batches import Workers
-from .compensate.least_squares import FOLDS
 from .score.allocation import Target, parse_latency_target, parse_target
 from .errors import SnpError
 from .score.criteria import CRITERIA
@@ -63,9 +62,9 @@ def make_options(ratio: float = _DEFAULTS["ratio"], **keywords) -> PruneOptions:
     if v.batch_size is not None and (isinstance(v.batch_size, bool) or not isinstance(v.batch_size, int)
                                      or v.batch_size < 1):
         raise SnpError(f"batch size must be a positive integer, got {v.batch_size!r}")
-    if isinstance(v.workers, bool) or not isinstance(v.workers, int) or not 1 <= v.workers <= FOLDS:
-        raise SnpError(f"--workers must be an integer from 1 to {FOLDS} (one per cross-validation fold of the "
-                       f"refits, so that the result is the one-process result), got {v.workers!r}")
+    if isinstance(v.workers, bool) or not isinstance(v.workers, int) or v.workers < 1:
+        # the upper bound, one calibration batch per worker, is checked once the batches are cut
+        raise SnpError(f"--workers must be a positive integer, got {v.workers!r}")
     if v.ray_address is not None and (not isinstance(v.ray_address, str) or not v.ray_address.strip()):
         raise SnpError(f"--ray-address must be a Ray cluster address such as auto or ray://head:10001, "
                        f"got {v.ray_address!r}")

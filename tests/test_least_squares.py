@@ -306,5 +306,5 @@ def test_reconstruction_batches_leave_every_fold_some_samples():
         assert 1 <= batch <= RECONSTRUCTION_BATCH
         batches = split_batches({"x": np.zeros((samples, 2))}, batch)
         if samples >= FOLDS:
-            assert {owner(index, FOLDS) for index in range(len(batches))} == set(range(FOLDS))
+            assert {owner(index, FOLDS, len(batches)) for index in range(len(batches))} == set(range(FOLDS))
     assert reconstruction_batch(8 * RECONSTRUCTION_BATCH) == RECONSTRUCTION_BATCH

@@ -3,15 +3,21 @@
 A `Shard` holds some of the batches, each with its streams at the current cut: the original
 model's, the pruned model's, and the current half-block's target. The reconstructor decides
 (which units go, how a layer is refitted); a shard runs the half-blocks over its batches and
-hands back sums. A batch belongs to the shard `rank` of `count` when its fold (global batch index
-mod FOLDS) does, and each statistic comes back in a form whose merge is exact:
+hands back sums. A batch's fold is its global index mod FOLDS (the refits' cross-validation
+folds); `owner` says which of `count` shards holds it, and each statistic comes back in a form
+whose merge is exact:
 
-- normal equations per fold, each fold summed in one shard in batch order (the other shards'
-  zeros add nothing);
+- normal equations per fold, each summed from zero in batch order, as one process sums them. Up
+  to FOLDS shards hold whole folds and return each fold's sum, which the merge places. More shards
+  split folds into contiguous runs: the shard holding a fold's first batch returns its run's sum
+  (the same bits as one process's sum over those batches), every later batch of the fold comes
+  back on its own and the merge adds it to the fold in batch order — the additions one process
+  makes. (Adding a later run's partial sum instead would regroup the float sums: not the same bits.)
 - the Q/K pair statistics per batch, added in global batch order by the caller.
 
-So any number of shards up to FOLDS give the numbers one shard holding every batch gives, bit for
-bit: that is what lets `--workers` (distributed.py) spread the batches over processes or machines.
+So any number of shards up to the number of batches give the numbers one shard holding every
+batch gives, bit for bit: that is what lets `--workers` (distributed.py) spread the batches over
+processes or machines.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from typing import Protocol
 import numpy as np
 
 from ..ir.graph import ModelGraph, attribute
+from ..errors import SnpError
 from ..heap import release_heap
 from ..score.importance import (PairStatistics, PairSums, _as_tokens, projected, query_key, query_key_tensors,
                                 rotary_tables)
@@ -72,9 +79,36 @@ def split_batches(feed: dict[str, np.ndarray], batch: int) -> list[dict[str, np.
     return [{k: v[start:start + batch] for k, v in feed.items()} for start in range(0, total, batch)]
 
 
-def owner(index: int, count: int) -> int:
-    """The shard, of `count`, that holds batch `index` (whole folds per shard)."""
-    return index % FOLDS % count
+def owner(index: int, count: int, total: int) -> int:
+    """The shard, of `count`, that holds batch `index` of `total`. Up to FOLDS shards: whole folds
+    (fold mod count). More: the batches in fold-major order (fold 0's in batch order, then fold
+    1's, …) cut into `count` contiguous runs of near-equal length, so a fold is split over
+    consecutive shards and each shard holds at most one fold's non-leading part (FoldSums)."""
+    fold = index % FOLDS
+    if count <= FOLDS:
+        return fold % count
+    before = sum(len(range(f, total, FOLDS)) for f in range(fold))  # batches of the earlier folds
+    return (before + index // FOLDS) * count // total
+
+
+def check_workers(count: int, total: int, batch: int) -> None:
+    """Every shard must hold a batch (an empty one would sit idle through every pass)."""
+    if count > total:
+        raise SnpError(f"--workers {count}: the reconstruction has {total} calibration batch"
+                       f"{'es' if total > 1 else ''} of up to {batch} samples, one per worker at least: "
+                       f"use at most {total} workers or more calibration samples")
+
+
+@dataclass(frozen=True)
+class FoldSums:
+    """A shard's normal equations (module docstring): row r of `equations` is fold `folds[r]`
+    summed from the fold's first batch, in batch order, over this shard's run of it; `batches`
+    holds (batch index, that batch's one-row sums) for the batches of folds whose first batch
+    another shard holds."""
+
+    folds: tuple[int, ...]
+    equations: NormalEquations
+    batches: tuple[tuple[int, NormalEquations], ...] = ()
 
 
 def tokens(x: np.ndarray, samples: int, mask: np.ndarray | None) -> np.ndarray:
@@ -177,6 +211,7 @@ class Shard:
         self.g, self.matches, self.halves, self.original = g, matches, halves, original
         self.sequential = sequential  # False: the original stream is fed on (Propagation.ONE_SHOT)
         self.rank, self.count = rank, count
+        self.total = 0  # batches among all the shards
         self.batches: list[Batch] = []
         self._first: list[np.ndarray] | None = []
         self._cache: list[np.ndarray] | None = None
@@ -215,8 +250,9 @@ class Shard:
                         if r is not None for t in r.segment.side if self.g.producer_of(t).op_type != "Shape"})
         prefix = cut(self.g, "embeddings", [], [first.residual] + early, streams)
         prefix_runner = SegmentRunner(self.g, prefix) if prefix.nodes else None
+        self.total = len(parts)
         for index, inputs in enumerate(parts):
-            if owner(index, self.count) != self.rank:
+            if owner(index, self.count, self.total) != self.rank:
                 continue
             inputs = dict(inputs)
             item = Batch(index, inputs, next(iter(inputs.values())).shape[0],
@@ -325,13 +361,21 @@ class Shard:
         self.targets(half, query_key_tensors(block) + scales + tables, score)
         return AttentionSums(tuple(pairs), tuple(scale_values))
 
+    def leads(self, index: int) -> bool:
+        """Whether this shard holds the first batch of batch `index`'s fold (and so, its runs being
+        contiguous, every batch of the fold before `index`)."""
+        return owner(index % FOLDS, self.count, self.total) == self.rank
+
     @_pass
-    def equations(self, number: int, weights: dict[Slot, np.ndarray]) -> NormalEquations:
+    def equations(self, number: int, weights: dict[Slot, np.ndarray]) -> FoldSums:
         """Sums for refitting the layer after half `number`'s pruned group (output projection, fc2):
         its inputs in the pruned model against target − pruned residual input. Those inputs are
         also kept, where they fit in CACHE_BYTES (the next stream is then computed from them)."""
         half, linear = self.half(number), self.linear(number)
-        equations = NormalEquations.empty(linear.in_features, linear.out_features, FOLDS)
+        folds = tuple(sorted({item.index % FOLDS for item in self.batches if self.leads(item.index)}))
+        row = {fold: position for position, fold in enumerate(folds)}
+        equations = NormalEquations.empty(linear.in_features, linear.out_features, len(folds))
+        alone = []
         cache: list[np.ndarray] | None = []
         size = 0
         normalised = self.matches.layers[number // 2].attention.causal
@@ -341,11 +385,16 @@ class Shard:
             weights_ = norm_weights(tokens(item.target, item.samples, item.mask)) if normalised else None
             if half.branch_gain is not None:
                 y, weights_ = sandwich_target(y, item.branch, *half.branch_gain, item.samples, item.mask, weights_)
-            equations.add(tokens(x, item.samples, item.mask), tokens(y, item.samples, item.mask), item.index, weights_)
+            x_tokens, y_tokens = tokens(x, item.samples, item.mask), tokens(y, item.samples, item.mask)
+            if self.leads(item.index):
+                equations.add(x_tokens, y_tokens, row[item.index % FOLDS], weights_)
+            else:
+                alone.append((item.index, NormalEquations.empty(linear.in_features, linear.out_features, 1)))
+                alone[-1][1].add(x_tokens, y_tokens, 0, weights_)
             size += x.nbytes
             cache = cache + [x] if cache is not None and size <= CACHE_BYTES else None
         self._cache = cache
-        return equations
+        return FoldSums(folds, equations, tuple(alone))
 
     @_pass
     def transform_cache(self, inner: np.ndarray) -> None:
@@ -396,7 +445,7 @@ class Shards(Protocol):
     def advance_original(self, number: int) -> None: ...
     def ffn_targets(self, number: int) -> None: ...
     def attention_targets(self, number: int, pairs_needed: PairSums = PairSums.ALL) -> list[AttentionSums]: ...
-    def equations(self, number: int, weights: dict[Slot, np.ndarray]) -> list[NormalEquations]: ...
+    def equations(self, number: int, weights: dict[Slot, np.ndarray]) -> list[FoldSums]: ...
     def transform_cache(self, inner: np.ndarray) -> None: ...
     def finish(self, number: int, weights: dict[Slot, np.ndarray]) -> None: ...
     def close(self) -> None: ...
@@ -415,7 +464,7 @@ class LocalShards:
     def attention_targets(self, number: int, pairs_needed: PairSums = PairSums.ALL) -> list[AttentionSums]:
         return [self.shard.attention_targets(number, pairs_needed)]
 
-    def equations(self, number: int, weights: dict[Slot, np.ndarray]) -> list[NormalEquations]:
+    def equations(self, number: int, weights: dict[Slot, np.ndarray]) -> list[FoldSums]:
         return [self.shard.equations(number, weights)]
 
     def close(self) -> None:
@@ -431,9 +480,21 @@ def merged_pairs(parts: list[AttentionSums], heads: int, d: int) -> tuple[PairSt
     return total, (scales[0][1] if scales else {})
 
 
-def merged_equations(parts: list[NormalEquations]) -> NormalEquations:
-    """Exact: every fold was summed in one shard, the others hold zeros there."""
-    total = parts[0]
-    for part in parts[1:]:
-        total = total.merge(part)
+def merged_equations(parts: list[FoldSums]) -> NormalEquations:
+    """Every fold as one process sums it (module docstring): the leading runs' sums placed, then
+    each batch that came back alone added to its fold in batch order."""
+    whole = parts[0]
+    if len(parts) == 1 and whole.folds == tuple(range(FOLDS)) and not whole.batches:
+        return whole.equations  # one shard holding every fold: nothing to merge
+    shape_xx, shape_xy = whole.equations.xx.shape[1:], whole.equations.xy.shape[1:]
+    total = NormalEquations(np.zeros((FOLDS,) + shape_xx), np.zeros((FOLDS,) + shape_xy), np.zeros(FOLDS))
+    for part in parts:
+        if part.folds:
+            total.xx[list(part.folds)], total.xy[list(part.folds)] = part.equations.xx, part.equations.xy
+            total.yy[list(part.folds)] = part.equations.yy
+    for index, alone in sorted((p for part in parts for p in part.batches), key=lambda p: p[0]):
+        fold = index % FOLDS  # a float64 row holding one batch's float32 products exactly: the same addition
+        total.xx[fold] += alone.xx[0]
+        total.xy[fold] += alone.xy[0]
+        total.yy[fold] += alone.yy[0]
     return total

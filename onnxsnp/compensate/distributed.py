@@ -2,11 +2,13 @@
 
 What is sent where (docs/SCALING.md has the whole picture):
 - the model with its weights once per worker, through Ray's object store;
-- each worker its own calibration batches (whole folds, batches.owner), once; the activations they
-  produce — the original and pruned streams, the refitted layers' inputs — never leave it;
+- each worker its own calibration batches (whole folds up to FOLDS workers, runs of folds beyond:
+  batches.owner), once; the activations they produce — the original and pruned streams, the
+  refitted layers' inputs — never leave it;
 - per half-block, the driver sends the half's current weights and gets back sums: normal
-  equations per fold and Q/K pair statistics per batch (batches.py explains why merging them is
-  exact, so the pruned model is the one a single process writes).
+  equations per fold (per batch for a split fold's later batches) and Q/K pair statistics per
+  batch (batches.py explains why merging them is exact, so the pruned model is the one a single
+  process writes).
 
 The refit is sequential — block i + 1 is measured on the pruned model's stream after block i's
 refit — so the workers go through the blocks in lock step, one pass at a time, and the driver
@@ -21,13 +23,12 @@ import onnx
 from onnx import numpy_helper
 
 from ..data.calibration import without_initializers
-from .batches import AttentionSums, Shard, Slot, Workers, owner
+from .batches import AttentionSums, FoldSums, Shard, Slot, Workers, owner
 from ..errors import SnpError
 from ..ir import external
 from ..ir.sizes import raw_bytes
 from ..score.importance import PairSums
 from .halves import original_weights, plan_segments
-from .least_squares import FOLDS, NormalEquations
 from ..threads import threads_for
 
 
@@ -102,11 +103,8 @@ class ShardWorker:
             return self.shard.attention_targets(number, pairs_needed)
 
     def equations(self, number, weights):
-        """Only the folds this worker summed (the others are zeros): less to send back."""
         with self._threads(number):
-            equations = self.shard.equations(number, weights)
-        folds = [fold for fold in range(FOLDS) if owner(fold, self.shard.count) == self.shard.rank]
-        return folds, equations.xx[folds], equations.xy[folds], equations.yy[folds]
+            return self.shard.equations(number, weights)  # only the folds and batches this worker summed
 
     def transform_cache(self, inner):
         self.shard.transform_cache(inner)
@@ -143,8 +141,10 @@ class RayShards:
 
     def prepare(self, parts: list[dict[str, np.ndarray]], mask_name: str | None, restartable: bool = True) -> None:
         # each worker is sent only its own batches
-        self.ray.get([actor.prepare.remote([p if owner(i, self.count) == rank else None for i, p in enumerate(parts)],
-                                           mask_name, restartable) for rank, actor in enumerate(self.actors)])
+        total = len(parts)
+        self.ray.get([actor.prepare.remote([p if owner(i, self.count, total) == rank else None
+                                            for i, p in enumerate(parts)], mask_name, restartable)
+                      for rank, actor in enumerate(self.actors)])
 
     def restart(self) -> None:
         self._all("restart")
@@ -162,13 +162,8 @@ class RayShards:
     def attention_targets(self, number: int, pairs_needed: PairSums = PairSums.ALL) -> list[AttentionSums]:
         return self._all("attention_targets", number, pairs_needed)
 
-    def equations(self, number: int, weights: dict[Slot, np.ndarray]) -> list[NormalEquations]:
-        parts = self._all("equations", number, weights)
-        _, xx, xy, _ = parts[0]
-        total = NormalEquations(np.zeros((FOLDS,) + xx.shape[1:]), np.zeros((FOLDS,) + xy.shape[1:]), np.zeros(FOLDS))
-        for folds, xx, xy, yy in parts:  # each fold comes from one worker: placed, not added
-            total.xx[folds], total.xy[folds], total.yy[folds] = xx, xy, yy
-        return [total]
+    def equations(self, number: int, weights: dict[Slot, np.ndarray]) -> list[FoldSums]:
+        return self._all("equations", number, weights)  # merged by batches.merged_equations
 
     def transform_cache(self, inner: np.ndarray) -> None:
         self._all("transform_cache", inner)

@@ -33,7 +33,8 @@ from ..match import units
 from .halves import all_slots, original_weights, plan_segments
 from ..score.criteria import criterion as criterion_named, input_weights
 from ..score.importance import PairStatistics, PairSums
-from .batches import LocalShards, Shard, Shards, Slot, Workers, merged_equations, merged_pairs, split_batches
+from .batches import (LocalShards, Shard, Shards, Slot, Workers, check_workers, merged_equations, merged_pairs,
+                      split_batches)
 from .least_squares import (DEFAULT_RIDGE, NormalEquations, Obs, activation_norms, choose_ridge, loss, solve,
                             solve_without_bias)
 from .masking import Weights
@@ -121,6 +122,7 @@ class Reconstructor:
         else:
             from .distributed import RayShards
 
+            check_workers(workers.count, len(parts), batch)  # before Ray starts
             shards = RayShards(self.g.model, sequential, workers)
         try:
             with self.g.decoding_once():  # the embeddings' weights decoded for the prefix's run, not kept
