@@ -1,15 +1,18 @@
-"""--workers: one process against N Ray workers, on the same model and calibration samples.
+"""--workers: one process against Ray workers, a curve over worker counts, on the same model and
+calibration samples.
 
 Each configuration is a fresh `python -m onnxsnp MODEL OUT --ratio 0.5 --calib CALIB -q
-[--workers N]` process; the configurations are interleaved (1, N, 1, N, …) so that a busy machine
-slows them alike. Measured per run: wall time of the whole process (Ray's start included), the
-driver's own peak RSS (ru_maxrss via os.wait4) and the Ray workers' peak RSS (their processes —
-titled ray::ShardWorker — sampled every 0.1 s from /proc, summed over workers at each sample).
-Every pruned model is compared with the first one-process model: "identical" means every
-initializer is bit-for-bit equal.
+[--workers N]` process; the configurations are interleaved (1, N1, N2, …, 1, N1, …) so that a
+busy machine slows them alike. Measured per run: wall time of the whole process (Ray's start
+included), the driver's own peak RSS (ru_maxrss via os.wait4), the Ray workers' peak RSS (their
+processes — titled ray::ShardWorker — sampled every 0.1 s from /proc: the largest sum over the
+workers at one sample, and the largest single worker's peak) and the load average before and
+after. The model is exported in a child process, so that this process stays small (a child's
+ru_maxrss starts from the memory of the process that forked it). Every pruned model is compared
+with the first one-process model: "identical" means every initializer is bit-for-bit equal.
 
     python tools/bench_workers.py [--preset deit_tiny|deit_small|deit_base] [--samples 256]
-                                  [--workers 2] [--repeats 2] [--out docs/SCALING_BENCH.md] [--smoke]
+                                  [--workers 2[,4,6]] [--repeats 2] [--out docs/SCALING_BENCH.md] [--smoke]
 
 --smoke: deit_tiny, 32 samples, one repeat, a temporary table (CI).
 """
@@ -30,15 +33,15 @@ import numpy as np
 
 from harness import DOCS, ROOT, cpu_name, invocation, write_page
 
-from bench_prune import PRESETS, export
+from bench_prune import PRESETS
 
 MB = 1e6
 WORKER_TITLE = "ray::ShardWorker"
 
 
-def _workers_rss() -> int:
-    """Bytes resident in the Ray worker processes now (Linux /proc)."""
-    total = 0
+def _workers_rss() -> dict[int, int]:
+    """Bytes resident in each Ray worker process now, by pid (Linux /proc)."""
+    resident = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -47,22 +50,25 @@ def _workers_rss() -> int:
                 continue
             for line in (entry / "status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
+                    resident[int(entry.name)] = int(line.split()[1]) * 1024
         except OSError:  # gone meanwhile
             continue
-    return total
+    return resident
 
 
 class WorkerMemory:
-    """The largest sum of the Ray workers' RSS seen while the run lasts."""
+    """The largest sum of the Ray workers' RSS seen at one sample while the run lasts, and the
+    largest RSS seen of any one worker."""
 
     def __init__(self):
-        self.peak, self._stop = 0.0, threading.Event()
+        self.peak, self.largest, self._stop = 0.0, 0.0, threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, _workers_rss() / MB)
+            resident = _workers_rss()
+            self.peak = max(self.peak, sum(resident.values()) / MB)
+            self.largest = max(self.largest, max(resident.values(), default=0) / MB)
             self._stop.wait(0.1)
 
     def __enter__(self) -> "WorkerMemory":
@@ -74,8 +80,13 @@ class WorkerMemory:
         self._thread.join()
 
 
-def run(cmd: list[str]) -> tuple[float, float, float]:
-    """Wall seconds, the process's own peak RSS (MB) and the workers' summed peak RSS (MB)."""
+Measured = tuple[float, float, float, float, float, float]
+
+
+def run(cmd: list[str]) -> Measured:
+    """Wall seconds, the process's own peak RSS (MB), the workers' summed and largest single peak
+    RSS (MB), the 1-minute load average before and after."""
+    load = os.getloadavg()[0]
     with tempfile.TemporaryFile() as err, WorkerMemory() as workers:
         started = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT)
@@ -84,7 +95,17 @@ def run(cmd: list[str]) -> tuple[float, float, float]:
         if os.waitstatus_to_exitcode(status) != 0:
             err.seek(0)
             raise SystemExit(f"{shlex.join(cmd)} failed:\n{err.read().decode()[-2000:]}")
-    return seconds, usage.ru_maxrss * 1024 / MB, workers.peak
+    return seconds, usage.ru_maxrss * 1024 / MB, workers.peak, workers.largest, load, os.getloadavg()[0]
+
+
+def export_apart(preset: str, folder: Path) -> Path:
+    """bench_prune.export in a child process: torch never enters this one (see the docstring)."""
+    script = f"import sys; from pathlib import Path; from bench_prune import export; print(export({preset!r}, Path(sys.argv[1])))"
+    done = subprocess.run([sys.executable, "-c", script, str(folder)], capture_output=True, text=True, cwd=ROOT,
+                          env=os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT / "tools"), str(ROOT)])})
+    if done.returncode != 0:
+        raise SystemExit(f"export of {preset} failed:\n{done.stderr[-2000:]}")
+    return Path(done.stdout.strip().splitlines()[-1])
 
 
 def identical(a: Path, b: Path) -> bool:
@@ -100,7 +121,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=PRESETS, default="deit_small")
     parser.add_argument("--samples", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", default="2", help="worker counts to compare with one process, comma-separated")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="markdown table (default docs/SCALING_BENCH.md)")
     parser.add_argument("--smoke", action="store_true", help="deit_tiny, 32 samples, one repeat, temporary output")
@@ -112,24 +133,26 @@ def main() -> None:
             os.close(handle)
             args.out = Path(name)
     args.out = args.out or DOCS / "SCALING_BENCH.md"
+    counts = [1] + sorted({int(c) for c in str(args.workers).split(",")} - {1})
 
     with tempfile.TemporaryDirectory(prefix="bench_workers_") as folder:
         scratch = Path(folder)
-        model = export(args.preset, scratch)
+        model = export_apart(args.preset, scratch)
         rng = np.random.default_rng(0)
         calib = scratch / "calib.npz"
         np.savez(calib, pixel_values=rng.standard_normal((args.samples, 3, 224, 224)).astype(np.float32))
         base = [sys.executable, "-m", "onnxsnp", str(model), "OUT", "--ratio", "0.5", "--calib", str(calib), "-q"]
-        results: dict[int, list[tuple[float, float, float]]] = {1: [], args.workers: []}
+        results: dict[int, list[Measured]] = {count: [] for count in counts}
         same, reference = [], scratch / "reference.onnx"
         for repeat in range(args.repeats):
-            for count in (1, args.workers):
+            for count in counts:
                 out = scratch / f"w{count}_{repeat}.onnx"
                 cmd = [str(out) if a == "OUT" else a for a in base] + (["--workers", str(count)] if count > 1 else [])
                 measured = run(cmd)
                 results[count].append(measured)
                 print(f"workers {count}: {measured[0]:.1f} s, driver peak {measured[1]:.0f} MB, "
-                      f"workers peak {measured[2]:.0f} MB", flush=True)
+                      f"workers peak {measured[2]:.0f} MB (one worker {measured[3]:.0f} MB), "
+                      f"load {measured[4]:.1f} → {measured[5]:.1f}", flush=True)
                 if not reference.exists():
                     out.rename(reference)
                 else:
@@ -142,10 +165,11 @@ def main() -> None:
     def median(count: int, field: int) -> float:
         return float(np.median([r[field] for r in results[count]]))
 
-    one, many = median(1, 0), median(args.workers, 0)
-    rows = [f"| 1 (this process) | {one:.1f} | 1.00 | {median(1, 1):.0f} | – |",
-            f"| {args.workers} Ray workers | {many:.1f} | {many / one:.2f} | {median(args.workers, 1):.0f} | "
-            f"{median(args.workers, 2):.0f} |"]
+    one = median(1, 0)
+    rows = [f"| 1 (this process) | {one:.1f} | 1.00 | {median(1, 1):.0f} | – | – |"]
+    rows += [f"| {count} Ray workers | {median(count, 0):.1f} | {median(count, 0) / one:.2f} | {median(count, 1):.0f} | "
+             f"{median(count, 2):.0f} | {median(count, 3):.0f} |" for count in counts[1:]]
+    loads = [value for measured in results.values() for r in measured for value in r[4:]]
     lines = [
         "# --workers: one process against Ray workers",
         "",
@@ -154,13 +178,15 @@ def main() -> None:
         f"Ray {ray.__version__}. Model: {args.preset} shape (224×224, random weights seed 0), "
         f"{args.samples} standard-normal calibration samples, `--ratio 0.5`, default compensation (block-by-block "
         f"reconstruction). Medians of {args.repeats} runs per configuration, interleaved; each run a fresh process "
-        "(Ray's start-up included). Worker RSS: the workers' resident memory summed, sampled every 0.1 s.",
+        "(Ray's start-up included). Worker RSS: the workers' resident memory, sampled every 0.1 s: the "
+        "largest sum at one sample, and the largest one worker reached. 1-minute load average at the runs' "
+        f"starts and ends: {min(loads):.1f}–{max(loads):.1f} (other jobs on the machine).",
         "",
         f"Pruned models identical (every initializer bit for bit) to the one-process model: "
         f"{sum(same)} of {len(same)}.",
         "",
-        "| workers | wall s | ÷ one process | driver peak RSS MB | workers' peak RSS MB (sum) |",
-        "|---|---|---|---|---|",
+        "| workers | wall s | ÷ one process | driver peak RSS MB | workers' peak RSS MB (sum) | one worker's peak RSS MB |",
+        "|---|---|---|---|---|---|",
         *rows,
     ]
     print("\n".join(lines))
