@@ -15,6 +15,11 @@ with the first one-process model: "identical" means every initializer is bit-for
                                   [--workers 2[,4,6]] [--repeats 2] [--out docs/SCALING_BENCH.md] [--smoke]
 
 --smoke: deit_tiny, 32 samples, one repeat, a temporary table (CI).
+
+    python tools/bench_workers.py --worker-setup MODEL.onnx
+
+prints what a worker's setup (distributed.ShardWorker, run here without Ray) adds to this
+process's RSS, stage by stage, for that model.
 """
 from __future__ import annotations
 
@@ -108,6 +113,38 @@ def export_apart(preset: str, folder: Path) -> Path:
     return Path(done.stdout.strip().splitlines()[-1])
 
 
+def worker_setup(path: Path) -> None:
+    """ShardWorker.__init__'s stages, each one's RSS above the process with the portable model."""
+    import gc
+
+    import onnx
+
+    from onnxsnp.compensate import distributed
+    from onnxsnp.compensate.halves import original_weights, plan_segments
+    from onnxsnp.heap import release_heap
+    from onnxsnp.ir.graph import ModelGraph
+    from onnxsnp.match import find_blocks
+
+    def resident() -> float:
+        status = Path("/proc/self/status").read_text().splitlines()
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:")) / MB
+
+    light, weights = distributed.portable(onnx.load(str(path)))
+    gc.collect()
+    base = resident()
+    print(f"{path.name}: {sum(w.nbytes for w in weights.values()) / MB:.0f} MB of weights sent as arrays; "
+          f"this process {base:.0f} MB before the setup")
+    g = ModelGraph(distributed.restored(light, weights))
+    print(f"+ the protobuf restored: {resident() - base:+.0f} MB")
+    matches = find_blocks(g)
+    original_weights(g, plan_segments(g, matches))
+    print(f"+ blocks matched, segments planned: {resident() - base:+.0f} MB")
+    g.forget_constants()
+    gc.collect()
+    release_heap()
+    print(f"after the decoded constants are dropped (ShardWorker does): {resident() - base:+.0f} MB")
+
+
 def identical(a: Path, b: Path) -> bool:
     import onnx
     from onnx import numpy_helper
@@ -125,7 +162,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="markdown table (default docs/SCALING_BENCH.md)")
     parser.add_argument("--smoke", action="store_true", help="deit_tiny, 32 samples, one repeat, temporary output")
+    parser.add_argument("--worker-setup", type=Path, help="only print a worker's setup memory for this model")
     args = parser.parse_args()
+    if args.worker_setup:
+        return worker_setup(args.worker_setup)
     if args.smoke:
         args.preset, args.samples, args.repeats = "deit_tiny", 32, 1
         if args.out is None:
