@@ -4,10 +4,10 @@ calibration samples.
 Each configuration is a fresh `python -m onnxsnp MODEL OUT --ratio 0.5 --calib CALIB -q
 [--workers N]` process; the configurations are interleaved (1, N1, N2, …, 1, N1, …) so that a
 busy machine slows them alike. Measured per run: wall time of the whole process (Ray's start
-included), the driver's own peak RSS (ru_maxrss via os.wait4), the Ray workers' peak RSS (their
-processes — titled ray::ShardWorker — sampled every 0.1 s from /proc: the largest sum over the
-workers at one sample, and the largest single worker's peak) and the load average before and
-after. The model is exported in a child process, so that this process stays small (a child's
+included), the driver's own peak RSS (ru_maxrss via os.wait4), the Ray workers' peak RSS (the
+processes below the run's titled ray::ShardWorker, sampled every 0.1 s from /proc: the largest
+sum over the workers at one sample, and the largest single worker's peak) and the load average
+before and after. The model is exported in a child process, so that this process stays small (a child's
 ru_maxrss starts from the memory of the process that forked it). Every pruned model is compared
 with the first one-process model: "identical" means every initializer is bit-for-bit equal.
 
@@ -44,18 +44,34 @@ MB = 1e6
 WORKER_TITLE = "ray::ShardWorker"
 
 
-def _workers_rss() -> dict[int, int]:
-    """Bytes resident in each Ray worker process now, by pid (Linux /proc)."""
-    resident = {}
+def _descendants(root: int) -> set[int]:
+    """The processes below `root` (Ray's workers are the raylet's children, the raylet the
+    driver's): other jobs' Ray workers on the machine are not counted."""
+    parents = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+        if entry.name.isdigit():
+            try:  # the parent pid is the field after the parenthesised command name
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):  # gone meanwhile
+                continue
+    below, grown = set(), {root}
+    while grown:
+        grown = {pid for pid, parent in parents.items() if parent in grown} - below
+        below |= grown
+    return below
+
+
+def _workers_rss(root: int) -> dict[int, int]:
+    """Bytes resident in each Ray worker process below `root` now, by pid (Linux /proc)."""
+    resident = {}
+    for pid in _descendants(root):
+        entry = Path("/proc") / str(pid)
         try:
             if WORKER_TITLE.encode() not in (entry / "cmdline").read_bytes():
                 continue
             for line in (entry / "status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
-                    resident[int(entry.name)] = int(line.split()[1]) * 1024
+                    resident[pid] = int(line.split()[1]) * 1024
         except OSError:  # gone meanwhile
             continue
     return resident
@@ -65,13 +81,13 @@ class WorkerMemory:
     """The largest sum of the Ray workers' RSS seen at one sample while the run lasts, and the
     largest RSS seen of any one worker."""
 
-    def __init__(self):
-        self.peak, self.largest, self._stop = 0.0, 0.0, threading.Event()
+    def __init__(self, root: int):
+        self.root, self.peak, self.largest, self._stop = root, 0.0, 0.0, threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            resident = _workers_rss()
+            resident = _workers_rss(self.root)
             self.peak = max(self.peak, sum(resident.values()) / MB)
             self.largest = max(self.largest, max(resident.values(), default=0) / MB)
             self._stop.wait(0.1)
@@ -92,10 +108,11 @@ def run(cmd: list[str]) -> Measured:
     """Wall seconds, the process's own peak RSS (MB), the workers' summed and largest single peak
     RSS (MB), the 1-minute load average before and after."""
     load = os.getloadavg()[0]
-    with tempfile.TemporaryFile() as err, WorkerMemory() as workers:
+    with tempfile.TemporaryFile() as err:
         started = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT)
-        _, status, usage = os.wait4(proc.pid, 0)
+        with WorkerMemory(proc.pid) as workers:
+            _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - started
         if os.waitstatus_to_exitcode(status) != 0:
             err.seek(0)
