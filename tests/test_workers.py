@@ -57,7 +57,8 @@ def test_two_workers_write_the_one_process_model(budget):
 
 def test_six_workers_split_folds_and_write_the_one_process_model():
     """More workers than folds (7 batches on 6 workers: folds 1 and 2 split, their second batches
-    sent back alone); ~25 s more on this 2-core machine, most of it six Ray workers starting."""
+    sent back alone); 30–41 s more on this 2-core machine at a load of 10–17, most of it Ray
+    starting six workers and the two prunes."""
     pytest.importorskip("ray")
     from test_worker_runs import more_batches
 
