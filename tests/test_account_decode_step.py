@@ -34,3 +34,11 @@ def test_the_excesses_sum_to_the_time_beyond_the_cut():
     assert by["lm_head"] == pytest.approx(2.0 * (1 - 1 / cut))  # kept its time
     assert by["added"] == pytest.approx(0.25) and by["FFN products"] < 0  # cut deeper than the budget
     assert rows[0][0] == "lm_head"  # largest excess first
+
+
+def test_the_op_mix_ideal_cuts_each_product_group_by_its_own_work():
+    import collections
+    before = {"FFN products": 6.0, "lm_head": 2.0, "run() outside the kernels": 2.0}
+    work = [collections.Counter({"FFN products": 300, "lm_head": 100}),
+            collections.Counter({"FFN products": 100, "lm_head": 100})]
+    assert tool.op_mix_ideal(before, work) == pytest.approx(10.0 / (2.0 + 2.0 + 2.0))

@@ -166,11 +166,21 @@ def main() -> None:
         t0, t1 = sum(parts[0].values()), sum(part.values())
         print(f"\n{path.name}: step {t0:.2f} → {t1:.2f} ms ({t0 / t1:.3f}×); FLOPs cut {cut:.3f}×; "
               f"÷ cut {t0 / t1 / cut:.3f}; excess over T₀/c {t1 - t0 / cut:+.2f} ms")
+        ideal = op_mix_ideal(parts[0], work)
+        print(f"  op-mix ideal (every product group's time ÷ its own work cut, the rest kept): {ideal:.3f}× "
+              f"(÷ cut {ideal / cut:.3f})")
         print(f"  {'group':44s} {'original ms':>11s} {'pruned ms':>9s} {'time ×':>6s} {'work ×':>6s} {'excess ms':>9s}")
         for g, a, b, extra in excess(parts[0], part, cut):
             own = f"{a / b:.2f}" if b else "gone"
             cut_g = f"{work[0][g] / work[1][g]:.2f}" if work[1][g] else ""
             print(f"  {g:44s} {a:11.3f} {b:9.3f} {own:>6s} {cut_g:>6s} {extra:+9.3f}")
+
+
+def op_mix_ideal(before: dict[str, float], work: list[collections.Counter]) -> float:
+    """The speedup if each product group's time shrank by its own work's cut and every other group
+    (norms, activations, run()'s overhead, the harness) kept its time."""
+    after = sum(t * (work[1][g] / work[0][g] if work[0][g] else 1.0) for g, t in before.items())
+    return sum(before.values()) / after
 
 
 def excess(before: dict[str, float], after: dict[str, float], cut: float) -> list[tuple[str, float, float, float]]:
