@@ -344,11 +344,19 @@ def part_losses(curves: list, matches: Matches, widths) -> list[dict[CutPart, fl
 
 def _qk_step(layer: Layer, align: int) -> int:
     block = layer.attention
-    return math.lcm(max(align, block.head_dim // 16), units_of.unit_size(block), block.width_multiple)  # whole rotary pairs
+    return math.lcm(_aligned(block.head_dim // 16, align), units_of.unit_size(block), block.width_multiple)  # whole rotary pairs
 
 
 def _ffn_step(layer: Layer, align: int) -> int:
-    return max(align, layer.ffn.hidden // 64)
+    return _aligned(layer.ffn.hidden // 64, align)
+
+
+def _aligned(base: int, align: int) -> int:
+    """A move's step: `base` (a fraction of the width) rounded up to a multiple of `align`, so that
+    the widths the allocation reaches (width − k·step) are multiples of `align` wherever the full
+    width is. (The larger of the two, as before, left SmolLM2's FFN step at 1536/64 = 24 under
+    `--align 16`: every other width off the grid.)"""
+    return -(-max(1, base) // align) * align
 
 
 def _tied_moves(layers: list[Layer], states: list[_State], align: int, allow_heads: bool) -> list[list[_State]]:
@@ -359,7 +367,7 @@ def _tied_moves(layers: list[Layer], states: list[_State], align: int, allow_hea
         return []
     found = []
     if not any(layer.attention.qk_whole for layer, _ in kept):
-        step = math.lcm(*(math.lcm(_qk_step(layer, align), max(align, layer.attention.head_dim // 16))
+        step = math.lcm(*(math.lcm(_qk_step(layer, align), _aligned(layer.attention.head_dim // 16, align))
                           for layer, _ in kept))
         size, floor = kept[0][1].qk, max(int(np.ceil(MIN_KEPT * layer.attention.head_dim)) for layer, _ in kept)
         for steps in range(1, LOOKAHEAD + 1):
@@ -379,7 +387,7 @@ def _moves(layer: Layer, s: _State, align: int, allow_heads: bool, blocks_left: 
     block, ffn = layer.attention, layer.ffn
     d = block.head_dim
     found = []
-    fields = (("qk", d, _qk_step(layer, align)), ("v", d, max(align, d // 16)),
+    fields = (("qk", d, _qk_step(layer, align)), ("v", d, _aligned(d // 16, align)),
               ("ffn", ffn.hidden, _ffn_step(layer, align)))
     if not attention or (block.equal_widths and block.qk_whole):
         fields = fields[2:]
