@@ -2,14 +2,9 @@
 FLOPs cut (issue 28)."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-
-import account_decode_step as tool  # noqa: E402
+import account_decode_step as tool
 
 
 @pytest.mark.parametrize("op, group, expected", [

@@ -2,12 +2,7 @@
 breakdown below them (measured with a profiler) must survive a regeneration."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-
-import bench_prune_decoder  # noqa: E402
+import bench_prune_decoder
 
 
 def test_the_hand_written_notes_are_kept_and_the_generated_part_is_not(tmp_path):

@@ -2,14 +2,9 @@
 each speedup set beside the FLOPs cut (issue 28's goal is a share of it)."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-
-import bench_decoder_speed as bench  # noqa: E402
+import bench_decoder_speed as bench
 
 
 def test_ratios_and_flops_budgets_become_prunes_in_order():

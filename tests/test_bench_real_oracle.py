@@ -3,16 +3,11 @@
 on none of them."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-
-import bench_real_decoders  # noqa: E402
-from onnxsnp.data.calib_text import stream_windows  # noqa: E402
+import bench_real_decoders
+from onnxsnp.data.calib_text import stream_windows
 
 WINDOW = bench_real_decoders.WINDOW
 pytestmark = pytest.mark.slow  # a tokenizers vocabulary: not in the fast tier's install

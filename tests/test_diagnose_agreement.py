@@ -2,15 +2,10 @@
 top-1 margin, counted from the positions themselves."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-
-import diagnose_agreement  # noqa: E402
+import diagnose_agreement
 
 EDGES = (0.0, 1.0, 2.0, np.inf)
 

@@ -4,18 +4,13 @@ is the plain prune byte for byte; on other data it keeps the recorded units and 
 there."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-
-from decoders import calibration  # noqa: E402
-from oracle_split import Choices, forcing, recording  # noqa: E402
-from onnxsnp.options import make_options  # noqa: E402
-from onnxsnp.pipeline import prune_model  # noqa: E402
+from decoders import calibration
+from oracle_split import Choices, forcing, recording
+from onnxsnp.options import make_options
+from onnxsnp.pipeline import prune_model
 
 pytestmark = pytest.mark.slow  # a torch export
 

@@ -2,17 +2,12 @@
 enough windows of is undone, and the ridge pulls a fit on few noisy windows towards the identity."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import onnx
 import pytest
 from onnx import helper
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-
-import probe_stream_correction as probe  # noqa: E402
+import probe_stream_correction as probe
 
 WINDOWS, TOKENS, WIDTH = 16, 32, 8
 

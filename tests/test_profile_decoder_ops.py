@@ -3,16 +3,11 @@ scales with, the speedup an op mix allows if every product shrank by its own cut
 the profiler's events into the prefill and the decode steps."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import onnx
 import pytest
 from onnx import helper
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-
-import profile_decoder_ops as prof  # noqa: E402
+import profile_decoder_ops as prof
 
 HIDDEN, HEADS, KV_HEADS = 64, 4, 2
 

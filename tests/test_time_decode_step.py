@@ -3,15 +3,11 @@ onnxruntime-genai leaves symbolic read from its config (issue 28's landing check
 from __future__ import annotations
 
 import json
-import sys
 import types
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-
-import time_decode_step as tool  # noqa: E402
+import time_decode_step as tool
 
 KV_HEADS, HEAD_SIZE, TOKENS, VOCAB = 3, 64, 16, 100
 

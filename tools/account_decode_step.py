@@ -25,7 +25,6 @@ import collections
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,10 +33,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from decoders import step_feed  # noqa: E402
-from profile_decoder_ops import node_groups, product_work  # noqa: E402
+from decoders import step_feed
+from profile_decoder_ops import node_groups, product_work
 
 OUTSIDE, HARNESS = "run() outside the kernels", "harness (Python: feed, cache dict, argmax)"
 

@@ -15,16 +15,13 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from onnxsnp.data.timing import decode_feed, interleaved_rounds  # noqa: E402
+from onnxsnp.data.timing import decode_feed, interleaved_rounds
 
 
 def model_path(path: Path) -> Path:
