@@ -19,7 +19,6 @@ import bisect
 import collections
 import json
 import re
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +27,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-
-from decoders import step_feed  # noqa: E402
+from decoders import step_feed
 
 
 @dataclass(frozen=True)
