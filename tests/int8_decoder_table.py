@@ -6,19 +6,16 @@ slow test's own helpers. Not a test itself (it lives with the tests, whose helpe
 """
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import test_decoder_int8 as t  # noqa: E402
-from decoder_export import export_dynamo, tiny_llama  # noqa: E402
-from decoders import calibration, run, step_feed  # noqa: E402
-from onnxsnp import prune  # noqa: E402
+import test_decoder_int8 as t
+from decoder_export import export_dynamo, tiny_llama
+from decoders import calibration, run, step_feed
+from onnxsnp import prune
 
 
 def main() -> None:
