@@ -37,7 +37,19 @@ SOURCE = Path("/work/main/build/real/smollm2/model.onnx")
 CALIBRATION, HELDOUT = 64, 32  # bench_real_decoders --quantize's row (docs/QUANTIZED.md)
 STATIC_WINDOWS, PREFILL, BATCH = 16, 112, 2  # the static quantizers' feeds: 8 prefills + 8 steps of 16 tokens
 # onnxruntime's forms, as tests/test_decoder_int8.py names them
-FORMS = ("dynamic-tensor", "dynamic-channel", "qdq-matmul-channel", "qdq-all-tensor", "qoperator")
+# "-mask-float": the Adds of the causal mask to the attention scores and the Softmaxes after them left
+# in float (nodes_to_exclude):
+# quantized, the mask's -3.4e38 sets the sum's scale to ~1e36 and every visible score rounds to one level
+FORMS = ("dynamic-tensor", "dynamic-channel", "qdq-matmul-channel", "qdq-all-tensor", "qoperator",
+         "qdq-all-tensor-mask-float", "qoperator-mask-float")
+
+
+def mask_adds(model: onnx.ModelProto) -> list[str]:
+    """The Add nodes whose sum a Softmax reads (the scores plus the causal mask), and those
+    Softmaxes: a QLinearSoftmax would quantize the same sum on its input."""
+    softmaxes = {n.input[0]: n.name for n in model.graph.node if n.op_type == "Softmax"}
+    adds = [n for n in model.graph.node if n.op_type == "Add" and n.output[0] in softmaxes]
+    return [n.name for n in adds] + [softmaxes[n.output[0]] for n in adds]
 
 
 def windows(count: int, heldout: bool = False) -> np.ndarray:
@@ -81,11 +93,12 @@ def quantize(form: str, source: Path, target: Path) -> None:
             return next(self.left, None)
 
     reader = Reader(quantizer_feeds(model))
-    if form == "qoperator":  # every op onnxruntime quantizes, per tensor
-        quantize_static(model, str(target), reader, quant_format=QuantFormat.QOperator)
+    excluded = mask_adds(model) if form.endswith("mask-float") else []
+    if form.startswith("qoperator"):  # every op onnxruntime quantizes, per tensor
+        quantize_static(model, str(target), reader, quant_format=QuantFormat.QOperator, nodes_to_exclude=excluded)
         return
     quantize_static(model, str(target), reader, quant_format=QuantFormat.QDQ, per_channel=form.endswith("channel"),
-                    op_types_to_quantize=["MatMul"] if "matmul" in form else None)
+                    op_types_to_quantize=["MatMul"] if "matmul" in form else None, nodes_to_exclude=excluded)
 
 
 def prune(source: Path, target: Path, ratio: float, count: int) -> None:
