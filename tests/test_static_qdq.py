@@ -151,6 +151,25 @@ def test_fidelity_is_that_of_pruning_then_quantizing(qdq, tmp_path):
     assert drift <= 4 * baseline + 1e-4, (drift, baseline)
 
 
+def test_activation_ranges_are_those_of_one_run_over_every_sample(qdq, monkeypatch):
+    """The ranges are measured one sample a run (RANGE_BATCH: every activation is fetched at once,
+    4 GB at 8 windows of a 30-layer decoder); a min and a max over the samples, they are those of
+    one run over all of them, up to float rounding."""
+    from onnxsnp.data import activation_ranges
+    from onnxsnp.data.activation_ranges import _activation_pairs, _ranges
+
+    _, quantized, _ = qdq
+    model, calib = onnx.load(str(quantized)), joined(calibration(qdq[0]))
+    tensors = sorted({tensor for tensor, _, _ in _activation_pairs(model).values()})
+    samples = next(iter(calib.values())).shape[0]
+    one_at_a_time = _ranges(model, tensors, calib, samples, "model")
+    monkeypatch.setattr(activation_ranges, "RANGE_BATCH", samples)
+    all_at_once = _ranges(model, tensors, calib, samples, "model")
+    assert activation_ranges.RANGE_BATCH == samples > 1 and len(tensors) > 0
+    for tensor in tensors:
+        np.testing.assert_allclose(one_at_a_time[tensor], all_at_once[tensor], rtol=1e-5, atol=1e-6, err_msg=tensor)
+
+
 def test_activation_ranges_follow_the_pruned_model(qdq):
     """Pruning moves activations (projected Q/K carry what the cut dimensions carried): each pair
     is calibrated again, its range set where the quantizer set it relative to the float range it
