@@ -28,12 +28,13 @@ import numpy as np
 import onnx
 
 import bench_real_decoders as bench
+from harness import BUILD
 from decoders import step_feed
 from onnxsnp.data.calib_text import stream_windows
 from onnxsnp.options import make_options
 from onnxsnp.pipeline import prune_model
 
-SOURCE = Path("/work/main/build/real/smollm2/model.onnx")
+SOURCE = BUILD / "real" / "smollm2" / "model.onnx"  # tools/bench_real_decoders.py builds it
 CALIBRATION, HELDOUT = 64, 32  # bench_real_decoders --quantize's row (docs/QUANTIZED.md)
 STATIC_WINDOWS, PREFILL, BATCH = 16, 112, 2  # the static quantizers' feeds: 8 prefills + 8 steps of 16 tokens
 # onnxruntime's forms, as tests/test_decoder_int8.py names them
