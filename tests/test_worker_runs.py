@@ -4,6 +4,8 @@ Ray — the ShardWorkers in this process — so the fast tier checks the arithme
 ViT; tests/test_workers.py runs the same on Ray workers."""
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import onnx
 import pytest
@@ -27,21 +29,20 @@ def more_batches() -> dict[str, np.ndarray]:
 
 
 class InProcessShards(distributed.RayShards):
-    """RayShards with its ShardWorkers in this process, called one after the other."""
+    """RayShards with its ShardWorkers in this process, called one after the other; every
+    argument goes through pickle, as to a Ray actor, and each call's is recorded in `sent`."""
 
-    def __init__(self, model, sequential, workers):
-        light, weights = distributed.portable(model)
-        self.count = workers.count
-        self.workers = [distributed.ShardWorker(light, weights, sequential, rank, workers.count)
+    def _start(self, workers, *setup):
+        self.sent = [("setup", setup)]
+        self.workers = [distributed.ShardWorker(*pickle.loads(pickle.dumps(setup)), rank, workers.count)
                         for rank in range(workers.count)]
 
     def _all(self, method, *args):
-        return [getattr(worker, method)(*args) for worker in self.workers]
+        return self._each(method, [args] * len(self.workers))
 
-    def prepare(self, parts, mask_name, restartable=True):
-        for rank, worker in enumerate(self.workers):
-            worker.prepare([p if owner(i, self.count, len(parts)) == rank else None for i, p in enumerate(parts)],
-                           mask_name, restartable)
+    def _each(self, method, per_rank):
+        self.sent.append((method, per_rank[0]))
+        return [getattr(worker, method)(*pickle.loads(pickle.dumps(args))) for worker, args in zip(self.workers, per_rank)]
 
     def close(self):
         self.workers = []

@@ -117,16 +117,22 @@ def test_without_ray_the_cli_says_how_to_get_it(tmp_path):
     assert not (tmp_path / "out.onnx").exists()
 
 
-def test_large_weights_travel_beside_the_protobuf(monkeypatch):
-    """Weights over PORTABLE_MIN_BYTES go to the workers as arrays (no 2 GB protobuf limit)."""
-    pytest.importorskip("ray")
-    from onnxsnp.compensate import distributed
+def test_the_workers_protobuf_is_the_model_without_its_weights():
+    """A worker's protobuf (worker_graph.weightless) keeps every initializer below HELD_MIN_BYTES
+    whole and the rest as stubs of their declared size (the weights travel per half-block, as
+    arrays: no 2 GB protobuf limit); the model's nodes, inputs and outputs are unchanged."""
+    from onnxsnp.compensate.worker_graph import HELD_MIN_BYTES, weightless
+    from onnxsnp.ir.sizes import raw_bytes
 
-    monkeypatch.setattr(distributed, "PORTABLE_MIN_BYTES", 4096)  # the shipped model's matrices count as large
     model = onnx.load(str(DIGITS))
-    light, weights = distributed.portable(model)
-    assert weights and all(w.nbytes >= 4096 for w in weights.values())
-    assert distributed.restored(light, weights).SerializeToString() == model.SerializeToString()
-    alone, _ = prune(str(DIGITS), ratio=0.5, calib=str(DIGITS_CALIB))
-    spread, _ = prune(str(DIGITS), ratio=0.5, calib=str(DIGITS_CALIB), workers=2)
-    _assert_identical(alone, spread)
+    light, held = weightless(model)
+    stubs = onnx.load_from_string(light)
+    assert [t.name for t in stubs.graph.initializer] == [t.name for t in model.graph.initializer]
+    for tensor, stub in zip(model.graph.initializer, stubs.graph.initializer):
+        if raw_bytes(tensor) >= HELD_MIN_BYTES:
+            assert tensor.name in held and not stub.HasField("raw_data") and raw_bytes(stub) == raw_bytes(tensor)
+            assert list(stub.dims) == list(tensor.dims) and stub.data_type == tensor.data_type
+        else:
+            assert tensor.name not in held and stub.SerializeToString() == tensor.SerializeToString()
+    assert held and stubs.graph.node == model.graph.node
+    assert len(light) < model.ByteSize() - sum(raw_bytes(t) for t in model.graph.initializer if t.name in held) + 4096

@@ -18,8 +18,9 @@ with the first one-process model: "identical" means every initializer is bit-for
 
     python tools/bench_workers.py --worker-setup MODEL.onnx
 
-prints what a worker's setup (distributed.ShardWorker, run here without Ray) adds to this
-process's RSS, stage by stage, for that model.
+prints what a worker is sent and holds for that model: its setup (distributed.ShardWorker, run
+here without Ray) and what it adds to this process's RSS, and per half-block the weights it
+receives and holds (against the whole model, which workers were sent before).
 """
 from __future__ import annotations
 
@@ -131,35 +132,47 @@ def export_apart(preset: str, folder: Path) -> Path:
 
 
 def worker_setup(path: Path) -> None:
-    """ShardWorker.__init__'s stages, each one's RSS above the process with the portable model."""
+    """What a worker is sent and holds (distributed.ShardWorker, run here without Ray): its
+    setup's RSS above this process, and per half-block the weights it receives and holds."""
     import gc
+    import pickle
 
     import onnx
 
-    from onnxsnp.compensate import distributed
-    from onnxsnp.compensate.halves import original_weights, plan_segments
+    from onnxsnp.compensate import distributed, worker_graph
+    from onnxsnp.compensate.halves import detached, plan_segments
     from onnxsnp.heap import release_heap
     from onnxsnp.ir.graph import ModelGraph
+    from onnxsnp.ir.sizes import raw_bytes
     from onnxsnp.match import find_blocks
 
     def resident() -> float:
         status = Path("/proc/self/status").read_text().splitlines()
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:")) / MB
 
-    light, weights = distributed.portable(onnx.load(str(path)))
+    model = onnx.load(str(path))
+    g = ModelGraph(model)
+    matches = find_blocks(g)
+    halves = plan_segments(g, matches)
+    light, held = worker_graph.weightless(model)
+    setup = pickle.dumps((light, held, matches, detached(halves)))
+    reads = [worker_graph.half_reads(g, h, held) for pair in halves for h in pair]
+    sizes = [sum(raw_bytes(g.initializers[n]) for n in names) for names in reads]
+    whole = sum(raw_bytes(t) for t in model.graph.initializer)
+    print(f"{path.name}: {whole / MB:.1f} MB of initializers; a worker's setup {len(setup) / MB:.2f} MB "
+          f"(before: the whole model, {whole / MB:.1f} MB); per half-block it is sent and holds "
+          f"{min(sizes) / MB:.2f}–{max(sizes) / MB:.2f} MB ({len(sizes)} halves, {sum(sizes) / MB:.1f} MB in all)")
     gc.collect()
     base = resident()
-    print(f"{path.name}: {sum(w.nbytes for w in weights.values()) / MB:.0f} MB of weights sent as arrays; "
-          f"this process {base:.0f} MB before the setup")
-    g = ModelGraph(distributed.restored(light, weights))
-    print(f"+ the protobuf restored: {resident() - base:+.0f} MB")
-    matches = find_blocks(g)
-    original_weights(g, plan_segments(g, matches))
-    print(f"+ blocks matched, segments planned: {resident() - base:+.0f} MB")
-    g.forget_constants()
+    worker = distributed.ShardWorker(*pickle.loads(setup), True, 0, 1)
+    print(f"+ a worker's setup (weightless graph, the driver's blocks and halves): {resident() - base:+.0f} MB")
+    largest = max(range(len(reads)), key=lambda n: sizes[n])
+    worker.hold(largest, worker_graph.values(g, reads[largest]))
+    print(f"+ holding the largest half-block's weights: {resident() - base:+.0f} MB")
+    worker._release()
     gc.collect()
     release_heap()
-    print(f"after the decoded constants are dropped (ShardWorker does): {resident() - base:+.0f} MB")
+    print(f"after they are dropped: {resident() - base:+.0f} MB")
 
 
 def identical(a: Path, b: Path) -> bool:
@@ -179,7 +192,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="markdown table (default docs/SCALING_BENCH.md)")
     parser.add_argument("--smoke", action="store_true", help="deit_tiny, 32 samples, one repeat, temporary output")
-    parser.add_argument("--worker-setup", type=Path, help="only print a worker's setup memory for this model")
+    parser.add_argument("--worker-setup", type=Path, help="only print what a worker is sent and holds for this model")
     args = parser.parse_args()
     if args.worker_setup:
         return worker_setup(args.worker_setup)

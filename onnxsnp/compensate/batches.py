@@ -38,7 +38,7 @@ from .least_squares import FOLDS, NormalEquations
 from ..match import Matches
 from ..match.blocks import QkNormCut
 from ..match.units import unit_of_dim
-from .segments import SegmentRunner, cut
+from .segments import Segment, SegmentRunner, cut
 
 CACHE_BYTES = 2 * 2**30  # a refitted layer's inputs are kept for the next stream up to this size
 
@@ -202,6 +202,15 @@ def _shape_value(node, shape: tuple[int, ...]) -> np.ndarray:
     return np.array(shape[start:end] if end is not None else shape[start:], dtype=np.int64)
 
 
+def embeddings(g: ModelGraph, halves: list) -> tuple[Segment, list[str]]:
+    """The segment before the first block (the first stream from the model inputs), and the side
+    tensors it makes for the blocks (captured once, with the first stream)."""
+    streams = [h.residual for pair in halves for h in pair]
+    early = sorted({t for pair in halves for h in pair for r in (h.runner, h.join, h.projection_inputs)
+                    if r is not None for t in r.segment.side if g.producer_of(t).op_type != "Shape"})
+    return cut(g, "embeddings", [], [halves[0][0].residual] + early, streams), early
+
+
 class Shard:
     """Some calibration batches and the passes over them; `halves` come from
     reconstruction.plan_segments, `original` holds the original value of every slot."""
@@ -244,11 +253,7 @@ class Shard:
         first block's input (the embeddings run once). `restartable`: that input is also kept for
         `restart` (another run at other widths); a single run does without that extra stream."""
         first = self.halves[0][0]
-        streams = [h.residual for pair in self.halves for h in pair]
-        # side tensors made before the first block (with the first stream) are captured once
-        early = sorted({t for pair in self.halves for h in pair for r in (h.runner, h.join, h.projection_inputs)
-                        if r is not None for t in r.segment.side if self.g.producer_of(t).op_type != "Shape"})
-        prefix = cut(self.g, "embeddings", [], [first.residual] + early, streams)
+        prefix, early = embeddings(self.g, self.halves)
         prefix_runner = SegmentRunner(self.g, prefix) if prefix.nodes else None
         self.total = len(parts)
         for index, inputs in enumerate(parts):

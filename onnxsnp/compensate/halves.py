@@ -2,7 +2,7 @@
 each half (attention, then FFN) runs and captures on cached stream values."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -89,3 +89,37 @@ def original_weights(g: ModelGraph, halves: list[tuple[Half, Half]]) -> dict[Slo
 
 def all_slots(halves: list[tuple[Half, Half]]) -> list[Slot]:
     return list(dict.fromkeys(s for a, f in halves for s in a.segment.slots + f.segment.slots))
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A runner's segment and captures without its graph: how a half-block travels to a worker."""
+
+    segment: Segment
+    capture: tuple[str, ...]
+
+
+def detached(halves: list[tuple[Half, Half]]) -> list[tuple[Half, Half]]:
+    """The halves with their runners as Pieces (picklable, no graph, no session): a worker
+    attaches them to its own graph instead of cutting it again (which reads norms' weights)."""
+    def piece(runner: SegmentRunner | None) -> Piece | None:
+        return None if runner is None else Piece(runner.segment, runner.capture)
+
+    return [tuple(replace(h, runner=piece(h.runner), join=piece(h.join), projection_inputs=piece(h.projection_inputs))
+                  for h in pair) for pair in halves]
+
+
+def attached(g: ModelGraph, halves: list[tuple[Half, Half]]) -> list[tuple[Half, Half]]:
+    """Detached halves over `g` (a worker's graph of the same model)."""
+    def runner(piece: Piece | None) -> SegmentRunner | None:
+        return None if piece is None else SegmentRunner(g, piece.segment, piece.capture)
+
+    return [tuple(replace(h, runner=runner(h.runner), join=runner(h.join),
+                          projection_inputs=runner(h.projection_inputs)) for h in pair) for pair in halves]
+
+
+def drop_sessions(half: Half) -> None:
+    """A half's onnxruntime sessions (and the weights they keep) dropped: built again if run again."""
+    for runner in (half.runner, half.join, half.projection_inputs):
+        if runner is not None:
+            runner.session = None

@@ -123,7 +123,7 @@ class Reconstructor:
             from .distributed import RayShards
 
             check_workers(workers.count, len(parts), batch)  # before Ray starts
-            shards = RayShards(self.g.model, sequential, workers)
+            shards = RayShards(self.g, self.matches, self.halves, sequential, workers)
         try:
             with self.g.decoding_once():  # the embeddings' weights decoded for the prefix's run, not kept
                 shards.prepare(parts, mask_name, restartable)

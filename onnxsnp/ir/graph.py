@@ -104,7 +104,7 @@ class ModelGraph:
         value: np.ndarray | None = None
         source = self.initializer_behind(tensor)
         if source is not None:
-            value = external.to_array(self.initializers[source])  # from the data file where lazy
+            value = self.initializer_value(source)
         else:
             node = self.producer_of(tensor)
             if node is not None and node.op_type == "Constant":
@@ -116,6 +116,11 @@ class ModelGraph:
         if source is None or value is None or self._keep_above is None or value.nbytes < self._keep_above:
             self._constants[tensor] = value
         return value
+
+    def initializer_value(self, name: str) -> np.ndarray:
+        """Initializer `name` decoded (from the data file where lazy); a worker's graph, which
+        holds one block's weights at a time, serves them from there (compensate/worker_graph.py)."""
+        return external.to_array(self.initializers[name])
 
     @contextmanager
     def decoding_once(self, large_bytes: int = 2**20) -> Iterator[None]:
