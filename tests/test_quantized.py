@@ -145,3 +145,57 @@ def test_a_refitted_int8_weight_with_its_gram_keeps_its_outputs_closer(style, ro
         return np.linalg.norm(inputs @ np.moveaxis(weight - target, rows, 0).reshape(width, -1))
 
     assert output_error(fed) < 0.8 * output_error(nearest)
+
+
+def _float_arrays(held) -> list[np.ndarray]:
+    """Every float array an editor's recipe (rewrite/known.py) holds, however deep."""
+    from dataclasses import fields, is_dataclass
+
+    if isinstance(held, np.ndarray):
+        return [held] if np.issubdtype(held.dtype, np.floating) else []
+    if is_dataclass(held):
+        return [a for f in fields(held) for a in _float_arrays(getattr(held, f.name))]
+    return []
+
+
+@pytest.mark.parametrize("style", ["dq-tensor", "dq-channel", "cast-tensor", "cast-channel"])
+def test_an_edited_int8_weight_is_held_in_its_integer_form(style, monkeypatch):
+    """The editor reads a quantized weight's shape and dtype, and slices it, without decoding it to
+    float; what it holds of the weights it wrote (sliced, quantized again, rescaled) is their
+    integers and per-channel parameters, not float copies; and reading them back gives the float
+    values of the edits themselves, bit for bit."""
+    import onnx_graphsurgeon as gs
+
+    import graphs
+    from onnxsnp.rewrite.editor import Editor
+    from quantize import quantize_weights
+
+    model = quantize_weights(graphs.softmax_attention(), style)
+    g = ModelGraph(model)
+    editor = Editor(g, gs.import_onnx(model))
+    matmuls = [n for n in editor.graph.nodes if n.op == "MatMul" and g.is_constant(n.inputs[1].name)]
+    first, second = matmuls[0], matmuls[1]
+    weight, other = g.constant(first.inputs[1].name).copy(), g.constant(second.inputs[1].name).copy()
+    g.forget_constants()
+    decode = editor.value
+    monkeypatch.setattr(editor, "value", lambda tensor: pytest.fail(f"{tensor} decoded to float"))
+    assert editor.shape(first, 1) == weight.shape and editor.dtype(first, 1) == weight.dtype
+    keep = np.arange(0, weight.shape[1], 2)
+    editor.take(first, 1, keep, 1)
+    factors = np.linspace(0.5, 2.0, len(keep)).astype(np.float32)
+    # exact on a per-channel scale; per tensor these factors are not, and nothing changes
+    exact = editor.scale_along(first, 1, np.arange(len(keep)), factors, 1, exact_only=True)
+    assert exact == style.endswith("channel")
+    assert editor.shape(first, 1) == (weight.shape[0], len(keep)) and editor.dtype(first, 1) == weight.dtype
+    assert not g._constants, "a weight decoded for its shape, dtype or slice"
+    monkeypatch.setattr(editor, "value", decode)
+    target = np.random.default_rng(1).standard_normal(other.shape).astype(np.float32)
+    editor.write(second, 1, target)
+    held = [a for known in editor.known.values() for a in _float_arrays(known)]
+    # per-tensor or per-channel parameters and factors only: nothing of a weight's two dimensions
+    assert held and all(a.size == max(a.shape, default=1) for a in held), "float copies of the edited weights held"
+    sliced = np.take(weight, keep, 1)
+    rescaled = sliced.copy()
+    rescaled[:, :] *= factors.reshape(1, -1)
+    np.testing.assert_array_equal(editor.current(first, 1), rescaled if exact else sliced)
+    assert np.abs(editor.current(second, 1) - target).max() <= np.abs(target).max() / 64  # quantized again

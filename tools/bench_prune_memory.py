@@ -100,6 +100,25 @@ def prune_child(model: str, calib: str, save: str) -> None:
             tag[0] = "between stages, after the reconstruction"
 
     pipeline._compensate = compensating
+
+    def within(owner, name: str, label: str) -> None:  # a part of a stage tagged apart (the rewrite's two)
+        original = getattr(owner, name, None)
+        if original is None:  # another checkout's code without it: the stage's tag alone
+            return
+
+        def wrapped(*args, **kwargs):
+            before, tag[0] = tag[0], f"{tag[0]}: {label}"
+            try:
+                return original(*args, **kwargs)
+            finally:
+                tag[0] = before
+
+        setattr(owner, name, wrapped)
+
+    from onnxsnp.data import activation_ranges
+
+    within(pipeline, "rewrite", "the editor (rewrite.rewriting)")
+    within(activation_ranges.ActivationView, "restore", "activation pairs put back (ActivationView.restore)")
     with np.load(calib) as data:
         feed = {k: data[k] for k in ("input_ids", "attention_mask")}
     started = time.perf_counter()

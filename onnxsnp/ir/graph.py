@@ -62,7 +62,7 @@ class ModelGraph:
         if not nx.is_directed_acyclic_graph(self.dag):
             raise SnpError("the graph has a cycle; ONNX graphs must be acyclic")
         self._constants: dict[str, np.ndarray | None] = {}
-        self._keep_above: int | None = None  # decoded initializers this large are not kept (`decoding_once`)
+        self._keep_above: int | None = None  # decoded constants this large are not kept (`decoding_once`)
 
     # --- structure -----------------------------------------------------------------------
     def node(self, name: str) -> onnx.NodeProto:
@@ -113,7 +113,7 @@ class ModelGraph:
                 inputs = [self.constant(t) if t else None for t in node.input]
                 if all(v is not None for v, t in zip(inputs, node.input) if t):
                     value = _fold(node, inputs)
-        if source is None or value is None or self._keep_above is None or value.nbytes < self._keep_above:
+        if value is None or self._keep_above is None or value.nbytes < self._keep_above:
             self._constants[tensor] = value
         return value
 
@@ -124,10 +124,11 @@ class ModelGraph:
 
     @contextmanager
     def decoding_once(self, large_bytes: int = 2**20) -> Iterator[None]:
-        """Within: initializers of `large_bytes` or more are decoded for whoever asks and not kept
-        (asked twice, decoded twice). The rewrite reads each weight it slices about once; kept, the
-        decoded whole weights would sit beside their slices and the protobuf's own copy until the
-        end of the rewrite."""
+        """Within: constants of `large_bytes` or more are decoded for whoever asks and not kept
+        (asked twice, decoded twice): initializers, and values folded from them (a quantized
+        weight's DequantizeLinear, in float: four times its int8). The rewrite reads each weight
+        it slices about once; kept, the decoded whole weights would sit beside their slices and
+        the protobuf's own copy until the end of the rewrite."""
         before, self._keep_above = self._keep_above, large_bytes
         try:
             yield

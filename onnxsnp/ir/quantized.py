@@ -14,7 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from .feedback import fed_back, inverse_factor
 
@@ -23,25 +25,58 @@ _CHAIN_OPS = {"DequantizeLinear", "Cast", "Mul", "Sub", "Identity"}
 
 @dataclass
 class Chain:
-    source: gs.Constant  # the integer tensor
+    source: gs.Tensor  # the integer tensor (a constant, maybe behind Identity or a Constant node)
     nodes: list[gs.Node]  # from it to the float weight, in order
     data: list[int]  # which input of each node carries the weight
 
 
-def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
-    """The value of a constant gs tensor: an initializer, a Constant node, or either behind Identity."""
+def _constant(tensor: gs.Tensor) -> gs.Constant | None:
+    """The constant a gs tensor is: an initializer, a Constant node's, or either behind Identity."""
     while isinstance(tensor, gs.Variable) and len(tensor.inputs) == 1 and tensor.inputs[0].op in ("Identity", "Constant"):
         node = tensor.inputs[0]
         if node.op == "Constant":
             value = node.attrs.get("value")
-            return value.values if isinstance(value, gs.Constant) else None
+            return value if isinstance(value, gs.Constant) else None
         tensor = node.inputs[0]
-    return tensor.values if isinstance(tensor, gs.Constant) else None
+    return tensor if isinstance(tensor, gs.Constant) else None
+
+
+def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of a constant gs tensor, decoded for the caller and not kept by the constant
+    (rewrite/lazy.py: graphsurgeon's `values` would keep every integer weight the rewrite reads
+    in memory beside its slice until the end)."""
+    constant = _constant(tensor)
+    if constant is None:
+        return None
+    values = constant._values  # as rewrite/lazy.py `read` (whose FromFile is a LazyValues too)
+    return values.load() if isinstance(values, LazyValues) and type(values).__name__ != "SparseValues" \
+        else constant.values
 
 
 def _is_integer(tensor: gs.Tensor) -> bool:
-    value = constant_value(tensor)
-    return value is not None and np.issubdtype(value.dtype, np.integer) and value.ndim >= 1
+    constant = _constant(tensor)  # its type and rank, without decoding it
+    return constant is not None and np.issubdtype(constant.dtype, np.integer) and len(constant.shape) >= 1
+
+
+def chain_signature(chain: Chain) -> tuple[tuple[int, ...], np.dtype] | None:
+    """The shape and dtype of the float weight `chain` computes, without computing it; None where
+    a node is not one whose output type is known from its constant inputs."""
+    source = _constant(chain.source)
+    shape, dtype = tuple(source.shape), source.dtype
+    for node, data in zip(chain.nodes, chain.data):
+        if node.op == "DequantizeLinear":  # the output takes the scale's type (the data's shape)
+            scale = _constant(node.inputs[1])
+            if scale is None or "output_dtype" in node.attrs:
+                return None
+            dtype = scale.dtype
+        elif node.op == "Cast":
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(node.attrs["to"]))
+        elif node.op in ("Mul", "Sub"):
+            other = _constant(node.inputs[1 - data])
+            if other is None:
+                return None
+            shape, dtype = np.broadcast_shapes(shape, tuple(other.shape)), other.dtype
+    return (shape, dtype) if isinstance(dtype, np.dtype) else None  # an ONNX-only type: read from the value
 
 
 def chain_behind(tensor: gs.Tensor) -> Chain | None:
@@ -52,7 +87,7 @@ def chain_behind(tensor: gs.Tensor) -> Chain | None:
             return None
         node = tensor.inputs[0]
         index = 0 if node.op in ("DequantizeLinear", "Cast", "Identity") else \
-            next((i for i, x in enumerate(node.inputs) if constant_value(x) is None or _is_integer(x)), None)
+            next((i for i, x in enumerate(node.inputs) if _constant(x) is None or _is_integer(x)), None)
         if index is None or len(node.outputs) != 1:
             return None
         nodes.append(node)
@@ -130,10 +165,12 @@ def _scheme(chain: Chain, rank: int) -> _Scheme | None:
 
 
 def requantized(chain: Chain, values: np.ndarray, editor, gram: np.ndarray | None = None, rows: int = 0
-                ) -> tuple[gs.Tensor, np.ndarray] | None:
-    """A copy of `chain` computing `values` quantized with the chain's scheme, and the values it
-    computes; None where the scheme is not one of the two known ones. `gram`: Σ x xᵀ of the
-    inputs that axis `rows` of `values` reads (a refit's), for rounding with error feedback."""
+                ) -> tuple[gs.Tensor, np.ndarray, np.ndarray, np.ndarray] | None:
+    """A copy of `chain` computing `values` quantized with the chain's scheme, with what it
+    computes: the integer levels written, the zero point and the scale in float64 (the values:
+    ((levels − zero) · scale) in `values`' dtype, rewrite/known.py); None where the scheme is not
+    one of the two known ones. `gram`: Σ x xᵀ of the inputs that axis `rows` of `values` reads (a
+    refit's), for rounding with error feedback."""
     source = constant_value(chain.source)
     scheme = _scheme(chain, values.ndim)
     if scheme is None or source.ndim != values.ndim:
@@ -156,17 +193,17 @@ def requantized(chain: Chain, values: np.ndarray, editor, gram: np.ndarray | Non
         quantized = np.clip(np.round(values / scale) + zero, low_q, high_q)
     else:
         quantized = _fed_back(values, factor, rows, scale, zero, (low_q, high_q))
-    computed = ((quantized - zero) * scale).astype(values.dtype)
+    levels = quantized.astype(source.dtype)  # whole numbers within the type's range: exact
     replace = {scheme.scale: scale.reshape(scale_old.shape).astype(scale_old.dtype)}
     if scheme.zero is not None:
         replace[scheme.zero] = zero.reshape(zero_old.shape).astype(zero_old.dtype)
-    current: gs.Tensor = editor.constant(chain.source.name, quantized.astype(source.dtype))
+    current: gs.Tensor = editor.constant(chain.source.name, levels)
     for position, (node, data) in enumerate(zip(chain.nodes, chain.data)):
         inputs = [current if index == data else
                   editor.constant(tensor.name, replace[(position, index)]) if (position, index) in replace
                   else tensor for index, tensor in enumerate(node.inputs)]
         current = _copy(editor, node, inputs)
-    return current, computed
+    return current, levels, zero, scale
 
 
 def _fed_back(values: np.ndarray, factor: np.ndarray, rows: int, scale: np.ndarray, zero: np.ndarray,
@@ -201,14 +238,14 @@ def rescaled(chain: Chain, axis: int, columns: np.ndarray, factors: np.ndarray, 
     """A copy of `chain` whose weight has indices `columns` along `axis` multiplied by `factors`,
     done exactly on the scale: a per-channel scale along `axis`, or a per-tensor one when every
     index gets the same factor. None where only requantizing could do it."""
-    source = constant_value(chain.source)
-    scheme = _scheme(chain, source.ndim)
+    source = _constant(chain.source)  # its shape only: not decoded
+    scheme = _scheme(chain, len(source.shape))
     if scheme is None:
         return None
     node, index = chain.nodes[scheme.scale[0]], scheme.scale[1]
     scale = constant_value(node.inputs[index]).copy()
-    if scheme.axis == axis % source.ndim:
-        along = 0 if node.op == "DequantizeLinear" else scheme.axis - (source.ndim - scale.ndim)
+    if scheme.axis == axis % len(source.shape):
+        along = 0 if node.op == "DequantizeLinear" else scheme.axis - (len(source.shape) - scale.ndim)
         view = np.moveaxis(scale, along, 0)
         view[columns] *= factors.reshape((-1,) + (1,) * (view.ndim - 1)).astype(scale.dtype)
     elif scheme.axis is None and len(columns) == source.shape[axis] and np.all(factors == factors.reshape(-1)[0]):

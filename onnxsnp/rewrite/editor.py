@@ -15,7 +15,8 @@ from ..ir import external
 from ..ir.graph import ModelGraph
 from ..match import Linear
 from ..match.groups import Cut
-from ..ir.quantized import chain_behind, requantized, rescaled, sliced
+from ..ir.quantized import chain_behind, chain_signature, requantized, rescaled, sliced
+from .known import Decoded, Known, Levels, Scaled, Taken, scaled
 from .lazy import read, to_file
 
 
@@ -26,7 +27,8 @@ class Editor:
         self.spill = spill  # where the larger new constants go as they are made (lazy.py)
         self.nodes = {n.name: n for n in graph.nodes}
         self.tensors = graph.tensors()
-        self.known: dict[str, np.ndarray] = {}  # values of the dequantizing chains this rewrite wrote
+        # the float values of the dequantizing chains this rewrite wrote, as recipes (known.py)
+        self.known: dict[str, Known] = {}
         self.gathered: dict[tuple, gs.Variable] = {}  # (rotary table, kept columns) → its gathered table, made once
         self.entries: dict[tuple[str, int, int], gs.Tensor] = {}  # (shape, position, value) → the edited shape
         self._count = 0
@@ -65,18 +67,34 @@ class Editor:
 
     def current(self, node: gs.Node, index: int) -> np.ndarray:
         """The value a node input holds now: edits made earlier in this rewrite included. A weight
-        is decoded for the caller and not kept (lazy.py): asked again, it is decoded again."""
+        is decoded for the caller and not kept (lazy.py, known.py): asked again, it is decoded again."""
+        tensor = node.inputs[index]
+        if tensor.name in self.known:
+            return self.known[tensor.name].value()
+        return read(tensor) if isinstance(tensor, gs.Constant) else self.value(tensor.name)
+
+    def _held(self, node: gs.Node, index: int) -> Known:
+        """What `current` would return, as a recipe: made when read, its shape and dtype known."""
         tensor = node.inputs[index]
         if tensor.name in self.known:
             return self.known[tensor.name]
-        return read(tensor) if isinstance(tensor, gs.Constant) else self.value(tensor.name)
+        if isinstance(tensor, gs.Constant):
+            dtype = tensor.dtype if isinstance(tensor.dtype, np.dtype) else read(tensor).dtype  # (an ONNX-only type)
+            return Decoded(lambda: read(tensor), tuple(tensor.shape), dtype)
+        chain = chain_behind(tensor)
+        signature = None if chain is None else chain_signature(chain)
+        if signature is None:  # a weight computed otherwise: its signature is its value's
+            value = self.value(tensor.name)
+            signature = (value.shape, value.dtype)
+        return Decoded(lambda: self.value(tensor.name), *signature)
 
     def shape(self, node: gs.Node, index: int) -> tuple[int, ...]:
-        """The shape of what `current` would return, without decoding a constant for it."""
-        tensor = node.inputs[index]
-        if tensor.name not in self.known and isinstance(tensor, gs.Constant):
-            return tuple(tensor.shape)
-        return self.current(node, index).shape
+        """The shape of what `current` would return, without decoding a weight for it."""
+        return tuple(self._held(node, index).shape)
+
+    def dtype(self, node: gs.Node, index: int) -> np.dtype:
+        """The dtype of what `current` would return, without decoding a weight for it."""
+        return np.dtype(self._held(node, index).dtype)
 
     def replace_input(self, node: gs.Node, index: int, values: np.ndarray) -> None:
         node.inputs[index] = self.constant(node.inputs[index].name, values)
@@ -88,7 +106,7 @@ class Editor:
         if chain is None:
             self.replace_input(node, index, np.take(self.current(node, index), keep, axis))
             return
-        kept = np.take(self.current(node, index), keep, axis)
+        kept = Taken(self._held(node, index), keep, axis)
         node.inputs[index] = sliced(chain, axis, keep, self)
         self.known[node.inputs[index].name] = kept
 
@@ -97,20 +115,17 @@ class Editor:
         """Multiply indices `columns` along `axis` of a constant input by `factors`. A quantized
         weight takes them on its scale where that is exact, else (unless `exact_only`) is
         quantized again. Returns whether it was done."""
-        values = self.current(node, index).copy()
-        view = np.moveaxis(values, axis, 0)
-        view[columns] *= factors.reshape((-1,) + (1,) * (view.ndim - 1)).astype(values.dtype)
         chain = None if isinstance(node.inputs[index], gs.Constant) else chain_behind(node.inputs[index])
         if chain is None:
-            self.replace_input(node, index, values)
+            self.replace_input(node, index, scaled(self.current(node, index), columns, factors, axis))
             return True
         exact = rescaled(chain, axis, columns, factors, self)
         if exact is None and exact_only:
             return False
         if exact is None:
-            self.write(node, index, values)
+            self.write(node, index, scaled(self.current(node, index), columns, factors, axis))
         else:
-            node.inputs[index], self.known[exact.name] = exact, values
+            node.inputs[index], self.known[exact.name] = exact, Scaled(self._held(node, index), columns, factors, axis)
         return True
 
     def write(self, node: gs.Node, index: int, values: np.ndarray, gram: np.ndarray | None = None,
@@ -122,7 +137,8 @@ class Editor:
         if written is None:
             self.replace_input(node, index, values)
             return
-        node.inputs[index], self.known[written[0].name] = written
+        tensor, levels, zero, scale = written
+        node.inputs[index], self.known[tensor.name] = tensor, Levels(levels, zero, scale, values.dtype)
 
     # --- linear layers -------------------------------------------------------------------
     def set_weights(self, linear: Linear, weight: np.ndarray, bias: np.ndarray | None,
@@ -130,13 +146,13 @@ class Editor:
         """Replace a projection's weight (given [in, out]) and bias, keeping their dtypes; `gram`:
         Σ x xᵀ of its inputs, where a quantized weight is rounded with error feedback."""
         node = self.nodes[linear.node]
-        dtype = self.current(node, linear.weight_index).dtype
+        dtype = self.dtype(node, linear.weight_index)
         self.write(node, linear.weight_index, (weight.T if linear.transposed else weight).astype(dtype), gram,
                    1 if linear.transposed else 0)
         if bias is not None and linear.bias is not None:
             bias_node = self.nodes[linear.bias_node]
-            current = self.current(bias_node, linear.bias_index)
-            self.write(bias_node, linear.bias_index, bias.reshape(current.shape).astype(current.dtype))
+            shape, dtype = self.shape(bias_node, linear.bias_index), self.dtype(bias_node, linear.bias_index)
+            self.write(bias_node, linear.bias_index, bias.reshape(shape).astype(dtype))
 
     # --- dependency groups ---------------------------------------------------------------------
     def cut(self, cuts: list[Cut], done: frozenset[tuple[str, int, int]] = frozenset()) -> None:
