@@ -38,7 +38,8 @@ from .least_squares import FOLDS, NormalEquations
 from ..match import Matches
 from ..match.blocks import QkNormCut
 from ..match.units import unit_of_dim
-from .segments import Segment, SegmentRunner, cut
+from .halves import embeddings
+from .segments import SegmentRunner, cut
 
 CACHE_BYTES = 2 * 2**30  # a refitted layer's inputs are kept for the next stream up to this size
 
@@ -200,15 +201,6 @@ def _pass(method):
 def _shape_value(node, shape: tuple[int, ...]) -> np.ndarray:
     start, end = attribute(node, "start", 0), attribute(node, "end", None)
     return np.array(shape[start:end] if end is not None else shape[start:], dtype=np.int64)
-
-
-def embeddings(g: ModelGraph, halves: list) -> tuple[Segment, list[str]]:
-    """The segment before the first block (the first stream from the model inputs), and the side
-    tensors it makes for the blocks (captured once, with the first stream)."""
-    streams = [h.residual for pair in halves for h in pair]
-    early = sorted({t for pair in halves for h in pair for r in (h.runner, h.join, h.projection_inputs)
-                    if r is not None for t in r.segment.side if g.producer_of(t).op_type != "Shape"})
-    return cut(g, "embeddings", [], [halves[0][0].residual] + early, streams), early
 
 
 class Shard:

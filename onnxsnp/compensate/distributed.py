@@ -22,13 +22,13 @@ import logging
 
 import numpy as np
 
-from .batches import AttentionSums, FoldSums, Shard, Slot, Workers, embeddings, owner
+from .batches import AttentionSums, FoldSums, Shard, Slot, Workers, owner
 from ..errors import SnpError
 from ..heap import release_heap
 from ..ir.graph import ModelGraph
 from ..match import Matches
 from ..score.importance import PairSums
-from .halves import attached, detached, drop_sessions, original_weights
+from .halves import attached, detached, drop_sessions, embeddings, original_weights
 from .worker_graph import BlockGraph, half_reads, segment_reads, values, weightless
 from ..threads import threads_for
 

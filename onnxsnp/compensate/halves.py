@@ -123,3 +123,12 @@ def drop_sessions(half: Half) -> None:
     for runner in (half.runner, half.join, half.projection_inputs):
         if runner is not None:
             runner.session = None
+
+
+def embeddings(g: ModelGraph, halves: list) -> tuple[Segment, list[str]]:
+    """The segment before the first block (the first stream from the model inputs), and the side
+    tensors it makes for the blocks (captured once, with the first stream)."""
+    streams = [h.residual for pair in halves for h in pair]
+    early = sorted({t for pair in halves for h in pair for r in (h.runner, h.join, h.projection_inputs)
+                    if r is not None for t in r.segment.side if g.producer_of(t).op_type != "Shape"})
+    return cut(g, "embeddings", [], [halves[0][0].residual] + early, streams), early
