@@ -8,7 +8,8 @@ import json
 
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch")
 
 from decoders import prefill_and_step
 from exports import optimum_python
