@@ -334,3 +334,10 @@ def test_a_half_blocks_cut_is_carried_to_the_last_stream_as_the_whole_model_carr
     count = len(tokens(outputs[0], outputs[0].shape[0], p.fit_feed.get(p.mask) if p.mask else None))
     whole, _ = relative_error(outputs[1], outputs[0], outputs[0].shape[0], p.fit_feed.get(p.mask) if p.mask else None)
     assert measured == pytest.approx(whole / count, rel=1e-3)
+
+
+def test_a_decoders_residual_stream_is_refused_with_the_reason(decoder):
+    from onnxsnp import SnpError
+
+    with pytest.raises(SnpError, match="this is a decoder, and cutting"):
+        prune(str(decoder("llama-dynamo")), ratio=0.0, residual=0.25, calib=calibration(16))
