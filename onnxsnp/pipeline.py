@@ -41,7 +41,7 @@ from .compensate.compensated import Compensated
 from .score.profiling import profile_nodes
 from .progress import Steps, reporting, stage
 from .compensate.batches import Shards
-from .compensate.least_squares import FOLDS
+from .compensate.least_squares import FOLDS, RECONSTRUCTION_BATCH
 from .heap import fix_mmap_threshold, release_heap
 from .compensate.halves import plan_segments
 from .plan import AttentionWidth, Propagation, Widths
@@ -57,7 +57,6 @@ from .verify.verification import check_structure
 log = logging.getLogger("onnxsnp")
 
 HOLDOUT_MAX = 64  # held-back samples for the report's fidelity: an eighth of the data, at most this many
-RECONSTRUCTION_BATCH = 32  # samples per segment run (each runs half a block, so a larger batch is cheap)
 SURVEY_SAMPLES = 256  # calibration samples the sensitivity curves of a --target-* allocation are measured on
 
 

@@ -340,4 +340,32 @@ def test_a_decoders_residual_stream_is_refused_with_the_reason(decoder):
     from onnxsnp import SnpError
 
     with pytest.raises(SnpError, match="this is a decoder, and cutting"):
-        prune(str(decoder("llama-dynamo")), ratio=0.0, residual=0.25, calib=calibration(16))
+        prune(str(decoder("llama-dynamo")), ratio=0.0, residual=0.25, calib=calibration(100))
+
+
+def test_the_softmax_sums_read_about_sums_tokens_spread_over_the_batches(decoder, monkeypatch):
+    """Past SUMS_TOKENS calibration tokens, only the batches sums_from picks add to the sums that
+    choose a decoder's Q/K pairs; the refits still read every batch."""
+    from onnxsnp.compensate.least_squares import RECONSTRUCTION_BATCH
+    from onnxsnp.score import importance, softmax_metric
+
+    samples, tokens = 5 * RECONSTRUCTION_BATCH, 12
+    read = []
+
+    def counting(sums, q_hat, *rest):
+        read.append(len(q_hat))
+        return real(sums, q_hat, *rest)
+
+    real = importance.add_sums
+    monkeypatch.setattr(importance, "add_sums", counting)
+    calib = calibration(100, samples, tokens)
+    prune(str(decoder("llama-dynamo")), ratio=0.5, calib=calib, measure_latency=False)
+    every = sum(read)
+    read.clear()
+    monkeypatch.setattr(softmax_metric, "SUMS_TOKENS", 2 * RECONSTRUCTION_BATCH * tokens)
+    prune(str(decoder("llama-dynamo")), ratio=0.5, calib=calib, measure_latency=False)
+    fitted = samples - samples // 8  # an eighth is held back for the fidelity line
+    batches = -(-fitted // RECONSTRUCTION_BATCH)
+    picked = [i for i in range(batches) if softmax_metric.sums_from(i, batches, RECONSTRUCTION_BATCH * tokens)]
+    assert picked == [0, batches // 2]
+    assert sum(read) * fitted == every * 2 * RECONSTRUCTION_BATCH

@@ -261,3 +261,18 @@ def test_softmax_only_statistics_gather_the_same_softmax_sums_and_no_scores():
     total = PairStatistics.empty(heads, d)
     total.merge(only)
     assert total.softmax_only
+
+
+@pytest.mark.parametrize("batch_tokens", [1_000, 4_096, 20_000])
+@pytest.mark.parametrize("batches", [1, 3, 4, 7, 9, 40])
+def test_the_sums_read_whole_batches_spread_evenly_up_to_about_sums_tokens(batches, batch_tokens):
+    from onnxsnp.score.softmax_metric import SUMS_TOKENS, sums_from
+
+    picked = [i for i in range(batches) if sums_from(i, batches, batch_tokens)]
+    if batches * batch_tokens <= SUMS_TOKENS:
+        assert picked == list(range(batches))
+        return
+    assert picked[0] == 0 and len(picked) == min(batches, -(-SUMS_TOKENS // batch_tokens))
+    assert SUMS_TOKENS <= len(picked) * batch_tokens < SUMS_TOKENS + batch_tokens or len(picked) == batches
+    gaps = np.diff(picked + [batches])
+    assert gaps.max() - gaps.min() <= 1  # spread evenly over the calibration set

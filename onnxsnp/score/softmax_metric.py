@@ -38,6 +38,18 @@ CHUNK = 8  # head-samples per product
 # tokens, one BLAS thread on the shared 2-core machine: 115–125 ms against 180–200 ms, the sums
 # equal to 7e-8 of the largest F entry: float32 products grouped otherwise).
 QUERY_BLOCK = 16
+# Calibration tokens that add to the sums, at least and about: whole batches spread evenly over
+# all of them. The sums cost more than a pass over the same tokens (docs/PRUNE_COST_DECODER.md),
+# and the pairs they choose carry from other windows nearly as well as from the scored ones
+# (docs/DECODERS_REAL.md, the oracle split); the refits, which want every token, get every batch.
+SUMS_TOKENS = 16_384
+
+
+def sums_from(index: int, batches: int, batch_tokens: int) -> bool:
+    """Whether calibration batch `index` of `batches` (of `batch_tokens` each but the last) adds to
+    the softmax's sums."""
+    needed = -(-SUMS_TOKENS // max(batch_tokens, 1))
+    return needed >= batches or index in {k * batches // needed for k in range(needed)}
 
 
 @dataclass
