@@ -231,9 +231,10 @@ def _in_input_form(p: Prepared, pruned: onnx.ModelProto, grams: dict[str, np.nda
     if p.dynamic is not None:
         pruned = p.dynamic.requantize(pruned)
     if p.rounded is not None:  # a static QDQ model's activation pairs back, calibrated again (activation_ranges.py)
-        # on the fitted samples only: the held-back ones judge the result
+        # on the fitted samples only: the held-back ones judge the result; the rewrite's model is
+        # read by nothing else, so edited in place
         pruned = p.rounded.restore(p.qoperator.model if p.qoperator is not None else p.model, pruned, p.fit_feed,
-                                   p.batch)
+                                   p.batch, in_place=True)
     if p.qoperator is not None:  # each QLinear op made again from its pattern (qoperator_fuse.py)
         pruned = fused(p.qoperator, pruned)
     if p.view is not None:

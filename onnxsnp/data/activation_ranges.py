@@ -30,9 +30,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+import onnxruntime as ort
+from onnx import helper, numpy_helper
 
-from .calibration import Runner
+from ..heap import release_heap
+from .calibration import Runner, weight_file, without_initializers
 
 # a range whose ends moved less than this (relative to its width) keeps its parameters: a
 # calibration on other samples of the same data moves it about that much, and a rounding step
@@ -40,10 +42,16 @@ from .calibration import Runner
 MOVED = 0.02
 
 
-# Every activation a pair reads is fetched in one run (513 tensors of a 30-layer decoder: 4 GB at
-# 8 windows of 128 tokens, SmolLM2-135M): one sample a run holds an eighth of that. A range is a
-# min and a max over the samples: the batching changes it by float rounding at most.
+# One sample a run, as the ranges were first measured with every paired activation fetched (4 GB
+# at 8 windows of 128 tokens, SmolLM2-135M). Each tensor is now reduced in the graph, so a larger
+# batch would cost little memory, but a range is a min and a max over the samples' activations,
+# and a batch of another size may round those activations differently: one sample a run keeps
+# the ranges (and the written scales) those runs gave.
 RANGE_BATCH = 1
+# The scalars each measured tensor adds to the ranges model (`_measuring`): its min, its max, and
+# whether every element is a number (numpy's min of a tensor holding a NaN is NaN, which the
+# running min and max pass over; onnxruntime's ReduceMin gives some element instead)
+_REDUCED = ("::onnxsnp_min", "::onnxsnp_max", "::onnxsnp_numbers")
 
 
 def _activation_pairs(model: onnx.ModelProto) -> dict[str, tuple[str, str, str]]:
@@ -88,16 +96,66 @@ def _unrounded(model: onnx.ModelProto, pairs: dict[str, tuple[str, str, str]]) -
 def _ranges(model: onnx.ModelProto, tensors: list[str], feed: dict[str, np.ndarray], batch: int,
             role: str) -> dict[str, tuple[float, float]]:
     """(min, max) of each tensor over `feed` with float activations, zero included (a
-    quantizer's range always holds it). At most RANGE_BATCH samples a run (`batch` below that)."""
+    quantizer's range always holds it). At most RANGE_BATCH samples a run (`batch` below that).
+
+    The session hands back three scalars a tensor (`_measuring`), not the tensors: fetched, all
+    513 paired activations of SmolLM2-135M were held at once for every run. The min and max of a
+    float tensor are exact whichever code takes them: the same ranges to the bit. The weights go
+    to the session through a file written one tensor at a time (WeightFile), not a proto copy."""
     low = {t: 0.0 for t in tensors}
     high = {t: 0.0 for t in tensors}
-    runner = Runner(_unrounded(model, _activation_pairs(model)), tensors, role=role)
-    for _, values in runner.batches(feed, tensors, min(batch, RANGE_BATCH)):
-        for name, value in values.items():
-            if value.size:
-                low[name] = min(low[name], float(value.min()))
-                high[name] = max(high[name], float(value.max()))
+    pairs = _activation_pairs(model)  # read on the whole model: the light copy has no initializers
+    file = weight_file(model)  # None for a small model: its weights travel with the graph
+    try:
+        measuring = _measuring(_unrounded(model if file is None else without_initializers(model), pairs), tensors)
+        outputs = [t + suffix for t in tensors for suffix in _REDUCED]
+        runner = Runner(measuring, outputs, role=role, weight_file=file, configure=_measuring_options)
+    finally:
+        if file is not None:
+            file.close()  # onnxruntime has read the weights
+    del measuring
+    for _, values in runner.batches(feed, outputs, min(batch, RANGE_BATCH)):
+        for tensor in tensors:
+            smallest, largest, numbers = (values[tensor + suffix] for suffix in _REDUCED)
+            # an empty tensor reduces to ±inf, which leaves the range as it was (as skipping it did)
+            if numbers:
+                low[tensor] = min(low[tensor], float(smallest))
+                high[tensor] = max(high[tensor], float(largest))
+    del runner
+    release_heap()  # what the session's runs left in the heap, before the next session is built
     return {t: (low[t], high[t]) for t in tensors}
+
+
+def _measuring_options(options: ort.SessionOptions) -> None:
+    """The ranges session's options. Its default node order (a reverse depth-first walk from the
+    outputs) ran the added reductions after the whole forward pass, every measured tensor alive
+    to the end of the run; priority-based, each is reduced as it is made. Without the memory
+    arena a run's buffers go back to the heap instead of being kept for the next. Measured on
+    SmolLM2-135M's pruned QDQ model, one window a run, over the session's own +290 MB: +490 MB
+    default, +170 MB priority-based, +100 MB with the arena off too. Neither changes a value:
+    the nodes and their kernels are the same, run one at a time."""
+    options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    options.enable_cpu_mem_arena = False
+
+
+def _measuring(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+    """`model` (edited in place) with each tensor's min, max and whether it holds no NaN added
+    as the outputs `_REDUCED` names: the tensors themselves are freed as the run goes."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    nodes = []
+    for tensor in tensors:
+        smallest, largest, numbers = (tensor + suffix for suffix in _REDUCED)
+        # Equal reads every type a QuantizeLinear does from opset 11 (int32 and float16 too); IsNaN,
+        # before that, only floats (opset 10's int32 inputs would fail the session, not pass)
+        same = [helper.make_node("Equal", [tensor, tensor], [numbers + "::each"])] if opset >= 11 else \
+            [helper.make_node("IsNaN", [tensor], [numbers + "::nan"]),
+             helper.make_node("Not", [numbers + "::nan"], [numbers + "::each"])]
+        nodes += [helper.make_node("ReduceMin", [tensor], [smallest], keepdims=0),
+                  helper.make_node("ReduceMax", [tensor], [largest], keepdims=0), *same,
+                  helper.make_node("Cast", [numbers + "::each"], [numbers + "::levels"], to=onnx.TensorProto.FLOAT),
+                  helper.make_node("ReduceMin", [numbers + "::levels"], [numbers], keepdims=0)]
+    model.graph.node.extend(nodes)
+    return model
 
 
 def recalibrated(original: onnx.ModelProto, pruned: onnx.ModelProto, feed: dict[str, np.ndarray],
@@ -184,12 +242,16 @@ class ActivationView:
                 for q, d, _ in self.pairs if d.output[0] in shapes}
 
     def restore(self, original: onnx.ModelProto, pruned: onnx.ModelProto, feed: dict[str, np.ndarray],
-                batch: int) -> onnx.ModelProto:
+                batch: int, in_place: bool = False) -> onnx.ModelProto:
         """`pruned` (a rewrite of the view) with each pair back after the tensor it rounded,
         read by what read the rounded tensor, its range calibrated again (`recalibrated`). A
-        tensor pruning removed loses its pair."""
-        model = onnx.ModelProto()
-        model.CopyFrom(pruned)
+        tensor pruning removed loses its pair. `in_place`: `pruned` itself is edited and
+        returned, for a caller that reads it no more (a copy holds every weight twice: SmolLM2-135M,
+        190 MB)."""
+        model = pruned
+        if not in_place:
+            model = onnx.ModelProto()
+            model.CopyFrom(pruned)
         graph = model.graph
         _rename(graph, self.renamed, outputs=False)  # the float tensor its own name again, the DQ's output the model's
         produced = {o for n in graph.node for o in n.output} | {i.name for i in graph.input}

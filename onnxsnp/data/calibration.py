@@ -419,15 +419,16 @@ class Runner:
 
     def __init__(self, model: onnx.ModelProto, tensors: Iterable[str] = (), threads: int = 0,
                  role: str = "input model", weights: Weights | None = None, weight_file: WeightFile | None = None,
-                 shapes_of: Iterable[str] = ()):
-        """`shapes_of`: tensors whose shapes (not values) the runs may fetch, as `shape_output(t)`."""
+                 shapes_of: Iterable[str] = (), configure: Callable[[ort.SessionOptions], None] | None = None):
+        """`shapes_of`: tensors whose shapes (not values) the runs may fetch, as `shape_output(t)`;
+        `configure`: session options beyond onnxsnp's (`session`)."""
         self.role = role
         state = cache_outputs(model)  # a decoder's present keys/values: its state, not its result
         self.output_names = [o.name for o in model.graph.output if o.name not in state]
         added = [t for t in dict.fromkeys(tensors) if t not in set(self.output_names)]
         try:
             shapes_of = list(dict.fromkeys(shapes_of))
-            self.session = session(model, threads, added, weights, weight_file=weight_file, shapes_of=shapes_of)
+            self.session = session(model, threads, added, weights, configure, weight_file, shapes_of)
         except Exception as exc:
             verb = "cannot run" if role == "input model" else "rejects"
             raise SnpError(f"onnxruntime {verb} the {role}: {_first_line(exc)}") from None
