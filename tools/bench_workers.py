@@ -1,18 +1,23 @@
 """--workers: one process against Ray workers, a curve over worker counts, on the same model and
 calibration samples.
 
-Each configuration is a fresh `python -m onnxsnp MODEL OUT --ratio 0.5 --calib CALIB -q
-[--workers N]` process; the configurations are interleaved (1, N1, N2, …, 1, N1, …) so that a
+Each configuration is a fresh `python -m onnxsnp MODEL OUT --ratio 0.5 --calib CALIB -q -v
+[--workers N]` process (other flags with --prune-args; a model of your own, a decoder, with
+--model and --calib); the configurations are interleaved (1, N1, N2, …, 1, N1, …) so that a
 busy machine slows them alike. Measured per run: wall time of the whole process (Ray's start
 included), the driver's own peak RSS (ru_maxrss via os.wait4), the Ray workers' peak RSS (the
 processes below the run's titled ray::ShardWorker, sampled every 0.1 s from /proc: the largest
 sum over the workers at one sample, and the largest single worker's peak) and the load average
-before and after. The model is exported in a child process, so that this process stays small (a child's
-ru_maxrss starts from the memory of the process that forked it). Every pruned model is compared
+before and after, and from the run's log (-v) what the driver sent the workers
+(distributed.Traffic: bytes, puts and seconds at setup, of the half-blocks' original weights and
+of the passes' current weights; the half-blocks' hold round trips). A preset's model is exported
+in a child process, so that this process stays small (a child's ru_maxrss starts from the memory
+of the process that forked it). Every pruned model is compared
 with the first one-process model: "identical" means every initializer is bit-for-bit equal.
 
     python tools/bench_workers.py [--preset deit_tiny|deit_small|deit_base] [--samples 256]
                                   [--workers 2[,4,6]] [--repeats 2] [--out docs/SCALING_BENCH.md] [--smoke]
+    python tools/bench_workers.py --model MODEL.onnx --calib CALIB.npz [--prune-args '--ratio 0.25'] …
 
 --smoke: deit_tiny, 32 samples, one repeat, a temporary table (CI).
 
@@ -210,7 +215,7 @@ def traffic_cells(traffic: dict | None) -> str:
         return "– | – | – | – | – |"
     half, current = traffic["half_weights"], traffic["current_weights"]
     puts = sum(traffic[c]["seconds"] for c in ("setup", "batches", "half_weights", "current_weights"))
-    return (f"{traffic['setup']['bytes'] / MB:.1f} + {traffic['batches']['bytes'] / MB:.1f} | "
+    return (f"{traffic['setup']['bytes'] / MB:.1f} + {traffic['batches']['bytes'] / MB:.2f} | "
             f"{half['bytes'] / MB:.1f} ({half['puts']}) | {current['bytes'] / MB:.1f} ({current['puts']}) | "
             f"{puts:.2f} | {traffic['hold_seconds']:.2f} |")
 
