@@ -13,6 +13,8 @@ from conftest import ROOT
 from test_worker_runs import DIGITS, InProcessShards
 from onnxsnp import prune
 from onnxsnp.compensate import distributed, worker_graph
+from onnxsnp.compensate.distributed import Channel
+from onnxsnp.compensate.halves import embeddings, plan_segments
 from onnxsnp.ir.graph import ModelGraph
 from onnxsnp.ir.sizes import raw_bytes
 from onnxsnp.match import find_blocks
@@ -138,3 +140,70 @@ def test_a_decoder_on_in_process_workers_is_the_one_process_model(monkeypatch, t
     wa = {t.name: numpy_helper.to_array(t) for t in alone.graph.initializer}
     wb = {t.name: numpy_helper.to_array(t) for t in spread.graph.initializer}
     assert wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa)
+
+
+def _traffic_run(monkeypatch, **budget) -> Recording:
+    monkeypatch.setattr(distributed, "RayShards", Recording)
+    made = []
+    monkeypatch.setattr(Recording, "made", made)
+    prune(str(DIGITS), calib=str(DIGITS_CALIB), workers=2, **budget)
+    shards, = made
+    return shards
+
+
+def _original_reads(g: ModelGraph) -> tuple[int, list[int]]:
+    """Bytes of the large initializers the embeddings' segment reads, and each half-block's."""
+    halves = plan_segments(g, find_blocks(g))
+    _, held = worker_graph.weightless(g.model)
+    size = lambda names: sum(raw_bytes(g.initializers[n]) for n in names)  # noqa: E731
+    return (size(worker_graph.segment_reads(g, [embeddings(g, halves)[0]], held)),
+            [size(worker_graph.half_reads(g, h, held)) for pair in halves for h in pair])
+
+
+def test_the_traffic_counts_what_the_workers_were_sent(monkeypatch):
+    shards = _traffic_run(monkeypatch, ratio=0.5)
+    traffic = shards.traffic
+    prefix, halves = _original_reads(ModelGraph(onnx.load(str(DIGITS))))
+    # the original weights: the embeddings' once, then each half-block's once, nothing else
+    assert traffic.puts[Channel.HALF_WEIGHTS] == 1 + len(halves)
+    assert traffic.sent[Channel.HALF_WEIGHTS] == prefix + sum(halves)
+    # the passes' current weights: as many puts and bytes as the calls that carried them
+    passes = [args for method, args in shards.sent if method in ("equations", "finish", "transform_cache")]
+    assert traffic.puts[Channel.CURRENT_WEIGHTS] == len(passes) >= 2 * len(halves)
+    assert traffic.sent[Channel.CURRENT_WEIGHTS] == sum(_arrays(args) for args in passes) > 0
+    (batches, *_), = [args for method, args in shards.sent if method == "prepare"]  # rank 0's (recorded)
+    assert traffic.puts[Channel.BATCHES] == 2 and traffic.sent[Channel.BATCHES] > _arrays(batches) > 0
+    setup, = [s for method, s in shards.sent if method == "setup"]
+    assert traffic.sent[Channel.SETUP] >= len(setup[0])  # the protobuf, beside the pickled blocks and halves
+    assert traffic.summary()["half_weights"] == {"bytes": traffic.sent[Channel.HALF_WEIGHTS],
+                                                 "puts": 1 + len(halves),
+                                                 "seconds": round(traffic.seconds[Channel.HALF_WEIGHTS], 3)}
+
+
+def test_a_flops_search_sends_the_workers_what_a_ratio_run_does(monkeypatch):
+    """--target-flops: the survey and the search run in the driver, then one reconstruction: each
+    half-block's original weights go out once, as with --ratio (a sweep's budgets, one run each,
+    send them once per budget)."""
+    ratio = _traffic_run(monkeypatch, ratio=0.5).traffic
+    search = _traffic_run(monkeypatch, target_flops=0.8).traffic
+    for channel in (Channel.SETUP, Channel.BATCHES, Channel.HALF_WEIGHTS):
+        assert (search.sent[channel], search.puts[channel]) == (ratio.sent[channel], ratio.puts[channel]), channel
+    assert search.puts[Channel.CURRENT_WEIGHTS] == ratio.puts[Channel.CURRENT_WEIGHTS]
+
+
+@pytest.mark.slow  # a sweep of two budgets, ~10 s
+def test_a_sweep_sends_each_half_block_once_per_budget(monkeypatch, tmp_path):
+    """What a search re-sends: a sweep's budgets share the batches (sent once) and run one
+    reconstruction each, which sends every half-block's original weights again."""
+    from onnxsnp import sweep
+
+    one = _traffic_run(monkeypatch, target_flops=0.8).traffic
+    made = []
+    monkeypatch.setattr(Recording, "made", made)
+    sweep(str(DIGITS), [0.8, 0.6], tmp_path, calib=str(DIGITS_CALIB), workers=2)
+    swept = made[0].traffic
+    prefix, halves = _original_reads(ModelGraph(onnx.load(str(DIGITS))))
+    assert swept.puts[Channel.HALF_WEIGHTS] == 1 + 2 * len(halves) and one.puts[Channel.HALF_WEIGHTS] == 1 + len(halves)
+    assert swept.sent[Channel.HALF_WEIGHTS] == prefix + 2 * sum(halves)
+    assert (swept.sent[Channel.BATCHES], swept.puts[Channel.BATCHES]) == (one.sent[Channel.BATCHES],
+                                                                           one.puts[Channel.BATCHES])

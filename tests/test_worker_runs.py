@@ -37,6 +37,9 @@ class InProcessShards(distributed.RayShards):
         self.workers = [distributed.ShardWorker(*pickle.loads(pickle.dumps(setup)), rank, workers.count)
                         for rank in range(workers.count)]
 
+    def _put(self, value):
+        return value  # what a worker reads: the value itself (each call pickles it below)
+
     def _all(self, method, *args):
         return self._each(method, [args] * len(self.workers))
 

@@ -1,18 +1,23 @@
 """--workers: one process against Ray workers, a curve over worker counts, on the same model and
 calibration samples.
 
-Each configuration is a fresh `python -m onnxsnp MODEL OUT --ratio 0.5 --calib CALIB -q
-[--workers N]` process; the configurations are interleaved (1, N1, N2, …, 1, N1, …) so that a
+Each configuration is a fresh `python -m onnxsnp MODEL OUT --ratio 0.5 --calib CALIB -q -v
+[--workers N]` process (other flags with --prune-args; a model of your own, a decoder, with
+--model and --calib); the configurations are interleaved (1, N1, N2, …, 1, N1, …) so that a
 busy machine slows them alike. Measured per run: wall time of the whole process (Ray's start
 included), the driver's own peak RSS (ru_maxrss via os.wait4), the Ray workers' peak RSS (the
 processes below the run's titled ray::ShardWorker, sampled every 0.1 s from /proc: the largest
 sum over the workers at one sample, and the largest single worker's peak) and the load average
-before and after. The model is exported in a child process, so that this process stays small (a child's
-ru_maxrss starts from the memory of the process that forked it). Every pruned model is compared
+before and after, and from the run's log (-v) what the driver sent the workers
+(distributed.Traffic: bytes, puts and seconds at setup, of the half-blocks' original weights and
+of the passes' current weights; the half-blocks' hold round trips). A preset's model is exported
+in a child process, so that this process stays small (a child's ru_maxrss starts from the memory
+of the process that forked it). Every pruned model is compared
 with the first one-process model: "identical" means every initializer is bit-for-bit equal.
 
     python tools/bench_workers.py [--preset deit_tiny|deit_small|deit_base] [--samples 256]
                                   [--workers 2[,4,6]] [--repeats 2] [--out docs/SCALING_BENCH.md] [--smoke]
+    python tools/bench_workers.py --model MODEL.onnx --calib CALIB.npz [--prune-args '--ratio 0.25'] …
 
 --smoke: deit_tiny, 32 samples, one repeat, a temporary table (CI).
 
@@ -25,6 +30,7 @@ receives and holds (against the whole model, which workers were sent before).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shlex
@@ -33,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -102,12 +109,26 @@ class WorkerMemory:
         self._thread.join()
 
 
-Measured = tuple[float, float, float, float, float, float]
+@dataclass(frozen=True)
+class Measured:
+    seconds: float  # wall time of the whole process
+    driver_mb: float  # the process's own peak RSS
+    workers_mb: float  # the workers' largest summed RSS at one sample
+    worker_mb: float  # the largest one worker reached
+    load: tuple[float, float]  # the 1-minute load average before and after
+    traffic: dict | None  # distributed.Traffic.summary(), from the run's log (None in one process)
+
+
+def traffic_of(log: str) -> dict | None:
+    """The workers' traffic summary a run logged at -v (distributed.TRAFFIC_LOG), if any."""
+    from onnxsnp.compensate.distributed import TRAFFIC_LOG
+
+    lines = [line.split(TRAFFIC_LOG, 1)[1] for line in log.splitlines() if TRAFFIC_LOG in line]
+    return json.loads(lines[-1]) if lines else None
 
 
 def run(cmd: list[str]) -> Measured:
-    """Wall seconds, the process's own peak RSS (MB), the workers' summed and largest single peak
-    RSS (MB), the 1-minute load average before and after."""
+    """One fresh process under the sampler (see the module's docstring)."""
     load = os.getloadavg()[0]
     with tempfile.TemporaryFile() as err:
         started = time.perf_counter()
@@ -115,10 +136,12 @@ def run(cmd: list[str]) -> Measured:
         with WorkerMemory(proc.pid) as workers:
             _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - started
+        err.seek(0)
+        log = err.read().decode(errors="replace")
         if os.waitstatus_to_exitcode(status) != 0:
-            err.seek(0)
-            raise SystemExit(f"{shlex.join(cmd)} failed:\n{err.read().decode()[-2000:]}")
-    return seconds, usage.ru_maxrss * 1024 / MB, workers.peak, workers.largest, load, os.getloadavg()[0]
+            raise SystemExit(f"{shlex.join(cmd)} failed:\n{log[-2000:]}")
+    return Measured(seconds, usage.ru_maxrss * 1024 / MB, workers.peak, workers.largest, (load, os.getloadavg()[0]),
+                    traffic_of(log))
 
 
 def export_apart(preset: str, folder: Path) -> Path:
@@ -184,10 +207,26 @@ def identical(a: Path, b: Path) -> bool:
     return wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa)
 
 
+def traffic_cells(traffic: dict | None) -> str:
+    """What the driver put for the workers: at setup (the weightless model, blocks and halves;
+    the batches), the half-blocks' original weights and the passes' current weights (MB and
+    puts), the seconds of all puts and the half-blocks' hold round trips."""
+    if traffic is None:
+        return "– | – | – | – | – |"
+    half, current = traffic["half_weights"], traffic["current_weights"]
+    puts = sum(traffic[c]["seconds"] for c in ("setup", "batches", "half_weights", "current_weights"))
+    return (f"{traffic['setup']['bytes'] / MB:.1f} + {traffic['batches']['bytes'] / MB:.2f} | "
+            f"{half['bytes'] / MB:.1f} ({half['puts']}) | {current['bytes'] / MB:.1f} ({current['puts']}) | "
+            f"{puts:.2f} | {traffic['hold_seconds']:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=PRESETS, default="deit_small")
     parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--model", type=Path, help="an ONNX file instead of the preset (a decoder: with --calib)")
+    parser.add_argument("--calib", type=Path, help="calibration .npz for --model (default: the preset's samples)")
+    parser.add_argument("--prune-args", default="--ratio 0.5", help="the pruning flags of every run")
     parser.add_argument("--workers", default="2", help="worker counts to compare with one process, comma-separated")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="markdown table (default docs/SCALING_BENCH.md)")
@@ -202,61 +241,74 @@ def main() -> None:
             handle, name = tempfile.mkstemp(prefix="SCALING_smoke_", suffix=".md")
             os.close(handle)
             args.out = Path(name)
+    if args.model is not None and args.calib is None:
+        raise SystemExit("--model needs --calib (the preset's random pixels fit only the preset)")
     args.out = args.out or DOCS / "SCALING_BENCH.md"
     counts = [1] + sorted({int(c) for c in str(args.workers).split(",")} - {1})
+    flags = shlex.split(args.prune_args)
 
     with tempfile.TemporaryDirectory(prefix="bench_workers_") as folder:
         scratch = Path(folder)
-        model = export_apart(args.preset, scratch)
-        rng = np.random.default_rng(0)
-        calib = scratch / "calib.npz"
-        np.savez(calib, pixel_values=rng.standard_normal((args.samples, 3, 224, 224)).astype(np.float32))
-        base = [sys.executable, "-m", "onnxsnp", str(model), "OUT", "--ratio", "0.5", "--calib", str(calib), "-q"]
+        model = args.model.resolve() if args.model else export_apart(args.preset, scratch)
+        calib = args.calib.resolve() if args.calib else scratch / "calib.npz"
+        if args.calib is None:
+            rng = np.random.default_rng(0)
+            np.savez(calib, pixel_values=rng.standard_normal((args.samples, 3, 224, 224)).astype(np.float32))
+        # -v: the log carries the workers' traffic (distributed.TRAFFIC_LOG)
+        base = [sys.executable, "-m", "onnxsnp", str(model), "OUT", *flags, "--calib", str(calib), "-q", "-v"]
         results: dict[int, list[Measured]] = {count: [] for count in counts}
-        same, reference = [], scratch / "reference.onnx"
+        same, reference = [], None
         for repeat in range(args.repeats):
             for count in counts:
                 out = scratch / f"w{count}_{repeat}.onnx"
                 cmd = [str(out) if a == "OUT" else a for a in base] + (["--workers", str(count)] if count > 1 else [])
                 measured = run(cmd)
                 results[count].append(measured)
-                print(f"workers {count}: {measured[0]:.1f} s, driver peak {measured[1]:.0f} MB, "
-                      f"workers peak {measured[2]:.0f} MB (one worker {measured[3]:.0f} MB), "
-                      f"load {measured[4]:.1f} → {measured[5]:.1f}", flush=True)
-                if not reference.exists():
-                    out.rename(reference)
+                print(f"workers {count}: {measured.seconds:.1f} s, driver peak {measured.driver_mb:.0f} MB, "
+                      f"workers peak {measured.workers_mb:.0f} MB (one worker {measured.worker_mb:.0f} MB), "
+                      f"load {measured.load[0]:.1f} → {measured.load[1]:.1f}, traffic {measured.traffic}", flush=True)
+                if reference is None:  # kept where written: a large model's weights file names it
+                    reference = out
                 else:
                     same.append(identical(reference, out))
-                    out.unlink()
+                    for written in scratch.glob(f"{out.name}*"):  # with its weights file, if any
+                        written.unlink()
 
     import onnxruntime
     import ray
 
-    def median(count: int, field: int) -> float:
-        return float(np.median([r[field] for r in results[count]]))
+    def median(count: int, field: str) -> float:
+        return float(np.median([getattr(r, field) for r in results[count]]))
 
-    one = median(1, 0)
-    rows = [f"| 1 (this process) | {one:.1f} | 1.00 | {median(1, 1):.0f} | – | – |"]
-    rows += [f"| {count} Ray workers | {median(count, 0):.1f} | {median(count, 0) / one:.2f} | {median(count, 1):.0f} | "
-             f"{median(count, 2):.0f} | {median(count, 3):.0f} |" for count in counts[1:]]
-    loads = [value for measured in results.values() for r in measured for value in r[4:]]
+    one = median(1, "seconds")
+    rows = [f"| 1 (this process) | {one:.1f} | 1.00 | {median(1, 'driver_mb'):.0f} | – | – | {traffic_cells(None)}"]
+    rows += [f"| {count} Ray workers | {median(count, 'seconds'):.1f} | {median(count, 'seconds') / one:.2f} | "
+             f"{median(count, 'driver_mb'):.0f} | {median(count, 'workers_mb'):.0f} | {median(count, 'worker_mb'):.0f} | "
+             f"{traffic_cells(results[count][0].traffic)}" for count in counts[1:]]
+    loads = [value for measured in results.values() for r in measured for value in r.load]
+    what = (f"{args.model.name} ({calib.name}: {dict(np.load(calib)).get('input_ids', np.zeros((0, 0))).shape} "
+            "input_ids)" if args.model else f"{args.preset} shape (224×224, random weights seed 0), {args.samples} "
+            "standard-normal calibration samples")
     lines = [
         "# --workers: one process against Ray workers",
         "",
         f"Generated by `{invocation()}` "
         f"on {platform.machine()} {cpu_name()}, {os.cpu_count()} cores, onnxruntime {onnxruntime.__version__}, "
-        f"Ray {ray.__version__}. Model: {args.preset} shape (224×224, random weights seed 0), "
-        f"{args.samples} standard-normal calibration samples, `--ratio 0.5`, default compensation (block-by-block "
+        f"Ray {ray.__version__}. Model: {what}, `{args.prune_args}`, default compensation (block-by-block "
         f"reconstruction). Medians of {args.repeats} runs per configuration, interleaved; each run a fresh process "
         "(Ray's start-up included). Worker RSS: the workers' resident memory, sampled every 0.1 s: the "
-        "largest sum at one sample, and the largest one worker reached. 1-minute load average at the runs' "
-        f"starts and ends: {min(loads):.1f}–{max(loads):.1f} (other jobs on the machine).",
+        "largest sum at one sample, and the largest one worker reached. Sent: what the driver put into Ray's "
+        "object store (each put read by every worker): MB at setup (model, blocks, halves + batches), the "
+        "half-blocks' original weights and the passes' current weights, MB (puts); the seconds of all puts, and "
+        "of the half-blocks' hold round trips (put, delivery, the workers' swap). 1-minute load average at the "
+        f"runs' starts and ends: {min(loads):.1f}–{max(loads):.1f} (other jobs on the machine).",
         "",
         f"Pruned models identical (every initializer bit for bit) to the one-process model: "
         f"{sum(same)} of {len(same)}.",
         "",
-        "| workers | wall s | ÷ one process | driver peak RSS MB | workers' peak RSS MB (sum) | one worker's peak RSS MB |",
-        "|---|---|---|---|---|---|",
+        "| workers | wall s | ÷ one process | driver peak RSS MB | workers' peak RSS MB (sum) | one worker's peak RSS MB "
+        "| sent at setup MB | half-blocks' weights MB (puts) | current weights MB (puts) | puts s | holds s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
     ]
     print("\n".join(lines))

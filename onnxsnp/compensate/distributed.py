@@ -18,7 +18,12 @@ chooses and refits between passes. The parallelism is over calibration batches, 
 """
 from __future__ import annotations
 
+import json
 import logging
+import pickle
+import time
+from dataclasses import dataclass, field
+from enum import Enum
 
 import numpy as np
 
@@ -31,6 +36,8 @@ from ..score.importance import PairSums
 from .halves import attached, detached, drop_sessions, embeddings, original_weights
 from .worker_graph import BlockGraph, half_reads, segment_reads, values, weightless
 from ..threads import threads_for
+
+log = logging.getLogger(__name__)
 
 
 def _ray():
@@ -106,6 +113,53 @@ class ShardWorker:
         self._release()  # the half's last pass
 
 
+class Channel(Enum):
+    """What the driver sends the workers (Traffic)."""
+
+    SETUP = "setup"  # once: the weightless protobuf, the blocks, the half-blocks (pickled)
+    BATCHES = "batches"  # once: each worker its own calibration batches
+    HALF_WEIGHTS = "half_weights"  # per half-block: the original weights its segments read
+    CURRENT_WEIGHTS = "current_weights"  # per pass: the half's edited weights (and a projection's transform)
+
+
+def payload_bytes(value) -> int:
+    """Bytes of the numpy arrays in `value` (dicts, lists and tuples of them; None counts 0)."""
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, dict):
+        return sum(payload_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(payload_bytes(v) for v in value)
+    return 0
+
+
+@dataclass
+class Traffic:
+    """What the driver put into Ray's object store for the workers, by channel: bytes, puts and
+    the seconds they took (each put is read by every worker: one copy per machine), and the
+    round trips of the half-blocks' `hold` calls (put, delivery and the workers' swap of the
+    half held). Logged at close (-v), read by tools/bench_workers.py."""
+
+    workers: int
+    sent: dict[Channel, int] = field(default_factory=lambda: dict.fromkeys(Channel, 0))
+    puts: dict[Channel, int] = field(default_factory=lambda: dict.fromkeys(Channel, 0))
+    seconds: dict[Channel, float] = field(default_factory=lambda: dict.fromkeys(Channel, 0.0))
+    hold_seconds: float = 0.0  # round trips of the half-blocks' hold calls, put included
+
+    def add(self, channel: Channel, size: int, seconds: float) -> None:
+        self.sent[channel] += size
+        self.puts[channel] += 1
+        self.seconds[channel] += seconds
+
+    def summary(self) -> dict:
+        return {"workers": self.workers, "hold_seconds": round(self.hold_seconds, 3),
+                **{c.value: {"bytes": self.sent[c], "puts": self.puts[c], "seconds": round(self.seconds[c], 3)}
+                   for c in Channel}}
+
+
+TRAFFIC_LOG = "worker traffic: "  # the log line's prefix, followed by Traffic.summary() as JSON
+
+
 class RayShards:
     """The Shards interface (batches.Shards) over Ray actors, one ShardWorker each."""
 
@@ -115,7 +169,10 @@ class RayShards:
         self.reads = [half_reads(g, h, held) for pair in halves for h in pair]  # by half-block number
         self.prefix_reads = segment_reads(g, [embeddings(g, halves)[0]], held)
         self.number: int | None = None  # the half-block whose weights the workers hold
-        self._start(workers, light, held, matches, detached(halves), sequential)
+        self.traffic = Traffic(workers.count)
+        setup = (light, held, matches, detached(halves), sequential)
+        self.traffic.add(Channel.SETUP, sum(len(pickle.dumps(part)) for part in setup), 0.0)
+        self._start(workers, *setup)
 
     def _start(self, workers: Workers, *setup) -> None:
         ray = _ray()
@@ -133,9 +190,18 @@ class RayShards:
         refs = [ray.put(part) for part in setup]  # once, read by every worker
         self.actors = [remote.remote(*refs, rank, workers.count) for rank in range(workers.count)]
 
+    def _put(self, value):
+        return self.ray.put(value)
+
+    def _share(self, channel: Channel, value):
+        """`value` put once into the object store, read by every worker (counted in `traffic`)."""
+        started = time.perf_counter()
+        ref = self._put(value)
+        self.traffic.add(channel, payload_bytes(value), time.perf_counter() - started)
+        return ref
+
     def _all(self, method: str, *args) -> list:
-        refs = [self.ray.put(a) if isinstance(a, dict) else a for a in args]  # weights: put once, read by all
-        return self.ray.get([getattr(actor, method).remote(*refs) for actor in self.actors])
+        return self.ray.get([getattr(actor, method).remote(*args) for actor in self.actors])
 
     def _each(self, method: str, per_rank: list[tuple]) -> list:
         return self.ray.get([getattr(actor, method).remote(*args) for actor, args in zip(self.actors, per_rank)])
@@ -144,15 +210,20 @@ class RayShards:
         """The workers given half-block `number`'s weights before its first pass (each drops
         them after the half's last, `finish`)."""
         if number != self.number:
-            self._all("hold", number, values(self.g, self.reads[number]))
+            started = time.perf_counter()
+            self._all("hold", number, self._share(Channel.HALF_WEIGHTS, values(self.g, self.reads[number])))
+            self.traffic.hold_seconds += time.perf_counter() - started
             self.number = number
 
     def prepare(self, parts: list[dict[str, np.ndarray]], mask_name: str | None, restartable: bool = True) -> None:
-        self._all("hold", None, values(self.g, self.prefix_reads))  # the embeddings', for the first stream
+        # the embeddings', for the first stream
+        self._all("hold", None, self._share(Channel.HALF_WEIGHTS, values(self.g, self.prefix_reads)))
         self.number = None
         total = len(parts)  # each worker is sent only its own batches
-        self._each("prepare", [([p if owner(i, self.count, total) == rank else None for i, p in enumerate(parts)],
-                                mask_name, restartable) for rank in range(self.count)])
+        own = [[p if owner(i, self.count, total) == rank else None for i, p in enumerate(parts)]
+               for rank in range(self.count)]
+        self._each("prepare", [(self._share(Channel.BATCHES, batches), mask_name, restartable)
+                               for batches in own])
 
     def restart(self) -> None:
         self._all("restart")
@@ -175,17 +246,20 @@ class RayShards:
 
     def equations(self, number: int, weights: dict[Slot, np.ndarray]) -> list[FoldSums]:
         self._hold(number)
-        return self._all("equations", number, weights)  # merged by batches.merged_equations
+        # merged by batches.merged_equations
+        return self._all("equations", number, self._share(Channel.CURRENT_WEIGHTS, weights))
 
     def transform_cache(self, inner: np.ndarray) -> None:
-        self._all("transform_cache", inner)
+        self._all("transform_cache", self._share(Channel.CURRENT_WEIGHTS, inner))
 
     def finish(self, number: int, weights: dict[Slot, np.ndarray]) -> None:
         self._hold(number)
-        self._all("finish", number, weights)
+        self._all("finish", number, self._share(Channel.CURRENT_WEIGHTS, weights))
         self.number = None  # dropped by the workers
 
     def close(self) -> None:
+        if getattr(self, "actors", []):
+            log.info("%s%s", TRAFFIC_LOG, json.dumps(self.traffic.summary()))
         for actor in getattr(self, "actors", []):
             self.ray.kill(actor)
         self.actors = []
