@@ -103,7 +103,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("heads", 0.0, "fraction of whole heads removed in every attention block, by their output on "
                              "calibration data (0 <= R < 1); combines with the neuron ratios"),
     OptionSpec("residual", 0.0, "fraction of residual-stream channels removed everywhere in the stream (patch/cls/"
-                                "position embeddings, LayerNorms, every projection reading or writing it); 0 <= R < 1"),
+                                "position embeddings, LayerNorms, every projection reading or writing it); 0 <= R < 1; "
+                                "encoders only (a decoder is refused)"),
     OptionSpec("residual_criterion", ResidualCriterion.WEIGHTS,
                "how residual channels are scored: weights, the norms of the weights reading/writing them (measured "
                "better), or activation, their RMS on calibration data", value=ResidualCriterion),
