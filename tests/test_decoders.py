@@ -369,3 +369,38 @@ def test_the_softmax_sums_read_about_sums_tokens_spread_over_the_batches(decoder
     picked = [i for i in range(batches) if softmax_metric.sums_from(i, batches, RECONSTRUCTION_BATCH * tokens)]
     assert picked == [0, batches // 2]
     assert sum(read) * fitted == every * 2 * RECONSTRUCTION_BATCH
+
+
+def test_the_surveys_softmax_sums_read_the_batches_the_reconstruction_reads(decoder, monkeypatch):
+    """A --target-* survey's Q/K curves read the softmax's sums from the batches sums_from picks
+    (and only those sums: no SNP scores)."""
+    import onnxsnp.pipeline as pipeline
+    from onnxsnp.compensate.least_squares import RECONSTRUCTION_BATCH
+    from onnxsnp.score import importance, softmax_metric
+
+    samples, tokens = 5 * RECONSTRUCTION_BATCH, 12
+    surveying, read = [False], []
+
+    def counting(sums, q_hat, *rest):
+        if surveying[0]:
+            read.append(len(q_hat))
+        return real_sums(sums, q_hat, *rest)
+
+    def flagged(*args, **kwargs):
+        surveying[0] = True
+        try:
+            return real_survey(*args, **kwargs)
+        finally:
+            surveying[0] = False
+
+    real_sums, real_survey = importance.add_sums, pipeline.survey
+    monkeypatch.setattr(importance, "add_sums", counting)
+    monkeypatch.setattr(pipeline, "survey", flagged)
+    calib = calibration(100, samples, tokens)
+    prune(str(decoder("llama-dynamo")), target_flops=0.7, calib=calib, measure_latency=False)
+    every = sum(read)
+    read.clear()
+    monkeypatch.setattr(softmax_metric, "SUMS_TOKENS", 2 * RECONSTRUCTION_BATCH * tokens)
+    prune(str(decoder("llama-dynamo")), target_flops=0.7, calib=calib, measure_latency=False)
+    fitted = samples - samples // 8
+    assert every > 0 and sum(read) * fitted == every * 2 * RECONSTRUCTION_BATCH

@@ -31,7 +31,7 @@ from ..compensate.projection import cholesky, project_pairs, project_values
 from ..compensate.batches import Batch, Shard, branch_rms, norm_weights, split_batches, tokens as _tokens
 from ..compensate.reconstruction import QK_RIDGE, Reconstructor
 from .downstream import TRIAL_KEPT, Downstream, Trial, trial_refit
-from .softmax_metric import choose_pairs, removal_curve, softmax_scale
+from .softmax_metric import choose_pairs, removal_curve, softmax_scale, sums_from
 
 CURVE_STEPS = 16  # points measured along each curve (between them the loss is interpolated)
 
@@ -121,16 +121,21 @@ def _attention(r: Reconstructor, shard: Shard, layer, half):
     block = layer.attention
     batches = shard.batches
     d, heads = block.head_dim, block.heads
+    # a decoder's Q/K curve reads only the softmax's sums (_decoder_attention): SNP's scores, a
+    # per-sample eigendecomposition, would be computed for nothing; and the sums, from about
+    # SUMS_TOKENS tokens, as the reconstruction's
     pairs = PairStatistics.empty(heads, d, causal_scale=softmax_scale(block) if block.causal else None,
-                           units=unit_of_dim(block))
+                                 units=unit_of_dim(block), softmax_only=block.causal)
+    batch_tokens = batches[0].samples * batches[0].original.shape[1] if batches else 0
     equations = NormalEquations.empty(block.out.in_features, block.out.out_features)
     branches: list[np.ndarray] = []
     energy = [0.0]
     starts = [item.original for item in batches]
 
     def collect(item: Batch, values: dict[str, np.ndarray]) -> None:
-        q, k = query_key(r.g, block, values, item.samples)
-        pairs.add(q, k, item.mask)
+        if not block.causal or sums_from(item.index, len(batches), batch_tokens):
+            q, k = query_key(r.g, block, values, item.samples)
+            pairs.add(q, k, item.mask)
         branch = values[half.branch]
         weights, to_branch = _branch_weights(half, item, branch, _weights(layer, item))
         equations.add(_tokens(values[block.out.input], item.samples, item.mask),
