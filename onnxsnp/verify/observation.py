@@ -50,7 +50,8 @@ def _without_arena(options: ort.SessionOptions) -> None:
     left its whole working set behind: SmolLM2-135M in static QDQ int8, one 128-token window a
     run, rose +690 MB on the first run and +570 MB more on the second (observe and verify alike;
     verify's peak +1,400 MB over its start). Freed to the heap, each buffer is reused by the next
-    allocation: +820 MB. The kernels and their inputs are the same: no value changes."""
+    allocation: +800 MB (docs/QUANTIZED.md, "The verification's sessions"). The kernels and
+    their inputs are the same: no value changes."""
     options.enable_cpu_mem_arena = False
 
 
