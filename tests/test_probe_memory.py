@@ -71,3 +71,37 @@ def test_statistics_of_outputs_on_disk_read_by_block_are_those_of_the_arrays(mon
     rows = on_disk[0].rows(1, 4)
     np.testing.assert_array_equal(rows[0:2, 7:90], ref[1:3].reshape(2, -1)[:, 7:90])
     assert verification.fidelity(on_disk[:1], on_disk[1:]) == verification.fidelity([ref], [got])
+
+
+def test_probe_sessions_run_without_the_arena_and_give_the_arenas_values(monkeypatch):
+    """The arena kept each probe run's working set for the next (observation._without_arena):
+    both of _probe_run's sessions go without it, and what they hand back is what a session with
+    the arena computes, bit for bit."""
+    from onnxsnp.verify import observation
+
+    built = []
+
+    class Recorded(Runner):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(observation, "Runner", Recorded)
+    model, feed = _chain(WIDTH, LAYERS), _feed(observation.MAP_SAMPLES + 4)  # a probed part and a rest
+    kept, outputs, _ = _probe_run(model, "model", ["r0", "r1"], feed, 4, None)
+    assert len(built) == 2  # the probed samples' session and the rest's
+    assert not any(r.session.get_session_options().enable_cpu_mem_arena for r in built)
+    arena = Runner(model, ["r0", "r1"])
+    assert arena.session.get_session_options().enable_cpu_mem_arena
+    probed = observation.MAP_SAMPLES
+
+    def arena_run(part: dict[str, np.ndarray], batch: int) -> list[dict[str, np.ndarray]]:
+        return [{k: np.array(v) for k, v in values.items()}  # copies: the views are of buffers run again
+                for _, values in arena.batches(part, arena.output_names + ["r0", "r1"], batch)]
+
+    # as _probe_run batches: the probed samples one a run, the rest 4 a run (y sums over a batch)
+    want = arena_run({k: v[:probed] for k, v in feed.items()}, 1)
+    want += arena_run({k: v[probed:] for k, v in feed.items()}, 4)
+    np.testing.assert_array_equal(outputs[0], np.concatenate([v[arena.output_names[0]] for v in want]))
+    for name in ("r0", "r1"):
+        np.testing.assert_array_equal(kept[name], np.concatenate([v[name] for v in want])[:probed])
