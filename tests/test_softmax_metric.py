@@ -276,3 +276,15 @@ def test_the_sums_read_whole_batches_spread_evenly_up_to_about_sums_tokens(batch
     assert SUMS_TOKENS <= len(picked) * batch_tokens < SUMS_TOKENS + batch_tokens or len(picked) == batches
     gaps = np.diff(picked + [batches])
     assert gaps.max() - gaps.min() <= 1  # spread evenly over the calibration set
+
+
+def test_a_small_last_batch_or_small_batches_do_not_cut_the_sums_short():
+    """Batches smaller than a full reconstruction batch (few calibration samples) are all read
+    while they hold fewer than SUMS_TOKENS tokens in all; each batch decides by its own size."""
+    from onnxsnp.score.softmax_metric import SUMS_TOKENS, sums_from
+
+    small = SUMS_TOKENS // 8  # 5 batches of an eighth: 5/8 of SUMS_TOKENS
+    assert all(sums_from(i, 5, small) for i in range(5))
+    full = SUMS_TOKENS // 2  # 7 batches of a half: two are enough, and a tiny last one joins them
+    assert [i for i in range(7) if sums_from(i, 7, full)] == [0, 3]
+    assert sums_from(6, 7, 1)

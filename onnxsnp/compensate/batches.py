@@ -34,7 +34,7 @@ from ..heap import release_heap
 from ..score.importance import (PairStatistics, PairSums, _as_tokens, projected, query_key, query_key_tensors,
                                 rotary_tables)
 from ..score.softmax_metric import softmax_scale, sums_from
-from .least_squares import FOLDS, RECONSTRUCTION_BATCH, NormalEquations
+from .least_squares import FOLDS, NormalEquations
 from ..match import Matches
 from ..match.blocks import QkNormCut
 from ..match.units import unit_of_dim
@@ -332,7 +332,7 @@ class Shard:
             if scales:
                 scale_values.append((item.index, {t: np.array(values[t]) for t in scales}))
             if pairs_needed is PairSums.NONE or (pairs_needed is PairSums.SOFTMAX and not sums_from(
-                    item.index, self.total, RECONSTRUCTION_BATCH * item.original.shape[1])):
+                    item.index, self.total, item.samples * item.original.shape[1])):
                 return  # no pair is cut, or enough queries chose them (the targets come from every batch)
             statistics = PairStatistics.empty(block.heads, block.head_dim,
                                               causal_scale=softmax_scale(block) if block.causal else None,

@@ -25,9 +25,7 @@ from ..threads import one_blas_thread, small_linear_algebra
 RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # λ relative to the mean diagonal of the kept inputs' Gram
 DEFAULT_RIDGE = 1e-2
 FOLDS = 4
-# samples per segment run at most (each runs half a block, so a larger batch is cheap); a shard reads
-# the batches' size from here, not from the batches it holds (the same on every worker)
-RECONSTRUCTION_BATCH = 32
+RECONSTRUCTION_BATCH = 32  # samples per segment run at most (each runs half a block: a larger batch is cheap)
 
 
 @dataclass

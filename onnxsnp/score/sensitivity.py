@@ -126,14 +126,13 @@ def _attention(r: Reconstructor, shard: Shard, layer, half):
     # SUMS_TOKENS tokens, as the reconstruction's
     pairs = PairStatistics.empty(heads, d, causal_scale=softmax_scale(block) if block.causal else None,
                                  units=unit_of_dim(block), softmax_only=block.causal)
-    batch_tokens = batches[0].samples * batches[0].original.shape[1] if batches else 0
     equations = NormalEquations.empty(block.out.in_features, block.out.out_features)
     branches: list[np.ndarray] = []
     energy = [0.0]
     starts = [item.original for item in batches]
 
     def collect(item: Batch, values: dict[str, np.ndarray]) -> None:
-        if not block.causal or sums_from(item.index, len(batches), batch_tokens):
+        if not block.causal or sums_from(item.index, len(batches), item.samples * item.original.shape[1]):
             q, k = query_key(r.g, block, values, item.samples)
             pairs.add(q, k, item.mask)
         branch = values[half.branch]

@@ -46,8 +46,10 @@ SUMS_TOKENS = 16_384
 
 
 def sums_from(index: int, batches: int, batch_tokens: int) -> bool:
-    """Whether calibration batch `index` of `batches` (of `batch_tokens` each but the last) adds to
-    the softmax's sums."""
+    """Whether calibration batch `index` of `batches`, holding `batch_tokens` tokens, adds to the
+    softmax's sums. A batch's own size decides, so that every worker holding it decides alike:
+    all batches but the last hold as many tokens, and the smaller last one is read where
+    `batches` of its size would not reach SUMS_TOKENS."""
     needed = -(-SUMS_TOKENS // max(batch_tokens, 1))
     return needed >= batches or index in {k * batches // needed for k in range(needed)}
 
