@@ -343,70 +343,45 @@ def test_a_decoders_residual_stream_is_refused_with_the_reason(decoder):
         prune(str(decoder("llama-dynamo")), ratio=0.0, residual=0.25, calib=calibration(100))
 
 
-def test_the_softmax_sums_read_about_sums_tokens_spread_over_the_batches(decoder, monkeypatch):
+@pytest.mark.parametrize("stage", ["reconstruction", "survey"])
+def test_the_softmax_sums_read_the_batches_sums_from_picks(decoder, monkeypatch, stage):
     """Past SUMS_TOKENS calibration tokens, only the batches sums_from picks add to the sums that
-    choose a decoder's Q/K pairs; the refits still read every batch."""
-    from onnxsnp.compensate.least_squares import RECONSTRUCTION_BATCH
-    from onnxsnp.score import importance, softmax_metric
-
-    samples, tokens = 5 * RECONSTRUCTION_BATCH, 12
-    read = []
-
-    def counting(sums, q_hat, *rest):
-        read.append(len(q_hat))
-        return real(sums, q_hat, *rest)
-
-    real = importance.add_sums
-    monkeypatch.setattr(importance, "add_sums", counting)
-    calib = calibration(100, samples, tokens)
-    prune(str(decoder("llama-dynamo")), ratio=0.5, calib=calib, measure_latency=False)
-    every = sum(read)
-    read.clear()
-    monkeypatch.setattr(softmax_metric, "SUMS_TOKENS", 2 * RECONSTRUCTION_BATCH * tokens)
-    prune(str(decoder("llama-dynamo")), ratio=0.5, calib=calib, measure_latency=False)
-    fitted = samples - samples // 8  # an eighth is held back for the fidelity line
-    sizes = [len(range(start, min(start + RECONSTRUCTION_BATCH, fitted)))
-             for start in range(0, fitted, RECONSTRUCTION_BATCH)]
-    picked = sum(size for index, size in enumerate(sizes)
-                 if softmax_metric.sums_from(index, len(sizes), size * tokens))
-    assert 2 * RECONSTRUCTION_BATCH <= picked < fitted
-    assert sum(read) * fitted == every * picked
-
-
-def test_the_surveys_softmax_sums_read_the_batches_the_reconstruction_reads(decoder, monkeypatch):
-    """A --target-* survey's Q/K curves read the softmax's sums from the batches sums_from picks
-    (and only those sums: no SNP scores)."""
+    choose a decoder's Q/K pairs (the reconstruction's) or draw its Q/K curves (a --target-*
+    survey's, which gathers no SNP scores either); the refits still read every batch."""
     import onnxsnp.pipeline as pipeline
     from onnxsnp.compensate.least_squares import RECONSTRUCTION_BATCH
     from onnxsnp.score import importance, softmax_metric
 
     samples, tokens = 5 * RECONSTRUCTION_BATCH, 12
-    surveying, read = [False], []
+    counted, read = [stage == "reconstruction"], []
 
     def counting(sums, q_hat, *rest):
-        if surveying[0]:
+        if counted[0]:
             read.append(len(q_hat))
         return real_sums(sums, q_hat, *rest)
 
-    def flagged(*args, **kwargs):
-        surveying[0] = True
+    def surveying(*args, **kwargs):
+        counted[0] = True
         try:
             return real_survey(*args, **kwargs)
         finally:
-            surveying[0] = False
+            counted[0] = False
 
     real_sums, real_survey = importance.add_sums, pipeline.survey
     monkeypatch.setattr(importance, "add_sums", counting)
-    monkeypatch.setattr(pipeline, "survey", flagged)
+    if stage == "survey":
+        monkeypatch.setattr(pipeline, "survey", surveying)
+    options = dict(ratio=0.5) if stage == "reconstruction" else dict(target_flops=0.7)
     calib = calibration(100, samples, tokens)
-    prune(str(decoder("llama-dynamo")), target_flops=0.7, calib=calib, measure_latency=False)
+    prune(str(decoder("llama-dynamo")), calib=calib, measure_latency=False, **options)
     every = sum(read)
     read.clear()
     monkeypatch.setattr(softmax_metric, "SUMS_TOKENS", 2 * RECONSTRUCTION_BATCH * tokens)
-    prune(str(decoder("llama-dynamo")), target_flops=0.7, calib=calib, measure_latency=False)
-    fitted = samples - samples // 8
+    prune(str(decoder("llama-dynamo")), calib=calib, measure_latency=False, **options)
+    fitted = samples - samples // 8  # an eighth is held back for the fidelity line
     sizes = [len(range(start, min(start + RECONSTRUCTION_BATCH, fitted)))
              for start in range(0, fitted, RECONSTRUCTION_BATCH)]
     picked = sum(size for index, size in enumerate(sizes)
                  if softmax_metric.sums_from(index, len(sizes), size * tokens))
-    assert every > 0 and picked < fitted and sum(read) * fitted == every * picked
+    assert every > 0 and 2 * RECONSTRUCTION_BATCH <= picked < fitted
+    assert sum(read) * fitted == every * picked
