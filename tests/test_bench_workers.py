@@ -1,8 +1,10 @@
 """tools/bench_workers.py reads what a run sent its workers from the run's log (-v), as
-distributed.RayShards.close logs it, and puts it in its table."""
+distributed.RayShards.close logs it, and puts it in its table; and it reads the driver's
+resident memory by kind."""
 from __future__ import annotations
 
 import json
+import os
 import logging
 
 import bench_workers
@@ -44,3 +46,21 @@ def test_small_batches_are_not_shown_as_nothing(size, shown):
     traffic = Traffic(workers=2)
     traffic.add(Channel.BATCHES, size, 0.0)
     assert bench_workers.traffic_cells(traffic.summary()).startswith(f"0.0 + {shown} |")
+
+
+def test_driver_kinds_see_shared_memory():
+    """Ray's object store is a shared mapping; what a process touches of one counts as RssShmem."""
+    from multiprocessing import shared_memory
+
+    size = 64 * 2**20
+    before = bench_workers._resident_kinds(os.getpid())
+    block = shared_memory.SharedMemory(create=True, size=size)
+    try:
+        block.buf[::4096] = b"\1" * (size // 4096)  # touch every page
+        after = bench_workers._resident_kinds(os.getpid())
+    finally:
+        block.close()
+        block.unlink()
+    assert set(after) == set(bench_workers.RESIDENT_KINDS)
+    assert after["RssShmem"] - before["RssShmem"] >= 0.9 * size
+    assert bench_workers._resident_kinds(2**22 + 1) == {}  # above the largest pid Linux allows (2**22)

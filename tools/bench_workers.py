@@ -5,7 +5,7 @@ Each configuration is a fresh `python -m onnxsnp MODEL OUT --ratio 0.5 --calib C
 [--workers N]` process (other flags with --prune-args; a model of your own, a decoder, with
 --model and --calib); the configurations are interleaved (1, N1, N2, …, 1, N1, …) so that a
 busy machine slows them alike. Measured per run: wall time of the whole process (Ray's start
-included), the driver's own peak RSS (ru_maxrss via os.wait4), the Ray workers' peak RSS (the
+included), the driver's own peak RSS (ru_maxrss via os.wait4) and its RSS by kind at its largest sample, the Ray workers' peak RSS (the
 processes below the run's titled ray::ShardWorker, sampled every 0.1 s from /proc: the largest
 sum over the workers at one sample, and the largest single worker's peak) and the load average
 before and after, and from the run's log (-v) what the driver sent the workers
@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shlex
 import subprocess
 import sys
@@ -85,12 +86,28 @@ def _workers_rss(root: int) -> dict[int, int]:
     return resident
 
 
+RESIDENT_KINDS = ("RssAnon", "RssFile", "RssShmem")  # what VmRSS sums (Linux /proc/PID/status)
+
+
+def _resident_kinds(pid: int) -> dict[str, int]:
+    """The driver's resident bytes by kind now: private (anonymous) memory, mapped files, and
+    shared memory (Ray's object store is a shared mapping: what the driver reads from it zero-copy
+    counts in its RSS as RssShmem)."""
+    try:
+        lines = (Path("/proc") / str(pid) / "status").read_text().splitlines()
+    except OSError:  # gone meanwhile
+        return {}
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    return {kind: int(fields[kind].split()[0]) * 1024 for kind in RESIDENT_KINDS if kind in fields}
+
+
 class WorkerMemory:
-    """The largest sum of the Ray workers' RSS seen at one sample while the run lasts, and the
-    largest RSS seen of any one worker."""
+    """The largest sum of the Ray workers' RSS seen at one sample while the run lasts, the
+    largest RSS seen of any one worker, and the driver's RSS by kind at its largest sample."""
 
     def __init__(self, root: int):
         self.root, self.peak, self.largest, self._stop = root, 0.0, 0.0, threading.Event()
+        self.driver: dict[str, float] = {}
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
@@ -98,6 +115,9 @@ class WorkerMemory:
             resident = _workers_rss(self.root)
             self.peak = max(self.peak, sum(resident.values()) / MB)
             self.largest = max(self.largest, max(resident.values(), default=0) / MB)
+            kinds = {kind: size / MB for kind, size in _resident_kinds(self.root).items()}
+            if sum(kinds.values()) > sum(self.driver.values()):
+                self.driver = kinds
             self._stop.wait(0.1)
 
     def __enter__(self) -> "WorkerMemory":
@@ -117,6 +137,8 @@ class Measured:
     worker_mb: float  # the largest one worker reached
     load: tuple[float, float]  # the 1-minute load average before and after
     traffic: dict | None  # distributed.Traffic.summary(), from the run's log (None in one process)
+    driver_kinds: dict[str, float]  # the driver's RSS by kind (RESIDENT_KINDS, MB) at its largest sample
+    floor_mb: float  # this process's peak RSS when it spawned the run: the least driver_mb can read
 
 
 def traffic_of(log: str) -> dict | None:
@@ -130,6 +152,7 @@ def traffic_of(log: str) -> dict | None:
 def run(cmd: list[str]) -> Measured:
     """One fresh process under the sampler (see the module's docstring)."""
     load = os.getloadavg()[0]
+    floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB  # Linux: KiB
     with tempfile.TemporaryFile() as err:
         started = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT)
@@ -141,7 +164,7 @@ def run(cmd: list[str]) -> Measured:
         if os.waitstatus_to_exitcode(status) != 0:
             raise SystemExit(f"{shlex.join(cmd)} failed:\n{log[-2000:]}")
     return Measured(seconds, usage.ru_maxrss * 1024 / MB, workers.peak, workers.largest, (load, os.getloadavg()[0]),
-                    traffic_of(log))
+                    traffic_of(log), workers.driver, floor)
 
 
 def export_apart(preset: str, folder: Path) -> Path:
@@ -207,6 +230,20 @@ def identical(a: Path, b: Path) -> bool:
     return wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa)
 
 
+def identical_apart(a: Path, b: Path) -> bool:
+    """identical() in a child process. Loading two models here raised this process's peak RSS to
+    theirs, and every later run's driver, forked from this process, started its ru_maxrss from that
+    peak: on SmolLM2 every run after the first comparison read ~1.4 GB however many workers it had,
+    which the table once took for the driver growing with its workers."""
+    script = "import sys; from pathlib import Path; from bench_workers import identical; " \
+             "sys.exit(0 if identical(Path(sys.argv[1]), Path(sys.argv[2])) else 1)"
+    done = subprocess.run([sys.executable, "-c", script, str(a), str(b)], capture_output=True, text=True, cwd=ROOT,
+                          env=os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT / "tools"), str(ROOT)])})
+    if done.returncode not in (0, 1):
+        raise SystemExit(f"comparing {a} with {b} failed:\n{done.stderr[-2000:]}")
+    return done.returncode == 0
+
+
 def traffic_cells(traffic: dict | None) -> str:
     """What the driver put for the workers: at setup (the weightless model, blocks and halves;
     the batches), the half-blocks' original weights and the passes' current weights (MB and
@@ -218,6 +255,11 @@ def traffic_cells(traffic: dict | None) -> str:
     return (f"{traffic['setup']['bytes'] / MB:.1f} + {traffic['batches']['bytes'] / MB:.2f} | "
             f"{half['bytes'] / MB:.1f} ({half['puts']}) | {current['bytes'] / MB:.1f} ({current['puts']}) | "
             f"{puts:.2f} | {traffic['hold_seconds']:.2f} |")
+
+
+def kinds_cell(kinds: dict[str, float]) -> str:
+    """anon / file / shmem MB (RESIDENT_KINDS' order)."""
+    return " / ".join(f"{kinds.get(kind, 0):.0f}" for kind in RESIDENT_KINDS)
 
 
 def main() -> None:
@@ -266,11 +308,13 @@ def main() -> None:
                 results[count].append(measured)
                 print(f"workers {count}: {measured.seconds:.1f} s, driver peak {measured.driver_mb:.0f} MB, "
                       f"workers peak {measured.workers_mb:.0f} MB (one worker {measured.worker_mb:.0f} MB), "
+                      f"driver at its sampled peak {kinds_cell(measured.driver_kinds)} MB "
+                      f"(floor {measured.floor_mb:.0f} MB), "
                       f"load {measured.load[0]:.1f} → {measured.load[1]:.1f}, traffic {measured.traffic}", flush=True)
                 if reference is None:  # kept where written: a large model's weights file names it
                     reference = out
                 else:
-                    same.append(identical(reference, out))
+                    same.append(identical_apart(reference, out))
                     for written in scratch.glob(f"{out.name}*"):  # with its weights file, if any
                         written.unlink()
 
@@ -281,11 +325,17 @@ def main() -> None:
         return float(np.median([getattr(r, field) for r in results[count]]))
 
     one = median(1, "seconds")
-    rows = [f"| 1 (this process) | {one:.1f} | 1.00 | {median(1, 'driver_mb'):.0f} | – | – | {traffic_cells(None)}"]
+    def kinds(count: int) -> str:  # the median run's (by driver peak) breakdown
+        ordered = sorted(results[count], key=lambda r: r.driver_mb)
+        return kinds_cell(ordered[len(ordered) // 2].driver_kinds)
+
+    rows = [f"| 1 (this process) | {one:.1f} | 1.00 | {median(1, 'driver_mb'):.0f} | {kinds(1)} | – | – | "
+            f"{traffic_cells(None)}"]
     rows += [f"| {count} Ray workers | {median(count, 'seconds'):.1f} | {median(count, 'seconds') / one:.2f} | "
-             f"{median(count, 'driver_mb'):.0f} | {median(count, 'workers_mb'):.0f} | {median(count, 'worker_mb'):.0f} | "
-             f"{traffic_cells(results[count][0].traffic)}" for count in counts[1:]]
+             f"{median(count, 'driver_mb'):.0f} | {kinds(count)} | {median(count, 'workers_mb'):.0f} | "
+             f"{median(count, 'worker_mb'):.0f} | {traffic_cells(results[count][0].traffic)}" for count in counts[1:]]
     loads = [value for measured in results.values() for r in measured for value in r.load]
+    floor = max(r.floor_mb for measured in results.values() for r in measured)
     what = (f"{args.model.name} ({calib.name}: {dict(np.load(calib)).get('input_ids', np.zeros((0, 0))).shape} "
             "input_ids)" if args.model else f"{args.preset} shape (224×224, random weights seed 0), {args.samples} "
             "standard-normal calibration samples")
@@ -296,7 +346,10 @@ def main() -> None:
         f"on {platform.machine()} {cpu_name()}, {os.cpu_count()} cores, onnxruntime {onnxruntime.__version__}, "
         f"Ray {ray.__version__}. Model: {what}, `{args.prune_args}`, default compensation (block-by-block "
         f"reconstruction). Medians of {args.repeats} runs per configuration, interleaved; each run a fresh process "
-        "(Ray's start-up included). Worker RSS: the workers' resident memory, sampled every 0.1 s: the "
+        "(Ray's start-up included). Driver at its sampled peak: its RSS by kind at the 0.1 s sample where it "
+        "was largest, private (RssAnon) / mapped files (RssFile) / shared memory (RssShmem: Ray's object store, "
+        "read zero-copy) MB. The driver's ru_maxrss starts from the peak of this process, which spawned it: "
+        f"at most {floor:.0f} MB here (the models are compared in a child process). Worker RSS: the workers' resident memory, sampled every 0.1 s: the "
         "largest sum at one sample, and the largest one worker reached. Sent: what the driver put into Ray's "
         "object store (each put read by every worker): MB at setup (model, blocks, halves + batches), the "
         "half-blocks' original weights and the passes' current weights, MB (puts); the seconds of all puts, and "
@@ -306,9 +359,10 @@ def main() -> None:
         f"Pruned models identical (every initializer bit for bit) to the one-process model: "
         f"{sum(same)} of {len(same)}.",
         "",
-        "| workers | wall s | ÷ one process | driver peak RSS MB | workers' peak RSS MB (sum) | one worker's peak RSS MB "
+        "| workers | wall s | ÷ one process | driver peak RSS MB | driver at its sampled peak: anon / file / shmem MB "
+        "| workers' peak RSS MB (sum) | one worker's peak RSS MB "
         "| sent at setup MB | half-blocks' weights MB (puts) | current weights MB (puts) | puts s | holds s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
     ]
     print("\n".join(lines))
