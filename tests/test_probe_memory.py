@@ -105,3 +105,34 @@ def test_probe_sessions_run_without_the_arena_and_give_the_arenas_values(monkeyp
     np.testing.assert_array_equal(outputs[0], np.concatenate([v[arena.output_names[0]] for v in want]))
     for name in ("r0", "r1"):
         np.testing.assert_array_equal(kept[name], np.concatenate([v[name] for v in want])[:probed])
+
+
+def test_each_shape_node_runs_right_after_its_tensor(tmp_path):
+    """onnxruntime's default order walks back from the last-added leaf first: the Shape nodes,
+    added latest tensor first, run each before the next layer's MatMul (in the model's order
+    they all ran after the whole pass, each measured tensor held to its end). Read from
+    onnxruntime's own profile of one run."""
+    import json
+
+    import onnxruntime as ort
+
+    from onnxsnp.data.calibration import session
+
+    model = _chain(WIDTH, LAYERS)
+    for index, node in enumerate(model.graph.node):
+        node.name = node.name or f"{node.op_type}_{index}"
+    names = [f"r{i}" for i in range(LAYERS)]
+
+    def profiled(options: ort.SessionOptions) -> None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(tmp_path / "run")
+
+    sess = session(model, shapes_of=names, configure=profiled)
+    sess.run([shape_output(n) for n in names], _feed(1))
+    events = json.loads(open(sess.end_profiling()).read())
+    ran = [e["name"].removesuffix("_kernel_time") for e in sorted(events, key=lambda e: e["ts"])
+           if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    matmuls = [n for n in ran if "MatMul_" in n]  # "fused MatMul_0/MatMulAddFusion": the Add folded in
+    assert len(matmuls) == LAYERS, ran  # one a layer: the layers can be told apart
+    for layer in range(LAYERS - 1):
+        assert ran.index(shape_output(f"r{layer}")) < ran.index(matmuls[layer + 1]), ran

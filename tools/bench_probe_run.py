@@ -61,13 +61,11 @@ def main() -> None:
         made.enable_mem_pattern = made.enable_mem_pattern and not args.no_mem_pattern
         if args.no_prepack:
             made.add_session_config_entry("session.disable_prepacking", "1")
-        if args.order:  # after onnxsnp's own choice (calibration._shapes_first configures later)
+        if args.order:  # over onnxsnp's own choice (onnxruntime's default order, Shape nodes latest tensor first)
             made.execution_order = getattr(ort.ExecutionOrder, args.order)
         return made
 
     calibration._session_options = changed
-    if args.order:
-        calibration._shapes_first = lambda configure: configure
     model = load_model(args.model, lazy=True).model
     ids = windows(args.tokenizer_of or args.model, args.windows)
     g = ModelGraph(model)

@@ -254,8 +254,6 @@ def session(model: onnx.ModelProto, threads: int = 0, extra_outputs: Iterable[st
     that owns its weights frees each one it pre-packs, one over arrays decoded for it alone holds
     both (weight_file.py)."""
     shapes_of = list(dict.fromkeys(shapes_of))
-    if shapes_of:
-        configure = _shapes_first(configure)
     if weights is None and (weight_file is not None or _file_worthy(model)):
         light = without_initializers(model)
         _add_outputs(light, extra_outputs)
@@ -303,26 +301,26 @@ def _add_shapes(light: onnx.ModelProto, tensors: Iterable[str]) -> None:
     of the tensor. onnxruntime keeps every graph output of a run alive to its end (fetched or
     not), so the hundreds of tensors whose shapes the FLOPs count needs, added as outputs
     themselves, held a whole forward pass's activations at once: 405 MB for one 128-token window
-    of SmolLM2-135M (docs/SCALING.md, "Seventh round")."""
+    of SmolLM2-135M (docs/SCALING.md, "Seventh round").
+
+    The Shape nodes go in latest tensor first. onnxruntime's default node order is a depth-first
+    walk back from the graph's leaves, the last-added leaf first: so the earliest tensor's Shape
+    node is walked first, runs right after its tensor, and each later one right after its own
+    (added in the model's order, they all ran after the whole pass, each measured tensor alive to
+    its end: SmolLM2-135M, one window, +282 MB). Onnxruntime's priority-based order runs Shape
+    nodes first too, but drains every other ready node by index before a fused node (whose index
+    is the graph's last): a static QDQ model's weight DequantizeLinears, all ready at the start,
+    all ran at once, their float weights alive together (SmolLM2-135M QDQ: 266 MB of them; the
+    probed run +920 MB over the loaded model, +404 MB in this order; the fp32 export the same in
+    both, docs/QUANTIZED.md). The order changes no value: the same nodes and kernels, run one at
+    a time."""
     existing = {o.name for o in light.graph.output}
-    for tensor in dict.fromkeys(tensors):
+    made = {o: index for index, node in enumerate(light.graph.node) for o in node.output}
+    for tensor in sorted(dict.fromkeys(tensors), key=lambda t: -made.get(t, -1)):  # a graph input: last, walked first
         name = shape_output(tensor)
         if name not in existing:
             light.graph.node.append(helper.make_node("Shape", [tensor], [name], name=name))
             light.graph.output.append(helper.make_empty_tensor_value_info(name))
-
-
-def _shapes_first(configure: Callable[[ort.SessionOptions], None] | None) -> Callable[[ort.SessionOptions], None]:
-    """`configure` and onnxruntime's priority-based node order. Its default order is a reverse
-    depth-first walk from the graph's outputs that ran every added Shape node after the whole
-    forward pass, so that each measured tensor lived to the end of the run anyway (SmolLM2-135M,
-    one window: 282 MB more than the run; priority-based: 94 MB). The order changes no value:
-    the nodes and their kernels are the same, run one at a time."""
-    def configured(options: ort.SessionOptions) -> None:
-        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
-        if configure is not None:
-            configure(options)
-    return configured
 
 
 def _session_options(threads: int = 0, segment: bool = False,
