@@ -132,11 +132,14 @@ def attached(g: ModelGraph, halves: list[tuple[Half, Half]]) -> list[tuple[Half,
                           layer_inputs=runner(h.layer_inputs)) for h in pair) for pair in halves]
 
 
+def runners(half: Half) -> list[SegmentRunner]:
+    return [r for r in (half.runner, half.join, half.projection_inputs, half.layer_inputs) if r is not None]
+
+
 def drop_sessions(half: Half) -> None:
     """A half's onnxruntime sessions (and the weights they keep) dropped: built again if run again."""
-    for runner in (half.runner, half.join, half.projection_inputs, half.layer_inputs):
-        if runner is not None:
-            runner.session = None
+    for runner in runners(half):
+        runner.session = None
 
 
 def embeddings(g: ModelGraph, halves: list) -> tuple[Segment, list[str]]:
