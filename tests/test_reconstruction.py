@@ -129,6 +129,36 @@ def test_norm_weights_routed_through_identity_nodes_still_cut_into_blocks(tmp_pa
     assert report.compensation_kept == ["reconstruction"]
 
 
+def test_a_layers_sessions_keep_their_arena_until_the_layer_is_done(exported, monkeypatch):
+    """The reconstruction's segment sessions are built with onnxruntime's memory arena (no fresh
+    mappings per run) and dropped, arena and all, once their layer is done: none is left after
+    the run, and a runner outside a run builds without it."""
+    from onnxsnp.compensate import segments
+
+    built = []
+    light_session = segments.light_session
+
+    def recording(*args, **kwargs):
+        built.append(kwargs.get("arena", False))
+        return light_session(*args, **kwargs)
+
+    monkeypatch.setattr(segments, "light_session", recording)
+    path = exported("bert", "eager", True)
+    g = ModelGraph(onnx.load(str(path)))
+    matches = find_blocks(g)
+    reconstructor = Reconstructor(g, matches)
+    shards = reconstructor.prepare(feed_for(path, batch=8), 4, "attention_mask")
+    before = len(built)  # the embeddings' session, outside the run
+    widths = Widths({b.name: AttentionWidth(b.heads, b.head_dim // 2, b.head_dim // 2) for b in matches.attention},
+                    {b.name: b.fc1.out_features // 2 for b in matches.ffn})
+    reconstructor.run(shards, widths)
+    assert built[:before] == [False] * before
+    assert len(built) > before and all(built[before:])
+    runners = [r for pair in reconstructor.halves for h in pair
+               for r in (h.runner, h.join, h.projection_inputs, h.layer_inputs) if r is not None]
+    assert all(r.session is None and not r.arena for r in runners)
+
+
 def test_nothing_removed_is_nothing_changed(exported):
     path = exported("bert", "eager", True)
     pruned, report = prune(str(path), ratio=0.0, calib=feed_for(path, batch=16))
