@@ -38,6 +38,29 @@ def test_segments_chained_give_the_model_stream(exported, form):
     np.testing.assert_allclose(shards.shard.batches[0].original, values[last], atol=1e-4)
 
 
+@pytest.mark.parametrize("form", SEGMENTED, ids=["-".join(map(str, f)) for f in SEGMENTED])
+def test_the_refits_sums_read_the_layers_inputs_without_running_the_layer(exported, form):
+    """The equations pass runs each half only up to the refitted layer's inputs (onnxruntime runs a
+    session's every node whatever is asked for): that part holds neither the layer nor the join,
+    and gives the whole half's value of those inputs, bit for bit."""
+    g = ModelGraph(onnx.load(str(exported(*form))))
+    matches = find_blocks(g)
+    reconstructor = Reconstructor(g, matches)
+    feed = feed_for(exported(*form), batch=3)
+    shards = reconstructor.prepare(feed, 3, "attention_mask" if "attention_mask" in feed else None)
+    shard, item = shards.shard, shards.shard.batches[0]
+    for number in range(2 * len(reconstructor.halves)):
+        half, linear = shard.half(number), shard.linear(number)
+        part = half.layer_inputs.segment
+        assert linear.node in half.segment.nodes and linear.node not in part.nodes
+        assert not set(half.join.segment.nodes) & set(part.nodes)
+        assert part.outputs == (linear.input,)
+        whole = shard.run_half(half, item, item.original, shard.original, [linear.input])[linear.input]
+        alone = shard.run(half.layer_inputs, item, {half.residual: item.original}, shard.original, [linear.input])
+        np.testing.assert_array_equal(alone[linear.input], whole)
+        shards.advance_original(number)
+
+
 @pytest.mark.slow  # reconstructs the shipped model: seconds
 def test_reconstructed_stream_is_the_rewritten_models():
     """The pruned stream the reconstruction carries from block to block (refitted layers applied
@@ -104,6 +127,36 @@ def test_norm_weights_routed_through_identity_nodes_still_cut_into_blocks(tmp_pa
     assert any(g.node(n).op_type == "Identity" for join in joins for n in join.nodes)  # the form under test
     _, report = prune(str(path), ratio=0.5, calib=feed_for(path, batch=16))
     assert report.compensation_kept == ["reconstruction"]
+
+
+def test_a_layers_sessions_keep_their_arena_until_the_layer_is_done(exported, monkeypatch):
+    """The reconstruction's segment sessions are built with onnxruntime's memory arena (no fresh
+    mappings per run) and dropped, arena and all, once their layer is done: none is left after
+    the run, and a runner outside a run builds without it."""
+    from onnxsnp.compensate import segments
+
+    built = []
+    light_session = segments.light_session
+
+    def recording(*args, **kwargs):
+        built.append(kwargs.get("arena", False))
+        return light_session(*args, **kwargs)
+
+    monkeypatch.setattr(segments, "light_session", recording)
+    path = exported("bert", "eager", True)
+    g = ModelGraph(onnx.load(str(path)))
+    matches = find_blocks(g)
+    reconstructor = Reconstructor(g, matches)
+    shards = reconstructor.prepare(feed_for(path, batch=8), 4, "attention_mask")
+    before = len(built)  # the embeddings' session, outside the run
+    widths = Widths({b.name: AttentionWidth(b.heads, b.head_dim // 2, b.head_dim // 2) for b in matches.attention},
+                    {b.name: b.fc1.out_features // 2 for b in matches.ffn})
+    reconstructor.run(shards, widths)
+    assert built[:before] == [False] * before
+    assert len(built) > before and all(built[before:])
+    runners = [r for pair in reconstructor.halves for h in pair
+               for r in (h.runner, h.join, h.projection_inputs, h.layer_inputs) if r is not None]
+    assert all(r.session is None and not r.arena for r in runners)
 
 
 def test_nothing_removed_is_nothing_changed(exported):

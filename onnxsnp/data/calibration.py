@@ -324,13 +324,14 @@ def _add_shapes(light: onnx.ModelProto, tensors: Iterable[str]) -> None:
 
 
 def _session_options(threads: int = 0, segment: bool = False,
-                     configure: Callable[[ort.SessionOptions], None] | None = None) -> ort.SessionOptions:
+                     configure: Callable[[ort.SessionOptions], None] | None = None, arena: bool = False
+                     ) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.log_severity_level = 4  # failures are reported by onnxsnp, in one line
     if threads:
         options.intra_op_num_threads = threads
     if segment:
-        options.enable_cpu_mem_arena = False
+        options.enable_cpu_mem_arena = arena
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if configure is not None:
         configure(options)
@@ -338,15 +339,16 @@ def _session_options(threads: int = 0, segment: bool = False,
 
 
 def light_session(light: onnx.ModelProto, names: list[str], values: list[ort.OrtValue], threads: int = 0,
-                  segment: bool = False, configure: Callable[[ort.SessionOptions], None] | None = None
-                  ) -> ort.InferenceSession:
+                  segment: bool = False, configure: Callable[[ort.SessionOptions], None] | None = None,
+                  arena: bool = False) -> ort.InferenceSession:
     """A session over a model whose larger weights are given apart (see `add_initializers`).
 
     `segment`: one of many sessions alive at once (segments.py). Their memory arenas would each
     keep a run's worth of memory for as long as they live, so allocations go straight to the
     heap instead; and their threads do not spin after a run, where numpy work follows at once
-    on the same cores."""
-    options = _session_options(threads, segment)
+    on the same cores. `arena`: a segment's session keeps its arena all the same (one whose
+    owner drops it soon: SegmentRunner.arena)."""
+    options = _session_options(threads, segment, arena=arena)
     if names:
         options.add_external_initializers(names, values)
     if configure is not None:
