@@ -62,7 +62,8 @@ def plan_segments(g: ModelGraph, matches: Matches) -> list[tuple[Half, Half]]:
                 ("ffn", layer.middle, layer.output, [layer.ffn.fc2.output, layer.ffn.fc2.input], layer.ffn.fc2.input)):
             name = f"{layer.name} ({part})"
             segment = cut(g, name, [start], [end], cuts, slots)
-            # a part of `segment` (found backwards from a tensor it computes): cut wherever it is
+            # cut backwards from a tensor `segment` computes: a part of it, so it cuts wherever the half does
+            # (and reads no weight the half does not: worker_graph.half_reads stays whole)
             refit_inputs = SegmentRunner(g, cut(g, f"{name} refit inputs", [start], [refitted], cuts, slots))
             branch = capture[0]
             join = cut(g, f"{name} join", [branch, start], [end], cuts)
