@@ -38,30 +38,6 @@ def test_segments_chained_give_the_model_stream(exported, form):
     np.testing.assert_allclose(shards.shard.batches[0].original, values[last], atol=1e-4)
 
 
-@pytest.mark.parametrize("form", SEGMENTED, ids=["-".join(map(str, f)) for f in SEGMENTED])
-def test_the_refit_pass_runs_only_what_the_refitted_layers_input_needs(exported, form):
-    """A half's refit inputs (output projection's, fc2's) come from a session without the refitted
-    layer and the residual join (onnxruntime would run them whatever is asked for), with the same
-    values, bit for bit, as the whole half gives on the same stream and weights."""
-    g = ModelGraph(onnx.load(str(exported(*form))))
-    matches = find_blocks(g)
-    reconstructor = Reconstructor(g, matches)
-    feed = feed_for(exported(*form), batch=3)
-    shards = reconstructor.prepare(feed, 3, "attention_mask" if "attention_mask" in feed else None)
-    shard, weights = shards.shard, reconstructor.original
-    for number in range(2 * len(reconstructor.halves)):
-        half, linear = shard.half(number), shard.linear(number)
-        part, whole = set(half.refit_inputs.segment.nodes), set(half.runner.segment.nodes)
-        assert part < whole and linear.node in whole - part
-        assert not part & set(half.join.segment.nodes)
-        item = shard.batches[0]
-        item.pruned = item.original
-        alone = shard.refit_inputs(half, item, weights, linear.input)
-        np.testing.assert_array_equal(alone, shard.run_half(half, item, item.original, weights,
-                                                            [linear.input])[linear.input])
-        shards.advance_original(number)
-
-
 @pytest.mark.slow  # reconstructs the shipped model: seconds
 def test_reconstructed_stream_is_the_rewritten_models():
     """The pruned stream the reconstruction carries from block to block (refitted layers applied

@@ -238,11 +238,6 @@ class Shard:
                  ) -> dict[str, np.ndarray]:
         return self.run(half.runner, item, {half.residual: stream}, weights, tensors)
 
-    def refit_inputs(self, half, item: Batch, weights: dict, tensor: str) -> np.ndarray:
-        """The refitted layer's input `tensor` on the pruned stream: only the part of the half that
-        computes it runs (halves.Half.refit_inputs)."""
-        return self.run(half.refit_inputs, item, {half.residual: item.pruned}, weights, [tensor])[tensor]
-
     # --- the batches ---------------------------------------------------------------------------
     @_pass
     def prepare(self, parts: list[dict[str, np.ndarray]], mask_name: str | None, restartable: bool = True) -> None:
@@ -383,7 +378,7 @@ class Shard:
         size = 0
         normalised = self.matches.layers[number // 2].attention.causal
         for item in self.batches:
-            x = self.refit_inputs(half, item, weights, linear.input)
+            x = self.run_half(half, item, item.pruned, weights, [linear.input])[linear.input]
             y = item.target - item.pruned
             weights_ = norm_weights(tokens(item.target, item.samples, item.mask)) if normalised else None
             if half.branch_gain is not None:

@@ -29,10 +29,6 @@ class Half:
     branch: str  # the sublayer's output, added to the stream at the join
     residual: str  # the join's other input: the stream the sublayer read
     projection_inputs: SegmentRunner | None = None  # stream → the inputs of q and k (attention)
-    # stream → the refitted layer's input (output projection, fc2): the part of `runner` the refit's
-    # pass needs. onnxruntime runs every node of a session whatever outputs are asked for, so the
-    # whole half would also run fc2 (half an FFN's products) and the join for nothing
-    refit_inputs: SegmentRunner | None = None
     branch_gain: tuple[np.ndarray, float] | None = None  # (γ, ε) of a norm on the branch before the Add
 
 
@@ -57,14 +53,10 @@ def plan_segments(g: ModelGraph, matches: Matches) -> list[tuple[Half, Half]]:
         block = layer.attention
         attention_capture = ([block.out.output, block.out.input] + query_key_tensors(block)
                              + [s.tensor for s in block.frozen_scales] + rotary_tables(g, block))
-        for part, start, end, capture, refitted in (
-                ("attention", layer.input, layer.middle, attention_capture, block.out.input),
-                ("ffn", layer.middle, layer.output, [layer.ffn.fc2.output, layer.ffn.fc2.input], layer.ffn.fc2.input)):
+        for part, start, end, capture in (("attention", layer.input, layer.middle, attention_capture),
+                                          ("ffn", layer.middle, layer.output, [layer.ffn.fc2.output, layer.ffn.fc2.input])):
             name = f"{layer.name} ({part})"
             segment = cut(g, name, [start], [end], cuts, slots)
-            # cut backwards from a tensor `segment` computes: a part of it, so it cuts wherever the half does
-            # (and reads no weight the half does not: worker_graph.half_reads stays whole)
-            refit_inputs = SegmentRunner(g, cut(g, f"{name} refit inputs", [start], [refitted], cuts, slots))
             branch = capture[0]
             join = cut(g, f"{name} join", [branch, start], [end], cuts)
             # the legacy exporter routes a norm's weights through Identity nodes: they are no work;
@@ -79,7 +71,7 @@ def plan_segments(g: ModelGraph, matches: Matches) -> list[tuple[Half, Half]]:
             if (norm := branch_norm(g, branch)) is not None and (gain := rms_gain(g, norm)) is None:
                 raise NoMatch(f"{name}: the norm on its output before the residual Add is not an RMS norm")
             pair.append(Half(segment, SegmentRunner(g, segment, capture), SegmentRunner(g, join), branch, start,
-                              branch_gain=gain, refit_inputs=refit_inputs))
+                              branch_gain=gain))
         inputs = list(dict.fromkeys([block.q.input, block.k.input]))
         norm = cut(g, f"{layer.name} (q, k inputs)", [layer.input], inputs, cuts)
         if norm.slots or len([n for n in norm.nodes if g.node(n).op_type != "Constant"]) > 12:
@@ -113,8 +105,8 @@ def detached(halves: list[tuple[Half, Half]]) -> list[tuple[Half, Half]]:
     def piece(runner: SegmentRunner | None) -> Piece | None:
         return None if runner is None else Piece(runner.segment, runner.capture)
 
-    return [tuple(replace(h, runner=piece(h.runner), join=piece(h.join), projection_inputs=piece(h.projection_inputs),
-                          refit_inputs=piece(h.refit_inputs)) for h in pair) for pair in halves]
+    return [tuple(replace(h, runner=piece(h.runner), join=piece(h.join), projection_inputs=piece(h.projection_inputs))
+                  for h in pair) for pair in halves]
 
 
 def attached(g: ModelGraph, halves: list[tuple[Half, Half]]) -> list[tuple[Half, Half]]:
@@ -122,13 +114,13 @@ def attached(g: ModelGraph, halves: list[tuple[Half, Half]]) -> list[tuple[Half,
     def runner(piece: Piece | None) -> SegmentRunner | None:
         return None if piece is None else SegmentRunner(g, piece.segment, piece.capture)
 
-    return [tuple(replace(h, runner=runner(h.runner), join=runner(h.join), projection_inputs=runner(h.projection_inputs),
-                          refit_inputs=runner(h.refit_inputs)) for h in pair) for pair in halves]
+    return [tuple(replace(h, runner=runner(h.runner), join=runner(h.join),
+                          projection_inputs=runner(h.projection_inputs)) for h in pair) for pair in halves]
 
 
 def drop_sessions(half: Half) -> None:
     """A half's onnxruntime sessions (and the weights they keep) dropped: built again if run again."""
-    for runner in (half.runner, half.join, half.projection_inputs, half.refit_inputs):
+    for runner in (half.runner, half.join, half.projection_inputs):
         if runner is not None:
             runner.session = None
 
