@@ -38,6 +38,29 @@ def test_segments_chained_give_the_model_stream(exported, form):
     np.testing.assert_allclose(shards.shard.batches[0].original, values[last], atol=1e-4)
 
 
+@pytest.mark.parametrize("form", SEGMENTED, ids=["-".join(map(str, f)) for f in SEGMENTED])
+def test_the_refits_sums_read_the_layers_inputs_without_running_the_layer(exported, form):
+    """The equations pass runs each half only up to the refitted layer's inputs (onnxruntime runs a
+    session's every node whatever is asked for): that part holds neither the layer nor the join,
+    and gives the whole half's value of those inputs, bit for bit."""
+    g = ModelGraph(onnx.load(str(exported(*form))))
+    matches = find_blocks(g)
+    reconstructor = Reconstructor(g, matches)
+    feed = feed_for(exported(*form), batch=3)
+    shards = reconstructor.prepare(feed, 3, "attention_mask" if "attention_mask" in feed else None)
+    shard, item = shards.shard, shards.shard.batches[0]
+    for number in range(2 * len(reconstructor.halves)):
+        half, linear = shard.half(number), shard.linear(number)
+        part = half.layer_inputs.segment
+        assert linear.node in half.segment.nodes and linear.node not in part.nodes
+        assert not set(half.join.segment.nodes) & set(part.nodes)
+        assert part.outputs == (linear.input,)
+        whole = shard.run_half(half, item, item.original, shard.original, [linear.input])[linear.input]
+        alone = shard.run(half.layer_inputs, item, {half.residual: item.original}, shard.original, [linear.input])
+        np.testing.assert_array_equal(alone[linear.input], whole)
+        shards.advance_original(number)
+
+
 @pytest.mark.slow  # reconstructs the shipped model: seconds
 def test_reconstructed_stream_is_the_rewritten_models():
     """The pruned stream the reconstruction carries from block to block (refitted layers applied

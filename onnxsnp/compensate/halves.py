@@ -30,6 +30,10 @@ class Half:
     residual: str  # the join's other input: the stream the sublayer read
     projection_inputs: SegmentRunner | None = None  # stream → the inputs of q and k (attention)
     branch_gain: tuple[np.ndarray, float] | None = None  # (γ, ε) of a norm on the branch before the Add
+    # stream → the refitted layer's inputs (out projection, fc2) alone: what the refit's sums read
+    # of the pruned half. onnxruntime runs every node of a session whatever outputs are asked for,
+    # so the whole half would also run that layer and the join for nothing (a third of an FFN)
+    layer_inputs: SegmentRunner | None = None
 
 
 def plan_segments(g: ModelGraph, matches: Matches) -> list[tuple[Half, Half]]:
@@ -71,7 +75,7 @@ def plan_segments(g: ModelGraph, matches: Matches) -> list[tuple[Half, Half]]:
             if (norm := branch_norm(g, branch)) is not None and (gain := rms_gain(g, norm)) is None:
                 raise NoMatch(f"{name}: the norm on its output before the residual Add is not an RMS norm")
             pair.append(Half(segment, SegmentRunner(g, segment, capture), SegmentRunner(g, join), branch, start,
-                              branch_gain=gain))
+                              branch_gain=gain, layer_inputs=_layer_inputs(g, name, start, capture[1], cuts, slots)))
         inputs = list(dict.fromkeys([block.q.input, block.k.input]))
         norm = cut(g, f"{layer.name} (q, k inputs)", [layer.input], inputs, cuts)
         if norm.slots or len([n for n in norm.nodes if g.node(n).op_type != "Constant"]) > 12:
@@ -79,6 +83,16 @@ def plan_segments(g: ModelGraph, matches: Matches) -> list[tuple[Half, Half]]:
         pair[0].projection_inputs = SegmentRunner(g, norm) if norm.nodes or norm.renorms else None
         halves.append(tuple(pair))
     return halves
+
+
+def _layer_inputs(g: ModelGraph, name: str, start: str, inputs: str, cuts: list[str], slots: list[Slot]
+                  ) -> SegmentRunner | None:
+    """The runner of `Half.layer_inputs`; None (the whole half runs instead) where that part cannot
+    be cut on its own."""
+    try:
+        return SegmentRunner(g, cut(g, f"{name} to its refitted layer", [start], [inputs], cuts, slots))
+    except NoMatch:
+        return None
 
 
 def original_weights(g: ModelGraph, halves: list[tuple[Half, Half]]) -> dict[Slot, np.ndarray]:
@@ -105,8 +119,8 @@ def detached(halves: list[tuple[Half, Half]]) -> list[tuple[Half, Half]]:
     def piece(runner: SegmentRunner | None) -> Piece | None:
         return None if runner is None else Piece(runner.segment, runner.capture)
 
-    return [tuple(replace(h, runner=piece(h.runner), join=piece(h.join), projection_inputs=piece(h.projection_inputs))
-                  for h in pair) for pair in halves]
+    return [tuple(replace(h, runner=piece(h.runner), join=piece(h.join), projection_inputs=piece(h.projection_inputs),
+                          layer_inputs=piece(h.layer_inputs)) for h in pair) for pair in halves]
 
 
 def attached(g: ModelGraph, halves: list[tuple[Half, Half]]) -> list[tuple[Half, Half]]:
@@ -114,13 +128,13 @@ def attached(g: ModelGraph, halves: list[tuple[Half, Half]]) -> list[tuple[Half,
     def runner(piece: Piece | None) -> SegmentRunner | None:
         return None if piece is None else SegmentRunner(g, piece.segment, piece.capture)
 
-    return [tuple(replace(h, runner=runner(h.runner), join=runner(h.join),
-                          projection_inputs=runner(h.projection_inputs)) for h in pair) for pair in halves]
+    return [tuple(replace(h, runner=runner(h.runner), join=runner(h.join), projection_inputs=runner(h.projection_inputs),
+                          layer_inputs=runner(h.layer_inputs)) for h in pair) for pair in halves]
 
 
 def drop_sessions(half: Half) -> None:
     """A half's onnxruntime sessions (and the weights they keep) dropped: built again if run again."""
-    for runner in (half.runner, half.join, half.projection_inputs):
+    for runner in (half.runner, half.join, half.projection_inputs, half.layer_inputs):
         if runner is not None:
             runner.session = None
 
@@ -129,6 +143,6 @@ def embeddings(g: ModelGraph, halves: list) -> tuple[Segment, list[str]]:
     """The segment before the first block (the first stream from the model inputs), and the side
     tensors it makes for the blocks (captured once, with the first stream)."""
     streams = [h.residual for pair in halves for h in pair]
-    early = sorted({t for pair in halves for h in pair for r in (h.runner, h.join, h.projection_inputs)
+    early = sorted({t for pair in halves for h in pair for r in (h.runner, h.join, h.projection_inputs, h.layer_inputs)
                     if r is not None for t in r.segment.side if g.producer_of(t).op_type != "Shape"})
     return cut(g, "embeddings", [], [halves[0][0].residual] + early, streams), early
