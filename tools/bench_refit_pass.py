@@ -1,6 +1,6 @@
 """What the refit's pass costs per half-block: the pruned half run for its refitted layer's input
 (output projection's, fc2's), as the whole half's session (before) and as the session of only
-the part that computes that input (halves.Half.refit_inputs), on the same batch and weights.
+the part that computes that input (halves.Half.layer_inputs), on the same batch and weights.
 
 CPU seconds of this process (onnxruntime's threads included), the least of `--repeat` runs each,
 so that a busy machine inflates them less than wall time; the two outputs are compared bit for bit.
@@ -50,7 +50,8 @@ def main() -> None:
         item.pruned = item.original
         whole, before = cpu_seconds(lambda: shard.run_half(half, item, item.pruned, weights,
                                                            [linear.input])[linear.input], args.repeat)
-        part, after = cpu_seconds(lambda: shard.refit_inputs(half, item, weights, linear.input), args.repeat)
+        part, after = cpu_seconds(lambda: shard.run(half.layer_inputs, item, {half.residual: item.pruned}, weights,
+                                                    [linear.input])[linear.input], args.repeat)
         print(f"| {half.segment.name} | {linear.node} | {whole:.2f} | {part:.2f} | {part / whole:.2f} | "
               f"{np.array_equal(before, after)} |", flush=True)
         shards.advance_original(number)
