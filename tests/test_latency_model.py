@@ -21,6 +21,7 @@ from onnxsnp.ir.graph import ModelGraph
 from onnxsnp.match import find_blocks
 from onnxsnp.options import make_options
 from onnxsnp.plan import AttentionKeep, FfnKeep, PrunePlan
+from onnxsnp.score import profiling
 from onnxsnp.score.profiling import NodeTimes, profile_nodes
 from onnxsnp.ir.stats import count_params, macs_from_shapes, shape_tensors
 from test_allocation import _curves
@@ -165,3 +166,31 @@ def test_latency_targets_resolve():
     assert speedup.kind is CostKind.LATENCY and speedup.absolute(10.0) == 5.0 and speedup.flag == "--target-speedup"
     latency = make_options(target_latency=0.25).target
     assert latency.absolute(10.0) == 0.25 and latency.flag == "--target-latency"
+
+
+def _event(cat: str, name: str, ts: int, dur: int) -> dict:
+    return {"cat": cat, "name": name, "ts": ts, "dur": dur, "args": {"op_name": "MatMul"} if cat == "Node" else {}}
+
+
+def test_a_nodes_time_is_its_median_over_the_runs():
+    """A run preempted inside one node (its time 100x) moves that node's mean, not its median; a
+    node missing from a run counts 0 there; warm-up runs before the last `runs` are left out."""
+    times_us = {"a": [10, 10, 1000, 10, 10], "b": [20, 20, 20, 20, 20]}
+    events = [_event("Session", "model_run", 0, 5_000), _event("Node", "a_kernel_time", 10, 99_999)]  # warm-up
+    for run in range(5):
+        start = 10_000 * (run + 1)
+        events.append(_event("Session", "model_run", start, 5_000))
+        events += [_event("Node", f"{name}_kernel_time", start + 1 + i, times[run])
+                   for i, (name, times) in enumerate(times_us.items()) if not (name == "b" and run == 0)]
+    got = profiling._node_times(events, runs=5)
+    assert got == {"a": pytest.approx(np.median(times_us["a"]) / 1000), "b": pytest.approx(20 / 1000)}
+
+
+def test_a_fast_model_is_profiled_for_longer():
+    """At least the runs asked for; a fast model's runs go on until PROFILE_SECONDS, at most
+    MAX_PROFILE_RUNS; a slow one stops at the runs asked for."""
+    import time
+
+    assert profiling._timed_runs(lambda: None, 3) == profiling.MAX_PROFILE_RUNS
+    slow = profiling.PROFILE_SECONDS * 0.75
+    assert profiling._timed_runs(lambda: time.sleep(slow), 2) == 2

@@ -15,9 +15,11 @@ its tensors (the fastest node's time): pruning removes it only with the node.
 """
 from __future__ import annotations
 
+import bisect
 import json
 import statistics
 import tempfile
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +31,12 @@ from ..data.calibration import Weights, session
 from ..data.timing import time_base
 from ..ir.graph import ModelGraph
 
-PROFILE_RUNS = 5  # timed runs after the warm-up; each node's time is its median over them
+PROFILE_RUNS = 5  # timed runs after the warm-up, at least; each node's time is its median over them
+# and at least this long, at most MAX_PROFILE_RUNS: a small model's nodes take microseconds, and over
+# 5 runs their times (the fastest of them the dispatch cost every op keeps) moved so much that the
+# same tiny int4 Llama, profiled twice in a row, left 54 % and 96 % of its time out of any cut's reach
+PROFILE_SECONDS = 0.2
+MAX_PROFILE_RUNS = 200
 WARMUP_RUNS = 2
 MAX_TRACE = 64  # original nodes one fused node may stand for (a bound on the backward walk)
 
@@ -76,8 +83,9 @@ def profile_nodes(g: ModelGraph, feed: dict[str, np.ndarray], macs: dict[str, in
             options.inter_op_num_threads = 1
 
         sess = session(g.model, threads=threads, weights=weights, configure=configure)
-        for _ in range(WARMUP_RUNS + runs):
+        for _ in range(WARMUP_RUNS):
             sess.run(None, feed)
+        runs = _timed_runs(lambda: sess.run(None, feed), runs)
         events = json.loads(Path(sess.end_profiling()).read_text())
         fused = onnx.load(str(optimized), load_external_data=False) if optimized.exists() else None
         del sess
@@ -100,6 +108,15 @@ def profile_nodes(g: ModelGraph, feed: dict[str, np.ndarray], macs: dict[str, in
     return NodeTimes(node_ms, max(run_ms - traced * factor, 0.0), threads, runs, dispatch)
 
 
+def _timed_runs(run, least: int) -> int:
+    """Runs `run` at least `least` times and for PROFILE_SECONDS, at most MAX_PROFILE_RUNS; how many."""
+    done, started = 0, time.perf_counter()
+    while done < least or (time.perf_counter() - started < PROFILE_SECONDS and done < MAX_PROFILE_RUNS):
+        run()
+        done += 1
+    return done
+
+
 def _plain_run_ms(g: ModelGraph, feed: dict[str, np.ndarray], threads: int, runs: int,
                   weights: Weights | None) -> float:
     """The median run time without the profiler, as users run the model, on the clock the timed
@@ -117,18 +134,20 @@ def _plain_run_ms(g: ModelGraph, feed: dict[str, np.ndarray], threads: int, runs
 
 
 def _node_times(events: list[dict], runs: int) -> dict[str, float]:
-    """Each profiled node's mean time per run (ms) over the last `runs` runs (warm-up runs left out)."""
+    """Each profiled node's median time per run (ms) over the last `runs` runs (warm-up runs left
+    out): a run the machine preempted in one node moves that node's mean, not its median."""
     model_runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
                         key=lambda e: e["ts"])[-runs:]
     if not model_runs:
         return {}
-    first = model_runs[0]["ts"]
-    per_run: dict[str, float] = defaultdict(float)
+    starts = [e["ts"] for e in model_runs]
+    per_run: dict[str, list[float]] = defaultdict(lambda: [0.0] * len(model_runs))
     for e in events:
         # each node has a *_kernel_time event (the op itself) besides fence events without op_name
-        if e.get("cat") == "Node" and e["ts"] >= first and "op_name" in e.get("args", {}):
-            per_run[e["name"].removesuffix("_kernel_time")] += e["dur"] / 1000 / len(model_runs)
-    return dict(per_run)
+        if e.get("cat") == "Node" and e["ts"] >= starts[0] and "op_name" in e.get("args", {}):
+            run = bisect.bisect_right(starts, e["ts"]) - 1
+            per_run[e["name"].removesuffix("_kernel_time")][run] += e["dur"] / 1000
+    return {name: statistics.median(times) for name, times in per_run.items()}
 
 
 class _Tracer:
