@@ -378,8 +378,7 @@ class Shard:
         size = 0
         normalised = self.matches.layers[number // 2].attention.causal
         for item in self.batches:
-            runner = half.layer_inputs or half.runner
-            x = self.run(runner, item, {half.residual: item.pruned}, weights, [linear.input])[linear.input]
+            x = self.run(half.refit_inputs, item, {half.residual: item.pruned}, weights, [linear.input])[linear.input]
             y = item.target - item.pruned
             weights_ = norm_weights(tokens(item.target, item.samples, item.mask)) if normalised else None
             if half.branch_gain is not None:

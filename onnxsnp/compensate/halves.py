@@ -35,6 +35,12 @@ class Half:
     # so the whole half would also run that layer and the join for nothing (a third of an FFN)
     layer_inputs: SegmentRunner | None = None
 
+    @property
+    def refit_inputs(self) -> SegmentRunner:
+        """The runner the refit's pass reads (the refitted layer's inputs): `layer_inputs`, or the
+        whole half where that part could not be cut on its own (_layer_inputs)."""
+        return self.layer_inputs or self.runner
+
 
 def plan_segments(g: ModelGraph, matches: Matches) -> list[tuple[Half, Half]]:
     """Attention and FFN halves of every transformer block, or NoMatch where the model cannot be
@@ -87,8 +93,8 @@ def plan_segments(g: ModelGraph, matches: Matches) -> list[tuple[Half, Half]]:
 
 def _layer_inputs(g: ModelGraph, name: str, start: str, inputs: str, cuts: list[str], slots: list[Slot]
                   ) -> SegmentRunner | None:
-    """The runner of `Half.layer_inputs`; None (the whole half runs instead) where that part cannot
-    be cut on its own."""
+    """The runner of `Half.layer_inputs`; None where that part cannot be cut on its own (the refit's
+    pass then runs the whole half: Half.refit_inputs)."""
     try:
         return SegmentRunner(g, cut(g, f"{name} to its refitted layer", [start], [inputs], cuts, slots))
     except NoMatch:
