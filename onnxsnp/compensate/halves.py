@@ -139,6 +139,8 @@ def attached(g: ModelGraph, halves: list[tuple[Half, Half]]) -> list[tuple[Half,
 
 
 def runners(half: Half) -> list[SegmentRunner]:
+    """Every onnxruntime runner a half holds (its half, join, q/k inputs, refit inputs; the ones
+    it has): what owns a session and its weights."""
     return [r for r in (half.runner, half.join, half.projection_inputs, half.layer_inputs) if r is not None]
 
 
