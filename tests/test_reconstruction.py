@@ -11,7 +11,7 @@ from onnxsnp.data.calibration import Runner
 from onnxsnp.ir.graph import ModelGraph
 from onnxsnp.score.importance import PairStatistics
 from onnxsnp.match import find_blocks
-from onnxsnp.compensate.halves import plan_segments
+from onnxsnp.compensate.halves import arenas, plan_segments, runners
 from onnxsnp.plan import AttentionWidth, PrunePlan, Propagation, Widths
 from onnxsnp.compensate.projection import project_pairs
 from onnxsnp.compensate.reconstruction import Reconstructor
@@ -157,6 +157,23 @@ def test_a_layers_sessions_keep_their_arena_until_the_layer_is_done(exported, mo
     runners = [r for pair in reconstructor.halves for h in pair
                for r in (h.runner, h.join, h.projection_inputs, h.layer_inputs) if r is not None]
     assert all(r.session is None and not r.arena for r in runners)
+
+
+def test_a_layers_arenas_go_with_it_even_on_an_error():
+    """`arenas`: the sessions built inside keep their arena; leaving, by an exception too, drops
+    every session of the pair and builds none with an arena afterwards."""
+    g = ModelGraph(onnx.load(str(DIGITS)))
+    reconstructor = Reconstructor(g, find_blocks(g))
+    shards = reconstructor.prepare(dict(np.load(DIGITS_CALIB)), 4, None)
+    shard, item = shards.shard, shards.shard.batches[0]
+    pair = reconstructor.halves[0]
+    with pytest.raises(RuntimeError, match="stop"):
+        with arenas(pair):
+            assert all(r.arena for half in pair for r in runners(half))
+            shard.run_half(pair[0], item, item.original, shard.original, [pair[0].segment.outputs[0]])
+            assert pair[0].runner.session is not None
+            raise RuntimeError("stop")
+    assert all(r.session is None and not r.arena for half in pair for r in runners(half))
 
 
 def test_nothing_removed_is_nothing_changed(exported):

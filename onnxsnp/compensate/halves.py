@@ -2,6 +2,8 @@
 each half (attention, then FFN) runs and captures on cached stream values."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -148,6 +150,23 @@ def drop_sessions(half: Half) -> None:
     """A half's onnxruntime sessions (and the weights they keep) dropped: built again if run again."""
     for runner in runners(half):
         runner.session = None
+
+
+@contextmanager
+def arenas(pair: tuple[Half, ...]) -> Iterator[None]:
+    """The halves' sessions built inside keep onnxruntime's memory arena (SegmentRunner.arena) and
+    are dropped, arena and all, on leaving (an exception included): for a layer's passes, whose
+    sessions no later pass runs (a restarted run builds them again)."""
+    every = [runner for half in pair for runner in runners(half)]
+    for runner in every:
+        runner.arena = True
+    try:
+        yield
+    finally:
+        for half in pair:
+            drop_sessions(half)
+        for runner in every:
+            runner.arena = False
 
 
 def embeddings(g: ModelGraph, halves: list) -> tuple[Segment, list[str]]:

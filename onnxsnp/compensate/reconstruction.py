@@ -30,7 +30,7 @@ import numpy as np
 from ..errors import SnpError
 from ..ir.graph import ModelGraph
 from ..match import units
-from .halves import all_slots, drop_sessions, original_weights, plan_segments, runners
+from .halves import all_slots, arenas, original_weights, plan_segments
 from ..score.criteria import criterion as criterion_named, input_weights
 from ..score.importance import PairStatistics, PairSums
 from .batches import (LocalShards, Shard, Shards, Slot, Workers, check_workers, merged_equations, merged_pairs,
@@ -139,26 +139,18 @@ class Reconstructor:
         removed = set(widths.removed_layers)
         for index, layer in enumerate(self.matches.layers):
             progress(layer.name)
-            for half in self.halves[index]:  # sessions built for this layer keep their arenas to its end
-                for runner in runners(half):
-                    runner.arena = True
-            if index in removed:  # the pruned model skips the block; the blocks after make up for it
-                shards.advance_original(2 * index)
-                shards.advance_original(2 * index + 1)
-            else:
-                with threads_for(layer.attention.out.in_features):
-                    self._attention_half(layer, 2 * index, shards)
-                self.weights.forget(self._done[2 * index])
-                progress(layer.name)
-                with threads_for(layer.ffn.fc2.in_features):
-                    self._ffn_half(layer, 2 * index + 1, shards)
-                self.weights.forget(self._done[2 * index + 1])
-            # the layer's sessions and their memory arenas (SegmentRunner.arena), which no later pass
-            # runs (a restarted run builds them again)
-            for half in self.halves[index]:
-                drop_sessions(half)
-                for runner in runners(half):
-                    runner.arena = False
+            with arenas(self.halves[index]):  # a layer's sessions keep their arenas to its end, no longer
+                if index in removed:  # the pruned model skips the block; the blocks after make up for it
+                    shards.advance_original(2 * index)
+                    shards.advance_original(2 * index + 1)
+                else:
+                    with threads_for(layer.attention.out.in_features):
+                        self._attention_half(layer, 2 * index, shards)
+                    self.weights.forget(self._done[2 * index])
+                    progress(layer.name)
+                    with threads_for(layer.ffn.fc2.in_features):
+                        self._ffn_half(layer, 2 * index + 1, shards)
+                    self.weights.forget(self._done[2 * index + 1])
         samples, tokens = shards.counts()
         return Reconstruction(tuple(self.keeps_attention), tuple(self.keeps_ffn), dict(self.refits),
                               dict(self.scale_values), tuple(self.reports), samples, tokens)
