@@ -162,7 +162,7 @@ def test_genai_family_folder_prunes_whole_groups_and_generates(genai_folders, tm
 @pytest.mark.parametrize("family", ["gemma3", "olmo2"])
 def test_sandwich_normed_blocks_are_refitted_in_the_branch_space(family_model, family):
     """x + LN(f(x)): the block-by-block refit maps what the stream misses back through the norm
-    (batches.sandwich_target). Fitting the raw branch to a stream-space target instead made the
+    (token_targets.sandwich_target). Fitting the raw branch to a stream-space target instead made the
     reconstruction worse than no compensation at all (held-back logits cosine 0.60 against 0.80
     on this Gemma 3, −0.05 against 0.83 on this OLMo 2)."""
     path = str(family_model(family))

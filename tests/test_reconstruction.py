@@ -290,7 +290,7 @@ def test_a_sandwich_normed_branch_is_refitted_towards_what_the_sum_misses(drift)
     """x + γ·b/rms(b) (Gemma 3, OLMo 2): the refit's target in b's space, put back through the norm
     and added to the pruned stream, gives the original sum — exactly with no drift, to first order
     with some (the norm is linearised at the original branch); a channel with a tiny γ keeps b."""
-    from onnxsnp.compensate.batches import branch_rms, sandwich_target
+    from onnxsnp.compensate.token_targets import branch_rms, sandwich_target
 
     rng = np.random.default_rng(0)
     tokens, width, eps = 64, 16, 1e-6
@@ -315,7 +315,7 @@ def test_a_sandwich_normed_target_stays_on_the_branchs_sphere():
     mapped back through the linearised norm) is met on the sphere ‖u‖ = ‖b‖, nearest in the
     stream's metric γ² — what the stream gains from the branch put back through the norm. The
     linearised target itself, put through the norm, lands farther from the sum."""
-    from onnxsnp.compensate.batches import branch_rms, on_sphere, sandwich_target
+    from onnxsnp.compensate.token_targets import branch_rms, on_sphere, sandwich_target
 
     rng = np.random.default_rng(1)
     tokens, width, eps, drift = 32, 24, 1e-6, 1.0
