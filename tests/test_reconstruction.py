@@ -129,20 +129,33 @@ def test_norm_weights_routed_through_identity_nodes_still_cut_into_blocks(tmp_pa
     assert report.compensation_kept == ["reconstruction"]
 
 
-def test_a_layers_sessions_keep_their_arena_until_the_layer_is_done(exported, monkeypatch):
+def test_a_layers_sessions_keep_their_arena_for_one_pass(exported, monkeypatch):
     """The reconstruction's segment sessions are built with onnxruntime's memory arena (no fresh
-    mappings per run) and dropped, arena and all, once their layer is done: none is left after
-    the run, and a runner outside a run builds without it."""
-    from onnxsnp.compensate import segments
+    mappings per run) and dropped, arena and all, at the end of every pass (none alive when the
+    pass gives its heap back), each built once all the same (a runner serves one pass of its
+    layer); none is left after the run, and a runner outside a run builds without it."""
+    from onnxsnp.compensate import batches, segments
 
-    built = []
-    light_session = segments.light_session
+    built, passes = [], []
+    light_session, build, release_heap = segments.light_session, segments.SegmentRunner._build, batches.release_heap
 
     def recording(*args, **kwargs):
         built.append(kwargs.get("arena", False))
         return light_session(*args, **kwargs)
 
+    def counted(runner, values):
+        builds[id(runner)] = builds.get(id(runner), 0) + 1
+        return build(runner, values)
+
+    def released():
+        passes.append([r for pair in reconstructor.halves for h in pair for r in runners(h)
+                       if r.arena and r.session is not None])
+        release_heap()
+
+    builds: dict[int, int] = {}
     monkeypatch.setattr(segments, "light_session", recording)
+    monkeypatch.setattr(segments.SegmentRunner, "_build", counted)
+    monkeypatch.setattr(batches, "release_heap", released)
     path = exported("bert", "eager", True)
     g = ModelGraph(onnx.load(str(path)))
     matches = find_blocks(g)
@@ -154,9 +167,10 @@ def test_a_layers_sessions_keep_their_arena_until_the_layer_is_done(exported, mo
     reconstructor.run(shards, widths)
     assert built[:before] == [False] * before
     assert len(built) > before and all(built[before:])
-    runners = [r for pair in reconstructor.halves for h in pair
-               for r in (h.runner, h.join, h.projection_inputs, h.layer_inputs) if r is not None]
-    assert all(r.session is None and not r.arena for r in runners)
+    assert len(passes) > 2 * len(matches.layers) and passes == [[]] * len(passes)
+    assert set(builds.values()) == {1}
+    every = [r for pair in reconstructor.halves for h in pair for r in runners(h)]
+    assert all(r.session is None and not r.arena for r in every)
 
 
 def test_a_layers_arenas_go_with_it_even_on_an_error():

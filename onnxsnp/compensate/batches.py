@@ -38,7 +38,7 @@ from .least_squares import FOLDS, NormalEquations
 from ..match import Matches
 from ..match.blocks import QkNormCut
 from ..match.units import unit_of_dim
-from .halves import embeddings
+from .halves import drop_arenas, embeddings
 from .token_targets import branch_rms, norm_weights, sandwich_target, tokens
 from .segments import SegmentRunner, cut
 
@@ -114,13 +114,15 @@ class FoldSums:
 
 
 def _pass(method):
-    """A pass over the batches: the heap it churned through goes back to the system after it
-    (heap.py; without this the reconstruction's memory grows with every block)."""
+    """A pass over the batches: its sessions' arenas (halves.drop_arenas), then the heap it churned
+    through, go back to the system after it (heap.py; without this the reconstruction's memory
+    grows with every block)."""
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
         finally:
+            drop_arenas(self.halves)
             release_heap()
 
     return wrapper
