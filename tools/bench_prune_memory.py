@@ -132,6 +132,7 @@ def prune_child(model: str, calib: str, save: str) -> None:
     if save:
         import onnx
 
+        Path(save).parent.mkdir(parents=True, exist_ok=True)  # after a prune of minutes, not a failed save
         onnx.save(result.model, save, save_as_external_data=True, location=Path(save).name + ".data")
     fidelity = result.report.fidelity
     print(json.dumps({"seconds": seconds, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
