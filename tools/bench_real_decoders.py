@@ -39,7 +39,7 @@ import onnx
 if "--code" in sys.argv:  # another checkout's onnxsnp (e.g. a worktree of an older commit) in the same harness
     sys.path.insert(0, str(Path(sys.argv[sys.argv.index("--code") + 1]).resolve()))
 
-from decoders import step_feed
+from decoders import sample, step_feed
 import harness
 from harness import DOCS
 
@@ -309,6 +309,31 @@ def oracle_calibration(tokenizer, heldout_texts: list[str], heldout: np.ndarray,
     return every[np.r_[fitted, extra[len(extra) - held_back:]]]
 
 
+def with_generated(model: onnx.ModelProto, tokenizer, real: np.ndarray, count: int, prompt: int, top_p: float,
+                   only: bool) -> np.ndarray:
+    """Self-generated calibration (Ji et al. 2024, Williams & Aletras 2024): `count` windows the
+    original writes itself, sampled (temperature 1, nucleus `top_p`, seed 0, special tokens never
+    drawn) after the first `prompt` tokens of the real windows in turn, WINDOW tokens in all.
+    Beside the real windows, laid out so that the pruner fits on the real windows it would fit on
+    alone and holds back (pipeline._split: the last eighth, at most 64) the real ones it would hold
+    back, the generated ones filling each part in proportion; `only`: the generated windows alone."""
+    special = [i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special]
+    prompts = real[np.arange(count) % len(real), :prompt]
+    started = time.time()
+    made = sample(model, prompts, WINDOW, seed=0, top_p=top_p, banned=special)
+    print(f"generated {count} windows ({count * (WINDOW - prompt):,} sampled tokens after {prompt}-token prompts) "
+          f"in {time.time() - started:.0f} s", flush=True)
+    if only:
+        return made
+    def held_back(n: int) -> int:  # pipeline._split's count for n samples (batch 1)
+        return max(1, min(n // 8, 64)) if n >= 2 else 0
+
+    held, real_held = held_back(len(real) + count), held_back(len(real))
+    made_held = max(held - real_held, 0)
+    return np.concatenate([real[:len(real) - real_held], made[:count - made_held],
+                           real[len(real) - real_held:], made[count - made_held:]])
+
+
 def split_prune(source: Path, options, split: tuple[dict, dict], heldout: np.ndarray,
                 reference: tuple[float, np.ndarray]):
     """ORACLE (tools/oracle_split.py): prune on the first set recording what is kept (its fidelity
@@ -350,6 +375,12 @@ def main() -> None:
                         "themselves and others): an upper bound, not a measurement of the tool (oracle_calibration); "
                         "\"choose-calibration\": what to keep chosen on the calibration windows, the rescales and "
                         "refits fitted in-sample; \"choose-in-sample\": the reverse (tools/oracle_split.py)")
+    parser.add_argument("--generated", type=int, default=0, help="add this many windows the original model "
+                        "writes itself (sampled after a prompt of each real window's first tokens: with_generated)")
+    parser.add_argument("--generated-only", action="store_true", help="calibrate on the generated windows alone "
+                        "(the real windows only give the prompts)")
+    parser.add_argument("--prompt-tokens", type=int, default=16, help="the generated windows' prompt length (16)")
+    parser.add_argument("--top-p", type=float, default=0.95, help="the generated windows' nucleus (0.95; 1: plain sampling)")
     parser.add_argument("--reports", type=Path, help="write each run's reconstruction report (per-layer "
                                                      "`reconstruction.halves`) to DIR/<run number>.json")
     parser.add_argument("--keep", type=Path, help="write each run's pruned model to DIR/<run number>/model.onnx "
@@ -376,6 +407,13 @@ def main() -> None:
     elif args.oracle:
         calibration = oracle_calibration(tokenizer, heldout_texts, heldout, count, args.oracle)
         print(f"ORACLE calibration ({args.oracle}): {len(calibration)} windows of the held-out text", flush=True)
+    real_windows = len(calibration)
+    if args.generated and args.oracle:
+        parser.error("--generated calibrates beside the calibration windows, not an oracle's")
+    if args.generated:
+        calibration = with_generated(onnx.load(str(source)), tokenizer, calibration, args.generated,
+                                     args.prompt_tokens, args.top_p, args.generated_only)
+    print(f"calibration: {len(calibration)} windows, {calibration.size:,} tokens", flush=True)
     calib = {"input_ids": calibration, "attention_mask": np.ones_like(calibration)}
     runs = json.loads(args.runs) if args.runs else [r for r in default_runs if r[0] == "--ratio 0.25"] if args.smoke else default_runs
     reference_picked, reference = scores(onnx.load(str(source)), heldout)
@@ -440,12 +478,15 @@ def main() -> None:
     oracle = (f"**ORACLE** (`--oracle {args.oracle}`): calibrated on the held-out text itself"
               f"{' (kept units chosen on the %s windows, refits on the %s windows)' % SPLITS[args.oracle] if split else ''}"
               ", a diagnosis, not a measurement of the tool.\n\n") if args.oracle else ""
+    generated = (f"Self-generated calibration (`--generated {args.generated}`{' --generated-only' if args.generated_only else ''}, "
+                 f"prompts of {args.prompt_tokens} tokens, top-p {args.top_p}): {args.generated} windows the original wrote "
+                 f"{'alone' if args.generated_only else f'beside {real_windows} real ones'}.\n\n") if args.generated else ""
     smoke = "**Smoke run** (`--smoke`): a few windows, to check that the bench runs; not a measurement.\n\n"
     out.write_text(f"""# Decoders: fidelity on a real pretrained LM ({title})
 
 Measured by `python tools/bench_real_decoders.py --model {args.model}` (CPU, one run). {__doc__.split(chr(10), 2)[2].split("    pip")[0].strip()}
 
-{smoke if args.smoke else ""}{oracle}Calibration: {len(calibration)} windows ({calibration.size:,} tokens); held-out: {len(heldout)} windows
+{smoke if args.smoke else ""}{oracle}{generated}Calibration: {len(calibration)} windows ({calibration.size:,} tokens); held-out: {len(heldout)} windows
 ({heldout.size:,} tokens). "FLOPs" is the measured cut of a prefill.
 
 {NOTES.get(args.model, "")}{chr(10).join(table)}

@@ -82,3 +82,38 @@ def genai_generate(folder, prompt: list[int], length: int) -> list[int]:
     while not generator.is_done():
         generator.generate_next_token()
     return [int(t) for t in generator.get_sequence(0)]
+
+
+def sample(model: onnx.ModelProto, prompts: np.ndarray, length: int, seed: int, temperature: float = 1.0,
+           top_p: float = 0.95, banned: list[int] = (), batch: int = 16) -> np.ndarray:
+    """Windows of `length` tokens the model writes itself: each row of `prompts` (equal lengths)
+    continued by sampling through the KV cache with onnxruntime (temperature, nucleus `top_p`),
+    seeded so that the same arguments give the same tokens. `banned` ids (special tokens: an
+    end-of-turn in a calibration stream that has none) are never sampled."""
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    rng = np.random.default_rng(seed)
+    rows = []
+    for first in range(0, len(prompts), batch):
+        tokens = prompts[first:first + batch].astype(np.int64)
+        ids, past = tokens, None
+        while tokens.shape[1] < length:
+            out = dict(zip(names, session.run(None, step_feed(model, ids, past, tokens.shape[1] - ids.shape[1]))))
+            past = {name.replace("present", "past_key_values"): value for name, value in out.items()
+                    if name.startswith("present")}
+            logits = out["logits"][:, -1].astype(np.float64) / temperature
+            logits[:, list(banned)] = -np.inf
+            ids = np.array([[_nucleus(row, top_p, rng)] for row in logits], np.int64)
+            tokens = np.concatenate([tokens, ids], axis=1)
+        rows.append(tokens)
+    return np.concatenate(rows)
+
+
+def _nucleus(logits: np.ndarray, top_p: float, rng: np.random.Generator) -> int:
+    """One token drawn from the smallest set of most likely tokens whose probability reaches top_p."""
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs, kind="stable")
+    keep = order[:int(np.searchsorted(np.cumsum(probs[order]), top_p)) + 1]
+    kept = probs[keep] / probs[keep].sum()
+    return int(keep[rng.choice(len(keep), p=kept)])
