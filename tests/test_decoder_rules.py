@@ -187,3 +187,28 @@ def test_per_head_rotary_tables_cost_one_gather_transpose_and_split_per_layer(kv
     step = lambda model, out: dg.feed(model, 1, {"past_key": out["present_key"], "past_value": out["present_value"]},  # noqa: E731
                                       seed=2)
     np.testing.assert_allclose(run(pruned, step(pruned, got))["y"], run(zeroed, step(zeroed, want))["y"], atol=1e-5)
+
+
+@pytest.mark.parametrize("heads", [0.0, 0.5])
+def test_an_fp16_decoder_with_float32_inputs_and_outputs_keeps_its_cast_cache(heads):
+    """onnxruntime's convert_float_to_float16(keep_io_types=True) casts the past keys and values
+    on their way in and the present ones on their way out: the cache is still the graph's input
+    and output, and takes the kept widths there."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    g = ModelGraph(convert_float_to_float16(dg.decoder_attention(2, "half"), keep_io_types=True))
+    (block,) = find_blocks(g).attention
+    assert {(c.past, c.present) for c in block.kv_caches} == {("past_key", "present_key"),
+                                                              ("past_value", "present_value")}
+    assert all(g.producer_of(c.present).op_type == "Cast" for c in block.kv_caches)  # the form under test
+    calib = {k: np.repeat(v, 4, axis=0) if k == "x" else v for k, v in dg.feed(g.model, 6).items()}
+    plan = make_plan(g, find_blocks(g), Ratios(0.5, 0.25, 0.0, heads=heads), "random", calib, batch=4, seed=3)
+    (keep,) = plan.attention
+    pruned, zeroed = rewrite(g, plan), masked_original(g, plan)
+    want, got = run(zeroed, dg.feed(zeroed, 5)), run(pruned, dg.feed(pruned, 5))
+    # fp16 inside: a sum over fewer (removed, not zeroed) terms may round the other way
+    np.testing.assert_allclose(got["y"], want["y"], atol=8 * np.finfo(np.float16).eps * np.abs(want["y"]).max())
+    assert got["present_key"].dtype == np.float32
+    assert got["present_key"].shape == (1, len(keep.heads), 5, keep.qk.shape[1])
+    declared = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in pruned.graph.input}
+    assert declared["past_value"][1::2] == [len(keep.heads), keep.v.shape[1]]

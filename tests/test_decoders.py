@@ -1,7 +1,8 @@
 """Decoder language models exported at test time from local folders with random weights: optimum
 `text-generation-with-past` of a Llama-architecture model (grouped-query attention, rotary,
 SwiGLU, RMSNorm) and of GPT-2 (fused c_attn, learned positions), and torch's dynamo exporter of
-the Llama model with a KV cache. Ratio 0 is identical; a pruned prefill and a decode step through
+the Llama model with a KV cache, also converted to fp16 by onnxruntime's converter (with float32
+inputs and outputs, the cache cast on its way in and out, or all in fp16). Ratio 0 is identical; a pruned prefill and a decode step through
 the pruned cache equal the original with the removed units zeroed; the default flow (block by
 block reconstruction) prunes them."""
 from __future__ import annotations
@@ -30,7 +31,8 @@ from onnxsnp.rewrite.rewriting import rewrite
 from oracle import masked_original, unshare
 
 pytestmark = pytest.mark.slow
-FORMS = ["llama-optimum", "gpt2-optimum", "llama-dynamo", "llama-genai-fp32", "llama-genai-int4"]
+FORMS = ["llama-optimum", "gpt2-optimum", "llama-dynamo", "llama-dynamo-fp16", "llama-dynamo-fp16io",
+         "llama-genai-fp32", "llama-genai-int4"]
 GROUPS = {"gpt2-optimum": 4}  # key/value heads per layer (2 in the Llama models)
 
 
@@ -48,6 +50,12 @@ def decoder(tmp_path_factory):
                 cache[form] = export_optimum(folder / form, family, "optimum")
             elif exporter == "dynamo":
                 cache[form] = export_dynamo(tiny_llama(), folder / f"{form}.onnx")
+            elif exporter.startswith("dynamo-fp16"):  # keep_io_types: float32 inputs and outputs, fp16 inside
+                from onnxruntime.transformers.float16 import convert_float_to_float16
+
+                model = onnx.load(str(get("llama-dynamo")))
+                cache[form] = folder / f"{form}.onnx"
+                onnx.save(convert_float_to_float16(model, keep_io_types=not exporter.endswith("io")), str(cache[form]))
             else:  # onnxruntime-genai's builder: head size 32, so that 16 (its kernels' multiple) can be kept
                 source = folder / "genai-source"
                 if not source.exists():
@@ -80,8 +88,11 @@ def test_pruned_decoder_equals_masked_original_through_the_cache(decoder, tmp_pa
     rng = np.random.default_rng(0)
     ids, next_ids = rng.integers(0, 100, (2, 6)), rng.integers(0, 100, (2, 1))
     (want, want_step), (got, got_step) = prefill_and_step(zeroed, ids, next_ids), prefill_and_step(pruned, ids, next_ids)
-    np.testing.assert_allclose(got["logits"], want["logits"], atol=2e-5, rtol=1e-3)
-    np.testing.assert_allclose(got_step["logits"], want_step["logits"], atol=2e-5, rtol=1e-3)
+    # fp16: each op's output is rounded to fp16 after float32 arithmetic, and a sum over fewer (the
+    # removed, not zeroed) terms may round the other way: a few of fp16's steps at the logits' size
+    scale = 8 * np.finfo(np.float16).eps * np.abs(want["logits"]).max() if "fp16" in form else 2e-5
+    np.testing.assert_allclose(got["logits"], want["logits"], atol=scale, rtol=1e-3)
+    np.testing.assert_allclose(got_step["logits"], want_step["logits"], atol=scale, rtol=1e-3)
     keep = plan.attention[0]
     if keep.block.equal_widths:  # GroupQueryAttention: one head size, a multiple of 16 with rotary
         assert keep.qk.shape[1] == keep.v.shape[1] == 16
@@ -277,8 +288,11 @@ def test_the_rewrite_adds_few_nodes_to_a_dynamo_decoder(decoder, tmp_path, heads
             {"Gather": layers, "Split": layers, "Transpose": layers + 1, "Squeeze": 1})
     ids, next_ids = np.random.default_rng(0).integers(0, 100, (2, 6)), np.random.default_rng(1).integers(0, 100, (2, 1))
     (want, want_step), (got, got_step) = prefill_and_step(zeroed, ids, next_ids), prefill_and_step(pruned, ids, next_ids)
-    np.testing.assert_allclose(got["logits"], want["logits"], atol=2e-5, rtol=1e-3)
-    np.testing.assert_allclose(got_step["logits"], want_step["logits"], atol=2e-5, rtol=1e-3)
+    # fp16: each op's output is rounded to fp16 after float32 arithmetic, and a sum over fewer (the
+    # removed, not zeroed) terms may round the other way: a few of fp16's steps at the logits' size
+    scale = 8 * np.finfo(np.float16).eps * np.abs(want["logits"]).max() if "fp16" in form else 2e-5
+    np.testing.assert_allclose(got["logits"], want["logits"], atol=scale, rtol=1e-3)
+    np.testing.assert_allclose(got_step["logits"], want_step["logits"], atol=scale, rtol=1e-3)
 
 
 @pytest.mark.parametrize("number", [0, 1, 3])

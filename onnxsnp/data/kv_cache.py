@@ -63,7 +63,8 @@ def cache_outputs(model: onnx.ModelProto) -> set[str]:
         for t in node.input:
             readers.setdefault(t, []).append(node)
 
-    rounding = ("QuantizeLinear", "DequantizeLinear")  # how a static int8 model rounds a cache
+    # how a static int8 model rounds a cache, or an fp16 one with float32 inputs and outputs casts it
+    rounding = ("QuantizeLinear", "DequantizeLinear", "Cast")
 
     def source(tensor: str) -> str:
         """What `tensor` rounds, through up to two rounding ops."""

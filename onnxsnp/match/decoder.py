@@ -127,16 +127,35 @@ def _bounds(g: ModelGraph, node: onnx.NodeProto, rank: int, step: int = 1) -> tu
 
 def kv_cache_join(g: ModelGraph, node: onnx.NodeProto, tensor: str, part: Part) -> tuple[KvCache, str] | None:
     """(the cache, this step's tensor) if `node` is Concat(past, new) producing `tensor`, past a
-    graph input; None otherwise."""
+    graph input; None otherwise. A model converted to fp16 with float32 inputs and outputs
+    (onnxruntime's convert_float_to_float16(keep_io_types=True)) reads the past through a Cast
+    and writes the present through one: the cache is still the graph's input and output."""
     if node.op_type != "Concat" or len(node.input) != 2:
         return None
     graph_inputs = {i.name for i in g.model.graph.input} - set(g.initializers)
-    past = [t for t in node.input if t in graph_inputs]
-    if len(past) != 1 or node.input[1] == past[0] and node.input[0] in graph_inputs:
+    past = [_cast_from(g, t, graph_inputs) for t in node.input]
+    if sum(p is not None for p in past) != 1:
         return None
-    new = next(t for t in node.input if t != past[0])
-    present = tensor if tensor in g.graph_outputs else ""
-    return KvCache(past[0], present, part), new
+    at = 0 if past[0] is not None else 1
+    return KvCache(past[at], _present(g, tensor), part), node.input[1 - at]
+
+
+def _cast_from(g: ModelGraph, tensor: str, graph_inputs: set[str]) -> str | None:
+    """The graph input `tensor` is, directly or through one Cast; None if neither."""
+    if tensor in graph_inputs:
+        return tensor
+    cast = g.producer_of(tensor)
+    if cast is not None and cast.op_type == "Cast" and cast.input[0] in graph_inputs:
+        return cast.input[0]
+    return None
+
+
+def _present(g: ModelGraph, tensor: str) -> str:
+    """The graph output that is the joined cache, directly or through a Cast; "" if none."""
+    if tensor in g.graph_outputs:
+        return tensor
+    casts = [c for c in g.consumers_of(tensor) if c.op_type == "Cast" and c.output[0] in g.graph_outputs]
+    return casts[0].output[0] if len(casts) == 1 else ""
 
 
 def check_kv_axis(node: onnx.NodeProto, rank: int, tracked: tuple[int | None, ...]) -> None:
