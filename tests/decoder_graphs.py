@@ -59,18 +59,26 @@ def _repeat(b: Builder, t: str, kv_heads: int) -> str:
 
 
 def decoder_attention(kv_heads: int = 2, rotary: str | None = "half", seed: int = 0,
-                      qk_norm: str | None = None) -> onnx.ModelProto:
+                      qk_norm: str | None = None, fused: bool = False) -> onnx.ModelProto:
     """Separate q, k, v projections; rotary on q and k; k and v joined with the KV cache, then
     repeated for the query heads (unless kv_heads == 1: the score MatMul broadcasts). `qk_norm`:
-    an RMSNorm on q and k over each head ("head": Qwen3, Gemma 3) or over all heads ("all": OLMo 2)."""
+    an RMSNorm on q and k over each head ("head": Qwen3, Gemma 3) or over all heads ("all": OLMo 2).
+    `fused`: one q | k | v projection taken apart by three Slices along its features (Phi-3)."""
     b = Builder(seed, opset=18)
-    q, k = b.linear("x", WIDTH, WIDTH), b.linear("x", WIDTH, kv_heads * HEAD_DIM)
+    kv_width = kv_heads * HEAD_DIM
+    if fused:
+        qkv = b.linear("x", WIDTH, WIDTH + 2 * kv_width)
+        bounds = [0, WIDTH, WIDTH + kv_width, 2 ** 63 - 1]
+        q, k, v = (b.op("Slice", [qkv, b.const(np.array([start], dtype=np.int64)), b.const(np.array([end], dtype=np.int64)),
+                                  b.const(np.array([-1], dtype=np.int64))]) for start, end in zip(bounds, bounds[1:]))
+    else:
+        q, k = b.linear("x", WIDTH, WIDTH), b.linear("x", WIDTH, kv_width)
     if qk_norm == "all":
-        q, k = _rms_norm(b, q, WIDTH), _rms_norm(b, k, kv_heads * HEAD_DIM)
+        q, k = _rms_norm(b, q, WIDTH), _rms_norm(b, k, kv_width)
     q, k = _heads(b, q, HEADS), _heads(b, k, kv_heads)
     if qk_norm == "head":
         q, k = _rms_norm(b, q, HEAD_DIM), _rms_norm(b, k, HEAD_DIM)
-    v = _heads(b, b.linear("x", WIDTH, kv_heads * HEAD_DIM), kv_heads)
+    v = _heads(b, v if fused else b.linear("x", WIDTH, kv_width), kv_heads)
     if rotary is not None:
         q, k = _rotate(b, q, rotary), _rotate(b, k, rotary)
     b.nodes.append(helper.make_node("Concat", ["past_key", k], ["present_key"], name="cache_key", axis=2))

@@ -212,3 +212,24 @@ def test_an_fp16_decoder_with_float32_inputs_and_outputs_keeps_its_cast_cache(he
     assert got["present_key"].shape == (1, len(keep.heads), 5, keep.qk.shape[1])
     declared = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in pruned.graph.input}
     assert declared["past_value"][1::2] == [len(keep.heads), keep.v.shape[1]]
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4])
+@pytest.mark.parametrize("heads", [0.0, 0.5])
+def test_a_qkv_projection_taken_apart_by_slices_is_pruned_exactly(kv_heads, heads):
+    """Phi-3's qkv_proj: q | k | v of H·d | G·d | G·d features, three Slices; the bounds between
+    the parts follow the cut, v's end (past the last feature) stays."""
+    g = ModelGraph(dg.decoder_attention(kv_heads, "half", fused=True))
+    (block,) = find_blocks(g).attention
+    assert block.form is AttentionForm.FUSED_SPLIT and block.q.node == block.k.node == block.v.node
+    assert block.column_offsets == (0, dg.WIDTH, dg.WIDTH + kv_heads * dg.HEAD_DIM) and block.groups == kv_heads
+    calib = {k: np.repeat(v, 4, axis=0) if k == "x" else v for k, v in dg.feed(g.model, 6).items()}
+    plan = make_plan(g, find_blocks(g), Ratios(0.5, 0.25, 0.0, heads=heads), "random", calib, batch=4, seed=3)
+    (keep,) = plan.attention
+    pruned, zeroed = rewrite(g, plan), masked_original(g, plan)
+    want, got = run(zeroed, dg.feed(zeroed, 5)), run(pruned, dg.feed(pruned, 5))
+    np.testing.assert_allclose(got["y"], want["y"], atol=1e-5)
+    assert got["present_value"].shape == (1, len(keep.heads), 5, keep.v.shape[1])
+    step = lambda model, out: dg.feed(model, 1, {"past_key": out["present_key"], "past_value": out["present_value"]},  # noqa: E731
+                                      seed=2)
+    np.testing.assert_allclose(run(pruned, step(pruned, got))["y"], run(zeroed, step(zeroed, want))["y"], atol=1e-5)

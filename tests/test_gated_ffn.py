@@ -50,3 +50,49 @@ def test_gated_ffn_is_matched_with_its_gate_and_pruned_exactly(kind):
     assert len(keep.hidden) == HIDDEN // 2
     pruned, zeroed = rewrite(g, plan), masked_original(g, plan)
     np.testing.assert_allclose(run(pruned, x[:1]), run(zeroed, x[:1]), atol=1e-5)
+
+
+def fused_gated_ffn(splitter: str, bias: bool = False, gate_first: bool = True) -> tuple:
+    """Phi-3's MLP: one gate | up projection taken apart along its features, then
+    silu(gate) ∘ up → W_down. `splitter`: "split-sizes" (Split with a sizes input),
+    "split-equal" (opset 18's num_outputs), "slices" (two Slices, the second to the end)."""
+    b = Builder(0, opset=20 if splitter != "split-sizes" else 17)
+    both = b.linear("x", WIDTH, 2 * HIDDEN, bias=bias)
+    i64 = lambda v: b.const(np.array(v, dtype=np.int64))  # noqa: E731
+    if splitter == "split-sizes":
+        first, second = b.op("Split", [both, i64([HIDDEN, HIDDEN])], outputs=2, axis=-1)
+    elif splitter == "split-equal":
+        first, second = b.op("Split", [both], outputs=2, axis=2, num_outputs=2)
+    else:
+        first = b.op("Slice", [both, i64([0]), i64([HIDDEN]), i64([-1]), i64([1])])
+        second = b.op("Slice", [both, i64([HIDDEN]), i64([2 ** 63 - 1]), i64([-1])])
+    gate, up = (first, second) if gate_first else (second, first)
+    return b.model(b.linear(b.op("Mul", [up, _activation(b, gate, "silu")]), HIDDEN, WIDTH))
+
+
+@pytest.mark.parametrize("splitter,bias,gate_first", [("split-sizes", False, True), ("split-equal", True, True),
+                                                      ("slices", False, True), ("slices", True, False)])
+def test_a_fused_gate_up_projection_is_matched_as_its_two_halves_and_pruned_exactly(splitter, bias, gate_first):
+    g = ModelGraph(fused_gated_ffn(splitter, bias, gate_first))
+    (block,) = find_blocks(g).ffn
+    assert block.gate is not None and block.gate.node == block.fc1.node and block.hidden == HIDDEN
+    assert block.columns == ((HIDDEN, 0) if gate_first else (0, HIDDEN))  # (up, gate) column offsets
+    x = np.random.default_rng(1).standard_normal((4, TOKENS, WIDTH)).astype(np.float32)
+    plan = make_plan(g, find_blocks(g), Ratios(0.0, 0.0, 0.5), "random", {"x": x}, batch=4, seed=3)
+    (keep,) = plan.ffn
+    pruned, zeroed = rewrite(g, plan), masked_original(g, plan)
+    np.testing.assert_allclose(run(pruned, x[:1]), run(zeroed, x[:1]), atol=1e-5)
+    weights = {i.name: i for i in pruned.graph.initializer}
+    fused = next(n for n in pruned.graph.node if n.op_type == "MatMul" and n.input[1] in weights)
+    assert list(weights[fused.input[1]].dims) == [WIDTH, 2 * len(keep.hidden)]
+
+
+def test_a_gate_up_projection_read_elsewhere_is_skipped_with_the_reason():
+    b = Builder(0, opset=20)
+    both = b.linear("x", WIDTH, 2 * HIDDEN, bias=False)
+    gate, up = b.op("Split", [both], outputs=2, axis=-1, num_outputs=2)
+    down = b.linear(b.op("Mul", [up, _activation(b, gate, "silu")]), HIDDEN, WIDTH)
+    leak = b.op("ReduceMean", [both, b.const(np.array([-1], dtype=np.int64))], keepdims=1)
+    found = find_blocks(ModelGraph(b.model(b.op("Add", [down, leak]))))
+    assert found.ffn == ()
+    assert any("read by" in s.reason and both in s.reason for s in found.skipped), found.skipped

@@ -308,6 +308,8 @@ def _fused_block(g: ModelGraph, name: str, anchor: onnx.NodeProto, q: Trace, k: 
     before = list(reversed(q.nodes[q.selector + 1:]))  # from the projection to the selectors
     if not before and q.nodes[q.selector].op_type == "Split":
         return _split_block(g, name, anchor, q, k, v, out)
+    if not before and q.nodes[q.selector].op_type == "Slice":
+        return _slice_block(g, name, anchor, q, k, v, out)
     if not before or before[0].op_type != "Reshape":
         raise NoMatch("fused projection is not reshaped to (…, 3, H, d) before q, k and v are taken apart")
     reshape, replay = before[0], before[1:]
@@ -341,21 +343,56 @@ def _split_block(g: ModelGraph, name: str, anchor: onnx.NodeProto, q: Trace, k: 
     sizes = g.constant(split.input[1]) if len(split.input) > 1 and split.input[1] else None
     sizes = None if sizes is None else [int(s) for s in sizes.reshape(-1)]
     if sizes is None or len(sizes) != 3 or sum(sizes) != q.linear.out_features or not rank or \
-            attribute(split, "axis", 0) not in (-1, rank - 1) or (q.part, k.part, v.part) != (0, 1, 2) \
-            or sizes[1] != sizes[2] or sizes[0] % sizes[1]:
+            attribute(split, "axis", 0) not in (-1, rank - 1) or (q.part, k.part, v.part) != (0, 1, 2):
         raise NoMatch(f"{split.name} does not split the fused projection into q | k | v along its features")
-    width, kv_width = sizes[0], sizes[1]
+    widths = {q.part: Width.QK_MERGED, k.part: Width.KV_QK_MERGED, v.part: Width.KV_V_MERGED}
+    return _features_block(g, name, anchor, (q, k, v), out, sizes[0], sizes[1], sizes[2], split.name,
+                           tuple(ShapeEdit(split.name, widths[part], part - 3) for part in range(3)))
+
+
+def _slice_block(g: ModelGraph, name: str, anchor: onnx.NodeProto, q: Trace, k: Trace, v: Trace,
+                 out: Linear) -> AttentionBlock:
+    """One projection for q, k and v taken apart by three Slices along its features (Phi-3's
+    qkv_proj): q = [0, H·d), k = [H·d, H·d + G·d), v = [H·d + G·d, end). The bounds between the
+    parts follow the cut; v's end, past the last feature, stays."""
+    slices = [t.nodes[t.selector] for t in (q, k, v)]
+    total = q.linear.out_features
+    bounds = []
+    for node in slices:
+        rank = len(g.shapes.get(node.input[0]) or ())
+        axes = g.constant(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+        steps = g.constant(node.input[4]) if len(node.input) > 4 and node.input[4] else None
+        if not rank or axes is None or axes.size != 1 or int(axes.reshape(-1)[0]) not in (-1, rank - 1) or \
+                steps is not None and (steps.size != 1 or int(steps.reshape(-1)[0]) != 1):
+            raise NoMatch(f"{node.name} does not slice the fused projection along its features")
+        start, end = (int(g.constant(node.input[i]).reshape(-1)[0]) for i in (1, 2))
+        bounds.append((start, min(end, total)))
+    (q0, q1), (k0, k1), (v0, v1) = bounds
+    if (q0, q1, k1, v1) != (0, k0, v0, total):
+        raise NoMatch(f"{slices[0].name}, {slices[1].name}, {slices[2].name} do not take q | k | v apart in order")
+    edits = (ShapeEdit(slices[0].name, Width.QK_MERGED, -1, 2), ShapeEdit(slices[1].name, Width.QK_MERGED, -1, 1),
+             ShapeEdit(slices[1].name, Width.QK_THEN_KV, -1, 2), ShapeEdit(slices[2].name, Width.QK_THEN_KV, -1, 1))
+    return _features_block(g, name, anchor, (q, k, v), out, q1, k1 - k0, v1 - v0, slices[0].name, edits)
+
+
+def _features_block(g: ModelGraph, name: str, anchor: onnx.NodeProto, traces: tuple[Trace, Trace, Trace],
+                    out: Linear, width: int, k_width: int, v_width: int, where: str,
+                    edits: tuple[ShapeEdit, ...]) -> AttentionBlock:
+    """The block of a projection whose features are q | k | v, of `width`, `k_width` and `v_width`
+    (grouped-query attention: G·d each for K and V)."""
+    q, k, v = traces
+    if k_width != v_width or width % k_width:
+        raise NoMatch(f"{where}: q | k | v of {width} | {k_width} | {v_width} features are not H·d | G·d | G·d")
     reshapes = [n for n in q.nodes[:q.selector] if n.op_type == "Reshape"]
     if not reshapes:
-        raise NoMatch(f"no head-splitting Reshape after {split.name}")
+        raise NoMatch(f"no head-splitting Reshape after {where}")
     heads, dim = head_layout(g, reshapes[-1], width)
-    if kv_width % dim or heads % (kv_width // dim):
-        raise NoMatch(f"{split.name}: {kv_width} key/value features do not group {heads} heads of {dim}")
-    kv_heads = kv_width // dim
-    widths = {q.part: Width.QK_MERGED, k.part: Width.KV_QK_MERGED, v.part: Width.KV_V_MERGED}
+    if k_width % dim or heads % (k_width // dim):
+        raise NoMatch(f"{where}: {k_width} key/value features do not group {heads} heads of {dim}")
+    kv_heads = k_width // dim
     return AttentionBlock(name, AttentionForm.FUSED_SPLIT, heads, dim, q.linear, k.linear, v.linear, out, anchor.name,
-                          (0, width, width + kv_width), kv_heads=kv_heads if kv_heads != heads else None,
-                          shape_edits=tuple(ShapeEdit(split.name, widths[part], part - 3) for part in range(3)))
+                          (0, width, width + k_width), kv_heads=kv_heads if kv_heads != heads else None,
+                          shape_edits=edits)
 
 
 def _region_tensors(q: Trace, k: Trace, v: Trace, core: AttentionCore) -> set[str]:

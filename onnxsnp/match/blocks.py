@@ -50,6 +50,7 @@ class Width(str, Enum):
     KV_QK_MERGED = "kv_qk_merged"  # key heads × per-head Q/K width
     KV_V_MERGED = "kv_v_merged"  # value heads × per-head V width (before the heads are repeated)
     QK_HALF = "qk_half"  # half the per-head Q/K width: where a half-split rotary embedding splits q, k
+    QK_THEN_KV = "qk_then_kv"  # q's and k's features of a q | k | v projection: where v starts
 
 
 @dataclass(frozen=True)
@@ -250,6 +251,10 @@ class FfnBlock:
     fc2: Linear
     activation: str  # op types between fc1 and fc2, for display
     gate: Linear | None = None  # a gated FFN (SwiGLU, GeGLU): act(x·W_gate) ∘ (x·W_fc1), then fc2
+    # one projection for gate | up (Phi-3's gate_up_proj): fc1 and gate are its two halves, their
+    # columns from these offsets, and the split's sizes or slices' bounds follow the cut
+    columns: tuple[int, int] = (0, 0)  # where fc1's and the gate's columns start in their weights
+    shape_edits: tuple[ShapeEdit, ...] = ()
 
     @property
     def hidden(self) -> int:

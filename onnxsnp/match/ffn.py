@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import onnx
 
-from ..ir.graph import ModelGraph
-from .blocks import Candidate, FfnBlock, Linear, NoMatch, Skipped, block_name, common_scope
+from dataclasses import dataclass, replace
+
+from ..ir.graph import ModelGraph, attribute
+from .blocks import Candidate, FfnBlock, Linear, NoMatch, ShapeEdit, Skipped, Width, block_name, common_scope
 from .linear import bias_activation_fc1, linear_at, linear_producing
 from .norms import norm_writing
 
@@ -49,14 +51,19 @@ def _ffn_before(g: ModelGraph, fc2: Linear, taken: set[str]) -> FfnBlock | None:
     """fc1 → element-wise activation → fc2, where nothing else reads the hidden activations."""
     activation_nodes: dict[str, onnx.NodeProto] = {}
     frontier = [fc2.input]
-    linears: dict[str, Linear] = {}
+    linears: dict[str, Linear] = {}  # by output: the two halves of one gate | up projection are two
+    halves: dict[str, Half] = {}
     while frontier:
         tensor = frontier.pop()
         linear = linear_producing(g, tensor)
         if linear is not None:
-            linears[linear.node] = linear
+            linears[linear.output] = linear
             continue
         node = g.producer_of(tensor)
+        half = half_of_fused(g, node, tensor) if node is not None and node.op_type in ("Split", "Slice") else None
+        if half is not None:
+            linears[tensor], halves[tensor] = half.linear, half
+            continue
         if node is None or node.op_type not in _ACTIVATION_OPS:
             return None
         if node.name in activation_nodes:
@@ -78,6 +85,12 @@ def _ffn_before(g: ModelGraph, fc2: Linear, taken: set[str]) -> FfnBlock | None:
     fc1, gate = _gated(g, list(linears.values()), activation_nodes)
     if fc1 is None or not activation_nodes or fc1.node in taken or gate is not None and gate.node in taken:
         return None
+    columns, edits = (0, 0), ()
+    if halves:
+        if gate is None or set(halves) != {fc1.output, gate.output} or fc1.node != gate.node:
+            raise NoMatch(f"{fc1.node}: one half of a projection's output feeds the FFN, the other does not gate it")
+        columns = (halves[fc1.output].offset, halves[gate.output].offset)
+        edits = tuple(dict.fromkeys(halves[fc1.output].edits + halves[gate.output].edits))
     if fc1.out_features != fc2.in_features or gate is not None and gate.out_features != fc1.out_features:
         raise NoMatch("fc1 and fc2 widths differ")
     inside = {fc1.output} | {o for n in activation_nodes.values() for o in n.output}
@@ -93,7 +106,57 @@ def _ffn_before(g: ModelGraph, fc2: Linear, taken: set[str]) -> FfnBlock | None:
                 raise NoMatch("the hidden activation has readers outside the FFN")
     ops = sorted({n.op_type for n in activation_nodes.values()})
     name = common_scope(fc1.node, fc2.node) or block_name(fc2.node, (fc1, fc2))
-    return FfnBlock(name, fc1, fc2, "+".join(ops), gate)
+    return FfnBlock(name, fc1, fc2, "+".join(ops), gate, columns, edits)
+
+
+@dataclass(frozen=True)
+class Half:
+    """One half of a gate | up projection's output (Phi-3's gate_up_proj, taken apart by a Split
+    or two Slices along its features): the projection seen as that half's layer."""
+
+    linear: Linear  # the projection, its output the half, out_features the half's width
+    offset: int  # where the half's columns start in the weight
+    edits: tuple[ShapeEdit, ...]  # the split's sizes or the slice bounds that hold the half's width
+
+
+def half_of_fused(g: ModelGraph, node: onnx.NodeProto, tensor: str) -> Half | None:
+    """The half of a projection's output that `node` (a Split in two, or one of two Slices along
+    the features) makes `tensor`; None where `node` reads no projection; NoMatch where it takes
+    it apart in another way."""
+    whole = linear_producing(g, node.input[0])
+    rank = len(g.shapes.get(node.input[0]) or ())
+    if whole is None:
+        return None
+    readers = g.consumers_of(whole.output)
+    width = whole.out_features // 2
+    if not rank or whole.out_features % 2 or whole.out_reshape is not None:
+        raise NoMatch(f"{node.name} takes apart {whole.output}, not two halves of one rank-known projection")
+    if any(r.op_type != node.op_type for r in readers) or len(readers) != (1 if node.op_type == "Split" else 2):
+        raise NoMatch(f"{whole.output} is read by {', '.join(r.name for r in readers)}: not only the gate | up split")
+    if node.op_type == "Split":
+        sizes = g.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+        if len(node.output) != 2 or attribute(node, "axis", 0) not in (-1, rank - 1) or \
+                sizes is not None and [int(v) for v in sizes.reshape(-1)] != [width, width]:
+            raise NoMatch(f"{node.name} does not split {whole.output} into two halves along its features")
+        index = list(node.output).index(tensor)
+        edits = () if sizes is None else (ShapeEdit(node.name, Width.FFN, -2), ShapeEdit(node.name, Width.FFN, -1))
+        return Half(replace(whole, output=tensor, out_features=width), index * width, edits)
+    bounds = [_feature_bounds(g, r, rank, whole.out_features) for r in readers]
+    if set(bounds) != {(0, width), (width, whole.out_features)}:
+        raise NoMatch(f"{', '.join(r.name for r in readers)} do not slice {whole.output} into two halves along its features")
+    start, _ = bounds[readers.index(node)]
+    edit = ShapeEdit(node.name, Width.FFN, -1, 2 if start == 0 else 1)  # the first half's end, the second's start
+    return Half(replace(whole, output=tensor, out_features=width), start, (edit,))
+
+
+def _feature_bounds(g: ModelGraph, node: onnx.NodeProto, rank: int, total: int) -> tuple[int, int] | None:
+    """[start, end) of a Slice along the last axis with constant bounds and step 1; else None."""
+    starts, ends, axes, steps = (g.constant(node.input[i]) if len(node.input) > i and node.input[i] else None
+                                 for i in range(1, 5))
+    if starts is None or ends is None or axes is None or any(v.size != 1 for v in (starts, ends, axes)) or \
+            int(axes.reshape(-1)[0]) not in (-1, rank - 1) or steps is not None and int(steps.reshape(-1)[0]) != 1:
+        return None
+    return int(starts.reshape(-1)[0]), min(int(ends.reshape(-1)[0]), total)
 
 
 _NONLINEAR = {"Sigmoid", "Erf", "Gelu", "Tanh", "Relu", "FastGelu", "BiasGelu", "QuickGelu", "HardSigmoid", "Softplus",

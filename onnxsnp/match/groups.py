@@ -82,7 +82,8 @@ def group(name: str, size: int, parts: list, attributes: tuple[AttributeEdit, ..
                  tuple(p for p in parts if isinstance(p, ShapeEdit)), attributes)
 
 
-_QK_EDITS = (Width.QK, Width.QK_MERGED, Width.HEADS, Width.KV_HEADS, Width.KV_QK_MERGED, Width.QK_HALF)
+_QK_EDITS = (Width.QK, Width.QK_MERGED, Width.HEADS, Width.KV_HEADS, Width.KV_QK_MERGED, Width.QK_HALF,
+             Width.QK_THEN_KV)
 _V_EDITS = (Width.V, Width.V_MERGED, Width.KV_V_MERGED)
 
 
@@ -115,9 +116,10 @@ def attention_groups(g: ModelGraph | None, block: AttentionBlock) -> tuple[Group
 
 
 def ffn_group(block: FfnBlock) -> Group:
-    gate = writes(block.gate, 0, Width.FFN) if block.gate is not None else []  # SwiGLU/GeGLU: the gate's columns too
+    fc1_at, gate_at = block.columns
+    gate = writes(block.gate, gate_at, Width.FFN) if block.gate is not None else []  # SwiGLU/GeGLU: the gate's columns too
     return group(f"{block.name}/hidden", block.hidden,
-                 writes(block.fc1, 0, Width.FFN) + gate + reads(block.fc2, Width.FFN))
+                 writes(block.fc1, fc1_at, Width.FFN) + gate + reads(block.fc2, Width.FFN) + list(block.shape_edits))
 
 
 @dataclass(frozen=True)

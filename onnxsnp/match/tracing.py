@@ -131,9 +131,22 @@ def _selected_part(g: ModelGraph, node: onnx.NodeProto, tensor: str) -> int:
             raise NoMatch(f"{node.name} gathers a run-time index")
         return int(index.reshape(-1)[0]) % 3
     starts, ends = g.constant(node.input[1]), g.constant(node.input[2])
-    if starts is None or ends is None or starts.size != 1 or int(ends.reshape(-1)[0]) - int(starts.reshape(-1)[0]) != 1:
+    if starts is None or ends is None or starts.size != 1:
         raise NoMatch(f"{node.name} is not a single-part slice")
-    return int(starts.reshape(-1)[0]) % 3
+    if int(ends.reshape(-1)[0]) - int(starts.reshape(-1)[0]) == 1:  # one of the (…, 3, H, d) axis
+        return int(starts.reshape(-1)[0]) % 3
+    return _feature_part(g, node)
+
+
+def _feature_part(g: ModelGraph, node: onnx.NodeProto) -> int:
+    """Which of q | k | v a Slice of the fused projection's features takes (Phi-3's qkv_proj:
+    three Slices along the last axis, q first): its place among the three by where they start."""
+    slices = [c for c in g.consumers_of(node.input[0]) if c.op_type == "Slice"]
+    starts = [g.constant(c.input[1]) for c in slices]
+    if len(slices) != 3 or any(s is None or s.size != 1 for s in starts):
+        raise NoMatch(f"{node.name} is not a single-part slice, nor one of three slices of a q | k | v projection")
+    order = sorted(range(3), key=lambda i: int(starts[i].reshape(-1)[0]))
+    return order.index(slices.index(node))
 
 
 def forward_to_linear(g: ModelGraph, tensor: str) -> tuple[Linear, list[onnx.NodeProto]]:

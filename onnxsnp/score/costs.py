@@ -219,8 +219,10 @@ class CostModel:
         for keep in plan.attention:
             b = keep.block
             f_qk, f_v = _fractions(keep)
-            if b.q.node == b.k.node:  # one fused or packed weight for q, k (and v)
-                scale(b.q, outputs=(2 * f_qk + f_v) / 3 if b.v.node == b.q.node else f_qk)
+            if b.q.node == b.k.node:  # one fused or packed weight for q, k (and v): H·d | G·d (| G·d) features
+                q_width, kv_width = b.heads * b.head_dim, b.groups * b.head_dim
+                scale(b.q, outputs=((q_width + kv_width) * f_qk + kv_width * f_v) / (q_width + 2 * kv_width)
+                      if b.v.node == b.q.node else f_qk)
                 if b.v.node != b.q.node:
                     scale(b.v, outputs=f_v)
             else:
@@ -231,7 +233,7 @@ class CostModel:
         for keep in plan.ffn:
             factor = len(keep.hidden) / keep.block.hidden
             scale(keep.block.fc1, outputs=factor)
-            if keep.block.gate is not None:  # a gated FFN's second projection (SwiGLU's gate)
+            if keep.block.gate is not None and keep.block.gate.node != keep.block.fc1.node:  # SwiGLU's gate
                 scale(keep.block.gate, outputs=factor)
             scale(keep.block.fc2, inputs=factor)
         if plan.stream is not None:

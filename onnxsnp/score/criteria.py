@@ -128,7 +128,7 @@ class SnpPaper(Criterion):
         return redundancy(_value_weights(g, block)).reshape(block.groups, -1)
 
     def ffn_scores(self, g, block, activations, rng):
-        return redundancy(output_weights(g, block.fc1))
+        return redundancy(output_weights(g, block.fc1, block.columns[0], block.hidden))
 
 
 class L2(Criterion):
@@ -150,7 +150,7 @@ class L2(Criterion):
         return units.per_group(block, contribution.reshape(block.heads, block.head_dim)).sum(axis=1)
 
     def ffn_scores(self, g, block, activations, rng):
-        return np.linalg.norm(output_weights(g, block.fc1), axis=0)
+        return np.linalg.norm(output_weights(g, block.fc1, block.columns[0], block.hidden), axis=0)
 
 
 class Random(Criterion):
