@@ -59,11 +59,15 @@ def _repeat(b: Builder, t: str, kv_heads: int) -> str:
 
 
 def decoder_attention(kv_heads: int = 2, rotary: str | None = "half", seed: int = 0,
-                      qk_norm: str | None = None, fused: bool = False) -> onnx.ModelProto:
+                      qk_norm: str | None = None, fused: bool = False, window: int = 0,
+                      window_axis: int = 2) -> onnx.ModelProto:
     """Separate q, k, v projections; rotary on q and k; k and v joined with the KV cache, then
     repeated for the query heads (unless kv_heads == 1: the score MatMul broadcasts). `qk_norm`:
     an RMSNorm on q and k over each head ("head": Qwen3, Gemma 3) or over all heads ("all": OLMo 2).
-    `fused`: one q | k | v projection taken apart by three Slices along its features (Phi-3)."""
+    `fused`: one q | k | v projection taken apart by three Slices along its features (Phi-3).
+    `window`: a sliding-window cache, as torch's dynamo exporter writes transformers' (the past
+    sliced to its last window − 1 positions before the join, the present after it), along
+    `window_axis` (2, the sequence; another axis makes no cache)."""
     b = Builder(seed, opset=18)
     kv_width = kv_heads * HEAD_DIM
     if fused:
@@ -81,12 +85,20 @@ def decoder_attention(kv_heads: int = 2, rotary: str | None = "half", seed: int 
     v = _heads(b, v if fused else b.linear("x", WIDTH, kv_width), kv_heads)
     if rotary is not None:
         q, k = _rotate(b, q, rotary), _rotate(b, k, rotary)
-    b.nodes.append(helper.make_node("Concat", ["past_key", k], ["present_key"], name="cache_key", axis=2))
-    b.nodes.append(helper.make_node("Concat", ["past_value", v], ["present_value"], name="cache_value", axis=2))
+    joined = ("present_key", "present_value") if not window else ("joined_key", "joined_value")
+    past = ("past_key", "past_value")
+    if window:
+        last = [b.const(np.array(v, dtype=np.int64)) for v in ([1 - window], [2 ** 62], [window_axis])]
+        past = tuple(b.op("Slice", [name, *last]) for name in past)
+    b.nodes.append(helper.make_node("Concat", [past[0], k], [joined[0]], name="cache_key", axis=2))
+    b.nodes.append(helper.make_node("Concat", [past[1], v], [joined[1]], name="cache_value", axis=2))
+    if window:
+        for name, present in zip(joined, ("present_key", "present_value")):
+            b.nodes.append(helper.make_node("Slice", [name, *last], [present], name=f"keep_{present}"))
     if kv_heads > 1:
-        k, v = _repeat(b, "present_key", kv_heads), _repeat(b, "present_value", kv_heads)
+        k, v = _repeat(b, joined[0], kv_heads), _repeat(b, joined[1], kv_heads)
     else:
-        k, v = "present_key", "present_value"
+        k, v = joined
     scores = b.op("MatMul", [q, b.op("Transpose", [k], perm=[0, 1, 3, 2])])
     scaled = b.op("Mul", [scores, b.const(np.array(HEAD_DIM ** -0.5, dtype=np.float32))])
     probs = b.op("Softmax", [scaled], axis=-1)  # no causal mask: the rules do not care

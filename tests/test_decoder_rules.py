@@ -233,3 +233,29 @@ def test_a_qkv_projection_taken_apart_by_slices_is_pruned_exactly(kv_heads, head
     step = lambda model, out: dg.feed(model, 1, {"past_key": out["present_key"], "past_value": out["present_value"]},  # noqa: E731
                                       seed=2)
     np.testing.assert_allclose(run(pruned, step(pruned, got))["y"], run(zeroed, step(zeroed, want))["y"], atol=1e-5)
+
+
+@pytest.mark.parametrize("heads", [0.0, 0.5])
+def test_a_sliding_window_cache_sliced_along_the_sequence_is_the_graphs_cache(heads):
+    """Mistral by torch's dynamo exporter: the past sliced to its last window − 1 positions before
+    the join, the present after it; pruned = masked original in prefill and through the cache."""
+    window = 3
+    g = ModelGraph(dg.decoder_attention(2, "half", window=window))
+    (block,) = find_blocks(g).attention
+    assert {(c.past, c.present) for c in block.kv_caches} == {("past_key", "present_key"),
+                                                              ("past_value", "present_value")}
+    calib = {k: np.repeat(v, 4, axis=0) if k == "x" else v for k, v in dg.feed(g.model, 6).items()}
+    plan = make_plan(g, find_blocks(g), Ratios(0.5, 0.25, 0.0, heads=heads), "random", calib, batch=4, seed=3)
+    (keep,) = plan.attention
+    pruned, zeroed = rewrite(g, plan), masked_original(g, plan)
+    want, got = run(zeroed, dg.feed(zeroed, 5)), run(pruned, dg.feed(pruned, 5))
+    np.testing.assert_allclose(got["y"], want["y"], atol=1e-5)
+    assert got["present_key"].shape == (1, len(keep.heads), window - 1, keep.qk.shape[1])
+    step = lambda model, out: dg.feed(model, 1, {"past_key": out["present_key"], "past_value": out["present_value"]},  # noqa: E731
+                                      seed=2)
+    np.testing.assert_allclose(run(pruned, step(pruned, got))["y"], run(zeroed, step(zeroed, want))["y"], atol=1e-5)
+
+
+def test_a_cache_sliced_along_its_head_dims_is_no_cache():
+    found = find_blocks(ModelGraph(dg.decoder_attention(2, "half", window=3, window_axis=3)))
+    assert found.attention == () and any("Concat" in s.reason for s in found.skipped), found.skipped

@@ -3,7 +3,7 @@
 - `tiny_llama`: a Llama-architecture causal LM (grouped-query attention, rotary, SwiGLU, RMSNorm)
   with random weights, and `save_folder` writes it with a byte-level BPE tokenizer trained on the
   given texts, as transformers' save_pretrained does (what optimum and onnxruntime-genai read);
-  `tiny_qwen3`: the same with QK-norm (Qwen3); `tiny_phi3`: with fused qkv and gate_up projections;
+  `tiny_qwen3`: the same with QK-norm (Qwen3); `tiny_phi3`: with fused qkv and gate_up projections; `tiny_mistral`: with a sliding window;
 - `export_dynamo`: torch's dynamo exporter with a KV cache (past_key_values.* in, present.* out);
 - `export_genai`: onnxruntime-genai's model builder (fp32 or int4) on such a folder;
 - `export_optimum_folder`: optimum's export with a KV cache of such a folder (a Llama one), in the
@@ -42,6 +42,20 @@ def tiny_phi3(vocab: int = 100, hidden: int = 32, layers: int = 2, heads: int = 
                           max_position_embeddings=positions, original_max_position_embeddings=positions,
                           bos_token_id=0, eos_token_id=1, pad_token_id=2)
     return T.Phi3ForCausalLM(config).eval()
+
+
+def tiny_mistral(vocab: int = 100, hidden: int = 32, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                 intermediate: int = 64, positions: int = 128, window: int = 4, seed: int = 0):
+    """A Mistral-architecture causal LM: a Llama whose attention sees the last `window` positions;
+    its cache keeps the last window − 1 of them (a Slice along the sequence before and after the
+    join, in torch's dynamo export)."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    config = T.MistralConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                             num_key_value_heads=kv_heads, intermediate_size=intermediate, sliding_window=window,
+                             max_position_embeddings=positions, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    return T.MistralForCausalLM(config).eval()
 
 
 def tiny_qwen3(vocab: int = 300, hidden: int = 128, layers: int = 2, heads: int = 4, kv_heads: int = 2,

@@ -63,8 +63,9 @@ def cache_outputs(model: onnx.ModelProto) -> set[str]:
         for t in node.input:
             readers.setdefault(t, []).append(node)
 
-    # how a static int8 model rounds a cache, or an fp16 one with float32 inputs and outputs casts it
-    rounding = ("QuantizeLinear", "DequantizeLinear", "Cast")
+    # how a static int8 model rounds a cache, an fp16 one with float32 inputs and outputs casts it,
+    # or a sliding-window one keeps its last positions
+    rounding = ("QuantizeLinear", "DequantizeLinear", "Cast", "Slice")
 
     def source(tensor: str) -> str:
         """What `tensor` rounds, through up to two rounding ops."""

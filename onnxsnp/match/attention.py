@@ -212,8 +212,7 @@ def _check_private(g: ModelGraph, region: set[str], core: AttentionCore, traces:
     inside |= {name for embedding in rotary for name in embedding.nodes}
     norm_nodes = {name for t in traces if t.norm is not None for name in t.norm.nodes}
     inside |= norm_nodes
-    casts = (g.producer_of(cache.present) for cache in caches if cache.present)
-    inside |= {cast.name for cast in casts if cast is not None and cast.op_type == "Cast"}  # fp16 with fp32 outputs
+    inside |= {name for cache in caches for name in cache.through}  # fp16 casts, a sliding window's slices
     region |= {t for name in norm_nodes for t in g.node(name).output}
     region |= {t for embedding in rotary for name in embedding.nodes if name in g.nodes for t in g.node(name).output}
     outputs = set(g.graph_outputs) - {cache.present for cache in caches}

@@ -144,6 +144,10 @@ class KvCache:
     part: Part  # KEY or VALUE
     heads_axis: int = -3
     dim_axis: int = -1
+    # Casts and Slices between the graph's cache and the join: an fp16 model with float32 inputs
+    # and outputs casts it; a sliding-window cache (Mistral, Gemma 3 by torch's dynamo exporter)
+    # keeps the last positions with a Slice along the sequence
+    through: tuple[str, ...] = ()
 
 
 class AttentionForm(str, Enum):

@@ -127,35 +127,52 @@ def _bounds(g: ModelGraph, node: onnx.NodeProto, rank: int, step: int = 1) -> tu
 
 def kv_cache_join(g: ModelGraph, node: onnx.NodeProto, tensor: str, part: Part) -> tuple[KvCache, str] | None:
     """(the cache, this step's tensor) if `node` is Concat(past, new) producing `tensor`, past a
-    graph input; None otherwise. A model converted to fp16 with float32 inputs and outputs
-    (onnxruntime's convert_float_to_float16(keep_io_types=True)) reads the past through a Cast
-    and writes the present through one: the cache is still the graph's input and output."""
+    graph input; None otherwise. The past may come through a Cast (an fp16 model with float32
+    inputs and outputs: onnxruntime's convert_float_to_float16(keep_io_types=True)) or a Slice
+    along the joined axis (a sliding-window cache keeps its last positions), and the present may
+    go out through such ops: the cache is still the graph's input and output."""
     if node.op_type != "Concat" or len(node.input) != 2:
         return None
     graph_inputs = {i.name for i in g.model.graph.input} - set(g.initializers)
-    past = [_cast_from(g, t, graph_inputs) for t in node.input]
+    rank = len(g.shapes.get(tensor) or ())
+    axis = attribute(node, "axis", 0) % rank if rank else None
+    past = [_cache_end(g, t, axis, rank, graph_inputs, backward=True) for t in node.input]
     if sum(p is not None for p in past) != 1:
         return None
     at = 0 if past[0] is not None else 1
-    return KvCache(past[at], _present(g, tensor), part), node.input[1 - at]
+    (name, into), out = past[at], _cache_end(g, tensor, axis, rank, set(g.graph_outputs), backward=False)
+    present, out_of = out if out is not None else ("", ())
+    return KvCache(name, present, part, through=into + out_of), node.input[1 - at]
 
 
-def _cast_from(g: ModelGraph, tensor: str, graph_inputs: set[str]) -> str | None:
-    """The graph input `tensor` is, directly or through one Cast; None if neither."""
-    if tensor in graph_inputs:
-        return tensor
-    cast = g.producer_of(tensor)
-    if cast is not None and cast.op_type == "Cast" and cast.input[0] in graph_inputs:
-        return cast.input[0]
+_PASSES = ("Cast", "Slice")
+
+
+def _cache_end(g: ModelGraph, tensor: str, axis: int | None, rank: int, ends: set[str], backward: bool
+               ) -> tuple[str, tuple[str, ...]] | None:
+    """The graph input (`backward`) or output that `tensor` is, directly or through up to two Casts
+    and Slices along the joined `axis`; with the nodes passed. None if it is none."""
+    passed: list[str] = []
+    for _ in range(3):
+        if tensor in ends:
+            return tensor, tuple(passed)
+        if backward:
+            node = g.producer_of(tensor)
+            nodes = [node] if node is not None and node.op_type in _PASSES else []
+        else:
+            nodes = [c for c in g.consumers_of(tensor) if c.op_type in _PASSES]
+        nodes = [n for n in nodes if n.op_type == "Cast" or _slices_only(g, n, axis, rank)]
+        if len(nodes) != 1:
+            return None
+        passed.append(nodes[0].name)
+        tensor = nodes[0].input[0] if backward else nodes[0].output[0]
     return None
 
 
-def _present(g: ModelGraph, tensor: str) -> str:
-    """The graph output that is the joined cache, directly or through a Cast; "" if none."""
-    if tensor in g.graph_outputs:
-        return tensor
-    casts = [c for c in g.consumers_of(tensor) if c.op_type == "Cast" and c.output[0] in g.graph_outputs]
-    return casts[0].output[0] if len(casts) == 1 else ""
+def _slices_only(g: ModelGraph, node: onnx.NodeProto, axis: int | None, rank: int) -> bool:
+    """Does the Slice `node` cut only along `axis` (the cache's joined one)?"""
+    axes = g.constant(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+    return axis is not None and axes is not None and {int(a) % rank for a in axes.reshape(-1)} == {axis}
 
 
 def check_kv_axis(node: onnx.NodeProto, rank: int, tracked: tuple[int | None, ...]) -> None:
