@@ -403,3 +403,21 @@ def test_the_softmax_sums_read_the_batches_sums_from_picks(decoder, monkeypatch,
                  if softmax_metric.sums_from(index, len(sizes), size * tokens))
     assert every > 0 and 2 * RECONSTRUCTION_BATCH <= picked < fitted
     assert sum(read) * fitted == every * picked
+
+
+def test_a_pruned_sliding_window_decoder_decodes_past_its_window_as_it_runs_uncached(decoder):
+    """Mistral with a window shorter than the prompt: its cache keeps the last window − 1
+    positions, so the step's position is the prompt's length, not the cache's (fed explicitly)."""
+    from decoders import run
+
+    pruned, report = prune(str(decoder("mistral-dynamo")), ratio=0.5, calib=calibration(100, 32, 12),
+                           measure_latency=False)
+    assert report.reconstruction is not None and report.flops_after < report.flops_before
+    ids = np.random.default_rng(2).integers(3, 100, (2, 8))
+    first = run(pruned, step_feed(pruned, ids[:, :7]))
+    past = {name.replace("present", "past_key_values"): value for name, value in first.items()
+            if name.startswith("present")}
+    assert all(value.shape[2] == WINDOWS["mistral-dynamo"] - 1 for value in past.values())
+    step = run(pruned, step_feed(pruned, ids[:, 7:], past, start=7))
+    whole = run(pruned, step_feed(pruned, ids))
+    np.testing.assert_allclose(step["logits"][:, -1], whole["logits"][:, -1], atol=1e-4, rtol=1e-3)

@@ -134,34 +134,35 @@ def kv_cache_join(g: ModelGraph, node: onnx.NodeProto, tensor: str, part: Part) 
     if node.op_type != "Concat" or len(node.input) != 2:
         return None
     graph_inputs = {i.name for i in g.model.graph.input} - set(g.initializers)
-    rank = len(g.shapes.get(tensor) or ())
-    axis = attribute(node, "axis", 0) % rank if rank else None
-    past = [_cache_end(g, t, axis, rank, graph_inputs, backward=True) for t in node.input]
+    past = [_cache_end(g, t, graph_inputs, backward=True) for t in node.input]
     if sum(p is not None for p in past) != 1:
         return None
     at = 0 if past[0] is not None else 1
-    (name, into), out = past[at], _cache_end(g, tensor, axis, rank, set(g.graph_outputs), backward=False)
+    (name, into), out = past[at], _cache_end(g, tensor, set(g.graph_outputs), backward=False)
     present, out_of = out if out is not None else ("", ())
+    # the slices may cut only the joined (sequence) axis; the rank is the declared past's
+    rank = len(g.shapes.get(tensor) or g.shapes.get(name) or ())
+    axis = attribute(node, "axis", 0) % rank if rank else None
+    if not all(_slices_only(g, g.node(n), axis, rank) for n in into):
+        return None
+    if not all(_slices_only(g, g.node(n), axis, rank) for n in out_of):
+        present, out_of = "", ()
     return KvCache(name, present, part, through=into + out_of), node.input[1 - at]
 
 
-_PASSES = ("Cast", "Slice")
-
-
-def _cache_end(g: ModelGraph, tensor: str, axis: int | None, rank: int, ends: set[str], backward: bool
-               ) -> tuple[str, tuple[str, ...]] | None:
+def _cache_end(g: ModelGraph, tensor: str, ends: set[str], backward: bool) -> tuple[str, tuple[str, ...]] | None:
     """The graph input (`backward`) or output that `tensor` is, directly or through up to two Casts
-    and Slices along the joined `axis`; with the nodes passed. None if it is none."""
+    and Slices; with the nodes passed. None if it is none."""
     passed: list[str] = []
     for _ in range(3):
         if tensor in ends:
             return tensor, tuple(passed)
         if backward:
             node = g.producer_of(tensor)
-            nodes = [node] if node is not None and node.op_type in _PASSES else []
+            nodes = [node] if node is not None and node.op_type in ("Cast", "Slice") else []
         else:
-            nodes = [c for c in g.consumers_of(tensor) if c.op_type in _PASSES]
-        nodes = [n for n in nodes if n.op_type == "Cast" or _slices_only(g, n, axis, rank)]
+            nodes = [c for c in g.consumers_of(tensor) if c.op_type in ("Cast", "Slice")
+                     and _leads_to(g, c.output[0], ends)]
         if len(nodes) != 1:
             return None
         passed.append(nodes[0].name)
@@ -169,8 +170,15 @@ def _cache_end(g: ModelGraph, tensor: str, axis: int | None, rank: int, ends: se
     return None
 
 
+def _leads_to(g: ModelGraph, tensor: str, ends: set[str]) -> bool:
+    """Is `tensor` one of `ends`, or read by a Cast or Slice writing one?"""
+    return tensor in ends or any(c.op_type in ("Cast", "Slice") and c.output[0] in ends for c in g.consumers_of(tensor))
+
+
 def _slices_only(g: ModelGraph, node: onnx.NodeProto, axis: int | None, rank: int) -> bool:
-    """Does the Slice `node` cut only along `axis` (the cache's joined one)?"""
+    """Is `node` a Cast, or a Slice cutting only along `axis` (the cache's joined one)?"""
+    if node.op_type == "Cast":
+        return True
     axes = g.constant(node.input[3]) if len(node.input) > 3 and node.input[3] else None
     return axis is not None and axes is not None and {int(a) % rank for a in axes.reshape(-1)} == {axis}
 
