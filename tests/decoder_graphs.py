@@ -16,8 +16,9 @@ HEADS, HEAD_DIM = 4, 4
 WIDTH = HEADS * HEAD_DIM
 
 
-def _rotate(b: Builder, x: str, style: str) -> str:
-    """x·cos + rotate(x)·sin."""
+def _rotate(b: Builder, x: str, style: str, heads: int | None = None) -> str:
+    """x·cos + rotate(x)·sin; `heads`: the interleaved pairs flattened back with a literal head
+    count and head dim in the target shape (Cohere's export), else with (0, 0, 0, −1)."""
     i64 = lambda *v: b.const(np.array(v, dtype=np.int64))  # noqa: E731
     half = HEAD_DIM // 2
     if style == "half":
@@ -29,7 +30,7 @@ def _rotate(b: Builder, x: str, style: str) -> str:
         odd = b.op("Slice", [x, i64(1), i64(2 ** 62), i64(-1), i64(2)])
         pair = b.op("Concat", [b.op("Unsqueeze", [b.op("Neg", [odd]), i64(-1)]), b.op("Unsqueeze", [even, i64(-1)])],
                     axis=-1)
-        turned = b.op("Reshape", [pair, i64(0, 0, 0, -1)])
+        turned = b.op("Reshape", [pair, i64(0, heads, 0, HEAD_DIM) if heads else i64(0, 0, 0, -1)])
     return b.op("Add", [b.op("Mul", [x, "cos"]), b.op("Mul", [turned, "sin"])])
 
 
@@ -60,14 +61,15 @@ def _repeat(b: Builder, t: str, kv_heads: int) -> str:
 
 def decoder_attention(kv_heads: int = 2, rotary: str | None = "half", seed: int = 0,
                       qk_norm: str | None = None, fused: bool = False, window: int = 0,
-                      window_axis: int = 2) -> onnx.ModelProto:
+                      window_axis: int = 2, literal_heads: bool = False) -> onnx.ModelProto:
     """Separate q, k, v projections; rotary on q and k; k and v joined with the KV cache, then
     repeated for the query heads (unless kv_heads == 1: the score MatMul broadcasts). `qk_norm`:
     an RMSNorm on q and k over each head ("head": Qwen3, Gemma 3) or over all heads ("all": OLMo 2).
     `fused`: one q | k | v projection taken apart by three Slices along its features (Phi-3).
     `window`: a sliding-window cache, as torch's dynamo exporter writes transformers' (the past
     sliced to its last window − 1 positions before the join, the present after it), along
-    `window_axis` (2, the sequence; another axis makes no cache)."""
+    `window_axis` (2, the sequence; another axis makes no cache). `literal_heads`: the interleaved
+    rotary's flattening Reshape holds the head count and head dim as literals (Cohere)."""
     b = Builder(seed, opset=18)
     kv_width = kv_heads * HEAD_DIM
     if fused:
@@ -84,7 +86,7 @@ def decoder_attention(kv_heads: int = 2, rotary: str | None = "half", seed: int 
         q, k = _rms_norm(b, q, HEAD_DIM), _rms_norm(b, k, HEAD_DIM)
     v = _heads(b, v if fused else b.linear("x", WIDTH, kv_width), kv_heads)
     if rotary is not None:
-        q, k = _rotate(b, q, rotary), _rotate(b, k, rotary)
+        q, k = _rotate(b, q, rotary, HEADS if literal_heads else None), _rotate(b, k, rotary, kv_heads if literal_heads else None)
     joined = ("present_key", "present_value") if not window else ("joined_key", "joined_value")
     past = ("past_key", "past_value")
     if window:

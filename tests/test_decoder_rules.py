@@ -259,3 +259,22 @@ def test_a_sliding_window_cache_sliced_along_the_sequence_is_the_graphs_cache(he
 def test_a_cache_sliced_along_its_head_dims_is_no_cache():
     found = find_blocks(ModelGraph(dg.decoder_attention(2, "half", window=3, window_axis=3)))
     assert found.attention == () and any("Concat" in s.reason for s in found.skipped), found.skipped
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4])
+@pytest.mark.parametrize("heads", [0.0, 0.5])
+def test_an_interleaved_rotary_flattened_with_literal_heads_follows_the_cut(kv_heads, heads):
+    """Cohere's export flattens the interleaved pairs with Reshape(…, (B, H, N, d)) holding H and d
+    as literals: both take the kept widths (q's heads, k's key/value heads)."""
+    g = ModelGraph(dg.decoder_attention(kv_heads, "interleaved", literal_heads=True))
+    (block,) = find_blocks(g).attention
+    assert [r.style for r in block.rotary] == [RotaryStyle.INTERLEAVED] * 2
+    calib = {k: np.repeat(v, 4, axis=0) if k == "x" else v for k, v in dg.feed(g.model, 6, style="interleaved").items()}
+    plan = make_plan(g, find_blocks(g), Ratios(0.5, 0.25, 0.0, heads=heads), "random", calib, batch=4, seed=3)
+    (keep,) = plan.attention
+    assert len(keep.heads) == (kv_heads // 2 if heads else kv_heads)
+    pruned, zeroed = rewrite(g, plan), masked_original(g, plan)
+    want = run(zeroed, dg.feed(zeroed, 5, style="interleaved"))
+    got = run(pruned, dg.feed(pruned, 5, style="interleaved"))
+    np.testing.assert_allclose(got["y"], want["y"], atol=1e-5)
+    assert got["present_key"].shape == (1, len(keep.heads), 5, keep.qk.shape[1])

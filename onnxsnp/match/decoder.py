@@ -99,8 +99,15 @@ def _rotated(g: ModelGraph, tensor: str) -> tuple[str, RotaryStyle, list[str], l
         last = entries[-1]
         if not last.follows and last.value not in (-1,):
             edits.append(ShapeEdit(node.name, Width.QK, -1))
-        if any(not e.follows and e.value not in (0, -1) for e in entries[:-1]):
-            return None  # a literal heads or sequence entry: leave it to a form that needs it
+        for at, entry in enumerate(entries[:-1]):
+            if entry.follows or entry.value in (None, 0, -1):  # None: read at run time from a batch or sequence
+                continue
+            # a literal head count on (…, H, N, d) (Cohere's export); the tracer makes it the
+            # key/value heads on k
+            if at == rank - 3 and g.dim(x, at) == entry.value:
+                edits.append(ShapeEdit(node.name, Width.HEADS, at - rank))
+                continue
+            return None  # a literal sequence entry: leave it to a form that needs it
         nodes = [node.name, concat.name, *(p.name for p in pieces), negated.name, first.name, second.name]
         return x, RotaryStyle.INTERLEAVED, nodes, edits, None
     return None

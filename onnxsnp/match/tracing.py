@@ -3,11 +3,11 @@
 QK-norm, a q/k/v selector), and from attn·V forward to the output projection."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import onnx
 
-from .blocks import FrozenScale, KvCache, Linear, NoMatch, Part, Rotary, ShapeEdit
+from .blocks import FrozenScale, KvCache, Linear, NoMatch, Part, Rotary, ShapeEdit, Width
 from .decoder import kv_cache_join, rotary_producing
 from .linear import linear_producing, linear_reading
 from .norms import Norm, norm_writing
@@ -81,7 +81,9 @@ def trace_to_linear(g: ModelGraph, tensor: str, path: Part) -> Trace:
         if rotated is not None:
             if rotary_found is not None:
                 raise NoMatch(f"two rotary embeddings on the way to the projection ({node.name})")
-            rotary_found = (rotated[0], tuple(rotated[1]), rotated[2])
+            edits = tuple(replace(e, width=Width.KV_HEADS) if path is Part.KEY and e.width is Width.HEADS else e
+                          for e in rotated[1])  # k's heads are the key/value heads (before any repeat)
+            rotary_found = (rotated[0], edits, rotated[2])
             nodes.append(node)
             tensor = rotated[0].input
             continue
