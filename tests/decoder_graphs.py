@@ -16,22 +16,28 @@ HEADS, HEAD_DIM = 4, 4
 WIDTH = HEADS * HEAD_DIM
 
 
-def _rotate(b: Builder, x: str, style: str, heads: int | None = None) -> str:
+def _rotate(b: Builder, x: str, style: str, heads: int | None = None, recast: bool = False) -> str:
     """x·cos + rotate(x)·sin; `heads`: the interleaved pairs flattened back with a literal head
-    count and head dim in the target shape (Cohere's export), else with (0, 0, 0, −1)."""
+    count and head dim in the target shape (Cohere's export), else with (0, 0, 0, −1); `recast`:
+    x cast to float for x·cos and cast again for rotate(x) (ModernBERT's legacy export)."""
+    plain = b.op("Cast", [x], to=TensorProto.FLOAT) if recast else x
+    turned = _turned(b, b.op("Cast", [plain], to=TensorProto.FLOAT) if recast else x, style, heads)
+    return b.op("Add", [b.op("Mul", [plain, "cos"]), b.op("Mul", [turned, "sin"])])
+
+
+def _turned(b: Builder, x: str, style: str, heads: int | None) -> str:
+    """rotate_half(x), or its interleaved form."""
     i64 = lambda *v: b.const(np.array(v, dtype=np.int64))  # noqa: E731
     half = HEAD_DIM // 2
     if style == "half":
         low = b.op("Slice", [x, i64(0), i64(half), i64(-1)])
         high = b.op("Slice", [x, i64(half), i64(2 ** 62), i64(-1)])
-        turned = b.op("Concat", [b.op("Neg", [high]), low], axis=-1)
-    else:
-        even = b.op("Slice", [x, i64(0), i64(2 ** 62), i64(-1), i64(2)])
-        odd = b.op("Slice", [x, i64(1), i64(2 ** 62), i64(-1), i64(2)])
-        pair = b.op("Concat", [b.op("Unsqueeze", [b.op("Neg", [odd]), i64(-1)]), b.op("Unsqueeze", [even, i64(-1)])],
-                    axis=-1)
-        turned = b.op("Reshape", [pair, i64(0, heads, 0, HEAD_DIM) if heads else i64(0, 0, 0, -1)])
-    return b.op("Add", [b.op("Mul", [x, "cos"]), b.op("Mul", [turned, "sin"])])
+        return b.op("Concat", [b.op("Neg", [high]), low], axis=-1)
+    even = b.op("Slice", [x, i64(0), i64(2 ** 62), i64(-1), i64(2)])
+    odd = b.op("Slice", [x, i64(1), i64(2 ** 62), i64(-1), i64(2)])
+    pair = b.op("Concat", [b.op("Unsqueeze", [b.op("Neg", [odd]), i64(-1)]), b.op("Unsqueeze", [even, i64(-1)])],
+                axis=-1)
+    return b.op("Reshape", [pair, i64(0, heads, 0, HEAD_DIM) if heads else i64(0, 0, 0, -1)])
 
 
 def _rms_norm(b: Builder, x: str, width: int) -> str:
@@ -61,7 +67,7 @@ def _repeat(b: Builder, t: str, kv_heads: int) -> str:
 
 def decoder_attention(kv_heads: int = 2, rotary: str | None = "half", seed: int = 0,
                       qk_norm: str | None = None, fused: bool = False, window: int = 0,
-                      window_axis: int = 2, literal_heads: bool = False) -> onnx.ModelProto:
+                      window_axis: int = 2, literal_heads: bool = False, recast: bool = False) -> onnx.ModelProto:
     """Separate q, k, v projections; rotary on q and k; k and v joined with the KV cache, then
     repeated for the query heads (unless kv_heads == 1: the score MatMul broadcasts). `qk_norm`:
     an RMSNorm on q and k over each head ("head": Qwen3, Gemma 3) or over all heads ("all": OLMo 2).
@@ -69,7 +75,8 @@ def decoder_attention(kv_heads: int = 2, rotary: str | None = "half", seed: int 
     `window`: a sliding-window cache, as torch's dynamo exporter writes transformers' (the past
     sliced to its last window − 1 positions before the join, the present after it), along
     `window_axis` (2, the sequence; another axis makes no cache). `literal_heads`: the interleaved
-    rotary's flattening Reshape holds the head count and head dim as literals (Cohere)."""
+    rotary's flattening Reshape holds the head count and head dim as literals (Cohere). `recast`:
+    q and k cast for x·cos and cast again for rotate(x) (ModernBERT's legacy export)."""
     b = Builder(seed, opset=18)
     kv_width = kv_heads * HEAD_DIM
     if fused:
@@ -86,7 +93,8 @@ def decoder_attention(kv_heads: int = 2, rotary: str | None = "half", seed: int 
         q, k = _rms_norm(b, q, HEAD_DIM), _rms_norm(b, k, HEAD_DIM)
     v = _heads(b, v if fused else b.linear("x", WIDTH, kv_width), kv_heads)
     if rotary is not None:
-        q, k = _rotate(b, q, rotary, HEADS if literal_heads else None), _rotate(b, k, rotary, kv_heads if literal_heads else None)
+        q = _rotate(b, q, rotary, HEADS if literal_heads else None, recast)
+        k = _rotate(b, k, rotary, kv_heads if literal_heads else None, recast)
     joined = ("present_key", "present_value") if not window else ("joined_key", "joined_value")
     past = ("past_key", "past_value")
     if window:

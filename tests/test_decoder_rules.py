@@ -278,3 +278,17 @@ def test_an_interleaved_rotary_flattened_with_literal_heads_follows_the_cut(kv_h
     got = run(pruned, dg.feed(pruned, 5, style="interleaved"))
     np.testing.assert_allclose(got["y"], want["y"], atol=1e-5)
     assert got["present_key"].shape == (1, len(keep.heads), 5, keep.qk.shape[1])
+
+
+def test_a_rotary_whose_rotate_half_reads_a_second_cast_is_matched_and_pruned_exactly():
+    """ModernBERT's legacy export casts q (and k) to float for x·cos and casts that again for
+    rotate_half: the two casts are one rotary embedding's input."""
+    g = ModelGraph(dg.decoder_attention(2, "half", recast=True))
+    (block,) = find_blocks(g).attention
+    assert [r.style for r in block.rotary] == [RotaryStyle.HALF] * 2
+    calib = {k: np.repeat(v, 4, axis=0) if k == "x" else v for k, v in dg.feed(g.model, 6).items()}
+    plan = make_plan(g, find_blocks(g), Ratios(0.5, 0.25, 0.0), "random", calib, batch=4, seed=3)
+    (keep,) = plan.attention
+    assert keep.qk.shape[1] < dg.HEAD_DIM
+    pruned, zeroed = rewrite(g, plan), masked_original(g, plan)
+    np.testing.assert_allclose(run(pruned, dg.feed(pruned, 5))["y"], run(zeroed, dg.feed(zeroed, 5))["y"], atol=1e-5)

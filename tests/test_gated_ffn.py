@@ -55,7 +55,8 @@ def test_gated_ffn_is_matched_with_its_gate_and_pruned_exactly(kind):
 def fused_gated_ffn(splitter: str, bias: bool = False, gate_first: bool = True) -> tuple:
     """Phi-3's MLP: one gate | up projection taken apart along its features, then
     silu(gate) ∘ up → W_down. `splitter`: "split-sizes" (Split with a sizes input),
-    "split-equal" (opset 18's num_outputs), "slices" (two Slices, the second to the end)."""
+    "split-equal" (opset 18's num_outputs), "slices" (two Slices, the second to the end),
+    "chunk-legacy" (two Slices whose bounds are computed from the projection's width at run time)."""
     b = Builder(0, opset=20 if splitter != "split-sizes" else 17)
     both = b.linear("x", WIDTH, 2 * HIDDEN, bias=bias)
     i64 = lambda v: b.const(np.array(v, dtype=np.int64))  # noqa: E731
@@ -63,6 +64,11 @@ def fused_gated_ffn(splitter: str, bias: bool = False, gate_first: bool = True) 
         first, second = b.op("Split", [both, i64([HIDDEN, HIDDEN])], outputs=2, axis=-1)
     elif splitter == "split-equal":
         first, second = b.op("Split", [both], outputs=2, axis=2, num_outputs=2)
+    elif splitter == "chunk-legacy":  # torch's legacy exporter: chunk(2, -1) bounds from the width at run time
+        width = b.op("Gather", [b.op("Shape", [both]), i64([-1])], axis=0)
+        half = b.op("Div", [b.op("Add", [width, i64([1])]), i64([2])])
+        first = b.op("Slice", [both, i64([0]), b.op("Mul", [half, i64([1])]), i64([-1])])
+        second = b.op("Slice", [both, b.op("Mul", [half, i64([1])]), b.op("Mul", [half, i64([2])]), i64([-1])])
     else:
         first = b.op("Slice", [both, i64([0]), i64([HIDDEN]), i64([-1]), i64([1])])
         second = b.op("Slice", [both, i64([HIDDEN]), i64([2 ** 63 - 1]), i64([-1])])
@@ -71,7 +77,8 @@ def fused_gated_ffn(splitter: str, bias: bool = False, gate_first: bool = True) 
 
 
 @pytest.mark.parametrize("splitter,bias,gate_first", [("split-sizes", False, True), ("split-equal", True, True),
-                                                      ("slices", False, True), ("slices", True, False)])
+                                                      ("slices", False, True), ("slices", True, False),
+                                                      ("chunk-legacy", False, True)])
 def test_a_fused_gate_up_projection_is_matched_as_its_two_halves_and_pruned_exactly(splitter, bias, gate_first):
     g = ModelGraph(fused_gated_ffn(splitter, bias, gate_first))
     (block,) = find_blocks(g).ffn
@@ -96,3 +103,16 @@ def test_a_gate_up_projection_read_elsewhere_is_skipped_with_the_reason():
     found = find_blocks(ModelGraph(b.model(b.op("Add", [down, leak]))))
     assert found.ffn == ()
     assert any("read by" in s.reason and both in s.reason for s in found.skipped), found.skipped
+
+
+def test_run_time_bounds_that_do_not_halve_at_other_widths_are_refused():
+    """Slice bounds read off the width must take the same halves at any width: a bound of
+    width − HIDDEN (true only at the exported width) is refused, naming the slices."""
+    b = Builder(0, opset=17)
+    both = b.linear("x", WIDTH, 2 * HIDDEN, bias=False)
+    i64 = lambda v: b.const(np.array(v, dtype=np.int64))  # noqa: E731
+    middle = b.op("Sub", [b.op("Gather", [b.op("Shape", [both]), i64([-1])], axis=0), i64([HIDDEN])])
+    gate = b.op("Slice", [both, i64([0]), middle, i64([-1])])
+    up = b.op("Slice", [both, middle, i64([2 ** 62]), i64([-1])])
+    found = find_blocks(ModelGraph(b.model(b.linear(b.op("Mul", [up, _activation(b, gate, "silu")]), HIDDEN, WIDTH))))
+    assert found.ffn == () and any("two halves" in s.reason for s in found.skipped), found.skipped

@@ -34,12 +34,35 @@ def rotary_producing(g: ModelGraph, tensor: str) -> tuple[Rotary, list[ShapeEdit
             if found is None:
                 continue
             x, style, inner, edits, half = found
-            if x not in cos_mul.input or cos_mul.input[0] == cos_mul.input[1]:
+            if cos_mul.input[0] == cos_mul.input[1]:
                 continue
-            tables = ((cos_mul.name, 1 - list(cos_mul.input).index(x)), (sin_mul.name, 1 - index))
-            nodes = (node.name, cos_mul.name, sin_mul.name) + tuple(inner)
-            return Rotary(style, node.name, x, tensor, tables, nodes), edits, half
+            plain, casts = _same_cast(g, x, cos_mul)
+            if plain is None:
+                continue
+            tables = ((cos_mul.name, 1 - list(cos_mul.input).index(plain)), (sin_mul.name, 1 - index))
+            nodes = (node.name, cos_mul.name, sin_mul.name) + tuple(inner) + casts
+            source = x if not casts else plain if len(casts) == 1 else g.node(casts[0]).input[0]
+            return Rotary(style, node.name, source, tensor, tables, nodes), edits, half
     return None
+
+
+def _same_cast(g: ModelGraph, x: str, cos_mul: onnx.NodeProto) -> tuple[str | None, tuple[str, ...]]:
+    """(cos_mul's input that is `x`, ()) — or, where the legacy exporter casts the rotated tensor
+    again for rotate_half (ModernBERT's `q.float()`), (its input that `x` casts, the Cast), or
+    (its input that is an equal Cast of what `x` casts, the two Casts); (None, ()) where none."""
+    if x in cos_mul.input:
+        return x, ()
+    first = g.producer_of(x)
+    if first is None or first.op_type != "Cast":
+        return None, ()
+    if first.input[0] in cos_mul.input:  # rotate_half(x.float()) beside x·cos, x already float
+        return first.input[0], (first.name,)
+    for t in cos_mul.input:
+        other = g.producer_of(t)
+        if other is not None and other.op_type == "Cast" and other.input[0] == first.input[0] and \
+                attribute(other, "to") == attribute(first, "to"):
+            return t, (first.name, other.name)
+    return None, ()
 
 
 def _negated_and_plain(g: ModelGraph, negated: str, plain: str) -> tuple | None:

@@ -1,6 +1,7 @@
 """FFN blocks: fc1 → element-wise activation → fc2, nothing else reading the hidden units."""
 from __future__ import annotations
 
+import numpy as np
 import onnx
 
 from dataclasses import dataclass, replace
@@ -9,6 +10,7 @@ from ..ir.graph import ModelGraph, attribute
 from .blocks import Candidate, FfnBlock, Linear, NoMatch, ShapeEdit, Skipped, Width, block_name, common_scope
 from .linear import bias_activation_fc1, linear_at, linear_producing
 from .norms import norm_writing
+from .size_arithmetic import width_function
 
 # Element-wise ops of an FFN activation (GELU as Erf chain or op, ReLU, SiLU, tanh-GELU).
 _ACTIVATION_OPS = {"Div", "Mul", "Add", "Sub", "Erf", "Gelu", "Relu", "Sigmoid", "Tanh", "Pow",
@@ -131,9 +133,9 @@ def half_of_fused(g: ModelGraph, node: onnx.NodeProto, tensor: str) -> Half | No
     width = whole.out_features // 2
     if not rank or whole.out_features % 2 or whole.out_reshape is not None:
         raise NoMatch(f"{node.name} takes apart {whole.output}, not two halves of one rank-known projection")
-    if any(r.op_type != node.op_type for r in readers) or len(readers) != (1 if node.op_type == "Split" else 2):
-        raise NoMatch(f"{whole.output} is read by {', '.join(r.name for r in readers)}: not only the gate | up split")
     if node.op_type == "Split":
+        if len(readers) != 1:
+            raise NoMatch(f"{whole.output} is read by {', '.join(r.name for r in readers)}: not only the gate | up split")
         sizes = g.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else None
         if len(node.output) != 2 or attribute(node, "axis", 0) not in (-1, rank - 1) or \
                 sizes is not None and [int(v) for v in sizes.reshape(-1)] != [width, width]:
@@ -141,20 +143,64 @@ def half_of_fused(g: ModelGraph, node: onnx.NodeProto, tensor: str) -> Half | No
         index = list(node.output).index(tensor)
         edits = () if sizes is None else (ShapeEdit(node.name, Width.FFN, -2), ShapeEdit(node.name, Width.FFN, -1))
         return Half(replace(whole, output=tensor, out_features=width), index * width, edits)
-    bounds = [_feature_bounds(g, r, rank, whole.out_features) for r in readers]
-    if set(bounds) != {(0, width), (width, whole.out_features)}:
-        raise NoMatch(f"{', '.join(r.name for r in readers)} do not slice {whole.output} into two halves along its features")
-    start, _ = bounds[readers.index(node)]
-    edit = ShapeEdit(node.name, Width.FFN, -1, 2 if start == 0 else 1)  # the first half's end, the second's start
-    return Half(replace(whole, output=tensor, out_features=width), start, (edit,))
+    slices = [r for r in readers if r.op_type == "Slice"]
+    shapes = [r for r in readers if r.op_type == "Shape"]
+    if len(slices) != 2 or len(slices) + len(shapes) != len(readers):
+        raise NoMatch(f"{whole.output} is read by {', '.join(r.name for r in readers)}: not only the gate | up split")
+    bounds = [_feature_bounds(g, r, rank, whole.out_features) for r in slices]
+    if set(bounds) == {(0, width), (width, whole.out_features)} and not shapes:
+        start, _ = bounds[slices.index(node)]
+        edit = ShapeEdit(node.name, Width.FFN, -1, 2 if start == 0 else 1)  # the first half's end, the second's start
+        return Half(replace(whole, output=tensor, out_features=width), start, (edit,))
+    start = _halves_at_run_time(g, slices, shapes, whole, rank).get(node.name)
+    if start is None:
+        raise NoMatch(f"{', '.join(r.name for r in slices)} do not slice {whole.output} into two halves along its features")
+    return Half(replace(whole, output=tensor, out_features=width), start * width, ())
 
 
-def _feature_bounds(g: ModelGraph, node: onnx.NodeProto, rank: int, total: int) -> tuple[int, int] | None:
-    """[start, end) of a Slice along the last axis with constant bounds and step 1; else None."""
+def _halves_at_run_time(g: ModelGraph, slices: list[onnx.NodeProto], shapes: list[onnx.NodeProto], whole: Linear,
+                        rank: int) -> dict[str, int]:
+    """{slice: 0 or 1}: which half each Slice takes where their bounds are computed at run time from
+    the projection's width (the legacy exporter's `chunk`): checked at the width it has and at
+    smaller even ones, so that they follow a cut by themselves. {} where they do not."""
+    functions, used = [], set()
+    for node in slices:
+        if _feature_bounds(g, node, rank, 1, constant=False) is None:
+            return {}
+        pair = []
+        for t in node.input[1:3]:
+            value = g.constant(t)
+            found = None if value is not None else width_function(g, t, whole.output)
+            if value is None and found is None:
+                return {}
+            pair.append((lambda _, v=value: v) if found is None else found[0])
+            used |= set() if found is None else found[1]
+        functions.append(pair)
+    if any(c.name not in used for s in shapes for c in g.consumers_of(s.output[0])):
+        return {}  # the width is read for something else too
+    taken: dict[str, int] = {}
+    for total in (whole.out_features, whole.out_features - 2, 2):
+        half = total // 2
+        for node, (starts, ends) in zip(slices, functions):
+            bound = (int(np.asarray(starts(total)).reshape(-1)[0]), min(int(np.asarray(ends(total)).reshape(-1)[0]), total))
+            index = {(0, half): 0, (half, total): 1}.get(bound)
+            if index is None or taken.setdefault(node.name, index) != index:
+                return {}
+    return taken if sorted(taken.values()) == [0, 1] else {}
+
+
+def _feature_bounds(g: ModelGraph, node: onnx.NodeProto, rank: int, total: int, constant: bool = True
+                    ) -> tuple[int, int] | tuple[()] | None:
+    """[start, end) of a Slice along the last axis with constant bounds and step 1; else None.
+    With `constant` False only the axis and step are checked (an empty tuple where they hold)."""
     starts, ends, axes, steps = (g.constant(node.input[i]) if len(node.input) > i and node.input[i] else None
                                  for i in range(1, 5))
-    if starts is None or ends is None or axes is None or any(v.size != 1 for v in (starts, ends, axes)) or \
-            int(axes.reshape(-1)[0]) not in (-1, rank - 1) or steps is not None and int(steps.reshape(-1)[0]) != 1:
+    if axes is None or axes.size != 1 or int(axes.reshape(-1)[0]) not in (-1, rank - 1) or \
+            steps is not None and int(steps.reshape(-1)[0]) != 1:
+        return None
+    if not constant:
+        return ()
+    if starts is None or ends is None or starts.size != 1 or ends.size != 1:
         return None
     return int(starts.reshape(-1)[0]), min(int(ends.reshape(-1)[0]), total)
 
