@@ -82,7 +82,8 @@ def group(name: str, size: int, parts: list, attributes: tuple[AttributeEdit, ..
                  tuple(p for p in parts if isinstance(p, ShapeEdit)), attributes)
 
 
-_QK_EDITS = (Width.QK, Width.QK_MERGED, Width.HEADS, Width.KV_HEADS, Width.KV_QK_MERGED, Width.QK_HALF)
+_QK_EDITS = (Width.QK, Width.QK_MERGED, Width.HEADS, Width.KV_HEADS, Width.KV_QK_MERGED, Width.QK_HALF,
+             Width.QK_ROTATED, Width.QK_ROTATED_HALF)
 _V_EDITS = (Width.V, Width.V_MERGED, Width.KV_V_MERGED)
 
 
