@@ -152,7 +152,7 @@ def _decoder_parts(g: ModelGraph, block: AttentionBlock, traces: tuple[Trace, ..
                     raise NoMatch(f"{node.name}: the rotary embedding is not applied per head")
                 if trace.half is not None and 2 * trace.half != (trace.rotary.rotated or block.head_dim):
                     raise NoMatch(f"{node.name} rotates {2 * trace.half} of {block.head_dim} head dims "
-                                  "(partial rotary embeddings are not supported)")
+                                  "(a partial rotary embedding is matched as Concat(rotary(x[..., :r]), x[..., r:]) only)")
                 rotary.append(replace(trace.rotary, heads=count, heads_axis=axes.heads))
                 edits += trace.rotary_edits
     if traces and (traces[0].rotary is None) != (traces[1].rotary is None):
