@@ -20,21 +20,23 @@ def _i64(b: Builder, *values: int) -> str:
     return b.const(np.array(values, dtype=np.int64))
 
 
-def _partial_rotate(b: Builder, x: str, rotated: int, literal: bool) -> str:
+def _partial_rotate(b: Builder, x: str, rotated: int, literal: bool, runtime_half: bool) -> str:
     """Concat(x[..., :r]·cos + rotate_half(x[..., :r])·sin, x[..., r:]); `literal` False: the split
-    point r read from the cos table's shape at run time."""
+    point r read from the cos table's shape at run time; `runtime_half`: rotate_half's split read
+    from x[..., :r]'s shape at run time (as the legacy exporter writes it)."""
     split = _i64(b, rotated) if literal else b.op("Slice", [b.op("Shape", ["cos"]), _i64(b, -1), _i64(b, _END)])
     first, rest = b.op("Slice", [x, _i64(b, 0), split, _i64(b, -1)]), b.op("Slice", [x, split, _i64(b, _END), _i64(b, -1)])
-    half = rotated // 2
-    low = b.op("Slice", [first, _i64(b, 0), _i64(b, half), _i64(b, -1)])
-    high = b.op("Slice", [first, _i64(b, half), _i64(b, _END), _i64(b, -1)])
+    half = b.op("Div", [b.op("Slice", [b.op("Shape", [first]), _i64(b, -1), _i64(b, _END)]), _i64(b, 2)]) \
+        if runtime_half else _i64(b, rotated // 2)
+    low = b.op("Slice", [first, _i64(b, 0), half, _i64(b, -1)])
+    high = b.op("Slice", [first, half, _i64(b, _END), _i64(b, -1)])
     turned = b.op("Concat", [b.op("Neg", [high]), low], axis=-1)
     spun = b.op("Add", [b.op("Mul", [first, "cos"]), b.op("Mul", [turned, "sin"])])
     return b.op("Concat", [spun, rest], axis=-1)
 
 
 def partial_rotary_attention(kv_heads: int = 2, head_dim: int = 8, rotated: int = 4, literal: bool = True,
-                             seed: int = 0) -> onnx.ModelProto:
+                             runtime_half: bool = False, seed: int = 0) -> onnx.ModelProto:
     """Separate q, k, v projections; a partial rotary embedding on q and k; k and v joined with the
     KV cache, then repeated for the query heads."""
     b = Builder(seed, opset=18)
@@ -45,7 +47,7 @@ def partial_rotary_attention(kv_heads: int = 2, head_dim: int = 8, rotated: int 
 
     q, k = heads(b.linear("x", width, width), HEADS), heads(b.linear("x", width, kv_heads * head_dim), kv_heads)
     v = heads(b.linear("x", width, kv_heads * head_dim), kv_heads)
-    q, k = _partial_rotate(b, q, rotated, literal), _partial_rotate(b, k, rotated, literal)
+    q, k = (_partial_rotate(b, t, rotated, literal, runtime_half) for t in (q, k))
     b.nodes.append(helper.make_node("Concat", ["past_key", k], ["present_key"], name="cache_key", axis=2))
     b.nodes.append(helper.make_node("Concat", ["past_value", v], ["present_value"], name="cache_value", axis=2))
     k, v = "present_key", "present_value"

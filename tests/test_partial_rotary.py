@@ -74,10 +74,13 @@ def test_pruned_partial_rotary_equals_masked_original_in_prefill_and_decode(kv_h
 # units 0, 1: the rotated pairs (0, 2), (1, 3); units 2, 3: the passed-through pairs (4, 5), (6, 7)
 @pytest.mark.parametrize("kept_units", [(0, 2), (1, 3), (0, 1), (2, 3), (1,), (0, 1, 3)])
 @pytest.mark.parametrize("kv_heads", [1, 2])
-def test_every_split_of_the_kept_dims_between_rotated_and_passed_through_prunes_exactly(kept_units, kv_heads):
+@pytest.mark.parametrize("runtime_half", [False, True])
+def test_every_split_of_the_kept_dims_between_rotated_and_passed_through_prunes_exactly(kept_units, kv_heads,
+                                                                                        runtime_half):
     """The kept rotated width r' (0 … r) and passed-through width (0 … d − r) both change: the
-    split points become r' and r'/2, the cos/sin tables keep the kept rotated dims' columns."""
-    model = pg.partial_rotary_attention(kv_heads, 8, 4)
+    split points become r' and r'/2 (or r'/2 follows from the shape at run time), the cos/sin
+    tables keep the kept rotated dims' columns."""
+    model = pg.partial_rotary_attention(kv_heads, 8, 4, runtime_half=runtime_half)
     (block,) = find_blocks(ModelGraph(model)).attention
     qk = dims_of(block, np.tile(np.array(kept_units), (kv_heads, 1)))
     v = np.tile(np.arange(0, 8, 2), (kv_heads, 1))

@@ -1,5 +1,6 @@
-"""Small decoders with a partial rotary embedding, exported by torch's dynamo exporter with a KV
-cache (tools/decoder_export.py): StableLM 2 (a quarter of each head's dims rotated, grouped-query
+"""Small decoders with a partial rotary embedding, exported with a KV cache by torch's dynamo
+exporter (tools/decoder_export.py) and by optimum's `text-generation-with-past` (the legacy
+exporter: rotate_half's split computed at run time; tools/optimum_export.py): StableLM 2 (a quarter of each head's dims rotated, grouped-query
 attention, LayerNorm with bias) and Phi-2 (half of them rotated; attention and MLP in parallel on
 one LayerNorm). Every attention is matched; the pruned model equals the original with the removed
 units zeroed, in prefill and through its cache; ratio 0 changes nothing; the default flow prunes
@@ -11,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 
+from exports import export_optimum
 from decoders import calibration, prefill_and_step, run, step_feed
 from onnxsnp import prune
 from onnxsnp.data.calibration import input_specs, validate_calibration
@@ -23,9 +25,9 @@ from onnxsnp.rewrite.rewriting import rewrite
 from oracle import masked_original, unshare
 
 pytestmark = pytest.mark.slow
-FAMILIES = ["stablelm", "phi"]
-ROTATED = {"stablelm": 0.25, "phi": 0.5}  # partial_rotary_factor of tools/decoder_export.tiny_partial_rotary
-SEQUENTIAL = {"stablelm": True, "phi": False}
+FAMILIES = ["stablelm-dynamo", "stablelm-optimum", "phi-dynamo", "phi-optimum"]
+ROTATED = {"stablelm": 0.25, "phi": 0.5}  # partial_rotary_factor of both tools' tiny models
+SEQUENTIAL = {form: form.startswith("stablelm") for form in FAMILIES}
 
 
 @pytest.fixture(scope="session")
@@ -33,12 +35,14 @@ def family_model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("partial_rotary")
     cache: dict[str, object] = {}
 
-    def get(family: str):
-        if family not in cache:
+    def get(form: str):
+        if form not in cache:
             from decoder_export import export_dynamo, tiny_partial_rotary
 
-            cache[family] = export_dynamo(tiny_partial_rotary(family), folder / f"{family}.onnx")
-        return cache[family]
+            family, exporter = form.split("-")
+            cache[form] = export_optimum(folder / form, family, "optimum") if exporter == "optimum" else \
+                export_dynamo(tiny_partial_rotary(family), folder / f"{form}.onnx")
+        return cache[form]
 
     return get
 
@@ -52,7 +56,7 @@ def test_every_attention_of_the_family_is_matched_with_its_partial_rotary(family
     matches = find_blocks(ModelGraph(onnx.load(str(family_model(family)))))
     assert (len(matches.attention), len(matches.ffn)) == (2, 2), matches.skipped
     for block in matches.attention:
-        assert [r.rotated for r in block.rotary] == [int(block.head_dim * ROTATED[family])] * 2
+        assert [r.rotated for r in block.rotary] == [int(block.head_dim * ROTATED[family.split("-")[0]])] * 2
         assert len(block.kv_caches) == 2 and block.pairs_shared
     if SEQUENTIAL[family]:
         assert len(matches.layers) == 2 and not matches.skipped
@@ -97,7 +101,7 @@ def test_ratio_zero_is_identical_and_the_default_flow_prunes_and_decodes_through
 
 
 def test_whole_stablelm_blocks_go_with_blocks(family_model):
-    pruned, report = prune(str(family_model("stablelm")), ratio=0.25, blocks=1, calib=calibration(100, 32, 12),
+    pruned, report = prune(str(family_model("stablelm-dynamo")), ratio=0.25, blocks=1, calib=calibration(100, 32, 12),
                            measure_latency=False)
     assert len([n for n in pruned.graph.node if n.op_type == "Softmax"]) == 1
     ids = _ids(3, 6)

@@ -82,6 +82,8 @@ parallel blocks (x + attn(LN(x)) + mlp(LN(x))) are pruned unit by unit with the 
 whole-block removal and the block-by-block refit, which need sequential blocks, skip them by name.
 Not matched (the reasons above): GPT-NeoX's per-head q|k|v layout of its fused projection, and
 Phi-3's fused qkv_proj taken apart by Slices (issue of the Phi-3 work, not of the rotary).
+The same holds for optimum's `text-generation-with-past` exports of StableLM 2 and Phi-2, whose
+rotate_half split is computed at run time (tests/test_partial_rotary_families.py; not in this table).
 """
     args.out.write_text(head + section + rest)
     print(f"wrote {args.out}")

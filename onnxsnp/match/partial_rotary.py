@@ -18,8 +18,9 @@ from .decoder import _BIG, _bounds, rotary_producing
 SHARED = "a partial rotary embedding splits every head at one point: every head keeps the same dims"
 
 
-def partial_rotary_producing(g: ModelGraph, tensor: str) -> tuple[Rotary, list[ShapeEdit], int] | None:
-    """(the embedding, the literal split points to edit, half the rotated width) where `tensor` is
+def partial_rotary_producing(g: ModelGraph, tensor: str) -> tuple[Rotary, list[ShapeEdit], int | None] | None:
+    """(the embedding, the literal split points to edit, half the rotated width where it is a
+    literal) where `tensor` is
     Concat(rotary(x[..., :r]), x[..., r:]) along the last axis; None where it is no such Concat.
     NoMatch where it is one but cannot be cut (a split point computed at run time, an odd part)."""
     node = g.producer_of(tensor)
@@ -43,7 +44,9 @@ def partial_rotary_producing(g: ModelGraph, tensor: str) -> tuple[Rotary, list[S
     if start != 0 or split is None or again != split or (end is not None and end < _BIG):
         raise NoMatch(f"{node.name}: a partial rotary embedding whose split point is not a literal")
     width = g.dim(tensor, -1)
-    if rotary.style is not RotaryStyle.HALF or half is None or 2 * half != split:
+    # rotate_half's split: a literal r/2 (torch's dynamo exporter) or computed from the rotated part's
+    # shape at run time (the legacy exporter), which then follows the cut by itself
+    if rotary.style is not RotaryStyle.HALF or half is not None and 2 * half != split:
         raise NoMatch(f"{node.name}: a partial rotary embedding that does not rotate half of its {split} dims")
     if isinstance(width, int) and (width - split) % 2:
         raise NoMatch(f"{node.name} passes {width - split} dims through: an odd count (they are cut in pairs)")
