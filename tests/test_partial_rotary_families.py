@@ -15,6 +15,7 @@ import pytest
 from exports import export_optimum
 from decoders import calibration, prefill_and_step, run, step_feed
 from onnxsnp import prune
+from onnxsnp.errors import SnpError
 from onnxsnp.data.calibration import input_specs, validate_calibration
 from onnxsnp.ir.graph import ModelGraph
 from onnxsnp.match import find_blocks
@@ -108,3 +109,8 @@ def test_whole_stablelm_blocks_go_with_blocks(family_model):
     _, step = prefill_and_step(pruned, ids[:, :5], ids[:, 5:])
     np.testing.assert_allclose(step["logits"][:, -1], run(pruned, step_feed(pruned, ids))["logits"][:, -1],
                                atol=1e-4, rtol=1e-3)
+
+
+def test_blocks_on_phi_says_its_blocks_are_parallel(family_model):
+    with pytest.raises(SnpError, match="a parallel block: attention and FFN .* both read"):
+        prune(str(family_model("phi-dynamo")), ratio=0.25, blocks=1, calib=calibration(100, 8, 8), measure_latency=False)
