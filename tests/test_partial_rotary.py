@@ -108,3 +108,15 @@ def test_a_parallel_block_is_matched_unit_by_unit_and_skipped_whole_with_its_rea
     (skipped,) = [s for s in matches.skipped if s.kind is Candidate.BLOCK]
     assert skipped.reason.startswith("not removable as a whole block: a parallel block")
     assert matches.ffn[0].fc1.node in skipped.reason
+
+
+def test_a_plan_whose_heads_keep_different_rotated_widths_is_not_written():
+    """One Slice bound serves every head: a plan against the block's pairs_shared is an error, not a
+    silently wrong model."""
+    model = pg.partial_rotary_attention(2, 8, 4)
+    g = ModelGraph(model)
+    (block,) = find_blocks(g).attention
+    qk = np.stack([dims_of(block, np.array([[0, 2]]))[0], dims_of(block, np.array([[2, 3]]))[0]])  # r' = 2 and 0
+    plan = PrunePlan((AttentionKeep(block, qk, np.tile(np.arange(8), (2, 1)), np.arange(2)),), ())
+    with pytest.raises(ValueError, match="different rotated widths"):
+        rewrite(g, plan)

@@ -47,7 +47,10 @@ def rotated_sizes(keep: AttentionKeep) -> dict[Width, int]:
     rotated = {r.rotated for r in keep.block.rotary if r.rotated}
     if not rotated:
         return {}
-    kept = int((keep.qk[0] < rotated.pop()).sum())
+    counts = set((keep.qk < rotated.pop()).sum(axis=1).tolist())
+    if len(counts) != 1:  # the block's pairs_shared makes every selection keep the same dims
+        raise ValueError(f"{keep.block.name}: heads keep different rotated widths {sorted(counts)}; one split point serves all")
+    kept = counts.pop()
     return {Width.QK_ROTATED: kept, Width.QK_ROTATED_HALF: kept // 2}
 
 
