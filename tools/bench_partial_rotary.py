@@ -77,12 +77,12 @@ Measured by `python tools/bench_partial_rotary.py` (CPU, one run, synthetic cali
 Only the first r of each head's d dims rotate (q = Concat(rotary(q[..., :r]), q[..., r:]),
 `match/partial_rotary.py`): the rotated dims are kept or removed in pairs (j, j + r/2) with their
 cos/sin columns, the passed-through ones in adjacent pairs; the split points r and r/2 are literals
-the cut rewrites, one for all heads, so every head keeps the same Q/K dims. Phi-2's and GPT-NeoX's
-parallel blocks (x + attn(LN(x)) + mlp(LN(x))) are pruned unit by unit with the one-pass refit;
+the cut rewrites, one for all heads, so every head keeps the same Q/K dims. Phi-2's parallel
+blocks (x + attn(LN(x)) + mlp(LN(x))) are pruned unit by unit with the one-pass refit;
 whole-block removal and the block-by-block refit, which need sequential blocks, skip them by name.
 Not matched (the reasons above): GPT-NeoX's per-head q|k|v layout of its fused projection, and
 Phi-3's fused qkv_proj taken apart by Slices (issue of the Phi-3 work, not of the rotary).
-The same holds for optimum's `text-generation-with-past` exports of StableLM 2 and Phi-2, whose
+StableLM 2 and Phi-2 are matched and pruned the same way from optimum's `text-generation-with-past` exports, whose
 rotate_half split is computed at run time (tests/test_partial_rotary_families.py; not in this table).
 """
     args.out.write_text(head + section + rest)
