@@ -463,7 +463,9 @@ def _load(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel) -> t
 def _check_blocks(matches: Matches, ratios: Ratios) -> None:
     available = len(matches.layers)
     if (ratios.blocks or ratios.block_indices) and not available:
-        raise SnpError("--blocks: no whole transformer block (attention + FFN on a residual stream) was found")
+        why = next((s.reason for s in matches.skipped if s.kind is Candidate.BLOCK), None)  # e.g. a parallel block
+        raise SnpError("--blocks: no whole transformer block (attention + FFN on a residual stream) was found"
+                       + (f" ({why})" if why else ""))
     if ratios.blocks >= max(available, 1) or any(i >= available for i in ratios.block_indices):
         raise SnpError(f"--blocks: the model has {available} removable transformer blocks (0…{available - 1}); "
                        "at least one must stay")

@@ -109,6 +109,27 @@ def train_tokenizer(texts: list[str], vocab: int):
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
+def tiny_partial_rotary(family: str, vocab: int = 100, hidden: int = 64, layers: int = 2, heads: int = 4,
+                        intermediate: int = 128, positions: int = 128, seed: int = 0):
+    """Small decoders whose rotary embedding turns only the first dims of each head (head dim 16):
+    "stablelm" (StableLM 2: a quarter of them, grouped-query attention, LayerNorm with bias),
+    "phi" (Phi-2: half, parallel attention + MLP on one LayerNorm, biases, GELU(tanh)) and "neox"
+    (GPT-NeoX/Pythia: a quarter, a fused per-head q|k|v projection, parallel residual)."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                  intermediate_size=intermediate, max_position_embeddings=positions, bos_token_id=0, eos_token_id=1,
+                  pad_token_id=2)
+    if family == "stablelm":
+        return T.StableLmForCausalLM(T.StableLmConfig(num_key_value_heads=2, partial_rotary_factor=0.25, **common)).eval()
+    if family == "phi":
+        return T.PhiForCausalLM(T.PhiConfig(partial_rotary_factor=0.5, **common)).eval()
+    if family == "neox":
+        return T.GPTNeoXForCausalLM(T.GPTNeoXConfig(rotary_pct=0.25, **common)).eval()
+    raise ValueError(f"no tiny {family} model")
+
+
 def save_folder(model, folder: Path, texts: list[str] | None = None) -> Path:
     """The model and a tokenizer (trained on `texts`, or on a few lines of this file) in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -141,7 +162,8 @@ def export_dynamo(model, path: Path) -> Path:
     """torch.onnx.export(dynamo=True) with a KV cache: inputs input_ids, attention_mask,
     position_ids, past_key_values.{i}.key/value; outputs logits, present.{i}.key/value."""
     config = model.config
-    layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
+    layers = config.num_hidden_layers
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads  # GPT-NeoX has none
     head_dim = config.hidden_size // config.num_attention_heads
     batch, seq, past = 2, 5, 3
     ids = torch.randint(0, config.vocab_size, (batch, seq))

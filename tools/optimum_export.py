@@ -17,7 +17,8 @@ SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, interme
 TASKS = {"bert": "feature-extraction", "roberta": "feature-extraction", "distilbert": "feature-extraction",
          "vit": "image-classification", "clip": "zero-shot-image-classification",
          "llama": "text-generation-with-past", "gpt2": "text-generation-with-past",
-         "qwen3": "text-generation-with-past", "gemma3": "text-generation-with-past", "olmo2": "text-generation-with-past"}
+         "qwen3": "text-generation-with-past", "gemma3": "text-generation-with-past", "olmo2": "text-generation-with-past",
+         "stablelm": "text-generation-with-past", "phi": "text-generation-with-past"}
 
 
 def tiny(family: str):
@@ -42,6 +43,12 @@ def tiny(family: str):
     elif family == "olmo2":  # RMSNorm over all heads' queries and keys together, norms after each sublayer
         model = T.Olmo2ForCausalLM(T.Olmo2Config(vocab_size=100, max_position_embeddings=64, num_key_value_heads=2,
                                                  **SMALL))
+    elif family == "stablelm":  # a partial rotary embedding (a quarter of each head), GQA, LayerNorm with bias
+        model = T.StableLmForCausalLM(T.StableLmConfig(vocab_size=100, max_position_embeddings=64, num_key_value_heads=2,
+                                                       partial_rotary_factor=0.25, **SMALL))
+    elif family == "phi":  # Phi-2: half of each head rotated, attention and MLP in parallel on one LayerNorm
+        model = T.PhiForCausalLM(T.PhiConfig(vocab_size=100, max_position_embeddings=64, partial_rotary_factor=0.5,
+                                             **SMALL))
     elif family == "gpt2":  # fused c_attn (Conv1D), learned positions
         model = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64))
     elif family == "vit":

@@ -11,6 +11,7 @@ from ..ir.graph import ModelGraph, attribute
 from .blocks import (AttentionBlock, AttentionForm, Candidate, FrozenScale, FusedQkv, KvCache, Linear, NoMatch, Part,
                      QkNorm, Rotary, ShapeEdit, Skipped, Width, block_name)
 from .decoder import check_kv_axis
+from .partial_rotary import SHARED as PARTIAL_SHARED
 from .layout import FUSED, MERGED, SPLIT, Axes, Path, path_shape_edits
 from .qk_norm import qk_norm_parts
 from .shapes import head_layout, shape_entries, shape_source
@@ -97,7 +98,8 @@ def assemble(g: ModelGraph, core: AttentionCore) -> AttentionBlock:
         q_fixed=f"q is quantized at {quantized[0]}: rescaling its columns would change the rounding" if quantized
         else None,
         equal_widths="GroupQueryAttention takes one head size for Q, K and V" if gqa else None,
-        pairs_shared="GroupQueryAttention's rotary cache holds one column per pair for every head" if shared else None,
+        pairs_shared="GroupQueryAttention's rotary cache holds one column per pair for every head" if shared else
+        PARTIAL_SHARED if any(r.rotated for r in rotary) else None,
         width_multiple=16 if shared else 1)  # onnxruntime's kernels: "head_size shall be a multiple of 16" with rotary
 
 
@@ -137,7 +139,7 @@ def _decoder_parts(g: ModelGraph, block: AttentionBlock, traces: tuple[Trace, ..
         count = Path.of(kind, block).count
         for node in trace.nodes:
             axes = seen.get(node.name)
-            if trace.kv is not None and node.op_type == "Concat":
+            if trace.kv is not None and node.op_type == "Concat" and node.name != getattr(trace.rotary, "node", None):
                 rank = len(g.shapes.get(node.output[0]) or ())
                 if axes is None or axes.merged or axes.heads is None or not rank:
                     raise NoMatch(f"{node.name}: cannot tell the head axes of the KV cache")
@@ -148,9 +150,9 @@ def _decoder_parts(g: ModelGraph, block: AttentionBlock, traces: tuple[Trace, ..
                     raise NoMatch(f"a rotary embedding on V ({node.name})")
                 if axes is None or axes.merged or axes.heads is None or axes.dim != -1:
                     raise NoMatch(f"{node.name}: the rotary embedding is not applied per head")
-                if trace.half is not None and 2 * trace.half != block.head_dim:
+                if trace.half is not None and 2 * trace.half != (trace.rotary.rotated or block.head_dim):
                     raise NoMatch(f"{node.name} rotates {2 * trace.half} of {block.head_dim} head dims "
-                                  "(partial rotary embeddings are not supported)")
+                                  "(a partial rotary embedding is matched as Concat(rotary(x[..., :r]), x[..., r:]) only)")
                 rotary.append(replace(trace.rotary, heads=count, heads_axis=axes.heads))
                 edits += trace.rotary_edits
     if traces and (traces[0].rotary is None) != (traces[1].rotary is None):

@@ -51,6 +51,10 @@ class Width(str, Enum):
     KV_V_MERGED = "kv_v_merged"  # value heads × per-head V width (before the heads are repeated)
     QK_HALF = "qk_half"  # half the per-head Q/K width: where a half-split rotary embedding splits q, k
     QK_THEN_KV = "qk_then_kv"  # q's and k's features of a q | k | v projection: where v starts
+    # a partial rotary embedding (StableLM, Phi-2): the kept rotated dims per head, where q, k are
+    # split into the rotated and the passed-through part, and half of them (its rotate_half split)
+    QK_ROTATED = "qk_rotated"
+    QK_ROTATED_HALF = "qk_rotated_half"
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,7 @@ class Rotary:
     heads: int = 0  # heads of x
     heads_axis: int = -3  # where x's heads axis is, counted from the end (the tables broadcast along it)
     shared: bool = False
+    rotated: int = 0  # a partial rotary embedding's rotated dims per head (the first ones); 0: every dim
 
 
 class Part(str, Enum):

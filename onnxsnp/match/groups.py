@@ -83,7 +83,7 @@ def group(name: str, size: int, parts: list, attributes: tuple[AttributeEdit, ..
 
 
 _QK_EDITS = (Width.QK, Width.QK_MERGED, Width.HEADS, Width.KV_HEADS, Width.KV_QK_MERGED, Width.QK_HALF,
-             Width.QK_THEN_KV)
+             Width.QK_THEN_KV, Width.QK_ROTATED, Width.QK_ROTATED_HALF)
 _V_EDITS = (Width.V, Width.V_MERGED, Width.KV_V_MERGED)
 
 

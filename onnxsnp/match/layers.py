@@ -9,6 +9,7 @@ import onnx
 from ..ir.graph import ModelGraph, attribute
 from .blocks import AttentionBlock, Candidate, FfnBlock, Layer, NoMatch, Placement, Skipped, common_scope
 from .norms import channel_scale, normalized
+from .parallel import parallel_reason
 
 _SKIP_NORMS = ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
 
@@ -21,7 +22,8 @@ def match_layers(g: ModelGraph, attention: list[AttentionBlock], ffn: list[FfnBl
         try:
             layers.append(_layer(g, block, by_input))
         except NoMatch as why:
-            skipped.append(Skipped(block.name, Candidate.BLOCK, f"not removable as a whole block: {why}"))
+            reason = parallel_reason(g, block, ffn) or str(why)
+            skipped.append(Skipped(block.name, Candidate.BLOCK, f"not removable as a whole block: {reason}"))
     return layers, skipped
 
 

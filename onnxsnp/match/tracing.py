@@ -11,6 +11,7 @@ from .blocks import FrozenScale, KvCache, Linear, NoMatch, Part, Rotary, ShapeEd
 from .decoder import kv_cache_join, rotary_producing
 from .linear import linear_producing, linear_reading
 from .norms import Norm, norm_writing
+from .partial_rotary import partial_rotary_producing
 from ..ir.graph import ModelGraph
 
 # Ops that only move, reshape, select or cast data between a projection and the score MatMul
@@ -77,7 +78,8 @@ def trace_to_linear(g: ModelGraph, tensor: str, path: Part) -> Trace:
         node = g.producer_of(tensor)
         if node is None:
             raise NoMatch(f"{tensor} does not come from a projection with constant weights")
-        rotated = rotary_producing(g, tensor) if node.op_type == "Add" else None
+        rotated = rotary_producing(g, tensor) if node.op_type == "Add" else \
+            partial_rotary_producing(g, tensor) if node.op_type == "Concat" else None
         if rotated is not None:
             if rotary_found is not None:
                 raise NoMatch(f"two rotary embeddings on the way to the projection ({node.name})")

@@ -5,7 +5,9 @@
   head are summed over the group.
 - Rotary embeddings rotate pairs of dims by one angle — (j, j + d/2) after rotate_half,
   (2j, 2j + 1) interleaved — so a pair is kept or removed whole (a rotation of q/k directions
-  would break the position encoding, so Q/K are chosen, never projected, there).
+  would break the position encoding, so Q/K are chosen, never projected, there). A partial
+  rotary embedding (match/partial_rotary.py) rotates pairs (j, j + r/2) of its first r dims; the
+  rest are cut in adjacent pairs.
 - An attention op whose rotary cache holds one column per pair for all heads
   (GroupQueryAttention with do_rotary) needs the same pairs in every head.
 """
@@ -27,7 +29,10 @@ def unit_of_dim(block: AttentionBlock) -> np.ndarray:
         return dims
     if block.rotary[0].style is RotaryStyle.INTERLEAVED:
         return dims // 2
-    return dims % (d // 2)
+    rotated = block.rotary[0].rotated or d
+    # partial rotary: the passed-through dims after the rotated pairs go in adjacent pairs, so that
+    # every unit is two dims (the criteria count kept dims in units of one size)
+    return np.where(dims < rotated, dims % (rotated // 2), rotated // 2 + (dims - rotated) // 2)
 
 
 def unit_size(block: AttentionBlock) -> int:

@@ -8,7 +8,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .editor import Editor
-from ..match.blocks import Part, Rotary, RotaryStyle
+from ..match.blocks import Part, Rotary, RotaryStyle, Width
 from ..plan import AttentionKeep, PrunePlan
 
 
@@ -30,6 +30,8 @@ def slice_rotary_tables(editor: Editor, keep: AttentionKeep, rotaries: tuple[Rot
                 node = editor.nodes[name]
                 node.inputs[index] = _gathered(editor, node.inputs[index], pairs, "rotary_pairs")
             continue
+        if rotary.rotated:  # a partial embedding's tables hold the rotated dims only (one split for all heads)
+            positions = positions[:, positions[0] < rotary.rotated]
         for name, index in rotary.tables:
             node = editor.nodes[name]
             if (positions == positions[:1]).all():  # every head the same dims: no heads axis needed
@@ -37,6 +39,19 @@ def slice_rotary_tables(editor: Editor, keep: AttentionKeep, rotaries: tuple[Rot
             else:
                 per_head.append((node, index, positions, rotary.heads_axis))
     _per_head_tables(editor, per_head)
+
+
+def rotated_sizes(keep: AttentionKeep) -> dict[Width, int]:
+    """A partial rotary embedding's split points after the cut: the kept dims below r (the same
+    in every head, match/partial_rotary.py) and half of them."""
+    rotated = {r.rotated for r in keep.block.rotary if r.rotated}
+    if not rotated:
+        return {}
+    counts = set((keep.qk < rotated.pop()).sum(axis=1).tolist())
+    if len(counts) != 1:  # the block's pairs_shared makes every selection keep the same dims
+        raise ValueError(f"{keep.block.name}: heads keep different rotated widths {sorted(counts)}; one split point serves all")
+    kept = counts.pop()
+    return {Width.QK_ROTATED: kept, Width.QK_ROTATED_HALF: kept // 2}
 
 
 def _gathered(editor: Editor, table: gs.Tensor, columns: np.ndarray, base: str) -> gs.Tensor:

@@ -17,7 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from .decoding import kv_cache_shapes, set_kv_cache_shapes, slice_rotary_tables
+from .decoding import kv_cache_shapes, rotated_sizes, set_kv_cache_shapes, slice_rotary_tables
 from .editor import Editor
 from .lazy import FromFile, OnnxExporter, SparseValues, onnx_type
 from ..ir import external
@@ -129,7 +129,7 @@ def plan_cuts(g: ModelGraph, plan: PrunePlan) -> list[Cut]:
             sizes = {Width.QK: dq, Width.V: dv, Width.QK_MERGED: heads * dq, Width.V_MERGED: heads * dv,
                      Width.HEADS: heads, Width.FUSED: heads * dq + groups * (dq + dv), Width.KV_HEADS: groups,
                      Width.KV_QK_MERGED: groups * dq, Width.KV_V_MERGED: groups * dv, Width.QK_HALF: dq // 2,
-                     Width.QK_THEN_KV: (heads + groups) * dq}
+                     Width.QK_THEN_KV: (heads + groups) * dq, **rotated_sizes(keep)}
             qk, v = attention_groups(g, keep.block)
             cuts += [Cut(qk, keep.qk_columns(), sizes), Cut(v, keep.v_columns(), sizes)]
     cuts += [Cut(ffn_group(keep.block), keep.hidden, {Width.FFN: len(keep.hidden)})

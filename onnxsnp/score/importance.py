@@ -450,14 +450,16 @@ def rotate(g: ModelGraph, block: AttentionBlock, x: np.ndarray, rotary, acts: di
         else:  # (…, 1, N, d) broadcast over the heads axis
             value = np.moveaxis(acts[tensor].astype(np.float64), rotary.heads_axis, -2)
             tables.append(value.reshape(-1, *value.shape[-3:]) if value.ndim > 3 else value[None])
-    per_head = x.reshape(samples, tokens, -1, d).astype(np.float64)
+    whole = x.reshape(samples, tokens, -1, d).astype(np.float64)
+    r = rotary.rotated or d  # a partial embedding rotates the first r dims and passes the rest
+    per_head = whole[..., :r]
     turned = np.empty_like(per_head)  # rotate(x): (−x₂, x₁) per pair
     if interleaved:
         turned[..., 0::2], turned[..., 1::2] = -per_head[..., 1::2], per_head[..., 0::2]
     else:
-        turned[..., :d // 2], turned[..., d // 2:] = -per_head[..., d // 2:], per_head[..., :d // 2]
+        turned[..., :r // 2], turned[..., r // 2:] = -per_head[..., r // 2:], per_head[..., :r // 2]
     cos, sin = tables
-    return (per_head * cos + turned * sin).reshape(x.shape)
+    return np.concatenate([per_head * cos + turned * sin, whole[..., r:]], axis=-1).reshape(x.shape)
 
 
 def projection_values(g: ModelGraph, linear: Linear, acts: dict[str, np.ndarray], samples: int, offset: int,
