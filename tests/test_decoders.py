@@ -1,7 +1,8 @@
 """Decoder language models exported at test time from local folders with random weights: optimum
 `text-generation-with-past` of a Llama-architecture model (grouped-query attention, rotary,
 SwiGLU, RMSNorm) and of GPT-2 (fused c_attn, learned positions), and torch's dynamo exporter of
-the Llama model (and of a Phi-3 one: fused qkv and gate_up projections) with a KV cache, also converted to fp16 by onnxruntime's converter (with float32
+the Llama model (and of a Phi-3 one: fused qkv and gate_up projections; Phi-4-mini's shape: that
+with a partial rotary embedding) with a KV cache, also converted to fp16 by onnxruntime's converter (with float32
 inputs and outputs, the cache cast on its way in and out, or all in fp16). Ratio 0 is identical; a pruned prefill and a decode step through
 the pruned cache equal the original with the removed units zeroed; the default flow (block by
 block reconstruction) prunes them."""
@@ -32,7 +33,7 @@ from oracle import masked_original, unshare
 
 pytestmark = pytest.mark.slow
 FORMS = ["llama-optimum", "gpt2-optimum", "llama-dynamo", "llama-dynamo-fp16", "llama-dynamo-fp16io",
-         "phi3-dynamo", "mistral-dynamo", "llama-genai-fp32", "llama-genai-int4"]
+         "phi3-dynamo", "phi4mini-dynamo", "mistral-dynamo", "llama-genai-fp32", "llama-genai-int4"]
 GROUPS = {"gpt2-optimum": 4}  # key/value heads per layer (2 in the Llama models)
 WINDOWS = {"mistral-dynamo": 4}  # sliding windows: shorter than the tests' prompts, so the cache's slices act
 
@@ -50,8 +51,8 @@ def decoder(tmp_path_factory):
             if exporter == "optimum":
                 cache[form] = export_optimum(folder / form, family, "optimum")
             elif exporter == "dynamo":
-                model = tiny_phi3() if family == "phi3" else tiny_mistral(window=WINDOWS[form]) if family == "mistral" \
-                    else tiny_llama()
+                model = tiny_phi3() if family == "phi3" else tiny_phi3(hidden=64, rotary=0.75) if family == "phi4mini" \
+                    else tiny_mistral(window=WINDOWS[form]) if family == "mistral" else tiny_llama()
                 cache[form] = export_dynamo(model, folder / f"{form}.onnx")
             elif exporter.startswith("dynamo-fp16"):  # keep_io_types: float32 inputs and outputs, fp16 inside
                 from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -77,7 +78,7 @@ def test_decoder_blocks_are_found(decoder, form):
         assert block.groups == GROUPS.get(form, 2) and len(block.kv_caches) == 2
         assert len(block.rotary) == (0 if form.startswith("gpt2") else 1 if "genai" in form else 2)
     assert all((ffn.gate is not None) == (not form.startswith("gpt2")) for ffn in matches.ffn)
-    if form.startswith("phi3"):  # one qkv_proj and one gate_up_proj a layer, taken apart along their features
+    if form.startswith("phi"):  # one qkv_proj and one gate_up_proj a layer, taken apart along their features
         assert all(b.q.node == b.k.node == b.v.node for b in matches.attention)
         assert all(f.gate.node == f.fc1.node for f in matches.ffn)
 

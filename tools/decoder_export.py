@@ -31,16 +31,17 @@ def tiny_llama(vocab: int = 100, hidden: int = 32, layers: int = 2, heads: int =
 
 
 def tiny_phi3(vocab: int = 100, hidden: int = 32, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-              intermediate: int = 64, positions: int = 128, seed: int = 0):
+              intermediate: int = 64, positions: int = 128, rotary: float = 1.0, seed: int = 0):
     """A Phi-3-architecture causal LM: a Llama whose q, k and v come from one qkv_proj and whose
-    MLP's gate and up from one gate_up_proj, each taken apart along its features."""
+    MLP's gate and up from one gate_up_proj, each taken apart along its features; `rotary` < 1:
+    a partial rotary embedding (Phi-4-mini: 0.75)."""
     import transformers as T
 
     torch.manual_seed(seed)
     config = T.Phi3Config(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                           num_key_value_heads=kv_heads, intermediate_size=intermediate,
                           max_position_embeddings=positions, original_max_position_embeddings=positions,
-                          bos_token_id=0, eos_token_id=1, pad_token_id=2)
+                          partial_rotary_factor=rotary, bos_token_id=0, eos_token_id=1, pad_token_id=2)
     return T.Phi3ForCausalLM(config).eval()
 
 
