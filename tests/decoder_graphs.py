@@ -67,7 +67,8 @@ def _repeat(b: Builder, t: str, kv_heads: int) -> str:
 
 def decoder_attention(kv_heads: int = 2, rotary: str | None = "half", seed: int = 0,
                       qk_norm: str | None = None, fused: bool = False, window: int = 0,
-                      window_axis: int = 2, literal_heads: bool = False, recast: bool = False) -> onnx.ModelProto:
+                      window_axis: int = 2, literal_heads: bool = False, recast: bool = False,
+                      softcap: tuple[float, float] | None = None) -> onnx.ModelProto:
     """Separate q, k, v projections; rotary on q and k; k and v joined with the KV cache, then
     repeated for the query heads (unless kv_heads == 1: the score MatMul broadcasts). `qk_norm`:
     an RMSNorm on q and k over each head ("head": Qwen3, Gemma 3) or over all heads ("all": OLMo 2).
@@ -76,7 +77,8 @@ def decoder_attention(kv_heads: int = 2, rotary: str | None = "half", seed: int 
     sliced to its last window − 1 positions before the join, the present after it), along
     `window_axis` (2, the sequence; another axis makes no cache). `literal_heads`: the interleaved
     rotary's flattening Reshape holds the head count and head dim as literals (Cohere). `recast`:
-    q and k cast for x·cos and cast again for rotate(x) (ModernBERT's legacy export)."""
+    q and k cast for x·cos and cast again for rotate(x) (ModernBERT's legacy export). `softcap`:
+    the scores put through outer·tanh(s / inner) before the softmax (Gemma 2 where they agree)."""
     b = Builder(seed, opset=18)
     kv_width = kv_heads * HEAD_DIM
     if fused:
@@ -111,6 +113,9 @@ def decoder_attention(kv_heads: int = 2, rotary: str | None = "half", seed: int 
         k, v = joined
     scores = b.op("MatMul", [q, b.op("Transpose", [k], perm=[0, 1, 3, 2])])
     scaled = b.op("Mul", [scores, b.const(np.array(HEAD_DIM ** -0.5, dtype=np.float32))])
+    if softcap is not None:  # Gemma 2: (inner, outer) · tanh(s / inner), a soft cap where the two agree
+        inner, outer = (b.const(np.array(v, dtype=np.float32)) for v in softcap)
+        scaled = b.op("Mul", [b.op("Tanh", [b.op("Div", [scaled, inner])]), outer])
     probs = b.op("Softmax", [scaled], axis=-1)  # no causal mask: the rules do not care
     context = b.op("Reshape", [b.op("Transpose", [b.op("MatMul", [probs, v])], perm=[0, 2, 1, 3]),
                                b.const(np.array([0, 0, WIDTH], dtype=np.int64))])

@@ -205,20 +205,24 @@ def test_a_flops_budget_on_the_family_is_met_by_the_measured_allocation(family_m
     prefill_and_step(pruned, _ids(3, 5), _ids(4, 1))
 
 
-@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen3", "gemma3", "gemma2"])
 def test_the_dynamo_export_of_the_family_is_matched_and_pruned_exactly(tmp_path, family):
-    """torch's dynamo exporter writes the family its own way (Gemma 3's sliding-window layer keeps
-    its cache's last window − 1 positions with Slices before and after the join): every block is
-    matched, and the pruned prefill equals the original's with the removed units zeroed."""
-    from decoder_export import export_dynamo, tiny_gemma3, tiny_qwen3
+    """torch's dynamo exporter writes the family its own way (Gemma 2 and 3's sliding-window layer
+    keeps its cache's last window − 1 positions with Slices before and after the join; Gemma 2
+    soft-caps the scores): every block is matched, and the pruned prefill equals the original's
+    with the removed units zeroed."""
+    from decoder_export import export_dynamo, tiny_gemma2, tiny_gemma3, tiny_qwen3
 
     (tmp_path / "export").mkdir()
-    tiny = {"qwen3": tiny_qwen3, "gemma3": tiny_gemma3}[family]
-    path = unshare(export_dynamo(tiny(vocab=100), tmp_path / "export" / f"{family}.onnx"), tmp_path)
+    tiny = {"qwen3": tiny_qwen3, "gemma3": tiny_gemma3, "gemma2": tiny_gemma2}[family]
+    model = tiny(vocab=100)
+    cap = getattr(model.config, "attn_logit_softcapping", None)
+    path = unshare(export_dynamo(model, tmp_path / "export" / f"{family}.onnx"), tmp_path)
     g = ModelGraph(onnx.load(str(path)))
     matches = find_blocks(g)
     assert (len(matches.attention), len(matches.ffn), len(matches.layers)) == (2, 2, 2) and not matches.skipped
-    assert all(len(b.qk_norms) == 2 and len(b.kv_caches) == 2 for b in matches.attention)
+    assert all(len(b.qk_norms) == (0 if family == "gemma2" else 2) and len(b.kv_caches) == 2 for b in matches.attention)
+    assert all(b.softcap == cap for b in matches.attention)
     feed = validate_calibration(calibration(100, 4), input_specs(g), "calibration")
     plan = make_plan(g, matches, Ratios(0.5, 0.25, 0.5, heads=0.5), "random", feed, batch=2, seed=3)
     assert all(len(keep.heads) == 1 and keep.v.shape[1] < keep.block.head_dim for keep in plan.attention)

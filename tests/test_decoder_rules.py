@@ -292,3 +292,21 @@ def test_a_rotary_whose_rotate_half_reads_a_second_cast_is_matched_and_pruned_ex
     assert keep.qk.shape[1] < dg.HEAD_DIM
     pruned, zeroed = rewrite(g, plan), masked_original(g, plan)
     np.testing.assert_allclose(run(pruned, dg.feed(pruned, 5))["y"], run(zeroed, dg.feed(zeroed, 5))["y"], atol=1e-5)
+
+
+@pytest.mark.parametrize("heads", [0.0, 0.5])
+def test_soft_capped_scores_are_read_and_pruned_exactly(heads):
+    """Gemma 2 soft-caps the scores, cap·tanh(s/cap), between the scale and the softmax: the cap is
+    the block's (the softmax metric reads it), its constants are no scale of the scores."""
+    g = ModelGraph(dg.decoder_attention(2, "half", softcap=(50.0, 50.0)))
+    (block,) = find_blocks(g).attention
+    assert block.softcap == 50.0 and len(block.constant_scales) == 1
+    calib = {k: np.repeat(v, 4, axis=0) if k == "x" else v for k, v in dg.feed(g.model, 6).items()}
+    plan = make_plan(g, find_blocks(g), Ratios(0.5, 0.25, 0.0, heads=heads), "random", calib, batch=4, seed=3)
+    pruned, zeroed = rewrite(g, plan), masked_original(g, plan)
+    np.testing.assert_allclose(run(pruned, dg.feed(pruned, 5))["y"], run(zeroed, dg.feed(zeroed, 5))["y"], atol=1e-5)
+
+
+def test_a_tanh_that_is_no_soft_cap_stops_the_scores():
+    found = find_blocks(ModelGraph(dg.decoder_attention(2, "half", softcap=(30.0, 50.0))))
+    assert found.attention == () and any("no Q·Kᵀ MatMul" in s.reason for s in found.skipped), found.skipped

@@ -16,8 +16,9 @@ from onnxsnp.score.softmax_metric import SoftmaxSums, _solve, add_sums, choose_p
 SAMPLES, HEADS, TOKENS, D, SCALE = 2, 3, 7, 4, 0.5
 
 
-def brute_force(q_hat, k_hat, q, k, mask, alpha, scale):
-    """Σ over queries of Var_{j~P_i}(ŝ_ij − s_ij), P_i the causal softmax of the original scores."""
+def brute_force(q_hat, k_hat, q, k, mask, alpha, scale, softcap=None):
+    """Σ over queries of Var_{j~P_i}(ŝ_ij − s_ij), P_i the causal softmax of the original scores
+    (soft-capped first: cap·tanh(s/cap))."""
     total = 0.0
     for stack in range(len(q)):
         sample = stack // HEADS
@@ -26,7 +27,8 @@ def brute_force(q_hat, k_hat, q, k, mask, alpha, scale):
                 continue
             keys = [j for j in range(i + 1) if mask[sample, j]]
             scores = scale * q[stack, i] @ k[stack, keys].T
-            probs = np.exp(scores - scores.max())
+            seen = scores if softcap is None else softcap * np.tanh(scores / softcap)
+            probs = np.exp(seen - seen.max())
             probs /= probs.sum()
             error = scale * (q_hat[stack, i] * alpha) @ k_hat[stack, keys].T - scores
             total += probs @ error ** 2 - (probs @ error) ** 2
@@ -48,14 +50,19 @@ def cost(sums: SoftmaxSums, alpha: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_quadratic_is_the_variance_of_the_score_error_under_each_querys_softmax(seed):
+@pytest.mark.parametrize("softcap", [None, 1.0])
+def test_quadratic_is_the_variance_of_the_score_error_under_each_querys_softmax(seed, softcap):
+    """With a soft cap (Gemma 2) the distributions are those of the capped scores (a cap of 1
+    changes them: the scores here reach several units)."""
     q_hat, k_hat, q, k, mask = stacks(seed)
-    sums = SoftmaxSums.empty(HEADS, D)
+    sums = SoftmaxSums.empty(HEADS, D, softcap=softcap)
     add_sums(sums, q_hat, k_hat, q, k, mask, SCALE)
     assert sums.queries == int(mask.sum())
     for alpha in (np.ones(D), np.zeros(D), np.random.default_rng(seed + 7).standard_normal(D)):
-        want = brute_force(q_hat, k_hat, q, k, mask, alpha, SCALE)
+        want = brute_force(q_hat, k_hat, q, k, mask, alpha, SCALE, softcap)
         assert cost(sums, alpha) == pytest.approx(want, rel=1e-4)
+        if softcap is not None and alpha.any():  # the cap is read: uncapped distributions weigh otherwise
+            assert cost(sums, alpha) != pytest.approx(brute_force(q_hat, k_hat, q, k, mask, alpha, SCALE), rel=1e-3)
 
 
 def test_a_score_term_equal_for_every_key_costs_nothing():

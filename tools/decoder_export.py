@@ -59,6 +59,20 @@ def tiny_mistral(vocab: int = 100, hidden: int = 32, layers: int = 2, heads: int
     return T.MistralForCausalLM(config).eval()
 
 
+def tiny_gemma2(vocab: int = 300, hidden: int = 128, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                head_dim: int = 32, intermediate: int = 256, positions: int = 128, seed: int = 0):
+    """A Gemma 2 decoder: soft-capped attention scores (cap·tanh(s/cap)), a GELU(tanh)-gated MLP,
+    norms before and after each sub-block, a sliding-window layer and a global one."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    config = T.Gemma2Config(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                            num_key_value_heads=kv_heads, head_dim=head_dim, intermediate_size=intermediate,
+                            max_position_embeddings=positions, sliding_window=4, attn_logit_softcapping=50.0,
+                            bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    return T.Gemma2ForCausalLM(config).eval()
+
+
 def tiny_qwen3(vocab: int = 300, hidden: int = 128, layers: int = 2, heads: int = 4, kv_heads: int = 2,
                head_dim: int = 32, intermediate: int = 256, positions: int = 128, seed: int = 0):
     """A Qwen3-architecture causal LM: a Llama with an RMSNorm over each head's q and k (QK-norm)."""

@@ -266,7 +266,7 @@ class Shard:
                 return  # no pair is cut, or enough queries chose them (the targets come from every batch)
             statistics = PairStatistics.empty(block.heads, block.head_dim,
                                               causal_scale=softmax_scale(block) if block.causal else None,
-                                              units=unit_of_dim(block),
+                                              units=unit_of_dim(block), softcap=block.softcap,
                                               softmax_only=pairs_needed is PairSums.SOFTMAX)
             q, k = query_key(self.g, block, values, item.samples)
             if self.sequential:  # the pruned model's q and k, the original scores

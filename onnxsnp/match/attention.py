@@ -44,6 +44,7 @@ class AttentionCore:
     kv_caches: tuple[KvCache, ...] = ()  # an op's own past inputs and present outputs
     rotary: Rotary | None = None  # an op's own rotary embedding
     region: tuple[str, ...] = ()  # more tensors whose width the cut changes (a packed projection's output)
+    softcap: float | None = None  # the scores soft-capped before the softmax (Gemma 2)
 
 
 def assemble(g: ModelGraph, core: AttentionCore) -> AttentionBlock:
@@ -92,7 +93,7 @@ def assemble(g: ModelGraph, core: AttentionCore) -> AttentionBlock:
         block, form=core.form if core.form is not None else block.form,
         shape_edits=block.shape_edits + tuple(edits) + tuple(rotary_edits), frozen_scales=frozen,
         constant_scales=tuple(s for s in scales if s.constant), attention_op=core.op, scale=scale,
-        packed_bias=core.packed_bias, core_nodes=core.products, heads_fixed=heads_lost or norm_fixed,
+        packed_bias=core.packed_bias, core_nodes=core.products, heads_fixed=heads_lost or norm_fixed, softcap=core.softcap,
         rotary=tuple(rotary), kv_caches=tuple(caches), qk_tensors=(rotary[0].output, rotary[1].output) if own else None,
         qk_norms=qk_norms, qk_whole=qk_whole, qk_norm=qk_norm,
         q_fixed=f"q is quantized at {quantized[0]}: rescaling its columns would change the rounding" if quantized

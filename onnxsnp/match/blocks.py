@@ -211,6 +211,7 @@ class AttentionBlock:
     fused: FusedQkv | None = None
     shape_edits: tuple[ShapeEdit, ...] = ()
     frozen_scales: tuple[FrozenScale, ...] = ()
+    softcap: float | None = None  # scores soft-capped before the softmax: cap·tanh(s/cap) (Gemma 2)
     constant_scales: tuple[FrozenScale, ...] = ()  # fixed ones on the Q·Kᵀ path
     attention_op: str | None = None  # an ONNX Attention node whose scale must be pinned
     scale: float | None = None  # that op's original softmax scale

@@ -40,14 +40,15 @@ class SoftmaxOverScores(AttentionRule):
         if attribute(anchor, "axis", default_axis) not in (-1, 3):
             raise NoMatch("softmax is not over the last axis")
         frozen: list[FrozenScale] = []
-        qk = _score_matmul(g, anchor.input[0], frozen, depth=0)
+        caps: list[float] = []
+        qk = _score_matmul(g, anchor.input[0], frozen, depth=0, caps=caps)
         if qk is None:
             raise NoMatch("no Q·Kᵀ MatMul before the softmax")
         av = _probs_consumer(g, anchor.output[0])
-        # everything between Q·Kᵀ and attn·V: scale, mask, softmax, the NaN guard
+        # everything between Q·Kᵀ and attn·V: scale, soft cap, mask, softmax, the NaN guard
         between = (nx.descendants(g.dag, qk.name) & nx.ancestors(g.dag, av.name)) | {qk.name, av.name}
         return AttentionCore(anchor, qk.input[0], qk.input[1], av.input[1], av.output[0], tuple(frozen),
-                             frozenset(between), (qk.name, av.name))
+                             frozenset(between), (qk.name, av.name), softcap=caps[0] if caps else None)
 
 
 class OnnxAttention(AttentionRule):
@@ -219,11 +220,20 @@ ATTENTION_RULES = RuleSet([
 ])
 
 
-def _score_matmul(g: ModelGraph, tensor: str, frozen: list[FrozenScale], depth: int) -> onnx.NodeProto | None:
-    """Walk back from the softmax input through scale and mask ops to the Q·Kᵀ MatMul."""
+def _score_matmul(g: ModelGraph, tensor: str, frozen: list[FrozenScale], depth: int,
+                  caps: list[float] | None = None) -> onnx.NodeProto | None:
+    """Walk back from the softmax input through scale and mask ops (and a soft cap, noted in
+    `caps`) to the Q·Kᵀ MatMul."""
     node = g.producer_of(tensor)
-    if node is None or depth > 6:
+    if node is None or depth > 8:
         return None
+    capped = _soft_cap(g, node) if caps is not None and not caps else None
+    if capped is not None:  # cap·tanh(s/cap): its two constants are the cap's, not the scores' scale
+        inner, cap = capped
+        found = _score_matmul(g, inner, frozen, depth + 1, caps)
+        if found is not None:
+            caps.append(cap)
+        return found
     if node.op_type in ("MatMul", "FusedMatMul"):
         if g.is_constant(node.input[0]) or g.is_constant(node.input[1]):
             return None
@@ -237,22 +247,41 @@ def _score_matmul(g: ModelGraph, tensor: str, frozen: list[FrozenScale], depth: 
         scale = node.input[1]
         if not is_scalar(g, scale):
             return None
-        found = _score_matmul(g, node.input[0], frozen, depth + 1)
+        found = _score_matmul(g, node.input[0], frozen, depth + 1, caps)
         if found is not None:
             frozen.append(FrozenScale(node.name, 1, scale, constant=g.is_constant(scale)))
         return found
     if activation_qdq(g, node):  # not counted: a static QDQ model puts a pair after every op
-        return _score_matmul(g, node.input[0], frozen, depth)
+        return _score_matmul(g, node.input[0], frozen, depth, caps)
     if node.op_type in ("Add", "Where", "Cast"):
         # Add: scores + mask; Where: masked_fill. Follow whichever input leads to the MatMul.
         candidates = node.input[1:] if node.op_type == "Where" else node.input
         for inp in candidates:
             before = len(frozen)
-            found = _score_matmul(g, inp, frozen, depth + 1)
+            found = _score_matmul(g, inp, frozen, depth + 1, caps)
             if found is not None:
                 return found
             del frozen[before:]
     return None
+
+
+def _soft_cap(g: ModelGraph, node: onnx.NodeProto) -> tuple[str, float] | None:
+    """(s, cap) where `node` computes cap·tanh(s/cap) (Gemma 2's attention logit soft-capping:
+    Mul by cap of Tanh of a Div by cap, or of a Mul by 1/cap); None otherwise."""
+    if node.op_type != "Mul":
+        return None
+    constants = [g.constant(t) for t in node.input]
+    at = next((i for i, c in enumerate(constants) if c is not None and c.size == 1), None)
+    tanh = g.producer_of(node.input[1 - at]) if at is not None else None
+    if tanh is None or tanh.op_type != "Tanh":
+        return None
+    cap = float(constants[at].reshape(-1)[0])
+    inner = g.producer_of(tanh.input[0])
+    if inner is None or inner.op_type not in ("Div", "Mul") or g.constant(inner.input[1]) is None:
+        return None
+    divisor = float(g.constant(inner.input[1]).reshape(-1)[0])
+    divisor = divisor if inner.op_type == "Div" else 1.0 / divisor if divisor else 0.0
+    return (inner.input[0], cap) if cap > 0 and abs(divisor - cap) <= 1e-6 * cap else None
 
 
 def _probs_consumer(g: ModelGraph, probs: str) -> onnx.NodeProto:

@@ -109,12 +109,13 @@ class PairStatistics:
     @classmethod
     def empty(cls, heads: int, d: int, energy: float = DEFAULT_ENERGY,
               causal_scale: float | None = None, units: np.ndarray | None = None,
-              softmax_only: bool = False) -> "PairStatistics":
+              softmax_only: bool = False, softcap: float | None = None) -> "PairStatistics":
         """`units`: each head dim's unit (match.units.unit_of_dim), for the softmax's sums over units;
-        `softmax_only` (with `causal_scale`): only the softmax's sums are gathered."""
+        `softmax_only` (with `causal_scale`): only the softmax's sums are gathered; `softcap`: the
+        scores' soft cap before the softmax."""
         return cls(np.zeros((heads, d)), np.zeros((heads, d, d)), np.zeros((heads, d)), 0, energy,
                    np.zeros((heads, d, d)), np.zeros((heads, d, d)), causal_scale,
-                   None if causal_scale is None else SoftmaxSums.empty(heads, d, units),
+                   None if causal_scale is None else SoftmaxSums.empty(heads, d, units, softcap),
                    softmax_only and causal_scale is not None)
 
     @small_linear_algebra
@@ -174,7 +175,7 @@ class PairStatistics:
         if other.softmax is not None:
             if self.softmax is None:
                 self.causal_scale = other.causal_scale
-                self.softmax = SoftmaxSums.empty(*self.scores.shape, other.softmax.units)
+                self.softmax = SoftmaxSums.empty(*self.scores.shape, other.softmax.units, other.softmax.softcap)
             self.softmax.merge(other.softmax)
 
     def add_norm_energy(self, q: np.ndarray, k: np.ndarray, d: int, token_mask: np.ndarray | None) -> None:

@@ -125,7 +125,7 @@ def _attention(r: Reconstructor, shard: Shard, layer, half):
     # per-sample eigendecomposition, would be computed for nothing; and the sums, from about
     # SUMS_TOKENS tokens, as the reconstruction's
     pairs = PairStatistics.empty(heads, d, causal_scale=softmax_scale(block) if block.causal else None,
-                                 units=unit_of_dim(block), softmax_only=block.causal)
+                                 units=unit_of_dim(block), softmax_only=block.causal, softcap=block.softcap)
     equations = NormalEquations.empty(block.out.in_features, block.out.out_features)
     branches: list[np.ndarray] = []
     energy = [0.0]

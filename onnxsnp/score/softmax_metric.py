@@ -65,12 +65,13 @@ class SoftmaxSums:
     energy: np.ndarray  # (heads,) Σ_i Var_{P_i}(s_i): the cost of removing every pair
     queries: int = 0
     units: np.ndarray | None = None  # (d,) the unit of every dim where F and c are over units
+    softcap: float | None = None  # the scores' soft cap (Gemma 2: cap·tanh(s/cap) before the softmax)
 
     @classmethod
-    def empty(cls, heads: int, d: int, units: np.ndarray | None = None) -> "SoftmaxSums":
+    def empty(cls, heads: int, d: int, units: np.ndarray | None = None, softcap: float | None = None) -> "SoftmaxSums":
         width = d if units is None else int(units.max()) + 1
         return cls(np.zeros((heads, width, width)), np.zeros((heads, width)), np.zeros(heads), 0,
-                   None if units is None else np.asarray(units))
+                   None if units is None else np.asarray(units), softcap)
 
     def merge(self, other: "SoftmaxSums") -> None:
         self.fisher += other.fisher
@@ -106,10 +107,14 @@ def add_sums(sums: SoftmaxSums, q_hat: np.ndarray, k_hat: np.ndarray, q: np.ndar
         chunk = len(qh)
         scores = scale * (q[part].astype(np.float32) @ np.swapaxes(k[part].astype(np.float32), -1, -2))
         seen = causal & valid[part][:, None, :]
+        # the softmax reads cap·tanh(s/cap) where the scores are soft-capped (Gemma 2); the score
+        # terms below stay linear in s, tanh′ ≈ 1 where |s| ≪ cap
+        capped = scores if sums.softcap is None else sums.softcap * np.tanh(scores / sums.softcap)
         scores = np.where(seen, scores, -np.inf)
-        top = np.max(scores, axis=-1, keepdims=True)
+        capped = np.where(seen, capped, -np.inf)
+        top = np.max(capped, axis=-1, keepdims=True)
         top = np.where(np.isfinite(top), top, 0.0)
-        weights = np.exp(scores - top)
+        weights = np.exp(capped - top)
         probs = weights / np.maximum(weights.sum(axis=-1, keepdims=True), 1e-30)
         probs *= valid[part][:, :, None]  # padded queries count for nothing
         finite = np.where(seen, scores, 0.0)
