@@ -109,9 +109,9 @@ def add_sums(sums: SoftmaxSums, q_hat: np.ndarray, k_hat: np.ndarray, q: np.ndar
         seen = causal & valid[part][:, None, :]
         # the softmax reads cap·tanh(s/cap) where the scores are soft-capped (Gemma 2); the score
         # terms below stay linear in s, tanh′ ≈ 1 where |s| ≪ cap
-        capped = scores if sums.softcap is None else sums.softcap * np.tanh(scores / sums.softcap)
+        capped = None if sums.softcap is None else sums.softcap * np.tanh(scores / sums.softcap)
         scores = np.where(seen, scores, -np.inf)
-        capped = np.where(seen, capped, -np.inf)
+        capped = scores if capped is None else np.where(seen, capped, -np.inf)
         top = np.max(capped, axis=-1, keepdims=True)
         top = np.where(np.isfinite(top), top, 0.0)
         weights = np.exp(capped - top)
