@@ -8,8 +8,12 @@ and tiny models' run times are dispatch overhead, not a speed measurement):
   MLP, sandwich norms, a sliding-window and a global layer) and OLMo 2 (one norm over all heads'
   q and k, norms after each sub-block);
 - torch's dynamo exporter with a KV cache (tools/decoder_export.py) of Phi-3 (q | k | v from one
-  qkv_proj and gate | up from one gate_up_proj, each taken apart along its features) and Mistral
-  (a sliding window of 4: the cache sliced to its last positions before and after the join);
+  qkv_proj and gate | up from one gate_up_proj, each taken apart along its features; Phi-4-mini's
+  shape: that with a partial rotary embedding), Mistral (a sliding window of 4: the cache sliced to
+  its last positions before and after the join) and Cohere (an interleaved rotary flattened with
+  literal head counts; attention and MLP in parallel, so no whole blocks: the one-pass refit). Gemma 2
+  and Gemma 3 by the same exporter are matched too (tests/test_decoder_families.py) but not listed:
+  the exporter's own graph fails a cached step past its sliding window;
 - onnxruntime-genai's model builder (fp32 and int4) on a Qwen3 and a Gemma 3 folder
   (tools/decoder_export.py; Gemma 3 through tools/genai_builder.py).
 
@@ -44,12 +48,15 @@ CUTS = [("--ratio 0.25", {"ratio": 0.25}), ("--ratio 0.5 --heads 0.5", {"ratio":
 
 
 def models(folder: Path) -> list[tuple[str, Path]]:
-    from decoder_export import export_dynamo, export_genai, save_folder, tiny_gemma3, tiny_mistral, tiny_phi3, tiny_qwen3
+    from decoder_export import (export_dynamo, export_genai, save_folder, tiny_cohere, tiny_gemma3, tiny_mistral,
+                                tiny_phi3, tiny_qwen3)
 
     found = [(f"{family} (optimum)", export_optimum(folder / family, family, "optimum"))
              for family in ("llama", "qwen3", "gemma3", "olmo2")]
     found += [("phi3 (dynamo)", export_dynamo(tiny_phi3(), folder / "phi3-dynamo.onnx")),
-              ("mistral (dynamo)", export_dynamo(tiny_mistral(), folder / "mistral-dynamo.onnx"))]
+              ("phi4-mini shape (dynamo)", export_dynamo(tiny_phi3(hidden=64, rotary=0.75), folder / "phi4-dynamo.onnx")),
+              ("mistral (dynamo)", export_dynamo(tiny_mistral(), folder / "mistral-dynamo.onnx")),
+              ("cohere (dynamo)", export_dynamo(tiny_cohere(), folder / "cohere-dynamo.onnx"))]
     for family, tiny in (("qwen3", tiny_qwen3), ("gemma3", tiny_gemma3)):
         source = save_folder(tiny(), folder / f"{family}-source")
         found += [(f"{family} (genai {precision})",

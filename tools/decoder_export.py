@@ -73,6 +73,19 @@ def tiny_gemma2(vocab: int = 300, hidden: int = 128, layers: int = 2, heads: int
     return T.Gemma2ForCausalLM(config).eval()
 
 
+def tiny_cohere(vocab: int = 100, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                intermediate: int = 128, positions: int = 128, seed: int = 0):
+    """A Cohere (Command R) decoder: an interleaved rotary embedding, attention and MLP in
+    parallel on one LayerNorm."""
+    import transformers as T
+
+    torch.manual_seed(seed)
+    config = T.CohereConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                            num_key_value_heads=kv_heads, intermediate_size=intermediate,
+                            max_position_embeddings=positions, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    return T.CohereForCausalLM(config).eval()
+
+
 def tiny_qwen3(vocab: int = 300, hidden: int = 128, layers: int = 2, heads: int = 4, kv_heads: int = 2,
                head_dim: int = 32, intermediate: int = 256, positions: int = 128, seed: int = 0):
     """A Qwen3-architecture causal LM: a Llama with an RMSNorm over each head's q and k (QK-norm)."""
