@@ -366,6 +366,8 @@ def format_matches(matches: Matches) -> str:
             lines.append(f"    (whole heads cannot be removed: {b.heads_fixed})")
         if b.qk_whole:
             lines.append(f"    (Q/K keep every dim of a kept head: {b.qk_whole})")
+        elif b.pairs_shared:
+            lines.append(f"    (every head keeps the same Q/K pairs: {b.pairs_shared})")
     lines.append(f"{len(matches.ffn)} FFN block(s):")
     for f in matches.ffn:
         lines.append(f"  {f.name:<44} {f.activation:<18} hidden {f.hidden}")
