@@ -6,8 +6,8 @@
 - Rotary embeddings rotate pairs of dims by one angle — (j, j + d/2) after rotate_half,
   (2j, 2j + 1) interleaved — so a pair is kept or removed whole (a rotation of q/k directions
   would break the position encoding, so Q/K are chosen, never projected, there).
-- An attention op whose rotary cache holds one column per pair for all heads
-  (GroupQueryAttention with do_rotary) needs the same pairs in every head.
+- An op whose rotary cache holds one column per pair for all heads (GroupQueryAttention with
+  do_rotary, ONNX's RotaryEmbedding) needs the same pairs in every head.
 """
 from __future__ import annotations
 

@@ -428,16 +428,18 @@ def _merged_heads(x: np.ndarray, heads_axis: int, samples: int) -> np.ndarray:
 
 
 def rotary_tables(g: ModelGraph, block: AttentionBlock) -> list[str]:
-    """The cos and sin tables of a block's written-out rotary embeddings (computed at run time from
-    the positions: captured where q and k are computed from the projections' inputs)."""
+    """The cos and sin tables of a block's written-out rotary embeddings and RotaryEmbedding ops
+    (computed at run time from the positions: captured where q and k are computed from the
+    projections' inputs)."""
     return [g.node(node).input[index] for rotary in block.rotary if not rotary.shared or rotary.per_token
             for node, index in rotary.tables]
 
 
 def rotate(g: ModelGraph, block: AttentionBlock, x: np.ndarray, rotary, acts: dict[str, np.ndarray]) -> np.ndarray:
     """(samples, tokens, heads·d) rotated as `rotary` does: x·cos + rotate(x)·sin. The tables are
-    an attention op's caches (positions × d/2, read at positions 0…tokens−1: prefill) or a
-    written-out embedding's captured ones."""
+    an attention op's caches (positions × d/2, read at positions 0…tokens−1: prefill), a
+    RotaryEmbedding op's captured ones (samples × tokens × d/2) or a written-out embedding's
+    captured ones (one column per dim)."""
     from ..match.blocks import RotaryStyle
 
     samples, tokens, d = x.shape[0], x.shape[1], block.head_dim
