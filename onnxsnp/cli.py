@@ -134,7 +134,8 @@ def matches_json(inspection) -> dict:
     return {"prunable": bool(matches.attention or matches.ffn),
             "attention": [{"name": b.name, "form": b.form.value, "heads": b.heads, "kv_heads": b.groups,
                            "head_dim": b.head_dim, "rotary": bool(b.rotary), "kv_cache": bool(b.kv_caches),
-                           "heads_fixed": b.heads_fixed, "qk_whole": b.qk_whole} for b in matches.attention],
+                           "heads_fixed": b.heads_fixed, "qk_whole": b.qk_whole, "pairs_shared": b.pairs_shared}
+                          for b in matches.attention],
             "ffn": [{"name": f.name, "activation": f.activation, "hidden": f.hidden, "gated": f.gate is not None}
                     for f in matches.ffn],
             "layers": [layer.name for layer in matches.layers],

@@ -3,6 +3,7 @@
 removed units zeroed — in prefill and in a decode step through the cache."""
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import numpy as np
@@ -11,6 +12,7 @@ import onnxruntime as ort
 import pytest
 
 import decoder_graphs as dg
+from onnxsnp.cli import main
 from onnxsnp.ir.graph import ModelGraph
 from onnxsnp.match import find_blocks
 from onnxsnp.match.blocks import AttentionForm, Part, RotaryStyle
@@ -240,6 +242,16 @@ def test_q_and_k_rotated_from_the_projections_input_equal_the_rotary_ops_outputs
     captured, recomputed = query_key(g, block, acts, 1), query_key(g, block, acts, 1, from_inputs=True)
     for a, b in zip(captured, recomputed):
         np.testing.assert_allclose(b, a, atol=1e-5)
+
+
+def test_inspect_says_that_every_head_keeps_the_same_pairs_under_the_rotary_op(tmp_path, capsys):
+    path = tmp_path / "rotary_op.onnx"
+    onnx.save(dg.rotary_op_attention(), str(path))
+    assert main(["inspect", str(path)]) == 0
+    assert "every head keeps the same Q/K pairs: RotaryEmbedding RotaryEmbedding_" in capsys.readouterr().out
+    assert main(["inspect", str(path), "--json"]) == 0
+    (block,) = json.loads(capsys.readouterr().out)["attention"]
+    assert "one column per pair for every head" in block["pairs_shared"] and block["kv_heads"] == 2
 
 
 def test_a_rotary_op_indexing_its_own_caches_is_skipped_with_the_reason():
