@@ -134,7 +134,8 @@ def matches_json(inspection) -> dict:
     return {"prunable": bool(matches.attention or matches.ffn),
             "attention": [{"name": b.name, "form": b.form.value, "heads": b.heads, "kv_heads": b.groups,
                            "head_dim": b.head_dim, "rotary": bool(b.rotary), "kv_cache": bool(b.kv_caches),
-                           "heads_fixed": b.heads_fixed, "qk_whole": b.qk_whole} for b in matches.attention],
+                           "heads_fixed": b.heads_fixed, "qk_whole": b.qk_whole, "pairs_shared": b.pairs_shared}
+                          for b in matches.attention],
             "ffn": [{"name": f.name, "activation": f.activation, "hidden": f.hidden, "gated": f.gate is not None}
                     for f in matches.ffn],
             "layers": [layer.name for layer in matches.layers],
@@ -366,6 +367,8 @@ def format_matches(matches: Matches) -> str:
             lines.append(f"    (whole heads cannot be removed: {b.heads_fixed})")
         if b.qk_whole:
             lines.append(f"    (Q/K keep every dim of a kept head: {b.qk_whole})")
+        elif b.pairs_shared:
+            lines.append(f"    (every head keeps the same Q/K pairs: {b.pairs_shared})")
     lines.append(f"{len(matches.ffn)} FFN block(s):")
     for f in matches.ffn:
         lines.append(f"  {f.name:<44} {f.activation:<18} hidden {f.hidden}")

@@ -201,3 +201,48 @@ def gqa_feed(model: onnx.ModelProto, tokens: int, past: dict[str, np.ndarray] | 
     total = next(iter(past.values())).shape[2] + tokens
     return {"x": rng.standard_normal((1, tokens, declared["x"][2])).astype(np.float32), **past,
             "seqlens_k": np.array([total - 1], np.int32), "total_sequence_length": np.array(total, np.int32)}
+
+
+def rotary_op_attention(kv_heads: int = 2, interleaved: bool = False, position_ids: bool = False, seed: int = 0
+                        ) -> onnx.ModelProto:
+    """What torch's dynamo exporter writes at opset 23: ONNX's RotaryEmbedding on the head-split q
+    and k (cos and sin (1, N, d/2) graph inputs, one column per pair for every head), k and v
+    joined with the KV cache and repeated for the query heads, ONNX's Attention on 4-D inputs
+    with its scale. `position_ids`: the op indexes (positions, d/2) caches itself instead."""
+    b = Builder(seed, opset=23)
+    q, k = b.linear("x", WIDTH, WIDTH), b.linear("x", WIDTH, kv_heads * HEAD_DIM)
+    q, k = _heads(b, q, HEADS), _heads(b, k, kv_heads)
+    v = _heads(b, b.linear("x", WIDTH, kv_heads * HEAD_DIM), kv_heads)
+    tables = ["cos", "sin"] + (["position_ids"] if position_ids else [])
+    q, k = (b.op("RotaryEmbedding", [t, *tables], interleaved=int(interleaved), num_heads=heads)
+            for t, heads in ((q, HEADS), (k, kv_heads)))
+    b.nodes.append(helper.make_node("Concat", ["past_key", k], ["present_key"], name="cache_key", axis=2))
+    b.nodes.append(helper.make_node("Concat", ["past_value", v], ["present_value"], name="cache_value", axis=2))
+    k, v = _repeat(b, "present_key", kv_heads), _repeat(b, "present_value", kv_heads)
+    context = b.op("Attention", [q, k, v], scale=HEAD_DIM ** -0.5)
+    merged = b.op("Reshape", [b.op("Transpose", [context], perm=[0, 2, 1, 3]),
+                              b.const(np.array([0, 0, WIDTH], dtype=np.int64))])
+    b.nodes.append(helper.make_node("Identity", [b.linear(merged, WIDTH, WIDTH)], ["y"], name="output"))
+    cache = [1, kv_heads, None, HEAD_DIM]
+    table = [None, HEAD_DIM // 2] if position_ids else [1, None, HEAD_DIM // 2]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, WIDTH]),
+              helper.make_tensor_value_info("cos", TensorProto.FLOAT, table),
+              helper.make_tensor_value_info("sin", TensorProto.FLOAT, table),
+              helper.make_tensor_value_info("past_key", TensorProto.FLOAT, cache),
+              helper.make_tensor_value_info("past_value", TensorProto.FLOAT, cache)]
+    if position_ids:
+        inputs.append(helper.make_tensor_value_info("position_ids", TensorProto.INT64, [1, None]))
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in
+               (("y", [1, None, WIDTH]), ("present_key", cache), ("present_value", cache))]
+    graph = helper.make_graph(b.nodes, "decoder", inputs, outputs, b.inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+
+
+def rotary_op_feed(model: onnx.ModelProto, tokens: int, past: dict[str, np.ndarray] | None = None,
+                   seed: int = 1) -> dict[str, np.ndarray]:
+    """`feed` with the op's caches: cos and sin (1, N, d/2) at the new positions, one column per pair."""
+    fed = feed(model, tokens, past, None, seed)
+    start = fed["past_key"].shape[2]
+    pairs = 10000.0 ** (-np.arange(HEAD_DIM // 2) * 2 / HEAD_DIM)
+    freqs = np.arange(start, start + tokens)[:, None] * pairs[None, :]
+    return {**fed, "cos": np.cos(freqs)[None].astype(np.float32), "sin": np.sin(freqs)[None].astype(np.float32)}

@@ -3,13 +3,16 @@
 removed units zeroed — in prefill and in a decode step through the cache."""
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
 import decoder_graphs as dg
+from onnxsnp.cli import main
 from onnxsnp.ir.graph import ModelGraph
 from onnxsnp.match import find_blocks
 from onnxsnp.match.blocks import AttentionForm, Part, RotaryStyle
@@ -19,6 +22,7 @@ from onnxsnp.rewrite.rewriting import rewrite
 from onnxsnp.match.units import unit_of_dim
 from onnxsnp.plan import AttentionWidth, Widths
 from onnxsnp.score.allocation import widths_plan
+from onnxsnp.score.importance import query_key, rotary_tables
 from oracle import masked_original
 
 VARIANTS = [(2, "half"), (1, "half"), (4, "half"), (2, "interleaved"), (2, None)]
@@ -310,3 +314,71 @@ def test_soft_capped_scores_are_read_and_pruned_exactly(heads):
 def test_a_tanh_that_is_no_soft_cap_stops_the_scores():
     found = find_blocks(ModelGraph(dg.decoder_attention(2, "half", softcap=(30.0, 50.0))))
     assert found.attention == () and any("no Q·Kᵀ MatMul" in s.reason for s in found.skipped), found.skipped
+
+
+@pytest.mark.parametrize("kv_heads,interleaved", [(2, False), (4, False), (2, True)])
+@pytest.mark.parametrize("heads", [0.0, 0.5])
+def test_the_rotary_op_keeps_the_same_pairs_in_every_head_and_prunes_exactly(kv_heads, interleaved, heads):
+    """ONNX's RotaryEmbedding (torch's dynamo exporter at opset 23) reads caches of one column per
+    pair for all heads: every head keeps the same whole pairs, each layer's caches are gathered to
+    them, the op's num_heads follows the kept heads; pruned = masked original, prefill and decode."""
+    g = ModelGraph(dg.rotary_op_attention(kv_heads, interleaved))
+    (block,) = find_blocks(g).attention
+    assert [(r.per_token, r.heads, r.style) for r in block.rotary] == \
+        [(True, h, RotaryStyle.INTERLEAVED if interleaved else RotaryStyle.HALF) for h in (dg.HEADS, kv_heads)]
+    assert block.rotary[0].node in block.pairs_shared
+    calib = {k: np.repeat(v, 4, axis=0) if k == "x" else v for k, v in dg.rotary_op_feed(g.model, 6).items()}
+    plan = make_plan(g, find_blocks(g), Ratios(0.5, 0.25, 0.0, heads=heads), "random", calib, batch=4, seed=1)
+    (keep,) = plan.attention
+    units = unit_of_dim(block)
+    assert keep.qk.shape[1] == dg.HEAD_DIM // 2 and (keep.qk == keep.qk[:1]).all()  # one pair, the same in all heads
+    assert all((units[keep.qk[0]] == u).sum() == 2 for u in units[keep.qk[0]])
+    pruned, zeroed = rewrite(g, plan), masked_original(g, plan)
+    onnx.checker.check_model(pruned)
+    rotaries = [n for n in pruned.graph.node if n.op_type == "RotaryEmbedding"]
+    assert [a.i for n in rotaries for a in n.attribute if a.name == "num_heads"] == \
+        [len(keep.query_heads()), len(keep.heads)]
+    assert Counter(n.op_type for n in pruned.graph.node)["Gather"] == 2  # cos and sin, once for q and k alike
+    want, got = run(zeroed, dg.rotary_op_feed(zeroed, 5)), run(pruned, dg.rotary_op_feed(pruned, 5))
+    np.testing.assert_allclose(got["y"], want["y"], atol=1e-5)
+    assert got["present_key"].shape == (1, len(keep.heads), 5, keep.qk.shape[1])
+    assert got["present_value"].shape == (1, len(keep.heads), 5, keep.v.shape[1])
+    step = lambda model, out: dg.rotary_op_feed(model, 1, {"past_key": out["present_key"],  # noqa: E731
+                                                           "past_value": out["present_value"]}, seed=2)
+    np.testing.assert_allclose(run(pruned, step(pruned, got))["y"], run(zeroed, step(zeroed, want))["y"], atol=1e-5)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_q_and_k_rotated_from_the_projections_input_equal_the_rotary_ops_outputs(interleaved):
+    """Reconstruction recomputes q and k from a pruned model's projection input with the captured
+    (…, N, d/2) caches (importance.rotate): that must be what the op itself gives."""
+    model = dg.rotary_op_attention(2, interleaved)
+    g = ModelGraph(model)
+    (block,) = find_blocks(g).attention
+    wanted = ["x", *block.qk_tensors, *rotary_tables(g, block)]
+    assert set(rotary_tables(g, block)) == {"cos", "sin"}
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
+                              for t in block.qk_tensors)
+    fed = dg.rotary_op_feed(model, 7)
+    acts = {**fed, **run(model, fed)}
+    acts = {t: acts[t] for t in wanted}
+    captured, recomputed = query_key(g, block, acts, 1), query_key(g, block, acts, 1, from_inputs=True)
+    for a, b in zip(captured, recomputed):
+        np.testing.assert_allclose(b, a, atol=1e-5)
+
+
+def test_inspect_says_that_every_head_keeps_the_same_pairs_under_the_rotary_op(tmp_path, capsys):
+    path = tmp_path / "rotary_op.onnx"
+    onnx.save(dg.rotary_op_attention(), str(path))
+    assert main(["inspect", str(path)]) == 0
+    assert "every head keeps the same Q/K pairs: RotaryEmbedding RotaryEmbedding_" in capsys.readouterr().out
+    assert main(["inspect", str(path), "--json"]) == 0
+    (block,) = json.loads(capsys.readouterr().out)["attention"]
+    assert "one column per pair for every head" in block["pairs_shared"] and block["kv_heads"] == 2
+
+
+def test_a_rotary_op_indexing_its_own_caches_is_skipped_with_the_reason():
+    g = ModelGraph(dg.rotary_op_attention(position_ids=True))
+    assert not find_blocks(g).attention
+    (skipped,) = find_blocks(g).skipped
+    assert "RotaryEmbedding_" in skipped.reason and "reads position_ids position_ids" in skipped.reason

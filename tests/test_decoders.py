@@ -3,7 +3,8 @@
 SwiGLU, RMSNorm) and of GPT-2 (fused c_attn, learned positions), and torch's dynamo exporter of
 the Llama model (and of a Phi-3 one: fused qkv and gate_up projections; Phi-4-mini's shape: that
 with a partial rotary embedding) with a KV cache, also converted to fp16 by onnxruntime's converter (with float32
-inputs and outputs, the cache cast on its way in and out, or all in fp16). Ratio 0 is identical; a pruned prefill and a decode step through
+inputs and outputs, the cache cast on its way in and out, or all in fp16), and at opset 23 ("dynamo23": ONNX's
+RotaryEmbedding, Attention and RMSNormalization ops, also on Qwen3 with its QK-norm). Ratio 0 is identical; a pruned prefill and a decode step through
 the pruned cache equal the original with the removed units zeroed; the default flow (block by
 block reconstruction) prunes them."""
 from __future__ import annotations
@@ -18,7 +19,7 @@ import onnx
 import pytest
 
 from exports import export_optimum
-from decoders import calibration, genai_generate, greedy, prefill_and_step, step_feed
+from decoders import calibration, genai_generate, greedy, prefill_and_step, run, step_feed
 from onnxsnp import prune
 from onnxsnp.cli import main
 from onnxsnp.data.calibration import input_specs, validate_calibration
@@ -32,7 +33,7 @@ from onnxsnp.rewrite.rewriting import rewrite
 from oracle import masked_original, unshare
 
 pytestmark = pytest.mark.slow
-FORMS = ["llama-optimum", "gpt2-optimum", "llama-dynamo", "llama-dynamo-fp16", "llama-dynamo-fp16io",
+FORMS = ["llama-optimum", "gpt2-optimum", "llama-dynamo", "llama-dynamo23", "llama-dynamo-fp16", "llama-dynamo-fp16io",
          "phi3-dynamo", "phi4mini-dynamo", "mistral-dynamo", "llama-genai-fp32", "llama-genai-int4"]
 GROUPS = {"gpt2-optimum": 4}  # key/value heads per layer (2 in the Llama models)
 WINDOWS = {"mistral-dynamo": 4}  # sliding windows: shorter than the tests' prompts, so the cache's slices act
@@ -46,14 +47,15 @@ def decoder(tmp_path_factory):
     def get(form: str):
         if form not in cache:
             family, exporter = form.split("-", 1)
-            from decoder_export import export_dynamo, export_genai, save_folder, tiny_llama, tiny_mistral, tiny_phi3
+            from decoder_export import export_dynamo, export_genai, save_folder, tiny_llama, tiny_mistral, tiny_phi3, tiny_qwen3
 
             if exporter == "optimum":
                 cache[form] = export_optimum(folder / form, family, "optimum")
-            elif exporter == "dynamo":
+            elif exporter in ("dynamo", "dynamo23"):
                 model = tiny_phi3() if family == "phi3" else tiny_phi3(hidden=64, rotary=0.75) if family == "phi4mini" \
-                    else tiny_mistral(window=WINDOWS[form]) if family == "mistral" else tiny_llama()
-                cache[form] = export_dynamo(model, folder / f"{form}.onnx")
+                    else tiny_mistral(window=WINDOWS[form]) if family == "mistral" else tiny_qwen3() if family == "qwen3" \
+                    else tiny_llama()
+                cache[form] = export_dynamo(model, folder / f"{form}.onnx", opset=23 if exporter == "dynamo23" else None)
             elif exporter.startswith("dynamo-fp16"):  # keep_io_types: float32 inputs and outputs, fp16 inside
                 from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -108,7 +110,7 @@ def test_pruned_decoder_equals_masked_original_through_the_cache(decoder, tmp_pa
     assert got["present.0.value"].shape == (2, len(keep.heads), kept, keep.v.shape[1])
 
 
-@pytest.mark.parametrize("form", ["llama-dynamo", "llama-optimum", "gpt2-optimum"])
+@pytest.mark.parametrize("form", ["llama-dynamo", "llama-dynamo23", "llama-optimum", "gpt2-optimum"])
 def test_the_timed_decode_step_is_the_last_position_of_the_prefill(decoder, form):
     from onnxsnp.data.calibration import session
     from onnxsnp.data.timing import decode_feed
@@ -422,3 +424,40 @@ def test_a_pruned_sliding_window_decoder_decodes_past_its_window_as_it_runs_unca
     step = run(pruned, step_feed(pruned, ids[:, 7:], past, start=7))
     whole = run(pruned, step_feed(pruned, ids))
     np.testing.assert_allclose(step["logits"][:, -1], whole["logits"][:, -1], atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("form", ["llama-dynamo23", "qwen3-dynamo23"])
+def test_an_opset_23_export_is_matched_whole_and_its_pruned_cache_decodes_as_uncached(decoder, tmp_path, form):
+    """torch.onnx.export(dynamo=True, opset_version=23): ONNX's RotaryEmbedding on the head-split q
+    and k (caches of one column per pair for every head), Attention on 4-D inputs, RMSNormalization.
+    Every block and layer is matched; the Llama's heads keep the same Q/K pairs, Qwen3's QK-norm
+    keeps q/k whole; pruned = masked original through the cache, and the default flow's pruned
+    model decodes through its cache as it runs uncached."""
+    path = unshare(decoder(form), tmp_path)
+    g = ModelGraph(onnx.load(str(path)))
+    matches = find_blocks(g)
+    assert (len(matches.attention), len(matches.ffn), len(matches.layers)) == (2, 2, 2), matches.skipped
+    assert not matches.skipped and inspect_model(path).reconstruction is None  # None: it can run
+    qwen3 = form.startswith("qwen3")
+    for block in matches.attention:
+        assert [r.per_token for r in block.rotary] == [True, True] and block.rotary[0].node in block.pairs_shared
+        assert bool(block.qk_whole) == qwen3 and block.groups == 2
+    feed = validate_calibration(calibration(100, 4), input_specs(g), "calibration")
+    plan = make_plan(g, matches, Ratios(0.5, 0.25, 0.5, heads=0.5), "random", feed, batch=2, seed=3)
+    for keep in plan.attention:
+        assert (keep.qk == keep.qk[:1]).all() and len(keep.heads) == 1
+        assert keep.qk.shape[1] == (keep.block.head_dim if qwen3 else keep.block.head_dim // 2)
+    pruned, zeroed = rewrite(g, plan), masked_original(g, plan)
+    onnx.checker.check_model(pruned)
+    ids = np.random.default_rng(4).integers(0, 100, (2, 8))
+    (want, want_step), (got, got_step) = prefill_and_step(zeroed, ids[:, :6], ids[:, 6:7]), \
+        prefill_and_step(pruned, ids[:, :6], ids[:, 6:7])
+    np.testing.assert_allclose(got["logits"], want["logits"], atol=2e-5, rtol=1e-3)
+    np.testing.assert_allclose(got_step["logits"], want_step["logits"], atol=2e-5, rtol=1e-3)
+    assert got["present.1.key"].shape == (2, 1, 6, plan.attention[1].qk.shape[1])
+    assert got["present.1.value"].shape == (2, 1, 6, plan.attention[1].v.shape[1])
+    flowed, report = prune(str(path), ratio=0.5, heads=0.5, calib=calibration(100, 32, 12), measure_latency=False)
+    assert report.reconstruction is not None and report.flops_after < report.flops_before
+    _, step = prefill_and_step(flowed, ids[:, :7], ids[:, 7:])
+    np.testing.assert_allclose(step["logits"][:, -1], run(flowed, step_feed(flowed, ids))["logits"][:, -1],
+                               atol=1e-4, rtol=1e-3)

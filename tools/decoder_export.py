@@ -186,9 +186,11 @@ class _WithCache(torch.nn.Module):
         return (out.logits, *present)
 
 
-def export_dynamo(model, path: Path) -> Path:
+def export_dynamo(model, path: Path, opset: int | None = None) -> Path:
     """torch.onnx.export(dynamo=True) with a KV cache: inputs input_ids, attention_mask,
-    position_ids, past_key_values.{i}.key/value; outputs logits, present.{i}.key/value."""
+    position_ids, past_key_values.{i}.key/value; outputs logits, present.{i}.key/value. `opset`:
+    the exporter's default where None; 23 writes ONNX's RotaryEmbedding, Attention and
+    RMSNormalization ops instead of their standard-op forms."""
     config = model.config
     layers = config.num_hidden_layers
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads  # GPT-NeoX has none
@@ -206,7 +208,7 @@ def export_dynamo(model, path: Path) -> Path:
     with torch.no_grad():
         torch.onnx.export(_WithCache(model.eval()), (ids, mask, positions, cache), str(path), dynamo=True,
                           input_names=["input_ids", "attention_mask", "position_ids", *names], output_names=outputs,
-                          dynamic_shapes=shapes)
+                          dynamic_shapes=shapes, opset_version=opset)
     return path
 
 

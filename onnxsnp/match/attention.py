@@ -88,7 +88,8 @@ def assemble(g: ModelGraph, core: AttentionCore) -> AttentionBlock:
         scale = core.scale if core.scale is not None else block.head_dim ** -0.5
     gqa = core.form is AttentionForm.ORT_GQA  # one head size for Q, K and V; the rotary cache shared by all heads
     shared = gqa and core.rotary is not None
-    own = len(rotary) == 2 and not any(r.shared for r in rotary)  # rotated q and k are tensors of the graph
+    own = len(rotary) == 2 and all(r.output for r in rotary)  # rotated q and k are tensors of the graph
+    op_rotary = next((r.node for r in rotary if r.per_token), None)
     return replace(
         block, form=core.form if core.form is not None else block.form,
         shape_edits=block.shape_edits + tuple(edits) + tuple(rotary_edits), frozen_scales=frozen,
@@ -100,6 +101,7 @@ def assemble(g: ModelGraph, core: AttentionCore) -> AttentionBlock:
         else None,
         equal_widths="GroupQueryAttention takes one head size for Q, K and V" if gqa else None,
         pairs_shared="GroupQueryAttention's rotary cache holds one column per pair for every head" if shared else
+        f"RotaryEmbedding {op_rotary}'s cos/sin caches hold one column per pair for every head" if op_rotary else
         PARTIAL_SHARED if any(r.rotated for r in rotary) else None,
         width_multiple=16 if shared else 1)  # onnxruntime's kernels: "head_size shall be a multiple of 16" with rotary
 
@@ -120,7 +122,7 @@ def _shape_edits(g: ModelGraph, block: AttentionBlock, traces: tuple[Trace, ...]
             forward, start = list(reversed(trace.nodes[:trace.selector])), MERGED
         else:
             forward, start = list(reversed(trace.nodes)), MERGED
-        passes = frozenset(n.name for n in trace.nodes if n.op_type in ("Add", "Concat"))  # rotary, KV cache
+        passes = frozenset(n.name for n in trace.nodes if n.op_type in ("Add", "Concat", "RotaryEmbedding"))  # rotary, KV cache
         if trace.norm is not None:  # a QK-norm keeps every axis where it is
             passes |= {g.producer_of(trace.norm.output).name}
         edits += path_shape_edits(g, forward, Path.of(kind, block), block, region, start, lost, seen, passes)
@@ -151,6 +153,8 @@ def _decoder_parts(g: ModelGraph, block: AttentionBlock, traces: tuple[Trace, ..
                     raise NoMatch(f"a rotary embedding on V ({node.name})")
                 if axes is None or axes.merged or axes.heads is None or axes.dim != -1:
                     raise NoMatch(f"{node.name}: the rotary embedding is not applied per head")
+                if trace.rotary.per_token and axes.heads != -3:
+                    raise NoMatch(f"{node.name}: the heads axis of RotaryEmbedding's input is not its second")
                 if trace.half is not None and 2 * trace.half != (trace.rotary.rotated or block.head_dim):
                     raise NoMatch(f"{node.name} rotates {2 * trace.half} of {block.head_dim} head dims "
                                   "(a partial rotary embedding is matched as Concat(rotary(x[..., :r]), x[..., r:]) only)")

@@ -107,7 +107,9 @@ class RotaryStyle(str, Enum):
 class Rotary:
     """A rotary position embedding on q or k: x·cos + rotate(x)·sin, written out op by op (the
     cos and sin tables read by `tables` are sliced to the kept dims of every head) or inside an
-    attention op (`shared`: its caches hold one column per pair, for all heads alike)."""
+    attention op or the ONNX RotaryEmbedding op (`shared`: its caches hold one column per pair,
+    for all heads alike; `per_token`: (…, N, d/2) caches computed at run time, captured for scoring
+    like a written-out embedding's tables, rather than constant ones indexed by position)."""
 
     style: RotaryStyle
     node: str  # the Add joining the two products, or the attention op
@@ -119,6 +121,7 @@ class Rotary:
     heads_axis: int = -3  # where x's heads axis is, counted from the end (the tables broadcast along it)
     shared: bool = False
     rotated: int = 0  # a partial rotary embedding's rotated dims per head (the first ones); 0: every dim
+    per_token: bool = False
 
 
 class Part(str, Enum):

@@ -6,7 +6,9 @@ repetition of key/value heads for grouped-query attention (Unsqueeze → Expand 
 A rotary embedding rotates pairs of head dims — (i, i + d/2) after rotate_half, (2i, 2i + 1)
 when interleaved — by the same angle, so both dims of a pair are kept or removed together and
 the cos/sin tables are sliced to the kept dims (rewriting.py). Where the split point d/2 is a
-literal in the graph it becomes a shape edit of the Q/K group.
+literal in the graph it becomes a shape edit of the Q/K group. The ONNX RotaryEmbedding op
+(opset 23: torch's dynamo exporter at opset 23) does the same in one node, with caches that hold
+one column per pair for all heads alike (`rotary_op`).
 """
 from __future__ import annotations
 
@@ -63,6 +65,27 @@ def _same_cast(g: ModelGraph, x: str, cos_mul: onnx.NodeProto) -> tuple[str | No
                 attribute(other, "to") == attribute(first, "to"):
             return t, (first.name, other.name)
     return None, ()
+
+
+def rotary_op(g: ModelGraph, node: onnx.NodeProto) -> Rotary:
+    """The ONNX RotaryEmbedding op (opset 23) on a head-split (…, H, N, d) q or k, its cos/sin caches
+    (…, N, d/2) given per token (computed from the positions at run time): one column per pair,
+    broadcast over the heads, so every head must keep the same pairs (the caches are gathered to
+    them). NoMatch where the op indexes its caches itself (position_ids), rotates only part of the
+    head, or takes merged heads."""
+    inputs = list(node.input) + [""] * (4 - len(node.input))
+    if inputs[3]:
+        raise NoMatch(f"{node.name}: RotaryEmbedding reads position_ids {inputs[3]} "
+                      "(caches indexed inside the op are not supported)")
+    if attribute(node, "rotary_embedding_dim", 0):
+        raise NoMatch(f"{node.name}: RotaryEmbedding rotates part of the head (rotary_embedding_dim)")
+    rank = len(g.shapes.get(inputs[0]) or ())
+    if rank != 4:
+        raise NoMatch(f"{node.name}: RotaryEmbedding input {inputs[0]} is not (batch, heads, tokens, head dim)"
+                      f"{' (rank unknown)' if not rank else f' but rank {rank}'}")
+    style = RotaryStyle.INTERLEAVED if attribute(node, "interleaved", 0) else RotaryStyle.HALF
+    return Rotary(style, node.name, inputs[0], node.output[0], ((node.name, 1), (node.name, 2)), (node.name,),
+                  shared=True, per_token=True)
 
 
 def _negated_and_plain(g: ModelGraph, negated: str, plain: str) -> tuple | None:

@@ -112,6 +112,10 @@ def attention_groups(g: ModelGraph | None, block: AttentionBlock) -> tuple[Group
         if block.form is AttentionForm.ORT_ATTENTION:
             attributes.append(AttributeEdit(block.attention_op, "qkv_hidden_sizes",
                                             (Width.QK_MERGED, Width.QK_MERGED, Width.V_MERGED)))
+    for rotary in block.rotary if g is not None else ():  # the ONNX RotaryEmbedding op may name its heads
+        if rotary.per_token and attribute(g.node(rotary.node), "num_heads") is not None:
+            attributes.append(AttributeEdit(rotary.node, "num_heads", (
+                Width.KV_HEADS if rotary.heads == block.groups else Width.HEADS,)))
     return group(f"{block.name}/qk", width, qk, tuple(attributes)), group(f"{block.name}/v", width, v)
 
 

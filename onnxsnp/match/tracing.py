@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 import onnx
 
 from .blocks import FrozenScale, KvCache, Linear, NoMatch, Part, Rotary, ShapeEdit, Width
-from .decoder import kv_cache_join, rotary_producing
+from .decoder import kv_cache_join, rotary_op, rotary_producing
 from .linear import linear_producing, linear_reading
 from .norms import Norm, norm_writing
 from .partial_rotary import partial_rotary_producing
@@ -80,6 +80,8 @@ def trace_to_linear(g: ModelGraph, tensor: str, path: Part) -> Trace:
             raise NoMatch(f"{tensor} does not come from a projection with constant weights")
         rotated = rotary_producing(g, tensor) if node.op_type == "Add" else \
             partial_rotary_producing(g, tensor) if node.op_type == "Concat" else None
+        if node.op_type == "RotaryEmbedding" and node.domain in ("", "ai.onnx"):  # opset 23's op
+            rotated = (rotary_op(g, node), [], None)
         if rotated is not None:
             if rotary_found is not None:
                 raise NoMatch(f"two rotary embeddings on the way to the projection ({node.name})")

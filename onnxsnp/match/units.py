@@ -8,8 +8,8 @@
   would break the position encoding, so Q/K are chosen, never projected, there). A partial
   rotary embedding (match/partial_rotary.py) rotates pairs (j, j + r/2) of its first r dims; the
   rest are cut in adjacent pairs.
-- An attention op whose rotary cache holds one column per pair for all heads
-  (GroupQueryAttention with do_rotary) needs the same pairs in every head.
+- An op whose rotary cache holds one column per pair for all heads (GroupQueryAttention with
+  do_rotary, ONNX's RotaryEmbedding) needs the same pairs in every head.
 """
 from __future__ import annotations
 

@@ -16,7 +16,8 @@ def slice_rotary_tables(editor: Editor, keep: AttentionKeep, rotaries: tuple[Rot
     """Every kept Q/K dim keeps its own angle: an op's caches (one column per pair, the same pairs
     in every head) are gathered to the kept pairs' columns — from the one cache all layers share,
     by a Gather of constants the runtime folds when it loads the model, so the file keeps one
-    cache rather than a sliced copy per layer (60 copies grew a 86 MB int4 folder by 47 MB); a
+    cache rather than a sliced copy per layer (60 copies grew a 86 MB int4 folder by 47 MB), or
+    from a RotaryEmbedding op's per-token caches at run time (a Gather a table and step); a
     written-out embedding's tables (one column per dim, broadcast over the heads) are gathered
     per head, to (…, kept heads, …, kept dims): all tables of the layer's q and k at once."""
     block = keep.block

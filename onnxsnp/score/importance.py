@@ -429,15 +429,18 @@ def _merged_heads(x: np.ndarray, heads_axis: int, samples: int) -> np.ndarray:
 
 
 def rotary_tables(g: ModelGraph, block: AttentionBlock) -> list[str]:
-    """The cos and sin tables of a block's written-out rotary embeddings (computed at run time from
-    the positions: captured where q and k are computed from the projections' inputs)."""
-    return [g.node(node).input[index] for rotary in block.rotary if not rotary.shared for node, index in rotary.tables]
+    """The cos and sin tables of a block's written-out rotary embeddings and RotaryEmbedding ops
+    (computed at run time from the positions: captured where q and k are computed from the
+    projections' inputs)."""
+    return [g.node(node).input[index] for rotary in block.rotary if not rotary.shared or rotary.per_token
+            for node, index in rotary.tables]
 
 
 def rotate(g: ModelGraph, block: AttentionBlock, x: np.ndarray, rotary, acts: dict[str, np.ndarray]) -> np.ndarray:
     """(samples, tokens, heads·d) rotated as `rotary` does: x·cos + rotate(x)·sin. The tables are
-    an attention op's caches (positions × d/2, read at positions 0…tokens−1: prefill) or a
-    written-out embedding's captured ones."""
+    an attention op's caches (positions × d/2, read at positions 0…tokens−1: prefill), a
+    RotaryEmbedding op's captured ones (samples × tokens × d/2) or a written-out embedding's
+    captured ones (one column per dim)."""
     from ..match.blocks import RotaryStyle
 
     samples, tokens, d = x.shape[0], x.shape[1], block.head_dim
@@ -446,8 +449,11 @@ def rotate(g: ModelGraph, block: AttentionBlock, x: np.ndarray, rotary, acts: di
     for node, index in rotary.tables:
         tensor = g.node(node).input[index]
         if rotary.shared:  # one column per pair, the same for every head
-            half = g.constant(tensor).astype(np.float64)[:tokens]
-            tables.append((np.repeat(half, 2, axis=-1) if interleaved else np.concatenate([half, half], -1))[None, :, None])
+            if rotary.per_token:  # (samples, tokens, d/2), captured
+                half = acts[tensor].astype(np.float64).reshape(-1, tokens, d // 2)[:, :, None]
+            else:  # (positions, d/2), read at positions 0…tokens−1
+                half = g.constant(tensor).astype(np.float64)[:tokens][None, :, None]
+            tables.append(np.repeat(half, 2, axis=-1) if interleaved else np.concatenate([half, half], -1))
         else:  # (…, 1, N, d) broadcast over the heads axis
             value = np.moveaxis(acts[tensor].astype(np.float64), rotary.heads_axis, -2)
             tables.append(value.reshape(-1, *value.shape[-3:]) if value.ndim > 3 else value[None])
