@@ -65,6 +65,19 @@ def _repeat(b: Builder, t: str, kv_heads: int) -> str:
     return b.op("Reshape", [expanded, i64(0, HEADS, -1, HEAD_DIM)])
 
 
+def decoder_io(width: int, kv_heads: int, head_dim: int, table: list) -> tuple[list, list]:
+    """The graph inputs (x, cos and sin of shape `table`, the past keys and values) and outputs
+    (y, the present keys and values) of a hand-built decoder attention."""
+    cache = [1, kv_heads, None, head_dim]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, width]),
+              helper.make_tensor_value_info("cos", TensorProto.FLOAT, table),
+              helper.make_tensor_value_info("sin", TensorProto.FLOAT, table),
+              helper.make_tensor_value_info("past_key", TensorProto.FLOAT, cache),
+              helper.make_tensor_value_info("past_value", TensorProto.FLOAT, cache)]
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("y", "present_key", "present_value")]
+    return inputs, outputs
+
+
 def decoder_attention(kv_heads: int = 2, rotary: str | None = "half", seed: int = 0,
                       qk_norm: str | None = None, fused: bool = False, window: int = 0,
                       window_axis: int = 2, literal_heads: bool = False, recast: bool = False,
@@ -120,13 +133,7 @@ def decoder_attention(kv_heads: int = 2, rotary: str | None = "half", seed: int 
     context = b.op("Reshape", [b.op("Transpose", [b.op("MatMul", [probs, v])], perm=[0, 2, 1, 3]),
                                b.const(np.array([0, 0, WIDTH], dtype=np.int64))])
     b.nodes.append(helper.make_node("Identity", [b.linear(context, WIDTH, WIDTH)], ["y"], name="output"))
-    cache = [1, kv_heads, None, HEAD_DIM]
-    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, WIDTH]),
-              helper.make_tensor_value_info("cos", TensorProto.FLOAT, [1, 1, None, HEAD_DIM]),
-              helper.make_tensor_value_info("sin", TensorProto.FLOAT, [1, 1, None, HEAD_DIM]),
-              helper.make_tensor_value_info("past_key", TensorProto.FLOAT, cache),
-              helper.make_tensor_value_info("past_value", TensorProto.FLOAT, cache)]
-    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("y", "present_key", "present_value")]
+    inputs, outputs = decoder_io(WIDTH, kv_heads, HEAD_DIM, [1, 1, None, HEAD_DIM])
     graph = helper.make_graph(b.nodes, "decoder", inputs if rotary else inputs[:1] + inputs[3:], outputs, b.inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
@@ -223,15 +230,10 @@ def rotary_op_attention(kv_heads: int = 2, interleaved: bool = False, position_i
     merged = b.op("Reshape", [b.op("Transpose", [context], perm=[0, 2, 1, 3]),
                               b.const(np.array([0, 0, WIDTH], dtype=np.int64))])
     b.nodes.append(helper.make_node("Identity", [b.linear(merged, WIDTH, WIDTH)], ["y"], name="output"))
-    cache = [1, kv_heads, None, HEAD_DIM]
-    table = [None, HEAD_DIM // 2] if position_ids else [1, None, HEAD_DIM // 2]
-    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, WIDTH]),
-              helper.make_tensor_value_info("cos", TensorProto.FLOAT, table),
-              helper.make_tensor_value_info("sin", TensorProto.FLOAT, table),
-              helper.make_tensor_value_info("past_key", TensorProto.FLOAT, cache),
-              helper.make_tensor_value_info("past_value", TensorProto.FLOAT, cache)]
+    inputs, _ = decoder_io(WIDTH, kv_heads, HEAD_DIM, [None, HEAD_DIM // 2] if position_ids else [1, None, HEAD_DIM // 2])
     if position_ids:
         inputs.append(helper.make_tensor_value_info("position_ids", TensorProto.INT64, [1, None]))
+    cache = [1, kv_heads, None, HEAD_DIM]
     outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in
                (("y", [1, None, WIDTH]), ("present_key", cache), ("present_value", cache))]
     graph = helper.make_graph(b.nodes, "decoder", inputs, outputs, b.inits)

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from decoder_graphs import decoder_io
 from graphs import Builder
 
 HEADS, TOKENS = 4, 5
@@ -64,13 +65,7 @@ def partial_rotary_attention(kv_heads: int = 2, head_dim: int = 8, rotated: int 
     probs = b.op("Softmax", [b.op("Mul", [scores, b.const(np.array(head_dim ** -0.5, dtype=np.float32))])], axis=-1)
     context = b.op("Reshape", [b.op("Transpose", [b.op("MatMul", [probs, v])], perm=[0, 2, 1, 3]), _i64(b, 0, 0, width)])
     b.nodes.append(helper.make_node("Identity", [b.linear(context, width, width)], ["y"], name="output"))
-    cache = [1, kv_heads, None, head_dim]
-    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, None, width]),
-              helper.make_tensor_value_info("cos", TensorProto.FLOAT, [1, 1, None, rotated]),
-              helper.make_tensor_value_info("sin", TensorProto.FLOAT, [1, 1, None, rotated]),
-              helper.make_tensor_value_info("past_key", TensorProto.FLOAT, cache),
-              helper.make_tensor_value_info("past_value", TensorProto.FLOAT, cache)]
-    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "present_key", "present_value")]
+    inputs, outputs = decoder_io(width, kv_heads, head_dim, [1, 1, None, rotated])
     graph = helper.make_graph(b.nodes, "partial_rotary", inputs, outputs, b.inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 

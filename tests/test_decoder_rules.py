@@ -193,6 +193,23 @@ def test_per_head_rotary_tables_cost_one_gather_transpose_and_split_per_layer(kv
     np.testing.assert_allclose(run(pruned, step(pruned, got))["y"], run(zeroed, step(zeroed, want))["y"], atol=1e-5)
 
 
+def _pruned_beside_zeroed(g: ModelGraph, heads: float, style: str | None = "half"):
+    """A random plan of `g` (half the Q/K pairs, a quarter of V, `heads`): its one attention's keep,
+    the pruned model, the original with the removed units zeroed, and their outputs on 5 tokens."""
+    calib = {k: np.repeat(v, 4, axis=0) if k == "x" else v for k, v in dg.feed(g.model, 6, style=style).items()}
+    plan = make_plan(g, find_blocks(g), Ratios(0.5, 0.25, 0.0, heads=heads), "random", calib, batch=4, seed=3)
+    (keep,) = plan.attention
+    pruned, zeroed = rewrite(g, plan), masked_original(g, plan)
+    return keep, pruned, zeroed, run(pruned, dg.feed(pruned, 5, style=style)), run(zeroed, dg.feed(zeroed, 5, style=style))
+
+
+def _decode_step_agrees(pruned, zeroed, got: dict, want: dict, style: str | None = "half") -> None:
+    """One decode step, each model reading its own cache: the same output."""
+    step = lambda model, out: dg.feed(model, 1, {"past_key": out["present_key"], "past_value": out["present_value"]},  # noqa: E731
+                                      style=style, seed=2)
+    np.testing.assert_allclose(run(pruned, step(pruned, got))["y"], run(zeroed, step(zeroed, want))["y"], atol=1e-5)
+
+
 @pytest.mark.parametrize("heads", [0.0, 0.5])
 def test_an_fp16_decoder_with_float32_inputs_and_outputs_keeps_its_cast_cache(heads):
     """onnxruntime's convert_float_to_float16(keep_io_types=True) casts the past keys and values
@@ -205,11 +222,7 @@ def test_an_fp16_decoder_with_float32_inputs_and_outputs_keeps_its_cast_cache(he
     assert {(c.past, c.present) for c in block.kv_caches} == {("past_key", "present_key"),
                                                               ("past_value", "present_value")}
     assert all(g.producer_of(c.present).op_type == "Cast" for c in block.kv_caches)  # the form under test
-    calib = {k: np.repeat(v, 4, axis=0) if k == "x" else v for k, v in dg.feed(g.model, 6).items()}
-    plan = make_plan(g, find_blocks(g), Ratios(0.5, 0.25, 0.0, heads=heads), "random", calib, batch=4, seed=3)
-    (keep,) = plan.attention
-    pruned, zeroed = rewrite(g, plan), masked_original(g, plan)
-    want, got = run(zeroed, dg.feed(zeroed, 5)), run(pruned, dg.feed(pruned, 5))
+    keep, pruned, zeroed, got, want = _pruned_beside_zeroed(g, heads)
     # fp16 inside: a sum over fewer (removed, not zeroed) terms may round the other way
     np.testing.assert_allclose(got["y"], want["y"], atol=8 * np.finfo(np.float16).eps * np.abs(want["y"]).max())
     assert got["present_key"].dtype == np.float32
@@ -227,16 +240,10 @@ def test_a_qkv_projection_taken_apart_by_slices_is_pruned_exactly(kv_heads, head
     (block,) = find_blocks(g).attention
     assert block.form is AttentionForm.FUSED_SPLIT and block.q.node == block.k.node == block.v.node
     assert block.column_offsets == (0, dg.WIDTH, dg.WIDTH + kv_heads * dg.HEAD_DIM) and block.groups == kv_heads
-    calib = {k: np.repeat(v, 4, axis=0) if k == "x" else v for k, v in dg.feed(g.model, 6).items()}
-    plan = make_plan(g, find_blocks(g), Ratios(0.5, 0.25, 0.0, heads=heads), "random", calib, batch=4, seed=3)
-    (keep,) = plan.attention
-    pruned, zeroed = rewrite(g, plan), masked_original(g, plan)
-    want, got = run(zeroed, dg.feed(zeroed, 5)), run(pruned, dg.feed(pruned, 5))
+    keep, pruned, zeroed, got, want = _pruned_beside_zeroed(g, heads)
     np.testing.assert_allclose(got["y"], want["y"], atol=1e-5)
     assert got["present_value"].shape == (1, len(keep.heads), 5, keep.v.shape[1])
-    step = lambda model, out: dg.feed(model, 1, {"past_key": out["present_key"], "past_value": out["present_value"]},  # noqa: E731
-                                      seed=2)
-    np.testing.assert_allclose(run(pruned, step(pruned, got))["y"], run(zeroed, step(zeroed, want))["y"], atol=1e-5)
+    _decode_step_agrees(pruned, zeroed, got, want)
 
 
 @pytest.mark.parametrize("heads", [0.0, 0.5])
@@ -248,16 +255,10 @@ def test_a_sliding_window_cache_sliced_along_the_sequence_is_the_graphs_cache(he
     (block,) = find_blocks(g).attention
     assert {(c.past, c.present) for c in block.kv_caches} == {("past_key", "present_key"),
                                                               ("past_value", "present_value")}
-    calib = {k: np.repeat(v, 4, axis=0) if k == "x" else v for k, v in dg.feed(g.model, 6).items()}
-    plan = make_plan(g, find_blocks(g), Ratios(0.5, 0.25, 0.0, heads=heads), "random", calib, batch=4, seed=3)
-    (keep,) = plan.attention
-    pruned, zeroed = rewrite(g, plan), masked_original(g, plan)
-    want, got = run(zeroed, dg.feed(zeroed, 5)), run(pruned, dg.feed(pruned, 5))
+    keep, pruned, zeroed, got, want = _pruned_beside_zeroed(g, heads)
     np.testing.assert_allclose(got["y"], want["y"], atol=1e-5)
     assert got["present_key"].shape == (1, len(keep.heads), window - 1, keep.qk.shape[1])
-    step = lambda model, out: dg.feed(model, 1, {"past_key": out["present_key"], "past_value": out["present_value"]},  # noqa: E731
-                                      seed=2)
-    np.testing.assert_allclose(run(pruned, step(pruned, got))["y"], run(zeroed, step(zeroed, want))["y"], atol=1e-5)
+    _decode_step_agrees(pruned, zeroed, got, want)
 
 
 def test_a_cache_sliced_along_its_head_dims_is_no_cache():
@@ -273,13 +274,8 @@ def test_an_interleaved_rotary_flattened_with_literal_heads_follows_the_cut(kv_h
     g = ModelGraph(dg.decoder_attention(kv_heads, "interleaved", literal_heads=True))
     (block,) = find_blocks(g).attention
     assert [r.style for r in block.rotary] == [RotaryStyle.INTERLEAVED] * 2
-    calib = {k: np.repeat(v, 4, axis=0) if k == "x" else v for k, v in dg.feed(g.model, 6, style="interleaved").items()}
-    plan = make_plan(g, find_blocks(g), Ratios(0.5, 0.25, 0.0, heads=heads), "random", calib, batch=4, seed=3)
-    (keep,) = plan.attention
+    keep, pruned, zeroed, got, want = _pruned_beside_zeroed(g, heads, "interleaved")
     assert len(keep.heads) == (kv_heads // 2 if heads else kv_heads)
-    pruned, zeroed = rewrite(g, plan), masked_original(g, plan)
-    want = run(zeroed, dg.feed(zeroed, 5, style="interleaved"))
-    got = run(pruned, dg.feed(pruned, 5, style="interleaved"))
     np.testing.assert_allclose(got["y"], want["y"], atol=1e-5)
     assert got["present_key"].shape == (1, len(keep.heads), 5, keep.qk.shape[1])
 
@@ -290,12 +286,9 @@ def test_a_rotary_whose_rotate_half_reads_a_second_cast_is_matched_and_pruned_ex
     g = ModelGraph(dg.decoder_attention(2, "half", recast=True))
     (block,) = find_blocks(g).attention
     assert [r.style for r in block.rotary] == [RotaryStyle.HALF] * 2
-    calib = {k: np.repeat(v, 4, axis=0) if k == "x" else v for k, v in dg.feed(g.model, 6).items()}
-    plan = make_plan(g, find_blocks(g), Ratios(0.5, 0.25, 0.0), "random", calib, batch=4, seed=3)
-    (keep,) = plan.attention
+    keep, _, _, got, want = _pruned_beside_zeroed(g, 0.0)
     assert keep.qk.shape[1] < dg.HEAD_DIM
-    pruned, zeroed = rewrite(g, plan), masked_original(g, plan)
-    np.testing.assert_allclose(run(pruned, dg.feed(pruned, 5))["y"], run(zeroed, dg.feed(zeroed, 5))["y"], atol=1e-5)
+    np.testing.assert_allclose(got["y"], want["y"], atol=1e-5)
 
 
 @pytest.mark.parametrize("heads", [0.0, 0.5])
@@ -305,10 +298,8 @@ def test_soft_capped_scores_are_read_and_pruned_exactly(heads):
     g = ModelGraph(dg.decoder_attention(2, "half", softcap=(50.0, 50.0)))
     (block,) = find_blocks(g).attention
     assert block.softcap == 50.0 and len(block.constant_scales) == 1
-    calib = {k: np.repeat(v, 4, axis=0) if k == "x" else v for k, v in dg.feed(g.model, 6).items()}
-    plan = make_plan(g, find_blocks(g), Ratios(0.5, 0.25, 0.0, heads=heads), "random", calib, batch=4, seed=3)
-    pruned, zeroed = rewrite(g, plan), masked_original(g, plan)
-    np.testing.assert_allclose(run(pruned, dg.feed(pruned, 5))["y"], run(zeroed, dg.feed(zeroed, 5))["y"], atol=1e-5)
+    _, _, _, got, want = _pruned_beside_zeroed(g, heads)
+    np.testing.assert_allclose(got["y"], want["y"], atol=1e-5)
 
 
 def test_a_tanh_that_is_no_soft_cap_stops_the_scores():

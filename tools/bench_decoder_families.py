@@ -14,6 +14,9 @@ and tiny models' run times are dispatch overhead, not a speed measurement):
   literal head counts; attention and MLP in parallel, so no whole blocks: the one-pass refit). Gemma 2
   and Gemma 3 by the same exporter are matched too (tests/test_decoder_families.py) but not listed:
   the exporter's own graph fails a cached step past its sliding window;
+- the same exporter's partial rotary embeddings (only the first r of each head's d dims rotated):
+  StableLM 2 (a quarter, grouped-query attention), Phi-2 (half, parallel attention + MLP) and
+  GPT-NeoX (a quarter, a per-head q|k|v layout of its fused projection, parallel residual);
 - onnxruntime-genai's model builder (fp32 and int4) on a Qwen3 and a Gemma 3 folder
   (tools/decoder_export.py; Gemma 3 through tools/genai_builder.py).
 
@@ -40,6 +43,7 @@ from harness import DOCS
 from optimum_venv import export_optimum
 from decoders import run, step_feed
 
+from onnxsnp.errors import SnpError
 from onnxsnp.options import make_options
 from onnxsnp.report.inspection import inspect_model
 from onnxsnp.pipeline import prune_model
@@ -49,7 +53,7 @@ CUTS = [("--ratio 0.25", {"ratio": 0.25}), ("--ratio 0.5 --heads 0.5", {"ratio":
 
 def models(folder: Path) -> list[tuple[str, Path]]:
     from decoder_export import (export_dynamo, export_genai, save_folder, tiny_cohere, tiny_gemma3, tiny_mistral,
-                                tiny_phi3, tiny_qwen3)
+                                tiny_partial_rotary, tiny_phi3, tiny_qwen3)
 
     found = [(f"{family} (optimum)", export_optimum(folder / family, family, "optimum"))
              for family in ("llama", "qwen3", "gemma3", "olmo2")]
@@ -57,6 +61,8 @@ def models(folder: Path) -> list[tuple[str, Path]]:
               ("phi4-mini shape (dynamo)", export_dynamo(tiny_phi3(hidden=64, rotary=0.75), folder / "phi4-dynamo.onnx")),
               ("mistral (dynamo)", export_dynamo(tiny_mistral(), folder / "mistral-dynamo.onnx")),
               ("cohere (dynamo)", export_dynamo(tiny_cohere(), folder / "cohere-dynamo.onnx"))]
+    found += [(f"{family} (dynamo)", export_dynamo(tiny_partial_rotary(family), folder / f"{family}-dynamo.onnx"))
+              for family in ("stablelm", "phi", "neox")]
     for family, tiny in (("qwen3", tiny_qwen3), ("gemma3", tiny_gemma3)):
         source = save_folder(tiny(), folder / f"{family}-source")
         found += [(f"{family} (genai {precision})",
@@ -90,11 +96,15 @@ def main() -> None:
             skipped = "; ".join(sorted({s.reason for s in matches.skipped})) or "–"
             vocab = 300 if "genai" in label else 100
             for options, extra in CUTS:
-                result = prune_model(str(path), make_options(measure_latency=False, **extra))
+                try:
+                    result = prune_model(str(path), make_options(measure_latency=False, **extra))
+                except SnpError as why:
+                    rows.append(f"| {label} | {found} | {skipped} | `{options}` | not pruned: {why} | – | – |")
+                    continue
                 report = result.report
-                first = next(b for b in report.blocks if b.kind == "attention")
-                widths = (f"{first.heads}→{first.heads_after}, {first.qk_dim_before}→{first.qk_dim_after}, "
-                          f"{first.v_dim_before}→{first.v_dim_after}")
+                first = next((b for b in report.blocks if b.kind == "attention"), None)
+                widths = "–" if first is None else (f"{first.heads}→{first.heads_after}, {first.qk_dim_before}→"
+                                                     f"{first.qk_dim_after}, {first.v_dim_before}→{first.v_dim_after}")
                 rows.append(f"| {label} | {found} | {skipped} | `{options}` | {widths} | "
                             f"−{1 - report.flops_after / report.flops_before:.1%} | "
                             f"{decode_gap(result.model, vocab):.1e} |")
@@ -114,6 +124,16 @@ query heads) can still go. `--qk-norm-cut sliced|calibrated` cuts Q/K dims withi
 "Q/K within QK-normed heads" below). OLMo 2 normalises q and k over all heads at once, so its heads stay too;
 V and the output projection are cut in every family. onnxruntime-genai's GroupQueryAttention takes
 one head size for Q/K and V, so with a QK-norm a genai folder's attention is cut by whole groups only.
+
+A partial rotary embedding (q = Concat(rotary(q[..., :r]), q[..., r:]), `match/partial_rotary.py`)
+keeps or removes its rotated dims in pairs (j, j + r/2) with their cos/sin columns and the
+passed-through ones in adjacent pairs; the split points r and r/2 are literals the cut rewrites,
+one for all heads, so every head keeps the same Q/K dims. Parallel blocks (Phi-2, Cohere:
+x + attn(LN(x)) + mlp(LN(x))) are pruned unit by unit with the one-pass refit; whole-block removal
+and the block-by-block refit, which need sequential blocks, skip them by name. GPT-NeoX's per-head
+q|k|v layout is not matched (the reason in its row). StableLM 2 and Phi-2 are matched and pruned the
+same way from optimum's exports, whose rotate_half split is computed at run time
+(tests/test_partial_rotary_families.py; not in this table).
 {kept}""")
     print(f"wrote {args.out}")
 
