@@ -16,6 +16,10 @@ HEADS, HEAD_DIM = 4, 4
 WIDTH = HEADS * HEAD_DIM
 
 
+# rotate_half with one Split: its sizes input ("uneven": not two halves, which no rule matches)
+sizes_of_halves = {"half-split": (HEAD_DIM // 2, HEAD_DIM // 2), "half-split-uneven": (1, HEAD_DIM - 1)}
+
+
 def _rotate(b: Builder, x: str, style: str) -> str:
     """x·cos + rotate(x)·sin."""
     i64 = lambda *v: b.const(np.array(v, dtype=np.int64))  # noqa: E731
@@ -23,6 +27,11 @@ def _rotate(b: Builder, x: str, style: str) -> str:
     if style == "half":
         low = b.op("Slice", [x, i64(0), i64(half), i64(-1)])
         high = b.op("Slice", [x, i64(half), i64(2 ** 62), i64(-1)])
+        turned = b.op("Concat", [b.op("Neg", [high]), low], axis=-1)
+    elif style.startswith("half-split"):  # onnxruntime's session optimizer: the two Slices made one Split
+        sizes = [] if style == "half-split-equal" else [i64(*sizes_of_halves[style])]
+        low, high = b.op("Split", [x, *sizes], outputs=2, axis=-1,
+                         **({"num_outputs": 2} if style == "half-split-equal" else {}))
         turned = b.op("Concat", [b.op("Neg", [high]), low], axis=-1)
     else:
         even = b.op("Slice", [x, i64(0), i64(2 ** 62), i64(-1), i64(2)])

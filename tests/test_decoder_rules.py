@@ -21,7 +21,9 @@ from onnxsnp.plan import AttentionWidth, Widths
 from onnxsnp.score.allocation import widths_plan
 from oracle import masked_original
 
-VARIANTS = [(2, "half"), (1, "half"), (4, "half"), (2, "interleaved"), (2, None)]
+# "half-split": rotate_half's Slices made one Split, as onnxruntime's session optimizer saves it
+VARIANTS = [(2, "half"), (1, "half"), (4, "half"), (2, "interleaved"), (2, None), (2, "half-split"), (4, "half-split"),
+            (2, "half-split-equal")]
 
 
 def run(model, feed):
@@ -37,7 +39,7 @@ def test_decoder_attention_is_found(kv_heads, rotary):
     assert (block.heads, block.groups, block.head_dim) == (dg.HEADS, kv_heads, dg.HEAD_DIM)
     assert [c.part for c in block.kv_caches] == [Part.KEY, Part.VALUE]
     assert {c.present for c in block.kv_caches} == {"present_key", "present_value"}
-    assert [r.style for r in block.rotary] == ([RotaryStyle(rotary)] * 2 if rotary else [])
+    assert [r.style for r in block.rotary] == ([RotaryStyle(rotary.split("-")[0])] * 2 if rotary else [])
     assert [r.heads for r in block.rotary] == ([dg.HEADS, kv_heads] if rotary else [])
 
 
@@ -64,6 +66,15 @@ def test_pruned_decoder_equals_masked_original_in_prefill_and_decode(kv_heads, r
     np.testing.assert_allclose(run(pruned, step(pruned, got))["y"], run(zeroed, step(zeroed, want))["y"], atol=1e-5)
     declared = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in pruned.graph.input}
     assert declared["past_key"][1::2] == [len(keep.heads), keep.qk.shape[1]]
+
+
+def test_a_rotate_half_split_unevenly_is_refused_naming_the_split():
+    """A Split into unequal parts is no rotate_half: the attention is skipped with the sizes."""
+    g = ModelGraph(dg.decoder_attention(2, "half-split-uneven"))
+    matches = find_blocks(g)
+    assert not matches.attention
+    (split,) = [n.name for n in g.model.graph.node if n.op_type == "Split"][:1]
+    assert any(f"{split} splits q/k into [1, {dg.HEAD_DIM - 1}]" in s.reason for s in matches.skipped), matches.skipped
 
 
 def test_ratio_zero_leaves_a_decoder_identical():

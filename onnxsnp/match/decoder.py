@@ -3,8 +3,9 @@ written out op by op (x·cos + rotate(x)·sin), the KV cache (past keys or value
 joined with this step's along the sequence axis into the present ones, a graph output) and the
 repetition of key/value heads for grouped-query attention (Unsqueeze → Expand → Reshape).
 
-A rotary embedding rotates pairs of head dims — (i, i + d/2) after rotate_half, (2i, 2i + 1)
-when interleaved — by the same angle, so both dims of a pair are kept or removed together and
+A rotary embedding rotates pairs of head dims — (i, i + d/2) after rotate_half (its halves taken
+by two Slices or, as onnxruntime's session optimizer saves it, one Split), (2i, 2i + 1) when
+interleaved — by the same angle, so both dims of a pair are kept or removed together and
 the cos/sin tables are sliced to the kept dims (rewriting.py). Where the split point d/2 is a
 literal in the graph it becomes a shape edit of the Q/K group.
 """
@@ -53,12 +54,47 @@ def _negated_and_plain(g: ModelGraph, negated: str, plain: str) -> tuple | None:
     return neg, first, second
 
 
+def _split_halves(g: ModelGraph, concat: onnx.NodeProto) -> tuple | None:
+    """rotate_half with its two Slices made one Split (onnxruntime's GatherSliceToSplitFusion, at
+    the session's extended level): Concat(−Split(x)[1], Split(x)[0]) along the last axis. (x,
+    nodes, edits, split point): the sizes input, where given, holds d/2 twice and follows the cut;
+    without one the Split halves x itself. None where `concat` is no such rotation; NoMatch, with
+    the reason, where it is one the rewrite cannot follow."""
+    neg, plain = g.producer_of(concat.input[0]), g.producer_of(concat.input[1])
+    if neg is None or neg.op_type != "Neg" or plain is None or plain.op_type != "Split" or len(plain.output) != 2:
+        return None
+    if g.producer_of(neg.input[0]) is not plain or list(plain.output) != [concat.input[1], neg.input[0]]:
+        return None
+    x = plain.input[0]
+    rank = len(g.shapes.get(x) or ())
+    if not rank or attribute(concat, "axis") not in (-1, rank - 1) or attribute(plain, "axis", 0) not in (-1, rank - 1):
+        return None
+    if attribute(plain, "split", None) is not None:
+        raise NoMatch(f"{plain.name} holds rotate_half's split sizes in an attribute (opset < 13), "
+                      "which the rewrite does not edit")
+    edits, half = [], None
+    if len(plain.input) > 1 and plain.input[1]:
+        sizes = g.constant(plain.input[1])
+        if sizes is None:
+            raise NoMatch(f"{plain.name} splits q/k at run-time sizes {plain.input[1]}")
+        if sizes.size != 2 or sizes.reshape(-1)[0] != sizes.reshape(-1)[1]:
+            raise NoMatch(f"{plain.name} splits q/k into {sizes.reshape(-1).tolist()}: rotate_half takes two "
+                          "equal halves")
+        half = int(sizes.reshape(-1)[0])
+        edits = [ShapeEdit(plain.name, Width.QK_HALF, position, 1) for position in (-2, -1)]
+    return x, [concat.name, neg.name, plain.name], edits, half
+
+
 def _rotated(g: ModelGraph, tensor: str) -> tuple[str, RotaryStyle, list[str], list[ShapeEdit], int | None] | None:
     """(x, style, nodes, edits, split point) if `tensor` is rotate_half(x) or its interleaved form."""
     node = g.producer_of(tensor)
     if node is None:
         return None
     if node.op_type == "Concat" and len(node.input) == 2:  # rotate_half: [−x[d/2:], x[:d/2]]
+        split = _split_halves(g, node)
+        if split is not None:
+            x, nodes, edits, half = split
+            return x, RotaryStyle.HALF, nodes, edits, half
         halves = _negated_and_plain(g, *node.input)
         if halves is None:
             return None
