@@ -139,7 +139,7 @@ def _selected_part(g: ModelGraph, node: onnx.NodeProto, tensor: str) -> int:
 def forward_to_linear(g: ModelGraph, tensor: str) -> tuple[Linear, list[onnx.NodeProto]]:
     path: list[onnx.NodeProto] = []
     while len([n for n in path if n.op_type not in _QDQ]) < 8:  # a static QDQ model's pairs are not counted
-        linear = linear_reading(g, tensor)
+        linear = linear_reading(g, tensor, sizes_read=True)  # Shape readers: checked with the region
         if linear is not None:
             return linear, path
         consumers = g.consumers_of(tensor)
