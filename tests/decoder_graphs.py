@@ -33,6 +33,9 @@ def _rotate(b: Builder, x: str, style: str) -> str:
         low, high = b.op("Split", [x, *sizes], outputs=2, axis=-1,
                          **({"num_outputs": 2} if style == "half-split-equal" else {}))
         turned = b.op("Concat", [b.op("Neg", [high]), low], axis=-1)
+    elif style == "ort-op":  # com.microsoft.RotaryEmbedding (onnxruntime's fusions): refused, not run
+        caches = [b.const(np.zeros((64, half), np.float32)) for _ in range(2)]
+        return b.op("RotaryEmbedding", [x, b.const(np.zeros((1, 1), np.int64)), *caches], domain="com.microsoft")
     else:
         even = b.op("Slice", [x, i64(0), i64(2 ** 62), i64(-1), i64(2)])
         odd = b.op("Slice", [x, i64(1), i64(2 ** 62), i64(-1), i64(2)])

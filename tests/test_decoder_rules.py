@@ -10,9 +10,10 @@ import onnxruntime as ort
 import pytest
 
 import decoder_graphs as dg
+import graphs
 from onnxsnp.ir.graph import ModelGraph
 from onnxsnp.match import find_blocks
-from onnxsnp.match.blocks import AttentionForm, Part, RotaryStyle
+from onnxsnp.match.blocks import AttentionForm, Candidate, Part, RotaryStyle
 from onnxsnp.pipeline import make_plan
 from onnxsnp.plan import Ratios
 from onnxsnp.rewrite.rewriting import rewrite
@@ -75,6 +76,23 @@ def test_a_rotate_half_split_unevenly_is_refused_naming_the_split():
     assert not matches.attention
     (split,) = [n.name for n in g.model.graph.node if n.op_type == "Split"][:1]
     assert any(f"{split} splits q/k into [1, {dg.HEAD_DIM - 1}]" in s.reason for s in matches.skipped), matches.skipped
+
+
+def test_onnxruntime_rotary_and_cached_attention_ops_are_refused_naming_the_node():
+    """What onnxruntime's fusions write and no rule reads yet: a com.microsoft.RotaryEmbedding on q/k
+    and a MultiHeadAttention with past key/value inputs. Each attention is skipped in one line."""
+    g = ModelGraph(dg.decoder_attention(2, "ort-op"))
+    rotary = next(n.name for n in g.model.graph.node if n.op_type == "RotaryEmbedding")
+    matches = find_blocks(g)
+    assert not matches.attention
+    assert [s.reason for s in matches.skipped if s.kind is Candidate.ATTENTION] == \
+        [f"RotaryEmbedding node {rotary} between a projection and the scores"]
+    model = graphs.ort_multi_head_attention()
+    mha = next(n for n in model.graph.node if n.op_type == "MultiHeadAttention")
+    mha.input.extend(["", "", "past_key", "past_value"])
+    matches = find_blocks(ModelGraph(model))
+    assert [(s.where, s.reason) for s in matches.skipped if s.kind is Candidate.ATTENTION] == \
+        [(mha.name, "MultiHeadAttention with past state or present outputs")]
 
 
 def test_ratio_zero_leaves_a_decoder_identical():
