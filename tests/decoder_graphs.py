@@ -33,9 +33,11 @@ def _rotate(b: Builder, x: str, style: str) -> str:
         low, high = b.op("Split", [x, *sizes], outputs=2, axis=-1,
                          **({"num_outputs": 2} if style == "half-split-equal" else {}))
         turned = b.op("Concat", [b.op("Neg", [high]), low], axis=-1)
-    elif style == "ort-op":  # com.microsoft.RotaryEmbedding (onnxruntime's fusions): refused, not run
-        caches = [b.const(np.zeros((64, half), np.float32)) for _ in range(2)]
-        return b.op("RotaryEmbedding", [x, b.const(np.zeros((1, 1), np.int64)), *caches], domain="com.microsoft")
+    elif style.startswith("ort-op"):  # com.microsoft.RotaryEmbedding (the transformers optimizer's fusion)
+        angle = np.arange(64)[:, None] * 10000.0 ** (-np.arange(half) * 2 / HEAD_DIM)
+        caches = [b.const(np.cos(angle).astype(np.float32)), b.const(np.sin(angle).astype(np.float32))]
+        partial = {"rotary_embedding_dim": half} if style == "ort-op-partial" else {}
+        return b.op("RotaryEmbedding", [x, "position_ids", *caches], domain="com.microsoft", **partial)
     else:
         even = b.op("Slice", [x, i64(0), i64(2 ** 62), i64(-1), i64(2)])
         odd = b.op("Slice", [x, i64(1), i64(2 ** 62), i64(-1), i64(2)])
@@ -104,14 +106,18 @@ def decoder_attention(kv_heads: int = 2, rotary: str | None = "half", seed: int 
               helper.make_tensor_value_info("past_key", TensorProto.FLOAT, cache),
               helper.make_tensor_value_info("past_value", TensorProto.FLOAT, cache)]
     outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("y", "present_key", "present_value")]
+    if rotary and rotary.startswith("ort-op"):  # the op reads positions and holds its tables
+        inputs = inputs[:1] + [helper.make_tensor_value_info("position_ids", TensorProto.INT64, [1, None])] + inputs[3:]
     graph = helper.make_graph(b.nodes, "decoder", inputs if rotary else inputs[:1] + inputs[3:], outputs, b.inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
 
 
 def angles(positions: np.ndarray, style: str | None) -> dict[str, np.ndarray]:
     """cos and sin (1, 1, N, d) of a rotary embedding at `positions` (base 10000)."""
     if style is None:
         return {}
+    if style.startswith("ort-op"):  # RotaryEmbedding's own caches, read at these positions
+        return {"position_ids": positions[None].astype(np.int64)}
     pairs = 10000.0 ** (-np.arange(HEAD_DIM // 2) * 2 / HEAD_DIM)
     freqs = positions[:, None] * pairs[None, :]
     per_dim = np.repeat(freqs, 2, axis=-1) if style == "interleaved" else np.concatenate([freqs, freqs], -1)

@@ -81,6 +81,8 @@ FORMS: dict[str, GraphForm] = {
                                      Family.DECODER, rotary="interleaved"),
     "decoder-split-half": GraphForm(lambda: dg.decoder_attention(2, "half-split"), AttentionForm.SEPARATE,
                                     Family.DECODER, rotary="half-split"),
+    "decoder-rotary-op": GraphForm(lambda: dg.decoder_attention(2, "ort-op"), AttentionForm.SEPARATE, Family.DECODER,
+                                   rotary="ort-op"),
     "decoder-no-rotary": GraphForm(lambda: dg.decoder_attention(2, None), AttentionForm.SEPARATE, Family.DECODER),
     "decoder-qk-norm-head": GraphForm(lambda: dg.decoder_attention(2, "half", qk_norm="head"), AttentionForm.SEPARATE,
                                       Family.DECODER, rotary="half"),

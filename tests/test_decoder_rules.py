@@ -24,7 +24,7 @@ from oracle import masked_original
 
 # "half-split": rotate_half's Slices made one Split, as onnxruntime's session optimizer saves it
 VARIANTS = [(2, "half"), (1, "half"), (4, "half"), (2, "interleaved"), (2, None), (2, "half-split"), (4, "half-split"),
-            (2, "half-split-equal")]
+            (2, "half-split-equal"), (2, "ort-op"), (4, "ort-op")]
 
 
 def run(model, feed):
@@ -40,7 +40,9 @@ def test_decoder_attention_is_found(kv_heads, rotary):
     assert (block.heads, block.groups, block.head_dim) == (dg.HEADS, kv_heads, dg.HEAD_DIM)
     assert [c.part for c in block.kv_caches] == [Part.KEY, Part.VALUE]
     assert {c.present for c in block.kv_caches} == {"present_key", "present_value"}
-    assert [r.style for r in block.rotary] == ([RotaryStyle(rotary.split("-")[0])] * 2 if rotary else [])
+    style = RotaryStyle.HALF if rotary == "ort-op" else RotaryStyle(rotary.split("-")[0]) if rotary else None
+    assert [r.style for r in block.rotary] == ([style] * 2 if rotary else [])
+    assert [r.shared for r in block.rotary] == [rotary == "ort-op"] * len(block.rotary)  # its caches: every head alike
     assert [r.heads for r in block.rotary] == ([dg.HEADS, kv_heads] if rotary else [])
 
 
@@ -55,6 +57,7 @@ def test_pruned_decoder_equals_masked_original_in_prefill_and_decode(kv_heads, r
         units = unit_of_dim(keep.block)
         for row in keep.qk:
             assert all((units[row] == u).sum() == 2 for u in units[row])
+        assert (keep.qk == keep.qk[:1]).all() or rotary != "ort-op"  # the op's caches: the same pairs in every head
     assert len(keep.heads) == (max(1, kv_heads // 2) if heads else kv_heads)
     pruned, zeroed = rewrite(g, plan), masked_original(g, plan)
     want, got = run(zeroed, dg.feed(zeroed, 5, style=rotary)), run(pruned, dg.feed(pruned, 5, style=rotary))
@@ -78,15 +81,15 @@ def test_a_rotate_half_split_unevenly_is_refused_naming_the_split():
     assert any(f"{split} splits q/k into [1, {dg.HEAD_DIM - 1}]" in s.reason for s in matches.skipped), matches.skipped
 
 
-def test_onnxruntime_rotary_and_cached_attention_ops_are_refused_naming_the_node():
-    """What onnxruntime's fusions write and no rule reads yet: a com.microsoft.RotaryEmbedding on q/k
-    and a MultiHeadAttention with past key/value inputs. Each attention is skipped in one line."""
-    g = ModelGraph(dg.decoder_attention(2, "ort-op"))
+def test_a_partial_rotary_op_and_cached_attention_ops_are_refused_naming_the_node():
+    """What no rule reads yet: a com.microsoft.RotaryEmbedding that rotates part of each head and a
+    MultiHeadAttention with past key/value inputs. Each attention is skipped in one line."""
+    g = ModelGraph(dg.decoder_attention(2, "ort-op-partial"))
     rotary = next(n.name for n in g.model.graph.node if n.op_type == "RotaryEmbedding")
     matches = find_blocks(g)
     assert not matches.attention
     assert [s.reason for s in matches.skipped if s.kind is Candidate.ATTENTION] == \
-        [f"RotaryEmbedding node {rotary} between a projection and the scores"]
+        [f"{rotary} rotates {dg.HEAD_DIM // 2} dims of each head (partial rotary embeddings are not supported)"]
     model = graphs.ort_multi_head_attention()
     mha = next(n for n in model.graph.node if n.op_type == "MultiHeadAttention")
     mha.input.extend(["", "", "past_key", "past_value"])

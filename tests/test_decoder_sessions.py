@@ -32,19 +32,20 @@ from oracle import masked_original, unshare
 pytestmark = pytest.mark.slow
 LEVELS = ("basic", "extended", "all")
 # family-exporter-optimizer: ort-<level> the session optimizer, O<n> optimum-cli's, tf onnxruntime's
-# transformers optimizer (model_type "gpt2": its fusions for GPT-2-like decoders)
+# transformers optimizer (model_type "gpt2": its fusions for GPT-2-like decoders; tf0 at opt_level 0, where
+# no session optimization runs first and its rotary fusion writes com.microsoft.RotaryEmbedding)
 FORMS = ([f"{family}-{exporter}-ort-{level}" for family, exporter in (("llama", "dynamo"), ("llama", "optimum"),
                                                                       ("gpt2", "optimum")) for level in LEVELS]
-         + [f"llama-optimum-O{level}" for level in (1, 2, 3)] + ["llama-optimum-tf", "gpt2-optimum-tf"])
+         + [f"llama-optimum-O{level}" for level in (1, 2, 3)] + ["llama-optimum-tf", "llama-optimum-tf0", "gpt2-optimum-tf"])
 # the last block of GPT-2 through the transformers optimizer: its join is a SkipLayerNormalization
 # that writes no sum (the final LayerNorm fused with the last residual Add), so it stays
 ONE_BLOCK_STAYS = {"gpt2-optimum-tf": "SkipLayerNorm_AddBias_1 adds to the stream and normalises in one op"}
 
 
-def transformers_optimize(path: Path, out: Path) -> Path:
+def transformers_optimize(path: Path, out: Path, level: int | None) -> Path:
     from onnxruntime.transformers.optimizer import optimize_model
 
-    optimize_model(str(path), model_type="gpt2", num_heads=4, hidden_size=32).save_model_to_file(str(out))
+    optimize_model(str(path), model_type="gpt2", num_heads=4, hidden_size=32, opt_level=level).save_model_to_file(str(out))
     return out
 
 
@@ -69,8 +70,8 @@ def saved(tmp_path_factory):
             onnx.save(onnx.load(str(exported)), str(sources[key]))  # its weights read in: the copies below are whole
         path = folder / f"{form}.onnx"
         if not path.exists():
-            if optimizer == "tf":
-                return transformers_optimize(sources[key], path)
+            if optimizer.startswith("tf"):
+                return transformers_optimize(sources[key], path, int(optimizer[2:]) if optimizer[2:] else None)
             onnx.save(onnx.load(str(sources[key])), str(path))
             session_optimize(path, optimizer.rsplit("-", 1)[1])
         return path
@@ -81,12 +82,14 @@ def saved(tmp_path_factory):
 def test_each_optimizer_leaves_its_fusions_in_the_saved_decoder(saved):
     """The forms are what they are named for: the ops each optimizer writes in place of the export's."""
     ops = {form: Counter(n.op_type for n in onnx.load(str(saved(form))).graph.node)
-           for form in ("llama-dynamo-ort-extended", "gpt2-optimum-ort-basic", "llama-optimum-O2", "gpt2-optimum-tf")}
+           for form in ("llama-dynamo-ort-extended", "gpt2-optimum-ort-basic", "llama-optimum-O2", "gpt2-optimum-tf",
+                        "llama-optimum-tf0")}
     assert ops["llama-dynamo-ort-extended"]["FusedMatMul"] == 2 and ops["llama-dynamo-ort-extended"]["QuickGelu"] == 2
     assert ops["llama-dynamo-ort-extended"]["Split"] >= 4  # rotate_half's Slices: one Split each for q and k
     assert ops["gpt2-optimum-ort-basic"]["Gemm"] >= 4
     assert ops["llama-optimum-O2"]["SkipSimplifiedLayerNormalization"] == 4
     assert ops["gpt2-optimum-tf"]["SkipLayerNormalization"] == 4 and ops["gpt2-optimum-tf"]["FastGelu"] == 2
+    assert ops["llama-optimum-tf0"]["RotaryEmbedding"] == 4  # q and k of each layer
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -99,6 +102,9 @@ def test_every_block_of_a_saved_decoder_is_found(saved, form):
     for block in matches.attention:
         assert block.groups == (2 if llama else 4) and len(block.kv_caches) == 2
         assert len(block.rotary) == (2 if llama else 0)
+        # RotaryEmbedding's caches hold one column per pair for all heads: each head keeps the same pairs
+        assert [r.shared for r in block.rotary] == [form.endswith("tf0")] * len(block.rotary)
+        assert (block.pairs_shared is not None) == form.endswith("tf0")
     assert all((ffn.gate is not None) == llama for ffn in matches.ffn)
 
 
@@ -125,7 +131,7 @@ def test_a_pruned_saved_decoder_equals_the_masked_original_and_decodes_as_it_pre
 
 
 @pytest.mark.parametrize("form", ["llama-dynamo-ort-extended", "llama-optimum-ort-all", "llama-optimum-O3",
-                                  "gpt2-optimum-ort-extended", "gpt2-optimum-tf"])
+                                  "gpt2-optimum-ort-extended", "gpt2-optimum-tf", "llama-optimum-tf0"])
 def test_the_default_flow_prunes_a_saved_decoder(saved, form, caplog):
     """Block by block, the default on a decoder; where the last block's join writes no sum the
     model cannot be cut into blocks, and the one-pass flow runs, saying why."""

@@ -86,6 +86,7 @@ def assemble(g: ModelGraph, core: AttentionCore) -> AttentionBlock:
         scale = core.scale if core.scale is not None else block.head_dim ** -0.5
     gqa = core.form is AttentionForm.ORT_GQA  # one head size for Q, K and V; the rotary cache shared by all heads
     shared = gqa and core.rotary is not None
+    op_rotary = next((r.node for r in rotary if r.shared and r.node != core.anchor.name), None)  # RotaryEmbedding
     own = len(rotary) == 2 and not any(r.shared for r in rotary)  # rotated q and k are tensors of the graph
     return replace(
         block, form=core.form if core.form is not None else block.form,
@@ -97,7 +98,8 @@ def assemble(g: ModelGraph, core: AttentionCore) -> AttentionBlock:
         q_fixed=f"q is quantized at {quantized[0]}: rescaling its columns would change the rounding" if quantized
         else None,
         equal_widths="GroupQueryAttention takes one head size for Q, K and V" if gqa else None,
-        pairs_shared="GroupQueryAttention's rotary cache holds one column per pair for every head" if shared else None,
+        pairs_shared="GroupQueryAttention's rotary cache holds one column per pair for every head" if shared else
+        f"{op_rotary}'s cos/sin caches hold one column per pair for every head" if op_rotary else None,
         width_multiple=16 if shared else 1)  # onnxruntime's kernels: "head_size shall be a multiple of 16" with rotary
 
 
@@ -117,7 +119,7 @@ def _shape_edits(g: ModelGraph, block: AttentionBlock, traces: tuple[Trace, ...]
             forward, start = list(reversed(trace.nodes[:trace.selector])), MERGED
         else:
             forward, start = list(reversed(trace.nodes)), MERGED
-        passes = frozenset(n.name for n in trace.nodes if n.op_type in ("Add", "Concat"))  # rotary, KV cache
+        passes = frozenset(n.name for n in trace.nodes if n.op_type in ("Add", "Concat", "RotaryEmbedding"))  # rotary, KV cache
         if trace.norm is not None:  # a QK-norm keeps every axis where it is
             passes |= {g.producer_of(trace.norm.output).name}
         edits += path_shape_edits(g, forward, Path.of(kind, block), block, region, start, lost, seen, passes)

@@ -43,6 +43,25 @@ def rotary_producing(g: ModelGraph, tensor: str) -> tuple[Rotary, list[ShapeEdit
     return None
 
 
+def rotary_op(g: ModelGraph, node: onnx.NodeProto, tensor: str) -> Rotary | None:
+    """com.microsoft.RotaryEmbedding(x, position_ids, cos_cache, sin_cache) producing `tensor`, as
+    onnxruntime's transformers optimizer fuses a written-out rotation: its caches hold one column
+    per pair (positions × d/2) for every head, as GroupQueryAttention's do, so they are gathered to
+    the kept pairs and every head keeps the same pairs. None for any other node; NoMatch where the
+    op rotates part of the head or reads heads merged (3-D x, whose head count is an attribute)."""
+    if node.op_type != "RotaryEmbedding" or node.domain != "com.microsoft" or len(node.input) < 4:
+        return None
+    if attribute(node, "rotary_embedding_dim", 0):
+        raise NoMatch(f"{node.name} rotates {attribute(node, 'rotary_embedding_dim', 0)} dims of each head "
+                      "(partial rotary embeddings are not supported)")
+    if len(g.shapes.get(node.input[0]) or ()) != 4:
+        raise NoMatch(f"{node.name} reads q/k with the heads merged or of unknown rank: not supported")
+    if any(g.constant(t) is None for t in node.input[2:4]):
+        raise NoMatch(f"{node.name}'s cos/sin caches are not constants")
+    style = RotaryStyle.INTERLEAVED if attribute(node, "interleaved", 0) else RotaryStyle.HALF
+    return Rotary(style, node.name, node.input[0], tensor, ((node.name, 2), (node.name, 3)), (node.name,), shared=True)
+
+
 def _negated_and_plain(g: ModelGraph, negated: str, plain: str) -> tuple | None:
     """(Neg, the Slice it negates, the other Slice) where `negated` is −Slice(x) and `plain` Slice(x)."""
     neg, second = g.producer_of(negated), g.producer_of(plain)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import onnx
 
 from .blocks import FrozenScale, KvCache, Linear, NoMatch, Part, Rotary, ShapeEdit
-from .decoder import kv_cache_join, rotary_producing
+from .decoder import kv_cache_join, rotary_op, rotary_producing
 from .linear import linear_producing, linear_reading
 from .norms import Norm, norm_writing
 from ..ir.graph import ModelGraph
@@ -78,6 +78,9 @@ def trace_to_linear(g: ModelGraph, tensor: str, path: Part) -> Trace:
         if node is None:
             raise NoMatch(f"{tensor} does not come from a projection with constant weights")
         rotated = rotary_producing(g, tensor) if node.op_type == "Add" else None
+        op = rotary_op(g, node, tensor)
+        if op is not None:
+            rotated = (op, [], None)
         if rotated is not None:
             if rotary_found is not None:
                 raise NoMatch(f"two rotary embeddings on the way to the projection ({node.name})")
