@@ -106,10 +106,12 @@ def decoder_attention(kv_heads: int = 2, rotary: str | None = "half", seed: int 
               helper.make_tensor_value_info("past_key", TensorProto.FLOAT, cache),
               helper.make_tensor_value_info("past_value", TensorProto.FLOAT, cache)]
     outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("y", "present_key", "present_value")]
+    opsets = [helper.make_opsetid("", 18)]
     if rotary and rotary.startswith("ort-op"):  # the op reads positions and holds its tables
         inputs = inputs[:1] + [helper.make_tensor_value_info("position_ids", TensorProto.INT64, [1, None])] + inputs[3:]
+        opsets.append(helper.make_opsetid("com.microsoft", 1))
     graph = helper.make_graph(b.nodes, "decoder", inputs if rotary else inputs[:1] + inputs[3:], outputs, b.inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    return helper.make_model(graph, opset_imports=opsets)
 
 
 def angles(positions: np.ndarray, style: str | None) -> dict[str, np.ndarray]:
