@@ -16,22 +16,39 @@ HEADS, HEAD_DIM = 4, 4
 WIDTH = HEADS * HEAD_DIM
 
 
+# rotate_half with one Split: its sizes input ("uneven": not two halves, which no rule matches)
+sizes_of_halves = {"half-split": (HEAD_DIM // 2, HEAD_DIM // 2), "half-split-uneven": (1, HEAD_DIM - 1)}
+
+
 def _rotate(b: Builder, x: str, style: str, heads: int | None = None, recast: bool = False) -> str:
     """x·cos + rotate(x)·sin; `heads`: the interleaved pairs flattened back with a literal head
     count and head dim in the target shape (Cohere's export), else with (0, 0, 0, −1); `recast`:
-    x cast to float for x·cos and cast again for rotate(x) (ModernBERT's legacy export)."""
+    x cast to float for x·cos and cast again for rotate(x) (ModernBERT's legacy export);
+    "ort-op…" styles: com.microsoft.RotaryEmbedding (the transformers optimizer's fusion)."""
+    if style.startswith("ort-op"):
+        half = HEAD_DIM // 2
+        angle = np.arange(64)[:, None] * 10000.0 ** (-np.arange(half) * 2 / HEAD_DIM)
+        caches = [b.const(np.cos(angle).astype(np.float32)), b.const(np.sin(angle).astype(np.float32))]
+        partial = {"rotary_embedding_dim": half} if style == "ort-op-partial" else {}
+        return b.op("RotaryEmbedding", [x, "position_ids", *caches], domain="com.microsoft", **partial)
     plain = b.op("Cast", [x], to=TensorProto.FLOAT) if recast else x
     turned = _turned(b, b.op("Cast", [plain], to=TensorProto.FLOAT) if recast else x, style, heads)
     return b.op("Add", [b.op("Mul", [plain, "cos"]), b.op("Mul", [turned, "sin"])])
 
 
 def _turned(b: Builder, x: str, style: str, heads: int | None) -> str:
-    """rotate_half(x), or its interleaved form."""
+    """rotate_half(x) (its halves taken by two Slices, or by one Split as onnxruntime's session
+    optimizer saves it), or its interleaved form."""
     i64 = lambda *v: b.const(np.array(v, dtype=np.int64))  # noqa: E731
     half = HEAD_DIM // 2
     if style == "half":
         low = b.op("Slice", [x, i64(0), i64(half), i64(-1)])
         high = b.op("Slice", [x, i64(half), i64(2 ** 62), i64(-1)])
+        return b.op("Concat", [b.op("Neg", [high]), low], axis=-1)
+    if style.startswith("half-split"):
+        sizes = [] if style == "half-split-equal" else [i64(*sizes_of_halves[style])]
+        low, high = b.op("Split", [x, *sizes], outputs=2, axis=-1,
+                         **({"num_outputs": 2} if style == "half-split-equal" else {}))
         return b.op("Concat", [b.op("Neg", [high]), low], axis=-1)
     even = b.op("Slice", [x, i64(0), i64(2 ** 62), i64(-1), i64(2)])
     odd = b.op("Slice", [x, i64(1), i64(2 ** 62), i64(-1), i64(2)])
@@ -134,14 +151,20 @@ def decoder_attention(kv_heads: int = 2, rotary: str | None = "half", seed: int 
                                b.const(np.array([0, 0, WIDTH], dtype=np.int64))])
     b.nodes.append(helper.make_node("Identity", [b.linear(context, WIDTH, WIDTH)], ["y"], name="output"))
     inputs, outputs = decoder_io(WIDTH, kv_heads, HEAD_DIM, [1, 1, None, HEAD_DIM])
+    opsets = [helper.make_opsetid("", 18)]
+    if rotary and rotary.startswith("ort-op"):  # the op reads positions and holds its tables
+        inputs = inputs[:1] + [helper.make_tensor_value_info("position_ids", TensorProto.INT64, [1, None])] + inputs[3:]
+        opsets.append(helper.make_opsetid("com.microsoft", 1))
     graph = helper.make_graph(b.nodes, "decoder", inputs if rotary else inputs[:1] + inputs[3:], outputs, b.inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    return helper.make_model(graph, opset_imports=opsets)
 
 
 def angles(positions: np.ndarray, style: str | None) -> dict[str, np.ndarray]:
     """cos and sin (1, 1, N, d) of a rotary embedding at `positions` (base 10000)."""
     if style is None:
         return {}
+    if style.startswith("ort-op"):  # RotaryEmbedding's own caches, read at these positions
+        return {"position_ids": positions[None].astype(np.int64)}
     pairs = 10000.0 ** (-np.arange(HEAD_DIM // 2) * 2 / HEAD_DIM)
     freqs = positions[:, None] * pairs[None, :]
     per_dim = np.repeat(freqs, 2, axis=-1) if style == "interleaved" else np.concatenate([freqs, freqs], -1)

@@ -121,6 +121,24 @@ def fused_split() -> onnx.ModelProto:
     return b.model(b.linear(context, WIDTH, WIDTH))
 
 
+def conv1d_out_projection() -> onnx.ModelProto:
+    """Separate projections; the output projection as GPT-2's Conv1D saved by onnxruntime's session
+    optimizer: the tokens flattened by a Reshape whose target reads the input's own width through
+    Shape (x.view(-1, x.size(-1))), a Gemm, and a Reshape restoring the tokens, so that a Shape
+    reads the merged heads beside the flattening Reshape."""
+    b = Builder()
+    i64 = lambda *v: b.const(np.array(v, dtype=np.int64))  # noqa: E731
+    q, k, v = (b.split_heads(b.linear("x", WIDTH, WIDTH)) for _ in range(3))
+    scores = b.op("Mul", [b.op("MatMul", [q, b.op("Transpose", [k], perm=[0, 1, 3, 2])]),
+                          b.const(np.array(HEAD_DIM ** -0.5, dtype=np.float32))])
+    context = b.merge_heads(b.op("MatMul", [b.op("Softmax", [scores], axis=-1), v]))
+    shape = b.op("Shape", [context])
+    flat = b.op("Reshape", [context, b.op("Concat", [i64(-1), b.op("Slice", [shape, i64(-1), i64(2 ** 62)])], axis=0)])
+    product = b.op("Gemm", [flat, b.weight(WIDTH, WIDTH), b.const(b.rng.standard_normal(WIDTH).astype(np.float32), "b")])
+    tokens = b.op("Concat", [b.op("Slice", [shape, i64(0), i64(-1)]), i64(WIDTH)], axis=0)
+    return b.model(b.op("Reshape", [product, tokens]))
+
+
 def fused_matmul_scores() -> onnx.ModelProto:
     """Separate projections; the scores as com.microsoft.FusedMatMul(q, k, transB=1, alpha=1/√d)."""
     b = Builder()

@@ -12,10 +12,11 @@ import onnxruntime as ort
 import pytest
 
 import decoder_graphs as dg
+import graphs
 from onnxsnp.cli import main
 from onnxsnp.ir.graph import ModelGraph
 from onnxsnp.match import find_blocks
-from onnxsnp.match.blocks import AttentionForm, Part, RotaryStyle
+from onnxsnp.match.blocks import AttentionForm, Candidate, Part, RotaryStyle
 from onnxsnp.pipeline import make_plan
 from onnxsnp.plan import Ratios
 from onnxsnp.rewrite.rewriting import rewrite
@@ -25,7 +26,9 @@ from onnxsnp.score.allocation import widths_plan
 from onnxsnp.score.importance import query_key, rotary_tables
 from oracle import masked_original
 
-VARIANTS = [(2, "half"), (1, "half"), (4, "half"), (2, "interleaved"), (2, None)]
+# "half-split": rotate_half's Slices made one Split, as onnxruntime's session optimizer saves it
+VARIANTS = [(2, "half"), (1, "half"), (4, "half"), (2, "interleaved"), (2, None), (2, "half-split"), (4, "half-split"),
+            (2, "half-split-equal"), (2, "ort-op"), (4, "ort-op")]
 
 
 def run(model, feed):
@@ -41,7 +44,9 @@ def test_decoder_attention_is_found(kv_heads, rotary):
     assert (block.heads, block.groups, block.head_dim) == (dg.HEADS, kv_heads, dg.HEAD_DIM)
     assert [c.part for c in block.kv_caches] == [Part.KEY, Part.VALUE]
     assert {c.present for c in block.kv_caches} == {"present_key", "present_value"}
-    assert [r.style for r in block.rotary] == ([RotaryStyle(rotary)] * 2 if rotary else [])
+    style = RotaryStyle.HALF if rotary == "ort-op" else RotaryStyle(rotary.split("-")[0]) if rotary else None
+    assert [r.style for r in block.rotary] == ([style] * 2 if rotary else [])
+    assert [r.shared for r in block.rotary] == [rotary == "ort-op"] * len(block.rotary)  # its caches: every head alike
     assert [r.heads for r in block.rotary] == ([dg.HEADS, kv_heads] if rotary else [])
 
 
@@ -56,6 +61,7 @@ def test_pruned_decoder_equals_masked_original_in_prefill_and_decode(kv_heads, r
         units = unit_of_dim(keep.block)
         for row in keep.qk:
             assert all((units[row] == u).sum() == 2 for u in units[row])
+        assert (keep.qk == keep.qk[:1]).all() or rotary != "ort-op"  # the op's caches: the same pairs in every head
     assert len(keep.heads) == (max(1, kv_heads // 2) if heads else kv_heads)
     pruned, zeroed = rewrite(g, plan), masked_original(g, plan)
     want, got = run(zeroed, dg.feed(zeroed, 5, style=rotary)), run(pruned, dg.feed(pruned, 5, style=rotary))
@@ -68,6 +74,32 @@ def test_pruned_decoder_equals_masked_original_in_prefill_and_decode(kv_heads, r
     np.testing.assert_allclose(run(pruned, step(pruned, got))["y"], run(zeroed, step(zeroed, want))["y"], atol=1e-5)
     declared = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in pruned.graph.input}
     assert declared["past_key"][1::2] == [len(keep.heads), keep.qk.shape[1]]
+
+
+def test_a_rotate_half_split_unevenly_is_refused_naming_the_split():
+    """A Split into unequal parts is no rotate_half: the attention is skipped with the sizes."""
+    g = ModelGraph(dg.decoder_attention(2, "half-split-uneven"))
+    matches = find_blocks(g)
+    assert not matches.attention
+    (split,) = [n.name for n in g.model.graph.node if n.op_type == "Split"][:1]
+    assert any(f"{split} splits q/k into [1, {dg.HEAD_DIM - 1}]" in s.reason for s in matches.skipped), matches.skipped
+
+
+def test_a_partial_rotary_op_and_cached_attention_ops_are_refused_naming_the_node():
+    """What no rule reads yet: a com.microsoft.RotaryEmbedding that rotates part of each head and a
+    MultiHeadAttention with past key/value inputs. Each attention is skipped in one line."""
+    g = ModelGraph(dg.decoder_attention(2, "ort-op-partial"))
+    rotary = next(n.name for n in g.model.graph.node if n.op_type == "RotaryEmbedding")
+    matches = find_blocks(g)
+    assert not matches.attention
+    assert [s.reason for s in matches.skipped if s.kind is Candidate.ATTENTION] == \
+        [f"{rotary} rotates {dg.HEAD_DIM // 2} dims of each head (partial rotary embeddings are not supported)"]
+    model = graphs.ort_multi_head_attention()
+    mha = next(n for n in model.graph.node if n.op_type == "MultiHeadAttention")
+    mha.input.extend(["", "", "past_key", "past_value"])
+    matches = find_blocks(ModelGraph(model))
+    assert [(s.where, s.reason) for s in matches.skipped if s.kind is Candidate.ATTENTION] == \
+        [(mha.name, "MultiHeadAttention with past state or present outputs")]
 
 
 def test_ratio_zero_leaves_a_decoder_identical():

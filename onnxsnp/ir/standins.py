@@ -12,7 +12,7 @@ from onnx import helper
 
 
 _UNARY = {"Gelu", "FastGelu", "QuickGelu", "BiasGelu", "BiasAdd", "SimplifiedLayerNormalization",
-          "LayerNormalization", "BiasSoftmax", "ReorderOutput"}
+          "LayerNormalization", "BiasSoftmax", "ReorderOutput", "RotaryEmbedding"}  # RotaryEmbedding: x rotated
 _SKIP_NORMS = {"SkipLayerNormalization", "SkipSimplifiedLayerNormalization"}
 
 

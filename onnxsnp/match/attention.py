@@ -89,7 +89,8 @@ def assemble(g: ModelGraph, core: AttentionCore) -> AttentionBlock:
     gqa = core.form is AttentionForm.ORT_GQA  # one head size for Q, K and V; the rotary cache shared by all heads
     shared = gqa and core.rotary is not None
     own = len(rotary) == 2 and all(r.output for r in rotary)  # rotated q and k are tensors of the graph
-    op_rotary = next((r.node for r in rotary if r.per_token), None)
+    # a RotaryEmbedding op (ONNX's, or com.microsoft's) whose caches hold one column per pair
+    op_rotary = next((r.node for r in rotary if r.per_token or r.shared and r.node != core.anchor.name), None)
     return replace(
         block, form=core.form if core.form is not None else block.form,
         shape_edits=block.shape_edits + tuple(edits) + tuple(rotary_edits), frozen_scales=frozen,

@@ -3,12 +3,14 @@ written out op by op (x·cos + rotate(x)·sin), the KV cache (past keys or value
 joined with this step's along the sequence axis into the present ones, a graph output) and the
 repetition of key/value heads for grouped-query attention (Unsqueeze → Expand → Reshape).
 
-A rotary embedding rotates pairs of head dims — (i, i + d/2) after rotate_half, (2i, 2i + 1)
-when interleaved — by the same angle, so both dims of a pair are kept or removed together and
+A rotary embedding rotates pairs of head dims — (i, i + d/2) after rotate_half (its halves taken
+by two Slices or, as onnxruntime's session optimizer saves it, one Split), (2i, 2i + 1) when
+interleaved — by the same angle, so both dims of a pair are kept or removed together and
 the cos/sin tables are sliced to the kept dims (rewriting.py). Where the split point d/2 is a
 literal in the graph it becomes a shape edit of the Q/K group. The ONNX RotaryEmbedding op
-(opset 23: torch's dynamo exporter at opset 23) does the same in one node, with caches that hold
-one column per pair for all heads alike (`rotary_op`).
+(opset 23: torch's dynamo exporter at opset 23; `onnx_rotary_op`) and onnxruntime's
+com.microsoft.RotaryEmbedding (its transformers optimizer; `ort_rotary_op`) do the same in one
+node, with caches that hold one column per pair for all heads alike.
 """
 from __future__ import annotations
 
@@ -67,7 +69,7 @@ def _same_cast(g: ModelGraph, x: str, cos_mul: onnx.NodeProto) -> tuple[str | No
     return None, ()
 
 
-def rotary_op(g: ModelGraph, node: onnx.NodeProto) -> Rotary:
+def onnx_rotary_op(g: ModelGraph, node: onnx.NodeProto) -> Rotary:
     """The ONNX RotaryEmbedding op (opset 23) on a head-split (…, H, N, d) q or k, its cos/sin caches
     (…, N, d/2) given per token (computed from the positions at run time): one column per pair,
     broadcast over the heads, so every head must keep the same pairs (the caches are gathered to
@@ -88,6 +90,25 @@ def rotary_op(g: ModelGraph, node: onnx.NodeProto) -> Rotary:
                   shared=True, per_token=True)
 
 
+def ort_rotary_op(g: ModelGraph, node: onnx.NodeProto, tensor: str) -> Rotary | None:
+    """com.microsoft.RotaryEmbedding(x, position_ids, cos_cache, sin_cache) producing `tensor`, as
+    onnxruntime's transformers optimizer fuses a written-out rotation: its caches hold one column
+    per pair (positions × d/2) for every head, as GroupQueryAttention's do, so they are gathered to
+    the kept pairs and every head keeps the same pairs. None for any other node; NoMatch where the
+    op rotates part of the head or reads heads merged (3-D x, whose head count is an attribute)."""
+    if node.op_type != "RotaryEmbedding" or node.domain != "com.microsoft" or len(node.input) < 4:
+        return None
+    if attribute(node, "rotary_embedding_dim", 0):
+        raise NoMatch(f"{node.name} rotates {attribute(node, 'rotary_embedding_dim', 0)} dims of each head "
+                      "(partial rotary embeddings are not supported)")
+    if len(g.shapes.get(node.input[0]) or ()) != 4:
+        raise NoMatch(f"{node.name} reads q/k with the heads merged or of unknown rank: not supported")
+    if any(g.constant(t) is None for t in node.input[2:4]):
+        raise NoMatch(f"{node.name}'s cos/sin caches are not constants")
+    style = RotaryStyle.INTERLEAVED if attribute(node, "interleaved", 0) else RotaryStyle.HALF
+    return Rotary(style, node.name, node.input[0], tensor, ((node.name, 2), (node.name, 3)), (node.name,), shared=True)
+
+
 def _negated_and_plain(g: ModelGraph, negated: str, plain: str) -> tuple | None:
     """(Neg, the Slice it negates, the other Slice) where `negated` is −Slice(x) and `plain` Slice(x)."""
     neg, second = g.producer_of(negated), g.producer_of(plain)
@@ -99,12 +120,47 @@ def _negated_and_plain(g: ModelGraph, negated: str, plain: str) -> tuple | None:
     return neg, first, second
 
 
+def _split_halves(g: ModelGraph, concat: onnx.NodeProto) -> tuple | None:
+    """rotate_half with its two Slices made one Split (onnxruntime's GatherSliceToSplitFusion, at
+    the session's extended level): Concat(−Split(x)[1], Split(x)[0]) along the last axis. (x,
+    nodes, edits, split point): the sizes input, where given, holds d/2 twice and follows the cut;
+    without one the Split halves x itself. None where `concat` is no such rotation; NoMatch, with
+    the reason, where it is one the rewrite cannot follow."""
+    neg, plain = g.producer_of(concat.input[0]), g.producer_of(concat.input[1])
+    if neg is None or neg.op_type != "Neg" or plain is None or plain.op_type != "Split" or len(plain.output) != 2:
+        return None
+    if g.producer_of(neg.input[0]) is not plain or list(plain.output) != [concat.input[1], neg.input[0]]:
+        return None
+    x = plain.input[0]
+    rank = len(g.shapes.get(x) or ())
+    if not rank or attribute(concat, "axis") not in (-1, rank - 1) or attribute(plain, "axis", 0) not in (-1, rank - 1):
+        return None
+    if attribute(plain, "split", None) is not None:
+        raise NoMatch(f"{plain.name} holds rotate_half's split sizes in an attribute (opset < 13), "
+                      "which the rewrite does not edit")
+    edits, half = [], None
+    if len(plain.input) > 1 and plain.input[1]:
+        sizes = g.constant(plain.input[1])
+        if sizes is None:
+            raise NoMatch(f"{plain.name} splits q/k at run-time sizes {plain.input[1]}")
+        if sizes.size != 2 or sizes.reshape(-1)[0] != sizes.reshape(-1)[1]:
+            raise NoMatch(f"{plain.name} splits q/k into {sizes.reshape(-1).tolist()}: rotate_half takes two "
+                          "equal halves")
+        half = int(sizes.reshape(-1)[0])
+        edits = [ShapeEdit(plain.name, Width.QK_HALF, position, 1) for position in (-2, -1)]
+    return x, [concat.name, neg.name, plain.name], edits, half
+
+
 def _rotated(g: ModelGraph, tensor: str) -> tuple[str, RotaryStyle, list[str], list[ShapeEdit], int | None] | None:
     """(x, style, nodes, edits, split point) if `tensor` is rotate_half(x) or its interleaved form."""
     node = g.producer_of(tensor)
     if node is None:
         return None
     if node.op_type == "Concat" and len(node.input) == 2:  # rotate_half: [−x[d/2:], x[:d/2]]
+        split = _split_halves(g, node)
+        if split is not None:
+            x, nodes, edits, half = split
+            return x, RotaryStyle.HALF, nodes, edits, half
         halves = _negated_and_plain(g, *node.input)
         if halves is None:
             return None

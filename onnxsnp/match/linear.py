@@ -58,9 +58,13 @@ def linear_producing(g: ModelGraph, tensor: str) -> Linear | None:
     return linear if linear is not None and linear.output == tensor else None
 
 
-def linear_reading(g: ModelGraph, tensor: str) -> Linear | None:
-    """The Linear that reads `tensor` as its activation input (the sole consumer)."""
+def linear_reading(g: ModelGraph, tensor: str, sizes_read: bool = False) -> Linear | None:
+    """The Linear that reads `tensor` as its activation input (the sole consumer; with `sizes_read`
+    Shape readers beside it are let be: where the caller checks them, as GPT-2's Conv1D reads its
+    input's shape to flatten and restore the tokens around a 2-D Gemm)."""
     consumers = g.consumers_of(tensor)
+    if sizes_read:
+        consumers = [c for c in consumers if c.op_type != "Shape"]
     if len(consumers) == 1 and consumers[0].op_type == "Reshape":  # maybe tokens flattened for a 2-D product
         consumers = g.consumers_of(consumers[0].output[0])
     if len(consumers) != 1 or consumers[0].op_type not in _PRODUCTS:

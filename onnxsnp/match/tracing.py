@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 import onnx
 
 from .blocks import FrozenScale, KvCache, Linear, NoMatch, Part, Rotary, ShapeEdit, Width
-from .decoder import kv_cache_join, rotary_op, rotary_producing
+from .decoder import kv_cache_join, onnx_rotary_op, ort_rotary_op, rotary_producing
 from .linear import linear_producing, linear_reading
 from .norms import Norm, norm_writing
 from .partial_rotary import partial_rotary_producing
@@ -81,7 +81,10 @@ def trace_to_linear(g: ModelGraph, tensor: str, path: Part) -> Trace:
         rotated = rotary_producing(g, tensor) if node.op_type == "Add" else \
             partial_rotary_producing(g, tensor) if node.op_type == "Concat" else None
         if node.op_type == "RotaryEmbedding" and node.domain in ("", "ai.onnx"):  # opset 23's op
-            rotated = (rotary_op(g, node), [], None)
+            rotated = (onnx_rotary_op(g, node), [], None)
+        op = ort_rotary_op(g, node, tensor)  # com.microsoft's
+        if op is not None:
+            rotated = (op, [], None)
         if rotated is not None:
             if rotary_found is not None:
                 raise NoMatch(f"two rotary embeddings on the way to the projection ({node.name})")
@@ -158,7 +161,7 @@ def _feature_part(g: ModelGraph, node: onnx.NodeProto) -> int:
 def forward_to_linear(g: ModelGraph, tensor: str) -> tuple[Linear, list[onnx.NodeProto]]:
     path: list[onnx.NodeProto] = []
     while len([n for n in path if n.op_type not in _QDQ]) < 8:  # a static QDQ model's pairs are not counted
-        linear = linear_reading(g, tensor)
+        linear = linear_reading(g, tensor, sizes_read=True)  # Shape readers: checked with the region
         if linear is not None:
             return linear, path
         consumers = g.consumers_of(tensor)
