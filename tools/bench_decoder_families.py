@@ -114,7 +114,7 @@ def main() -> None:
     kept = previous[previous.index("\n## "):] if "\n## " in previous else ""
     args.out.write_text(f"""# Decoder families: what is matched and pruned
 
-Measured by `python tools/bench_decoder_families.py` (CPU, one run). {__doc__.split(chr(10), 2)[2].split("    python")[0].strip()}
+Measured by `python tools/bench_decoder_families.py` (CPU, one run), {__doc__.split(chr(10), 1)[1].split("    python")[0].strip()}
 
 {chr(10).join(rows)}
 
