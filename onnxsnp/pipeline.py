@@ -387,8 +387,7 @@ def uniform_widths(matches: Matches, ratios: Ratios, removed: tuple[int, ...] = 
         if ratios.heads > 0 and block.heads_fixed is None:
             heads = kept_count(block.groups, ratios.heads)
         qk = block.head_dim if block.qk_whole else kept_count(block.head_dim, ratios.qk, ratios.align)
-        attention[block.name] = AttentionWidth(heads, qk,
-                                               kept_count(block.head_dim, ratios.v, ratios.align))
+        attention[block.name] = AttentionWidth(heads, qk, kept_count(block.head_dim, ratios.v, ratios.align))
     ffn = {block.name: kept_count(block.hidden, ratios.ffn, ratios.align) for block in matches.ffn}
     return Widths(attention, ffn, removed)
 
@@ -463,9 +462,8 @@ def _load(model_or_path: onnx.ModelProto | str | os.PathLike | LoadedModel) -> t
 def _check_blocks(matches: Matches, ratios: Ratios) -> None:
     available = len(matches.layers)
     if (ratios.blocks or ratios.block_indices) and not available:
-        why = next((s.reason for s in matches.skipped if s.kind is Candidate.BLOCK), None)  # e.g. a parallel block
         raise SnpError("--blocks: no whole transformer block (attention + FFN on a residual stream) was found"
-                       + (f" ({why})" if why else ""))
+                       + (f" ({matches.first_block_reason})" if matches.first_block_reason else ""))
     if ratios.blocks >= max(available, 1) or any(i >= available for i in ratios.block_indices):
         raise SnpError(f"--blocks: the model has {available} removable transformer blocks (0…{available - 1}); "
                        "at least one must stay")

@@ -12,7 +12,6 @@ from ..ir.graph import ModelGraph
 from ..score.importance import query_key_tensors, rotary_tables
 from .masking import Slot, Weights, attention_slots, ffn_slots
 from ..match import Matches, NoMatch
-from ..match.blocks import Candidate
 from ..match.norms import branch_norm, rms_gain
 from .segments import Segment, SegmentRunner, cut
 
@@ -50,8 +49,8 @@ def plan_segments(g: ModelGraph, matches: Matches) -> list[tuple[Half, Half]]:
     cut into consecutive blocks (then the one-pass compensation is used)."""
     layers = matches.layers
     if not layers:
-        why = next((s.reason for s in matches.skipped if s.kind is Candidate.BLOCK), None)  # the first block's
-        raise NoMatch("no transformer block (attention + FFN on a residual stream) was found" + (f"; {why}" if why else ""))
+        why = matches.first_block_reason
+        raise NoMatch(f"no transformer block (attention + FFN on a residual stream) was found{f'; {why}' if why else ''}")
     in_layers = {layer.attention for layer in layers} | {layer.ffn for layer in layers}
     loose = [b.name for b in matches.attention + matches.ffn if b not in in_layers]
     if loose:

@@ -304,6 +304,11 @@ class Matches:
     skipped: tuple[Skipped, ...]
     layers: tuple[Layer, ...] = ()
 
+    @property
+    def first_block_reason(self) -> str | None:
+        """Why the first attention is no whole transformer block (e.g. a parallel block), if so."""
+        return next((s.reason for s in self.skipped if s.kind is Candidate.BLOCK), None)
+
 
 def unique_names(blocks: list) -> list:
     """Flat-named exports can give two blocks the same name: the blocks with the repeats numbered."""
