@@ -171,14 +171,22 @@ def angles(positions: np.ndarray, style: str | None) -> dict[str, np.ndarray]:
     return {"cos": np.cos(per_dim)[None, None].astype(np.float32), "sin": np.sin(per_dim)[None, None].astype(np.float32)}
 
 
-def feed(model: onnx.ModelProto, tokens: int, past: dict[str, np.ndarray] | None = None, style: str | None = "half",
-         seed: int = 1) -> dict[str, np.ndarray]:
-    """x for `tokens` new positions after the cached ones (empty caches, shaped as the model declares)."""
-    rng = np.random.default_rng(seed)
+def declared_and_past(model: onnx.ModelProto, past: dict[str, np.ndarray] | None
+                      ) -> tuple[dict[str, list], dict[str, np.ndarray]]:
+    """The model's declared input shapes, and `past` — or, where None, its caches empty (no
+    positions yet), shaped as declared."""
     declared = {i.name: [d.dim_value or None for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
     if past is None:
         past = {name: np.zeros((1, dims[1], 0, dims[3]), np.float32) for name, dims in declared.items()
                 if name.startswith("past")}
+    return declared, past
+
+
+def feed(model: onnx.ModelProto, tokens: int, past: dict[str, np.ndarray] | None = None, style: str | None = "half",
+         seed: int = 1) -> dict[str, np.ndarray]:
+    """x for `tokens` new positions after the cached ones (empty caches, shaped as the model declares)."""
+    rng = np.random.default_rng(seed)
+    _, past = declared_and_past(model, past)
     start = next(iter(past.values())).shape[2]
     return {"x": rng.standard_normal((1, tokens, WIDTH)).astype(np.float32), **past,
             **angles(np.arange(start, start + tokens, dtype=np.float64), style)}
@@ -224,10 +232,7 @@ def group_query_attention(separate: bool = False, seed: int = 0, window: int = 0
 def gqa_feed(model: onnx.ModelProto, tokens: int, past: dict[str, np.ndarray] | None = None, seed: int = 1
              ) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    declared = {i.name: [d.dim_value or None for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
-    if past is None:
-        past = {name: np.zeros((1, declared[name][1], 0, declared[name][3]), np.float32)
-                for name in ("past_key", "past_value")}
+    declared, past = declared_and_past(model, past)
     total = next(iter(past.values())).shape[2] + tokens
     return {"x": rng.standard_normal((1, tokens, declared["x"][2])).astype(np.float32), **past,
             "seqlens_k": np.array([total - 1], np.int32), "total_sequence_length": np.array(total, np.int32)}

@@ -7,6 +7,7 @@ exported, and a test that needs one is skipped there (`torch_or_skip`). Tests re
 through conftest's `exported` fixture, which marks them `slow`."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,19 @@ def optimum_python() -> Path:
         return optimum_venv.optimum_python()
     except optimum_venv.RegistryUnreachable as error:
         pytest.skip(str(error))
+
+
+def cached_exports(folder: Path, make: Callable[[Path, str], Path]) -> Callable[[str], Path]:
+    """get(key): `make(folder, key)` the first time a key is asked for, then the same path (a
+    session fixture's exports, each made only when a test needs it)."""
+    cache: dict[str, Path] = {}
+
+    def get(key: str) -> Path:
+        if key not in cache:
+            cache[key] = make(folder, key)
+        return cache[key]
+
+    return get
 
 
 def export_optimum(folder: Path, family: str, exporter: str) -> Path:

@@ -199,3 +199,15 @@ def zeroed_blocks(g: ModelGraph, layers) -> onnx.ModelProto:
         model.graph.initializer.append(numpy_helper.from_array(value, name))
         nodes[node].input[index] = name
     return model
+
+
+def through_the_cache(pruned: onnx.ModelProto, zeroed: onnx.ModelProto, vocab: int = 100) -> dict:
+    """A decoder pruned and its masked original on one prefill of 6 tokens and one cached step:
+    the same logits (float32 tolerances); the pruned prefill's outputs."""
+    from decoders import prefill_and_step  # tools/: decoders with a KV cache
+
+    ids, next_ids = (np.random.default_rng(seed).integers(0, vocab, (2, length)) for seed, length in ((0, 6), (1, 1)))
+    (want, want_step), (got, got_step) = prefill_and_step(zeroed, ids, next_ids), prefill_and_step(pruned, ids, next_ids)
+    np.testing.assert_allclose(got["logits"], want["logits"], atol=2e-5, rtol=1e-3)
+    np.testing.assert_allclose(got_step["logits"], want_step["logits"], atol=2e-5, rtol=1e-3)
+    return got

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from decoder_graphs import decoder_io
+from decoder_graphs import declared_and_past, decoder_io
 from graphs import Builder
 
 HEADS, TOKENS = 4, 5
@@ -74,10 +74,7 @@ def feed(model: onnx.ModelProto, tokens: int, past: dict[str, np.ndarray] | None
          ) -> dict[str, np.ndarray]:
     """x for `tokens` new positions after the cached ones, with their angles (base 10000)."""
     rng = np.random.default_rng(seed)
-    declared = {i.name: [d.dim_value or None for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
-    if past is None:
-        past = {name: np.zeros((1, declared[name][1], 0, declared[name][3]), np.float32)
-                for name in ("past_key", "past_value")}
+    declared, past = declared_and_past(model, past)
     start, rotated = next(iter(past.values())).shape[2], declared["cos"][3]
     freqs = np.arange(start, start + tokens)[:, None] * 10000.0 ** (-np.arange(rotated // 2) * 2 / rotated)[None, :]
     per_dim = np.concatenate([freqs, freqs], -1)[None, None]

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import pytest
 
-from exports import export_optimum
+from exports import cached_exports, export_optimum
 from decoders import calibration, genai_generate, greedy, prefill_and_step, run, step_feed
 from onnxsnp import prune
 from onnxsnp.cli import main
@@ -41,34 +41,31 @@ WINDOWS = {"mistral-dynamo": 4}  # sliding windows: shorter than the tests' prom
 
 @pytest.fixture(scope="session")
 def decoder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("decoders")
-    cache: dict[str, object] = {}
+    def make(folder, form: str):
+        family, exporter = form.split("-", 1)
+        from decoder_export import export_dynamo, export_genai, save_folder, tiny_llama, tiny_mistral, tiny_phi3, tiny_qwen3
 
-    def get(form: str):
-        if form not in cache:
-            family, exporter = form.split("-", 1)
-            from decoder_export import export_dynamo, export_genai, save_folder, tiny_llama, tiny_mistral, tiny_phi3, tiny_qwen3
+        if exporter == "optimum":
+            return export_optimum(folder / form, family, "optimum")
+        if exporter in ("dynamo", "dynamo23"):
+            model = tiny_phi3() if family == "phi3" else tiny_phi3(hidden=64, rotary=0.75) if family == "phi4mini" \
+                else tiny_mistral(window=WINDOWS[form]) if family == "mistral" else tiny_qwen3() if family == "qwen3" \
+                else tiny_llama()
+            return export_dynamo(model, folder / f"{form}.onnx", opset=23 if exporter == "dynamo23" else None)
+        if exporter.startswith("dynamo-fp16"):  # keep_io_types: float32 inputs and outputs, fp16 inside
+            from onnxruntime.transformers.float16 import convert_float_to_float16
 
-            if exporter == "optimum":
-                cache[form] = export_optimum(folder / form, family, "optimum")
-            elif exporter in ("dynamo", "dynamo23"):
-                model = tiny_phi3() if family == "phi3" else tiny_phi3(hidden=64, rotary=0.75) if family == "phi4mini" \
-                    else tiny_mistral(window=WINDOWS[form]) if family == "mistral" else tiny_qwen3() if family == "qwen3" \
-                    else tiny_llama()
-                cache[form] = export_dynamo(model, folder / f"{form}.onnx", opset=23 if exporter == "dynamo23" else None)
-            elif exporter.startswith("dynamo-fp16"):  # keep_io_types: float32 inputs and outputs, fp16 inside
-                from onnxruntime.transformers.float16 import convert_float_to_float16
+            path = folder / f"{form}.onnx"
+            onnx.save(convert_float_to_float16(onnx.load(str(get("llama-dynamo"))),
+                                               keep_io_types=not exporter.endswith("io")), str(path))
+            return path
+        # onnxruntime-genai's builder: head size 32, so that 16 (its kernels' multiple) can be kept
+        source = folder / "genai-source"
+        if not source.exists():
+            save_folder(tiny_llama(vocab=300, hidden=128), source)
+        return export_genai(source, folder / form, exporter.split("-")[1]) / "model.onnx"
 
-                model = onnx.load(str(get("llama-dynamo")))
-                cache[form] = folder / f"{form}.onnx"
-                onnx.save(convert_float_to_float16(model, keep_io_types=not exporter.endswith("io")), str(cache[form]))
-            else:  # onnxruntime-genai's builder: head size 32, so that 16 (its kernels' multiple) can be kept
-                source = folder / "genai-source"
-                if not source.exists():
-                    save_folder(tiny_llama(vocab=300, hidden=128), source)
-                cache[form] = export_genai(source, folder / form, exporter.split("-")[1]) / "model.onnx"
-        return cache[form]
-
+    get = cached_exports(tmp_path_factory.mktemp("decoders"), make)
     return get
 
 
